@@ -1,0 +1,836 @@
+//! Store append figures: `cargo bench -p benches --bench store [-- --quick]`.
+//!
+//! A report, never a timed test: it prints figures and ratios and asserts
+//! nothing about speed. In one run it measures
+//!
+//! 1. the raw 4 KiB append + `fdatasync` rate of the disk under the bench
+//!    directory (at the start and again at the end);
+//! 2. 256-byte durable appends to our store from 1, 8 and 64 concurrent
+//!    appenders: appends/s, messages per `fdatasync`, p50/p99 latency;
+//! 3. the same workload against sled 0.34.7 (insert under an increasing key,
+//!    then `flush()`, before the append counts as acknowledged);
+//! 4. the time to reopen a ~1 GiB log after `kill -9` of the process that
+//!    wrote it (skipped under `--quick`),
+//!
+//! and prints them as tables with ratios (÷ raw `fdatasync`, store ÷ sled)
+//! next to the targets, then writes the raw results to
+//! `target/bench-results/store.json`.
+//!
+//! Options (after `--`): `--quick` (1 s per point, no reopen), `--only
+//! raw,store,sled,reopen`, `--appenders 1,8,64`. Environment:
+//! `EDGEHUB_BENCH_DIR` (where data goes; default `target/bench-tmp`, never
+//! `/tmp`), `EDGEHUB_BENCH_SECS` (seconds per point),
+//! `EDGEHUB_BENCH_REOPEN_MIB` (log size for the reopen, default 1024),
+//! `EDGEHUB_BENCH_DROP_CACHES=1` (drop the page cache before the reopen;
+//! needs root).
+//!
+//! Run without `--bench` (as `cargo test --benches` does) it only smoke-tests
+//! itself for a fraction of a second per point and writes no JSON.
+
+use benches::env::{self, FsInfo, Machine};
+use benches::fsync::{self, RawFsync};
+use benches::latency::LatencySummary;
+use benches::load::{self, LoadSpec, Window};
+use benches::report::{self, Table, Target};
+use benches::{json, BenchResult};
+use serde::Serialize;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Set in the environment of the re-executed child that fills the log.
+const CHILD_ENV: &str = "EDGEHUB_BENCH_CHILD";
+const CHILD_DIR_ENV: &str = "EDGEHUB_BENCH_CHILD_DIR";
+const REOPEN_MIB_ENV: &str = "EDGEHUB_BENCH_REOPEN_MIB";
+const SECS_ENV: &str = "EDGEHUB_BENCH_SECS";
+const DROP_CACHES_ENV: &str = "EDGEHUB_BENCH_DROP_CACHES";
+const SLED_VERSION: &str = "0.34.7";
+
+/// Targets from issue 2, shown next to the figures.
+const TARGET_X_RAW_64: f64 = 30.0;
+const TARGET_P99_US: f64 = 5_000.0;
+const TARGET_REOPEN_US: f64 = 2_000_000.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// `cargo bench`: ~5 s per point, reopen included.
+    Full,
+    /// `--quick`: ~1 s per point, no reopen.
+    Quick,
+    /// Not run by `cargo bench` (no `--bench`): a self-check only.
+    Smoke,
+}
+
+#[derive(Debug, Clone)]
+struct Config {
+    mode: Mode,
+    warmup: Duration,
+    point: Duration,
+    appenders: Vec<usize>,
+    payload: usize,
+    reopen_mib: u64,
+    only: Option<Vec<String>>,
+}
+
+impl Config {
+    fn from_args() -> BenchResult<Config> {
+        let mut bench = false;
+        let mut quick = false;
+        let mut only = None;
+        let mut appenders = vec![1, 8, 64];
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--bench" => bench = true,
+                "--quick" => quick = true,
+                "--only" => {
+                    let v = args.next().ok_or("--only needs raw,store,sled,reopen")?;
+                    only = Some(v.split(',').map(str::to_string).collect());
+                }
+                "--appenders" => {
+                    let v = args.next().ok_or("--appenders needs e.g. 1,8,64")?;
+                    appenders = v
+                        .split(',')
+                        .map(|n| n.trim().parse::<usize>())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| format!("--appenders {v}: {e}"))?;
+                }
+                other => eprintln!("store bench: ignoring argument {other:?}"),
+            }
+        }
+        let mode = match (bench, quick) {
+            (_, true) => Mode::Quick,
+            (true, false) => Mode::Full,
+            (false, false) => Mode::Smoke,
+        };
+        let (warmup, mut point) = match mode {
+            Mode::Full => (Duration::from_secs(1), Duration::from_secs(5)),
+            Mode::Quick => (Duration::from_millis(250), Duration::from_secs(1)),
+            Mode::Smoke => (Duration::from_millis(50), Duration::from_millis(200)),
+        };
+        if let Some(secs) = std::env::var(SECS_ENV).ok().filter(|s| !s.is_empty()) {
+            let secs: f64 = secs
+                .parse()
+                .map_err(|e| format!("{SECS_ENV}={secs}: {e}"))?;
+            point = Duration::try_from_secs_f64(secs).map_err(|e| format!("{SECS_ENV}: {e}"))?;
+        }
+        if mode == Mode::Smoke && only.is_none() {
+            appenders.retain(|&n| n <= 8);
+        }
+        Ok(Config {
+            mode,
+            warmup,
+            point,
+            appenders,
+            payload: 256,
+            reopen_mib: env_u64(REOPEN_MIB_ENV)?.unwrap_or(1024),
+            only,
+        })
+    }
+
+    fn wants(&self, part: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|p| p == part))
+    }
+}
+
+fn env_u64(name: &str) -> BenchResult<Option<u64>> {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => Ok(Some(v.parse().map_err(|e| format!("{name}={v}: {e}"))?)),
+        _ => Ok(None),
+    }
+}
+
+/// One (system, appenders) measurement.
+#[derive(Debug, Clone, Serialize)]
+struct Point {
+    system: &'static str,
+    appenders: usize,
+    payload_bytes: usize,
+    /// Appends acknowledged inside the measured window.
+    acked: u64,
+    secs: f64,
+    appends_per_s: f64,
+    /// `fdatasync` calls the store reports for the window (None for sled).
+    fdatasyncs: Option<u64>,
+    msgs_per_fdatasync: Option<f64>,
+    latency: LatencySummary,
+    /// `appends_per_s` ÷ the run's raw fdatasync rate.
+    x_raw_fdatasync: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+enum Reopen {
+    Skipped { reason: String },
+    Measured(ReopenFigures),
+    Failed { error: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ReopenFigures {
+    target_mib: u64,
+    log_bytes: u64,
+    /// Appends the killed child had seen acknowledged before it said ready.
+    child_acked: u64,
+    fill_secs: f64,
+    /// Whether the page cache was dropped before the timed open.
+    page_cache: &'static str,
+    /// `Store::open` after SIGKILL of the writer.
+    open_after_kill9_ms: f64,
+    /// `Store::open` again after a clean close, for comparison.
+    open_after_close_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Results {
+    bench: &'static str,
+    schema: u32,
+    mode: Mode,
+    machine: Machine,
+    bench_dir: String,
+    filesystem: Option<FsInfo>,
+    sled_version: &'static str,
+    payload_bytes: usize,
+    warmup_secs: f64,
+    point_secs: f64,
+    raw_fdatasync: Vec<RawFsync>,
+    /// Mean of the raw samples: the denominator of every `x_raw_fdatasync`.
+    raw_fdatasync_ref_per_s: Option<f64>,
+    points: Vec<Point>,
+    reopen: Reopen,
+    targets: Vec<Target>,
+    errors: Vec<String>,
+}
+
+fn main() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        let code = match child_main() {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("store bench child: {e}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }
+    match run() {
+        Ok(true) => {}
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("store bench: {e}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Runs the report; `Ok(false)` when some part failed (after printing all).
+fn run() -> BenchResult<bool> {
+    let cfg = Config::from_args()?;
+    let root = env::bench_tempdir("edgehub-bench-store-")?;
+    let fs = env::filesystem_of(root.path());
+    let machine = Machine::read();
+    eprintln!(
+        "store bench ({:?}): {} s per point after {} s warm-up, data in {} ({})",
+        cfg.mode,
+        cfg.point.as_secs_f64(),
+        cfg.warmup.as_secs_f64(),
+        root.path().display(),
+        fs.as_ref().map_or("filesystem unknown".into(), |f| format!(
+            "{} on {}",
+            f.fstype, f.source
+        )),
+    );
+    if fs.as_ref().is_some_and(FsInfo::is_memory_backed) {
+        eprintln!(
+            "WARNING: the bench dir is memory-backed; fdatasync figures mean nothing. Set {}.",
+            env::BENCH_DIR_ENV
+        );
+    }
+    let mut errors = Vec::new();
+    let mut raw = Vec::new();
+    let mut points = Vec::new();
+
+    if cfg.wants("raw") {
+        match raw_probe(&cfg, root.path(), "start") {
+            Ok(r) => raw.push(r),
+            Err(e) => errors.push(format!("raw fdatasync probe: {e}")),
+        }
+    }
+    for &n in &cfg.appenders {
+        if cfg.wants("store") {
+            match store_point(&cfg, root.path(), n) {
+                Ok(p) => points.push(p),
+                Err(e) => errors.push(format!("store, {n} appenders: {e}")),
+            }
+        }
+        if cfg.wants("sled") {
+            match sled_point(&cfg, root.path(), n) {
+                Ok(p) => points.push(p),
+                Err(e) => errors.push(format!("sled, {n} appenders: {e}")),
+            }
+        }
+    }
+    if cfg.wants("raw") {
+        match raw_probe(&cfg, root.path(), "end") {
+            Ok(r) => raw.push(r),
+            Err(e) => errors.push(format!("raw fdatasync probe: {e}")),
+        }
+    }
+    let reopen = if !cfg.wants("reopen") {
+        Reopen::Skipped {
+            reason: "not selected by --only".into(),
+        }
+    } else if cfg.mode != Mode::Full {
+        Reopen::Skipped {
+            reason: format!(
+                "skipped under {}: it writes {} MiB; run without --quick",
+                if cfg.mode == Mode::Quick {
+                    "--quick"
+                } else {
+                    "the smoke run"
+                },
+                cfg.reopen_mib
+            ),
+        }
+    } else {
+        match reopen_after_kill9(&cfg, root.path()) {
+            Ok(r) => Reopen::Measured(r),
+            Err(e) => {
+                errors.push(format!("reopen after kill -9: {e}"));
+                Reopen::Failed {
+                    error: e.to_string(),
+                }
+            }
+        }
+    };
+
+    let raw_ref =
+        (!raw.is_empty()).then(|| raw.iter().map(|r| r.rate_per_s).sum::<f64>() / raw.len() as f64);
+    for p in &mut points {
+        p.x_raw_fdatasync = raw_ref.map(|r| report::div(p.appends_per_s, r));
+    }
+    let targets = targets(&cfg, &points, &reopen);
+    let results = Results {
+        bench: "store",
+        schema: 1,
+        mode: cfg.mode,
+        machine,
+        bench_dir: root.path().display().to_string(),
+        filesystem: fs,
+        sled_version: SLED_VERSION,
+        payload_bytes: cfg.payload,
+        warmup_secs: cfg.warmup.as_secs_f64(),
+        point_secs: cfg.point.as_secs_f64(),
+        raw_fdatasync: raw,
+        raw_fdatasync_ref_per_s: raw_ref,
+        points,
+        reopen,
+        targets,
+        errors,
+    };
+    print_report(&results);
+    if results.mode == Mode::Smoke {
+        println!("(smoke run without --bench: no JSON written; use `cargo bench -p benches --bench store`)");
+    } else {
+        let path = json::write_results("store", &results)?;
+        println!("raw results: {}", path.display());
+    }
+    Ok(results.errors.is_empty())
+}
+
+fn raw_probe(cfg: &Config, dir: &Path, label: &str) -> BenchResult<RawFsync> {
+    let r = fsync::append_fdatasync(dir, label, fsync::DEFAULT_BLOCK, cfg.warmup, cfg.point)?;
+    eprintln!(
+        "  raw 4 KiB append+fdatasync ({label}): {}  p50 {}  p99 {}",
+        report::rate(r.rate_per_s),
+        report::micros(r.latency.p50_us),
+        report::micros(r.latency.p99_us)
+    );
+    Ok(r)
+}
+
+fn spec(cfg: &Config, threads: usize) -> LoadSpec {
+    LoadSpec {
+        threads,
+        warmup: cfg.warmup,
+        measure: cfg.point,
+    }
+}
+
+fn log_point(p: &Point) {
+    eprintln!(
+        "  {:<5} {:>2} appenders: {}  p50 {}  p99 {}{}",
+        p.system,
+        p.appenders,
+        report::rate(p.appends_per_s),
+        report::micros(p.latency.p50_us),
+        report::micros(p.latency.p99_us),
+        p.msgs_per_fdatasync
+            .map_or(String::new(), |m| format!("  {m:.1} msgs/fdatasync")),
+    );
+}
+
+/// sled 0.34.7: insert a 256-byte value under an increasing key, then
+/// `flush()`; only then does the append count as acknowledged.
+fn sled_point(cfg: &Config, root: &Path, threads: usize) -> BenchResult<Point> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("sled-{threads}-"))
+        .tempdir_in(root)?;
+    let db = sled::Config::new().path(dir.path()).open()?;
+    let next_key = Arc::new(AtomicU64::new(0));
+    let value = sled::IVec::from(vec![0x5au8; cfg.payload]);
+    let out = load::closed_loop(
+        &spec(cfg, threads),
+        |_| {
+            let (db, next_key, value) = (db.clone(), next_key.clone(), value.clone());
+            Ok(move || -> sled::Result<()> {
+                let key = next_key.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+                db.insert(key, value.clone())?;
+                db.flush()?;
+                Ok(())
+            })
+        },
+        |_| Ok(()),
+    )?;
+    drop(db);
+    let p = Point {
+        system: "sled",
+        appenders: threads,
+        payload_bytes: cfg.payload,
+        acked: out.ops,
+        secs: out.elapsed.as_secs_f64(),
+        appends_per_s: out.rate(),
+        fdatasyncs: None,
+        msgs_per_fdatasync: None,
+        latency: out.latency.summary(),
+        x_raw_fdatasync: None,
+    };
+    log_point(&p);
+    Ok(p)
+}
+
+#[cfg(feature = "store")]
+mod our_store {
+    //! The parts that need the `store` crate.
+
+    use super::*;
+    use std::collections::VecDeque;
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+    use store::{Epoch, QueueName, Store, StoreOptions};
+
+    pub(super) fn options(epoch: u64) -> StoreOptions {
+        StoreOptions {
+            epoch: Epoch::new(epoch),
+            ..StoreOptions::default()
+        }
+    }
+
+    /// N threads, each `append(..).wait()` in a loop on one shared store.
+    pub(super) fn point(cfg: &Config, root: &Path, threads: usize) -> BenchResult<Point> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("store-{threads}-"))
+            .tempdir_in(root)?;
+        let store = Store::open(dir.path(), options(1))?;
+        let queue = QueueName::new("bench")?;
+        let body = bytes::Bytes::from(vec![0x5au8; cfg.payload]);
+        let mut before = None;
+        let mut after = None;
+        let out = load::closed_loop(
+            &spec(cfg, threads),
+            |_| {
+                let (store, queues, body) = (store.clone(), [queue.clone()], body.clone());
+                Ok(move || store.append(&queues, body.clone(), None).wait().map(drop))
+            },
+            |w| {
+                let s = store.stats();
+                match w {
+                    Window::Open => before = Some(s),
+                    Window::Close => after = Some(s),
+                }
+                Ok(())
+            },
+        )?;
+        store.close()?;
+        let fdatasyncs = match (before, after) {
+            (Some(b), Some(a)) => Some(a.syncs.saturating_sub(b.syncs)),
+            _ => None,
+        };
+        let p = Point {
+            system: "store",
+            appenders: threads,
+            payload_bytes: cfg.payload,
+            acked: out.ops,
+            secs: out.elapsed.as_secs_f64(),
+            appends_per_s: out.rate(),
+            fdatasyncs,
+            msgs_per_fdatasync: fdatasyncs.map(|s| report::div(out.ops as f64, s as f64)),
+            latency: out.latency.summary(),
+            x_raw_fdatasync: None,
+        };
+        log_point(&p);
+        Ok(p)
+    }
+
+    /// Kills (SIGKILL) and reaps the child when dropped.
+    struct KillOnDrop(Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Re-executes this binary as a child that fills a log to the target
+    /// size and waits; SIGKILLs it; times `Store::open` on what it left.
+    pub(super) fn reopen_after_kill9(cfg: &Config, root: &Path) -> BenchResult<ReopenFigures> {
+        let dir = root.join("reopen");
+        std::fs::create_dir_all(&dir)?;
+        let started = Instant::now();
+        let child = Command::new(std::env::current_exe()?)
+            .env(CHILD_ENV, "reopen-fill")
+            .env(CHILD_DIR_ENV, &dir)
+            .env(REOPEN_MIB_ENV, cfg.reopen_mib.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let mut child = KillOnDrop(child);
+        let stdout = child.0.stdout.take().ok_or("child has no stdout")?;
+        let mut ready = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("progress"), Some(bytes), _) => {
+                    let bytes: u64 = bytes.parse().unwrap_or(0);
+                    eprint!(
+                        "\r  filling a {} MiB log: {}   ",
+                        cfg.reopen_mib,
+                        report::bytes(bytes)
+                    );
+                }
+                (Some("ready"), Some(bytes), Some(acked)) => {
+                    ready = Some((bytes.parse::<u64>()?, acked.parse::<u64>()?));
+                    break;
+                }
+                _ => eprintln!("  child: {line}"),
+            }
+        }
+        eprintln!();
+        let Some((log_bytes, child_acked)) = ready else {
+            let status = child.0.wait()?;
+            return Err(format!("the fill child exited before it was ready: {status}").into());
+        };
+        let fill_secs = started.elapsed().as_secs_f64();
+        // SIGKILL while the store is open, its writer thread alive.
+        child.0.kill()?;
+        let status = child.0.wait()?;
+        eprintln!("  killed the writer ({status}) after {fill_secs:.1} s");
+
+        let page_cache = if std::env::var_os(DROP_CACHES_ENV).is_some_and(|v| v == "1") {
+            drop_page_cache()?;
+            "dropped"
+        } else {
+            "warm"
+        };
+        let t0 = Instant::now();
+        let store = Store::open(&dir, options(2))?;
+        let open_after_kill9 = t0.elapsed();
+        // The recovered store must take appends again.
+        store
+            .append(
+                &[QueueName::new("bench")?],
+                bytes::Bytes::from_static(b"after"),
+                None,
+            )
+            .wait()?;
+        store.close()?;
+        let t1 = Instant::now();
+        let store = Store::open(&dir, options(3))?;
+        let open_after_close = t1.elapsed();
+        store.close()?;
+        let r = ReopenFigures {
+            target_mib: cfg.reopen_mib,
+            log_bytes,
+            child_acked,
+            fill_secs,
+            page_cache,
+            open_after_kill9_ms: open_after_kill9.as_secs_f64() * 1e3,
+            open_after_close_ms: open_after_close.as_secs_f64() * 1e3,
+        };
+        eprintln!(
+            "  reopen of {} after kill -9: {:.0} ms (after a clean close: {:.0} ms)",
+            report::bytes(log_bytes),
+            r.open_after_kill9_ms,
+            r.open_after_close_ms
+        );
+        Ok(r)
+    }
+
+    fn drop_page_cache() -> BenchResult<()> {
+        // `sync` first so that dirty pages can be dropped too.
+        let status = Command::new("sync").status()?;
+        if !status.success() {
+            return Err(format!("sync: {status}").into());
+        }
+        std::fs::write("/proc/sys/vm/drop_caches", b"3\n")
+            .map_err(|e| format!("dropping the page cache (needs root): {e}"))?;
+        Ok(())
+    }
+
+    /// The child: append from 8 threads, each keeping up to 64 appends in
+    /// flight, until the log directory holds the target size; then report
+    /// `ready <bytes> <acked>` and wait, store open, to be killed.
+    pub(super) fn child_main() -> BenchResult<()> {
+        const THREADS: usize = 8;
+        const IN_FLIGHT: usize = 64;
+        let dir = std::env::var_os(CHILD_DIR_ENV).ok_or("no child dir")?;
+        let dir = Path::new(&dir);
+        let target = env_u64(REOPEN_MIB_ENV)?.unwrap_or(1024) << 20;
+        let store = Store::open(dir, options(1))?;
+        let queue = QueueName::new("bench")?;
+        let body = bytes::Bytes::from(vec![0x5au8; 256]);
+        let stop = AtomicBool::new(false);
+        let acked = AtomicU64::new(0);
+        let mut stdout = std::io::stdout().lock();
+        std::thread::scope(|scope| -> BenchResult<()> {
+            let workers: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let (store, queues, body) = (store.clone(), [queue.clone()], body.clone());
+                    let (stop, acked) = (&stop, &acked);
+                    scope.spawn(move || -> Result<(), String> {
+                        let mut in_flight = VecDeque::with_capacity(IN_FLIGHT);
+                        while !stop.load(Ordering::Relaxed) {
+                            in_flight.push_back(store.append(&queues, body.clone(), None));
+                            if in_flight.len() >= IN_FLIGHT {
+                                if let Some(p) = in_flight.pop_front() {
+                                    p.wait().map_err(|e| e.to_string())?;
+                                    acked.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        for p in in_flight {
+                            p.wait().map_err(|e| e.to_string())?;
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(250));
+                if workers.iter().any(|w| w.is_finished()) {
+                    stop.store(true, Ordering::Relaxed);
+                }
+                // A segment may vanish mid-walk; skip that sample.
+                if let Ok(size) = env::dir_size(dir) {
+                    writeln!(stdout, "progress {size}")?;
+                    stdout.flush()?;
+                    if size >= target {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+            for w in workers {
+                w.join().map_err(|_| "a fill worker panicked")??;
+            }
+            Ok(())
+        })?;
+        writeln!(
+            stdout,
+            "ready {} {}",
+            env::dir_size(dir)?,
+            acked.load(Ordering::Relaxed)
+        )?;
+        stdout.flush()?;
+        // Hold the store open until the parent kills us.
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+#[cfg(feature = "store")]
+use our_store::{child_main, point as store_point, reopen_after_kill9};
+
+#[cfg(not(feature = "store"))]
+const NO_STORE: &str = "built without the `store` feature";
+
+#[cfg(not(feature = "store"))]
+fn store_point(_: &Config, _: &Path, _: usize) -> BenchResult<Point> {
+    Err(NO_STORE.into())
+}
+
+#[cfg(not(feature = "store"))]
+fn reopen_after_kill9(_: &Config, _: &Path) -> BenchResult<ReopenFigures> {
+    Err(NO_STORE.into())
+}
+
+#[cfg(not(feature = "store"))]
+fn child_main() -> BenchResult<()> {
+    Err(NO_STORE.into())
+}
+
+fn find<'a>(points: &'a [Point], system: &str, appenders: usize) -> Option<&'a Point> {
+    points
+        .iter()
+        .find(|p| p.system == system && p.appenders == appenders)
+}
+
+fn targets(cfg: &Config, points: &[Point], reopen: &Reopen) -> Vec<Target> {
+    let mut out = vec![Target::at_least(
+        "store, 64 appenders ÷ raw fdatasync",
+        TARGET_X_RAW_64,
+        find(points, "store", 64).and_then(|p| p.x_raw_fdatasync),
+        report::ratio,
+    )];
+    for &n in &cfg.appenders {
+        out.push(Target::at_most(
+            &format!("store p99 append latency, {n} appenders"),
+            TARGET_P99_US,
+            find(points, "store", n).map(|p| p.latency.p99_us),
+            report::micros,
+        ));
+    }
+    let reopen_us = match reopen {
+        Reopen::Measured(r) => Some(r.open_after_kill9_ms * 1e3),
+        _ => None,
+    };
+    out.push(Target::at_most(
+        &format!("reopen of a {} MiB log after kill -9", cfg.reopen_mib),
+        TARGET_REOPEN_US,
+        reopen_us,
+        report::micros,
+    ));
+    out
+}
+
+fn print_report(r: &Results) {
+    println!();
+    println!(
+        "edgehub store bench ({:?} mode, {} s per point, {}-byte appends, {} CPUs)",
+        r.mode, r.point_secs, r.payload_bytes, r.machine.cpus
+    );
+    println!(
+        "data: {} on {}",
+        r.bench_dir,
+        r.filesystem
+            .as_ref()
+            .map_or("an unknown filesystem".into(), |f| format!(
+                "{} ({}, mounted at {})",
+                f.fstype, f.source, f.mount_point
+            ))
+    );
+    println!();
+
+    let mut raw = Table::new(
+        "Raw disk: 4 KiB append + fdatasync, one writer",
+        &["sample", "rate", "p50", "p99"],
+    );
+    for s in &r.raw_fdatasync {
+        raw.row([
+            s.label.clone(),
+            report::rate(s.rate_per_s),
+            report::micros(s.latency.p50_us),
+            report::micros(s.latency.p99_us),
+        ]);
+    }
+    if let Some(rf) = r.raw_fdatasync_ref_per_s {
+        raw.row([
+            "reference (mean)".to_string(),
+            report::rate(rf),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    println!("{raw}");
+
+    let mut t = Table::new(
+        format!(
+            "Durable {}-byte appends, N concurrent appenders",
+            r.payload_bytes
+        ),
+        &[
+            "appenders",
+            "system",
+            "appends/s",
+            "÷ raw fdatasync",
+            "msgs/fdatasync",
+            "p50",
+            "p99",
+            "store ÷ sled",
+        ],
+    );
+    let mut ns: Vec<usize> = r.points.iter().map(|p| p.appenders).collect();
+    ns.dedup();
+    for n in ns {
+        for p in r.points.iter().filter(|p| p.appenders == n) {
+            let vs_sled = match (p.system, find(&r.points, "sled", n)) {
+                ("store", Some(s)) => report::ratio(report::div(p.appends_per_s, s.appends_per_s)),
+                _ => String::new(),
+            };
+            t.row([
+                n.to_string(),
+                p.system.to_string(),
+                report::rate(p.appends_per_s),
+                p.x_raw_fdatasync.map_or("-".into(), report::ratio),
+                p.msgs_per_fdatasync
+                    .map_or("n/a".into(), |m| format!("{m:.1}")),
+                report::micros(p.latency.p50_us),
+                report::micros(p.latency.p99_us),
+                vs_sled,
+            ]);
+        }
+    }
+    t.note("store: acknowledged after .wait() (group-committed fdatasync); msgs/fdatasync from store.stats().");
+    t.note(format!(
+        "sled {}: acknowledged after flush(), which syncs with sync_file_range, not fdatasync",
+        r.sled_version
+    ));
+    t.note("  (benches/results/sled-strace.txt): safe against kill -9, not against power or node loss.");
+    println!("{t}");
+
+    let mut ro = Table::new(
+        "Reopen after kill -9",
+        &[
+            "log",
+            "fill",
+            "open after kill -9",
+            "open after clean close",
+            "page cache",
+        ],
+    );
+    match &r.reopen {
+        Reopen::Measured(m) => {
+            ro.row([
+                report::bytes(m.log_bytes),
+                format!("{:.1} s", m.fill_secs),
+                report::micros(m.open_after_kill9_ms * 1e3),
+                report::micros(m.open_after_close_ms * 1e3),
+                m.page_cache.to_string(),
+            ]);
+        }
+        Reopen::Skipped { reason } => {
+            ro.note(format!("skipped: {reason}"));
+        }
+        Reopen::Failed { error } => {
+            ro.note(format!("FAILED: {error}"));
+        }
+    }
+    println!("{ro}");
+    println!(
+        "{}",
+        report::targets_table("Targets (issue 2; shown, never asserted)", &r.targets)
+    );
+    for e in &r.errors {
+        println!("ERROR: {e}");
+    }
+}

@@ -1,0 +1,175 @@
+//! Where bench data lives and what it lives on.
+
+use crate::BenchResult;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Environment variable naming the directory to hold bench data.
+pub const BENCH_DIR_ENV: &str = "EDGEHUB_BENCH_DIR";
+
+/// The cargo target directory of the running binary.
+///
+/// `CARGO_TARGET_DIR` if set, else derived from the executable's path
+/// (`<target>/<profile>/deps/<bench>` or `<target>/<profile>/<bin>`), else
+/// `./target`.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let mut dir = exe.parent();
+        if dir.and_then(Path::file_name).is_some_and(|n| n == "deps") {
+            dir = dir.and_then(Path::parent);
+        }
+        if let Some(target) = dir.and_then(Path::parent) {
+            return target.to_path_buf();
+        }
+    }
+    PathBuf::from("target")
+}
+
+/// A fresh temporary directory for bench data, removed when dropped.
+///
+/// It is created inside `$EDGEHUB_BENCH_DIR` if that is set, else inside
+/// `<target>/bench-tmp`, so that it sits on the repository's filesystem and
+/// not on `/tmp`, which may be tmpfs (where `fdatasync` costs nothing).
+pub fn bench_tempdir(prefix: &str) -> BenchResult<tempfile::TempDir> {
+    let parent = match std::env::var_os(BENCH_DIR_ENV) {
+        Some(dir) => PathBuf::from(dir),
+        None => target_dir().join("bench-tmp"),
+    };
+    std::fs::create_dir_all(&parent)
+        .map_err(|e| format!("creating bench dir {}: {e}", parent.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&parent)
+        .map_err(|e| format!("creating a temp dir in {}: {e}", parent.display()))?;
+    Ok(dir)
+}
+
+/// The filesystem a path lives on, from `/proc/self/mountinfo`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FsInfo {
+    /// The mount point holding the path.
+    pub mount_point: String,
+    /// Filesystem type, e.g. `ext4`, `xfs`, `overlay`, `tmpfs`.
+    pub fstype: String,
+    /// The mounted device or source.
+    pub source: String,
+}
+
+impl FsInfo {
+    /// Whether `fdatasync` on this filesystem never reaches a disk.
+    pub fn is_memory_backed(&self) -> bool {
+        matches!(self.fstype.as_str(), "tmpfs" | "ramfs")
+    }
+}
+
+/// Looks up the filesystem holding `path` (Linux only; `None` elsewhere or
+/// when `/proc` is not readable).
+pub fn filesystem_of(path: &Path) -> Option<FsInfo> {
+    let path = path.canonicalize().ok()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<FsInfo> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        let (Some(mount), Some(fstype), Some(source)) =
+            (fields.get(4), fields.get(dash + 1), fields.get(dash + 2))
+        else {
+            continue;
+        };
+        let mount = unescape_mountinfo(mount);
+        if !path.starts_with(&mount) {
+            continue;
+        }
+        // Later lines shadow earlier ones mounted on the same point.
+        if best
+            .as_ref()
+            .is_none_or(|b| mount.len() >= b.mount_point.len())
+        {
+            best = Some(FsInfo {
+                mount_point: mount,
+                fstype: (*fstype).to_string(),
+                source: (*source).to_string(),
+            });
+        }
+    }
+    best
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 3 < bytes.len() {
+            let oct = &bytes[i + 1..i + 4];
+            let digits = std::str::from_utf8(oct).ok();
+            if let Some(Ok(v)) = digits.map(|d| u8::from_str_radix(d, 8)) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Total size in bytes of the regular files under `dir`, recursively.
+pub fn dir_size(dir: &Path) -> std::io::Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            total += dir_size(&entry.path())?;
+        } else if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
+/// Facts about the machine, recorded next to the figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Logical CPUs available to this process.
+    pub cpus: usize,
+    /// Kernel release (`/proc/sys/kernel/osrelease`).
+    pub kernel: Option<String>,
+    /// Seconds since the Unix epoch when the run started.
+    pub unix_time: u64,
+}
+
+impl Machine {
+    /// Reads the machine facts now.
+    pub fn read() -> Self {
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .ok()
+                .map(|s| s.trim().to_string()),
+            unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/x\"), r"/x\");
+    }
+}
