@@ -30,7 +30,7 @@
 use benches::env::{self, FsInfo, Machine};
 use benches::fsync::{self, RawFsync};
 use benches::latency::LatencySummary;
-use benches::load::{self, LoadSpec, Window};
+use benches::load::{self, LoadSpec};
 use benches::report::{self, Table, Target};
 use benches::{json, BenchResult};
 use serde::Serialize;
@@ -41,10 +41,8 @@ use std::time::Duration;
 
 /// Set in the environment of the re-executed child that fills the log.
 const CHILD_ENV: &str = "EDGEHUB_BENCH_CHILD";
-const CHILD_DIR_ENV: &str = "EDGEHUB_BENCH_CHILD_DIR";
 const REOPEN_MIB_ENV: &str = "EDGEHUB_BENCH_REOPEN_MIB";
 const SECS_ENV: &str = "EDGEHUB_BENCH_SECS";
-const DROP_CACHES_ENV: &str = "EDGEHUB_BENCH_DROP_CACHES";
 const SLED_VERSION: &str = "0.34.7";
 
 /// Targets from issue 2, shown next to the figures.
@@ -287,7 +285,7 @@ fn run() -> BenchResult<bool> {
     } else if cfg.mode != Mode::Full {
         Reopen::Skipped {
             reason: format!(
-                "skipped under {}: it writes {} MiB; run without --quick",
+                "skipped under {}: it writes {} MiB; run `cargo bench -p benches --bench store`",
                 if cfg.mode == Mode::Quick {
                     "--quick"
                 } else {
@@ -418,12 +416,16 @@ mod our_store {
     //! The parts that need the `store` crate.
 
     use super::*;
+    use benches::load::Window;
     use std::collections::VecDeque;
     use std::io::{BufRead, BufReader, Write};
     use std::process::{Child, Command, Stdio};
     use std::sync::atomic::AtomicBool;
     use std::time::Instant;
     use store::{Epoch, QueueName, Store, StoreOptions};
+
+    const CHILD_DIR_ENV: &str = "EDGEHUB_BENCH_CHILD_DIR";
+    const DROP_CACHES_ENV: &str = "EDGEHUB_BENCH_DROP_CACHES";
 
     pub(super) fn options(epoch: u64) -> StoreOptions {
         StoreOptions {
