@@ -1,0 +1,393 @@
+//! `$edgeHub` desired properties and IoT Edge deployment manifests → a [`RouteTable`].
+//!
+//! Guarantees:
+//! - Pure: takes JSON text or a parsed value, never reads files.
+//! - Collects every problem of a manifest, not only the first. Route problems name the route and
+//!   the column; structural problems name the JSON path (e.g. `routes.r1.priority`, or
+//!   `modulesContent.$edgeHub.properties.desired.routes.r1.priority` in a deployment).
+//! - Follows edgeHub's schema: `schemaVersion` 1.0–1.3 (`"1.1"` or `"1.1.0"`); in 1.0 a route
+//!   is a string, from 1.1 also `{ "route", "priority": 0-9, "timeToLiveSecs": uint }`;
+//!   `storeAndForwardConfiguration` is required from 1.1 and a negative `timeToLiveSecs` means
+//!   infinite; a route's `timeToLiveSecs` of 0 (or none) means the store-wide TTL; a route
+//!   without priority gets [`Priority::DEFAULT`]; route names match `^[^.$# ]+$`.
+//! - Unknown members (`mqttBroker`, `integrity`, `$version`, …) are ignored.
+
+use serde_json::{Map, Value};
+
+use crate::error::{ManifestError, ManifestIssue};
+use crate::message::ModuleId;
+use crate::route::{Priority, Route, RouteId, RouteTable, Ttl};
+
+/// A `$edgeHub` schema version (major is always 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SchemaVersion {
+    /// Always 1.
+    pub major: u32,
+    /// 0 to 3.
+    pub minor: u32,
+}
+
+/// What the hub takes from `$edgeHub` desired properties.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EdgeHubConfig {
+    /// The declared schema version.
+    pub schema_version: SchemaVersion,
+    /// The compiled routes.
+    pub routes: RouteTable,
+    /// `storeAndForwardConfiguration.timeToLiveSecs`: the TTL of routes that set none.
+    pub store_ttl: Ttl,
+    /// `storeAndForwardConfiguration.storeLimits.maxSizeBytes`, if given.
+    pub max_store_size_bytes: Option<u64>,
+}
+
+/// What the hub takes from a full deployment manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Deployment {
+    /// The `$edgeHub` desired properties.
+    pub edge_hub: EdgeHubConfig,
+    /// Module names declared under `$edgeAgent` `properties.desired.modules`, sorted.
+    pub modules: Vec<ModuleId>,
+}
+
+/// Parses `$edgeHub` desired properties from JSON text.
+pub fn parse_edge_hub_desired(json: &str) -> Result<EdgeHubConfig, ManifestError> {
+    parse_edge_hub_desired_value(&parse_json(json)?)
+}
+
+/// Parses `$edgeHub` desired properties from a JSON value.
+pub fn parse_edge_hub_desired_value(desired: &Value) -> Result<EdgeHubConfig, ManifestError> {
+    let mut issues = Issues::default();
+    let config = edge_hub_at(desired, "", &mut issues);
+    issues.finish(config)
+}
+
+/// Parses a deployment manifest (`{"modulesContent": …}`, or `{"content": {"modulesContent":
+/// …}}` as the Azure CLI writes it) from JSON text.
+pub fn parse_deployment(json: &str) -> Result<Deployment, ManifestError> {
+    parse_deployment_value(&parse_json(json)?)
+}
+
+/// Parses a deployment manifest from a JSON value.
+pub fn parse_deployment_value(manifest: &Value) -> Result<Deployment, ManifestError> {
+    let mut issues = Issues::default();
+    let (content, prefix) = match manifest.pointer("/content/modulesContent") {
+        Some(content) => (Some(content), "content.modulesContent"),
+        None => (manifest.get("modulesContent"), "modulesContent"),
+    };
+    let Some(content) = content else {
+        issues.add(prefix, "missing");
+        return issues.finish(None);
+    };
+    let modules = modules(content, prefix, &mut issues);
+    let hub_path = join(prefix, "$edgeHub.properties.desired");
+    let config = match content.pointer("/$edgeHub/properties/desired") {
+        Some(desired) => edge_hub_at(desired, &hub_path, &mut issues),
+        None => {
+            issues.add(&hub_path, "missing");
+            None
+        }
+    };
+    issues.finish(config.map(|edge_hub| Deployment { edge_hub, modules }))
+}
+
+fn parse_json(json: &str) -> Result<Value, ManifestError> {
+    serde_json::from_str(json).map_err(|e| ManifestError {
+        issues: vec![ManifestIssue::Structure {
+            path: "$".to_owned(),
+            reason: format!("invalid JSON: {e}"),
+        }],
+    })
+}
+
+/// Problems found so far.
+#[derive(Default)]
+struct Issues(Vec<ManifestIssue>);
+
+impl Issues {
+    fn add(&mut self, path: &str, reason: impl Into<String>) {
+        let path = if path.is_empty() {
+            "$".to_owned()
+        } else {
+            path.to_owned()
+        };
+        self.0.push(ManifestIssue::Structure {
+            path,
+            reason: reason.into(),
+        });
+    }
+
+    fn finish<T>(self, value: Option<T>) -> Result<T, ManifestError> {
+        match value {
+            Some(value) if self.0.is_empty() => Ok(value),
+            _ => Err(ManifestError { issues: self.0 }),
+        }
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn modules(content: &Value, prefix: &str, issues: &mut Issues) -> Vec<ModuleId> {
+    let agent_path = join(prefix, "$edgeAgent.properties.desired");
+    let Some(agent) = content.pointer("/$edgeAgent/properties/desired") else {
+        issues.add(&agent_path, "missing");
+        return Vec::new();
+    };
+    match agent.get("modules") {
+        None => Vec::new(),
+        Some(Value::Object(modules)) => {
+            let mut names: Vec<ModuleId> = modules.keys().map(ModuleId::new).collect();
+            names.sort();
+            names
+        }
+        Some(_) => {
+            issues.add(
+                &join(&agent_path, "modules"),
+                "must be an object of modules",
+            );
+            Vec::new()
+        }
+    }
+}
+
+fn edge_hub_at(desired: &Value, prefix: &str, issues: &mut Issues) -> Option<EdgeHubConfig> {
+    let Some(desired) = desired.as_object() else {
+        issues.add(prefix, "must be an object");
+        return None;
+    };
+    let version = schema_version(desired, prefix, issues);
+    let (store_ttl, max_store_size_bytes) = store_and_forward(desired, version, prefix, issues);
+    let routes = routes(desired, version, store_ttl, prefix, issues);
+    Some(EdgeHubConfig {
+        schema_version: version?,
+        routes: RouteTable::new(routes),
+        store_ttl,
+        max_store_size_bytes,
+    })
+}
+
+fn schema_version(
+    desired: &Map<String, Value>,
+    prefix: &str,
+    issues: &mut Issues,
+) -> Option<SchemaVersion> {
+    let path = join(prefix, "schemaVersion");
+    let Some(text) = desired.get("schemaVersion") else {
+        issues.add(&path, "missing");
+        return None;
+    };
+    let parsed = text.as_str().and_then(parse_version);
+    if parsed.is_none() {
+        issues.add(
+            &path,
+            format!("unsupported schema version {text}: expected \"1.0\" to \"1.3\""),
+        );
+    }
+    parsed
+}
+
+/// A .NET `Version` string (2 to 4 numeric parts) with major 1 and minor 0–3.
+fn parse_version(text: &str) -> Option<SchemaVersion> {
+    let parts: Vec<u32> = text
+        .split('.')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    match parts.as_slice() {
+        [1, minor, ..] if parts.len() <= 4 && *minor <= 3 => Some(SchemaVersion {
+            major: 1,
+            minor: *minor,
+        }),
+        _ => None,
+    }
+}
+
+fn store_and_forward(
+    desired: &Map<String, Value>,
+    version: Option<SchemaVersion>,
+    prefix: &str,
+    issues: &mut Issues,
+) -> (Ttl, Option<u64>) {
+    let path = join(prefix, "storeAndForwardConfiguration");
+    let Some(config) = desired.get("storeAndForwardConfiguration") else {
+        if version.is_some_and(|v| v.minor >= 1) {
+            issues.add(&path, "missing (required from schema version 1.1)");
+        }
+        return (Ttl::Infinite, None);
+    };
+    let Some(config) = config.as_object() else {
+        issues.add(&path, "must be an object");
+        return (Ttl::Infinite, None);
+    };
+    let ttl = match config.get("timeToLiveSecs") {
+        None => Ttl::Infinite,
+        Some(v) => match v.as_i64() {
+            Some(secs) => u64::try_from(secs).map_or(Ttl::Infinite, Ttl::Seconds),
+            None => {
+                issues.add(
+                    &join(&path, "timeToLiveSecs"),
+                    format!("must be an integer, not {v}"),
+                );
+                Ttl::Infinite
+            }
+        },
+    };
+    (ttl, max_size_bytes(config, &path, issues))
+}
+
+fn max_size_bytes(config: &Map<String, Value>, path: &str, issues: &mut Issues) -> Option<u64> {
+    let value = config.get("storeLimits")?.get("maxSizeBytes")?;
+    let bytes = value.as_u64();
+    if bytes.is_none() {
+        issues.add(
+            &join(path, "storeLimits.maxSizeBytes"),
+            format!("must be a non-negative integer, not {value}"),
+        );
+    }
+    bytes
+}
+
+fn routes(
+    desired: &Map<String, Value>,
+    version: Option<SchemaVersion>,
+    store_ttl: Ttl,
+    prefix: &str,
+    issues: &mut Issues,
+) -> Vec<Route> {
+    let path = join(prefix, "routes");
+    let routes = match desired.get("routes") {
+        None | Some(Value::Null) => return Vec::new(),
+        Some(Value::Object(routes)) => routes,
+        Some(_) => {
+            issues.add(&path, "must be an object of named routes");
+            return Vec::new();
+        }
+    };
+    let objects_allowed = version.is_none_or(|v| v.minor >= 1);
+    routes
+        .iter()
+        .filter_map(|(name, value)| {
+            let route_path = join(&path, name);
+            route(name, value, objects_allowed, store_ttl, &route_path, issues)
+        })
+        .collect()
+}
+
+fn valid_route_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['.', '$', '#', ' '])
+}
+
+/// One route entry; `None` (with issues recorded) when it is invalid.
+fn route(
+    name: &str,
+    value: &Value,
+    objects_allowed: bool,
+    store_ttl: Ttl,
+    path: &str,
+    issues: &mut Issues,
+) -> Option<Route> {
+    if !valid_route_name(name) {
+        issues.add(
+            path,
+            "route names may not be empty or contain '.', '$', '#' or ' '",
+        );
+    }
+    let (text, priority, ttl) = match value {
+        Value::String(text) => (text.as_str(), Priority::DEFAULT, store_ttl),
+        Value::Object(spec) if objects_allowed => route_object(spec, store_ttl, path, issues)?,
+        Value::Object(_) => {
+            issues.add(path, "schema version 1.0 allows only route strings");
+            return None;
+        }
+        _ => {
+            issues.add(path, "must be a route string or an object with \"route\"");
+            return None;
+        }
+    };
+    Route::parse(RouteId::new(name), text, priority, ttl)
+        .map_err(|e| issues.0.push(ManifestIssue::Route(e)))
+        .ok()
+        .filter(|_| valid_route_name(name))
+}
+
+fn route_object<'v>(
+    spec: &'v Map<String, Value>,
+    store_ttl: Ttl,
+    path: &str,
+    issues: &mut Issues,
+) -> Option<(&'v str, Priority, Ttl)> {
+    let priority = match spec.get("priority") {
+        None | Some(Value::Null) => Some(Priority::DEFAULT),
+        Some(v) => match v
+            .as_u64()
+            .filter(|p| *p <= u64::from(Priority::LOWEST_EXPLICIT.0))
+        {
+            Some(p) => u32::try_from(p).ok().map(Priority),
+            None => {
+                issues.add(
+                    &join(path, "priority"),
+                    format!("must be an integer from 0 to 9, not {v}"),
+                );
+                None
+            }
+        },
+    };
+    let ttl = match spec.get("timeToLiveSecs") {
+        None | Some(Value::Null) => Some(store_ttl),
+        Some(v) => match v.as_u64().filter(|s| *s <= u64::from(u32::MAX)) {
+            Some(0) => Some(store_ttl),
+            Some(secs) => Some(Ttl::Seconds(secs)),
+            None => {
+                issues.add(
+                    &join(path, "timeToLiveSecs"),
+                    format!("must be a non-negative integer, not {v}"),
+                );
+                None
+            }
+        },
+    };
+    let text = match spec.get("route") {
+        Some(Value::String(text)) => Some(text.as_str()),
+        Some(v) => {
+            issues.add(&join(path, "route"), format!("must be a string, not {v}"));
+            None
+        }
+        None => {
+            issues.add(&join(path, "route"), "missing");
+            None
+        }
+    };
+    Some((text?, priority?, ttl?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_accept_two_to_four_parts_with_minor_up_to_three() {
+        assert_eq!(
+            parse_version("1.1"),
+            Some(SchemaVersion { major: 1, minor: 1 })
+        );
+        assert_eq!(
+            parse_version("1.3.0"),
+            Some(SchemaVersion { major: 1, minor: 3 })
+        );
+        for bad in ["1", "1.4", "2.0", "1.x", "", "1.0.0.0.0"] {
+            assert_eq!(parse_version(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn route_names_reject_dots_dollars_hashes_and_spaces() {
+        assert!(valid_route_name("toCloud_1-x"));
+        for bad in ["a.b", "$a", "a#", "a b", ""] {
+            assert!(!valid_route_name(bad), "{bad}");
+        }
+    }
+}
