@@ -1,0 +1,158 @@
+//! Typed errors, one enum per operation, each variant named for what the caller can do about it.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::types::{Epoch, Offset, QueueName};
+
+/// Opening (and recovering) a store failed. Nothing was acknowledged by this open, and nothing
+/// previously acknowledged was modified, except a torn tail that was never acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The filesystem refused an operation.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What the store was doing.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// A file holds bytes that cannot be a crash's leftovers: acknowledged data may be damaged,
+    /// so the store refuses to guess. Restore the file or move it aside, then open again.
+    #[error("corrupt store file {file} at byte {offset}: {reason}")]
+    Corrupt {
+        /// The damaged file.
+        file: PathBuf,
+        /// Byte position of the first damaged structure.
+        offset: u64,
+        /// What is wrong there.
+        reason: String,
+    },
+    /// A newer owner has opened this directory; this process must not write to it.
+    #[error("epoch {requested} is older than epoch {current}, which already opened this store")]
+    EpochFenced {
+        /// The epoch this open asked for.
+        requested: Epoch,
+        /// The highest epoch that has opened the store.
+        current: Epoch,
+    },
+    /// The options cannot work.
+    #[error("invalid store options: {0}")]
+    InvalidOptions(&'static str),
+}
+
+/// Maps an I/O error of `op` on `path` to [`OpenError::Io`].
+pub(crate) fn open_io(
+    op: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(io::Error) -> OpenError {
+    let path = path.to_owned();
+    move |source| OpenError::Io { op, path, source }
+}
+
+/// An append was refused; nothing of it is stored and nothing already stored was touched.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AppendError {
+    /// The byte quota (or the disk itself) has no room for this message. Retry after the
+    /// receivers have caught up and space was reclaimed.
+    #[error("store full: {needed} more bytes would exceed the quota ({used} of {quota} used)")]
+    Full {
+        /// Bytes this append needs.
+        needed: u64,
+        /// Bytes on disk or reserved now.
+        used: u64,
+        /// The configured quota (or the bytes that fit on the disk, on ENOSPC).
+        quota: u64,
+    },
+    /// The message is larger than the configured maximum.
+    #[error("message of {size} bytes exceeds the maximum of {max}")]
+    TooLarge {
+        /// The body's size.
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// A message must name between 1 and `MAX_QUEUES_PER_MESSAGE` queues, each once.
+    #[error("a message must name 1..={max} distinct queues, got {count}")]
+    BadQueueList {
+        /// Queues named.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An earlier write or fsync failed; the store refuses all writes until it is reopened.
+    #[error("store poisoned by an earlier I/O failure ({0}); reopen it")]
+    Poisoned(Arc<str>),
+    /// A newer epoch opened this store; this process must stop writing.
+    #[error("store fenced: a newer owner opened it")]
+    Fenced,
+    /// The store was closed.
+    #[error("store closed")]
+    Closed,
+}
+
+/// A checkpoint was refused; the queue's durable checkpoint is unchanged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CheckpointError {
+    /// No message was ever appended to this queue.
+    #[error("unknown queue {0}")]
+    UnknownQueue(QueueName),
+    /// The checkpoint would pass the queue's last durable message.
+    #[error("checkpoint {requested} of queue {queue} is past its last message {last}")]
+    AheadOfData {
+        /// The queue.
+        queue: QueueName,
+        /// The checkpoint asked for.
+        requested: Offset,
+        /// The queue's last durable offset.
+        last: Offset,
+    },
+    /// The disk has no room even for the checkpoint record.
+    #[error("no space on the store's disk for a checkpoint")]
+    NoSpace,
+    /// An earlier write or fsync failed; reopen the store.
+    #[error("store poisoned by an earlier I/O failure ({0}); reopen it")]
+    Poisoned(Arc<str>),
+    /// A newer epoch opened this store.
+    #[error("store fenced: a newer owner opened it")]
+    Fenced,
+    /// The store was closed.
+    #[error("store closed")]
+    Closed,
+}
+
+/// Reading a queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The filesystem refused a read.
+    #[error("read {path}: {source}")]
+    Io {
+        /// The segment file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// A stored message failed its checksum.
+    #[error("corrupt message in {file} at byte {offset}: {reason}")]
+    Corrupt {
+        /// The segment file.
+        file: PathBuf,
+        /// Byte position of the message entry.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Closing the store failed to stop its writer cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum CloseError {
+    /// The writer thread panicked (a bug); nothing unacknowledged was acknowledged.
+    #[error("the store's writer thread panicked")]
+    WriterPanicked,
+}

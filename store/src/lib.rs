@@ -1,0 +1,58 @@
+//! Durable, ordered message queues on disk for edgehub.
+//!
+//! The store is a segmented, append-only log in one directory, with many named queues over it.
+//! It knows nothing of routes, endpoints or protocols: callers name queues and hand it bytes.
+//!
+//! # Guarantees
+//! 1. An append completes only after its bytes are durable: fdatasync of the data file, and an
+//!    fsync of the directory whenever a file was created or removed. Concurrent appends share one
+//!    fdatasync (group commit), and complete in the order they were submitted.
+//! 2. A queue yields its messages in append order, with strictly increasing offsets, from any
+//!    offset after its checkpoint.
+//! 3. A message appended for several queues is stored once.
+//! 4. Checkpoints are durable, never ahead of durable data, and only move forward; reopening
+//!    resumes exactly after each queue's checkpoint.
+//! 5. Space held only by messages every referencing queue has checkpointed past, or that have
+//!    expired, is reclaimed by deleting whole segment files; expired messages are skipped on read
+//!    and counted.
+//! 6. An append that would exceed the byte quota fails with [`AppendError::Full`] and touches
+//!    nothing stored; so does one that meets ENOSPC. Appends succeed again once space is freed.
+//! 7. Any other write or fsync error poisons the store: every later write fails until reopen.
+//!    Nothing is ever kept only in memory.
+//! 8. `open` takes an [`Epoch`]; a lower epoch than the highest that opened the directory cannot
+//!    open it, and a process whose epoch has been superseded fails its next commit.
+//! 9. Recovery cuts a torn tail, verifies the CRC32C of everything it keeps, never panics on any
+//!    file content, and reports corruption with file and byte.
+//!
+//! `DESIGN.md` beside this crate gives the on-disk format byte by byte and the crash argument.
+//!
+//! # Layout
+//! - [`types`]: offsets, epochs, queue names, time;
+//! - `format`: the bytes on disk (pure);
+//! - `io`: the filesystem seam ([`Fs`], [`OsFs`]; `sim::SimFs` with the `test-util` feature);
+//! - `fence`: the `EPOCHS` file; `recovery`: open-time scan; `writer`: group commit;
+//! - `index`: what is durable, in memory; `store`: the [`Store`] handle.
+
+pub mod error;
+mod fence;
+mod format;
+mod index;
+pub mod io;
+mod recovery;
+#[cfg(feature = "test-util")]
+pub mod sim;
+mod store;
+pub mod types;
+mod writer;
+
+pub use error::{AppendError, CheckpointError, CloseError, OpenError, ReadError};
+pub use format::FormatError;
+pub use io::{Fs, FsFile, OsFs};
+pub use recovery::RecoveryReport;
+pub use store::{
+    Closable, Pending, QueueStats, Store, StoreOptions, StoreStats, StoredMessage,
+    MAX_QUEUES_PER_MESSAGE,
+};
+pub use types::{
+    Clock, Epoch, InvalidQueueName, ManualClock, Offset, QueueName, SystemClock, UnixMillis,
+};

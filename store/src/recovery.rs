@@ -1,0 +1,386 @@
+//! Startup recovery: rebuilds the index from the segment files (DESIGN.md "Recovery").
+//!
+//! Contract — what recovery may change on disk, and nothing else:
+//! - cut the torn tail of the newest segment of the last generation that started (bytes after
+//!   the last batch whose checksums hold, when no valid batch follows them);
+//! - delete a segment of that generation whose header never reached the disk and that holds no
+//!   valid batch (a crash while creating it);
+//! - delete a segment that an older owner created after a newer one had sealed its history
+//!   (a fenced "zombie" write, never acknowledged).
+//!
+//! Everything else that does not decode is an [`OpenError::Corrupt`] naming the file and byte:
+//! recovery never guesses past damage that could hide acknowledged messages, and never panics on
+//! any file content.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::error::{open_io, OpenError};
+use crate::fence::{History, EPOCHS_FILE};
+use crate::format::{
+    decode_batch, decode_entry, Entry, EpochRecord, SegmentHeader, SegmentTail, BATCH_HEADER_LEN,
+    SEGMENT_HEADER_LEN,
+};
+use crate::index::{Index, IndexEntry, SegKey, SegmentInfo};
+use crate::io::{read_all, Fs, FsFile};
+use crate::types::{Generation, Offset, QueueName};
+
+/// What recovery found and did; logged at open and available from [`crate::Store::recovery`].
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Segment files read.
+    pub segments: usize,
+    /// Undelivered messages indexed, summed over queues.
+    pub undelivered: u64,
+    /// Queues known.
+    pub queues: usize,
+    /// A torn tail that was cut: file and the byte it was cut at, and how many bytes went.
+    pub torn_tail: Option<(PathBuf, u64, u64)>,
+    /// Files deleted: crashed creations and fenced writes of an older owner.
+    pub removed: Vec<PathBuf>,
+    /// Files in the directory that are not the store's; left alone.
+    pub foreign: Vec<String>,
+    /// Wall time recovery took.
+    pub elapsed: Duration,
+}
+
+pub(crate) struct Recovered {
+    pub(crate) index: Index,
+    pub(crate) next_offset: Offset,
+    pub(crate) next_queue_id: u32,
+    pub(crate) newest: Option<SegmentTail>,
+    pub(crate) report: RecoveryReport,
+}
+
+/// File name of segment `seq` of generation `gen`.
+pub(crate) fn segment_name(gen: Generation, seq: u64) -> String {
+    format!("{:016x}-{:016x}.seg", gen.0, seq)
+}
+
+fn parse_segment_name(name: &str) -> Option<(Generation, u64)> {
+    let stem = name.strip_suffix(".seg")?;
+    let (g, s) = stem.split_once('-')?;
+    if g.len() != 16 || s.len() != 16 {
+        return None;
+    }
+    let gen = u64::from_str_radix(g, 16).ok()?;
+    let seq = u64::from_str_radix(s, 16).ok()?;
+    (segment_name(Generation(gen), seq) == name).then_some((Generation(gen), seq))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Written in full before a later segment of the same writer existed: must decode to the end.
+    Complete,
+    /// The newest segment a successor saw: counts up to exactly this length.
+    Sealed(u64),
+    /// The newest segment of the last writer: may end in a torn batch.
+    Tail,
+    /// Created by an older owner after a successor sealed the history: never acknowledged.
+    Phantom,
+}
+
+fn mode_of(history: &History, gen: Generation, seq: u64, last_of_newest_gen: bool) -> Mode {
+    match history.successor_start(gen) {
+        Some((_, None)) => Mode::Phantom,
+        Some((_, Some(t))) => match (gen, seq).cmp(&(t.generation, t.seq)) {
+            std::cmp::Ordering::Greater => Mode::Phantom,
+            std::cmp::Ordering::Equal => Mode::Sealed(t.len),
+            std::cmp::Ordering::Less => Mode::Complete,
+        },
+        None if last_of_newest_gen => Mode::Tail,
+        None => Mode::Complete,
+    }
+}
+
+struct Scan<'a> {
+    fs: &'a dyn Fs,
+    index: Index,
+    next_offset: Offset,
+    next_queue_id: u32,
+    report: RecoveryReport,
+}
+
+fn corrupt(file: &Path, offset: u64, reason: impl Into<String>) -> OpenError {
+    OpenError::Corrupt {
+        file: file.to_owned(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+/// Reads every segment in order and rebuilds the index. `history` must already contain this
+/// opener's `Claim`, so no older writer can acknowledge anything while this runs.
+pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Recovered, OpenError> {
+    let started = Instant::now();
+    let mut scan = Scan {
+        fs,
+        index: Index::default(),
+        next_offset: Offset::new(1),
+        next_queue_id: 0,
+        report: RecoveryReport::default(),
+    };
+    let mut segments = Vec::new();
+    for name in fs.list(dir).map_err(open_io("list", dir))? {
+        if name == EPOCHS_FILE {
+            continue;
+        }
+        match parse_segment_name(&name) {
+            Some((g, s)) => segments.push((g, s)),
+            None => {
+                tracing::warn!(file = %name, dir = %dir.display(), "ignoring a file that is not the store's");
+                scan.report.foreign.push(name);
+            }
+        }
+    }
+    segments.sort();
+    let newest_gen = segments.last().map(|(g, _)| *g);
+    let mut newest: Option<SegmentTail> = None;
+    let mut removed_any = false;
+    for (i, &(gen, seq)) in segments.iter().enumerate() {
+        let last_of_gen = segments.get(i + 1).is_none_or(|(g, _)| *g != gen);
+        let mode = mode_of(history, gen, seq, last_of_gen && Some(gen) == newest_gen);
+        let path = dir.join(segment_name(gen, seq));
+        if mode == Mode::Phantom {
+            tracing::warn!(file = %path.display(), "deleting a segment written by a fenced older owner");
+            fs.remove(&path).map_err(open_io("remove", &path))?;
+            scan.report.removed.push(path);
+            removed_any = true;
+            continue;
+        }
+        match scan.segment(&path, gen, seq, mode)? {
+            Some(valid_len) => {
+                newest = Some(SegmentTail {
+                    generation: gen,
+                    seq,
+                    len: valid_len,
+                })
+            }
+            None => removed_any = true,
+        }
+    }
+    if removed_any {
+        fs.sync_dir(dir).map_err(open_io("fsync directory", dir))?;
+    }
+    // Offsets are never reused, even if every segment holding the newest ones was reclaimed.
+    for r in &history.records {
+        if let EpochRecord::Start { start, .. } = r {
+            scan.next_offset = scan.next_offset.max(*start);
+        }
+    }
+    for q in &mut scan.index.queues {
+        q.tail = q.tail.max(q.checkpoint);
+    }
+    scan.index.publish_tails();
+    scan.report.undelivered = scan
+        .index
+        .queues
+        .iter()
+        .map(|q| q.entries.len() as u64)
+        .sum();
+    scan.report.queues = scan.index.by_name.len();
+    scan.report.elapsed = started.elapsed();
+    Ok(Recovered {
+        index: scan.index,
+        next_offset: scan.next_offset,
+        next_queue_id: scan.next_queue_id,
+        newest,
+        report: scan.report,
+    })
+}
+
+impl Scan<'_> {
+    /// Reads one segment; returns its valid length, or `None` if it was a crashed creation and
+    /// was deleted.
+    fn segment(
+        &mut self,
+        path: &Path,
+        gen: Generation,
+        seq: u64,
+        mode: Mode,
+    ) -> Result<Option<u64>, OpenError> {
+        let file = self.fs.open(path).map_err(open_io("open", path))?;
+        let bytes = read_all(file.as_ref()).map_err(open_io("read", path))?;
+        self.report.segments += 1;
+        match SegmentHeader::decode(&bytes) {
+            Ok(h) if h.generation == gen && h.seq == seq => {}
+            Ok(_) => return Err(corrupt(path, 0, "segment header names another segment")),
+            Err(e) => {
+                // The header is synced before any batch is written, so a bad header with no valid
+                // batch behind it is a crash while creating the file; anything else is damage.
+                if mode == Mode::Tail && self.find_valid_batch(&bytes, 0).is_none() {
+                    tracing::warn!(file = %path.display(), "deleting a segment whose creation was cut short");
+                    self.fs.remove(path).map_err(open_io("remove", path))?;
+                    self.report.removed.push(path.to_owned());
+                    return Ok(None);
+                }
+                return Err(corrupt(path, 0, e.to_string()));
+            }
+        }
+        let limit = match mode {
+            Mode::Sealed(len) if len > bytes.len() as u64 => {
+                return Err(corrupt(
+                    path,
+                    bytes.len() as u64,
+                    format!("file ends before byte {len}, which a later owner recorded as valid"),
+                ))
+            }
+            Mode::Sealed(len) => len as usize,
+            _ => bytes.len(),
+        };
+        let key = self.index.add_segment(SegmentInfo {
+            path: path.to_owned(),
+            file: Arc::clone(&file),
+            len: bytes.len() as u64,
+            summary: Default::default(),
+        });
+        let mut pos = SEGMENT_HEADER_LEN;
+        while pos < limit {
+            match decode_batch(&bytes[pos..limit]) {
+                Ok((header, payload)) => {
+                    if header.first_offset < self.next_offset {
+                        return Err(corrupt(path, pos as u64, "batch offsets go backwards"));
+                    }
+                    self.next_offset = header.first_offset;
+                    self.apply(path, key, pos, header.first_offset, payload)?;
+                    pos += BATCH_HEADER_LEN + payload.len();
+                }
+                Err(e) if mode == Mode::Tail => {
+                    if let Some(at) = self.find_valid_batch(&bytes, pos + 1) {
+                        return Err(corrupt(
+                            path,
+                            pos as u64,
+                            format!("{e}, yet a valid batch follows at byte {at}"),
+                        ));
+                    }
+                    self.cut_tail(path, file.as_ref(), key, pos as u64, bytes.len() as u64)?;
+                    break;
+                }
+                Err(e) => return Err(corrupt(path, pos as u64, e.to_string())),
+            }
+        }
+        Ok(Some(pos as u64))
+    }
+
+    fn cut_tail(
+        &mut self,
+        path: &Path,
+        file: &dyn FsFile,
+        key: SegKey,
+        at: u64,
+        len: u64,
+    ) -> Result<(), OpenError> {
+        tracing::warn!(file = %path.display(), at, cut = len - at, "cutting a torn tail that was never acknowledged");
+        file.set_len(at).map_err(open_io("truncate", path))?;
+        file.sync_data().map_err(open_io("fdatasync", path))?;
+        if let Some(seg) = self.index.segments.get_mut(&key) {
+            seg.len = at;
+        }
+        self.report.torn_tail = Some((path.to_owned(), at, len - at));
+        Ok(())
+    }
+
+    /// A position at or after `from` where a whole batch with valid checksums and a plausible
+    /// offset starts: the evidence that separates damage from a torn tail.
+    fn find_valid_batch(&self, bytes: &[u8], from: usize) -> Option<usize> {
+        let start = from.max(SEGMENT_HEADER_LEN.min(from.max(1)));
+        (start..bytes.len().saturating_sub(BATCH_HEADER_LEN - 1)).find(|&p| {
+            matches!(decode_batch(&bytes[p..]), Ok((h, _)) if h.first_offset >= self.next_offset)
+        })
+    }
+
+    fn apply(
+        &mut self,
+        path: &Path,
+        seg: SegKey,
+        batch_pos: usize,
+        first: Offset,
+        payload: &[u8],
+    ) -> Result<(), OpenError> {
+        let mut at = 0usize;
+        let mut expected = first;
+        let base = (batch_pos + BATCH_HEADER_LEN) as u64;
+        while at < payload.len() {
+            let here = base + at as u64;
+            let (entry, used) =
+                decode_entry(&payload[at..]).map_err(|e| corrupt(path, here, e.to_string()))?;
+            match entry {
+                Entry::Message {
+                    offset,
+                    expiry,
+                    queues,
+                    ..
+                } => {
+                    if offset != expected {
+                        return Err(corrupt(path, here, "message offset out of sequence"));
+                    }
+                    if queues.is_empty() || queues.iter().any(|q| !self.known(*q)) {
+                        return Err(corrupt(path, here, "message names an undeclared queue"));
+                    }
+                    let entry = IndexEntry {
+                        offset,
+                        expiry: expiry.map_or(u64::MAX, |e| e.0),
+                        pos: here,
+                        seg,
+                        len: u32::try_from(used)
+                            .map_err(|_| corrupt(path, here, "entry too long"))?,
+                    };
+                    self.index.add_message(&queues, entry);
+                    expected = offset.next();
+                    self.next_offset = expected;
+                }
+                Entry::Declare { queue, name } => {
+                    let name =
+                        QueueName::new(name).map_err(|e| corrupt(path, here, e.to_string()))?;
+                    match self.index.by_name.get(&name) {
+                        Some(&id) if id != queue => {
+                            return Err(corrupt(path, here, "queue declared twice with two ids"))
+                        }
+                        _ => {}
+                    }
+                    if self.known(queue) && self.index.queues[queue as usize].name != name {
+                        return Err(corrupt(path, here, "queue id declared with two names"));
+                    }
+                    self.index.declare(queue, name);
+                    self.next_queue_id = self.next_queue_id.max(queue.saturating_add(1));
+                }
+                Entry::Checkpoint { queue, upto } => {
+                    if !self.known(queue) {
+                        return Err(corrupt(path, here, "checkpoint of an undeclared queue"));
+                    }
+                    self.index.set_checkpoint(queue, upto);
+                }
+            }
+            at += used;
+        }
+        Ok(())
+    }
+
+    fn known(&self, queue: u32) -> bool {
+        self.index
+            .queues
+            .get(queue as usize)
+            .is_some_and(|q| self.index.by_name.get(&q.name) == Some(&queue))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_round_trip_and_reject_lookalikes() {
+        let name = segment_name(Generation(3), 17);
+        assert_eq!(parse_segment_name(&name), Some((Generation(3), 17)));
+        assert_eq!(
+            parse_segment_name("0000000000000003-0000000000000011.seg.tmp"),
+            None
+        );
+        assert_eq!(parse_segment_name("3-17.seg"), None);
+        assert_eq!(
+            parse_segment_name("000000000000000G-0000000000000011.seg"),
+            None
+        );
+    }
+}

@@ -1,0 +1,644 @@
+//! The `Store` handle: open (with recovery and fencing), append, checkpoint, read, stats, close.
+//!
+//! Invariants (the crate's guarantees, argued in DESIGN.md):
+//! - `append` and `checkpoint` complete only after a group commit made them durable, in the order
+//!   they were submitted; their errors mean nothing of the request is stored;
+//! - `read` returns only durable messages, in offset order, skipping expired ones;
+//! - once poisoned or fenced, the store refuses every write until it is reopened.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::{oneshot, watch};
+
+use crate::error::{open_io, AppendError, CheckpointError, CloseError, OpenError, ReadError};
+use crate::fence::Fence;
+use crate::format::{decode_message_checked, message_len, EpochRecord, BATCH_HEADER_LEN};
+use crate::index::{Index, IndexEntry};
+use crate::io::{read_exact_at, Fs, FsFile, OsFs};
+use crate::recovery::{recover, RecoveryReport};
+use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
+use crate::writer::{create_segment, BatchFailure, Request, Writer};
+
+/// Most queues one message may be stored for.
+pub const MAX_QUEUES_PER_MESSAGE: usize = 1024;
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// This owner's fencing token; must be at least the highest that ever opened the directory.
+    pub epoch: Epoch,
+    /// Most bytes the message log may hold on disk. Appends beyond it fail with
+    /// [`AppendError::Full`]; checkpoints and a segment's bookkeeping may exceed it slightly, so
+    /// that receivers can always make room.
+    pub quota_bytes: u64,
+    /// A segment file is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+    /// Largest message body accepted.
+    pub max_message_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            epoch: Epoch::new(0),
+            quota_bytes: 4 << 30,
+            segment_bytes: 64 << 20,
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Why the store stopped accepting writes.
+#[derive(Debug, Clone)]
+pub(crate) enum Halt {
+    Poisoned(Arc<str>),
+    Fenced,
+}
+
+impl std::fmt::Display for Halt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Halt::Poisoned(why) => write!(f, "I/O failure: {why}"),
+            Halt::Fenced => f.write_str("fenced by a newer owner"),
+        }
+    }
+}
+
+impl Halt {
+    pub(crate) fn append_error(&self) -> AppendError {
+        match self {
+            Halt::Poisoned(why) => AppendError::Poisoned(why.clone()),
+            Halt::Fenced => AppendError::Fenced,
+        }
+    }
+
+    pub(crate) fn checkpoint_error(&self) -> CheckpointError {
+        match self {
+            Halt::Poisoned(why) => CheckpointError::Poisoned(why.clone()),
+            Halt::Fenced => CheckpointError::Fenced,
+        }
+    }
+}
+
+pub(crate) struct Inbox {
+    pub(crate) requests: Vec<Request>,
+    /// Bytes promised to appends not yet written (the quota counts them).
+    pub(crate) reserved: u64,
+    pub(crate) closing: bool,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) appends: AtomicU64,
+    pub(crate) commits: AtomicU64,
+    pub(crate) syncs: AtomicU64,
+    pub(crate) reclaimed_segments: AtomicU64,
+}
+
+/// State shared by the handles and the writer thread.
+pub(crate) struct Shared {
+    pub(crate) dir: PathBuf,
+    pub(crate) fs: Arc<dyn Fs>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) opts: StoreOptions,
+    pub(crate) inbox: Mutex<Inbox>,
+    pub(crate) inbox_cv: Condvar,
+    pub(crate) index: Mutex<Index>,
+    pub(crate) halt: Mutex<Option<Halt>>,
+    pub(crate) halted: AtomicBool,
+    pub(crate) stats: Counters,
+    pub(crate) durable_tx: watch::Sender<Offset>,
+}
+
+impl Shared {
+    pub(crate) fn lock_inbox(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn lock_index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of segment files on disk.
+    pub(crate) fn used_bytes(&self) -> u64 {
+        self.lock_index().bytes_on_disk()
+    }
+
+    pub(crate) fn release(&self, bytes: u64) {
+        let mut inbox = self.lock_inbox();
+        inbox.reserved = inbox.reserved.saturating_sub(bytes);
+    }
+
+    fn halted(&self) -> Option<Halt> {
+        if !self.halted.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.halt.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Errors that a pending request reports when the store went away under it.
+pub trait Closable {
+    /// The "store closed" value of the error type.
+    fn closed() -> Self;
+}
+
+impl Closable for AppendError {
+    fn closed() -> Self {
+        AppendError::Closed
+    }
+}
+
+impl Closable for CheckpointError {
+    fn closed() -> Self {
+        CheckpointError::Closed
+    }
+}
+
+/// A request on its way to durability: `.await` it, or `wait()` for it from a plain thread.
+#[must_use = "a request is only durable once its Pending completes"]
+#[derive(Debug)]
+pub struct Pending<T, E> {
+    state: PendingState<T, E>,
+}
+
+#[derive(Debug)]
+enum PendingState<T, E> {
+    Ready(Option<Result<T, E>>),
+    Waiting(oneshot::Receiver<Result<T, E>>),
+}
+
+impl<T, E: Closable> Pending<T, E> {
+    fn ready(result: Result<T, E>) -> Self {
+        Pending {
+            state: PendingState::Ready(Some(result)),
+        }
+    }
+
+    /// Blocks the calling thread until the request is durable or failed. Must not be called from
+    /// inside an async runtime (`.await` the `Pending` there).
+    pub fn wait(self) -> Result<T, E> {
+        match self.state {
+            PendingState::Ready(r) => r.unwrap_or_else(|| Err(E::closed())),
+            PendingState::Waiting(rx) => rx.blocking_recv().unwrap_or_else(|_| Err(E::closed())),
+        }
+    }
+}
+
+impl<T: Unpin, E: Closable + Unpin> Future for Pending<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            PendingState::Ready(r) => Poll::Ready(r.take().unwrap_or_else(|| Err(E::closed()))),
+            PendingState::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or_else(|_| Err(E::closed()))),
+        }
+    }
+}
+
+/// A durable message read back from a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The message's offset (the same in every queue that holds it).
+    pub offset: Offset,
+    /// When the message expires, if ever.
+    pub expiry: Option<UnixMillis>,
+    /// The bytes that were appended.
+    pub body: Bytes,
+}
+
+/// Counters and sizes, for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StoreStats {
+    /// Appends acknowledged since open.
+    pub appends: u64,
+    /// Group commits since open.
+    pub commits: u64,
+    /// fdatasync calls on segment files since open (data and segment headers).
+    pub syncs: u64,
+    /// Segments deleted by retention since open.
+    pub reclaimed_segments: u64,
+    /// Bytes of segment files on disk.
+    pub bytes_on_disk: u64,
+    /// Segment files on disk.
+    pub segments: usize,
+    /// Per queue.
+    pub queues: Vec<QueueStats>,
+}
+
+/// One queue's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueStats {
+    /// The queue.
+    pub name: QueueName,
+    /// Durable checkpoint.
+    pub checkpoint: Offset,
+    /// Offset of its last durable message.
+    pub tail: Offset,
+    /// Messages after the checkpoint not yet known to be expired.
+    pub undelivered: usize,
+    /// Messages found expired (skipped on read or reclaimed) since open.
+    pub expired: u64,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    report: RecoveryReport,
+    generation: Generation,
+}
+
+impl Inner {
+    fn stop_writer(&self) -> Result<(), CloseError> {
+        {
+            let mut inbox = self.shared.lock_inbox();
+            inbox.closing = true;
+        }
+        self.shared.inbox_cv.notify_all();
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match handle {
+            Some(h) => h.join().map_err(|_| CloseError::WriterPanicked),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.stop_writer().is_err() {
+            tracing::error!("the store's writer thread panicked");
+        }
+    }
+}
+
+/// A durable, ordered, multi-queue message store in one directory. Cheap to clone; every clone
+/// is the same store.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("dir", &self.inner.shared.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir` on the real filesystem and clock.
+    pub fn open(dir: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, OpenError> {
+        Store::open_with(dir, opts, Arc::new(OsFs), Arc::new(SystemClock))
+    }
+
+    /// Opens the store on the given filesystem and clock (tests inject faults and time here).
+    pub fn open_with(
+        dir: impl AsRef<Path>,
+        opts: StoreOptions,
+        fs: Arc<dyn Fs>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Store, OpenError> {
+        let dir = dir.as_ref().to_owned();
+        if opts.segment_bytes < 4096 {
+            return Err(OpenError::InvalidOptions(
+                "segment_bytes must be at least 4096",
+            ));
+        }
+        if opts.max_message_bytes as u64 > u64::from(crate::format::MAX_BATCH_PAYLOAD) / 2 {
+            return Err(OpenError::InvalidOptions(
+                "max_message_bytes must be below 512 MiB",
+            ));
+        }
+        fs.create_dir_all(&dir)
+            .map_err(open_io("create directory", &dir))?;
+        let (mut fence, mut history) = Fence::load(fs.as_ref(), &dir)?;
+        if let Some(current) = history.max_epoch() {
+            if opts.epoch < current {
+                return Err(OpenError::EpochFenced {
+                    requested: opts.epoch,
+                    current,
+                });
+            }
+        }
+        let generation = Generation(history.last_generation().0 + 1);
+        let claim = EpochRecord::Claim {
+            generation,
+            epoch: opts.epoch.get(),
+        };
+        fence.append(claim)?;
+        history.records.push(claim);
+        let recovered = recover(fs.as_ref(), &dir, &history)?;
+        fence.append(EpochRecord::Start {
+            generation,
+            start: recovered.next_offset,
+            tail: recovered.newest,
+        })?;
+        let queue_ids = recovered
+            .index
+            .by_name
+            .iter()
+            .map(|(name, &id)| (name.clone(), id))
+            .collect();
+        let (durable_tx, _) = watch::channel(Offset::new(recovered.next_offset.get() - 1));
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            fs,
+            clock,
+            opts,
+            inbox: Mutex::new(Inbox {
+                requests: Vec::new(),
+                reserved: 0,
+                closing: false,
+            }),
+            inbox_cv: Condvar::new(),
+            index: Mutex::new(recovered.index),
+            halt: Mutex::new(None),
+            halted: AtomicBool::new(false),
+            stats: Counters::default(),
+            durable_tx,
+        });
+        let active =
+            create_segment(&shared, generation, 0).map_err(open_io("create segment", &dir))?;
+        let mut writer = Writer {
+            shared: Arc::clone(&shared),
+            fence,
+            active,
+            next_offset: recovered.next_offset,
+            queue_ids,
+            next_queue_id: recovered.next_queue_id,
+            buf: Vec::with_capacity(1 << 20),
+            last_reclaim: Instant::now(),
+            batch_start: recovered.next_offset,
+        };
+        writer.write_preamble().map_err(|f| match f {
+            BatchFailure::NoSpace => OpenError::Io {
+                op: "create segment",
+                path: dir.clone(),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            },
+            BatchFailure::Halt(h) => OpenError::Io {
+                op: "create segment",
+                path: dir.clone(),
+                source: std::io::Error::other(h.to_string()),
+            },
+        })?;
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(open_io("spawn writer thread", &dir))?;
+        let report = recovered.report;
+        tracing::info!(
+            dir = %dir.display(),
+            epoch = shared.opts.epoch.get(),
+            segments = report.segments,
+            undelivered = report.undelivered,
+            elapsed_ms = report.elapsed.as_millis() as u64,
+            "store opened"
+        );
+        Ok(Store {
+            inner: Arc::new(Inner {
+                shared,
+                writer: Mutex::new(Some(handle)),
+                report,
+                generation,
+            }),
+        })
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.inner.shared
+    }
+
+    /// What recovery found when this store was opened.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.inner.report
+    }
+
+    /// Stores `body` once for every queue in `queues` (at most [`MAX_QUEUES_PER_MESSAGE`],
+    /// distinct). Completes with the message's offset once it is durable.
+    pub fn append(
+        &self,
+        queues: &[QueueName],
+        body: Bytes,
+        expiry: Option<UnixMillis>,
+    ) -> Pending<Offset, AppendError> {
+        let shared = self.shared();
+        if let Some(h) = shared.halted() {
+            return Pending::ready(Err(h.append_error()));
+        }
+        if body.len() > shared.opts.max_message_bytes {
+            return Pending::ready(Err(AppendError::TooLarge {
+                size: body.len(),
+                max: shared.opts.max_message_bytes,
+            }));
+        }
+        if queues.is_empty() || queues.len() > MAX_QUEUES_PER_MESSAGE || has_duplicates(queues) {
+            return Pending::ready(Err(AppendError::BadQueueList {
+                count: queues.len(),
+                max: MAX_QUEUES_PER_MESSAGE,
+            }));
+        }
+        // The frame header is counted once per message: a conservative bound for the quota.
+        let needed = (message_len(queues.len(), body.len()) + BATCH_HEADER_LEN) as u64;
+        let on_disk = shared.used_bytes();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut inbox = shared.lock_inbox();
+            if inbox.closing {
+                return Pending::ready(Err(AppendError::Closed));
+            }
+            let used = on_disk + inbox.reserved;
+            if used + needed > shared.opts.quota_bytes {
+                return Pending::ready(Err(AppendError::Full {
+                    needed,
+                    used,
+                    quota: shared.opts.quota_bytes,
+                }));
+            }
+            inbox.reserved += needed;
+            inbox.requests.push(Request::Append {
+                queues: queues.to_vec(),
+                body,
+                expiry,
+                reserved: needed,
+                reply: tx,
+            });
+        }
+        shared.inbox_cv.notify_one();
+        Pending {
+            state: PendingState::Waiting(rx),
+        }
+    }
+
+    /// Records durably that every message of `queue` up to and including `upto` is delivered.
+    /// Checkpoints only move forward (a lower one is accepted and changes nothing) and never past
+    /// the queue's last durable message.
+    pub fn checkpoint(&self, queue: &QueueName, upto: Offset) -> Pending<(), CheckpointError> {
+        let shared = self.shared();
+        if let Some(h) = shared.halted() {
+            return Pending::ready(Err(h.checkpoint_error()));
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut inbox = shared.lock_inbox();
+            if inbox.closing {
+                return Pending::ready(Err(CheckpointError::Closed));
+            }
+            inbox.requests.push(Request::Checkpoint {
+                queue: queue.clone(),
+                upto,
+                reply: tx,
+            });
+        }
+        shared.inbox_cv.notify_one();
+        Pending {
+            state: PendingState::Waiting(rx),
+        }
+    }
+
+    /// Up to `max` durable, unexpired messages of `queue` with offsets above `after`, in order.
+    /// Reading from below the checkpoint returns the messages after the checkpoint.
+    pub fn read(
+        &self,
+        queue: &QueueName,
+        after: Offset,
+        max: usize,
+    ) -> Result<Vec<StoredMessage>, ReadError> {
+        let shared = self.shared();
+        let now = shared.clock.now().0;
+        let picked: Vec<(IndexEntry, Arc<dyn FsFile>, PathBuf)> = {
+            let mut index = shared.lock_index();
+            let Some(&id) = index.by_name.get(queue) else {
+                return Ok(Vec::new());
+            };
+            let entries = index.pick(id, after, max, now);
+            entries
+                .into_iter()
+                .filter_map(|e| {
+                    index
+                        .segments
+                        .get(&e.seg)
+                        .map(|s| (e, Arc::clone(&s.file), s.path.clone()))
+                })
+                .collect()
+        };
+        read_entries(&picked)
+    }
+
+    /// The queue's durable checkpoint, or `None` for a queue never appended to.
+    pub fn checkpoint_of(&self, queue: &QueueName) -> Option<Offset> {
+        self.shared()
+            .lock_index()
+            .queue(queue)
+            .map(|q| q.checkpoint)
+    }
+
+    /// Watches the offset of the newest durable message of the whole store: it changes after
+    /// every group commit that stored messages (readers wait on it instead of polling).
+    pub fn watch_durable(&self) -> watch::Receiver<Offset> {
+        self.shared().durable_tx.subscribe()
+    }
+
+    /// Counters and per-queue state.
+    pub fn stats(&self) -> StoreStats {
+        let shared = self.shared();
+        let index = shared.lock_index();
+        StoreStats {
+            appends: shared.stats.appends.load(Ordering::Relaxed),
+            commits: shared.stats.commits.load(Ordering::Relaxed),
+            syncs: shared.stats.syncs.load(Ordering::Relaxed),
+            reclaimed_segments: shared.stats.reclaimed_segments.load(Ordering::Relaxed),
+            bytes_on_disk: index.bytes_on_disk(),
+            segments: index.segments.len(),
+            queues: index
+                .by_name
+                .values()
+                .filter_map(|&id| index.queues.get(id as usize))
+                .map(|q| QueueStats {
+                    name: q.name.clone(),
+                    checkpoint: q.checkpoint,
+                    tail: q.tail,
+                    undelivered: q.entries.len(),
+                    expired: q.expired,
+                })
+                .collect(),
+        }
+    }
+
+    /// Why the store refuses writes, if it does (for health endpoints).
+    pub fn halted_reason(&self) -> Option<String> {
+        self.shared().halted().map(|h| h.to_string())
+    }
+
+    /// Internal generation number of this open (diagnostics).
+    pub fn generation(&self) -> u64 {
+        self.inner.generation.0
+    }
+
+    /// Stops the writer after the requests already submitted; later requests fail with `Closed`.
+    pub fn close(self) -> Result<(), CloseError> {
+        self.inner.stop_writer()
+    }
+}
+
+fn has_duplicates(queues: &[QueueName]) -> bool {
+    queues.len() > 1 && (1..queues.len()).any(|i| queues[..i].contains(&queues[i]))
+}
+
+/// Reads the picked entries, one `pread` per run of neighbouring entries in one segment.
+fn read_entries(
+    picked: &[(IndexEntry, Arc<dyn FsFile>, PathBuf)],
+) -> Result<Vec<StoredMessage>, ReadError> {
+    let mut out = Vec::with_capacity(picked.len());
+    let mut i = 0;
+    while i < picked.len() {
+        let (first, file, path) = &picked[i];
+        let mut j = i + 1;
+        let mut end = first.pos + u64::from(first.len);
+        while j < picked.len() && picked[j].0.seg == first.seg && picked[j].0.pos == end {
+            end += u64::from(picked[j].0.len);
+            j += 1;
+        }
+        let mut buf = vec![0u8; (end - first.pos) as usize];
+        read_exact_at(file.as_ref(), &mut buf, first.pos).map_err(|source| ReadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let buf = Bytes::from(buf);
+        for (e, _, _) in &picked[i..j] {
+            let at = (e.pos - first.pos) as usize;
+            let slice = &buf[at..at + e.len as usize];
+            let corrupt = |reason: String| ReadError::Corrupt {
+                file: path.clone(),
+                offset: e.pos,
+                reason,
+            };
+            let (offset, expiry, body) =
+                decode_message_checked(slice).map_err(|err| corrupt(err.to_string()))?;
+            if offset != e.offset {
+                return Err(corrupt(format!(
+                    "expected offset {}, found {offset}",
+                    e.offset
+                )));
+            }
+            let body_at = at + (slice.len() - body.len());
+            out.push(StoredMessage {
+                offset,
+                expiry,
+                body: buf.slice(body_at..body_at + body.len()),
+            });
+        }
+        i = j;
+    }
+    Ok(out)
+}

@@ -1,0 +1,568 @@
+//! The group-commit writer: one OS thread owns every write to the data files.
+//!
+//! Invariants:
+//! - A batch is written with one `pwrite` at the end of the active segment, made durable with one
+//!   `fdatasync`, and only then applied to the index and answered, in request order. The next
+//!   batch is written only after that, so at most the last batch of a segment can ever be torn.
+//! - The fence is checked before the write and again after the fdatasync, before any waiter is
+//!   completed: once a newer owner has claimed the directory, nothing more is acknowledged here.
+//! - Any write or fsync failure poisons the store (never retried; fsyncgate). The one exception
+//!   is ENOSPC from the data write itself: the file is cut back to the batch's start and synced,
+//!   the batch's appends fail with `Full`, and the store goes on.
+//! - Segment rotation creates the file, writes and syncs its header and syncs the directory
+//!   before any batch goes into it; every segment begins with a preamble batch that declares every
+//!   queue and repeats every checkpoint, so any older segment can be deleted on its own.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::error::{AppendError, CheckpointError};
+use crate::fence::Fence;
+use crate::format::{
+    encode_checkpoint, encode_declare, encode_message, BatchHeader, SegmentHeader, BATCH_HEADER_LEN,
+};
+use crate::index::{IndexEntry, SegKey, SegmentInfo};
+use crate::io::FsFile;
+use crate::recovery::segment_name;
+use crate::store::{Halt, Shared};
+use crate::types::{Generation, Offset, QueueName, UnixMillis};
+
+/// A request waiting for the next group commit.
+pub(crate) enum Request {
+    Append {
+        queues: Vec<QueueName>,
+        body: bytes::Bytes,
+        expiry: Option<UnixMillis>,
+        reserved: u64,
+        reply: oneshot::Sender<Result<Offset, AppendError>>,
+    },
+    Checkpoint {
+        queue: QueueName,
+        upto: Offset,
+        reply: oneshot::Sender<Result<(), CheckpointError>>,
+    },
+}
+
+/// The segment being appended to.
+pub(crate) struct Active {
+    pub(crate) key: SegKey,
+    pub(crate) generation: Generation,
+    pub(crate) seq: u64,
+    pub(crate) file: Arc<dyn FsFile>,
+    pub(crate) len: u64,
+}
+
+/// State only the writer thread touches.
+pub(crate) struct Writer {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) fence: Fence,
+    pub(crate) active: Active,
+    pub(crate) next_offset: Offset,
+    pub(crate) queue_ids: HashMap<QueueName, u32>,
+    pub(crate) next_queue_id: u32,
+    pub(crate) buf: Vec<u8>,
+    pub(crate) last_reclaim: Instant,
+    /// The writer's next offset when the current batch began (its frame's `first_offset`).
+    pub(crate) batch_start: Offset,
+}
+
+/// A failure that ends the batch (and, except `NoSpace`, poisons the store).
+pub(crate) enum BatchFailure {
+    NoSpace,
+    Halt(Halt),
+}
+
+/// One message's place in the batch being built.
+struct Planned {
+    queues: Vec<u32>,
+    entry: IndexEntry,
+}
+
+/// What the batch will do for each request, in request order.
+enum Plan {
+    Message(Planned),
+    /// The checkpoint's answer once the batch is durable (decided while building it).
+    Checkpoint(Result<(), CheckpointError>),
+}
+
+/// How often an idle writer looks for expired segments to reclaim.
+const RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Writer {
+    /// Runs until the store is closed.
+    pub(crate) fn run(mut self) {
+        loop {
+            let requests = {
+                let mut inbox = self.shared.lock_inbox();
+                while inbox.requests.is_empty() && !inbox.closing {
+                    let (guard, _) = self
+                        .shared
+                        .inbox_cv
+                        .wait_timeout(inbox, RECLAIM_INTERVAL)
+                        .unwrap_or_else(|p| p.into_inner());
+                    inbox = guard;
+                    if inbox.requests.is_empty() && self.last_reclaim.elapsed() >= RECLAIM_INTERVAL
+                    {
+                        break;
+                    }
+                }
+                if inbox.requests.is_empty() && inbox.closing {
+                    return;
+                }
+                std::mem::take(&mut inbox.requests)
+            };
+            if !requests.is_empty() {
+                self.commit(requests);
+            }
+            if self.last_reclaim.elapsed() >= RECLAIM_INTERVAL {
+                self.reclaim();
+            }
+        }
+    }
+
+    fn halt(&self) -> Option<Halt> {
+        self.shared
+            .halt
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn poison(&self, halt: Halt) {
+        tracing::error!(reason = %halt, "store stops accepting writes");
+        let mut h = self.shared.halt.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_none() {
+            *h = Some(halt);
+        }
+        self.shared.halted.store(true, Ordering::SeqCst);
+    }
+
+    /// One group commit: everything that was waiting, one write, one fdatasync.
+    fn commit(&mut self, requests: Vec<Request>) {
+        if let Some(halt) = self.halt() {
+            return fail_all(requests, &BatchFailure::Halt(halt), &self.shared);
+        }
+        if !self.fence.still_current() {
+            self.poison(Halt::Fenced);
+            return fail_all(requests, &BatchFailure::Halt(Halt::Fenced), &self.shared);
+        }
+        if self.active.len >= self.shared.opts.segment_bytes {
+            if let Err(failure) = self.rotate() {
+                if let BatchFailure::Halt(h) = &failure {
+                    self.poison(h.clone());
+                }
+                return fail_all(requests, &failure, &self.shared);
+            }
+        }
+        let rollback = (self.next_offset, self.next_queue_id);
+        let (plans, new_queues, checkpoints) = self.build(&requests);
+        match self.write_and_sync() {
+            Ok(frame_pos) => {
+                self.apply(frame_pos, &plans, &new_queues, &checkpoints);
+                self.answer(requests, plans);
+                if !checkpoints.is_empty() {
+                    self.reclaim();
+                }
+            }
+            Err(failure) => {
+                self.next_offset = rollback.0;
+                self.next_queue_id = rollback.1;
+                for (name, _) in &new_queues {
+                    self.queue_ids.remove(name);
+                }
+                if let BatchFailure::Halt(h) = &failure {
+                    self.poison(h.clone());
+                }
+                fail_all(requests, &failure, &self.shared);
+            }
+        }
+    }
+
+    /// Encodes the batch payload into `self.buf` (after room for the frame header) and decides
+    /// each request's outcome.
+    #[allow(clippy::type_complexity)]
+    fn build(
+        &mut self,
+        requests: &[Request],
+    ) -> (Vec<Plan>, Vec<(QueueName, u32)>, Vec<(u32, Offset)>) {
+        self.buf.clear();
+        self.buf.resize(BATCH_HEADER_LEN, 0);
+        self.batch_start = self.next_offset;
+        let mut plans = Vec::with_capacity(requests.len());
+        let mut new_queues = Vec::new();
+        let mut checkpoints: Vec<(u32, Offset)> = Vec::new();
+        // Tails including this batch's messages, so a checkpoint may cover a message appended in
+        // the same batch (both become durable together).
+        let mut batch_tails: HashMap<u32, Offset> = HashMap::new();
+        for req in requests {
+            match req {
+                Request::Append {
+                    queues,
+                    body,
+                    expiry,
+                    ..
+                } => {
+                    let planned = self.plan_message(queues, body, *expiry, &mut new_queues);
+                    for &id in &planned.queues {
+                        batch_tails.insert(id, planned.entry.offset);
+                    }
+                    plans.push(Plan::Message(planned));
+                }
+                Request::Checkpoint { queue, upto, .. } => {
+                    let outcome =
+                        self.plan_checkpoint(queue, *upto, &batch_tails, &mut checkpoints);
+                    plans.push(Plan::Checkpoint(outcome));
+                }
+            }
+        }
+        (plans, new_queues, checkpoints)
+    }
+
+    /// Assigns the message its offset (and new queues their ids) and encodes it into the batch.
+    fn plan_message(
+        &mut self,
+        queues: &[QueueName],
+        body: &[u8],
+        expiry: Option<UnixMillis>,
+        new_queues: &mut Vec<(QueueName, u32)>,
+    ) -> Planned {
+        let mut ids = Vec::with_capacity(queues.len());
+        for q in queues {
+            let id = match self.queue_ids.get(q) {
+                Some(&id) => id,
+                None => {
+                    let id = self.next_queue_id;
+                    self.next_queue_id += 1;
+                    self.queue_ids.insert(q.clone(), id);
+                    encode_declare(&mut self.buf, id, q.as_str());
+                    new_queues.push((q.clone(), id));
+                    id
+                }
+            };
+            ids.push(id);
+        }
+        let offset = self.next_offset;
+        self.next_offset = offset.next();
+        let at = self.buf.len();
+        encode_message(&mut self.buf, offset, expiry, &ids, body);
+        Planned {
+            queues: ids,
+            entry: IndexEntry {
+                offset,
+                expiry: expiry.map_or(u64::MAX, |e| e.0),
+                // Relative to the frame; `apply` adds the frame's file position.
+                pos: at as u64,
+                seg: self.active.key,
+                len: (self.buf.len() - at) as u32,
+            },
+        }
+    }
+
+    /// Validates a checkpoint; if it moves the queue forward, encodes it into the batch.
+    fn plan_checkpoint(
+        &mut self,
+        queue: &QueueName,
+        upto: Offset,
+        batch_tails: &HashMap<u32, Offset>,
+        checkpoints: &mut Vec<(u32, Offset)>,
+    ) -> Result<(), CheckpointError> {
+        let Some(&id) = self.queue_ids.get(queue) else {
+            return Err(CheckpointError::UnknownQueue(queue.clone()));
+        };
+        let (durable_tail, durable_ckpt) = {
+            let index = self.shared.lock_index();
+            index
+                .queues
+                .get(id as usize)
+                .map_or((Offset::ZERO, Offset::ZERO), |q| (q.tail, q.checkpoint))
+        };
+        let tail = durable_tail.max(batch_tails.get(&id).copied().unwrap_or_default());
+        if upto > tail {
+            return Err(CheckpointError::AheadOfData {
+                queue: queue.clone(),
+                requested: upto,
+                last: tail,
+            });
+        }
+        let planned = checkpoints
+            .iter()
+            .filter(|(q, _)| *q == id)
+            .map(|(_, o)| *o)
+            .max()
+            .unwrap_or_default();
+        if upto > durable_ckpt.max(planned) {
+            encode_checkpoint(&mut self.buf, id, upto);
+            checkpoints.push((id, upto));
+        }
+        Ok(())
+    }
+
+    /// Declares every queue and repeats every checkpoint at the start of a new segment.
+    fn preamble(&mut self) {
+        let index = self.shared.lock_index();
+        for (id, q) in index.queues.iter().enumerate() {
+            if index.by_name.get(&q.name) != Some(&(id as u32)) {
+                continue;
+            }
+            encode_declare(&mut self.buf, id as u32, q.name.as_str());
+            if q.checkpoint > Offset::ZERO {
+                encode_checkpoint(&mut self.buf, id as u32, q.checkpoint);
+            }
+        }
+    }
+
+    /// Frames `self.buf`, writes it at the end of the active segment and syncs it.
+    /// Returns the frame's position in the file.
+    fn write_and_sync(&mut self) -> Result<u64, BatchFailure> {
+        let payload_len = self.buf.len() - BATCH_HEADER_LEN;
+        let header = BatchHeader {
+            payload_len: payload_len as u32,
+            first_offset: self.batch_start,
+            payload_crc: crc32c::crc32c(&self.buf[BATCH_HEADER_LEN..]),
+        };
+        header.encode_into(&mut self.buf[..BATCH_HEADER_LEN]);
+        let pos = self.active.len;
+        let file = &self.active.file;
+        if let Err(e) = file.write_all_at(&self.buf, pos) {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                // Nothing of this batch was acknowledged: put the file back as it was.
+                if file.set_len(pos).and_then(|()| file.sync_data()).is_ok() {
+                    tracing::warn!(segment = self.active.seq, "disk full: batch refused");
+                    return Err(BatchFailure::NoSpace);
+                }
+            }
+            return Err(BatchFailure::Halt(Halt::Poisoned(
+                format!("write to segment {}: {e}", self.active.seq).into(),
+            )));
+        }
+        if let Err(e) = file.sync_data() {
+            return Err(BatchFailure::Halt(Halt::Poisoned(
+                format!("fdatasync of segment {}: {e}", self.active.seq).into(),
+            )));
+        }
+        self.shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        if !self.fence.still_current() {
+            return Err(BatchFailure::Halt(Halt::Fenced));
+        }
+        self.active.len += self.buf.len() as u64;
+        Ok(pos)
+    }
+
+    /// Makes the durable batch visible to readers.
+    fn apply(
+        &mut self,
+        frame_pos: u64,
+        plans: &[Plan],
+        new_queues: &[(QueueName, u32)],
+        checkpoints: &[(u32, Offset)],
+    ) {
+        let mut index = self.shared.lock_index();
+        for (name, id) in new_queues {
+            index.declare(*id, name.clone());
+        }
+        if let Some(seg) = index.segments.get_mut(&self.active.key) {
+            seg.len = self.active.len;
+        }
+        for plan in plans {
+            if let Plan::Message(p) = plan {
+                let mut entry = p.entry;
+                entry.pos += frame_pos;
+                index.add_message(&p.queues, entry);
+            }
+        }
+        for &(id, upto) in checkpoints {
+            index.set_checkpoint(id, upto);
+        }
+        index.publish_tails();
+        drop(index);
+        self.shared
+            .durable_tx
+            .send_replace(Offset::new(self.next_offset.get().saturating_sub(1)));
+    }
+
+    /// Completes every waiter of the durable batch, in request order.
+    fn answer(&self, requests: Vec<Request>, plans: Vec<Plan>) {
+        let mut released = 0;
+        let mut appends = 0;
+        for (req, plan) in requests.into_iter().zip(plans) {
+            match (req, plan) {
+                (
+                    Request::Append {
+                        reserved, reply, ..
+                    },
+                    Plan::Message(p),
+                ) => {
+                    released += reserved;
+                    appends += 1;
+                    let _ = reply.send(Ok(p.entry.offset));
+                }
+                (Request::Checkpoint { reply, .. }, Plan::Checkpoint(outcome)) => {
+                    let _ = reply.send(outcome);
+                }
+                // `build` makes exactly one plan per request, of the request's kind.
+                (
+                    Request::Append {
+                        reserved, reply, ..
+                    },
+                    Plan::Checkpoint(_),
+                ) => {
+                    released += reserved;
+                    let _ = reply.send(Err(AppendError::Closed));
+                }
+                (Request::Checkpoint { reply, .. }, Plan::Message(_)) => {
+                    let _ = reply.send(Err(CheckpointError::Closed));
+                }
+            }
+        }
+        self.shared.release(released);
+        self.shared
+            .stats
+            .appends
+            .fetch_add(appends, Ordering::Relaxed);
+        self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Starts the next segment of this generation.
+    fn rotate(&mut self) -> Result<(), BatchFailure> {
+        self.start_segment(self.active.generation, self.active.seq + 1)
+    }
+
+    /// Creates segment `seq` and makes its preamble durable.
+    fn start_segment(&mut self, generation: Generation, seq: u64) -> Result<(), BatchFailure> {
+        self.active = create_segment(&self.shared, generation, seq).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                BatchFailure::NoSpace
+            } else {
+                BatchFailure::Halt(Halt::Poisoned(format!("create segment {seq}: {e}").into()))
+            }
+        })?;
+        self.write_preamble()
+    }
+
+    /// Writes the active segment's preamble batch: from then on this segment alone declares every
+    /// queue and holds every checkpoint, so every older segment may be deleted on its own terms.
+    pub(crate) fn write_preamble(&mut self) -> Result<(), BatchFailure> {
+        self.buf.clear();
+        self.buf.resize(BATCH_HEADER_LEN, 0);
+        self.batch_start = self.next_offset;
+        self.preamble();
+        if self.buf.len() > BATCH_HEADER_LEN {
+            self.write_and_sync()?;
+            let mut index = self.shared.lock_index();
+            if let Some(seg) = index.segments.get_mut(&self.active.key) {
+                seg.len = self.active.len;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes segments whose every message is delivered or expired.
+    fn reclaim(&mut self) {
+        self.last_reclaim = Instant::now();
+        let now = self.shared.clock.now();
+        let doomed: Vec<(SegKey, std::path::PathBuf)> = {
+            let index = self.shared.lock_index();
+            index
+                .reclaimable(self.active.key, now)
+                .into_iter()
+                .filter_map(|k| index.segments.get(&k).map(|s| (k, s.path.clone())))
+                .collect()
+        };
+        if doomed.is_empty() {
+            return;
+        }
+        let mut removed = 0;
+        for (key, path) in &doomed {
+            match self.shared.fs.remove(path) {
+                Ok(()) => {
+                    let mut index = self.shared.lock_index();
+                    index.forget_segment(*key);
+                    removed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "could not delete a reclaimable segment; will retry");
+                }
+            }
+        }
+        if removed > 0 {
+            if let Err(e) = self.shared.fs.sync_dir(&self.shared.dir) {
+                self.poison(Halt::Poisoned(
+                    format!("fsync of the store directory: {e}").into(),
+                ));
+            }
+            self.shared
+                .stats
+                .reclaimed_segments
+                .fetch_add(removed, Ordering::Relaxed);
+            tracing::debug!(segments = removed, "reclaimed segments");
+        }
+    }
+}
+
+/// Creates segment `seq` of `generation`: header written and synced, directory synced, and the
+/// segment added to the index.
+pub(crate) fn create_segment(
+    shared: &Shared,
+    generation: Generation,
+    seq: u64,
+) -> std::io::Result<Active> {
+    let path = shared.dir.join(segment_name(generation, seq));
+    let file = shared.fs.create_new(&path)?;
+    let header = SegmentHeader { generation, seq }.encode();
+    let written = file
+        .write_all_at(&header, 0)
+        .and_then(|()| file.sync_data())
+        .and_then(|()| shared.fs.sync_dir(&shared.dir));
+    if let Err(e) = written {
+        // Best effort: a half-made segment holds nothing acknowledged, and recovery removes it.
+        let _ = shared.fs.remove(&path);
+        return Err(e);
+    }
+    let key = shared.lock_index().add_segment(SegmentInfo {
+        path: path.clone(),
+        file: Arc::clone(&file),
+        len: header.len() as u64,
+        summary: Default::default(),
+    });
+    Ok(Active {
+        key,
+        generation,
+        seq,
+        file,
+        len: header.len() as u64,
+    })
+}
+
+fn fail_all(requests: Vec<Request>, failure: &BatchFailure, shared: &Shared) {
+    let mut released = 0;
+    for req in requests {
+        match req {
+            Request::Append {
+                reserved, reply, ..
+            } => {
+                released += reserved;
+                let err = match failure {
+                    BatchFailure::NoSpace => AppendError::Full {
+                        needed: reserved,
+                        used: shared.used_bytes(),
+                        quota: shared.used_bytes(),
+                    },
+                    BatchFailure::Halt(h) => h.append_error(),
+                };
+                let _ = reply.send(Err(err));
+            }
+            Request::Checkpoint { reply, .. } => {
+                let err = match failure {
+                    BatchFailure::NoSpace => CheckpointError::NoSpace,
+                    BatchFailure::Halt(h) => h.checkpoint_error(),
+                };
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+    shared.release(released);
+}
