@@ -49,6 +49,17 @@ impl Value<'_> {
     pub fn is_true(&self) -> bool {
         matches!(self, Value::Bool(true))
     }
+
+    /// The same value, owning its string.
+    pub fn into_owned(self) -> Value<'static> {
+        match self {
+            Value::Undefined => Value::Undefined,
+            Value::Null => Value::Null,
+            Value::Bool(b) => Value::Bool(b),
+            Value::Number(n) => Value::Number(n),
+            Value::String(s) => Value::String(Cow::Owned(s.into_owned())),
+        }
+    }
 }
 
 /// Static types used by the compile-time checks. `Any` is a body query, known only at run time.
