@@ -125,6 +125,20 @@ pub enum CheckpointError {
     Closed,
 }
 
+/// Retention could not run.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReclaimError {
+    /// An earlier write or fsync failed; reopen the store.
+    #[error("store poisoned by an earlier I/O failure ({0}); reopen it")]
+    Poisoned(Arc<str>),
+    /// A newer epoch opened this store.
+    #[error("store fenced: a newer owner opened it")]
+    Fenced,
+    /// The store was closed.
+    #[error("store closed")]
+    Closed,
+}
+
 /// Reading a queue failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {

@@ -45,7 +45,7 @@ mod store;
 pub mod types;
 mod writer;
 
-pub use error::{AppendError, CheckpointError, CloseError, OpenError, ReadError};
+pub use error::{AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError};
 pub use format::FormatError;
 pub use io::{Fs, FsFile, OsFs};
 pub use recovery::RecoveryReport;

@@ -17,14 +17,16 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
-use crate::error::{open_io, AppendError, CheckpointError, CloseError, OpenError, ReadError};
+use crate::error::{
+    open_io, AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError,
+};
 use crate::fence::Fence;
 use crate::format::{decode_message_checked, message_len, EpochRecord, BATCH_HEADER_LEN};
 use crate::index::{Index, IndexEntry};
 use crate::io::{read_exact_at, Fs, FsFile, OsFs};
 use crate::recovery::{recover, RecoveryReport};
 use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
-use crate::writer::{create_segment, BatchFailure, Request, Writer};
+use crate::writer::{create_segment, BatchFailure, ReclaimWaiter, Request, Writer};
 
 /// Most queues one message may be stored for.
 pub const MAX_QUEUES_PER_MESSAGE: usize = 1024;
@@ -89,6 +91,7 @@ impl Halt {
 
 pub(crate) struct Inbox {
     pub(crate) requests: Vec<Request>,
+    pub(crate) reclaims: Vec<ReclaimWaiter>,
     /// Bytes promised to appends not yet written (the quota counts them).
     pub(crate) reserved: u64,
     pub(crate) closing: bool,
@@ -159,6 +162,12 @@ impl Closable for AppendError {
 impl Closable for CheckpointError {
     fn closed() -> Self {
         CheckpointError::Closed
+    }
+}
+
+impl Closable for ReclaimError {
+    fn closed() -> Self {
+        ReclaimError::Closed
     }
 }
 
@@ -357,6 +366,7 @@ impl Store {
             opts,
             inbox: Mutex::new(Inbox {
                 requests: Vec::new(),
+                reclaims: Vec::new(),
                 reserved: 0,
                 closing: false,
             }),
@@ -533,6 +543,25 @@ impl Store {
                 .collect()
         };
         read_entries(&picked)
+    }
+
+    /// Runs retention now (it also runs after every checkpoint and about once a second):
+    /// deletes every segment whose messages are all delivered or expired. Completes with how
+    /// many segments were deleted.
+    pub fn reclaim(&self) -> Pending<u64, ReclaimError> {
+        let shared = self.shared();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut inbox = shared.lock_inbox();
+            if inbox.closing {
+                return Pending::ready(Err(ReclaimError::Closed));
+            }
+            inbox.reclaims.push(tx);
+        }
+        shared.inbox_cv.notify_one();
+        Pending {
+            state: PendingState::Waiting(rx),
+        }
     }
 
     /// The queue's durable checkpoint, or `None` for a queue never appended to.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::error::{AppendError, CheckpointError};
+use crate::error::{AppendError, CheckpointError, ReclaimError};
 use crate::fence::Fence;
 use crate::format::{
     encode_checkpoint, encode_declare, encode_message, BatchHeader, SegmentHeader, BATCH_HEADER_LEN,
@@ -46,6 +46,9 @@ pub(crate) enum Request {
         reply: oneshot::Sender<Result<(), CheckpointError>>,
     },
 }
+
+/// A waiter for an explicit retention run: answered with how many segments were deleted.
+pub(crate) type ReclaimWaiter = oneshot::Sender<Result<u64, ReclaimError>>;
 
 /// The segment being appended to.
 pub(crate) struct Active {
@@ -95,10 +98,12 @@ const RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
 impl Writer {
     /// Runs until the store is closed.
     pub(crate) fn run(mut self) {
+        // Whatever expired or was delivered while the store was closed goes first.
+        self.reclaim();
         loop {
-            let requests = {
+            let (requests, reclaims) = {
                 let mut inbox = self.shared.lock_inbox();
-                while inbox.requests.is_empty() && !inbox.closing {
+                while inbox.requests.is_empty() && inbox.reclaims.is_empty() && !inbox.closing {
                     let (guard, _) = self
                         .shared
                         .inbox_cv
@@ -110,16 +115,26 @@ impl Writer {
                         break;
                     }
                 }
-                if inbox.requests.is_empty() && inbox.closing {
+                if inbox.requests.is_empty() && inbox.reclaims.is_empty() && inbox.closing {
                     return;
                 }
-                std::mem::take(&mut inbox.requests)
+                (
+                    std::mem::take(&mut inbox.requests),
+                    std::mem::take(&mut inbox.reclaims),
+                )
             };
             if !requests.is_empty() {
                 self.commit(requests);
             }
-            if self.last_reclaim.elapsed() >= RECLAIM_INTERVAL {
-                self.reclaim();
+            if !reclaims.is_empty() || self.last_reclaim.elapsed() >= RECLAIM_INTERVAL {
+                let removed = self.reclaim();
+                for reply in reclaims {
+                    let _ = reply.send(match self.halt() {
+                        Some(Halt::Poisoned(why)) => Err(ReclaimError::Poisoned(why)),
+                        Some(Halt::Fenced) => Err(ReclaimError::Fenced),
+                        None => Ok(removed),
+                    });
+                }
             }
         }
     }
@@ -460,9 +475,12 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes segments whose every message is delivered or expired.
-    fn reclaim(&mut self) {
+    /// Deletes segments whose every message is delivered or expired; returns how many.
+    fn reclaim(&mut self) -> u64 {
         self.last_reclaim = Instant::now();
+        if self.halt().is_some() {
+            return 0;
+        }
         let now = self.shared.clock.now();
         let doomed: Vec<(SegKey, std::path::PathBuf)> = {
             let index = self.shared.lock_index();
@@ -473,7 +491,7 @@ impl Writer {
                 .collect()
         };
         if doomed.is_empty() {
-            return;
+            return 0;
         }
         let mut removed = 0;
         for (key, path) in &doomed {
@@ -500,6 +518,7 @@ impl Writer {
                 .fetch_add(removed, Ordering::Relaxed);
             tracing::debug!(segments = removed, "reclaimed segments");
         }
+        removed
     }
 }
 
