@@ -15,6 +15,9 @@
 //!   application property literally named `$name` if the message has one, else a body query
 //!   (`$body.…`), else the system property `name`; `{$name}` skips the application property.
 //!   A `$name` containing `[` or `]` is only ever a body query.
+//!
+//! Size: compile-time typing and run-time evaluation share this file (about 530 lines without
+//! tests) because each operator's static rule and its run-time rule must be read side by side.
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
@@ -126,6 +129,7 @@ pub struct Condition {
 pub struct EvalContext<'m> {
     msg: &'m Message,
     json: OnceCell<Option<serde_json::Value>>,
+    source_key: OnceCell<String>,
 }
 
 impl<'m> EvalContext<'m> {
@@ -134,7 +138,15 @@ impl<'m> EvalContext<'m> {
         EvalContext {
             msg,
             json: OnceCell::new(),
+            source_key: OnceCell::new(),
         }
+    }
+
+    /// The message's source path plus `/`, lower-cased: what `FROM` prefixes are matched
+    /// against. Computed once per message.
+    pub(crate) fn source_key(&self) -> &str {
+        self.source_key
+            .get_or_init(|| format!("{}/", self.msg.source().path()).to_lowercase())
     }
 
     fn json(&self) -> Option<&serde_json::Value> {

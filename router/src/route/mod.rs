@@ -149,9 +149,9 @@ impl Route {
         self.ttl
     }
 
-    /// Whether the message is selected by `FROM` and satisfies `WHERE`.
-    pub fn matches(&self, ctx: &EvalContext<'_>, msg: &Message) -> bool {
-        self.source.matches(msg.source())
+    /// Whether the context's message is selected by `FROM` and satisfies `WHERE`.
+    pub fn matches(&self, ctx: &EvalContext<'_>) -> bool {
+        self.source.matches_key(ctx.source_key())
             && self
                 .condition
                 .as_ref()
@@ -235,7 +235,7 @@ impl RouteTable {
     pub fn targets(&self, msg: &Message) -> Targets {
         let ctx = EvalContext::new(msg);
         let mut best: BTreeMap<EndpointId, &Route> = BTreeMap::new();
-        for route in self.routes.iter().filter(|r| r.matches(&ctx, msg)) {
+        for route in self.routes.iter().filter(|r| r.matches(&ctx)) {
             best.entry(route.endpoint.id())
                 .and_modify(|current| {
                     if wins_over(route, current) {
