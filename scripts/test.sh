@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine with the Rust toolchain: installs what the
+# tests need, then runs every crate's tests and a quick pass of every benchmark (so the harness
+# never rots; the figures of a quick pass are not meaningful).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v strace >/dev/null || need_apt+=(strace)
+command -v mount >/dev/null || need_apt+=(mount)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing Debian packages: ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+echo "== cargo test (workspace)"
+cargo test --workspace --locked
+
+echo "== benchmarks, quick pass"
+cargo bench -p benches --bench store --locked -- --quick
