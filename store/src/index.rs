@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -66,8 +67,11 @@ pub(crate) struct QueueIndex {
 pub(crate) struct Index {
     pub(crate) queues: Vec<QueueIndex>,
     pub(crate) by_name: HashMap<QueueName, u32>,
-    pub(crate) segments: BTreeMap<SegKey, SegmentInfo>,
+    segments: BTreeMap<SegKey, SegmentInfo>,
     pub(crate) next_seg_key: u32,
+    /// Sum of the segments' lengths, readable without the index lock (the quota check on every
+    /// append reads it).
+    disk_bytes: Arc<AtomicU64>,
 }
 
 impl Index {
@@ -113,8 +117,28 @@ impl Index {
     pub(crate) fn add_segment(&mut self, info: SegmentInfo) -> SegKey {
         let key = SegKey(self.next_seg_key);
         self.next_seg_key += 1;
+        self.disk_bytes.fetch_add(info.len, Ordering::Relaxed);
         self.segments.insert(key, info);
         key
+    }
+
+    /// The segments, oldest first.
+    pub(crate) fn segments(&self) -> &BTreeMap<SegKey, SegmentInfo> {
+        &self.segments
+    }
+
+    /// Records a segment's new length (after a batch, or a cut tail).
+    pub(crate) fn set_segment_len(&mut self, key: SegKey, len: u64) {
+        if let Some(seg) = self.segments.get_mut(&key) {
+            self.disk_bytes.fetch_sub(seg.len, Ordering::Relaxed);
+            self.disk_bytes.fetch_add(len, Ordering::Relaxed);
+            seg.len = len;
+        }
+    }
+
+    /// A handle on the running total of segment bytes.
+    pub(crate) fn disk_bytes(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.disk_bytes)
     }
 
     /// Records a durable message for each of its queues.
@@ -185,6 +209,7 @@ impl Index {
     /// Forgets a deleted segment and every entry that pointed into it (all expired or delivered).
     pub(crate) fn forget_segment(&mut self, key: SegKey) -> Option<SegmentInfo> {
         let info = self.segments.remove(&key)?;
+        self.disk_bytes.fetch_sub(info.len, Ordering::Relaxed);
         for q in info.summary.keys() {
             if let Some(queue) = self.queues.get_mut(*q as usize) {
                 let seen = queue.expired_seen;
@@ -241,6 +266,6 @@ impl Index {
     }
 
     pub(crate) fn bytes_on_disk(&self) -> u64 {
-        self.segments.values().map(|s| s.len).sum()
+        self.disk_bytes.load(Ordering::Relaxed)
     }
 }

@@ -274,9 +274,7 @@ impl Scan<'_> {
         tracing::warn!(file = %path.display(), at, cut = len - at, "cutting a torn tail that was never acknowledged");
         file.set_len(at).map_err(open_io("truncate", path))?;
         file.sync_data().map_err(open_io("fdatasync", path))?;
-        if let Some(seg) = self.index.segments.get_mut(&key) {
-            seg.len = at;
-        }
+        self.index.set_segment_len(key, at);
         self.report.torn_tail = Some((path.to_owned(), at, len - at));
         Ok(())
     }

@@ -118,6 +118,8 @@ pub(crate) struct Shared {
     pub(crate) halted: AtomicBool,
     pub(crate) stats: Counters,
     pub(crate) durable_tx: watch::Sender<Offset>,
+    /// Bytes of segment files on disk (kept by the index).
+    pub(crate) disk_bytes: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -131,7 +133,7 @@ impl Shared {
 
     /// Bytes of segment files on disk.
     pub(crate) fn used_bytes(&self) -> u64 {
-        self.lock_index().bytes_on_disk()
+        self.disk_bytes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn release(&self, bytes: u64) {
@@ -371,6 +373,7 @@ impl Store {
                 closing: false,
             }),
             inbox_cv: Condvar::new(),
+            disk_bytes: recovered.index.disk_bytes(),
             index: Mutex::new(recovered.index),
             halt: Mutex::new(None),
             halted: AtomicBool::new(false),
@@ -536,7 +539,7 @@ impl Store {
                 .into_iter()
                 .filter_map(|e| {
                     index
-                        .segments
+                        .segments()
                         .get(&e.seg)
                         .map(|s| (e, Arc::clone(&s.file), s.path.clone()))
                 })
@@ -588,7 +591,7 @@ impl Store {
             syncs: shared.stats.syncs.load(Ordering::Relaxed),
             reclaimed_segments: shared.stats.reclaimed_segments.load(Ordering::Relaxed),
             bytes_on_disk: index.bytes_on_disk(),
-            segments: index.segments.len(),
+            segments: index.segments().len(),
             queues: index
                 .by_name
                 .values()

@@ -379,9 +379,7 @@ impl Writer {
         for (name, id) in new_queues {
             index.declare(*id, name.clone());
         }
-        if let Some(seg) = index.segments.get_mut(&self.active.key) {
-            seg.len = self.active.len;
-        }
+        index.set_segment_len(self.active.key, self.active.len);
         for plan in plans {
             if let Plan::Message(p) = plan {
                 let mut entry = p.entry;
@@ -467,10 +465,9 @@ impl Writer {
         self.preamble();
         if self.buf.len() > BATCH_HEADER_LEN {
             self.write_and_sync()?;
-            let mut index = self.shared.lock_index();
-            if let Some(seg) = index.segments.get_mut(&self.active.key) {
-                seg.len = self.active.len;
-            }
+            self.shared
+                .lock_index()
+                .set_segment_len(self.active.key, self.active.len);
         }
         Ok(())
     }
@@ -487,7 +484,7 @@ impl Writer {
             index
                 .reclaimable(self.active.key, now)
                 .into_iter()
-                .filter_map(|k| index.segments.get(&k).map(|s| (k, s.path.clone())))
+                .filter_map(|k| index.segments().get(&k).map(|s| (k, s.path.clone())))
                 .collect()
         };
         if doomed.is_empty() {
