@@ -99,7 +99,7 @@ def short(path):
     return path[len(data_dir):]
 
 counts = Counter((c, short(p)) for c, p, _, en, ex in events if opened < ex < done)
-durable, with_sfr, with_write, sync_tids = 0, 0, 0, Counter()
+durable, with_sfr, with_write, sync_tids, early = 0, 0, 0, Counter(), 0
 example = None
 for i in acks:
     b, e = begins[i], ends[i]
@@ -111,9 +111,10 @@ for i in acks:
         with_sfr += 1
     first_write = min((ev[4] for ev in writes), default=None)
     syncs = [ev for ev in inside if ev[0] in SYNCS and first_write is not None and ev[3] > first_write]
+    early += sum(1 for ev in inside if ev[0] in SYNCS and ev not in syncs)
     if syncs:
         durable += 1
-        sync_tids.update("caller" if ev[2] == main_tid else "other thread" for ev in syncs)
+        sync_tids.update("the calling thread" if ev[2] == main_tid else "another thread" for ev in syncs)
     if example is None and i >= min(10, len(acks) - 1):
         example = (i, b, e)
 
@@ -121,14 +122,23 @@ print(f"== {name} ==")
 print(f"acknowledged appends: {len(acks)}")
 print("syscalls on the data files between open and the last ack:")
 for (call, path), n in sorted(counts.items()):
-    print(f"  {call:<16} {path:<28} {n}")
+    print(f"  {call:<16} {n:>6}  {path}")
 if not counts:
     print("  (none)")
 print("per acknowledged append (between its begin and end markers):")
 print(f"  data written (pwrite64/pwritev/write):                 {with_write}/{len(acks)}")
 print(f"  sync_file_range on a data file:                        {with_sfr}/{len(acks)}")
 print(f"  fsync/fdatasync of a data file, after the write, before the ack: {durable}/{len(acks)}"
-      + (f" (by: {dict(sync_tids)})" if sync_tids else ""))
+      + (" (" + ", ".join(f"{n} by {who}" for who, n in sync_tids.items()) + ")" if sync_tids else ""))
+in_window = lambda ex: any(begins[i] < ex < ends[i] for i in acks)
+outside = [ev for ev in events if ev[0] in SYNCS and opened < ev[4] < done and not in_window(ev[4])]
+if early:
+    print(f"  fsync/fdatasync of a data file inside an ack window but entered before that "
+          f"append's write (not guaranteed to cover it): {early}")
+if outside:
+    tids = sorted({ev[2] for ev in outside})
+    print(f"  fsync/fdatasync of a data file outside every ack window: {len(outside)} "
+          f"(threads {', '.join(tids)}; the caller is {main_tid})")
 if acks and durable == len(acks):
     print("  verdict: PASS - every acknowledgement waited for fsync/fdatasync of its data")
 elif acks:
@@ -162,5 +172,10 @@ PY
   else
     echo "== edgehub store =="
     echo "not measured: store_append_probe does not build yet"
+    echo
   fi
+  echo "Reading: sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER) starts and waits for writeback of"
+  echo "the range but, per its man page, flushes neither the disk's write cache nor metadata"
+  echo "(e.g. the file size after an append): an ack after it survives kill -9 (page cache)"
+  echo "but not power or node loss. fsync/fdatasync after the write and before the ack does."
 } | if [ "$SAVE" = "--save" ]; then tee "$REPO/benches/results/sled-strace.txt"; else cat; fi
