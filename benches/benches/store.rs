@@ -753,7 +753,9 @@ fn print_report(r: &Results) {
             String::new(),
         ]);
     }
-    println!("{raw}");
+    if !raw.is_empty() {
+        println!("{raw}");
+    }
 
     let mut t = Table::new(
         format!(
@@ -798,7 +800,9 @@ fn print_report(r: &Results) {
         r.sled_version
     ));
     t.note("  (benches/results/sled-strace.txt): safe against kill -9, not against power or node loss.");
-    println!("{t}");
+    if !t.is_empty() {
+        println!("{t}");
+    }
 
     let mut ro = Table::new(
         "Reopen after kill -9",
