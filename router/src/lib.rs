@@ -1,8 +1,26 @@
 //! The route language of edgehub: what a message is, which routes select it, and which
 //! endpoints receive it at what priority and TTL.
 //!
-//! This crate is pure. It does no I/O, opens no sockets, reads no files, spawns no tasks and
-//! knows no wire protocol: protocol heads build [`Message`]s, and the manifest arrives as text.
+//! The route language (`message`, `route`, `manifest`) is pure: no I/O, no tasks, no wire
+//! protocol. Protocol heads build [`Message`]s, and the manifest arrives as text.
+//!
+//! Delivery (`router`, `dispatcher`, `endpoint_worker`) uses the `store` crate and tokio tasks,
+//! but never a socket, TLS, a protocol crate or a CLI: heads plug in through [`Sink`].
+//!
+//! # Data path
+//!
+//! ```text
+//! head ──▶ Router::route ──▶ Store::append (one copy, every target queue; durable = ack)
+//!                                │  one queue per (endpoint, priority): QueueId
+//!                                ▼
+//!          EndpointWorker (one per endpoint, owned by the Dispatcher)
+//!            read highest priority first ──▶ Sink::send ──▶ DeliveryOutcome per message
+//!            ──▶ Checkpointer (contiguous completed prefix) ──▶ Store::checkpoint
+//! ```
+//!
+//! Pure pieces, each unit-tested on its own: [`codec`] (stored bytes), [`queue_id`] (queue
+//! names), [`checkpoint`] (contiguous-prefix rule), [`retry`] (backoff), [`expiry`] (TTL),
+//! [`endpoint_worker::state`] (the worker's state machine).
 //!
 //! Invariants the crate guarantees:
 //! - Parsing never panics, whatever the input; every failure is a typed error. A route error
@@ -17,17 +35,40 @@
 //!   the numerically lowest priority decides priority and TTL. No match is reported as
 //!   [`Targets::is_unrouted`], never silently.
 //! - A [`RouteTable`] is immutable; configuration changes replace it whole.
+//! - [`Router::route`] acknowledges a message only once it is durable in every target queue.
+//! - Each endpoint's queues are offered to its sink in order, highest priority first; after a
+//!   failure delivery resumes at the first incomplete message (duplicates, never gaps). Every
+//!   message leaves a queue delivered, expired, rejected or set aside, and each is counted.
 
+pub mod checkpoint;
+pub mod codec;
+pub mod dispatcher;
+pub mod endpoint_worker;
 pub mod error;
+mod events;
+pub mod expiry;
 pub mod manifest;
 pub mod message;
+pub mod queue_id;
+pub mod retry;
 pub mod route;
+pub mod router;
+pub mod sink;
 
+pub use dispatcher::{
+    Dispatcher, DispatcherConfig, DispatcherError, DispatcherHandle, EndpointPolicy,
+};
 pub use error::{ManifestError, ManifestIssue, RouteParseError, RouteParseErrorKind};
+pub use events::RouterMetrics;
+pub use expiry::TokioClock;
 pub use manifest::{
     parse_deployment, parse_edge_hub_desired, Deployment, EdgeHubConfig, SchemaVersion,
 };
 pub use message::{DeviceId, InputName, Message, ModuleId, OutputName, Source, SystemProperty};
+pub use queue_id::{QueueId, QueueIdError};
+pub use retry::RetryPolicy;
 pub use route::{
     Condition, Endpoint, EndpointId, Priority, Route, RouteId, RouteTable, Target, Targets, Ttl,
 };
+pub use router::{RouteAck, RouteError, RouteOutcome, Router};
+pub use sink::{Delivery, DeliveryOutcome, DynSink, FailureKind, RejectReason, Sink};

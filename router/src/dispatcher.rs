@@ -1,0 +1,294 @@
+//! The `Dispatcher` owns one endpoint worker per endpoint, the sink registered for each, and the
+//! routing counters.
+//!
+//! - Workers are created on demand: when the router is about to store a message for a queue
+//!   ([`DispatcherHandle::ensure_queue`], called *before* the append so the worker cannot miss
+//!   it), when a sink is registered, and at start for every queue the store still holds
+//!   undelivered messages for (so messages queued before a restart or for an endpoint that no
+//!   route names any more are still delivered).
+//! - Heads register a sink when a receiver connects and unregister it when it goes; with no
+//!   sink the worker waits and messages stay queued (they may expire meanwhile).
+//! - Shutdown (mini-redis style): [`Dispatcher::shutdown`] flips a `watch` flag that every
+//!   worker selects on, then awaits every worker task. Dropping the dispatcher flips the flag
+//!   too (workers stop on their own; nothing waits for them). An in-flight send is cancelled;
+//!   its messages are not checkpointed and are sent again after a restart (at-least-once).
+//!
+//! Invariants:
+//! - At most one worker per endpoint, ever, for the dispatcher's lifetime.
+//! - A worker never stops while the dispatcher lives, except when the store fails under it
+//!   (counted in [`RouterMetrics::worker_failures`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use store::{Clock, Store};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::endpoint_worker::{EndpointWorker, WorkerChannels, WorkerContext};
+use crate::events::{Counters, RouterMetrics};
+use crate::queue_id::QueueId;
+use crate::retry::RetryPolicy;
+use crate::route::{Endpoint, EndpointId, Priority};
+use crate::sink::{DynSink, Sink};
+
+/// How workers deliver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DispatcherConfig {
+    /// Most messages in flight to one endpoint: the largest batch handed to its sink (default
+    /// 100). At least 1.
+    pub window: usize,
+    /// Backoff after a failed batch.
+    pub retry: RetryPolicy,
+    /// Head-of-line policy for endpoints without their own (see [`EndpointPolicy`]).
+    pub default_policy: EndpointPolicy,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            window: 100,
+            retry: RetryPolicy::default(),
+            default_policy: EndpointPolicy::default(),
+        }
+    }
+}
+
+/// Per-endpoint delivery policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    /// Set a message aside (count it and go on) after this many failed attempts. `None` (the
+    /// default, as edgeHub) retries the head of the queue until it is delivered or expires,
+    /// holding back everything behind it.
+    pub set_aside_after: Option<u32>,
+}
+
+/// The dispatcher could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatcherError {
+    /// `start` was called outside a tokio runtime.
+    #[error("the dispatcher must be started inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// Owns the endpoint workers. Dropping it stops them.
+#[derive(Debug)]
+pub struct Dispatcher {
+    handle: DispatcherHandle,
+}
+
+/// A cheap handle on the dispatcher's shared state, for the router.
+#[derive(Clone, Debug)]
+pub struct DispatcherHandle {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) counters: Arc<Counters>,
+    config: DispatcherConfig,
+    runtime: tokio::runtime::Handle,
+    shutdown: watch::Sender<bool>,
+    workers: Mutex<Workers>,
+}
+
+#[derive(Debug, Default)]
+struct Workers {
+    closed: bool,
+    by_endpoint: BTreeMap<EndpointId, Slot>,
+}
+
+/// What the dispatcher keeps per endpoint: the worker's inputs and its task.
+struct Slot {
+    queues: watch::Sender<BTreeSet<Priority>>,
+    sink: watch::Sender<Option<Arc<dyn DynSink>>>,
+    policy: watch::Sender<EndpointPolicy>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("queues", &*self.queues.borrow())
+            .field("has_sink", &self.sink.borrow().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dispatcher {
+    /// Starts a dispatcher on `store`, with a worker for every endpoint that has undelivered
+    /// messages. Must be called inside a tokio runtime; workers run on it.
+    pub fn start(
+        store: Store,
+        clock: Arc<dyn Clock>,
+        mut config: DispatcherConfig,
+    ) -> Result<Dispatcher, DispatcherError> {
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|_| DispatcherError::NoRuntime)?;
+        config.window = config.window.max(1);
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            store,
+            clock,
+            counters: Arc::new(Counters::default()),
+            config,
+            runtime,
+            shutdown,
+            workers: Mutex::new(Workers::default()),
+        });
+        let handle = DispatcherHandle { shared };
+        handle.recover_queues();
+        Ok(Dispatcher { handle })
+    }
+
+    /// A handle for the router.
+    pub fn handle(&self) -> DispatcherHandle {
+        self.handle.clone()
+    }
+
+    /// Registers (or replaces) the sink of `endpoint`; its worker starts sending.
+    pub fn register_sink<S: Sink>(&self, endpoint: &Endpoint, sink: S) {
+        self.register_dyn_sink(endpoint, Arc::new(sink));
+    }
+
+    /// [`Dispatcher::register_sink`] for a sink already shared.
+    pub fn register_dyn_sink(&self, endpoint: &Endpoint, sink: Arc<dyn DynSink>) {
+        self.handle.with_slot(endpoint, |slot| {
+            slot.sink.send_replace(Some(sink));
+        });
+    }
+
+    /// Removes the sink of `endpoint`: its worker finishes the batch in flight, then waits.
+    pub fn unregister_sink(&self, endpoint: &Endpoint) {
+        self.handle.with_slot(endpoint, |slot| {
+            slot.sink.send_replace(None);
+        });
+    }
+
+    /// Sets the delivery policy of `endpoint` (applies from its next batch).
+    pub fn set_policy(&self, endpoint: &Endpoint, policy: EndpointPolicy) {
+        self.handle.with_slot(endpoint, |slot| {
+            slot.policy.send_replace(policy);
+        });
+    }
+
+    /// Endpoints that have a worker.
+    pub fn endpoints(&self) -> Vec<EndpointId> {
+        self.handle.lock().by_endpoint.keys().cloned().collect()
+    }
+
+    /// The routing counters now.
+    pub fn metrics(&self) -> RouterMetrics {
+        self.handle.metrics()
+    }
+
+    /// Stops every worker and waits for them to exit. Messages not yet checkpointed stay queued.
+    pub async fn shutdown(self) {
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut workers = self.handle.lock();
+            workers.closed = true;
+            workers
+                .by_endpoint
+                .values_mut()
+                .filter_map(|s| s.task.take())
+                .collect()
+        };
+        self.handle.shared.shutdown.send_replace(true);
+        for task in tasks {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "endpoint worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        self.handle.lock().closed = true;
+        self.handle.shared.shutdown.send_replace(true);
+    }
+}
+
+impl DispatcherHandle {
+    /// The routing counters now.
+    pub fn metrics(&self) -> RouterMetrics {
+        self.shared.counters.snapshot()
+    }
+
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Makes sure the worker of `queue.endpoint` exists and drains `queue`. Called before the
+    /// first append to a queue, so the worker's next read sees it.
+    pub(crate) fn ensure_queue(&self, queue: &QueueId) {
+        self.with_slot(&queue.endpoint, |slot| {
+            slot.queues.send_if_modified(|q| q.insert(queue.priority));
+        });
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Workers> {
+        self.shared
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the slot of `endpoint`, creating it (and spawning its worker) if needed.
+    fn with_slot(&self, endpoint: &Endpoint, f: impl FnOnce(&mut Slot)) {
+        let mut workers = self.lock();
+        let closed = workers.closed;
+        let slot = workers
+            .by_endpoint
+            .entry(endpoint.id())
+            .or_insert_with(|| self.new_slot(endpoint, closed));
+        f(slot);
+    }
+
+    fn new_slot(&self, endpoint: &Endpoint, closed: bool) -> Slot {
+        let shared = &self.shared;
+        let (queues, queues_rx) = watch::channel(BTreeSet::new());
+        let (sink, sink_rx) = watch::channel(None);
+        let (policy, policy_rx) = watch::channel(shared.config.default_policy);
+        let task = (!closed).then(|| {
+            let worker = EndpointWorker::new(
+                endpoint.clone(),
+                WorkerContext {
+                    store: shared.store.clone(),
+                    clock: Arc::clone(&shared.clock),
+                    counters: Arc::clone(&shared.counters),
+                    window: shared.config.window,
+                    retry: shared.config.retry,
+                },
+                WorkerChannels {
+                    queues: queues_rx,
+                    sink: sink_rx,
+                    policy: policy_rx,
+                    shutdown: shared.shutdown.subscribe(),
+                },
+            );
+            shared.runtime.spawn(worker.run())
+        });
+        Slot {
+            queues,
+            sink,
+            policy,
+            task,
+        }
+    }
+
+    /// Registers every router queue the store holds undelivered messages for.
+    fn recover_queues(&self) {
+        for q in self.shared.store.stats().queues {
+            if q.tail <= q.checkpoint {
+                continue;
+            }
+            match QueueId::parse(&q.name) {
+                Ok(id) => self.ensure_queue(&id),
+                Err(e) => tracing::warn!(error = %e, "ignoring a queue the router did not create"),
+            }
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! `QueueId { endpoint, priority }` ↔ [`store::QueueName`]: the one encoding of a queue's name.
+//!
+//! There is one store queue per (endpoint, priority). Its name is built and parsed here and
+//! nowhere else (unlike edgeHub's `MessageQueueIdHelper`, which falls back silently on a name it
+//! cannot parse).
+//!
+//! # Encoding, version 1
+//!
+//! ```text
+//! q1|up|p{priority}                       $upstream
+//! q1|in|{module}|{input}|p{priority}      BrokeredEndpoint("/modules/{module}/inputs/{input}")
+//! ```
+//!
+//! `{module}` and `{input}` escape `%` as `%25` and `|` as `%7C`; `{priority}` is decimal. Names
+//! stay readable in store statistics.
+//!
+//! Invariants:
+//! - [`QueueId::parse`] of [`QueueId::name`] gives the same id back, for every id whose name fits
+//!   the store's 255-byte limit (property-tested); a longer one is a [`QueueIdError::TooLong`].
+//! - Two ids have the same name exactly when they are equal.
+//! - Parsing never panics; a name this module did not write is a [`QueueIdError::Foreign`].
+//!
+//! The queue carries the structured [`Endpoint`], not only its [`EndpointId`]: an `EndpointId`
+//! is never parsed back into an endpoint, and a queue found on disk after a restart must be
+//! turned back into the endpoint whose worker drains it.
+
+use std::fmt;
+
+use store::QueueName;
+
+use crate::message::{InputName, ModuleId};
+use crate::route::{Endpoint, EndpointId, Priority};
+
+const PREFIX: &str = "q1";
+const SEP: char = '|';
+
+/// One durable queue: the messages for one endpoint at one priority.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct QueueId {
+    /// The endpoint the queue delivers to.
+    pub endpoint: Endpoint,
+    /// The priority of every message in it.
+    pub priority: Priority,
+}
+
+/// A queue name that cannot be built or parsed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QueueIdError {
+    /// The encoded name exceeds the store's limit (very long module or input names).
+    #[error(
+        "queue name for {endpoint} at priority {priority} is {len} bytes, over the store's limit"
+    )]
+    TooLong {
+        /// The endpoint, as text.
+        endpoint: String,
+        /// The priority.
+        priority: u32,
+        /// Length of the encoded name.
+        len: usize,
+    },
+    /// The name was not written by this module (or by a version it does not know).
+    #[error("queue {0:?} is not a router queue")]
+    Foreign(String),
+}
+
+impl QueueId {
+    /// The queue of `endpoint` at `priority`.
+    pub fn new(endpoint: Endpoint, priority: Priority) -> Self {
+        QueueId { endpoint, priority }
+    }
+
+    /// The endpoint's identity.
+    pub fn endpoint_id(&self) -> EndpointId {
+        self.endpoint.id()
+    }
+
+    /// The store queue name: the only place a queue name is built.
+    pub fn name(&self) -> Result<QueueName, QueueIdError> {
+        let text = self.to_string();
+        QueueName::new(&text).map_err(|_| QueueIdError::TooLong {
+            endpoint: self.endpoint.to_string(),
+            priority: self.priority.0,
+            len: text.len(),
+        })
+    }
+
+    /// The queue a store name stands for: the only place a queue name is parsed.
+    pub fn parse(name: &QueueName) -> Result<QueueId, QueueIdError> {
+        let text = name.as_str();
+        let foreign = || QueueIdError::Foreign(text.to_owned());
+        let parts: Vec<&str> = text.split(SEP).collect();
+        let (endpoint, priority) = match parts.as_slice() {
+            [PREFIX, "up", p] => (Endpoint::Upstream, *p),
+            [PREFIX, "in", module, input, p] => (
+                Endpoint::ModuleInput {
+                    module: ModuleId::new(unescape(module).ok_or_else(foreign)?),
+                    input: InputName::new(unescape(input).ok_or_else(foreign)?),
+                },
+                *p,
+            ),
+            _ => return Err(foreign()),
+        };
+        let priority = parse_priority(priority).ok_or_else(foreign)?;
+        Ok(QueueId { endpoint, priority })
+    }
+}
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.endpoint {
+            Endpoint::Upstream => write!(f, "{PREFIX}{SEP}up")?,
+            Endpoint::ModuleInput { module, input } => write!(
+                f,
+                "{PREFIX}{SEP}in{SEP}{}{SEP}{}",
+                escape(module.as_str()),
+                escape(input.as_str())
+            )?,
+        }
+        write!(f, "{SEP}p{}", self.priority.0)
+    }
+}
+
+fn parse_priority(text: &str) -> Option<Priority> {
+    let digits = text.strip_prefix('p')?;
+    // Only the canonical decimal form, so that one id has exactly one name.
+    let canonical = digits == "0" || (!digits.starts_with('0') && !digits.is_empty());
+    if !canonical || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(Priority)
+}
+
+fn escape(text: &str) -> String {
+    text.replace('%', "%25").replace(SEP, "%7C")
+}
+
+/// Reverses [`escape`]; `None` for a `%` that does not start `%25` or `%7C`.
+fn unescape(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        if let Some(tail) = after.strip_prefix("%25") {
+            out.push('%');
+            rest = tail;
+        } else if let Some(tail) = after.strip_prefix("%7C") {
+            out.push(SEP);
+            rest = tail;
+        } else {
+            return None;
+        }
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn input(module: &str, input: &str) -> Endpoint {
+        Endpoint::ModuleInput {
+            module: ModuleId::new(module),
+            input: InputName::new(input),
+        }
+    }
+
+    #[test]
+    fn names_are_readable() {
+        let up = QueueId::new(Endpoint::Upstream, Priority(0));
+        assert_eq!(up.name().unwrap().as_str(), "q1|up|p0");
+        let module = QueueId::new(input("filter", "in1"), Priority::DEFAULT);
+        assert_eq!(
+            module.name().unwrap().as_str(),
+            "q1|in|filter|in1|p2000000000"
+        );
+    }
+
+    #[test]
+    fn separators_and_escapes_inside_names_round_trip() {
+        let id = QueueId::new(input("a|b%7C", "%|"), Priority(3));
+        let name = id.name().unwrap();
+        assert_eq!(QueueId::parse(&name).unwrap(), id);
+    }
+
+    #[test]
+    fn foreign_names_are_refused() {
+        for text in [
+            "iothub_Pri0",
+            "q1|up",
+            "q1|up|p",
+            "q1|up|p01",
+            "q1|up|px",
+            "q1|up|p99999999999",
+            "q2|up|p0",
+            "q1|in|m|p0",
+            "q1|in|m%|i|p0",
+            "q1|xx|p0",
+        ] {
+            let name = QueueName::new(text).unwrap();
+            assert!(QueueId::parse(&name).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_name_over_the_store_limit_is_an_error() {
+        let id = QueueId::new(input(&"m".repeat(200), &"i".repeat(60)), Priority(0));
+        assert!(matches!(id.name(), Err(QueueIdError::TooLong { .. })));
+    }
+
+    fn endpoint() -> impl Strategy<Value = Endpoint> {
+        prop_oneof![
+            Just(Endpoint::Upstream),
+            ("[a-z|%7C0-9]{0,20}", "[a-z|%7C0-9]{0,20}").prop_map(|(m, i)| input(&m, &i)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_id_round_trips(endpoint in endpoint(), priority in any::<u32>()) {
+            let id = QueueId::new(endpoint, Priority(priority));
+            let name = id.name().unwrap();
+            prop_assert_eq!(QueueId::parse(&name).unwrap(), id);
+        }
+
+        #[test]
+        fn distinct_ids_have_distinct_names(
+            a in endpoint(), pa in 0u32..12, b in endpoint(), pb in 0u32..12,
+        ) {
+            let (a, b) = (QueueId::new(a, Priority(pa)), QueueId::new(b, Priority(pb)));
+            prop_assert_eq!(a == b, a.name().unwrap() == b.name().unwrap());
+        }
+
+        #[test]
+        fn parsing_any_name_never_panics(text in ".{1,60}") {
+            if let Ok(name) = QueueName::new(&text) {
+                let _ = QueueId::parse(&name);
+            }
+        }
+    }
+}

@@ -1,0 +1,245 @@
+//! The `Router`: evaluates the route table for a message, stores it durably for every target
+//! queue, and acknowledges only then.
+//!
+//! # Data path
+//!
+//! ```text
+//! head ──▶ Router::route(msg)
+//!            │ RouteTable::targets(&msg)        (snapshot of the current table)
+//!            │   no target → counted, dropped, Ok(Unrouted)
+//!            │ QueueId per target → DispatcherHandle::ensure_queue (worker exists and knows the
+//!            │   queue before the message can be durable)
+//!            │ codec::encode(Envelope)          (one copy, with per-target expiry overrides)
+//!            │ Store::append(all target queues, bytes, latest expiry)   (submitted now)
+//!            ▼
+//!          RouteAck (a future) ── resolves when the append is durable: the sender's ack point
+//! ```
+//!
+//! # Guarantees
+//! - A message is acknowledged (`RouteAck` resolves `Ok(Stored)`) only once it is durable in
+//!   every target queue; an error means it was stored nowhere and must not be acked.
+//! - The append is submitted when `route` is called, not when the returned future is first
+//!   polled, and the store completes appends in submission order: a head that calls `route` in
+//!   order gets completions in that order (it may await the acks in a pipeline).
+//! - [`Router::reload`] swaps the table whole; a message is evaluated against exactly one table.
+//!   Messages already queued keep the priority (their queue) and TTL (their stored expiry) they
+//!   were enqueued with; nothing queued is dropped, even for an endpoint no route names any more.
+//!
+//! # TTL: one stored copy, per-target expiry
+//!
+//! A message goes to several endpoints, each with the TTL of the route that won for it, but it
+//! is stored once (store guarantee 3) and the store keeps one expiry per message. The design:
+//!
+//! - The store-level expiry is the **latest** of the targets' expiries (never, if any target's
+//!   TTL is infinite), so the store never drops a copy some endpoint still may deliver, and
+//!   reclaims the message once every target has expired (or checkpointed past it).
+//! - The [`codec::Envelope`] records the enqueue time and an **expiry override** for every
+//!   target whose expiry is earlier than the store-level one. In the common case (one target,
+//!   or all routes using the global TTL) there is no override and no overhead.
+//! - Each endpoint worker applies its own expiry (override, else store-level) before sending;
+//!   a message past it is completed without delivery and counted as `expired`.
+//!
+//! Consequences:
+//! - Expiry is fixed at enqueue: a reload that changes a route's TTL does not touch queued
+//!   messages (edgeHub semantics).
+//! - Bytes of a message expired for one endpoint but live for another stay on disk until the
+//!   last one is done with it, as with edgeHub's reference-counted body.
+//! - Messages expired at the store level are skipped by `Store::read` and counted by the store
+//!   (`QueueStats::expired`), not by the workers' `expired` counter; workers count the ones
+//!   they meet, including every per-target expiry.
+//! - Both sides must read the same clock: pass the same [`store::Clock`] to the store and to
+//!   the dispatcher.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+
+use store::{AppendError, Offset, Pending, QueueName, UnixMillis};
+
+use crate::codec::{self, EncodeError, Envelope, ExpiryOverride};
+use crate::dispatcher::{Dispatcher, DispatcherHandle};
+use crate::events::{self, Counters, RouterMetrics};
+use crate::expiry::{expiry_at, latest};
+use crate::message::Message;
+use crate::queue_id::{QueueId, QueueIdError};
+use crate::route::{RouteTable, Target};
+
+/// What became of a routed message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteOutcome {
+    /// Durable in every target queue: acknowledge the sender.
+    Stored {
+        /// The message's offset in the store (the same in every queue).
+        offset: Offset,
+        /// How many endpoints it goes to.
+        targets: usize,
+    },
+    /// No route matched; the message was dropped and counted (edgeHub acks it too).
+    Unrouted,
+}
+
+/// A message that could not be stored; it was stored nowhere and must not be acknowledged.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RouteError {
+    /// The store refused the append. [`AppendError::Full`] is back-pressure: refuse or delay
+    /// the sender until receivers catch up.
+    #[error("the store refused the message: {0}")]
+    Store(#[from] AppendError),
+    /// The message does not fit the stored format (a field over 4 GiB, too many properties).
+    #[error("the message cannot be stored: {0}")]
+    Encode(#[from] EncodeError),
+    /// A target's queue name is too long for the store (very long module or input names).
+    #[error(transparent)]
+    Queue(#[from] QueueIdError),
+}
+
+/// Routes messages into the store. Share it (`Arc<Router>`) between heads.
+#[derive(Debug)]
+pub struct Router {
+    table: RwLock<Arc<RouteTable>>,
+    dispatcher: DispatcherHandle,
+}
+
+impl Router {
+    /// A router over `table`, storing into the dispatcher's store and feeding its workers.
+    pub fn new(table: RouteTable, dispatcher: &Dispatcher) -> Router {
+        Router {
+            table: RwLock::new(Arc::new(table)),
+            dispatcher: dispatcher.handle(),
+        }
+    }
+
+    /// The current route table.
+    pub fn table(&self) -> Arc<RouteTable> {
+        Arc::clone(&self.table.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Replaces the route table; it applies to messages routed from now on.
+    pub fn reload(&self, table: RouteTable) {
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    /// The routing counters now.
+    pub fn metrics(&self) -> RouterMetrics {
+        self.dispatcher.metrics()
+    }
+
+    /// Routes `msg`: evaluates the table and submits one durable append listing every target
+    /// queue. The returned future resolves once the message is durable (the ack point).
+    pub fn route(&self, msg: Message) -> RouteAck {
+        let shared = self.dispatcher.shared();
+        let counters = Arc::clone(&shared.counters);
+        let targets = self.table().targets(&msg);
+        if targets.is_unrouted() {
+            events::unrouted(&counters);
+            return RouteAck::ready(counters, Ok(RouteOutcome::Unrouted));
+        }
+        let targets = targets.into_vec();
+        let now = shared.clock.now();
+        let submitted = self.submit(msg, &targets, now);
+        let state = match submitted {
+            Ok(pending) => AckState::Waiting(pending),
+            Err(e) => AckState::Ready(Some(Err(e))),
+        };
+        RouteAck {
+            counters,
+            targets: targets.len(),
+            state,
+        }
+    }
+
+    fn submit(
+        &self,
+        msg: Message,
+        targets: &[Target],
+        now: UnixMillis,
+    ) -> Result<Pending<Offset, AppendError>, RouteError> {
+        let ids: Vec<QueueId> = targets
+            .iter()
+            .map(|t| QueueId::new(t.endpoint.clone(), t.priority))
+            .collect();
+        let names = ids
+            .iter()
+            .map(QueueId::name)
+            .collect::<Result<Vec<QueueName>, _>>()?;
+        let expiries: Vec<_> = targets.iter().map(|t| expiry_at(now, t.ttl)).collect();
+        let stored_expiry = latest(expiries.iter().copied());
+        let expiry_overrides = targets
+            .iter()
+            .zip(&expiries)
+            .filter(|(_, e)| **e != stored_expiry)
+            .map(|(t, e)| ExpiryOverride {
+                endpoint: t.endpoint.id().as_str().to_owned(),
+                expiry: *e,
+            })
+            .collect();
+        let bytes = codec::encode(&Envelope {
+            enqueued_at: now,
+            expiry_overrides,
+            message: msg,
+        })?;
+        for id in &ids {
+            self.dispatcher.ensure_queue(id);
+        }
+        Ok(self
+            .dispatcher
+            .shared()
+            .store
+            .append(&names, bytes, stored_expiry))
+    }
+}
+
+/// The acknowledgement of one routed message: resolves once it is durable (or refused).
+#[must_use = "a message is acknowledged only when its RouteAck resolves"]
+#[derive(Debug)]
+pub struct RouteAck {
+    counters: Arc<Counters>,
+    targets: usize,
+    state: AckState,
+}
+
+#[derive(Debug)]
+enum AckState {
+    Ready(Option<Result<RouteOutcome, RouteError>>),
+    Waiting(Pending<Offset, AppendError>),
+}
+
+impl RouteAck {
+    fn ready(counters: Arc<Counters>, result: Result<RouteOutcome, RouteError>) -> Self {
+        RouteAck {
+            counters,
+            targets: 0,
+            state: AckState::Ready(Some(result)),
+        }
+    }
+}
+
+impl Future for RouteAck {
+    type Output = Result<RouteOutcome, RouteError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let result = match &mut this.state {
+            AckState::Ready(r) => r
+                .take()
+                .unwrap_or(Err(RouteError::Store(AppendError::Closed))),
+            AckState::Waiting(pending) => match Pin::new(pending).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(offset)) => {
+                    events::routed(&this.counters, offset, this.targets);
+                    Ok(RouteOutcome::Stored {
+                        offset,
+                        targets: this.targets,
+                    })
+                }
+                Poll::Ready(Err(e)) => Err(RouteError::Store(e)),
+            },
+        };
+        if let Err(e) = &result {
+            events::store_refused(&this.counters, e);
+        }
+        this.state = AckState::Ready(None);
+        Poll::Ready(result)
+    }
+}
