@@ -392,6 +392,7 @@ impl Store {
             buf: Vec::with_capacity(1 << 20),
             last_reclaim: Instant::now(),
             batch_start: recovered.next_offset,
+            needs_preamble: true,
         };
         writer.write_preamble().map_err(|f| match f {
             BatchFailure::NoSpace => OpenError::Io {

@@ -71,6 +71,9 @@ pub(crate) struct Writer {
     pub(crate) last_reclaim: Instant,
     /// The writer's next offset when the current batch began (its frame's `first_offset`).
     pub(crate) batch_start: Offset,
+    /// The active segment's preamble is not durable yet (its write failed): write it before the
+    /// next batch, and delete no older segment until then (they may hold the only declarations).
+    pub(crate) needs_preamble: bool,
 }
 
 /// A failure that ends the batch (and, except `NoSpace`, poisons the store).
@@ -165,13 +168,18 @@ impl Writer {
             self.poison(Halt::Fenced);
             return fail_all(requests, &BatchFailure::Halt(Halt::Fenced), &self.shared);
         }
-        if self.active.len >= self.shared.opts.segment_bytes {
-            if let Err(failure) = self.rotate() {
-                if let BatchFailure::Halt(h) = &failure {
-                    self.poison(h.clone());
-                }
-                return fail_all(requests, &failure, &self.shared);
+        let ready = if self.active.len >= self.shared.opts.segment_bytes {
+            self.rotate()
+        } else if self.needs_preamble {
+            self.write_preamble()
+        } else {
+            Ok(())
+        };
+        if let Err(failure) = ready {
+            if let BatchFailure::Halt(h) = &failure {
+                self.poison(h.clone());
             }
+            return fail_all(requests, &failure, &self.shared);
         }
         let rollback = (self.next_offset, self.next_queue_id);
         let (plans, new_queues, checkpoints) = self.build(&requests);
@@ -459,6 +467,7 @@ impl Writer {
     /// Writes the active segment's preamble batch: from then on this segment alone declares every
     /// queue and holds every checkpoint, so every older segment may be deleted on its own terms.
     pub(crate) fn write_preamble(&mut self) -> Result<(), BatchFailure> {
+        self.needs_preamble = true;
         self.buf.clear();
         self.buf.resize(BATCH_HEADER_LEN, 0);
         self.batch_start = self.next_offset;
@@ -469,13 +478,14 @@ impl Writer {
                 .lock_index()
                 .set_segment_len(self.active.key, self.active.len);
         }
+        self.needs_preamble = false;
         Ok(())
     }
 
     /// Deletes segments whose every message is delivered or expired; returns how many.
     fn reclaim(&mut self) -> u64 {
         self.last_reclaim = Instant::now();
-        if self.halt().is_some() {
+        if self.halt().is_some() || self.needs_preamble {
             return 0;
         }
         let now = self.shared.clock.now();

@@ -1,0 +1,102 @@
+//! Segment rotation under a full disk: the new segment's preamble (which alone will declare every
+//! queue once older segments are deleted) must be durable before retention deletes anything.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use store::sim::SimFs;
+use store::{
+    AppendError, CheckpointError, Epoch, Offset, QueueName, Store, StoreOptions, SystemClock,
+};
+
+fn open(fs: &SimFs) -> Store {
+    Store::open_with(
+        Path::new("/r"),
+        StoreOptions {
+            epoch: Epoch::new(1),
+            segment_bytes: 4096,
+            ..StoreOptions::default()
+        },
+        Arc::new(fs.clone()),
+        Arc::new(SystemClock),
+    )
+    .expect("open")
+}
+
+fn newest_segment_len(fs: &SimFs) -> usize {
+    let mut names: Vec<String> = fs
+        .files(Path::new("/r"))
+        .into_iter()
+        .filter(|n| n.ends_with(".seg"))
+        .collect();
+    names.sort();
+    let newest = names.last().expect("a segment");
+    fs.read_file(&Path::new("/r").join(newest))
+        .expect("read")
+        .len()
+}
+
+#[test]
+fn a_rotation_cut_short_by_enospc_keeps_every_declaration_through_retention_and_reopen() {
+    let fs = SimFs::new();
+    let store = open(&fs);
+    let q = QueueName::new("q").expect("name");
+    let mut offsets = Vec::new();
+    // Fill the first segment up to the point where the next batch rotates.
+    while newest_segment_len(&fs) < 4096 {
+        let off = store
+            .append(&[q.clone()], Bytes::from(vec![1u8; 300]), None)
+            .wait()
+            .expect("append");
+        offsets.push(off);
+    }
+    // Room for the new segment's header, not for its preamble.
+    fs.set_space_limit(Some(fs.live_bytes() + 40));
+    let err = store
+        .append(&[q.clone()], Bytes::from(vec![2u8; 300]), None)
+        .wait()
+        .expect_err("disk full during rotation");
+    assert!(matches!(err, AppendError::Full { .. }), "{err}");
+    assert_eq!(
+        store.halted_reason(),
+        None,
+        "ENOSPC must not poison the store"
+    );
+    let last = *offsets.last().expect("appended");
+    let err = store
+        .checkpoint(&q, last)
+        .wait()
+        .expect_err("no room for the preamble");
+    assert!(matches!(err, CheckpointError::NoSpace), "{err}");
+    assert_eq!(
+        store.reclaim().wait().expect("reclaim"),
+        0,
+        "nothing deleted before the preamble is durable"
+    );
+
+    fs.set_space_limit(None);
+    store
+        .checkpoint(&q, last)
+        .wait()
+        .expect("checkpoint once space is back");
+    store.reclaim().wait().expect("reclaim");
+    assert!(
+        store.stats().reclaimed_segments >= 1,
+        "the delivered segment is reclaimed"
+    );
+    let after = store
+        .append(&[q.clone()], Bytes::from_static(b"after"), None)
+        .wait()
+        .expect("append after");
+    store.close().expect("close");
+
+    let reopened = open(&fs);
+    assert_eq!(reopened.checkpoint_of(&q), Some(last));
+    let read = reopened.read(&q, Offset::ZERO, 10).expect("read");
+    assert_eq!(read.len(), 1);
+    assert_eq!(
+        (read[0].offset, read[0].body.as_ref()),
+        (after, &b"after"[..])
+    );
+}
