@@ -66,6 +66,9 @@ struct Config {
     mode: Mode,
     warmup: Duration,
     point: Duration,
+    /// Length of each raw fdatasync sample (one before the first group of
+    /// points and one after each group).
+    raw: Duration,
     appenders: Vec<usize>,
     payload: usize,
     reopen_mib: u64,
@@ -103,10 +106,22 @@ impl Config {
             (true, false) => Mode::Full,
             (false, false) => Mode::Smoke,
         };
-        let (warmup, mut point) = match mode {
-            Mode::Full => (Duration::from_secs(1), Duration::from_secs(5)),
-            Mode::Quick => (Duration::from_millis(250), Duration::from_secs(1)),
-            Mode::Smoke => (Duration::from_millis(50), Duration::from_millis(200)),
+        let (warmup, mut point, raw) = match mode {
+            Mode::Full => (
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(3),
+            ),
+            Mode::Quick => (
+                Duration::from_millis(250),
+                Duration::from_secs(1),
+                Duration::from_millis(500),
+            ),
+            Mode::Smoke => (
+                Duration::from_millis(50),
+                Duration::from_millis(200),
+                Duration::from_millis(100),
+            ),
         };
         if let Some(secs) = std::env::var(SECS_ENV).ok().filter(|s| !s.is_empty()) {
             let secs: f64 = secs
@@ -121,6 +136,7 @@ impl Config {
             mode,
             warmup,
             point,
+            raw,
             appenders,
             payload: 256,
             reopen_mib: env_u64(REOPEN_MIB_ENV)?.unwrap_or(1024),
@@ -156,7 +172,10 @@ struct Point {
     fdatasyncs: Option<u64>,
     msgs_per_fdatasync: Option<f64>,
     latency: LatencySummary,
-    /// `appends_per_s` ÷ the run's raw fdatasync rate.
+    /// Mean of the raw fdatasync samples taken just before and just after
+    /// this point's group (so disk drift during the run is accounted for).
+    raw_ref_per_s: Option<f64>,
+    /// `appends_per_s` ÷ `raw_ref_per_s`.
     x_raw_fdatasync: Option<f64>,
 }
 
@@ -195,9 +214,14 @@ struct Results {
     payload_bytes: usize,
     warmup_secs: f64,
     point_secs: f64,
+    raw_secs: f64,
     raw_fdatasync: Vec<RawFsync>,
-    /// Mean of the raw samples: the denominator of every `x_raw_fdatasync`.
+    /// Mean of all raw samples (each point uses its neighbours: `raw_ref_per_s`).
     raw_fdatasync_ref_per_s: Option<f64>,
+    /// 1-minute load average when the run ended (`machine.loadavg_1m`: started).
+    loadavg_end: Option<f64>,
+    /// Reasons to distrust this run's figures (a busy machine, a drifting disk).
+    warnings: Vec<String>,
     points: Vec<Point>,
     reopen: Reopen,
     targets: Vec<Target>,
@@ -249,16 +273,23 @@ fn run() -> BenchResult<bool> {
         );
     }
     let mut errors = Vec::new();
-    let mut raw = Vec::new();
+    // One raw sample before the first group and one after each group; a
+    // point's reference is the mean of the two around its group.
+    let mut raw_slots: Vec<Option<RawFsync>> = Vec::new();
     let mut points = Vec::new();
-
-    if cfg.wants("raw") {
-        match raw_probe(&cfg, root.path(), "start") {
-            Ok(r) => raw.push(r),
-            Err(e) => errors.push(format!("raw fdatasync probe: {e}")),
+    let sample_raw = |label: &str, slots: &mut Vec<Option<RawFsync>>, errors: &mut Vec<String>| {
+        if cfg.wants("raw") {
+            let r = raw_probe(&cfg, root.path(), label);
+            if let Err(e) = &r {
+                errors.push(format!("raw fdatasync probe ({label}): {e}"));
+            }
+            slots.push(r.ok());
         }
-    }
-    for &n in &cfg.appenders {
+    };
+
+    sample_raw("start", &mut raw_slots, &mut errors);
+    for (group, &n) in cfg.appenders.iter().enumerate() {
+        let first = points.len();
         if cfg.wants("store") {
             match store_point(&cfg, root.path(), n) {
                 Ok(p) => points.push(p),
@@ -271,13 +302,21 @@ fn run() -> BenchResult<bool> {
                 Err(e) => errors.push(format!("sled, {n} appenders: {e}")),
             }
         }
-    }
-    if cfg.wants("raw") {
-        match raw_probe(&cfg, root.path(), "end") {
-            Ok(r) => raw.push(r),
-            Err(e) => errors.push(format!("raw fdatasync probe: {e}")),
+        sample_raw(&format!("after {n} appenders"), &mut raw_slots, &mut errors);
+        let around: Vec<f64> = raw_slots
+            .iter()
+            .skip(group)
+            .take(2)
+            .flatten()
+            .map(|r| r.rate_per_s)
+            .collect();
+        let reference = mean(&around);
+        for p in &mut points[first..] {
+            p.raw_ref_per_s = reference;
+            p.x_raw_fdatasync = reference.map(|r| report::div(p.appends_per_s, r));
         }
     }
+    let raw: Vec<RawFsync> = raw_slots.into_iter().flatten().collect();
     let reopen = if !cfg.wants("reopen") {
         Reopen::Skipped {
             reason: "not selected by --only".into(),
@@ -306,11 +345,9 @@ fn run() -> BenchResult<bool> {
         }
     };
 
-    let raw_ref =
-        (!raw.is_empty()).then(|| raw.iter().map(|r| r.rate_per_s).sum::<f64>() / raw.len() as f64);
-    for p in &mut points {
-        p.x_raw_fdatasync = raw_ref.map(|r| report::div(p.appends_per_s, r));
-    }
+    let raw_ref = mean(&raw.iter().map(|r| r.rate_per_s).collect::<Vec<_>>());
+    let loadavg_end = env::loadavg();
+    let warnings = warnings(&machine, loadavg_end, &raw);
     let targets = targets(&cfg, &points, &reopen);
     let results = Results {
         bench: "store",
@@ -323,6 +360,9 @@ fn run() -> BenchResult<bool> {
         payload_bytes: cfg.payload,
         warmup_secs: cfg.warmup.as_secs_f64(),
         point_secs: cfg.point.as_secs_f64(),
+        raw_secs: cfg.raw.as_secs_f64(),
+        loadavg_end,
+        warnings,
         raw_fdatasync: raw,
         raw_fdatasync_ref_per_s: raw_ref,
         points,
@@ -340,8 +380,47 @@ fn run() -> BenchResult<bool> {
     Ok(results.errors.is_empty())
 }
 
+fn mean(xs: &[f64]) -> Option<f64> {
+    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+}
+
+/// Says when the figures of this run should not be trusted as they stand.
+fn warnings(machine: &Machine, loadavg_end: Option<f64>, raw: &[RawFsync]) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(load) = machine
+        .loadavg_1m
+        .filter(|&l| l > 0.5 * machine.cpus as f64)
+    {
+        out.push(format!(
+            "the machine was busy before the run started (1-min load average {load:.1} on {} CPUs): \
+             other work competes for CPU and disk, figures are low and noisy",
+            machine.cpus
+        ));
+    }
+    let rates: Vec<f64> = raw.iter().map(|r| r.rate_per_s).collect();
+    let (lo, hi) = rates.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
+        (lo.min(r), hi.max(r))
+    });
+    if rates.len() > 1 && hi > 1.5 * lo {
+        out.push(format!(
+            "the raw fdatasync rate drifted from {} to {} during the run: \
+             compare each point with its neighbouring raw samples only",
+            report::rate(lo),
+            report::rate(hi)
+        ));
+    }
+    if let Some(load) = loadavg_end.filter(|&l| l > 2.0 * machine.cpus as f64) {
+        out.push(format!(
+            "1-min load average {load:.1} at the end of the run (the bench's own appender \
+             threads count too)"
+        ));
+    }
+    out
+}
+
 fn raw_probe(cfg: &Config, dir: &Path, label: &str) -> BenchResult<RawFsync> {
-    let r = fsync::append_fdatasync(dir, label, fsync::DEFAULT_BLOCK, cfg.warmup, cfg.point)?;
+    let warmup = cfg.warmup.min(Duration::from_millis(500));
+    let r = fsync::append_fdatasync(dir, label, fsync::DEFAULT_BLOCK, warmup, cfg.raw)?;
     eprintln!(
         "  raw 4 KiB append+fdatasync ({label}): {}  p50 {}  p99 {}",
         report::rate(r.rate_per_s),
@@ -405,6 +484,7 @@ fn sled_point(cfg: &Config, root: &Path, threads: usize) -> BenchResult<Point> {
         fdatasyncs: None,
         msgs_per_fdatasync: None,
         latency: out.latency.summary(),
+        raw_ref_per_s: None,
         x_raw_fdatasync: None,
     };
     log_point(&p);
@@ -474,6 +554,7 @@ mod our_store {
             fdatasyncs,
             msgs_per_fdatasync: fdatasyncs.map(|s| report::div(out.ops as f64, s as f64)),
             latency: out.latency.summary(),
+            raw_ref_per_s: None,
             x_raw_fdatasync: None,
         };
         log_point(&p);
@@ -794,6 +875,7 @@ fn print_report(r: &Results) {
             ]);
         }
     }
+    t.note("÷ raw fdatasync: each point ÷ the mean of the raw samples just before and after its group.");
     t.note("store: acknowledged after .wait() (group-committed fdatasync); msgs/fdatasync from store.stats().");
     t.note(format!(
         "sled {}: acknowledged after flush(), which syncs with sync_file_range, not fdatasync",
@@ -836,6 +918,9 @@ fn print_report(r: &Results) {
         "{}",
         report::targets_table("Targets (issue 2; shown, never asserted)", &r.targets)
     );
+    for w in &r.warnings {
+        println!("WARNING: {w}");
+    }
     for e in &r.errors {
         println!("ERROR: {e}");
     }

@@ -145,6 +145,8 @@ pub struct Machine {
     pub kernel: Option<String>,
     /// Seconds since the Unix epoch when the run started.
     pub unix_time: u64,
+    /// 1-minute load average when read (a busy machine makes noisy figures).
+    pub loadavg_1m: Option<f64>,
 }
 
 impl Machine {
@@ -158,8 +160,19 @@ impl Machine {
             unix_time: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+            loadavg_1m: loadavg(),
         }
     }
+}
+
+/// The 1-minute load average from `/proc/loadavg` (Linux only).
+pub fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
