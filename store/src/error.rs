@@ -54,7 +54,11 @@ pub(crate) fn open_io(
     move |source| OpenError::Io { op, path, source }
 }
 
-/// An append was refused; nothing of it is stored and nothing already stored was touched.
+/// An append was refused. Nothing already stored was touched. For every variant but `Poisoned`
+/// and `Fenced`, nothing of the append was stored either. For those two the outcome is unknown:
+/// the batch may have reached the disk before its fdatasync failed (or before a newer owner was
+/// noticed), so it may be delivered later; a producer that resends causes a duplicate, never a
+/// loss or a reorder.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AppendError {
     /// The byte quota (or the disk itself) has no room for this message. Retry after the
@@ -95,7 +99,8 @@ pub enum AppendError {
     Closed,
 }
 
-/// A checkpoint was refused; the queue's durable checkpoint is unchanged.
+/// A checkpoint was refused. Except for `Poisoned` and `Fenced` (outcome unknown, as for
+/// [`AppendError`]), the queue's durable checkpoint is unchanged.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CheckpointError {
     /// No message was ever appended to this queue.

@@ -25,6 +25,7 @@ pub(crate) const EPOCH_RECORD_LEN: usize = 56;
 const TAG_MESSAGE: u8 = 1;
 const TAG_DECLARE: u8 = 2;
 const TAG_CHECKPOINT: u8 = 3;
+const TAG_SEAL: u8 = 4;
 
 /// Fixed part of a message entry before the queue ids: tag, body crc, offset, expiry, queue count.
 pub(crate) const MESSAGE_FIXED_LEN: usize = 1 + 4 + 8 + 8 + 2;
@@ -190,6 +191,12 @@ pub(crate) enum Entry<'a> {
     Declare { queue: u32, name: &'a str },
     /// Everything in the queue up to and including `upto` is delivered.
     Checkpoint { queue: u32, upto: Offset },
+    /// An older segment is complete and counts exactly `len` bytes.
+    Seal {
+        generation: Generation,
+        seq: u64,
+        len: u64,
+    },
 }
 
 /// Appends a message entry to `out`.
@@ -231,6 +238,14 @@ pub(crate) fn encode_checkpoint(out: &mut Vec<u8>, queue: u32, upto: Offset) {
     out.push(TAG_CHECKPOINT);
     out.extend_from_slice(&queue.to_le_bytes());
     out.extend_from_slice(&upto.get().to_le_bytes());
+}
+
+/// Appends a seal entry to `out`.
+pub(crate) fn encode_seal(out: &mut Vec<u8>, generation: Generation, seq: u64, len: u64) {
+    out.push(TAG_SEAL);
+    out.extend_from_slice(&generation.0.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
 }
 
 /// Decodes one entry at the start of `b`; returns it and its encoded length.
@@ -281,6 +296,14 @@ pub(crate) fn decode_entry(b: &[u8]) -> Result<(Entry<'_>, usize), FormatError> 
             let queue = u32_at(b, 1).ok_or(TRUNC)?;
             let upto = Offset::new(u64_at(b, 5).ok_or(TRUNC)?);
             Ok((Entry::Checkpoint { queue, upto }, 13))
+        }
+        Some(&TAG_SEAL) => {
+            let entry = Entry::Seal {
+                generation: Generation(u64_at(b, 1).ok_or(TRUNC)?),
+                seq: u64_at(b, 9).ok_or(TRUNC)?,
+                len: u64_at(b, 17).ok_or(TRUNC)?,
+            };
+            Ok((entry, 25))
         }
         Some(_) => Err(FormatError::Invalid { what: "entry tag" }),
         None => Err(TRUNC),

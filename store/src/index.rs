@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::io::FsFile;
-use crate::types::{Offset, QueueName, UnixMillis};
+use crate::types::{Generation, Offset, QueueName, UnixMillis};
 
 /// Position of a segment in store order (by generation, then sequence).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,9 +43,15 @@ pub(crate) struct QueueSummary {
 
 #[derive(Debug)]
 pub(crate) struct SegmentInfo {
+    pub(crate) generation: Generation,
+    pub(crate) seq: u64,
     pub(crate) path: PathBuf,
     pub(crate) file: Arc<dyn FsFile>,
+    /// Bytes the file takes on disk.
     pub(crate) len: u64,
+    /// Bytes of it that count (less than `len` only for a tail sealed by a successor while a
+    /// fenced owner kept writing).
+    pub(crate) valid_len: u64,
     /// Keyed by queue id.
     pub(crate) summary: HashMap<u32, QueueSummary>,
 }
@@ -133,6 +139,7 @@ impl Index {
             self.disk_bytes.fetch_sub(seg.len, Ordering::Relaxed);
             self.disk_bytes.fetch_add(len, Ordering::Relaxed);
             seg.len = len;
+            seg.valid_len = len;
         }
     }
 

@@ -12,6 +12,7 @@
 //! recovery never guesses past damage that could hide acknowledged messages, and never panics on
 //! any file content.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,6 +54,9 @@ pub(crate) struct Recovered {
     pub(crate) report: RecoveryReport,
 }
 
+/// Name of the file that holds space back for checkpoints on a full disk.
+pub(crate) const RESERVE_FILE: &str = "RESERVE";
+
 /// File name of segment `seq` of generation `gen`.
 pub(crate) fn segment_name(gen: Generation, seq: u64) -> String {
     format!("{:016x}-{:016x}.seg", gen.0, seq)
@@ -67,6 +71,19 @@ fn parse_segment_name(name: &str) -> Option<(Generation, u64)> {
     let gen = u64::from_str_radix(g, 16).ok()?;
     let seq = u64::from_str_radix(s, 16).ok()?;
     (segment_name(Generation(gen), seq) == name).then_some((Generation(gen), seq))
+}
+
+/// The highest generation that named a segment file in `dir` (so a lost `EPOCHS` cannot make an
+/// opener reuse a generation).
+pub(crate) fn newest_segment_generation(fs: &dyn Fs, dir: &Path) -> Result<Generation, OpenError> {
+    Ok(fs
+        .list(dir)
+        .map_err(open_io("list", dir))?
+        .iter()
+        .filter_map(|n| parse_segment_name(n))
+        .map(|(g, _)| g)
+        .max()
+        .unwrap_or_default())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +113,8 @@ fn mode_of(history: &History, gen: Generation, seq: u64, last_of_newest_gen: boo
 
 struct Scan<'a> {
     fs: &'a dyn Fs,
+    /// Lengths later preambles recorded for older segments: (generation, seq) → valid length.
+    seals: HashMap<(Generation, u64), u64>,
     index: Index,
     next_offset: Offset,
     next_queue_id: u32,
@@ -116,6 +135,7 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
     let started = Instant::now();
     let mut scan = Scan {
         fs,
+        seals: HashMap::new(),
         index: Index::default(),
         next_offset: Offset::new(1),
         next_queue_id: 0,
@@ -123,7 +143,7 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
     };
     let mut segments = Vec::new();
     for name in fs.list(dir).map_err(open_io("list", dir))? {
-        if name == EPOCHS_FILE {
+        if name == EPOCHS_FILE || name == RESERVE_FILE {
             continue;
         }
         match parse_segment_name(&name) {
@@ -137,6 +157,7 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
     segments.sort();
     let newest_gen = segments.last().map(|(g, _)| *g);
     let mut newest: Option<SegmentTail> = None;
+    let mut kept = Vec::new();
     let mut removed_any = false;
     for (i, &(gen, seq)) in segments.iter().enumerate() {
         let last_of_gen = segments.get(i + 1).is_none_or(|(g, _)| *g != gen);
@@ -151,6 +172,7 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
         }
         match scan.segment(&path, gen, seq, mode)? {
             Some(valid_len) => {
+                kept.push((path, gen, seq, valid_len));
                 newest = Some(SegmentTail {
                     generation: gen,
                     seq,
@@ -158,6 +180,18 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
                 })
             }
             None => removed_any = true,
+        }
+    }
+    // A segment cut short at a batch boundary decodes cleanly: only its seal tells.
+    for (path, gen, seq, valid_len) in &kept {
+        if let Some(&sealed) = scan.seals.get(&(*gen, *seq)) {
+            if sealed != *valid_len {
+                return Err(corrupt(
+                    path,
+                    (*valid_len).min(sealed),
+                    format!("segment holds {valid_len} valid bytes, but was sealed at {sealed}"),
+                ));
+            }
         }
     }
     if removed_any {
@@ -230,9 +264,12 @@ impl Scan<'_> {
             _ => bytes.len(),
         };
         let key = self.index.add_segment(SegmentInfo {
+            generation: gen,
+            seq,
             path: path.to_owned(),
             file: Arc::clone(&file),
             len: bytes.len() as u64,
+            valid_len: limit as u64,
             summary: Default::default(),
         });
         let mut pos = SEGMENT_HEADER_LEN;
@@ -348,6 +385,13 @@ impl Scan<'_> {
                         return Err(corrupt(path, here, "checkpoint of an undeclared queue"));
                     }
                     self.index.set_checkpoint(queue, upto);
+                }
+                Entry::Seal {
+                    generation,
+                    seq,
+                    len,
+                } => {
+                    self.seals.insert((generation, seq), len);
                 }
             }
             at += used;

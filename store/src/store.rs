@@ -2,7 +2,8 @@
 //!
 //! Invariants (the crate's guarantees, argued in DESIGN.md):
 //! - `append` and `checkpoint` complete only after a group commit made them durable, in the order
-//!   they were submitted; their errors mean nothing of the request is stored;
+//!   they were submitted; their errors mean nothing of the request is stored, except after an
+//!   I/O failure or a fence (`Poisoned`, `Fenced`), where the outcome is unknown;
 //! - `read` returns only durable messages, in offset order, skipping expired ones;
 //! - once poisoned or fenced, the store refuses every write until it is reopened.
 
@@ -24,7 +25,7 @@ use crate::fence::Fence;
 use crate::format::{decode_message_checked, message_len, EpochRecord, BATCH_HEADER_LEN};
 use crate::index::{Index, IndexEntry};
 use crate::io::{read_exact_at, Fs, FsFile, OsFs};
-use crate::recovery::{recover, RecoveryReport};
+use crate::recovery::{newest_segment_generation, recover, RecoveryReport};
 use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
 use crate::writer::{create_segment, BatchFailure, ReclaimWaiter, Request, Writer};
 
@@ -44,6 +45,10 @@ pub struct StoreOptions {
     pub segment_bytes: u64,
     /// Largest message body accepted.
     pub max_message_bytes: usize,
+    /// Size of the `RESERVE` file kept in the directory. When something fills the disk, the
+    /// store deletes it so that checkpoints (which let retention free space) still fit; it is
+    /// put back once there is room. 0 disables it.
+    pub reserve_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -53,6 +58,7 @@ impl Default for StoreOptions {
             quota_bytes: 4 << 30,
             segment_bytes: 64 << 20,
             max_message_bytes: 1 << 20,
+            reserve_bytes: 1 << 20,
         }
     }
 }
@@ -341,7 +347,10 @@ impl Store {
                 });
             }
         }
-        let generation = Generation(history.last_generation().0 + 1);
+        let newest = history
+            .last_generation()
+            .max(newest_segment_generation(fs.as_ref(), &dir)?);
+        let generation = Generation(newest.0 + 1);
         let claim = EpochRecord::Claim {
             generation,
             epoch: opts.epoch.get(),
@@ -393,6 +402,7 @@ impl Store {
             last_reclaim: Instant::now(),
             batch_start: recovered.next_offset,
             needs_preamble: true,
+            reserve_present: false,
         };
         writer.write_preamble().map_err(|f| match f {
             BatchFailure::NoSpace => OpenError::Io {

@@ -23,11 +23,12 @@ use tokio::sync::oneshot;
 use crate::error::{AppendError, CheckpointError, ReclaimError};
 use crate::fence::Fence;
 use crate::format::{
-    encode_checkpoint, encode_declare, encode_message, BatchHeader, SegmentHeader, BATCH_HEADER_LEN,
+    encode_checkpoint, encode_declare, encode_message, encode_seal, BatchHeader, SegmentHeader,
+    BATCH_HEADER_LEN,
 };
 use crate::index::{IndexEntry, SegKey, SegmentInfo};
 use crate::io::FsFile;
-use crate::recovery::segment_name;
+use crate::recovery::{segment_name, RESERVE_FILE};
 use crate::store::{Halt, Shared};
 use crate::types::{Generation, Offset, QueueName, UnixMillis};
 
@@ -51,6 +52,7 @@ pub(crate) enum Request {
 pub(crate) type ReclaimWaiter = oneshot::Sender<Result<u64, ReclaimError>>;
 
 /// The segment being appended to.
+#[derive(Clone)]
 pub(crate) struct Active {
     pub(crate) key: SegKey,
     pub(crate) generation: Generation,
@@ -74,6 +76,8 @@ pub(crate) struct Writer {
     /// The active segment's preamble is not durable yet (its write failed): write it before the
     /// next batch, and delete no older segment until then (they may hold the only declarations).
     pub(crate) needs_preamble: bool,
+    /// Whether the `RESERVE` file is on disk (see [`crate::store::StoreOptions::reserve_bytes`]).
+    pub(crate) reserve_present: bool,
 }
 
 /// A failure that ends the batch (and, except `NoSpace`, poisons the store).
@@ -103,6 +107,7 @@ impl Writer {
     pub(crate) fn run(mut self) {
         // Whatever expired or was delivered while the store was closed goes first.
         self.reclaim();
+        self.ensure_reserve();
         loop {
             let (requests, reclaims) = {
                 let mut inbox = self.shared.lock_inbox();
@@ -197,10 +202,90 @@ impl Writer {
                 for (name, _) in &new_queues {
                     self.queue_ids.remove(name);
                 }
-                if let BatchFailure::Halt(h) = &failure {
-                    self.poison(h.clone());
+                match failure {
+                    BatchFailure::Halt(h) => {
+                        self.poison(h.clone());
+                        fail_all(requests, &BatchFailure::Halt(h), &self.shared);
+                    }
+                    BatchFailure::NoSpace => self.commit_checkpoints_on_full_disk(requests),
                 }
-                fail_all(requests, &failure, &self.shared);
+            }
+        }
+    }
+
+    /// The disk is full: the appends fail with `Full`, but the checkpoints must get through, or
+    /// retention can never free space. The reserve file is given up to make room for them.
+    fn commit_checkpoints_on_full_disk(&mut self, requests: Vec<Request>) {
+        let (checkpoints, appends): (Vec<Request>, Vec<Request>) = requests
+            .into_iter()
+            .partition(|r| matches!(r, Request::Checkpoint { .. }));
+        fail_all(appends, &BatchFailure::NoSpace, &self.shared);
+        if checkpoints.is_empty() {
+            return;
+        }
+        if self.release_reserve() {
+            self.commit(checkpoints);
+        } else {
+            fail_all(checkpoints, &BatchFailure::NoSpace, &self.shared);
+        }
+    }
+
+    /// Deletes the reserve file to free its space; false if there was none to give.
+    fn release_reserve(&mut self) -> bool {
+        if !self.reserve_present {
+            return false;
+        }
+        let path = self.shared.dir.join(RESERVE_FILE);
+        let freed = self
+            .shared
+            .fs
+            .remove(&path)
+            .and_then(|()| self.shared.fs.sync_dir(&self.shared.dir));
+        match freed {
+            Ok(()) => {
+                self.reserve_present = false;
+                tracing::warn!("disk full: released the reserve so checkpoints can free space");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "disk full and the reserve could not be released");
+                false
+            }
+        }
+    }
+
+    /// Puts the reserve file back when there is room for it (at start, and after retention).
+    fn ensure_reserve(&mut self) {
+        let bytes = self.shared.opts.reserve_bytes;
+        if self.reserve_present || bytes == 0 || self.halt().is_some() {
+            return;
+        }
+        let path = self.shared.dir.join(RESERVE_FILE);
+        let fs = &self.shared.fs;
+        if let Ok(file) = fs.open(&path) {
+            if file.len().is_ok_and(|len| len >= bytes) {
+                self.reserve_present = true;
+                return;
+            }
+            // A reserve cut short by a crash while it was being made: make it again.
+            let _ = fs.remove(&path);
+        }
+        let made = fs.create_new(&path).and_then(|file| {
+            let zeros = vec![0u8; 64 << 10];
+            let mut at = 0;
+            while at < bytes {
+                let n = zeros.len().min((bytes - at) as usize);
+                file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            file.sync_data()?;
+            fs.sync_dir(&self.shared.dir)
+        });
+        match made {
+            Ok(()) => self.reserve_present = true,
+            Err(e) => {
+                let _ = fs.remove(&path);
+                tracing::debug!(error = %e, "no room for the reserve file yet");
             }
         }
     }
@@ -324,9 +409,15 @@ impl Writer {
         Ok(())
     }
 
-    /// Declares every queue and repeats every checkpoint at the start of a new segment.
+    /// Declares every queue, repeats every checkpoint and seals every older segment's length at
+    /// the start of a new segment.
     fn preamble(&mut self) {
         let index = self.shared.lock_index();
+        for (key, seg) in index.segments() {
+            if *key != self.active.key {
+                encode_seal(&mut self.buf, seg.generation, seg.seq, seg.valid_len);
+            }
+        }
         for (id, q) in index.queues.iter().enumerate() {
             if index.by_name.get(&q.name) != Some(&(id as u32)) {
                 continue;
@@ -407,17 +498,13 @@ impl Writer {
 
     /// Completes every waiter of the durable batch, in request order.
     fn answer(&self, requests: Vec<Request>, plans: Vec<Plan>) {
-        let mut released = 0;
+        // The batch's bytes are on disk now: give back its reservations before anyone hears of
+        // it, so a waiter's next append does not count them twice.
+        self.shared.release(reserved_by(&requests));
         let mut appends = 0;
         for (req, plan) in requests.into_iter().zip(plans) {
             match (req, plan) {
-                (
-                    Request::Append {
-                        reserved, reply, ..
-                    },
-                    Plan::Message(p),
-                ) => {
-                    released += reserved;
+                (Request::Append { reply, .. }, Plan::Message(p)) => {
                     appends += 1;
                     let _ = reply.send(Ok(p.entry.offset));
                 }
@@ -425,13 +512,7 @@ impl Writer {
                     let _ = reply.send(outcome);
                 }
                 // `build` makes exactly one plan per request, of the request's kind.
-                (
-                    Request::Append {
-                        reserved, reply, ..
-                    },
-                    Plan::Checkpoint(_),
-                ) => {
-                    released += reserved;
+                (Request::Append { reply, .. }, Plan::Checkpoint(_)) => {
                     let _ = reply.send(Err(AppendError::Closed));
                 }
                 (Request::Checkpoint { reply, .. }, Plan::Message(_)) => {
@@ -439,7 +520,6 @@ impl Writer {
                 }
             }
         }
-        self.shared.release(released);
         self.shared
             .stats
             .appends
@@ -447,9 +527,49 @@ impl Writer {
         self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Starts the next segment of this generation.
+    /// Starts the next segment of this generation. On a full disk the rotation is postponed (the
+    /// segment size is a soft limit) and the batch goes into the current segment, so that small
+    /// batches such as checkpoints, which let retention free space, still fit.
     fn rotate(&mut self) -> Result<(), BatchFailure> {
-        self.start_segment(self.active.generation, self.active.seq + 1)
+        let previous = self.active.clone();
+        match self.start_segment(previous.generation, previous.seq + 1) {
+            Err(BatchFailure::NoSpace) if self.active.key == previous.key => {
+                tracing::warn!(
+                    segment = previous.seq,
+                    "disk full: segment rotation postponed"
+                );
+                Ok(())
+            }
+            Err(BatchFailure::NoSpace) => self.undo_rotation(previous),
+            other => other,
+        }
+    }
+
+    /// Drops a new segment whose preamble did not fit and goes on in `previous`.
+    fn undo_rotation(&mut self, previous: Active) -> Result<(), BatchFailure> {
+        let dropped = self.active.clone();
+        let path = self
+            .shared
+            .dir
+            .join(segment_name(dropped.generation, dropped.seq));
+        let removed = self
+            .shared
+            .fs
+            .remove(&path)
+            .and_then(|()| self.shared.fs.sync_dir(&self.shared.dir));
+        if let Err(e) = removed {
+            // Keep the new segment; its preamble is retried before the next batch.
+            tracing::warn!(file = %path.display(), error = %e, "could not drop a half-made segment");
+            return Err(BatchFailure::NoSpace);
+        }
+        self.shared.lock_index().forget_segment(dropped.key);
+        self.active = previous;
+        self.needs_preamble = false;
+        tracing::warn!(
+            segment = self.active.seq,
+            "disk full: segment rotation postponed"
+        );
+        Ok(())
     }
 
     /// Creates segment `seq` and makes its preamble durable.
@@ -523,6 +643,7 @@ impl Writer {
                 .stats
                 .reclaimed_segments
                 .fetch_add(removed, Ordering::Relaxed);
+            self.ensure_reserve();
             tracing::debug!(segments = removed, "reclaimed segments");
         }
         removed
@@ -549,9 +670,12 @@ pub(crate) fn create_segment(
         return Err(e);
     }
     let key = shared.lock_index().add_segment(SegmentInfo {
+        generation,
+        seq,
         path: path.clone(),
         file: Arc::clone(&file),
         len: header.len() as u64,
+        valid_len: header.len() as u64,
         summary: Default::default(),
     });
     Ok(Active {
@@ -563,14 +687,24 @@ pub(crate) fn create_segment(
     })
 }
 
+/// Quota bytes the requests reserved.
+fn reserved_by(requests: &[Request]) -> u64 {
+    requests
+        .iter()
+        .map(|r| match r {
+            Request::Append { reserved, .. } => *reserved,
+            Request::Checkpoint { .. } => 0,
+        })
+        .sum()
+}
+
 fn fail_all(requests: Vec<Request>, failure: &BatchFailure, shared: &Shared) {
-    let mut released = 0;
+    shared.release(reserved_by(&requests));
     for req in requests {
         match req {
             Request::Append {
                 reserved, reply, ..
             } => {
-                released += reserved;
                 let err = match failure {
                     BatchFailure::NoSpace => AppendError::Full {
                         needed: reserved,
@@ -590,5 +724,4 @@ fn fail_all(requests: Vec<Request>, failure: &BatchFailure, shared: &Shared) {
             }
         }
     }
-    shared.release(released);
 }

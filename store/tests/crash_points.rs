@@ -24,6 +24,7 @@ fn opts() -> StoreOptions {
     StoreOptions {
         epoch: Epoch::new(1),
         segment_bytes: 4096,
+        reserve_bytes: 4096,
         ..StoreOptions::default()
     }
 }

@@ -134,6 +134,7 @@ fn run(ops: Vec<Op>, small_quota: bool) -> Result<Outcome, TestCaseError> {
     let opts = StoreOptions {
         epoch: Epoch::new(1),
         segment_bytes: 4096,
+        reserve_bytes: 4096,
         quota_bytes: if small_quota { 24 * 1024 } else { 1 << 30 },
         ..StoreOptions::default()
     };

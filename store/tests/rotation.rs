@@ -16,6 +16,7 @@ fn open(fs: &SimFs) -> Store {
         StoreOptions {
             epoch: Epoch::new(1),
             segment_bytes: 4096,
+            reserve_bytes: 4096,
             ..StoreOptions::default()
         },
         Arc::new(fs.clone()),
@@ -38,7 +39,7 @@ fn newest_segment_len(fs: &SimFs) -> usize {
 }
 
 #[test]
-fn a_rotation_cut_short_by_enospc_keeps_every_declaration_through_retention_and_reopen() {
+fn a_full_disk_postpones_rotation_so_checkpoints_fit_and_every_declaration_survives() {
     let fs = SimFs::new();
     let store = open(&fs);
     let q = QueueName::new("q").expect("name");
@@ -51,12 +52,12 @@ fn a_rotation_cut_short_by_enospc_keeps_every_declaration_through_retention_and_
             .expect("append");
         offsets.push(off);
     }
-    // Room for the new segment's header, not for its preamble.
+    // Room for a new segment's header, not for its preamble; room for a checkpoint.
     fs.set_space_limit(Some(fs.live_bytes() + 40));
     let err = store
         .append(&[q.clone()], Bytes::from(vec![2u8; 300]), None)
         .wait()
-        .expect_err("disk full during rotation");
+        .expect_err("disk full");
     assert!(matches!(err, AppendError::Full { .. }), "{err}");
     assert_eq!(
         store.halted_reason(),
@@ -64,31 +65,32 @@ fn a_rotation_cut_short_by_enospc_keeps_every_declaration_through_retention_and_
         "ENOSPC must not poison the store"
     );
     let last = *offsets.last().expect("appended");
-    let err = store
-        .checkpoint(&q, last)
-        .wait()
-        .expect_err("no room for the preamble");
-    assert!(matches!(err, CheckpointError::NoSpace), "{err}");
-    assert_eq!(
-        store.reclaim().wait().expect("reclaim"),
-        0,
-        "nothing deleted before the preamble is durable"
-    );
-
-    fs.set_space_limit(None);
     store
         .checkpoint(&q, last)
         .wait()
-        .expect("checkpoint once space is back");
-    store.reclaim().wait().expect("reclaim");
-    assert!(
-        store.stats().reclaimed_segments >= 1,
-        "the delivered segment is reclaimed"
+        .expect("a checkpoint still fits: the rotation waits");
+    assert_eq!(
+        store.reclaim().wait().expect("reclaim"),
+        0,
+        "the only segment is the active one"
     );
+    let segments = fs
+        .files(Path::new("/r"))
+        .iter()
+        .filter(|n| n.ends_with(".seg"))
+        .count();
+    assert_eq!(segments, 1, "the half-made segment was dropped");
+
+    fs.set_space_limit(None);
     let after = store
         .append(&[q.clone()], Bytes::from_static(b"after"), None)
         .wait()
-        .expect("append after");
+        .expect("append once space is back");
+    store.reclaim().wait().expect("reclaim");
+    assert!(
+        store.stats().reclaimed_segments >= 1,
+        "the delivered segment is reclaimed once it is no longer active"
+    );
     store.close().expect("close");
 
     let reopened = open(&fs);
