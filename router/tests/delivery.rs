@@ -618,6 +618,26 @@ async fn reload_keeps_queued_messages_with_their_priority_and_ttl() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stored_message_that_cannot_be_decoded_is_set_aside_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = upstream_hub(dir.path(), 10);
+    hub.send_all("m", "o", &["before".to_owned()]).await;
+    let garbage = bytes::Bytes::from_static(b"\xffnot an envelope");
+    hub.store
+        .append(&[upstream_queue(1)], garbage, None)
+        .await
+        .unwrap();
+    hub.send_all("m", "o", &["after".to_owned()]).await;
+    let sink = RecordingSink::default();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log.wait_delivered(2).await;
+    assert_eq!(sink.log.delivered(), ["before", "after"]);
+    assert_eq!(hub.dispatcher.metrics().rejected, 1);
+    hub.close().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn unrouted_messages_are_counted_and_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let hub = upstream_hub(dir.path(), 10);

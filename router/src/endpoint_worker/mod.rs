@@ -34,7 +34,8 @@
 //! # Limits
 //! Reads are synchronous `pread`s on the runtime thread (normally served by the page cache). A
 //! store failure (poisoned, fenced, closed, corrupt message) stops the worker and is counted;
-//! the hub is expected to restart.
+//! the hub is expected to restart. A checkpoint refused for lack of disk space is not a
+//! failure: delivery goes on and the next checkpoint covers the same prefix.
 
 pub mod state;
 
@@ -42,7 +43,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use store::{Clock, Offset, QueueName, Store, StoredMessage};
+use store::{CheckpointError, Clock, Offset, QueueName, Store, StoredMessage};
 use tokio::sync::watch;
 
 use crate::checkpoint::Checkpointer;
@@ -379,6 +380,12 @@ impl EndpointWorker {
         match self.ctx.store.checkpoint(&queue.name, upto).await {
             Ok(()) => {
                 let _ = queue.checkpointer.commit(upto);
+                Ok(())
+            }
+            // Not durable yet, but nothing is lost: the next checkpoint covers this prefix too,
+            // and a restart before then only resends it.
+            Err(CheckpointError::NoSpace) => {
+                tracing::warn!(queue = %queue.id, %upto, "no space for a checkpoint; will retry");
                 Ok(())
             }
             Err(e) => Err(self.store_failed(&e)),
