@@ -26,6 +26,10 @@ pub trait FsFile: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// The file's current length.
     fn len(&self) -> io::Result<u64>;
+    /// True if the file holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        self.len().map(|l| l == 0)
+    }
 }
 
 /// A directory of files.

@@ -1,5 +1,7 @@
 //! The store's everyday contract, one behaviour per test, on the real filesystem.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use bytes::Bytes;
 use store::{
     AppendError, CheckpointError, Epoch, Offset, OpenError, QueueName, Store, StoreOptions,

@@ -7,6 +7,8 @@
 //! that silently skips damage loses acknowledged messages without anyone knowing, and one that
 //! panics on a bad disk block keeps the whole hub down.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

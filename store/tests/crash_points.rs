@@ -8,6 +8,8 @@
 //! invented, and every acknowledged checkpoint. A quarter of the images are cut again during
 //! their own recovery before the final check.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;

@@ -7,6 +7,8 @@
 //! by itself when consumers catch up. The ENOSPC tests use a real 2 MiB tmpfs the test mounts
 //! (tests run as root), so the error comes from the kernel, partial writes included.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Mutex, MutexGuard};

@@ -8,6 +8,8 @@
 //! was acknowledged before. Without this, a single EIO could turn into silent loss of messages
 //! the hub confirmed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -168,7 +170,6 @@ fn a_failed_fdatasync_poisons_the_store_and_reopening_recovers_every_acknowledge
         .expect("the reopened store appends");
 }
 
-#[test]
 #[test]
 fn an_append_refused_for_a_failed_fdatasync_may_come_back_only_after_everything_acknowledged() {
     // After a failed fdatasync nobody can know which of the batch's pages reached the disk, so

@@ -11,6 +11,8 @@
 //! `EDGEHUB_KILL9_CHILD` names a directory, and reports every acknowledgement on stdout before
 //! the parent kills it. Rerun a failure with `EDGEHUB_KILL9_SEED=<seed printed at start>`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;

@@ -3,6 +3,8 @@
 //! unknown queues), clock moves that expire messages and trigger retention, reopens, and a small
 //! byte quota. After every step the store must answer exactly as the model does.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;

@@ -1,14 +1,14 @@
 //! Segment rotation under a full disk: the new segment's preamble (which alone will declare every
 //! queue once older segments are deleted) must be durable before retention deletes anything.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use store::sim::SimFs;
-use store::{
-    AppendError, CheckpointError, Epoch, Offset, QueueName, Store, StoreOptions, SystemClock,
-};
+use store::{AppendError, Epoch, Offset, QueueName, Store, StoreOptions, SystemClock};
 
 fn open(fs: &SimFs) -> Store {
     Store::open_with(
