@@ -2,7 +2,7 @@
 //! routing counters.
 //!
 //! - Workers are created on demand: when the router is about to store a message for a queue
-//!   ([`DispatcherHandle::ensure_queue`], called *before* the append so the worker cannot miss
+//!   (`DispatcherHandle::ensure_queue`, called *before* the append so the worker cannot miss
 //!   it), when a sink is registered, and at start for every queue the store still holds
 //!   undelivered messages for (so messages queued before a restart or for an endpoint that no
 //!   route names any more are still delivered).
