@@ -219,6 +219,7 @@ struct Results {
     /// Mean of all raw samples (each point uses its neighbours: `raw_ref_per_s`).
     raw_fdatasync_ref_per_s: Option<f64>,
     /// 1-minute load average when the run ended (`machine.loadavg_1m`: started).
+    /// Informational only: the bench's own 64 appender threads raise it.
     loadavg_end: Option<f64>,
     /// Reasons to distrust this run's figures (a busy machine, a drifting disk).
     warnings: Vec<String>,
@@ -347,7 +348,7 @@ fn run() -> BenchResult<bool> {
 
     let raw_ref = mean(&raw.iter().map(|r| r.rate_per_s).collect::<Vec<_>>());
     let loadavg_end = env::loadavg();
-    let warnings = warnings(&machine, loadavg_end, &raw);
+    let warnings = warnings(&machine, &raw);
     let targets = targets(&cfg, &points, &reopen);
     let results = Results {
         bench: "store",
@@ -385,7 +386,7 @@ fn mean(xs: &[f64]) -> Option<f64> {
 }
 
 /// Says when the figures of this run should not be trusted as they stand.
-fn warnings(machine: &Machine, loadavg_end: Option<f64>, raw: &[RawFsync]) -> Vec<String> {
+fn warnings(machine: &Machine, raw: &[RawFsync]) -> Vec<String> {
     let mut out = Vec::new();
     if let Some(load) = machine
         .loadavg_1m
@@ -407,12 +408,6 @@ fn warnings(machine: &Machine, loadavg_end: Option<f64>, raw: &[RawFsync]) -> Ve
              compare each point with its neighbouring raw samples only",
             report::rate(lo),
             report::rate(hi)
-        ));
-    }
-    if let Some(load) = loadavg_end.filter(|&l| l > 2.0 * machine.cpus as f64) {
-        out.push(format!(
-            "1-min load average {load:.1} at the end of the run (the bench's own appender \
-             threads count too)"
         ));
     }
     out
