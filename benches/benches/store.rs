@@ -388,13 +388,11 @@ fn mean(xs: &[f64]) -> Option<f64> {
 /// Says when the figures of this run should not be trusted as they stand.
 fn warnings(machine: &Machine, raw: &[RawFsync]) -> Vec<String> {
     let mut out = Vec::new();
-    if let Some(load) = machine
-        .loadavg_1m
-        .filter(|&l| l > 0.5 * machine.cpus as f64)
-    {
+    if let Some(busy) = machine.cpu_busy.filter(|&b| b > 0.25) {
         out.push(format!(
-            "the machine was busy before the run started (1-min load average {load:.1} on {} CPUs): \
-             other work competes for CPU and disk, figures are low and noisy",
+            "the machine was busy before the run started ({:.0}% of {} CPUs in use by other \
+             work): it competes for CPU and disk, figures are low and noisy",
+            busy * 100.0,
             machine.cpus
         ));
     }

@@ -145,8 +145,12 @@ pub struct Machine {
     pub kernel: Option<String>,
     /// Seconds since the Unix epoch when the run started.
     pub unix_time: u64,
-    /// 1-minute load average when read (a busy machine makes noisy figures).
+    /// 1-minute load average when read (lags: it still counts a run that
+    /// just ended).
     pub loadavg_1m: Option<f64>,
+    /// Fraction of all CPUs busy over 250 ms when read (0..1): other work
+    /// competing with the bench right now.
+    pub cpu_busy: Option<f64>,
 }
 
 impl Machine {
@@ -161,8 +165,31 @@ impl Machine {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             loadavg_1m: loadavg(),
+            cpu_busy: cpu_busy(std::time::Duration::from_millis(250)),
         }
     }
+}
+
+/// Fraction of all CPUs not idle over `window`, from `/proc/stat` (Linux
+/// only). The calling thread sleeps through the window.
+pub fn cpu_busy(window: std::time::Duration) -> Option<f64> {
+    fn sample() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().next()?.strip_prefix("cpu ")?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal (guest is in user).
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((total, idle))
+    }
+    let (t0, i0) = sample()?;
+    std::thread::sleep(window);
+    let (t1, i1) = sample()?;
+    let total = t1.checked_sub(t0)?;
+    (total > 0).then(|| 1.0 - i1.saturating_sub(i0) as f64 / total as f64)
 }
 
 /// The 1-minute load average from `/proc/loadavg` (Linux only).
