@@ -6,7 +6,9 @@
 //! 1. the raw 4 KiB append + `fdatasync` rate of the disk under the bench
 //!    directory (at the start and again at the end);
 //! 2. 256-byte durable appends to our store from 1, 8 and 64 concurrent
-//!    appenders: appends/s, messages per `fdatasync`, p50/p99 latency;
+//!    appenders, as OS threads (`store`) and as tokio tasks (`store-async`,
+//!    how the hub's connections run): appends/s, messages per `fdatasync`,
+//!    p50/p99 latency;
 //! 3. the same workload against sled 0.34.7 (insert under an increasing key,
 //!    then `flush()`, before the append counts as acknowledged);
 //! 4. the time to reopen a ~1 GiB log after `kill -9` of the process that
@@ -17,7 +19,7 @@
 //! `target/bench-results/store.json`.
 //!
 //! Options (after `--`): `--quick` (1 s per point, no reopen), `--only
-//! raw,store,sled,reopen`, `--appenders 1,8,64`. Environment:
+//! raw,store,async,sled,reopen`, `--appenders 1,8,64`. Environment:
 //! `EDGEHUB_BENCH_DIR` (where data goes; default `target/bench-tmp`, never
 //! `/tmp`), `EDGEHUB_BENCH_SECS` (seconds per point),
 //! `EDGEHUB_BENCH_REOPEN_MIB` (log size for the reopen, default 1024),
@@ -297,6 +299,12 @@ fn run() -> BenchResult<bool> {
                 Err(e) => errors.push(format!("store, {n} appenders: {e}")),
             }
         }
+        if cfg.wants("async") {
+            match store_point_async(&cfg, root.path(), n) {
+                Ok(p) => points.push(p),
+                Err(e) => errors.push(format!("store-async, {n} appenders: {e}")),
+            }
+        }
         if cfg.wants("sled") {
             match sled_point(&cfg, root.path(), n) {
                 Ok(p) => points.push(p),
@@ -509,36 +517,62 @@ mod our_store {
 
     /// N threads, each `append(..).wait()` in a loop on one shared store.
     pub(super) fn point(cfg: &Config, root: &Path, threads: usize) -> BenchResult<Point> {
+        measure(cfg, root, threads, false)
+    }
+
+    /// N async tasks on a two-thread tokio runtime (as the hub's connections run), each
+    /// `append(..).await` in a loop on one shared store.
+    pub(super) fn point_async(cfg: &Config, root: &Path, tasks: usize) -> BenchResult<Point> {
+        measure(cfg, root, tasks, true)
+    }
+
+    fn measure(cfg: &Config, root: &Path, n: usize, tasks: bool) -> BenchResult<Point> {
         let dir = tempfile::Builder::new()
-            .prefix(&format!("store-{threads}-"))
+            .prefix(&format!("store-{n}-"))
             .tempdir_in(root)?;
         let store = Store::open(dir.path(), options(1))?;
         let queue = QueueName::new("bench")?;
         let body = bytes::Bytes::from(vec![0x5au8; cfg.payload]);
         let mut before = None;
         let mut after = None;
-        let out = load::closed_loop(
-            &spec(cfg, threads),
-            |_| {
-                let (store, queues, body) = (store.clone(), [queue.clone()], body.clone());
-                Ok(move || store.append(&queues, body.clone(), None).wait().map(drop))
-            },
-            |w| {
-                let s = store.stats();
-                match w {
-                    Window::Open => before = Some(s),
-                    Window::Close => after = Some(s),
-                }
-                Ok(())
-            },
-        )?;
+        let hook = |w| {
+            let s = store.stats();
+            match w {
+                Window::Open => before = Some(s),
+                Window::Close => after = Some(s),
+            }
+            Ok(())
+        };
+        let out = if tasks {
+            load::closed_loop_async(
+                &spec(cfg, n),
+                |_| {
+                    let (store, queues, body) = (store.clone(), [queue.clone()], body.clone());
+                    Ok(move || {
+                        let pending = store.append(&queues, body.clone(), None);
+                        async move { pending.await.map(drop) }
+                    })
+                },
+                hook,
+            )?
+        } else {
+            load::closed_loop(
+                &spec(cfg, n),
+                |_| {
+                    let (store, queues, body) = (store.clone(), [queue.clone()], body.clone());
+                    Ok(move || store.append(&queues, body.clone(), None).wait().map(drop))
+                },
+                hook,
+            )?
+        };
+        let threads = n;
         store.close()?;
         let fdatasyncs = match (before, after) {
             (Some(b), Some(a)) => Some(a.syncs.saturating_sub(b.syncs)),
             _ => None,
         };
         let p = Point {
-            system: "store",
+            system: if tasks { "store-async" } else { "store" },
             appenders: threads,
             payload_bytes: cfg.payload,
             acked: out.ops,
@@ -735,13 +769,20 @@ mod our_store {
 }
 
 #[cfg(feature = "store")]
-use our_store::{child_main, point as store_point, reopen_after_kill9};
+use our_store::{
+    child_main, point as store_point, point_async as store_point_async, reopen_after_kill9,
+};
 
 #[cfg(not(feature = "store"))]
 const NO_STORE: &str = "built without the `store` feature";
 
 #[cfg(not(feature = "store"))]
 fn store_point(_: &Config, _: &Path, _: usize) -> BenchResult<Point> {
+    Err(NO_STORE.into())
+}
+
+#[cfg(not(feature = "store"))]
+fn store_point_async(_: &Config, _: &Path, _: usize) -> BenchResult<Point> {
     Err(NO_STORE.into())
 }
 
@@ -762,19 +803,24 @@ fn find<'a>(points: &'a [Point], system: &str, appenders: usize) -> Option<&'a P
 }
 
 fn targets(cfg: &Config, points: &[Point], reopen: &Reopen) -> Vec<Target> {
-    let mut out = vec![Target::at_least(
-        "store, 64 appenders ÷ raw fdatasync",
-        TARGET_X_RAW_64,
-        find(points, "store", 64).and_then(|p| p.x_raw_fdatasync),
-        report::ratio,
-    )];
-    for &n in &cfg.appenders {
-        out.push(Target::at_most(
-            &format!("store p99 append latency, {n} appenders"),
-            TARGET_P99_US,
-            find(points, "store", n).map(|p| p.latency.p99_us),
-            report::micros,
+    let mut out = Vec::new();
+    for system in ["store-async", "store"] {
+        out.push(Target::at_least(
+            &format!("{system}, 64 appenders ÷ raw fdatasync"),
+            TARGET_X_RAW_64,
+            find(points, system, 64).and_then(|p| p.x_raw_fdatasync),
+            report::ratio,
         ));
+    }
+    for system in ["store-async", "store"] {
+        for &n in &cfg.appenders {
+            out.push(Target::at_most(
+                &format!("{system} p99 append latency, {n} appenders"),
+                TARGET_P99_US,
+                find(points, system, n).map(|p| p.latency.p99_us),
+                report::micros,
+            ));
+        }
     }
     let reopen_us = match reopen {
         Reopen::Measured(r) => Some(r.open_after_kill9_ms * 1e3),
@@ -869,7 +915,8 @@ fn print_report(r: &Results) {
         }
     }
     t.note("÷ raw fdatasync: each point ÷ the mean of the raw samples just before and after its group.");
-    t.note("store: acknowledged after .wait() (group-committed fdatasync); msgs/fdatasync from store.stats().");
+    t.note("store: N OS threads, each acknowledged after .wait() (group-committed fdatasync); msgs/fdatasync from store.stats().");
+    t.note("store-async: N tasks on a 2-thread tokio runtime (as the hub's connections run), each awaiting append.");
     t.note(format!(
         "sled {}: acknowledged after flush(), which syncs with sync_file_range, not fdatasync",
         r.sled_version

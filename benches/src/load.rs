@@ -153,6 +153,92 @@ where
     })
 }
 
+/// Like [`closed_loop`], but each of `spec.threads` workers is an async task on a tokio runtime
+/// with two worker threads (as the hub runs its connections), awaiting `make_task(i)()` in a loop.
+pub fn closed_loop_async<M, T, F, E>(
+    spec: &LoadSpec,
+    mut make_task: M,
+    mut hook: impl FnMut(Window) -> BenchResult<()>,
+) -> BenchResult<LoadOutcome>
+where
+    M: FnMut(usize) -> BenchResult<T>,
+    T: FnMut() -> F + Send + 'static,
+    F: std::future::Future<Output = Result<(), E>> + Send,
+    E: Display,
+{
+    let tasks = spec.threads.max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()?;
+    let phase = std::sync::Arc::new(AtomicU8::new(WARMUP));
+    let failure = std::sync::Arc::new(Mutex::new(None::<String>));
+    let mut handles = Vec::with_capacity(tasks);
+    for i in 0..tasks {
+        let mut op = make_task(i)?;
+        let (phase, failure) = (phase.clone(), failure.clone());
+        handles.push(runtime.spawn(async move {
+            let mut rec = LatencyRecorder::new();
+            let mut ops = 0u64;
+            while phase.load(Ordering::Acquire) != STOP {
+                let started = Instant::now();
+                if let Err(e) = op().await {
+                    if let Ok(mut f) = failure.lock() {
+                        f.get_or_insert_with(|| format!("task {i}: {e}"));
+                    }
+                    phase.store(STOP, Ordering::Release);
+                    break;
+                }
+                if phase.load(Ordering::Acquire) == MEASURE {
+                    rec.record(started.elapsed());
+                    ops += 1;
+                }
+            }
+            (ops, rec)
+        }));
+    }
+    let window = (|| {
+        if !sleep_unless_stopped(&phase, spec.warmup) {
+            return Err(BenchError::from("stopped during warm-up"));
+        }
+        hook(Window::Open)?;
+        let opened = Instant::now();
+        phase.store(MEASURE, Ordering::Release);
+        let completed = sleep_unless_stopped(&phase, spec.measure);
+        phase.store(STOP, Ordering::Release);
+        let elapsed = opened.elapsed();
+        hook(Window::Close)?;
+        if !completed {
+            return Err(BenchError::from("stopped during the measured window"));
+        }
+        Ok(elapsed)
+    })();
+    phase.store(STOP, Ordering::Release);
+    let results = runtime.block_on(async {
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            out.push(h.await.map_err(|_| "a bench task panicked".to_string()));
+        }
+        out
+    });
+    if let Some(msg) = failure.lock().ok().and_then(|mut f| f.take()) {
+        return Err(msg.into());
+    }
+    let elapsed = window?;
+    let mut latency = LatencyRecorder::new();
+    let mut ops = 0;
+    for r in results {
+        let (n, rec) = r?;
+        ops += n;
+        latency.merge(&rec);
+    }
+    Ok(LoadOutcome {
+        threads: tasks,
+        ops,
+        elapsed,
+        latency,
+    })
+}
+
 fn coordinate(
     spec: &LoadSpec,
     phase: &AtomicU8,

@@ -133,8 +133,21 @@ impl Index {
         &self.segments
     }
 
-    /// Records a segment's new length (after a batch, or a cut tail).
-    pub(crate) fn set_segment_len(&mut self, key: SegKey, len: u64) {
+    /// Records how far a segment's data now reaches (after a batch). Preallocated space already
+    /// counts on disk, so the file only grows if the data passes it.
+    pub(crate) fn set_valid_len(&mut self, key: SegKey, valid: u64) {
+        if let Some(seg) = self.segments.get_mut(&key) {
+            seg.valid_len = valid;
+            if valid > seg.len {
+                self.disk_bytes
+                    .fetch_add(valid - seg.len, Ordering::Relaxed);
+                seg.len = valid;
+            }
+        }
+    }
+
+    /// Records that a segment file was cut to `len` bytes, all of them valid.
+    pub(crate) fn set_file_len(&mut self, key: SegKey, len: u64) {
         if let Some(seg) = self.segments.get_mut(&key) {
             self.disk_bytes.fetch_sub(seg.len, Ordering::Relaxed);
             self.disk_bytes.fetch_add(len, Ordering::Relaxed);

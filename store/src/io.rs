@@ -5,8 +5,8 @@
 //! was not synced, so crash tests can stop the store at any write or sync.
 //!
 //! Contract the store relies on (and the simulation models): `sync_data` makes every completed
-//! `write_all_at`/`set_len` of that file durable; `sync_dir` makes every completed `create_new`
-//! and `remove` in that directory durable; nothing else is durable.
+//! `write_all_at`/`set_len` of that file durable; `sync_dir` makes every completed `create_new`,
+//! `remove` and `rename` in that directory durable; nothing else is durable.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -44,6 +44,8 @@ pub trait Fs: Send + Sync + std::fmt::Debug {
     fn open(&self, path: &Path) -> io::Result<Arc<dyn FsFile>>;
     /// Removes a file.
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Renames a file within one directory, replacing nothing (the target must not exist).
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// fsync of the directory itself: makes creations and removals in it durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
 }
@@ -128,6 +130,16 @@ impl Fs for OsFs {
 
     fn remove(&self, path: &Path) -> io::Result<()> {
         std::fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if to.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "rename target exists",
+            ));
+        }
+        std::fs::rename(from, to)
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

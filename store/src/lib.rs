@@ -38,6 +38,7 @@ mod fence;
 mod format;
 mod index;
 pub mod io;
+mod prealloc;
 mod recovery;
 #[cfg(feature = "test-util")]
 pub mod sim;

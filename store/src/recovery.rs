@@ -25,6 +25,7 @@ use crate::format::{
 };
 use crate::index::{Index, IndexEntry, SegKey, SegmentInfo};
 use crate::io::{read_all, Fs, FsFile};
+use crate::prealloc::PREPARED_FILE;
 use crate::types::{Generation, Offset, QueueName};
 
 /// What recovery found and did; logged at open and available from [`crate::Store::recovery`].
@@ -143,7 +144,7 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
     };
     let mut segments = Vec::new();
     for name in fs.list(dir).map_err(open_io("list", dir))? {
-        if name == EPOCHS_FILE || name == RESERVE_FILE {
+        if name == EPOCHS_FILE || name == RESERVE_FILE || name == PREPARED_FILE {
             continue;
         }
         match parse_segment_name(&name) {
@@ -283,6 +284,14 @@ impl Scan<'_> {
                     self.apply(path, key, pos, header.first_offset, payload)?;
                     pos += BATCH_HEADER_LEN + payload.len();
                 }
+                Err(_) if mode == Mode::Tail && bytes[pos..].iter().all(|&b| b == 0) => {
+                    // Preallocated space the writer never reached: not data, not torn.
+                    file.set_len(pos as u64)
+                        .map_err(open_io("truncate", path))?;
+                    file.sync_data().map_err(open_io("fdatasync", path))?;
+                    self.index.set_file_len(key, pos as u64);
+                    break;
+                }
                 Err(e) if mode == Mode::Tail => {
                     if let Some(at) = self.find_valid_batch(&bytes, pos + 1) {
                         return Err(corrupt(
@@ -311,7 +320,7 @@ impl Scan<'_> {
         tracing::warn!(file = %path.display(), at, cut = len - at, "cutting a torn tail that was never acknowledged");
         file.set_len(at).map_err(open_io("truncate", path))?;
         file.sync_data().map_err(open_io("fdatasync", path))?;
-        self.index.set_segment_len(key, at);
+        self.index.set_file_len(key, at);
         self.report.torn_tail = Some((path.to_owned(), at, len - at));
         Ok(())
     }

@@ -383,6 +383,17 @@ impl Fs for SimFs {
             .ok_or_else(|| not_found(path))
     }
 
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut s = self.lock();
+        tick(&mut s, "rename")?;
+        if s.live.contains_key(to) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "exists"));
+        }
+        let ino = s.live.remove(from).ok_or_else(|| not_found(from))?;
+        s.live.insert(to.to_owned(), ino);
+        Ok(())
+    }
+
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         let mut s = self.lock();
         tick(&mut s, "directory fsync")?;

@@ -14,8 +14,8 @@
 //!   queue and repeats every checkpoint, so any older segment can be deleted on its own.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -28,6 +28,7 @@ use crate::format::{
 };
 use crate::index::{IndexEntry, SegKey, SegmentInfo};
 use crate::io::FsFile;
+use crate::prealloc::{Prepared, Preparer, PREPARED_FILE};
 use crate::recovery::{segment_name, RESERVE_FILE};
 use crate::store::{Halt, Shared};
 use crate::types::{Generation, Offset, QueueName, UnixMillis};
@@ -48,6 +49,46 @@ pub(crate) enum Request {
     },
 }
 
+/// An answer on its way to a waiter. The writer hands a batch's answers, in request order, to the
+/// completer thread, which wakes the waiters while the writer already syncs the next batch.
+pub(crate) enum Reply {
+    Append(
+        oneshot::Sender<Result<Offset, AppendError>>,
+        Result<Offset, AppendError>,
+    ),
+    Checkpoint(
+        oneshot::Sender<Result<(), CheckpointError>>,
+        Result<(), CheckpointError>,
+    ),
+}
+
+/// Runs the completer: delivers each batch's answers in the order the writer sent them, until the
+/// writer is gone. Waking waiters is most of the cost of a small append (a thread or task wake-up
+/// each), so it runs beside the writer instead of between its fdatasyncs.
+pub(crate) fn run_completer(batches: mpsc::Receiver<Vec<Reply>>, in_flight: Arc<AtomicUsize>) {
+    for batch in batches {
+        deliver(batch);
+        in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+fn deliver(replies: Vec<Reply>) {
+    for reply in replies {
+        match reply {
+            Reply::Append(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Reply::Checkpoint(tx, r) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+/// Batches up to this many answers are delivered by the writer itself when the completer is idle:
+/// a hand-off would cost a second wake-up for little overlap.
+const DIRECT_REPLIES: usize = 8;
+
 /// A waiter for an explicit retention run: answered with how many segments were deleted.
 pub(crate) type ReclaimWaiter = oneshot::Sender<Result<u64, ReclaimError>>;
 
@@ -58,7 +99,10 @@ pub(crate) struct Active {
     pub(crate) generation: Generation,
     pub(crate) seq: u64,
     pub(crate) file: Arc<dyn FsFile>,
+    /// Where the next batch goes.
     pub(crate) len: u64,
+    /// Bytes preallocated (zeros) in the file; 0 if it was created plainly.
+    pub(crate) allocated: u64,
 }
 
 /// State only the writer thread touches.
@@ -76,6 +120,12 @@ pub(crate) struct Writer {
     /// The active segment's preamble is not durable yet (its write failed): write it before the
     /// next batch, and delete no older segment until then (they may hold the only declarations).
     pub(crate) needs_preamble: bool,
+    /// Keeps the next segment ready (see `prealloc`).
+    pub(crate) preparer: Preparer,
+    /// Where answers go (in order) to be delivered by the completer thread.
+    pub(crate) completions: mpsc::Sender<Vec<Reply>>,
+    /// Batches handed to the completer and not yet delivered.
+    pub(crate) in_flight: Arc<AtomicUsize>,
     /// Whether the `RESERVE` file is on disk (see [`crate::store::StoreOptions::reserve_bytes`]).
     pub(crate) reserve_present: bool,
 }
@@ -112,19 +162,22 @@ impl Writer {
             let (requests, reclaims) = {
                 let mut inbox = self.shared.lock_inbox();
                 while inbox.requests.is_empty() && inbox.reclaims.is_empty() && !inbox.closing {
+                    inbox.writer_waiting = true;
                     let (guard, _) = self
                         .shared
                         .inbox_cv
                         .wait_timeout(inbox, RECLAIM_INTERVAL)
                         .unwrap_or_else(|p| p.into_inner());
                     inbox = guard;
+                    inbox.writer_waiting = false;
                     if inbox.requests.is_empty() && self.last_reclaim.elapsed() >= RECLAIM_INTERVAL
                     {
                         break;
                     }
                 }
                 if inbox.requests.is_empty() && inbox.reclaims.is_empty() && inbox.closing {
-                    return;
+                    drop(inbox);
+                    return self.close();
                 }
                 (
                     std::mem::take(&mut inbox.requests),
@@ -147,6 +200,18 @@ impl Writer {
         }
     }
 
+    /// A clean close leaves no unused preallocated space behind: the newest segment ends on its
+    /// last batch and no prepared file is left.
+    fn close(mut self) {
+        if self.halt().is_none() {
+            if let Err(BatchFailure::Halt(h)) = self.cut_preallocation() {
+                tracing::warn!(reason = %h, "could not give back preallocated space at close");
+            }
+        }
+        self.preparer = Preparer::disabled();
+        let _ = self.shared.fs.remove(&self.shared.dir.join(PREPARED_FILE));
+    }
+
     fn halt(&self) -> Option<Halt> {
         self.shared
             .halt
@@ -167,11 +232,11 @@ impl Writer {
     /// One group commit: everything that was waiting, one write, one fdatasync.
     fn commit(&mut self, requests: Vec<Request>) {
         if let Some(halt) = self.halt() {
-            return fail_all(requests, &BatchFailure::Halt(halt), &self.shared);
+            return self.fail_all(requests, &BatchFailure::Halt(halt));
         }
         if !self.fence.still_current() {
             self.poison(Halt::Fenced);
-            return fail_all(requests, &BatchFailure::Halt(Halt::Fenced), &self.shared);
+            return self.fail_all(requests, &BatchFailure::Halt(Halt::Fenced));
         }
         let ready = if self.active.len >= self.shared.opts.segment_bytes {
             self.rotate()
@@ -184,7 +249,7 @@ impl Writer {
             if let BatchFailure::Halt(h) = &failure {
                 self.poison(h.clone());
             }
-            return fail_all(requests, &failure, &self.shared);
+            return self.fail_all(requests, &failure);
         }
         let rollback = (self.next_offset, self.next_queue_id);
         let (plans, new_queues, checkpoints) = self.build(&requests);
@@ -205,7 +270,7 @@ impl Writer {
                 match failure {
                     BatchFailure::Halt(h) => {
                         self.poison(h.clone());
-                        fail_all(requests, &BatchFailure::Halt(h), &self.shared);
+                        self.fail_all(requests, &BatchFailure::Halt(h));
                     }
                     BatchFailure::NoSpace => self.commit_checkpoints_on_full_disk(requests),
                 }
@@ -219,14 +284,14 @@ impl Writer {
         let (checkpoints, appends): (Vec<Request>, Vec<Request>) = requests
             .into_iter()
             .partition(|r| matches!(r, Request::Checkpoint { .. }));
-        fail_all(appends, &BatchFailure::NoSpace, &self.shared);
+        self.fail_all(appends, &BatchFailure::NoSpace);
         if checkpoints.is_empty() {
             return;
         }
         if self.release_reserve() {
             self.commit(checkpoints);
         } else {
-            fail_all(checkpoints, &BatchFailure::NoSpace, &self.shared);
+            self.fail_all(checkpoints, &BatchFailure::NoSpace);
         }
     }
 
@@ -446,6 +511,8 @@ impl Writer {
                 // Nothing of this batch was acknowledged: put the file back as it was.
                 if file.set_len(pos).and_then(|()| file.sync_data()).is_ok() {
                     tracing::warn!(segment = self.active.seq, "disk full: batch refused");
+                    self.active.allocated = self.active.allocated.min(pos);
+                    self.shared.lock_index().set_file_len(self.active.key, pos);
                     return Err(BatchFailure::NoSpace);
                 }
             }
@@ -478,7 +545,7 @@ impl Writer {
         for (name, id) in new_queues {
             index.declare(*id, name.clone());
         }
-        index.set_segment_len(self.active.key, self.active.len);
+        index.set_valid_len(self.active.key, self.active.len);
         for plan in plans {
             if let Plan::Message(p) = plan {
                 let mut entry = p.entry;
@@ -502,24 +569,26 @@ impl Writer {
         // it, so a waiter's next append does not count them twice.
         self.shared.release(reserved_by(&requests));
         let mut appends = 0;
+        let mut replies = Vec::with_capacity(requests.len());
         for (req, plan) in requests.into_iter().zip(plans) {
-            match (req, plan) {
+            replies.push(match (req, plan) {
                 (Request::Append { reply, .. }, Plan::Message(p)) => {
                     appends += 1;
-                    let _ = reply.send(Ok(p.entry.offset));
+                    Reply::Append(reply, Ok(p.entry.offset))
                 }
                 (Request::Checkpoint { reply, .. }, Plan::Checkpoint(outcome)) => {
-                    let _ = reply.send(outcome);
+                    Reply::Checkpoint(reply, outcome)
                 }
                 // `build` makes exactly one plan per request, of the request's kind.
                 (Request::Append { reply, .. }, Plan::Checkpoint(_)) => {
-                    let _ = reply.send(Err(AppendError::Closed));
+                    Reply::Append(reply, Err(AppendError::Closed))
                 }
                 (Request::Checkpoint { reply, .. }, Plan::Message(_)) => {
-                    let _ = reply.send(Err(CheckpointError::Closed));
+                    Reply::Checkpoint(reply, Err(CheckpointError::Closed))
                 }
-            }
+            });
         }
+        self.complete(replies);
         self.shared
             .stats
             .appends
@@ -527,10 +596,57 @@ impl Writer {
         self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Hands answers to the completer, behind every earlier batch's. If the completer is gone (it
+    /// only stops after the writer), the waiters see their channel closed: `Closed`.
+    fn complete(&self, replies: Vec<Reply>) {
+        // Answering directly keeps the order only when nothing handed over earlier is pending.
+        if replies.len() <= DIRECT_REPLIES && self.in_flight.load(Ordering::Acquire) == 0 {
+            return deliver(replies);
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if let Err(mpsc::SendError(replies)) = self.completions.send(replies) {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            deliver(replies);
+        }
+    }
+
+    /// Fails every request of a batch that was not written (or not durable).
+    fn fail_all(&self, requests: Vec<Request>, failure: &BatchFailure) {
+        let shared = &self.shared;
+        shared.release(reserved_by(&requests));
+        let replies = requests
+            .into_iter()
+            .map(|req| match req {
+                Request::Append {
+                    reserved, reply, ..
+                } => {
+                    let err = match failure {
+                        BatchFailure::NoSpace => AppendError::Full {
+                            needed: reserved,
+                            used: shared.used_bytes(),
+                            quota: shared.used_bytes(),
+                        },
+                        BatchFailure::Halt(h) => h.append_error(),
+                    };
+                    Reply::Append(reply, Err(err))
+                }
+                Request::Checkpoint { reply, .. } => {
+                    let err = match failure {
+                        BatchFailure::NoSpace => CheckpointError::NoSpace,
+                        BatchFailure::Halt(h) => h.checkpoint_error(),
+                    };
+                    Reply::Checkpoint(reply, Err(err))
+                }
+            })
+            .collect();
+        self.complete(replies);
+    }
+
     /// Starts the next segment of this generation. On a full disk the rotation is postponed (the
     /// segment size is a soft limit) and the batch goes into the current segment, so that small
     /// batches such as checkpoints, which let retention free space, still fit.
     fn rotate(&mut self) -> Result<(), BatchFailure> {
+        self.cut_preallocation()?;
         let previous = self.active.clone();
         match self.start_segment(previous.generation, previous.seq + 1) {
             Err(BatchFailure::NoSpace) if self.active.key == previous.key => {
@@ -572,15 +688,42 @@ impl Writer {
         Ok(())
     }
 
-    /// Creates segment `seq` and makes its preamble durable.
+    /// Gives back the zeros the active segment did not use, before a newer segment exists: only
+    /// the newest segment may end in unused space (recovery reads every other one to its end).
+    fn cut_preallocation(&mut self) -> Result<(), BatchFailure> {
+        if self.active.allocated <= self.active.len {
+            return Ok(());
+        }
+        let file = &self.active.file;
+        file.set_len(self.active.len)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| {
+                BatchFailure::Halt(Halt::Poisoned(
+                    format!("truncate segment {}: {e}", self.active.seq).into(),
+                ))
+            })?;
+        self.active.allocated = self.active.len;
+        self.shared
+            .lock_index()
+            .set_file_len(self.active.key, self.active.len);
+        Ok(())
+    }
+
+    /// Creates segment `seq` (from the prepared file when one is ready) and makes its preamble
+    /// durable.
     fn start_segment(&mut self, generation: Generation, seq: u64) -> Result<(), BatchFailure> {
-        self.active = create_segment(&self.shared, generation, seq).map_err(|e| {
+        let made = match self.preparer.take() {
+            Some(prepared) => adopt_prepared(&self.shared, prepared, generation, seq),
+            None => create_segment(&self.shared, generation, seq),
+        };
+        self.active = made.map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 BatchFailure::NoSpace
             } else {
                 BatchFailure::Halt(Halt::Poisoned(format!("create segment {seq}: {e}").into()))
             }
         })?;
+        self.preparer.request();
         self.write_preamble()
     }
 
@@ -596,7 +739,7 @@ impl Writer {
             self.write_and_sync()?;
             self.shared
                 .lock_index()
-                .set_segment_len(self.active.key, self.active.len);
+                .set_valid_len(self.active.key, self.active.len);
         }
         self.needs_preamble = false;
         Ok(())
@@ -684,6 +827,47 @@ pub(crate) fn create_segment(
         seq,
         file,
         len: header.len() as u64,
+        allocated: 0,
+    })
+}
+
+/// Turns the prepared file into segment `seq`: header written and synced, then renamed into
+/// place and the directory synced, so the segment name never points at a file without a header.
+fn adopt_prepared(
+    shared: &Shared,
+    (file, allocated): Prepared,
+    generation: Generation,
+    seq: u64,
+) -> std::io::Result<Active> {
+    let from = shared.dir.join(PREPARED_FILE);
+    let path = shared.dir.join(segment_name(generation, seq));
+    let header = SegmentHeader { generation, seq }.encode();
+    let adopted = file
+        .write_all_at(&header, 0)
+        .and_then(|()| file.sync_data())
+        .and_then(|()| shared.fs.rename(&from, &path))
+        .and_then(|()| shared.fs.sync_dir(&shared.dir));
+    if let Err(e) = adopted {
+        let _ = shared.fs.remove(&from);
+        let _ = shared.fs.remove(&path);
+        return Err(e);
+    }
+    let key = shared.lock_index().add_segment(SegmentInfo {
+        generation,
+        seq,
+        path,
+        file: Arc::clone(&file),
+        len: allocated,
+        valid_len: header.len() as u64,
+        summary: Default::default(),
+    });
+    Ok(Active {
+        key,
+        generation,
+        seq,
+        file,
+        len: header.len() as u64,
+        allocated,
     })
 }
 
@@ -696,32 +880,4 @@ fn reserved_by(requests: &[Request]) -> u64 {
             Request::Checkpoint { .. } => 0,
         })
         .sum()
-}
-
-fn fail_all(requests: Vec<Request>, failure: &BatchFailure, shared: &Shared) {
-    shared.release(reserved_by(&requests));
-    for req in requests {
-        match req {
-            Request::Append {
-                reserved, reply, ..
-            } => {
-                let err = match failure {
-                    BatchFailure::NoSpace => AppendError::Full {
-                        needed: reserved,
-                        used: shared.used_bytes(),
-                        quota: shared.used_bytes(),
-                    },
-                    BatchFailure::Halt(h) => h.append_error(),
-                };
-                let _ = reply.send(Err(err));
-            }
-            Request::Checkpoint { reply, .. } => {
-                let err = match failure {
-                    BatchFailure::NoSpace => CheckpointError::NoSpace,
-                    BatchFailure::Halt(h) => h.checkpoint_error(),
-                };
-                let _ = reply.send(Err(err));
-            }
-        }
-    }
 }

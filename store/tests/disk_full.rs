@@ -416,6 +416,8 @@ fn enospc_while_writing_a_new_segments_preamble_leaves_a_store_that_still_reopen
     let dir = Path::new("/store");
     let opts = StoreOptions {
         segment_bytes: 4096,
+        // The plain way of making a segment (a prepared one already owns its space).
+        preallocate: false,
         ..opts()
     };
     let open = || {

@@ -259,6 +259,8 @@ fn a_failed_segment_creation_during_rotation_poisons_the_store_and_loses_nothing
             StoreOptions {
                 epoch: Epoch::new(1),
                 segment_bytes: 4096,
+                // The plain way of making a segment, whose first operation is the file creation.
+                preallocate: false,
                 ..StoreOptions::default()
             },
             Arc::new(fs.clone()),

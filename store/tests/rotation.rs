@@ -17,6 +17,8 @@ fn open(fs: &SimFs) -> Store {
             epoch: Epoch::new(1),
             segment_bytes: 4096,
             reserve_bytes: 4096,
+            // The plain way of making a segment (a prepared one already owns its space).
+            preallocate: false,
             ..StoreOptions::default()
         },
         Arc::new(fs.clone()),
@@ -101,4 +103,77 @@ fn a_full_disk_postpones_rotation_so_checkpoints_fit_and_every_declaration_survi
         (read[0].offset, read[0].body.as_ref()),
         (after, &b"after"[..])
     );
+}
+
+#[test]
+fn after_a_crash_the_unused_preallocated_end_of_the_newest_segment_is_not_a_torn_tail() {
+    let fs = SimFs::new();
+    let store = Store::open_with(
+        Path::new("/r"),
+        StoreOptions {
+            epoch: Epoch::new(1),
+            segment_bytes: 4096,
+            reserve_bytes: 4096,
+            ..StoreOptions::default()
+        },
+        Arc::new(fs.clone()),
+        Arc::new(SystemClock),
+    )
+    .expect("open");
+    let q = QueueName::new("q").expect("name");
+    let mut acked = Vec::new();
+    // Append until the newest segment is a prepared one: allocated to 4096 bytes, ending in zeros.
+    let preallocated = |fs: &SimFs| {
+        let mut names: Vec<String> = fs
+            .files(Path::new("/r"))
+            .into_iter()
+            .filter(|n| n.ends_with(".seg"))
+            .collect();
+        names.sort();
+        let newest = fs
+            .read_file(&Path::new("/r").join(names.last().expect("a segment")))
+            .expect("read");
+        names.len() > 1 && newest.len() == 4096 && newest.ends_with(&[0u8; 64])
+    };
+    for i in 0..500u32 {
+        if acked.len() > 20 && preallocated(&fs) {
+            break;
+        }
+        let body = Bytes::from(i.to_le_bytes().repeat(50));
+        let off = store
+            .append(std::slice::from_ref(&q), body.clone(), None)
+            .wait()
+            .expect("append");
+        acked.push((off, body));
+    }
+    assert!(
+        preallocated(&fs),
+        "the newest segment was never a preallocated one"
+    );
+    let image = fs.crash_image(7);
+    drop(store);
+    let reopened = Store::open_with(
+        Path::new("/r"),
+        StoreOptions {
+            epoch: Epoch::new(1),
+            segment_bytes: 4096,
+            reserve_bytes: 4096,
+            ..StoreOptions::default()
+        },
+        Arc::new(image),
+        Arc::new(SystemClock),
+    )
+    .expect("reopen");
+    assert_eq!(
+        reopened.recovery().torn_tail,
+        None,
+        "zeros are not a torn write"
+    );
+    let read: Vec<(Offset, Bytes)> = reopened
+        .read(&q, Offset::ZERO, usize::MAX)
+        .expect("read")
+        .into_iter()
+        .map(|m| (m.offset, m.body))
+        .collect();
+    assert_eq!(read, acked);
 }
