@@ -1,0 +1,3 @@
+//! Authentication: SAS tokens (Azure IoT Hub's shared access signatures).
+
+pub mod sas;

@@ -1,0 +1,19 @@
+//! The edgehub hub: protocol heads and everything around them that a user touches.
+//!
+//! It adapts the outside world to the core: MQTT 3.1.1 over TLS for modules written with the
+//! official Azure IoT SDKs, SAS-token authentication, module identities and their keys, the hub's
+//! own certificate authority, the command line, and the HTTP surface (`/metrics`, `/healthz`,
+//! `/readyz`). The core (`router`, `store`) never imports this crate.
+//!
+//! Guarantees the heads keep (see ARCHITECTURE.md): a publish is acknowledged only after
+//! `router::Router::route` says it is durable, acknowledgements go out in the order the publishes
+//! arrived, and an identity is taken only from what was authenticated, never from a topic.
+
+pub mod auth;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod mqtt;
+pub mod server;
+pub mod settings;
+pub mod tls;

@@ -1,0 +1,3 @@
+//! The `edgehub` binary (being written).
+
+fn main() {}
