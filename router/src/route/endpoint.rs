@@ -50,6 +50,20 @@ impl Endpoint {
             Endpoint::ModuleInput { module, input } => EndpointId(format!("{module}/{input}")),
         }
     }
+
+    /// The endpoint an id names (the inverse of [`Endpoint::id`]; module ids hold no `/`).
+    pub fn from_id(id: &EndpointId) -> Option<Endpoint> {
+        match id.0.split_once('/') {
+            None if id.0 == "iothub" => Some(Endpoint::Upstream),
+            Some((module, input)) if !module.is_empty() && !input.is_empty() => {
+                Some(Endpoint::ModuleInput {
+                    module: ModuleId::new(module),
+                    input: InputName::new(input),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Endpoint {
@@ -75,5 +89,20 @@ mod tests {
             input: InputName::new("i"),
         };
         assert_eq!(input.id().as_str(), "m/i");
+    }
+
+    #[test]
+    fn an_id_names_its_endpoint_back() {
+        let input = Endpoint::ModuleInput {
+            module: ModuleId::new("m"),
+            input: InputName::new("i"),
+        };
+        assert_eq!(Endpoint::from_id(&input.id()), Some(input));
+        assert_eq!(
+            Endpoint::from_id(&Endpoint::Upstream.id()),
+            Some(Endpoint::Upstream)
+        );
+        assert_eq!(Endpoint::from_id(&EndpointId("nope".into())), None);
+        assert_eq!(Endpoint::from_id(&EndpointId("m/".into())), None);
     }
 }
