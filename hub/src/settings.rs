@@ -1,1 +1,759 @@
-//! (being written: issue 4)
+//! Typed, validated runtime settings: everything `hub::server::run` needs to know, already
+//! checked, so that nothing past this point parses a flag or an environment variable.
+//!
+//! [`RawSettings`] holds what a user typed (every field optional; `None` means the embedded
+//! default). [`RawSettings::validate`] turns it into [`Settings`] or a [`SettingsError`] that
+//! names the offending field.
+//!
+//! Guarantees:
+//! - A [`Settings`] value is valid: addresses parse, host names and ids are well formed, the
+//!   plain MQTT listener (if any) is on a loopback address, and no two listeners share a port.
+//! - Defaults are those of the issue: data in `./edgehub-data`, MQTT over TLS on
+//!   `0.0.0.0:8883`, metrics on `:9600` (all interfaces), the built-in default manifest.
+//! - This module reads no environment variables and no flags: `main.rs` does, and passes the
+//!   machine's host name in (see [`machine_hostname`]).
+//!
+//! Defaults chosen here, and why:
+//! - IoT Hub host name [`DEFAULT_IOTHUB_HOSTNAME`] = `edgehub.local`: SDKs put it in the MQTT
+//!   username and the SAS `sr`, but connect to `GatewayHostName`, so it is never resolved. A
+//!   `.local` name (RFC 6762) never reaches public DNS, so it cannot be mistaken for a real hub.
+//! - Device id [`DEFAULT_DEVICE_ID`] = `edge-device`.
+//! - Gateway host name: the machine's host name, else `localhost`.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use router::manifest::{parse_deployment_value, Deployment};
+use router::{DeviceId, ManifestError, ManifestIssue, ModuleId};
+
+/// The deployment manifest used when none is given: modules `sender` and `receiver`, routes
+/// `sender → receiver/input1` and `sender → $upstream`.
+pub const DEFAULT_MANIFEST: &str = include_str!("default-manifest.json");
+/// Where the hub keeps its store, identities and certificates by default.
+pub const DEFAULT_DATA_DIR: &str = "./edgehub-data";
+/// The MQTT-over-TLS listener by default (edgeHub's port).
+pub const DEFAULT_MQTT_ADDR: &str = "0.0.0.0:8883";
+/// The metrics and health listener by default (edgeHub's port), on every interface.
+pub const DEFAULT_METRICS_ADDR: &str = ":9600";
+/// The IoT Hub host name by default; see the module docs for why.
+pub const DEFAULT_IOTHUB_HOSTNAME: &str = "edgehub.local";
+/// The edge device id by default.
+pub const DEFAULT_DEVICE_ID: &str = "edge-device";
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (for Kubernetes and log shippers).
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("expected \"text\" or \"json\", got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+/// Where the deployment manifest comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManifestSource {
+    /// [`DEFAULT_MANIFEST`], compiled into the binary.
+    BuiltIn,
+    /// A deployment manifest file.
+    File(PathBuf),
+}
+
+impl fmt::Display for ManifestSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ManifestSource::BuiltIn => f.write_str("the built-in default manifest"),
+            ManifestSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// A manifest that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestLoadError {
+    /// The file could not be read.
+    #[error("cannot read manifest {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The manifest was read but is not valid; every problem is listed.
+    #[error("invalid manifest {source_name}: {error}")]
+    Invalid {
+        /// Where it came from ([`ManifestSource`]'s display).
+        source_name: String,
+        /// Every problem, each with its location.
+        error: ManifestError,
+    },
+}
+
+impl ManifestSource {
+    /// The manifest text.
+    pub fn text(&self) -> Result<Cow<'static, str>, ManifestLoadError> {
+        match self {
+            ManifestSource::BuiltIn => Ok(Cow::Borrowed(DEFAULT_MANIFEST)),
+            ManifestSource::File(path) => {
+                std::fs::read_to_string(path)
+                    .map(Cow::Owned)
+                    .map_err(|source| ManifestLoadError::Read {
+                        path: path.clone(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Reads and parses the manifest.
+    pub fn load(&self) -> Result<Deployment, ManifestLoadError> {
+        let text = self.text()?;
+        parse_manifest(&text).map_err(|error| ManifestLoadError::Invalid {
+            source_name: self.to_string(),
+            error,
+        })
+    }
+}
+
+/// Parses a deployment manifest as IoT Edge writes it.
+///
+/// Real manifests (`deployment.template.json`, `az iot edge set-modules --content`) spell a
+/// twin's desired properties as one key with a dot, `"properties.desired"`; the router's
+/// parser looks for nested `"properties": {"desired": …}`. This accepts both by rewriting the
+/// dotted key into the nested form first (only where the nested form is absent), so error
+/// paths read the same either way.
+pub fn parse_manifest(text: &str) -> Result<Deployment, ManifestError> {
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| ManifestError {
+        issues: vec![ManifestIssue::Structure {
+            path: "$".to_owned(),
+            reason: format!("invalid JSON: {e}"),
+        }],
+    })?;
+    if let Some(content) = value.pointer_mut("/content/modulesContent") {
+        nest_desired_properties(content);
+    } else if let Some(content) = value.get_mut("modulesContent") {
+        nest_desired_properties(content);
+    }
+    parse_deployment_value(&value)
+}
+
+fn nest_desired_properties(content: &mut serde_json::Value) {
+    let Some(twins) = content.as_object_mut() else {
+        return;
+    };
+    for twin in twins.values_mut() {
+        let Some(twin) = twin.as_object_mut() else {
+            continue;
+        };
+        if twin.contains_key("properties") {
+            continue;
+        }
+        if let Some(desired) = twin.remove("properties.desired") {
+            twin.insert(
+                "properties".to_owned(),
+                serde_json::json!({ "desired": desired }),
+            );
+        }
+    }
+}
+
+/// Settings as typed by a user: `None` means the default. Fields are strings where the
+/// validation (and its error message) belongs here rather than to the CLI parser.
+#[derive(Clone, Debug, Default)]
+pub struct RawSettings {
+    /// Data directory (default [`DEFAULT_DATA_DIR`]).
+    pub data_dir: Option<PathBuf>,
+    /// Deployment manifest file (default: the built-in manifest).
+    pub manifest: Option<PathBuf>,
+    /// MQTT-over-TLS listener, `ip:port` or `:port` (default [`DEFAULT_MQTT_ADDR`]).
+    pub mqtt_addr: Option<String>,
+    /// Metrics and health listener, `ip:port` or `:port` (default [`DEFAULT_METRICS_ADDR`]).
+    pub metrics_addr: Option<String>,
+    /// IoT Hub host name (default [`DEFAULT_IOTHUB_HOSTNAME`]).
+    pub iothub_hostname: Option<String>,
+    /// Edge device id (default [`DEFAULT_DEVICE_ID`]).
+    pub device_id: Option<String>,
+    /// Host name modules connect to (default: the machine's host name, else `localhost`).
+    pub gateway_hostname: Option<String>,
+    /// More host names (or IP addresses) for the server certificate.
+    pub hostnames: Vec<String>,
+    /// Modules to give identities besides the manifest's.
+    pub modules: Vec<String>,
+    /// Log format (default text).
+    pub log_format: Option<LogFormat>,
+    /// A plain-TCP MQTT listener for benchmarks; loopback addresses only. Off by default.
+    pub plain_mqtt_addr: Option<String>,
+}
+
+/// Validated settings. Build with [`RawSettings::validate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    data_dir: PathBuf,
+    manifest: ManifestSource,
+    mqtt_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    iothub_hostname: String,
+    device_id: DeviceId,
+    gateway_hostname: String,
+    machine_hostname: Option<String>,
+    hostnames: Vec<String>,
+    modules: Vec<ModuleId>,
+    log_format: LogFormat,
+    plain_mqtt_addr: Option<SocketAddr>,
+}
+
+/// A setting that is not valid. The message names the field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field} {value:?}: {reason}")]
+pub struct SettingsError {
+    /// The offending field, as named in [`RawSettings`] (the flag is `--` plus the field with
+    /// `-` for `_`).
+    pub field: &'static str,
+    /// The value given.
+    pub value: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn invalid(field: &'static str, value: &str, reason: impl Into<String>) -> SettingsError {
+    SettingsError {
+        field,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+impl RawSettings {
+    /// Checks every field and fills in defaults. `machine_hostname` is the host name of this
+    /// machine if known (see [`machine_hostname`]); it defaults the gateway host name and goes
+    /// into the server certificate.
+    pub fn validate(self, machine_hostname: Option<String>) -> Result<Settings, SettingsError> {
+        let data_dir = self
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "", "must not be empty"));
+        }
+        let manifest = match self.manifest {
+            None => ManifestSource::BuiltIn,
+            Some(path) if path.as_os_str().is_empty() => {
+                return Err(invalid("manifest", "", "must not be empty"))
+            }
+            Some(path) => ManifestSource::File(path),
+        };
+        let mqtt_addr = parse_listen_addr(
+            "mqtt_addr",
+            self.mqtt_addr.as_deref().unwrap_or(DEFAULT_MQTT_ADDR),
+        )?;
+        let metrics_addr = parse_listen_addr(
+            "metrics_addr",
+            self.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR),
+        )?;
+        let plain_mqtt_addr = match self.plain_mqtt_addr.as_deref() {
+            None => None,
+            Some(text) => {
+                let addr = parse_listen_addr("plain_mqtt_addr", text)?;
+                if !addr.ip().is_loopback() {
+                    return Err(invalid(
+                        "plain_mqtt_addr",
+                        text,
+                        "the plain (unencrypted) MQTT listener is for benchmarks and only binds \
+                         a loopback address such as 127.0.0.1:1883",
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        check_distinct_ports(&[
+            ("mqtt_addr", Some(mqtt_addr)),
+            ("metrics_addr", Some(metrics_addr)),
+            ("plain_mqtt_addr", plain_mqtt_addr),
+        ])?;
+        let iothub_hostname = self
+            .iothub_hostname
+            .unwrap_or_else(|| DEFAULT_IOTHUB_HOSTNAME.to_owned());
+        check_hostname("iothub_hostname", &iothub_hostname)?;
+        let device_id = self
+            .device_id
+            .unwrap_or_else(|| DEFAULT_DEVICE_ID.to_owned());
+        check_id("device_id", &device_id)?;
+        let machine_hostname = machine_hostname.filter(|h| check_hostname("", h).is_ok());
+        let gateway_hostname = self
+            .gateway_hostname
+            .or_else(|| machine_hostname.clone())
+            .unwrap_or_else(|| "localhost".to_owned());
+        check_hostname("gateway_hostname", &gateway_hostname)?;
+        for h in &self.hostnames {
+            check_hostname("hostname", h)?;
+        }
+        let mut modules = Vec::with_capacity(self.modules.len());
+        for m in &self.modules {
+            check_module_id("module", m)?;
+            modules.push(ModuleId::new(m.clone()));
+        }
+        modules.sort();
+        modules.dedup();
+        Ok(Settings {
+            data_dir,
+            manifest,
+            mqtt_addr,
+            metrics_addr,
+            iothub_hostname,
+            device_id: DeviceId::new(device_id),
+            gateway_hostname,
+            machine_hostname,
+            hostnames: self.hostnames,
+            modules,
+            log_format: self.log_format.unwrap_or_default(),
+            plain_mqtt_addr,
+        })
+    }
+}
+
+impl Settings {
+    /// Settings with every default, for the given machine host name.
+    pub fn defaults(machine_hostname: Option<String>) -> Result<Settings, SettingsError> {
+        RawSettings::default().validate(machine_hostname)
+    }
+
+    /// The data directory: store, identities, certificates.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Where the deployment manifest comes from.
+    pub fn manifest(&self) -> &ManifestSource {
+        &self.manifest
+    }
+
+    /// The MQTT-over-TLS listener address.
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt_addr
+    }
+
+    /// The metrics and health listener address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// The IoT Hub host name (in connection strings, MQTT usernames and SAS audiences).
+    pub fn iothub_hostname(&self) -> &str {
+        &self.iothub_hostname
+    }
+
+    /// The edge device id.
+    pub fn device_id(&self) -> &DeviceId {
+        &self.device_id
+    }
+
+    /// The host name modules connect to (`GatewayHostName` in connection strings).
+    pub fn gateway_hostname(&self) -> &str {
+        &self.gateway_hostname
+    }
+
+    /// This machine's host name, if known.
+    pub fn machine_hostname(&self) -> Option<&str> {
+        self.machine_hostname.as_deref()
+    }
+
+    /// Extra host names for the server certificate (`--hostname`).
+    pub fn hostnames(&self) -> &[String] {
+        &self.hostnames
+    }
+
+    /// Modules given identities besides the manifest's (`--module`), sorted, no duplicates.
+    pub fn modules(&self) -> &[ModuleId] {
+        &self.modules
+    }
+
+    /// How logs are written.
+    pub fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+
+    /// The loopback-only plain MQTT listener, if enabled.
+    pub fn plain_mqtt_addr(&self) -> Option<SocketAddr> {
+        self.plain_mqtt_addr
+    }
+
+    /// The names the server certificate must cover, in a stable order without duplicates:
+    /// `localhost`, `127.0.0.1`, `::1`, the machine host name, the gateway host name, then
+    /// every `--hostname`.
+    pub fn certificate_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        let candidates = ["localhost", "127.0.0.1", "::1"]
+            .into_iter()
+            .chain(self.machine_hostname.as_deref())
+            .chain([self.gateway_hostname.as_str()])
+            .chain(self.hostnames.iter().map(String::as_str));
+        for name in candidates {
+            let name = name.to_ascii_lowercase();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    }
+
+    /// Returns these settings with `modules` (e.g. from the manifest) added to the
+    /// `--module`s, still sorted and without duplicates.
+    pub fn all_modules(&self, manifest_modules: &[ModuleId]) -> Vec<ModuleId> {
+        let mut all: Vec<ModuleId> = self
+            .modules
+            .iter()
+            .chain(manifest_modules)
+            .cloned()
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+/// This machine's host name: `/proc/sys/kernel/hostname`, else `/etc/hostname`, else the
+/// `HOSTNAME` environment variable. `None` if none holds a valid host name.
+pub fn machine_hostname() -> Option<String> {
+    let from_file = |p: &str| std::fs::read_to_string(p).ok();
+    [
+        from_file("/proc/sys/kernel/hostname"),
+        from_file("/etc/hostname"),
+        std::env::var("HOSTNAME").ok(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|h| h.trim().to_owned())
+    .find(|h| check_hostname("", h).is_ok())
+}
+
+/// `ip:port`, `[ipv6]:port`, or `:port` (all IPv4 interfaces).
+fn parse_listen_addr(field: &'static str, text: &str) -> Result<SocketAddr, SettingsError> {
+    if let Some(port) = text.strip_prefix(':') {
+        let port: u16 = port
+            .parse()
+            .map_err(|_| invalid(field, text, "expected a port number after ':'"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    text.parse().map_err(|_| {
+        invalid(
+            field,
+            text,
+            "expected ip:port, [ipv6]:port or :port (host names are not resolved)",
+        )
+    })
+}
+
+fn check_distinct_ports(addrs: &[(&'static str, Option<SocketAddr>)]) -> Result<(), SettingsError> {
+    let present: Vec<(&'static str, SocketAddr)> = addrs
+        .iter()
+        .filter_map(|(f, a)| a.map(|a| (*f, a)))
+        .collect();
+    for (i, (field, addr)) in present.iter().enumerate() {
+        for (other, other_addr) in &present[..i] {
+            let overlap = addr.ip().is_unspecified()
+                || other_addr.ip().is_unspecified()
+                || addr.ip() == other_addr.ip();
+            if addr.port() != 0 && addr.port() == other_addr.port() && overlap {
+                return Err(invalid(
+                    field,
+                    &addr.to_string(),
+                    format!("same port as {other} ({other_addr})"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A DNS host name (labels of letters, digits, `-` and `_`) or an IP address.
+fn check_hostname(field: &'static str, name: &str) -> Result<(), SettingsError> {
+    if name.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if name.is_empty() || name.len() > 253 {
+        return Err(invalid(field, name, "must be 1 to 253 characters"));
+    }
+    for label in name.trim_end_matches('.').split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(invalid(
+                field,
+                name,
+                format!("label {label:?} is not a valid host name label"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// IoT Hub's device and module id rule: 1 to 128 ASCII letters, digits and `-.%_*?!(),:=@$'+#`.
+/// `/` and `;` are excluded by that rule, which keeps client ids and connection strings
+/// unambiguous.
+fn check_id(field: &'static str, id: &str) -> Result<(), SettingsError> {
+    const EXTRA: &[u8] = b"-.%_*?!(),:=@$'+#";
+    if id.is_empty() || id.len() > 128 {
+        return Err(invalid(field, id, "must be 1 to 128 characters"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || (c.is_ascii() && EXTRA.contains(&(*c as u8)))))
+    {
+        return Err(invalid(
+            field,
+            id,
+            format!("character {c:?} is not allowed (letters, digits and -.%_*?!(),:=@$'+# are)"),
+        ));
+    }
+    Ok(())
+}
+
+/// A module id: an id ([`check_id`]) that does not start with `$` (reserved for `$edgeAgent`
+/// and `$edgeHub`).
+pub(crate) fn check_module_id(field: &'static str, id: &str) -> Result<(), SettingsError> {
+    check_id(field, id)?;
+    if id.starts_with('$') {
+        return Err(invalid(
+            field,
+            id,
+            "names starting with '$' are reserved for system modules",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawSettings {
+        RawSettings::default()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = Settings::defaults(Some("box1".into())).expect("valid");
+        assert_eq!(s.data_dir(), Path::new("./edgehub-data"));
+        assert_eq!(s.manifest(), &ManifestSource::BuiltIn);
+        assert_eq!(s.mqtt_addr(), "0.0.0.0:8883".parse().expect("addr"));
+        assert_eq!(s.metrics_addr(), "0.0.0.0:9600".parse().expect("addr"));
+        assert_eq!(s.iothub_hostname(), "edgehub.local");
+        assert_eq!(s.device_id().as_str(), "edge-device");
+        assert_eq!(s.gateway_hostname(), "box1");
+        assert_eq!(s.plain_mqtt_addr(), None);
+        assert_eq!(s.log_format(), LogFormat::Text);
+    }
+
+    #[test]
+    fn gateway_hostname_falls_back_to_localhost_without_a_machine_name() {
+        let s = Settings::defaults(None).expect("valid");
+        assert_eq!(s.gateway_hostname(), "localhost");
+    }
+
+    #[test]
+    fn a_bad_address_names_its_field() {
+        let err = RawSettings {
+            metrics_addr: Some("example.com:80".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("rejected");
+        assert_eq!(err.field, "metrics_addr");
+        assert!(err.to_string().contains("metrics_addr"), "{err}");
+    }
+
+    #[test]
+    fn the_plain_listener_refuses_non_loopback_addresses() {
+        let err = RawSettings {
+            plain_mqtt_addr: Some("0.0.0.0:1883".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("rejected");
+        assert_eq!(err.field, "plain_mqtt_addr");
+        assert!(err.reason.contains("loopback"), "{err}");
+        let ok = RawSettings {
+            plain_mqtt_addr: Some("127.0.0.1:1883".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("loopback is fine");
+        assert_eq!(
+            ok.plain_mqtt_addr(),
+            Some("127.0.0.1:1883".parse().expect("addr"))
+        );
+        RawSettings {
+            plain_mqtt_addr: Some("[::1]:1883".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("ipv6 loopback is fine");
+    }
+
+    #[test]
+    fn two_listeners_on_one_port_are_refused() {
+        let err = RawSettings {
+            mqtt_addr: Some("127.0.0.1:9600".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("rejected");
+        assert_eq!(err.field, "metrics_addr");
+        RawSettings {
+            mqtt_addr: Some("127.0.0.1:0".into()),
+            metrics_addr: Some("127.0.0.1:0".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("port 0 may repeat");
+    }
+
+    #[test]
+    fn ids_and_host_names_are_checked() {
+        for (raw, field) in [
+            (
+                RawSettings {
+                    device_id: Some("a/b".into()),
+                    ..raw()
+                },
+                "device_id",
+            ),
+            (
+                RawSettings {
+                    modules: vec!["$edgeHub".into()],
+                    ..raw()
+                },
+                "module",
+            ),
+            (
+                RawSettings {
+                    modules: vec!["x;y".into()],
+                    ..raw()
+                },
+                "module",
+            ),
+            (
+                RawSettings {
+                    gateway_hostname: Some("bad host".into()),
+                    ..raw()
+                },
+                "gateway_hostname",
+            ),
+            (
+                RawSettings {
+                    hostnames: vec!["-x.example".into()],
+                    ..raw()
+                },
+                "hostname",
+            ),
+            (
+                RawSettings {
+                    iothub_hostname: Some(String::new()),
+                    ..raw()
+                },
+                "iothub_hostname",
+            ),
+        ] {
+            assert_eq!(raw.validate(None).expect_err("rejected").field, field);
+        }
+    }
+
+    #[test]
+    fn certificate_names_cover_loopback_machine_gateway_and_extras() {
+        let s = RawSettings {
+            gateway_hostname: Some("gw.example".into()),
+            hostnames: vec!["10.0.0.5".into(), "LOCALHOST".into()],
+            ..raw()
+        }
+        .validate(Some("box1".into()))
+        .expect("valid");
+        assert_eq!(
+            s.certificate_names(),
+            [
+                "localhost",
+                "127.0.0.1",
+                "::1",
+                "box1",
+                "gw.example",
+                "10.0.0.5"
+            ]
+        );
+    }
+
+    #[test]
+    fn modules_are_sorted_and_deduplicated() {
+        let s = RawSettings {
+            modules: vec!["b".into(), "a".into(), "b".into()],
+            ..raw()
+        }
+        .validate(None)
+        .expect("valid");
+        assert_eq!(s.modules(), [ModuleId::new("a"), ModuleId::new("b")]);
+        assert_eq!(
+            s.all_modules(&[ModuleId::new("c"), ModuleId::new("a")]),
+            [ModuleId::new("a"), ModuleId::new("b"), ModuleId::new("c")]
+        );
+    }
+
+    #[test]
+    fn the_default_manifest_parses_with_two_modules_and_two_routes() {
+        let d = ManifestSource::BuiltIn.load().expect("valid");
+        assert_eq!(
+            d.modules,
+            [ModuleId::new("receiver"), ModuleId::new("sender")]
+        );
+        assert_eq!(d.edge_hub.routes.routes().len(), 2);
+        assert_eq!(d.edge_hub.store_ttl, router::Ttl::Seconds(7200));
+    }
+
+    #[test]
+    fn nested_desired_properties_are_accepted_too() {
+        let mut value: serde_json::Value = serde_json::from_str(DEFAULT_MANIFEST).expect("json");
+        if let Some(content) = value.get_mut("modulesContent") {
+            nest_desired_properties(content);
+        }
+        assert!(value
+            .pointer("/modulesContent/$edgeHub/properties/desired")
+            .is_some());
+        let text = serde_json::to_string(&value).expect("json");
+        assert_eq!(parse_manifest(&text).map(|d| d.modules.len()), Ok(2));
+        let wrapped = format!("{{\"content\": {DEFAULT_MANIFEST}}}");
+        assert_eq!(parse_manifest(&wrapped).map(|d| d.modules.len()), Ok(2));
+    }
+
+    #[test]
+    fn a_missing_manifest_file_is_a_read_error_naming_the_file() {
+        let err = ManifestSource::File("/nonexistent/m.json".into())
+            .load()
+            .expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/m.json"), "{err}");
+    }
+}
