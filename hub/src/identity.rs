@@ -1,1 +1,441 @@
-//! (being written)
+//! Module identities and their keys.
+//!
+//! An [`Identity`] is what a connection authenticated as: the edge device and one of its modules
+//! (the MQTT client id `{device}/{module}`). [`Identities`] holds one random 32-byte key per
+//! module, kept in `{data_dir}/identities.json` as `{"module": "base64 key", …}`; modules sign
+//! SAS tokens with it, and [`Identities::connection_string`] hands it out.
+//!
+//! Guarantees:
+//! - A key never changes once created: loading adds keys only for modules that lack one, and
+//!   never rewrites an existing key.
+//! - The file is replaced atomically (write a temporary file, fdatasync it, rename it over the
+//!   old one, fsync the directory), with mode 0600: a crash leaves the old or the new file,
+//!   never a torn one.
+//! - A corrupt file is an error naming the file, never silently regenerated: new keys would
+//!   lock every module out.
+//! - Only *declared* modules (the manifest's and `--module`s) have a key through
+//!   [`Identities::key`]. Keys of modules no longer declared stay in the file, so declaring a
+//!   module again brings back its old key.
+//!
+//! Not guarded: two processes creating the first key of the same module at the same instant
+//! (e.g. `edgehub connection-string` racing `edgehub run` on a fresh data directory); the
+//! later rename wins. Run one, then the other.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use router::{DeviceId, ModuleId};
+
+use crate::settings::{check_module_id, Settings};
+
+/// Length of a module key in bytes (as IoT Hub's symmetric keys).
+pub const KEY_LEN: usize = 32;
+/// The identities file, in the data directory.
+pub const IDENTITIES_FILE: &str = "identities.json";
+
+/// An authenticated module: the edge device and the module on it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Identity {
+    /// The edge device.
+    pub device: DeviceId,
+    /// The module.
+    pub module: ModuleId,
+}
+
+impl Identity {
+    /// The module `module` on device `device`.
+    pub fn new(device: DeviceId, module: ModuleId) -> Self {
+        Identity { device, module }
+    }
+}
+
+impl fmt::Display for Identity {
+    /// The MQTT client id form, `{device}/{module}`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.device, self.module)
+    }
+}
+
+/// Why identities could not be loaded or saved.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The file exists but cannot be read or written.
+    #[error("identities file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid; keys are not regenerated (that would lock modules out).
+    #[error(
+        "identities file {path} is corrupt: {reason}. It is not regenerated, since new keys \
+         would lock every module out: restore it, or delete it to issue new keys to all modules"
+    )]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The system's random number generator failed.
+    #[error("cannot generate a key: the system random number generator failed")]
+    Random,
+}
+
+/// A module that has no identity.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown module \"{module}\": declare it in the manifest's $edgeAgent modules or pass \
+     --module {module} (known: {})",
+    known_list(.known)
+)]
+pub struct UnknownModule {
+    /// The module asked for.
+    pub module: ModuleId,
+    /// The declared modules.
+    pub known: Vec<ModuleId>,
+}
+
+fn known_list(known: &[ModuleId]) -> String {
+    if known.is_empty() {
+        return "none".to_owned();
+    }
+    known
+        .iter()
+        .map(ModuleId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The module keys of one edge device.
+pub struct Identities {
+    device: DeviceId,
+    path: PathBuf,
+    keys: BTreeMap<ModuleId, [u8; KEY_LEN]>,
+    declared: BTreeSet<ModuleId>,
+}
+
+impl fmt::Debug for Identities {
+    /// Never prints keys.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identities")
+            .field("device", &self.device)
+            .field("path", &self.path)
+            .field("declared", &self.declared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identities {
+    /// The identities file of a data directory.
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join(IDENTITIES_FILE)
+    }
+
+    /// Loads the keys from `{data_dir}/identities.json` (creating the directory and the file if
+    /// needed), adds a new random key for each of `modules` that has none, and saves the file
+    /// if anything was added. `modules` become the declared modules.
+    pub fn load_or_create(
+        data_dir: &Path,
+        device: &DeviceId,
+        modules: &[ModuleId],
+    ) -> Result<Identities, IdentityError> {
+        let path = Self::path(data_dir);
+        let mut keys = read_keys(&path)?;
+        let rng = ring::rand::SystemRandom::new();
+        let mut added = false;
+        for module in modules {
+            if !keys.contains_key(module) {
+                let mut key = [0u8; KEY_LEN];
+                ring::rand::SecureRandom::fill(&rng, &mut key)
+                    .map_err(|_| IdentityError::Random)?;
+                keys.insert(module.clone(), key);
+                added = true;
+            }
+        }
+        if added {
+            std::fs::create_dir_all(data_dir).map_err(|source| IdentityError::Io {
+                path: data_dir.to_path_buf(),
+                source,
+            })?;
+            let text = encode_keys(&keys);
+            write_atomically(&path, text.as_bytes(), 0o600).map_err(|source| {
+                IdentityError::Io {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            tracing::info!(path = %path.display(), "module identities saved");
+        }
+        Ok(Identities {
+            device: device.clone(),
+            path,
+            keys,
+            declared: modules.iter().cloned().collect(),
+        })
+    }
+
+    /// Loads (and creates) the identities `settings` call for: the `--module`s plus
+    /// `manifest_modules`.
+    pub fn for_settings(
+        settings: &Settings,
+        manifest_modules: &[ModuleId],
+    ) -> Result<Identities, IdentityError> {
+        Self::load_or_create(
+            settings.data_dir(),
+            settings.device_id(),
+            &settings.all_modules(manifest_modules),
+        )
+    }
+
+    /// The edge device.
+    pub fn device(&self) -> &DeviceId {
+        &self.device
+    }
+
+    /// The file the keys live in.
+    pub fn file(&self) -> &Path {
+        &self.path
+    }
+
+    /// The declared modules, sorted.
+    pub fn modules(&self) -> impl Iterator<Item = &ModuleId> {
+        self.declared.iter()
+    }
+
+    /// The identity of a declared module on this device.
+    pub fn identity(&self, module: &ModuleId) -> Result<Identity, UnknownModule> {
+        if self.declared.contains(module) {
+            Ok(Identity::new(self.device.clone(), module.clone()))
+        } else {
+            Err(UnknownModule {
+                module: module.clone(),
+                known: self.declared.iter().cloned().collect(),
+            })
+        }
+    }
+
+    /// The key of `identity`, if it is a declared module of this device.
+    pub fn key(&self, identity: &Identity) -> Option<&[u8]> {
+        if identity.device != self.device || !self.declared.contains(&identity.module) {
+            return None;
+        }
+        self.keys.get(&identity.module).map(|k| k.as_slice())
+    }
+
+    /// `HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…` for a declared
+    /// module, as the Azure IoT SDKs' `create_from_connection_string` expects.
+    pub fn connection_string(
+        &self,
+        module: &ModuleId,
+        settings: &Settings,
+    ) -> Result<String, UnknownModule> {
+        let identity = self.identity(module)?;
+        let key = self.key(&identity).ok_or_else(|| UnknownModule {
+            module: module.clone(),
+            known: self.declared.iter().cloned().collect(),
+        })?;
+        Ok(format!(
+            "HostName={};DeviceId={};ModuleId={};SharedAccessKey={};GatewayHostName={}",
+            settings.iothub_hostname(),
+            identity.device,
+            identity.module,
+            BASE64.encode(key),
+            settings.gateway_hostname(),
+        ))
+    }
+}
+
+fn read_keys(path: &Path) -> Result<BTreeMap<ModuleId, [u8; KEY_LEN]>, IdentityError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(source) => {
+            return Err(IdentityError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let corrupt = |reason: String| IdentityError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let raw: BTreeMap<String, String> = serde_json::from_str(&text)
+        .map_err(|e| corrupt(format!("expected {{\"module\": \"base64 key\"}}: {e}")))?;
+    let mut keys = BTreeMap::new();
+    for (module, key) in raw {
+        check_module_id("module", &module).map_err(|e| corrupt(e.to_string()))?;
+        let bytes = BASE64
+            .decode(key.as_bytes())
+            .map_err(|e| corrupt(format!("key of {module:?} is not base64: {e}")))?;
+        let key: [u8; KEY_LEN] = bytes.try_into().map_err(|b: Vec<u8>| {
+            corrupt(format!(
+                "key of {module:?} has {} bytes, expected {KEY_LEN}",
+                b.len()
+            ))
+        })?;
+        keys.insert(ModuleId::new(module), key);
+    }
+    Ok(keys)
+}
+
+fn encode_keys(keys: &BTreeMap<ModuleId, [u8; KEY_LEN]>) -> String {
+    let map: BTreeMap<&str, String> = keys
+        .iter()
+        .map(|(m, k)| (m.as_str(), BASE64.encode(k)))
+        .collect();
+    let mut text = serde_json::to_string_pretty(&map).unwrap_or_else(|_| "{}".to_owned());
+    text.push('\n');
+    text
+}
+
+/// Replaces `path` with `bytes` atomically and durably: writes `{path}.tmp` with `mode`,
+/// fdatasyncs it, renames it over `path`, then fsyncs the directory.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(&dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::RawSettings;
+
+    fn m(name: &str) -> ModuleId {
+        ModuleId::new(name)
+    }
+
+    fn dev() -> DeviceId {
+        DeviceId::new("edge-device")
+    }
+
+    #[test]
+    fn keys_are_created_once_and_survive_a_reload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first =
+            Identities::load_or_create(dir.path(), &dev(), &[m("a"), m("b")]).expect("created");
+        let a = Identity::new(dev(), m("a"));
+        let key_a = first.key(&a).expect("key").to_vec();
+        assert_eq!(key_a.len(), KEY_LEN);
+        assert_ne!(
+            Some(key_a.as_slice()),
+            first.key(&Identity::new(dev(), m("b")))
+        );
+        let again =
+            Identities::load_or_create(dir.path(), &dev(), &[m("a"), m("c")]).expect("reloaded");
+        assert_eq!(again.key(&a), Some(key_a.as_slice()));
+        assert!(again.key(&Identity::new(dev(), m("c"))).is_some());
+    }
+
+    #[test]
+    fn only_declared_modules_of_this_device_have_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Identities::load_or_create(dir.path(), &dev(), &[m("a"), m("b")]).expect("created");
+        let ids = Identities::load_or_create(dir.path(), &dev(), &[m("a")]).expect("loaded");
+        assert!(ids.key(&Identity::new(dev(), m("b"))).is_none());
+        assert!(ids
+            .key(&Identity::new(DeviceId::new("other"), m("a")))
+            .is_none());
+        let back =
+            Identities::load_or_create(dir.path(), &dev(), &[m("a"), m("b")]).expect("loaded");
+        assert!(back.key(&Identity::new(dev(), m("b"))).is_some());
+    }
+
+    #[test]
+    fn a_corrupt_file_is_an_error_naming_the_file_and_is_left_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = Identities::path(dir.path());
+        for bad in [
+            "not json",
+            r#"{"a": "%%%"}"#,
+            r#"{"a": "AAAA"}"#,
+            r#"{"$edgeHub": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#,
+        ] {
+            std::fs::write(&path, bad).expect("write");
+            let err =
+                Identities::load_or_create(dir.path(), &dev(), &[m("a")]).expect_err("corrupt");
+            assert!(matches!(err, IdentityError::Corrupt { .. }), "{err}");
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
+            assert_eq!(std::fs::read_to_string(&path).expect("read"), bad);
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_file_is_private_and_no_temporary_file_is_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        Identities::load_or_create(dir.path(), &dev(), &[m("a")]).expect("created");
+        let meta = std::fs::metadata(Identities::path(dir.path())).expect("meta");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from(IDENTITIES_FILE)]);
+    }
+
+    #[test]
+    fn the_connection_string_has_every_field_and_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let settings = RawSettings {
+            data_dir: Some(dir.path().to_path_buf()),
+            gateway_hostname: Some("gw.example".into()),
+            modules: vec!["sender".into()],
+            ..RawSettings::default()
+        }
+        .validate(None)
+        .expect("settings");
+        let ids = Identities::for_settings(&settings, &[]).expect("ids");
+        let cs = ids
+            .connection_string(&m("sender"), &settings)
+            .expect("known module");
+        let key = BASE64.encode(ids.key(&Identity::new(dev(), m("sender"))).expect("key"));
+        assert_eq!(
+            cs,
+            format!(
+                "HostName=edgehub.local;DeviceId=edge-device;ModuleId=sender;\
+                 SharedAccessKey={key};GatewayHostName=gw.example"
+            )
+        );
+        let err = ids
+            .connection_string(&m("nope"), &settings)
+            .expect_err("unknown");
+        assert!(err.to_string().contains("unknown module \"nope\""), "{err}");
+        assert!(err.to_string().contains("known: sender"), "{err}");
+    }
+
+    #[test]
+    fn an_identity_displays_as_the_mqtt_client_id() {
+        assert_eq!(Identity::new(dev(), m("a")).to_string(), "edge-device/a");
+    }
+}
