@@ -122,3 +122,235 @@ fn empty_module_segment_is_refused_not_taken_for_the_device() {
         Err(UsernameError::EmptyDeviceId)
     );
 }
+
+mod publish_and_deliver {
+    use bytes::Bytes;
+    use hub::mqtt::bag;
+    use hub::mqtt::topics::{self, InboundTopic};
+    use proptest::prelude::*;
+    use router::{DeviceId, InputName, Message, ModuleId, OutputName, Source, SystemProperty};
+
+    const PY_OUTPUT: &str = "devices/edgedev/modules/modA/messages/events/%24.on=out1&%24.mid=capture-py-0&%24.ct=application%2Fjson&%24.ce=utf-8&run=capture-py&seq=0";
+    const NODE_OUTPUT: &str = "devices/edgedev/modules/modA/messages/events/%24.on=out1&%24.mid=capture-node-0&%24.ct=application%2Fjson&%24.ce=utf-8&seq=0&run=capture-node/";
+
+    fn ingest(topic: &str) -> Message {
+        let InboundTopic::Events(e) = topics::parse_publish(topic).unwrap() else {
+            panic!("not telemetry: {topic}");
+        };
+        assert!(e.is_from("edgedev", Some("modA")));
+        bag::message_from_publish(
+            &DeviceId::new("edgedev"),
+            Some(&ModuleId::new("modA")),
+            e.bag,
+            Bytes::from_static(b"{}"),
+        )
+    }
+
+    fn mod_a(output: Option<&str>) -> Source {
+        Source::ModuleOutput {
+            device: DeviceId::new("edgedev"),
+            module: ModuleId::new("modA"),
+            output: output.map(OutputName::new),
+        }
+    }
+
+    /// What the Python SDK does with an input topic (`mqtt_topic_iothub.py`): input name is
+    /// `unquote(parts[5])`, properties `parts[6]` split on `&` and `=`, each `unquote`d.
+    fn python_reads(topic: &str) -> (String, Vec<(String, String)>) {
+        let parts: Vec<&str> = topic.split('/').collect();
+        assert_eq!(parts[4], "inputs");
+        let unquote = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .unwrap()
+                .into_owned()
+        };
+        let props = parts
+            .get(6)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.split('&')
+                    .map(|kv| {
+                        let mut it = kv.split('=');
+                        let k = unquote(it.next().unwrap());
+                        let v = unquote(it.next().unwrap_or(""));
+                        (k, v)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        (unquote(parts[5]), props)
+    }
+
+    /// The Node SDK dispatches an input message only if the topic matches
+    /// `^devices/.*/modules/.*/inputs/.*/.*$`.
+    fn node_dispatches(topic: &str) -> bool {
+        let Some(rest) = topic.strip_prefix("devices/") else {
+            return false;
+        };
+        let Some((_, rest)) = rest.split_once("/modules/") else {
+            return false;
+        };
+        let Some((_, rest)) = rest.split_once("/inputs/") else {
+            return false;
+        };
+        rest.contains('/')
+    }
+
+    #[test]
+    fn python_output_publish_becomes_a_module_output() {
+        let m = ingest(PY_OUTPUT);
+        assert_eq!(m.source(), &mod_a(Some("out1")));
+        assert_eq!(m.source().path(), "/messages/modules/modA/outputs/out1");
+        assert_eq!(
+            m.system_property(SystemProperty::MessageId),
+            Some("capture-py-0")
+        );
+        assert_eq!(
+            m.system_property(SystemProperty::ContentType),
+            Some("application/json")
+        );
+        assert_eq!(
+            m.system_property(SystemProperty::ContentEncoding),
+            Some("utf-8")
+        );
+        assert_eq!(m.property("run"), Some("capture-py"));
+        assert_eq!(m.property("seq"), Some("0"));
+        assert_eq!(m.properties().len(), 2);
+        assert_eq!(m.body().as_ref(), b"{}");
+    }
+
+    #[test]
+    fn node_output_publish_with_trailing_slash_is_the_same_message() {
+        let m = ingest(NODE_OUTPUT);
+        assert_eq!(m.source(), &mod_a(Some("out1")));
+        assert_eq!(m.property("run"), Some("capture-node"));
+        assert_eq!(m.property("seq"), Some("0"));
+    }
+
+    #[test]
+    fn bagless_telemetry_is_a_module_message_without_output() {
+        for t in [
+            "devices/edgedev/modules/modA/messages/events",
+            "devices/edgedev/modules/modA/messages/events/",
+        ] {
+            let m = ingest(t);
+            assert_eq!(m.source(), &mod_a(None));
+            assert!(m.properties().is_empty());
+            assert!(m.system_properties().is_empty());
+        }
+    }
+
+    #[test]
+    fn python_emitted_system_keys_all_map() {
+        let m = ingest("devices/edgedev/modules/modA/messages/events/%24.on=o&%24.mid=m&%24.cid=c&%24.uid=u&%24.ct=t&%24.ce=e&%24.ifid=i&%24.exp=2030-01-01T00%3A00%3A00Z&a=1");
+        let s = |p| m.system_property(p);
+        assert_eq!(s(SystemProperty::MessageId), Some("m"));
+        assert_eq!(s(SystemProperty::CorrelationId), Some("c"));
+        assert_eq!(s(SystemProperty::UserId), Some("u"));
+        assert_eq!(s(SystemProperty::ContentType), Some("t"));
+        assert_eq!(s(SystemProperty::ContentEncoding), Some("e"));
+        assert_eq!(s(SystemProperty::InterfaceId), Some("i"));
+        assert_eq!(s(SystemProperty::ExpiryTime), Some("2030-01-01T00:00:00Z"));
+        assert_eq!(m.properties().len(), 1);
+    }
+
+    #[test]
+    fn other_ingress_system_keys_map() {
+        let m = ingest("devices/edgedev/modules/modA/messages/events/%24.to=x&%24.ctime=t&%24.schema=s&%24.sub=c&iothub-operation=op&ack=full");
+        let s = |p| m.system_property(p);
+        assert_eq!(s(SystemProperty::To), Some("x"));
+        assert_eq!(s(SystemProperty::CreationTime), Some("t"));
+        assert_eq!(s(SystemProperty::MessageSchema), Some("s"));
+        assert_eq!(s(SystemProperty::ComponentName), Some("c"));
+        assert_eq!(s(SystemProperty::Operation), Some("op"));
+        assert_eq!(m.property("ack"), Some("full"));
+    }
+
+    #[test]
+    fn delivery_matches_the_capture_and_both_sdks_can_read_it() {
+        let m = ingest(PY_OUTPUT);
+        let topic = bag::delivery_topic_and_bag(
+            &DeviceId::new("edgedev"),
+            &ModuleId::new("modB"),
+            &InputName::new("in1"),
+            &m,
+        )
+        .unwrap();
+        // The topic the capture's stand-in sent and both SDKs accepted.
+        assert_eq!(
+            topic,
+            "devices/edgedev/modules/modB/inputs/in1/%24.mid=capture-py-0&%24.ct=application%2Fjson&%24.ce=utf-8&run=capture-py&seq=0&%24.cdid=edgedev&%24.cmid=modA"
+        );
+        assert!(node_dispatches(&topic));
+        let (input, props) = python_reads(&topic);
+        assert_eq!(input, "in1");
+        assert!(props.contains(&("$.cmid".to_owned(), "modA".to_owned())));
+        assert!(props.contains(&("$.cdid".to_owned(), "edgedev".to_owned())));
+        assert!(!props.iter().any(|(k, _)| k == "$.on"));
+    }
+
+    #[test]
+    fn edgehub_real_input_topic_decodes() {
+        // From azure-iot-sdk-python #713 (reference §1.5).
+        let bag = "%24.cdid=MTC0304&%24.cmid=IoTEdgeASA&%24.ce=utf-8&%24.ct=application%2Fjson";
+        let d = bag::decode(bag);
+        assert_eq!(
+            d.system,
+            vec![
+                (SystemProperty::ContentEncoding, "utf-8".to_owned()),
+                (SystemProperty::ContentType, "application/json".to_owned())
+            ]
+        );
+        assert!(d.properties.is_empty(), "connection ids are not properties");
+    }
+
+    fn app_key() -> impl Strategy<Value = String> {
+        any::<String>().prop_filter("not a hub wire key", |k| !bag::is_reserved_key(k))
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(s in ".*") {
+            let _ = bag::decode(&s);
+        }
+
+        #[test]
+        fn parse_publish_never_panics(s in "(devices/|\\$iothub/)?[a-z/=&%$.?]{0,40}") {
+            if let Ok(InboundTopic::Events(e)) = topics::parse_publish(&s) {
+                let _ = bag::decode(e.bag);
+            }
+        }
+
+        #[test]
+        fn delivery_round_trips_every_forwarded_property(
+            props in proptest::collection::btree_map(app_key(), any::<String>(), 0..6),
+            mid in proptest::option::of(any::<String>()),
+            ct in proptest::option::of(any::<String>()),
+        ) {
+            let mut m = Message::new(mod_a(Some("o")), "b");
+            for (k, v) in &props {
+                m = m.with_property(k.clone(), v.clone());
+            }
+            if let Some(mid) = &mid {
+                m = m.with_system_property(SystemProperty::MessageId, mid.clone());
+            }
+            if let Some(ct) = &ct {
+                m = m.with_system_property(SystemProperty::ContentType, ct.clone());
+            }
+            let encoded = bag::encode_for_delivery(&m);
+            let topic = topics::input_topic("edgedev", "modB", "in1", &encoded).unwrap();
+            prop_assert!(node_dispatches(&topic));
+            prop_assert_eq!(topic.matches('/').count(), 6, "the bag adds no level");
+            let back = bag::message_from_publish(
+                &DeviceId::new("edgedev"), Some(&ModuleId::new("modA")), &encoded, Bytes::new());
+            prop_assert_eq!(back.properties(), m.properties());
+            prop_assert_eq!(back.system_properties(), m.system_properties());
+            let (_, py) = python_reads(&topic);
+            let py_props: std::collections::BTreeMap<_, _> = py.into_iter().collect();
+            for (k, v) in &props {
+                prop_assert_eq!(py_props.get(k), Some(v));
+            }
+        }
+    }
+}
