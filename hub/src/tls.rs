@@ -1,1 +1,520 @@
-//! (being written: issue 4)
+//! The hub's own certificate authority and server certificate, and the rustls server config.
+//!
+//! On first start [`ensure`] makes a CA ("edgehub CA (<device id>)", 10 years) and a server
+//! certificate signed by it for every name in [`Settings::certificate_names`], and keeps them in
+//! `{data_dir}/tls/`:
+//!
+//! | file | what | mode |
+//! |---|---|---|
+//! | `ca.pem` | the CA certificate: hand it to SDKs ([`ca_path`]) | 0644 |
+//! | `ca-key.pem` | the CA key, to re-issue the server certificate | 0600 |
+//! | `server.pem` | the server certificate | 0644 |
+//! | `server-key.pem` | its key | 0600 |
+//! | `ca.json` | the CA's name, needed to sign with it again | 0644 |
+//! | `state.json` | what the server certificate was issued for: names, expiry, CA digest | 0644 |
+//!
+//! Guarantees:
+//! - The CA is made once and never replaced by this code, so SDKs configured with `ca.pem`
+//!   keep working across restarts.
+//! - The server certificate is re-issued (same CA) when the set of names changes, when it
+//!   expires within [`RENEW_BEFORE_SECS`], when `ca.pem` changed, or when `state.json` is
+//!   missing or unreadable. `state.json` is removed before the key and certificate are
+//!   replaced and written last, so a crash in between re-issues on the next start.
+//! - A freshly issued server certificate is verified against `ca.pem` (webpki, as clients do)
+//!   before it is used.
+//! - Every file is replaced atomically (temporary file, fdatasync, rename, directory fsync).
+//! - Keys are ECDSA P-256; rustls uses the ring provider; TLS 1.2 and 1.3 are offered
+//!   (edgeHub's default `SslProtocols`).
+//!
+//! Not done: renewing the CA itself before its 10 years run out.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::client::danger::ServerCertVerifier as _;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use serde::{Deserialize, Serialize};
+
+use crate::identity::write_atomically;
+use crate::settings::Settings;
+
+/// The directory under the data directory that holds certificates and keys.
+pub const TLS_DIR: &str = "tls";
+/// How long the CA is valid, in days (10 years).
+pub const CA_VALIDITY_DAYS: u64 = 3653;
+/// How long a server certificate is valid, in days.
+pub const SERVER_VALIDITY_DAYS: u64 = 365;
+/// A server certificate expiring within this many seconds is re-issued (30 days).
+pub const RENEW_BEFORE_SECS: u64 = 30 * 86_400;
+
+const DAY: u64 = 86_400;
+
+/// Midnight UTC of the day `unix_secs` falls in, as rcgen wants it (a macro, because that
+/// type belongs to the `time` crate, which this crate does not name).
+macro_rules! date {
+    ($unix_secs:expr) => {{
+        let (y, m, d) = civil_from_days($unix_secs / DAY);
+        rcgen::date_time_ymd(y, m, d)
+    }};
+}
+
+/// Why the TLS material could not be made, loaded or used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file does not hold what it should.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The server certificate must be re-issued but the CA key is gone.
+    #[error(
+        "the server certificate must be re-issued but the CA key {path} is missing: restore it, \
+         or remove the whole tls directory to make a new CA (clients must then trust the new ca.pem)"
+    )]
+    CaKeyMissing {
+        /// The CA key file.
+        path: PathBuf,
+    },
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused the configuration or a freshly issued certificate.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The paths of the TLS files of one data directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// `tls/` itself.
+    pub dir: PathBuf,
+    /// The CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// The CA key (PEM, 0600).
+    pub ca_key: PathBuf,
+    /// The server certificate (PEM).
+    pub server_cert: PathBuf,
+    /// The server key (PEM, 0600).
+    pub server_key: PathBuf,
+    /// The CA's name (written once, with the CA).
+    pub ca_info: PathBuf,
+    /// What the server certificate was issued for.
+    pub state: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files under `{data_dir}/tls/`.
+    pub fn new(data_dir: &Path) -> Self {
+        let dir = data_dir.join(TLS_DIR);
+        TlsFiles {
+            ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca-key.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            ca_info: dir.join("ca.json"),
+            state: dir.join("state.json"),
+            dir,
+        }
+    }
+
+    /// A rustls server config presenting the server certificate (and the CA after it), with
+    /// the ring provider, TLS 1.2 and 1.3, and no client certificates.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let mut chain = read_certs(&self.server_cert)?;
+        chain.extend(read_certs(&self.ca_cert)?);
+        let key = PrivateKeyDer::from_pem_file(&self.server_key)
+            .map_err(|e| pem_error(&self.server_key, e))?;
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// The CA certificate to hand to SDKs: `{data_dir}/tls/ca.pem`.
+pub fn ca_path(data_dir: &Path) -> PathBuf {
+    TlsFiles::new(data_dir).ca_cert
+}
+
+/// What [`ensure`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything was reused.
+    Reused,
+    /// The CA existed; the server certificate was (re-)issued.
+    ServerIssued,
+    /// A new CA and server certificate were made.
+    Created,
+}
+
+/// Makes or reuses the CA and server certificate `settings` call for (see the module docs).
+pub fn ensure(settings: &Settings) -> Result<(TlsFiles, Outcome), TlsError> {
+    ensure_at(
+        settings.data_dir(),
+        settings.device_id().as_str(),
+        &settings.certificate_names(),
+        SystemTime::now(),
+    )
+}
+
+/// Makes or reuses the CA and server certificate, and returns the server config.
+pub fn server_config(settings: &Settings) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    ensure(settings)?.0.server_config()
+}
+
+/// [`ensure`] with explicit inputs and clock: `names` are host names or IP addresses.
+pub fn ensure_at(
+    data_dir: &Path,
+    device_id: &str,
+    names: &[String],
+    now: SystemTime,
+) -> Result<(TlsFiles, Outcome), TlsError> {
+    let files = TlsFiles::new(data_dir);
+    std::fs::create_dir_all(&files.dir).map_err(|source| TlsError::Io {
+        path: files.dir.clone(),
+        source,
+    })?;
+    let now_secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let ca_exists = exists(&files.ca_cert)?;
+    let (ca, outcome) = if ca_exists {
+        (None, Outcome::ServerIssued)
+    } else {
+        let ca = create_ca(&files, device_id, now_secs)?;
+        (Some(ca), Outcome::Created)
+    };
+    let ca_der = read_certs(&files.ca_cert)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| invalid(&files.ca_cert, "no certificate in the file"))?;
+    let ca_digest = hex(ring::digest::digest(&ring::digest::SHA256, &ca_der).as_ref());
+    if ca.is_none() && !needs_server(&files, names, &ca_digest, now_secs)? {
+        return Ok((files, Outcome::Reused));
+    }
+    let ca = match ca {
+        Some(ca) => ca,
+        None => load_ca(&files)?,
+    };
+    issue_server(&files, &ca, names, &ca_digest, now_secs)?;
+    verify_server(&files, &ca_der, names, now)?;
+    tracing::info!(dir = %files.dir.display(), ?names, ?outcome, "TLS server certificate issued");
+    Ok((files, outcome))
+}
+
+/// What `ca.json` records about the CA.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct CaInfo {
+    /// The CA's common name, needed to sign with it again.
+    common_name: String,
+}
+
+/// What `state.json` records about the current server certificate.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct IssuedState {
+    /// SHA-256 of the CA certificate (DER, hex) the server certificate chains to.
+    ca_sha256: String,
+    /// The names the server certificate covers.
+    server_names: Vec<String>,
+    /// Its expiry, Unix seconds.
+    server_not_after: u64,
+}
+
+/// The CA key pair and the parameters it was made with (the issuer of server certificates).
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+fn ca_params(common_name: &str, now_secs: u64) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = date!(now_secs.saturating_sub(DAY));
+    params.not_after = date!(now_secs + CA_VALIDITY_DAYS * DAY);
+    params
+}
+
+fn create_ca(files: &TlsFiles, device_id: &str, now_secs: u64) -> Result<Ca, TlsError> {
+    let common_name = format!("edgehub CA ({device_id})");
+    let key = KeyPair::generate()?;
+    let mut params = ca_params(&common_name, now_secs);
+    params.serial_number = Some(random_serial()?);
+    let cert = params.self_signed(&key)?;
+    remove_if_exists(&files.state)?;
+    let info = serde_json::to_vec_pretty(&CaInfo {
+        common_name: common_name.clone(),
+    })
+    .map_err(|e| invalid(&files.ca_info, e))?;
+    write(&files.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
+    write(&files.ca_info, &info, 0o644)?;
+    write(&files.ca_cert, cert.pem().as_bytes(), 0o644)?;
+    tracing::info!(path = %files.ca_cert.display(), "new CA created");
+    Ok(Ca { cert, key })
+}
+
+/// Loads the CA key and rebuilds the issuer from the recorded common name: server
+/// certificates name their issuer by that name and its key identifier, both of which match
+/// `ca.pem` (the self-check in [`verify_server`] proves it).
+fn load_ca(files: &TlsFiles) -> Result<Ca, TlsError> {
+    if !exists(&files.ca_key)? {
+        return Err(TlsError::CaKeyMissing {
+            path: files.ca_key.clone(),
+        });
+    }
+    let pem = read_text(&files.ca_key)?;
+    let key = KeyPair::from_pem(&pem).map_err(|e| invalid(&files.ca_key, e))?;
+    let info: CaInfo = serde_json::from_str(&read_text(&files.ca_info)?).map_err(|e| {
+        invalid(
+            &files.ca_info,
+            format!(
+                "{e}; it holds the CA's name, needed to re-issue the server certificate: \
+                 restore it, or remove the tls directory to make a new CA"
+            ),
+        )
+    })?;
+    let cert = ca_params(&info.common_name, 0).self_signed(&key)?;
+    Ok(Ca { cert, key })
+}
+
+fn needs_server(
+    files: &TlsFiles,
+    names: &[String],
+    ca_digest: &str,
+    now_secs: u64,
+) -> Result<bool, TlsError> {
+    if !exists(&files.server_cert)? || !exists(&files.server_key)? {
+        return Ok(true);
+    }
+    let Some(state) = read_state(files)? else {
+        return Ok(true);
+    };
+    Ok(state.ca_sha256 != ca_digest
+        || state.server_names != names
+        || state.server_not_after < now_secs + RENEW_BEFORE_SECS)
+}
+
+fn issue_server(
+    files: &TlsFiles,
+    ca: &Ca,
+    names: &[String],
+    ca_digest: &str,
+    now_secs: u64,
+) -> Result<(), TlsError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let common_name = names.first().map_or("localhost", String::as_str);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("edgehub ({common_name})"));
+    params.subject_alt_names = names
+        .iter()
+        .map(|n| match n.parse::<IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => rcgen::Ia5String::try_from(n.as_str()).map(SanType::DnsName),
+        })
+        .collect::<Result<_, _>>()?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial()?);
+    params.not_before = date!(now_secs.saturating_sub(DAY));
+    let not_after = now_secs + SERVER_VALIDITY_DAYS * DAY;
+    params.not_after = date!(not_after);
+    let cert = params.signed_by(&key, &ca.cert, &ca.key)?;
+    remove_if_exists(&files.state)?;
+    write(&files.server_key, key.serialize_pem().as_bytes(), 0o600)?;
+    write(&files.server_cert, cert.pem().as_bytes(), 0o644)?;
+    let state = IssuedState {
+        ca_sha256: ca_digest.to_owned(),
+        server_names: names.to_vec(),
+        // The certificate holds midnight of that day; record the same instant.
+        server_not_after: not_after - not_after % DAY,
+    };
+    let json = serde_json::to_vec_pretty(&state).map_err(|e| invalid(&files.state, e))?;
+    write(&files.state, &json, 0o644)
+}
+
+/// Checks the new server certificate as a client would: it chains to `ca.pem` and is valid
+/// for every name.
+fn verify_server(
+    files: &TlsFiles,
+    ca_der: &CertificateDer<'static>,
+    names: &[String],
+    now: SystemTime,
+) -> Result<(), TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der.clone())?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| invalid(&files.ca_cert, e))?;
+    let leaf = read_certs(&files.server_cert)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| invalid(&files.server_cert, "no certificate in the file"))?;
+    let at = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+    for name in names {
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|e| invalid(&files.server_cert, e))?;
+        verifier
+            .verify_server_cert(&leaf, &[], &server_name, &[], at)
+            .map_err(|e| invalid(&files.server_cert, format!("not valid for {name}: {e}")))?;
+    }
+    Ok(())
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read_state(files: &TlsFiles) -> Result<Option<IssuedState>, TlsError> {
+    if !exists(&files.state)? {
+        return Ok(None);
+    }
+    let text = read_text(&files.state)?;
+    Ok(serde_json::from_str(&text).ok())
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))
+}
+
+fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> TlsError {
+    match e {
+        rustls::pki_types::pem::Error::Io(source) => TlsError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        other => invalid(path, format!("not valid PEM: {other:?}")),
+    }
+}
+
+fn invalid(path: &Path, reason: impl ToString) -> TlsError {
+    TlsError::Invalid {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+fn exists(path: &Path) -> Result<bool, TlsError> {
+    path.try_exists().map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_text(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn write(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
+    write_atomically(path, bytes, mode).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn remove_if_exists(path: &Path) -> Result<(), TlsError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(TlsError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+fn random_serial() -> Result<SerialNumber, TlsError> {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .map_err(|_| TlsError::Generate(rcgen::Error::RingUnspecified))?;
+    // Positive and non-zero, as RFC 5280 asks.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (i32, u8, u8) {
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
+    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_are_right_around_leap_days() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(19_783), (2024, 3, 1));
+        assert_eq!(civil_from_days(20_453), (2025, 12, 31));
+    }
+
+    #[test]
+    fn the_ca_key_is_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (files, outcome) =
+            ensure_at(dir.path(), "dev", &["localhost".into()], SystemTime::now()).expect("made");
+        assert_eq!(outcome, Outcome::Created);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for key in [&files.ca_key, &files.server_key] {
+                let mode = std::fs::metadata(key).expect("meta").permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{}", key.display());
+            }
+        }
+    }
+}
