@@ -2,6 +2,9 @@
 //! (`/work/shared/reference/sdk-wire-capture.md`) and edgeHub's own parser tests
 //! (`MqttUsernameParserTest`, Azure/iotedge).
 
+// Test helpers outside `#[test]` functions may panic too.
+#![allow(clippy::unwrap_used)]
+
 use hub::mqtt::username::{self, UsernameError};
 
 const PY_USERNAME: &str = "acceptance-hub.local/edgedev/modA/?api-version=2019-10-01&DeviceClientType=azure-iot-device-iothub-py%2F2.14.0%283.11.7%3BLinux%20%231%20SMP%20PREEMPT_DYNAMIC%20%400%3Bx86_64%29";

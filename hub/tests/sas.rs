@@ -16,6 +16,9 @@
 //! print(tok(urllib.parse.quote("acceptance-hub.local/devices/edgedev",safe="")))'
 //! ```
 
+// Test helpers outside `#[test]` functions may panic too.
+#![allow(clippy::unwrap_used)]
+
 use hub::auth::sas::{self, ExpectedAudience, SasError, SasToken, CLOCK_SKEW_SECS};
 use proptest::prelude::*;
 
