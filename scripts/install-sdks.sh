@@ -44,7 +44,10 @@ need_apt=()
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v flock >/dev/null || need_apt+=(util-linux)
-command -v "$python" >/dev/null || need_apt+=(python3)
+if ! command -v "$python" >/dev/null; then
+  if [ "$python" != python3 ]; then echo "install-sdks: EDGEHUB_PYTHON=$python not found" >&2; exit 1; fi
+  need_apt+=(python3)
+fi
 if command -v "$python" >/dev/null && ! "$python" -c 'import venv, ensurepip' 2>/dev/null; then
   need_apt+=(python3-venv)
 fi
