@@ -38,6 +38,7 @@
 //! reasons; rendering never fails a scrape because one queue cannot be read (that queue's age
 //! is left out).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -462,27 +463,33 @@ impl HubMetrics {
         self.store_segments.set(clamp_i64(stats.segments as u64));
         self.store_halted
             .set(i64::from(store.halted_reason().is_some()));
-        self.queue_length.clear();
-        self.queue_oldest_age.clear();
+        // One series per (endpoint, priority), as edgeHub: a router that keeps several store
+        // queues for one pair (lanes) is summed, and the oldest message of any of them counts.
+        let mut per_pair: BTreeMap<(String, String), (u64, Option<f64>)> = BTreeMap::new();
         for queue in &stats.queues {
-            let labels = match QueueId::parse(&queue.name) {
-                Ok(id) => QueueLabels {
-                    endpoint: id.endpoint_id().to_string(),
-                    priority: id.priority.0.to_string(),
-                },
-                Err(_) => QueueLabels {
-                    endpoint: queue.name.as_str().to_owned(),
-                    priority: String::new(),
-                },
+            let key = match QueueId::parse(&queue.name) {
+                Ok(id) => (id.endpoint_id().to_string(), id.priority.0.to_string()),
+                Err(_) => (queue.name.as_str().to_owned(), String::new()),
             };
-            self.queue_length
-                .get_or_create(&labels)
-                .set(clamp_i64(queue.undelivered as u64));
             let age = if queue.undelivered == 0 {
                 Some(0.0)
             } else {
                 oldest_age_secs(store, queue, now)
             };
+            let entry = per_pair.entry(key).or_insert((0, Some(0.0)));
+            entry.0 += queue.undelivered as u64;
+            entry.1 = match (entry.1, age) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
+        }
+        self.queue_length.clear();
+        self.queue_oldest_age.clear();
+        for ((endpoint, priority), (length, age)) in per_pair {
+            let labels = QueueLabels { endpoint, priority };
+            self.queue_length
+                .get_or_create(&labels)
+                .set(clamp_i64(length));
             if let Some(age) = age {
                 self.queue_oldest_age.get_or_create(&labels).set(age);
             }
