@@ -1,3 +1,301 @@
-//! The `edgehub` binary (being written).
+//! The `edgehub` binary: command line, environment, signals and log setup, nothing more.
+//!
+//! Every flag is also an environment variable (`EDGEHUB_DATA_DIR`, `EDGEHUB_MQTT_ADDR`, …);
+//! a flag wins over its variable. The library takes the resulting typed
+//! [`hub::settings::Settings`].
+//!
+//! Subcommands:
+//! - `run`: starts the hub on embedded defaults (see `hub::settings`) until Ctrl-C or SIGTERM.
+//! - `connection-string MODULE`: prints the module's connection string (creating its key and
+//!   the TLS files if needed, so it works before the first `run`).
+//! - `ca-path`: prints the path of the CA certificate to give SDKs (creating it if needed).
+//! - `check-manifest FILE`: validates a deployment manifest (or bare `$edgeHub` desired
+//!   properties); prints every problem with its location and exits 1, or a summary and 0.
 
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use hub::identity::Identities;
+use hub::settings::{self, LogFormat, ManifestSource, RawSettings, Settings};
+use hub::tls;
+use router::{ManifestError, ModuleId, Ttl};
+use tracing_subscriber::EnvFilter;
+
+/// edgehub: a durable, in-order IoT Edge message hub (a drop-in for Azure IoT Edge's edgeHub).
+#[derive(Debug, Parser)]
+#[command(name = "edgehub", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    hub: HubArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the hub until Ctrl-C or SIGTERM.
+    Run,
+    /// Print a module's connection string (HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…).
+    ConnectionString {
+        /// The module: one of the manifest's $edgeAgent modules or a --module.
+        module: String,
+    },
+    /// Print the path of the CA certificate that SDKs must trust.
+    CaPath,
+    /// Validate a deployment manifest and print every problem with its location.
+    CheckManifest {
+        /// The manifest file (a deployment manifest, or $edgeHub desired properties).
+        file: PathBuf,
+    },
+}
+
+/// Settings shared by every subcommand.
+#[derive(Debug, Args)]
+struct HubArgs {
+    /// Data directory: store, module keys, certificates.
+    #[arg(long, global = true, env = "EDGEHUB_DATA_DIR", value_name = "DIR",
+          default_value = settings::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+    /// Deployment manifest [default: a built-in manifest with modules sender and receiver].
+    #[arg(long, global = true, env = "EDGEHUB_MANIFEST", value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// MQTT-over-TLS listener.
+    #[arg(long, global = true, env = "EDGEHUB_MQTT_ADDR", value_name = "ADDR",
+          default_value = settings::DEFAULT_MQTT_ADDR)]
+    mqtt_addr: String,
+    /// Metrics and health listener (/metrics, /healthz, /readyz); ":PORT" means all interfaces.
+    #[arg(long, global = true, env = "EDGEHUB_METRICS_ADDR", value_name = "ADDR",
+          default_value = settings::DEFAULT_METRICS_ADDR)]
+    metrics_addr: String,
+    /// IoT Hub host name, as modules put it in their MQTT username and SAS tokens.
+    #[arg(long, global = true, env = "EDGEHUB_IOTHUB_HOSTNAME", value_name = "HOST",
+          default_value = settings::DEFAULT_IOTHUB_HOSTNAME)]
+    iothub_hostname: String,
+    /// The edge device id.
+    #[arg(long, global = true, env = "EDGEHUB_DEVICE_ID", value_name = "ID",
+          default_value = settings::DEFAULT_DEVICE_ID)]
+    device_id: String,
+    /// Host name modules connect to (GatewayHostName) [default: this machine's host name].
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_GATEWAY_HOSTNAME",
+        value_name = "HOST"
+    )]
+    gateway_hostname: Option<String>,
+    /// Another host name or IP address for the server certificate (repeatable; comma-separated in the variable).
+    #[arg(
+        long = "hostname",
+        global = true,
+        env = "EDGEHUB_HOSTNAMES",
+        value_name = "HOST",
+        value_delimiter = ','
+    )]
+    hostnames: Vec<String>,
+    /// A module to give an identity besides the manifest's (repeatable; comma-separated in the variable).
+    #[arg(
+        long = "module",
+        global = true,
+        env = "EDGEHUB_MODULES",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    modules: Vec<String>,
+    /// A plain (unencrypted) MQTT listener for benchmarks; loopback addresses only.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_PLAIN_MQTT_ADDR",
+        value_name = "ADDR"
+    )]
+    plain_mqtt_addr: Option<String>,
+    /// Log format: text or json.
+    #[arg(long, global = true, env = "EDGEHUB_LOG_FORMAT", value_name = "FORMAT",
+          default_value = "text", value_parser = parse_log_format)]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax) [default: RUST_LOG, else "info" for run and "warn" otherwise].
+    #[arg(long, global = true, env = "EDGEHUB_LOG", value_name = "FILTER")]
+    log: Option<String>,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    s.parse()
+}
+
+impl HubArgs {
+    fn settings(&self) -> anyhow::Result<Settings> {
+        let raw = RawSettings {
+            data_dir: Some(self.data_dir.clone()),
+            manifest: self.manifest.clone(),
+            mqtt_addr: Some(self.mqtt_addr.clone()),
+            metrics_addr: Some(self.metrics_addr.clone()),
+            iothub_hostname: Some(self.iothub_hostname.clone()),
+            device_id: Some(self.device_id.clone()),
+            gateway_hostname: self.gateway_hostname.clone(),
+            hostnames: self.hostnames.clone(),
+            modules: self.modules.clone(),
+            log_format: Some(self.log_format),
+            plain_mqtt_addr: self.plain_mqtt_addr.clone(),
+        };
+        Ok(raw.validate(settings::machine_hostname())?)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli);
+    let result = match &cli.command {
+        Command::Run => run(&cli.hub),
+        Command::ConnectionString { module } => connection_string(&cli.hub, module),
+        Command::CaPath => ca_path(&cli.hub),
+        Command::CheckManifest { file } => return check_manifest(file),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(cli: &Cli) {
+    let default = match cli.command {
+        Command::Run => "info",
+        _ => "warn",
+    };
+    let filter = match &cli.hub.log {
+        Some(directives) => EnvFilter::try_new(directives),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default)),
+    }
+    .unwrap_or_else(|e| {
+        eprintln!("warning: invalid log filter ({e}); using {default:?}");
+        EnvFilter::new(default)
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.hub.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(args: &HubArgs) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(hub::server::run(settings, shutdown_signal()))
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
+        () = terminate => tracing::info!("SIGTERM: shutting down"),
+    }
+}
+
+fn connection_string(args: &HubArgs, module: &str) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    let deployment = settings.manifest().load()?;
+    let identities = Identities::for_settings(&settings, &deployment.modules)?;
+    tls::ensure(&settings).context("TLS certificates")?;
+    let line = identities.connection_string(&ModuleId::new(module), &settings)?;
+    println!("{line}");
+    Ok(())
+}
+
+fn ca_path(args: &HubArgs) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    let (files, _) = tls::ensure(&settings).context("TLS certificates")?;
+    let path = std::path::absolute(&files.ca_cert).unwrap_or(files.ca_cert);
+    println!("{}", path.display());
+    Ok(())
+}
+
+fn check_manifest(file: &std::path::Path) -> ExitCode {
+    let source = ManifestSource::File(file.to_path_buf());
+    let text = match source.text() {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match check_text(&text) {
+        Ok(summary) => {
+            println!("{}: ok: {summary}", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            for issue in &error.issues {
+                eprintln!("error: {}: {issue}", file.display());
+            }
+            eprintln!(
+                "{}: {} problem(s) found",
+                file.display(),
+                error.issues.len()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Validates a deployment manifest, or bare `$edgeHub` desired properties (a document with
+/// neither `modulesContent` nor `content`), and summarises it.
+fn check_text(text: &str) -> Result<String, ManifestError> {
+    let is_deployment = serde_json::from_str::<serde_json::Value>(text)
+        .map(|v| v.get("modulesContent").is_some() || v.get("content").is_some())
+        .unwrap_or(true);
+    let (config, modules) = if is_deployment {
+        let d = settings::parse_manifest(text)?;
+        (d.edge_hub, Some(d.modules))
+    } else {
+        (router::parse_edge_hub_desired(text)?, None)
+    };
+    let ttl = match config.store_ttl {
+        Ttl::Infinite => "infinite".to_owned(),
+        Ttl::Seconds(s) => format!("{s} s"),
+    };
+    let mut summary = format!(
+        "schema {}.{}, {} route(s), store TTL {ttl}",
+        config.schema_version.major,
+        config.schema_version.minor,
+        config.routes.routes().len()
+    );
+    if let Some(modules) = modules {
+        let names: Vec<&str> = modules.iter().map(ModuleId::as_str).collect();
+        summary.push_str(&format!(
+            ", {} module(s) ({})",
+            names.len(),
+            names.join(", ")
+        ));
+    }
+    Ok(summary)
+}
