@@ -1,1 +1,165 @@
-//! (being written: issue 4)
+//! The composition root: builds the store, router, dispatcher, identities, TLS, the MQTT head and
+//! the HTTP surface from typed settings, serves until `shutdown`, then stops in order.
+//!
+//! Guarantees: nothing listens before the store is recovered and the manifest is valid (a broken
+//! manifest or store is an error before any client can connect); `/readyz` turns ready only once
+//! every listener is bound; on shutdown the listeners stop, every connection first acknowledges
+//! what is already durable and then closes, the endpoint workers stop, and the store is closed
+//! last, so nothing acknowledged is left anywhere but on disk.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use router::{Dispatcher, DispatcherConfig, Router};
+use store::{Epoch, Store, StoreOptions, SystemClock};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::http::{self, HttpState, Readiness};
+use crate::identity::Identities;
+use crate::metrics::HubMetrics;
+use crate::mqtt::connection::Registry;
+use crate::mqtt::context::HeadContext;
+use crate::mqtt::listener;
+use crate::mqtt::sessions::Sessions;
+use crate::settings::Settings;
+use crate::tls;
+
+/// Directory of the message store inside the data directory.
+pub const STORE_DIR: &str = "store";
+
+/// Runs the hub until `shutdown` completes.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let data_dir = settings.data_dir().to_owned();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let deployment = settings
+        .manifest()
+        .load()
+        .context("cannot load the manifest")?;
+    let identities = Arc::new(
+        Identities::for_settings(&settings, &deployment.modules)
+            .context("cannot load the module identities")?,
+    );
+    let tls_config = tls::server_config(&settings).context("cannot set up TLS")?;
+
+    let mut store_options = StoreOptions {
+        epoch: Epoch::new(0),
+        ..StoreOptions::default()
+    };
+    if let Some(max) = deployment.edge_hub.max_store_size_bytes {
+        store_options.quota_bytes = max;
+    }
+    let store_dir = data_dir.join(STORE_DIR);
+    let store = tokio::task::block_in_place(|| Store::open(&store_dir, store_options))
+        .with_context(|| format!("cannot open the message store in {}", store_dir.display()))?;
+    let dispatcher = Arc::new(
+        Dispatcher::start(
+            store.clone(),
+            Arc::new(SystemClock),
+            DispatcherConfig::default(),
+        )
+        .context("cannot start delivery")?,
+    );
+    let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
+    let sessions = Sessions::load(&data_dir).context("cannot load the MQTT sessions")?;
+    let metrics = Arc::new(HubMetrics::new(
+        settings.iothub_hostname(),
+        settings.device_id().as_str(),
+    ));
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ctx = Arc::new(HeadContext {
+        router,
+        dispatcher: Arc::clone(&dispatcher),
+        identities,
+        sessions,
+        connections: Registry::default(),
+        metrics: Arc::clone(&metrics),
+        shutdown: stop_rx.clone(),
+        audiences: vec![
+            settings.iothub_hostname().to_owned(),
+            settings.gateway_hostname().to_owned(),
+        ],
+    });
+
+    let mqtt = TcpListener::bind(settings.mqtt_addr())
+        .await
+        .with_context(|| format!("cannot listen for MQTT on {}", settings.mqtt_addr()))?;
+    let http_listener = TcpListener::bind(settings.metrics_addr())
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", settings.metrics_addr()))?;
+    let plain = match settings.plain_mqtt_addr() {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen for plain MQTT on {addr}"))?,
+        ),
+        None => None,
+    };
+
+    let readiness = Readiness::new();
+    let router_metrics = {
+        let dispatcher = Arc::clone(&dispatcher);
+        Arc::new(move || dispatcher.metrics())
+    };
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        HttpState {
+            metrics,
+            store: store.clone(),
+            router_metrics,
+            readiness: readiness.clone(),
+        },
+        wait_for_stop(stop_rx.clone()),
+    ));
+    let mqtt_task = tokio::spawn(listener::serve_tls(
+        mqtt,
+        TlsAcceptor::from(tls_config),
+        Arc::clone(&ctx),
+        stop_rx.clone(),
+    ));
+    let plain_task =
+        plain.map(|l| tokio::spawn(listener::serve_plain(l, Arc::clone(&ctx), stop_rx.clone())));
+    readiness.set_ready();
+    tracing::info!(
+        mqtt = %settings.mqtt_addr(),
+        http = %settings.metrics_addr(),
+        ca = %tls::ca_path(&data_dir).display(),
+        routes = ctx.router.table().routes().len(),
+        "edgehub ready"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    readiness.set_not_ready();
+    let _ = stop_tx.send(true);
+    let _ = mqtt_task.await;
+    if let Some(t) = plain_task {
+        let _ = t.await;
+    }
+    let _ = http_task.await;
+    drop(ctx);
+    match Arc::try_unwrap(dispatcher) {
+        Ok(dispatcher) => dispatcher.shutdown().await,
+        Err(_) => tracing::warn!(
+            "delivery still referenced at shutdown; its workers stop with the process"
+        ),
+    }
+    tokio::task::block_in_place(|| store.close()).context("closing the store")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod bag;
 pub mod connection;
+pub mod context;
 pub mod listener;
 pub mod session_state;
 pub mod sessions;

@@ -1,0 +1,71 @@
+//! What every MQTT connection shares: the router and dispatcher, identities and their keys,
+//! persistent sessions, the registry of live connections, metrics and the shutdown signal.
+
+use std::sync::Arc;
+
+use router::{Dispatcher, Endpoint, InputName, Router};
+use tokio::sync::watch;
+
+use crate::auth::sas;
+use crate::identity::{Identities, Identity};
+use crate::metrics::HubMetrics;
+use crate::mqtt::connection::Registry;
+use crate::mqtt::sessions::Sessions;
+
+/// Shared by every connection of the MQTT head.
+pub struct HeadContext {
+    /// Routes publishes (the acknowledgement point).
+    pub router: Router,
+    /// Takes the sinks of connected modules.
+    pub dispatcher: Arc<Dispatcher>,
+    /// Module identities and keys.
+    pub identities: Arc<Identities>,
+    /// Persistent subscriptions.
+    pub sessions: Sessions,
+    /// Live connections.
+    pub connections: Registry,
+    /// Counters the head feeds.
+    pub metrics: Arc<HubMetrics>,
+    /// Turns true when the hub shuts down.
+    pub shutdown: watch::Receiver<bool>,
+    /// Host names a SAS token's audience may name: the IoT Hub's and the gateway's.
+    pub audiences: Vec<String>,
+}
+
+impl HeadContext {
+    /// Verifies a SAS token for `identity` against its key, now.
+    pub fn verify_token(&self, token: &str, key: &[u8], identity: &Identity) -> Result<(), String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let hosts: Vec<&str> = self.audiences.iter().map(String::as_str).collect();
+        let expected = sas::ExpectedAudience {
+            hosts: &hosts,
+            device: identity.device.as_str(),
+            module: Some(identity.module.as_str()),
+        };
+        sas::verify(token, key, &expected, now)
+            .map(drop)
+            .map_err(|e| format!("SAS token: {e}"))
+    }
+
+    /// Every input endpoint of `identity`'s module: named by a route, or holding queued
+    /// messages from an earlier manifest.
+    pub fn input_endpoints(&self, identity: &Identity) -> Vec<(Endpoint, InputName)> {
+        let mut out: Vec<(Endpoint, InputName)> = Vec::new();
+        let from_routes = self.router.table().endpoints();
+        let queued = self.dispatcher.endpoints();
+        let all = from_routes
+            .into_iter()
+            .chain(queued.iter().filter_map(|id| Endpoint::from_id(id)));
+        for endpoint in all {
+            if let Endpoint::ModuleInput { module, input } = &endpoint {
+                if *module == identity.module && !out.iter().any(|(e, _)| *e == endpoint) {
+                    out.push((endpoint.clone(), input.clone()));
+                }
+            }
+        }
+        out
+    }
+}
