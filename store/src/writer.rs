@@ -588,12 +588,13 @@ impl Writer {
                 }
             });
         }
-        self.complete(replies);
+        // Counted before anyone hears of it, so a waiter that reads the stats sees its append.
         self.shared
             .stats
             .appends
             .fetch_add(appends, Ordering::Relaxed);
         self.shared.stats.commits.fetch_add(1, Ordering::Relaxed);
+        self.complete(replies);
     }
 
     /// Hands answers to the completer, behind every earlier batch's. If the completer is gone (it

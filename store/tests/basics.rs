@@ -253,6 +253,19 @@ fn a_newer_epoch_makes_the_older_owners_next_commit_fail() {
     assert_eq!(bodies(&again, &a, Offset::ZERO), vec![b"before".to_vec()]);
 }
 
+#[test]
+fn stats_count_an_append_as_soon_as_it_is_answered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), opts()).expect("open");
+    for n in 1..=50u64 {
+        store
+            .append(&[q("a")], Bytes::from_static(b"x"), None)
+            .wait()
+            .expect("append");
+        assert_eq!(store.stats().appends, n);
+    }
+}
+
 #[tokio::test]
 async fn appends_can_be_awaited_and_complete_in_submission_order() {
     let dir = tempfile::tempdir().expect("tempdir");
