@@ -15,6 +15,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+echo "== official Azure IoT SDKs (pinned Python and Node clients for the hub's tests)"
+scripts/install-sdks.sh
+
 echo "== cargo test (workspace)"
 cargo test --workspace --locked
 
