@@ -364,7 +364,11 @@ impl Connection {
         let ack = match topics::parse_publish(&publish.topic) {
             Ok(InboundTopic::Events(topic)) => {
                 let message = self.message_from(&publish, &topic)?;
-                self.ctx.metrics.message_received(&self.identity);
+                self.ctx.metrics.message_received_on(
+                    &self.identity,
+                    message.source().output(),
+                    Some(publish.payload.len()),
+                );
                 self.ctx.router.route(message)
             }
             Ok(InboundTopic::TwinRequest { rid }) => {
