@@ -1,0 +1,238 @@
+//! The hub crashing (SIGKILL) and restarting on the same data directory under live Python SDK
+//! modules: what the sender saw acknowledged must reach the receiver, first deliveries in
+//! order (duplicates are allowed after the crash, never a gap), and the receiver's
+//! subscription must survive (the Python SDK does not subscribe again after a reconnect).
+//!
+//! The Python SDK reconnects on its own (connection_retry, every 10 s), so these tests take
+//! tens of seconds. Each runs its own hub in its own network namespace (tests/sdk/README.md);
+//! they need root and the SDKs (`scripts/install-sdks.sh`), and fail without them.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+#[path = "support/sdk.rs"]
+mod sdk;
+#[path = "support/hub.rs"]
+mod testhub;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use sdk::{Line, Sdk, Script, SeqReport};
+use serde_json::Value;
+use testhub::TestHub;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn data(lines: &[Line]) -> Vec<Value> {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            Line::Json(v) if v.get("event").is_none() => Some(v.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads the receiver until every seq in `0..n` has arrived at least once (duplicates count
+/// once), or the deadline; then stops it and returns all its data lines.
+fn receive_all(mut rx: sdk::Proc, n: i64, within: Duration) -> (Vec<Value>, String) {
+    let mut have: BTreeSet<i64> = data(rx.seen())
+        .iter()
+        .filter_map(|m| m["seq"].as_i64())
+        .collect();
+    if (have.len() as i64) < n {
+        let _ = rx.read_until(within, |v| {
+            if v.get("event").is_none() {
+                if let Some(s) = v["seq"].as_i64() {
+                    if (0..n).contains(&s) {
+                        have.insert(s);
+                    }
+                }
+            }
+            have.len() as i64 >= n
+        });
+    }
+    let stderr = rx.stderr();
+    rx.kill();
+    let out = rx.finish(secs(5));
+    (data(&out.lines), stderr)
+}
+
+/// The hub is SIGKILLed while a Python sender streams to a Python receiver, and restarted on
+/// the same data directory. The sender's SDK reconnects and resends what was not
+/// acknowledged; the sender finishes; the receiver gets every message, first deliveries in
+/// order, with duplicates allowed only because of the crash.
+#[test]
+fn hub_killed_mid_stream_loses_nothing_the_sender_saw_acknowledged() {
+    const N: i64 = 1000;
+    const KILL_AFTER: i64 = 300;
+    let env = sdk::SdkEnv::require();
+    let ns = sdk::NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let mut hub_proc = hub.start(&ns);
+
+    let mut rx = ns
+        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+        .args(["--timeout", "150"])
+        .spawn();
+    rx.expect_event("ready", secs(20));
+    let mut tx = ns
+        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+        .args(["--output", "out1", "--run", "crash", "--count", &N.to_string()])
+        .args(["--timeout", "120"])
+        .args(testhub::prop_args())
+        .spawn();
+    let reached = tx.read_until(secs(60), |v| {
+        v["seq"].as_i64().is_some_and(|s| s >= KILL_AFTER)
+    });
+    assert!(
+        reached.is_some(),
+        "the sender never got {KILL_AFTER} acknowledgements: {}",
+        tx.stderr()
+    );
+    hub_proc.kill();
+    let before_crash = hub_proc.stderr();
+    let acked_before_crash = data(tx.seen()).len();
+    let hub_proc = hub.start(&ns);
+
+    let sent = tx.finish(secs(130));
+    if sent.code != Some(sdk::EXIT_OK) {
+        panic!(
+            "the sender did not finish after the restart: exit {:?}; stderr:\n{}\n\
+             hub log after the restart:\n{}",
+            sent.code,
+            sent.stderr,
+            hub_proc.stderr()
+        );
+    }
+    let acked = sent.data();
+    SeqReport::of(&acked, 0..N).assert_no_loss_no_reorder();
+
+    let (got, rx_stderr) = receive_all(rx, N, secs(90));
+    let report = SeqReport::of(&got, 0..N);
+    if !report.missing.is_empty()
+        || !report.out_of_order.is_empty()
+        || !report.unexpected.is_empty()
+        || report.without_seq > 0
+    {
+        panic!(
+            "after a crash at ~{acked_before_crash} acknowledged: {report:?}\n\
+             receiver stderr:\n{rx_stderr}\nhub log before the crash:\n{before_crash}\n\
+             hub log after the restart:\n{}",
+            hub_proc.stderr()
+        );
+    }
+    for m in &got {
+        testhub::assert_intact(m, "crash", "sender", "input1");
+    }
+}
+
+/// A Python receiver subscribed before the hub is SIGKILLed and restarted keeps getting its
+/// messages: the SDK reconnects with a persistent session and does not subscribe again, so
+/// the hub must remember the subscription. Messages are sent only after the restart.
+#[test]
+fn receiver_subscription_survives_a_hub_crash() {
+    const N: i64 = 50;
+    let env = sdk::SdkEnv::require();
+    let ns = sdk::NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let mut hub_proc = hub.start(&ns);
+
+    let mut rx = ns
+        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+        .args(["--count", &N.to_string(), "--linger", "1", "--timeout", "90"])
+        .spawn();
+    rx.expect_event("ready", secs(20));
+    hub_proc.kill();
+    let hub_proc = hub.start(&ns);
+
+    let sent = ns
+        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+        .args(["--output", "out1", "--run", "after", "--count", &N.to_string()])
+        .args(testhub::prop_args())
+        .run(secs(60));
+    sent.assert_exit(sdk::EXIT_OK);
+
+    let out = rx.finish(secs(100));
+    if out.code != Some(sdk::EXIT_OK) {
+        panic!(
+            "the receiver got {} of {N} messages sent after the restart (exit {:?}); \
+             stderr:\n{}\nhub log after the restart:\n{}",
+            out.data().len(),
+            out.code,
+            out.stderr,
+            hub_proc.stderr()
+        );
+    }
+    let got = out.data();
+    SeqReport::of(&got, 0..N).assert_no_loss_no_reorder();
+    for m in &got {
+        testhub::assert_intact(m, "after", "sender", "input1");
+    }
+}
+
+/// A backlog stored for an offline receiver survives a crash, and a crash while the receiver
+/// drains it loses nothing: 500 messages sent while the receiver is offline, hub SIGKILLed and
+/// restarted, the receiver connects, and after its first 100 the hub is SIGKILLed and
+/// restarted again; the receiver (reconnecting on its own, without a new SUBSCRIBE) gets all
+/// 500, first deliveries in order.
+#[test]
+fn stored_backlog_survives_crashes_before_and_during_delivery() {
+    const N: i64 = 500;
+    let env = sdk::SdkEnv::require();
+    let ns = sdk::NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let mut hub_proc = hub.start(&ns);
+
+    let sent = ns
+        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+        .args(["--output", "out1", "--run", "stored", "--count", &N.to_string()])
+        .args(testhub::prop_args())
+        .run(secs(60));
+    sent.assert_exit(sdk::EXIT_OK);
+    SeqReport::of(&sent.data(), 0..N).assert_no_loss_no_reorder();
+    hub_proc.kill();
+    let mut hub_proc = hub.start(&ns);
+
+    let mut rx = ns
+        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+        .args(["--timeout", "120"])
+        .spawn();
+    rx.data_lines(100, secs(30));
+    hub_proc.kill();
+    let hub_proc = hub.start(&ns);
+
+    let (got, rx_stderr) = receive_all(rx, N, secs(90));
+    let report = SeqReport::of(&got, 0..N);
+    if !report.missing.is_empty()
+        || !report.out_of_order.is_empty()
+        || !report.unexpected.is_empty()
+        || report.without_seq > 0
+    {
+        panic!(
+            "stored backlog after two crashes: {report:?}\nreceiver stderr:\n{rx_stderr}\n\
+             hub log after the last restart:\n{}",
+            hub_proc.stderr()
+        );
+    }
+    for m in &got {
+        testhub::assert_intact(m, "stored", "sender", "input1");
+    }
+}
