@@ -1,0 +1,675 @@
+//! A tiny raw MQTT 3.1.1 client for protocol tests, and a hub to point it at.
+//!
+//! Include it from a test file with `#[path = "support/raw.rs"] mod raw;`.
+//!
+//! - [`RawClient`]: MQTT over TLS (trusting the hub's CA, `{data_dir}/tls/ca.pem`) or plain TCP,
+//!   speaking packets through `rumqttc::mqttbytes::v4` (`Packet::read/write`) so a test chooses
+//!   every field: packet ids, QoS, clean-session, keep-alive, and raw bytes when it wants
+//!   malformed input. [`RawClient::split`] gives a reader and a writer for pipelining.
+//! - Every read has a deadline ([`RawReader::next`] answers [`Event::Timeout`]); nothing sleeps
+//!   and hopes.
+//! - [`Creds`]: what an Azure IoT SDK module sends: client id `device/module`, username
+//!   `{iothub}/{device}/{module}/?api-version=2019-10-01`, password a SAS token made with
+//!   `hub::auth::sas::generate`.
+//! - [`TestHub`]: `hub::server::run` in-process on a temporary data dir, on free loopback ports,
+//!   waited for through `/readyz`; stopped through its shutdown future.
+//!
+//! Ports: `Settings` accepts port 0, but `server::run` does not report the ports it bound, so a
+//! test cannot learn them. Free ports are found by binding `127.0.0.1:0` and releasing; the few
+//! times another process takes one in between, the hub fails to bind and is started again on
+//! new ports ([`start_retrying`]).
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+use hub::auth::sas;
+use hub::identity::{Identities, Identity};
+use hub::settings::RawSettings;
+use router::{DeviceId, ModuleId};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, Connect, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeFilter,
+};
+use rumqttc::mqttbytes::{Error as CodecError, QoS};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// The IoT Hub host name the test hubs use (in usernames and SAS audiences).
+pub const IOTHUB: &str = "edgehub.test";
+/// The edge device id the test hubs use.
+pub const DEVICE: &str = "edge-device";
+/// The API version the Python SDK sends.
+pub const API_VERSION: &str = "2019-10-01";
+/// Largest packet the client reads.
+const MAX_READ: usize = 1 << 21;
+
+/// A manifest with three modules and one route `sender/outputs/* → receiver/inputs/input1`.
+pub const MANIFEST: &str = r#"{"modulesContent": {
+  "$edgeAgent": {"properties.desired": {"modules": {"sender": {}, "receiver": {}, "spy": {}}}},
+  "$edgeHub": {"properties.desired": {"schemaVersion": "1.1",
+    "routes": {"senderToReceiver": "FROM /messages/modules/sender/outputs/* INTO BrokeredEndpoint(\"/modules/receiver/inputs/input1\")"},
+    "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}}}}}"#;
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Turns on hub logs when `EDGEHUB_TEST_LOG` is set (an `EnvFilter`, e.g. `hub=debug`).
+pub fn init_logs() {
+    if let Ok(filter) = std::env::var("EDGEHUB_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Credentials
+// ---------------------------------------------------------------------------------------------
+
+/// What a module connects with.
+#[derive(Clone, Debug)]
+pub struct Creds {
+    pub iothub: String,
+    pub device: String,
+    pub module: String,
+    /// The decoded SharedAccessKey.
+    pub key: Vec<u8>,
+}
+
+impl Creds {
+    /// `device/module`.
+    pub fn client_id(&self) -> String {
+        format!("{}/{}", self.device, self.module)
+    }
+
+    /// `{iothub}/{device}/{module}/?api-version=2019-10-01`, as the Python SDK sends it.
+    pub fn username(&self) -> String {
+        format!(
+            "{}/{}/{}/?api-version={API_VERSION}",
+            self.iothub, self.device, self.module
+        )
+    }
+
+    /// A token for this module valid for an hour.
+    pub fn token(&self) -> String {
+        self.token_for(&self.module, now_secs() + 3600)
+    }
+
+    /// A token signed with this module's key, naming `module` as audience, expiring at `expiry`.
+    pub fn token_for(&self, module: &str, expiry: u64) -> String {
+        let resource = sas::resource_uri(&self.iothub, &self.device, Some(module));
+        sas::generate(&resource, &self.key, expiry)
+    }
+
+    /// Events topic of this module with a raw bag (may be empty).
+    pub fn events_topic(&self, bag: &str) -> String {
+        format!(
+            "devices/{}/modules/{}/messages/events/{bag}",
+            self.device, self.module
+        )
+    }
+
+    /// Output `out1` of this module (what `sendOutputEvent("out1", …)` publishes on).
+    pub fn output_topic(&self) -> String {
+        self.events_topic("%24.on=out1")
+    }
+
+    /// The filter both SDKs subscribe for input messages.
+    pub fn inputs_filter(&self) -> String {
+        format!("devices/{}/modules/{}/inputs/#", self.device, self.module)
+    }
+
+    /// CONNECT with a good token.
+    pub fn connect(&self, clean_session: bool, keep_alive: u16) -> Connect {
+        self.connect_with(&self.client_id(), &self.token(), clean_session, keep_alive)
+    }
+
+    /// CONNECT with a chosen client id and password.
+    pub fn connect_with(
+        &self,
+        client_id: &str,
+        password: &str,
+        clean_session: bool,
+        keep_alive: u16,
+    ) -> Connect {
+        let mut c = Connect::new(client_id);
+        c.clean_session = clean_session;
+        c.keep_alive = keep_alive;
+        c.set_login(self.username(), password);
+        c
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------------------------
+
+/// Any byte stream the client runs over.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// What reading gave.
+#[derive(Debug)]
+pub enum Event {
+    /// A whole packet.
+    Packet(Packet),
+    /// The hub closed the connection (EOF or a reset); the text says which.
+    Closed(String),
+    /// Nothing within the deadline.
+    Timeout,
+}
+
+/// A client connection: a reader and a writer over one stream.
+pub struct RawClient {
+    pub reader: RawReader,
+    pub writer: RawWriter,
+}
+
+/// The reading half: decodes packets, keeping leftover bytes.
+pub struct RawReader {
+    io: ReadHalf<Pin<Box<dyn Io>>>,
+    buf: BytesMut,
+}
+
+/// The writing half.
+pub struct RawWriter {
+    io: WriteHalf<Pin<Box<dyn Io>>>,
+}
+
+/// A rustls client configuration trusting only the PEM certificates in `ca_pem`.
+pub fn tls_config(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem).expect("read the hub's CA") {
+        roots
+            .add(cert.expect("a PEM certificate"))
+            .expect("trust the CA");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+impl RawClient {
+    fn over(io: Pin<Box<dyn Io>>) -> Self {
+        let (r, w) = tokio::io::split(io);
+        RawClient {
+            reader: RawReader {
+                io: r,
+                buf: BytesMut::with_capacity(16 * 1024),
+            },
+            writer: RawWriter { io: w },
+        }
+    }
+
+    /// Opens plain TCP to `addr` (the hub's loopback plain listener).
+    pub async fn plain(addr: SocketAddr) -> Self {
+        let tcp = TcpStream::connect(addr).await.expect("TCP connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        Self::over(Box::pin(tcp))
+    }
+
+    /// Opens TLS to `addr`, checking the server certificate for `localhost` against `ca_pem`.
+    pub async fn tls(addr: SocketAddr, ca_pem: &Path) -> Self {
+        let tcp = TcpStream::connect(addr).await.expect("TCP connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        let connector = tokio_rustls::TlsConnector::from(tls_config(ca_pem));
+        let name = ServerName::try_from("localhost").expect("server name");
+        let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+            .await
+            .expect("TLS handshake timed out")
+            .expect("TLS handshake");
+        Self::over(Box::pin(tls))
+    }
+
+    /// Sends CONNECT and returns the CONNACK (panics if anything else, or nothing, comes).
+    pub async fn connect(&mut self, connect: Connect) -> ConnAck {
+        self.writer.send(&Packet::Connect(connect)).await;
+        match self.reader.expect_packet(Duration::from_secs(10)).await {
+            Packet::ConnAck(ack) => ack,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// SUBSCRIBE at QoS 1 and wait for its SUBACK; returns it and any packets that came first.
+    pub async fn subscribe(&mut self, pkid: u16, filters: &[&str]) -> (SubAck, Vec<Packet>) {
+        self.writer.subscribe(pkid, filters).await;
+        let mut before = Vec::new();
+        loop {
+            match self.reader.expect_packet(Duration::from_secs(10)).await {
+                Packet::SubAck(ack) if ack.pkid == pkid => return (ack, before),
+                other => before.push(other),
+            }
+        }
+    }
+
+    /// PINGREQ, then the packets up to and including PINGRESP (a round trip through the hub's
+    /// connection task: whatever it had queued for us before comes first).
+    pub async fn ping(&mut self) -> Vec<Packet> {
+        self.writer.send(&Packet::PingReq).await;
+        let mut seen = Vec::new();
+        loop {
+            let p = self.reader.expect_packet(Duration::from_secs(10)).await;
+            let done = p == Packet::PingResp;
+            seen.push(p);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    pub fn split(self) -> (RawReader, RawWriter) {
+        (self.reader, self.writer)
+    }
+}
+
+impl RawReader {
+    /// The next packet, or why there is none, within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Event {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match Packet::read(&mut self.buf, MAX_READ) {
+                Ok(p) => return Event::Packet(p),
+                Err(CodecError::InsufficientBytes(_)) => {}
+                Err(e) => panic!("the hub sent bytes the client cannot decode: {e:?}"),
+            }
+            self.buf.reserve(16 * 1024);
+            match tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.buf)).await {
+                Err(_) => return Event::Timeout,
+                Ok(Ok(0)) => return Event::Closed("EOF".into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Event::Closed(e.to_string()),
+            }
+        }
+    }
+
+    /// The next packet; panics on close or timeout.
+    pub async fn expect_packet(&mut self, timeout: Duration) -> Packet {
+        match self.next(timeout).await {
+            Event::Packet(p) => p,
+            other => panic!("expected a packet within {timeout:?}, got {other:?}"),
+        }
+    }
+
+    /// The next PUBLISH; panics on anything else.
+    pub async fn expect_publish(&mut self, timeout: Duration) -> Publish {
+        match self.expect_packet(timeout).await {
+            Packet::Publish(p) => p,
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+
+    /// Reads until the hub closes the connection; returns the packets that came first. Panics
+    /// if the connection is still open after `timeout`.
+    pub async fn expect_closed(&mut self, timeout: Duration) -> Vec<Packet> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        loop {
+            match self
+                .next(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
+                Event::Packet(p) => seen.push(p),
+                Event::Closed(_) => return seen,
+                Event::Timeout => {
+                    panic!("connection still open after {timeout:?}; packets seen: {seen:?}")
+                }
+            }
+        }
+    }
+}
+
+impl RawWriter {
+    /// Writes one packet and flushes. A write error (the hub closed) is returned, not a panic.
+    pub async fn try_send(&mut self, packet: &Packet) -> std::io::Result<()> {
+        let mut buf = BytesMut::with_capacity(packet.size() + 8);
+        packet.write(&mut buf, usize::MAX).expect("encode");
+        self.io.write_all(&buf).await?;
+        self.io.flush().await
+    }
+
+    pub async fn send(&mut self, packet: &Packet) {
+        self.try_send(packet).await.expect("write to the hub");
+    }
+
+    /// Writes bytes as they are.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.io.write_all(bytes).await?;
+        self.io.flush().await
+    }
+
+    /// A PUBLISH (not flushed: call [`RawWriter::flush`]) with the chosen packet id.
+    pub async fn publish_unflushed(
+        &mut self,
+        topic: &str,
+        qos: QoS,
+        pkid: u16,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let p = publish(topic, qos, pkid, payload);
+        let mut buf = BytesMut::with_capacity(p.size() + 8);
+        Packet::Publish(p)
+            .write(&mut buf, usize::MAX)
+            .expect("encode");
+        self.io.write_all(&buf).await
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        self.io.flush().await
+    }
+
+    /// A PUBLISH with the chosen packet id, flushed.
+    pub async fn publish(&mut self, topic: &str, qos: QoS, pkid: u16, payload: &[u8]) {
+        self.send(&Packet::Publish(publish(topic, qos, pkid, payload)))
+            .await;
+    }
+
+    pub async fn puback(&mut self, pkid: u16) {
+        self.send(&Packet::PubAck(PubAck::new(pkid))).await;
+    }
+
+    pub async fn subscribe(&mut self, pkid: u16, filters: &[&str]) {
+        let sub = Subscribe {
+            pkid,
+            filters: filters
+                .iter()
+                .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce))
+                .collect(),
+        };
+        self.send(&Packet::Subscribe(sub)).await;
+    }
+
+    pub async fn disconnect(&mut self) {
+        let _ = self.try_send(&Packet::Disconnect).await;
+        let _ = self.io.shutdown().await;
+    }
+}
+
+/// A PUBLISH packet.
+pub fn publish(topic: &str, qos: QoS, pkid: u16, payload: &[u8]) -> Publish {
+    let mut p = Publish::new(topic, qos, payload.to_vec());
+    p.pkid = if qos == QoS::AtMostOnce { 0 } else { pkid };
+    p
+}
+
+/// The property bag of an input topic `devices/{d}/modules/{m}/inputs/{input}/{bag}`, decoded.
+pub fn input_bag(topic: &str) -> Vec<(String, String)> {
+    let bag = topic.splitn(7, '/').nth(6).unwrap_or("");
+    bag.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+/// The value of `key` in a decoded bag.
+pub fn bag_get<'a>(bag: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    bag.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports and readiness
+// ---------------------------------------------------------------------------------------------
+
+fn handed_out() -> &'static Mutex<HashSet<u16>> {
+    static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    PORTS.get_or_init(|| Mutex::new(HashSet::new()))
+}
+
+/// A loopback port that was free a moment ago and was never handed out before in this process.
+pub fn free_port() -> u16 {
+    loop {
+        let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local addr").port();
+        drop(l);
+        if handed_out().lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// The status line of `GET /readyz` on `metrics`, or `None` if nothing answered.
+pub async fn readyz(metrics: SocketAddr) -> Option<String> {
+    let mut tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(metrics))
+        .await
+        .ok()?
+        .ok()?;
+    tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out);
+    text.lines().next().map(str::to_owned)
+}
+
+/// Addresses of one hub instance.
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    pub mqtt: SocketAddr,
+    pub metrics: SocketAddr,
+    pub plain: SocketAddr,
+}
+
+impl Addrs {
+    pub fn fresh() -> Self {
+        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        Addrs {
+            mqtt: a(free_port()),
+            metrics: a(free_port()),
+            plain: a(free_port()),
+        }
+    }
+}
+
+/// What waiting for a starting hub found.
+pub enum Start {
+    Ready,
+    /// The hub stopped before it was ready.
+    Exited,
+}
+
+/// Polls `/readyz` until it answers 200 while `exited` says the hub still runs, for at most
+/// `timeout`.
+pub async fn wait_ready(
+    addrs: Addrs,
+    timeout: Duration,
+    mut exited: impl FnMut() -> bool,
+) -> Start {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if exited() {
+            return Start::Exited;
+        }
+        if readyz(addrs.metrics)
+            .await
+            .is_some_and(|l| l.contains(" 200"))
+        {
+            // Our own hub answered only if it is still running (a port taken by someone else
+            // makes ours exit at once).
+            if exited() {
+                return Start::Exited;
+            }
+            return Start::Ready;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hub not ready within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts something on fresh ports up to 5 times while it fails because a port was taken.
+pub async fn start_retrying<T, F, Fut>(mut attempt: F) -> T
+where
+    F: FnMut(Addrs) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let mut last = String::new();
+    for _ in 0..5 {
+        match attempt(Addrs::fresh()).await {
+            Ok(t) => return t,
+            Err(why) if why.contains("cannot listen") => last = why,
+            Err(why) => panic!("the hub failed to start: {why}"),
+        }
+    }
+    panic!("the hub could not bind free ports: {last}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process hub
+// ---------------------------------------------------------------------------------------------
+
+/// `hub::server::run` in this process, on `{root}/data` with `{root}/manifest.json`.
+pub struct TestHub {
+    pub root: PathBuf,
+    pub addrs: Addrs,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    identities: Arc<Identities>,
+}
+
+impl TestHub {
+    /// Starts a hub with [`MANIFEST`] (written if absent) on `root`, and waits until it is ready.
+    pub async fn start(root: &Path) -> TestHub {
+        init_logs();
+        let manifest = root.join("manifest.json");
+        if !manifest.exists() {
+            std::fs::write(&manifest, MANIFEST).expect("write manifest");
+        }
+        let root = root.to_owned();
+        start_retrying(|addrs| {
+            let root = root.clone();
+            async move { Self::try_start(&root, addrs).await }
+        })
+        .await
+    }
+
+    async fn try_start(root: &Path, addrs: Addrs) -> Result<TestHub, String> {
+        let settings = RawSettings {
+            data_dir: Some(root.join("data")),
+            manifest: Some(root.join("manifest.json")),
+            mqtt_addr: Some(addrs.mqtt.to_string()),
+            metrics_addr: Some(addrs.metrics.to_string()),
+            plain_mqtt_addr: Some(addrs.plain.to_string()),
+            iothub_hostname: Some(IOTHUB.into()),
+            device_id: Some(DEVICE.into()),
+            gateway_hostname: Some("localhost".into()),
+            ..RawSettings::default()
+        }
+        .validate(None)
+        .expect("valid settings");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(hub::server::run(settings.clone(), async move {
+            let _ = stopped.await;
+        }));
+        if let Start::Exited =
+            wait_ready(addrs, Duration::from_secs(20), || task.is_finished()).await
+        {
+            return Err(match task.await {
+                Ok(Ok(())) => "run returned Ok before it was ready".to_owned(),
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => format!("run panicked: {e}"),
+            });
+        }
+        let deployment = settings.manifest().load().expect("manifest");
+        let identities = Identities::for_settings(&settings, &deployment.modules).expect("ids");
+        Ok(TestHub {
+            root: root.to_owned(),
+            addrs,
+            stop: Some(stop),
+            task: Some(task),
+            identities: Arc::new(identities),
+        })
+    }
+
+    /// The CA a client must trust.
+    pub fn ca(&self) -> PathBuf {
+        hub::tls::ca_path(&self.root.join("data"))
+    }
+
+    /// Credentials of a declared module (key from the identities file).
+    pub fn creds(&self, module: &str) -> Creds {
+        let identity = Identity::new(DeviceId::new(DEVICE), ModuleId::new(module));
+        let key = self
+            .identities
+            .key(&identity)
+            .unwrap_or_else(|| panic!("{module} is not declared"))
+            .to_vec();
+        Creds {
+            iothub: IOTHUB.into(),
+            device: DEVICE.into(),
+            module: module.into(),
+            key,
+        }
+    }
+
+    /// A TLS connection to the MQTT listener (no CONNECT sent yet).
+    pub async fn tls(&self) -> RawClient {
+        RawClient::tls(self.addrs.mqtt, &self.ca()).await
+    }
+
+    /// A plain TCP connection to the loopback listener (no CONNECT sent yet).
+    pub async fn plain(&self) -> RawClient {
+        RawClient::plain(self.addrs.plain).await
+    }
+
+    /// A TLS connection of `module` with a good token; asserts CONNACK 0 and returns it.
+    pub async fn connected(&self, module: &str, clean: bool) -> (RawClient, ConnAck) {
+        let mut c = self.tls().await;
+        let ack = c.connect(self.creds(module).connect(clean, 60)).await;
+        assert_eq!(
+            ack.code,
+            rumqttc::mqttbytes::v4::ConnectReturnCode::Success,
+            "{module} refused"
+        );
+        (c, ack)
+    }
+
+    /// Stops the hub through its shutdown future and waits for `run` to return Ok.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let r = tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("hub did not stop within 30 s")
+                .expect("hub task panicked");
+            r.expect("hub run returned an error");
+        }
+    }
+}
