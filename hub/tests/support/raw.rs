@@ -357,6 +357,13 @@ impl RawWriter {
         self.io.flush().await
     }
 
+    /// Writes one packet without flushing (call [`RawWriter::flush`]).
+    pub async fn send_unflushed(&mut self, packet: &Packet) -> std::io::Result<()> {
+        let mut buf = BytesMut::with_capacity(packet.size() + 8);
+        packet.write(&mut buf, usize::MAX).expect("encode");
+        self.io.write_all(&buf).await
+    }
+
     /// A PUBLISH (not flushed: call [`RawWriter::flush`]) with the chosen packet id.
     pub async fn publish_unflushed(
         &mut self,
@@ -434,6 +441,28 @@ pub fn bag_get<'a>(bag: &'a [(String, String)], key: &str) -> Option<&'a str> {
         .rev()
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())
+}
+
+/// Credentials of `module`, with its key read from `{data_dir}/identities.json` (which a hub
+/// that declares the module has written; reading adds nothing for a module that has a key).
+pub fn module_creds(data_dir: &Path, module: &str) -> Creds {
+    let module_id = ModuleId::new(module);
+    let ids = Identities::load_or_create(
+        data_dir,
+        &DeviceId::new(DEVICE),
+        std::slice::from_ref(&module_id),
+    )
+    .expect("read identities");
+    let key = ids
+        .key(&Identity::new(DeviceId::new(DEVICE), module_id))
+        .expect("declared")
+        .to_vec();
+    Creds {
+        iothub: IOTHUB.into(),
+        device: DEVICE.into(),
+        module: module.into(),
+        key,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
