@@ -327,3 +327,44 @@ async fn a_persistent_subscription_survives_a_hub_restart() {
     r.writer.puback(p.pkid).await;
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_is_durable_when_its_suback_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("manifest.json"), raw::MANIFEST).unwrap();
+    let mut hub = BinaryHub::start(root, 0).await;
+    let sender = module_creds(&root.join("data"), "sender");
+    let receiver = module_creds(&root.join("data"), "receiver");
+    let mut r = hub.client(root).await;
+    let ack = r.connect(receiver.connect(false, 60)).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    let (sub, _) = r.subscribe(1, &[&receiver.inputs_filter()]).await;
+    assert_eq!(
+        sub.return_codes,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    hub.kill9();
+
+    let hub = BinaryHub::start(root, 1).await;
+    let mut r = hub.client(root).await;
+    let ack = r.connect(receiver.connect(false, 60)).await;
+    assert!(
+        ack.session_present,
+        "a SUBACKed subscription was lost to kill -9"
+    );
+    let mut s = hub.client(root).await;
+    assert_eq!(
+        s.connect(sender.connect(true, 60)).await.code,
+        ConnectReturnCode::Success
+    );
+    s.writer
+        .publish(&sender.output_topic(), QoS::AtLeastOnce, 1, b"m1")
+        .await;
+    assert_eq!(
+        s.reader.expect_packet(T).await,
+        Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(1))
+    );
+    let p = r.reader.expect_publish(T).await;
+    assert_eq!(&p.payload[..], b"m1");
+}
