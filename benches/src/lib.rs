@@ -14,13 +14,16 @@
 //! - [`report`]: aligned text tables, rate / ratio formatting, targets.
 //! - [`json`]: writing results to `target/bench-results/`.
 //! - [`probe`]: markers and arguments for the strace probe binaries.
+//! - [`mqtt`], [`procstat`]: the peers bench's MQTT client and /proc CPU readings.
 
 pub mod env;
 pub mod fsync;
 pub mod json;
 pub mod latency;
 pub mod load;
+pub mod mqtt;
 pub mod probe;
+pub mod procstat;
 pub mod report;
 
 /// The error type of every fallible bench helper.
