@@ -2,10 +2,11 @@
 //!
 //! A message is stored once however many endpoints it goes to (store guarantee 3), wrapped in an
 //! [`Envelope`] that adds what delivery needs and the [`Message`] does not carry: when it was
-//! enqueued, and the expiry of every target whose TTL differs from the store-level expiry (see
-//! `router.rs` for the TTL design).
+//! enqueued, the expiry of every target whose TTL differs from the store-level expiry (see
+//! `router.rs` for the TTL design), and the edgehub delivery extensions of every target that has
+//! any (`x-edgehub-setAsideAfter`, `x-edgehub-liveFirstSecs`).
 //!
-//! # Format, version 1
+//! # Format, versions 1 and 2
 //!
 //! All integers little-endian. `str` is a `u32` byte length followed by UTF-8; `opt str` is a
 //! `u8` (0 absent, 1 present) followed by a `str` when present; an expiry is a `u64` of Unix
@@ -15,6 +16,8 @@
 //! u8        version (1)
 //! u64       enqueued at (Unix ms)
 //! u16       n expiry overrides, then n × { str endpoint id, u64 expiry }
+//! (v2 only) u16 n delivery options, then n × { str endpoint id, u32 set aside after,
+//!                                               u32 live first secs }   (0: not set)
 //! u8        source tag: 0 telemetry, 1 module output, 2 twin change
 //! str       device; then module output: str module, opt str output;
 //!                        twin change:   opt str module
@@ -22,6 +25,9 @@
 //! u32       n application properties, then n × { str key, str value }
 //! u32       body length, then the body
 //! ```
+//!
+//! [`encode`] writes version 1 when no target has delivery options (byte for byte what earlier
+//! builds wrote and read), version 2 otherwise; [`decode`] reads both.
 //!
 //! Invariants:
 //! - [`decode`] never panics and never allocates more than the input's length justifies: every
@@ -35,10 +41,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 use store::UnixMillis;
 
 use crate::message::{DeviceId, Message, ModuleId, OutputName, Source, SystemProperty};
-use crate::route::EndpointId;
+use crate::route::{DeliveryOptions, EndpointId};
 
-/// The format version [`encode`] writes.
-pub const VERSION: u8 = 1;
+/// The newest format version: [`encode`] writes it when some target has delivery options.
+pub const VERSION: u8 = 2;
+/// The format [`encode`] writes when no target has delivery options.
+const VERSION_PLAIN: u8 = 1;
 
 const TAG_TELEMETRY: u8 = 0;
 const TAG_MODULE_OUTPUT: u8 = 1;
@@ -62,6 +70,24 @@ pub struct ExpiryOverride {
     pub endpoint: String,
     /// When the message expires for that endpoint (`None`: never).
     pub expiry: Option<UnixMillis>,
+}
+
+/// One endpoint's delivery extensions, as stamped at enqueue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointOptions {
+    /// The endpoint's id, as [`EndpointId::as_str`] gave it at enqueue.
+    pub endpoint: String,
+    /// The extensions (never all unset: such an entry is not written).
+    pub options: DeliveryOptions,
+}
+
+/// The delivery extensions that apply to `endpoint` among those stamped on a message (the
+/// default when none were).
+pub fn options_for(options: &[EndpointOptions], endpoint: &EndpointId) -> DeliveryOptions {
+    options
+        .iter()
+        .find(|o| o.endpoint == endpoint.as_str())
+        .map_or_else(DeliveryOptions::default, |o| o.options)
 }
 
 impl Envelope {
@@ -125,16 +151,41 @@ pub enum EncodeError {
     },
 }
 
-/// Serializes `env` in the current format.
+/// Serializes `env`, without delivery extensions (format version 1).
 pub fn encode(env: &Envelope) -> Result<Bytes, EncodeError> {
+    encode_with_options(env, &[])
+}
+
+/// Serializes `env` with the delivery extensions of its targets (entries without any are left
+/// out; version 1 when none is left, else version 2).
+pub fn encode_with_options(
+    env: &Envelope,
+    delivery_options: &[EndpointOptions],
+) -> Result<Bytes, EncodeError> {
     let msg = &env.message;
     let mut out = BytesMut::with_capacity(64 + msg.body().len());
-    out.put_u8(VERSION);
+    let options: Vec<&EndpointOptions> = delivery_options
+        .iter()
+        .filter(|o| !o.options.is_default())
+        .collect();
+    out.put_u8(if options.is_empty() {
+        VERSION_PLAIN
+    } else {
+        VERSION
+    });
     out.put_u64_le(env.enqueued_at.0);
     out.put_u16_le(len_u16(env.expiry_overrides.len(), "expiry overrides")?);
     for o in &env.expiry_overrides {
         put_str(&mut out, &o.endpoint)?;
         out.put_u64_le(expiry_raw(o.expiry));
+    }
+    if !options.is_empty() {
+        out.put_u16_le(len_u16(options.len(), "delivery options")?);
+        for o in options {
+            put_str(&mut out, &o.endpoint)?;
+            out.put_u32_le(o.options.set_aside_after.unwrap_or(0));
+            out.put_u32_le(o.options.live_first_secs.unwrap_or(0));
+        }
     }
     put_source(&mut out, msg.source())?;
     let system = msg.system_properties();
@@ -154,11 +205,17 @@ pub fn encode(env: &Envelope) -> Result<Bytes, EncodeError> {
     Ok(out.freeze())
 }
 
-/// Reads an envelope back. Never panics, whatever `bytes` holds.
+/// Reads an envelope back, ignoring delivery extensions. Never panics, whatever `bytes` holds.
 pub fn decode(bytes: &Bytes) -> Result<Envelope, DecodeError> {
+    decode_with_options(bytes).map(|(env, _)| env)
+}
+
+/// Reads an envelope back with the delivery extensions stamped on it. Never panics, whatever
+/// `bytes` holds.
+pub fn decode_with_options(bytes: &Bytes) -> Result<(Envelope, Vec<EndpointOptions>), DecodeError> {
     let mut r = Reader { buf: bytes, at: 0 };
     let version = r.u8()?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_PLAIN {
         return Err(DecodeError::UnknownVersion(version));
     }
     let enqueued_at = UnixMillis(r.u64()?);
@@ -169,6 +226,21 @@ pub fn decode(bytes: &Bytes) -> Result<Envelope, DecodeError> {
         let endpoint = r.string()?;
         let expiry = expiry_from_raw(r.u64()?);
         expiry_overrides.push(ExpiryOverride { endpoint, expiry });
+    }
+    let mut delivery_options = Vec::new();
+    if version == VERSION {
+        let n = usize::from(r.u16()?);
+        // Each entry takes at least 12 bytes.
+        delivery_options.reserve(n.min(r.remaining() / 12));
+        for _ in 0..n {
+            let endpoint = r.string()?;
+            let nonzero = |n: u32| (n != 0).then_some(n);
+            let options = DeliveryOptions {
+                set_aside_after: nonzero(r.u32()?),
+                live_first_secs: nonzero(r.u32()?),
+            };
+            delivery_options.push(EndpointOptions { endpoint, options });
+        }
     }
     let source = read_source(&mut r)?;
     let mut message = Message::new(source, Bytes::new());
@@ -196,11 +268,12 @@ pub fn decode(bytes: &Bytes) -> Result<Envelope, DecodeError> {
     if r.remaining() > 0 {
         return Err(DecodeError::Trailing(r.remaining()));
     }
-    Ok(Envelope {
+    let env = Envelope {
         enqueued_at,
         expiry_overrides,
         message: rebuild_with_body(message, body),
-    })
+    };
+    Ok((env, delivery_options))
 }
 
 /// `Message` has no body setter: rebuild it around the shared body slice.
@@ -398,6 +471,48 @@ mod tests {
         }
     }
 
+    fn sample_options() -> Vec<EndpointOptions> {
+        vec![EndpointOptions {
+            endpoint: "iothub".into(),
+            options: DeliveryOptions {
+                set_aside_after: Some(3),
+                live_first_secs: Some(60),
+            },
+        }]
+    }
+
+    #[test]
+    fn delivery_options_are_written_in_version_2_and_only_then() {
+        let env = sample();
+        let plain = encode(&env).unwrap();
+        assert_eq!(plain[0], 1);
+        assert_eq!(decode_with_options(&plain).unwrap(), (env.clone(), vec![]));
+        let unset = [EndpointOptions {
+            endpoint: "x".into(),
+            options: DeliveryOptions::default(),
+        }];
+        assert_eq!(encode_with_options(&env, &unset).unwrap(), plain);
+        let with = encode_with_options(&env, &sample_options()).unwrap();
+        assert_eq!(with[0], 2);
+        assert_eq!(
+            decode_with_options(&with).unwrap(),
+            (env.clone(), sample_options())
+        );
+        assert_eq!(decode(&with).unwrap(), env);
+    }
+
+    #[test]
+    fn delivery_options_apply_only_to_their_endpoint() {
+        let options = sample_options();
+        let up = options_for(&options, &crate::route::Endpoint::Upstream.id());
+        assert_eq!(up.live_first_secs, Some(60));
+        let other = crate::route::Endpoint::ModuleInput {
+            module: ModuleId::new("m"),
+            input: crate::message::InputName::new("i"),
+        };
+        assert!(options_for(&options, &other.id()).is_default());
+    }
+
     #[test]
     fn an_envelope_survives_encode_and_decode() {
         let env = sample();
@@ -507,11 +622,54 @@ mod tests {
             })
     }
 
+    fn options() -> impl Strategy<Value = Vec<EndpointOptions>> {
+        proptest::collection::vec(
+            (
+                ".{0,8}",
+                proptest::option::of(1u32..),
+                proptest::option::of(1u32..),
+            ),
+            0..3,
+        )
+        .prop_map(|v| {
+            v.into_iter()
+                .map(|(endpoint, s, l)| EndpointOptions {
+                    endpoint,
+                    options: DeliveryOptions {
+                        set_aside_after: s,
+                        live_first_secs: l,
+                    },
+                })
+                .filter(|o| !o.options.is_default())
+                .collect()
+        })
+    }
+
     proptest! {
         #[test]
         fn any_envelope_round_trips(env in envelope()) {
             let bytes = encode(&env).unwrap();
             prop_assert_eq!(decode(&bytes).unwrap(), env);
+        }
+
+        #[test]
+        fn any_envelope_with_options_round_trips(env in envelope(), opts in options()) {
+            let bytes = encode_with_options(&env, &opts).unwrap();
+            prop_assert_eq!(decode_with_options(&bytes).unwrap(), (env, opts));
+        }
+
+        #[test]
+        fn decoding_a_corrupted_envelope_with_options_never_panics(
+            env in envelope(),
+            opts in options(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+        ) {
+            let mut bytes = encode_with_options(&env, &opts).unwrap().to_vec();
+            for (i, b) in flips {
+                let i = i.index(bytes.len());
+                bytes[i] ^= b;
+            }
+            let _ = decode_with_options(&Bytes::from(bytes));
         }
 
         #[test]

@@ -25,11 +25,11 @@ use store::{Clock, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::endpoint_worker::{EndpointWorker, WorkerChannels, WorkerContext};
+use crate::endpoint_worker::{EndpointWorker, QueueKey, WorkerChannels, WorkerContext};
 use crate::events::{Counters, RouterMetrics};
 use crate::queue_id::QueueId;
 use crate::retry::RetryPolicy;
-use crate::route::{Endpoint, EndpointId, Priority};
+use crate::route::{Endpoint, EndpointId};
 use crate::sink::{DynSink, Sink};
 
 /// How workers deliver.
@@ -54,7 +54,8 @@ impl Default for DispatcherConfig {
     }
 }
 
-/// Per-endpoint delivery policy.
+/// Per-endpoint delivery policy: what applies to a message whose route set no
+/// `x-edgehub-setAsideAfter` (a route's own limit, stamped on the message at enqueue, wins).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EndpointPolicy {
     /// Set a message aside (count it and go on) after this many failed attempts. `None` (the
@@ -102,7 +103,7 @@ struct Workers {
 
 /// What the dispatcher keeps per endpoint: the worker's inputs and its task.
 struct Slot {
-    queues: watch::Sender<BTreeSet<Priority>>,
+    queues: watch::Sender<BTreeSet<QueueKey>>,
     sink: watch::Sender<Option<Arc<dyn DynSink>>>,
     policy: watch::Sender<EndpointPolicy>,
     task: Option<JoinHandle<()>>,
@@ -225,7 +226,8 @@ impl DispatcherHandle {
     /// first append to a queue, so the worker's next read sees it.
     pub(crate) fn ensure_queue(&self, queue: &QueueId) {
         self.with_slot(&queue.endpoint, |slot| {
-            slot.queues.send_if_modified(|q| q.insert(queue.priority));
+            slot.queues
+                .send_if_modified(|q| q.insert((queue.priority, queue.lane)));
         });
     }
 

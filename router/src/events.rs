@@ -33,6 +33,9 @@ pub struct RouterMetrics {
     pub retries: u64,
     /// Workers that stopped because the store failed under them (poisoned, fenced, corrupt).
     pub worker_failures: u64,
+    /// Live-lane messages that passed their `x-edgehub-liveFirstSecs` limit undelivered and were
+    /// moved (copied, then checkpointed past) to their endpoint's backlog lane.
+    pub moved_to_backlog: u64,
 }
 
 /// The live counters, shared by the router, the dispatcher and every worker.
@@ -47,6 +50,7 @@ pub struct Counters {
     set_aside: AtomicU64,
     retries: AtomicU64,
     worker_failures: AtomicU64,
+    moved_to_backlog: AtomicU64,
 }
 
 impl Counters {
@@ -63,6 +67,7 @@ impl Counters {
             set_aside: get(&self.set_aside),
             retries: get(&self.retries),
             worker_failures: get(&self.worker_failures),
+            moved_to_backlog: get(&self.moved_to_backlog),
         }
     }
 }
@@ -144,4 +149,15 @@ pub(crate) fn worker_failed(
 ) {
     bump(&c.worker_failures, 1);
     tracing::error!(%endpoint, %error, "endpoint worker stopped: store failure");
+}
+
+/// `n` aged live-lane messages of `queue` were moved to the backlog lane; `refused` when the
+/// store refused some move, whose messages are then sent from the live lane in place.
+pub(crate) fn moved_to_backlog(c: &Counters, queue: &QueueId, n: usize, refused: bool) {
+    bump(&c.moved_to_backlog, n as u64);
+    if refused {
+        tracing::warn!(%queue, n, "the store refused moving aged live messages; sending them in place");
+    } else {
+        tracing::debug!(%queue, n, "aged live messages moved to the backlog lane");
+    }
 }

@@ -11,7 +11,7 @@
 //!
 //! ```text
 //! head ──▶ Router::route ──▶ Store::append (one copy, every target queue; durable = ack)
-//!                                │  one queue per (endpoint, priority): QueueId
+//!                                │  one queue per (endpoint, priority[, live lane]): QueueId
 //!                                ▼
 //!          EndpointWorker (one per endpoint, owned by the Dispatcher)
 //!            read highest priority first ──▶ Sink::send ──▶ DeliveryOutcome per message
@@ -38,7 +38,9 @@
 //! - [`Router::route`] acknowledges a message only once it is durable in every target queue.
 //! - Each endpoint's queues are offered to its sink in order, highest priority first; after a
 //!   failure delivery resumes at the first incomplete message (duplicates, never gaps). Every
-//!   message leaves a queue delivered, expired, rejected or set aside, and each is counted.
+//!   message leaves a queue delivered, expired, rejected, set aside or (live lane) moved to the
+//!   backlog lane, and each is counted. With `x-edgehub-liveFirstSecs`, order is kept within
+//!   each lane and a live message may overtake the backlog (see [`endpoint_worker`]).
 
 pub mod checkpoint;
 pub mod codec;
@@ -65,10 +67,11 @@ pub use manifest::{
     parse_deployment, parse_edge_hub_desired, Deployment, EdgeHubConfig, SchemaVersion,
 };
 pub use message::{DeviceId, InputName, Message, ModuleId, OutputName, Source, SystemProperty};
-pub use queue_id::{QueueId, QueueIdError};
+pub use queue_id::{Lane, QueueId, QueueIdError};
 pub use retry::RetryPolicy;
 pub use route::{
-    Condition, Endpoint, EndpointId, Priority, Route, RouteId, RouteTable, Target, Targets, Ttl,
+    Condition, DeliveryOptions, Endpoint, EndpointId, Priority, Route, RouteId, RouteTable, Target,
+    Targets, Ttl,
 };
 pub use router::{RouteAck, RouteError, RouteOutcome, Router};
 pub use sink::{Delivery, DeliveryOutcome, DynSink, FailureKind, RejectReason, Sink};

@@ -10,13 +10,31 @@
 //!   `storeAndForwardConfiguration` is required from 1.1 and a negative `timeToLiveSecs` means
 //!   infinite; a route's `timeToLiveSecs` of 0 (or none) means the store-wide TTL; a route
 //!   without priority gets [`Priority::DEFAULT`]; route names match `^[^.$# ]+$`.
-//! - Unknown members (`mqttBroker`, `integrity`, `$version`, …) are ignored.
+//! - Unknown members (`mqttBroker`, `integrity`, `$version`, …) are ignored, except in a route
+//!   object, where a key starting with `x-` is an edgehub extension: the known ones are parsed
+//!   and any other is an error naming its path (a typo must not silently change delivery).
+//!
+//! # edgehub extensions (route object form, schema version 1.1 and up)
+//!
+//! | key | value | meaning |
+//! |---|---|---|
+//! | `x-edgehub-setAsideAfter` | integer ≥ 1 | set a message aside (counted) after this many failed attempts instead of retrying the head of the queue until it expires |
+//! | `x-edgehub-liveFirstSecs` | integer ≥ 1 | messages younger than this many seconds are served before the endpoint's backlog at the same priority |
+//!
+//! Both are stamped on each message at enqueue by the route that wins for the endpoint (the one
+//! that decides priority and TTL), so a reload never changes what queued messages were promised.
+//! See [`crate::route::DeliveryOptions`] and the endpoint worker for the ordering contract.
 
 use serde_json::{Map, Value};
 
 use crate::error::{ManifestError, ManifestIssue};
 use crate::message::ModuleId;
-use crate::route::{Priority, Route, RouteId, RouteTable, Ttl};
+use crate::route::{DeliveryOptions, Priority, Route, RouteId, RouteTable, Ttl};
+
+/// The manifest key of [`DeliveryOptions::set_aside_after`].
+pub const SET_ASIDE_AFTER_KEY: &str = "x-edgehub-setAsideAfter";
+/// The manifest key of [`DeliveryOptions::live_first_secs`].
+pub const LIVE_FIRST_SECS_KEY: &str = "x-edgehub-liveFirstSecs";
 
 /// A `$edgeHub` schema version (major is always 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -296,8 +314,13 @@ fn route(
             "route names may not be empty or contain '.', '$', '#' or ' '",
         );
     }
-    let (text, priority, ttl) = match value {
-        Value::String(text) => (text.as_str(), Priority::DEFAULT, store_ttl),
+    let (text, priority, ttl, options) = match value {
+        Value::String(text) => (
+            text.as_str(),
+            Priority::DEFAULT,
+            store_ttl,
+            DeliveryOptions::default(),
+        ),
         Value::Object(spec) if objects_allowed => route_object(spec, store_ttl, path, issues)?,
         Value::Object(_) => {
             issues.add(path, "schema version 1.0 allows only route strings");
@@ -309,6 +332,7 @@ fn route(
         }
     };
     Route::parse(RouteId::new(name), text, priority, ttl)
+        .map(|r| r.with_options(options))
         .map_err(|e| issues.0.push(ManifestIssue::Route(e)))
         .ok()
         .filter(|_| valid_route_name(name))
@@ -319,7 +343,8 @@ fn route_object<'v>(
     store_ttl: Ttl,
     path: &str,
     issues: &mut Issues,
-) -> Option<(&'v str, Priority, Ttl)> {
+) -> Option<(&'v str, Priority, Ttl, DeliveryOptions)> {
+    let options = extensions(spec, path, issues);
     let priority = match spec.get("priority") {
         None | Some(Value::Null) => Some(Priority::DEFAULT),
         Some(v) => match v
@@ -361,7 +386,52 @@ fn route_object<'v>(
             None
         }
     };
-    Some((text?, priority?, ttl?))
+    Some((text?, priority?, ttl?, options?))
+}
+
+/// The `x-` keys of a route object; `None` (with issues recorded) when one is invalid.
+fn extensions(
+    spec: &Map<String, Value>,
+    path: &str,
+    issues: &mut Issues,
+) -> Option<DeliveryOptions> {
+    let mut options = DeliveryOptions::default();
+    let mut valid = true;
+    for (key, value) in spec {
+        if !key.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-")) {
+            continue;
+        }
+        let slot = match key.as_str() {
+            SET_ASIDE_AFTER_KEY => &mut options.set_aside_after,
+            LIVE_FIRST_SECS_KEY => &mut options.live_first_secs,
+            _ => {
+                issues.add(
+                    &join(path, key),
+                    format!(
+                        "unknown edgehub extension (known: {SET_ASIDE_AFTER_KEY}, \
+                         {LIVE_FIRST_SECS_KEY})"
+                    ),
+                );
+                valid = false;
+                continue;
+            }
+        };
+        match value
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .and_then(|n| u32::try_from(n).ok())
+        {
+            Some(n) => *slot = Some(n),
+            None => {
+                issues.add(
+                    &join(path, key),
+                    format!("must be an integer from 1 to {}, not {value}", u32::MAX),
+                );
+                valid = false;
+            }
+        }
+    }
+    valid.then_some(options)
 }
 
 #[cfg(test)]
@@ -380,6 +450,63 @@ mod tests {
         );
         for bad in ["1", "1.4", "2.0", "1.x", "", "1.0.0.0.0"] {
             assert_eq!(parse_version(bad), None, "{bad}");
+        }
+    }
+
+    fn desired(route: &str) -> String {
+        format!(
+            r#"{{"schemaVersion": "1.1", "storeAndForwardConfiguration": {{}},
+                "routes": {{ "r1": {route} }} }}"#
+        )
+    }
+
+    #[test]
+    fn edgehub_extensions_are_parsed_into_the_routes_options() {
+        let config = parse_edge_hub_desired(&desired(
+            r#"{ "route": "FROM /* INTO $upstream", "priority": 0, "timeToLiveSecs": 60,
+                 "x-edgehub-setAsideAfter": 5, "x-edgehub-liveFirstSecs": 30 }"#,
+        ))
+        .unwrap();
+        let options = config.routes.routes()[0].options();
+        assert_eq!(
+            options,
+            DeliveryOptions {
+                set_aside_after: Some(5),
+                live_first_secs: Some(30),
+            }
+        );
+        let plain = parse_edge_hub_desired(&desired(r#""FROM /* INTO $upstream""#)).unwrap();
+        assert!(plain.routes.routes()[0].options().is_default());
+    }
+
+    #[test]
+    fn unknown_or_invalid_extensions_are_errors_at_their_path() {
+        let err = parse_edge_hub_desired(&desired(
+            r#"{ "route": "FROM /* INTO $upstream", "x-edgehub-setAsideAftr": 5,
+                 "X-Other": true, "x-edgehub-liveFirstSecs": 0, "comment": "ignored" }"#,
+        ))
+        .unwrap_err();
+        let paths: Vec<String> = err
+            .issues
+            .iter()
+            .map(|i| match i {
+                ManifestIssue::Structure { path, .. } => path.clone(),
+                ManifestIssue::Route(e) => e.to_string(),
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "routes.r1.X-Other",
+                "routes.r1.x-edgehub-liveFirstSecs",
+                "routes.r1.x-edgehub-setAsideAftr",
+            ]
+        );
+        for bad in [r#""five""#, "-1", "1.5", "4294967296", "null"] {
+            let route = format!(
+                r#"{{ "route": "FROM /* INTO $upstream", "x-edgehub-setAsideAfter": {bad} }}"#
+            );
+            assert!(parse_edge_hub_desired(&desired(&route)).is_err(), "{bad}");
         }
     }
 

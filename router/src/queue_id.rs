@@ -1,14 +1,17 @@
-//! `QueueId { endpoint, priority }` ↔ [`store::QueueName`]: the one encoding of a queue's name.
+//! `QueueId { endpoint, priority, lane }` ↔ [`store::QueueName`]: the one encoding of a queue's
+//! name.
 //!
-//! There is one store queue per (endpoint, priority). Its name is built and parsed here and
-//! nowhere else (unlike edgeHub's `MessageQueueIdHelper`, which falls back silently on a name it
-//! cannot parse).
+//! There is one store queue per (endpoint, priority) — the backlog lane — plus, for routes with
+//! `x-edgehub-liveFirstSecs`, a live lane per (endpoint, priority). Its name is built and parsed
+//! here and nowhere else (unlike edgeHub's `MessageQueueIdHelper`, which falls back silently on a
+//! name it cannot parse).
 //!
 //! # Encoding, version 1
 //!
 //! ```text
 //! q1|up|p{priority}                       $upstream
 //! q1|in|{module}|{input}|p{priority}      BrokeredEndpoint("/modules/{module}/inputs/{input}")
+//! …|p{priority}|live                      the live lane of either
 //! ```
 //!
 //! `{module}` and `{input}` escape `%` as `%25` and `|` as `%7C`; `{priority}` is decimal. Names
@@ -33,14 +36,28 @@ use crate::route::{Endpoint, EndpointId, Priority};
 
 const PREFIX: &str = "q1";
 const SEP: char = '|';
+const LIVE: &str = "live";
 
-/// One durable queue: the messages for one endpoint at one priority.
+/// One durable queue: the messages for one endpoint at one priority, in one lane.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct QueueId {
     /// The endpoint the queue delivers to.
     pub endpoint: Endpoint,
     /// The priority of every message in it.
     pub priority: Priority,
+    /// Which lane of that (endpoint, priority) it is.
+    pub lane: Lane,
+}
+
+/// The lanes of one (endpoint, priority). The order is the serving order: live first.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Lane {
+    /// Messages of `x-edgehub-liveFirstSecs` routes, served ahead of the backlog while they are
+    /// younger than their route's limit; older ones are moved to the backlog lane.
+    Live,
+    /// Every other message (and aged live ones): the queue edgeHub has.
+    #[default]
+    Backlog,
 }
 
 /// A queue name that cannot be built or parsed.
@@ -64,9 +81,22 @@ pub enum QueueIdError {
 }
 
 impl QueueId {
-    /// The queue of `endpoint` at `priority`.
+    /// The (backlog) queue of `endpoint` at `priority`.
     pub fn new(endpoint: Endpoint, priority: Priority) -> Self {
-        QueueId { endpoint, priority }
+        QueueId {
+            endpoint,
+            priority,
+            lane: Lane::Backlog,
+        }
+    }
+
+    /// The queue of `endpoint` at `priority` in `lane`.
+    pub fn in_lane(endpoint: Endpoint, priority: Priority, lane: Lane) -> Self {
+        QueueId {
+            endpoint,
+            priority,
+            lane,
+        }
     }
 
     /// The endpoint's identity.
@@ -88,7 +118,13 @@ impl QueueId {
     pub fn parse(name: &QueueName) -> Result<QueueId, QueueIdError> {
         let text = name.as_str();
         let foreign = || QueueIdError::Foreign(text.to_owned());
-        let parts: Vec<&str> = text.split(SEP).collect();
+        let mut parts: Vec<&str> = text.split(SEP).collect();
+        let lane = if parts.last() == Some(&LIVE) {
+            parts.pop();
+            Lane::Live
+        } else {
+            Lane::Backlog
+        };
         let (endpoint, priority) = match parts.as_slice() {
             [PREFIX, "up", p] => (Endpoint::Upstream, *p),
             [PREFIX, "in", module, input, p] => (
@@ -101,7 +137,11 @@ impl QueueId {
             _ => return Err(foreign()),
         };
         let priority = parse_priority(priority).ok_or_else(foreign)?;
-        Ok(QueueId { endpoint, priority })
+        Ok(QueueId {
+            endpoint,
+            priority,
+            lane,
+        })
     }
 }
 
@@ -116,7 +156,11 @@ impl fmt::Display for QueueId {
                 escape(input.as_str())
             )?,
         }
-        write!(f, "{SEP}p{}", self.priority.0)
+        write!(f, "{SEP}p{}", self.priority.0)?;
+        match self.lane {
+            Lane::Backlog => Ok(()),
+            Lane::Live => write!(f, "{SEP}{LIVE}"),
+        }
     }
 }
 
@@ -179,6 +223,20 @@ mod tests {
     }
 
     #[test]
+    fn live_lanes_have_their_own_readable_names() {
+        let live = QueueId::in_lane(Endpoint::Upstream, Priority(2), Lane::Live);
+        let name = live.name().unwrap();
+        assert_eq!(name.as_str(), "q1|up|p2|live");
+        assert_eq!(QueueId::parse(&name).unwrap(), live);
+        let module = QueueId::in_lane(input("m", "live"), Priority(0), Lane::Live);
+        assert_eq!(QueueId::parse(&module.name().unwrap()).unwrap(), module);
+        assert_ne!(
+            live.name(),
+            QueueId::new(Endpoint::Upstream, Priority(2)).name()
+        );
+    }
+
+    #[test]
     fn separators_and_escapes_inside_names_round_trip() {
         let id = QueueId::new(input("a|b%7C", "%|"), Priority(3));
         let name = id.name().unwrap();
@@ -198,6 +256,9 @@ mod tests {
             "q1|in|m|p0",
             "q1|in|m%|i|p0",
             "q1|xx|p0",
+            "q1|up|live",
+            "q1|up|p0|live|live",
+            "q1|up|p0|Live",
         ] {
             let name = QueueName::new(text).unwrap();
             assert!(QueueId::parse(&name).is_err(), "{text}");
@@ -219,17 +280,20 @@ mod tests {
 
     proptest! {
         #[test]
-        fn every_id_round_trips(endpoint in endpoint(), priority in any::<u32>()) {
-            let id = QueueId::new(endpoint, Priority(priority));
+        fn every_id_round_trips(endpoint in endpoint(), priority in any::<u32>(), live: bool) {
+            let lane = if live { Lane::Live } else { Lane::Backlog };
+            let id = QueueId::in_lane(endpoint, Priority(priority), lane);
             let name = id.name().unwrap();
             prop_assert_eq!(QueueId::parse(&name).unwrap(), id);
         }
 
         #[test]
         fn distinct_ids_have_distinct_names(
-            a in endpoint(), pa in 0u32..12, b in endpoint(), pb in 0u32..12,
+            a in endpoint(), pa in 0u32..12, la: bool, b in endpoint(), pb in 0u32..12, lb: bool,
         ) {
-            let (a, b) = (QueueId::new(a, Priority(pa)), QueueId::new(b, Priority(pb)));
+            let lane = |live| if live { Lane::Live } else { Lane::Backlog };
+            let a = QueueId::in_lane(a, Priority(pa), lane(la));
+            let b = QueueId::in_lane(b, Priority(pb), lane(lb));
             prop_assert_eq!(a == b, a.name().unwrap() == b.name().unwrap());
         }
 

@@ -7,9 +7,11 @@
 //! head ──▶ Router::route(msg)
 //!            │ RouteTable::targets(&msg)        (snapshot of the current table)
 //!            │   no target → counted, dropped, Ok(Unrouted)
-//!            │ QueueId per target → DispatcherHandle::ensure_queue (worker exists and knows the
+//!            │ QueueId per target (live lane for x-edgehub-liveFirstSecs routes)
+//!            │   → DispatcherHandle::ensure_queue (worker exists and knows the
 //!            │   queue before the message can be durable)
-//!            │ codec::encode(Envelope)          (one copy, with per-target expiry overrides)
+//!            │ codec::encode_with_options(Envelope)  (one copy, per-target expiry overrides and
+//!            │                                        x-edgehub options)
 //!            │ Store::append(all target queues, bytes, latest expiry)   (submitted now)
 //!            ▼
 //!          RouteAck (a future) ── resolves when the append is durable: the sender's ack point
@@ -57,12 +59,12 @@ use std::task::{Context, Poll};
 
 use store::{AppendError, Offset, Pending, QueueName, UnixMillis};
 
-use crate::codec::{self, EncodeError, Envelope, ExpiryOverride};
+use crate::codec::{self, EncodeError, EndpointOptions, Envelope, ExpiryOverride};
 use crate::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::events::{self, Counters, RouterMetrics};
 use crate::expiry::{expiry_at, latest};
 use crate::message::Message;
-use crate::queue_id::{QueueId, QueueIdError};
+use crate::queue_id::{Lane, QueueId, QueueIdError};
 use crate::route::{RouteTable, Target};
 
 /// What became of a routed message.
@@ -157,7 +159,14 @@ impl Router {
     ) -> Result<Pending<Offset, AppendError>, RouteError> {
         let ids: Vec<QueueId> = targets
             .iter()
-            .map(|t| QueueId::new(t.endpoint.clone(), t.priority))
+            .map(|t| {
+                let lane = if t.options.live_first_secs.is_some() {
+                    Lane::Live
+                } else {
+                    Lane::Backlog
+                };
+                QueueId::in_lane(t.endpoint.clone(), t.priority, lane)
+            })
             .collect();
         let names = ids
             .iter()
@@ -174,11 +183,22 @@ impl Router {
                 expiry: *e,
             })
             .collect();
-        let bytes = codec::encode(&Envelope {
-            enqueued_at: now,
-            expiry_overrides,
-            message: msg,
-        })?;
+        let delivery_options: Vec<EndpointOptions> = targets
+            .iter()
+            .filter(|t| !t.options.is_default())
+            .map(|t| EndpointOptions {
+                endpoint: t.endpoint.id().as_str().to_owned(),
+                options: t.options,
+            })
+            .collect();
+        let bytes = codec::encode_with_options(
+            &Envelope {
+                enqueued_at: now,
+                expiry_overrides,
+                message: msg,
+            },
+            &delivery_options,
+        )?;
         for id in &ids {
             self.dispatcher.ensure_queue(id);
         }

@@ -1,5 +1,6 @@
 //! Delivery through the router, dispatcher and endpoint workers over a real store, with fault
-//! sinks: order, no loss, retries, priority, TTL, rejects, head-of-line policy, restart, reload.
+//! sinks: order, no loss, retries, priority, TTL, rejects, head-of-line policy, restart, reload,
+//! and the edgehub extensions (per-route set-aside, live-first lanes).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -8,7 +9,10 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use router::{DeliveryOutcome, Endpoint, EndpointPolicy, Priority, QueueId, RouteOutcome, Ttl};
+use router::{
+    DeliveryOptions, DeliveryOutcome, Endpoint, EndpointPolicy, Lane, Priority, QueueId,
+    RouteOutcome, Ttl,
+};
 use store::Offset;
 use support::sinks::{
     FailingSink, PartialFailureSink, RecordingSink, RejectingSink, RevivableSink, SlowSink,
@@ -697,5 +701,266 @@ async fn a_sink_unregistered_mid_stream_leaves_the_rest_queued_for_the_next_one(
     let mut all = first.log.delivered();
     all.extend(second.log.delivered());
     assert_eq!(all, sent);
+    hub.close().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// edgehub extensions: per-route head-of-line policy and live-first.
+
+fn live_first(secs: u32) -> DeliveryOptions {
+    DeliveryOptions {
+        live_first_secs: Some(secs),
+        ..DeliveryOptions::default()
+    }
+}
+
+fn live_queue(priority: u32) -> store::QueueName {
+    QueueId::in_lane(Endpoint::Upstream, Priority(priority), Lane::Live)
+        .name()
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_routes_set_aside_limit_applies_to_its_messages_only_and_others_stay_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let lenient = DeliveryOptions {
+        set_aside_after: Some(2),
+        ..DeliveryOptions::default()
+    };
+    let hub = Hub::open(
+        dir.path(),
+        table(vec![
+            upstream_route("lenient", "lenient", 1, Ttl::Infinite).with_options(lenient),
+            upstream_route("strict", "strict", 1, Ttl::Infinite),
+        ]),
+        config(10),
+    );
+    // One queue, fed by both routes: the lenient message is set aside after two attempts and
+    // the queue moves on; the strict one behind it then holds the head of line for good.
+    hub.send_all("m", "lenient", &["l-bad".to_owned(), "l-ok".to_owned()])
+        .await;
+    hub.send_all("m", "strict", &["s-bad".to_owned(), "s-ok".to_owned()])
+        .await;
+    let sink = PartialFailureSink::new(&["l-bad", "s-bad"], usize::MAX).stopping();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log
+        .wait_until(|s| s.iter().filter(|x| x.body == "s-bad").count() >= 10)
+        .await;
+    let attempts = |b: &str| sink.log.seen().iter().filter(|s| s.body == b).count();
+    assert_eq!(attempts("l-bad"), 2);
+    assert_eq!(sink.log.delivered(), ["l-ok"]);
+    let m = hub.dispatcher.metrics();
+    assert_eq!(m.set_aside, 1);
+    hub.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_routes_limit_wins_over_the_endpoint_policy_and_the_endpoint_policy_covers_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let patient = DeliveryOptions {
+        set_aside_after: Some(5),
+        ..DeliveryOptions::default()
+    };
+    let hub = Hub::open(
+        dir.path(),
+        table(vec![
+            upstream_route("patient", "patient", 1, Ttl::Infinite).with_options(patient),
+            upstream_route("plain", "plain", 1, Ttl::Infinite),
+        ]),
+        config(10),
+    );
+    hub.dispatcher.set_policy(
+        &Endpoint::Upstream,
+        EndpointPolicy {
+            set_aside_after: Some(2),
+        },
+    );
+    hub.send_all("m", "patient", &["p-bad".to_owned()]).await;
+    hub.send_all("m", "plain", &["x-bad".to_owned(), "x-ok".to_owned()])
+        .await;
+    let sink = PartialFailureSink::new(&["p-bad", "x-bad"], usize::MAX).stopping();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log.wait_delivered(1).await;
+    // p-bad had its route's five attempts, not the endpoint's two; x-bad, whose route sets
+    // nothing, had the endpoint's two (its first failed try came behind p-bad's last).
+    let attempts = |b: &str| sink.log.seen().iter().filter(|s| s.body == b).count();
+    assert_eq!(attempts("p-bad"), 5);
+    assert_eq!(sink.log.delivered(), ["x-ok"]);
+    let m = hub.dispatcher.metrics();
+    assert_eq!((m.set_aside, m.retries), (2, 4 + 1 + 1));
+    hub.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn extensions_from_a_manifest_reach_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = r#"{
+        "schemaVersion": "1.1",
+        "storeAndForwardConfiguration": { "timeToLiveSecs": 7200 },
+        "routes": {
+            "r": { "route": "FROM /messages/modules/m/outputs/o INTO $upstream", "priority": 1,
+                   "x-edgehub-setAsideAfter": 3, "x-edgehub-liveFirstSecs": 30 }
+        }
+    }"#;
+    let config_ = router::parse_edge_hub_desired(manifest).unwrap();
+    let hub = Hub::open(dir.path(), config_.routes, config(10));
+    hub.send_all("m", "o", &bodies("m", 3)).await;
+    // Stored in the live lane, not the backlog lane.
+    let stats = hub.store.stats();
+    let live = stats
+        .queues
+        .iter()
+        .find(|q| q.name == live_queue(1))
+        .unwrap();
+    assert_eq!(live.undelivered, 3);
+    let sink = PartialFailureSink::new(&["m001"], usize::MAX).stopping();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log.wait_delivered(2).await;
+    assert_eq!(sink.log.delivered(), ["m000", "m002"]);
+    let attempts = sink.log.seen().iter().filter(|s| s.body == "m001").count();
+    assert_eq!(attempts, 3);
+    hub.close().await;
+}
+
+/// Positions, in `delivered`, of the bodies starting with `prefix`, as (position, number).
+fn lane_of(delivered: &[String], prefix: &str) -> Vec<(usize, usize)> {
+    delivered
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| Some((i, b.strip_prefix(prefix)?.parse().ok()?)))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn live_first_fresh_messages_overtake_a_backlog_of_a_thousand_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(
+        dir.path(),
+        table(vec![
+            upstream_route("telemetry", "t", 1, Ttl::Infinite).with_options(live_first(60)),
+            upstream_route("bulk", "bulk", 1, Ttl::Infinite),
+        ]),
+        config(10),
+    );
+    // An outage: no sink while 1,000 telemetry messages and 100 bulk ones queue up.
+    let old = bodies("old", 1000);
+    hub.send_all("m", "t", &old).await;
+    let bulk = bodies("bulk", 100);
+    hub.send_all("m", "bulk", &bulk).await;
+    tokio::time::advance(Duration::from_secs(120)).await;
+    // The receiver comes back; it takes 10 ms per batch of 10.
+    let sink = SlowSink::new(Duration::from_millis(10));
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log.wait_delivered(100).await;
+    let fresh = bodies("new", 20);
+    for chunk in fresh.chunks(5) {
+        hub.send_all("m", "t", chunk).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    sink.log.wait_delivered(1120).await;
+    let delivered = sink.log.delivered();
+    // Nothing lost, nothing twice (no failure happened).
+    assert_eq!(delivered.len(), 1120);
+    let (old_lane, new_lane) = (lane_of(&delivered, "old"), lane_of(&delivered, "new"));
+    let bulk_lane = lane_of(&delivered, "bulk");
+    // Each lane in order.
+    for lane in [&old_lane, &new_lane, &bulk_lane] {
+        assert!(lane.windows(2).all(|w| w[0].1 + 1 == w[1].1), "{lane:?}");
+    }
+    assert_eq!((old_lane.len(), new_lane.len()), (1000, 20));
+    // Every fresh message arrived before the backlog finished, within a few batches of being
+    // sent.
+    let last_old = old_lane.last().unwrap().0;
+    assert!(new_lane.iter().all(|&(i, _)| i < last_old), "{new_lane:?}");
+    // The aged telemetry was moved into the backlog lane behind the bulk messages already
+    // there, so the backlog keeps the order in which messages entered it.
+    assert!(bulk_lane.last().unwrap().0 < old_lane[0].0);
+    let m = hub.dispatcher.metrics();
+    assert_eq!((m.moved_to_backlog, m.delivered), (1000, 1120));
+    // Both lanes are checkpointed to their end.
+    checkpoint_settled(&hub, &upstream_queue(1)).await;
+    checkpoint_settled(&hub, &live_queue(1)).await;
+    let stats = hub.store.stats();
+    for q in stats.queues {
+        assert_eq!(q.undelivered, 0, "{}", q.name);
+    }
+    hub.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_message_that_waits_past_its_limit_joins_the_backlog_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open(
+        dir.path(),
+        table(vec![
+            upstream_route("telemetry", "t", 1, Ttl::Infinite).with_options(live_first(5))
+        ]),
+        config(10),
+    );
+    hub.send_all("m", "t", &bodies("m", 3)).await;
+    // The receiver fails for 30 s: the head ages while it is retried.
+    let sink = RevivableSink::dead();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log.wait_offered(3).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    sink.revive();
+    sink.log.wait_delivered(3).await;
+    assert_eq!(sink.log.delivered(), bodies("m", 3));
+    assert_eq!(hub.dispatcher.metrics().moved_to_backlog, 3);
+    hub.close().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_mid_way_resumes_both_lanes_with_no_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = || {
+        table(vec![
+            upstream_route("telemetry", "t", 1, Ttl::Infinite).with_options(live_first(60))
+        ])
+    };
+    let old = bodies("old", 1000);
+    let fresh = bodies("new", 20);
+    let first = {
+        let hub = Hub::open(dir.path(), routes(), config(10));
+        hub.send_all("m", "t", &old).await;
+        tokio::time::advance(Duration::from_secs(120)).await;
+        hub.send_all("m", "t", &fresh).await;
+        // Stops mid-way through the live lane: 1,000 moved, 12 fresh delivered.
+        let sink = StalledSink::after(12);
+        hub.dispatcher
+            .register_sink(&Endpoint::Upstream, sink.clone());
+        sink.wait_stalled().await;
+        assert_eq!(hub.dispatcher.metrics().moved_to_backlog, 1000);
+        let delivered = sink.log.delivered();
+        hub.close().await;
+        delivered
+    };
+    assert_eq!(first, &fresh[..12]);
+    let hub = Hub::open(dir.path(), routes(), config(10));
+    let sink = RecordingSink::default();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log
+        .wait_until(|s| s.last().is_some_and(|x| x.body == "old999"))
+        .await;
+    let second = sink.log.delivered();
+    // The live lane resumes at or before its first undelivered message, then the backlog lane
+    // from its start: each lane is a contiguous run, and together they cover everything.
+    let new_lane = lane_of(&second, "new");
+    let start = new_lane[0].1;
+    assert!(start <= 12, "live lane resumed at {start}");
+    assert_eq!(
+        new_lane.iter().map(|&(_, n)| n).collect::<Vec<_>>(),
+        (start..20).collect::<Vec<_>>()
+    );
+    let old_lane: Vec<usize> = lane_of(&second, "old").iter().map(|&(_, n)| n).collect();
+    assert_eq!(old_lane, (0..1000).collect::<Vec<_>>());
+    // Nothing was moved twice: the move was checkpointed before the restart.
+    assert_eq!(hub.dispatcher.metrics().moved_to_backlog, 0);
     hub.close().await;
 }

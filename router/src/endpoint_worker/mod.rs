@@ -3,9 +3,12 @@
 //! # Data path
 //!
 //! ```text
-//! store queues of the endpoint (one per priority)
-//!   │  Read: highest priority first, up to `window` messages after the queue's checkpointer
-//!   │        (propose each; drop expired and undecodable ones at once, complete them)
+//! store queues of the endpoint: per priority, a backlog lane, and a live lane if some route
+//! into the endpoint has x-edgehub-liveFirstSecs
+//!   │  Read: (p0 live, p0 backlog, p1 live, …), up to `window` messages after the queue's
+//!   │        checkpointer (propose each; drop expired and undecodable ones at once, complete
+//!   │        them; in a live lane, append aged ones to the backlog lane, complete them once
+//!   │        their copy is durable)
 //!   ▼
 //! Sink::send(batch) ──▶ one DeliveryOutcome per message, in order
 //!   │  Delivered / Reject → complete;  Retry → stop here: this message and all after it
@@ -30,6 +33,35 @@
 //!   of line is retried with backoff until one of those happens.
 //! - **At-least-once**: the checkpoint only covers completed messages and is durable before the
 //!   next batch is chosen.
+//! - **Head-of-line policy**: a message's set-aside limit is the one its route stamped at enqueue
+//!   (`x-edgehub-setAsideAfter`), else the endpoint's [`EndpointPolicy`] (default: strict).
+//!
+//! # Live-first lanes (`x-edgehub-liveFirstSecs: N`)
+//!
+//! A route with a live-first limit stores its messages in the *live lane* of (endpoint,
+//! priority), a store queue of its own with its own checkpoint; everything else goes to the
+//! *backlog lane*, the queue edgeHub has. At each priority the worker reads the live lane first:
+//! - a live-lane message younger than its N (now − enqueue time < N s) is sent from there;
+//! - an older one (an outage left it behind, or it failed until it aged) is *moved*: appended,
+//!   same bytes and same expiry, to the backlog lane, and completed in the live lane only once
+//!   that copy is durable; from then on it is a backlog message. If the store refuses the copy
+//!   (full), it is sent from the live lane in place instead.
+//!
+//! Ordering contract:
+//! - Order is kept within each lane: live messages reach the sink in enqueue order among
+//!   themselves, and backlog messages in the order they entered the backlog lane (a moved
+//!   message enters when it is moved, so it follows backlog messages already there, even ones
+//!   enqueued after it by a route without live-first).
+//! - A live message may overtake backlog messages of the same endpoint and priority, never a
+//!   message of a higher priority: strict priority still comes first.
+//! - Nothing is lost and nothing is skipped: each lane is checkpointed on its own contiguous
+//!   prefix, and a live-lane checkpoint never passes a moved message before its backlog copy is
+//!   durable. After a restart each lane resumes after its own checkpoint, with no gap. A crash
+//!   between a move and the live-lane checkpoint can deliver that message twice
+//!   (at-least-once, as for any send cut short).
+//! - The backlog can starve while live messages keep arriving faster than the sink takes them;
+//!   a live message that waits N seconds joins the backlog, so live traffic cannot grow without
+//!   bound ahead of it.
 //!
 //! # Limits
 //! Reads are synchronous `pread`s on the runtime thread (normally served by the page cache). A
@@ -43,7 +75,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use store::{CheckpointError, Clock, Offset, QueueName, Store, StoredMessage};
+use bytes::Bytes;
+use store::{CheckpointError, Clock, Offset, QueueName, Store, StoredMessage, UnixMillis};
 use tokio::sync::watch;
 
 use crate::checkpoint::Checkpointer;
@@ -51,9 +84,9 @@ use crate::codec;
 use crate::dispatcher::EndpointPolicy;
 use crate::events::{self, Counters};
 use crate::expiry::is_expired;
-use crate::queue_id::QueueId;
+use crate::queue_id::{Lane, QueueId};
 use crate::retry::RetryPolicy;
-use crate::route::{Endpoint, EndpointId, Priority};
+use crate::route::{DeliveryOptions, Endpoint, EndpointId, Priority};
 use crate::sink::{Delivery, DeliveryOutcome, DynSink, FailureKind};
 use state::{Action, Event, WorkerState};
 
@@ -68,8 +101,8 @@ pub(crate) struct WorkerContext {
 
 /// How the dispatcher talks to one worker.
 pub(crate) struct WorkerChannels {
-    /// The endpoint's priorities that have a queue.
-    pub(crate) queues: watch::Receiver<BTreeSet<Priority>>,
+    /// The endpoint's queues, as (priority, lane).
+    pub(crate) queues: watch::Receiver<BTreeSet<QueueKey>>,
     /// The registered sink, if any.
     pub(crate) sink: watch::Receiver<Option<Arc<dyn DynSink>>>,
     /// The head-of-line policy.
@@ -77,6 +110,10 @@ pub(crate) struct WorkerChannels {
     /// `true` (or a dropped sender) means stop.
     pub(crate) shutdown: watch::Receiver<bool>,
 }
+
+/// One queue of an endpoint: its priority and lane. Ordered as the worker serves them: priority
+/// first, then the live lane before the backlog lane.
+pub(crate) type QueueKey = (Priority, Lane);
 
 /// One queue of the endpoint, as the worker tracks it.
 struct Queue {
@@ -87,9 +124,20 @@ struct Queue {
 
 /// The batch `Read` picked for `Send`.
 struct Batch {
-    priority: Priority,
+    key: QueueKey,
     sink: Arc<dyn DynSink>,
     deliveries: Vec<Delivery>,
+    /// Per delivery: the set-aside limit stamped by its route, if any.
+    set_aside: Vec<Option<u32>>,
+}
+
+/// A stored message the worker will send (or move).
+struct Admitted {
+    delivery: Delivery,
+    set_aside: Option<u32>,
+    /// For a live-lane message past its live-first limit: what to append to the backlog lane
+    /// (the stored bytes and this endpoint's expiry).
+    aged: Option<(Bytes, Option<UnixMillis>)>,
 }
 
 /// Delivers one endpoint's queues to its sink.
@@ -99,7 +147,7 @@ pub(crate) struct EndpointWorker {
     ctx: WorkerContext,
     rx: WorkerChannels,
     durable: watch::Receiver<Offset>,
-    queues: BTreeMap<Priority, Queue>,
+    queues: BTreeMap<QueueKey, Queue>,
     batch: Option<Batch>,
     /// Failed attempts of messages not yet completed, by offset.
     attempts: HashMap<Offset, u32>,
@@ -195,13 +243,18 @@ impl EndpointWorker {
         self.sync_queues();
         // Marked seen before reading: a commit after this point wakes `wait_for_data`.
         self.durable.borrow_and_update();
-        let priorities: Vec<Priority> = self.queues.keys().copied().collect();
-        for priority in priorities {
-            if let Some(deliveries) = self.read_queue(priority).await? {
+        let keys: Vec<QueueKey> = self.queues.keys().copied().collect();
+        for key in keys {
+            if let Some(admitted) = self.read_queue(key).await? {
+                let (deliveries, set_aside) = admitted
+                    .into_iter()
+                    .map(|a| (a.delivery, a.set_aside))
+                    .unzip();
                 self.batch = Some(Batch {
-                    priority,
+                    key,
                     sink,
                     deliveries,
+                    set_aside,
                 });
                 return Ok(Event::BatchReady);
             }
@@ -212,30 +265,40 @@ impl EndpointWorker {
     /// Adds queues the dispatcher announced since the last read.
     fn sync_queues(&mut self) {
         let announced = self.rx.queues.borrow_and_update().clone();
-        for priority in announced {
-            if self.queues.contains_key(&priority) {
-                continue;
+        for (priority, lane) in announced {
+            self.track((priority, lane));
+            if lane == Lane::Live {
+                // Where its aged messages go: read in the same pass as the live lane.
+                self.track((priority, Lane::Backlog));
             }
-            let id = QueueId::new(self.endpoint.clone(), priority);
-            let Ok(name) = id.name() else {
-                // The router refuses to store for such a queue, so it is always empty.
-                continue;
-            };
-            let committed = self.ctx.store.checkpoint_of(&name).unwrap_or(Offset::ZERO);
-            let queue = Queue {
-                id,
-                name,
-                checkpointer: Checkpointer::new(committed),
-            };
-            self.queues.insert(priority, queue);
         }
     }
 
+    /// Starts tracking a queue of the endpoint, from its durable checkpoint.
+    fn track(&mut self, key: QueueKey) {
+        if self.queues.contains_key(&key) {
+            return;
+        }
+        let id = QueueId::in_lane(self.endpoint.clone(), key.0, key.1);
+        let Ok(name) = id.name() else {
+            // The router refuses to store for such a queue, so it is always empty.
+            return;
+        };
+        let committed = self.ctx.store.checkpoint_of(&name).unwrap_or(Offset::ZERO);
+        let queue = Queue {
+            id,
+            name,
+            checkpointer: Checkpointer::new(committed),
+        };
+        self.queues.insert(key, queue);
+    }
+
     /// The deliveries of the next messages of one queue, skipping (and checkpointing past)
-    /// expired and undecodable ones; `None` when the queue has nothing to send.
-    async fn read_queue(&mut self, priority: Priority) -> Result<Option<Vec<Delivery>>, Stop> {
+    /// expired and undecodable ones, and moving aged live-lane ones to the backlog lane; `None`
+    /// when the queue has nothing to send.
+    async fn read_queue(&mut self, key: QueueKey) -> Result<Option<Vec<Admitted>>, Stop> {
         loop {
-            let Some(queue) = self.queues.get(&priority) else {
+            let Some(queue) = self.queues.get(&key) else {
                 return Ok(None);
             };
             let after = queue.checkpointer.resume_after();
@@ -246,20 +309,70 @@ impl EndpointWorker {
             if stored.is_empty() {
                 return Ok(None);
             }
-            let deliveries = self.admit(priority, stored);
-            if !deliveries.is_empty() {
-                return Ok(Some(deliveries));
+            let mut admitted = self.admit(key, stored);
+            if admitted.iter().any(|a| a.aged.is_some()) {
+                admitted = self.move_aged(key, admitted).await;
             }
-            // Everything read was skipped: record that, then look further.
-            self.checkpoint(priority).await?;
+            if !admitted.is_empty() {
+                return Ok(Some(admitted));
+            }
+            // Everything read was skipped or moved: record that, then look further.
+            self.checkpoint(key).await?;
         }
     }
 
-    /// Proposes every stored message; returns those to send and completes the others.
-    fn admit(&mut self, priority: Priority, stored: Vec<StoredMessage>) -> Vec<Delivery> {
+    /// Appends the aged messages of a live-lane read to the backlog lane, in order, and completes
+    /// each in the live lane once its copy is durable. Returns what is left to send: the young
+    /// messages, plus (in place, in order) any aged one whose move the store refused.
+    async fn move_aged(&mut self, key: QueueKey, admitted: Vec<Admitted>) -> Vec<Admitted> {
+        let backlog = QueueId::in_lane(self.endpoint.clone(), key.0, Lane::Backlog);
+        let Ok(name) = backlog.name() else {
+            return admitted;
+        };
+        let store = &self.ctx.store;
+        // Submitted together: one group commit, completed in submission (offset) order.
+        let pending: Vec<_> = admitted
+            .iter()
+            .map(|a| {
+                a.aged.as_ref().map(|(body, expiry)| {
+                    store.append(std::slice::from_ref(&name), body.clone(), *expiry)
+                })
+            })
+            .collect();
+        let mut left = Vec::with_capacity(admitted.len());
+        let mut moved = 0;
+        let mut refused = false;
+        for (a, pending) in admitted.into_iter().zip(pending) {
+            let Some(pending) = pending else {
+                left.push(a);
+                continue;
+            };
+            // After a refusal the rest stay in place too, so the backlog keeps their order.
+            let ok = !refused && pending.await.is_ok();
+            if !ok {
+                refused = true;
+                left.push(Admitted { aged: None, ..a });
+                continue;
+            }
+            let offset = a.delivery.offset;
+            self.attempts.remove(&offset);
+            if let Some(queue) = self.queues.get_mut(&key) {
+                let _ = queue.checkpointer.complete(offset);
+            }
+            moved += 1;
+        }
+        if let Some(queue) = self.queues.get(&key) {
+            events::moved_to_backlog(&self.ctx.counters, &queue.id, moved, refused);
+        }
+        left
+    }
+
+    /// Proposes every stored message; returns those to send (or move) and completes the others.
+    fn admit(&mut self, key: QueueKey, stored: Vec<StoredMessage>) -> Vec<Admitted> {
+        let (priority, lane) = key;
         let now = self.ctx.clock.now();
         let mut deliveries = Vec::with_capacity(stored.len());
-        let Some(queue) = self.queues.get_mut(&priority) else {
+        let Some(queue) = self.queues.get_mut(&key) else {
             return deliveries;
         };
         let counters = &self.ctx.counters;
@@ -267,21 +380,30 @@ impl EndpointWorker {
             if queue.checkpointer.propose(sm.offset).is_err() {
                 continue;
             }
-            let skip = match codec::decode(&sm.body) {
+            let skip = match codec::decode_with_options(&sm.body) {
                 Err(e) => {
                     events::undecodable(counters, &queue.id, sm.offset, &e);
                     true
                 }
-                Ok(env) if is_expired(env.expiry_for(&self.endpoint_id, sm.expiry), now) => {
+                Ok((env, _)) if is_expired(env.expiry_for(&self.endpoint_id, sm.expiry), now) => {
                     events::expired(counters, &queue.id, sm.offset);
                     true
                 }
-                Ok(env) => {
-                    deliveries.push(Delivery {
-                        offset: sm.offset,
-                        priority,
-                        previous_attempts: self.attempts.get(&sm.offset).copied().unwrap_or(0),
-                        message: env.message,
+                Ok((env, stamped)) => {
+                    let options = codec::options_for(&stamped, &self.endpoint_id);
+                    let aged = (lane == Lane::Live && !is_live(&env, options, now)).then(|| {
+                        let expiry = env.expiry_for(&self.endpoint_id, sm.expiry);
+                        (sm.body.clone(), expiry)
+                    });
+                    deliveries.push(Admitted {
+                        delivery: Delivery {
+                            offset: sm.offset,
+                            priority,
+                            previous_attempts: self.attempts.get(&sm.offset).copied().unwrap_or(0),
+                            message: env.message,
+                        },
+                        set_aside: options.set_aside_after,
+                        aged,
                     });
                     false
                 }
@@ -305,10 +427,10 @@ impl EndpointWorker {
             outcomes = batch.sink.send_boxed(batch.deliveries) => outcomes,
             () = shutdown_signal(&mut self.rx.shutdown) => return Err(Stop::Shutdown),
         };
-        let failed = self.apply(batch.priority, &offsets, outcomes);
-        self.checkpoint(batch.priority).await?;
+        let failed = self.apply(batch.key, &offsets, &batch.set_aside, outcomes);
+        self.checkpoint(batch.key).await?;
         if failed {
-            if let Some(queue) = self.queues.get_mut(&batch.priority) {
+            if let Some(queue) = self.queues.get_mut(&batch.key) {
                 queue.checkpointer.rewind();
             }
             return Ok(Event::BatchFailed);
@@ -320,19 +442,22 @@ impl EndpointWorker {
     /// whether there is such a message.
     fn apply(
         &mut self,
-        priority: Priority,
+        key: QueueKey,
         offsets: &[Offset],
+        set_aside: &[Option<u32>],
         mut outcomes: Vec<DeliveryOutcome>,
     ) -> bool {
-        let set_aside_after = self.rx.policy.borrow().set_aside_after;
-        let Some(queue) = self.queues.get_mut(&priority) else {
+        let endpoint_policy = self.rx.policy.borrow().set_aside_after;
+        let Some(queue) = self.queues.get_mut(&key) else {
             return false;
         };
         outcomes.resize(offsets.len(), DeliveryOutcome::Retry(FailureKind::Internal));
         let counters = &self.ctx.counters;
         let mut delivered = 0;
         let mut failed = false;
-        for (&offset, outcome) in offsets.iter().zip(outcomes) {
+        for (i, (&offset, outcome)) in offsets.iter().zip(outcomes).enumerate() {
+            // The route's limit, stamped at enqueue, wins over the endpoint's policy.
+            let set_aside_after = set_aside.get(i).copied().flatten().or(endpoint_policy);
             if failed {
                 // Behind the first incomplete message: resent anyway, to keep the order.
                 delivered += usize::from(outcome == DeliveryOutcome::Delivered);
@@ -370,8 +495,8 @@ impl EndpointWorker {
     }
 
     /// Makes the completed prefix of a queue durable.
-    async fn checkpoint(&mut self, priority: Priority) -> Result<(), Stop> {
-        let Some(queue) = self.queues.get_mut(&priority) else {
+    async fn checkpoint(&mut self, key: QueueKey) -> Result<(), Stop> {
+        let Some(queue) = self.queues.get_mut(&key) else {
             return Ok(());
         };
         let Some(upto) = queue.checkpointer.committable() else {
@@ -399,6 +524,14 @@ impl EndpointWorker {
         events::worker_failed(&self.ctx.counters, &self.endpoint, error);
         Stop::StoreFailed
     }
+}
+
+/// Whether a live-lane message is still within its route's live-first limit at `now`. A message
+/// without a limit (never written so by the router) counts as aged: it goes to the backlog.
+fn is_live(env: &codec::Envelope, options: DeliveryOptions, now: UnixMillis) -> bool {
+    options.live_first_secs.is_some_and(|secs| {
+        now.0.saturating_sub(env.enqueued_at.0) < u64::from(secs).saturating_mul(1000)
+    })
 }
 
 /// Resolves once shutdown is asked for (the flag is true or its sender is gone).

@@ -9,6 +9,9 @@
 //!   short), then the smallest [`RouteId`], so the outcome never depends on manifest key order.
 //! - A message that no route matches yields [`Targets::is_unrouted`], so the caller can drop
 //!   and count it (`reason="no_route"`).
+//! - The route that decides priority and TTL for an endpoint also decides its edgehub delivery
+//!   extensions ([`DeliveryOptions`]: head-of-line policy, live-first); they are stamped on the
+//!   message at enqueue, like the TTL.
 
 mod body;
 mod builtins;
@@ -89,6 +92,26 @@ impl Ttl {
     }
 }
 
+/// edgehub extensions to a route's delivery (manifest keys `x-edgehub-…`, schema 1.1 and up).
+/// The default is edgeHub's behaviour: no extension.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliveryOptions {
+    /// `x-edgehub-setAsideAfter`: set a message aside (count it and go on) after this many failed
+    /// attempts. `None` leaves the endpoint's policy in force (by default strict: the head of the
+    /// queue is retried until delivered or expired).
+    pub set_aside_after: Option<u32>,
+    /// `x-edgehub-liveFirstSecs`: messages younger than this many seconds are served ahead of the
+    /// endpoint's backlog at the same priority (a separate "live" queue; see the endpoint worker).
+    pub live_first_secs: Option<u32>,
+}
+
+impl DeliveryOptions {
+    /// Whether no extension is set.
+    pub fn is_default(&self) -> bool {
+        *self == DeliveryOptions::default()
+    }
+}
+
 /// One compiled route.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Route {
@@ -98,6 +121,7 @@ pub struct Route {
     endpoint: Endpoint,
     priority: Priority,
     ttl: Ttl,
+    options: DeliveryOptions,
 }
 
 impl Route {
@@ -121,7 +145,20 @@ impl Route {
             endpoint: spec.endpoint,
             priority,
             ttl,
+            options: DeliveryOptions::default(),
         })
+    }
+
+    /// The route with edgehub delivery extensions.
+    #[must_use]
+    pub fn with_options(mut self, options: DeliveryOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// The route's edgehub delivery extensions.
+    pub fn options(&self) -> DeliveryOptions {
+        self.options
     }
 
     /// The route's name.
@@ -170,6 +207,8 @@ pub struct Target {
     pub ttl: Ttl,
     /// The route that decided priority and TTL.
     pub route: RouteId,
+    /// That route's edgehub delivery extensions.
+    pub options: DeliveryOptions,
 }
 
 /// The targets of one message: at most one per endpoint, sorted by endpoint id.
@@ -266,6 +305,7 @@ fn target(route: &Route) -> Target {
         priority: route.priority,
         ttl: route.ttl,
         route: route.id.clone(),
+        options: route.options,
     }
 }
 
