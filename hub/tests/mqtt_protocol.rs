@@ -8,7 +8,7 @@
 //! a test must show that something does *not* arrive, it sends a later marker through the same
 //! ordered path and checks the marker comes first, or makes a PINGREQ round trip.
 //!
-//! Tests marked `#[ignore = "hub bug: …"]` show a hub bug and pass once it is fixed; run them
+//! Tests marked `#[ignore = "hub bug: …"]` would show a hub bug and pass once it is fixed; run them
 //! with `cargo test -p hub --test mqtt_protocol -- --ignored`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
@@ -776,8 +776,6 @@ async fn unsubscribing_from_inputs_stops_deliveries_until_subscribing_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hub bug: a replaced clean-session connection deletes the persistent session of the \
-            connection that replaced it (connection.rs finish → Sessions::end_clean)"]
 async fn a_persistent_session_that_replaced_a_clean_one_keeps_its_subscription() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
@@ -806,8 +804,6 @@ async fn a_persistent_session_that_replaced_a_clean_one_keeps_its_subscription()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hub bug: a replaced connection's input sink stays registered, so deliveries back off \
-            (up to 60 s) and wait out the backoff after the new connection subscribes"]
 async fn a_new_connection_that_subscribes_after_replacing_one_gets_inputs_promptly() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
@@ -835,8 +831,6 @@ async fn a_new_connection_that_subscribes_after_replacing_one_gets_inputs_prompt
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "hub bug: UNSUBSCRIBE of one inputs filter stops deliveries although another granted \
-            inputs filter stays in the session (connection.rs on_unsubscribe)"]
 async fn unsubscribing_one_of_two_inputs_filters_keeps_deliveries() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;

@@ -202,7 +202,7 @@ where
         deliveries: session_state::Outbound::new(DELIVERY_WINDOW),
         waiting: VecDeque::new(),
         acks: None,
-        inputs_subscribed: false,
+        subscriptions: Vec::new(),
         outbound_tx: None,
     };
     let keep_alive = session_state::keep_alive_timeout(connect.keep_alive);
@@ -260,7 +260,8 @@ struct Connection {
     waiting: VecDeque<Outbound>,
     /// Route acknowledgements, in arrival order, for the acker task.
     acks: Option<mpsc::Sender<(u16, PendingAck)>>,
-    inputs_subscribed: bool,
+    /// Filters granted to this connection (restored from a persistent session at connect).
+    subscriptions: Vec<String>,
     /// Set while this connection's input sinks are registered.
     outbound_tx: Option<OutboundTx>,
 }
@@ -278,12 +279,15 @@ impl Connection {
         let acker = tokio::spawn(ack_in_order(ack_rx, self.out.clone(), route_failed_tx));
         self.acks = Some(ack_tx);
         let (outbound_tx, mut outbound_rx) = mpsc::unbounded_channel::<Outbound>();
-        if self
-            .ctx
-            .sessions
-            .get(&self.client_id)
-            .is_some_and(|filters| filters.iter().any(|f| self.owns_inputs_filter(f)))
-        {
+        // Any input sinks still registered belong to an older connection of this module, which
+        // is gone or going: take them away now, so no delivery waits on a dead connection.
+        for (endpoint, _) in self.ctx.input_endpoints(&self.identity) {
+            self.ctx.dispatcher.unregister_sink(&endpoint);
+        }
+        if !self.clean {
+            self.subscriptions = self.ctx.sessions.get(&self.client_id).unwrap_or_default();
+        }
+        if self.subscribed_to_inputs() {
             self.register_inputs(&outbound_tx);
         }
         let mut shutdown = self.ctx.shutdown.clone();
@@ -466,30 +470,49 @@ impl Connection {
                 }
             }
         }
-        if let Err(e) = self.ctx.sessions.subscribe(&self.client_id, &granted) {
-            tracing::error!(client_id = %self.client_id, error = %e, "session store failed");
-            return Err(ConnectionEnd::Refused(format!("session store: {e}")));
+        // A persistent session's subscriptions are on disk before the SUBACK; a clean session's
+        // live only as long as this connection.
+        if !self.clean {
+            if let Err(e) = self.ctx.sessions.subscribe(&self.client_id, &granted) {
+                tracing::error!(client_id = %self.client_id, error = %e, "session store failed");
+                return Err(ConnectionEnd::Refused(format!("session store: {e}")));
+            }
+        }
+        for f in granted {
+            if !self.subscriptions.contains(&f) {
+                self.subscriptions.push(f);
+            }
         }
         let _ = self.out.send(Packet::SubAck(SubAck::new(sub.pkid, codes)));
-        if granted.iter().any(|f| self.owns_inputs_filter(f)) {
+        if self.subscribed_to_inputs() && self.outbound_tx.is_none() {
             self.register_inputs(outbound);
         }
         Ok(())
     }
 
     fn on_unsubscribe(&mut self, unsub: Unsubscribe) -> Result<(), ConnectionEnd> {
-        if let Err(e) = self
-            .ctx
-            .sessions
-            .unsubscribe(&self.client_id, &unsub.topics)
-        {
-            return Err(ConnectionEnd::Refused(format!("session store: {e}")));
+        if !self.clean {
+            if let Err(e) = self
+                .ctx
+                .sessions
+                .unsubscribe(&self.client_id, &unsub.topics)
+            {
+                return Err(ConnectionEnd::Refused(format!("session store: {e}")));
+            }
         }
-        if unsub.topics.iter().any(|f| self.owns_inputs_filter(f)) {
+        self.subscriptions.retain(|f| !unsub.topics.contains(f));
+        // Deliveries stop only when no filter covering the inputs is left.
+        if !self.subscribed_to_inputs() {
             self.unregister_inputs();
         }
         let _ = self.out.send(Packet::UnsubAck(UnsubAck::new(unsub.pkid)));
         Ok(())
+    }
+
+    fn subscribed_to_inputs(&self) -> bool {
+        self.subscriptions
+            .iter()
+            .any(|f| self.owns_inputs_filter(f))
     }
 
     fn owns_inputs_filter(&self, filter: &str) -> bool {
@@ -505,7 +528,6 @@ impl Connection {
 
     /// Makes this connection the sink of every input endpoint of its module.
     fn register_inputs(&mut self, outbound: &OutboundTx) {
-        self.inputs_subscribed = true;
         self.outbound_tx = Some(outbound.clone());
         for (endpoint, input) in self.ctx.input_endpoints(&self.identity) {
             self.ctx
@@ -525,7 +547,6 @@ impl Connection {
                 self.ctx.dispatcher.unregister_sink(&endpoint);
             }
         }
-        self.inputs_subscribed = false;
     }
 
     /// Sends waiting deliveries while the window has room.
@@ -576,11 +597,6 @@ impl Connection {
         // Dropping the senders answers "not delivered" to every waiting sink.
         self.deliveries.clear();
         self.waiting.clear();
-        if self.clean {
-            if let Err(e) = self.ctx.sessions.end_clean(&self.client_id) {
-                tracing::warn!(client_id = %self.client_id, error = %e, "could not end a clean session");
-            }
-        }
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Guarantees: a session opened with clean-session 0 keeps its subscriptions across reconnects
 //! and hub restarts (the Python SDK does not subscribe again after a reconnect, so losing them
-//! would silently stop its input messages); clean-session 1 deletes them. Every change is on disk
+//! would silently stop its input messages); clean-session 1 deletes them, and a clean session's
+//! own subscriptions are never stored here (they live with its connection). Every change is on disk
 //! before the SUBACK / CONNACK that reports it: the file is written whole to a temporary name,
 //! fdatasynced, renamed over the old one, and the directory is fsynced. A damaged file is an error
 //! naming the file, never an empty session (that would stop deliveries without a word).
@@ -127,16 +128,6 @@ impl Sessions {
             if entry.len() != before {
                 self.persist(&state)?;
             }
-        }
-        Ok(())
-    }
-
-    /// Forgets a clean session's subscriptions when its connection ends (they lived only as long
-    /// as the connection).
-    pub fn end_clean(&self, client: &str) -> Result<(), SessionsError> {
-        let mut state = self.lock();
-        if state.remove(client).is_some() {
-            self.persist(&state)?;
         }
         Ok(())
     }
