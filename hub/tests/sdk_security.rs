@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
-use sdk::{Sdk, Script, SeqReport};
+use sdk::{Script, Sdk, SeqReport};
 use serde_json::Value;
 use testhub::{TestHub, DEVICE_ID, IOTHUB_HOSTNAME};
 
@@ -111,7 +111,10 @@ fn raw_connect(env: &sdk::SdkEnv, ns: &sdk::NetNs, ca: &Path, r: &Raw<'_>) -> Va
         )
         .env(
             "RAW_SR",
-            format!("{IOTHUB_HOSTNAME}/devices/{DEVICE_ID}/modules/{}", r.token_module),
+            format!(
+                "{IOTHUB_HOSTNAME}/devices/{DEVICE_ID}/modules/{}",
+                r.token_module
+            ),
         )
         .env("RAW_KEY", r.key)
         .env("RAW_TTL", r.ttl.to_string());
@@ -123,11 +126,21 @@ fn raw_connect(env: &sdk::SdkEnv, ns: &sdk::NetNs, ca: &Path, r: &Raw<'_>) -> Va
             sdk::Line::Json(v) => Some(v.clone()),
             sdk::Line::Text(_) => None,
         })
-        .unwrap_or_else(|| panic!("raw connect printed nothing: {:?}\n{}", out.lines, out.stderr))
+        .unwrap_or_else(|| {
+            panic!(
+                "raw connect printed nothing: {:?}\n{}",
+                out.lines, out.stderr
+            )
+        })
 }
 
 fn assert_accepted(v: &Value, what: &str, hub: &sdk::Proc) {
-    assert_eq!(v["rc"], 0, "{what}: want CONNACK 0, got {v}\nhub log:\n{}", hub.stderr());
+    assert_eq!(
+        v["rc"],
+        0,
+        "{what}: want CONNACK 0, got {v}\nhub log:\n{}",
+        hub.stderr()
+    );
 }
 
 /// Refused by a CONNACK "bad username or password" (4) or "not authorized" (5), or by the
@@ -135,7 +148,11 @@ fn assert_accepted(v: &Value, what: &str, hub: &sdk::Proc) {
 fn assert_refused(v: &Value, what: &str, hub: &sdk::Proc) {
     let refused = matches!(v["rc"].as_i64(), Some(4 | 5))
         || (v["answered"] == true && v["rc"].is_null() && !v["closed"].is_null());
-    assert!(refused, "{what}: want a refusal, got {v}\nhub log:\n{}", hub.stderr());
+    assert!(
+        refused,
+        "{what}: want a refusal, got {v}\nhub log:\n{}",
+        hub.stderr()
+    );
 }
 
 /// A module whose SharedAccessKey was tampered with (one bit) is refused (exit 4) by both
@@ -150,7 +167,12 @@ fn wrong_key_is_refused() {
     let hub_proc = hub.start(&ns);
 
     let runs = [
-        (Sdk::Python, bad.clone(), sdk::EXIT_AUTH, "python, tampered key"),
+        (
+            Sdk::Python,
+            bad.clone(),
+            sdk::EXIT_AUTH,
+            "python, tampered key",
+        ),
         (Sdk::Node, bad, sdk::EXIT_AUTH, "node, tampered key"),
         (Sdk::Python, cs.clone(), sdk::EXIT_OK, "python, real key"),
         (Sdk::Node, cs, sdk::EXIT_OK, "node, real key"),
@@ -170,18 +192,18 @@ fn unknown_module_is_refused() {
     let hub = TestHub::new();
     let ca = hub.ca_path();
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
-    let ghost = sdk::module_connection_string(
-        IOTHUB_HOSTNAME,
-        DEVICE_ID,
-        "ghost",
-        &key,
-        testhub::GATEWAY,
-    );
+    let ghost =
+        sdk::module_connection_string(IOTHUB_HOSTNAME, DEVICE_ID, "ghost", &key, testhub::GATEWAY);
     let known = hub.connection_string("receiver");
     let hub_proc = hub.start(&ns);
 
     let runs = [
-        (Sdk::Python, ghost.clone(), sdk::EXIT_AUTH, "python, unknown module"),
+        (
+            Sdk::Python,
+            ghost.clone(),
+            sdk::EXIT_AUTH,
+            "python, unknown module",
+        ),
         (Sdk::Node, ghost, sdk::EXIT_AUTH, "node, unknown module"),
         (Sdk::Python, known, sdk::EXIT_OK, "python, known module"),
     ]
@@ -196,6 +218,7 @@ fn unknown_module_is_refused() {
 ///   A's key);
 /// - through paho: B's client id and username with A's valid token (`sr` = A), and B's client
 ///   id with A's username and token.
+///
 /// A's own client id, username and token get in.
 #[test]
 fn identity_mismatch_is_refused() {
@@ -241,7 +264,11 @@ fn identity_mismatch_is_refused() {
             ttl: 3600,
         },
     );
-    assert_refused(&b_with_a_token, "B's client id and username with A's token", &hub_proc);
+    assert_refused(
+        &b_with_a_token,
+        "B's client id and username with A's token",
+        &hub_proc,
+    );
     let b_client_a_user = raw_connect(
         &env,
         &ns,
@@ -259,8 +286,18 @@ fn identity_mismatch_is_refused() {
         "B's client id with A's username and token",
         &hub_proc,
     );
-    expect_exit(sdk_run, sdk::EXIT_AUTH, "python: B's connection string with A's key", &hub_proc);
-    expect_exit(node_run, sdk::EXIT_AUTH, "node: B's connection string with A's key", &hub_proc);
+    expect_exit(
+        sdk_run,
+        sdk::EXIT_AUTH,
+        "python: B's connection string with A's key",
+        &hub_proc,
+    );
+    expect_exit(
+        node_run,
+        sdk::EXIT_AUTH,
+        "node: B's connection string with A's key",
+        &hub_proc,
+    );
 }
 
 /// A token that expired longer ago than the hub's clock-skew allowance (300 s, as edgeHub) is
@@ -283,7 +320,11 @@ fn expired_token_is_refused() {
         key: &key,
         ttl,
     };
-    assert_accepted(&raw_connect(&env, &ns, &ca, &raw(3600)), "a valid token", &hub_proc);
+    assert_accepted(
+        &raw_connect(&env, &ns, &ca, &raw(3600)),
+        "a valid token",
+        &hub_proc,
+    );
     assert_refused(
         &raw_connect(&env, &ns, &ca, &raw(-900)),
         "a token expired 15 minutes ago",
@@ -322,13 +363,27 @@ fn receiver_messages_never_reach_another_module() {
     other.expect_event("ready", secs(20));
     let mut rx = ns
         .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
-        .args(["--count", &N.to_string(), "--linger", "1", "--timeout", "60"])
+        .args([
+            "--count",
+            &N.to_string(),
+            "--linger",
+            "1",
+            "--timeout",
+            "60",
+        ])
         .spawn();
     rx.expect_event("ready", secs(20));
 
     let sent = ns
         .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
-        .args(["--output", "out1", "--run", "private", "--count", &N.to_string()])
+        .args([
+            "--output",
+            "out1",
+            "--run",
+            "private",
+            "--count",
+            &N.to_string(),
+        ])
         .args(testhub::prop_args())
         .run(secs(60));
     sent.assert_exit(sdk::EXIT_OK);

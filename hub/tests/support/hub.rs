@@ -105,6 +105,11 @@ impl TestHub {
             a.push("--module".into());
             a.push(m.into());
         }
+        // A log filter for diagnosing a failing test (e.g. `debug`), else the hub's default.
+        if let Some(filter) = std::env::var_os("EDGEHUB_TEST_HUB_LOG") {
+            a.push("--log".into());
+            a.push(filter);
+        }
         a
     }
 
@@ -206,6 +211,32 @@ pub fn readyz(ns: &NetNs) -> bool {
         .unwrap_or(false)
 }
 
+/// `GET /metrics` inside `ns` (the Prometheus text), for failure messages; empty on error.
+pub fn metrics(ns: &NetNs) -> String {
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{METRICS_PORT} || exit 1; \
+         printf 'GET /metrics HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3; \
+         cat <&3"
+    );
+    ns.command("timeout")
+        .args(["2", "bash", "-c", &script])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// The message counters of [`metrics`] (received, routed, sent, dropped by reason, queue
+/// lengths): what a failure message needs to tell where messages went.
+pub fn message_counters(ns: &NetNs) -> String {
+    metrics(ns)
+        .lines()
+        .filter(|l| !l.starts_with('#') && (l.contains("messages") || l.contains("queue")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// The `key=value` fields of a connection string.
 pub fn cs_field<'a>(cs: &'a str, key: &str) -> &'a str {
     cs.split(';')
@@ -266,13 +297,41 @@ pub fn assert_intact(m: &serde_json::Value, run: &str, sender: &str, input: &str
     let want_body = format!("{{\"seq\":{seq},\"run\":\"{run}\"}}");
     let checks: [(&str, serde_json::Value, serde_json::Value); 9] = [
         ("input_name", m["input_name"].clone(), input.into()),
-        ("message_id", m["message_id"].clone(), format!("{run}-{seq}").into()),
-        ("content_type", m["content_type"].clone(), "application/json".into()),
-        ("content_encoding", m["content_encoding"].clone(), "utf-8".into()),
-        ("connection_device_id", m["connection_device_id"].clone(), DEVICE_ID.into()),
-        ("connection_module_id", m["connection_module_id"].clone(), sender.into()),
-        ("custom run", m["custom_properties"]["run"].clone(), run.into()),
-        ("custom seq", m["custom_properties"]["seq"].clone(), seq.to_string().into()),
+        (
+            "message_id",
+            m["message_id"].clone(),
+            format!("{run}-{seq}").into(),
+        ),
+        (
+            "content_type",
+            m["content_type"].clone(),
+            "application/json".into(),
+        ),
+        (
+            "content_encoding",
+            m["content_encoding"].clone(),
+            "utf-8".into(),
+        ),
+        (
+            "connection_device_id",
+            m["connection_device_id"].clone(),
+            DEVICE_ID.into(),
+        ),
+        (
+            "connection_module_id",
+            m["connection_module_id"].clone(),
+            sender.into(),
+        ),
+        (
+            "custom run",
+            m["custom_properties"]["run"].clone(),
+            run.into(),
+        ),
+        (
+            "custom seq",
+            m["custom_properties"]["seq"].clone(),
+            seq.to_string().into(),
+        ),
         ("data", m["data"].clone(), want_body.into()),
     ];
     for (what, got, want) in checks {
