@@ -16,7 +16,7 @@ mod testhub;
 
 use std::time::Duration;
 
-use sdk::{Sdk, Script, SeqReport};
+use sdk::{Script, Sdk, SeqReport};
 use testhub::TestHub;
 
 const N: i64 = 300;
@@ -42,7 +42,14 @@ fn sender_to_receiver(tx: Sdk, rx_sdk: Sdk, run: &str) {
     // receiver's messages until it is subscribed, so no wait for the SUBACK is needed.
     let mut rx = ns
         .module(&env, rx_sdk, Script::Receive, &cs_rx, &ca)
-        .args(["--count", &N.to_string(), "--linger", "1", "--timeout", "90"])
+        .args([
+            "--count",
+            &N.to_string(),
+            "--linger",
+            "1",
+            "--timeout",
+            "90",
+        ])
         .spawn();
     rx.expect_event("ready", secs(20));
 
@@ -69,7 +76,11 @@ fn sender_to_receiver(tx: Sdk, rx_sdk: Sdk, run: &str) {
     }
     outcome.assert_exit(sdk::EXIT_OK);
     report.assert_no_loss_no_reorder();
-    assert_eq!(got.len(), N as usize, "duplicates without a reconnect: {report:?}");
+    assert_eq!(
+        got.len(),
+        N as usize,
+        "duplicates without a reconnect: {report:?}"
+    );
     for m in &got {
         testhub::assert_intact(m, run, "sender", "input1");
     }

@@ -17,7 +17,7 @@ mod testhub;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sdk::{Line, Sdk, Script, SeqReport};
+use sdk::{Line, Script, Sdk, SeqReport};
 use serde_json::Value;
 use testhub::TestHub;
 
@@ -85,7 +85,14 @@ fn hub_killed_mid_stream_loses_nothing_the_sender_saw_acknowledged() {
     rx.expect_event("ready", secs(20));
     let mut tx = ns
         .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
-        .args(["--output", "out1", "--run", "crash", "--count", &N.to_string()])
+        .args([
+            "--output",
+            "out1",
+            "--run",
+            "crash",
+            "--count",
+            &N.to_string(),
+        ])
         .args(["--timeout", "120"])
         .args(testhub::prop_args())
         .spawn();
@@ -152,7 +159,14 @@ fn receiver_subscription_survives_a_hub_crash() {
 
     let mut rx = ns
         .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
-        .args(["--count", &N.to_string(), "--linger", "1", "--timeout", "90"])
+        .args([
+            "--count",
+            &N.to_string(),
+            "--linger",
+            "1",
+            "--timeout",
+            "90",
+        ])
         .spawn();
     rx.expect_event("ready", secs(20));
     hub_proc.kill();
@@ -160,7 +174,14 @@ fn receiver_subscription_survives_a_hub_crash() {
 
     let sent = ns
         .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
-        .args(["--output", "out1", "--run", "after", "--count", &N.to_string()])
+        .args([
+            "--output",
+            "out1",
+            "--run",
+            "after",
+            "--count",
+            &N.to_string(),
+        ])
         .args(testhub::prop_args())
         .run(secs(60));
     sent.assert_exit(sdk::EXIT_OK);
@@ -203,7 +224,14 @@ fn stored_backlog_survives_crashes_before_and_during_delivery() {
 
     let sent = ns
         .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
-        .args(["--output", "out1", "--run", "stored", "--count", &N.to_string()])
+        .args([
+            "--output",
+            "out1",
+            "--run",
+            "stored",
+            "--count",
+            &N.to_string(),
+        ])
         .args(testhub::prop_args())
         .run(secs(60));
     sent.assert_exit(sdk::EXIT_OK);
