@@ -172,6 +172,28 @@ async fn a_failing_sink_backs_off_exponentially_between_attempts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_new_sink_ends_the_backoff_meant_for_the_failing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = upstream_hub(dir.path(), 1);
+    hub.send_all("m", "o", &bodies("m", 1)).await;
+    let failing = FailingSink::default();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, failing.clone());
+    // Four failures: the worker is now in an 8 s backoff.
+    failing.log.wait_offered(4).await;
+    let replaced_at = tokio::time::Instant::now();
+    let fresh = RecordingSink::default();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, fresh.clone());
+    fresh.log.wait_delivered(1).await;
+    assert!(
+        tokio::time::Instant::now() - replaced_at < std::time::Duration::from_secs(1),
+        "the new sink waited out the old one's backoff"
+    );
+    hub.close().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_partial_failure_resends_from_the_first_failed_message_without_gap_or_reorder() {
     let dir = tempfile::tempdir().unwrap();
     let hub = upstream_hub(dir.path(), 5);

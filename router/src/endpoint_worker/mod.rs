@@ -225,10 +225,23 @@ impl EndpointWorker {
         }
     }
 
+    /// Backs off; a newly registered sink (a module that came back) ends the backoff at once, so
+    /// its backlog does not wait out a delay meant for the old, failing one.
     async fn sleep(&mut self, delay: Duration) -> Event {
-        tokio::select! {
-            () = tokio::time::sleep(delay) => Event::BackoffElapsed,
-            () = shutdown_signal(&mut self.rx.shutdown) => Event::Shutdown,
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return Event::BackoffElapsed,
+                () = shutdown_signal(&mut self.rx.shutdown) => return Event::Shutdown,
+                changed = self.rx.sink.changed() => {
+                    if changed.is_err() {
+                        return Event::Shutdown;
+                    }
+                    if self.rx.sink.borrow().is_some() {
+                        return Event::BackoffElapsed;
+                    }
+                }
+            }
         }
     }
 
