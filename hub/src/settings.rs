@@ -26,8 +26,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use router::manifest::{parse_deployment_value, Deployment};
-use router::{DeviceId, ManifestError, ManifestIssue, ModuleId};
+use router::manifest::Deployment;
+use router::{DeviceId, ManifestError, ModuleId};
 
 /// The deployment manifest used when none is given: modules `sender` and `receiver`, routes
 /// `sender → receiver/input1` and `sender → $upstream`.
@@ -139,46 +139,10 @@ impl ManifestSource {
     }
 }
 
-/// Parses a deployment manifest as IoT Edge writes it.
-///
-/// Real manifests (`deployment.template.json`, `az iot edge set-modules --content`) spell a
-/// twin's desired properties as one key with a dot, `"properties.desired"`; the router's
-/// parser looks for nested `"properties": {"desired": …}`. This accepts both by rewriting the
-/// dotted key into the nested form first (only where the nested form is absent), so error
-/// paths read the same either way.
+/// Parses a deployment manifest as IoT Edge writes it (`"properties.desired"` keys, or the
+/// nested form; see `router::manifest`).
 pub fn parse_manifest(text: &str) -> Result<Deployment, ManifestError> {
-    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| ManifestError {
-        issues: vec![ManifestIssue::Structure {
-            path: "$".to_owned(),
-            reason: format!("invalid JSON: {e}"),
-        }],
-    })?;
-    if let Some(content) = value.pointer_mut("/content/modulesContent") {
-        nest_desired_properties(content);
-    } else if let Some(content) = value.get_mut("modulesContent") {
-        nest_desired_properties(content);
-    }
-    parse_deployment_value(&value)
-}
-
-fn nest_desired_properties(content: &mut serde_json::Value) {
-    let Some(twins) = content.as_object_mut() else {
-        return;
-    };
-    for twin in twins.values_mut() {
-        let Some(twin) = twin.as_object_mut() else {
-            continue;
-        };
-        if twin.contains_key("properties") {
-            continue;
-        }
-        if let Some(desired) = twin.remove("properties.desired") {
-            twin.insert(
-                "properties".to_owned(),
-                serde_json::json!({ "desired": desired }),
-            );
-        }
-    }
+    router::manifest::parse_deployment(text)
 }
 
 /// Settings as typed by a user: `None` means the default. Fields are strings where the

@@ -98,12 +98,9 @@ pub fn parse_deployment_value(manifest: &Value) -> Result<Deployment, ManifestEr
     };
     let modules = modules(content, prefix, &mut issues);
     let hub_path = join(prefix, "$edgeHub.properties.desired");
-    let config = match content.pointer("/$edgeHub/properties/desired") {
+    let config = match desired_of(content, "$edgeHub", &hub_path, &mut issues) {
         Some(desired) => edge_hub_at(desired, &hub_path, &mut issues),
-        None => {
-            issues.add(&hub_path, "missing");
-            None
-        }
+        None => None,
     };
     issues.finish(config.map(|edge_hub| Deployment { edge_hub, modules }))
 }
@@ -150,10 +147,37 @@ fn join(prefix: &str, key: &str) -> String {
     }
 }
 
+/// The desired properties of a module twin in a deployment: real manifests (Microsoft's docs,
+/// `deployment.template.json`, `az iot edge`) write them under the one key `"properties.desired"`;
+/// the nested form `"properties": {"desired": …}` is accepted too. Both at once is ambiguous.
+fn desired_of<'a>(
+    content: &'a Value,
+    twin: &str,
+    path: &str,
+    issues: &mut Issues,
+) -> Option<&'a Value> {
+    let twin = content.get(twin);
+    let dotted = twin.and_then(|t| t.get("properties.desired"));
+    let nested = twin.and_then(|t| t.pointer("/properties/desired"));
+    match (dotted, nested) {
+        (Some(d), None) | (None, Some(d)) => Some(d),
+        (Some(_), Some(_)) => {
+            issues.add(
+                path,
+                "given twice: as \"properties.desired\" and as \"properties\": {\"desired\"}",
+            );
+            None
+        }
+        (None, None) => {
+            issues.add(path, "missing");
+            None
+        }
+    }
+}
+
 fn modules(content: &Value, prefix: &str, issues: &mut Issues) -> Vec<ModuleId> {
     let agent_path = join(prefix, "$edgeAgent.properties.desired");
-    let Some(agent) = content.pointer("/$edgeAgent/properties/desired") else {
-        issues.add(&agent_path, "missing");
+    let Some(agent) = desired_of(content, "$edgeAgent", &agent_path, issues) else {
         return Vec::new();
     };
     match agent.get("modules") {

@@ -152,11 +152,11 @@ fn invalid_json_is_one_issue_at_the_root() {
 
 const DEPLOYMENT: &str = r#"{
     "modulesContent": {
-        "$edgeAgent": {"properties.desired": {"unused": true}, "properties": {"desired": {
+        "$edgeAgent": {"properties.desired": {
             "schemaVersion": "1.1",
             "systemModules": {"edgeAgent": {}, "edgeHub": {}},
             "modules": {"tempSensor": {"type": "docker"}, "filter": {"type": "docker"}}
-        }}},
+        }},
         "$edgeHub": {"properties": {"desired": {
             "schemaVersion": "1.2",
             "routes": {"sensorToFilter": "FROM /messages/modules/tempSensor/outputs/temperatureOutput INTO BrokeredEndpoint(\"/modules/filter/inputs/input1\")"},
@@ -166,6 +166,20 @@ const DEPLOYMENT: &str = r#"{
         "filter": {"properties.desired": {}}
     }
 }"#;
+
+#[test]
+fn desired_properties_given_both_ways_are_refused_with_their_path() {
+    let both = DEPLOYMENT.replace(
+        r#""$edgeHub": {"properties": {"desired": {"#,
+        r#""$edgeHub": {"properties.desired": {}, "properties": {"desired": {"#,
+    );
+    let err = parse_deployment(&both).expect_err("ambiguous");
+    assert!(
+        err.to_string()
+            .contains("modulesContent.$edgeHub.properties.desired"),
+        "{err}"
+    );
+}
 
 #[test]
 fn a_deployment_yields_routes_and_module_names() {
