@@ -67,6 +67,7 @@ const HELP: &str = "loadgen: ordered MQTT 3.1.1 QoS 1 load generator (benches/pe
   --json FILE             also write the JSON result here
   --no-reset              keep existing sessions (default: discard them first)
   --nagle                 leave Nagle's algorithm on
+  --metrics-addr HOST:PORT  edgehub's /metrics: count its fdatasyncs over the run
 ";
 
 #[derive(Clone, Copy, PartialEq, Debug, Serialize)]
@@ -112,6 +113,7 @@ struct Opts {
     label: String,
     json: Option<PathBuf>,
     reset: bool,
+    metrics_addr: Option<String>,
 }
 
 fn parse_args() -> BenchResult<Opts> {
@@ -140,6 +142,7 @@ fn parse_args() -> BenchResult<Opts> {
         label: String::new(),
         json: None,
         reset: true,
+        metrics_addr: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -183,6 +186,7 @@ fn parse_args() -> BenchResult<Opts> {
             "--json" => o.json = Some(val()?.into()),
             "--no-reset" => o.reset = false,
             "--nagle" => o.p.nagle = true,
+            "--metrics-addr" => o.metrics_addr = Some(val()?),
             _ => return Err(format!("unknown argument {a} (see --help)").into()),
         }
     }
@@ -629,6 +633,10 @@ struct Report {
     broker_us_per_msg: f64,
     client_us_per_msg: f64,
     machine_busy_warning: bool,
+    /// edgehub only (`--metrics-addr`): store fdatasyncs and appends over the window.
+    fdatasyncs: Option<u64>,
+    store_appends: Option<u64>,
+    msgs_per_fdatasync: Option<f64>,
     errors: Vec<String>,
     ok: bool,
     per_publisher: Vec<PerPublisher>,
@@ -685,6 +693,10 @@ async fn run(o: Opts) -> BenchResult<Report> {
     }
 
     let started_unix_s = now_ns() / 1_000_000_000;
+    let metrics0 = match &o.metrics_addr {
+        Some(a) => store_counters(a).await,
+        None => None,
+    };
     let mark0 = CpuMark::now(o.broker_pid);
     let t0 = Instant::now();
     let t0_ns = now_ns();
@@ -748,6 +760,14 @@ async fn run(o: Opts) -> BenchResult<Report> {
         }
     }
     let mark1 = mark1.unwrap_or_else(|| CpuMark::now(o.broker_pid));
+    let metrics1 = match &o.metrics_addr {
+        Some(a) => store_counters(a).await,
+        None => None,
+    };
+    let (fdatasyncs, store_appends) = match (metrics0, metrics1) {
+        (Some(a), Some(b)) => (Some(b.0.saturating_sub(a.0)), Some(b.1.saturating_sub(a.1))),
+        _ => (None, None),
+    };
     shared.stopping.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
 
@@ -878,10 +898,38 @@ async fn run(o: Opts) -> BenchResult<Report> {
         broker_us_per_msg: per_msg(cpu.broker_cpu_s),
         client_us_per_msg: per_msg(cpu.client_cpu_s),
         machine_busy_warning: busy_warning,
+        fdatasyncs,
+        store_appends,
+        msgs_per_fdatasync: fdatasyncs.filter(|f| *f > 0).map(|f| {
+            (if p.phase == Phase::Receive { delivered } else { acked }) as f64 / f as f64
+        }),
         errors,
         ok,
         per_publisher,
     })
+}
+
+/// `(edgehub_store_fdatasyncs_total, edgehub_store_appends_total)` from edgehub's /metrics.
+async fn store_counters(addr: &str) -> Option<(u64, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    let body = tokio::time::timeout(Duration::from_secs(5), get).await.ok()??;
+    let value = |name: &str| -> Option<u64> {
+        body.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    };
+    Some((value("edgehub_store_fdatasyncs_total")?, value("edgehub_store_appends_total")?))
 }
 
 fn main() {
