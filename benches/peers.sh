@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # edgehub against peer MQTT brokers on this machine (issue 5).
 #
-#   benches/peers.sh [--quick] [--runs N] [--brokers LIST] [--out DIR] [--no-crash] [--no-install]
+#   benches/peers.sh [--quick] [--runs N] [--brokers LIST] [--out DIR] [--no-crash] [--no-workloads] [--no-install]
 #
 # Installs (Debian packages, as root) and starts on loopback, each on an empty
 # data directory, with the configurations in benches/peers/: mosquitto in
@@ -31,6 +31,7 @@ BROKERS=""
 OUT=""
 CRASH=1
 INSTALL=1
+WORKLOADS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -39,6 +40,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --no-crash) CRASH=0 ;;
     --no-install) INSTALL=0 ;;
+    --no-workloads) WORKLOADS=0 ;;
     -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "peers.sh: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -228,8 +230,13 @@ start_broker() {
 FAILED=0
 loadgen() { # loadgen LABEL JSON ARGS...: never aborts the script
   local label="$1" json="$2"; shift 2
+  # In the background so that a signal to this script interrupts `wait` and runs the cleanup.
   "$LOADGEN" --addr "127.0.0.1:$PORT" "${CA_ARGS[@]}" --broker-pid "$BROKER_PID" --label "$label" \
-    --json "$json" "$@" >/dev/null 2>>"$LOG.tmp" && rc=0 || rc=$?
+    --json "$json" "$@" >/dev/null 2>>"$LOG.tmp" &
+  local lp=$! rc=0
+  PIDS+=("$lp")
+  wait "$lp" || rc=$?
+  forget_pid "$lp"
   cat "$LOG.tmp" | tee -a "$LOG" >&2; rm -f "$LOG.tmp"
   return $rc
 }
@@ -286,10 +293,12 @@ crash_checks() { # crash_checks BROKER
   rm -rf "$data"
 }
 
-for b in $BROKERS; do
-  workloads "$b" tls
-  workloads "$b" plain
-done
+if [ "$WORKLOADS" = 1 ]; then
+  for b in $BROKERS; do
+    workloads "$b" tls
+    workloads "$b" plain
+  done
+fi
 if [ "$CRASH" = 1 ]; then
   for b in $BROKERS; do crash_checks "$b"; done
 fi

@@ -99,9 +99,17 @@ impl Conn {
         keep_alive: u16,
         timeout: Duration,
     ) -> BenchResult<(Conn, bool)> {
-        tokio::time::timeout(timeout, Self::connect_inner(ep, creds, clean_session, keep_alive))
-            .await
-            .map_err(|_| format!("connecting to {} as {}: timed out", ep.addr, creds.client_id))?
+        tokio::time::timeout(
+            timeout,
+            Self::connect_inner(ep, creds, clean_session, keep_alive),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "connecting to {} as {}: timed out",
+                ep.addr, creds.client_id
+            )
+        })?
     }
 
     async fn connect_inner(
@@ -127,7 +135,10 @@ impl Conn {
         let mut connect = Connect::new(creds.client_id.clone());
         connect.keep_alive = keep_alive;
         connect.clean_session = clean_session;
-        connect.login = creds.login.as_ref().map(|(u, p)| Login::new(u.clone(), p.clone()));
+        connect.login = creds
+            .login
+            .as_ref()
+            .map(|(u, p)| Login::new(u.clone(), p.clone()));
         conn.queue(&Packet::Connect(connect))?;
         conn.flush().await?;
         match conn.read_packet().await? {
@@ -202,11 +213,10 @@ impl Conn {
     /// any PUBLISH that arrives first is left to the caller: such packets are
     /// returned).
     pub async fn subscribe(&mut self, filters: &[String], pkid: u16) -> BenchResult<Vec<Packet>> {
-        let mut sub = Subscribe::new_many(
-            filters
-                .iter()
-                .map(|f| rumqttc::mqttbytes::v4::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
-        );
+        let mut sub =
+            Subscribe::new_many(filters.iter().map(|f| {
+                rumqttc::mqttbytes::v4::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)
+            }));
         sub.pkid = pkid;
         self.queue(&Packet::Subscribe(sub))?;
         self.flush().await?;
@@ -214,9 +224,10 @@ impl Conn {
         loop {
             match self.read_packet().await? {
                 Packet::SubAck(ack) if ack.pkid == pkid => {
-                    let failed = ack.return_codes.iter().any(|c| {
-                        matches!(c, rumqttc::mqttbytes::v4::SubscribeReasonCode::Failure)
-                    });
+                    let failed = ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, rumqttc::mqttbytes::v4::SubscribeReasonCode::Failure));
                     if failed {
                         return Err(format!("SUBSCRIBE {filters:?} refused").into());
                     }
@@ -261,7 +272,9 @@ pub fn sas_token(resource: &str, key_b64: &str, expiry: u64) -> BenchResult<Stri
         to_sign.as_bytes(),
     );
     let sig = quote(&STANDARD.encode(tag.as_ref()));
-    Ok(format!("SharedAccessSignature sr={sr}&sig={sig}&se={expiry}"))
+    Ok(format!(
+        "SharedAccessSignature sr={sr}&sig={sig}&se={expiry}"
+    ))
 }
 
 /// The fields of a module connection string

@@ -14,7 +14,11 @@ fn all_processes() -> Vec<(u32, u32, u64)> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         if let Some((ppid, ticks)) = stat_of(pid) {
@@ -57,7 +61,11 @@ pub fn tree_of(pid: u32) -> Vec<u32> {
 
 /// CPU seconds used so far by `pid` and its descendants.
 pub fn tree_cpu_secs(pid: u32) -> f64 {
-    let ticks: u64 = tree_of(pid).iter().filter_map(|p| stat_of(*p)).map(|(_, t)| t).sum();
+    let ticks: u64 = tree_of(pid)
+        .iter()
+        .filter_map(|p| stat_of(*p))
+        .map(|(_, t)| t)
+        .sum();
     ticks as f64 / TICKS_PER_S
 }
 
@@ -96,7 +104,11 @@ impl MachineCpu {
         let Some(line) = s.lines().find(|l| l.starts_with("cpu ")) else {
             return MachineCpu::default();
         };
-        let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
         let total: u64 = v.iter().take(8).sum();
         let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
         MachineCpu {

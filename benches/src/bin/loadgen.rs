@@ -25,7 +25,7 @@
 //! `loadgen --help` lists the flags.
 
 use benches::latency::{LatencyRecorder, LatencySummary};
-use benches::mqtt::{ConnectionString, Conn, Creds, Endpoint, Tls};
+use benches::mqtt::{Conn, ConnectionString, Creds, Endpoint, Tls};
 use benches::procstat::{self, CpuMark, CpuWindow};
 use benches::BenchResult;
 use bytes::Bytes;
@@ -247,17 +247,21 @@ fn plan(o: &Opts) -> BenchResult<(Vec<Client>, Vec<Client>)> {
             .collect();
         return Ok((pubs, recs));
     }
-    let path = o.keys.as_ref().ok_or("--target edgehub needs --keys FILE")?;
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let path = o
+        .keys
+        .as_ref()
+        .ok_or("--target edgehub needs --keys FILE")?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
     let mut keys = HashMap::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let cs = ConnectionString::parse(line)?;
         keys.insert(cs.module_id.clone(), cs);
     }
     let module = |m: &str| -> BenchResult<&ConnectionString> {
-        keys.get(m)
-            .ok_or_else(|| format!("no connection string for module {m} in {}", path.display()).into())
+        keys.get(m).ok_or_else(|| {
+            format!("no connection string for module {m} in {}", path.display()).into()
+        })
     };
     let ttl = 24 * 3600;
     let mut pubs = Vec::new();
@@ -333,7 +337,11 @@ async fn reconnect(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(format!("{}: could not reconnect: {last_err}", client.creds.client_id).into())
+    Err(format!(
+        "{}: could not reconnect: {last_err}",
+        client.creds.client_id
+    )
+    .into())
 }
 
 fn payload(run_id: u64, publisher: u32, seq: u64, bytes: usize) -> Bytes {
@@ -381,7 +389,10 @@ async fn publisher(
             break;
         }
         if Instant::now() >= shared.deadline {
-            out.error = Some(format!("publisher {idx}: timed out with {} acknowledged", out.n_acked));
+            out.error = Some(format!(
+                "publisher {idx}: timed out with {} acknowledged",
+                out.n_acked
+            ));
             break;
         }
         let allowed = if p.rate > 0.0 {
@@ -405,7 +416,9 @@ async fn publisher(
         }
         if step.is_ok() {
             let rate_wait = if p.rate > 0.0 && next < n && inflight.len() < p.window {
-                Duration::from_secs_f64(((next as f64) / p.rate - start.elapsed().as_secs_f64()).max(0.0))
+                Duration::from_secs_f64(
+                    ((next as f64) / p.rate - start.elapsed().as_secs_f64()).max(0.0),
+                )
             } else {
                 Duration::from_secs(3600)
             };
@@ -450,7 +463,8 @@ async fn publisher(
                     conn = c;
                     out.reconnects += 1;
                     for (pkid, _, body) in &inflight {
-                        let _ = conn.queue(&publish_packet(&client.topic, *pkid, body.clone(), true));
+                        let _ =
+                            conn.queue(&publish_packet(&client.topic, *pkid, body.clone(), true));
                         out.resends += 1;
                     }
                 }
@@ -483,12 +497,7 @@ struct RecOutcome {
     error: Option<String>,
 }
 
-fn on_publish(
-    pb: &Publish,
-    p: &Params,
-    out: &mut RecOutcome,
-    shared: &Shared,
-) {
+fn on_publish(pb: &Publish, p: &Params, out: &mut RecOutcome, shared: &Shared) {
     let b = &pb.payload;
     if b.len() < HEADER || &b[0..4] != MAGIC {
         out.stale += 1;
@@ -524,7 +533,8 @@ fn on_publish(
     }
     t.highest = Some(t.highest.map_or(seq, |h| h.max(seq)));
     let now = now_ns();
-    out.latency.record(Duration::from_nanos(now.saturating_sub(sent)));
+    out.latency
+        .record(Duration::from_nanos(now.saturating_sub(sent)));
     shared.delivered.fetch_add(1, Ordering::Relaxed);
     shared.last_delivery_ns.store(now, Ordering::Relaxed);
 }
@@ -674,7 +684,8 @@ async fn run(o: Opts) -> BenchResult<Report> {
     // Receivers: persistent sessions, subscribed before anything is sent.
     let mut rec_conns = Vec::new();
     for c in &recs {
-        let (mut conn, _) = Conn::connect(&ep, &c.creds, false, KEEP_ALIVE, CONNECT_TIMEOUT).await?;
+        let (mut conn, _) =
+            Conn::connect(&ep, &c.creds, false, KEEP_ALIVE, CONNECT_TIMEOUT).await?;
         let early = conn.subscribe(std::slice::from_ref(&c.topic), 1).await?;
         rec_conns.push((conn, early));
     }
@@ -687,7 +698,8 @@ async fn run(o: Opts) -> BenchResult<Report> {
     let mut pub_conns = Vec::new();
     if p.phase != Phase::Receive {
         for c in &pubs {
-            let (conn, _) = Conn::connect(&ep, &c.creds, false, KEEP_ALIVE, CONNECT_TIMEOUT).await?;
+            let (conn, _) =
+                Conn::connect(&ep, &c.creds, false, KEEP_ALIVE, CONNECT_TIMEOUT).await?;
             pub_conns.push(conn);
         }
     }
@@ -838,8 +850,16 @@ async fn run(o: Opts) -> BenchResult<Report> {
             publisher: i,
             acked,
             delivered,
-            lost: if p.phase == Phase::Publish { 0 } else { p.messages - delivered },
-            acked_but_lost: if p.phase == Phase::Publish { 0 } else { acked_but_lost },
+            lost: if p.phase == Phase::Publish {
+                0
+            } else {
+                p.messages - delivered
+            },
+            acked_but_lost: if p.phase == Phase::Publish {
+                0
+            } else {
+                acked_but_lost
+            },
             duplicates: t.map_or(0, |t| t.duplicates),
             reordered: t.map_or(0, |t| t.reordered),
         });
@@ -859,7 +879,11 @@ async fn run(o: Opts) -> BenchResult<Report> {
     let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     let cpu = mark0.window(&mark1);
     let per_msg = |cpu_s: f64| {
-        let n = if p.phase == Phase::Publish { acked } else { delivered };
+        let n = if p.phase == Phase::Publish {
+            acked
+        } else {
+            delivered
+        };
         if n > 0 {
             cpu_s * 1e6 / n as f64
         } else {
@@ -870,9 +894,7 @@ async fn run(o: Opts) -> BenchResult<Report> {
     if p.phase == Phase::Publish && acked < expected {
         errors.push(format!("only {acked} of {expected} acknowledged"));
     }
-    let ok = errors.is_empty()
-        && reordered == 0
-        && (p.phase == Phase::Publish || lost == 0);
+    let ok = errors.is_empty() && reordered == 0 && (p.phase == Phase::Publish || lost == 0);
     Ok(Report {
         label: o.label.clone(),
         params: p.clone(),
@@ -901,7 +923,12 @@ async fn run(o: Opts) -> BenchResult<Report> {
         fdatasyncs,
         store_appends,
         msgs_per_fdatasync: fdatasyncs.filter(|f| *f > 0).map(|f| {
-            (if p.phase == Phase::Receive { delivered } else { acked }) as f64 / f as f64
+            (if p.phase == Phase::Receive {
+                delivered
+            } else {
+                acked
+            }) as f64
+                / f as f64
         }),
         errors,
         ok,
@@ -921,7 +948,9 @@ async fn store_counters(addr: &str) -> Option<(u64, u64)> {
         s.read_to_string(&mut body).await.ok()?;
         Some(body)
     };
-    let body = tokio::time::timeout(Duration::from_secs(5), get).await.ok()??;
+    let body = tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .ok()??;
     let value = |name: &str| -> Option<u64> {
         body.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
@@ -929,7 +958,10 @@ async fn store_counters(addr: &str) -> Option<(u64, u64)> {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .map(|v| v as u64)
     };
-    Some((value("edgehub_store_fdatasyncs_total")?, value("edgehub_store_appends_total")?))
+    Some((
+        value("edgehub_store_fdatasyncs_total")?,
+        value("edgehub_store_appends_total")?,
+    ))
 }
 
 fn main() {
@@ -986,7 +1018,8 @@ fn main() {
         },
         if report.errors.is_empty() { String::new() } else { format!(" ERRORS: {:?}", report.errors) },
     );
-    let json = serde_json::to_string_pretty(&report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+    let json =
+        serde_json::to_string_pretty(&report).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
     println!("{json}");
     if let Some(path) = json_path {
         if let Err(e) = std::fs::write(&path, &json) {

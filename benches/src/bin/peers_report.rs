@@ -17,7 +17,13 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-const BROKERS: [&str; 5] = ["edgehub", "mosquitto-mem", "mosquitto-persist", "rabbitmq", "nats"];
+const BROKERS: [&str; 5] = [
+    "edgehub",
+    "mosquitto-mem",
+    "mosquitto-persist",
+    "rabbitmq",
+    "nats",
+];
 const PEERS: [&str; 4] = ["mosquitto-mem", "mosquitto-persist", "rabbitmq", "nats"];
 const WORKLOADS: [&str; 3] = ["W1", "W2", "W3"];
 const TRANSPORTS: [&str; 2] = ["tls", "plain"];
@@ -207,25 +213,38 @@ fn fmt_ms(ms: f64) -> String {
 fn summarize(out: &Path) -> BenchResult<()> {
     let raw = out.join("raw");
     let mut reports: Vec<(String, Value)> = Vec::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&raw)?.flatten().map(|e| e.path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&raw)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     files.sort();
     for p in &files {
         if p.extension().is_some_and(|e| e == "json") {
             let text = std::fs::read_to_string(p)?;
             if let Ok(v) = serde_json::from_str::<Value>(&text) {
-                let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                let name = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default();
                 reports.push((name, v));
             }
         }
     }
-    let get = |name: &str| reports.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+    let get = |name: &str| {
+        reports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
     let info = get("info").unwrap_or(Value::Null);
     let fs_start = get("fsync-start").unwrap_or(Value::Null);
     let fs_end = get("fsync-end").unwrap_or(Value::Null);
 
     let mut aggs: BTreeMap<(String, String, String), Agg> = BTreeMap::new();
     for (_, v) in &reports {
-        let Some(label) = v["label"].as_str() else { continue };
+        let Some(label) = v["label"].as_str() else {
+            continue;
+        };
         let parts: Vec<&str> = label.split('/').collect();
         if parts.len() != 4 || parts[1] == "crash" {
             continue;
@@ -269,7 +288,11 @@ fn summarize(out: &Path) -> BenchResult<()> {
     };
 
     let mut md = String::new();
-    let _ = writeln!(md, "# edgehub vs peer brokers ({})\n", info["date_utc"].as_str().unwrap_or("?"));
+    let _ = writeln!(
+        md,
+        "# edgehub vs peer brokers ({})\n",
+        info["date_utc"].as_str().unwrap_or("?")
+    );
     let _ = writeln!(
         md,
         "Machine: {} CPUs ({}), {:.0} GiB, {}, kernel {}; data on {} ({}). Commit {}{}. Busy before start: {:.0}%; load average {}.\n",
@@ -287,21 +310,39 @@ fn summarize(out: &Path) -> BenchResult<()> {
     let _ = writeln!(md, "Versions: {}\n", info["versions"]);
 
     // Ratio table.
-    let _ = writeln!(md, "## Ratios: edgehub ÷ peer (delivered msgs/s, median of runs)\n");
+    let _ = writeln!(
+        md,
+        "## Ratios: edgehub ÷ peer (delivered msgs/s, median of runs)\n"
+    );
     let _ = write!(md, "| transport | workload | edgehub msg/s (p99) |");
     for p in PEERS {
         let _ = write!(md, " ÷ {p} |");
     }
-    let _ = writeln!(md, " edgehub msgs/fdatasync | edgehub broker µs/msg | edgehub peak RSS MiB |");
-    let _ = writeln!(md, "|---|---|---|{}---|---|---|", "---|".repeat(PEERS.len()));
+    let _ = writeln!(
+        md,
+        " edgehub msgs/fdatasync | edgehub broker µs/msg | edgehub peak RSS MiB |"
+    );
+    let _ = writeln!(
+        md,
+        "|---|---|---|{}---|---|---|",
+        "---|".repeat(PEERS.len())
+    );
     for t in TRANSPORTS {
         for w in WORKLOADS {
             let e = rate("edgehub", t, w);
             if e.is_nan() {
                 continue;
             }
-            let a = aggs.get(&("edgehub".into(), t.into(), w.into())).cloned().unwrap_or_default();
-            let _ = write!(md, "| {t} | {w} | {} ({}) |", fmt_rate(e), fmt_ms(p99("edgehub", t, w)));
+            let a = aggs
+                .get(&("edgehub".into(), t.into(), w.into()))
+                .cloned()
+                .unwrap_or_default();
+            let _ = write!(
+                md,
+                "| {t} | {w} | {} ({}) |",
+                fmt_rate(e),
+                fmt_ms(p99("edgehub", t, w))
+            );
             for p in PEERS {
                 let r = rate(p, t, w);
                 if r.is_nan() {
@@ -313,7 +354,11 @@ fn summarize(out: &Path) -> BenchResult<()> {
             let _ = writeln!(
                 md,
                 " {} | {:.1} | {:.0} |",
-                if a.per_fsync.is_empty() { "–".into() } else { format!("{:.1}", median(a.per_fsync.clone())) },
+                if a.per_fsync.is_empty() {
+                    "–".into()
+                } else {
+                    format!("{:.1}", median(a.per_fsync.clone()))
+                },
                 median(a.us_per_msg.clone()),
                 a.rss_mib
             );
@@ -321,13 +366,21 @@ fn summarize(out: &Path) -> BenchResult<()> {
     }
 
     // Per-broker detail.
-    let _ = writeln!(md, "\n## Per broker (median of runs; min–max of delivered msg/s)\n");
+    let _ = writeln!(
+        md,
+        "\n## Per broker (median of runs; min–max of delivered msg/s)\n"
+    );
     let _ = writeln!(md, "| broker | transport | workload | runs ok | delivered msg/s | acked msg/s | p50 | p99 | max | lost / dup / reordered | broker cores | client cores | machine busy % | others % | broker µs/msg | peak RSS MiB | msgs/fdatasync |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        md,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for b in BROKERS {
         for t in TRANSPORTS {
             for w in WORKLOADS {
-                let Some(a) = aggs.get(&(b.into(), t.into(), w.into())) else { continue };
+                let Some(a) = aggs.get(&(b.into(), t.into(), w.into())) else {
+                    continue;
+                };
                 let mn = a.rate.iter().copied().fold(f64::INFINITY, f64::min);
                 let mx = a.rate.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let _ = writeln!(
@@ -356,20 +409,37 @@ fn summarize(out: &Path) -> BenchResult<()> {
     // Crash checks.
     let mut crash = Vec::new();
     let _ = writeln!(md, "\n## kill -9 checks (plain TCP)\n");
-    let _ = writeln!(md, "| broker | check | acked | delivered | acked but lost | duplicates | reordered |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "| broker | check | acked | delivered | acked but lost | duplicates | reordered | client reconnects |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     for b in BROKERS {
         for c in ["C1", "C2"] {
-            let Some(v) = get(&format!("{b}--crash--{c}")) else { continue };
+            let Some(v) = get(&format!("{b}--crash--{c}")) else {
+                continue;
+            };
             let acked = if c == "C1" {
-                get(&format!("{b}--crash--C1-publish")).and_then(|p| p["acked"].as_u64()).unwrap_or(0)
+                get(&format!("{b}--crash--C1-publish"))
+                    .and_then(|p| p["acked"].as_u64())
+                    .unwrap_or(0)
             } else {
                 v["acked"].as_u64().unwrap_or(0)
             };
             let delivered = v["delivered"].as_u64().unwrap_or(0);
-            let abl = if c == "C1" { acked.saturating_sub(delivered) } else { v["acked_but_lost"].as_u64().unwrap_or(0) };
-            let _ = writeln!(md, "| {b} | {c} | {} | {} | {} | {} | {} |", fmt_rate(acked as f64), fmt_rate(delivered as f64), fmt_rate(abl as f64), v["duplicates"], v["reordered"]);
-            crash.push(json!({"broker": b, "check": c, "acked": acked, "delivered": delivered, "acked_but_lost": abl, "duplicates": v["duplicates"], "reordered": v["reordered"], "errors": v["errors"]}));
+            let abl = if c == "C1" {
+                acked.saturating_sub(delivered)
+            } else {
+                v["acked_but_lost"].as_u64().unwrap_or(0)
+            };
+            let _ = writeln!(
+                md,
+                "| {b} | {c} | {} | {} | {} | {} | {} | {} |",
+                fmt_rate(acked as f64),
+                fmt_rate(delivered as f64),
+                fmt_rate(abl as f64),
+                v["duplicates"],
+                v["reordered"],
+                v["reconnects"]
+            );
+            crash.push(json!({"broker": b, "check": c, "acked": acked, "delivered": delivered, "acked_but_lost": abl, "duplicates": v["duplicates"], "reordered": v["reordered"], "reconnects": v["reconnects"], "errors": v["errors"]}));
         }
     }
 
@@ -384,20 +454,36 @@ fn summarize(out: &Path) -> BenchResult<()> {
         let known = |x: f64| if x.is_nan() { None } else { Some(x) };
         let w3 = mm("W3");
         let p = p99("edgehub", t, "W3");
-        target(format!("{t}: W3 ≥ 1.0× mosquitto in memory with p99 ≤ 10 ms"), format!("{w3:.2}×, p99 {}", fmt_ms(p)), known(w3).map(|x| x >= 1.0 && p <= 10.0));
+        target(
+            format!("{t}: W3 ≥ 1.0× mosquitto in memory with p99 ≤ 10 ms"),
+            format!("{w3:.2}×, p99 {}", fmt_ms(p)),
+            known(w3).map(|x| x >= 1.0 && p <= 10.0),
+        );
         for w in ["W1", "W2"] {
             let x = mm(w);
-            target(format!("{t}: {w} ≥ 1.0× mosquitto in memory"), format!("{x:.2}×"), known(x).map(|x| x >= 1.0));
+            target(
+                format!("{t}: {w} ≥ 1.0× mosquitto in memory"),
+                format!("{x:.2}×"),
+                known(x).map(|x| x >= 1.0),
+            );
         }
         for w in WORKLOADS {
             let x = rb(w);
-            target(format!("{t}: {w} ≥ 3× RabbitMQ durable"), format!("{x:.2}×"), known(x).map(|x| x >= 3.0));
+            target(
+                format!("{t}: {w} ≥ 3× RabbitMQ durable"),
+                format!("{x:.2}×"),
+                known(x).map(|x| x >= 3.0),
+            );
         }
     }
     for c in &crash {
         if c["broker"] == "edgehub" {
             let n = c["acked_but_lost"].as_u64().unwrap_or(0);
-            target(format!("{}: acked-but-lost = 0", c["check"].as_str().unwrap_or("?")), n.to_string(), Some(n == 0));
+            target(
+                format!("{}: acked-but-lost = 0", c["check"].as_str().unwrap_or("?")),
+                n.to_string(),
+                Some(n == 0),
+            );
         }
     }
     let _ = writeln!(md, "\n## Targets for edgehub (recorded, never asserted)\n");
@@ -409,7 +495,12 @@ fn summarize(out: &Path) -> BenchResult<()> {
             Some(false) => "**no**",
             None => "not measured",
         };
-        let _ = writeln!(md, "| {} | {} | {met} |", t["target"].as_str().unwrap_or(""), t["value"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {met} |",
+            t["target"].as_str().unwrap_or(""),
+            t["value"].as_str().unwrap_or("")
+        );
     }
     let _ = writeln!(md, "\nPUBACK means: mosquitto = in memory (persistent: file written every 30 min); RabbitMQ = confirmed after a batched fsync; NATS 2.9 = written to the page cache, fsync every 60 s; edgehub = see msgs/fdatasync (its store's fdatasyncs during the run, from /metrics).");
 
@@ -428,7 +519,10 @@ fn summarize(out: &Path) -> BenchResult<()> {
         "targets": targets,
         "raw": files.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().to_string())).collect::<Vec<_>>(),
     });
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
     std::fs::write(out.join("summary.md"), &md)?;
     println!("{md}");
     Ok(())
@@ -477,17 +571,28 @@ fn draw_chart(path: &Path, aggs: &Aggs, date: &str) -> BenchResult<()> {
     if groups.is_empty() {
         return Err("no workload results".into());
     }
-    let root = BitMapBackend::new(path, (1400, 900)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1400, 940)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(470);
+    #[allow(clippy::type_complexity)]
     let panels: [(&DrawingArea<_, _>, &str, fn(&Agg) -> f64); 2] = [
-        (&top, "delivered msgs/s (median; higher is better)", |a| median(a.rate.clone())),
-        (&bottom, "broker CPU µs per message (lower is better)", |a| median(a.us_per_msg.clone())),
+        (&top, "delivered msgs/s (median; higher is better)", |a| {
+            median(a.rate.clone())
+        }),
+        (
+            &bottom,
+            "broker CPU µs per message (lower is better)",
+            |a| median(a.us_per_msg.clone()),
+        ),
     ];
     for (i, (area, title, metric)) in panels.iter().enumerate() {
         let ymax = groups
             .iter()
-            .flat_map(|(t, w)| present.iter().filter_map(move |b| aggs.get(&(b.to_string(), t.to_string(), w.to_string()))))
+            .flat_map(|(t, w)| {
+                present
+                    .iter()
+                    .filter_map(move |b| aggs.get(&(b.to_string(), t.to_string(), w.to_string())))
+            })
             .map(metric)
             .filter(|x| x.is_finite())
             .fold(0.0f64, f64::max)
@@ -500,7 +605,7 @@ fn draw_chart(path: &Path, aggs: &Aggs, date: &str) -> BenchResult<()> {
         let mut chart = ChartBuilder::on(area)
             .caption(caption, ("sans-serif", 20))
             .margin(12)
-            .x_label_area_size(30)
+            .x_label_area_size(40)
             .y_label_area_size(80)
             .build_cartesian_2d(0f64..groups.len() as f64, 0f64..ymax.max(1.0))?;
         chart
@@ -514,7 +619,9 @@ fn draw_chart(path: &Path, aggs: &Aggs, date: &str) -> BenchResult<()> {
         let width = 0.8 / nb;
         for (g, (t, w)) in groups.iter().enumerate() {
             for (j, b) in present.iter().enumerate() {
-                let Some(a) = aggs.get(&(b.to_string(), t.to_string(), w.to_string())) else { continue };
+                let Some(a) = aggs.get(&(b.to_string(), t.to_string(), w.to_string())) else {
+                    continue;
+                };
                 let v = metric(a);
                 if !v.is_finite() {
                     continue;
@@ -524,7 +631,11 @@ fn draw_chart(path: &Path, aggs: &Aggs, date: &str) -> BenchResult<()> {
                     [(x0, 0.0), (x0 + width * 0.92, v)],
                     color(b).filled(),
                 )))?;
-                let label = if i == 0 { format!("{:.0}k", v / 1000.0) } else { format!("{v:.0}") };
+                let label = if i == 0 {
+                    format!("{:.0}k", v / 1000.0)
+                } else {
+                    format!("{v:.0}")
+                };
                 chart.draw_series(std::iter::once(Text::new(
                     label,
                     (x0, v + ymax * 0.01),
@@ -534,7 +645,7 @@ fn draw_chart(path: &Path, aggs: &Aggs, date: &str) -> BenchResult<()> {
             let (px, py) = chart.backend_coord(&(g as f64 + 0.3, 0.0));
             area.draw(&Text::new(
                 format!("{w} {t}"),
-                (px, py + 8),
+                (px, py + 6),
                 ("sans-serif", 15).into_font().color(&BLACK),
             ))?;
         }
@@ -542,7 +653,11 @@ fn draw_chart(path: &Path, aggs: &Aggs, date: &str) -> BenchResult<()> {
             for (j, b) in present.iter().enumerate() {
                 let x = 100 + j as i32 * 200;
                 area.draw(&Rectangle::new([(x, 40), (x + 14, 54)], color(b).filled()))?;
-                area.draw(&Text::new(b.to_string(), (x + 20, 40), ("sans-serif", 15).into_font().color(&BLACK)))?;
+                area.draw(&Text::new(
+                    b.to_string(),
+                    (x + 20, 40),
+                    ("sans-serif", 15).into_font().color(&BLACK),
+                ))?;
             }
         }
     }
