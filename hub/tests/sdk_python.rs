@@ -144,16 +144,12 @@ fn offline_receiver_gets_the_backlog_in_order() {
 /// A receiver that had received everything and disconnected (a module process that exits)
 /// comes back after more was sent, and gets exactly what came while it was away, in order.
 ///
-/// Ignored: the harness's receive.py calls `connect()` and only then sets
-/// `on_message_received`. On a resumed session (CONNACK session-present 1) the hub delivers
-/// right after the CONNACK, as it must (the Python SDK never subscribes again), and the SDK
-/// PUBACKs those messages and then drops them: its log says `azure.iot.device.iothub.
-/// inbox_manager WARNING No input message inbox for input1 - dropping message` once per
-/// message (0 to 100 of them, timing-dependent) while the hub counts them as sent. Not a hub
-/// bug: receive.py (and receive.js) must set the handler before connecting, as IoT Edge
-/// module templates do. Remove the ignore once they do.
+/// On a resumed session (CONNACK session-present 1) the hub delivers right after the CONNACK, as
+/// it must (the Python SDK never subscribes again); a module that sets `on_message_received`
+/// only after `connect()` has the SDK acknowledge and drop what arrives in between (`No input
+/// message inbox for input1 - dropping message`). receive.py sets its handler first, as IoT Edge
+/// module templates do; this test failed about 1 run in 5 while it did not.
 #[test]
-#[ignore = "harness: receive.py sets on_message_received after connect(); the SDK PUBACKs and drops input messages of a resumed session that arrive in between"]
 fn returning_receiver_gets_what_came_while_it_was_offline() {
     backlog(true);
 }

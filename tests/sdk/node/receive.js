@@ -61,7 +61,6 @@ function describe(n, inputName, msg, args) {
 async function run(args) {
   const deadline = new h.Deadline(args.stay !== undefined ? args.stay : args.timeout);
   const client = await h.createClient(args);
-  await h.connect(client, args, deadline);
 
   let received = 0;
   let reached;
@@ -72,6 +71,9 @@ async function run(args) {
     client.complete(msg, () => {});
     if (args.count && received === args.count) reached();
   });
+  // Listen before connecting (as IoT Edge module templates do): on a resumed session the hub
+  // delivers right after CONNACK, and a message with no listener would be lost to the module.
+  await h.connect(client, args, deadline);
   h.emit({ event: 'ready', ms: h.elapsedMs() });
 
   const sleep = (s) => new Promise((r) => setTimeout(r, s * 1000));

@@ -65,7 +65,6 @@ def describe(n, msg, args):
 async def run(args):
     deadline = h.Deadline(args.stay if args.stay is not None else args.timeout)
     client = h.create_client(args)
-    await h.connect(client, args, deadline)
 
     received = 0
     reached = asyncio.Event()
@@ -83,7 +82,10 @@ async def run(args):
         # A blocking setter: returns once the SDK has the SUBACK for .../inputs/#.
         client.on_message_received = on_message
 
+    # Set before connecting (as IoT Edge module templates do): on a resumed session the hub
+    # delivers right after CONNACK, and without a handler the SDK PUBACKs and drops them.
     await deadline.run(loop.run_in_executor(None, set_handler), "subscribe (set on_message_received)")
+    await h.connect(client, args, deadline)
     h.emit({"event": "ready", "ms": h.elapsed_ms()})
 
     if args.stay is not None or not args.count:
