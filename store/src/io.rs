@@ -164,6 +164,20 @@ pub(crate) fn read_exact_at(file: &dyn FsFile, buf: &mut [u8], mut pos: u64) -> 
     Ok(())
 }
 
+/// Writes `len` zero bytes at the start of `file` (preallocated segments, the reserve file).
+pub(crate) fn write_zeros(file: &dyn FsFile, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; (1usize << 20).min(usize::try_from(len).unwrap_or(usize::MAX))];
+    let mut at = 0;
+    while at < len {
+        let n = zeros
+            .len()
+            .min(usize::try_from(len - at).unwrap_or(usize::MAX));
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Reads the whole file.
 pub(crate) fn read_all(file: &dyn FsFile) -> io::Result<Vec<u8>> {
     let len = file.len()?;

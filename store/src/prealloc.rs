@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
-use crate::io::{Fs, FsFile};
+use crate::io::{write_zeros, Fs, FsFile};
 
 /// Name of the prepared segment file inside the store directory.
 pub(crate) const PREPARED_FILE: &str = "PREPARED";
@@ -120,13 +120,7 @@ fn prepare(fs: &dyn Fs, dir: &Path, bytes: u64) -> std::io::Result<Arc<dyn FsFil
     let path = dir.join(PREPARED_FILE);
     let _ = fs.remove(&path);
     let file = fs.create_new(&path)?;
-    let zeros = vec![0u8; (1 << 20).min(bytes as usize)];
-    let mut at = 0;
-    while at < bytes {
-        let n = zeros.len().min((bytes - at) as usize);
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
+    write_zeros(file.as_ref(), bytes)?;
     file.sync_data()?;
     Ok(file)
 }

@@ -24,10 +24,10 @@ use crate::error::{AppendError, CheckpointError, ReclaimError};
 use crate::fence::Fence;
 use crate::format::{
     encode_checkpoint, encode_declare, encode_message, encode_seal, BatchHeader, SegmentHeader,
-    BATCH_HEADER_LEN,
+    BATCH_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::index::{IndexEntry, SegKey, SegmentInfo};
-use crate::io::FsFile;
+use crate::io::{write_zeros, FsFile};
 use crate::prealloc::{Prepared, Preparer, PREPARED_FILE};
 use crate::recovery::{segment_name, RESERVE_FILE};
 use crate::store::{Halt, Shared};
@@ -336,13 +336,7 @@ impl Writer {
             let _ = fs.remove(&path);
         }
         let made = fs.create_new(&path).and_then(|file| {
-            let zeros = vec![0u8; 64 << 10];
-            let mut at = 0;
-            while at < bytes {
-                let n = zeros.len().min((bytes - at) as usize);
-                file.write_all_at(&zeros[..n], at)?;
-                at += n as u64;
-            }
+            write_zeros(file.as_ref(), bytes)?;
             file.sync_data()?;
             fs.sync_dir(&self.shared.dir)
         });
@@ -813,23 +807,7 @@ pub(crate) fn create_segment(
         let _ = shared.fs.remove(&path);
         return Err(e);
     }
-    let key = shared.lock_index().add_segment(SegmentInfo {
-        generation,
-        seq,
-        path: path.clone(),
-        file: Arc::clone(&file),
-        len: header.len() as u64,
-        valid_len: header.len() as u64,
-        summary: Default::default(),
-    });
-    Ok(Active {
-        key,
-        generation,
-        seq,
-        file,
-        len: header.len() as u64,
-        allocated: 0,
-    })
+    Ok(register_segment(shared, generation, seq, path, file, 0))
 }
 
 /// Turns the prepared file into segment `seq`: header written and synced, then renamed into
@@ -853,23 +831,38 @@ fn adopt_prepared(
         let _ = shared.fs.remove(&path);
         return Err(e);
     }
+    Ok(register_segment(
+        shared, generation, seq, path, file, allocated,
+    ))
+}
+
+/// Adds a new segment (its header written and synced) to the index and makes it the active one.
+fn register_segment(
+    shared: &Shared,
+    generation: Generation,
+    seq: u64,
+    path: std::path::PathBuf,
+    file: Arc<dyn FsFile>,
+    allocated: u64,
+) -> Active {
+    let header = SEGMENT_HEADER_LEN as u64;
     let key = shared.lock_index().add_segment(SegmentInfo {
         generation,
         seq,
         path,
         file: Arc::clone(&file),
-        len: allocated,
-        valid_len: header.len() as u64,
+        len: allocated.max(header),
+        valid_len: header,
         summary: Default::default(),
     });
-    Ok(Active {
+    Active {
         key,
         generation,
         seq,
         file,
-        len: header.len() as u64,
+        len: header,
         allocated,
-    })
+    }
 }
 
 /// Quota bytes the requests reserved.

@@ -492,6 +492,8 @@ fn a_sequential_append_is_not_refused_for_the_reservation_of_the_one_before() {
             epoch: Epoch::new(1),
             quota_bytes: 64 << 10,
             segment_bytes: 8 << 10,
+            // No preallocation: a prepared segment would join the byte count in the background.
+            preallocate: false,
             ..StoreOptions::default()
         },
     )

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::future::Future;
+
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
@@ -24,61 +26,56 @@ pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     ctx: Arc<HeadContext>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, ctx) = (acceptor.clone(), Arc::clone(&ctx));
-                connections.spawn(async move {
-                    let peer = peer.to_string();
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            connection::serve(tls, ctx, peer).await;
-                        }
-                        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                    }
-                });
+    accept_loop(listener, shutdown, move |tcp, peer| {
+        let (acceptor, ctx) = (acceptor.clone(), Arc::clone(&ctx));
+        async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    connection::serve(tls, ctx, peer).await;
+                }
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
             }
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = shutdown.changed() => break,
         }
-    }
-    while connections.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 /// Serves MQTT over plain TCP (loopback only; the caller checks the address) until `shutdown`.
 pub async fn serve_plain(
     listener: TcpListener,
     ctx: Arc<HeadContext>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
+    accept_loop(listener, shutdown, move |tcp, peer| {
+        let ctx = Arc::clone(&ctx);
+        async move {
+            connection::serve(tcp, ctx, peer).await;
+        }
+    })
+    .await;
+}
+
+/// Accepts connections (TCP_NODELAY) and runs `serve` for each in its own task until `shutdown`,
+/// then waits for every connection task to end.
+async fn accept_loop<F, Fut>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, serve: F)
+where
+    F: Fn(TcpStream, String) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
+                match accepted {
+                    Ok((tcp, peer)) => {
+                        let _ = tcp.set_nodelay(true);
+                        connections.spawn(serve(tcp, peer.to_string()));
                     }
-                };
-                let _ = tcp.set_nodelay(true);
-                let ctx = Arc::clone(&ctx);
-                connections.spawn(async move {
-                    connection::serve(tcp, ctx, peer.to_string()).await;
-                });
+                    Err(e) => tracing::warn!(error = %e, "accept failed"),
+                }
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             _ = shutdown.changed() => break,
