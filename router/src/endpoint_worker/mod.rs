@@ -76,7 +76,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use store::{CheckpointError, Clock, Offset, QueueName, Store, StoredMessage, UnixMillis};
+use store::{CheckpointError, Clock, Offset, Pending, QueueName, Store, StoredMessage, UnixMillis};
 use tokio::sync::watch;
 
 use crate::checkpoint::Checkpointer;
@@ -151,6 +151,10 @@ pub(crate) struct EndpointWorker {
     batch: Option<Batch>,
     /// Failed attempts of messages not yet completed, by offset.
     attempts: HashMap<Offset, u32>,
+    /// The last checkpoint submitted and not yet known durable: the worker goes on reading and
+    /// sending while it commits (it shares the next group commit with new appends), and settles
+    /// it before submitting another or rewinding.
+    pending_checkpoint: Option<(QueueKey, Offset, Pending<(), CheckpointError>)>,
 }
 
 /// Why a step could not go on.
@@ -180,6 +184,7 @@ impl EndpointWorker {
             queues: BTreeMap::new(),
             batch: None,
             attempts: HashMap::new(),
+            pending_checkpoint: None,
         }
     }
 
@@ -443,6 +448,8 @@ impl EndpointWorker {
         let failed = self.apply(batch.key, &offsets, &batch.set_aside, outcomes);
         self.checkpoint(batch.key).await?;
         if failed {
+            // Rewind only from a durable checkpoint, so a resend starts exactly after it.
+            self.settle_checkpoint().await?;
             if let Some(queue) = self.queues.get_mut(&batch.key) {
                 queue.checkpointer.rewind();
             }
@@ -508,22 +515,42 @@ impl EndpointWorker {
     }
 
     /// Makes the completed prefix of a queue durable.
+    /// Submits the queue's committable prefix as a checkpoint before anything else can happen,
+    /// then settles the one submitted before it (the store answers in submission order) and
+    /// leaves the new one pending.
     async fn checkpoint(&mut self, key: QueueKey) -> Result<(), Stop> {
-        let Some(queue) = self.queues.get_mut(&key) else {
+        let Some(queue) = self.queues.get(&key) else {
             return Ok(());
         };
         let Some(upto) = queue.checkpointer.committable() else {
             return Ok(());
         };
-        match self.ctx.store.checkpoint(&queue.name, upto).await {
+        let pending = self.ctx.store.checkpoint(&queue.name, upto);
+        self.settle_checkpoint().await?;
+        self.pending_checkpoint = Some((key, upto, pending));
+        Ok(())
+    }
+
+    /// Waits for the submitted checkpoint and records it as committed.
+    async fn settle_checkpoint(&mut self) -> Result<(), Stop> {
+        let Some((key, upto, pending)) = self.pending_checkpoint.take() else {
+            return Ok(());
+        };
+        let outcome = tokio::select! {
+            outcome = pending => outcome,
+            () = shutdown_signal(&mut self.rx.shutdown) => return Err(Stop::Shutdown),
+        };
+        match outcome {
             Ok(()) => {
-                let _ = queue.checkpointer.commit(upto);
+                if let Some(queue) = self.queues.get_mut(&key) {
+                    let _ = queue.checkpointer.commit(upto);
+                }
                 Ok(())
             }
             // Not durable yet, but nothing is lost: the next checkpoint covers this prefix too,
             // and a restart before then only resends it.
             Err(CheckpointError::NoSpace) => {
-                tracing::warn!(queue = %queue.id, %upto, "no space for a checkpoint; will retry");
+                tracing::warn!(endpoint = %self.endpoint, %upto, "no space for a checkpoint; will retry");
                 Ok(())
             }
             Err(e) => Err(self.store_failed(&e)),
