@@ -93,6 +93,10 @@ pub fn tree_peak_rss_kib(pid: u32) -> u64 {
 pub struct MachineCpu {
     /// Busy ticks (everything but idle and iowait).
     pub busy: u64,
+    /// Interrupt and softirq ticks (loopback TCP work lands here, charged to no process).
+    pub irq: u64,
+    /// Ticks stolen by the hypervisor.
+    pub steal: u64,
     /// All ticks.
     pub total: u64,
 }
@@ -109,21 +113,33 @@ impl MachineCpu {
             .skip(1)
             .filter_map(|x| x.parse().ok())
             .collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal
         let total: u64 = v.iter().take(8).sum();
-        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
         MachineCpu {
-            busy: total.saturating_sub(idle),
+            busy: total.saturating_sub(at(3) + at(4)),
+            irq: at(5) + at(6),
+            steal: at(7),
             total,
         }
     }
 
     /// Share of all CPUs busy between `earlier` and `self`, 0..1.
     pub fn busy_since(&self, earlier: &MachineCpu) -> f64 {
+        self.share(earlier, |m| m.busy)
+    }
+
+    /// Share of all CPUs in interrupts/softirqs or stolen between `earlier` and `self`, 0..1.
+    pub fn irq_steal_since(&self, earlier: &MachineCpu) -> f64 {
+        self.share(earlier, |m| m.irq + m.steal)
+    }
+
+    fn share(&self, earlier: &MachineCpu, f: fn(&MachineCpu) -> u64) -> f64 {
         let t = self.total.saturating_sub(earlier.total);
         if t == 0 {
             return 0.0;
         }
-        self.busy.saturating_sub(earlier.busy) as f64 / t as f64
+        f(self).saturating_sub(f(earlier)) as f64 / t as f64
     }
 }
 
@@ -148,7 +164,9 @@ pub struct CpuWindow {
     pub broker_cpu_s: f64,
     /// Share of all CPUs busy, 0..1.
     pub machine_busy: f64,
-    /// Share of all CPUs used by neither the client nor the broker, 0..1.
+    /// Share of all CPUs in interrupts, softirqs (much of loopback TCP) or stolen by the hypervisor, 0..1.
+    pub irq_steal: f64,
+    /// Share of all CPUs used by other processes (busy less client, broker, irq, softirq, steal), 0..1.
     pub others_busy: f64,
 }
 
@@ -178,9 +196,10 @@ impl CpuMark {
         let client_cpu_s = end.client - self.client;
         let broker_cpu_s = end.broker - self.broker;
         let machine_busy = end.machine.busy_since(&self.machine);
+        let irq_steal = end.machine.irq_steal_since(&self.machine);
         let ncpu = cpu_count() as f64;
         let others = if wall_s > 0.0 {
-            (machine_busy - (client_cpu_s + broker_cpu_s) / (wall_s * ncpu)).max(0.0)
+            (machine_busy - irq_steal - (client_cpu_s + broker_cpu_s) / (wall_s * ncpu)).max(0.0)
         } else {
             0.0
         };
@@ -189,6 +208,7 @@ impl CpuMark {
             client_cpu_s,
             broker_cpu_s,
             machine_busy,
+            irq_steal,
             others_busy: others,
         }
     }

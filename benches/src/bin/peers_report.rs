@@ -152,6 +152,7 @@ struct Agg {
     client_cores: Vec<f64>,
     busy: Vec<f64>,
     others: Vec<f64>,
+    irq: Vec<f64>,
     us_per_msg: Vec<f64>,
     rss_mib: f64,
     per_fsync: Vec<f64>,
@@ -173,7 +174,7 @@ impl Agg {
             "delivered_per_s": mm(&self.rate), "acked_per_s": mm(&self.ack_rate),
             "p50_ms": median(self.p50.clone()), "p99_ms": median(self.p99.clone()), "max_ms": median(self.max.clone()),
             "broker_cores": median(self.broker_cores.clone()), "client_cores": median(self.client_cores.clone()),
-            "machine_busy": median(self.busy.clone()), "others_busy": median(self.others.clone()),
+            "machine_busy": median(self.busy.clone()), "others_busy": median(self.others.clone()), "irq_steal": median(self.irq.clone()),
             "broker_us_per_msg": median(self.us_per_msg.clone()), "broker_peak_rss_mib": self.rss_mib,
             "msgs_per_fdatasync": if self.per_fsync.is_empty() { Value::Null } else { json!(median(self.per_fsync.clone())) },
             "lost": self.lost, "duplicates": self.dup, "reordered": self.reordered,
@@ -266,6 +267,7 @@ fn summarize(out: &Path) -> BenchResult<()> {
         a.client_cores.push(f(v, &["cpu", "client_cpu_s"]) / wall);
         a.busy.push(f(v, &["cpu", "machine_busy"]));
         a.others.push(f(v, &["cpu", "others_busy"]));
+        a.irq.push(f(v, &["cpu", "irq_steal"]));
         a.us_per_msg.push(f(v, &["broker_us_per_msg"]));
         a.rss_mib = a.rss_mib.max(f(v, &["broker_peak_rss_kib"]) / 1024.0);
         if let Some(x) = v["msgs_per_fdatasync"].as_f64() {
@@ -385,13 +387,13 @@ fn summarize(out: &Path) -> BenchResult<()> {
                 let mx = a.rate.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let _ = writeln!(
                     md,
-                    "| {b} | {t} | {w} | {}/{} | {} ({}–{}) | {} | {} | {} | {} | {} / {} / {} | {:.2} | {:.2} | {:.0} | {:.0}{} | {:.1} | {:.0} | {} |",
+                    "| {b} | {t} | {w} | {}/{} | {} ({}–{}) | {} | {} | {} | {} | {} / {} / {} | {:.2} | {:.2} | {:.0} | {:.0} | {:.0}{} | {:.1} | {:.0} | {} |",
                     a.ok, a.runs, fmt_rate(median(a.rate.clone())), fmt_rate(mn), fmt_rate(mx),
                     fmt_rate(median(a.ack_rate.clone())),
                     fmt_ms(median(a.p50.clone())), fmt_ms(median(a.p99.clone())), fmt_ms(median(a.max.clone())),
                     a.lost, a.dup, a.reordered,
                     median(a.broker_cores.clone()), median(a.client_cores.clone()),
-                    median(a.busy.clone()) * 100.0, median(a.others.clone()) * 100.0,
+                    median(a.busy.clone()) * 100.0, median(a.irq.clone()) * 100.0, median(a.others.clone()) * 100.0,
                     if a.warnings > 0 { " ⚠" } else { "" },
                     median(a.us_per_msg.clone()), a.rss_mib,
                     if a.per_fsync.is_empty() { "–".into() } else { format!("{:.1}", median(a.per_fsync.clone())) },
@@ -401,7 +403,7 @@ fn summarize(out: &Path) -> BenchResult<()> {
     }
     let warned: usize = aggs.values().map(|a| a.warnings).sum();
     if warned > 0 {
-        let _ = writeln!(md, "\n⚠ {warned} run(s) saw other processes use over 25% of the CPUs: the machine was busy, treat those figures as noisy.");
+        let _ = writeln!(md, "\n⚠ {warned} run(s) saw other processes use over 25% of the CPUs (busy less this client, the broker, irq/softirq and steal): the machine was busy, treat those figures as noisy.");
     } else {
         let _ = writeln!(md, "\nNo run saw other processes use over 25% of the CPUs.");
     }
