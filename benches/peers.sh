@@ -120,7 +120,7 @@ if [ "$INSTALL" = 1 ]; then
   fi
 fi
 say "building edgehub and the load generator (release)"
-(cd "$ROOT" && cargo build --release -q -p hub && cargo build --release -q -p benches --no-default-features --bin loadgen --bin peers_report) 2>&1 | tee -a "$LOG" >&2
+(cd "$ROOT" && cargo build --release -q --locked -p hub && cargo build --release -q --locked -p benches --no-default-features --bin loadgen --bin peers_report) 2>&1 | tee -a "$LOG" >&2
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 EDGEHUB="$TARGET/release/edgehub"
 LOADGEN="$TARGET/release/loadgen"

@@ -372,10 +372,10 @@ fn summarize(out: &Path) -> BenchResult<()> {
         md,
         "\n## Per broker (median of runs; min–max of delivered msg/s)\n"
     );
-    let _ = writeln!(md, "| broker | transport | workload | runs ok | delivered msg/s | acked msg/s | p50 | p99 | max | lost / dup / reordered | broker cores | client cores | machine busy % | others % | broker µs/msg | peak RSS MiB | msgs/fdatasync |");
+    let _ = writeln!(md, "| broker | transport | workload | runs ok | delivered msg/s | acked msg/s | p50 | p99 | max | lost / dup / reordered | broker cores | client cores | machine busy % | irq+softirq+steal % | others % | broker µs/msg | peak RSS MiB | msgs/fdatasync |");
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for b in BROKERS {
         for t in TRANSPORTS {
@@ -645,7 +645,8 @@ fn draw_chart(path: &Path, aggs: &Aggs, date: &str) -> BenchResult<()> {
                 )))?;
             }
             let (px, py) = chart.backend_coord(&(g as f64 + 0.3, 0.0));
-            area.draw(&Text::new(
+            // backend_coord is in whole-image pixels: draw on the root, not on the panel.
+            root.draw(&Text::new(
                 format!("{w} {t}"),
                 (px, py + 6),
                 ("sans-serif", 15).into_font().color(&BLACK),
