@@ -24,3 +24,4 @@ cargo test --workspace --locked
 echo "== benchmarks, quick pass"
 cargo bench -p benches --bench store --locked -- --quick
 cargo bench -p benches --bench router --locked -- --quick
+benches/peers.sh --quick
