@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::identity::Identity;
+use crate::metrics::ConnectionMetrics;
 use crate::mqtt::context::HeadContext;
 use crate::mqtt::sink::{ModuleInputSink, Outbound, OutboundTx};
 use crate::mqtt::topics::{EventsTopic, InboundTopic, SubscribeDecision};
@@ -203,6 +204,7 @@ where
         waiting: VecDeque::new(),
         acks: None,
         subscriptions: Vec::new(),
+        metrics: ctx.metrics.connection_metrics(&identity),
         outbound_tx: None,
     };
     let keep_alive = session_state::keep_alive_timeout(connect.keep_alive);
@@ -262,6 +264,8 @@ struct Connection {
     acks: Option<mpsc::Sender<(u16, PendingAck)>>,
     /// Filters granted to this connection (restored from a persistent session at connect).
     subscriptions: Vec<String>,
+    /// This connection's counters, resolved once.
+    metrics: ConnectionMetrics,
     /// Set while this connection's input sinks are registered.
     outbound_tx: Option<OutboundTx>,
 }
@@ -368,10 +372,10 @@ impl Connection {
         let ack = match topics::parse_publish(&publish.topic) {
             Ok(InboundTopic::Events(topic)) => {
                 let message = self.message_from(&publish, &topic)?;
-                self.ctx.metrics.message_received_on(
-                    &self.identity,
+                self.metrics.received(
+                    &self.ctx.metrics,
                     message.source().output(),
-                    Some(publish.payload.len()),
+                    publish.payload.len(),
                 );
                 self.ctx.router.route(message)
             }
@@ -438,7 +442,7 @@ impl Connection {
         match self.deliveries.on_puback(pkid) {
             Ok(acked) => {
                 let _ = acked.send(true);
-                self.ctx.metrics.message_sent(&self.identity);
+                self.metrics.sent();
                 self.send_waiting();
                 Ok(())
             }
