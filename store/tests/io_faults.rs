@@ -32,6 +32,10 @@ fn open(fs: &SimFs) -> Store {
         StoreOptions {
             epoch: Epoch::new(1),
             segment_bytes: 64 << 10,
+            // These tests aim faults at the writer's own operations by counting them: no
+            // background preparer or reserve file adding operations in between.
+            preallocate: false,
+            reserve_bytes: 0,
             ..StoreOptions::default()
         },
         Arc::new(fs.clone()),
