@@ -243,7 +243,7 @@ fn authenticate(
         .identities
         .key(&identity)
         .ok_or_else(|| format!("unknown module {identity}"))?;
-    ctx.verify_token(&login.password, &key, &identity)?;
+    ctx.verify_token(&login.password, key, &identity)?;
     Ok(identity)
 }
 

@@ -58,7 +58,7 @@ impl HeadContext {
         let queued = self.dispatcher.endpoints();
         let all = from_routes
             .into_iter()
-            .chain(queued.iter().filter_map(|id| Endpoint::from_id(id)));
+            .chain(queued.iter().filter_map(Endpoint::from_id));
         for endpoint in all {
             if let Endpoint::ModuleInput { module, input } = &endpoint {
                 if *module == identity.module && !out.iter().any(|(e, _)| *e == endpoint) {
