@@ -804,38 +804,10 @@ fn print_report(r: &Results) {
         "edgehub router bench ({:?} mode, {} s per end-to-end point, {}-byte bodies, {} CPUs)",
         r.mode, r.point_secs, r.payload_bytes, r.machine.cpus
     );
-    println!(
-        "data: {} on {}",
-        r.bench_dir,
-        r.filesystem
-            .as_ref()
-            .map_or("an unknown filesystem".into(), |f| format!(
-                "{} ({}, mounted at {})",
-                f.fstype, f.source, f.mount_point
-            ))
-    );
+    println!("{}", report::data_line(&r.bench_dir, r.filesystem.as_ref()));
     println!();
 
-    let mut raw = Table::new(
-        "Raw disk: 4 KiB append + fdatasync, one writer",
-        &["sample", "rate", "p50", "p99"],
-    );
-    for s in &r.raw_fdatasync {
-        raw.row([
-            s.label.clone(),
-            report::rate(s.rate_per_s),
-            report::micros(s.latency.p50_us),
-            report::micros(s.latency.p99_us),
-        ]);
-    }
-    if let Some(rf) = r.raw_fdatasync_ref_per_s {
-        raw.row([
-            "reference (mean)".to_string(),
-            report::rate(rf),
-            String::new(),
-            String::new(),
-        ]);
-    }
+    let raw = report::raw_fdatasync_table(&r.raw_fdatasync, r.raw_fdatasync_ref_per_s);
     if !raw.is_empty() {
         println!("{raw}");
     }

@@ -6,6 +6,9 @@
 use serde::Serialize;
 use std::fmt;
 
+use crate::env::FsInfo;
+use crate::fsync::RawFsync;
+
 /// An aligned text table: the first column left-aligned, the rest right.
 #[derive(Debug, Clone, Default)]
 pub struct Table {
@@ -268,4 +271,37 @@ mod tests {
         assert_eq!(t.met, Some(false));
         assert!(targets_table("x", &[t]).to_string().contains("MISSED"));
     }
+}
+
+/// "data: DIR on FS (SOURCE, mounted at MOUNT)": where a bench wrote, for its report header.
+pub fn data_line(bench_dir: &str, filesystem: Option<&FsInfo>) -> String {
+    let fs = filesystem.map_or("an unknown filesystem".into(), |f| {
+        format!("{} ({}, mounted at {})", f.fstype, f.source, f.mount_point)
+    });
+    format!("data: {bench_dir} on {fs}")
+}
+
+/// The raw 4 KiB append + fdatasync samples of a run, and the mean every ratio divides by.
+pub fn raw_fdatasync_table(samples: &[RawFsync], reference: Option<f64>) -> Table {
+    let mut raw = Table::new(
+        "Raw disk: 4 KiB append + fdatasync, one writer",
+        &["sample", "rate", "p50", "p99"],
+    );
+    for s in samples {
+        raw.row([
+            s.label.clone(),
+            rate(s.rate_per_s),
+            micros(s.latency.p50_us),
+            micros(s.latency.p99_us),
+        ]);
+    }
+    if let Some(rf) = reference {
+        raw.row([
+            "reference (mean)".to_string(),
+            rate(rf),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    raw
 }
