@@ -111,6 +111,16 @@ struct HubArgs {
         value_name = "ADDR"
     )]
     plain_mqtt_addr: Option<String>,
+    /// Fencing epoch of the message store: raise it on every takeover (e.g. from a Kubernetes
+    /// lease) and the store refuses any older owner.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_EPOCH",
+        value_name = "N",
+        default_value_t = 0
+    )]
+    epoch: u64,
     /// Log format: text or json.
     #[arg(long, global = true, env = "EDGEHUB_LOG_FORMAT", value_name = "FORMAT",
           default_value = "text", value_parser = parse_log_format)]
@@ -138,6 +148,7 @@ impl HubArgs {
             modules: self.modules.clone(),
             log_format: Some(self.log_format),
             plain_mqtt_addr: self.plain_mqtt_addr.clone(),
+            epoch: Some(self.epoch),
         };
         Ok(raw.validate(settings::machine_hostname())?)
     }

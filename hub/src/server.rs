@@ -49,7 +49,7 @@ pub async fn run(
     let tls_config = tls::server_config(&settings).context("cannot set up TLS")?;
 
     let mut store_options = StoreOptions {
-        epoch: Epoch::new(0),
+        epoch: Epoch::new(settings.epoch()),
         ..StoreOptions::default()
     };
     if let Some(max) = deployment.edge_hub.max_store_size_bytes {

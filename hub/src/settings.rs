@@ -171,6 +171,9 @@ pub struct RawSettings {
     pub log_format: Option<LogFormat>,
     /// A plain-TCP MQTT listener for benchmarks; loopback addresses only. Off by default.
     pub plain_mqtt_addr: Option<String>,
+    /// Fencing epoch for the store (default 0): an orchestrator raises it on every takeover, and
+    /// the store then refuses an older owner (see store/DESIGN.md "Fencing").
+    pub epoch: Option<u64>,
 }
 
 /// Validated settings. Build with [`RawSettings::validate`].
@@ -188,6 +191,7 @@ pub struct Settings {
     modules: Vec<ModuleId>,
     log_format: LogFormat,
     plain_mqtt_addr: Option<SocketAddr>,
+    epoch: u64,
 }
 
 /// A setting that is not valid. The message names the field.
@@ -294,6 +298,7 @@ impl RawSettings {
             modules,
             log_format: self.log_format.unwrap_or_default(),
             plain_mqtt_addr,
+            epoch: self.epoch.unwrap_or(0),
         })
     }
 }
@@ -362,6 +367,11 @@ impl Settings {
     /// The loopback-only plain MQTT listener, if enabled.
     pub fn plain_mqtt_addr(&self) -> Option<SocketAddr> {
         self.plain_mqtt_addr
+    }
+
+    /// The store's fencing epoch.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The names the server certificate must cover, in a stable order without duplicates:

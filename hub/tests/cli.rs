@@ -247,3 +247,37 @@ fn environment_variables_stand_in_for_flags() {
     assert_eq!(f[4].1, "gw.example");
     assert!(dir.path().join("identities.json").exists());
 }
+
+#[test]
+fn a_hub_started_with_an_older_epoch_refuses_to_open_the_store_and_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An owner with epoch 2 opened the store (as after a takeover).
+    let store_dir = dir.path().join(hub::server::STORE_DIR);
+    let store = store::Store::open(
+        &store_dir,
+        store::StoreOptions {
+            epoch: store::Epoch::new(2),
+            ..store::StoreOptions::default()
+        },
+    )
+    .expect("open the store at epoch 2");
+    store.close().expect("close");
+    let out = edgehub(
+        dir.path(),
+        &[
+            "--epoch",
+            "1",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "run",
+        ],
+    );
+    assert!(!out.status.success(), "a stale owner must not run");
+    let err = stderr(&out);
+    assert!(
+        err.contains("epoch 1 is older than epoch 2"),
+        "the refusal says why: {err}"
+    );
+}
