@@ -171,13 +171,13 @@ impl TestHub {
     pub fn start(&self, ns: &NetNs) -> Proc {
         let mut cmd = self.command();
         cmd.arg("run").args(self.args());
-        let hub = ns.spawn(&mut cmd);
+        let mut hub = ns.spawn(&mut cmd);
         let deadline = Instant::now() + START_WITHIN;
         loop {
             if readyz(ns) {
                 return hub;
             }
-            if !ns.pids().contains(&hub.id()) {
+            if hub.has_exited() {
                 let outcome = hub.finish(Duration::from_secs(2));
                 panic!(
                     "the hub exited before it was ready ({:?}):\n{}",

@@ -496,6 +496,12 @@ impl Proc {
         self.child.id()
     }
 
+    /// Whether the process has exited (asked of the process itself: `ip netns pids` does not
+    /// list it until `ip netns exec` has joined the namespace, a moment after spawning).
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Reads lines until one satisfies `pred` or the deadline passes; None at the deadline or
     /// at end of output.
     pub fn read_until(
