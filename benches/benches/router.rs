@@ -329,26 +329,8 @@ fn main() {
 
 fn run() -> BenchResult<bool> {
     let cfg = Config::from_args()?;
-    let root = env::bench_tempdir("edgehub-bench-router-")?;
-    let fs = env::filesystem_of(root.path());
+    let (root, fs) = env::open_bench_dir("router", &cfg.mode, cfg.point, cfg.warmup)?;
     let machine = Machine::read();
-    eprintln!(
-        "router bench ({:?}): {} s per point after {} s warm-up, data in {} ({})",
-        cfg.mode,
-        cfg.point.as_secs_f64(),
-        cfg.warmup.as_secs_f64(),
-        root.path().display(),
-        fs.as_ref().map_or("filesystem unknown".into(), |f| format!(
-            "{} on {}",
-            f.fstype, f.source
-        )),
-    );
-    if fs.as_ref().is_some_and(FsInfo::is_memory_backed) {
-        eprintln!(
-            "WARNING: the bench dir is memory-backed; fdatasync figures mean nothing. Set {}.",
-            env::BENCH_DIR_ENV
-        );
-    }
     let mut errors = Vec::new();
     let mut raw_slots: Vec<Option<RawFsync>> = Vec::new();
     let sample_raw = |label: &str, slots: &mut Vec<Option<RawFsync>>, errors: &mut Vec<String>| {

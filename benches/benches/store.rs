@@ -255,26 +255,8 @@ fn main() {
 /// Runs the report; `Ok(false)` when some part failed (after printing all).
 fn run() -> BenchResult<bool> {
     let cfg = Config::from_args()?;
-    let root = env::bench_tempdir("edgehub-bench-store-")?;
-    let fs = env::filesystem_of(root.path());
+    let (root, fs) = env::open_bench_dir("store", &cfg.mode, cfg.point, cfg.warmup)?;
     let machine = Machine::read();
-    eprintln!(
-        "store bench ({:?}): {} s per point after {} s warm-up, data in {} ({})",
-        cfg.mode,
-        cfg.point.as_secs_f64(),
-        cfg.warmup.as_secs_f64(),
-        root.path().display(),
-        fs.as_ref().map_or("filesystem unknown".into(), |f| format!(
-            "{} on {}",
-            f.fstype, f.source
-        )),
-    );
-    if fs.as_ref().is_some_and(FsInfo::is_memory_backed) {
-        eprintln!(
-            "WARNING: the bench dir is memory-backed; fdatasync figures mean nothing. Set {}.",
-            env::BENCH_DIR_ENV
-        );
-    }
     let mut errors = Vec::new();
     // One raw sample before the first group and one after each group; a
     // point's reference is the mean of the two around its group.

@@ -213,3 +213,32 @@ mod tests {
         assert_eq!(unescape_mountinfo(r"/x\"), r"/x\");
     }
 }
+
+/// Makes a bench's data directory (see [`bench_tempdir`]), learns its filesystem, and prints the
+/// opening line every bench report starts with, warning when fdatasync figures would mean
+/// nothing (a memory-backed directory).
+pub fn open_bench_dir(
+    bench: &str,
+    mode: &dyn std::fmt::Debug,
+    point: std::time::Duration,
+    warmup: std::time::Duration,
+) -> BenchResult<(tempfile::TempDir, Option<FsInfo>)> {
+    let root = bench_tempdir(&format!("edgehub-bench-{bench}-"))?;
+    let fs = filesystem_of(root.path());
+    eprintln!(
+        "{bench} bench ({mode:?}): {} s per point after {} s warm-up, data in {} ({})",
+        point.as_secs_f64(),
+        warmup.as_secs_f64(),
+        root.path().display(),
+        fs.as_ref().map_or("filesystem unknown".into(), |f| format!(
+            "{} on {}",
+            f.fstype, f.source
+        )),
+    );
+    if fs.as_ref().is_some_and(FsInfo::is_memory_backed) {
+        eprintln!(
+            "WARNING: the bench dir is memory-backed; fdatasync figures mean nothing. Set {BENCH_DIR_ENV}."
+        );
+    }
+    Ok((root, fs))
+}
