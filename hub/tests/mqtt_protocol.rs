@@ -18,7 +18,7 @@ mod raw;
 
 use std::time::Duration;
 
-use raw::{bag_get, input_bag, Creds, Event, RawClient, TestHub, DEVICE};
+use raw::{bag_get, http_get, input_bag, Creds, Event, RawClient, TestHub, DEVICE};
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, PubAck, Publish, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
 
@@ -92,6 +92,36 @@ async fn a_good_token_gets_connack_0_and_the_connection_works() {
     let mut p = hub.plain().await;
     let ack = p.connect(hub.creds("receiver").connect(true, 60)).await;
     assert_eq!(ack.code, ConnectReturnCode::Success);
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_and_acknowledged_publishes_show_in_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start(dir.path()).await;
+    let sender = hub.creds("sender");
+    let (mut c, _) = hub.connected("sender", true).await;
+    publish_acked(&mut c, &sender.output_topic(), 1, b"one").await;
+    let wrong_key = Creds {
+        key: random_key(),
+        ..hub.creds("receiver")
+    };
+    let mut bad = hub.plain().await;
+    let ack = bad.connect(wrong_key.connect(true, 60)).await;
+    assert_eq!(ack.code, ConnectReturnCode::NotAuthorized);
+    let text = http_get(hub.addrs.metrics, "/metrics")
+        .await
+        .expect("metrics");
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} line in:\n{text}"))
+    };
+    assert_eq!(value("edgehub_client_connect_success_total{"), 1.0);
+    assert_eq!(value("edgehub_client_connect_failed_total{"), 1.0);
+    assert_eq!(value("edgehub_publish_ack_duration_seconds_count{"), 1.0);
     hub.stop().await;
 }
 

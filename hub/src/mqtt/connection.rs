@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use router::{Endpoint, Message, RouteAck, RouteError};
+use router::{Endpoint, Message, RouteAck};
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
     UnsubAck, Unsubscribe,
@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::identity::Identity;
-use crate::metrics::ConnectionMetrics;
+use crate::metrics::{ConnectionMetrics, HubMetrics};
 use crate::mqtt::context::HeadContext;
 use crate::mqtt::sink::{ModuleInputSink, Outbound, OutboundTx};
 use crate::mqtt::topics::{EventsTopic, InboundTopic, SubscribeDecision};
@@ -163,6 +163,7 @@ where
         Ok(identity) => identity,
         Err(reason) => {
             tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
+            ctx.metrics.client_connect_failed("not_authorized");
             let _ = out_tx.send(Packet::ConnAck(ConnAck::new(
                 ConnectReturnCode::NotAuthorized,
                 false,
@@ -192,6 +193,7 @@ where
         present,
     )));
     ctx.metrics.client_connected();
+    ctx.metrics.client_authenticated(&identity);
     tracing::info!(%peer, %client_id, session_present = present, "module connected");
     let mut conn = Connection {
         ctx: Arc::clone(&ctx),
@@ -280,7 +282,12 @@ impl Connection {
     ) -> ConnectionEnd {
         let (ack_tx, ack_rx) = mpsc::channel(MAX_PENDING_ACKS);
         let (route_failed_tx, mut route_failed) = oneshot::channel::<String>();
-        let acker = tokio::spawn(ack_in_order(ack_rx, self.out.clone(), route_failed_tx));
+        let acker = tokio::spawn(ack_in_order(
+            ack_rx,
+            self.out.clone(),
+            route_failed_tx,
+            Arc::clone(&self.ctx.metrics),
+        ));
         self.acks = Some(ack_tx);
         let (outbound_tx, mut outbound_rx) = mpsc::unbounded_channel::<Outbound>();
         // Any input sinks still registered belong to an older connection of this module, which
@@ -369,6 +376,7 @@ impl Connection {
                 publish.payload.len()
             )));
         }
+        let arrived = std::time::Instant::now();
         let ack = match topics::parse_publish(&publish.topic) {
             Ok(InboundTopic::Events(topic)) => {
                 let message = self.message_from(&publish, &topic)?;
@@ -400,7 +408,7 @@ impl Connection {
             }
         };
         if publish.qos == QoS::AtLeastOnce {
-            return Ok(Some((publish.pkid, PendingAck::Routed(ack))));
+            return Ok(Some((publish.pkid, PendingAck::Routed(ack, arrived))));
         }
         // QoS 0 asks for no acknowledgement; the message is routed all the same.
         tokio::spawn(async move {
@@ -606,8 +614,9 @@ impl Connection {
 
 /// A PUBACK waiting for its turn.
 enum PendingAck {
-    /// After the router says the message is durable.
-    Routed(RouteAck),
+    /// After the router says the message is durable; when the PUBLISH arrived (for the PUBACK
+    /// latency metric).
+    Routed(RouteAck, std::time::Instant),
     /// As soon as every earlier one went out (a publish that is not routed).
     Now,
 }
@@ -618,10 +627,13 @@ async fn ack_in_order(
     mut acks: mpsc::Receiver<(u16, PendingAck)>,
     out: mpsc::UnboundedSender<Packet>,
     failed: oneshot::Sender<String>,
+    metrics: Arc<HubMetrics>,
 ) {
     while let Some((pkid, ack)) = acks.recv().await {
         let routed = match ack {
-            PendingAck::Routed(ack) => ack.await.map(drop),
+            PendingAck::Routed(ack, arrived) => ack.await.map(|_| {
+                metrics.publish_acked(arrived.elapsed());
+            }),
             PendingAck::Now => Ok(()),
         };
         match routed {
@@ -629,17 +641,13 @@ async fn ack_in_order(
                 let _ = out.send(Packet::PubAck(PubAck::new(pkid)));
             }
             Err(e) => {
-                let reason = describe_route_error(&e);
+                let reason = e.to_string();
                 tracing::warn!(pkid, %reason, "a publish could not be stored; closing without PUBACK");
                 let _ = failed.send(reason);
                 return;
             }
         }
     }
-}
-
-fn describe_route_error(e: &RouteError) -> String {
-    e.to_string()
 }
 
 /// Reads one packet, keeping leftover bytes in `buf`.

@@ -486,22 +486,28 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// The status line of `GET /readyz` on `metrics`, or `None` if nothing answered.
-pub async fn readyz(metrics: SocketAddr) -> Option<String> {
-    let mut tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(metrics))
+/// The whole response (status line, headers, body) to `GET path` on `addr`, or `None` if
+/// nothing answered.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut tcp = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .ok()?
         .ok()?;
-    tcp.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.ok()?;
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(2), tcp.read_to_end(&mut out))
         .await
         .ok()?
         .ok()?;
-    let text = String::from_utf8_lossy(&out);
-    text.lines().next().map(str::to_owned)
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// The status line of `GET /readyz` on `metrics`, or `None` if nothing answered.
+pub async fn readyz(metrics: SocketAddr) -> Option<String> {
+    http_get(metrics, "/readyz")
+        .await
+        .and_then(|text| text.lines().next().map(str::to_owned))
 }
 
 /// Addresses of one hub instance.
