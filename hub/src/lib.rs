@@ -17,3 +17,4 @@ pub mod mqtt;
 pub mod server;
 pub mod settings;
 pub mod tls;
+pub mod upstream;

@@ -121,6 +121,29 @@ struct HubArgs {
         default_value_t = 0
     )]
     epoch: u64,
+    /// Upstream protocol to IoT Hub: mqtt, or none to keep $upstream messages on disk only.
+    /// Upstream is off while --iothub-hostname is the placeholder default and no
+    /// --upstream-addr is given.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_UPSTREAM_PROTOCOL",
+        value_name = "PROTOCOL",
+        default_value = "mqtt"
+    )]
+    upstream_protocol: String,
+    /// Dial HOST:PORT for the upstream link instead of IOTHUB_HOSTNAME:8883 (a proxy, an
+    /// emulator); SAS audiences and usernames still name --iothub-hostname.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_UPSTREAM_ADDR",
+        value_name = "HOST:PORT"
+    )]
+    upstream_addr: Option<String>,
+    /// A CA certificate (PEM) to trust for the upstream link, besides the system bundle.
+    #[arg(long, global = true, env = "EDGEHUB_UPSTREAM_CA", value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, global = true, env = "EDGEHUB_LOG_FORMAT", value_name = "FORMAT",
           default_value = "text", value_parser = parse_log_format)]
@@ -149,6 +172,9 @@ impl HubArgs {
             log_format: Some(self.log_format),
             plain_mqtt_addr: self.plain_mqtt_addr.clone(),
             epoch: Some(self.epoch),
+            upstream_protocol: Some(self.upstream_protocol.clone()),
+            upstream_addr: self.upstream_addr.clone(),
+            upstream_ca: self.upstream_ca.clone(),
         };
         Ok(raw.validate(settings::machine_hostname())?)
     }

@@ -29,6 +29,7 @@
 //! | `edgehub_store_fdatasyncs_total`, `…_commits_total`, `…_appends_total`, `…_reclaimed_segments_total` | counter | | store |
 //! | `edgehub_store_bytes_on_disk`, `edgehub_store_segments`, `edgehub_store_halted` | gauge | | store |
 //! | `edgehub_store_fdatasync_seconds` | histogram | | **gap**: see below |
+//! | `edgehub_upstream_*` | see [`UpstreamMetrics`] | `id` | upstream link |
 //!
 //! Known gap: the store does not report the latency of each fdatasync yet, so
 //! `edgehub_store_fdatasync_seconds` stays empty (count 0) unless someone calls
@@ -53,6 +54,7 @@ use router::{OutputName, QueueId, RouterMetrics};
 use store::{Store, UnixMillis};
 
 use crate::identity::Identity;
+use crate::upstream::metrics::UpstreamMetrics;
 
 /// Labels of `edgehub_messages_received_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -183,6 +185,8 @@ pub struct HubMetrics {
     store_segments: Gauge,
     store_halted: Gauge,
     store_fdatasync_seconds: Histogram,
+
+    upstream: UpstreamMetrics,
 }
 
 impl std::fmt::Debug for HubMetrics {
@@ -229,6 +233,7 @@ impl HubMetrics {
             store_segments: Gauge::default(),
             store_halted: Gauge::default(),
             store_fdatasync_seconds: latency_histogram(),
+            upstream: UpstreamMetrics::default(),
         };
         m.register();
         m
@@ -236,6 +241,7 @@ impl HubMetrics {
 
     fn register(&mut self) {
         let r = &mut self.registry;
+        self.upstream.register(r);
         r.register(
             "edgehub_messages_received",
             "Messages received from modules",
@@ -433,6 +439,11 @@ impl HubMetrics {
     /// A PUBLISH was acknowledged `elapsed` after it arrived.
     pub fn publish_acked(&self, elapsed: Duration) {
         self.publish_ack_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// The upstream link's series (`edgehub_upstream_*`).
+    pub fn upstream(&self) -> &UpstreamMetrics {
+        &self.upstream
     }
 
     /// A module connection was accepted (before authentication).

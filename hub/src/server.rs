@@ -26,6 +26,7 @@ use crate::mqtt::listener;
 use crate::mqtt::sessions::Sessions;
 use crate::settings::Settings;
 use crate::tls;
+use crate::upstream;
 
 /// Directory of the message store inside the data directory.
 pub const STORE_DIR: &str = "store";
@@ -72,6 +73,25 @@ pub async fn run(
         settings.iothub_hostname(),
         settings.device_id().as_str(),
     ));
+    let upstream = upstream::start(
+        &settings,
+        Arc::clone(&identities),
+        &dispatcher,
+        Arc::clone(&metrics),
+    )
+    .context("cannot set up the upstream link")?;
+    match settings.upstream() {
+        Some(up) => tracing::info!(
+            iothub = settings.iothub_hostname(),
+            host = %up.host,
+            port = up.port,
+            "upstream to IoT Hub over MQTT"
+        ),
+        None => tracing::info!(
+            "upstream off (no --iothub-hostname, or --upstream-protocol none): \
+             $upstream messages wait on disk within their TTL"
+        ),
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(HeadContext {
@@ -151,6 +171,8 @@ pub async fn run(
             "delivery still referenced at shutdown; its workers stop with the process"
         ),
     }
+    // Its links end here; what they had in flight is resent from the store after a restart.
+    drop(upstream);
     tokio::task::block_in_place(|| store.close()).context("closing the store")?;
     tracing::info!("stopped");
     Ok(())

@@ -174,7 +174,28 @@ pub struct RawSettings {
     /// Fencing epoch for the store (default 0): an orchestrator raises it on every takeover, and
     /// the store then refuses an older owner (see store/DESIGN.md "Fencing").
     pub epoch: Option<u64>,
+    /// Upstream protocol: `mqtt` (default) or `none`.
+    pub upstream_protocol: Option<String>,
+    /// `HOST:PORT` to dial for the upstream link instead of `{iothub_hostname}:8883`.
+    pub upstream_addr: Option<String>,
+    /// A CA certificate (PEM) to trust for the upstream link, besides the system bundle.
+    pub upstream_ca: Option<PathBuf>,
 }
+
+/// Where and how the hub sends `$upstream` messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamSettings {
+    /// Host to dial (the IoT Hub host name unless `--upstream-addr` says otherwise); TLS checks
+    /// the server's certificate against it.
+    pub host: String,
+    /// Port to dial.
+    pub port: u16,
+    /// Extra CA to trust.
+    pub ca: Option<PathBuf>,
+}
+
+/// IoT Hub's MQTT port.
+pub const IOTHUB_MQTT_PORT: u16 = 8883;
 
 /// Validated settings. Build with [`RawSettings::validate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,6 +213,7 @@ pub struct Settings {
     log_format: LogFormat,
     plain_mqtt_addr: Option<SocketAddr>,
     epoch: u64,
+    upstream: Option<UpstreamSettings>,
 }
 
 /// A setting that is not valid. The message names the field.
@@ -285,6 +307,12 @@ impl RawSettings {
         }
         modules.sort();
         modules.dedup();
+        let upstream = upstream_settings(
+            self.upstream_protocol.as_deref(),
+            self.upstream_addr.as_deref(),
+            self.upstream_ca,
+            &iothub_hostname,
+        )?;
         Ok(Settings {
             data_dir,
             manifest,
@@ -299,6 +327,7 @@ impl RawSettings {
             log_format: self.log_format.unwrap_or_default(),
             plain_mqtt_addr,
             epoch: self.epoch.unwrap_or(0),
+            upstream,
         })
     }
 }
@@ -374,6 +403,13 @@ impl Settings {
         self.epoch
     }
 
+    /// The upstream link, or `None` when `$upstream` messages only wait on disk: with
+    /// `--upstream-protocol none`, or when no IoT Hub is configured (the default host name and
+    /// no `--upstream-addr`).
+    pub fn upstream(&self) -> Option<&UpstreamSettings> {
+        self.upstream.as_ref()
+    }
+
     /// The names the server certificate must cover, in a stable order without duplicates:
     /// `localhost`, `127.0.0.1`, `::1`, the machine host name, the gateway host name, then
     /// every `--hostname`.
@@ -424,6 +460,61 @@ pub fn machine_hostname() -> Option<String> {
 }
 
 /// `ip:port`, `[ipv6]:port`, or `:port` (all IPv4 interfaces).
+fn upstream_settings(
+    protocol: Option<&str>,
+    addr: Option<&str>,
+    ca: Option<PathBuf>,
+    iothub_hostname: &str,
+) -> Result<Option<UpstreamSettings>, SettingsError> {
+    match protocol.unwrap_or("mqtt") {
+        "mqtt" | "Mqtt" | "MQTT" => {}
+        "none" => return Ok(None),
+        other => {
+            return Err(invalid(
+                "upstream_protocol",
+                other,
+                "expected mqtt or none (AMQP and WebSocket upstream are not implemented)",
+            ))
+        }
+    }
+    if let Some(path) = &ca {
+        if path.as_os_str().is_empty() {
+            return Err(invalid("upstream_ca", "", "must not be empty"));
+        }
+    }
+    let (host, port) = match addr {
+        Some(text) => parse_host_port("upstream_addr", text)?,
+        None if iothub_hostname == DEFAULT_IOTHUB_HOSTNAME => return Ok(None),
+        None => (iothub_hostname.to_owned(), IOTHUB_MQTT_PORT),
+    };
+    Ok(Some(UpstreamSettings { host, port, ca }))
+}
+
+/// `host:port`, `ip:port` or `[ipv6]:port`, port not 0; the host is not resolved here.
+fn parse_host_port(field: &'static str, text: &str) -> Result<(String, u16), SettingsError> {
+    let bad = |why: &str| invalid(field, text, why);
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("expected a port number from 1 to 65535 after the last ':'"))?;
+    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6
+            .parse::<std::net::Ipv6Addr>()
+            .map_err(|_| bad("not an IPv6 address between [ and ]"))?
+            .to_string(),
+        None if host.parse::<IpAddr>().is_ok() => host.to_owned(),
+        None => {
+            check_hostname(field, host)?;
+            host.to_owned()
+        }
+    };
+    Ok((host, port))
+}
+
 fn parse_listen_addr(field: &'static str, text: &str) -> Result<SocketAddr, SettingsError> {
     if let Some(port) = text.strip_prefix(':') {
         let port: u16 = port
@@ -544,6 +635,69 @@ mod tests {
         assert_eq!(s.gateway_hostname(), "box1");
         assert_eq!(s.plain_mqtt_addr(), None);
         assert_eq!(s.log_format(), LogFormat::Text);
+    }
+
+    #[test]
+    fn upstream_is_off_until_an_iot_hub_is_named() {
+        assert_eq!(Settings::defaults(None).expect("valid").upstream(), None);
+        let s = RawSettings {
+            iothub_hostname: Some("myhub.azure-devices.net".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("valid");
+        assert_eq!(
+            s.upstream(),
+            Some(&UpstreamSettings {
+                host: "myhub.azure-devices.net".into(),
+                port: 8883,
+                ca: None
+            })
+        );
+        let off = RawSettings {
+            iothub_hostname: Some("myhub.azure-devices.net".into()),
+            upstream_protocol: Some("none".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("valid");
+        assert_eq!(off.upstream(), None);
+    }
+
+    #[test]
+    fn upstream_addr_overrides_where_to_dial_and_bad_ones_name_the_field() {
+        let s = RawSettings {
+            upstream_addr: Some("[::1]:18883".into()),
+            upstream_ca: Some("ca.pem".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("valid");
+        let up = s.upstream().expect("on");
+        assert_eq!((up.host.as_str(), up.port), ("::1", 18883));
+        assert_eq!(up.ca.as_deref(), Some(Path::new("ca.pem")));
+        for bad in [
+            "localhost",
+            "localhost:0",
+            "host:99999",
+            "bad host:1",
+            "[nope]:1",
+        ] {
+            let err = RawSettings {
+                upstream_addr: Some(bad.into()),
+                ..raw()
+            }
+            .validate(None)
+            .expect_err(bad);
+            assert_eq!(err.field, "upstream_addr", "{bad}: {err}");
+        }
+        let err = RawSettings {
+            upstream_protocol: Some("amqp".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("amqp upstream");
+        assert_eq!(err.field, "upstream_protocol");
     }
 
     #[test]

@@ -168,6 +168,15 @@ impl Dispatcher {
         });
     }
 
+    /// Ends the backoff of `endpoint`'s worker now, keeping its sink: for a sink whose receiver
+    /// became reachable again (the upstream link reconnected), so the backlog does not wait out
+    /// a delay meant for the outage. Does nothing to a worker that is not backing off.
+    pub fn wake(&self, endpoint: &Endpoint) {
+        self.handle.with_slot(endpoint, |slot| {
+            slot.sink.send_modify(|_| {});
+        });
+    }
+
     /// Sets the delivery policy of `endpoint` (applies from its next batch).
     pub fn set_policy(&self, endpoint: &Endpoint, policy: EndpointPolicy) {
         self.handle.with_slot(endpoint, |slot| {

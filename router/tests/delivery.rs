@@ -194,6 +194,27 @@ async fn a_new_sink_ends_the_backoff_meant_for_the_failing_one() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn wake_ends_the_backoff_and_keeps_the_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = upstream_hub(dir.path(), 1);
+    hub.send_all("m", "o", &bodies("m", 1)).await;
+    let sink = RevivableSink::dead();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    // Four failures: the worker is now in an 8 s backoff.
+    sink.log.wait_offered(4).await;
+    sink.revive();
+    let woken_at = tokio::time::Instant::now();
+    hub.dispatcher.wake(&Endpoint::Upstream);
+    sink.log.wait_delivered(1).await;
+    assert!(
+        tokio::time::Instant::now() - woken_at < std::time::Duration::from_secs(1),
+        "wake did not end the backoff"
+    );
+    hub.close().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_partial_failure_resends_from_the_first_failed_message_without_gap_or_reorder() {
     let dir = tempfile::tempdir().unwrap();
     let hub = upstream_hub(dir.path(), 5);

@@ -165,6 +165,43 @@ pub fn encode_for_delivery(message: &Message) -> String {
     if let Some(m) = source.module() {
         pairs.push((CONNECTION_MODULE_ID_KEY, m.as_str()));
     }
+    join_pairs(pairs)
+}
+
+/// Encodes the bag of a message sent upstream to IoT Hub (edgeHub's
+/// `DeviceClientMessageConverter`, reference §5): the system properties IoT Hub takes from a
+/// device (`$.mid $.cid $.uid $.to $.ct $.ce $.ctime $.schema $.sub $.ifid`), then application
+/// properties in key order. The output name, the expiry and the connection ids are not sent:
+/// IoT Hub stamps the connection ids from the authenticated connection itself. May be empty.
+pub fn encode_for_upstream(message: &Message) -> String {
+    const UPSTREAM: [SystemProperty; 10] = [
+        SystemProperty::MessageId,
+        SystemProperty::CorrelationId,
+        SystemProperty::UserId,
+        SystemProperty::To,
+        SystemProperty::ContentType,
+        SystemProperty::ContentEncoding,
+        SystemProperty::CreationTime,
+        SystemProperty::MessageSchema,
+        SystemProperty::ComponentName,
+        SystemProperty::InterfaceId,
+    ];
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for (key, p, _) in SYSTEM_KEYS {
+        if let (true, Some(v)) = (UPSTREAM.contains(&p), message.system_property(p)) {
+            pairs.push((key, v));
+        }
+    }
+    for (k, v) in message.properties() {
+        if !is_reserved_key(k) {
+            pairs.push((k, v));
+        }
+    }
+    join_pairs(pairs)
+}
+
+/// `k=v&k2=v2`, every key and value encoded like `quote(s, safe="")`.
+fn join_pairs(pairs: Vec<(&str, &str)>) -> String {
     let mut bag = String::new();
     for (i, (k, v)) in pairs.into_iter().enumerate() {
         if i > 0 {
@@ -347,5 +384,30 @@ mod tests {
             t,
             "devices/edgedev/modules/modB/inputs/in1/%24.cdid=edgedev&%24.cmid=modA"
         );
+    }
+
+    #[test]
+    fn upstream_bag_keeps_what_iot_hub_takes_and_drops_the_rest() {
+        let m = module_message()
+            .with_system_property(SystemProperty::MessageId, "m 1")
+            .with_system_property(SystemProperty::ContentType, "application/json")
+            .with_system_property(SystemProperty::ExpiryTime, "2030-01-01")
+            .with_system_property(SystemProperty::InterfaceId, "urn:x")
+            .with_system_property(SystemProperty::Operation, "op")
+            .with_property("temp", "21")
+            .with_property("$.cdid", "forged");
+        let bag = encode_for_upstream(&m);
+        assert_eq!(
+            bag,
+            "%24.mid=m%201&%24.ct=application%2Fjson&%24.ifid=urn%3Ax&temp=21"
+        );
+        let back = decode(&bag);
+        assert_eq!(back.output, None, "the output name is not sent upstream");
+        assert_eq!(back.properties, vec![("temp".to_owned(), "21".to_owned())]);
+    }
+
+    #[test]
+    fn upstream_bag_of_a_bare_message_is_empty() {
+        assert_eq!(encode_for_upstream(&module_message()), "");
     }
 }

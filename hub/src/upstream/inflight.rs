@@ -1,0 +1,148 @@
+//! Which upstream publish an IoT Hub PUBACK answers: the I/O-free bookkeeping of one upstream
+//! connection.
+//!
+//! The MQTT client numbers QoS 1 publishes itself (packet ids) and reports, in the order it
+//! writes them, `Outgoing::Publish(pkid)`; the broker later answers `PubAck(pkid)`. The client
+//! takes requests strictly in order, so the n-th request handed to it is the n-th publish it
+//! reports. [`Inflight`] keeps the waiters of requests not yet written (in order) and of
+//! publishes written but not yet acknowledged (by packet id).
+//!
+//! Guarantees:
+//! - A waiter is answered "acknowledged" only by a PUBACK carrying the packet id its own publish
+//!   was written with; anything that does not fit (a packet id reported twice, a PUBACK nobody
+//!   waits for, a written publish with no request behind it) is an [`Anomaly`], and the caller
+//!   then gives up the connection ([`Inflight::lost`]) rather than guess.
+//! - [`Inflight::lost`] hands back every waiter still held, in the order the requests were made,
+//!   so none is forgotten: each is answered "not acknowledged" and its message is sent again.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+/// Something the client reported that does not fit what was asked of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Anomaly {
+    /// The client wrote a publish but no request is waiting to be written.
+    #[error("the client wrote publish {0} that no request stands for")]
+    NothingQueued(u16),
+    /// The client wrote a publish with a packet id that is still awaiting its PUBACK.
+    #[error("packet id {0} reused while still awaiting its PUBACK")]
+    PacketIdInUse(u16),
+    /// A PUBACK for a packet id nobody waits for.
+    #[error("PUBACK for packet id {0}, which no publish awaits")]
+    UnknownPacketId(u16),
+}
+
+/// The waiters of one connection. `W` is whatever the caller answers a request with.
+#[derive(Debug)]
+pub struct Inflight<W> {
+    next_seq: u64,
+    queued: VecDeque<(u64, W)>,
+    sent: HashMap<u16, (u64, W)>,
+}
+
+impl<W> Default for Inflight<W> {
+    fn default() -> Self {
+        Inflight {
+            next_seq: 0,
+            queued: VecDeque::new(),
+            sent: HashMap::new(),
+        }
+    }
+}
+
+impl<W> Inflight<W> {
+    /// A request was handed to the client (it is not on the wire yet).
+    pub fn queued(&mut self, waiter: W) {
+        self.queued.push_back((self.next_seq, waiter));
+        self.next_seq += 1;
+    }
+
+    /// The client wrote the oldest queued request as publish `pkid`.
+    pub fn sent(&mut self, pkid: u16) -> Result<(), Anomaly> {
+        if self.sent.contains_key(&pkid) {
+            return Err(Anomaly::PacketIdInUse(pkid));
+        }
+        let entry = self
+            .queued
+            .pop_front()
+            .ok_or(Anomaly::NothingQueued(pkid))?;
+        self.sent.insert(pkid, entry);
+        Ok(())
+    }
+
+    /// The broker acknowledged publish `pkid`: its waiter.
+    pub fn acked(&mut self, pkid: u16) -> Result<W, Anomaly> {
+        self.sent
+            .remove(&pkid)
+            .map(|(_, w)| w)
+            .ok_or(Anomaly::UnknownPacketId(pkid))
+    }
+
+    /// The connection is gone: every waiter, in request order.
+    pub fn lost(&mut self) -> Vec<W> {
+        let mut all: BTreeMap<u64, W> = self.sent.drain().map(|(_, entry)| entry).collect();
+        all.extend(self.queued.drain(..));
+        all.into_values().collect()
+    }
+
+    /// Requests not yet acknowledged (queued or written).
+    pub fn len(&self) -> usize {
+        self.queued.len() + self.sent.len()
+    }
+
+    /// Whether nothing awaits an answer.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_answer_the_request_written_with_that_packet_id() {
+        let mut f = Inflight::default();
+        for w in ["a", "b", "c"] {
+            f.queued(w);
+        }
+        f.sent(7).unwrap();
+        f.sent(8).unwrap();
+        assert_eq!(f.acked(8), Ok("b"));
+        f.sent(1).unwrap();
+        assert_eq!(f.acked(7), Ok("a"));
+        assert_eq!(f.acked(1), Ok("c"));
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn anomalies_are_reported_not_guessed() {
+        let mut f = Inflight::default();
+        assert_eq!(f.sent(1), Err(Anomaly::NothingQueued(1)));
+        f.queued("a");
+        f.queued("b");
+        f.sent(1).unwrap();
+        assert_eq!(f.sent(1), Err(Anomaly::PacketIdInUse(1)));
+        assert_eq!(f.acked(2), Err(Anomaly::UnknownPacketId(2)));
+        assert_eq!(f.acked(1), Ok("a"));
+        assert_eq!(f.acked(1), Err(Anomaly::UnknownPacketId(1)));
+    }
+
+    #[test]
+    fn lost_hands_back_every_waiter_in_request_order() {
+        let mut f = Inflight::default();
+        for w in 0..6 {
+            f.queued(w);
+        }
+        // Written with packet ids that do not follow request order (the id ring wrapped).
+        for pkid in [99, 100, 1, 2] {
+            f.sent(pkid).unwrap();
+        }
+        assert_eq!(f.acked(100), Ok(1));
+        assert_eq!(f.lost(), vec![0, 2, 3, 4, 5]);
+        assert!(f.is_empty());
+        // Usable again afterwards, with the same packet ids.
+        f.queued(6);
+        f.sent(99).unwrap();
+        assert_eq!(f.acked(99), Ok(6));
+    }
+}
