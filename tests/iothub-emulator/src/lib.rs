@@ -1,0 +1,699 @@
+//! An emulator of a **subset** of Azure IoT Hub's MQTT device/module endpoint, for tests of the
+//! hub's upstream link. It is not IoT Hub; README.md lists exactly what it does and does not do.
+//!
+//! Guarantees:
+//! - MQTT 3.1.1 over TLS (1.2/1.3) with the emulator's own CA ([`Emulator::ca_pem`]); the
+//!   listening address ([`Emulator::addr`]) stays the same across [`Emulator::go_away`] /
+//!   [`Emulator::come_back`].
+//! - A CONNECT is accepted only for a configured identity whose client id, user name and SAS
+//!   token (signature, expiry, audience) are right, and while logins are not refused; every other
+//!   CONNECT is answered with CONNACK 5 (not authorized) and the connection closes.
+//! - A second accepted connection of an identity closes the first.
+//! - A telemetry PUBLISH is recorded **before** its PUBACK is written, so a PUBACK the client sees
+//!   always means the message is in [`Emulator::received`]. Records keep arrival order: `seq` is
+//!   the index in [`Emulator::received_all`], strictly increasing with no gaps.
+//! - A connection that is dropped, replaced, or breaks a rule records nothing after that point
+//!   and acknowledges nothing it has not recorded; other connections are not affected.
+//! - Waits ([`Emulator::wait_for_count`] and friends) are woken by the events themselves, never
+//!   by polling.
+//! - Dropping the [`Emulator`] stops listening and closes every connection.
+
+#![warn(missing_docs)]
+
+mod connection;
+pub mod sas;
+mod tls;
+pub mod topic;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// An identity the emulator knows, with its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityKey {
+    /// Device id.
+    pub device: String,
+    /// Module id; `None` for a device identity.
+    pub module: Option<String>,
+    /// The raw key bytes (the base64-decoded `SharedAccessKey`).
+    pub key: Vec<u8>,
+}
+
+impl IdentityKey {
+    /// A module identity `device/module`.
+    pub fn module(
+        device: impl Into<String>,
+        module: impl Into<String>,
+        key: impl Into<Vec<u8>>,
+    ) -> Self {
+        IdentityKey {
+            device: device.into(),
+            module: Some(module.into()),
+            key: key.into(),
+        }
+    }
+
+    /// A device identity.
+    pub fn device(device: impl Into<String>, key: impl Into<Vec<u8>>) -> Self {
+        IdentityKey {
+            device: device.into(),
+            module: None,
+            key: key.into(),
+        }
+    }
+
+    /// `device/module` or `device`: the MQTT client id and the key of [`Emulator::received`].
+    pub fn id(&self) -> String {
+        match &self.module {
+            Some(m) => format!("{}/{m}", self.device),
+            None => self.device.clone(),
+        }
+    }
+}
+
+/// How to start an [`Emulator`].
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// The IoT Hub host name expected in user names and token audiences, and put in the server
+    /// certificate's SANs.
+    pub hostname: String,
+    /// Where to listen; port 0 picks a free port, kept for the emulator's lifetime.
+    pub bind: SocketAddr,
+    /// The identities that may connect.
+    pub identities: Vec<IdentityKey>,
+    /// Directory where `ca.pem` is written (created if missing).
+    pub tls_dir: PathBuf,
+}
+
+/// Why the emulator could not start or listen again.
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    /// The configuration is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Binding the listening socket failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Generating the CA or the server certificate failed.
+    #[error("certificate generation failed: {0}")]
+    Certificate(String),
+    /// Building the TLS server configuration failed.
+    #[error("TLS configuration failed: {0}")]
+    Tls(String),
+}
+
+/// A wait ran out of time before its condition held.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("timed out after {waited:?} waiting for {what}: wanted {wanted}, got {got}")]
+pub struct WaitTimeout {
+    /// What was awaited.
+    pub what: String,
+    /// The number waited for.
+    pub wanted: u64,
+    /// The number reached when time ran out.
+    pub got: u64,
+    /// How long the wait lasted.
+    pub waited: Duration,
+}
+
+/// One recorded telemetry message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The authenticated identity, `device/module` or `device`.
+    pub identity: String,
+    /// The PUBLISH topic as sent, property bag included.
+    pub topic: String,
+    /// The message body.
+    pub payload: bytes::Bytes,
+    /// The decoded property bag, keys as on the wire after decoding (`$.mid`, `temp`, …).
+    pub properties: BTreeMap<String, String>,
+    /// The PUBLISH DUP flag.
+    pub dup: bool,
+    /// The PUBLISH QoS (0 or 1).
+    pub qos: u8,
+    /// Serial of the connection it came on (unique per emulator, from 1).
+    pub connection: u64,
+    /// Global arrival order: its index in [`Emulator::received_all`], from 0.
+    pub seq: u64,
+}
+
+/// Why a CONNECT was answered with CONNACK 5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefuseReason {
+    /// [`Emulator::refuse_logins`] was on.
+    RefuseLogins,
+    /// The client id is not `device` or `device/module`.
+    BadClientId,
+    /// The client id names no configured identity.
+    UnknownIdentity,
+    /// No user name or password.
+    NoCredentials,
+    /// The user name is not `{hostname}/{client id}/?api-version=…`.
+    BadUserName,
+    /// The password is not a SAS token.
+    MalformedToken,
+    /// A policy token (`skn`).
+    PolicyToken,
+    /// The token's `se` is past.
+    Expired,
+    /// The token's `sr` is not this identity on this hub.
+    WrongAudience,
+    /// The signature does not verify with the identity's key.
+    BadSignature,
+}
+
+impl RefuseReason {
+    fn of(e: &sas::SasError) -> RefuseReason {
+        match e {
+            sas::SasError::Malformed(_) => RefuseReason::MalformedToken,
+            sas::SasError::PolicyToken => RefuseReason::PolicyToken,
+            sas::SasError::Expired { .. } => RefuseReason::Expired,
+            sas::SasError::Audience { .. } => RefuseReason::WrongAudience,
+            sas::SasError::Signature => RefuseReason::BadSignature,
+        }
+    }
+}
+
+/// Counters of one identity (keyed by the client id as sent, for refusals).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct IdentityStats {
+    /// CONNECTs accepted.
+    pub connects_accepted: u64,
+    /// CONNECTs refused.
+    pub connects_refused: u64,
+    /// Publishes recorded.
+    pub publishes: u64,
+    /// Publishes swallowed while acks were off.
+    pub publishes_swallowed: u64,
+    /// Connections closed by [`Emulator::drop_connections`] or [`Emulator::go_away`].
+    pub connections_dropped: u64,
+    /// Connections closed because a newer one of the identity connected.
+    pub connections_replaced: u64,
+    /// Connections closed for breaking a rule (bad topic, QoS 2, malformed packet, …).
+    pub protocol_violations: u64,
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct EmulatorStats {
+    /// TCP connections accepted.
+    pub tcp_accepted: u64,
+    /// CONNECTs accepted.
+    pub connects_accepted: u64,
+    /// CONNECTs refused (CONNACK 5).
+    pub connects_refused: u64,
+    /// Refusals by reason.
+    pub refused_by_reason: BTreeMap<RefuseReason, u64>,
+    /// Connections closed by [`Emulator::drop_connections`] or [`Emulator::go_away`].
+    pub connections_dropped: u64,
+    /// Connections closed because a newer one of the same identity connected.
+    pub connections_replaced: u64,
+    /// Connections closed for breaking a rule.
+    pub protocol_violations: u64,
+    /// Connections closed for silence past 1.5 × keep-alive (or no CONNECT in time).
+    pub keep_alive_timeouts: u64,
+    /// Publishes recorded.
+    pub publishes: u64,
+    /// Publishes swallowed while acks were off (not recorded, not acknowledged).
+    pub publishes_swallowed: u64,
+    /// Connections open now (TLS handshakes included).
+    pub live_connections: u64,
+    /// Per identity.
+    pub per_identity: BTreeMap<String, IdentityStats>,
+}
+
+/// Why the emulator itself closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kill {
+    Dropped,
+    Replaced,
+    Shutdown,
+}
+
+/// Records and counters, under one lock taken once per read burst.
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) all: Vec<Received>,
+    pub(crate) counts: HashMap<String, usize>,
+    pub(crate) stats: EmulatorStats,
+}
+
+impl State {
+    pub(crate) fn identity(&mut self, id: &str) -> &mut IdentityStats {
+        self.stats.per_identity.entry(id.to_owned()).or_default()
+    }
+}
+
+struct ConnEntry {
+    identity: Option<String>,
+    kill: watch::Sender<Option<Kill>>,
+}
+
+struct ListenerTask {
+    stop: watch::Sender<bool>,
+    handle: JoinHandle<()>,
+}
+
+/// What the connections and the handle share.
+pub(crate) struct Shared {
+    pub(crate) hostname: String,
+    pub(crate) identities: HashMap<String, IdentityKey>,
+    addr: SocketAddr,
+    ca_pem: PathBuf,
+    pub(crate) acceptor: TlsAcceptor,
+    pub(crate) refuse: AtomicBool,
+    pub(crate) ack: AtomicBool,
+    next_conn: AtomicU64,
+    state: Mutex<State>,
+    conns: Mutex<HashMap<u64, ConnEntry>>,
+    /// Bumped after every change of `state`; waiters watch it.
+    changed: watch::Sender<u64>,
+    /// Connections open now.
+    live: watch::Sender<u64>,
+    listener: Mutex<Option<ListenerTask>>,
+}
+
+impl Shared {
+    /// Locks the state (a poisoned lock still holds consistent counters: every critical
+    /// section only pushes and increments).
+    pub(crate) fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the state, then wakes the waiters.
+    pub(crate) fn update<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let r = f(&mut self.state());
+        self.changed.send_modify(|g| *g = g.wrapping_add(1));
+        r
+    }
+
+    fn conns(&self) -> MutexGuard<'_, HashMap<u64, ConnEntry>> {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes connection `serial` the current one of `identity`, closing any older one.
+    pub(crate) fn claim(&self, serial: u64, identity: &str) {
+        let mut conns = self.conns();
+        for (s, entry) in conns.iter() {
+            if *s != serial && entry.identity.as_deref() == Some(identity) {
+                let _ = entry.kill.send(Some(Kill::Replaced));
+            }
+        }
+        if let Some(entry) = conns.get_mut(&serial) {
+            entry.identity = Some(identity.to_owned());
+        }
+    }
+
+    /// Forgets connection `serial` (called once, when its task ends).
+    pub(crate) fn leave(&self, serial: u64) {
+        self.conns().remove(&serial);
+        self.update(|s| s.stats.live_connections = s.stats.live_connections.saturating_sub(1));
+        self.live.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    fn kill_all(&self, why: Kill) {
+        for entry in self.conns().values() {
+            let _ = entry.kill.send(Some(why));
+        }
+    }
+
+    fn spawn_connection(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let serial = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (kill_tx, kill_rx) = watch::channel(None);
+        self.conns().insert(
+            serial,
+            ConnEntry {
+                identity: None,
+                kill: kill_tx,
+            },
+        );
+        self.live.send_modify(|n| *n += 1);
+        self.update(|s| {
+            s.stats.tcp_accepted += 1;
+            s.stats.live_connections += 1;
+        });
+        tokio::spawn(connection::run(
+            Arc::clone(self),
+            tcp,
+            peer,
+            serial,
+            kill_rx,
+        ));
+    }
+
+    fn listener(&self) -> MutexGuard<'_, Option<ListenerTask>> {
+        self.listener.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn listen(self: &Arc<Self>) -> Result<(), EmulatorError> {
+        if self.listener().is_some() {
+            return Ok(());
+        }
+        let listener =
+            TcpListener::bind(self.addr)
+                .await
+                .map_err(|source| EmulatorError::Bind {
+                    addr: self.addr,
+                    source,
+                })?;
+        let (stop, stop_rx) = watch::channel(false);
+        let handle = tokio::spawn(accept_loop(Arc::clone(self), listener, stop_rx));
+        let previous = self.listener().replace(ListenerTask { stop, handle });
+        if let Some(previous) = previous {
+            // A concurrent come_back won the race; keep one listener.
+            let _ = previous.stop.send(true);
+            previous.handle.abort();
+        }
+        Ok(())
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    shared.spawn_connection(tcp, peer);
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: do not spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+        }
+    }
+    tracing::info!(addr = %shared.addr, "stopped listening");
+}
+
+/// A running emulator. Share it by reference or in an `Arc`; every method takes `&self`.
+/// Dropping it stops listening and closes every connection.
+pub struct Emulator {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Emulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulator")
+            .field("addr", &self.shared.addr)
+            .field("hostname", &self.shared.hostname)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Emulator {
+    /// Generates the CA and server certificate, writes `ca.pem`, and starts listening. Must be
+    /// called inside a Tokio runtime.
+    pub async fn start(config: EmulatorConfig) -> Result<Emulator, EmulatorError> {
+        if config.hostname.is_empty() || config.hostname.contains('/') {
+            return Err(EmulatorError::Config(format!(
+                "host name `{}` is not a host name",
+                config.hostname
+            )));
+        }
+        let mut identities = HashMap::new();
+        for identity in config.identities {
+            if identity.device.is_empty()
+                || identity.device.contains('/')
+                || identity
+                    .module
+                    .as_deref()
+                    .is_some_and(|m| m.is_empty() || m.contains('/'))
+            {
+                return Err(EmulatorError::Config(format!(
+                    "identity `{}` is not device or device/module",
+                    identity.id()
+                )));
+            }
+            if let Some(dup) = identities.insert(identity.id(), identity) {
+                return Err(EmulatorError::Config(format!(
+                    "identity `{}` given twice",
+                    dup.id()
+                )));
+            }
+        }
+        let tls = tls::TlsMaterial::generate(&config.tls_dir, &config.hostname)?;
+        let listener =
+            TcpListener::bind(config.bind)
+                .await
+                .map_err(|source| EmulatorError::Bind {
+                    addr: config.bind,
+                    source,
+                })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| EmulatorError::Bind {
+                addr: config.bind,
+                source,
+            })?;
+        let shared = Arc::new(Shared {
+            hostname: config.hostname,
+            identities,
+            addr,
+            ca_pem: tls.ca_pem_path,
+            acceptor: tls.acceptor,
+            refuse: AtomicBool::new(false),
+            ack: AtomicBool::new(true),
+            next_conn: AtomicU64::new(1),
+            state: Mutex::new(State::default()),
+            conns: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
+            live: watch::channel(0).0,
+            listener: Mutex::new(None),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let handle = tokio::spawn(accept_loop(Arc::clone(&shared), listener, stop_rx));
+        *shared.listener() = Some(ListenerTask { stop, handle });
+        tracing::info!(%addr, hostname = %shared.hostname, "IoT Hub emulator listening");
+        Ok(Emulator { shared })
+    }
+
+    /// The listening address (the bound port when configured with port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// The PEM file of the emulator's CA, for the client's trust store.
+    pub fn ca_pem(&self) -> PathBuf {
+        self.shared.ca_pem.clone()
+    }
+
+    /// The IoT Hub host name the emulator expects.
+    pub fn hostname(&self) -> &str {
+        &self.shared.hostname
+    }
+
+    /// A SAS token for a configured identity (`device/module` or `device`) expiring at
+    /// `expiry` (Unix seconds), built like the SDKs do; `None` for an unknown identity.
+    pub fn sas_token(&self, identity: &str, expiry: u64) -> Option<String> {
+        let id = self.shared.identities.get(identity)?;
+        let resource = sas::resource_uri(&self.shared.hostname, &id.device, id.module.as_deref());
+        Some(sas::generate(&resource, &id.key, expiry))
+    }
+
+    /// Messages recorded for `identity`, in arrival order.
+    pub fn received(&self, identity: &str) -> Vec<Received> {
+        self.shared
+            .state()
+            .all
+            .iter()
+            .filter(|r| r.identity == identity)
+            .cloned()
+            .collect()
+    }
+
+    /// Every message recorded, in arrival order.
+    pub fn received_all(&self) -> Vec<Received> {
+        self.shared.state().all.clone()
+    }
+
+    /// Messages recorded from arrival index `from` on (`seq >= from`), in arrival order.
+    pub fn received_from(&self, from: usize) -> Vec<Received> {
+        self.shared
+            .state()
+            .all
+            .get(from..)
+            .map(<[Received]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// How many messages are recorded for `identity`.
+    pub fn count(&self, identity: &str) -> usize {
+        self.shared
+            .state()
+            .counts
+            .get(identity)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// How many messages are recorded in all.
+    pub fn total(&self) -> usize {
+        self.shared.state().all.len()
+    }
+
+    /// Waits until `identity` has at least `n` messages recorded.
+    pub async fn wait_for_count(
+        &self,
+        identity: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<(), WaitTimeout> {
+        self.wait(
+            format!("{n} messages of {identity}"),
+            n as u64,
+            timeout,
+            |s| s.counts.get(identity).copied().unwrap_or(0) as u64,
+        )
+        .await
+    }
+
+    /// Waits until at least `n` messages are recorded in all.
+    pub async fn wait_for_total(&self, n: usize, timeout: Duration) -> Result<(), WaitTimeout> {
+        self.wait(format!("{n} messages in all"), n as u64, timeout, |s| {
+            s.all.len() as u64
+        })
+        .await
+    }
+
+    /// Waits until `identity` has had at least `n` CONNECTs accepted.
+    pub async fn wait_for_connects(
+        &self,
+        identity: &str,
+        n: u64,
+        timeout: Duration,
+    ) -> Result<(), WaitTimeout> {
+        self.wait(
+            format!("{n} accepted CONNECTs of {identity}"),
+            n,
+            timeout,
+            |s| {
+                s.stats
+                    .per_identity
+                    .get(identity)
+                    .map_or(0, |i| i.connects_accepted)
+            },
+        )
+        .await
+    }
+
+    /// Waits until at least `n` CONNECTs in all have been refused.
+    pub async fn wait_for_refusals(&self, n: u64, timeout: Duration) -> Result<(), WaitTimeout> {
+        self.wait(format!("{n} refused CONNECTs"), n, timeout, |s| {
+            s.stats.connects_refused
+        })
+        .await
+    }
+
+    async fn wait(
+        &self,
+        what: String,
+        wanted: u64,
+        timeout: Duration,
+        got: impl Fn(&State) -> u64,
+    ) -> Result<(), WaitTimeout> {
+        let start = tokio::time::Instant::now();
+        let deadline = start + timeout;
+        // Subscribe before looking: a change after the look is then never missed.
+        let mut changes = self.shared.changed.subscribe();
+        loop {
+            let now = got(&self.shared.state());
+            if now >= wanted {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    return Err(WaitTimeout {
+                        what,
+                        wanted,
+                        got: got(&self.shared.state()),
+                        waited: start.elapsed(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Closes every live connection now. Nothing they have not yet acknowledged is recorded
+    /// or acknowledged after this call. The listener keeps accepting.
+    pub fn drop_connections(&self) {
+        self.shared.kill_all(Kill::Dropped);
+    }
+
+    /// While `true`, every CONNECT is answered with CONNACK 5.
+    pub fn refuse_logins(&self, refuse: bool) {
+        self.shared.refuse.store(refuse, Ordering::SeqCst);
+    }
+
+    /// While `false`, telemetry is swallowed: not recorded and not acknowledged (the connection
+    /// stays up), as if IoT Hub lost it.
+    pub fn set_ack(&self, ack: bool) {
+        self.shared.ack.store(ack, Ordering::SeqCst);
+    }
+
+    /// Stops listening (the port refuses connections) and closes every connection; returns once
+    /// all of them have ended.
+    pub async fn go_away(&self) {
+        let task = self.shared.listener().take();
+        if let Some(task) = task {
+            let _ = task.stop.send(true);
+            let _ = task.handle.await;
+        }
+        self.shared.kill_all(Kill::Dropped);
+        let mut live = self.shared.live.subscribe();
+        let _ = live.wait_for(|n| *n == 0).await;
+    }
+
+    /// Listens again on the same address. A no-op while listening.
+    pub async fn come_back(&self) -> Result<(), EmulatorError> {
+        self.shared.listen().await
+    }
+
+    /// Whether the emulator is listening now.
+    pub fn is_listening(&self) -> bool {
+        self.shared.listener().is_some()
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> EmulatorStats {
+        self.shared.state().stats.clone()
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if let Some(task) = self.shared.listener().take() {
+            let _ = task.stop.send(true);
+            task.handle.abort();
+        }
+        self.shared.kill_all(Kill::Shutdown);
+    }
+}
