@@ -612,6 +612,29 @@ impl Emulator {
         .await
     }
 
+    /// Waits until at least `n` publishes have been swallowed while acks were off.
+    pub async fn wait_for_swallowed(&self, n: u64, timeout: Duration) -> Result<(), WaitTimeout> {
+        self.wait(format!("{n} swallowed publishes"), n, timeout, |s| {
+            s.stats.publishes_swallowed
+        })
+        .await
+    }
+
+    /// Waits until `pred` holds over every record (arrival order) and the counters. `pred` runs
+    /// under the emulator's lock after each change: keep it cheap, and do not call the emulator
+    /// from it (that would deadlock). `what` names the condition in the [`WaitTimeout`].
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[Received], &EmulatorStats) -> bool,
+    ) -> Result<(), WaitTimeout> {
+        self.wait(what.to_owned(), 1, timeout, |s| {
+            u64::from(pred(&s.all, &s.stats))
+        })
+        .await
+    }
+
     async fn wait(
         &self,
         what: String,

@@ -589,6 +589,13 @@ async fn set_ack_false_swallows_then_true_acknowledges() {
     assert_eq!(c.recv().await, Some(Packet::PingResp));
     assert_eq!(f.emu.total(), 0);
     assert_eq!(f.emu.stats().publishes_swallowed, 1);
+    f.emu.wait_for_swallowed(1, WAIT).await.unwrap();
+    let err = f
+        .emu
+        .wait_for_swallowed(2, Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert_eq!(err.got, 1);
 
     f.emu.set_ack(true);
     let p = c.publish(EVENTS_M1, "kept", QoS::AtLeastOnce);
@@ -674,6 +681,18 @@ async fn waiters_wake_on_arrival_from_concurrent_connections() {
             .collect();
         assert_eq!(got, (0..per).map(|i| i.to_string()).collect::<Vec<_>>());
     }
+    emu.wait_until("both identities complete", WAIT, |all, stats| {
+        all.len() == 2 * per && stats.per_identity["dev1/m2"].publishes == per as u64
+    })
+    .await
+    .unwrap();
+    let err = emu
+        .wait_until("a third identity", Duration::from_millis(50), |_, stats| {
+            stats.per_identity.contains_key("leaf")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!((err.what.as_str(), err.got), ("a third identity", 0));
     let seqs: Vec<u64> = emu.received_all().iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (0..2 * per as u64).collect::<Vec<_>>());
 }
