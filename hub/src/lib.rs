@@ -9,6 +9,7 @@
 //! `router::Router::route` says it is durable, acknowledgements go out in the order the publishes
 //! arrived, and an identity is taken only from what was authenticated, never from a topic.
 
+pub mod amqp;
 pub mod auth;
 pub mod http;
 pub mod identity;

@@ -65,6 +65,10 @@ struct HubArgs {
     #[arg(long, global = true, env = "EDGEHUB_MQTT_ADDR", value_name = "ADDR",
           default_value = settings::DEFAULT_MQTT_ADDR)]
     mqtt_addr: String,
+    /// AMQP-over-TLS listener (port 0: any free port).
+    #[arg(long, global = true, env = "EDGEHUB_AMQP_ADDR", value_name = "ADDR",
+          default_value = settings::DEFAULT_AMQP_ADDR)]
+    amqp_addr: String,
     /// Metrics and health listener (/metrics, /healthz, /readyz); ":PORT" means all interfaces.
     #[arg(long, global = true, env = "EDGEHUB_METRICS_ADDR", value_name = "ADDR",
           default_value = settings::DEFAULT_METRICS_ADDR)]
@@ -164,6 +168,7 @@ impl HubArgs {
             manifest: self.manifest.clone(),
             mqtt_addr: Some(self.mqtt_addr.clone()),
             metrics_addr: Some(self.metrics_addr.clone()),
+            amqp_addr: Some(self.amqp_addr.clone()),
             iothub_hostname: Some(self.iothub_hostname.clone()),
             device_id: Some(self.device_id.clone()),
             gateway_hostname: self.gateway_hostname.clone(),

@@ -111,6 +111,9 @@ pub async fn run(
     let mqtt = TcpListener::bind(settings.mqtt_addr())
         .await
         .with_context(|| format!("cannot listen for MQTT on {}", settings.mqtt_addr()))?;
+    let amqp = TcpListener::bind(settings.amqp_addr())
+        .await
+        .with_context(|| format!("cannot listen for AMQP on {}", settings.amqp_addr()))?;
     let http_listener = TcpListener::bind(settings.metrics_addr())
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", settings.metrics_addr()))?;
@@ -138,6 +141,12 @@ pub async fn run(
         },
         wait_for_stop(stop_rx.clone()),
     ));
+    let amqp_task = tokio::spawn(crate::amqp::listener::serve_tls(
+        amqp,
+        TlsAcceptor::from(Arc::clone(&tls_config)),
+        Arc::clone(&ctx),
+        stop_rx.clone(),
+    ));
     let mqtt_task = tokio::spawn(listener::serve_tls(
         mqtt,
         TlsAcceptor::from(tls_config),
@@ -149,6 +158,7 @@ pub async fn run(
     readiness.set_ready();
     tracing::info!(
         mqtt = %settings.mqtt_addr(),
+        amqp = %settings.amqp_addr(),
         http = %settings.metrics_addr(),
         ca = %tls::ca_path(&data_dir).display(),
         routes = ctx.router.table().routes().len(),
@@ -160,6 +170,7 @@ pub async fn run(
     readiness.set_not_ready();
     let _ = stop_tx.send(true);
     let _ = mqtt_task.await;
+    let _ = amqp_task.await;
     if let Some(t) = plain_task {
         let _ = t.await;
     }

@@ -36,6 +36,8 @@ pub const DEFAULT_MANIFEST: &str = include_str!("default-manifest.json");
 pub const DEFAULT_DATA_DIR: &str = "./edgehub-data";
 /// The MQTT-over-TLS listener by default (edgeHub's port).
 pub const DEFAULT_MQTT_ADDR: &str = "0.0.0.0:8883";
+/// The AMQP-over-TLS listener by default (edgeHub's port).
+pub const DEFAULT_AMQP_ADDR: &str = "0.0.0.0:5671";
 /// The metrics and health listener by default (edgeHub's port), on every interface.
 pub const DEFAULT_METRICS_ADDR: &str = ":9600";
 /// The IoT Hub host name by default; see the module docs for why.
@@ -157,6 +159,8 @@ pub struct RawSettings {
     pub mqtt_addr: Option<String>,
     /// Metrics and health listener, `ip:port` or `:port` (default [`DEFAULT_METRICS_ADDR`]).
     pub metrics_addr: Option<String>,
+    /// AMQP-over-TLS listener, `ip:port` or `:port` (default [`DEFAULT_AMQP_ADDR`]).
+    pub amqp_addr: Option<String>,
     /// IoT Hub host name (default [`DEFAULT_IOTHUB_HOSTNAME`]).
     pub iothub_hostname: Option<String>,
     /// Edge device id (default [`DEFAULT_DEVICE_ID`]).
@@ -212,6 +216,7 @@ pub struct Settings {
     modules: Vec<ModuleId>,
     log_format: LogFormat,
     plain_mqtt_addr: Option<SocketAddr>,
+    amqp_addr: SocketAddr,
     epoch: u64,
     upstream: Option<UpstreamSettings>,
 }
@@ -278,7 +283,12 @@ impl RawSettings {
                 Some(addr)
             }
         };
+        let amqp_addr = parse_listen_addr(
+            "amqp_addr",
+            self.amqp_addr.as_deref().unwrap_or(DEFAULT_AMQP_ADDR),
+        )?;
         check_distinct_ports(&[
+            ("amqp_addr", Some(amqp_addr)),
             ("mqtt_addr", Some(mqtt_addr)),
             ("metrics_addr", Some(metrics_addr)),
             ("plain_mqtt_addr", plain_mqtt_addr),
@@ -326,6 +336,7 @@ impl RawSettings {
             modules,
             log_format: self.log_format.unwrap_or_default(),
             plain_mqtt_addr,
+            amqp_addr,
             epoch: self.epoch.unwrap_or(0),
             upstream,
         })
@@ -391,6 +402,11 @@ impl Settings {
     /// How logs are written.
     pub fn log_format(&self) -> LogFormat {
         self.log_format
+    }
+
+    /// The AMQP-over-TLS listener.
+    pub fn amqp_addr(&self) -> SocketAddr {
+        self.amqp_addr
     }
 
     /// The loopback-only plain MQTT listener, if enabled.

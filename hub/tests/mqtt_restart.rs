@@ -49,6 +49,7 @@ impl BinaryHub {
                     .arg(root.join("manifest.json"))
                     .args(["--mqtt-addr", &addrs.mqtt.to_string()])
                     .args(["--metrics-addr", &addrs.metrics.to_string()])
+                    .args(["--amqp-addr", "127.0.0.1:0"])
                     .args(["--iothub-hostname", IOTHUB, "--device-id", DEVICE])
                     .args(["--gateway-hostname", "localhost", "--log", "info"])
                     .stdin(Stdio::null())

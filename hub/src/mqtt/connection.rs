@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use router::{Endpoint, Message, RouteAck};
+use router::{DeliveryOutcome, Endpoint, Message, RouteAck};
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
     UnsubAck, Unsubscribe,
@@ -36,7 +36,7 @@ use tokio::time::Instant;
 use crate::identity::Identity;
 use crate::metrics::{ConnectionMetrics, HubMetrics};
 use crate::mqtt::context::HeadContext;
-use crate::mqtt::sink::{ModuleInputSink, Outbound, OutboundTx};
+use crate::mqtt::sink::{self, Outbound, OutboundTx};
 use crate::mqtt::topics::{EventsTopic, InboundTopic, SubscribeDecision};
 use crate::mqtt::{bag, session_state, topics, username};
 
@@ -97,7 +97,7 @@ pub struct Registry {
 impl Registry {
     /// Registers a connection of `identity`, telling any older one to close. Returns its id and
     /// the signal that it was replaced.
-    fn join(&self, identity: &Identity) -> (u64, watch::Receiver<bool>) {
+    pub(crate) fn join(&self, identity: &Identity) -> (u64, watch::Receiver<bool>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(false);
         let old = self
@@ -112,7 +112,7 @@ impl Registry {
     }
 
     /// Removes the connection if it is still the current one of its identity; true if it was.
-    fn leave(&self, identity: &Identity, id: u64) -> bool {
+    pub(crate) fn leave(&self, identity: &Identity, id: u64) -> bool {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if live.get(identity).is_some_and(|(cur, _)| *cur == id) {
             live.remove(identity);
@@ -122,7 +122,7 @@ impl Registry {
     }
 
     /// Whether connection `id` is the current one of `identity`.
-    fn is_current(&self, identity: &Identity, id: u64) -> bool {
+    pub(crate) fn is_current(&self, identity: &Identity, id: u64) -> bool {
         self.live
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -259,7 +259,7 @@ struct Connection {
     /// Packets for the writer task.
     out: mpsc::UnboundedSender<Packet>,
     /// Deliveries sent and waiting for the module's PUBACK.
-    deliveries: session_state::Outbound<oneshot::Sender<bool>>,
+    deliveries: session_state::Outbound<oneshot::Sender<DeliveryOutcome>>,
     /// Deliveries taken from the sinks, waiting for room in the window.
     waiting: VecDeque<Outbound>,
     /// Route acknowledgements, in arrival order, for the acker task.
@@ -292,9 +292,7 @@ impl Connection {
         let (outbound_tx, mut outbound_rx) = mpsc::unbounded_channel::<Outbound>();
         // Any input sinks still registered belong to an older connection of this module, which
         // is gone or going: take them away now, so no delivery waits on a dead connection.
-        for (endpoint, _) in self.ctx.input_endpoints(&self.identity) {
-            self.ctx.dispatcher.unregister_sink(&endpoint);
-        }
+        self.ctx.unregister_input_sinks(&self.identity);
         if !self.clean {
             self.subscriptions = self.ctx.sessions.get(&self.client_id).unwrap_or_default();
         }
@@ -449,7 +447,7 @@ impl Connection {
     fn on_puback(&mut self, pkid: u16) -> Result<(), ConnectionEnd> {
         match self.deliveries.on_puback(pkid) {
             Ok(acked) => {
-                let _ = acked.send(true);
+                let _ = acked.send(DeliveryOutcome::Delivered);
                 self.metrics.sent();
                 self.send_waiting();
                 Ok(())
@@ -541,11 +539,7 @@ impl Connection {
     /// Makes this connection the sink of every input endpoint of its module.
     fn register_inputs(&mut self, outbound: &OutboundTx) {
         self.outbound_tx = Some(outbound.clone());
-        for (endpoint, input) in self.ctx.input_endpoints(&self.identity) {
-            self.ctx
-                .dispatcher
-                .register_sink(&endpoint, ModuleInputSink::new(input, outbound.clone()));
-        }
+        self.ctx.register_input_sinks(&self.identity, outbound);
     }
 
     fn unregister_inputs(&mut self) {
@@ -555,9 +549,7 @@ impl Connection {
                 .connections
                 .is_current(&self.identity, self.conn_id)
         {
-            for (endpoint, _) in self.ctx.input_endpoints(&self.identity) {
-                self.ctx.dispatcher.unregister_sink(&endpoint);
-            }
+            self.ctx.unregister_input_sinks(&self.identity);
         }
     }
 
@@ -579,7 +571,7 @@ impl Connection {
                 Ok(topic) => topic,
                 Err(e) => {
                     tracing::error!(client_id = %self.client_id, error = %e, "cannot name a delivery topic");
-                    let _ = delivery.acked.send(false);
+                    let _ = delivery.acked.send(sink::NOT_DELIVERED);
                     continue;
                 }
             };
@@ -600,9 +592,7 @@ impl Connection {
             .connections
             .is_current(&self.identity, self.conn_id);
         if current && self.outbound_tx.is_some() {
-            for (endpoint, _) in self.ctx.input_endpoints(&self.identity) {
-                self.ctx.dispatcher.unregister_sink(&endpoint);
-            }
+            self.ctx.unregister_input_sinks(&self.identity);
         }
         self.outbound_tx = None;
         self.ctx.connections.leave(&self.identity, self.conn_id);

@@ -1,4 +1,4 @@
-//! What every MQTT connection shares: the router and dispatcher, identities and their keys,
+//! What every connection of the MQTT and AMQP heads shares: the router and dispatcher, identities and their keys,
 //! persistent sessions, the registry of live connections, metrics and the shutdown signal.
 
 use std::sync::Arc;
@@ -11,8 +11,9 @@ use crate::identity::{Identities, Identity};
 use crate::metrics::HubMetrics;
 use crate::mqtt::connection::Registry;
 use crate::mqtt::sessions::Sessions;
+use crate::mqtt::sink::{ModuleInputSink, OutboundTx};
 
-/// Shared by every connection of the MQTT head.
+/// Shared by every connection of the MQTT and AMQP heads.
 pub struct HeadContext {
     /// Routes publishes (the acknowledgement point).
     pub router: Router,
@@ -35,10 +36,17 @@ pub struct HeadContext {
 impl HeadContext {
     /// Verifies a SAS token for `identity` against its key, now.
     pub fn verify_token(&self, token: &str, key: &[u8], identity: &Identity) -> Result<(), String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        self.verify_token_expiry(token, key, identity).map(drop)
+    }
+
+    /// [`HeadContext::verify_token`], returning the token's expiry (seconds since the epoch).
+    pub fn verify_token_expiry(
+        &self,
+        token: &str,
+        key: &[u8],
+        identity: &Identity,
+    ) -> Result<u64, String> {
+        let now = Self::now_secs();
         let hosts: Vec<&str> = self.audiences.iter().map(String::as_str).collect();
         let expected = sas::ExpectedAudience {
             hosts: &hosts,
@@ -46,8 +54,31 @@ impl HeadContext {
             module: Some(identity.module.as_str()),
         };
         sas::verify(token, key, &expected, now)
-            .map(drop)
+            .map(|t| t.expiry)
             .map_err(|e| format!("SAS token: {e}"))
+    }
+
+    /// Makes `connection` the sink of every input endpoint of `identity`'s module.
+    pub fn register_input_sinks(&self, identity: &Identity, connection: &OutboundTx) {
+        for (endpoint, input) in self.input_endpoints(identity) {
+            self.dispatcher
+                .register_sink(&endpoint, ModuleInputSink::new(input, connection.clone()));
+        }
+    }
+
+    /// Takes every input sink of `identity`'s module away (deliveries wait for the next one).
+    pub fn unregister_input_sinks(&self, identity: &Identity) {
+        for (endpoint, _) in self.input_endpoints(identity) {
+            self.dispatcher.unregister_sink(&endpoint);
+        }
+    }
+
+    /// Seconds since the Unix epoch, now (0 if the clock is before it).
+    pub fn now_secs() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
     }
 
     /// Every input endpoint of `identity`'s module: named by a route, or holding queued

@@ -60,8 +60,11 @@ pub async fn serve_plain(
 
 /// Accepts connections (TCP_NODELAY) and runs `serve` for each in its own task until `shutdown`,
 /// then waits for every connection task to end.
-async fn accept_loop<F, Fut>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, serve: F)
-where
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    serve: F,
+) where
     F: Fn(TcpStream, String) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {

@@ -1,12 +1,16 @@
-//! The router's sink for a connected module's input: hands each delivery to the module's MQTT
-//! connection and reports it delivered only when the module's PUBACK for it came back.
+//! The router's sink for a connected module's input: hands each delivery to the module's
+//! connection (MQTT or AMQP) and reports the outcome the connection settled it with.
 //!
-//! Guarantees: a delivery is `Delivered` only after the module acknowledged it; if the connection
-//! is gone, closes before the PUBACK, or never had room, the delivery is `Retry(NoReceiver)` and
-//! the endpoint worker resends it, in order, to the next connection. The sink never drops a
-//! message on its own.
+//! Guarantees: a delivery is `Delivered` only after the module acknowledged it (MQTT PUBACK,
+//! AMQP `accepted`); if the connection is gone, closes before settling, or never had room, the
+//! delivery is `Retry(NoReceiver)` and the endpoint worker resends it, in order, to the next
+//! connection. The sink never drops a message on its own: only a connection answering
+//! `Reject` (an AMQP `rejected`/`released`, see `amqp::links`) sets one aside.
 
 use router::{Delivery, DeliveryOutcome, FailureKind, InputName, Message, Sink};
+
+/// What a connection answers when it loses a delivery without a settlement.
+pub const NOT_DELIVERED: DeliveryOutcome = DeliveryOutcome::Retry(FailureKind::NoReceiver);
 use tokio::sync::{mpsc, oneshot};
 
 /// A message on its way to a module, and where to say whether the module acknowledged it.
@@ -16,8 +20,9 @@ pub struct Outbound {
     pub input: InputName,
     /// The message.
     pub message: Message,
-    /// Answered `true` when the module's PUBACK arrives; dropped if the connection ends first.
-    pub acked: oneshot::Sender<bool>,
+    /// Answered with the module's settlement (`Delivered` on PUBACK / `accepted`); dropped if
+    /// the connection ends first.
+    pub acked: oneshot::Sender<DeliveryOutcome>,
 }
 
 /// Where a connection takes deliveries from.
@@ -54,14 +59,9 @@ impl Sink for ModuleInputSink {
         }
         let mut outcomes = Vec::with_capacity(waiting.len());
         for rx in waiting {
-            let acked = match rx {
-                Some(rx) => rx.await.unwrap_or(false),
-                None => false,
-            };
-            outcomes.push(if acked {
-                DeliveryOutcome::Delivered
-            } else {
-                DeliveryOutcome::Retry(FailureKind::NoReceiver)
+            outcomes.push(match rx {
+                Some(rx) => rx.await.unwrap_or(NOT_DELIVERED),
+                None => NOT_DELIVERED,
             });
         }
         outcomes

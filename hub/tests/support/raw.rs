@@ -620,6 +620,7 @@ impl TestHub {
             mqtt_addr: Some(addrs.mqtt.to_string()),
             metrics_addr: Some(addrs.metrics.to_string()),
             plain_mqtt_addr: Some(addrs.plain.to_string()),
+            amqp_addr: Some("127.0.0.1:0".into()),
             iothub_hostname: Some(IOTHUB.into()),
             device_id: Some(DEVICE.into()),
             gateway_hostname: Some("localhost".into()),

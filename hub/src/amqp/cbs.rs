@@ -1,0 +1,173 @@
+//! The `$cbs` node of one connection (reference §2 "CBS flow"): the client's sender link
+//! carries put-token requests, its receiver link the replies.
+//!
+//! Guarantees: every request delivery is settled `accepted` and answered, in arrival order, with
+//! `correlation-id` = the request's `message-id` and `status-code` / `status-description` as
+//! [`ConnectionAuth::put_token`](crate::amqp::auth_state::ConnectionAuth::put_token) decides.
+//! Replies wait (in order) until the client's reply link is attached. A 200 makes the identity
+//! join the live-connection registry (a renewal changes only its expiry).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fe2o3_amqp::types::messaging::{
+    AmqpValue, ApplicationProperties, Body, Message as AmqpMessage, MessageId, Properties,
+};
+use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Value};
+use fe2o3_amqp::{Receiver, Sender};
+
+use crate::amqp::auth_state::PutTokenRequest;
+use crate::amqp::connection::{stopped, ConnShared};
+
+/// How long a reply's settlement is awaited before it is logged as lost.
+const REPLY_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A reply to send on the `$cbs` receiver link.
+#[derive(Debug)]
+pub struct Reply {
+    correlation_id: Option<MessageId>,
+    to: Option<String>,
+    status: i32,
+    description: String,
+}
+
+fn app_text(message: &AmqpMessage<Body<Value>>, key: &str) -> Option<String> {
+    match message.application_properties.as_ref()?.0.get(key)? {
+        SimpleValue::String(s) => Some(s.clone()),
+        SimpleValue::Symbol(s) => Some(s.0.clone()),
+        _ => None,
+    }
+}
+
+/// The request fields of a put-token message.
+fn request_of(message: &AmqpMessage<Body<Value>>) -> PutTokenRequest {
+    let token = match &message.body {
+        Body::Value(AmqpValue(Value::String(s))) => Some(s.clone()),
+        Body::Data(d) if d.len() == 1 => d
+            .iter()
+            .next()
+            .and_then(|x| String::from_utf8(x.0.to_vec()).ok()),
+        _ => None,
+    };
+    PutTokenRequest {
+        operation: app_text(message, "operation"),
+        token_type: app_text(message, "type"),
+        name: app_text(message, "name"),
+        token,
+    }
+}
+
+/// Serves the client's `$cbs` sender link: each request is accepted and answered.
+pub async fn serve_requests(mut receiver: Receiver, shared: Arc<ConnShared>) {
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let delivery = tokio::select! {
+            d = receiver.recv::<Body<Value>>() => d,
+            () = stopped(&mut stop) => break,
+        };
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(peer = %shared.peer, error = %e, "$cbs request link ended");
+                return;
+            }
+        };
+        if let Err(e) = receiver.accept(&delivery).await {
+            tracing::debug!(peer = %shared.peer, error = %e, "cannot settle a $cbs request");
+        }
+        let message = delivery.message();
+        let request = request_of(message);
+        let hosts: Vec<&str> = shared.ctx.audiences.iter().map(String::as_str).collect();
+        let ctx = &shared.ctx;
+        let reply = shared
+            .auth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put_token(&request, &hosts, |identity, token| {
+                let key = ctx
+                    .identities
+                    .key(identity)
+                    .ok_or_else(|| format!("unknown module {identity}"))?;
+                ctx.verify_token_expiry(token, key, identity)
+            });
+        match &reply.identity {
+            Some(identity) => {
+                if !reply.renewed {
+                    ctx.metrics.client_authenticated(identity);
+                    shared.join(identity);
+                }
+                tracing::info!(peer = %shared.peer, %identity, renewed = reply.renewed, "$cbs put-token accepted");
+            }
+            None => {
+                ctx.metrics.client_connect_failed("not_authorized");
+                tracing::warn!(peer = %shared.peer, status = reply.status, reason = %reply.description, name = ?request.name, "$cbs put-token refused");
+            }
+        }
+        let props = message.properties.as_ref();
+        let _ = shared.cbs_replies.send(Reply {
+            correlation_id: props.and_then(|p| p.message_id.clone()),
+            to: props.and_then(|p| p.reply_to.clone()),
+            status: reply.status,
+            description: reply.description,
+        });
+    }
+    let _ = receiver.close().await;
+}
+
+/// Serves the client's `$cbs` receiver link: sends the replies in order.
+pub async fn serve_replies(mut sender: Sender, shared: Arc<ConnShared>) {
+    let Some(mut replies) = shared.cbs_reply_rx.lock().await.take() else {
+        tracing::warn!(peer = %shared.peer, "a second $cbs reply link; closing it");
+        let _ = sender.close().await;
+        return;
+    };
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let reply = tokio::select! {
+            r = replies.recv() => r,
+            () = stopped(&mut stop) => None,
+        };
+        let Some(reply) = reply else { break };
+        let mut app: OrderedMap<String, SimpleValue> = OrderedMap::new();
+        app.insert("status-code".into(), SimpleValue::Int(reply.status));
+        app.insert(
+            "status-description".into(),
+            SimpleValue::String(reply.description),
+        );
+        let message = AmqpMessage {
+            header: None,
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(Properties {
+                correlation_id: reply.correlation_id,
+                to: reply.to,
+                ..Properties::default()
+            }),
+            application_properties: Some(ApplicationProperties(app)),
+            body: AmqpValue(Value::Null),
+            footer: None,
+        };
+        let sent = tokio::select! {
+            s = sender.send_batchable(message) => s,
+            () = stopped(&mut stop) => break,
+        };
+        match sent {
+            Ok(settled) => {
+                let peer = shared.peer.clone();
+                tokio::spawn(async move {
+                    if tokio::time::timeout(REPLY_SETTLE_TIMEOUT, settled)
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(%peer, "a $cbs reply was not settled");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::debug!(peer = %shared.peer, error = %e, "$cbs reply link ended");
+                return;
+            }
+        }
+    }
+    let _ = sender.close().await;
+}

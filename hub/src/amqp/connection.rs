@@ -1,0 +1,405 @@
+//! One AMQP 1.0 connection of a module (after TLS): the protocol header (with or without a SASL
+//! layer), its sessions, and the links attached on them.
+//!
+//! Guarantees:
+//! - The client must send its protocol header within [`OPEN_TIMEOUT`]; `AMQP 3.1.0.0` selects
+//!   the SASL layer ([`crate::amqp::sasl`]), `AMQP 0.1.0.0` plain AMQP (the Node SDK); anything
+//!   else is answered with our header and closed by the library.
+//! - Every attach is decided by the connection's [`ConnectionAuth`] (I/O-free): `$cbs` links
+//!   always, a module's events link (outputs or inputs) only if that module is authenticated on
+//!   this connection; every other attach is refused by attaching and detaching it at once with
+//!   the error (`amqp:unauthorized-access`, `amqp:not-implemented`), so one module can never
+//!   attach another module's links.
+//! - An identity authenticated on this connection joins the head's registry of live connections:
+//!   a newer connection (MQTT or AMQP) of the same module replaces this one, which closes.
+//! - On hub shutdown, replacement, or the end of the connection, every link first settles what
+//!   is already durable (events: `accepted` in order), then the links, sessions and the
+//!   connection close. A malformed frame ends this connection only (fe2o3's engine closes it
+//!   with a framing error); no other connection shares any state with it but the router.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use fe2o3_amqp::acceptor::{
+    ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
+    ListenerSessionHandle, SessionAcceptor,
+};
+use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo, Role};
+use fe2o3_amqp::types::performatives::Attach;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::sync::{mpsc, watch, Mutex as AsyncMutex};
+use tokio::task::JoinSet;
+
+use crate::amqp::auth_state::{ClientRole, ConnectionAuth, LinkDecision, RefuseCondition};
+use crate::amqp::sasl::{HubSasl, SaslResult};
+use crate::amqp::{cbs, links};
+use crate::identity::Identity;
+use crate::mqtt::context::HeadContext;
+
+/// How long a client has to send its protocol header after the TLS handshake.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Our container id in Open.
+const CONTAINER_ID: &str = "edgehub";
+/// The SASL protocol header's protocol id.
+const PROTO_SASL: u8 = 3;
+
+/// Why a connection ended (logged).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionEnd {
+    /// The socket failed or closed before the protocol header.
+    #[error("socket error before the protocol header: {0}")]
+    Io(#[from] std::io::Error),
+    /// No protocol header in time.
+    #[error("no protocol header within {OPEN_TIMEOUT:?}")]
+    Timeout,
+    /// The header, SASL or Open negotiation failed.
+    #[error("open failed: {0}")]
+    Open(String),
+    /// The client closed the connection, or the library ended it (a malformed frame).
+    #[error("connection ended: {0}")]
+    Ended(String),
+    /// Another connection of one of its identities took over.
+    #[error("replaced by a newer connection of the same module")]
+    Replaced,
+    /// The hub is shutting down.
+    #[error("hub shutting down")]
+    Shutdown,
+}
+
+/// What the sessions and links of one connection share.
+pub struct ConnShared {
+    /// The head's context.
+    pub ctx: Arc<HeadContext>,
+    /// Who is authenticated on this connection.
+    pub auth: Mutex<ConnectionAuth>,
+    /// Registry ids of the identities this connection joined as.
+    joined: Mutex<HashMap<Identity, u64>>,
+    /// Turns true when the connection must close (shutdown, replaced).
+    pub stop: watch::Sender<bool>,
+    /// Why it stops (first reason wins).
+    stop_reason: Mutex<Option<ConnectionEnd>>,
+    /// The `$cbs` replies, for the client's `$cbs` receiver link.
+    pub cbs_replies: mpsc::UnboundedSender<cbs::Reply>,
+    /// Taken by the `$cbs` reply link when it attaches.
+    pub cbs_reply_rx: AsyncMutex<Option<mpsc::UnboundedReceiver<cbs::Reply>>>,
+    /// For logs.
+    pub peer: String,
+}
+
+impl ConnShared {
+    /// Asks every session and link of this connection to finish.
+    pub fn stop(&self, reason: ConnectionEnd) {
+        let mut r = self.stop_reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        let _ = self.stop.send(true);
+    }
+
+    /// Joins the live-connection registry as `identity` (once per identity); a later
+    /// connection of the same module then stops this one.
+    pub fn join(self: &Arc<Self>, identity: &Identity) {
+        let mut joined = self.joined.lock().unwrap_or_else(|p| p.into_inner());
+        if joined.contains_key(identity) {
+            return;
+        }
+        let (id, mut replaced) = self.ctx.connections.join(identity);
+        joined.insert(identity.clone(), id);
+        let me = Arc::downgrade(self);
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = replaced.changed() => {
+                    if r.is_ok() {
+                        if let Some(me) = me.upgrade() {
+                            me.stop(ConnectionEnd::Replaced);
+                        }
+                    }
+                }
+                () = stopped(&mut stop) => {}
+            }
+        });
+    }
+
+    /// Whether this connection is the live one of `identity`.
+    pub fn is_current(&self, identity: &Identity) -> bool {
+        let joined = self.joined.lock().unwrap_or_else(|p| p.into_inner());
+        joined
+            .get(identity)
+            .is_some_and(|id| self.ctx.connections.is_current(identity, *id))
+    }
+
+    fn leave_all(&self) {
+        let joined = std::mem::take(&mut *self.joined.lock().unwrap_or_else(|p| p.into_inner()));
+        for (identity, id) in joined {
+            self.ctx.connections.leave(&identity, id);
+        }
+    }
+}
+
+/// Serves one connection until it ends. `peer` is for logs.
+pub async fn serve<S>(mut stream: S, ctx: Arc<HeadContext>, peer: String) -> ConnectionEnd
+where
+    S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+{
+    let mut header = [0u8; 8];
+    match tokio::time::timeout(OPEN_TIMEOUT, stream.read_exact(&mut header)).await {
+        Err(_) => return ConnectionEnd::Timeout,
+        Ok(Err(e)) => return ConnectionEnd::Io(e),
+        Ok(Ok(_)) => {}
+    }
+    let stream = Prefixed::new(header.to_vec(), stream);
+    let mut auth = ConnectionAuth::new();
+    let opened = if header[4] == PROTO_SASL {
+        let sasl = HubSasl::new(Arc::clone(&ctx));
+        let acceptor = ConnectionAcceptor::builder()
+            .container_id(CONTAINER_ID)
+            .sasl_acceptor(sasl.clone())
+            .build();
+        let opened = tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream)).await;
+        if let SaslResult::Plain(identity, expiry) = sasl.outcome() {
+            auth.authenticated_by_sasl(identity, expiry);
+        }
+        opened
+    } else {
+        let acceptor = ConnectionAcceptor::builder()
+            .container_id(CONTAINER_ID)
+            .build();
+        tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream)).await
+    };
+    let mut connection = match opened {
+        Err(_) => return ConnectionEnd::Timeout,
+        Ok(Err(e)) => return ConnectionEnd::Open(e.to_string()),
+        Ok(Ok(c)) => c,
+    };
+    let (cbs_tx, cbs_rx) = mpsc::unbounded_channel();
+    let (stop, _) = watch::channel(false);
+    let sasl_identities: Vec<Identity> = auth.identities().cloned().collect();
+    let shared = Arc::new(ConnShared {
+        ctx: Arc::clone(&ctx),
+        auth: Mutex::new(auth),
+        joined: Mutex::new(HashMap::new()),
+        stop,
+        stop_reason: Mutex::new(None),
+        cbs_replies: cbs_tx,
+        cbs_reply_rx: AsyncMutex::new(Some(cbs_rx)),
+        peer: peer.clone(),
+    });
+    ctx.metrics.client_connected();
+    for identity in &sasl_identities {
+        ctx.metrics.client_authenticated(identity);
+        shared.join(identity);
+    }
+    tracing::info!(%peer, "AMQP connection open");
+    let end = run(&mut connection, &shared).await;
+    let _ = connection.close().await;
+    shared.leave_all();
+    ctx.metrics.client_disconnected();
+    tracing::info!(%peer, reason = %end, "AMQP connection closed");
+    end
+}
+
+/// Accepts sessions until the connection ends or must stop, then lets every session finish.
+async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>) -> ConnectionEnd {
+    let mut sessions = JoinSet::new();
+    let mut shutdown = shared.ctx.shutdown.clone();
+    let mut stop = shared.stop.subscribe();
+    let end = loop {
+        tokio::select! {
+            incoming = connection.next_incoming_session() => {
+                let Some(incoming) = incoming else {
+                    break ConnectionEnd::Ended("closed by the client or the protocol engine".into());
+                };
+                match SessionAcceptor::new().accept_incoming_session(incoming, connection).await {
+                    Ok(session) => {
+                        sessions.spawn(serve_session(session, Arc::clone(shared)));
+                    }
+                    Err(e) => break ConnectionEnd::Ended(format!("session refused: {e}")),
+                }
+            }
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            () = stopped(&mut shutdown) => break ConnectionEnd::Shutdown,
+            () = stopped(&mut stop) => {
+                break shared
+                    .stop_reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .unwrap_or(ConnectionEnd::Shutdown);
+            }
+        }
+    };
+    let _ = shared.stop.send(true);
+    while sessions.join_next().await.is_some() {}
+    end
+}
+
+/// Accepts the links of one session until it ends or the connection stops; then waits for
+/// every link to settle what is durable and close.
+async fn serve_session(mut session: ListenerSessionHandle, shared: Arc<ConnShared>) {
+    let mut links = JoinSet::new();
+    let mut stop = shared.stop.subscribe();
+    loop {
+        tokio::select! {
+            attach = session.next_incoming_attach() => {
+                let Some(attach) = attach else { break };
+                on_attach(attach, &mut session, &shared, &mut links).await;
+            }
+            Some(_) = links.join_next(), if !links.is_empty() => {}
+            () = stopped(&mut stop) => break,
+        }
+    }
+    while links.join_next().await.is_some() {}
+    let _ = session.end().await;
+}
+
+/// The address an attach names: the target of a client sender, the source of a client receiver.
+fn attach_address(attach: &Attach) -> (ClientRole, Option<String>) {
+    match attach.role {
+        Role::Sender => (
+            ClientRole::Sender,
+            attach.target.as_ref().and_then(|t| match t.as_ref() {
+                fe2o3_amqp::types::messaging::TargetArchetype::Target(t) => t.address.clone(),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            }),
+        ),
+        Role::Receiver => (
+            ClientRole::Receiver,
+            attach.source.as_ref().and_then(|s| s.address.clone()),
+        ),
+    }
+}
+
+async fn on_attach(
+    attach: Attach,
+    session: &mut ListenerSessionHandle,
+    shared: &Arc<ConnShared>,
+    links: &mut JoinSet<()>,
+) {
+    let (role, address) = attach_address(&attach);
+    let name = attach.name.clone();
+    let decision = shared
+        .auth
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .authorize_attach(address.as_deref(), role, HeadContext::now_secs());
+    let endpoint = match LinkAcceptor::new()
+        .accept_incoming_attach(attach, session)
+        .await
+    {
+        Ok(endpoint) => endpoint,
+        Err(e) => {
+            tracing::warn!(peer = %shared.peer, link = %name, error = %e, "attach failed");
+            return;
+        }
+    };
+    let shared = Arc::clone(shared);
+    match (decision, endpoint) {
+        (LinkDecision::Cbs(_), LinkEndpoint::Receiver(r)) => {
+            links.spawn(cbs::serve_requests(r, shared));
+        }
+        (LinkDecision::Cbs(_), LinkEndpoint::Sender(s)) => {
+            links.spawn(cbs::serve_replies(s, shared));
+        }
+        (LinkDecision::Events(identity), LinkEndpoint::Receiver(r)) => {
+            tracing::info!(peer = %shared.peer, %identity, "events link attached");
+            links.spawn(links::serve_events(r, identity, shared));
+        }
+        (LinkDecision::Inputs(identity), LinkEndpoint::Sender(s)) => {
+            tracing::info!(peer = %shared.peer, %identity, "inputs link attached");
+            links.spawn(links::serve_inputs(s, identity, shared));
+        }
+        (LinkDecision::Refuse(condition, reason), endpoint) => {
+            tracing::warn!(peer = %shared.peer, link = %name, address = ?address, %reason, "link refused");
+            refuse(endpoint, condition, reason).await;
+        }
+        (decision, endpoint) => {
+            // The role and the endpoint disagree: cannot happen with fe2o3's acceptor.
+            tracing::error!(peer = %shared.peer, ?decision, "link role mismatch");
+            refuse(
+                endpoint,
+                RefuseCondition::InvalidField,
+                "role mismatch".into(),
+            )
+            .await;
+        }
+    }
+}
+
+/// Detaches (closes) a just-attached link with an error.
+async fn refuse(endpoint: LinkEndpoint, condition: RefuseCondition, reason: String) {
+    let condition = match condition {
+        RefuseCondition::Unauthorized => AmqpError::UnauthorizedAccess,
+        RefuseCondition::NotImplemented => AmqpError::NotImplemented,
+        RefuseCondition::InvalidField => AmqpError::InvalidField,
+    };
+    let error = AmqpErrorInfo::new(condition, reason, None);
+    let _ = match endpoint {
+        LinkEndpoint::Sender(s) => s.close_with_error(error).await,
+        LinkEndpoint::Receiver(r) => r.close_with_error(error).await,
+    };
+}
+
+/// A stream that first yields bytes already read from it (the protocol header).
+#[derive(Debug)]
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    /// `prefix`, then the rest of `inner`.
+    pub fn new(prefix: Vec<u8>, inner: S) -> Self {
+        Prefixed {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let rest = &this.prefix[this.at..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.at += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

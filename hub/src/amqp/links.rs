@@ -1,0 +1,378 @@
+//! A module's two links on `/devices/{d}/modules/{m}/messages/events`: the events link (the
+//! client sends its outputs; the hub routes them) and the inputs link (the hub delivers the
+//! module's input messages).
+//!
+//! Guarantees, events link ([`serve_events`]):
+//! - A delivery is settled `accepted` only after **every** message it carries is durable
+//!   (`Router::route` resolved), and dispositions leave in the order the transfers arrived.
+//! - A transfer in the batched format ([`convert::BATCH_FORMAT`]) is split into its messages,
+//!   routed in order; it is accepted when all are durable.
+//! - A message the hub cannot carry (unsupported body, over [`MAX_MESSAGE_BYTES`]) is
+//!   `rejected` with `amqp:not-implemented` / `amqp:resource-limit-exceeded`, in turn; the link
+//!   goes on.
+//! - If the store refuses a message, that delivery and every later one on the link are
+//!   `rejected` with `amqp:internal-error` and the link is closed with the error: nothing after
+//!   a failed message is ever accepted, so a client that resends cannot reorder.
+//! - The sender recorded for each message is the link's authenticated identity.
+//! - On stop (shutdown, replacement, connection end) reading stops and what is durable is still
+//!   accepted before the link closes.
+//!
+//! Guarantees, inputs link ([`serve_inputs`]):
+//! - The link becomes the sink of every input endpoint of its module (replacing an older one);
+//!   deliveries are sent unsettled, only while the client gives credit, with the
+//!   `x-opt-input-name`, `iothub-connection-device-id`, `iothub-connection-module-id`,
+//!   `x-opt-lock-token` and `iothub-enqueuedtime` annotations ([`convert::amqp_from_message`]).
+//! - Settlement (edgeHub's `ModuleEndpoint`, reference §2): `accepted` completes the message;
+//!   `rejected` and `released` are Reject and Abandon, which edgeHub treats as **not
+//!   retryable: the message is set aside (dropped and counted)**, and so do we; `modified` is
+//!   retried (sent again, in order, after a backoff). No settlement within
+//!   [`SETTLE_TIMEOUT`] (30 s), or the link or connection ending first, means retry.
+//! - When the link ends its sinks are taken away if this connection is still the module's live
+//!   one; unsettled deliveries go back to the endpoint worker (at-least-once).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fe2o3_amqp::link::delivery::{DeliveryFut, DeliveryInfo};
+use fe2o3_amqp::link::SendError;
+use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo};
+use fe2o3_amqp::types::messaging::{Body, Outcome};
+use fe2o3_amqp::types::primitives::Value;
+use fe2o3_amqp::{Receiver, Sender};
+use router::{DeliveryOutcome, FailureKind, RejectReason, RouteAck};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::amqp::connection::{stopped, ConnShared};
+use crate::amqp::convert;
+use crate::identity::Identity;
+use crate::metrics::HubMetrics;
+use crate::mqtt::connection::MAX_MESSAGE_BYTES;
+use crate::mqtt::sink::{Outbound, NOT_DELIVERED};
+
+/// Transfers routed and not yet settled, per events link; past it the link stops reading
+/// (back-pressure; the client's credit runs out).
+const MAX_PENDING: usize = 1024;
+/// How long a delivery to a module may stay unsettled before it is retried (edgeHub: 30 s).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a closing inputs link waits for outstanding settlements.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// A transfer waiting for its settlement, in arrival order.
+struct Pending {
+    info: DeliveryInfo,
+    work: Work,
+}
+
+enum Work {
+    /// Accept when every ack resolved; when the transfer arrived.
+    Route(Vec<RouteAck>, Instant),
+    /// Reject in turn (not routed).
+    Refuse(AmqpError, String),
+}
+
+/// A settlement for the link task to send.
+enum Settle {
+    Accept(DeliveryInfo),
+    /// Reject with this error; `fatal` closes the link afterwards.
+    Reject(DeliveryInfo, AmqpError, String, bool),
+}
+
+/// Serves a module's events link until it ends or the connection stops.
+pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Arc<ConnShared>) {
+    let ctx = Arc::clone(&shared.ctx);
+    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(MAX_PENDING);
+    let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Settle>();
+    let acker = tokio::spawn(settle_in_order(
+        pending_rx,
+        settle_tx,
+        Arc::clone(&ctx.metrics),
+    ));
+    let mut metrics = ctx.metrics.connection_metrics(&identity);
+    let mut stop = shared.stop.subscribe();
+    let mut pending_tx = Some(pending_tx);
+    let mut failure: Option<String> = None;
+    loop {
+        tokio::select! {
+            biased;
+            settle = settle_rx.recv() => {
+                let Some(settle) = settle else { break };
+                let result = match settle {
+                    Settle::Accept(info) => receiver.accept(info).await,
+                    Settle::Reject(info, condition, reason, fatal) => {
+                        if fatal && failure.is_none() {
+                            failure = Some(reason.clone());
+                            pending_tx = None;
+                        }
+                        receiver
+                            .reject(info, AmqpErrorInfo::new(condition, reason, None))
+                            .await
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(peer = %shared.peer, %identity, error = %e, "cannot settle");
+                }
+            }
+            delivery = receiver.recv::<Body<Value>>(), if pending_tx.is_some() => {
+                let delivery = match delivery {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link ended");
+                        pending_tx = None;
+                        continue;
+                    }
+                };
+                let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
+                let (info, message) = delivery.into_parts();
+                let work = route(&shared, &identity, &mut metrics, message, batched);
+                if let Some(tx) = &pending_tx {
+                    if tx.send(Pending { info, work }).await.is_err() {
+                        pending_tx = None;
+                    }
+                }
+            }
+            () = stopped(&mut stop), if pending_tx.is_some() => {
+                pending_tx = None;
+            }
+        }
+    }
+    let _ = acker.await;
+    let closed = match failure {
+        Some(reason) => {
+            receiver
+                .close_with_error(AmqpErrorInfo::new(AmqpError::InternalError, reason, None))
+                .await
+        }
+        None => receiver.close().await,
+    };
+    if let Err(e) = closed {
+        tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link close");
+    }
+}
+
+/// Converts and routes one transfer.
+fn route(
+    shared: &ConnShared,
+    identity: &Identity,
+    metrics: &mut crate::metrics::ConnectionMetrics,
+    message: fe2o3_amqp::types::messaging::Message<Body<Value>>,
+    batched: bool,
+) -> Work {
+    let parts = if batched {
+        match convert::split_batch(&message) {
+            Ok(parts) => parts,
+            Err(e) => return Work::Refuse(AmqpError::DecodeError, e.to_string()),
+        }
+    } else {
+        vec![message]
+    };
+    let mut messages = Vec::with_capacity(parts.len());
+    for part in &parts {
+        match convert::message_from_amqp(&identity.device, &identity.module, part) {
+            Ok(m) if m.body().len() > MAX_MESSAGE_BYTES => {
+                return Work::Refuse(
+                    AmqpError::ResourceLimitExceeded,
+                    format!(
+                        "message of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}",
+                        m.body().len()
+                    ),
+                )
+            }
+            Ok(m) => messages.push(m),
+            Err(e) => return Work::Refuse(AmqpError::NotImplemented, e.to_string()),
+        }
+    }
+    let arrived = Instant::now();
+    let acks = messages
+        .into_iter()
+        .map(|m| {
+            metrics.received(&shared.ctx.metrics, m.source().output(), m.body().len());
+            shared.ctx.router.route(m)
+        })
+        .collect();
+    Work::Route(acks, arrived)
+}
+
+/// Awaits each transfer's route acknowledgements in arrival order and says how to settle it.
+/// After the first store failure every later transfer is rejected.
+async fn settle_in_order(
+    mut pending: mpsc::Receiver<Pending>,
+    settle: mpsc::UnboundedSender<Settle>,
+    metrics: Arc<HubMetrics>,
+) {
+    let mut failed: Option<String> = None;
+    while let Some(Pending { info, work }) = pending.recv().await {
+        let decision = match work {
+            Work::Refuse(condition, reason) => Settle::Reject(info, condition, reason, false),
+            Work::Route(_, _) if failed.is_some() => Settle::Reject(
+                info,
+                AmqpError::InternalError,
+                format!(
+                    "not stored: an earlier message failed ({})",
+                    failed.as_deref().unwrap_or_default()
+                ),
+                true,
+            ),
+            Work::Route(acks, arrived) => {
+                let mut error = None;
+                for ack in acks {
+                    if let Err(e) = ack.await {
+                        error = Some(e.to_string());
+                        break;
+                    }
+                }
+                match error {
+                    None => {
+                        metrics.publish_acked(arrived.elapsed());
+                        Settle::Accept(info)
+                    }
+                    Some(reason) => {
+                        tracing::warn!(%reason, "a message could not be stored; rejecting it and every later one");
+                        failed = Some(reason.clone());
+                        Settle::Reject(info, AmqpError::InternalError, reason, true)
+                    }
+                }
+            }
+        };
+        if settle.send(decision).is_err() {
+            return;
+        }
+    }
+}
+
+/// Serves a module's inputs link until it ends or the connection stops.
+pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
+    let ctx = Arc::clone(&shared.ctx);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    ctx.unregister_input_sinks(&identity);
+    ctx.register_input_sinks(&identity, &out_tx);
+    let (settling_tx, settling_rx) = mpsc::unbounded_channel::<Settling>();
+    let metrics = ctx.metrics.connection_metrics(&identity);
+    let settler = tokio::spawn(settle_inputs(settling_rx, metrics));
+    let mut stop = shared.stop.subscribe();
+    loop {
+        let delivery = tokio::select! {
+            d = out_rx.recv() => d,
+            () = stopped(&mut stop) => None,
+        };
+        let Some(delivery) = delivery else { break };
+        if delivery.acked.is_closed() {
+            continue;
+        }
+        let message = convert::amqp_from_message(
+            &delivery.message,
+            &delivery.input,
+            rand::random::<[u8; 16]>(),
+            now_millis(),
+        );
+        // Waits for the client's credit.
+        let sent = tokio::select! {
+            s = sender.send_batchable(message) => s,
+            () = stopped(&mut stop) => break,
+        };
+        match sent {
+            Ok(settled) => {
+                let _ = settling_tx.send(Settling {
+                    settled,
+                    acked: delivery.acked,
+                });
+            }
+            Err(e) => {
+                tracing::debug!(peer = %shared.peer, %identity, error = %e, "inputs link ended");
+                break;
+            }
+        }
+    }
+    if shared.is_current(&identity) {
+        ctx.unregister_input_sinks(&identity);
+    }
+    // Deliveries not sent yet go back to their workers (their `acked` is dropped).
+    drop(out_rx);
+    drop(settling_tx);
+    let _ = sender.close().await;
+    if tokio::time::timeout(CLOSE_GRACE, settler).await.is_err() {
+        tracing::debug!(peer = %shared.peer, %identity, "settlements still outstanding at close; they are retried");
+    }
+}
+
+/// A delivery sent and waiting for the module's disposition.
+struct Settling {
+    settled: DeliveryFut<Result<Outcome, SendError>>,
+    acked: oneshot::Sender<DeliveryOutcome>,
+}
+
+/// Maps each disposition to the router's outcome, in send order.
+async fn settle_inputs(
+    mut settling: mpsc::UnboundedReceiver<Settling>,
+    metrics: crate::metrics::ConnectionMetrics,
+) {
+    while let Some(Settling { settled, acked }) = settling.recv().await {
+        let outcome = match tokio::time::timeout(SETTLE_TIMEOUT, settled).await {
+            Ok(Ok(outcome)) => settlement_outcome(&outcome),
+            Ok(Err(_)) => NOT_DELIVERED,
+            Err(_) => DeliveryOutcome::Retry(FailureKind::Timeout),
+        };
+        if outcome == DeliveryOutcome::Delivered {
+            metrics.sent();
+        }
+        let _ = acked.send(outcome);
+    }
+}
+
+/// The router's outcome for a module's disposition (see the module doc).
+pub fn settlement_outcome(outcome: &Outcome) -> DeliveryOutcome {
+    match outcome {
+        Outcome::Accepted(_) => DeliveryOutcome::Delivered,
+        Outcome::Rejected(r) => DeliveryOutcome::Reject(RejectReason::new(format!(
+            "rejected by the module{}",
+            r.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ))),
+        Outcome::Released(_) => {
+            DeliveryOutcome::Reject(RejectReason::new("released (abandoned) by the module"))
+        }
+        Outcome::Modified(_) => DeliveryOutcome::Retry(FailureKind::Transient),
+        #[allow(unreachable_patterns)]
+        _ => DeliveryOutcome::Retry(FailureKind::Internal),
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use fe2o3_amqp::types::messaging::{Accepted, Modified, Rejected, Released};
+
+    #[test]
+    fn dispositions_map_as_edgehub_does() {
+        assert_eq!(
+            settlement_outcome(&Outcome::Accepted(Accepted {})),
+            DeliveryOutcome::Delivered
+        );
+        assert!(matches!(
+            settlement_outcome(&Outcome::Rejected(Rejected { error: None })),
+            DeliveryOutcome::Reject(_)
+        ));
+        assert!(matches!(
+            settlement_outcome(&Outcome::Released(Released {})),
+            DeliveryOutcome::Reject(_)
+        ));
+        assert_eq!(
+            settlement_outcome(&Outcome::Modified(Modified {
+                delivery_failed: None,
+                undeliverable_here: None,
+                message_annotations: None
+            })),
+            DeliveryOutcome::Retry(FailureKind::Transient)
+        );
+    }
+}
