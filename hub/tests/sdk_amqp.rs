@@ -1,0 +1,434 @@
+//! The AMQP head (AMQPS on 5671) against the real Node SDK (azure-iot-device-amqp 1.14.4, rhea
+//! 1.0.24), mixed with the Python SDK over MQTT: messages cross protocols intact and in order,
+//! authentication is enforced on `$cbs` and on every link, a malformed frame ends only its own
+//! connection, and a hub killed mid-stream loses nothing it acknowledged.
+//!
+//! Each test runs its own hub in its own network namespace (tests/sdk/README.md); they need
+//! root and the SDKs (`scripts/install-sdks.sh`), and fail without them.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+#[path = "support/sdk.rs"]
+mod sdk;
+#[path = "support/hub.rs"]
+mod testhub;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use sdk::{Line, NetNs, Proc, Script, Sdk, SdkEnv, SeqReport};
+use serde_json::Value;
+use testhub::TestHub;
+
+const N: i64 = 2000;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn data(lines: &[Line]) -> Vec<Value> {
+    lines
+        .iter()
+        .filter_map(|l| match l {
+            Line::Json(v) if v.get("event").is_none() => Some(v.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// tests/sdk/node/amqp_probe.js inside `ns` (raw rhea, for what the SDK never does).
+fn probe(env: &SdkEnv, ns: &NetNs, cs: &str, ca: &Path, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(&env.node);
+    cmd.arg(env.scripts.join("node/amqp_probe.js"))
+        .args(args)
+        .env("EDGEHUB_CS", cs)
+        .env("EDGEHUB_CA", ca)
+        .env("EDGEHUB_SDK_DIR", &env.dir);
+    ns.spawn(&mut cmd)
+}
+
+fn event(outcome: &sdk::Outcome, name: &str) -> Value {
+    outcome
+        .events(name)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no {name:?} event: {outcome:?}"))
+}
+
+/// The Node SDK sends N messages over AMQP; a Python module receives them over MQTT: every
+/// message once, in order, with its properties and the sender's connection ids.
+#[test]
+fn node_amqp_sender_to_python_mqtt_receiver() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let hub_proc = hub.start(&ns);
+    let mut rx = ns
+        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+        .args(["--count", &N.to_string(), "--timeout", "150"])
+        .spawn();
+    rx.expect_event("ready", secs(20));
+    let sent = ns
+        .module(&env, Sdk::Node, Script::Send, &cs_tx, &ca)
+        .args(["--transport", "amqp", "--output", "out1", "--run", "amqp"])
+        .args(["--count", &N.to_string(), "--timeout", "120"])
+        .args(testhub::prop_args())
+        .run(secs(130));
+    sent.assert_exit(sdk::EXIT_OK);
+    assert_eq!(event(&sent, "connected")["transport"], "amqp");
+    SeqReport::of(&sent.data(), 0..N).assert_no_loss_no_reorder();
+
+    let outcome = rx.finish(secs(160));
+    let got = outcome.data();
+    let report = SeqReport::of(&got, 0..N);
+    if !report.missing.is_empty() || !report.out_of_order.is_empty() {
+        panic!(
+            "node/amqp -> python/mqtt: {report:?}\nreceiver stderr:\n{}\nhub log:\n{}",
+            outcome.stderr,
+            hub_proc.stderr()
+        );
+    }
+    outcome.assert_exit(sdk::EXIT_OK);
+    report.assert_no_loss_no_reorder();
+    assert_eq!(got.len() as i64, N, "duplicates without a failure");
+    for m in &got {
+        testhub::assert_intact(m, "amqp", "sender", "input1");
+    }
+}
+
+/// A Python module sends N messages over MQTT; the Node SDK receives them over AMQP: every
+/// message once, in order, with the `x-opt-input-name` and connection-id annotations.
+#[test]
+fn python_mqtt_sender_to_node_amqp_receiver() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let hub_proc = hub.start(&ns);
+    let mut rx = ns
+        .module(&env, Sdk::Node, Script::Receive, &cs_rx, &ca)
+        .args(["--transport", "amqp", "--count", &N.to_string()])
+        .args(["--linger", "1", "--timeout", "150"])
+        .spawn();
+    rx.expect_event("ready", secs(20));
+    let sent = ns
+        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+        .args([
+            "--output",
+            "out1",
+            "--run",
+            "tonode",
+            "--count",
+            &N.to_string(),
+        ])
+        .args(["--timeout", "120"])
+        .args(testhub::prop_args())
+        .run(secs(130));
+    sent.assert_exit(sdk::EXIT_OK);
+    SeqReport::of(&sent.data(), 0..N).assert_no_loss_no_reorder();
+
+    let outcome = rx.finish(secs(160));
+    let got = outcome.data();
+    let report = SeqReport::of(&got, 0..N);
+    if !report.missing.is_empty() || !report.out_of_order.is_empty() {
+        panic!(
+            "python/mqtt -> node/amqp: {report:?}\nreceiver stderr:\n{}\nhub log:\n{}",
+            outcome.stderr,
+            hub_proc.stderr()
+        );
+    }
+    outcome.assert_exit(sdk::EXIT_OK);
+    report.assert_no_loss_no_reorder();
+    assert_eq!(got.len() as i64, N, "duplicates without a failure");
+    for m in &got {
+        testhub::assert_intact(m, "tonode", "sender", "input1");
+    }
+}
+
+/// The SDK's `open()` over AMQP is refused (put-token 401) for a wrong key, for a module signing
+/// as another with its own key, and for a module the hub does not know; the right key opens.
+#[test]
+fn wrong_key_and_wrong_module_are_refused() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let hub_proc = hub.start(&ns);
+    let other_key = testhub::cs_field(&cs_rx, "SharedAccessKey").to_owned();
+    let wrong_key = testhub::with_key(&cs, &other_key);
+    let as_other_module = cs.replace("ModuleId=sender;", "ModuleId=receiver;");
+    let unknown_module = cs.replace("ModuleId=sender;", "ModuleId=ghost;");
+    assert_ne!(as_other_module, cs);
+    for (what, cs_try, want) in [
+        ("the right key", cs.as_str(), sdk::EXIT_OK),
+        ("a wrong key", wrong_key.as_str(), sdk::EXIT_AUTH),
+        (
+            "another module with its own key",
+            as_other_module.as_str(),
+            sdk::EXIT_AUTH,
+        ),
+        ("an unknown module", unknown_module.as_str(), sdk::EXIT_AUTH),
+    ] {
+        let out = ns
+            .module(&env, Sdk::Node, Script::ConnectOnly, cs_try, &ca)
+            .args(["--transport", "amqp", "--no-retry", "--timeout", "30"])
+            .run(secs(40));
+        if out.code != Some(want) {
+            panic!(
+                "{what}: exit {:?}, want {want}; stderr:\n{}\nhub log:\n{}",
+                out.code,
+                out.stderr,
+                hub_proc.stderr()
+            );
+        }
+    }
+    let log = hub_proc.stderr();
+    assert!(log.contains("put-token refused"), "{log}");
+}
+
+/// With every way in (no SASL + `$cbs`, SASL ANONYMOUS + `$cbs`, SASL PLAIN with the SAS token
+/// as password), a module's own events link works and another module's events link is refused
+/// in both directions with `amqp:unauthorized-access`.
+#[test]
+fn one_module_cannot_attach_another_modules_links() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
+    let hub_proc = hub.start(&ns);
+    for sasl in ["none", "anonymous", "plain"] {
+        let out = probe(
+            &env,
+            &ns,
+            &cs,
+            &ca,
+            &["--sasl", sasl, "--other", "receiver", "--timeout", "30"],
+        )
+        .finish(secs(40));
+        if out.code != Some(sdk::EXIT_OK) {
+            panic!(
+                "sasl {sasl}: exit {:?}; stdout {:?}\nstderr:\n{}\nhub log:\n{}",
+                out.code,
+                out.lines,
+                out.stderr,
+                hub_proc.stderr()
+            );
+        }
+        if sasl != "plain" {
+            let cbs = event(&out, "cbs");
+            assert_eq!(cbs["status"], 200, "sasl {sasl}: {cbs}");
+            assert_eq!(cbs["correlated"], true, "sasl {sasl}: {cbs}");
+        }
+        assert_eq!(event(&out, "own")["outcome"], "accepted", "sasl {sasl}");
+        for side in ["other-sender", "other-receiver"] {
+            let e = event(&out, side);
+            assert_eq!(e["result"], "refused", "sasl {sasl}, {side}: {e}");
+            assert_eq!(
+                e["condition"], "amqp:unauthorized-access",
+                "sasl {sasl}, {side}: {e}"
+            );
+        }
+    }
+}
+
+/// Malformed frames on three connections close each of them, while the Node SDK streams over
+/// another AMQP connection: that stream finishes, in order, and a Python receiver gets it all.
+#[test]
+fn malformed_frames_close_that_connection_only() {
+    const M: i64 = 1000;
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let hub_proc = hub.start(&ns);
+    let mut rx = ns
+        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+        .args(["--count", &M.to_string(), "--timeout", "120"])
+        .spawn();
+    rx.expect_event("ready", secs(20));
+    let mut tx = ns
+        .module(&env, Sdk::Node, Script::Send, &cs_tx, &ca)
+        .args([
+            "--transport",
+            "amqp",
+            "--output",
+            "out1",
+            "--run",
+            "garbage",
+        ])
+        .args(["--count", &M.to_string(), "--timeout", "100"])
+        .args(testhub::prop_args())
+        .spawn();
+    let started = tx.read_until(secs(40), |v| v["seq"].as_i64().is_some_and(|s| s >= 50));
+    assert!(
+        started.is_some(),
+        "the sender never got going: {}",
+        tx.stderr()
+    );
+    let probes: Vec<Proc> = (0..3)
+        .map(|_| {
+            probe(
+                &env,
+                &ns,
+                &cs_tx,
+                &ca,
+                &["--mode", "garbage", "--timeout", "20"],
+            )
+        })
+        .collect();
+    for p in probes {
+        let out = p.finish(secs(30));
+        out.assert_exit(sdk::EXIT_OK);
+        let closed = event(&out, "closed");
+        assert!(closed["ms"].as_i64().is_some(), "{closed}");
+    }
+    let sent = tx.finish(secs(110));
+    if sent.code != Some(sdk::EXIT_OK) {
+        panic!(
+            "the stream beside the malformed connections failed: {:?}\n{}\nhub log:\n{}",
+            sent.code,
+            sent.stderr,
+            hub_proc.stderr()
+        );
+    }
+    SeqReport::of(&sent.data(), 0..M).assert_no_loss_no_reorder();
+    let outcome = rx.finish(secs(130));
+    outcome.assert_exit(sdk::EXIT_OK);
+    let got = outcome.data();
+    SeqReport::of(&got, 0..M).assert_no_loss_no_reorder();
+    assert_eq!(got.len() as i64, M);
+    let log = hub_proc.stderr();
+    assert!(
+        log.matches("AMQP connection closed").count() >= 3,
+        "the malformed connections were not closed by the hub:\n{log}"
+    );
+}
+
+/// Reads the receiver until every seq in `0..n` arrived at least once, or the deadline; then
+/// stops it and returns all its data lines.
+fn receive_all(mut rx: Proc, n: i64, within: Duration) -> (Vec<Value>, String) {
+    let mut have: BTreeSet<i64> = data(rx.seen())
+        .iter()
+        .filter_map(|m| m["seq"].as_i64())
+        .collect();
+    if (have.len() as i64) < n {
+        let _ = rx.read_until(within, |v| {
+            if v.get("event").is_none() {
+                if let Some(s) = v["seq"].as_i64() {
+                    if (0..n).contains(&s) {
+                        have.insert(s);
+                    }
+                }
+            }
+            have.len() as i64 >= n
+        });
+    }
+    let stderr = rx.stderr();
+    rx.kill();
+    let out = rx.finish(secs(5));
+    (data(&out.lines), stderr)
+}
+
+/// The hub is SIGKILLed while the Node SDK streams over AMQP, and restarted on the same data
+/// directory: every message the SDK saw accepted before the crash reaches the receiver, first
+/// deliveries in order (duplicates allowed only because of the crash). The SDK reconnects and
+/// finishes; whatever it saw accepted after the restart arrives too.
+#[test]
+fn hub_killed_mid_amqp_stream_loses_nothing_acknowledged() {
+    const M: i64 = 1000;
+    const KILL_AFTER: i64 = 300;
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let mut hub_proc = hub.start(&ns);
+    let mut rx = ns
+        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+        .args(["--timeout", "200"])
+        .spawn();
+    rx.expect_event("ready", secs(20));
+    let mut tx = ns
+        .module(&env, Sdk::Node, Script::Send, &cs_tx, &ca)
+        .args(["--transport", "amqp", "--output", "out1", "--run", "crash"])
+        .args(["--count", &M.to_string(), "--timeout", "150"])
+        .args(testhub::prop_args())
+        .spawn();
+    let reached = tx.read_until(secs(60), |v| {
+        v["seq"].as_i64().is_some_and(|s| s >= KILL_AFTER)
+    });
+    assert!(
+        reached.is_some(),
+        "the sender never got {KILL_AFTER} acknowledgements: {}",
+        tx.stderr()
+    );
+    hub_proc.kill();
+    let before_crash = hub_proc.stderr();
+    let acked_before: BTreeSet<i64> = data(tx.seen())
+        .iter()
+        .filter_map(|m| m["seq"].as_i64())
+        .collect();
+    let hub_proc = hub.start(&ns);
+
+    let sent = tx.finish(secs(160));
+    if sent.code != Some(sdk::EXIT_OK) {
+        panic!(
+            "the sender did not finish after the restart: exit {:?}; stderr:\n{}\n\
+             hub log after the restart:\n{}",
+            sent.code,
+            sent.stderr,
+            hub_proc.stderr()
+        );
+    }
+    let acked = sent.data();
+    SeqReport::of(&acked, 0..M).assert_no_loss_no_reorder();
+
+    let (got, rx_stderr) = receive_all(rx, M, secs(120));
+    let received: BTreeSet<i64> = got.iter().filter_map(|m| m["seq"].as_i64()).collect();
+    let lost: Vec<i64> = acked_before.difference(&received).copied().collect();
+    let report = SeqReport::of(&got, 0..M);
+    if !lost.is_empty()
+        || !report.missing.is_empty()
+        || !report.out_of_order.is_empty()
+        || !report.unexpected.is_empty()
+    {
+        panic!(
+            "after a crash at {} accepted: acknowledged before the crash and lost: {lost:?}; \
+             {report:?}\nreceiver stderr:\n{rx_stderr}\nhub log before the crash:\n\
+             {before_crash}\nhub log after the restart:\n{}",
+            acked_before.len(),
+            hub_proc.stderr()
+        );
+    }
+    eprintln!(
+        "crash after {} accepted: {} deliveries of {M} messages, {} duplicated",
+        acked_before.len(),
+        got.len(),
+        report.duplicates.len()
+    );
+    for m in &got {
+        testhub::assert_intact(m, "crash", "sender", "input1");
+    }
+}

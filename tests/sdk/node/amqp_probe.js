@@ -1,0 +1,152 @@
+#!/usr/bin/env node
+'use strict';
+// Raw AMQP probes of the hub's AMQP head with rhea (the AMQP library under the Node SDK), for
+// what the SDK itself never does. Env EDGEHUB_CS / EDGEHUB_CA as the other scripts; the hub is
+// dialled at the connection string's GatewayHostName:5671.
+//   node amqp_probe.js --mode attach --sasl anonymous|plain|none [--other MODULE]
+//     authenticates as the connection string's module (through $cbs, or SASL PLAIN with the SAS
+//     token as password), then attaches its own events link and sends one message; with
+//     --other it also attaches MODULE's events link (sender and receiver) on the same
+//     connection. stdout: {"event":"cbs","status":N}, {"event":"own","outcome":"accepted"},
+//     {"event":"other-sender"|"other-receiver","result":"refused"|"attached","condition":...}
+//   node amqp_probe.js --mode garbage
+//     opens an AMQP connection (no SASL), then writes bytes that are no AMQP frame on it;
+//     prints {"event":"closed","how":...,"ms":N} when the hub ends the connection.
+// Exit codes: harness.js (0 ok, 5 timeout, 1 other).
+const crypto = require('crypto');
+const h = require('./harness');
+
+const SPEC = {
+  mode: { type: 'string', default: 'attach' },
+  sasl: { type: 'string', default: 'anonymous' },
+  other: { type: 'string', default: undefined },
+};
+
+function csFields() {
+  const f = {};
+  for (const p of (process.env.EDGEHUB_CS || '').split(';')) {
+    const i = p.indexOf('=');
+    if (i > 0) f[p.slice(0, i)] = p.slice(i + 1);
+  }
+  return f;
+}
+
+function sasToken(host, device, module, keyB64) {
+  const sr = encodeURIComponent(`${host}/devices/${device}/modules/${module}`);
+  const se = Math.floor(Date.now() / 1000) + 3600;
+  const sig = crypto.createHmac('sha256', Buffer.from(keyB64, 'base64')).update(`${sr}\n${se}`).digest('base64');
+  return { audience: sr, token: `SharedAccessSignature sr=${sr}&sig=${encodeURIComponent(sig)}&se=${se}` };
+}
+
+function once(emitter, ok, bad, what, deadline) {
+  return deadline.run(new Promise((resolve, reject) => {
+    emitter.once(ok, (ctx) => resolve(ctx));
+    if (bad) emitter.once(bad, (ctx) => reject(new Error(`${what}: ${bad} ${describe(ctx)}`)));
+  }), what, 10);
+}
+
+function describe(ctx) {
+  const e = ctx && (ctx.error || (ctx.sender && ctx.sender.error) || (ctx.receiver && ctx.receiver.error) || (ctx.connection && ctx.connection.error));
+  return e ? `${e.condition}: ${e.description}` : '';
+}
+
+function linkErrorCondition(link) {
+  const e = link.error || (link.remote && link.remote.detach && link.remote.detach.error);
+  return e ? e.condition : null;
+}
+
+// Attaches a link and reports whether the hub kept it attached or detached it with an error.
+function tryAttach(conn, kind, address) {
+  return new Promise((resolve) => {
+    const link = kind === 'sender' ? conn.open_sender({ target: address }) : conn.open_receiver({ source: address, credit_window: 0 });
+    let opened = false;
+    const settle = (result) => { clearTimeout(timer); resolve(result); };
+    link.once(`${kind}_open`, () => { opened = true; });
+    link.once(`${kind}_error`, () => settle({ result: 'refused', condition: linkErrorCondition(link) }));
+    link.once(`${kind}_close`, () => settle({ result: 'refused', condition: linkErrorCondition(link) }));
+    const timer = setTimeout(() => settle({ result: opened ? 'attached' : 'no-answer', condition: null }), 2000);
+  });
+}
+
+async function attachMode(args) {
+  const rhea = h.sdkRequire('rhea');
+  const f = csFields();
+  const { audience, token } = sasToken(f.HostName, f.DeviceId, f.ModuleId, f.SharedAccessKey);
+  const deadline = new h.Deadline(args.timeout);
+  const container = rhea.create_container();
+  const opts = { host: f.GatewayHostName, port: 5671, transport: 'tls', ca: fsRead(process.env.EDGEHUB_CA), reconnect: false };
+  if (args.sasl === 'plain') {
+    opts.username = `${f.DeviceId}/modules/${f.ModuleId}@sas.${f.HostName}`;
+    opts.password = token;
+  } else if (args.sasl === 'none') {
+    opts.sasl = { enabled: false }; // no SASL layer: plain AMQP header (as the Node SDK)
+  } else {
+    opts.username = 'anonymous'; // SASL ANONYMOUS (rhea's default)
+  }
+  const conn = container.connect(opts);
+  await once(conn, 'connection_open', 'connection_error', 'open', deadline);
+  if (args.sasl !== 'plain') {
+    const cbsTx = conn.open_sender({ target: '$cbs' });
+    const cbsRx = conn.open_receiver({ source: '$cbs' });
+    const rxOpen = once(cbsRx, 'receiver_open', 'receiver_error', '$cbs receiver', deadline);
+    const txReady = once(cbsTx, 'sendable', 'sender_error', '$cbs sender', deadline);
+    await rxOpen;
+    await txReady;
+    const id = crypto.randomUUID();
+    const reply = once(cbsRx, 'message', 'receiver_error', 'put-token reply', deadline);
+    cbsTx.send({
+      message_id: id, to: '$cbs', reply_to: 'cbs', body: token,
+      application_properties: { operation: 'put-token', type: 'servicebus.windows.net:sastoken', name: audience },
+    });
+    const msg = (await reply).message;
+    const status = msg.application_properties['status-code'];
+    h.emit({ event: 'cbs', status, correlated: msg.correlation_id === id });
+    if (status !== 200) throw new h.Failure(h.EXIT.AUTH, `put-token status ${status}`);
+  }
+  const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
+  const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
+  await ownReady;
+  const settled = deadline.run(new Promise((resolve) => {
+    own.once('accepted', () => resolve('accepted'));
+    own.once('rejected', () => resolve('rejected'));
+    own.once('released', () => resolve('released'));
+  }), 'own message settlement', 10);
+  own.send({ message_id: 'probe-1', body: rhea.message.data_section(Buffer.from('{"probe":1}')), application_properties: { 'iothub-outputname': 'probe' } });
+  h.emit({ event: 'own', outcome: await settled });
+  if (args.other) {
+    const address = `/devices/${f.DeviceId}/modules/${args.other}/messages/events`;
+    h.emit(Object.assign({ event: 'other-sender' }, await tryAttach(conn, 'sender', address)));
+    h.emit(Object.assign({ event: 'other-receiver' }, await tryAttach(conn, 'receiver', address)));
+  }
+  conn.close();
+}
+
+function fsRead(p) {
+  return require('fs').readFileSync(p, 'ascii');
+}
+
+async function garbageMode(args) {
+  const rhea = h.sdkRequire('rhea');
+  const f = csFields();
+  const deadline = new h.Deadline(args.timeout);
+  const container = rhea.create_container();
+  const conn = container.connect({
+    host: f.GatewayHostName, port: 5671, transport: 'tls', ca: fsRead(process.env.EDGEHUB_CA),
+    reconnect: false, sasl: { enabled: false },
+  });
+  conn.on('connection_error', () => {});
+  conn.on('error', () => {});
+  await once(conn, 'connection_open', 'connection_error', 'open', deadline);
+  const closed = new Promise((resolve) => {
+    conn.once('disconnected', () => resolve('disconnected'));
+    conn.once('connection_close', () => resolve('closed by the hub'));
+  });
+  const t0 = Date.now();
+  // A frame that claims 16 bytes, data offset 2, type 0 (AMQP), channel 0, and a body that is
+  // no performative.
+  conn.socket.write(Buffer.from([0, 0, 0, 16, 2, 0, 0, 0, 0xff, 0xfe, 0xfd, 0xfc, 0xfb, 0xfa, 0xf9, 0xf8]));
+  const how = await deadline.run(closed, 'the hub closing the connection', 15);
+  h.emit({ event: 'closed', how, ms: Date.now() - t0 });
+}
+
+h.main(SPEC, (args) => (args.mode === 'garbage' ? garbageMode(args) : attachMode(args)));
