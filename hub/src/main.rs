@@ -148,6 +148,16 @@ struct HubArgs {
     /// A CA certificate (PEM) to trust for the upstream link, besides the system bundle.
     #[arg(long, global = true, env = "EDGEHUB_UPSTREAM_CA", value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
+    /// Seconds a message may wait for IoT Hub's acknowledgement before the connection is given
+    /// up and everything unacknowledged is sent again on a new one.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_UPSTREAM_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = settings::DEFAULT_UPSTREAM_TIMEOUT_SECS
+    )]
+    upstream_timeout: u64,
     /// Log format: text or json.
     #[arg(long, global = true, env = "EDGEHUB_LOG_FORMAT", value_name = "FORMAT",
           default_value = "text", value_parser = parse_log_format)]
@@ -180,6 +190,7 @@ impl HubArgs {
             upstream_protocol: Some(self.upstream_protocol.clone()),
             upstream_addr: self.upstream_addr.clone(),
             upstream_ca: self.upstream_ca.clone(),
+            upstream_timeout_secs: Some(self.upstream_timeout),
         };
         Ok(raw.validate(settings::machine_hostname())?)
     }

@@ -491,7 +491,10 @@ impl HubMetrics {
             .render_lock
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.refresh_router(router);
+        // The store skips messages whose every target expired without the router seeing them;
+        // both kinds are TTL drops.
+        let store_expired: u64 = store.stats().queues.iter().map(|q| q.expired).sum();
+        self.refresh_router(router, store_expired);
         self.refresh_store(store, now);
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
@@ -500,10 +503,10 @@ impl HubMetrics {
         text
     }
 
-    fn refresh_router(&self, r: &RouterMetrics) {
+    fn refresh_router(&self, r: &RouterMetrics, store_expired: u64) {
         let dropped = [
             ("no_route", r.unrouted),
-            ("ttl_expiry", r.expired),
+            ("ttl_expiry", r.expired.saturating_add(store_expired)),
             ("rejected", r.rejected),
             ("set_aside", r.set_aside),
         ];

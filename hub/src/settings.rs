@@ -184,7 +184,13 @@ pub struct RawSettings {
     pub upstream_addr: Option<String>,
     /// A CA certificate (PEM) to trust for the upstream link, besides the system bundle.
     pub upstream_ca: Option<PathBuf>,
+    /// Seconds a publish may wait for IoT Hub's PUBACK before the connection is given up
+    /// (default [`DEFAULT_UPSTREAM_TIMEOUT_SECS`]).
+    pub upstream_timeout_secs: Option<u64>,
 }
+
+/// edgeHub's `CloudOperationTimeoutSecs`.
+pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 20;
 
 /// Where and how the hub sends `$upstream` messages.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,6 +202,8 @@ pub struct UpstreamSettings {
     pub port: u16,
     /// Extra CA to trust.
     pub ca: Option<PathBuf>,
+    /// How long a publish may wait for its PUBACK.
+    pub timeout: std::time::Duration,
 }
 
 /// IoT Hub's MQTT port.
@@ -321,6 +329,7 @@ impl RawSettings {
             self.upstream_protocol.as_deref(),
             self.upstream_addr.as_deref(),
             self.upstream_ca,
+            self.upstream_timeout_secs,
             &iothub_hostname,
         )?;
         Ok(Settings {
@@ -480,6 +489,7 @@ fn upstream_settings(
     protocol: Option<&str>,
     addr: Option<&str>,
     ca: Option<PathBuf>,
+    timeout_secs: Option<u64>,
     iothub_hostname: &str,
 ) -> Result<Option<UpstreamSettings>, SettingsError> {
     match protocol.unwrap_or("mqtt") {
@@ -498,12 +508,26 @@ fn upstream_settings(
             return Err(invalid("upstream_ca", "", "must not be empty"));
         }
     }
+    let timeout_secs = timeout_secs.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS);
+    if !(1..=3600).contains(&timeout_secs) {
+        return Err(invalid(
+            "upstream_timeout_secs",
+            &timeout_secs.to_string(),
+            "must be 1 to 3600 seconds",
+        ));
+    }
+    let timeout = std::time::Duration::from_secs(timeout_secs);
     let (host, port) = match addr {
         Some(text) => parse_host_port("upstream_addr", text)?,
         None if iothub_hostname == DEFAULT_IOTHUB_HOSTNAME => return Ok(None),
         None => (iothub_hostname.to_owned(), IOTHUB_MQTT_PORT),
     };
-    Ok(Some(UpstreamSettings { host, port, ca }))
+    Ok(Some(UpstreamSettings {
+        host,
+        port,
+        ca,
+        timeout,
+    }))
 }
 
 /// `host:port`, `ip:port` or `[ipv6]:port`, port not 0; the host is not resolved here.
@@ -667,7 +691,8 @@ mod tests {
             Some(&UpstreamSettings {
                 host: "myhub.azure-devices.net".into(),
                 port: 8883,
-                ca: None
+                ca: None,
+                timeout: std::time::Duration::from_secs(20),
             })
         );
         let off = RawSettings {

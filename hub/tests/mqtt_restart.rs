@@ -15,84 +15,15 @@
 mod raw;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use raw::{module_creds, Addrs, Creds, Event, RawClient, Start, TestHub, DEVICE, IOTHUB};
+use raw::{module_creds, BinaryHub, Creds, Event, TestHub};
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
 
 const T: Duration = Duration::from_secs(10);
-
-/// `edgehub run` as a child process.
-struct BinaryHub {
-    child: Child,
-    addrs: Addrs,
-    log: PathBuf,
-}
-
-impl BinaryHub {
-    /// Starts the binary on `{root}/data` with `{root}/manifest.json` and waits for `/readyz`.
-    async fn start(root: &Path, n: usize) -> BinaryHub {
-        let log = root.join(format!("hub-{n}.log"));
-        raw::start_retrying(|addrs| {
-            let (root, log) = (root.to_owned(), log.clone());
-            async move {
-                let file = std::fs::File::create(&log).expect("log file");
-                let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
-                    .arg("run")
-                    .arg("--data-dir")
-                    .arg(root.join("data"))
-                    .arg("--manifest")
-                    .arg(root.join("manifest.json"))
-                    .args(["--mqtt-addr", &addrs.mqtt.to_string()])
-                    .args(["--metrics-addr", &addrs.metrics.to_string()])
-                    .args(["--amqp-addr", "127.0.0.1:0"])
-                    .args(["--iothub-hostname", IOTHUB, "--device-id", DEVICE])
-                    .args(["--gateway-hostname", "localhost", "--log", "info"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(file)
-                    .spawn()
-                    .expect("spawn edgehub");
-                let start = raw::wait_ready(addrs, Duration::from_secs(30), || {
-                    child.try_wait().ok().flatten().is_some()
-                })
-                .await;
-                match start {
-                    Start::Ready => Ok(BinaryHub { child, addrs, log }),
-                    Start::Exited => Err(std::fs::read_to_string(&log).unwrap_or_default()),
-                }
-            }
-        })
-        .await
-    }
-
-    /// SIGKILL, and reap.
-    fn kill9(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("reap");
-    }
-
-    async fn client(&self, root: &Path) -> RawClient {
-        RawClient::tls(self.addrs.mqtt, &hub::tls::ca_path(&root.join("data"))).await
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for BinaryHub {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One connection's stream: publishes `seqs` (pkid i+1 for the i-th; `dup` marks the resends)
 /// pipelined, reading PUBACKs meanwhile. With `kill_after = Some(k)` the hub is killed the

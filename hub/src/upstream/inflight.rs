@@ -84,6 +84,15 @@ impl<W> Inflight<W> {
         all.into_values().collect()
     }
 
+    /// The oldest request not yet acknowledged.
+    pub fn oldest(&self) -> Option<&W> {
+        let sent = self.sent.values().min_by_key(|(seq, _)| *seq);
+        match (self.queued.front(), sent) {
+            (Some(q), Some(s)) => Some(if q.0 < s.0 { &q.1 } else { &s.1 }),
+            (q, s) => q.or(s).map(|(_, w)| w),
+        }
+    }
+
     /// Requests not yet acknowledged (queued or written).
     pub fn len(&self) -> usize {
         self.queued.len() + self.sent.len()
@@ -138,8 +147,13 @@ mod tests {
             f.sent(pkid).unwrap();
         }
         assert_eq!(f.acked(100), Ok(1));
-        assert_eq!(f.lost(), vec![0, 2, 3, 4, 5]);
+        assert_eq!(f.oldest(), Some(&0));
+        assert_eq!(f.acked(99), Ok(0));
+        assert_eq!(f.oldest(), Some(&2));
+        f.queued(0);
+        assert_eq!(f.lost(), vec![2, 3, 4, 5, 0]);
         assert!(f.is_empty());
+        assert_eq!(f.oldest(), None);
         // Usable again afterwards, with the same packet ids.
         f.queued(6);
         f.sent(99).unwrap();

@@ -52,8 +52,9 @@ pub fn start(
         return Ok(None);
     };
     let tls = client_tls_config(up.ca.as_deref())?;
-    let config =
+    let mut config =
         MqttUpstreamConfig::new(settings.iothub_hostname(), &up.host, up.port, Arc::new(tls));
+    config.ack_timeout = up.timeout;
     // Weak: the dispatcher owns the sink, which owns this hook.
     let weak: Weak<Dispatcher> = Arc::downgrade(dispatcher);
     let upstream = Arc::new(MqttUpstream::new(config, identities, metrics, move || {

@@ -67,6 +67,9 @@ pub struct MqttUpstreamConfig {
     pub keep_alive: Duration,
     /// Lifetime of each SAS token.
     pub token_ttl: Duration,
+    /// How long a publish may wait for its PUBACK before the connection is given up (and
+    /// everything in flight resent on the next): edgeHub's `CloudOperationTimeoutSecs`, 20 s.
+    pub ack_timeout: Duration,
     /// Reconnect backoff: first delay.
     pub backoff_min: Duration,
     /// Reconnect backoff: longest delay.
@@ -88,6 +91,7 @@ impl MqttUpstreamConfig {
             tls,
             keep_alive: Duration::from_secs(60),
             token_ttl: Duration::from_secs(3600),
+            ack_timeout: Duration::from_secs(20),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
         }
@@ -172,7 +176,8 @@ pub fn client_tls_config(
         .with_no_client_auth())
 }
 
-type Waiter = oneshot::Sender<Result<(), PublishError>>;
+/// Where to answer a publish, and when it was handed to the connection.
+type Waiter = (Instant, oneshot::Sender<Result<(), PublishError>>);
 
 /// One identity's connection state, shared by its link task and the publishers.
 #[derive(Debug)]
@@ -205,7 +210,7 @@ impl Link {
             state.offline_reason = reason.to_owned();
             state.inflight.lost()
         };
-        for w in waiters {
+        for (_, w) in waiters {
             let _ = w.send(Err(PublishError::Lost));
         }
     }
@@ -241,7 +246,7 @@ impl Link {
                 match client.try_publish(m.topic, QoS::AtLeastOnce, false, m.payload.to_vec()) {
                     Ok(()) => {
                         let (tx, rx) = oneshot::channel();
-                        state.inflight.queued(tx);
+                        state.inflight.queued((Instant::now(), tx));
                         answers.push(Answer::Later(rx));
                     }
                     Err(e) => {
@@ -430,7 +435,28 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
     let up_since = Instant::now();
     let mut acked_any = false;
     loop {
-        let event = eventloop.poll().await;
+        let oldest = link.lock().inflight.oldest().map(|(at, _)| *at);
+        let event = match oldest {
+            // Dropping the poll on a timeout is safe: the whole event loop is dropped with it.
+            Some(at) => match tokio::time::timeout_at(
+                (at + shared.config.ack_timeout).into(),
+                eventloop.poll(),
+            )
+            .await
+            {
+                Ok(event) => event,
+                Err(_) => {
+                    return Ended::Failed {
+                        reason: format!(
+                            "no PUBACK within {:?}: giving up the connection",
+                            shared.config.ack_timeout
+                        ),
+                        progressed: acked_any,
+                    }
+                }
+            },
+            None => eventloop.poll().await,
+        };
         let anomaly = {
             let mut state = link.lock();
             match event {
@@ -441,7 +467,7 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
                     "the broker acknowledged out of order (packet id {pkid} still awaited)"
                 )),
                 Ok(Event::Incoming(Packet::PubAck(ack))) => match state.inflight.acked(ack.pkid) {
-                    Ok(waiter) => {
+                    Ok((_, waiter)) => {
                         drop(state);
                         acked_any = true;
                         let _ = waiter.send(Ok(()));

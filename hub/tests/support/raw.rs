@@ -24,6 +24,7 @@ use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -599,7 +600,13 @@ pub struct TestHub {
 
 impl TestHub {
     /// Starts a hub with [`MANIFEST`] (written if absent) on `root`, and waits until it is ready.
+    /// Upstream is off (`--upstream-protocol none`).
     pub async fn start(root: &Path) -> TestHub {
+        Self::start_with(root, |_| {}).await
+    }
+
+    /// [`TestHub::start`] with settings changed by `adjust` (upstream off unless it says).
+    pub async fn start_with(root: &Path, adjust: impl Fn(&mut RawSettings)) -> TestHub {
         init_logs();
         let manifest = root.join("manifest.json");
         if !manifest.exists() {
@@ -608,26 +615,27 @@ impl TestHub {
         let root = root.to_owned();
         start_retrying(|addrs| {
             let root = root.clone();
-            async move { Self::try_start(&root, addrs).await }
+            let mut settings = RawSettings {
+                data_dir: Some(root.join("data")),
+                manifest: Some(root.join("manifest.json")),
+                mqtt_addr: Some(addrs.mqtt.to_string()),
+                metrics_addr: Some(addrs.metrics.to_string()),
+                plain_mqtt_addr: Some(addrs.plain.to_string()),
+                amqp_addr: Some("127.0.0.1:0".into()),
+                iothub_hostname: Some(IOTHUB.into()),
+                device_id: Some(DEVICE.into()),
+                gateway_hostname: Some("localhost".into()),
+                upstream_protocol: Some("none".into()),
+                ..RawSettings::default()
+            };
+            adjust(&mut settings);
+            async move { Self::try_start(&root, addrs, settings).await }
         })
         .await
     }
 
-    async fn try_start(root: &Path, addrs: Addrs) -> Result<TestHub, String> {
-        let settings = RawSettings {
-            data_dir: Some(root.join("data")),
-            manifest: Some(root.join("manifest.json")),
-            mqtt_addr: Some(addrs.mqtt.to_string()),
-            metrics_addr: Some(addrs.metrics.to_string()),
-            plain_mqtt_addr: Some(addrs.plain.to_string()),
-            amqp_addr: Some("127.0.0.1:0".into()),
-            iothub_hostname: Some(IOTHUB.into()),
-            device_id: Some(DEVICE.into()),
-            gateway_hostname: Some("localhost".into()),
-            ..RawSettings::default()
-        }
-        .validate(None)
-        .expect("valid settings");
+    async fn try_start(root: &Path, addrs: Addrs, raw: RawSettings) -> Result<TestHub, String> {
+        let settings = raw.validate(None).expect("valid settings");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(hub::server::run(settings.clone(), async move {
             let _ = stopped.await;
@@ -707,5 +715,83 @@ impl TestHub {
                 .expect("hub task panicked");
             r.expect("hub run returned an error");
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real binary
+// ---------------------------------------------------------------------------------------------
+
+/// `edgehub run` as a child process.
+pub struct BinaryHub {
+    pub child: Child,
+    pub addrs: Addrs,
+    pub log: PathBuf,
+}
+
+impl BinaryHub {
+    /// Starts the binary on `{root}/data` with `{root}/manifest.json` and waits for `/readyz`.
+    pub async fn start(root: &Path, n: usize) -> BinaryHub {
+        Self::start_with(root, n, &[]).await
+    }
+
+    /// [`BinaryHub::start`] with more command-line arguments.
+    pub async fn start_with(root: &Path, n: usize, extra: &[String]) -> BinaryHub {
+        let log = root.join(format!("hub-{n}.log"));
+        start_retrying(|addrs| {
+            let (root, log) = (root.to_owned(), log.clone());
+            async move {
+                let file = std::fs::File::create(&log).expect("log file");
+                let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
+                    .arg("run")
+                    .arg("--data-dir")
+                    .arg(root.join("data"))
+                    .arg("--manifest")
+                    .arg(root.join("manifest.json"))
+                    .args(["--mqtt-addr", &addrs.mqtt.to_string()])
+                    .args(["--metrics-addr", &addrs.metrics.to_string()])
+                    .args(["--amqp-addr", "127.0.0.1:0"])
+                    .args(["--iothub-hostname", IOTHUB, "--device-id", DEVICE])
+                    .args(["--gateway-hostname", "localhost", "--log", "info"])
+                    .args(extra)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(file)
+                    .spawn()
+                    .expect("spawn edgehub");
+                let start = wait_ready(addrs, Duration::from_secs(30), || {
+                    child.try_wait().ok().flatten().is_some()
+                })
+                .await;
+                match start {
+                    Start::Ready => Ok(BinaryHub { child, addrs, log }),
+                    Start::Exited => Err(std::fs::read_to_string(&log).unwrap_or_default()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    pub async fn client(&self, root: &Path) -> RawClient {
+        RawClient::tls(self.addrs.mqtt, &hub::tls::ca_path(&root.join("data"))).await
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for BinaryHub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

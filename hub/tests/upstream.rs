@@ -1,0 +1,475 @@
+//! `INTO $upstream` through the IoT Hub emulator (tests/iothub-emulator; an emulator, not IoT
+//! Hub): order per module, properties, store-and-forward while the emulator is away or refuses
+//! logins, republishing what was never acknowledged, TTL, and kill -9 while offline.
+//!
+//! Modules publish with a raw MQTT client over TLS; every message counted as sent here got its
+//! PUBACK from the hub (it is durable). The emulator records what each identity published, in
+//! arrival order. "In order" means: dropping repeats (first occurrence wins) gives exactly the
+//! sequence sent; repeats are allowed only in tests that break the link.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+#[path = "support/raw.rs"]
+mod raw;
+
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use iothub_emulator::{Emulator, EmulatorConfig, IdentityKey, Received};
+use raw::{module_creds, BinaryHub, Creds, RawClient, TestHub, DEVICE, IOTHUB};
+use rumqttc::mqttbytes::v4::Packet;
+use rumqttc::mqttbytes::QoS;
+
+const T: Duration = Duration::from_secs(10);
+/// Long enough for a link to come back (its backoff is capped at 10 s) and drain.
+const BACK: Duration = Duration::from_secs(60);
+
+fn manifest(modules: &[&str], ttl_secs: u64) -> String {
+    let mods: Vec<String> = modules.iter().map(|m| format!("\"{m}\": {{}}")).collect();
+    format!(
+        r#"{{"modulesContent": {{
+  "$edgeAgent": {{"properties.desired": {{"modules": {{{}}}}}}},
+  "$edgeHub": {{"properties.desired": {{"schemaVersion": "1.1",
+    "routes": {{"up": "FROM /messages/* INTO $upstream"}},
+    "storeAndForwardConfiguration": {{"timeToLiveSecs": {ttl_secs}}}}}}}}}}}"#,
+        mods.join(", ")
+    )
+}
+
+/// Writes the manifest, gives the modules keys (as the hub will load them) and starts an
+/// emulator that knows those keys.
+async fn setup(root: &Path, modules: &[&str], ttl_secs: u64) -> (Emulator, Vec<Creds>) {
+    std::fs::write(root.join("manifest.json"), manifest(modules, ttl_secs)).unwrap();
+    let creds: Vec<Creds> = modules
+        .iter()
+        .map(|m| module_creds(&root.join("data"), m))
+        .collect();
+    let emulator = Emulator::start(EmulatorConfig {
+        hostname: IOTHUB.to_owned(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        identities: creds
+            .iter()
+            .map(|c| IdentityKey::module(DEVICE, c.module.clone(), c.key.clone()))
+            .collect(),
+        tls_dir: root.join("emulator"),
+    })
+    .await
+    .expect("start the emulator");
+    (emulator, creds)
+}
+
+/// A hub in this process whose upstream is the emulator.
+async fn hub_for(root: &Path, emulator: &Emulator) -> TestHub {
+    let (addr, ca) = (emulator.addr().to_string(), emulator.ca_pem());
+    TestHub::start_with(root, move |s| {
+        s.upstream_protocol = Some("mqtt".into());
+        s.upstream_addr = Some(addr.clone());
+        s.upstream_ca = Some(ca.clone());
+    })
+    .await
+}
+
+fn upstream_args(emulator: &Emulator) -> Vec<String> {
+    vec![
+        "--upstream-addr".into(),
+        emulator.addr().to_string(),
+        "--upstream-ca".into(),
+        emulator.ca_pem().display().to_string(),
+    ]
+}
+
+/// The bag a module sends with message `seq`: an output name, a message id, a content type and
+/// an application property.
+fn bag(seq: u64) -> String {
+    format!("%24.on=out1&%24.mid=m-{seq}&%24.ct=application%2Fjson&seq={seq}")
+}
+
+/// Publishes `seqs` as `creds` (body = the number), 50 at a time, and waits for every PUBACK.
+async fn publish_acked(client: &mut RawClient, creds: &Creds, seqs: Range<u64>) {
+    let all: Vec<u64> = seqs.collect();
+    let mut pkid: u16 = 0;
+    for chunk in all.chunks(50) {
+        for seq in chunk {
+            pkid = pkid % 60_000 + 1;
+            client
+                .writer
+                .publish_unflushed(
+                    &creds.events_topic(&bag(*seq)),
+                    QoS::AtLeastOnce,
+                    pkid,
+                    seq.to_string().as_bytes(),
+                )
+                .await
+                .expect("write");
+        }
+        client.writer.flush().await.expect("flush");
+        for _ in chunk {
+            match client.reader.expect_packet(T).await {
+                Packet::PubAck(_) => {}
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+        }
+    }
+}
+
+async fn connected(hub_mqtt: std::net::SocketAddr, ca: &Path, creds: &Creds) -> RawClient {
+    let mut c = RawClient::tls(hub_mqtt, ca).await;
+    let ack = c.connect(creds.connect(true, 60)).await;
+    assert_eq!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
+    c
+}
+
+/// Waits until message `last` of `creds` arrived (counts include repeats, so a count is not
+/// enough after a failure; the order assertion that follows catches anything missing).
+async fn wait_for_seq(emulator: &Emulator, creds: &Creds, last: u64) {
+    let (id, body) = (creds.client_id(), last.to_string());
+    emulator
+        .wait_until(&format!("message {last} of {id}"), BACK, |all, _| {
+            all.iter()
+                .rev()
+                .any(|r| r.identity == id && r.payload.as_ref() == body.as_bytes())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn seqs_of(received: &[Received]) -> Vec<u64> {
+    received
+        .iter()
+        .map(|r| {
+            std::str::from_utf8(&r.payload)
+                .unwrap()
+                .parse()
+                .expect("a number")
+        })
+        .collect()
+}
+
+/// Asserts that `received` holds every number of `sent`, first occurrences in order, and
+/// returns how many repeats there were.
+fn assert_in_order(received: &[Received], sent: Range<u64>) -> usize {
+    let seqs = seqs_of(received);
+    let mut seen = std::collections::BTreeSet::new();
+    let firsts: Vec<u64> = seqs.iter().copied().filter(|s| seen.insert(*s)).collect();
+    let expected: Vec<u64> = sent.collect();
+    assert_eq!(
+        firsts.len(),
+        expected.len(),
+        "lost or extra messages: got {} distinct, sent {}",
+        firsts.len(),
+        expected.len()
+    );
+    assert_eq!(firsts, expected, "first occurrences out of order");
+    seqs.len() - firsts.len()
+}
+
+/// The value of `name{…id="edge-device/{module}"…}` in a metrics text, 0 if absent.
+fn metric(text: &str, name: &str, module: &str) -> f64 {
+    let id = format!("id=\"{DEVICE}/{module}\"");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&id))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `edgehub_messages_dropped_total{reason=…}` (0 if absent).
+fn dropped(text: &str, reason: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with("edgehub_messages_dropped_total{")
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Scrapes until `ok` holds (metrics have no change events), for at most [`T`].
+async fn metrics_until(hub: &TestHub, ok: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let text = metrics_text(hub).await;
+        if ok(&text) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never got there:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn metrics_text(hub: &TestHub) -> String {
+    raw::http_get(hub.addrs.metrics, "/metrics")
+        .await
+        .expect("metrics answered")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_module_reaches_iot_hub_as_itself_in_order_with_its_properties() {
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = setup(dir.path(), &["modA", "modB"], 7200).await;
+    let hub = hub_for(dir.path(), &emulator).await;
+    let n = 400;
+    let mut tasks = Vec::new();
+    for c in creds.clone() {
+        let (addr, ca) = (hub.addrs.mqtt, hub.ca());
+        tasks.push(tokio::spawn(async move {
+            let mut client = connected(addr, &ca, &c).await;
+            publish_acked(&mut client, &c, 0..n).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for c in &creds {
+        let id = c.client_id();
+        emulator
+            .wait_for_count(&id, n as usize, BACK)
+            .await
+            .expect("every message upstream");
+        let got = emulator.received(&id);
+        assert_eq!(
+            assert_in_order(&got, 0..n),
+            0,
+            "repeats without any failure"
+        );
+        let first = &got[0];
+        assert_eq!(first.identity, id, "sent as the module itself");
+        assert!(
+            first.topic.starts_with(&format!(
+                "devices/{DEVICE}/{}/messages/events/",
+                "modules/".to_owned() + &c.module
+            )),
+            "{}",
+            first.topic
+        );
+        assert_eq!(
+            first.properties.get("$.mid").map(String::as_str),
+            Some("m-0")
+        );
+        assert_eq!(
+            first.properties.get("$.ct").map(String::as_str),
+            Some("application/json")
+        );
+        assert_eq!(first.properties.get("seq").map(String::as_str), Some("0"));
+        assert!(
+            !first.properties.contains_key("$.on"),
+            "the output name is not sent upstream: {:?}",
+            first.properties
+        );
+        assert_eq!(first.qos, 1);
+    }
+    // The emulator records a message before its PUBACK leaves: the hub's count may trail.
+    let text = metrics_until(&hub, |t| {
+        metric(t, "edgehub_upstream_messages_acked_total", "modA") == n as f64
+    })
+    .await;
+    assert_eq!(metric(&text, "edgehub_upstream_connected", "modB"), 1.0);
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_iot_hub_is_away_messages_wait_on_disk_and_go_out_in_order_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = setup(dir.path(), &["modA"], 7200).await;
+    let c = &creds[0];
+    let hub = hub_for(dir.path(), &emulator).await;
+    let mut client = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    // Online first, so the outage below starts on a live link.
+    publish_acked(&mut client, c, 0..100).await;
+    emulator
+        .wait_for_count(&c.client_id(), 100, BACK)
+        .await
+        .unwrap();
+    emulator.go_away().await;
+    // Every one of these is acknowledged to the module while the cloud is away.
+    publish_acked(&mut client, c, 100..1100).await;
+    let text = metrics_text(&hub).await;
+    assert!(
+        metric(&text, "edgehub_upstream_offline_total", "modA") >= 1.0,
+        "the outage is counted:\n{text}"
+    );
+    assert_eq!(metric(&text, "edgehub_upstream_connected", "modA"), 0.0);
+    assert!(
+        text.lines().any(|l| l.starts_with("edgehub_queue_length{")
+            && l.contains("endpoint=\"iothub\"")
+            && !l.ends_with(" 0")),
+        "the upstream queue holds the backlog:\n{text}"
+    );
+    emulator.come_back().await.unwrap();
+    wait_for_seq(&emulator, c, 1099).await;
+    assert_in_order(&emulator.received(&c.client_id()), 0..1100);
+    let text = metrics_text(&hub).await;
+    assert!(metric(&text, "edgehub_upstream_offline_seconds_total", "modA") > 0.0);
+    assert_eq!(metric(&text, "edgehub_upstream_connected", "modA"), 1.0);
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_iot_hub_never_acknowledged_is_published_again_after_a_reconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = setup(dir.path(), &["modA"], 7200).await;
+    let c = &creds[0];
+    let hub = hub_for(dir.path(), &emulator).await;
+    let mut client = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    publish_acked(&mut client, c, 0..10).await;
+    emulator
+        .wait_for_count(&c.client_id(), 10, BACK)
+        .await
+        .unwrap();
+    // The emulator now takes publishes without answering them: the hub has them in flight.
+    emulator.set_ack(false);
+    publish_acked(&mut client, c, 10..60).await;
+    emulator
+        .wait_for_swallowed(1, BACK)
+        .await
+        .expect("the hub sent some");
+    assert_eq!(emulator.count(&c.client_id()), 10);
+    // The connection drops with publishes unacknowledged; rumqttc would forget them (clean
+    // session), the hub must not: every swallowed message must still arrive.
+    emulator.set_ack(true);
+    emulator.drop_connections();
+    wait_for_seq(&emulator, c, 59).await;
+    assert_in_order(&emulator.received(&c.client_id()), 0..60);
+    // Drops in the middle of a long stream: nothing lost, order kept.
+    let mut sender = tokio::spawn({
+        let (addr, ca, c) = (hub.addrs.mqtt, hub.ca(), c.clone());
+        async move {
+            let mut client = connected(addr, &ca, &c).await;
+            publish_acked(&mut client, &c, 60..3000).await;
+        }
+    });
+    for k in 1..=3 {
+        emulator
+            .wait_for_count(&c.client_id(), 60 + 700 * k, BACK)
+            .await
+            .unwrap();
+        emulator.drop_connections();
+    }
+    (&mut sender).await.unwrap();
+    wait_for_seq(&emulator, c, 2999).await;
+    assert_in_order(&emulator.received(&c.client_id()), 0..3000);
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_tokens_are_retried_with_backoff_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = setup(dir.path(), &["modA"], 7200).await;
+    let c = &creds[0];
+    emulator.refuse_logins(true);
+    let hub = hub_for(dir.path(), &emulator).await;
+    let mut client = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    publish_acked(&mut client, c, 0..200).await;
+    emulator
+        .wait_for_refusals(3, BACK)
+        .await
+        .expect("the hub keeps trying");
+    let text = metrics_text(&hub).await;
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("edgehub_upstream_connect_failures_total{")
+                && l.contains("reason=\"not_authorized\"")
+        ),
+        "{text}"
+    );
+    assert_eq!(emulator.count(&c.client_id()), 0);
+    emulator.refuse_logins(false);
+    emulator
+        .wait_for_count(&c.client_id(), 200, BACK)
+        .await
+        .expect("sent once logins are accepted");
+    assert_eq!(
+        assert_in_order(&emulator.received(&c.client_id()), 0..200),
+        0
+    );
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_past_their_ttl_are_dropped_and_counted_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = setup(dir.path(), &["modA"], 2).await;
+    let c = &creds[0];
+    emulator.go_away().await;
+    let hub = hub_for(dir.path(), &emulator).await;
+    let mut client = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    publish_acked(&mut client, c, 0..100).await;
+    // The TTL is wall-clock time: let it pass.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    emulator.come_back().await.unwrap();
+    publish_acked(&mut client, c, 100..150).await;
+    emulator
+        .wait_for_count(&c.client_id(), 50, BACK)
+        .await
+        .expect("the fresh messages");
+    let got = emulator.received(&c.client_id());
+    assert_in_order(&got, 100..150);
+    let text = metrics_text(&hub).await;
+    assert_eq!(dropped(&text, "ttl_expiry"), 100.0, "{text}");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_killed_while_offline_sends_everything_it_acknowledged_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (emulator, creds) = setup(root, &["modA", "modB"], 7200).await;
+    emulator.go_away().await;
+    let args = upstream_args(&emulator);
+    let mut first = BinaryHub::start_with(root, 0, &args).await;
+    let ca = hub::tls::ca_path(&root.join("data"));
+    for c in &creds {
+        let mut client = connected(first.addrs.mqtt, &ca, c).await;
+        publish_acked(&mut client, c, 0..500).await;
+    }
+    first.kill9();
+    let second = BinaryHub::start_with(root, 1, &args).await;
+    emulator.come_back().await.unwrap();
+    for c in &creds {
+        emulator
+            .wait_until(&format!("499 from {}", c.module), BACK, |all, _| {
+                all.iter()
+                    .any(|r| r.identity == c.client_id() && r.payload.as_ref() == b"499")
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}\nhub log:\n{}", second.log_tail()));
+        assert_in_order(&emulator.received(&c.client_id()), 0..500);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_iot_hub_stops_acknowledging_on_is_given_up_and_its_messages_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = setup(dir.path(), &["modA"], 7200).await;
+    let c = &creds[0];
+    let (addr, ca) = (emulator.addr().to_string(), emulator.ca_pem());
+    let hub = TestHub::start_with(dir.path(), move |s| {
+        s.upstream_protocol = Some("mqtt".into());
+        s.upstream_addr = Some(addr.clone());
+        s.upstream_ca = Some(ca.clone());
+        s.upstream_timeout_secs = Some(1);
+    })
+    .await;
+    let mut client = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    publish_acked(&mut client, c, 0..5).await;
+    emulator
+        .wait_for_connects(&c.client_id(), 1, BACK)
+        .await
+        .unwrap();
+    // A half-dead link: the connection stays up (pings are answered) but nothing is acked.
+    emulator.set_ack(false);
+    publish_acked(&mut client, c, 5..30).await;
+    emulator.wait_for_swallowed(1, BACK).await.unwrap();
+    emulator.set_ack(true);
+    // Nobody drops the connection: the hub must notice the missing PUBACKs itself.
+    emulator
+        .wait_for_connects(&c.client_id(), 2, BACK)
+        .await
+        .expect("the hub reconnected on its own");
+    wait_for_seq(&emulator, c, 29).await;
+    assert_in_order(&emulator.received(&c.client_id()), 0..30);
+    hub.stop().await;
+}
