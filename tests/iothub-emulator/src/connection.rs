@@ -81,6 +81,10 @@ struct Conn {
     keep_alive: Option<Duration>,
     pending: Vec<Pending>,
     swallowed: u64,
+    /// Once a connection swallowed a message it swallows everything after it, like a path
+    /// that went dead: IoT Hub never acknowledges a later message on a connection that lost an
+    /// earlier one.
+    black_hole: bool,
     out: BytesMut,
 }
 
@@ -100,6 +104,7 @@ pub(crate) async fn run(
         keep_alive: None,
         pending: Vec::new(),
         swallowed: 0,
+        black_hole: false,
         out: BytesMut::with_capacity(4 * 1024),
     };
     let connect_deadline = Instant::now() + CONNECT_TIMEOUT;
@@ -340,7 +345,8 @@ impl Conn {
                 p.payload.len()
             )));
         }
-        if !self.shared.ack.load(Ordering::SeqCst) {
+        if self.black_hole || !self.shared.ack.load(Ordering::SeqCst) {
+            self.black_hole = true;
             self.swallowed += 1;
             return None;
         }

@@ -677,7 +677,9 @@ impl Emulator {
     }
 
     /// While `false`, telemetry is swallowed: not recorded and not acknowledged (the connection
-    /// stays up), as if IoT Hub lost it.
+    /// stays up), as if IoT Hub lost it. A connection that swallowed a message swallows every
+    /// later one too, whatever this flag says afterwards (a dead path, not a hole in the
+    /// middle of a stream); only new connections see the flag turned back on.
     pub fn set_ack(&self, ack: bool) {
         self.shared.ack.store(ack, Ordering::SeqCst);
     }

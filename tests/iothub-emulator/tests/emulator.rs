@@ -598,9 +598,17 @@ async fn set_ack_false_swallows_then_true_acknowledges() {
     assert_eq!(err.got, 1);
 
     f.emu.set_ack(true);
+    // The connection that lost a message stays a dead path: nothing after it is acknowledged.
+    let p = c.publish(EVENTS_M1, "after", QoS::AtLeastOnce);
+    c.send(&[p, Packet::PingReq]).await;
+    assert_eq!(c.recv().await, Some(Packet::PingResp));
+    assert_eq!(f.emu.total(), 0);
+    f.emu.wait_for_swallowed(2, WAIT).await.unwrap();
+    // A new connection sees acknowledgements on again.
+    let mut c = Client::module(&f.emu, "dev1", "m1", KEY_M1).await;
     let p = c.publish(EVENTS_M1, "kept", QoS::AtLeastOnce);
     c.send(&[p]).await;
-    assert_eq!(c.recv().await, Some(Packet::PubAck(PubAck::new(2))));
+    assert_eq!(c.recv().await, Some(Packet::PubAck(PubAck::new(1))));
     let all = f.emu.received_all();
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].payload, "kept");
