@@ -6,8 +6,8 @@
 //! SAS tokens with it, and [`Identities::connection_string`] hands it out.
 //!
 //! Guarantees:
-//! - A key never changes once created: loading adds keys only for modules that lack one, and
-//!   never rewrites an existing key.
+//! - A key never changes once created, except when the user gives one (`--module-key`): loading
+//!   adds keys only for modules that lack one, and rewrites a key only with a given one.
 //! - The file is replaced atomically (write a temporary file, fdatasync it, rename it over the
 //!   old one, fsync the directory), with mode 0600: a crash leaves the old or the new file,
 //!   never a torn one.
@@ -32,8 +32,43 @@ use router::{DeviceId, ModuleId};
 
 use crate::settings::{check_module_id, Settings};
 
-/// Length of a module key in bytes (as IoT Hub's symmetric keys).
+/// Length of a key the hub generates, in bytes (as IoT Hub's generated symmetric keys).
 pub const KEY_LEN: usize = 32;
+/// Lengths IoT Hub accepts for a symmetric key someone gives the hub (`--module-key`).
+pub const GIVEN_KEY_LEN: std::ops::RangeInclusive<usize> = 16..=64;
+
+/// A module key given by the user (from IoT Hub), never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ModuleKey(Vec<u8>);
+
+impl ModuleKey {
+    /// Decodes a base64 key of [`GIVEN_KEY_LEN`] bytes.
+    pub fn from_base64(text: &str) -> Result<ModuleKey, String> {
+        let bytes = BASE64
+            .decode(text.trim().as_bytes())
+            .map_err(|e| format!("not base64: {e}"))?;
+        if !GIVEN_KEY_LEN.contains(&bytes.len()) {
+            return Err(format!(
+                "{} bytes; IoT Hub keys are {} to {} bytes",
+                bytes.len(),
+                GIVEN_KEY_LEN.start(),
+                GIVEN_KEY_LEN.end()
+            ));
+        }
+        Ok(ModuleKey(bytes))
+    }
+
+    /// The raw key.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ModuleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ModuleKey(<redacted>)")
+    }
+}
 /// The identities file, in the data directory.
 pub const IDENTITIES_FILE: &str = "identities.json";
 
@@ -116,7 +151,7 @@ fn known_list(known: &[ModuleId]) -> String {
 pub struct Identities {
     device: DeviceId,
     path: PathBuf,
-    keys: BTreeMap<ModuleId, [u8; KEY_LEN]>,
+    keys: BTreeMap<ModuleId, Vec<u8>>,
     declared: BTreeSet<ModuleId>,
 }
 
@@ -145,16 +180,37 @@ impl Identities {
         device: &DeviceId,
         modules: &[ModuleId],
     ) -> Result<Identities, IdentityError> {
+        Self::load_with_keys(data_dir, device, modules, &[])
+    }
+
+    /// [`Identities::load_or_create`], after setting the keys in `given` (keys IoT Hub issued,
+    /// from `--module-key`): a given key replaces the one on file (and is saved), and its module
+    /// is declared.
+    pub fn load_with_keys(
+        data_dir: &Path,
+        device: &DeviceId,
+        modules: &[ModuleId],
+        given: &[(ModuleId, ModuleKey)],
+    ) -> Result<Identities, IdentityError> {
         let path = Self::path(data_dir);
         let mut keys = read_keys(&path)?;
         let rng = ring::rand::SystemRandom::new();
         let mut added = false;
-        for module in modules {
+        let mut modules = modules.to_vec();
+        for (module, key) in given {
+            if keys.get(module).map(Vec::as_slice) != Some(key.as_bytes()) {
+                keys.insert(module.clone(), key.as_bytes().to_vec());
+                added = true;
+                tracing::info!(%module, "module key set from --module-key");
+            }
+            modules.push(module.clone());
+        }
+        for module in &modules {
             if !keys.contains_key(module) {
                 let mut key = [0u8; KEY_LEN];
                 ring::rand::SecureRandom::fill(&rng, &mut key)
                     .map_err(|_| IdentityError::Random)?;
-                keys.insert(module.clone(), key);
+                keys.insert(module.clone(), key.to_vec());
                 added = true;
             }
         }
@@ -186,10 +242,11 @@ impl Identities {
         settings: &Settings,
         manifest_modules: &[ModuleId],
     ) -> Result<Identities, IdentityError> {
-        Self::load_or_create(
+        Self::load_with_keys(
             settings.data_dir(),
             settings.device_id(),
             &settings.all_modules(manifest_modules),
+            settings.module_keys(),
         )
     }
 
@@ -251,7 +308,7 @@ impl Identities {
     }
 }
 
-fn read_keys(path: &Path) -> Result<BTreeMap<ModuleId, [u8; KEY_LEN]>, IdentityError> {
+fn read_keys(path: &Path) -> Result<BTreeMap<ModuleId, Vec<u8>>, IdentityError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
@@ -271,21 +328,14 @@ fn read_keys(path: &Path) -> Result<BTreeMap<ModuleId, [u8; KEY_LEN]>, IdentityE
     let mut keys = BTreeMap::new();
     for (module, key) in raw {
         check_module_id("module", &module).map_err(|e| corrupt(e.to_string()))?;
-        let bytes = BASE64
-            .decode(key.as_bytes())
-            .map_err(|e| corrupt(format!("key of {module:?} is not base64: {e}")))?;
-        let key: [u8; KEY_LEN] = bytes.try_into().map_err(|b: Vec<u8>| {
-            corrupt(format!(
-                "key of {module:?} has {} bytes, expected {KEY_LEN}",
-                b.len()
-            ))
-        })?;
-        keys.insert(ModuleId::new(module), key);
+        let key =
+            ModuleKey::from_base64(&key).map_err(|e| corrupt(format!("key of {module:?}: {e}")))?;
+        keys.insert(ModuleId::new(module), key.0);
     }
     Ok(keys)
 }
 
-fn encode_keys(keys: &BTreeMap<ModuleId, [u8; KEY_LEN]>) -> String {
+fn encode_keys(keys: &BTreeMap<ModuleId, Vec<u8>>) -> String {
     let map: BTreeMap<&str, String> = keys
         .iter()
         .map(|(m, k)| (m.as_str(), BASE64.encode(k)))
@@ -351,6 +401,44 @@ mod tests {
             Identities::load_or_create(dir.path(), &dev(), &[m("a"), m("c")]).expect("reloaded");
         assert_eq!(again.key(&a), Some(key_a.as_slice()));
         assert!(again.key(&Identity::new(dev(), m("c"))).is_some());
+    }
+
+    #[test]
+    fn a_given_key_replaces_the_generated_one_persists_and_declares_its_module() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Identities::load_or_create(dir.path(), &dev(), &[m("a")]).expect("created");
+        let issued = BASE64.encode([7u8; 64]);
+        let given = vec![
+            (m("a"), ModuleKey::from_base64(&issued).expect("64 bytes")),
+            (
+                m("z"),
+                ModuleKey::from_base64(&BASE64.encode([9u8; 16])).expect("16"),
+            ),
+        ];
+        let ids = Identities::load_with_keys(dir.path(), &dev(), &[], &given).expect("set");
+        assert_eq!(ids.key(&Identity::new(dev(), m("a"))), Some(&[7u8; 64][..]));
+        assert_eq!(ids.key(&Identity::new(dev(), m("z"))), Some(&[9u8; 16][..]));
+        // Saved: a later load without --module-key still has them.
+        let again = Identities::load_or_create(dir.path(), &dev(), &[m("a")]).expect("loaded");
+        assert_eq!(
+            again.key(&Identity::new(dev(), m("a"))),
+            Some(&[7u8; 64][..])
+        );
+        assert!(
+            !format!("{:?}", given[0].1).contains("Bwc"),
+            "keys are never printed"
+        );
+    }
+
+    #[test]
+    fn given_keys_must_have_a_length_iot_hub_accepts() {
+        for bad in [
+            BASE64.encode([1u8; 15]),
+            BASE64.encode([1u8; 65]),
+            "not base64!".into(),
+        ] {
+            assert!(ModuleKey::from_base64(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -158,6 +158,18 @@ struct HubArgs {
         default_value_t = settings::DEFAULT_UPSTREAM_TIMEOUT_SECS
     )]
     upstream_timeout: u64,
+    /// The key IoT Hub issued for a module identity, as MODULE=BASE64KEY (repeatable;
+    /// comma-separated in the variable). Saved in the data directory's identities.json; the
+    /// module uses it towards the hub and the hub towards IoT Hub.
+    #[arg(
+        long = "module-key",
+        global = true,
+        env = "EDGEHUB_MODULE_KEYS",
+        value_name = "MODULE=KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    module_keys: Vec<String>,
     /// Log format: text or json.
     #[arg(long, global = true, env = "EDGEHUB_LOG_FORMAT", value_name = "FORMAT",
           default_value = "text", value_parser = parse_log_format)]
@@ -191,6 +203,7 @@ impl HubArgs {
             upstream_addr: self.upstream_addr.clone(),
             upstream_ca: self.upstream_ca.clone(),
             upstream_timeout_secs: Some(self.upstream_timeout),
+            module_keys: self.module_keys.clone(),
         };
         Ok(raw.validate(settings::machine_hostname())?)
     }

@@ -29,6 +29,8 @@ use std::str::FromStr;
 use router::manifest::Deployment;
 use router::{DeviceId, ManifestError, ModuleId};
 
+use crate::identity::ModuleKey;
+
 /// The deployment manifest used when none is given: modules `sender` and `receiver`, routes
 /// `sender → receiver/input1` and `sender → $upstream`.
 pub const DEFAULT_MANIFEST: &str = include_str!("default-manifest.json");
@@ -187,6 +189,8 @@ pub struct RawSettings {
     /// Seconds a publish may wait for IoT Hub's PUBACK before the connection is given up
     /// (default [`DEFAULT_UPSTREAM_TIMEOUT_SECS`]).
     pub upstream_timeout_secs: Option<u64>,
+    /// `MODULE=BASE64KEY`: the key IoT Hub issued for a module identity (declares the module).
+    pub module_keys: Vec<String>,
 }
 
 /// edgeHub's `CloudOperationTimeoutSecs`.
@@ -227,6 +231,7 @@ pub struct Settings {
     amqp_addr: SocketAddr,
     epoch: u64,
     upstream: Option<UpstreamSettings>,
+    module_keys: Vec<(ModuleId, ModuleKey)>,
 }
 
 /// A setting that is not valid. The message names the field.
@@ -323,6 +328,36 @@ impl RawSettings {
             check_module_id("module", m)?;
             modules.push(ModuleId::new(m.clone()));
         }
+        let mut module_keys = Vec::with_capacity(self.module_keys.len());
+        for (n, entry) in self.module_keys.iter().enumerate() {
+            // Errors never echo the entry (a mistyped one may be all key); they say which one.
+            let n = n + 1;
+            let hidden = "(value hidden: it holds a key)";
+            let (module, key) = entry.split_once('=').ok_or_else(|| {
+                invalid(
+                    "module_key",
+                    hidden,
+                    format!("entry {n}: expected MODULE=BASE64KEY"),
+                )
+            })?;
+            check_module_id("module_key", module).map_err(|_| {
+                invalid(
+                    "module_key",
+                    hidden,
+                    format!("entry {n}: MODULE is not a module id"),
+                )
+            })?;
+            let key = ModuleKey::from_base64(key).map_err(|why| {
+                invalid("module_key", hidden, format!("entry {n}: the key is {why}"))
+            })?;
+            if module_keys
+                .iter()
+                .any(|(m, _): &(ModuleId, ModuleKey)| m.as_str() == module)
+            {
+                return Err(invalid("module_key", module, "given twice"));
+            }
+            module_keys.push((ModuleId::new(module), key));
+        }
         modules.sort();
         modules.dedup();
         let upstream = upstream_settings(
@@ -348,6 +383,7 @@ impl RawSettings {
             amqp_addr,
             epoch: self.epoch.unwrap_or(0),
             upstream,
+            module_keys,
         })
     }
 }
@@ -426,6 +462,11 @@ impl Settings {
     /// The store's fencing epoch.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// Module keys given with `--module-key` (keys IoT Hub issued).
+    pub fn module_keys(&self) -> &[(ModuleId, ModuleKey)] {
+        &self.module_keys
     }
 
     /// The upstream link, or `None` when `$upstream` messages only wait on disk: with
@@ -739,6 +780,39 @@ mod tests {
         .validate(None)
         .expect_err("amqp upstream");
         assert_eq!(err.field, "upstream_protocol");
+    }
+
+    #[test]
+    fn module_keys_are_checked_and_never_echoed() {
+        use base64::Engine as _;
+        let key = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
+        let s = RawSettings {
+            module_keys: vec![format!("modA={key}")],
+            ..raw()
+        }
+        .validate(None)
+        .expect("valid");
+        assert_eq!(s.module_keys()[0].0.as_str(), "modA");
+        assert_eq!(s.module_keys()[0].1.as_bytes(), &[5u8; 32]);
+        let short = base64::engine::general_purpose::STANDARD.encode([5u8; 8]);
+        for bad in [
+            format!("modA{key}"),
+            format!("bad id={key}"),
+            format!("modA={short}"),
+            format!("modA={key},modA={key}"),
+        ] {
+            let err = RawSettings {
+                module_keys: bad.split(',').map(str::to_owned).collect(),
+                ..raw()
+            }
+            .validate(None)
+            .expect_err(&bad);
+            assert_eq!(err.field, "module_key", "{bad}: {err}");
+            assert!(
+                !err.to_string().contains(&short) && !err.to_string().contains(&key),
+                "{err}"
+            );
+        }
     }
 
     #[test]

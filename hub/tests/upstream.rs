@@ -473,3 +473,45 @@ async fn a_connection_iot_hub_stops_acknowledging_on_is_given_up_and_its_message
     assert_in_order(&emulator.received(&c.client_id()), 0..30);
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_iot_hub_issued_given_with_module_key_works_towards_both_hubs() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("manifest.json"), manifest(&["modK"], 7200)).unwrap();
+    // A 64-byte key, as IoT Hub may issue; the hub never generated it.
+    let issued: Vec<u8> = (0u8..64).collect();
+    let emulator = Emulator::start(EmulatorConfig {
+        hostname: IOTHUB.to_owned(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        identities: vec![IdentityKey::module(DEVICE, "modK", issued.clone())],
+        tls_dir: root.join("emulator"),
+    })
+    .await
+    .unwrap();
+    let (addr, ca) = (emulator.addr().to_string(), emulator.ca_pem());
+    let given = format!(
+        "modK={}",
+        base64::engine::general_purpose::STANDARD.encode(&issued)
+    );
+    let hub = TestHub::start_with(root, move |s| {
+        s.upstream_protocol = Some("mqtt".into());
+        s.upstream_addr = Some(addr.clone());
+        s.upstream_ca = Some(ca.clone());
+        s.module_keys = vec![given.clone()];
+    })
+    .await;
+    let c = Creds {
+        key: issued,
+        ..hub.creds("modK")
+    };
+    let mut client = connected(hub.addrs.mqtt, &hub.ca(), &c).await;
+    publish_acked(&mut client, &c, 0..20).await;
+    wait_for_seq(&emulator, &c, 19).await;
+    assert_eq!(
+        assert_in_order(&emulator.received(&c.client_id()), 0..20),
+        0
+    );
+    hub.stop().await;
+}
