@@ -246,6 +246,121 @@ fn one_module_cannot_attach_another_modules_links() {
     }
 }
 
+/// The Node SDK's `reject()` and `abandon()` over AMQP (`rejected` and `released`
+/// dispositions) mean what they mean to edgeHub: the message is not retried, it is dropped and
+/// counted; `complete()` (`accepted`) delivers. A later receiver gets none of them again.
+#[test]
+fn rejected_and_released_deliveries_are_dropped_not_retried() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let hub_proc = hub.start(&ns);
+    let mut rx = ns
+        .module(&env, Sdk::Node, Script::Receive, &cs_rx, &ca)
+        .args(["--transport", "amqp", "--count", "4", "--linger", "2"])
+        .args(["--reject-seq", "0", "--abandon-seq", "1", "--timeout", "60"])
+        .spawn();
+    rx.expect_event("ready", secs(20));
+    ns.module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+        .args(["--output", "out1", "--run", "settle", "--count", "4"])
+        .run(secs(60))
+        .assert_exit(sdk::EXIT_OK);
+    let first = rx.finish(secs(70));
+    first.assert_exit(sdk::EXIT_OK);
+    let got = first.data();
+    let settled: Vec<(i64, &str)> = got
+        .iter()
+        .map(|m| {
+            (
+                m["seq"].as_i64().unwrap(),
+                m["settled"].as_str().unwrap_or("completed"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        settled,
+        [
+            (0, "rejected"),
+            (1, "abandoned"),
+            (2, "completed"),
+            (3, "completed")
+        ],
+        "each message once, in order (a retried one would come again)"
+    );
+    let counters = testhub::message_counters(&ns);
+    let rejected: f64 = counters
+        .lines()
+        .filter(|l| l.starts_with("edgehub_messages_dropped_total") && l.contains("rejected"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(rejected, 2.0, "dropped as rejected:\n{counters}");
+    let again = ns
+        .module(&env, Sdk::Node, Script::Receive, &cs_rx, &ca)
+        .args(["--transport", "amqp", "--stay", "3"])
+        .run(secs(20));
+    again.assert_exit(sdk::EXIT_OK);
+    assert!(
+        again.data().is_empty(),
+        "redelivered after reject/abandon: {:?}\nhub log:\n{}",
+        again.data(),
+        hub_proc.stderr()
+    );
+}
+
+/// A put-token on the open connection renews it: the connection outlives its first token. A
+/// token left to expire closes the connection.
+#[test]
+fn renewal_keeps_the_connection_and_expiry_closes_it() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs, cs_other, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let hub_proc = hub.start(&ns);
+    // Two modules: a second connection of one module would replace the first.
+    let renewed = probe(
+        &env,
+        &ns,
+        &cs,
+        &ca,
+        &["--expire-in", "3", "--renew-after", "1", "--hold", "7"],
+    );
+    let expiring = probe(
+        &env,
+        &ns,
+        &cs_other,
+        &ca,
+        &["--expire-in", "3", "--hold", "15"],
+    );
+    let renewed = renewed.finish(secs(30));
+    renewed.assert_exit(sdk::EXIT_OK);
+    let r = event(&renewed, "renewed");
+    assert_eq!(r["status"], 200, "{r}");
+    assert_eq!(r["correlated"], true, "{r}");
+    let held = event(&renewed, "held");
+    assert!(
+        held["closed_by_hub_ms"].is_null(),
+        "the renewed connection was closed: {held}\nhub log:\n{}",
+        hub_proc.stderr()
+    );
+    let expiring = expiring.finish(secs(30));
+    expiring.assert_exit(sdk::EXIT_OK);
+    let held = event(&expiring, "held");
+    let closed = held["closed_by_hub_ms"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("an expired token kept its connection: {held}"));
+    assert!(closed < 10_000, "closed only after {closed} ms");
+    assert!(hub_proc.stderr().contains("expired without renewal"));
+}
+
 /// Malformed frames on three connections close each of them, while the Node SDK streams over
 /// another AMQP connection: that stream finishes, in order, and a Python receiver gets it all.
 #[test]

@@ -17,7 +17,7 @@ use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Value};
 use fe2o3_amqp::{Receiver, Sender};
 
 use crate::amqp::auth_state::PutTokenRequest;
-use crate::amqp::connection::{stopped, ConnShared};
+use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 
 /// How long a reply's settlement is awaited before it is logged as lost.
 const REPLY_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -90,6 +90,7 @@ pub async fn serve_requests(mut receiver: Receiver, shared: Arc<ConnShared>) {
                     .ok_or_else(|| format!("unknown module {identity}"))?;
                 ctx.verify_token_expiry(token, key, identity)
             });
+        shared.auth_changed.notify_one();
         match &reply.identity {
             Some(identity) => {
                 if !reply.renewed {
@@ -111,14 +112,14 @@ pub async fn serve_requests(mut receiver: Receiver, shared: Arc<ConnShared>) {
             description: reply.description,
         });
     }
-    let _ = receiver.close().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, receiver.close()).await;
 }
 
 /// Serves the client's `$cbs` receiver link: sends the replies in order.
 pub async fn serve_replies(mut sender: Sender, shared: Arc<ConnShared>) {
     let Some(mut replies) = shared.cbs_reply_rx.lock().await.take() else {
         tracing::warn!(peer = %shared.peer, "a second $cbs reply link; closing it");
-        let _ = sender.close().await;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
         return;
     };
     let mut stop = shared.stop.subscribe();
@@ -169,5 +170,5 @@ pub async fn serve_replies(mut sender: Sender, shared: Arc<ConnShared>) {
             }
         }
     }
-    let _ = sender.close().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
 }

@@ -12,9 +12,11 @@
 //!   attach another module's links.
 //! - An identity authenticated on this connection joins the head's registry of live connections:
 //!   a newer connection (MQTT or AMQP) of the same module replaces this one, which closes.
+//! - The connection closes when its earliest SAS token (plus the clock skew) expires without a
+//!   renewal put-token (the Node SDK renews well before).
 //! - On hub shutdown, replacement, or the end of the connection, every link first settles what
 //!   is already durable (events: `accepted` in order), then the links, sessions and the
-//!   connection close. A malformed frame ends this connection only (fe2o3's engine closes it
+//!   connection close (each close waits at most [`CLOSE_TIMEOUT`] for the peer). A malformed frame ends this connection only (fe2o3's engine closes it
 //!   with a framing error); no other connection shares any state with it but the router.
 
 use std::collections::HashMap;
@@ -30,7 +32,7 @@ use fe2o3_amqp::acceptor::{
 use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo, Role};
 use fe2o3_amqp::types::performatives::Attach;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, watch, Mutex as AsyncMutex};
+use tokio::sync::{mpsc, watch, Mutex as AsyncMutex, Notify};
 use tokio::task::JoinSet;
 
 use crate::amqp::auth_state::{ClientRole, ConnectionAuth, LinkDecision, RefuseCondition};
@@ -43,6 +45,8 @@ use crate::mqtt::context::HeadContext;
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Our container id in Open.
 const CONTAINER_ID: &str = "edgehub";
+/// How long closing a link, session or the connection may wait for the peer's answer.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The SASL protocol header's protocol id.
 const PROTO_SASL: u8 = 3;
 
@@ -64,6 +68,9 @@ pub enum ConnectionEnd {
     /// Another connection of one of its identities took over.
     #[error("replaced by a newer connection of the same module")]
     Replaced,
+    /// No token of the connection was renewed before it expired.
+    #[error("the SAS token expired without renewal")]
+    TokenExpired,
     /// The hub is shutting down.
     #[error("hub shutting down")]
     Shutdown,
@@ -75,6 +82,8 @@ pub struct ConnShared {
     pub ctx: Arc<HeadContext>,
     /// Who is authenticated on this connection.
     pub auth: Mutex<ConnectionAuth>,
+    /// Notified when `auth` changed (a put-token), so the token deadline is recomputed.
+    pub auth_changed: Notify,
     /// Registry ids of the identities this connection joined as.
     joined: Mutex<HashMap<Identity, u64>>,
     /// Turns true when the connection must close (shutdown, replaced).
@@ -181,6 +190,7 @@ where
     let shared = Arc::new(ConnShared {
         ctx: Arc::clone(&ctx),
         auth: Mutex::new(auth),
+        auth_changed: Notify::new(),
         joined: Mutex::new(HashMap::new()),
         stop,
         stop_reason: Mutex::new(None),
@@ -195,7 +205,7 @@ where
     }
     tracing::info!(%peer, "AMQP connection open");
     let end = run(&mut connection, &shared).await;
-    let _ = connection.close().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close()).await;
     shared.leave_all();
     ctx.metrics.client_disconnected();
     tracing::info!(%peer, reason = %end, "AMQP connection closed");
@@ -208,6 +218,7 @@ async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>
     let mut shutdown = shared.ctx.shutdown.clone();
     let mut stop = shared.stop.subscribe();
     let end = loop {
+        let expiry = token_deadline(shared);
         tokio::select! {
             incoming = connection.next_incoming_session() => {
                 let Some(incoming) = incoming else {
@@ -221,6 +232,13 @@ async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>
                 }
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            () = shared.auth_changed.notified() => {}
+            () = tokio::time::sleep_until(expiry) => {
+                // Woken at the earliest expiry known then; a renewal since moved it on.
+                if token_deadline(shared) <= tokio::time::Instant::now() {
+                    break ConnectionEnd::TokenExpired;
+                }
+            }
             () = stopped(&mut shutdown) => break ConnectionEnd::Shutdown,
             () = stopped(&mut stop) => {
                 break shared
@@ -235,6 +253,22 @@ async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>
     let _ = shared.stop.send(true);
     while sessions.join_next().await.is_some() {}
     end
+}
+
+/// When the connection's earliest token (plus the SAS clock skew) expires; far away if none.
+fn token_deadline(shared: &ConnShared) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    let far = now + Duration::from_secs(24 * 3600);
+    let Some(expiry) = shared
+        .auth
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .earliest_expiry()
+    else {
+        return far;
+    };
+    let left = expiry.saturating_sub(HeadContext::now_secs());
+    now + Duration::from_secs(left.min(24 * 3600))
 }
 
 /// Accepts the links of one session until it ends or the connection stops; then waits for
@@ -253,7 +287,7 @@ async fn serve_session(mut session: ListenerSessionHandle, shared: Arc<ConnShare
         }
     }
     while links.join_next().await.is_some() {}
-    let _ = session.end().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, session.end()).await;
 }
 
 /// The address an attach names: the target of a client sender, the source of a client receiver.
@@ -339,8 +373,12 @@ async fn refuse(endpoint: LinkEndpoint, condition: RefuseCondition, reason: Stri
     };
     let error = AmqpErrorInfo::new(condition, reason, None);
     let _ = match endpoint {
-        LinkEndpoint::Sender(s) => s.close_with_error(error).await,
-        LinkEndpoint::Receiver(r) => r.close_with_error(error).await,
+        LinkEndpoint::Sender(s) => {
+            tokio::time::timeout(CLOSE_TIMEOUT, s.close_with_error(error)).await
+        }
+        LinkEndpoint::Receiver(r) => {
+            tokio::time::timeout(CLOSE_TIMEOUT, r.close_with_error(error)).await
+        }
     };
 }
 

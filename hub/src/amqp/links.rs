@@ -42,7 +42,7 @@ use fe2o3_amqp::{Receiver, Sender};
 use router::{DeliveryOutcome, FailureKind, RejectReason, RouteAck};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::amqp::connection::{stopped, ConnShared};
+use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
 use crate::identity::Identity;
 use crate::metrics::HubMetrics;
@@ -136,15 +136,17 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
         }
     }
     let _ = acker.await;
-    let closed = match failure {
-        Some(reason) => {
-            receiver
-                .close_with_error(AmqpErrorInfo::new(AmqpError::InternalError, reason, None))
-                .await
+    let closing = async {
+        match failure {
+            Some(reason) => {
+                receiver
+                    .close_with_error(AmqpErrorInfo::new(AmqpError::InternalError, reason, None))
+                    .await
+            }
+            None => receiver.close().await,
         }
-        None => receiver.close().await,
     };
-    if let Err(e) = closed {
+    if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
         tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link close");
     }
 }
@@ -288,7 +290,7 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
     // Deliveries not sent yet go back to their workers (their `acked` is dropped).
     drop(out_rx);
     drop(settling_tx);
-    let _ = sender.close().await;
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
     if tokio::time::timeout(CLOSE_GRACE, settler).await.is_err() {
         tracing::debug!(peer = %shared.peer, %identity, "settlements still outstanding at close; they are retried");
     }

@@ -9,6 +9,9 @@
 //     --other it also attaches MODULE's events link (sender and receiver) on the same
 //     connection. stdout: {"event":"cbs","status":N}, {"event":"own","outcome":"accepted"},
 //     {"event":"other-sender"|"other-receiver","result":"refused"|"attached","condition":...}
+//     --expire-in S: the token stays valid S s (with the hub's 300 s skew); --hold S: stay
+//     connected S s and print {"event":"held","closed_by_hub_ms":N|null}; --renew-after S:
+//     put a fresh token on the open connection after S s ({"event":"renewed",...}).
 //   node amqp_probe.js --mode garbage
 //     opens an AMQP connection (no SASL), then writes bytes that are no AMQP frame on it;
 //     prints {"event":"closed","how":...,"ms":N} when the hub ends the connection.
@@ -20,6 +23,9 @@ const SPEC = {
   mode: { type: 'string', default: 'attach' },
   sasl: { type: 'string', default: 'anonymous' },
   other: { type: 'string', default: undefined },
+  expire_in: { type: 'number', default: 3600 },
+  renew_after: { type: 'number', default: undefined },
+  hold: { type: 'number', default: 0 },
 };
 
 function csFields() {
@@ -31,9 +37,11 @@ function csFields() {
   return f;
 }
 
-function sasToken(host, device, module, keyB64) {
+// The hub accepts a token until se + 300 s (the SAS clock skew): validFor is counted from now
+// to the end of that grace.
+function sasToken(host, device, module, keyB64, validFor) {
   const sr = encodeURIComponent(`${host}/devices/${device}/modules/${module}`);
-  const se = Math.floor(Date.now() / 1000) + 3600;
+  const se = Math.floor(Date.now() / 1000) + validFor - 300;
   const sig = crypto.createHmac('sha256', Buffer.from(keyB64, 'base64')).update(`${sr}\n${se}`).digest('base64');
   return { audience: sr, token: `SharedAccessSignature sr=${sr}&sig=${encodeURIComponent(sig)}&se=${se}` };
 }
@@ -71,7 +79,7 @@ function tryAttach(conn, kind, address) {
 async function attachMode(args) {
   const rhea = h.sdkRequire('rhea');
   const f = csFields();
-  const { audience, token } = sasToken(f.HostName, f.DeviceId, f.ModuleId, f.SharedAccessKey);
+  const { audience, token } = sasToken(f.HostName, f.DeviceId, f.ModuleId, f.SharedAccessKey, args.expire_in);
   const deadline = new h.Deadline(args.timeout);
   const container = rhea.create_container();
   const opts = { host: f.GatewayHostName, port: 5671, transport: 'tls', ca: fsRead(process.env.EDGEHUB_CA), reconnect: false };
@@ -85,6 +93,12 @@ async function attachMode(args) {
   }
   const conn = container.connect(opts);
   await once(conn, 'connection_open', 'connection_error', 'open', deadline);
+  const t0 = Date.now();
+  const hubClosed = new Promise((resolve) => {
+    conn.once('disconnected', () => resolve(Date.now() - t0));
+    conn.once('connection_close', () => resolve(Date.now() - t0));
+  });
+  let putToken = null;
   if (args.sasl !== 'plain') {
     const cbsTx = conn.open_sender({ target: '$cbs' });
     const cbsRx = conn.open_receiver({ source: '$cbs' });
@@ -92,16 +106,19 @@ async function attachMode(args) {
     const txReady = once(cbsTx, 'sendable', 'sender_error', '$cbs sender', deadline);
     await rxOpen;
     await txReady;
-    const id = crypto.randomUUID();
-    const reply = once(cbsRx, 'message', 'receiver_error', 'put-token reply', deadline);
-    cbsTx.send({
-      message_id: id, to: '$cbs', reply_to: 'cbs', body: token,
-      application_properties: { operation: 'put-token', type: 'servicebus.windows.net:sastoken', name: audience },
-    });
-    const msg = (await reply).message;
-    const status = msg.application_properties['status-code'];
-    h.emit({ event: 'cbs', status, correlated: msg.correlation_id === id });
-    if (status !== 200) throw new h.Failure(h.EXIT.AUTH, `put-token status ${status}`);
+    putToken = async (tok, event) => {
+      const id = crypto.randomUUID();
+      const reply = once(cbsRx, 'message', 'receiver_error', 'put-token reply', deadline);
+      cbsTx.send({
+        message_id: id, to: '$cbs', reply_to: 'cbs', body: tok,
+        application_properties: { operation: 'put-token', type: 'servicebus.windows.net:sastoken', name: audience },
+      });
+      const msg = (await reply).message;
+      const status = msg.application_properties['status-code'];
+      h.emit({ event, status, correlated: msg.correlation_id === id, ms: Date.now() - t0 });
+      if (status !== 200) throw new h.Failure(h.EXIT.AUTH, `put-token status ${status}`);
+    };
+    await putToken(token, 'cbs');
   }
   const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
   const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
@@ -117,6 +134,17 @@ async function attachMode(args) {
     const address = `/devices/${f.DeviceId}/modules/${args.other}/messages/events`;
     h.emit(Object.assign({ event: 'other-sender' }, await tryAttach(conn, 'sender', address)));
     h.emit(Object.assign({ event: 'other-receiver' }, await tryAttach(conn, 'receiver', address)));
+  }
+  if (args.hold) {
+    // Stay connected up to --hold s (renewing the token after --renew-after s if asked) and
+    // report whether and when the hub closed the connection.
+    if (args.renew_after !== undefined && putToken) {
+      await new Promise((r) => setTimeout(r, args.renew_after * 1000));
+      await putToken(sasToken(f.HostName, f.DeviceId, f.ModuleId, f.SharedAccessKey, 3600).token, 'renewed');
+    }
+    const left = Math.max(0, args.hold * 1000 - (Date.now() - t0));
+    const closedAt = await Promise.race([hubClosed, new Promise((r) => setTimeout(() => r(null), left))]);
+    h.emit({ event: 'held', closed_by_hub_ms: closedAt });
   }
   conn.close();
 }

@@ -4,6 +4,8 @@
 // options and JSON lines as tests/sdk/python/receive.py:
 //   EDGEHUB_CS=... EDGEHUB_CA=ca.pem node receive.js --count 100 [--timeout 30] [--linger 2]
 //   EDGEHUB_CS=... EDGEHUB_CA=ca.pem node receive.js --stay 10
+//   [--reject-seq N]... [--abandon-seq N]...: reject() / abandon() those messages instead of
+//   complete() (the "settled" field of their line says which)
 // The Node SDK has no field for the connection ids: over MQTT they are in msg.properties
 // ($.cdid / $.cmid, left in custom_properties too); over AMQP in the raw message's annotations
 // iothub-connection-device-id / -module-id.
@@ -17,6 +19,8 @@ const SPEC = {
   stay: { type: 'number', default: undefined },
   linger: { type: 'number', default: 0 },
   no_data: { type: 'flag', default: false },
+  reject_seq: { type: 'list', default: undefined },
+  abandon_seq: { type: 'list', default: undefined },
 };
 
 function describe(n, inputName, msg, args) {
@@ -67,8 +71,18 @@ async function run(args) {
   const reachedP = new Promise((r) => { reached = r; });
   client.on('inputMessage', (inputName, msg) => {
     received += 1;
-    h.emit(describe(received, inputName, msg, args));
-    client.complete(msg, () => {});
+    const line = describe(received, inputName, msg, args);
+    // --reject-seq / --abandon-seq (AMQP: rejected / released dispositions) instead of complete.
+    if ((args.reject_seq || []).includes(String(line.seq))) {
+      line.settled = 'rejected';
+      client.reject(msg, () => {});
+    } else if ((args.abandon_seq || []).includes(String(line.seq))) {
+      line.settled = 'abandoned';
+      client.abandon(msg, () => {});
+    } else {
+      client.complete(msg, () => {});
+    }
+    h.emit(line);
     if (args.count && received === args.count) reached();
   });
   // Listen before connecting (as IoT Edge module templates do): on a resumed session the hub
