@@ -132,7 +132,19 @@ impl Sessions {
         Ok(())
     }
 
+    /// Writes the file durably. Called from connection tasks: on the hub's multi-thread
+    /// runtime the blocking write and fsyncs run under `block_in_place`, so the worker's other
+    /// connections move to another thread instead of waiting for the disk.
     fn persist(&self, state: &BTreeMap<String, Vec<String>>) -> Result<(), SessionsError> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.write_file(state))
+            }
+            _ => self.write_file(state),
+        }
+    }
+
+    fn write_file(&self, state: &BTreeMap<String, Vec<String>>) -> Result<(), SessionsError> {
         let io = |op: &'static str, path: &Path| {
             let path = path.to_owned();
             move |source| SessionsError::Io { op, path, source }
