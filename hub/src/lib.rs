@@ -1,7 +1,7 @@
 //! The edgehub hub: protocol heads and everything around them that a user touches.
 //!
-//! It adapts the outside world to the core: MQTT 3.1.1 over TLS for modules written with the
-//! official Azure IoT SDKs, SAS-token authentication, module identities and their keys, the hub's
+//! It adapts the outside world to the core: MQTT 3.1.1 and AMQP 1.0 over TLS for modules written
+//! with the official Azure IoT SDKs, SAS-token authentication, module identities and their keys, the hub's
 //! own certificate authority, the command line, and the HTTP surface (`/metrics`, `/healthz`,
 //! `/readyz`). The core (`router`, `store`) never imports this crate.
 //!
