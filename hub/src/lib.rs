@@ -1,9 +1,9 @@
 //! The edgehub hub: protocol heads and everything around them that a user touches.
 //!
 //! It adapts the outside world to the core: MQTT 3.1.1 and AMQP 1.0 over TLS for modules written
-//! with the official Azure IoT SDKs, SAS-token authentication, module identities and their keys, the hub's
-//! own certificate authority, the command line, and the HTTP surface (`/metrics`, `/healthz`,
-//! `/readyz`). The core (`router`, `store`) never imports this crate.
+//! with the official Azure IoT SDKs, SAS-token authentication, module identities and their keys,
+//! the hub's own certificate authority, the command line, and the HTTP surface (`/metrics`,
+//! `/healthz`, `/readyz`). The core (`router`, `store`) never imports this crate.
 //!
 //! Guarantees the heads keep (see ARCHITECTURE.md): a publish is acknowledged only after
 //! `router::Router::route` says it is durable, acknowledgements go out in the order the publishes

@@ -201,8 +201,8 @@ fn wrong_key_and_wrong_module_are_refused() {
     assert!(log.contains("put-token refused"), "{log}");
 }
 
-/// With every way in (no SASL + `$cbs`, SASL ANONYMOUS + `$cbs`, SASL PLAIN with the SAS token
-/// as password), a module's own events link works and another module's events link is refused
+/// With every way in (no SASL + `$cbs`, SASL ANONYMOUS or MSSBCBS + `$cbs`, SASL PLAIN with the
+/// SAS token as password), a module's own events link works and another module's events link is refused
 /// in both directions with `amqp:unauthorized-access`.
 #[test]
 fn one_module_cannot_attach_another_modules_links() {
@@ -211,7 +211,7 @@ fn one_module_cannot_attach_another_modules_links() {
     let hub = TestHub::new();
     let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
     let hub_proc = hub.start(&ns);
-    for sasl in ["none", "anonymous", "plain"] {
+    for sasl in ["none", "anonymous", "mssbcbs", "plain"] {
         let out = probe(
             &env,
             &ns,
@@ -310,6 +310,47 @@ fn rejected_and_released_deliveries_are_dropped_not_retried() {
         again.data(),
         hub_proc.stderr()
     );
+}
+
+/// One transfer in the batched message format (as the C# and Java SDKs send a batch) is
+/// accepted once all its messages are durable, and they reach the receiver in order, each with
+/// its own properties and the sender's connection ids.
+#[test]
+fn a_batched_transfer_is_routed_message_by_message_in_order() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let hub_proc = hub.start(&ns);
+    let mut rx = ns
+        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+        .args(["--count", "5", "--timeout", "60"])
+        .spawn();
+    rx.expect_event("ready", secs(20));
+    let out = probe(&env, &ns, &cs_tx, &ca, &["--batch", "5", "--timeout", "30"]).finish(secs(40));
+    out.assert_exit(sdk::EXIT_OK);
+    let batch = event(&out, "batch");
+    assert_eq!(
+        batch["outcome"],
+        "accepted",
+        "{batch}\nhub log:\n{}",
+        hub_proc.stderr()
+    );
+    let got = rx.finish(secs(70));
+    got.assert_exit(sdk::EXIT_OK);
+    let got = got.data();
+    let report = SeqReport::of(&got, 0..5);
+    report.assert_no_loss_no_reorder();
+    assert_eq!(got.len(), 5);
+    for m in &got {
+        let seq = m["seq"].as_i64().unwrap();
+        assert_eq!(m["message_id"], format!("batch-{seq}"), "{m}");
+        testhub::assert_intact(m, "batch", "sender", "input1");
+    }
 }
 
 /// A put-token on the open connection renews it: the connection outlives its first token. A

@@ -3,11 +3,13 @@
 // Raw AMQP probes of the hub's AMQP head with rhea (the AMQP library under the Node SDK), for
 // what the SDK itself never does. Env EDGEHUB_CS / EDGEHUB_CA as the other scripts; the hub is
 // dialled at the connection string's GatewayHostName:5671.
-//   node amqp_probe.js --mode attach --sasl anonymous|plain|none [--other MODULE]
+//   node amqp_probe.js --mode attach --sasl none|anonymous|mssbcbs|plain [--other MODULE]
+//     [--batch N]
 //     authenticates as the connection string's module (through $cbs, or SASL PLAIN with the SAS
 //     token as password), then attaches its own events link and sends one message; with
 //     --other it also attaches MODULE's events link (sender and receiver) on the same
-//     connection. stdout: {"event":"cbs","status":N}, {"event":"own","outcome":"accepted"},
+//     connection; --batch N sends one transfer in the batched format (0x80013700) with N
+//     messages (seq 0..N-1, run "batch", output out1) instead of the one message. stdout: {"event":"cbs","status":N}, {"event":"own","outcome":"accepted"},
 //     {"event":"other-sender"|"other-receiver","result":"refused"|"attached","condition":...}
 //     --expire-in S: the token stays valid S s (with the hub's 300 s skew); --hold S: stay
 //     connected S s and print {"event":"held","closed_by_hub_ms":N|null}; --renew-after S:
@@ -26,7 +28,11 @@ const SPEC = {
   expire_in: { type: 'number', default: 3600 },
   renew_after: { type: 'number', default: undefined },
   hold: { type: 'number', default: 0 },
+  batch: { type: 'number', default: 0 },
 };
+
+// Microsoft's batched message format: each data section of the body is an encoded message.
+const BATCH_FORMAT = 0x80013700;
 
 function csFields() {
   const f = {};
@@ -86,6 +92,9 @@ async function attachMode(args) {
   if (args.sasl === 'plain') {
     opts.username = `${f.DeviceId}/modules/${f.ModuleId}@sas.${f.HostName}`;
     opts.password = token;
+  } else if (args.sasl === 'mssbcbs') {
+    // The C SDK's anonymous alias: an empty initial response.
+    opts.sasl_mechanisms = { MSSBCBS: () => ({ start: (callback) => callback(undefined, Buffer.alloc(0)) }) };
   } else if (args.sasl === 'none') {
     opts.sasl = { enabled: false }; // no SASL layer: plain AMQP header (as the Node SDK)
   } else {
@@ -123,13 +132,30 @@ async function attachMode(args) {
   const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
   const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
   await ownReady;
-  const settled = deadline.run(new Promise((resolve) => {
+  const settlement = (what) => deadline.run(new Promise((resolve) => {
     own.once('accepted', () => resolve('accepted'));
-    own.once('rejected', () => resolve('rejected'));
+    own.once('rejected', (ctx) => resolve(`rejected ${describe(ctx)}`));
     own.once('released', () => resolve('released'));
-  }), 'own message settlement', 10);
-  own.send({ message_id: 'probe-1', body: rhea.message.data_section(Buffer.from('{"probe":1}')), application_properties: { 'iothub-outputname': 'probe' } });
-  h.emit({ event: 'own', outcome: await settled });
+  }), what, 10);
+  if (args.batch) {
+    // One transfer in the batched format carrying --batch messages (what the C# and Java SDKs
+    // send for sendOutputEventBatch; the Node SDK does not implement it over AMQP).
+    const parts = [];
+    for (let seq = 0; seq < args.batch; seq++) {
+      parts.push(rhea.message.encode({
+        message_id: `batch-${seq}`, content_type: 'application/json', content_encoding: 'utf-8',
+        application_properties: { 'iothub-outputname': 'out1', seq: String(seq), run: 'batch', note: 'a b/c&d=e', city: 'Zürich' },
+        body: rhea.message.data_section(Buffer.from(JSON.stringify({ seq, run: 'batch' }))),
+      }));
+    }
+    const settled = settlement('batch settlement');
+    own.send(rhea.message.encode({ body: rhea.message.data_sections(parts) }), undefined, BATCH_FORMAT);
+    h.emit({ event: 'batch', outcome: await settled, messages: args.batch });
+  } else {
+    const settled = settlement('own message settlement');
+    own.send({ message_id: 'probe-1', body: rhea.message.data_section(Buffer.from('{"probe":1}')), application_properties: { 'iothub-outputname': 'probe' } });
+    h.emit({ event: 'own', outcome: await settled });
+  }
   if (args.other) {
     const address = `/devices/${f.DeviceId}/modules/${args.other}/messages/events`;
     h.emit(Object.assign({ event: 'other-sender' }, await tryAttach(conn, 'sender', address)));
