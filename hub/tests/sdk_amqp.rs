@@ -18,7 +18,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use sdk::{Line, NetNs, Proc, Script, Sdk, SdkEnv, SeqReport};
+use sdk::{NetNs, Proc, Script, Sdk, SdkEnv, SeqReport};
 use serde_json::Value;
 use testhub::TestHub;
 
@@ -26,16 +26,6 @@ const N: i64 = 2000;
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
-}
-
-fn data(lines: &[Line]) -> Vec<Value> {
-    lines
-        .iter()
-        .filter_map(|l| match l {
-            Line::Json(v) if v.get("event").is_none() => Some(v.clone()),
-            _ => None,
-        })
-        .collect()
 }
 
 /// tests/sdk/node/amqp_probe.js inside `ns` (raw rhea, for what the SDK never does).
@@ -61,52 +51,34 @@ fn event(outcome: &sdk::Outcome, name: &str) -> Value {
 /// message once, in order, with its properties and the sender's connection ids.
 #[test]
 fn node_amqp_sender_to_python_mqtt_receiver() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let mut rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
-        .args(["--count", &N.to_string(), "--timeout", "150"])
-        .spawn();
-    rx.expect_event("ready", secs(20));
-    let sent = ns
-        .module(&env, Sdk::Node, Script::Send, &cs_tx, &ca)
-        .args(["--transport", "amqp", "--output", "out1", "--run", "amqp"])
-        .args(["--count", &N.to_string(), "--timeout", "120"])
-        .args(testhub::prop_args())
-        .run(secs(130));
-    sent.assert_exit(sdk::EXIT_OK);
-    assert_eq!(event(&sent, "connected")["transport"], "amqp");
-    SeqReport::of(&sent.data(), 0..N).assert_no_loss_no_reorder();
-
-    let outcome = rx.finish(secs(160));
-    let got = outcome.data();
-    let report = SeqReport::of(&got, 0..N);
-    if !report.missing.is_empty() || !report.out_of_order.is_empty() {
-        panic!(
-            "node/amqp -> python/mqtt: {report:?}\nreceiver stderr:\n{}\nhub log:\n{}",
-            outcome.stderr,
-            hub_proc.stderr()
-        );
-    }
-    outcome.assert_exit(sdk::EXIT_OK);
-    report.assert_no_loss_no_reorder();
-    assert_eq!(got.len() as i64, N, "duplicates without a failure");
-    for m in &got {
-        testhub::assert_intact(m, "amqp", "sender", "input1");
-    }
+    cross_protocol((Sdk::Node, "amqp"), (Sdk::Python, "mqtt"), "amqp");
 }
 
 /// A Python module sends N messages over MQTT; the Node SDK receives them over AMQP: every
 /// message once, in order, with the `x-opt-input-name` and connection-id annotations.
 #[test]
 fn python_mqtt_sender_to_node_amqp_receiver() {
+    cross_protocol((Sdk::Python, "mqtt"), (Sdk::Node, "amqp"), "tonode");
+}
+
+/// `--transport` for a script of `sdk` (the Python SDK speaks MQTT only and takes no flag).
+fn transport_args(sdk: Sdk, transport: &str) -> Vec<&str> {
+    match sdk {
+        Sdk::Node => vec!["--transport", transport],
+        Sdk::Python => vec![],
+    }
+}
+
+/// The Node scripts say which transport they connected with (Python's speak MQTT only).
+fn assert_transport(outcome: &sdk::Outcome, (sdk, transport): (Sdk, &str)) {
+    if sdk == Sdk::Node {
+        assert_eq!(event(outcome, "connected")["transport"], transport);
+    }
+}
+
+/// `tx` sends N messages as module `sender` (run `run`), `rx` receives them as `receiver`
+/// through the built-in route to `input1`: every message once, in order, intact.
+fn cross_protocol(tx: (Sdk, &str), rx: (Sdk, &str), run: &str) {
     let env = SdkEnv::require();
     let ns = NetNs::new();
     let hub = TestHub::new();
@@ -116,43 +88,50 @@ fn python_mqtt_sender_to_node_amqp_receiver() {
         hub.ca_path(),
     );
     let hub_proc = hub.start(&ns);
-    let mut rx = ns
-        .module(&env, Sdk::Node, Script::Receive, &cs_rx, &ca)
-        .args(["--transport", "amqp", "--count", &N.to_string()])
-        .args(["--linger", "1", "--timeout", "150"])
-        .spawn();
-    rx.expect_event("ready", secs(20));
-    let sent = ns
-        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+    let mut receiver = ns
+        .module(&env, rx.0, Script::Receive, &cs_rx, &ca)
+        .args(transport_args(rx.0, rx.1))
         .args([
-            "--output",
-            "out1",
-            "--run",
-            "tonode",
             "--count",
             &N.to_string(),
+            "--linger",
+            "1",
+            "--timeout",
+            "150",
         ])
+        .spawn();
+    receiver.expect_event("ready", secs(20));
+    let sent = ns
+        .module(&env, tx.0, Script::Send, &cs_tx, &ca)
+        .args(transport_args(tx.0, tx.1))
+        .args(["--output", "out1", "--run", run, "--count", &N.to_string()])
         .args(["--timeout", "120"])
         .args(testhub::prop_args())
         .run(secs(130));
     sent.assert_exit(sdk::EXIT_OK);
+    assert_transport(&sent, tx);
     SeqReport::of(&sent.data(), 0..N).assert_no_loss_no_reorder();
 
-    let outcome = rx.finish(secs(160));
+    let outcome = receiver.finish(secs(160));
     let got = outcome.data();
     let report = SeqReport::of(&got, 0..N);
     if !report.missing.is_empty() || !report.out_of_order.is_empty() {
         panic!(
-            "python/mqtt -> node/amqp: {report:?}\nreceiver stderr:\n{}\nhub log:\n{}",
+            "{}/{} -> {}/{}: {report:?}\nreceiver stderr:\n{}\nhub log:\n{}",
+            tx.0.name(),
+            tx.1,
+            rx.0.name(),
+            rx.1,
             outcome.stderr,
             hub_proc.stderr()
         );
     }
     outcome.assert_exit(sdk::EXIT_OK);
+    assert_transport(&outcome, rx);
     report.assert_no_loss_no_reorder();
     assert_eq!(got.len() as i64, N, "duplicates without a failure");
     for m in &got {
-        testhub::assert_intact(m, "tonode", "sender", "input1");
+        testhub::assert_intact(m, run, "sender", "input1");
     }
 }
 
@@ -479,37 +458,29 @@ fn malformed_frames_close_that_connection_only() {
     );
 }
 
-/// Reads the receiver until every seq in `0..n` arrived at least once, or the deadline; then
-/// stops it and returns all its data lines.
-fn receive_all(mut rx: Proc, n: i64, within: Duration) -> (Vec<Value>, String) {
-    let mut have: BTreeSet<i64> = data(rx.seen())
-        .iter()
-        .filter_map(|m| m["seq"].as_i64())
-        .collect();
-    if (have.len() as i64) < n {
-        let _ = rx.read_until(within, |v| {
-            if v.get("event").is_none() {
-                if let Some(s) = v["seq"].as_i64() {
-                    if (0..n).contains(&s) {
-                        have.insert(s);
-                    }
-                }
-            }
-            have.len() as i64 >= n
-        });
-    }
-    let stderr = rx.stderr();
-    rx.kill();
-    let out = rx.finish(secs(5));
-    (data(&out.lines), stderr)
-}
-
 /// The hub is SIGKILLed while the Node SDK streams over AMQP, and restarted on the same data
 /// directory: every message the SDK saw accepted before the crash reaches the receiver, first
 /// deliveries in order (duplicates allowed only because of the crash). The SDK reconnects and
 /// finishes; whatever it saw accepted after the restart arrives too.
 #[test]
 fn hub_killed_mid_amqp_stream_loses_nothing_acknowledged() {
+    stream_through_a_restart(Stop::Kill9);
+}
+
+/// The same with SIGTERM: the hub settles what is durable, closes the AMQP connections and exits
+/// 0 promptly (a silent or slow peer cannot hold up the stop), and nothing accepted is lost.
+#[test]
+fn hub_stopped_mid_amqp_stream_exits_promptly_and_loses_nothing_acknowledged() {
+    stream_through_a_restart(Stop::Term);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    Kill9,
+    Term,
+}
+
+fn stream_through_a_restart(stop: Stop) {
     const M: i64 = 1000;
     const KILL_AFTER: i64 = 300;
     let env = SdkEnv::require();
@@ -540,9 +511,28 @@ fn hub_killed_mid_amqp_stream_loses_nothing_acknowledged() {
         "the sender never got {KILL_AFTER} acknowledgements: {}",
         tx.stderr()
     );
-    hub_proc.kill();
+    match stop {
+        Stop::Kill9 => hub_proc.kill(),
+        Stop::Term => {
+            let started = std::time::Instant::now();
+            let status = hub_proc.terminate(secs(15));
+            let took = started.elapsed();
+            assert!(
+                status.is_some_and(|s| s.success()),
+                "SIGTERM: the hub did not exit 0 within 15 s ({status:?}):\n{}",
+                hub_proc.stderr()
+            );
+            assert!(took < secs(10), "SIGTERM: the hub took {took:?} to stop");
+        }
+    }
     let before_crash = hub_proc.stderr();
-    let acked_before: BTreeSet<i64> = data(tx.seen())
+    if stop == Stop::Term {
+        assert!(
+            before_crash.contains("hub shutting down"),
+            "the AMQP connection was not closed by the shutdown:\n{before_crash}"
+        );
+    }
+    let acked_before: BTreeSet<i64> = sdk::data_of(tx.seen())
         .iter()
         .filter_map(|m| m["seq"].as_i64())
         .collect();
@@ -561,7 +551,7 @@ fn hub_killed_mid_amqp_stream_loses_nothing_acknowledged() {
     let acked = sent.data();
     SeqReport::of(&acked, 0..M).assert_no_loss_no_reorder();
 
-    let (got, rx_stderr) = receive_all(rx, M, secs(120));
+    let (got, rx_stderr) = rx.receive_all(M, secs(120));
     let received: BTreeSet<i64> = got.iter().filter_map(|m| m["seq"].as_i64()).collect();
     let lost: Vec<i64> = acked_before.difference(&received).copied().collect();
     let report = SeqReport::of(&got, 0..M);
@@ -579,7 +569,7 @@ fn hub_killed_mid_amqp_stream_loses_nothing_acknowledged() {
         );
     }
     eprintln!(
-        "crash after {} accepted: {} deliveries of {M} messages, {} duplicated",
+        "{stop:?} after {} accepted: {} deliveries of {M} messages, {} duplicated",
         acked_before.len(),
         got.len(),
         report.duplicates.len()

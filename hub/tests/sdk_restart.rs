@@ -14,50 +14,13 @@ mod sdk;
 #[path = "support/hub.rs"]
 mod testhub;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use sdk::{Line, Script, Sdk, SeqReport};
-use serde_json::Value;
+use sdk::{Script, Sdk, SeqReport};
 use testhub::TestHub;
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
-}
-
-fn data(lines: &[Line]) -> Vec<Value> {
-    lines
-        .iter()
-        .filter_map(|l| match l {
-            Line::Json(v) if v.get("event").is_none() => Some(v.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-/// Reads the receiver until every seq in `0..n` has arrived at least once (duplicates count
-/// once), or the deadline; then stops it and returns all its data lines.
-fn receive_all(mut rx: sdk::Proc, n: i64, within: Duration) -> (Vec<Value>, String) {
-    let mut have: BTreeSet<i64> = data(rx.seen())
-        .iter()
-        .filter_map(|m| m["seq"].as_i64())
-        .collect();
-    if (have.len() as i64) < n {
-        let _ = rx.read_until(within, |v| {
-            if v.get("event").is_none() {
-                if let Some(s) = v["seq"].as_i64() {
-                    if (0..n).contains(&s) {
-                        have.insert(s);
-                    }
-                }
-            }
-            have.len() as i64 >= n
-        });
-    }
-    let stderr = rx.stderr();
-    rx.kill();
-    let out = rx.finish(secs(5));
-    (data(&out.lines), stderr)
 }
 
 /// The hub is SIGKILLed while a Python sender streams to a Python receiver, and restarted on
@@ -106,7 +69,7 @@ fn hub_killed_mid_stream_loses_nothing_the_sender_saw_acknowledged() {
     );
     hub_proc.kill();
     let before_crash = hub_proc.stderr();
-    let acked_before_crash = data(tx.seen()).len();
+    let acked_before_crash = sdk::data_of(tx.seen()).len();
     let hub_proc = hub.start(&ns);
 
     let sent = tx.finish(secs(130));
@@ -122,7 +85,7 @@ fn hub_killed_mid_stream_loses_nothing_the_sender_saw_acknowledged() {
     let acked = sent.data();
     SeqReport::of(&acked, 0..N).assert_no_loss_no_reorder();
 
-    let (got, rx_stderr) = receive_all(rx, N, secs(90));
+    let (got, rx_stderr) = rx.receive_all(N, secs(90));
     let report = SeqReport::of(&got, 0..N);
     if !report.missing.is_empty()
         || !report.out_of_order.is_empty()
@@ -271,7 +234,7 @@ fn stored_backlog(crash_during: bool) {
         hub_proc
     };
 
-    let (got, rx_stderr) = receive_all(rx, N, secs(90));
+    let (got, rx_stderr) = rx.receive_all(N, secs(90));
     let report = SeqReport::of(&got, 0..N);
     if !report.missing.is_empty()
         || !report.out_of_order.is_empty()

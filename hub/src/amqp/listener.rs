@@ -7,18 +7,14 @@
 //! sharing its accept loop).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::amqp::connection;
+use crate::amqp::connection::{self, ConnectionEnd};
 use crate::mqtt::context::HeadContext;
-use crate::mqtt::listener::accept_loop;
-
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::mqtt::listener::serve_tls_with;
 
 /// Serves AMQP over TLS on `listener` until `shutdown` turns true.
 pub async fn serve_tls(
@@ -27,21 +23,13 @@ pub async fn serve_tls(
     ctx: Arc<HeadContext>,
     shutdown: watch::Receiver<bool>,
 ) {
-    accept_loop(listener, shutdown, move |tcp, peer| {
-        let (acceptor, ctx) = (acceptor.clone(), Arc::clone(&ctx));
+    serve_tls_with(listener, acceptor, shutdown, "AMQP", move |tls, peer| {
+        let ctx = Arc::clone(&ctx);
         async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    if let end @ (connection::ConnectionEnd::Io(_)
-                    | connection::ConnectionEnd::Timeout
-                    | connection::ConnectionEnd::Open(_)) =
-                        connection::serve(tls, ctx, peer.clone()).await
-                    {
-                        tracing::info!(%peer, reason = %end, "AMQP connection not opened");
-                    }
-                }
-                Ok(Err(e)) => tracing::info!(%peer, error = %e, "AMQP TLS handshake failed"),
-                Err(_) => tracing::info!(%peer, "AMQP TLS handshake timed out"),
+            if let end @ (ConnectionEnd::Io(_) | ConnectionEnd::Timeout | ConnectionEnd::Open(_)) =
+                connection::serve(tls, ctx, peer.clone()).await
+            {
+                tracing::info!(%peer, reason = %end, "AMQP connection not opened");
             }
         }
     })

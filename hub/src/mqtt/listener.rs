@@ -13,6 +13,7 @@ use std::future::Future;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::mqtt::connection;
@@ -28,15 +29,35 @@ pub async fn serve_tls(
     ctx: Arc<HeadContext>,
     shutdown: watch::Receiver<bool>,
 ) {
+    serve_tls_with(listener, acceptor, shutdown, "MQTT", move |tls, peer| {
+        let ctx = Arc::clone(&ctx);
+        async move {
+            connection::serve(tls, ctx, peer).await;
+        }
+    })
+    .await;
+}
+
+/// The TLS accept loop both heads use: each connection's handshake (within
+/// [`HANDSHAKE_TIMEOUT`]) and then `serve` run in the connection's own task; a failed handshake
+/// is logged with `protocol` and ends only that connection.
+pub(crate) async fn serve_tls_with<F, Fut>(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shutdown: watch::Receiver<bool>,
+    protocol: &'static str,
+    serve: F,
+) where
+    F: Fn(TlsStream<TcpStream>, String) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     accept_loop(listener, shutdown, move |tcp, peer| {
-        let (acceptor, ctx) = (acceptor.clone(), Arc::clone(&ctx));
+        let (acceptor, serve) = (acceptor.clone(), serve.clone());
         async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    connection::serve(tls, ctx, peer).await;
-                }
-                Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                Ok(Ok(tls)) => serve(tls, peer).await,
+                Ok(Err(e)) => tracing::info!(%peer, error = %e, protocol, "TLS handshake failed"),
+                Err(_) => tracing::info!(%peer, protocol, "TLS handshake timed out"),
             }
         }
     })

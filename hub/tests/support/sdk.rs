@@ -619,6 +619,31 @@ impl Proc {
         self.status = self.child.wait().ok();
     }
 
+    /// Reads a receiver until every seq in `0..n` arrived at least once (duplicates count
+    /// once), or `within`; then stops it and returns all its data lines and its stderr.
+    pub fn receive_all(mut self, n: i64, within: Duration) -> (Vec<Value>, String) {
+        let mut have: std::collections::BTreeSet<i64> = data_of(self.seen())
+            .iter()
+            .filter_map(|m| m["seq"].as_i64())
+            .collect();
+        if (have.len() as i64) < n {
+            let _ = self.read_until(within, |v| {
+                if v.get("event").is_none() {
+                    if let Some(s) = v["seq"].as_i64() {
+                        if (0..n).contains(&s) {
+                            have.insert(s);
+                        }
+                    }
+                }
+                have.len() as i64 >= n
+            });
+        }
+        let stderr = self.stderr();
+        self.kill();
+        let out = self.finish(Duration::from_secs(5));
+        (data_of(&out.lines), stderr)
+    }
+
     /// Stops it with SIGTERM and waits up to `within` for it to exit; SIGKILL after that.
     pub fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
         let _ = Command::new("kill")
@@ -645,7 +670,8 @@ impl Drop for Proc {
     }
 }
 
-fn data_of(lines: &[Line]) -> Vec<Value> {
+/// The data lines (no "event" key) among `lines`: acknowledged sends or received messages.
+pub fn data_of(lines: &[Line]) -> Vec<Value> {
     lines
         .iter()
         .filter_map(|l| match l {
