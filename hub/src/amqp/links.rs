@@ -45,7 +45,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
 use crate::identity::Identity;
-use crate::metrics::HubMetrics;
 use crate::mqtt::connection::MAX_MESSAGE_BYTES;
 use crate::mqtt::sink::{Outbound, NOT_DELIVERED};
 
@@ -57,36 +56,37 @@ pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing inputs link waits for outstanding settlements.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
-/// A transfer waiting for its settlement, in arrival order.
-struct Pending {
-    info: DeliveryInfo,
-    work: Work,
+/// A transfer waiting for its settlement, in arrival order (`D`: the delivery, `A`: a route
+/// acknowledgement; generic so the ordering logic is tested without a link or a store).
+struct Pending<D, A> {
+    info: D,
+    work: Work<A>,
 }
 
-enum Work {
+enum Work<A> {
     /// Accept when every ack resolved; when the transfer arrived.
-    Route(Vec<RouteAck>, Instant),
+    Route(Vec<A>, Instant),
     /// Reject in turn (not routed).
     Refuse(AmqpError, String),
 }
 
 /// A settlement for the link task to send.
-enum Settle {
-    Accept(DeliveryInfo),
+#[derive(Debug, PartialEq)]
+enum Settle<D> {
+    Accept(D),
     /// Reject with this error; `fatal` closes the link afterwards.
-    Reject(DeliveryInfo, AmqpError, String, bool),
+    Reject(D, AmqpError, String, bool),
 }
 
 /// Serves a module's events link until it ends or the connection stops.
 pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
-    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(MAX_PENDING);
-    let (settle_tx, mut settle_rx) = mpsc::unbounded_channel::<Settle>();
-    let acker = tokio::spawn(settle_in_order(
-        pending_rx,
-        settle_tx,
-        Arc::clone(&ctx.metrics),
-    ));
+    let (pending_tx, pending_rx) = mpsc::channel::<Pending<DeliveryInfo, RouteAck>>(MAX_PENDING);
+    let (settle_tx, mut settle_rx) = mpsc::unbounded_channel();
+    let hub_metrics = Arc::clone(&ctx.metrics);
+    let acker = tokio::spawn(settle_in_order(pending_rx, settle_tx, move |latency| {
+        hub_metrics.publish_acked(latency)
+    }));
     let mut metrics = ctx.metrics.connection_metrics(&identity);
     let mut stop = shared.stop.subscribe();
     let mut pending_tx = Some(pending_tx);
@@ -158,7 +158,7 @@ fn route(
     metrics: &mut crate::metrics::ConnectionMetrics,
     message: fe2o3_amqp::types::messaging::Message<Body<Value>>,
     batched: bool,
-) -> Work {
+) -> Work<RouteAck> {
     let parts = if batched {
         match convert::split_batch(&message) {
             Ok(parts) => parts,
@@ -196,11 +196,14 @@ fn route(
 
 /// Awaits each transfer's route acknowledgements in arrival order and says how to settle it.
 /// After the first store failure every later transfer is rejected.
-async fn settle_in_order(
-    mut pending: mpsc::Receiver<Pending>,
-    settle: mpsc::UnboundedSender<Settle>,
-    metrics: Arc<HubMetrics>,
-) {
+async fn settle_in_order<D, A, O, E>(
+    mut pending: mpsc::Receiver<Pending<D, A>>,
+    settle: mpsc::UnboundedSender<Settle<D>>,
+    acked: impl Fn(Duration),
+) where
+    A: std::future::Future<Output = Result<O, E>>,
+    E: std::fmt::Display,
+{
     let mut failed: Option<String> = None;
     while let Some(Pending { info, work }) = pending.recv().await {
         let decision = match work {
@@ -224,7 +227,7 @@ async fn settle_in_order(
                 }
                 match error {
                     None => {
-                        metrics.publish_acked(arrived.elapsed());
+                        acked(arrived.elapsed());
                         Settle::Accept(info)
                     }
                     Some(reason) => {
@@ -353,6 +356,127 @@ mod tests {
 
     use super::*;
     use fe2o3_amqp::types::messaging::{Accepted, Modified, Rejected, Released};
+
+    type Ack = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+    /// An acknowledgement that resolves when `rx` is answered.
+    fn ack_on(rx: oneshot::Receiver<Result<(), String>>) -> Ack {
+        Box::pin(async move { rx.await.unwrap_or_else(|_| Err("dropped".into())) })
+    }
+
+    /// Feeds `acks` (one transfer each) through `settle_in_order` and returns its decisions.
+    async fn decisions(works: Vec<Work<Ack>>) -> Vec<Settle<u32>> {
+        let (tx, rx) = mpsc::channel(16);
+        let (settle_tx, mut settle_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(settle_in_order(rx, settle_tx, |_| {}));
+        for (i, work) in works.into_iter().enumerate() {
+            let info = u32::try_from(i).unwrap();
+            tx.send(Pending { info, work }).await.unwrap();
+        }
+        drop(tx);
+        task.await.unwrap();
+        let mut out = Vec::new();
+        while let Ok(s) = settle_rx.try_recv() {
+            out.push(s);
+        }
+        out
+    }
+
+    fn ack(result: Result<(), String>) -> Ack {
+        Box::pin(async move { result })
+    }
+
+    fn route(acks: Vec<Ack>) -> Work<Ack> {
+        Work::Route(acks, Instant::now())
+    }
+
+    #[tokio::test]
+    async fn transfers_are_accepted_in_arrival_order_even_when_durable_out_of_order() {
+        let (late_tx, late_rx) = oneshot::channel();
+        let (tx, rx) = mpsc::channel(16);
+        let (settle_tx, mut settle_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(settle_in_order(rx, settle_tx, |_| {}));
+        tx.send(Pending {
+            info: 0u32,
+            work: route(vec![ack_on(late_rx)]),
+        })
+        .await
+        .unwrap();
+        tx.send(Pending {
+            info: 1,
+            work: route(vec![ack(Ok(()))]),
+        })
+        .await
+        .unwrap();
+        tokio::task::yield_now().await;
+        assert!(
+            settle_rx.try_recv().is_err(),
+            "nothing settles before the first is durable"
+        );
+        late_tx.send(Ok(())).unwrap();
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(settle_rx.recv().await, Some(Settle::Accept(0)));
+        assert_eq!(settle_rx.recv().await, Some(Settle::Accept(1)));
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_accepted_only_when_all_its_messages_are_durable() {
+        let got = decisions(vec![
+            route(vec![ack(Ok(())), ack(Ok(())), ack(Ok(()))]),
+            route(vec![ack(Ok(())), ack(Err("disk full".into()))]),
+        ])
+        .await;
+        assert_eq!(got[0], Settle::Accept(0));
+        assert!(
+            matches!(&got[1], Settle::Reject(1, AmqpError::InternalError, r, true) if r == "disk full")
+        );
+    }
+
+    #[tokio::test]
+    async fn after_a_store_failure_every_later_transfer_is_rejected() {
+        let got = decisions(vec![
+            route(vec![ack(Ok(()))]),
+            route(vec![ack(Err("poisoned".into()))]),
+            route(vec![ack(Ok(()))]),
+            Work::Refuse(AmqpError::NotImplemented, "odd body".into()),
+            route(vec![ack(Ok(()))]),
+        ])
+        .await;
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[0], Settle::Accept(0));
+        assert!(matches!(
+            &got[1],
+            Settle::Reject(1, AmqpError::InternalError, _, true)
+        ));
+        // Durable or not, nothing after a failure is accepted: a resend could not reorder.
+        assert!(matches!(
+            &got[2],
+            Settle::Reject(2, AmqpError::InternalError, _, true)
+        ));
+        assert!(matches!(
+            &got[3],
+            Settle::Reject(3, AmqpError::NotImplemented, _, false)
+        ));
+        assert!(matches!(
+            &got[4],
+            Settle::Reject(4, AmqpError::InternalError, _, true)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_refused_transfer_is_rejected_in_turn_and_the_link_goes_on() {
+        let got = decisions(vec![
+            Work::Refuse(AmqpError::ResourceLimitExceeded, "too big".into()),
+            route(vec![ack(Ok(()))]),
+        ])
+        .await;
+        assert!(matches!(
+            &got[0],
+            Settle::Reject(0, AmqpError::ResourceLimitExceeded, _, false)
+        ));
+        assert_eq!(got[1], Settle::Accept(1));
+    }
 
     #[test]
     fn dispositions_map_as_edgehub_does() {
