@@ -178,6 +178,23 @@ fn wrong_key_and_wrong_module_are_refused() {
     }
     let log = hub_proc.stderr();
     assert!(log.contains("put-token refused"), "{log}");
+    // The AMQP head feeds the same connection metrics as the MQTT head.
+    let metrics = testhub::metrics(&ns);
+    let value = |name: &str, label: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        value("edgehub_client_connect_success_total", "sender") >= 1.0,
+        "{metrics}"
+    );
+    assert!(
+        value("edgehub_client_connect_failed_total", "not_authorized") >= 3.0,
+        "{metrics}"
+    );
 }
 
 /// With every way in (no SASL + `$cbs`, SASL ANONYMOUS or MSSBCBS + `$cbs`, SASL PLAIN with the
