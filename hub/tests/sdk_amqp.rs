@@ -133,6 +133,18 @@ fn cross_protocol(tx: (Sdk, &str), rx: (Sdk, &str), run: &str) {
     for m in &got {
         testhub::assert_intact(m, run, "sender", "input1");
     }
+    if rx == (Sdk::Node, "amqp") {
+        // x-opt-sequence-number: the store offset, increasing with the delivery order.
+        let seqs: Vec<i64> = got
+            .iter()
+            .map(|m| {
+                m["sequence_number"]
+                    .as_i64()
+                    .unwrap_or_else(|| panic!("{m}"))
+            })
+            .collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    }
 }
 
 /// The SDK's `open()` over AMQP is refused (put-token 401) for a wrong key, for a module signing
@@ -396,6 +408,38 @@ fn renewal_keeps_the_connection_and_expiry_closes_it() {
         .unwrap_or_else(|| panic!("an expired token kept its connection: {held}"));
     assert!(closed < 10_000, "closed only after {closed} ms");
     assert!(hub_proc.stderr().contains("expired without renewal"));
+}
+
+/// A newer connection of the same module replaces the older one (as over MQTT): the hub closes
+/// the first connection once the second authenticates.
+#[test]
+fn a_newer_connection_of_the_module_replaces_the_older() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
+    let hub_proc = hub.start(&ns);
+    let mut first = probe(&env, &ns, &cs, &ca, &["--hold", "15", "--timeout", "30"]);
+    let up = first.read_until(secs(20), |v| v["event"] == "own");
+    assert!(
+        up.is_some(),
+        "the first connection never got going: {}",
+        first.stderr()
+    );
+    probe(&env, &ns, &cs, &ca, &["--timeout", "20"])
+        .finish(secs(30))
+        .assert_exit(sdk::EXIT_OK);
+    let first = first.finish(secs(30));
+    first.assert_exit(sdk::EXIT_OK);
+    let held = event(&first, "held");
+    assert!(
+        held["closed_by_hub_ms"]
+            .as_i64()
+            .is_some_and(|ms| ms < 14_000),
+        "the older connection was not closed: {held}\nhub log:\n{}",
+        hub_proc.stderr()
+    );
+    assert!(hub_proc.stderr().contains("replaced by a newer connection"));
 }
 
 /// Malformed frames on three connections close each of them, while the Node SDK streams over

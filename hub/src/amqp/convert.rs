@@ -19,8 +19,9 @@
 //!   properties and the `iothub-*` application properties above; user properties follow (a key
 //!   the hub interprets on ingress is never written from a user property, so no sender forges
 //!   one); message annotations `x-opt-input-name`, `iothub-connection-device-id`,
-//!   `iothub-connection-module-id` (module sources only), `x-opt-lock-token` and
-//!   `iothub-enqueuedtime`; the body is one data section.
+//!   `iothub-connection-module-id` (module sources only), `x-opt-lock-token`,
+//!   `iothub-enqueuedtime`, `x-opt-sequence-number` (the store offset) and
+//!   `iothub-deliverycount`; the body is one data section.
 
 use bytes::Bytes;
 use fe2o3_amqp::types::messaging::annotations::OwnedKey;
@@ -52,6 +53,10 @@ pub const CONNECTION_MODULE_ID: &str = "iothub-connection-module-id";
 pub const LOCK_TOKEN: &str = "x-opt-lock-token";
 /// Annotation: when the hub enqueued the delivery.
 pub const ENQUEUED_TIME: &str = "iothub-enqueuedtime";
+/// Annotation: the message's sequence number (its store offset).
+pub const SEQUENCE_NUMBER: &str = "x-opt-sequence-number";
+/// Annotation: how many times the message was delivered before without success.
+pub const DELIVERY_COUNT: &str = "iothub-deliverycount";
 
 /// Application properties that are system properties.
 const SYSTEM_APP_PROPERTIES: [(&str, SystemProperty); 5] = [
@@ -177,13 +182,24 @@ pub fn split_batch(
     Ok(out)
 }
 
-/// The AMQP message delivering `message` on `input`, with lock token `lock_token`, enqueued at
-/// `enqueued_ms` (milliseconds since the epoch).
+/// How one delivery of a message is stamped (annotations that are not the message's own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeliveryStamp {
+    /// `x-opt-lock-token`.
+    pub lock_token: [u8; 16],
+    /// `iothub-enqueuedtime`, milliseconds since the epoch.
+    pub enqueued_ms: i64,
+    /// `x-opt-sequence-number`: the store offset.
+    pub sequence: u64,
+    /// `iothub-deliverycount`: earlier unsuccessful deliveries.
+    pub delivery_count: u32,
+}
+
+/// The AMQP message delivering `message` on `input`, stamped with `stamp`.
 pub fn amqp_from_message(
     message: &Message,
     input: &InputName,
-    lock_token: [u8; 16],
-    enqueued_ms: i64,
+    stamp: DeliveryStamp,
 ) -> AmqpMessage<Data> {
     let sys = |p: SystemProperty| message.system_property(p).map(str::to_owned);
     let properties = Properties {
@@ -223,11 +239,16 @@ pub fn amqp_from_message(
     if let Some(m) = message.source().module() {
         annotate(CONNECTION_MODULE_ID, Value::String(m.as_str().to_owned()));
     }
-    annotate(LOCK_TOKEN, Value::Uuid(Uuid::from(lock_token)));
+    annotate(LOCK_TOKEN, Value::Uuid(Uuid::from(stamp.lock_token)));
     annotate(
         ENQUEUED_TIME,
-        Value::Timestamp(Timestamp::from_milliseconds(enqueued_ms)),
+        Value::Timestamp(Timestamp::from_milliseconds(stamp.enqueued_ms)),
     );
+    annotate(
+        SEQUENCE_NUMBER,
+        Value::Long(i64::try_from(stamp.sequence).unwrap_or(i64::MAX)),
+    );
+    annotate(DELIVERY_COUNT, Value::Uint(stamp.delivery_count));
     AmqpMessage {
         header: None,
         delivery_annotations: None,
@@ -423,13 +444,21 @@ mod tests {
         let m = message_from_amqp(&DeviceId::new("d"), &ModuleId::new("a"), &sender_message())
             .unwrap()
             .with_property("$.cdid", "forged");
-        let out = amqp_from_message(&m, &InputName::new("input1"), [1; 16], 5);
+        let stamp = DeliveryStamp {
+            lock_token: [1; 16],
+            enqueued_ms: 5,
+            sequence: 42,
+            delivery_count: 2,
+        };
+        let out = amqp_from_message(&m, &InputName::new("input1"), stamp);
         let ann = out.message_annotations.as_ref().unwrap();
         let get = |k: &str| ann.0.get(&OwnedKey::from(Symbol::from(k))).cloned();
         assert_eq!(get(INPUT_NAME), Some(Value::String("input1".into())));
         assert_eq!(get(CONNECTION_DEVICE_ID), Some(Value::String("d".into())));
         assert_eq!(get(CONNECTION_MODULE_ID), Some(Value::String("a".into())));
         assert_eq!(get(LOCK_TOKEN), Some(Value::Uuid(Uuid::from([1; 16]))));
+        assert_eq!(get(SEQUENCE_NUMBER), Some(Value::Long(42)));
+        assert_eq!(get(DELIVERY_COUNT), Some(Value::Uint(2)));
         let props = out.properties.as_ref().unwrap();
         assert_eq!(
             props.message_id,

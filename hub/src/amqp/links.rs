@@ -21,7 +21,10 @@
 //! - The link becomes the sink of every input endpoint of its module (replacing an older one);
 //!   deliveries are sent unsettled, only while the client gives credit, with the
 //!   `x-opt-input-name`, `iothub-connection-device-id`, `iothub-connection-module-id`,
-//!   `x-opt-lock-token` and `iothub-enqueuedtime` annotations ([`convert::amqp_from_message`]).
+//!   `x-opt-lock-token`, `iothub-enqueuedtime`, `x-opt-sequence-number` and
+//!   `iothub-deliverycount` annotations ([`convert::amqp_from_message`]). The delivery tag is
+//!   fe2o3's own (its sender has no way to set one), not the lock token as in edgeHub; the SDKs
+//!   settle by delivery, not by tag.
 //! - Settlement (edgeHub's `ModuleEndpoint`, reference §2): `accepted` completes the message;
 //!   `rejected` and `released` are Reject and Abandon, which edgeHub treats as **not
 //!   retryable: the message is set aside (dropped and counted)**, and so do we; `modified` is
@@ -266,8 +269,12 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
         let message = convert::amqp_from_message(
             &delivery.message,
             &delivery.input,
-            rand::random::<[u8; 16]>(),
-            now_millis(),
+            convert::DeliveryStamp {
+                lock_token: rand::random::<[u8; 16]>(),
+                enqueued_ms: now_millis(),
+                sequence: delivery.offset,
+                delivery_count: delivery.previous_attempts,
+            },
         );
         // Waits for the client's credit.
         let sent = tokio::select! {

@@ -20,6 +20,10 @@ pub struct Outbound {
     pub input: InputName,
     /// The message.
     pub message: Message,
+    /// Its offset in the store (AMQP `x-opt-sequence-number`).
+    pub offset: u64,
+    /// How many times it was sent before without success (AMQP `iothub-deliverycount`).
+    pub previous_attempts: u32,
     /// Answered with the module's settlement (`Delivered` on PUBACK / `accepted`); dropped if
     /// the connection ends first.
     pub acked: oneshot::Sender<DeliveryOutcome>,
@@ -52,6 +56,8 @@ impl Sink for ModuleInputSink {
                 .send(Outbound {
                     input: self.input.clone(),
                     message: delivery.message,
+                    offset: delivery.offset.get(),
+                    previous_attempts: delivery.previous_attempts,
                     acked,
                 })
                 .is_ok();

@@ -45,6 +45,8 @@ function describe(n, inputName, msg, args) {
     custom_properties: props,
     connection_device_id: props['$.cdid'] || ann['iothub-connection-device-id'] || null,
     connection_module_id: props['$.cmid'] || ann['iothub-connection-module-id'] || null,
+    // AMQP only: the hub's sequence number (its store offset); null over MQTT.
+    sequence_number: ann['x-opt-sequence-number'] === undefined ? null : Number(ann['x-opt-sequence-number']),
     seq,
     data_len: data.length,
     data_sha256: crypto.createHash('sha256').update(data).digest('hex'),
