@@ -12,6 +12,8 @@
 //!   attach another module's links.
 //! - An identity authenticated on this connection joins the head's registry of live connections:
 //!   a newer connection (MQTT or AMQP) of the same module replaces this one, which closes.
+//! - A client that sends nothing for [`IDLE_TIMEOUT_MS`] (announced in our Open; rhea sends an
+//!   empty frame every half of it) is disconnected.
 //! - The connection closes when its earliest SAS token (plus the clock skew) expires without a
 //!   renewal put-token (the Node SDK renews well before).
 //! - On hub shutdown, replacement, or the end of the connection, every link first settles what
@@ -43,6 +45,9 @@ use crate::mqtt::context::HeadContext;
 
 /// How long a client has to send its protocol header after the TLS handshake.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Our Open's `idle-time-out`: a connection that sends nothing (not even the empty frames a
+/// client sends every half of it) for this long is closed. Azure IoT Hub's value.
+pub const IDLE_TIMEOUT_MS: u32 = 240_000;
 /// Our container id in Open.
 const CONTAINER_ID: &str = "edgehub";
 /// How long closing a link, session or the connection may wait for the peer's answer.
@@ -166,6 +171,7 @@ where
         let sasl = HubSasl::new(Arc::clone(&ctx));
         let acceptor = ConnectionAcceptor::builder()
             .container_id(CONTAINER_ID)
+            .idle_time_out(IDLE_TIMEOUT_MS)
             .sasl_acceptor(sasl.clone())
             .build();
         let opened = tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream)).await;
@@ -176,6 +182,7 @@ where
     } else {
         let acceptor = ConnectionAcceptor::builder()
             .container_id(CONTAINER_ID)
+            .idle_time_out(IDLE_TIMEOUT_MS)
             .build();
         tokio::time::timeout(OPEN_TIMEOUT, acceptor.accept(stream)).await
     };

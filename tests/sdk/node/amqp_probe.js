@@ -13,7 +13,8 @@
 //     {"event":"other-sender"|"other-receiver","result":"refused"|"attached","condition":...}
 //     --expire-in S: the token stays valid S s (with the hub's 300 s skew); --hold S: stay
 //     connected S s and print {"event":"held","closed_by_hub_ms":N|null}; --renew-after S:
-//     put a fresh token on the open connection after S s ({"event":"renewed",...}).
+//     put a fresh token on the open connection after S s ({"event":"renewed",...}); --silent:
+//     write nothing more (not even heartbeats) while holding.
 //   node amqp_probe.js --mode garbage
 //     opens an AMQP connection (no SASL), then writes bytes that are no AMQP frame on it;
 //     prints {"event":"closed","how":...,"ms":N} when the hub ends the connection.
@@ -29,6 +30,7 @@ const SPEC = {
   renew_after: { type: 'number', default: undefined },
   hold: { type: 'number', default: 0 },
   batch: { type: 'number', default: 0 },
+  silent: { type: 'flag', default: false },
 };
 
 // Microsoft's batched message format: each data section of the body is an encoded message.
@@ -160,6 +162,10 @@ async function attachMode(args) {
     const address = `/devices/${f.DeviceId}/modules/${args.other}/messages/events`;
     h.emit(Object.assign({ event: 'other-sender' }, await tryAttach(conn, 'sender', address)));
     h.emit(Object.assign({ event: 'other-receiver' }, await tryAttach(conn, 'receiver', address)));
+  }
+  if (args.silent) {
+    // Stop writing anything (heartbeats included), as a client whose network vanished.
+    conn.socket.write = () => true;
   }
   if (args.hold) {
     // Stay connected up to --hold s (renewing the token after --renew-after s if asked) and
