@@ -26,4 +26,5 @@ cargo test --workspace --locked
 echo "== benchmarks, quick pass"
 cargo bench -p benches --bench store --locked -- --quick
 cargo bench -p benches --bench router --locked -- --quick
+cargo bench -p benches --bench upstream --locked -- --quick
 benches/peers.sh --quick
