@@ -62,6 +62,10 @@ pub struct EndpointPolicy {
     /// default, as edgeHub) retries the head of the queue until it is delivered or expires,
     /// holding back everything behind it.
     pub set_aside_after: Option<u32>,
+    /// Most messages in flight to this endpoint (its largest batch); `None` (the default) uses
+    /// the dispatcher's [`DispatcherConfig::window`]. A sink that fans a batch out over several
+    /// connections (the upstream link, one per sending module) needs a larger one.
+    pub window: Option<usize>,
 }
 
 /// The dispatcher could not start.

@@ -107,6 +107,49 @@ async fn batches_never_exceed_the_window() {
     hub.close().await;
 }
 
+/// Delivers everything and records the size of every batch.
+#[derive(Clone, Default)]
+struct BatchSizes {
+    log: support::sinks::Log,
+    sizes: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+impl router::Sink for BatchSizes {
+    async fn send(&self, batch: Vec<router::Delivery>) -> Vec<router::DeliveryOutcome> {
+        self.sizes.lock().unwrap().push(batch.len());
+        let outcomes = vec![router::DeliveryOutcome::Delivered; batch.len()];
+        self.log.record(&batch, &outcomes);
+        outcomes
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_policy_window_overrides_the_dispatchers() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = upstream_hub(dir.path(), 7);
+    hub.send_all("m", "o", &bodies("a", 30)).await;
+    let sink = BatchSizes::default();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log.wait_delivered(30).await;
+    assert_eq!(*sink.sizes.lock().unwrap(), [7, 7, 7, 7, 2]);
+    hub.dispatcher.unregister_sink(&Endpoint::Upstream);
+    hub.dispatcher.set_policy(
+        &Endpoint::Upstream,
+        EndpointPolicy {
+            window: Some(12),
+            ..EndpointPolicy::default()
+        },
+    );
+    hub.send_all("m", "o", &bodies("b", 30)).await;
+    sink.sizes.lock().unwrap().clear();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log.wait_delivered(60).await;
+    assert_eq!(*sink.sizes.lock().unwrap(), [12, 12, 6]);
+    hub.close().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn messages_stay_queued_until_a_sink_registers() {
     let dir = tempfile::tempdir().unwrap();
@@ -549,6 +592,7 @@ async fn set_aside_after_n_attempts_lets_the_queue_move_on() {
         &Endpoint::Upstream,
         EndpointPolicy {
             set_aside_after: Some(3),
+            ..EndpointPolicy::default()
         },
     );
     let sent = bodies("m", 5);
@@ -817,6 +861,7 @@ async fn a_routes_limit_wins_over_the_endpoint_policy_and_the_endpoint_policy_co
         &Endpoint::Upstream,
         EndpointPolicy {
             set_aside_after: Some(2),
+            ..EndpointPolicy::default()
         },
     );
     hub.send_all("m", "patient", &["p-bad".to_owned()]).await;

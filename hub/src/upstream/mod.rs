@@ -32,13 +32,19 @@ pub mod sink;
 
 use std::sync::{Arc, Weak};
 
-use router::{Dispatcher, Endpoint};
+use router::{Dispatcher, Endpoint, EndpointPolicy};
 
 use self::mqtt::{client_tls_config, MqttUpstream, MqttUpstreamConfig, UpstreamTlsError};
 use self::sink::UpstreamSink;
 use crate::identity::Identities;
 use crate::metrics::HubMetrics;
 use crate::settings::Settings;
+
+/// Messages in flight upstream, over every module's connection: each connection has up to 100
+/// unacknowledged publishes, and a batch is split by sending module, so the window of one
+/// connection (100, the module endpoints' default) would leave most of them idle when several
+/// modules send.
+pub const UPSTREAM_WINDOW: usize = 1000;
 
 /// Starts the upstream link the settings ask for and makes it the `$upstream` sink. `None`
 /// when upstream is off (the messages then wait on disk within their TTL).
@@ -62,6 +68,13 @@ pub fn start(
             d.wake(&Endpoint::Upstream);
         }
     }));
+    dispatcher.set_policy(
+        &Endpoint::Upstream,
+        EndpointPolicy {
+            window: Some(UPSTREAM_WINDOW),
+            ..EndpointPolicy::default()
+        },
+    );
     dispatcher.register_sink(
         &Endpoint::Upstream,
         UpstreamSink::new(Arc::clone(&upstream)),

@@ -320,7 +320,14 @@ impl EndpointWorker {
                 return Ok(None);
             };
             let after = queue.checkpointer.resume_after();
-            let stored = match self.ctx.store.read(&queue.name, after, self.ctx.window) {
+            let window = self
+                .rx
+                .policy
+                .borrow()
+                .window
+                .unwrap_or(self.ctx.window)
+                .max(1);
+            let stored = match self.ctx.store.read(&queue.name, after, window) {
                 Ok(stored) => stored,
                 Err(e) => return Err(self.store_failed(&e)),
             };
