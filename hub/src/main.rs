@@ -174,7 +174,7 @@ struct HubArgs {
     #[arg(long, global = true, env = "EDGEHUB_LOG_FORMAT", value_name = "FORMAT",
           default_value = "text", value_parser = parse_log_format)]
     log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax) [default: RUST_LOG, else "info" for run and "warn" otherwise].
+    /// Log filter (tracing EnvFilter syntax) [default: RUST_LOG, else "info" for run and "warn" otherwise, fe2o3_amqp off].
     #[arg(long, global = true, env = "EDGEHUB_LOG", value_name = "FILTER")]
     log: Option<String>,
 }
@@ -228,9 +228,12 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(cli: &Cli) {
+    // fe2o3-amqp logs a client's ordinary Close or End at ERROR; the AMQP head logs every
+    // connection's outcome itself, so the library is quiet unless asked (`--log
+    // info,fe2o3_amqp=debug`).
     let default = match cli.command {
-        Command::Run => "info",
-        _ => "warn",
+        Command::Run => "info,fe2o3_amqp=off",
+        _ => "warn,fe2o3_amqp=off",
     };
     let filter = match &cli.hub.log {
         Some(directives) => EnvFilter::try_new(directives),
