@@ -19,6 +19,7 @@
 //!   (counted in [`RouterMetrics::worker_failures`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use store::{Clock, Store};
@@ -90,6 +91,8 @@ pub struct DispatcherHandle {
 
 #[derive(Debug)]
 pub(crate) struct Shared {
+    /// Unique among the dispatchers of this process, never 0.
+    id: u64,
     pub(crate) store: Store,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) counters: Arc<Counters>,
@@ -134,7 +137,9 @@ impl Dispatcher {
             tokio::runtime::Handle::try_current().map_err(|_| DispatcherError::NoRuntime)?;
         config.window = config.window.max(1);
         let (shutdown, _) = watch::channel(false);
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let shared = Arc::new(Shared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             store,
             clock,
             counters: Arc::new(Counters::default()),
@@ -233,6 +238,11 @@ impl DispatcherHandle {
 
     pub(crate) fn shared(&self) -> &Shared {
         &self.shared
+    }
+
+    /// This dispatcher's id: unique in the process, never 0.
+    pub(crate) fn id(&self) -> u64 {
+        self.shared.id
     }
 
     /// Makes sure the worker of `queue.endpoint` exists and drains `queue`. Called before the

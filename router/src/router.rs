@@ -54,6 +54,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
@@ -64,7 +65,7 @@ use crate::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::events::{self, Counters, RouterMetrics};
 use crate::expiry::{expiry_at, latest};
 use crate::message::Message;
-use crate::queue_id::{Lane, QueueId, QueueIdError};
+use crate::queue_id::QueueIdError;
 use crate::route::{RouteTable, Target};
 
 /// What became of a routed message.
@@ -157,20 +158,9 @@ impl Router {
         targets: &[Target],
         now: UnixMillis,
     ) -> Result<Pending<Offset, AppendError>, RouteError> {
-        let ids: Vec<QueueId> = targets
+        let names = targets
             .iter()
-            .map(|t| {
-                let lane = if t.options.live_first_secs.is_some() {
-                    Lane::Live
-                } else {
-                    Lane::Backlog
-                };
-                QueueId::in_lane(t.endpoint.clone(), t.priority, lane)
-            })
-            .collect();
-        let names = ids
-            .iter()
-            .map(QueueId::name)
+            .map(|t| t.queue.name.clone())
             .collect::<Result<Vec<QueueName>, _>>()?;
         let expiries: Vec<_> = targets.iter().map(|t| expiry_at(now, t.ttl)).collect();
         let stored_expiry = latest(expiries.iter().copied());
@@ -179,7 +169,7 @@ impl Router {
             .zip(&expiries)
             .filter(|(_, e)| **e != stored_expiry)
             .map(|(t, e)| ExpiryOverride {
-                endpoint: t.endpoint.id().as_str().to_owned(),
+                endpoint: t.queue.endpoint_id.as_str().to_owned(),
                 expiry: *e,
             })
             .collect();
@@ -187,7 +177,7 @@ impl Router {
             .iter()
             .filter(|t| !t.options.is_default())
             .map(|t| EndpointOptions {
-                endpoint: t.endpoint.id().as_str().to_owned(),
+                endpoint: t.queue.endpoint_id.as_str().to_owned(),
                 options: t.options,
             })
             .collect();
@@ -199,8 +189,12 @@ impl Router {
             },
             &delivery_options,
         )?;
-        for id in &ids {
-            self.dispatcher.ensure_queue(id);
+        let dispatcher = self.dispatcher.id();
+        for t in targets {
+            if t.queue.ensured_by.load(Ordering::Acquire) != dispatcher {
+                self.dispatcher.ensure_queue(&t.queue.id);
+                t.queue.ensured_by.store(dispatcher, Ordering::Release);
+            }
         }
         Ok(self
             .dispatcher
