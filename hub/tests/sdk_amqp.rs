@@ -361,6 +361,63 @@ fn a_batched_transfer_is_routed_message_by_message_in_order() {
     }
 }
 
+/// A module that attaches its inputs link asking for pre-settled deliveries
+/// (`snd-settle-mode = settled`) is answered `unsettled`: the hub never sends an input
+/// pre-settled, so a delivery the module did not accept is delivered again to its next link.
+#[test]
+fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let hub_proc = hub.start(&ns);
+    let mut rx = probe(
+        &env,
+        &ns,
+        &cs_rx,
+        &ca,
+        &["--mode", "inputs", "--snd-settle", "settled", "--timeout", "30"],
+    );
+    let attached = rx
+        .read_until(secs(20), |v| v["event"] == "attached")
+        .unwrap_or_else(|| panic!("no inputs link: {}", rx.stderr()));
+    assert_eq!(
+        attached["snd_settle_mode"], 0,
+        "the hub agreed to send pre-settled: {attached}"
+    );
+    let sent = probe(&env, &ns, &cs_tx, &ca, &["--timeout", "20"]).finish(secs(30));
+    sent.assert_exit(sdk::EXIT_OK);
+    assert_eq!(event(&sent, "own")["outcome"], "accepted");
+    let first = rx.finish(secs(40));
+    first.assert_exit(sdk::EXIT_OK);
+    let m = event(&first, "message");
+    assert_eq!(m["message_id"], "probe-1", "{m}");
+    assert_eq!(m["presettled"], false, "{m}");
+    // Left unsettled: it comes again, to the next inputs link.
+    let again = probe(
+        &env,
+        &ns,
+        &cs_rx,
+        &ca,
+        &["--mode", "inputs", "--settle", "accept", "--timeout", "40"],
+    )
+    .finish(secs(50));
+    if again.code != Some(sdk::EXIT_OK) {
+        panic!(
+            "not delivered again: exit {:?}, {:?}\n{}\nhub log:\n{}",
+            again.code,
+            again.lines,
+            again.stderr,
+            hub_proc.stderr()
+        );
+    }
+    assert_eq!(event(&again, "message")["message_id"], "probe-1");
+}
+
 /// A put-token on the open connection renews it: the connection outlives its first token. A
 /// token left to expire closes the connection.
 #[test]

@@ -29,9 +29,11 @@ use std::time::Duration;
 
 use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
-    ListenerSessionHandle, SessionAcceptor,
+    ListenerSessionHandle, SessionAcceptor, SupportedSenderSettleModes,
 };
-use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo, Role};
+use fe2o3_amqp::types::definitions::{
+    AmqpError, Error as AmqpErrorInfo, Role, SenderSettleMode,
+};
 use fe2o3_amqp::types::performatives::Attach;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, watch, Mutex as AsyncMutex, Notify};
@@ -328,7 +330,7 @@ async fn on_attach(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .authorize_attach(address.as_deref(), role, HeadContext::now_secs());
-    let endpoint = match LinkAcceptor::new()
+    let endpoint = match link_acceptor(&decision)
         .accept_incoming_attach(attach, session)
         .await
     {
@@ -369,6 +371,26 @@ async fn on_attach(
             .await;
         }
     }
+}
+
+/// fe2o3's link acceptor without source or target rewriting.
+type DefaultLinkAcceptor = LinkAcceptor<
+    fn(fe2o3_amqp::types::messaging::Source) -> Option<fe2o3_amqp::types::messaging::Source>,
+    fn(fe2o3_amqp::types::messaging::Target) -> Option<fe2o3_amqp::types::messaging::Target>,
+>;
+
+/// How a link is accepted, by what it is for. The inputs link (the hub sends) never agrees to
+/// send pre-settled: a module asking for `snd-settle-mode = settled` gets `unsettled`, so every
+/// delivery waits for the module's own disposition before it counts as delivered.
+fn link_acceptor(decision: &LinkDecision) -> DefaultLinkAcceptor {
+    let builder = LinkAcceptor::builder();
+    match decision {
+        LinkDecision::Inputs(_) => builder
+            .supported_sender_settle_modes(SupportedSenderSettleModes::UnsettledAndMixed)
+            .fallback_sender_settle_mode(SenderSettleMode::Unsettled),
+        LinkDecision::Events(_) | LinkDecision::Cbs(_) | LinkDecision::Refuse(..) => builder,
+    }
+    .build()
 }
 
 /// Detaches (closes) a just-attached link with an error.

@@ -19,7 +19,9 @@
 //!
 //! Guarantees, inputs link ([`serve_inputs`]):
 //! - The link becomes the sink of every input endpoint of its module (replacing an older one);
-//!   deliveries are sent unsettled, only while the client gives credit, with the
+//!   deliveries are sent unsettled (the link is accepted with `snd-settle-mode` unsettled or
+//!   mixed, never settled: a module asking for pre-settled deliveries is answered `unsettled`,
+//!   see `connection::link_acceptor`), only while the client gives credit, with the
 //!   `x-opt-input-name`, `iothub-connection-device-id`, `iothub-connection-module-id`,
 //!   `x-opt-lock-token`, `iothub-enqueuedtime`, `x-opt-sequence-number` and
 //!   `iothub-deliverycount` annotations ([`convert::amqp_from_message`]). The delivery tag is

@@ -15,6 +15,13 @@
 //     connected S s and print {"event":"held","closed_by_hub_ms":N|null}; --renew-after S:
 //     put a fresh token on the open connection after S s ({"event":"renewed",...}); --silent:
 //     write nothing more (not even heartbeats) while holding.
+//   node amqp_probe.js --mode inputs [--snd-settle unsettled|settled|mixed] [--count N]
+//     [--settle none|accept] [--sasl ...]
+//     authenticates as above, then attaches the module's inputs link (a receiver on its events
+//     address) asking for that sender settle mode, without auto-accept; prints
+//     {"event":"attached","snd_settle_mode":N} (what the hub answered: 0 unsettled, 1 settled,
+//     2 mixed), then {"event":"message","message_id":...,"presettled":bool} for each of N
+//     messages (accepting it with --settle accept, else leaving it unsettled), then closes.
 //   node amqp_probe.js --mode garbage
 //     opens an AMQP connection (no SASL), then writes bytes that are no AMQP frame on it;
 //     prints {"event":"closed","how":...,"ms":N} when the hub ends the connection.
@@ -31,6 +38,9 @@ const SPEC = {
   hold: { type: 'number', default: 0 },
   batch: { type: 'number', default: 0 },
   silent: { type: 'flag', default: false },
+  snd_settle: { type: 'string', default: 'unsettled' },
+  count: { type: 'number', default: 1 },
+  settle: { type: 'string', default: 'none' },
 };
 
 // Microsoft's batched message format: each data section of the body is an encoded message.
@@ -131,6 +141,7 @@ async function attachMode(args) {
     };
     await putToken(token, 'cbs');
   }
+  if (args.mode === 'inputs') return inputsMode(args, conn, f, deadline);
   const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
   const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
   await ownReady;
@@ -178,6 +189,28 @@ async function attachMode(args) {
     const closedAt = await Promise.race([hubClosed, new Promise((r) => setTimeout(() => r(null), left))]);
     h.emit({ event: 'held', closed_by_hub_ms: closedAt });
   }
+  conn.close();
+}
+
+// The module's inputs link with the sender settle mode asked for; reports what the hub
+// answered and whether each delivery came pre-settled.
+async function inputsMode(args, conn, f, deadline) {
+  const modes = { unsettled: 0, settled: 1, mixed: 2 };
+  const rx = conn.open_receiver({
+    source: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events`,
+    snd_settle_mode: modes[args.snd_settle], autoaccept: false, credit_window: 10,
+  });
+  await once(rx, 'receiver_open', 'receiver_error', 'inputs link', deadline);
+  h.emit({ event: 'attached', snd_settle_mode: rx.remote.attach.snd_settle_mode });
+  let got = 0;
+  await deadline.run(new Promise((resolve) => {
+    rx.on('message', (ctx) => {
+      h.emit({ event: 'message', message_id: ctx.message.message_id, presettled: !!ctx.delivery.remote_settled });
+      if (args.settle === 'accept') ctx.delivery.accept();
+      got += 1;
+      if (got >= args.count) resolve();
+    });
+  }), 'input messages');
   conn.close();
 }
 
