@@ -380,7 +380,14 @@ fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
         &ns,
         &cs_rx,
         &ca,
-        &["--mode", "inputs", "--snd-settle", "settled", "--timeout", "30"],
+        &[
+            "--mode",
+            "inputs",
+            "--snd-settle",
+            "settled",
+            "--timeout",
+            "30",
+        ],
     );
     let attached = rx
         .read_until(secs(20), |v| v["event"] == "attached")
@@ -416,6 +423,42 @@ fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
         );
     }
     assert_eq!(event(&again, "message")["message_id"], "probe-1");
+}
+
+/// Size limits: a message whose properties become too large as stored is rejected in turn and
+/// the link goes on; a transfer over the events link's `max-message-size` (600 KiB) or a `$cbs`
+/// request over its few KiB detaches that link while it arrives, before it is buffered whole.
+#[test]
+fn oversized_messages_are_refused_by_size_as_stored_and_on_the_wire() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
+    let hub_proc = hub.start(&ns);
+    let out = probe(
+        &env,
+        &ns,
+        &cs,
+        &ca,
+        &["--mode", "oversize", "--timeout", "40"],
+    )
+    .finish(secs(50));
+    let log = hub_proc.stderr();
+    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+    let e = event(&out, "expanding");
+    assert_eq!(e["outcome"], "rejected", "{e}\nhub log:\n{log}");
+    assert_eq!(e["condition"], "amqp:resource-limit-exceeded", "{e}");
+    assert_eq!(
+        event(&out, "after")["outcome"],
+        "accepted",
+        "the link goes on"
+    );
+    let e = event(&out, "big-event");
+    assert_eq!(e["outcome"], "detached", "{e}\nhub log:\n{log}");
+    assert_eq!(e["condition"], "amqp:link:message-size-exceeded", "{e}");
+    let e = event(&out, "big-cbs");
+    assert_eq!(e["outcome"], "detached", "{e}\nhub log:\n{log}");
+    assert_eq!(e["condition"], "amqp:link:message-size-exceeded", "{e}");
 }
 
 /// A put-token on the open connection renews it: the connection outlives its first token. A

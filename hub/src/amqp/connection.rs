@@ -5,6 +5,10 @@
 //! - The client must send its protocol header within [`OPEN_TIMEOUT`]; `AMQP 3.1.0.0` selects
 //!   the SASL layer ([`crate::amqp::sasl`]), `AMQP 0.1.0.0` plain AMQP (the Node SDK); anything
 //!   else is answered with our header and closed by the library.
+//! - Every link announces a `max-message-size` the library enforces frame by frame while a
+//!   delivery arrives (detaching the link with `amqp:link:message-size-exceeded`): 600 KiB on
+//!   an events link, [`MAX_CBS_MESSAGE_BYTES`] on `$cbs` (which needs no authentication), so no
+//!   client makes the hub buffer an unbounded delivery.
 //! - Every attach is decided by the connection's [`ConnectionAuth`] (I/O-free): `$cbs` links
 //!   always, a module's events link (outputs or inputs) only if that module is authenticated on
 //!   this connection; every other attach is refused by attaching and detaching it at once with
@@ -31,9 +35,7 @@ use fe2o3_amqp::acceptor::{
     ConnectionAcceptor, LinkAcceptor, LinkEndpoint, ListenerConnectionHandle,
     ListenerSessionHandle, SessionAcceptor, SupportedSenderSettleModes,
 };
-use fe2o3_amqp::types::definitions::{
-    AmqpError, Error as AmqpErrorInfo, Role, SenderSettleMode,
-};
+use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo, Role, SenderSettleMode};
 use fe2o3_amqp::types::performatives::Attach;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, watch, Mutex as AsyncMutex, Notify};
@@ -41,7 +43,7 @@ use tokio::task::JoinSet;
 
 use crate::amqp::auth_state::{ClientRole, ConnectionAuth, LinkDecision, RefuseCondition};
 use crate::amqp::sasl::{HubSasl, SaslResult};
-use crate::amqp::{cbs, links};
+use crate::amqp::{cbs, convert, links};
 use crate::identity::Identity;
 use crate::mqtt::context::HeadContext;
 
@@ -54,6 +56,11 @@ pub const IDLE_TIMEOUT_MS: u32 = 240_000;
 const CONTAINER_ID: &str = "edgehub";
 /// How long closing a link, session or the connection may wait for the peer's answer.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The events link's `max-message-size`: edgeHub's cap on a (batched) transfer.
+const MAX_EVENTS_TRANSFER_BYTES: u64 = convert::MAX_BATCH_BYTES as u64;
+/// The `max-message-size` of a `$cbs` link (and of a link attached only to be refused): a
+/// put-token request is a SAS token and a few properties.
+pub const MAX_CBS_MESSAGE_BYTES: u64 = 8 * 1024;
 /// The SASL protocol header's protocol id.
 const PROTO_SASL: u8 = 3;
 
@@ -388,7 +395,10 @@ fn link_acceptor(decision: &LinkDecision) -> DefaultLinkAcceptor {
         LinkDecision::Inputs(_) => builder
             .supported_sender_settle_modes(SupportedSenderSettleModes::UnsettledAndMixed)
             .fallback_sender_settle_mode(SenderSettleMode::Unsettled),
-        LinkDecision::Events(_) | LinkDecision::Cbs(_) | LinkDecision::Refuse(..) => builder,
+        LinkDecision::Events(_) => builder.max_message_size(MAX_EVENTS_TRANSFER_BYTES),
+        LinkDecision::Cbs(_) | LinkDecision::Refuse(..) => {
+            builder.max_message_size(MAX_CBS_MESSAGE_BYTES)
+        }
     }
     .build()
 }

@@ -38,8 +38,16 @@ use serde_amqp::read::SliceReader;
 
 /// `AmqpBatchedMessageFormat` (Microsoft's batch: each data section is an encoded message).
 pub const BATCH_FORMAT: u32 = 0x8001_3700;
-/// Largest batch transfer accepted (edgeHub: 600 KB).
+/// Largest transfer accepted on an events link, batched or not (edgeHub: 600 KB): the link's
+/// `max-message-size`; a larger one is refused by fe2o3 while it arrives (the link is detached
+/// with `amqp:link:message-size-exceeded`), so it is never buffered whole.
 pub const MAX_BATCH_BYTES: usize = 600 * 1024;
+/// Largest routed message, counted as the router stores it ([`stored_size`]: body, properties
+/// and ids as text): a full-size body (256 KiB, as over MQTT) and 64 KiB of properties, the MQTT
+/// head's packet bound. Far below the store's 1 MiB, which a message refused here never reaches
+/// (the text form of an AMQP property can be larger than its encoding: a binary id becomes lossy
+/// UTF-8, up to three times its size).
+pub const MAX_STORED_MESSAGE_BYTES: usize = crate::mqtt::connection::MAX_MESSAGE_BYTES + 64 * 1024;
 
 /// Application property carrying the output name.
 pub const OUTPUT_NAME: &str = "iothub-outputname";
@@ -260,6 +268,29 @@ pub fn amqp_from_message(
     }
 }
 
+/// The size of `m` as the router stores it, without the per-target envelope entries: its body,
+/// every property and system property key and value, and the source's names, each with a length
+/// prefix of up to 4 bytes.
+pub fn stored_size(m: &Message) -> usize {
+    const PREFIX: usize = 4;
+    let source = m.source();
+    let names = source.device().as_str().len()
+        + source.module().map_or(0, |n| n.as_str().len())
+        + source.output().map_or(0, |n| n.as_str().len())
+        + 3 * PREFIX;
+    let properties: usize = m
+        .properties()
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 2 * PREFIX)
+        .sum();
+    let system: usize = m
+        .system_properties()
+        .values()
+        .map(|v| 1 + v.len() + PREFIX)
+        .sum();
+    m.body().len() + PREFIX + names + properties + system
+}
+
 fn body_bytes(body: &Body<Value>) -> Result<Bytes, ConvertError> {
     match body {
         Body::Data(sections) => {
@@ -397,6 +428,35 @@ mod tests {
             body: Body::Data(vec![Data(Binary::from(b"{\"a\":1}".to_vec()))].into()),
             footer: None,
         }
+    }
+
+    #[test]
+    fn the_stored_size_counts_properties_as_the_text_they_become() {
+        let mut message = sender_message();
+        // 120 KiB of 0xff as a binary message id: 360 KiB of U+FFFD once it is text.
+        message.properties = Some(Properties {
+            message_id: Some(MessageId::Binary(Binary::from(vec![0xff; 120 * 1024]))),
+            ..Properties::default()
+        });
+        let m = message_from_amqp(&DeviceId::new("d"), &ModuleId::new("a"), &message).unwrap();
+        assert!(m.body().len() < 100);
+        assert!(stored_size(&m) >= 360 * 1024, "{}", stored_size(&m));
+        assert!(stored_size(&m) > MAX_STORED_MESSAGE_BYTES);
+        let small =
+            message_from_amqp(&DeviceId::new("d"), &ModuleId::new("a"), &sender_message()).unwrap();
+        let encoded = router::codec::encode(&router::codec::Envelope {
+            enqueued_at: store::UnixMillis(0),
+            expiry_overrides: Vec::new(),
+            message: small.clone(),
+        })
+        .unwrap();
+        // The envelope adds a fixed header (version, enqueue time, counts) to what is counted.
+        assert!(
+            encoded.len() <= stored_size(&small) + 64,
+            "{} vs {}",
+            stored_size(&small),
+            encoded.len()
+        );
     }
 
     #[test]

@@ -7,9 +7,12 @@
 //!   (`Router::route` resolved), and dispositions leave in the order the transfers arrived.
 //! - A transfer in the batched format ([`convert::BATCH_FORMAT`]) is split into its messages,
 //!   routed in order; it is accepted when all are durable.
-//! - A message the hub cannot carry (unsupported body, over [`MAX_MESSAGE_BYTES`]) is
-//!   `rejected` with `amqp:not-implemented` / `amqp:resource-limit-exceeded`, in turn; the link
-//!   goes on.
+//! - A transfer over [`convert::MAX_BATCH_BYTES`] (the link's `max-message-size`) is refused
+//!   by fe2o3 while it arrives: the link is detached with `amqp:link:message-size-exceeded`.
+//! - A message the hub cannot carry (unsupported body, a body over [`MAX_MESSAGE_BYTES`], or
+//!   body and properties over [`convert::MAX_STORED_MESSAGE_BYTES`] as stored) is `rejected`
+//!   with `amqp:not-implemented` / `amqp:resource-limit-exceeded`, in turn, before anything of
+//!   its transfer is routed; the link goes on.
 //! - If the store refuses a message, that delivery and every later one on the link are
 //!   `rejected` with `amqp:internal-error` and the link is closed with the error: nothing after
 //!   a failed message is ever accepted, so a client that resends cannot reorder.
@@ -179,8 +182,18 @@ fn route(
                 return Work::Refuse(
                     AmqpError::ResourceLimitExceeded,
                     format!(
-                        "message of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}",
+                        "message body of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}",
                         m.body().len()
+                    ),
+                )
+            }
+            Ok(m) if convert::stored_size(&m) > convert::MAX_STORED_MESSAGE_BYTES => {
+                return Work::Refuse(
+                    AmqpError::ResourceLimitExceeded,
+                    format!(
+                        "message of {} bytes with its properties exceeds the limit of {}",
+                        convert::stored_size(&m),
+                        convert::MAX_STORED_MESSAGE_BYTES
                     ),
                 )
             }

@@ -22,6 +22,12 @@
 //     {"event":"attached","snd_settle_mode":N} (what the hub answered: 0 unsettled, 1 settled,
 //     2 mixed), then {"event":"message","message_id":...,"presettled":bool} for each of N
 //     messages (accepting it with --settle accept, else leaving it unsettled), then closes.
+//   node amqp_probe.js --mode oversize [--sasl none|anonymous|mssbcbs]
+//     authenticates through $cbs, then on its events link sends a message whose 120 KiB binary
+//     user id becomes 360 KiB of text ({"event":"expanding","outcome":...,"condition":...}),
+//     a small one ("after"), one of 700 KiB ("big-event"; "outcome":"detached" if the hub
+//     detached the link), then a 64 KiB put-token on $cbs ("big-cbs": "answered" with its
+//     "status", or "detached" with the "condition").
 //   node amqp_probe.js --mode garbage
 //     opens an AMQP connection (no SASL), then writes bytes that are no AMQP frame on it;
 //     prints {"event":"closed","how":...,"ms":N} when the hub ends the connection.
@@ -120,9 +126,11 @@ async function attachMode(args) {
     conn.once('connection_close', () => resolve(Date.now() - t0));
   });
   let putToken = null;
+  let cbsTx = null;
+  let cbsRx = null;
   if (args.sasl !== 'plain') {
-    const cbsTx = conn.open_sender({ target: '$cbs' });
-    const cbsRx = conn.open_receiver({ source: '$cbs' });
+    cbsTx = conn.open_sender({ target: '$cbs' });
+    cbsRx = conn.open_receiver({ source: '$cbs' });
     const rxOpen = once(cbsRx, 'receiver_open', 'receiver_error', '$cbs receiver', deadline);
     const txReady = once(cbsTx, 'sendable', 'sender_error', '$cbs sender', deadline);
     await rxOpen;
@@ -142,6 +150,7 @@ async function attachMode(args) {
     await putToken(token, 'cbs');
   }
   if (args.mode === 'inputs') return inputsMode(args, conn, f, deadline);
+  if (args.mode === 'oversize') return oversizeMode(conn, f, deadline, cbsTx, cbsRx);
   const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
   const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
   await ownReady;
@@ -189,6 +198,50 @@ async function attachMode(args) {
     const closedAt = await Promise.race([hubClosed, new Promise((r) => setTimeout(() => r(null), left))]);
     h.emit({ event: 'held', closed_by_hub_ms: closedAt });
   }
+  conn.close();
+}
+
+// How a sent message ended: its settlement, or its link detached by the hub.
+function outcomeOrDetach(link, kind, what, deadline) {
+  return deadline.run(new Promise((resolve) => {
+    const state = (ctx) => (ctx.delivery && ctx.delivery.remote_state) || {};
+    link.once('accepted', () => resolve({ outcome: 'accepted' }));
+    link.once('rejected', (ctx) => resolve({ outcome: 'rejected', condition: state(ctx).error ? state(ctx).error.condition : null }));
+    link.once('released', () => resolve({ outcome: 'released' }));
+    link.once(`${kind}_error`, () => resolve({ outcome: 'detached', condition: linkErrorCondition(link) }));
+    link.once(`${kind}_close`, () => resolve({ outcome: 'detached', condition: linkErrorCondition(link) }));
+  }), what, 10);
+}
+
+// Messages over the hub's limits (needs --sasl other than plain: it uses $cbs too).
+async function oversizeMode(conn, f, deadline, cbsTx, cbsRx) {
+  if (!cbsTx) throw new h.Failure(h.EXIT.OTHER, '--mode oversize needs $cbs (not --sasl plain)');
+  const rhea = h.sdkRequire('rhea');
+  const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
+  if (!own.sendable()) await once(own, 'sendable', 'sender_error', 'own events link', deadline);
+  const send = async (event, message) => {
+    const settled = outcomeOrDetach(own, 'sender', event, deadline);
+    own.send(message);
+    h.emit(Object.assign({ event }, await settled));
+  };
+  const props = { 'iothub-outputname': 'probe' };
+  const small = rhea.message.data_section(Buffer.from('{"probe":1}'));
+  // A small body, a 120 KiB binary user id (360 KiB as the text the hub stores).
+  await send('expanding', { message_id: 'probe-expanding', user_id: Buffer.alloc(120 * 1024, 0xff), body: small, application_properties: props });
+  await send('after', { message_id: 'probe-after', body: small, application_properties: props });
+  // 700 KiB in one transfer (several frames): over the events link's max-message-size.
+  await send('big-event', { message_id: 'probe-big', body: rhea.message.data_section(Buffer.alloc(700 * 1024, 0x61)), application_properties: props });
+  // A 64 KiB put-token on $cbs: over its max-message-size; answered, or the link detached.
+  const answered = deadline.run(new Promise((resolve) => {
+    cbsRx.once('message', (ctx) => resolve({ outcome: 'answered', status: ctx.message.application_properties['status-code'] }));
+    cbsTx.once('sender_error', () => resolve({ outcome: 'detached', condition: linkErrorCondition(cbsTx) }));
+    cbsTx.once('sender_close', () => resolve({ outcome: 'detached', condition: linkErrorCondition(cbsTx) }));
+  }), 'big put-token', 10);
+  cbsTx.send({
+    message_id: 'big-cbs', to: '$cbs', reply_to: 'cbs', body: 'x'.repeat(64 * 1024),
+    application_properties: { operation: 'put-token', type: 'servicebus.windows.net:sastoken', name: 'x' },
+  });
+  h.emit(Object.assign({ event: 'big-cbs' }, await answered));
   conn.close();
 }
 
