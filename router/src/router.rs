@@ -217,14 +217,56 @@ pub struct RouteAck {
 enum AckState {
     Ready(Option<Result<RouteOutcome, RouteError>>),
     Waiting(Pending<Offset, AppendError>),
+    /// The store's answer, taken by [`RouteAck::is_refused`] before the ack was awaited.
+    Answered(Option<Result<Offset, AppendError>>),
 }
 
 impl RouteAck {
+    /// Whether the message is already known to be refused (stored nowhere), without waiting:
+    /// a refusal the router or the store answers at once (a full store, a message too large, a
+    /// queue name too long, a closed or halted store) or one already answered. `false` means it
+    /// may still be stored; the ack must be awaited either way. A head that sees `true` must
+    /// route nothing after this message on that connection or link, or a message accepted
+    /// later could be stored before this one is resent.
+    pub fn is_refused(&mut self) -> bool {
+        self.refusal().is_some()
+    }
+
+    /// [`RouteAck::is_refused`], with the reason (the error the ack will resolve to).
+    pub fn refusal(&mut self) -> Option<RouteError> {
+        if let AckState::Waiting(pending) = &mut self.state {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(answer) = Pin::new(pending).poll(&mut cx) {
+                self.state = AckState::Answered(Some(answer));
+            }
+        }
+        match &self.state {
+            AckState::Ready(Some(Err(e))) => Some(e.clone()),
+            AckState::Answered(Some(Err(e))) => Some(RouteError::Store(e.clone())),
+            _ => None,
+        }
+    }
+
     fn ready(counters: Arc<Counters>, result: Result<RouteOutcome, RouteError>) -> Self {
         RouteAck {
             counters,
             targets: 0,
             state: AckState::Ready(Some(result)),
+        }
+    }
+}
+
+impl RouteAck {
+    fn stored(&self, answer: Result<Offset, AppendError>) -> Result<RouteOutcome, RouteError> {
+        match answer {
+            Ok(offset) => {
+                events::routed(&self.counters, offset, self.targets);
+                Ok(RouteOutcome::Stored {
+                    offset,
+                    targets: self.targets,
+                })
+            }
+            Err(e) => Err(RouteError::Store(e)),
         }
     }
 }
@@ -240,20 +282,80 @@ impl Future for RouteAck {
                 .unwrap_or(Err(RouteError::Store(AppendError::Closed))),
             AckState::Waiting(pending) => match Pin::new(pending).poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(offset)) => {
-                    events::routed(&this.counters, offset, this.targets);
-                    Ok(RouteOutcome::Stored {
-                        offset,
-                        targets: this.targets,
-                    })
-                }
-                Poll::Ready(Err(e)) => Err(RouteError::Store(e)),
+                Poll::Ready(answer) => this.stored(answer),
             },
+            AckState::Answered(answer) => {
+                let answer = answer.take().unwrap_or(Err(AppendError::Closed));
+                this.stored(answer)
+            }
         };
         if let Err(e) = &result {
             events::store_refused(&this.counters, e);
         }
         this.state = AckState::Ready(None);
         Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::dispatcher::DispatcherConfig;
+    use crate::message::{DeviceId, ModuleId, OutputName, Source};
+    use crate::route::{Priority, Route, RouteId, Ttl};
+    use crate::TokioClock;
+    use store::{OsFs, Store, StoreOptions};
+
+    fn message(body: Vec<u8>) -> Message {
+        let source = Source::ModuleOutput {
+            device: DeviceId::new("edge"),
+            module: ModuleId::new("m"),
+            output: Some(OutputName::new("o")),
+        };
+        Message::new(source, body)
+    }
+
+    #[tokio::test]
+    async fn a_refusal_known_at_once_is_seen_before_the_ack_is_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
+        let opts = StoreOptions {
+            max_message_bytes: 4096,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(dir.path(), opts, Arc::new(OsFs), clock.clone()).unwrap();
+        let dispatcher =
+            Dispatcher::start(store.clone(), clock, DispatcherConfig::default()).unwrap();
+        let route = Route::parse(
+            RouteId::new("r"),
+            "FROM /messages/modules/m/outputs/* INTO $upstream",
+            Priority(0),
+            Ttl::Infinite,
+        )
+        .unwrap();
+        let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
+
+        let mut small = router.route(message(vec![b'a'; 10]));
+        assert!(!small.is_refused());
+        let mut big = router.route(message(vec![b'b'; 8192]));
+        assert!(big.is_refused(), "too large is known at once");
+        assert!(matches!(small.await, Ok(RouteOutcome::Stored { .. })));
+        assert!(matches!(
+            big.await,
+            Err(RouteError::Store(AppendError::TooLarge { .. }))
+        ));
+        // Peeking at an ack the store already answered keeps its outcome (and its counting).
+        let mut durable = router.route(message(vec![b'c'; 10]));
+        while !durable.is_refused() && !matches!(durable.state, AckState::Answered(_)) {
+            tokio::task::yield_now().await;
+        }
+        assert!(!durable.is_refused());
+        assert!(matches!(durable.await, Ok(RouteOutcome::Stored { .. })));
+        assert_eq!(router.metrics().routed, 2, "{:?}", router.metrics());
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
     }
 }

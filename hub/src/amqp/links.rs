@@ -15,7 +15,10 @@
 //!   its transfer is routed; the link goes on.
 //! - If the store refuses a message, that delivery and every later one on the link are
 //!   `rejected` with `amqp:internal-error` and the link is closed with the error: nothing after
-//!   a failed message is ever accepted, so a client that resends cannot reorder.
+//!   a failed message is ever accepted, so a client that resends cannot reorder. A refusal known
+//!   when `Router::route` returns (`RouteAck::refusal`: a full store, a message too large) also
+//!   stops routing at once: the rest of that transfer and every later transfer are rejected
+//!   without being routed, so no later message is stored before the refused one is resent.
 //! - The sender recorded for each message is the link's authenticated identity.
 //! - On stop (shutdown, replacement, connection end) reading stops and what is durable is still
 //!   accepted before the link closes.
@@ -76,6 +79,8 @@ enum Work<A> {
     Route(Vec<A>, Instant),
     /// Reject in turn (not routed).
     Refuse(AmqpError, String),
+    /// Reject in turn, not routed, because an earlier message was refused by the store: fatal.
+    Fail(String),
 }
 
 /// A settlement for the link task to send.
@@ -99,6 +104,8 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     let mut stop = shared.stop.subscribe();
     let mut pending_tx = Some(pending_tx);
     let mut failure: Option<String> = None;
+    // Set when the store refused a message at once (`RouteAck::refusal`).
+    let mut refused: Option<String> = None;
     loop {
         tokio::select! {
             biased;
@@ -131,7 +138,18 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
                 };
                 let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
                 let (info, message) = delivery.into_parts();
-                let work = route(&shared, &identity, &mut metrics, message, batched);
+                let work = match &refused {
+                    // Nothing is routed after a refusal: a resend could not reorder.
+                    Some(reason) => Work::Fail(format!("not stored: an earlier message was refused ({reason})")),
+                    None => {
+                        let (work, refusal) = route(&shared, &identity, &mut metrics, message, batched);
+                        if let Some(reason) = refusal {
+                            tracing::warn!(peer = %shared.peer, %identity, %reason, "the store refused a message; nothing later on this link is routed");
+                            refused = Some(reason);
+                        }
+                        work
+                    }
+                };
                 if let Some(tx) = &pending_tx {
                     if tx.send(Pending { info, work }).await.is_err() {
                         pending_tx = None;
@@ -159,57 +177,90 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     }
 }
 
-/// Converts and routes one transfer.
+/// Converts and routes one transfer; with the reason if the store refused one of its messages
+/// at once (the rest of the transfer is then not routed).
 fn route(
     shared: &ConnShared,
     identity: &Identity,
     metrics: &mut crate::metrics::ConnectionMetrics,
     message: fe2o3_amqp::types::messaging::Message<Body<Value>>,
     batched: bool,
-) -> Work<RouteAck> {
+) -> (Work<RouteAck>, Option<String>) {
     let parts = if batched {
         match convert::split_batch(&message) {
             Ok(parts) => parts,
-            Err(e) => return Work::Refuse(AmqpError::DecodeError, e.to_string()),
+            Err(e) => return (Work::Refuse(AmqpError::DecodeError, e.to_string()), None),
         }
     } else {
         vec![message]
     };
+    let messages = match convert_all(identity, &parts) {
+        Ok(messages) => messages,
+        Err(refuse) => return (refuse, None),
+    };
+    let arrived = Instant::now();
+    let (acks, refusal) = route_until_refused(
+        messages,
+        |m| {
+            metrics.received(&shared.ctx.metrics, m.source().output(), m.body().len());
+            shared.ctx.router.route(m)
+        },
+        |ack| ack.refusal().map(|e| e.to_string()),
+    );
+    (Work::Route(acks, arrived), refusal)
+}
+
+/// Routes `messages` in order until the first one refused at once: the acks routed (the
+/// refused one last) and its reason. Nothing after a refused message is routed.
+fn route_until_refused<M, A>(
+    messages: Vec<M>,
+    mut route_one: impl FnMut(M) -> A,
+    mut refusal: impl FnMut(&mut A) -> Option<String>,
+) -> (Vec<A>, Option<String>) {
+    let mut acks = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut ack = route_one(m);
+        let refused = refusal(&mut ack);
+        acks.push(ack);
+        if refused.is_some() {
+            return (acks, refused);
+        }
+    }
+    (acks, None)
+}
+
+/// Converts every message of a transfer, or says how to refuse the transfer.
+fn convert_all(
+    identity: &Identity,
+    parts: &[fe2o3_amqp::types::messaging::Message<Body<Value>>],
+) -> Result<Vec<router::Message>, Work<RouteAck>> {
     let mut messages = Vec::with_capacity(parts.len());
-    for part in &parts {
+    for part in parts {
         match convert::message_from_amqp(&identity.device, &identity.module, part) {
             Ok(m) if m.body().len() > MAX_MESSAGE_BYTES => {
-                return Work::Refuse(
+                return Err(Work::Refuse(
                     AmqpError::ResourceLimitExceeded,
                     format!(
                         "message body of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}",
                         m.body().len()
                     ),
-                )
+                ))
             }
             Ok(m) if convert::stored_size(&m) > convert::MAX_STORED_MESSAGE_BYTES => {
-                return Work::Refuse(
+                return Err(Work::Refuse(
                     AmqpError::ResourceLimitExceeded,
                     format!(
                         "message of {} bytes with its properties exceeds the limit of {}",
                         convert::stored_size(&m),
                         convert::MAX_STORED_MESSAGE_BYTES
                     ),
-                )
+                ))
             }
             Ok(m) => messages.push(m),
-            Err(e) => return Work::Refuse(AmqpError::NotImplemented, e.to_string()),
+            Err(e) => return Err(Work::Refuse(AmqpError::NotImplemented, e.to_string())),
         }
     }
-    let arrived = Instant::now();
-    let acks = messages
-        .into_iter()
-        .map(|m| {
-            metrics.received(&shared.ctx.metrics, m.source().output(), m.body().len());
-            shared.ctx.router.route(m)
-        })
-        .collect();
-    Work::Route(acks, arrived)
+    Ok(messages)
 }
 
 /// Awaits each transfer's route acknowledgements in arrival order and says how to settle it.
@@ -226,6 +277,12 @@ async fn settle_in_order<D, A, O, E>(
     while let Some(Pending { info, work }) = pending.recv().await {
         let decision = match work {
             Work::Refuse(condition, reason) => Settle::Reject(info, condition, reason, false),
+            Work::Fail(reason) => {
+                if failed.is_none() {
+                    failed = Some(reason.clone());
+                }
+                Settle::Reject(info, AmqpError::InternalError, reason, true)
+            }
             Work::Route(_, _) if failed.is_some() => Settle::Reject(
                 info,
                 AmqpError::InternalError,
@@ -498,6 +555,47 @@ mod tests {
             Settle::Reject(0, AmqpError::ResourceLimitExceeded, _, false)
         ));
         assert_eq!(got[1], Settle::Accept(1));
+    }
+
+    #[test]
+    fn nothing_after_a_message_refused_at_once_is_routed() {
+        let mut routed = Vec::new();
+        let (acks, refusal) = route_until_refused(
+            vec![10usize, 2000, 20, 30],
+            |m| {
+                routed.push(m);
+                m
+            },
+            |m| (*m > 1000).then(|| "too large".to_string()),
+        );
+        assert_eq!(
+            routed,
+            [10, 2000],
+            "the smaller message after it was routed"
+        );
+        assert_eq!(acks, [10, 2000]);
+        assert_eq!(refusal.as_deref(), Some("too large"));
+        let (acks, refusal) = route_until_refused(vec![1usize, 2], |m| m, |_| None);
+        assert_eq!((acks, refusal), (vec![1, 2], None));
+    }
+
+    #[tokio::test]
+    async fn a_transfer_after_a_refusal_is_rejected_fatally_without_routing() {
+        let got = decisions(vec![
+            route(vec![ack(Ok(()))]),
+            route(vec![ack(Ok(())), ack(Err("store full".into()))]),
+            Work::Fail("not stored: an earlier message was refused".into()),
+        ])
+        .await;
+        assert_eq!(got[0], Settle::Accept(0));
+        assert!(matches!(
+            &got[1],
+            Settle::Reject(1, AmqpError::InternalError, r, true) if r == "store full"
+        ));
+        assert!(matches!(
+            &got[2],
+            Settle::Reject(2, AmqpError::InternalError, _, true)
+        ));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! - A QoS 1 PUBLISH is acknowledged only after `Router::route` resolved it as durable, and
 //!   PUBACKs leave in the order the PUBLISHes arrived (the acker task awaits them in that order).
 //!   If routing one fails, the connection closes without acknowledging it or anything after it:
-//!   the client sends them again.
+//!   the client sends them again. A refusal known when `Router::route` returns
+//!   (`RouteAck::refusal`: a full store) closes the connection before the next publish is
+//!   read, so no later publish is stored ahead of the refused one's resend.
 //! - The connection ids of a message come from the authenticated identity, never from the topic;
 //!   a module publishes only as itself and subscribes only to its own inputs (SUBACK 0x80
 //!   otherwise).
@@ -383,7 +385,16 @@ impl Connection {
                     message.source().output(),
                     publish.payload.len(),
                 );
-                self.ctx.router.route(message)
+                let mut ack = self.ctx.router.route(message);
+                if publish.qos == QoS::AtLeastOnce {
+                    if let Some(e) = ack.refusal() {
+                        // Refused at once (store full, too large): close before any later
+                        // publish is routed, so the client's resend cannot be overtaken.
+                        tracing::warn!(client_id = %self.client_id, pkid = publish.pkid, error = %e, "a publish was refused by the store; closing without PUBACK");
+                        return Err(ConnectionEnd::Route(e.to_string()));
+                    }
+                }
+                ack
             }
             Ok(InboundTopic::TwinRequest { rid }) => {
                 // Twins are not served yet: answer at once so the SDK fails fast, not after a
