@@ -25,8 +25,9 @@
 //! Run without `--bench` (as `cargo test --benches` does) it only smoke-tests itself for a
 //! fraction of a second per point and writes no JSON.
 
+use benches::args::{Args, Mode, Only};
 use benches::env::{self, FsInfo, Machine};
-use benches::fsync::{self, RawFsync};
+use benches::fsync::{RawFsync, RawSamples};
 use benches::latency::{LatencyRecorder, LatencySummary};
 use benches::load::{self, LoadSpec, Window};
 use benches::report::{self, Table};
@@ -40,25 +41,14 @@ use router::{
 use serde::Serialize;
 use std::hint::black_box;
 use std::path::Path;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use store::{Epoch, Store, StoreOptions, StoreStats, SystemClock};
 
-const SECS_ENV: &str = "EDGEHUB_BENCH_SECS";
 /// The application property carrying the send time (ns since [`epoch`]).
 const SENT_NS: &str = "bench-sent-ns";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Mode {
-    /// `cargo bench`: 5 s per end-to-end point.
-    Full,
-    /// `--quick`: 0.5 s per point, no fan-out layout.
-    Quick,
-    /// Not run by `cargo bench` (no `--bench`): a self-check only.
-    Smoke,
-}
 
 /// How the end-to-end messages map onto endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -152,6 +142,7 @@ fn sink_input(k: usize) -> Endpoint {
 
 #[derive(Debug, Clone)]
 struct Config {
+    /// Full: 5 s per end-to-end point; quick: 0.5 s per point, no fan-out layout.
     mode: Mode,
     warmup: Duration,
     point: Duration,
@@ -161,63 +152,28 @@ struct Config {
     producers: Vec<usize>,
     layouts: Vec<Layout>,
     payload: usize,
-    only: Option<Vec<String>>,
+    only: Only,
 }
 
 impl Config {
     fn from_args() -> BenchResult<Config> {
-        let mut bench = false;
-        let mut quick = false;
-        let mut only = None;
-        let mut producers = None;
-        let mut layouts = None;
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--bench" => bench = true,
-                "--quick" => quick = true,
-                "--only" => {
-                    let v = args.next().ok_or("--only needs raw,eval,e2e")?;
-                    only = Some(v.split(',').map(str::to_string).collect());
-                }
-                "--producers" => {
-                    let v = args.next().ok_or("--producers needs e.g. 1,8,64")?;
-                    producers = Some(
-                        v.split(',')
-                            .map(|n| n.trim().parse::<usize>())
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|e| format!("--producers {v}: {e}"))?,
-                    );
-                }
-                "--layouts" => {
-                    let v = args
-                        .next()
-                        .ok_or("--layouts needs e.g. one,spread8,fanout8")?;
-                    layouts = Some(
-                        v.split(',')
-                            .map(|l| Layout::parse(l.trim()).ok_or(format!("unknown layout {l}")))
-                            .collect::<Result<Vec<_>, _>>()?,
-                    );
-                }
-                other => eprintln!("router bench: ignoring argument {other:?}"),
-            }
-        }
-        let mode = match (bench, quick) {
-            (_, true) => Mode::Quick,
-            (true, false) => Mode::Full,
-            (false, false) => Mode::Smoke,
-        };
+        let args = Args::from_env("router", &["--producers", "--layouts"]);
+        let only = args.only("raw,eval,e2e")?;
+        let producers = args.list("--producers", "e.g. 1,8,64")?;
+        let layouts = args.value("--layouts", "e.g. one,spread8,fanout8", |v| {
+            v.split(',')
+                .map(|l| Layout::parse(l.trim()).ok_or(format!("unknown layout {l}")))
+                .collect()
+        })?;
+        let mode = args.mode();
         let ms = Duration::from_millis;
         let (warmup, mut point, raw, eval) = match mode {
             Mode::Full => (ms(1000), ms(5000), ms(3000), ms(2000)),
             Mode::Quick => (ms(200), ms(500), ms(300), ms(200)),
             Mode::Smoke => (ms(50), ms(150), ms(100), ms(30)),
         };
-        if let Some(secs) = std::env::var(SECS_ENV).ok().filter(|s| !s.is_empty()) {
-            let secs: f64 = secs
-                .parse()
-                .map_err(|e| format!("{SECS_ENV}={secs}: {e}"))?;
-            point = Duration::try_from_secs_f64(secs).map_err(|e| format!("{SECS_ENV}: {e}"))?;
+        if let Some(p) = env::point_from_env()? {
+            point = p;
         }
         let producers = producers.unwrap_or_else(|| match mode {
             Mode::Smoke => vec![1, 8],
@@ -238,12 +194,6 @@ impl Config {
             payload: 256,
             only,
         })
-    }
-
-    fn wants(&self, part: &str) -> bool {
-        self.only
-            .as_ref()
-            .is_none_or(|only| only.iter().any(|p| p == part))
     }
 }
 
@@ -316,38 +266,22 @@ struct Results {
     errors: Vec<String>,
 }
 
-fn main() {
-    match run() {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("router bench: {e}");
-            std::process::exit(2);
-        }
-    }
+fn main() -> ExitCode {
+    benches::exit_code("router", run())
 }
 
 fn run() -> BenchResult<bool> {
     let cfg = Config::from_args()?;
-    let (root, fs) = env::open_bench_dir("router", &cfg.mode, cfg.point, cfg.warmup)?;
+    let (root, fs) = env::open_bench_dir("router", cfg.mode, cfg.point, cfg.warmup)?;
     let machine = Machine::read();
     let mut errors = Vec::new();
-    let mut raw_slots: Vec<Option<RawFsync>> = Vec::new();
-    let sample_raw = |label: &str, slots: &mut Vec<Option<RawFsync>>, errors: &mut Vec<String>| {
-        if cfg.wants("raw") {
-            let r = raw_probe(&cfg, root.path(), label);
-            if let Err(e) = &r {
-                errors.push(format!("raw fdatasync probe ({label}): {e}"));
-            }
-            slots.push(r.ok());
-        }
-    };
+    let mut raw = RawSamples::new(root.path(), cfg.warmup, cfg.raw, cfg.only.wants("raw"));
 
-    sample_raw("start", &mut raw_slots, &mut errors);
+    raw.take("start", &mut errors);
     let table = manifest_table()?;
     let manifest_routes = table.routes().len();
     let mut eval = Vec::new();
-    if cfg.wants("eval") {
+    if cfg.only.wants("eval") {
         match eval_points(&cfg, &table) {
             Ok(points) => eval = points,
             Err(e) => errors.push(format!("route evaluation: {e}")),
@@ -355,8 +289,8 @@ fn run() -> BenchResult<bool> {
     }
 
     let mut e2e = Vec::new();
-    if cfg.wants("e2e") {
-        for (group, &layout) in cfg.layouts.iter().enumerate() {
+    if cfg.only.wants("e2e") {
+        for &layout in &cfg.layouts {
             let first = e2e.len();
             for &n in &cfg.producers {
                 match e2e_point(&cfg, root.path(), layout, n) {
@@ -364,19 +298,7 @@ fn run() -> BenchResult<bool> {
                     Err(e) => errors.push(format!("{}, {n} producers: {e}", layout.name())),
                 }
             }
-            sample_raw(
-                &format!("after {}", layout.name()),
-                &mut raw_slots,
-                &mut errors,
-            );
-            let around: Vec<f64> = raw_slots
-                .iter()
-                .skip(group)
-                .take(2)
-                .flatten()
-                .map(|r| r.rate_per_s)
-                .collect();
-            let reference = mean(&around);
+            let reference = raw.after_group(&format!("after {}", layout.name()), &mut errors);
             for p in &mut e2e[first..] {
                 p.raw_ref_per_s = reference;
                 p.x_raw_routed = reference.map(|r| report::div(p.routed_per_s, r));
@@ -384,8 +306,8 @@ fn run() -> BenchResult<bool> {
             }
         }
     }
-    let raw: Vec<RawFsync> = raw_slots.into_iter().flatten().collect();
-    let raw_ref = mean(&raw.iter().map(|r| r.rate_per_s).collect::<Vec<_>>());
+    let raw = raw.into_vec();
+    let raw_ref = report::mean(&raw.iter().map(|r| r.rate_per_s).collect::<Vec<_>>());
     for p in &mut eval {
         p.x_raw_fdatasync = raw_ref.map(|r| report::div(p.evaluations_per_s, r));
     }
@@ -412,60 +334,20 @@ fn run() -> BenchResult<bool> {
         errors,
     };
     print_report(&results);
-    if results.mode == Mode::Smoke {
-        println!("(smoke run without --bench: no JSON written; use `cargo bench -p benches --bench router`)");
-    } else {
-        let path = json::write_results("router", &results)?;
-        println!("raw results: {}", path.display());
-    }
+    json::save("router", results.mode, &results)?;
     Ok(results.errors.is_empty())
-}
-
-fn mean(xs: &[f64]) -> Option<f64> {
-    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
 }
 
 /// Says when the figures of this run should not be trusted as they stand.
 fn warnings(machine: &Machine, busy_end: Option<f64>, raw: &[RawFsync]) -> Vec<String> {
-    let mut out = Vec::new();
-    for (when, busy) in [
-        ("before the run started", machine.cpu_busy),
-        ("after it ended", busy_end),
-    ] {
-        if let Some(busy) = busy.filter(|&b| b > 0.25) {
-            out.push(format!(
-                "the machine was busy {when} ({:.0}% of {} CPUs in use by other work): it \
-                 competes for CPU and disk, figures are low and noisy",
-                busy * 100.0,
-                machine.cpus
-            ));
-        }
-    }
-    let rates: Vec<f64> = raw.iter().map(|r| r.rate_per_s).collect();
-    let (lo, hi) = rates.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
-        (lo.min(r), hi.max(r))
-    });
-    if rates.len() > 1 && hi > 1.5 * lo {
-        out.push(format!(
-            "the raw fdatasync rate drifted from {} to {} during the run: \
-             compare each point with its neighbouring raw samples only",
-            report::rate(lo),
-            report::rate(hi)
-        ));
-    }
-    out
-}
-
-fn raw_probe(cfg: &Config, dir: &Path, label: &str) -> BenchResult<RawFsync> {
-    let warmup = cfg.warmup.min(Duration::from_millis(500));
-    let r = fsync::append_fdatasync(dir, label, fsync::DEFAULT_BLOCK, warmup, cfg.raw)?;
-    eprintln!(
-        "  raw 4 KiB append+fdatasync ({label}): {}  p50 {}  p99 {}",
-        report::rate(r.rate_per_s),
-        report::micros(r.latency.p50_us),
-        report::micros(r.latency.p99_us)
-    );
-    Ok(r)
+    [
+        report::busy_warning(machine, "before the run started", machine.cpu_busy),
+        report::busy_warning(machine, "after it ended", busy_end),
+        report::drift_warning(raw),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -786,13 +668,12 @@ fn print_report(r: &Results) {
         "edgehub router bench ({:?} mode, {} s per end-to-end point, {}-byte bodies, {} CPUs)",
         r.mode, r.point_secs, r.payload_bytes, r.machine.cpus
     );
-    println!("{}", report::data_line(&r.bench_dir, r.filesystem.as_ref()));
-    println!();
-
-    let raw = report::raw_fdatasync_table(&r.raw_fdatasync, r.raw_fdatasync_ref_per_s);
-    if !raw.is_empty() {
-        println!("{raw}");
-    }
+    report::print_opening(
+        &r.bench_dir,
+        r.filesystem.as_ref(),
+        &r.raw_fdatasync,
+        r.raw_fdatasync_ref_per_s,
+    );
 
     let mut ev = Table::new(
         format!(
@@ -875,10 +756,5 @@ fn print_report(r: &Results) {
     if !t.is_empty() {
         println!("{t}");
     }
-    for w in &r.warnings {
-        println!("WARNING: {w}");
-    }
-    for e in &r.errors {
-        println!("ERROR: {e}");
-    }
+    report::print_problems(&r.warnings, &r.errors);
 }

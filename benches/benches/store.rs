@@ -29,14 +29,16 @@
 //! Run without `--bench` (as `cargo test --benches` does) it only smoke-tests
 //! itself for a fraction of a second per point and writes no JSON.
 
+use benches::args::{Args, Mode, Only};
 use benches::env::{self, FsInfo, Machine};
-use benches::fsync::{self, RawFsync};
+use benches::fsync::{RawFsync, RawSamples};
 use benches::latency::LatencySummary;
 use benches::load::{self, LoadSpec};
 use benches::report::{self, Table, Target};
 use benches::{json, BenchResult};
 use serde::Serialize;
 use std::path::Path;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +46,6 @@ use std::time::Duration;
 /// Set in the environment of the re-executed child that fills the log.
 const CHILD_ENV: &str = "EDGEHUB_BENCH_CHILD";
 const REOPEN_MIB_ENV: &str = "EDGEHUB_BENCH_REOPEN_MIB";
-const SECS_ENV: &str = "EDGEHUB_BENCH_SECS";
 const SLED_VERSION: &str = "0.34.7";
 
 /// Targets from issue 2, shown next to the figures.
@@ -52,19 +53,9 @@ const TARGET_X_RAW_64: f64 = 30.0;
 const TARGET_P99_US: f64 = 5_000.0;
 const TARGET_REOPEN_US: f64 = 2_000_000.0;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Mode {
-    /// `cargo bench`: ~5 s per point, reopen included.
-    Full,
-    /// `--quick`: ~1 s per point, no reopen.
-    Quick,
-    /// Not run by `cargo bench` (no `--bench`): a self-check only.
-    Smoke,
-}
-
 #[derive(Debug, Clone)]
 struct Config {
+    /// Full: ~5 s per point, reopen included; quick: ~1 s per point, no reopen.
     mode: Mode,
     warmup: Duration,
     point: Duration,
@@ -74,40 +65,17 @@ struct Config {
     appenders: Vec<usize>,
     payload: usize,
     reopen_mib: u64,
-    only: Option<Vec<String>>,
+    only: Only,
 }
 
 impl Config {
     fn from_args() -> BenchResult<Config> {
-        let mut bench = false;
-        let mut quick = false;
-        let mut only = None;
-        let mut appenders = vec![1, 8, 64];
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--bench" => bench = true,
-                "--quick" => quick = true,
-                "--only" => {
-                    let v = args.next().ok_or("--only needs raw,store,sled,reopen")?;
-                    only = Some(v.split(',').map(str::to_string).collect());
-                }
-                "--appenders" => {
-                    let v = args.next().ok_or("--appenders needs e.g. 1,8,64")?;
-                    appenders = v
-                        .split(',')
-                        .map(|n| n.trim().parse::<usize>())
-                        .collect::<Result<_, _>>()
-                        .map_err(|e| format!("--appenders {v}: {e}"))?;
-                }
-                other => eprintln!("store bench: ignoring argument {other:?}"),
-            }
-        }
-        let mode = match (bench, quick) {
-            (_, true) => Mode::Quick,
-            (true, false) => Mode::Full,
-            (false, false) => Mode::Smoke,
-        };
+        let args = Args::from_env("store", &["--appenders"]);
+        let only = args.only("raw,store,sled,reopen")?;
+        let mut appenders = args
+            .list("--appenders", "e.g. 1,8,64")?
+            .unwrap_or_else(|| vec![1, 8, 64]);
+        let mode = args.mode();
         let (warmup, mut point, raw) = match mode {
             Mode::Full => (
                 Duration::from_secs(1),
@@ -125,13 +93,10 @@ impl Config {
                 Duration::from_millis(100),
             ),
         };
-        if let Some(secs) = std::env::var(SECS_ENV).ok().filter(|s| !s.is_empty()) {
-            let secs: f64 = secs
-                .parse()
-                .map_err(|e| format!("{SECS_ENV}={secs}: {e}"))?;
-            point = Duration::try_from_secs_f64(secs).map_err(|e| format!("{SECS_ENV}: {e}"))?;
+        if let Some(p) = env::point_from_env()? {
+            point = p;
         }
-        if mode == Mode::Smoke && only.is_none() {
+        if mode == Mode::Smoke && !only.is_given() {
             appenders.retain(|&n| n <= 8);
         }
         Ok(Config {
@@ -141,22 +106,9 @@ impl Config {
             raw,
             appenders,
             payload: 256,
-            reopen_mib: env_u64(REOPEN_MIB_ENV)?.unwrap_or(1024),
+            reopen_mib: env::parsed(REOPEN_MIB_ENV)?.unwrap_or(1024),
             only,
         })
-    }
-
-    fn wants(&self, part: &str) -> bool {
-        self.only
-            .as_ref()
-            .is_none_or(|only| only.iter().any(|p| p == part))
-    }
-}
-
-fn env_u64(name: &str) -> BenchResult<Option<u64>> {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => Ok(Some(v.parse().map_err(|e| format!("{name}={v}: {e}"))?)),
-        _ => Ok(None),
     }
 }
 
@@ -231,7 +183,7 @@ struct Results {
     errors: Vec<String>,
 }
 
-fn main() {
+fn main() -> ExitCode {
     if std::env::var_os(CHILD_ENV).is_some() {
         let code = match child_main() {
             Ok(()) => 0,
@@ -242,73 +194,47 @@ fn main() {
         };
         std::process::exit(code);
     }
-    match run() {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("store bench: {e}");
-            std::process::exit(2);
-        }
-    }
+    benches::exit_code("store", run())
 }
 
 /// Runs the report; `Ok(false)` when some part failed (after printing all).
 fn run() -> BenchResult<bool> {
     let cfg = Config::from_args()?;
-    let (root, fs) = env::open_bench_dir("store", &cfg.mode, cfg.point, cfg.warmup)?;
+    let (root, fs) = env::open_bench_dir("store", cfg.mode, cfg.point, cfg.warmup)?;
     let machine = Machine::read();
     let mut errors = Vec::new();
-    // One raw sample before the first group and one after each group; a
-    // point's reference is the mean of the two around its group.
-    let mut raw_slots: Vec<Option<RawFsync>> = Vec::new();
+    let mut raw = RawSamples::new(root.path(), cfg.warmup, cfg.raw, cfg.only.wants("raw"));
     let mut points = Vec::new();
-    let sample_raw = |label: &str, slots: &mut Vec<Option<RawFsync>>, errors: &mut Vec<String>| {
-        if cfg.wants("raw") {
-            let r = raw_probe(&cfg, root.path(), label);
-            if let Err(e) = &r {
-                errors.push(format!("raw fdatasync probe ({label}): {e}"));
-            }
-            slots.push(r.ok());
-        }
-    };
 
-    sample_raw("start", &mut raw_slots, &mut errors);
-    for (group, &n) in cfg.appenders.iter().enumerate() {
+    raw.take("start", &mut errors);
+    for &n in &cfg.appenders {
         let first = points.len();
-        if cfg.wants("store") {
+        if cfg.only.wants("store") {
             match store_point(&cfg, root.path(), n) {
                 Ok(p) => points.push(p),
                 Err(e) => errors.push(format!("store, {n} appenders: {e}")),
             }
         }
-        if cfg.wants("async") {
+        if cfg.only.wants("async") {
             match store_point_async(&cfg, root.path(), n) {
                 Ok(p) => points.push(p),
                 Err(e) => errors.push(format!("store-async, {n} appenders: {e}")),
             }
         }
-        if cfg.wants("sled") {
+        if cfg.only.wants("sled") {
             match sled_point(&cfg, root.path(), n) {
                 Ok(p) => points.push(p),
                 Err(e) => errors.push(format!("sled, {n} appenders: {e}")),
             }
         }
-        sample_raw(&format!("after {n} appenders"), &mut raw_slots, &mut errors);
-        let around: Vec<f64> = raw_slots
-            .iter()
-            .skip(group)
-            .take(2)
-            .flatten()
-            .map(|r| r.rate_per_s)
-            .collect();
-        let reference = mean(&around);
+        let reference = raw.after_group(&format!("after {n} appenders"), &mut errors);
         for p in &mut points[first..] {
             p.raw_ref_per_s = reference;
             p.x_raw_fdatasync = reference.map(|r| report::div(p.appends_per_s, r));
         }
     }
-    let raw: Vec<RawFsync> = raw_slots.into_iter().flatten().collect();
-    let reopen = if !cfg.wants("reopen") {
+    let raw = raw.into_vec();
+    let reopen = if !cfg.only.wants("reopen") {
         Reopen::Skipped {
             reason: "not selected by --only".into(),
         }
@@ -336,7 +262,7 @@ fn run() -> BenchResult<bool> {
         }
     };
 
-    let raw_ref = mean(&raw.iter().map(|r| r.rate_per_s).collect::<Vec<_>>());
+    let raw_ref = report::mean(&raw.iter().map(|r| r.rate_per_s).collect::<Vec<_>>());
     let loadavg_end = env::loadavg();
     let warnings = warnings(&machine, &raw);
     let targets = targets(&cfg, &points, &reopen);
@@ -362,55 +288,14 @@ fn run() -> BenchResult<bool> {
         errors,
     };
     print_report(&results);
-    if results.mode == Mode::Smoke {
-        println!("(smoke run without --bench: no JSON written; use `cargo bench -p benches --bench store`)");
-    } else {
-        let path = json::write_results("store", &results)?;
-        println!("raw results: {}", path.display());
-    }
+    json::save("store", results.mode, &results)?;
     Ok(results.errors.is_empty())
-}
-
-fn mean(xs: &[f64]) -> Option<f64> {
-    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
 }
 
 /// Says when the figures of this run should not be trusted as they stand.
 fn warnings(machine: &Machine, raw: &[RawFsync]) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(busy) = machine.cpu_busy.filter(|&b| b > 0.25) {
-        out.push(format!(
-            "the machine was busy before the run started ({:.0}% of {} CPUs in use by other \
-             work): it competes for CPU and disk, figures are low and noisy",
-            busy * 100.0,
-            machine.cpus
-        ));
-    }
-    let rates: Vec<f64> = raw.iter().map(|r| r.rate_per_s).collect();
-    let (lo, hi) = rates.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
-        (lo.min(r), hi.max(r))
-    });
-    if rates.len() > 1 && hi > 1.5 * lo {
-        out.push(format!(
-            "the raw fdatasync rate drifted from {} to {} during the run: \
-             compare each point with its neighbouring raw samples only",
-            report::rate(lo),
-            report::rate(hi)
-        ));
-    }
-    out
-}
-
-fn raw_probe(cfg: &Config, dir: &Path, label: &str) -> BenchResult<RawFsync> {
-    let warmup = cfg.warmup.min(Duration::from_millis(500));
-    let r = fsync::append_fdatasync(dir, label, fsync::DEFAULT_BLOCK, warmup, cfg.raw)?;
-    eprintln!(
-        "  raw 4 KiB append+fdatasync ({label}): {}  p50 {}  p99 {}",
-        report::rate(r.rate_per_s),
-        report::micros(r.latency.p50_us),
-        report::micros(r.latency.p99_us)
-    );
-    Ok(r)
+    let busy = report::busy_warning(machine, "before the run started", machine.cpu_busy);
+    busy.into_iter().chain(report::drift_warning(raw)).collect()
 }
 
 fn spec(cfg: &Config, threads: usize) -> LoadSpec {
@@ -686,7 +571,7 @@ mod our_store {
         const IN_FLIGHT: usize = 64;
         let dir = std::env::var_os(CHILD_DIR_ENV).ok_or("no child dir")?;
         let dir = Path::new(&dir);
-        let target = env_u64(REOPEN_MIB_ENV)?.unwrap_or(1024) << 20;
+        let target = env::parsed::<u64>(REOPEN_MIB_ENV)?.unwrap_or(1024) << 20;
         let store = Store::open(dir, options(1))?;
         let queue = QueueName::new("bench")?;
         let body = bytes::Bytes::from(vec![0x5au8; 256]);
@@ -823,13 +708,12 @@ fn print_report(r: &Results) {
         "edgehub store bench ({:?} mode, {} s per point, {}-byte appends, {} CPUs)",
         r.mode, r.point_secs, r.payload_bytes, r.machine.cpus
     );
-    println!("{}", report::data_line(&r.bench_dir, r.filesystem.as_ref()));
-    println!();
-
-    let raw = report::raw_fdatasync_table(&r.raw_fdatasync, r.raw_fdatasync_ref_per_s);
-    if !raw.is_empty() {
-        println!("{raw}");
-    }
+    report::print_opening(
+        &r.bench_dir,
+        r.filesystem.as_ref(),
+        &r.raw_fdatasync,
+        r.raw_fdatasync_ref_per_s,
+    );
 
     let mut t = Table::new(
         format!(
@@ -912,10 +796,5 @@ fn print_report(r: &Results) {
         "{}",
         report::targets_table("Targets (issue 2; shown, never asserted)", &r.targets)
     );
-    for w in &r.warnings {
-        println!("WARNING: {w}");
-    }
-    for e in &r.errors {
-        println!("ERROR: {e}");
-    }
+    report::print_problems(&r.warnings, &r.errors);
 }

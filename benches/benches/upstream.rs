@@ -30,8 +30,9 @@
 //! Run without `--bench` (as `cargo test --benches` does) it only smoke-tests itself with tiny
 //! counts and writes no JSON.
 
+use benches::args::{Args, Mode, Only};
 use benches::env::{self, FsInfo, Machine};
-use benches::fsync::{self, RawFsync};
+use benches::fsync::{RawFsync, RawSamples};
 use benches::mqtt::{Conn, Creds, Endpoint, Tls};
 use benches::report::{self, Table};
 use benches::{json, BenchResult};
@@ -45,7 +46,8 @@ use rumqttc::mqttbytes::QoS;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,7 +56,6 @@ use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-const SECS_ENV: &str = "EDGEHUB_BENCH_SECS";
 const IOTHUB: &str = "edgehub.bench";
 const DEVICE: &str = "edge-device";
 /// Bytes of the body that carry the sequence number (zero-padded decimal).
@@ -62,19 +63,10 @@ const SEQ_DIGITS: usize = 10;
 /// How long a module's SAS token lives.
 const TOKEN_SECS: u64 = 3 * 3600;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum Mode {
-    /// `cargo bench`: 10 s per steady point, a 100,000-message backlog.
-    Full,
-    /// `--quick`: 1 s per steady point, a 2,000-message backlog.
-    Quick,
-    /// Not run by `cargo bench` (no `--bench`): a self-check only.
-    Smoke,
-}
-
 #[derive(Debug, Clone)]
 struct Config {
+    /// Full: 10 s per steady point, a 100,000-message backlog; quick: 1 s per steady point, a
+    /// 2,000-message backlog.
     mode: Mode,
     warmup: Duration,
     point: Duration,
@@ -85,62 +77,25 @@ struct Config {
     backlog: u64,
     /// The longest a drain (or a publish phase) may take before the point fails.
     limit: Duration,
-    only: Option<Vec<String>>,
+    only: Only,
 }
 
 impl Config {
     fn from_args() -> BenchResult<Config> {
-        let mut bench = false;
-        let mut quick = false;
-        let mut only = None;
-        let mut modules = None;
-        let mut window = 100;
-        let mut backlog = None;
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            match arg.as_str() {
-                "--bench" => bench = true,
-                "--quick" => quick = true,
-                "--only" => {
-                    let v = args.next().ok_or("--only needs raw,steady,backlog")?;
-                    only = Some(v.split(',').map(str::to_string).collect());
-                }
-                "--modules" => {
-                    let v = args.next().ok_or("--modules needs e.g. 1,8")?;
-                    modules = Some(
-                        v.split(',')
-                            .map(|n| n.trim().parse::<usize>())
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|e| format!("--modules {v}: {e}"))?,
-                    );
-                }
-                "--window" => {
-                    let v = args.next().ok_or("--window needs a number")?;
-                    window = v.parse().map_err(|e| format!("--window {v}: {e}"))?;
-                }
-                "--backlog" => {
-                    let v = args.next().ok_or("--backlog needs a number")?;
-                    backlog = Some(v.parse().map_err(|e| format!("--backlog {v}: {e}"))?);
-                }
-                other => eprintln!("upstream bench: ignoring argument {other:?}"),
-            }
-        }
-        let mode = match (bench, quick) {
-            (_, true) => Mode::Quick,
-            (true, false) => Mode::Full,
-            (false, false) => Mode::Smoke,
-        };
+        let args = Args::from_env("upstream", &["--modules", "--window", "--backlog"]);
+        let only = args.only("raw,steady,backlog")?;
+        let modules = args.list("--modules", "e.g. 1,8")?;
+        let window = args.number("--window", "a number")?.unwrap_or(100);
+        let backlog = args.number("--backlog", "a number")?;
+        let mode = args.mode();
         let ms = Duration::from_millis;
         let (warmup, mut point, raw, default_backlog) = match mode {
             Mode::Full => (ms(3000), ms(10_000), ms(3000), 100_000),
             Mode::Quick => (ms(500), ms(1000), ms(300), 2_000),
             Mode::Smoke => (ms(100), ms(300), ms(100), 200),
         };
-        if let Some(secs) = std::env::var(SECS_ENV).ok().filter(|s| !s.is_empty()) {
-            let secs: f64 = secs
-                .parse()
-                .map_err(|e| format!("{SECS_ENV}={secs}: {e}"))?;
-            point = Duration::try_from_secs_f64(secs).map_err(|e| format!("{SECS_ENV}: {e}"))?;
+        if let Some(p) = env::point_from_env()? {
+            point = p;
         }
         if !(1..=60_000).contains(&window) {
             return Err(format!("--window {window}: 1..=60000").into());
@@ -157,12 +112,6 @@ impl Config {
             limit: Duration::from_secs(600),
             only,
         })
-    }
-
-    fn wants(&self, part: &str) -> bool {
-        self.only
-            .as_ref()
-            .is_none_or(|only| only.iter().any(|p| p == part))
     }
 }
 
@@ -238,15 +187,8 @@ struct Results {
     errors: Vec<String>,
 }
 
-fn main() {
-    match run() {
-        Ok(true) => {}
-        Ok(false) => std::process::exit(1),
-        Err(e) => {
-            eprintln!("upstream bench: {e}");
-            std::process::exit(2);
-        }
-    }
+fn main() -> ExitCode {
+    benches::exit_code("upstream", run())
 }
 
 fn runtime(name: &str) -> BenchResult<Runtime> {
@@ -259,85 +201,54 @@ fn runtime(name: &str) -> BenchResult<Runtime> {
 
 fn run() -> BenchResult<bool> {
     let cfg = Config::from_args()?;
-    let (root, fs) = env::open_bench_dir("upstream", &cfg.mode, cfg.point, cfg.warmup)?;
+    let (root, fs) = env::open_bench_dir("upstream", cfg.mode, cfg.point, cfg.warmup)?;
     let machine = Machine::read();
     // The hub on its own runtime, as its binary would run it; the emulator and the modules on
     // another (see the module docs).
     let hub_rt = runtime("hub")?;
     let driver = runtime("driver")?;
     let mut errors = Vec::new();
-    let mut raw_slots: Vec<Option<RawFsync>> = Vec::new();
-    let sample_raw = |label: &str, slots: &mut Vec<Option<RawFsync>>, errors: &mut Vec<String>| {
-        if cfg.wants("raw") {
-            // The points write gigabytes: let that writeback finish before timing the disk.
-            let _ = std::process::Command::new("sync").status();
-            let r = raw_probe(&cfg, root.path(), label);
-            if let Err(e) = &r {
-                errors.push(format!("raw fdatasync probe ({label}): {e}"));
-            }
-            slots.push(r.ok());
-        }
-    };
-    let reference = |slots: &[Option<RawFsync>], group: usize| {
-        let around: Vec<f64> = slots
-            .iter()
-            .skip(group)
-            .take(2)
-            .flatten()
-            .map(|r| r.rate_per_s)
-            .collect();
-        mean(&around)
-    };
+    // The points write gigabytes: `sync` lets that writeback finish before the disk is timed.
+    let mut raw =
+        RawSamples::new(root.path(), cfg.warmup, cfg.raw, cfg.only.wants("raw")).sync_first();
 
-    sample_raw("start", &mut raw_slots, &mut errors);
+    raw.take("start", &mut errors);
     let mut run_no = 0;
     let mut next_dir = || {
         run_no += 1;
         root.path().join(format!("run-{run_no}"))
     };
-    let mut group = 0;
-    let mut steady = Vec::new();
-    if cfg.wants("steady") {
-        for &n in &cfg.modules {
-            let dir = next_dir();
-            match steady_point(&cfg, &dir, n, &hub_rt, &driver) {
-                Ok(p) => steady.push(p),
-                Err(e) => errors.push(format!("steady, {n} modules: {e}")),
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        sample_raw("after steady", &mut raw_slots, &mut errors);
-        let r = reference(&raw_slots, group);
-        group += 1;
-        for p in &mut steady {
-            p.raw_ref_per_s = r;
-            p.x_raw_ingest = r.map(|r| report::div(p.ingest_per_s, r));
-            p.x_raw_upstream = r.map(|r| report::div(p.upstream_per_s, r));
-        }
+    let (mut steady, r) = group(
+        &cfg,
+        "steady",
+        &mut next_dir,
+        &mut raw,
+        &mut errors,
+        |dir, n| steady_point(&cfg, dir, n, &hub_rt, &driver),
+    );
+    for p in &mut steady {
+        p.raw_ref_per_s = r;
+        p.x_raw_ingest = r.map(|r| report::div(p.ingest_per_s, r));
+        p.x_raw_upstream = r.map(|r| report::div(p.upstream_per_s, r));
     }
-    let mut drain = Vec::new();
-    if cfg.wants("backlog") {
-        for &n in &cfg.modules {
-            let dir = next_dir();
-            match drain_point(&cfg, &dir, n, &hub_rt, &driver) {
-                Ok(p) => drain.push(p),
-                Err(e) => errors.push(format!("backlog, {n} modules: {e}")),
-            }
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        sample_raw("after backlog", &mut raw_slots, &mut errors);
-        let r = reference(&raw_slots, group);
-        for p in &mut drain {
-            p.raw_ref_per_s = r;
-            p.x_raw_drain = r.map(|r| report::div(p.drain_per_s, r));
-            p.x_raw_total = r.map(|r| report::div(p.total_per_s, r));
-        }
+    let (mut drain, r) = group(
+        &cfg,
+        "backlog",
+        &mut next_dir,
+        &mut raw,
+        &mut errors,
+        |dir, n| drain_point(&cfg, dir, n, &hub_rt, &driver),
+    );
+    for p in &mut drain {
+        p.raw_ref_per_s = r;
+        p.x_raw_drain = r.map(|r| report::div(p.drain_per_s, r));
+        p.x_raw_total = r.map(|r| report::div(p.total_per_s, r));
     }
     drop(driver);
     drop(hub_rt);
 
-    let raw: Vec<RawFsync> = raw_slots.into_iter().flatten().collect();
-    let raw_ref = mean(&raw.iter().map(|r| r.rate_per_s).collect::<Vec<_>>());
+    let raw = raw.into_vec();
+    let raw_ref = report::mean(&raw.iter().map(|r| r.rate_per_s).collect::<Vec<_>>());
     let cpu_busy_end = env::cpu_busy(Duration::from_millis(250));
     let warnings = warnings(&machine, cpu_busy_end, &raw, &steady);
     let results = Results {
@@ -361,29 +272,36 @@ fn run() -> BenchResult<bool> {
         errors,
     };
     print_report(&results);
-    if results.mode == Mode::Smoke {
-        println!("(smoke run without --bench: no JSON written; use `cargo bench -p benches --bench upstream`)");
-    } else {
-        let path = json::write_results("upstream", &results)?;
-        println!("raw results: {}", path.display());
-    }
+    json::save("upstream", results.mode, &results)?;
     Ok(results.errors.is_empty())
 }
 
-fn mean(xs: &[f64]) -> Option<f64> {
-    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
-}
-
-fn raw_probe(cfg: &Config, dir: &Path, label: &str) -> BenchResult<RawFsync> {
-    let warmup = cfg.warmup.min(Duration::from_millis(500));
-    let r = fsync::append_fdatasync(dir, label, fsync::DEFAULT_BLOCK, warmup, cfg.raw)?;
-    eprintln!(
-        "  raw 4 KiB append+fdatasync ({label}): {}  p50 {}  p99 {}",
-        report::rate(r.rate_per_s),
-        report::micros(r.latency.p50_us),
-        report::micros(r.latency.p99_us)
-    );
-    Ok(r)
+/// One group of points (`part`: "steady" or "backlog", as `--only` names it), one per module
+/// count, each in a fresh run directory removed afterwards, then the raw sample after the group.
+/// Returns the points and the group's raw reference (none when `--only` leaves the part out); a
+/// point that fails adds to `errors`.
+fn group<P>(
+    cfg: &Config,
+    part: &str,
+    next_dir: &mut impl FnMut() -> PathBuf,
+    raw: &mut RawSamples<'_>,
+    errors: &mut Vec<String>,
+    point: impl Fn(&Path, usize) -> BenchResult<P>,
+) -> (Vec<P>, Option<f64>) {
+    let mut points = Vec::new();
+    if !cfg.only.wants(part) {
+        return (points, None);
+    }
+    for &n in &cfg.modules {
+        let dir = next_dir();
+        match point(&dir, n) {
+            Ok(p) => points.push(p),
+            Err(e) => errors.push(format!("{part}, {n} modules: {e}")),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let reference = raw.after_group(&format!("after {part}"), errors);
+    (points, reference)
 }
 
 /// Says when the figures of this run should not be trusted as they stand.
@@ -393,15 +311,11 @@ fn warnings(
     raw: &[RawFsync],
     steady: &[SteadyPoint],
 ) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(busy) = machine.cpu_busy.filter(|&b| b > 0.25) {
-        out.push(format!(
-            "the machine was busy before the run started ({:.0}% of {} CPUs in use by other \
-             work): it competes for CPU and disk, figures are low and noisy",
-            busy * 100.0,
-            machine.cpus
-        ));
-    }
+    let mut out: Vec<String> =
+        report::busy_warning(machine, "before the run started", machine.cpu_busy)
+            .into_iter()
+            .collect();
+    // Its own wording ("may be"), as this report has always printed it.
     if let Some(busy) = busy_end.filter(|&b| b > 0.25) {
         out.push(format!(
             "the machine was busy after the run ended ({:.0}% of {} CPUs in use by other \
@@ -410,18 +324,7 @@ fn warnings(
             machine.cpus
         ));
     }
-    let rates: Vec<f64> = raw.iter().map(|r| r.rate_per_s).collect();
-    let (lo, hi) = rates.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
-        (lo.min(r), hi.max(r))
-    });
-    if rates.len() > 1 && hi > 1.5 * lo {
-        out.push(format!(
-            "the raw fdatasync rate drifted from {} to {} during the run: \
-             compare each point with its neighbouring raw samples only",
-            report::rate(lo),
-            report::rate(hi)
-        ));
-    }
+    out.extend(report::drift_warning(raw));
     for p in steady.iter().filter(|p| p.repeats > 0) {
         out.push(format!(
             "{} modules: {} repeated records (a link broke during the point)",
@@ -916,12 +819,12 @@ fn print_report(r: &Results) {
         "edgehub upstream bench ({:?} mode, {} s per steady point after {} s warm-up, {}-byte bodies, window {}, {} CPUs)",
         r.mode, r.point_secs, r.warmup_secs, r.payload_bytes, r.window, r.machine.cpus
     );
-    println!("{}", report::data_line(&r.bench_dir, r.filesystem.as_ref()));
-    println!();
-    let raw = report::raw_fdatasync_table(&r.raw_fdatasync, r.raw_fdatasync_ref_per_s);
-    if !raw.is_empty() {
-        println!("{raw}");
-    }
+    report::print_opening(
+        &r.bench_dir,
+        r.filesystem.as_ref(),
+        &r.raw_fdatasync,
+        r.raw_fdatasync_ref_per_s,
+    );
 
     let mut t = Table::new(
         "Steady state: N modules → hub (QoS 1, TLS) → $upstream → IoT Hub emulator (MQTT, TLS)",
@@ -1005,10 +908,5 @@ fn print_report(r: &Results) {
         println!("{d}");
     }
     println!("Hub (hub::server::run, bench profile) on its own 2-thread runtime; emulator and module clients on another, same process.");
-    for w in &r.warnings {
-        println!("WARNING: {w}");
-    }
-    for e in &r.errors {
-        println!("ERROR: {e}");
-    }
+    report::print_problems(&r.warnings, &r.errors);
 }

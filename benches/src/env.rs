@@ -1,11 +1,15 @@
 //! Where bench data lives and what it lives on.
 
+use crate::args::Mode;
 use crate::BenchResult;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 /// Environment variable naming the directory to hold bench data.
 pub const BENCH_DIR_ENV: &str = "EDGEHUB_BENCH_DIR";
+
+/// Environment variable giving the seconds per measured point, over the mode's default.
+pub const SECS_ENV: &str = "EDGEHUB_BENCH_SECS";
 
 /// The cargo target directory of the running binary.
 ///
@@ -202,24 +206,12 @@ pub fn loadavg() -> Option<f64> {
         .ok()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
-        assert_eq!(unescape_mountinfo(r"/x\"), r"/x\");
-    }
-}
-
 /// Makes a bench's data directory (see [`bench_tempdir`]), learns its filesystem, and prints the
 /// opening line every bench report starts with, warning when fdatasync figures would mean
 /// nothing (a memory-backed directory).
 pub fn open_bench_dir(
     bench: &str,
-    mode: &dyn std::fmt::Debug,
+    mode: Mode,
     point: std::time::Duration,
     warmup: std::time::Duration,
 ) -> BenchResult<(tempfile::TempDir, Option<FsInfo>)> {
@@ -241,4 +233,38 @@ pub fn open_bench_dir(
         );
     }
     Ok((root, fs))
+}
+
+/// The value of environment variable `name`, parsed; `None` when unset or empty.
+pub fn parsed<T>(name: &str) -> BenchResult<Option<T>>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => Ok(Some(v.parse().map_err(|e| format!("{name}={v}: {e}"))?)),
+        _ => Ok(None),
+    }
+}
+
+/// The length of a measured point from `$EDGEHUB_BENCH_SECS` (fractions allowed), if set.
+pub fn point_from_env() -> BenchResult<Option<std::time::Duration>> {
+    let Some(secs) = parsed::<f64>(SECS_ENV)? else {
+        return Ok(None);
+    };
+    let point =
+        std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("{SECS_ENV}: {e}"))?;
+    Ok(Some(point))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/x\"), r"/x\");
+    }
 }

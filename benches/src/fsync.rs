@@ -87,6 +87,89 @@ pub fn append_fdatasync(
     })
 }
 
+/// Takes one raw sample for a bench report ([`append_fdatasync`] of [`DEFAULT_BLOCK`]s for
+/// `length`, after at most 0.5 s of the bench's `warmup`) and logs it to stderr.
+pub fn sample(
+    dir: &Path,
+    label: &str,
+    warmup: Duration,
+    length: Duration,
+) -> BenchResult<RawFsync> {
+    let warmup = warmup.min(Duration::from_millis(500));
+    let r = append_fdatasync(dir, label, DEFAULT_BLOCK, warmup, length)?;
+    eprintln!(
+        "  raw 4 KiB append+fdatasync ({label}): {}  p50 {}  p99 {}",
+        crate::report::rate(r.rate_per_s),
+        crate::report::micros(r.latency.p50_us),
+        crate::report::micros(r.latency.p99_us)
+    );
+    Ok(r)
+}
+
+/// The raw samples of a bench run: one before the first group of points and one after each
+/// group, so that each group is compared with the mean of the two samples around it (the disk
+/// drifts during a run). A sample that fails leaves its slot empty and adds to the run's errors.
+#[derive(Debug)]
+pub struct RawSamples<'a> {
+    dir: &'a Path,
+    warmup: Duration,
+    length: Duration,
+    enabled: bool,
+    sync_first: bool,
+    slots: Vec<Option<RawFsync>>,
+}
+
+impl<'a> RawSamples<'a> {
+    /// Samples in `dir` (see [`sample`]); none at all unless `enabled` (`--only` without `raw`).
+    pub fn new(dir: &'a Path, warmup: Duration, length: Duration, enabled: bool) -> Self {
+        RawSamples {
+            dir,
+            warmup,
+            length,
+            enabled,
+            sync_first: false,
+            slots: Vec::new(),
+        }
+    }
+
+    /// Runs `sync` before each sample, so that the writeback of the points before it has ended
+    /// when the disk is timed.
+    pub fn sync_first(self) -> Self {
+        RawSamples {
+            sync_first: true,
+            ..self
+        }
+    }
+
+    /// Takes the next sample.
+    pub fn take(&mut self, label: &str, errors: &mut Vec<String>) {
+        if !self.enabled {
+            return;
+        }
+        if self.sync_first {
+            let _ = std::process::Command::new("sync").status();
+        }
+        let r = sample(self.dir, label, self.warmup, self.length);
+        if let Err(e) = &r {
+            errors.push(format!("raw fdatasync probe ({label}): {e}"));
+        }
+        self.slots.push(r.ok());
+    }
+
+    /// Takes the sample that closes a group of points and returns the group's reference rate:
+    /// the mean of this sample and the one before it.
+    pub fn after_group(&mut self, label: &str, errors: &mut Vec<String>) -> Option<f64> {
+        self.take(label, errors);
+        let last_two = self.slots.iter().rev().take(2).flatten();
+        crate::report::mean(&last_two.map(|r| r.rate_per_s).collect::<Vec<_>>())
+    }
+
+    /// The samples taken.
+    pub fn into_vec(self) -> Vec<RawFsync> {
+        self.slots.into_iter().flatten().collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! Raw results as JSON under `<target>/bench-results/`.
 
+use crate::args::Mode;
 use crate::BenchResult;
 use serde::Serialize;
 use std::io::Write;
@@ -27,4 +28,18 @@ pub fn write_results<T: Serialize>(name: &str, value: &T) -> BenchResult<PathBuf
     tmp.persist(&path)
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
     Ok(path)
+}
+
+/// Writes a bench run's results with [`write_results`]`(bench, ..)` and prints where; after a
+/// smoke run prints instead that none were written.
+pub fn save<T: Serialize>(bench: &str, mode: Mode, results: &T) -> BenchResult<()> {
+    if mode == Mode::Smoke {
+        println!(
+            "(smoke run without --bench: no JSON written; use `cargo bench -p benches --bench {bench}`)"
+        );
+    } else {
+        let path = write_results(bench, results)?;
+        println!("raw results: {}", path.display());
+    }
+    Ok(())
 }

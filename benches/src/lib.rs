@@ -6,6 +6,7 @@
 //! mean little across machines and volumes (see
 //! `shared/reference/peer-brokers-figures.md`).
 //!
+//! - [`args`]: the command line every bench takes (`--quick`, `--only`, lists) and its mode.
 //! - [`env`]: where to put bench data (never tmpfs), the target directory,
 //!   the filesystem under a path, machine facts.
 //! - [`fsync`]: the raw append + `fdatasync` probe.
@@ -16,6 +17,7 @@
 //! - [`probe`]: markers and arguments for the strace probe binaries.
 //! - [`mqtt`], [`procstat`]: the peers bench's MQTT client and /proc CPU readings.
 
+pub mod args;
 pub mod env;
 pub mod fsync;
 pub mod json;
@@ -31,3 +33,16 @@ pub type BenchError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Shorthand for `Result<T, BenchError>`.
 pub type BenchResult<T> = Result<T, BenchError>;
+
+/// The exit status of a bench's `main` from its run: success; 1 when some part failed (the
+/// report has said which); 2 when the run stopped, with `<bench> bench: <error>` on stderr.
+pub fn exit_code(bench: &str, run: BenchResult<bool>) -> std::process::ExitCode {
+    match run {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(e) => {
+            eprintln!("{bench} bench: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

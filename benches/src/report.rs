@@ -6,7 +6,7 @@
 use serde::Serialize;
 use std::fmt;
 
-use crate::env::FsInfo;
+use crate::env::{FsInfo, Machine};
 use crate::fsync::RawFsync;
 
 /// An aligned text table: the first column left-aligned, the rest right.
@@ -232,6 +232,98 @@ pub fn targets_table(title: &str, targets: &[Target]) -> Table {
     t
 }
 
+/// "data: DIR on FS (SOURCE, mounted at MOUNT)": where a bench wrote, for its report header.
+pub fn data_line(bench_dir: &str, filesystem: Option<&FsInfo>) -> String {
+    let fs = filesystem.map_or("an unknown filesystem".into(), |f| {
+        format!("{} ({}, mounted at {})", f.fstype, f.source, f.mount_point)
+    });
+    format!("data: {bench_dir} on {fs}")
+}
+
+/// The raw 4 KiB append + fdatasync samples of a run, and the mean every ratio divides by.
+pub fn raw_fdatasync_table(samples: &[RawFsync], reference: Option<f64>) -> Table {
+    let mut raw = Table::new(
+        "Raw disk: 4 KiB append + fdatasync, one writer",
+        &["sample", "rate", "p50", "p99"],
+    );
+    for s in samples {
+        raw.row([
+            s.label.clone(),
+            rate(s.rate_per_s),
+            micros(s.latency.p50_us),
+            micros(s.latency.p99_us),
+        ]);
+    }
+    if let Some(rf) = reference {
+        raw.row([
+            "reference (mean)".to_string(),
+            rate(rf),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    raw
+}
+
+/// The mean of `xs`; `None` when empty.
+pub fn mean(xs: &[f64]) -> Option<f64> {
+    (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+}
+
+/// Prints what opens every report after its title line: where the data went, then the raw
+/// fdatasync table (when there were samples).
+pub fn print_opening(
+    bench_dir: &str,
+    filesystem: Option<&FsInfo>,
+    samples: &[RawFsync],
+    reference: Option<f64>,
+) {
+    println!("{}", data_line(bench_dir, filesystem));
+    println!();
+    let raw = raw_fdatasync_table(samples, reference);
+    if !raw.is_empty() {
+        println!("{raw}");
+    }
+}
+
+/// Prints what closes every report: its warnings, then its errors.
+pub fn print_problems(warnings: &[String], errors: &[String]) {
+    for w in warnings {
+        println!("WARNING: {w}");
+    }
+    for e in errors {
+        println!("ERROR: {e}");
+    }
+}
+
+/// A warning when other work kept more than a quarter of the CPUs busy `when` (e.g. "before the
+/// run started").
+pub fn busy_warning(machine: &Machine, when: &str, busy: Option<f64>) -> Option<String> {
+    let busy = busy.filter(|&b| b > 0.25)?;
+    Some(format!(
+        "the machine was busy {when} ({:.0}% of {} CPUs in use by other work): it competes for \
+         CPU and disk, figures are low and noisy",
+        busy * 100.0,
+        machine.cpus
+    ))
+}
+
+/// A warning when the raw fdatasync rate moved by more than half during the run.
+pub fn drift_warning(raw: &[RawFsync]) -> Option<String> {
+    let rates: Vec<f64> = raw.iter().map(|r| r.rate_per_s).collect();
+    let (lo, hi) = rates.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &r| {
+        (lo.min(r), hi.max(r))
+    });
+    (rates.len() > 1 && hi > 1.5 * lo).then(|| {
+        format!(
+            "the raw fdatasync rate drifted from {} to {} during the run: \
+             compare each point with its neighbouring raw samples only",
+            rate(lo),
+            rate(hi)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,37 +363,4 @@ mod tests {
         assert_eq!(t.met, Some(false));
         assert!(targets_table("x", &[t]).to_string().contains("MISSED"));
     }
-}
-
-/// "data: DIR on FS (SOURCE, mounted at MOUNT)": where a bench wrote, for its report header.
-pub fn data_line(bench_dir: &str, filesystem: Option<&FsInfo>) -> String {
-    let fs = filesystem.map_or("an unknown filesystem".into(), |f| {
-        format!("{} ({}, mounted at {})", f.fstype, f.source, f.mount_point)
-    });
-    format!("data: {bench_dir} on {fs}")
-}
-
-/// The raw 4 KiB append + fdatasync samples of a run, and the mean every ratio divides by.
-pub fn raw_fdatasync_table(samples: &[RawFsync], reference: Option<f64>) -> Table {
-    let mut raw = Table::new(
-        "Raw disk: 4 KiB append + fdatasync, one writer",
-        &["sample", "rate", "p50", "p99"],
-    );
-    for s in samples {
-        raw.row([
-            s.label.clone(),
-            rate(s.rate_per_s),
-            micros(s.latency.p50_us),
-            micros(s.latency.p99_us),
-        ]);
-    }
-    if let Some(rf) = reference {
-        raw.row([
-            "reference (mean)".to_string(),
-            rate(rf),
-            String::new(),
-            String::new(),
-        ]);
-    }
-    raw
 }
