@@ -888,3 +888,72 @@ async fn unsubscribing_one_of_two_inputs_filters_keeps_deliveries() {
     }
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_published_after_a_refused_publish_is_stored_ahead_of_its_resend() {
+    // Output `bad` routes to an input whose store queue name is too long: the router refuses
+    // such a message at once, without waiting for the store. Output `out1` routes normally.
+    let dir = tempfile::tempdir().unwrap();
+    let long_input = "i".repeat(300);
+    std::fs::write(
+        dir.path().join("manifest.json"),
+        format!(
+            r#"{{"modulesContent": {{
+  "$edgeAgent": {{"properties.desired": {{"modules": {{"sender": {{}}, "receiver": {{}}}}}}}},
+  "$edgeHub": {{"properties.desired": {{"schemaVersion": "1.1",
+    "routes": {{
+      "ok": "FROM /messages/modules/sender/outputs/out1 INTO BrokeredEndpoint(\"/modules/receiver/inputs/input1\")",
+      "bad": "FROM /messages/modules/sender/outputs/bad INTO BrokeredEndpoint(\"/modules/receiver/inputs/{long_input}\")"}},
+    "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}}}}}}}"#
+        ),
+    )
+    .unwrap();
+    let hub = TestHub::start(dir.path()).await;
+    let filter = hub.creds("receiver").inputs_filter();
+    let (mut r, _) = hub.connected("receiver", false).await;
+    r.subscribe(1, &[&filter]).await;
+    let sender = hub.creds("sender");
+    let (mut s, _) = hub.connected("sender", true).await;
+    // One burst: m1, the refused one, then m3..m5, all before any PUBACK is read.
+    let good = sender.output_topic();
+    let bad = sender.events_topic("%24.on=bad");
+    for (pkid, topic, body) in [
+        (1, &good, "m1"),
+        (2, &bad, "refused"),
+        (3, &good, "m3"),
+        (4, &good, "m4"),
+        (5, &good, "m5"),
+    ] {
+        s.writer
+            .publish_unflushed(topic, QoS::AtLeastOnce, pkid, body.as_bytes())
+            .await
+            .unwrap();
+    }
+    s.writer.flush().await.unwrap();
+    let seen = s.reader.expect_closed(T).await;
+    let acked: Vec<u16> = seen
+        .iter()
+        .filter_map(|p| match p {
+            Packet::PubAck(a) => Some(a.pkid),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        acked,
+        [1],
+        "only what came before the refusal is acknowledged"
+    );
+    // The sender resends from its first unacknowledged publish (an SDK would resend the
+    // refused one too; here it gives up on it) and goes on with m6. Delivery is in order, so
+    // had m3..m5 been stored after the refusal they would reach the receiver before m3's resend.
+    let (mut s, _) = hub.connected("sender", true).await;
+    for (pkid, body) in [(1, "m3"), (2, "m4"), (3, "m5"), (4, "m6")] {
+        publish_acked(&mut s, &good, pkid, body.as_bytes()).await;
+    }
+    assert_eq!(
+        payloads(&receive(&mut r, 5).await),
+        ["m1", "m3", "m4", "m5", "m6"],
+        "a publish after the refused one was stored ahead of the resend"
+    );
+    hub.stop().await;
+}
