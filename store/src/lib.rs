@@ -51,8 +51,8 @@ pub use format::FormatError;
 pub use io::{Fs, FsFile, OsFs};
 pub use recovery::RecoveryReport;
 pub use store::{
-    Closable, Pending, QueueStats, Store, StoreOptions, StoreStats, StoredMessage,
-    MAX_QUEUES_PER_MESSAGE,
+    Closable, Pending, QueueStats, Store, StoreOptions, StoreStats, StoredMessage, SyncLatency,
+    MAX_QUEUES_PER_MESSAGE, SYNC_LATENCY_BOUNDS_MICROS,
 };
 pub use types::{
     Clock, Epoch, InvalidQueueName, ManualClock, Offset, QueueName, SystemClock, UnixMillis,

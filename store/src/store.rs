@@ -117,6 +117,43 @@ pub(crate) struct Counters {
     pub(crate) commits: AtomicU64,
     pub(crate) syncs: AtomicU64,
     pub(crate) reclaimed_segments: AtomicU64,
+    /// Group-commit fdatasyncs by duration: one counter per bound of
+    /// [`SYNC_LATENCY_BOUNDS_MICROS`], then one for anything longer.
+    pub(crate) sync_buckets: [AtomicU64; SYNC_LATENCY_BOUNDS_MICROS.len() + 1],
+    pub(crate) sync_micros_total: AtomicU64,
+}
+
+/// Upper bounds (µs, inclusive) of the group-commit fdatasync latency buckets in
+/// [`StoreStats::commit_syncs`]: 64 µs doubling to about 1 s.
+pub const SYNC_LATENCY_BOUNDS_MICROS: [u64; 15] = [
+    64, 128, 256, 512, 1_024, 2_048, 4_096, 8_192, 16_384, 32_768, 65_536, 131_072, 262_144,
+    524_288, 1_048_576,
+];
+
+impl Counters {
+    /// Records one group-commit fdatasync that took `elapsed`.
+    pub(crate) fn observe_sync(&self, elapsed: std::time::Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = SYNC_LATENCY_BOUNDS_MICROS
+            .iter()
+            .position(|&bound| micros <= bound)
+            .unwrap_or(SYNC_LATENCY_BOUNDS_MICROS.len());
+        if let Some(counter) = self.sync_buckets.get(bucket) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sync_micros_total.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+/// How long the group commits' fdatasyncs took since open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncLatency {
+    /// Count per bucket (not cumulative): `counts[i]` took at most
+    /// `SYNC_LATENCY_BOUNDS_MICROS[i]` µs (and more than the bound before); the last entry
+    /// counts those longer than every bound.
+    pub counts: Vec<u64>,
+    /// Sum of their durations in µs.
+    pub sum_micros: u64,
 }
 
 /// State shared by the handles and the writer thread.
@@ -273,6 +310,8 @@ pub struct StoreStats {
     pub syncs: u64,
     /// Segments deleted by retention since open.
     pub reclaimed_segments: u64,
+    /// Durations of the group commits' fdatasyncs since open.
+    pub commit_syncs: SyncLatency,
     /// Bytes of segment files on disk.
     pub bytes_on_disk: u64,
     /// Segment files on disk.
@@ -654,6 +693,15 @@ impl Store {
             commits: shared.stats.commits.load(Ordering::Relaxed),
             syncs: shared.stats.syncs.load(Ordering::Relaxed),
             reclaimed_segments: shared.stats.reclaimed_segments.load(Ordering::Relaxed),
+            commit_syncs: SyncLatency {
+                counts: shared
+                    .stats
+                    .sync_buckets
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .collect(),
+                sum_micros: shared.stats.sync_micros_total.load(Ordering::Relaxed),
+            },
             bytes_on_disk: index.bytes_on_disk(),
             segments: index.segments().len(),
             queues: index

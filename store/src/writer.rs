@@ -514,11 +514,13 @@ impl Writer {
                 format!("write to segment {}: {e}", self.active.seq).into(),
             )));
         }
+        let sync_started = std::time::Instant::now();
         if let Err(e) = file.sync_data() {
             return Err(BatchFailure::Halt(Halt::Poisoned(
                 format!("fdatasync of segment {}: {e}", self.active.seq).into(),
             )));
         }
+        self.shared.stats.observe_sync(sync_started.elapsed());
         self.shared.stats.syncs.fetch_add(1, Ordering::Relaxed);
         if !self.fence.still_current() {
             return Err(BatchFailure::Halt(Halt::Fenced));

@@ -274,6 +274,34 @@ fn stats_count_an_append_as_soon_as_it_is_answered() {
     }
 }
 
+#[test]
+fn every_group_commit_fdatasync_is_timed_into_one_latency_bucket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path(), opts()).expect("open");
+    let empty = store.stats().commit_syncs;
+    assert_eq!(
+        empty.counts.len(),
+        store::SYNC_LATENCY_BOUNDS_MICROS.len() + 1
+    );
+    for _ in 0..20 {
+        store
+            .append(&[q("a")], Bytes::from_static(b"x"), None)
+            .wait()
+            .expect("append");
+    }
+    let stats = store.stats();
+    let timed: u64 =
+        stats.commit_syncs.counts.iter().sum::<u64>() - empty.counts.iter().sum::<u64>();
+    // One timing per group commit (each sequential append is one); the syncs of segment
+    // headers are not group commits and are not timed here.
+    assert_eq!(timed, stats.commits);
+    assert!(timed >= 20, "{stats:?}");
+    assert!(
+        stats.commit_syncs.sum_micros > 0,
+        "a real fdatasync takes time: {stats:?}"
+    );
+}
+
 #[tokio::test]
 async fn appends_can_be_awaited_and_complete_in_submission_order() {
     let dir = tempfile::tempdir().expect("tempdir");
