@@ -263,10 +263,24 @@ async fn each_module_reaches_iot_hub_as_itself_in_order_with_its_properties() {
     }
     // The emulator records a message before its PUBACK leaves: the hub's count may trail.
     let text = metrics_until(&hub, |t| {
-        metric(t, "edgehub_upstream_messages_acked_total", "modA") == n as f64
+        ["modA", "modB"]
+            .iter()
+            .all(|m| metric(t, "edgehub_upstream_messages_acked_total", m) == n as f64)
     })
     .await;
     assert_eq!(metric(&text, "edgehub_upstream_connected", "modB"), 1.0);
+    let timed = text
+        .lines()
+        .find(|l| {
+            l.starts_with("edgehub_message_send_duration_seconds_count{")
+                && l.contains("to=\"upstream\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(
+        timed,
+        Some(2.0 * n as f64),
+        "every upstream PUBACK is timed:\n{text}"
+    );
     hub.stop().await;
 }
 

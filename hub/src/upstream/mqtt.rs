@@ -467,11 +467,14 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
                     "the broker acknowledged out of order (packet id {pkid} still awaited)"
                 )),
                 Ok(Event::Incoming(Packet::PubAck(ack))) => match state.inflight.acked(ack.pkid) {
-                    Ok((_, waiter)) => {
+                    Ok((handed_at, waiter)) => {
                         drop(state);
                         acked_any = true;
                         let _ = waiter.send(Ok(()));
                         shared.metrics.upstream().acked(&link.identity);
+                        shared
+                            .metrics
+                            .message_send_duration("upstream", handed_at.elapsed());
                         shared.metrics.message_sent_with(&SentLabels {
                             from: link.identity.to_string(),
                             to: "upstream".to_owned(),
