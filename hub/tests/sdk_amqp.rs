@@ -425,6 +425,72 @@ fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
     assert_eq!(event(&again, "message")["message_id"], "probe-1");
 }
 
+/// Waits until the hub's log holds `needle` at least `count` times; false after `within`.
+fn wait_for_log(hub: &Proc, needle: &str, count: usize, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if hub.stderr().matches(needle).count() >= count {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An inputs link the client detaches ends at once (not at the next send), and takes away
+/// only the sinks it registered itself: after three attach/detach cycles and a first link
+/// detached beside a second one, every detached link's task has ended while the connection
+/// is still open, and the second link receives.
+#[test]
+fn a_detached_inputs_link_ends_at_once_and_leaves_the_other_links_sinks() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs_tx, cs_rx, ca) = (
+        hub.connection_string("sender"),
+        hub.connection_string("receiver"),
+        hub.ca_path(),
+    );
+    let hub_proc = hub.start(&ns);
+    let mut rx = probe(
+        &env,
+        &ns,
+        &cs_rx,
+        &ca,
+        &["--mode", "inputs-cycle", "--cycles", "3", "--timeout", "60"],
+    );
+    rx.read_until(secs(20), |v| v["event"] == "ready")
+        .unwrap_or_else(|| panic!("no inputs links: {}", rx.stderr()));
+    // Three cycled links and the first of the two: each ends on the detach itself.
+    assert!(
+        wait_for_log(&hub_proc, "detached by the client", 4, secs(10)),
+        "detached inputs links still running:\n{}",
+        hub_proc.stderr()
+    );
+    let sent = probe(&env, &ns, &cs_tx, &ca, &["--timeout", "20"]).finish(secs(30));
+    sent.assert_exit(sdk::EXIT_OK);
+    assert_eq!(event(&sent, "own")["outcome"], "accepted");
+    let got = rx.finish(secs(60));
+    if got.code != Some(sdk::EXIT_OK) {
+        panic!(
+            "the second inputs link got nothing: exit {:?}, {:?}\n{}\nhub log:\n{}",
+            got.code,
+            got.lines,
+            got.stderr,
+            hub_proc.stderr()
+        );
+    }
+    let m: Vec<Value> = got
+        .events("message")
+        .into_iter()
+        .filter(|m| m["link"] == "second")
+        .collect();
+    assert_eq!(m.len(), 1, "{:?}", got.lines);
+    assert_eq!(m[0]["message_id"], "probe-1");
+}
+
 /// Size limits: a message whose properties become too large as stored is rejected in turn and
 /// the link goes on; a transfer over the events link's `max-message-size` (600 KiB) or a `$cbs`
 /// request over its few KiB detaches that link while it arrives, before it is buffered whole.

@@ -177,6 +177,47 @@ impl Dispatcher {
         });
     }
 
+    /// [`Dispatcher::register_dyn_sink`] only if `allowed()` holds, evaluated under the
+    /// dispatcher's lock (so no other registration or removal comes between the check and the
+    /// registration). Returns whether `sink` was registered.
+    pub fn register_dyn_sink_if(
+        &self,
+        endpoint: &Endpoint,
+        sink: Arc<dyn DynSink>,
+        allowed: impl FnOnce() -> bool,
+    ) -> bool {
+        let mut registered = false;
+        self.handle.with_slot(endpoint, |slot| {
+            if allowed() {
+                slot.sink.send_replace(Some(sink));
+                registered = true;
+            }
+        });
+        registered
+    }
+
+    /// Removes the sink of `endpoint` only if it is the one `owned` recognises (say, the `Arc`
+    /// a head registered, by [`Arc::ptr_eq`]): a head that goes away never removes the sink a
+    /// newer receiver registered since. Returns whether a sink was removed.
+    pub fn unregister_sink_if(
+        &self,
+        endpoint: &Endpoint,
+        owned: impl FnOnce(&Arc<dyn DynSink>) -> bool,
+    ) -> bool {
+        let mut removed = false;
+        self.handle.with_slot(endpoint, |slot| {
+            removed = slot.sink.send_if_modified(|current| {
+                if current.as_ref().is_some_and(owned) {
+                    *current = None;
+                    true
+                } else {
+                    false
+                }
+            });
+        });
+        removed
+    }
+
     /// Ends the backoff of `endpoint`'s worker now, keeping its sink: for a sink whose receiver
     /// became reachable again (the upstream link reconnected), so the backlog does not wait out
     /// a delay meant for the outage. Does nothing to a worker that is not backing off.

@@ -791,6 +791,48 @@ async fn a_sink_unregistered_mid_stream_leaves_the_rest_queued_for_the_next_one(
     hub.close().await;
 }
 
+/// A receiver that goes away removes its own sink only: the sink a newer receiver registered
+/// since stays, and gets everything.
+#[tokio::test(start_paused = true)]
+async fn an_old_receiver_going_away_leaves_the_newer_receivers_sink() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = upstream_hub(dir.path(), 4);
+    let old = RecordingSink::default();
+    let old_arc: std::sync::Arc<dyn router::DynSink> = std::sync::Arc::new(old.clone());
+    assert!(hub.dispatcher.register_dyn_sink_if(
+        &Endpoint::Upstream,
+        std::sync::Arc::clone(&old_arc),
+        || true
+    ));
+    let new = RecordingSink::default();
+    let new_arc: std::sync::Arc<dyn router::DynSink> = std::sync::Arc::new(new.clone());
+    hub.dispatcher
+        .register_dyn_sink(&Endpoint::Upstream, std::sync::Arc::clone(&new_arc));
+    // The old receiver goes: its sink is no longer registered, so nothing is removed.
+    assert!(!hub
+        .dispatcher
+        .unregister_sink_if(&Endpoint::Upstream, |s| std::sync::Arc::ptr_eq(s, &old_arc)));
+    // A registration whose condition fails (a connection no longer current) changes nothing.
+    assert!(!hub.dispatcher.register_dyn_sink_if(
+        &Endpoint::Upstream,
+        std::sync::Arc::clone(&old_arc),
+        || false
+    ));
+    let sent = bodies("m", 6);
+    hub.send_all("m", "o", &sent).await;
+    new.log.wait_delivered(6).await;
+    assert_eq!(new.log.delivered(), sent);
+    assert!(old.log.delivered().is_empty());
+    // The newer one goes: its own sink is removed.
+    assert!(hub
+        .dispatcher
+        .unregister_sink_if(&Endpoint::Upstream, |s| std::sync::Arc::ptr_eq(s, &new_arc)));
+    assert!(!hub
+        .dispatcher
+        .unregister_sink_if(&Endpoint::Upstream, |_| true));
+    hub.close().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // edgehub extensions: per-route head-of-line policy and live-first.
 

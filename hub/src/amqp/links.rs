@@ -50,14 +50,14 @@ use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo};
 use fe2o3_amqp::types::messaging::{Body, Outcome};
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Receiver, Sender};
-use router::{DeliveryOutcome, FailureKind, RejectReason, RouteAck};
+use router::{DeliveryOutcome, DynSink, Endpoint, FailureKind, RejectReason, RouteAck};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
 use crate::identity::Identity;
 use crate::mqtt::connection::MAX_MESSAGE_BYTES;
-use crate::mqtt::sink::{Outbound, NOT_DELIVERED};
+use crate::mqtt::sink::{ModuleInputSink, Outbound, NOT_DELIVERED};
 
 /// Transfers routed and not yet settled, per events link; past it the link stops reading
 /// (back-pressure; the client's credit runs out).
@@ -319,56 +319,74 @@ async fn settle_in_order<D, A, O, E>(
     }
 }
 
-/// Serves a module's inputs link until it ends or the connection stops.
+/// Serves a module's inputs link until the client detaches it, it fails, or the connection
+/// stops.
 pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
-    ctx.unregister_input_sinks(&identity);
-    ctx.register_input_sinks(&identity, &out_tx);
+    let (registered, current) = register_inputs(&shared, &identity, &out_tx);
     let (settling_tx, settling_rx) = mpsc::unbounded_channel::<Settling>();
     let metrics = ctx.metrics.connection_metrics(&identity);
     let settler = tokio::spawn(settle_inputs(settling_rx, metrics));
     let mut stop = shared.stop.subscribe();
-    loop {
-        let delivery = tokio::select! {
-            d = out_rx.recv() => d,
-            () = stopped(&mut stop) => None,
-        };
-        let Some(delivery) = delivery else { break };
-        if delivery.acked.is_closed() {
-            continue;
-        }
-        let message = convert::amqp_from_message(
-            &delivery.message,
-            &delivery.input,
-            convert::DeliveryStamp {
-                lock_token: rand::random::<[u8; 16]>(),
-                enqueued_ms: now_millis(),
-                sequence: delivery.offset,
-                delivery_count: delivery.previous_attempts,
-            },
-        );
-        // Waits for the client's credit.
-        let sent = tokio::select! {
-            s = sender.send_batchable(message) => s,
-            () = stopped(&mut stop) => break,
-        };
-        match sent {
-            Ok(settled) => {
-                let _ = settling_tx.send(Settling {
-                    settled,
-                    acked: delivery.acked,
-                });
+    let mut ended = if current {
+        "connection closing"
+    } else {
+        "connection already replaced; nothing registered"
+    };
+    if current {
+        loop {
+            let delivery = tokio::select! {
+                d = out_rx.recv() => d,
+                e = sender.on_detach() => {
+                    tracing::debug!(peer = %shared.peer, %identity, error = %e, "inputs link detached");
+                    ended = "detached by the client";
+                    None
+                }
+                () = stopped(&mut stop) => None,
+            };
+            let Some(delivery) = delivery else { break };
+            if delivery.acked.is_closed() {
+                continue;
             }
-            Err(e) => {
-                tracing::debug!(peer = %shared.peer, %identity, error = %e, "inputs link ended");
-                break;
+            let message = convert::amqp_from_message(
+                &delivery.message,
+                &delivery.input,
+                convert::DeliveryStamp {
+                    lock_token: rand::random::<[u8; 16]>(),
+                    enqueued_ms: now_millis(),
+                    sequence: delivery.offset,
+                    delivery_count: delivery.previous_attempts,
+                },
+            );
+            // Waits for the client's credit (a detach while waiting ends it with an error).
+            let sent = tokio::select! {
+                s = sender.send_batchable(message) => s,
+                () = stopped(&mut stop) => break,
+            };
+            match sent {
+                Ok(settled) => {
+                    let _ = settling_tx.send(Settling {
+                        settled,
+                        acked: delivery.acked,
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %shared.peer, %identity, error = %e, "inputs link send failed");
+                    ended = "send failed";
+                    break;
+                }
             }
         }
     }
-    if shared.is_current(&identity) {
-        ctx.unregister_input_sinks(&identity);
+    // Only the sinks this link registered, and only while they are still registered: a newer
+    // link (of this connection or another) keeps its own.
+    for (endpoint, sink) in &registered {
+        ctx.dispatcher
+            .unregister_sink_if(endpoint, |current| Arc::ptr_eq(current, sink));
     }
+    drop(registered);
+    tracing::info!(peer = %shared.peer, %identity, reason = ended, "inputs link ended");
     // Deliveries not sent yet go back to their workers (their `acked` is dropped).
     drop(out_rx);
     drop(settling_tx);
@@ -376,6 +394,36 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
     if tokio::time::timeout(CLOSE_GRACE, settler).await.is_err() {
         tracing::debug!(peer = %shared.peer, %identity, "settlements still outstanding at close; they are retried");
     }
+}
+
+/// The sinks an inputs link registered, by endpoint.
+type Registered = Vec<(Endpoint, Arc<dyn DynSink>)>;
+
+/// Makes `out_tx` the sink of every input endpoint of `identity`'s module, each only while
+/// this connection is the module's live one (checked under the dispatcher's lock, so a newer
+/// connection's sinks are never overwritten). Returns the sinks registered, and whether the
+/// connection was still current throughout.
+fn register_inputs(
+    shared: &ConnShared,
+    identity: &Identity,
+    out_tx: &mpsc::UnboundedSender<Outbound>,
+) -> (Registered, bool) {
+    let ctx = &shared.ctx;
+    let mut registered = Vec::new();
+    if !shared.is_current(identity) {
+        return (registered, false);
+    }
+    for (endpoint, input) in ctx.input_endpoints(identity) {
+        let sink: Arc<dyn DynSink> = Arc::new(ModuleInputSink::new(input, out_tx.clone()));
+        if !ctx
+            .dispatcher
+            .register_dyn_sink_if(&endpoint, Arc::clone(&sink), || shared.is_current(identity))
+        {
+            return (registered, false);
+        }
+        registered.push((endpoint, sink));
+    }
+    (registered, true)
 }
 
 /// A delivery sent and waiting for the module's disposition.

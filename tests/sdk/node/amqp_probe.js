@@ -22,6 +22,11 @@
 //     {"event":"attached","snd_settle_mode":N} (what the hub answered: 0 unsettled, 1 settled,
 //     2 mixed), then {"event":"message","message_id":...,"presettled":bool} for each of N
 //     messages (accepting it with --settle accept, else leaving it unsettled), then closes.
+//   node amqp_probe.js --mode inputs-cycle [--cycles N] [--sasl ...]
+//     authenticates as above, then N times attaches the module's inputs link and closes it
+//     again ({"event":"cycled","n":i} once the hub answered the detach); then attaches two
+//     inputs links, closes the first ({"event":"ready"}) and waits for one message on the
+//     second ({"event":"message","link":"second","message_id":...}, accepted), then closes.
 //   node amqp_probe.js --mode oversize [--sasl none|anonymous|mssbcbs]
 //     authenticates through $cbs, then on its events link sends a message whose 120 KiB binary
 //     user id becomes 360 KiB of text ({"event":"expanding","outcome":...,"condition":...}),
@@ -47,6 +52,7 @@ const SPEC = {
   snd_settle: { type: 'string', default: 'unsettled' },
   count: { type: 'number', default: 1 },
   settle: { type: 'string', default: 'none' },
+  cycles: { type: 'number', default: 3 },
 };
 
 // Microsoft's batched message format: each data section of the body is an encoded message.
@@ -150,6 +156,7 @@ async function attachMode(args) {
     await putToken(token, 'cbs');
   }
   if (args.mode === 'inputs') return inputsMode(args, conn, f, deadline);
+  if (args.mode === 'inputs-cycle') return inputsCycleMode(args, conn, f, deadline);
   if (args.mode === 'oversize') return oversizeMode(conn, f, deadline, cbsTx, cbsRx);
   const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
   const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
@@ -264,6 +271,38 @@ async function inputsMode(args, conn, f, deadline) {
       if (got >= args.count) resolve();
     });
   }), 'input messages');
+  conn.close();
+}
+
+// Inputs links attached and closed again on one connection; the last one still receives.
+async function inputsCycleMode(args, conn, f, deadline) {
+  const source = `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events`;
+  const attach = async (what) => {
+    const rx = conn.open_receiver({ source, autoaccept: false, credit_window: 10 });
+    await once(rx, 'receiver_open', 'receiver_error', what, deadline);
+    return rx;
+  };
+  const close = async (rx, what) => {
+    const closed = once(rx, 'receiver_close', 'receiver_error', what, deadline);
+    rx.close();
+    await closed;
+  };
+  for (let n = 0; n < args.cycles; n++) {
+    await close(await attach(`inputs link ${n}`), `closing inputs link ${n}`);
+    h.emit({ event: 'cycled', n });
+  }
+  const first = await attach('first inputs link');
+  const second = await attach('second inputs link');
+  const message = deadline.run(new Promise((resolve) => {
+    first.on('message', (ctx) => h.emit({ event: 'message', link: 'first', message_id: ctx.message.message_id }));
+    second.once('message', (ctx) => {
+      ctx.delivery.accept();
+      resolve(ctx.message.message_id);
+    });
+  }), 'a message on the second inputs link', 60);
+  await close(first, 'closing the first inputs link');
+  h.emit({ event: 'ready' });
+  h.emit({ event: 'message', link: 'second', message_id: await message });
   conn.close();
 }
 
