@@ -491,6 +491,99 @@ fn a_detached_inputs_link_ends_at_once_and_leaves_the_other_links_sinks() {
     assert_eq!(m[0]["message_id"], "probe-1");
 }
 
+/// A connection on which nothing authenticates is closed 20 s after Open
+/// (`AUTHENTICATE_TIMEOUT`); an authenticated one beside it stays open past that.
+#[test]
+fn a_connection_that_never_authenticates_is_closed() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
+    let hub_proc = hub.start(&ns);
+    let authenticated = probe(&env, &ns, &cs, &ca, &["--hold", "26", "--timeout", "40"]);
+    let out = probe(
+        &env,
+        &ns,
+        &cs,
+        &ca,
+        &["--mode", "unauthenticated", "--timeout", "40"],
+    )
+    .finish(secs(50));
+    let log = hub_proc.stderr();
+    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+    let closed = event(&out, "closed");
+    let ms = closed["ms"].as_i64().unwrap();
+    assert!((18_000..30_000).contains(&ms), "closed after {ms} ms");
+    assert!(log.contains("nothing authenticated within"), "{log}");
+    let authenticated = authenticated.finish(secs(50));
+    authenticated.assert_exit(sdk::EXIT_OK);
+    let held = event(&authenticated, "held");
+    assert!(
+        held["closed_by_hub_ms"].is_null(),
+        "an authenticated connection was closed: {held}\nhub log:\n{}",
+        hub_proc.stderr()
+    );
+}
+
+/// Put-tokens sent with no reply link attached: the hub holds at most 16 replies and then
+/// reads no more requests (the client's credit runs out), so it never buffers without bound;
+/// once the reply link attaches every request is answered, in order.
+#[test]
+fn put_tokens_without_a_reply_link_are_held_back() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
+    let hub_proc = hub.start(&ns);
+    let out = probe(
+        &env,
+        &ns,
+        &cs,
+        &ca,
+        &["--mode", "cbs-flood", "--count", "40", "--timeout", "40"],
+    )
+    .finish(secs(50));
+    let log = hub_proc.stderr();
+    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+    let held = event(&out, "accepted-without-reply-link");
+    let n = held["n"].as_i64().unwrap();
+    // 16 replies queued, and the request whose reply waits for room.
+    assert!(n <= 17, "{n} of 40 requests read with no reply link: {held}");
+    let replies = event(&out, "replies");
+    assert_eq!(replies["n"], 40, "{replies}");
+    assert_eq!(replies["in_order"], true, "{replies}");
+    assert_eq!(replies["statuses"], serde_json::json!([200]), "{replies}");
+}
+
+/// A session holds at most 64 links (`MAX_LINKS_PER_SESSION`), authenticated or not: an
+/// attach beyond it is refused with `amqp:resource-limit-exceeded`.
+#[test]
+fn a_session_holds_at_most_64_links() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
+    let hub_proc = hub.start(&ns);
+    let out = probe(
+        &env,
+        &ns,
+        &cs,
+        &ca,
+        &["--mode", "many-links", "--count", "70", "--timeout", "20"],
+    )
+    .finish(secs(30));
+    let log = hub_proc.stderr();
+    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+    let links = event(&out, "links");
+    assert_eq!(links["attached"], 64, "{links}");
+    assert_eq!(links["refused"], 6, "{links}");
+    assert_eq!(
+        links["conditions"],
+        serde_json::json!(["amqp:resource-limit-exceeded"]),
+        "{links}"
+    );
+}
+
 /// Size limits: a message whose properties become too large as stored is rejected in turn and
 /// the link goes on; a transfer over the events link's `max-message-size` (600 KiB) or a `$cbs`
 /// request over its few KiB detaches that link while it arrives, before it is buffered whole.

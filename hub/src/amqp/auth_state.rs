@@ -98,6 +98,8 @@ pub enum RefuseCondition {
     NotImplemented,
     /// `amqp:invalid-field` (no address).
     InvalidField,
+    /// `amqp:resource-limit-exceeded` (too many links on the session).
+    ResourceLimitExceeded,
 }
 
 /// What to do with an attach.

@@ -4,11 +4,19 @@
 //! Guarantees: every request delivery is settled `accepted` and answered, in arrival order, with
 //! `correlation-id` = the request's `message-id` and `status-code` / `status-description` as
 //! [`ConnectionAuth::put_token`](crate::amqp::auth_state::ConnectionAuth::put_token) decides.
-//! Replies wait (in order) until the client's reply link is attached. A 200 makes the identity
-//! join the live-connection registry (a renewal changes only its expiry).
+//! Replies wait (in order) until the client's reply link is attached; at most
+//! [`CBS_REPLY_QUEUE`] of them: past it no request is read (the client's credit runs out) until
+//! replies go out. At most [`MAX_UNSETTLED_REPLIES`] replies wait for the client's settlement
+//! (each at most [`REPLY_SETTLE_TIMEOUT`]); past it no reply is sent until one settles. A 200
+//! makes the identity join the live-connection registry (a renewal changes only its expiry).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
+
+use fe2o3_amqp::link::delivery::DeliveryFut;
+use fe2o3_amqp::link::SendError;
+use fe2o3_amqp::types::messaging::Outcome;
 
 use fe2o3_amqp::types::messaging::{
     AmqpValue, ApplicationProperties, Body, Message as AmqpMessage, MessageId, Properties,
@@ -17,10 +25,20 @@ use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Value};
 use fe2o3_amqp::{Receiver, Sender};
 
 use crate::amqp::auth_state::PutTokenRequest;
+#[cfg(doc)]
+use crate::amqp::connection::CBS_REPLY_QUEUE;
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 
 /// How long a reply's settlement is awaited before it is logged as lost.
 const REPLY_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Replies sent and not yet settled by the client, at most.
+const MAX_UNSETTLED_REPLIES: usize = 16;
+
+/// A reply sent, with the deadline for its settlement.
+type Unsettled = VecDeque<(
+    tokio::time::Instant,
+    DeliveryFut<Result<Outcome, SendError>>,
+)>;
 
 /// A reply to send on the `$cbs` receiver link.
 #[derive(Debug)]
@@ -105,12 +123,21 @@ pub async fn serve_requests(mut receiver: Receiver, shared: Arc<ConnShared>) {
             }
         }
         let props = message.properties.as_ref();
-        let _ = shared.cbs_replies.send(Reply {
+        let reply = Reply {
             correlation_id: props.and_then(|p| p.message_id.clone()),
             to: props.and_then(|p| p.reply_to.clone()),
             status: reply.status,
             description: reply.description,
-        });
+        };
+        // Waits while the reply queue is full: no further request is read meanwhile.
+        tokio::select! {
+            sent = shared.cbs_replies.send(reply) => {
+                if sent.is_err() {
+                    break;
+                }
+            }
+            () = stopped(&mut stop) => break,
+        }
     }
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, receiver.close()).await;
 }
@@ -123,9 +150,12 @@ pub async fn serve_replies(mut sender: Sender, shared: Arc<ConnShared>) {
         return;
     };
     let mut stop = shared.stop.subscribe();
+    let mut unsettled = Unsettled::new();
     loop {
         let reply = tokio::select! {
-            r = replies.recv() => r,
+            biased;
+            () = settle_first(&mut unsettled, &shared.peer), if !unsettled.is_empty() => continue,
+            r = replies.recv(), if unsettled.len() < MAX_UNSETTLED_REPLIES => r,
             () = stopped(&mut stop) => None,
         };
         let Some(reply) = reply else { break };
@@ -154,15 +184,10 @@ pub async fn serve_replies(mut sender: Sender, shared: Arc<ConnShared>) {
         };
         match sent {
             Ok(settled) => {
-                let peer = shared.peer.clone();
-                tokio::spawn(async move {
-                    if tokio::time::timeout(REPLY_SETTLE_TIMEOUT, settled)
-                        .await
-                        .is_err()
-                    {
-                        tracing::debug!(%peer, "a $cbs reply was not settled");
-                    }
-                });
+                unsettled.push_back((
+                    tokio::time::Instant::now() + REPLY_SETTLE_TIMEOUT,
+                    settled,
+                ));
             }
             Err(e) => {
                 tracing::debug!(peer = %shared.peer, error = %e, "$cbs reply link ended");
@@ -171,4 +196,15 @@ pub async fn serve_replies(mut sender: Sender, shared: Arc<ConnShared>) {
         }
     }
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
+}
+
+/// Awaits the settlement of the oldest reply sent (or its deadline), then forgets it.
+async fn settle_first(unsettled: &mut Unsettled, peer: &str) {
+    let Some((deadline, settled)) = unsettled.front_mut() else {
+        return;
+    };
+    if tokio::time::timeout_at(*deadline, settled).await.is_err() {
+        tracing::debug!(%peer, "a $cbs reply was not settled");
+    }
+    unsettled.pop_front();
 }

@@ -18,6 +18,12 @@
 //!   a newer connection (MQTT or AMQP) of the same module replaces this one, which closes.
 //! - A client that sends nothing for [`IDLE_TIMEOUT_MS`] (announced in our Open; rhea sends an
 //!   empty frame every half of it) is disconnected.
+//! - A connection with no authenticated identity [`AUTHENTICATE_TIMEOUT`] after Open is
+//!   closed; before that, what a client can make the hub hold is bounded: at most
+//!   [`MAX_LINKS_PER_SESSION`] links per session (announced as `handle-max`, and enforced: an
+//!   attach beyond it is refused with `amqp:resource-limit-exceeded`), `$cbs` requests of at
+//!   most [`MAX_CBS_MESSAGE_BYTES`], and [`CBS_REPLY_QUEUE`] replies waiting (then requests are
+//!   not read, so the client's credit runs out).
 //! - The connection closes when its earliest SAS token (plus the clock skew) expires without a
 //!   renewal put-token (the Node SDK renews well before).
 //! - On hub shutdown, replacement, or the end of the connection, every link first settles what
@@ -63,6 +69,16 @@ const MAX_EVENTS_TRANSFER_BYTES: u64 = convert::MAX_BATCH_BYTES as u64;
 pub const MAX_CBS_MESSAGE_BYTES: u64 = 8 * 1024;
 /// The SASL protocol header's protocol id.
 const PROTO_SASL: u8 = 3;
+/// How long after Open a connection may go without any authenticated identity (SASL PLAIN, or
+/// a `$cbs` put-token answered 200) before it is closed. The SDKs put their token at once.
+pub const AUTHENTICATE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Links open at once on one session: announced in our Begin (`handle-max` one less) and
+/// enforced by us (fe2o3 only announces it): an attach beyond it is refused with
+/// `amqp:resource-limit-exceeded`. A module needs four (`$cbs` both ways, events, inputs).
+pub const MAX_LINKS_PER_SESSION: usize = 64;
+/// `$cbs` replies waiting for the client's reply link; past it put-token requests are no
+/// longer read (the client's credit runs out).
+pub const CBS_REPLY_QUEUE: usize = 16;
 
 /// Why a connection ended (logged).
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +98,9 @@ pub enum ConnectionEnd {
     /// Another connection of one of its identities took over.
     #[error("replaced by a newer connection of the same module")]
     Replaced,
+    /// Nothing authenticated on the connection within [`AUTHENTICATE_TIMEOUT`] of Open.
+    #[error("nothing authenticated within {AUTHENTICATE_TIMEOUT:?} of Open")]
+    NotAuthenticated,
     /// No token of the connection was renewed before it expired.
     #[error("the SAS token expired without renewal")]
     TokenExpired,
@@ -105,9 +124,10 @@ pub struct ConnShared {
     /// Why it stops (first reason wins).
     stop_reason: Mutex<Option<ConnectionEnd>>,
     /// The `$cbs` replies, for the client's `$cbs` receiver link.
-    pub cbs_replies: mpsc::UnboundedSender<cbs::Reply>,
+    /// (bounded: [`CBS_REPLY_QUEUE`]).
+    pub cbs_replies: mpsc::Sender<cbs::Reply>,
     /// Taken by the `$cbs` reply link when it attaches.
-    pub cbs_reply_rx: AsyncMutex<Option<mpsc::UnboundedReceiver<cbs::Reply>>>,
+    pub cbs_reply_rx: AsyncMutex<Option<mpsc::Receiver<cbs::Reply>>>,
     /// For logs.
     pub peer: String,
 }
@@ -200,7 +220,7 @@ where
         Ok(Err(e)) => return ConnectionEnd::Open(e.to_string()),
         Ok(Ok(c)) => c,
     };
-    let (cbs_tx, cbs_rx) = mpsc::unbounded_channel();
+    let (cbs_tx, cbs_rx) = mpsc::channel(CBS_REPLY_QUEUE);
     let (stop, _) = watch::channel(false);
     let sasl_identities: Vec<Identity> = auth.identities().cloned().collect();
     let shared = Arc::new(ConnShared {
@@ -233,14 +253,18 @@ async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>
     let mut sessions = JoinSet::new();
     let mut shutdown = shared.ctx.shutdown.clone();
     let mut stop = shared.stop.subscribe();
+    let authenticate_by = tokio::time::Instant::now() + AUTHENTICATE_TIMEOUT;
+    let handle_max = u32::try_from(MAX_LINKS_PER_SESSION - 1).unwrap_or(u32::MAX);
     let end = loop {
         let expiry = token_deadline(shared);
+        let authenticated = is_authenticated(shared);
         tokio::select! {
             incoming = connection.next_incoming_session() => {
                 let Some(incoming) = incoming else {
                     break ConnectionEnd::Ended("closed by the client or the protocol engine".into());
                 };
-                match SessionAcceptor::new().accept_incoming_session(incoming, connection).await {
+                let acceptor = SessionAcceptor::builder().handle_max(handle_max).build();
+                match acceptor.accept_incoming_session(incoming, connection).await {
                     Ok(session) => {
                         sessions.spawn(serve_session(session, Arc::clone(shared)));
                     }
@@ -249,6 +273,12 @@ async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>
             }
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             () = shared.auth_changed.notified() => {}
+            () = tokio::time::sleep_until(authenticate_by), if !authenticated => {
+                // A put-token since the loop began is seen here.
+                if !is_authenticated(shared) {
+                    break ConnectionEnd::NotAuthenticated;
+                }
+            }
             () = tokio::time::sleep_until(expiry) => {
                 // Woken at the earliest expiry known then; a renewal since moved it on.
                 if token_deadline(shared) <= tokio::time::Instant::now() {
@@ -269,6 +299,17 @@ async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>
     let _ = shared.stop.send(true);
     while sessions.join_next().await.is_some() {}
     end
+}
+
+/// Whether any identity is authenticated on the connection.
+fn is_authenticated(shared: &ConnShared) -> bool {
+    shared
+        .auth
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .identities()
+        .next()
+        .is_some()
 }
 
 /// When the connection's earliest token (plus the SAS clock skew) expires; far away if none.
@@ -296,7 +337,8 @@ async fn serve_session(mut session: ListenerSessionHandle, shared: Arc<ConnShare
         tokio::select! {
             attach = session.next_incoming_attach() => {
                 let Some(attach) = attach else { break };
-                on_attach(attach, &mut session, &shared, &mut links).await;
+                let full = links.len() >= MAX_LINKS_PER_SESSION;
+                on_attach(attach, &mut session, &shared, &mut links, full).await;
             }
             Some(_) = links.join_next(), if !links.is_empty() => {}
             () = stopped(&mut stop) => break,
@@ -329,14 +371,22 @@ async fn on_attach(
     session: &mut ListenerSessionHandle,
     shared: &Arc<ConnShared>,
     links: &mut JoinSet<()>,
+    full: bool,
 ) {
     let (role, address) = attach_address(&attach);
     let name = attach.name.clone();
-    let decision = shared
-        .auth
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .authorize_attach(address.as_deref(), role, HeadContext::now_secs());
+    let decision = if full {
+        LinkDecision::Refuse(
+            RefuseCondition::ResourceLimitExceeded,
+            format!("at most {MAX_LINKS_PER_SESSION} links on a session"),
+        )
+    } else {
+        shared
+            .auth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .authorize_attach(address.as_deref(), role, HeadContext::now_secs())
+    };
     let endpoint = match link_acceptor(&decision)
         .accept_incoming_attach(attach, session)
         .await
@@ -409,6 +459,7 @@ async fn refuse(endpoint: LinkEndpoint, condition: RefuseCondition, reason: Stri
         RefuseCondition::Unauthorized => AmqpError::UnauthorizedAccess,
         RefuseCondition::NotImplemented => AmqpError::NotImplemented,
         RefuseCondition::InvalidField => AmqpError::InvalidField,
+        RefuseCondition::ResourceLimitExceeded => AmqpError::ResourceLimitExceeded,
     };
     let error = AmqpErrorInfo::new(condition, reason, None);
     let _ = match endpoint {

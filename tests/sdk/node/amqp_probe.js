@@ -33,6 +33,17 @@
 //     a small one ("after"), one of 700 KiB ("big-event"; "outcome":"detached" if the hub
 //     detached the link), then a 64 KiB put-token on $cbs ("big-cbs": "answered" with its
 //     "status", or "detached" with the "condition").
+//   node amqp_probe.js --mode unauthenticated
+//     opens an AMQP connection (no SASL) and never authenticates; prints
+//     {"event":"closed","how":...,"ms":N} when the hub ends the connection.
+//   node amqp_probe.js --mode cbs-flood [--count N]
+//     opens an AMQP connection (no SASL), attaches a $cbs sender only and sends N put-tokens
+//     at once; prints {"event":"accepted-without-reply-link","n":K} (how many the hub accepted
+//     before no more came for 2 s), then attaches the $cbs receiver and prints
+//     {"event":"replies","n":N,"in_order":bool,"statuses":[...]} once every reply came.
+//   node amqp_probe.js --mode many-links [--count N]
+//     opens an AMQP connection (no SASL) and attaches N $cbs sender links on one session at
+//     once; prints {"event":"links","attached":A,"refused":R,"conditions":[...]}.
 //   node amqp_probe.js --mode garbage
 //     opens an AMQP connection (no SASL), then writes bytes that are no AMQP frame on it;
 //     prints {"event":"closed","how":...,"ms":N} when the hub ends the connection.
@@ -334,4 +345,87 @@ async function garbageMode(args) {
   h.emit({ event: 'closed', how, ms: Date.now() - t0 });
 }
 
-h.main(SPEC, (args) => (args.mode === 'garbage' ? garbageMode(args) : attachMode(args)));
+// A plain AMQP connection (no SASL), opened; with the time it opened.
+async function openPlain(deadline) {
+  const rhea = h.sdkRequire('rhea');
+  const f = csFields();
+  const container = rhea.create_container();
+  const conn = container.connect({
+    host: f.GatewayHostName, port: 5671, transport: 'tls', ca: fsRead(process.env.EDGEHUB_CA),
+    reconnect: false, sasl: { enabled: false },
+  });
+  conn.on('connection_error', () => {});
+  conn.on('error', () => {});
+  await once(conn, 'connection_open', 'connection_error', 'open', deadline);
+  const closed = new Promise((resolve) => {
+    conn.once('disconnected', () => resolve('disconnected'));
+    conn.once('connection_close', () => resolve('closed by the hub'));
+  });
+  return { conn, f, closed, t0: Date.now() };
+}
+
+async function unauthenticatedMode(args) {
+  const deadline = new h.Deadline(args.timeout);
+  const { closed, t0 } = await openPlain(deadline);
+  const how = await deadline.run(closed, 'the hub closing an unauthenticated connection');
+  h.emit({ event: 'closed', how, ms: Date.now() - t0 });
+}
+
+async function cbsFloodMode(args) {
+  const deadline = new h.Deadline(args.timeout);
+  const { conn, f } = await openPlain(deadline);
+  const { audience, token } = sasToken(f.HostName, f.DeviceId, f.ModuleId, f.SharedAccessKey, 3600);
+  const tx = conn.open_sender({ target: '$cbs' });
+  await once(tx, 'sendable', 'sender_error', '$cbs sender', deadline);
+  let accepted = 0;
+  let last = Date.now();
+  tx.on('accepted', () => { accepted += 1; last = Date.now(); });
+  const ids = [];
+  for (let i = 0; i < args.count; i++) {
+    const id = `put-${i}`;
+    ids.push(id);
+    tx.send({
+      message_id: id, to: '$cbs', reply_to: 'cbs', body: token,
+      application_properties: { operation: 'put-token', type: 'servicebus.windows.net:sastoken', name: audience },
+    });
+  }
+  // Until every request is accepted, or none more for 2 s.
+  await deadline.run(new Promise((resolve) => {
+    const tick = setInterval(() => {
+      if (accepted >= args.count || Date.now() - last > 2000) { clearInterval(tick); resolve(); }
+    }, 50);
+  }), 'put-token settlements');
+  h.emit({ event: 'accepted-without-reply-link', n: accepted });
+  const rx = conn.open_receiver({ source: '$cbs' });
+  const got = [];
+  await deadline.run(new Promise((resolve) => {
+    rx.on('message', (ctx) => {
+      got.push(ctx.message);
+      if (got.length >= args.count) resolve();
+    });
+  }), 'put-token replies');
+  h.emit({
+    event: 'replies', n: got.length,
+    in_order: got.every((m, i) => m.correlation_id === ids[i]),
+    statuses: [...new Set(got.map((m) => m.application_properties['status-code']))],
+  });
+  conn.close();
+}
+
+async function manyLinksMode(args) {
+  const deadline = new h.Deadline(args.timeout);
+  const { conn } = await openPlain(deadline);
+  const results = await deadline.run(Promise.all(Array.from({ length: args.count }, () => tryAttach(conn, 'sender', '$cbs'))), 'attaches');
+  h.emit({
+    event: 'links',
+    attached: results.filter((r) => r.result === 'attached').length,
+    refused: results.filter((r) => r.result === 'refused').length,
+    conditions: [...new Set(results.map((r) => r.condition).filter((c) => c))],
+  });
+  conn.close();
+}
+
+const MODES = {
+  garbage: garbageMode, unauthenticated: unauthenticatedMode, 'cbs-flood': cbsFloodMode, 'many-links': manyLinksMode,
+};
+h.main(SPEC, (args) => (MODES[args.mode] || attachMode)(args));
