@@ -584,6 +584,33 @@ fn a_session_holds_at_most_64_links() {
     );
 }
 
+/// The `$cbs` reply link closed and attached again (three times) still gets the answer to a
+/// renewal put-token: 200, correlated.
+#[test]
+fn a_reattached_cbs_reply_link_still_gets_replies() {
+    let env = SdkEnv::require();
+    let ns = NetNs::new();
+    let hub = TestHub::new();
+    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
+    let hub_proc = hub.start(&ns);
+    let out = probe(
+        &env,
+        &ns,
+        &cs,
+        &ca,
+        &["--mode", "cbs-reattach", "--cycles", "3", "--timeout", "40"],
+    )
+    .finish(secs(50));
+    let log = hub_proc.stderr();
+    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+    let cycles = out.events("reattached");
+    assert_eq!(cycles.len(), 3, "{:?}", out.lines);
+    for c in cycles {
+        assert_eq!(c["status"], 200, "{c}\nhub log:\n{log}");
+        assert_eq!(c["correlated"], true, "{c}");
+    }
+}
+
 /// Size limits: a message whose properties become too large as stored is rejected in turn and
 /// the link goes on; a transfer over the events link's `max-message-size` (600 KiB) or a `$cbs`
 /// request over its few KiB detaches that link while it arrives, before it is buffered whole.

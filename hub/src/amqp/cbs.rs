@@ -4,7 +4,11 @@
 //! Guarantees: every request delivery is settled `accepted` and answered, in arrival order, with
 //! `correlation-id` = the request's `message-id` and `status-code` / `status-description` as
 //! [`ConnectionAuth::put_token`](crate::amqp::auth_state::ConnectionAuth::put_token) decides.
-//! Replies wait (in order) until the client's reply link is attached; at most
+//! Replies wait (in order) until the client's reply link is attached. The reply link may be
+//! detached and attached again any number of times: one that ends (detached by the client,
+//! failed) frees the queue, and the next one gets every reply not yet sent, in order (first
+//! the one whose send failed); one attached while another is gets the replies when that one
+//! ends. At most
 //! [`CBS_REPLY_QUEUE`] of them: past it no request is read (the client's credit runs out) until
 //! replies go out. At most [`MAX_UNSETTLED_REPLIES`] replies wait for the client's settlement
 //! (each at most [`REPLY_SETTLE_TIMEOUT`]); past it no reply is sent until one settles. A 200
@@ -23,6 +27,7 @@ use fe2o3_amqp::types::messaging::{
 };
 use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Value};
 use fe2o3_amqp::{Receiver, Sender};
+use tokio::sync::mpsc;
 
 use crate::amqp::auth_state::PutTokenRequest;
 #[cfg(doc)]
@@ -142,45 +147,67 @@ pub async fn serve_requests(mut receiver: Receiver, shared: Arc<ConnShared>) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, receiver.close()).await;
 }
 
-/// Serves the client's `$cbs` receiver link: sends the replies in order.
+/// The replies of a connection, for its reply link: the queue, and a reply taken from it that
+/// a reply link could not send (it is sent first on the next one).
+#[derive(Debug)]
+pub struct ReplyQueue {
+    rx: mpsc::Receiver<Reply>,
+    unsent: Option<Reply>,
+}
+
+impl ReplyQueue {
+    /// The queue `rx` receives.
+    pub fn new(rx: mpsc::Receiver<Reply>) -> Self {
+        ReplyQueue { rx, unsent: None }
+    }
+}
+
+/// Serves the client's `$cbs` receiver link: sends the replies in order. The link holds the
+/// queue while it is attached; when it ends (the client detached it, it failed) the queue is
+/// free for the next reply link. A reply link attached while another one holds the queue
+/// waits for it (or for its own detach).
 pub async fn serve_replies(mut sender: Sender, shared: Arc<ConnShared>) {
-    let Some(mut replies) = shared.cbs_reply_rx.lock().await.take() else {
-        tracing::warn!(peer = %shared.peer, "a second $cbs reply link; closing it");
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
-        return;
+    let mut stop = shared.stop.subscribe();
+    let queue = tokio::select! {
+        q = shared.cbs_reply_rx.lock() => Some(q),
+        e = sender.on_detach() => {
+            tracing::debug!(peer = %shared.peer, error = %e, "$cbs reply link detached before it got the replies");
+            None
+        }
+        () = stopped(&mut stop) => None,
     };
+    if let Some(mut queue) = queue {
+        send_replies(&mut sender, &mut queue, &shared).await;
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
+}
+
+/// Sends `queue`'s replies on `sender` until the link ends or the connection stops.
+async fn send_replies(sender: &mut Sender, queue: &mut ReplyQueue, shared: &ConnShared) {
     let mut stop = shared.stop.subscribe();
     let mut unsettled = Unsettled::new();
     loop {
-        let reply = tokio::select! {
-            biased;
-            () = settle_first(&mut unsettled, &shared.peer), if !unsettled.is_empty() => continue,
-            r = replies.recv(), if unsettled.len() < MAX_UNSETTLED_REPLIES => r,
-            () = stopped(&mut stop) => None,
+        let reply = match queue.unsent.take() {
+            Some(reply) => reply,
+            None => {
+                let reply = tokio::select! {
+                    biased;
+                    () = settle_first(&mut unsettled, &shared.peer), if !unsettled.is_empty() => continue,
+                    e = sender.on_detach() => {
+                        tracing::debug!(peer = %shared.peer, error = %e, "$cbs reply link detached");
+                        return;
+                    }
+                    r = queue.rx.recv(), if unsettled.len() < MAX_UNSETTLED_REPLIES => r,
+                    () = stopped(&mut stop) => None,
+                };
+                let Some(reply) = reply else { return };
+                reply
+            }
         };
-        let Some(reply) = reply else { break };
-        let mut app: OrderedMap<String, SimpleValue> = OrderedMap::new();
-        app.insert("status-code".into(), SimpleValue::Int(reply.status));
-        app.insert(
-            "status-description".into(),
-            SimpleValue::String(reply.description),
-        );
-        let message = AmqpMessage {
-            header: None,
-            delivery_annotations: None,
-            message_annotations: None,
-            properties: Some(Properties {
-                correlation_id: reply.correlation_id,
-                to: reply.to,
-                ..Properties::default()
-            }),
-            application_properties: Some(ApplicationProperties(app)),
-            body: AmqpValue(Value::Null),
-            footer: None,
-        };
+        let message = reply_message(&reply);
         let sent = tokio::select! {
             s = sender.send_batchable(message) => s,
-            () = stopped(&mut stop) => break,
+            () = stopped(&mut stop) => return,
         };
         match sent {
             Ok(settled) => {
@@ -191,11 +218,34 @@ pub async fn serve_replies(mut sender: Sender, shared: Arc<ConnShared>) {
             }
             Err(e) => {
                 tracing::debug!(peer = %shared.peer, error = %e, "$cbs reply link ended");
+                queue.unsent = Some(reply);
                 return;
             }
         }
     }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
+}
+
+/// The reply message (`correlation-id`, `to`, `status-code`, `status-description`).
+fn reply_message(reply: &Reply) -> AmqpMessage<AmqpValue<Value>> {
+    let mut app: OrderedMap<String, SimpleValue> = OrderedMap::new();
+    app.insert("status-code".into(), SimpleValue::Int(reply.status));
+    app.insert(
+        "status-description".into(),
+        SimpleValue::String(reply.description.clone()),
+    );
+    AmqpMessage {
+        header: None,
+        delivery_annotations: None,
+        message_annotations: None,
+        properties: Some(Properties {
+            correlation_id: reply.correlation_id.clone(),
+            to: reply.to.clone(),
+            ..Properties::default()
+        }),
+        application_properties: Some(ApplicationProperties(app)),
+        body: AmqpValue(Value::Null),
+        footer: None,
+    }
 }
 
 /// Awaits the settlement of the oldest reply sent (or its deadline), then forgets it.

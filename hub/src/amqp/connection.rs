@@ -126,8 +126,8 @@ pub struct ConnShared {
     /// The `$cbs` replies, for the client's `$cbs` receiver link.
     /// (bounded: [`CBS_REPLY_QUEUE`]).
     pub cbs_replies: mpsc::Sender<cbs::Reply>,
-    /// Taken by the `$cbs` reply link when it attaches.
-    pub cbs_reply_rx: AsyncMutex<Option<mpsc::Receiver<cbs::Reply>>>,
+    /// Held by the `$cbs` reply link while it is attached, free again when it ends.
+    pub cbs_reply_rx: AsyncMutex<cbs::ReplyQueue>,
     /// For logs.
     pub peer: String,
 }
@@ -231,7 +231,7 @@ where
         stop,
         stop_reason: Mutex::new(None),
         cbs_replies: cbs_tx,
-        cbs_reply_rx: AsyncMutex::new(Some(cbs_rx)),
+        cbs_reply_rx: AsyncMutex::new(cbs::ReplyQueue::new(cbs_rx)),
         peer: peer.clone(),
     });
     ctx.metrics.client_connected();

@@ -27,6 +27,10 @@
 //     again ({"event":"cycled","n":i} once the hub answered the detach); then attaches two
 //     inputs links, closes the first ({"event":"ready"}) and waits for one message on the
 //     second ({"event":"message","link":"second","message_id":...}, accepted), then closes.
+//   node amqp_probe.js --mode cbs-reattach [--cycles N] [--sasl none|anonymous|mssbcbs]
+//     authenticates through $cbs, then N times closes the $cbs reply link, attaches a new one
+//     and renews the token: {"event":"reattached","n":i,"status":N|null,"correlated":bool}
+//     (status null: the hub closed the new reply link instead of answering).
 //   node amqp_probe.js --mode oversize [--sasl none|anonymous|mssbcbs]
 //     authenticates through $cbs, then on its events link sends a message whose 120 KiB binary
 //     user id becomes 360 KiB of text ({"event":"expanding","outcome":...,"condition":...}),
@@ -169,6 +173,7 @@ async function attachMode(args) {
   if (args.mode === 'inputs') return inputsMode(args, conn, f, deadline);
   if (args.mode === 'inputs-cycle') return inputsCycleMode(args, conn, f, deadline);
   if (args.mode === 'oversize') return oversizeMode(conn, f, deadline, cbsTx, cbsRx);
+  if (args.mode === 'cbs-reattach') return cbsReattachMode(args, conn, f, deadline, cbsTx, cbsRx);
   const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
   const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
   await ownReady;
@@ -260,6 +265,34 @@ async function oversizeMode(conn, f, deadline, cbsTx, cbsRx) {
     application_properties: { operation: 'put-token', type: 'servicebus.windows.net:sastoken', name: 'x' },
   });
   h.emit(Object.assign({ event: 'big-cbs' }, await answered));
+  conn.close();
+}
+
+// The $cbs reply link closed and attached again; a renewal answered on each new one.
+async function cbsReattachMode(args, conn, f, deadline, cbsTx, cbsRx) {
+  if (!cbsTx) throw new h.Failure(h.EXIT.OTHER, '--mode cbs-reattach needs $cbs (not --sasl plain)');
+  let rx = cbsRx;
+  for (let n = 0; n < args.cycles; n++) {
+    const closed = once(rx, 'receiver_close', 'receiver_error', 'closing the $cbs reply link', deadline);
+    rx.close();
+    await closed;
+    rx = conn.open_receiver({ source: '$cbs' });
+    await once(rx, 'receiver_open', 'receiver_error', 'the new $cbs reply link', deadline);
+    const id = `renew-${n}`;
+    const link = rx;
+    const reply = deadline.run(new Promise((resolve) => {
+      link.once('message', (ctx) => resolve({
+        status: ctx.message.application_properties['status-code'], correlated: ctx.message.correlation_id === id,
+      }));
+      link.once('receiver_close', () => resolve({ status: null, correlated: false }));
+    }), 'a put-token reply on the new reply link', 10);
+    const { audience, token } = sasToken(f.HostName, f.DeviceId, f.ModuleId, f.SharedAccessKey, 3600);
+    cbsTx.send({
+      message_id: id, to: '$cbs', reply_to: 'cbs', body: token,
+      application_properties: { operation: 'put-token', type: 'servicebus.windows.net:sastoken', name: audience },
+    });
+    h.emit(Object.assign({ event: 'reattached', n }, await reply));
+  }
   conn.close();
 }
 
