@@ -37,7 +37,10 @@
 //!   `rejected` and `released` are Reject and Abandon, which edgeHub treats as **not
 //!   retryable: the message is set aside (dropped and counted)**, and so do we; `modified` is
 //!   retried (sent again, in order, after a backoff). No settlement within
-//!   [`SETTLE_TIMEOUT`] (30 s), or the link or connection ending first, means retry.
+//!   [`SETTLE_TIMEOUT`] (30 s) of its own send, or the link or connection ending first, means
+//!   retry: each delivery's deadline counts from its send, so a window the module never
+//!   settles is retried 30 s after its last send. A closing link waits at most `CLOSE_GRACE`
+//!   (5 s) for settlements still coming, then gives every unsettled delivery back at once.
 //! - When the link ends its sinks are taken away if this connection is still the module's live
 //!   one; unsettled deliveries go back to the endpoint worker (at-least-once).
 
@@ -325,9 +328,9 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
     let ctx = Arc::clone(&shared.ctx);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
     let (registered, current) = register_inputs(&shared, &identity, &out_tx);
-    let (settling_tx, settling_rx) = mpsc::unbounded_channel::<Settling>();
+    let (settling_tx, settling_rx) = mpsc::unbounded_channel::<Settling<InputSettlement>>();
     let metrics = ctx.metrics.connection_metrics(&identity);
-    let settler = tokio::spawn(settle_inputs(settling_rx, metrics));
+    let settler = tokio::spawn(settle_inputs(settling_rx, move || metrics.sent()));
     let mut stop = shared.stop.subscribe();
     let mut ended = if current {
         "connection closing"
@@ -368,6 +371,7 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
                 Ok(settled) => {
                     let _ = settling_tx.send(Settling {
                         settled,
+                        deadline: tokio::time::Instant::now() + SETTLE_TIMEOUT,
                         acked: delivery.acked,
                     });
                 }
@@ -391,9 +395,21 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
     drop(out_rx);
     drop(settling_tx);
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
-    if tokio::time::timeout(CLOSE_GRACE, settler).await.is_err() {
+    if !finish_settler(settler).await {
         tracing::debug!(peer = %shared.peer, %identity, "settlements still outstanding at close; they are retried");
     }
+}
+
+/// Gives the settler [`CLOSE_GRACE`] to map the settlements still coming, then aborts it: every
+/// delivery still unsettled is answered not delivered at once (its `acked` is dropped) and
+/// retried, rather than waiting out its [`SETTLE_TIMEOUT`]. False if it had to be aborted.
+async fn finish_settler(mut settler: tokio::task::JoinHandle<()>) -> bool {
+    if tokio::time::timeout(CLOSE_GRACE, &mut settler).await.is_ok() {
+        return true;
+    }
+    settler.abort();
+    let _ = settler.await;
+    false
 }
 
 /// The sinks an inputs link registered, by endpoint.
@@ -426,25 +442,41 @@ fn register_inputs(
     (registered, true)
 }
 
-/// A delivery sent and waiting for the module's disposition.
-struct Settling {
-    settled: DeliveryFut<Result<Outcome, SendError>>,
+/// What fe2o3 answers for one delivery on the inputs link: its settlement.
+type InputSettlement = DeliveryFut<Result<Outcome, SendError>>;
+
+/// A delivery sent and waiting for the module's disposition (`F`: its settlement; generic so
+/// the timing is tested without a link).
+struct Settling<F> {
+    settled: F,
+    /// When it was sent plus [`SETTLE_TIMEOUT`]: each delivery's own deadline.
+    deadline: tokio::time::Instant,
     acked: oneshot::Sender<DeliveryOutcome>,
 }
 
-/// Maps each disposition to the router's outcome, in send order.
-async fn settle_inputs(
-    mut settling: mpsc::UnboundedReceiver<Settling>,
-    metrics: crate::metrics::ConnectionMetrics,
-) {
-    while let Some(Settling { settled, acked }) = settling.recv().await {
-        let outcome = match tokio::time::timeout(SETTLE_TIMEOUT, settled).await {
+/// Maps each disposition to the router's outcome, in send order. Each delivery is given until
+/// its own deadline (counted from its send, not from when the one before it settled), so a
+/// module that settles nothing has its whole window retried [`SETTLE_TIMEOUT`] after the last
+/// send, not a window's worth of timeouts later.
+async fn settle_inputs<F>(
+    mut settling: mpsc::UnboundedReceiver<Settling<F>>,
+    delivered: impl Fn(),
+) where
+    F: std::future::Future<Output = Result<Outcome, SendError>>,
+{
+    while let Some(Settling {
+        settled,
+        deadline,
+        acked,
+    }) = settling.recv().await
+    {
+        let outcome = match tokio::time::timeout_at(deadline, settled).await {
             Ok(Ok(outcome)) => settlement_outcome(&outcome),
             Ok(Err(_)) => NOT_DELIVERED,
             Err(_) => DeliveryOutcome::Retry(FailureKind::Timeout),
         };
         if outcome == DeliveryOutcome::Delivered {
-            metrics.sent();
+            delivered();
         }
         let _ = acked.send(outcome);
     }
@@ -644,6 +676,79 @@ mod tests {
             &got[2],
             Settle::Reject(2, AmqpError::InternalError, _, true)
         ));
+    }
+
+    type NeverSettled = std::future::Pending<Result<Outcome, SendError>>;
+
+    /// Three deliveries sent at once to a module that settles none: each is retried at its
+    /// own deadline, so all three by SETTLE_TIMEOUT after the send, not one after the other.
+    #[tokio::test(start_paused = true)]
+    async fn unsettled_deliveries_time_out_from_their_own_send() {
+        let (tx, rx) = mpsc::unbounded_channel::<Settling<NeverSettled>>();
+        let settler = tokio::spawn(settle_inputs(rx, || {}));
+        let start = tokio::time::Instant::now();
+        let mut acks = Vec::new();
+        for _ in 0..3 {
+            let (acked, ack) = oneshot::channel();
+            tx.send(Settling {
+                settled: std::future::pending(),
+                deadline: tokio::time::Instant::now() + SETTLE_TIMEOUT,
+                acked,
+            })
+            .unwrap();
+            acks.push(ack);
+        }
+        for ack in acks {
+            assert_eq!(
+                ack.await.unwrap(),
+                DeliveryOutcome::Retry(FailureKind::Timeout)
+            );
+        }
+        assert_eq!(
+            start.elapsed(),
+            SETTLE_TIMEOUT,
+            "the last was retried only after its predecessors' timeouts"
+        );
+        drop(tx);
+        settler.await.unwrap();
+    }
+
+    /// A closing link gives unsettled deliveries back after CLOSE_GRACE: their acks are
+    /// dropped (not delivered, retried) then, not at SETTLE_TIMEOUT.
+    #[tokio::test(start_paused = true)]
+    async fn closing_gives_unsettled_deliveries_back_after_the_grace() {
+        let (tx, rx) = mpsc::unbounded_channel::<Settling<NeverSettled>>();
+        let settler = tokio::spawn(settle_inputs(rx, || {}));
+        let start = tokio::time::Instant::now();
+        let mut acks = Vec::new();
+        for _ in 0..2 {
+            let (acked, ack) = oneshot::channel();
+            tx.send(Settling {
+                settled: std::future::pending(),
+                deadline: tokio::time::Instant::now() + SETTLE_TIMEOUT,
+                acked,
+            })
+            .unwrap();
+            acks.push(ack);
+        }
+        drop(tx);
+        assert!(!finish_settler(settler).await, "nothing settled");
+        assert_eq!(start.elapsed(), CLOSE_GRACE);
+        for mut ack in acks {
+            assert_eq!(
+                ack.try_recv(),
+                Err(oneshot::error::TryRecvError::Closed),
+                "still waiting for its settlement after the close"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_settler_that_finishes_in_the_grace_is_not_aborted() {
+        let (tx, rx) = mpsc::unbounded_channel::<Settling<NeverSettled>>();
+        let settler = tokio::spawn(settle_inputs(rx, || {}));
+        drop(tx);
+        assert!(finish_settler(settler).await);
     }
 
     #[test]
