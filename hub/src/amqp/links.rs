@@ -53,14 +53,14 @@ use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo};
 use fe2o3_amqp::types::messaging::{Body, Outcome};
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Receiver, Sender};
-use router::{DeliveryOutcome, DynSink, Endpoint, FailureKind, RejectReason, RouteAck};
+use router::{DeliveryOutcome, FailureKind, RejectReason, RouteAck};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
 use crate::identity::Identity;
 use crate::mqtt::connection::MAX_MESSAGE_BYTES;
-use crate::mqtt::sink::{ModuleInputSink, Outbound, NOT_DELIVERED};
+use crate::mqtt::sink::{Outbound, NOT_DELIVERED};
 
 /// Transfers routed and not yet settled, per events link; past it the link stops reading
 /// (back-pressure; the client's credit runs out).
@@ -327,7 +327,8 @@ async fn settle_in_order<D, A, O, E>(
 pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
-    let (registered, current) = register_inputs(&shared, &identity, &out_tx);
+    let (registered, current) =
+        ctx.register_input_sinks(&identity, &out_tx, || shared.is_current(&identity));
     let (settling_tx, settling_rx) = mpsc::unbounded_channel::<Settling<InputSettlement>>();
     let metrics = ctx.metrics.connection_metrics(&identity);
     let settler = tokio::spawn(settle_inputs(settling_rx, move || metrics.sent()));
@@ -385,10 +386,7 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
     }
     // Only the sinks this link registered, and only while they are still registered: a newer
     // link (of this connection or another) keeps its own.
-    for (endpoint, sink) in &registered {
-        ctx.dispatcher
-            .unregister_sink_if(endpoint, |current| Arc::ptr_eq(current, sink));
-    }
+    ctx.unregister_own_sinks(&registered);
     drop(registered);
     tracing::info!(peer = %shared.peer, %identity, reason = ended, "inputs link ended");
     // Deliveries not sent yet go back to their workers (their `acked` is dropped).
@@ -404,42 +402,15 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
 /// delivery still unsettled is answered not delivered at once (its `acked` is dropped) and
 /// retried, rather than waiting out its [`SETTLE_TIMEOUT`]. False if it had to be aborted.
 async fn finish_settler(mut settler: tokio::task::JoinHandle<()>) -> bool {
-    if tokio::time::timeout(CLOSE_GRACE, &mut settler).await.is_ok() {
+    if tokio::time::timeout(CLOSE_GRACE, &mut settler)
+        .await
+        .is_ok()
+    {
         return true;
     }
     settler.abort();
     let _ = settler.await;
     false
-}
-
-/// The sinks an inputs link registered, by endpoint.
-type Registered = Vec<(Endpoint, Arc<dyn DynSink>)>;
-
-/// Makes `out_tx` the sink of every input endpoint of `identity`'s module, each only while
-/// this connection is the module's live one (checked under the dispatcher's lock, so a newer
-/// connection's sinks are never overwritten). Returns the sinks registered, and whether the
-/// connection was still current throughout.
-fn register_inputs(
-    shared: &ConnShared,
-    identity: &Identity,
-    out_tx: &mpsc::UnboundedSender<Outbound>,
-) -> (Registered, bool) {
-    let ctx = &shared.ctx;
-    let mut registered = Vec::new();
-    if !shared.is_current(identity) {
-        return (registered, false);
-    }
-    for (endpoint, input) in ctx.input_endpoints(identity) {
-        let sink: Arc<dyn DynSink> = Arc::new(ModuleInputSink::new(input, out_tx.clone()));
-        if !ctx
-            .dispatcher
-            .register_dyn_sink_if(&endpoint, Arc::clone(&sink), || shared.is_current(identity))
-        {
-            return (registered, false);
-        }
-        registered.push((endpoint, sink));
-    }
-    (registered, true)
 }
 
 /// What fe2o3 answers for one delivery on the inputs link: its settlement.
@@ -458,10 +429,8 @@ struct Settling<F> {
 /// its own deadline (counted from its send, not from when the one before it settled), so a
 /// module that settles nothing has its whole window retried [`SETTLE_TIMEOUT`] after the last
 /// send, not a window's worth of timeouts later.
-async fn settle_inputs<F>(
-    mut settling: mpsc::UnboundedReceiver<Settling<F>>,
-    delivered: impl Fn(),
-) where
+async fn settle_inputs<F>(mut settling: mpsc::UnboundedReceiver<Settling<F>>, delivered: impl Fn())
+where
     F: std::future::Future<Output = Result<Outcome, SendError>>,
 {
     while let Some(Settling {

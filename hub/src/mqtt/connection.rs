@@ -37,7 +37,7 @@ use tokio::time::Instant;
 
 use crate::identity::Identity;
 use crate::metrics::{ConnectionMetrics, HubMetrics};
-use crate::mqtt::context::HeadContext;
+use crate::mqtt::context::{HeadContext, RegisteredSinks};
 use crate::mqtt::sink::{self, Outbound, OutboundTx};
 use crate::mqtt::topics::{EventsTopic, InboundTopic, SubscribeDecision};
 use crate::mqtt::{bag, session_state, topics, username};
@@ -210,6 +210,7 @@ where
         subscriptions: Vec::new(),
         metrics: ctx.metrics.connection_metrics(&identity),
         outbound_tx: None,
+        registered: RegisteredSinks::new(),
     };
     let keep_alive = session_state::keep_alive_timeout(connect.keep_alive);
     let end = conn.run(reader, buf, replaced, keep_alive).await;
@@ -272,6 +273,8 @@ struct Connection {
     metrics: ConnectionMetrics,
     /// Set while this connection's input sinks are registered.
     outbound_tx: Option<OutboundTx>,
+    /// The input sinks this connection registered (only these are removed when it goes).
+    registered: RegisteredSinks,
 }
 
 impl Connection {
@@ -550,17 +553,21 @@ impl Connection {
     /// Makes this connection the sink of every input endpoint of its module.
     fn register_inputs(&mut self, outbound: &OutboundTx) {
         self.outbound_tx = Some(outbound.clone());
-        self.ctx.register_input_sinks(&self.identity, outbound);
+        let (connections, identity, conn_id) =
+            (&self.ctx.connections, &self.identity, self.conn_id);
+        // Only while this is the module's live connection: a replaced one that is still
+        // reading never overwrites its successor's sinks.
+        let (registered, _) = self.ctx.register_input_sinks(identity, outbound, || {
+            connections.is_current(identity, conn_id)
+        });
+        let previous = std::mem::replace(&mut self.registered, registered);
+        self.ctx.unregister_own_sinks(&previous);
     }
 
     fn unregister_inputs(&mut self) {
-        if self.outbound_tx.take().is_some()
-            && self
-                .ctx
-                .connections
-                .is_current(&self.identity, self.conn_id)
-        {
-            self.ctx.unregister_input_sinks(&self.identity);
+        if self.outbound_tx.take().is_some() {
+            self.ctx
+                .unregister_own_sinks(&std::mem::take(&mut self.registered));
         }
     }
 
@@ -598,14 +605,7 @@ impl Connection {
 
     /// Leaves the registry and gives unacknowledged deliveries back to their workers.
     fn finish(&mut self) {
-        let current = self
-            .ctx
-            .connections
-            .is_current(&self.identity, self.conn_id);
-        if current && self.outbound_tx.is_some() {
-            self.ctx.unregister_input_sinks(&self.identity);
-        }
-        self.outbound_tx = None;
+        self.unregister_inputs();
         self.ctx.connections.leave(&self.identity, self.conn_id);
         // Dropping the senders answers "not delivered" to every waiting sink.
         self.deliveries.clear();

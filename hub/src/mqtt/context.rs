@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use router::{Dispatcher, Endpoint, InputName, Router};
+use router::{Dispatcher, DynSink, Endpoint, InputName, Router};
 use tokio::sync::watch;
 
 use crate::auth::sas;
@@ -12,6 +12,9 @@ use crate::metrics::HubMetrics;
 use crate::mqtt::connection::Registry;
 use crate::mqtt::sessions::Sessions;
 use crate::mqtt::sink::{ModuleInputSink, OutboundTx};
+
+/// The input sinks one receiver registered, by endpoint: only these are removed when it goes.
+pub type RegisteredSinks = Vec<(Endpoint, Arc<dyn DynSink>)>;
 
 /// Shared by every connection of the MQTT and AMQP heads.
 pub struct HeadContext {
@@ -58,15 +61,44 @@ impl HeadContext {
             .map_err(|e| format!("SAS token: {e}"))
     }
 
-    /// Makes `connection` the sink of every input endpoint of `identity`'s module.
-    pub fn register_input_sinks(&self, identity: &Identity, connection: &OutboundTx) {
+    /// Makes `connection` the sink of every input endpoint of `identity`'s module, each only
+    /// while `current()` holds (checked under the dispatcher's lock, so a receiver that is no
+    /// longer the module's live one never overwrites a newer one's sinks). Returns the sinks
+    /// registered, and whether `current()` held throughout.
+    pub fn register_input_sinks(
+        &self,
+        identity: &Identity,
+        connection: &OutboundTx,
+        current: impl Fn() -> bool,
+    ) -> (RegisteredSinks, bool) {
+        let mut registered = Vec::new();
+        if !current() {
+            return (registered, false);
+        }
         for (endpoint, input) in self.input_endpoints(identity) {
+            let sink: Arc<dyn DynSink> = Arc::new(ModuleInputSink::new(input, connection.clone()));
+            if !self
+                .dispatcher
+                .register_dyn_sink_if(&endpoint, Arc::clone(&sink), &current)
+            {
+                return (registered, false);
+            }
+            registered.push((endpoint, sink));
+        }
+        (registered, true)
+    }
+
+    /// Removes the sinks in `registered` that are still registered: a receiver going away
+    /// never takes away the sinks a newer one registered since.
+    pub fn unregister_own_sinks(&self, registered: &RegisteredSinks) {
+        for (endpoint, sink) in registered {
             self.dispatcher
-                .register_sink(&endpoint, ModuleInputSink::new(input, connection.clone()));
+                .unregister_sink_if(endpoint, |current| Arc::ptr_eq(current, sink));
         }
     }
 
-    /// Takes every input sink of `identity`'s module away (deliveries wait for the next one).
+    /// Takes every input sink of `identity`'s module away, whoever registered it: for a new
+    /// connection of the module, whose predecessors are gone or going.
     pub fn unregister_input_sinks(&self, identity: &Identity) {
         for (endpoint, _) in self.input_endpoints(identity) {
             self.dispatcher.unregister_sink(&endpoint);
