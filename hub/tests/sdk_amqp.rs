@@ -548,7 +548,10 @@ fn put_tokens_without_a_reply_link_are_held_back() {
     let held = event(&out, "accepted-without-reply-link");
     let n = held["n"].as_i64().unwrap();
     // 16 replies queued, and the request whose reply waits for room.
-    assert!(n <= 17, "{n} of 40 requests read with no reply link: {held}");
+    assert!(
+        n <= 17,
+        "{n} of 40 requests read with no reply link: {held}"
+    );
     let replies = event(&out, "replies");
     assert_eq!(replies["n"], 40, "{replies}");
     assert_eq!(replies["in_order"], true, "{replies}");

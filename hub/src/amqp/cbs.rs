@@ -211,10 +211,7 @@ async fn send_replies(sender: &mut Sender, queue: &mut ReplyQueue, shared: &Conn
         };
         match sent {
             Ok(settled) => {
-                unsettled.push_back((
-                    tokio::time::Instant::now() + REPLY_SETTLE_TIMEOUT,
-                    settled,
-                ));
+                unsettled.push_back((tokio::time::Instant::now() + REPLY_SETTLE_TIMEOUT, settled));
             }
             Err(e) => {
                 tracing::debug!(peer = %shared.peer, error = %e, "$cbs reply link ended");
