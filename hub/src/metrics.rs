@@ -485,9 +485,10 @@ impl HubMetrics {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         // The store skips messages whose every target expired without the router seeing them;
         // both kinds are TTL drops.
-        let store_expired: u64 = store.stats().queues.iter().map(|q| q.expired).sum();
+        let stats = store.stats();
+        let store_expired: u64 = stats.queues.iter().map(|q| q.expired).sum();
         self.refresh_router(router, store_expired);
-        self.refresh_store(store, now);
+        self.refresh_store(store, &stats, now);
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             tracing::error!(error = %e, "metrics encoding failed");
@@ -520,8 +521,7 @@ impl HubMetrics {
         set_counter(&self.router_worker_failures, r.worker_failures);
     }
 
-    fn refresh_store(&self, store: &Store, now: UnixMillis) {
-        let stats = store.stats();
+    fn refresh_store(&self, store: &Store, stats: &store::StoreStats, now: UnixMillis) {
         self.store_fdatasync_seconds.set_from(&stats.commit_syncs);
         set_counter(&self.store_fdatasyncs, stats.syncs);
         set_counter(&self.store_commits, stats.commits);
