@@ -285,6 +285,17 @@ impl Identities {
         self.keys.get(&identity.module).map(|k| k.as_slice())
     }
 
+    /// The key on file for `identity`, declared or not: for sending upstream, *as* a module,
+    /// messages it sent while it was declared (a module removed from the deployment may still
+    /// have messages waiting for the cloud). Never for authenticating a connection: that is
+    /// [`Identities::key`].
+    pub fn stored_key(&self, identity: &Identity) -> Option<&[u8]> {
+        if identity.device != self.device {
+            return None;
+        }
+        self.keys.get(&identity.module).map(|k| k.as_slice())
+    }
+
     /// `HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…` for a declared
     /// module, as the Azure IoT SDKs' `create_from_connection_string` expects.
     pub fn connection_string(
@@ -447,6 +458,12 @@ mod tests {
         Identities::load_or_create(dir.path(), &dev(), &[m("a"), m("b")]).expect("created");
         let ids = Identities::load_or_create(dir.path(), &dev(), &[m("a")]).expect("loaded");
         assert!(ids.key(&Identity::new(dev(), m("b"))).is_none());
+        // Still on file, for sending upstream what b sent while it was declared.
+        assert!(ids.stored_key(&Identity::new(dev(), m("b"))).is_some());
+        assert!(ids
+            .stored_key(&Identity::new(DeviceId::new("other"), m("b")))
+            .is_none());
+        assert!(ids.stored_key(&Identity::new(dev(), m("never"))).is_none());
         assert!(ids
             .key(&Identity::new(DeviceId::new("other"), m("a")))
             .is_none());

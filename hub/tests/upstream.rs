@@ -529,3 +529,30 @@ async fn a_key_iot_hub_issued_given_with_module_key_works_towards_both_hubs() {
     );
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_a_module_removed_from_the_deployment_still_go_upstream_as_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (emulator, creds) = setup(root, &["modA", "gone"], 7200).await;
+    emulator.go_away().await;
+    let hub = hub_for(root, &emulator).await;
+    for c in &creds {
+        let mut client = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+        publish_acked(&mut client, c, 0..50).await;
+    }
+    hub.stop().await;
+    // The next deployment no longer has module `gone`; its 50 messages wait on disk.
+    std::fs::write(root.join("manifest.json"), manifest(&["modA"], 7200)).unwrap();
+    let hub = hub_for(root, &emulator).await;
+    emulator.come_back().await.unwrap();
+    for c in &creds {
+        wait_for_seq(&emulator, c, 49).await;
+        assert_in_order(&emulator.received(&c.client_id()), 0..50);
+    }
+    // `gone` can no longer connect to the hub itself.
+    let mut refused = RawClient::tls(hub.addrs.mqtt, &hub.ca()).await;
+    let ack = refused.connect(creds[1].connect(true, 60)).await;
+    assert_ne!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
+    hub.stop().await;
+}

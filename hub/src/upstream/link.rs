@@ -34,8 +34,8 @@ pub enum PublishError {
     /// The connection ended before the cloud acknowledged the message.
     #[error("the connection to IoT Hub ended before the message was acknowledged")]
     Lost,
-    /// No credentials for the identity (its key is gone).
-    #[error("no key for {0}: it is not a declared module")]
+    /// No credentials for the identity (no key on file for it).
+    #[error("no key for {0} in the identities file")]
     NoCredentials(String),
     /// The message can never be sent: it is larger than IoT Hub accepts.
     #[error("the message is {size} bytes on the wire, over IoT Hub's limit of {limit}")]

@@ -367,7 +367,7 @@ fn unix_now() -> u64 {
 /// `Err` when the identity has no key.
 fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant), String> {
     let identity = &link.identity;
-    let Some(key) = shared.identities.key(identity) else {
+    let Some(key) = shared.identities.stored_key(identity) else {
         let reason = PublishError::NoCredentials(identity.to_string()).to_string();
         link.lock().offline_reason = reason.clone();
         return Err(reason);
