@@ -87,10 +87,25 @@ pub async fn run(
             port = up.port,
             "upstream to IoT Hub over MQTT"
         ),
-        None => tracing::info!(
-            "upstream off (no --iothub-hostname, or --upstream-protocol none): \
-             $upstream messages wait on disk within their TTL"
-        ),
+        None => {
+            let upstream_routes: Vec<&str> = deployment
+                .edge_hub
+                .routes
+                .routes()
+                .iter()
+                .filter(|r| *r.endpoint() == router::Endpoint::Upstream)
+                .map(|r| r.id().as_str())
+                .collect();
+            if upstream_routes.is_empty() {
+                tracing::info!("upstream off: no IoT Hub named (--iothub-hostname)");
+            } else {
+                tracing::warn!(
+                    routes = ?upstream_routes,
+                    "routes send INTO $upstream but upstream is off (no --iothub-hostname, or \
+                     --upstream-protocol none): their messages wait on disk until their TTL"
+                );
+            }
+        }
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -556,3 +556,18 @@ async fn messages_of_a_module_removed_from_the_deployment_still_go_upstream_as_i
     assert_ne!(ack.code, rumqttc::mqttbytes::v4::ConnectReturnCode::Success);
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_into_upstream_while_it_is_off_are_named_in_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("manifest.json"), manifest(&["modA"], 7200)).unwrap();
+    let hub = BinaryHub::start_with(root, 0, &["--upstream-protocol".into(), "none".into()]).await;
+    // The warning is logged before the listeners bind, so before /readyz said ready.
+    let log = std::fs::read_to_string(&hub.log).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream is off"))
+        .unwrap_or_else(|| panic!("no warning:\n{log}"));
+    assert!(line.contains("WARN") && line.contains("\"up\""), "{line}");
+}
