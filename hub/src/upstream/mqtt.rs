@@ -48,8 +48,10 @@ pub const MAX_CLOUD_MESSAGE_BYTES: usize = 256 * 1024;
 pub const API_VERSION: &str = "2021-04-12";
 /// Publishes in flight per connection (rumqttc's packet-id ring).
 const INFLIGHT: u16 = 100;
-/// Requests the client's channel holds (a sink batch is at most the endpoint window, 100).
-const REQUEST_CAPACITY: usize = 1024;
+/// Requests the client's channel holds: a whole batch of the `$upstream` worker may go to one
+/// module's connection, and `try_publish` must never find the channel full (the batch would
+/// fail the same way on every retry).
+const REQUEST_CAPACITY: usize = super::UPSTREAM_WINDOW + INFLIGHT as usize;
 
 /// Where and how to connect.
 #[derive(Clone, Debug)]
