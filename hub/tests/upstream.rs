@@ -571,3 +571,67 @@ async fn routes_into_upstream_while_it_is_off_are_named_in_a_warning() {
         .unwrap_or_else(|| panic!("no warning:\n{log}"));
     assert!(line.contains("WARN") && line.contains("\"up\""), "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_is_renewed_by_a_new_connection_without_sending_anything_twice() {
+    use hub::identity::{Identities, Identity};
+    use hub::metrics::HubMetrics;
+    use hub::upstream::link::{CloudMessage, Upstream};
+    use hub::upstream::mqtt::{client_tls_config, MqttUpstream, MqttUpstreamConfig};
+    use router::{DeviceId, ModuleId};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = setup(dir.path(), &["modA"], 7200).await;
+    let c = &creds[0];
+    let identities = Identities::load_or_create(
+        &dir.path().join("data"),
+        &DeviceId::new(DEVICE),
+        &[ModuleId::new("modA")],
+    )
+    .unwrap();
+    let tls = client_tls_config(Some(&emulator.ca_pem())).unwrap();
+    let addr = emulator.addr();
+    let mut config =
+        MqttUpstreamConfig::new(IOTHUB, &addr.ip().to_string(), addr.port(), Arc::new(tls));
+    // Renewal at three quarters of the lifetime: every 1.5 s here.
+    config.token_ttl = Duration::from_secs(2);
+    let upstream = MqttUpstream::new(
+        config,
+        Arc::new(identities),
+        Arc::new(HubMetrics::new(IOTHUB, DEVICE)),
+        || {},
+    );
+    let identity = Identity::new(DeviceId::new(DEVICE), ModuleId::new("modA"));
+    // Steady traffic for 4 s, sent as the endpoint worker sends: a batch at a time, again from
+    // the first message not acknowledged.
+    let mut next = 0u64;
+    let until = tokio::time::Instant::now() + Duration::from_secs(4);
+    while tokio::time::Instant::now() < until {
+        let batch = (next..next + 50)
+            .map(|i| CloudMessage {
+                topic: c.events_topic(""),
+                payload: i.to_string().into(),
+            })
+            .collect();
+        let answers = upstream.publish(&identity, batch).await;
+        let acked = answers.iter().take_while(|a| a.is_ok()).count();
+        next += acked as u64;
+        if acked < answers.len() {
+            // Not taken now (renewing or reconnecting): back off a little, as the worker does.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let connects = emulator.stats().per_identity[&c.client_id()].connects_accepted;
+    assert!(
+        connects >= 2,
+        "the token was never renewed: {connects} connection(s)"
+    );
+    assert!(next > 100, "traffic kept flowing: {next} messages");
+    wait_for_seq(&emulator, c, next - 1).await;
+    assert_eq!(
+        assert_in_order(&emulator.received(&c.client_id()), 0..next),
+        0,
+        "a renewal sent something twice"
+    );
+}

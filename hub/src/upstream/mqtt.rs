@@ -20,7 +20,10 @@
 //!   backoff, logs every failed attempt with its reason, and when a connection is up calls the
 //!   `on_online` hook (the hub re-registers the sink so the worker's own backoff ends at once).
 //! - **Tokens are renewed** by reconnecting when three quarters of a token's lifetime has
-//!   passed and nothing is in flight (MQTT 3.1.1 cannot re-authenticate a live connection).
+//!   passed (MQTT 3.1.1 cannot re-authenticate a live connection): from then on the link takes
+//!   no new message (they are answered `Offline` and wait in the store), what is in flight
+//!   drains, and the connection is replaced, so a renewal sends nothing twice even under
+//!   steady traffic.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -188,6 +191,9 @@ struct LinkState {
     client: Option<AsyncClient>,
     /// Why there is no connection (for `Offline` answers).
     offline_reason: String,
+    /// The token is due for renewal: take nothing new, so what is in flight drains and the
+    /// connection can be replaced without resending anything.
+    renewing: bool,
     inflight: Inflight<Waiter>,
 }
 
@@ -210,6 +216,7 @@ impl Link {
             let mut state = self.lock();
             state.client = None;
             state.offline_reason = reason.to_owned();
+            state.renewing = false;
             state.inflight.lost()
         };
         for (_, w) in waiters {
@@ -239,7 +246,8 @@ impl Link {
                     answers.push(Answer::Now(Err(PublishError::Offline(reason.clone()))));
                     continue;
                 }
-                let Some(client) = state.client.clone() else {
+                let client = state.client.clone().filter(|_| !state.renewing);
+                let Some(client) = client else {
                     let reason = state.offline_reason.clone();
                     answers.push(Answer::Now(Err(PublishError::Offline(reason.clone()))));
                     stopped = Some(reason);
@@ -336,6 +344,7 @@ impl MqttUpstream {
             state: Mutex::new(LinkState {
                 client: None,
                 offline_reason: "connecting".to_owned(),
+                renewing: false,
                 inflight: Inflight::default(),
             }),
         });
@@ -490,13 +499,9 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
                     Some("the broker sent DISCONNECT".to_owned())
                 }
                 Ok(_) => None,
-                Err(e) => {
-                    shared
-                        .metrics
-                        .upstream()
-                        .connect_failed(&link.identity, failure_reason(&e));
-                    Some(format!("connection lost: {e}"))
-                }
+                // A lost connection is counted by `edgehub_upstream_offline`, not as a failed
+                // connection attempt.
+                Err(e) => Some(format!("connection lost: {e}")),
             }
         };
         if let Some(reason) = anomaly {
@@ -505,8 +510,14 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
                 progressed: acked_any || up_since.elapsed() >= HEALTHY_AFTER,
             };
         }
-        if issued.elapsed() >= renew_after && link.lock().inflight.is_empty() {
-            return Ended::Renew;
+        if issued.elapsed() >= renew_after {
+            let mut state = link.lock();
+            // Stop taking messages, so the connection drains even under steady traffic.
+            state.renewing = true;
+            state.offline_reason = "renewing the SAS token".to_owned();
+            if state.inflight.is_empty() {
+                return Ended::Renew;
+            }
         }
     }
 }
