@@ -14,7 +14,7 @@ mod sdk;
 mod testhub;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -37,6 +37,58 @@ fn probe(env: &SdkEnv, ns: &NetNs, cs: &str, ca: &Path, args: &[&str]) -> Proc {
         .env("EDGEHUB_CA", ca)
         .env("EDGEHUB_SDK_DIR", &env.dir);
     ns.spawn(&mut cmd)
+}
+
+/// A hub in its own namespace, and the credentials of modules `sender` and `receiver` for
+/// probe runs.
+struct ProbeHub {
+    // Fields drop in this order: the hub process first, its namespace last.
+    proc: Proc,
+    cs: String,
+    cs_rx: String,
+    ca: PathBuf,
+    _hub: TestHub,
+    ns: NetNs,
+    env: SdkEnv,
+}
+
+impl ProbeHub {
+    fn start() -> ProbeHub {
+        let env = SdkEnv::require();
+        let ns = NetNs::new();
+        let hub = TestHub::new();
+        let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
+        let cs_rx = hub.connection_string("receiver");
+        let proc = hub.start(&ns);
+        ProbeHub {
+            proc,
+            cs,
+            cs_rx,
+            ca,
+            _hub: hub,
+            ns,
+            env,
+        }
+    }
+
+    /// The probe as `sender`, running.
+    fn spawn(&self, args: &[&str]) -> Proc {
+        probe(&self.env, &self.ns, &self.cs, &self.ca, args)
+    }
+
+    /// The probe as `receiver`, running.
+    fn spawn_receiver(&self, args: &[&str]) -> Proc {
+        probe(&self.env, &self.ns, &self.cs_rx, &self.ca, args)
+    }
+
+    /// The probe as `sender`, run to its end within `timeout`; it must exit 0. Returns what it
+    /// printed and the hub's log.
+    fn run_ok(&self, args: &[&str], timeout: Duration) -> (sdk::Outcome, String) {
+        let out = self.spawn(args).finish(timeout);
+        let log = self.proc.stderr();
+        assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+        (out, log)
+    }
 }
 
 fn event(outcome: &sdk::Outcome, name: &str) -> Value {
@@ -366,29 +418,15 @@ fn a_batched_transfer_is_routed_message_by_message_in_order() {
 /// pre-settled, so a delivery the module did not accept is delivered again to its next link.
 #[test]
 fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let mut rx = probe(
-        &env,
-        &ns,
-        &cs_rx,
-        &ca,
-        &[
-            "--mode",
-            "inputs",
-            "--snd-settle",
-            "settled",
-            "--timeout",
-            "30",
-        ],
-    );
+    let hub = ProbeHub::start();
+    let mut rx = hub.spawn_receiver(&[
+        "--mode",
+        "inputs",
+        "--snd-settle",
+        "settled",
+        "--timeout",
+        "30",
+    ]);
     let attached = rx
         .read_until(secs(20), |v| v["event"] == "attached")
         .unwrap_or_else(|| panic!("no inputs link: {}", rx.stderr()));
@@ -396,7 +434,7 @@ fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
         attached["snd_settle_mode"], 0,
         "the hub agreed to send pre-settled: {attached}"
     );
-    let sent = probe(&env, &ns, &cs_tx, &ca, &["--timeout", "20"]).finish(secs(30));
+    let sent = hub.spawn(&["--timeout", "20"]).finish(secs(30));
     sent.assert_exit(sdk::EXIT_OK);
     assert_eq!(event(&sent, "own")["outcome"], "accepted");
     let first = rx.finish(secs(40));
@@ -405,21 +443,16 @@ fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
     assert_eq!(m["message_id"], "probe-1", "{m}");
     assert_eq!(m["presettled"], false, "{m}");
     // Left unsettled: it comes again, to the next inputs link.
-    let again = probe(
-        &env,
-        &ns,
-        &cs_rx,
-        &ca,
-        &["--mode", "inputs", "--settle", "accept", "--timeout", "40"],
-    )
-    .finish(secs(50));
+    let again = hub
+        .spawn_receiver(&["--mode", "inputs", "--settle", "accept", "--timeout", "40"])
+        .finish(secs(50));
     if again.code != Some(sdk::EXIT_OK) {
         panic!(
             "not delivered again: exit {:?}, {:?}\n{}\nhub log:\n{}",
             again.code,
             again.lines,
             again.stderr,
-            hub_proc.stderr()
+            hub.proc.stderr()
         );
     }
     assert_eq!(event(&again, "message")["message_id"], "probe-1");
@@ -427,16 +460,7 @@ fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
 
 /// Waits until the hub's log holds `needle` at least `count` times; false after `within`.
 fn wait_for_log(hub: &Proc, needle: &str, count: usize, within: Duration) -> bool {
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        if hub.stderr().matches(needle).count() >= count {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    hub.wait_stderr(within, |log| log.matches(needle).count() >= count)
 }
 
 /// An inputs link the client detaches ends at once (not at the next send), and takes away
@@ -445,31 +469,18 @@ fn wait_for_log(hub: &Proc, needle: &str, count: usize, within: Duration) -> boo
 /// is still open, and the second link receives.
 #[test]
 fn a_detached_inputs_link_ends_at_once_and_leaves_the_other_links_sinks() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let mut rx = probe(
-        &env,
-        &ns,
-        &cs_rx,
-        &ca,
-        &["--mode", "inputs-cycle", "--cycles", "3", "--timeout", "60"],
-    );
+    let hub = ProbeHub::start();
+    let mut rx =
+        hub.spawn_receiver(&["--mode", "inputs-cycle", "--cycles", "3", "--timeout", "60"]);
     rx.read_until(secs(20), |v| v["event"] == "ready")
         .unwrap_or_else(|| panic!("no inputs links: {}", rx.stderr()));
     // Three cycled links and the first of the two: each ends on the detach itself.
     assert!(
-        wait_for_log(&hub_proc, "detached by the client", 4, secs(10)),
+        wait_for_log(&hub.proc, "detached by the client", 4, secs(10)),
         "detached inputs links still running:\n{}",
-        hub_proc.stderr()
+        hub.proc.stderr()
     );
-    let sent = probe(&env, &ns, &cs_tx, &ca, &["--timeout", "20"]).finish(secs(30));
+    let sent = hub.spawn(&["--timeout", "20"]).finish(secs(30));
     sent.assert_exit(sdk::EXIT_OK);
     assert_eq!(event(&sent, "own")["outcome"], "accepted");
     let got = rx.finish(secs(60));
@@ -479,7 +490,7 @@ fn a_detached_inputs_link_ends_at_once_and_leaves_the_other_links_sinks() {
             got.code,
             got.lines,
             got.stderr,
-            hub_proc.stderr()
+            hub.proc.stderr()
         );
     }
     let m: Vec<Value> = got
@@ -495,22 +506,9 @@ fn a_detached_inputs_link_ends_at_once_and_leaves_the_other_links_sinks() {
 /// (`AUTHENTICATE_TIMEOUT`); an authenticated one beside it stays open past that.
 #[test]
 fn a_connection_that_never_authenticates_is_closed() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
-    let hub_proc = hub.start(&ns);
-    let authenticated = probe(&env, &ns, &cs, &ca, &["--hold", "26", "--timeout", "40"]);
-    let out = probe(
-        &env,
-        &ns,
-        &cs,
-        &ca,
-        &["--mode", "unauthenticated", "--timeout", "40"],
-    )
-    .finish(secs(50));
-    let log = hub_proc.stderr();
-    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+    let hub = ProbeHub::start();
+    let authenticated = hub.spawn(&["--hold", "26", "--timeout", "40"]);
+    let (out, log) = hub.run_ok(&["--mode", "unauthenticated", "--timeout", "40"], secs(50));
     let closed = event(&out, "closed");
     let ms = closed["ms"].as_i64().unwrap();
     assert!((18_000..30_000).contains(&ms), "closed after {ms} ms");
@@ -521,7 +519,7 @@ fn a_connection_that_never_authenticates_is_closed() {
     assert!(
         held["closed_by_hub_ms"].is_null(),
         "an authenticated connection was closed: {held}\nhub log:\n{}",
-        hub_proc.stderr()
+        hub.proc.stderr()
     );
 }
 
@@ -530,21 +528,11 @@ fn a_connection_that_never_authenticates_is_closed() {
 /// once the reply link attaches every request is answered, in order.
 #[test]
 fn put_tokens_without_a_reply_link_are_held_back() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
-    let hub_proc = hub.start(&ns);
-    let out = probe(
-        &env,
-        &ns,
-        &cs,
-        &ca,
+    let hub = ProbeHub::start();
+    let (out, _) = hub.run_ok(
         &["--mode", "cbs-flood", "--count", "40", "--timeout", "40"],
-    )
-    .finish(secs(50));
-    let log = hub_proc.stderr();
-    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+        secs(50),
+    );
     let held = event(&out, "accepted-without-reply-link");
     let n = held["n"].as_i64().unwrap();
     // 16 replies queued, and the request whose reply waits for room.
@@ -562,21 +550,11 @@ fn put_tokens_without_a_reply_link_are_held_back() {
 /// attach beyond it is refused with `amqp:resource-limit-exceeded`.
 #[test]
 fn a_session_holds_at_most_64_links() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
-    let hub_proc = hub.start(&ns);
-    let out = probe(
-        &env,
-        &ns,
-        &cs,
-        &ca,
+    let hub = ProbeHub::start();
+    let (out, _) = hub.run_ok(
         &["--mode", "many-links", "--count", "70", "--timeout", "20"],
-    )
-    .finish(secs(30));
-    let log = hub_proc.stderr();
-    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+        secs(30),
+    );
     let links = event(&out, "links");
     assert_eq!(links["attached"], 64, "{links}");
     assert_eq!(links["refused"], 6, "{links}");
@@ -591,21 +569,11 @@ fn a_session_holds_at_most_64_links() {
 /// renewal put-token: 200, correlated.
 #[test]
 fn a_reattached_cbs_reply_link_still_gets_replies() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
-    let hub_proc = hub.start(&ns);
-    let out = probe(
-        &env,
-        &ns,
-        &cs,
-        &ca,
+    let hub = ProbeHub::start();
+    let (out, log) = hub.run_ok(
         &["--mode", "cbs-reattach", "--cycles", "3", "--timeout", "40"],
-    )
-    .finish(secs(50));
-    let log = hub_proc.stderr();
-    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+        secs(50),
+    );
     let cycles = out.events("reattached");
     assert_eq!(cycles.len(), 3, "{:?}", out.lines);
     for c in cycles {
@@ -619,21 +587,8 @@ fn a_reattached_cbs_reply_link_still_gets_replies() {
 /// request over its few KiB detaches that link while it arrives, before it is buffered whole.
 #[test]
 fn oversized_messages_are_refused_by_size_as_stored_and_on_the_wire() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
-    let hub_proc = hub.start(&ns);
-    let out = probe(
-        &env,
-        &ns,
-        &cs,
-        &ca,
-        &["--mode", "oversize", "--timeout", "40"],
-    )
-    .finish(secs(50));
-    let log = hub_proc.stderr();
-    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+    let hub = ProbeHub::start();
+    let (out, log) = hub.run_ok(&["--mode", "oversize", "--timeout", "40"], secs(50));
     let e = event(&out, "expanding");
     assert_eq!(e["outcome"], "rejected", "{e}\nhub log:\n{log}");
     assert_eq!(e["condition"], "amqp:resource-limit-exceeded", "{e}");

@@ -39,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -427,7 +427,8 @@ pub struct Proc {
     child: Child,
     lines: Receiver<Line>,
     seen: Vec<Line>,
-    stderr: Arc<Mutex<String>>,
+    /// Everything read from stderr so far, and a signal for each new piece.
+    stderr: Arc<(Mutex<String>, Condvar)>,
     stderr_thread: Option<thread::JoinHandle<()>>,
     status: Option<ExitStatus>,
 }
@@ -455,7 +456,7 @@ impl Proc {
                 }
             });
         }
-        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new((Mutex::new(String::new()), Condvar::new()));
         let stderr_thread = child.stderr.take().map(|mut err| {
             let sink = Arc::clone(&stderr);
             thread::spawn(move || {
@@ -464,9 +465,10 @@ impl Proc {
                     if n == 0 {
                         break;
                     }
-                    if let Ok(mut s) = sink.lock() {
+                    if let Ok(mut s) = sink.0.lock() {
                         s.push_str(&String::from_utf8_lossy(&buf[..n]));
                     }
+                    sink.1.notify_all();
                 }
             })
         });
@@ -483,7 +485,30 @@ impl Proc {
 
     /// What it printed on stderr so far (the scripts' last line tells why they failed).
     pub fn stderr(&self) -> String {
-        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+        self.stderr.0.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits until what it printed on stderr satisfies `ok` (re-checked on every new piece);
+    /// false if `within` passes first.
+    pub fn wait_stderr(&self, within: Duration, ok: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        let (text, changed) = &*self.stderr;
+        let Ok(mut guard) = text.lock() else {
+            return false;
+        };
+        loop {
+            if ok(&guard) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            guard = match changed.wait_timeout(guard, left) {
+                Ok((g, _)) => g,
+                Err(_) => return false,
+            };
+        }
     }
 
     /// Every stdout line read so far.
