@@ -73,6 +73,9 @@ impl Default for StoreOptions {
 pub(crate) enum Halt {
     Poisoned(Arc<str>),
     Fenced,
+    /// The writer thread panicked (a bug): nothing can be written, and the index it was updating
+    /// may be half-done, so reads are refused too.
+    Panicked(Arc<str>),
 }
 
 impl std::fmt::Display for Halt {
@@ -80,6 +83,7 @@ impl std::fmt::Display for Halt {
         match self {
             Halt::Poisoned(why) => write!(f, "I/O failure: {why}"),
             Halt::Fenced => f.write_str("fenced by a newer owner"),
+            Halt::Panicked(why) => write!(f, "the writer thread panicked: {why}"),
         }
     }
 }
@@ -89,6 +93,7 @@ impl Halt {
         match self {
             Halt::Poisoned(why) => AppendError::Poisoned(why.clone()),
             Halt::Fenced => AppendError::Fenced,
+            Halt::Panicked(_) => AppendError::Poisoned(self.to_string().into()),
         }
     }
 
@@ -96,6 +101,15 @@ impl Halt {
         match self {
             Halt::Poisoned(why) => CheckpointError::Poisoned(why.clone()),
             Halt::Fenced => CheckpointError::Fenced,
+            Halt::Panicked(_) => CheckpointError::Poisoned(self.to_string().into()),
+        }
+    }
+
+    pub(crate) fn reclaim_error(&self) -> ReclaimError {
+        match self {
+            Halt::Poisoned(why) => ReclaimError::Poisoned(why.clone()),
+            Halt::Fenced => ReclaimError::Fenced,
+            Halt::Panicked(_) => ReclaimError::Poisoned(self.to_string().into()),
         }
     }
 }
@@ -106,6 +120,8 @@ pub(crate) struct Inbox {
     /// Bytes promised to appends not yet written (the quota counts them).
     pub(crate) reserved: u64,
     pub(crate) closing: bool,
+    /// The writer thread died: nothing submitted would ever be answered.
+    pub(crate) dead: Option<Halt>,
     /// The writer is parked on the condvar: only then does a submitter need to wake it (a
     /// notification is a syscall; under load the writer finds new requests by itself).
     pub(crate) writer_waiting: bool,
@@ -192,10 +208,14 @@ impl Shared {
     fn submit<E>(
         &self,
         closed: E,
+        dead: impl FnOnce(&Halt) -> E,
         push: impl FnOnce(&mut Inbox) -> Result<(), E>,
     ) -> Result<(), E> {
         let wake = {
             let mut inbox = self.lock_inbox();
+            if let Some(halt) = &inbox.dead {
+                return Err(dead(halt));
+            }
             if inbox.closing {
                 return Err(closed);
             }
@@ -219,17 +239,76 @@ impl Shared {
         }
         self.halt.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// The writer thread panicked: halt the store for good, and answer everything waiting in the
+    /// inbox now (nothing else ever would). Requests of the batch it was working on lost their
+    /// answer channel when it unwound; their `Pending` reports that (see [`Closable`]).
+    fn writer_died(&self, why: String) {
+        let halt = Halt::Panicked(why.into());
+        tracing::error!(reason = %halt, "store stops: reopen it");
+        *self.halt.lock().unwrap_or_else(|p| p.into_inner()) = Some(halt.clone());
+        self.halted.store(true, Ordering::SeqCst);
+        let (requests, reclaims) = {
+            let mut inbox = self.lock_inbox();
+            inbox.dead = Some(halt.clone());
+            inbox.reserved = 0;
+            (
+                std::mem::take(&mut inbox.requests),
+                std::mem::take(&mut inbox.reclaims),
+            )
+        };
+        for request in requests {
+            match request {
+                Request::Append { reply, .. } => {
+                    let _ = reply.send(Err(halt.append_error()));
+                }
+                Request::Checkpoint { reply, .. } => {
+                    let _ = reply.send(Err(halt.checkpoint_error()));
+                }
+            }
+        }
+        for reply in reclaims {
+            let _ = reply.send(Err(halt.reclaim_error()));
+        }
+    }
+}
+
+/// What a panic carried, as text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
 }
 
 /// Errors that a pending request reports when the store went away under it.
 pub trait Closable {
     /// The "store closed" value of the error type.
     fn closed() -> Self;
+
+    /// The request will never be answered: the writer thread died (panicked) while it held it.
+    /// A store that closes answers everything first, so this is the only way an answer is lost.
+    fn unanswered() -> Self
+    where
+        Self: Sized,
+    {
+        Self::closed()
+    }
 }
+
+/// Why a request lost its answer (see [`Closable::unanswered`]).
+const UNANSWERED: &str = "the writer thread panicked before answering";
 
 impl Closable for AppendError {
     fn closed() -> Self {
         AppendError::Closed
+    }
+
+    fn unanswered() -> Self {
+        AppendError::Poisoned(UNANSWERED.into())
     }
 }
 
@@ -237,11 +316,19 @@ impl Closable for CheckpointError {
     fn closed() -> Self {
         CheckpointError::Closed
     }
+
+    fn unanswered() -> Self {
+        CheckpointError::Poisoned(UNANSWERED.into())
+    }
 }
 
 impl Closable for ReclaimError {
     fn closed() -> Self {
         ReclaimError::Closed
+    }
+
+    fn unanswered() -> Self {
+        ReclaimError::Poisoned(UNANSWERED.into())
     }
 }
 
@@ -270,7 +357,9 @@ impl<T, E: Closable> Pending<T, E> {
     pub fn wait(self) -> Result<T, E> {
         match self.state {
             PendingState::Ready(r) => r.unwrap_or_else(|| Err(E::closed())),
-            PendingState::Waiting(rx) => rx.blocking_recv().unwrap_or_else(|_| Err(E::closed())),
+            PendingState::Waiting(rx) => {
+                rx.blocking_recv().unwrap_or_else(|_| Err(E::unanswered()))
+            }
         }
     }
 }
@@ -283,7 +372,7 @@ impl<T: Unpin, E: Closable + Unpin> Future for Pending<T, E> {
             PendingState::Ready(r) => Poll::Ready(r.take().unwrap_or_else(|| Err(E::closed()))),
             PendingState::Waiting(rx) => Pin::new(rx)
                 .poll(cx)
-                .map(|r| r.unwrap_or_else(|_| Err(E::closed()))),
+                .map(|r| r.unwrap_or_else(|_| Err(E::unanswered()))),
         }
     }
 }
@@ -355,7 +444,11 @@ impl Inner {
             Some((writer, completer)) => {
                 let wrote = writer.join();
                 let completed = completer.join();
-                wrote.and(completed).map_err(|_| CloseError::WriterPanicked)
+                let died = matches!(self.shared.halted(), Some(Halt::Panicked(_)));
+                match wrote.and(completed) {
+                    Ok(()) if !died => Ok(()),
+                    _ => Err(CloseError::WriterPanicked),
+                }
             }
             None => Ok(()),
         }
@@ -453,6 +546,7 @@ impl Store {
                 reclaims: Vec::new(),
                 reserved: 0,
                 closing: false,
+                dead: None,
                 writer_waiting: false,
             }),
             inbox_cv: Condvar::new(),
@@ -510,9 +604,16 @@ impl Store {
             .name("store-completer".into())
             .spawn(move || run_completer(completed, in_flight))
             .map_err(open_io("spawn completer thread", &dir))?;
+        let watched = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                // A bug must not leave every producer waiting on a writer that is gone.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run()));
+                if let Err(panic) = ran {
+                    watched.writer_died(panic_message(panic.as_ref()));
+                }
+            })
             .map_err(open_io("spawn writer thread", &dir))?;
         let report = recovered.report;
         tracing::info!(
@@ -571,7 +672,7 @@ impl Store {
         let on_disk = shared.used_bytes();
         let (tx, rx) = oneshot::channel();
         let quota = shared.opts.quota_bytes;
-        let submitted = shared.submit(AppendError::Closed, |inbox| {
+        let submitted = shared.submit(AppendError::Closed, Halt::append_error, |inbox| {
             let used = on_disk + inbox.reserved;
             if used + needed > quota {
                 return Err(AppendError::Full {
@@ -607,7 +708,7 @@ impl Store {
             return Pending::ready(Err(h.checkpoint_error()));
         }
         let (tx, rx) = oneshot::channel();
-        let submitted = shared.submit(CheckpointError::Closed, |inbox| {
+        let submitted = shared.submit(CheckpointError::Closed, Halt::checkpoint_error, |inbox| {
             inbox.requests.push(Request::Checkpoint {
                 queue: queue.clone(),
                 upto,
@@ -632,6 +733,9 @@ impl Store {
         max: usize,
     ) -> Result<Vec<StoredMessage>, ReadError> {
         let shared = self.shared();
+        if let Some(h @ Halt::Panicked(_)) = shared.halted() {
+            return Err(ReadError::Poisoned(h.to_string().into()));
+        }
         let now = shared.clock.now().0;
         let picked: Vec<(IndexEntry, Arc<dyn FsFile>, PathBuf)> = {
             let mut index = shared.lock_index();
@@ -658,7 +762,7 @@ impl Store {
     pub fn reclaim(&self) -> Pending<u64, ReclaimError> {
         let shared = self.shared();
         let (tx, rx) = oneshot::channel();
-        let submitted = shared.submit(ReclaimError::Closed, |inbox| {
+        let submitted = shared.submit(ReclaimError::Closed, Halt::reclaim_error, |inbox| {
             inbox.reclaims.push(tx);
             Ok(())
         });

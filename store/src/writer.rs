@@ -191,8 +191,7 @@ impl Writer {
                 let removed = self.reclaim();
                 for reply in reclaims {
                     let _ = reply.send(match self.halt() {
-                        Some(Halt::Poisoned(why)) => Err(ReclaimError::Poisoned(why)),
-                        Some(Halt::Fenced) => Err(ReclaimError::Fenced),
+                        Some(h) => Err(h.reclaim_error()),
                         None => Ok(removed),
                     });
                 }
