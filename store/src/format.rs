@@ -233,6 +233,14 @@ pub(crate) fn encode_declare(out: &mut Vec<u8>, queue: u32, name: &str) {
     out.extend_from_slice(name.as_bytes());
 }
 
+/// Encoded length of a declaration entry.
+pub(crate) fn declare_len(name: &str) -> usize {
+    6 + name.len()
+}
+
+/// Encoded length of a checkpoint entry.
+pub(crate) const CHECKPOINT_LEN: usize = 13;
+
 /// Appends a checkpoint entry to `out`.
 pub(crate) fn encode_checkpoint(out: &mut Vec<u8>, queue: u32, upto: Offset) {
     out.push(TAG_CHECKPOINT);
@@ -295,7 +303,7 @@ pub(crate) fn decode_entry(b: &[u8]) -> Result<(Entry<'_>, usize), FormatError> 
         Some(&TAG_CHECKPOINT) => {
             let queue = u32_at(b, 1).ok_or(TRUNC)?;
             let upto = Offset::new(u64_at(b, 5).ok_or(TRUNC)?);
-            Ok((Entry::Checkpoint { queue, upto }, 13))
+            Ok((Entry::Checkpoint { queue, upto }, CHECKPOINT_LEN))
         }
         Some(&TAG_SEAL) => {
             let entry = Entry::Seal {

@@ -52,7 +52,7 @@ pub use io::{Fs, FsFile, OsFs};
 pub use recovery::RecoveryReport;
 pub use store::{
     Closable, Pending, QueueStats, Store, StoreOptions, StoreStats, StoredMessage, SyncLatency,
-    MAX_QUEUES_PER_MESSAGE, SYNC_LATENCY_BOUNDS_MICROS,
+    DEFAULT_MAX_BATCH_BYTES, MAX_QUEUES_PER_MESSAGE, SYNC_LATENCY_BOUNDS_MICROS,
 };
 pub use types::{
     Clock, Epoch, InvalidQueueName, ManualClock, Offset, QueueName, SystemClock, UnixMillis,

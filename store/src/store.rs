@@ -30,6 +30,10 @@ use crate::recovery::{newest_segment_generation, recover, RecoveryReport};
 use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
 use crate::writer::{create_segment, run_completer, BatchFailure, ReclaimWaiter, Request, Writer};
 
+/// Default of [`StoreOptions::max_batch_bytes`]: 16 MiB, 64 times below the frame limit recovery
+/// enforces, and enough to amortise an fdatasync over thousands of messages.
+pub const DEFAULT_MAX_BATCH_BYTES: u64 = 16 << 20;
+
 /// Most queues one message may be stored for.
 pub const MAX_QUEUES_PER_MESSAGE: usize = 1024;
 
@@ -46,6 +50,10 @@ pub struct StoreOptions {
     pub segment_bytes: u64,
     /// Largest message body accepted.
     pub max_message_bytes: usize,
+    /// Most bytes of entries one group commit puts in its frame (a single request larger than
+    /// this still gets a frame of its own). Appends waiting beyond it go into the next batch, so
+    /// no stall of the disk can build a frame anywhere near the 1 GiB that recovery accepts.
+    pub max_batch_bytes: u64,
     /// Size of the `RESERVE` file kept in the directory. When something fills the disk, the
     /// store deletes it so that checkpoints (which let retention free space) still fit; it is
     /// put back once there is room. 0 disables it.
@@ -62,6 +70,7 @@ impl Default for StoreOptions {
             quota_bytes: 4 << 30,
             segment_bytes: 64 << 20,
             max_message_bytes: 1 << 20,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             reserve_bytes: 1 << 20,
             preallocate: true,
         }
@@ -500,6 +509,13 @@ impl Store {
         if opts.max_message_bytes as u64 > u64::from(crate::format::MAX_BATCH_PAYLOAD) / 2 {
             return Err(OpenError::InvalidOptions(
                 "max_message_bytes must be below 512 MiB",
+            ));
+        }
+        if opts.max_batch_bytes == 0
+            || opts.max_batch_bytes > u64::from(crate::format::MAX_BATCH_PAYLOAD) / 4
+        {
+            return Err(OpenError::InvalidOptions(
+                "max_batch_bytes must be between 1 and 256 MiB",
             ));
         }
         fs.create_dir_all(&dir)

@@ -23,8 +23,8 @@ use tokio::sync::oneshot;
 use crate::error::{AppendError, CheckpointError, ReclaimError};
 use crate::fence::Fence;
 use crate::format::{
-    encode_checkpoint, encode_declare, encode_message, encode_seal, BatchHeader, SegmentHeader,
-    BATCH_HEADER_LEN, SEGMENT_HEADER_LEN,
+    declare_len, encode_checkpoint, encode_declare, encode_message, encode_seal, message_len,
+    BatchHeader, SegmentHeader, BATCH_HEADER_LEN, CHECKPOINT_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::index::{IndexEntry, SegKey, SegmentInfo};
 use crate::io::{write_zeros, FsFile};
@@ -180,7 +180,7 @@ impl Writer {
                     return self.close();
                 }
                 (
-                    std::mem::take(&mut inbox.requests),
+                    take_batch(&mut inbox.requests, self.shared.opts.max_batch_bytes),
                     std::mem::take(&mut inbox.reclaims),
                 )
             };
@@ -863,6 +863,40 @@ fn register_segment(
         file,
         len: header,
         allocated,
+    }
+}
+
+/// Takes the oldest waiting requests whose entries fit in `cap` bytes (at least one request), so
+/// that no frame comes near the limit recovery accepts however long the disk stalled; the rest
+/// wait for the next batch, in order.
+fn take_batch(waiting: &mut Vec<Request>, cap: u64) -> Vec<Request> {
+    let mut size = 0u64;
+    let fits = waiting
+        .iter()
+        .take_while(|r| {
+            size = size.saturating_add(r.max_encoded_len());
+            size <= cap
+        })
+        .count()
+        .max(1);
+    if fits >= waiting.len() {
+        std::mem::take(waiting)
+    } else {
+        waiting.drain(..fits).collect()
+    }
+}
+
+impl Request {
+    /// The most bytes this request can add to a batch payload: its entry, plus a declaration for
+    /// each of its queues in case they are new.
+    fn max_encoded_len(&self) -> u64 {
+        match self {
+            Request::Append { queues, body, .. } => {
+                let declares: usize = queues.iter().map(|q| declare_len(q.as_str())).sum();
+                (message_len(queues.len(), body.len()) + declares) as u64
+            }
+            Request::Checkpoint { .. } => CHECKPOINT_LEN as u64,
+        }
     }
 }
 
