@@ -25,7 +25,7 @@ use crate::format::{
 };
 use crate::index::{Index, IndexEntry, SegKey, SegmentInfo};
 use crate::io::{read_all, Fs, FsFile};
-use crate::prealloc::PREPARED_FILE;
+use crate::prealloc::is_prepared_name;
 use crate::types::{Generation, Offset, QueueName};
 
 /// What recovery found and did; logged at open and available from [`crate::Store::recovery`].
@@ -143,8 +143,21 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
         report: RecoveryReport::default(),
     };
     let mut segments = Vec::new();
+    let mut removed_any = false;
     for name in fs.list(dir).map_err(open_io("list", dir))? {
-        if name == EPOCHS_FILE || name == RESERVE_FILE || name == PREPARED_FILE {
+        if name == EPOCHS_FILE || name == RESERVE_FILE {
+            continue;
+        }
+        if is_prepared_name(&name) {
+            // An earlier owner's prepared segment: zeros, never data. Its owner is fenced by our
+            // `Claim`, so nothing will take it any more.
+            let path = dir.join(&name);
+            match fs.remove(&path) {
+                Ok(()) => removed_any = true,
+                // Its owner, still running, took or removed it a moment ago.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(open_io("remove", &path)(e)),
+            }
             continue;
         }
         match parse_segment_name(&name) {
@@ -159,7 +172,6 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
     let newest_gen = segments.last().map(|(g, _)| *g);
     let mut newest: Option<SegmentTail> = None;
     let mut kept = Vec::new();
-    let mut removed_any = false;
     for (i, &(gen, seq)) in segments.iter().enumerate() {
         let last_of_gen = segments.get(i + 1).is_none_or(|(g, _)| *g != gen);
         let mode = mode_of(history, gen, seq, last_of_gen && Some(gen) == newest_gen);
@@ -235,7 +247,17 @@ impl Scan<'_> {
         seq: u64,
         mode: Mode,
     ) -> Result<Option<u64>, OpenError> {
-        let file = self.fs.open(path).map_err(open_io("open", path))?;
+        let file = match self.fs.open(path) {
+            Ok(file) => file,
+            // Listed a moment ago, gone now: an older owner's retention deleted it after checking
+            // its fence, just before our `Claim` (it deletes only segments whose every message is
+            // delivered or expired, per checkpoints that are durable and that we read too).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && mode == Mode::Complete => {
+                tracing::warn!(file = %path.display(), "a segment was deleted while the store opened");
+                return Ok(None);
+            }
+            Err(e) => return Err(open_io("open", path)(e)),
+        };
         let bytes = read_all(file.as_ref()).map_err(open_io("read", path))?;
         self.report.segments += 1;
         match SegmentHeader::decode(&bytes) {

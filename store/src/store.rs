@@ -25,7 +25,7 @@ use crate::fence::Fence;
 use crate::format::{decode_message_checked, message_len, EpochRecord, BATCH_HEADER_LEN};
 use crate::index::{Index, IndexEntry};
 use crate::io::{read_exact_at, Fs, FsFile, OsFs};
-use crate::prealloc::Preparer;
+use crate::prealloc::{prepared_name, Preparer};
 use crate::recovery::{newest_segment_generation, recover, RecoveryReport};
 use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
 use crate::writer::{create_segment, run_completer, BatchFailure, ReclaimWaiter, Request, Writer};
@@ -184,6 +184,8 @@ pub struct SyncLatency {
 /// State shared by the handles and the writer thread.
 pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
+    /// This owner's prepared segment file (a name no other owner uses).
+    pub(crate) prepared_path: PathBuf,
     pub(crate) fs: Arc<dyn Fs>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) opts: StoreOptions,
@@ -554,6 +556,7 @@ impl Store {
         let (durable_tx, _) = watch::channel(Offset::new(recovered.next_offset.get() - 1));
         let shared = Arc::new(Shared {
             dir: dir.clone(),
+            prepared_path: dir.join(prepared_name(generation)),
             fs,
             clock,
             opts,
@@ -580,10 +583,11 @@ impl Store {
         let preparer = if shared.opts.preallocate {
             Preparer::start(
                 Arc::clone(&shared.fs),
-                dir.clone(),
+                shared.prepared_path.clone(),
                 shared.opts.segment_bytes,
                 Arc::clone(&shared.disk_bytes),
                 shared.opts.quota_bytes,
+                fence.clone(),
             )
         } else {
             Preparer::disabled()

@@ -28,7 +28,7 @@ use crate::format::{
 };
 use crate::index::{IndexEntry, SegKey, SegmentInfo};
 use crate::io::{write_zeros, FsFile};
-use crate::prealloc::{Prepared, Preparer, PREPARED_FILE};
+use crate::prealloc::{Prepared, Preparer};
 use crate::recovery::{segment_name, RESERVE_FILE};
 use crate::store::{Halt, Shared};
 use crate::types::{Generation, Offset, QueueName, UnixMillis};
@@ -200,15 +200,26 @@ impl Writer {
     }
 
     /// A clean close leaves no unused preallocated space behind: the newest segment ends on its
-    /// last batch and no prepared file is left.
+    /// last batch and no prepared file is left. A fenced owner leaves the segment alone (the newer
+    /// owner has sealed it); the prepared file it removes carries its own generation's name.
     fn close(mut self) {
-        if self.halt().is_none() {
+        if self.halt().is_none() && self.still_current() {
             if let Err(BatchFailure::Halt(h)) = self.cut_preallocation() {
                 tracing::warn!(reason = %h, "could not give back preallocated space at close");
             }
         }
         self.preparer = Preparer::disabled();
-        let _ = self.shared.fs.remove(&self.shared.dir.join(PREPARED_FILE));
+        let _ = self.shared.fs.remove(&self.shared.prepared_path);
+    }
+
+    /// Checks the fence before a mutation of a file a newer owner may rely on (a segment, the
+    /// reserve); once fenced, the store halts and mutates nothing shared again.
+    fn still_current(&self) -> bool {
+        if self.fence.still_current() {
+            return true;
+        }
+        self.poison(Halt::Fenced);
+        false
     }
 
     fn halt(&self) -> Option<Halt> {
@@ -296,7 +307,7 @@ impl Writer {
 
     /// Deletes the reserve file to free its space; false if there was none to give.
     fn release_reserve(&mut self) -> bool {
-        if !self.reserve_present {
+        if !self.reserve_present || !self.still_current() {
             return false;
         }
         let path = self.shared.dir.join(RESERVE_FILE);
@@ -321,7 +332,7 @@ impl Writer {
     /// Puts the reserve file back when there is room for it (at start, and after retention).
     fn ensure_reserve(&mut self) {
         let bytes = self.shared.opts.reserve_bytes;
-        if self.reserve_present || bytes == 0 || self.halt().is_some() {
+        if self.reserve_present || bytes == 0 || self.halt().is_some() || !self.still_current() {
             return;
         }
         let path = self.shared.dir.join(RESERVE_FILE);
@@ -756,7 +767,7 @@ impl Writer {
                 .filter_map(|k| index.segments().get(&k).map(|s| (k, s.path.clone())))
                 .collect()
         };
-        if doomed.is_empty() {
+        if doomed.is_empty() || !self.still_current() {
             return 0;
         }
         let mut removed = 0;
@@ -819,7 +830,7 @@ fn adopt_prepared(
     generation: Generation,
     seq: u64,
 ) -> std::io::Result<Active> {
-    let from = shared.dir.join(PREPARED_FILE);
+    let from = shared.prepared_path.clone();
     let path = shared.dir.join(segment_name(generation, seq));
     let header = SegmentHeader { generation, seq }.encode();
     let adopted = file
