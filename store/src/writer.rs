@@ -24,7 +24,7 @@ use crate::error::{AppendError, CheckpointError, ReclaimError};
 use crate::fence::Fence;
 use crate::format::{
     declare_len, encode_checkpoint, encode_declare, encode_message, encode_seal, message_len,
-    BatchHeader, SegmentHeader, BATCH_HEADER_LEN, CHECKPOINT_LEN, SEGMENT_HEADER_LEN,
+    BatchHeader, Nonce, SegmentHeader, BATCH_HEADER_LEN, CHECKPOINT_LEN,
 };
 use crate::index::{IndexEntry, SegKey, SegmentInfo};
 use crate::io::{write_zeros, FsFile};
@@ -98,6 +98,8 @@ pub(crate) struct Active {
     pub(crate) key: SegKey,
     pub(crate) generation: Generation,
     pub(crate) seq: u64,
+    /// Keys the checksums of every frame written here (from the segment header).
+    pub(crate) nonce: Option<Nonce>,
     pub(crate) file: Arc<dyn FsFile>,
     /// Where the next batch goes.
     pub(crate) len: u64,
@@ -501,13 +503,10 @@ impl Writer {
     /// Frames `self.buf`, writes it at the end of the active segment and syncs it.
     /// Returns the frame's position in the file.
     fn write_and_sync(&mut self) -> Result<u64, BatchFailure> {
-        let payload_len = self.buf.len() - BATCH_HEADER_LEN;
-        let header = BatchHeader {
-            payload_len: payload_len as u32,
-            first_offset: self.batch_start,
-            payload_crc: crc32c::crc32c(&self.buf[BATCH_HEADER_LEN..]),
-        };
-        header.encode_into(&mut self.buf[..BATCH_HEADER_LEN]);
+        let nonce = self.active.nonce;
+        let header =
+            BatchHeader::for_payload(self.batch_start, nonce, &self.buf[BATCH_HEADER_LEN..]);
+        header.encode_into(nonce, &mut self.buf[..BATCH_HEADER_LEN]);
         let pos = self.active.len;
         let file = &self.active.file;
         if let Err(e) = file.write_all_at(&self.buf, pos) {
@@ -809,9 +808,9 @@ pub(crate) fn create_segment(
 ) -> std::io::Result<Active> {
     let path = shared.dir.join(segment_name(generation, seq));
     let file = shared.fs.create_new(&path)?;
-    let header = SegmentHeader { generation, seq }.encode();
+    let header = SegmentHeader::new(generation, seq);
     let written = file
-        .write_all_at(&header, 0)
+        .write_all_at(&header.encode(), 0)
         .and_then(|()| file.sync_data())
         .and_then(|()| shared.fs.sync_dir(&shared.dir));
     if let Err(e) = written {
@@ -819,7 +818,7 @@ pub(crate) fn create_segment(
         let _ = shared.fs.remove(&path);
         return Err(e);
     }
-    Ok(register_segment(shared, generation, seq, path, file, 0))
+    Ok(register_segment(shared, header, path, file, 0))
 }
 
 /// Turns the prepared file into segment `seq`: header written and synced, then renamed into
@@ -832,9 +831,9 @@ fn adopt_prepared(
 ) -> std::io::Result<Active> {
     let from = shared.prepared_path.clone();
     let path = shared.dir.join(segment_name(generation, seq));
-    let header = SegmentHeader { generation, seq }.encode();
+    let header = SegmentHeader::new(generation, seq);
     let adopted = file
-        .write_all_at(&header, 0)
+        .write_all_at(&header.encode(), 0)
         .and_then(|()| file.sync_data())
         .and_then(|()| shared.fs.rename(&from, &path))
         .and_then(|()| shared.fs.sync_dir(&shared.dir));
@@ -843,21 +842,23 @@ fn adopt_prepared(
         let _ = shared.fs.remove(&path);
         return Err(e);
     }
-    Ok(register_segment(
-        shared, generation, seq, path, file, allocated,
-    ))
+    Ok(register_segment(shared, header, path, file, allocated))
 }
 
 /// Adds a new segment (its header written and synced) to the index and makes it the active one.
 fn register_segment(
     shared: &Shared,
-    generation: Generation,
-    seq: u64,
+    segment: SegmentHeader,
     path: std::path::PathBuf,
     file: Arc<dyn FsFile>,
     allocated: u64,
 ) -> Active {
-    let header = SEGMENT_HEADER_LEN as u64;
+    let SegmentHeader {
+        generation,
+        seq,
+        nonce,
+    } = segment;
+    let header = segment.len() as u64;
     let key = shared.lock_index().add_segment(SegmentInfo {
         generation,
         seq,
@@ -871,6 +872,7 @@ fn register_segment(
         key,
         generation,
         seq,
+        nonce,
         file,
         len: header,
         allocated,
