@@ -75,11 +75,11 @@ fn appends_piled_up_behind_a_stalled_sync_are_committed_in_frames_within_the_cap
     let a = q("a");
 
     fs.hold_syncs();
-    let first = store.append(&[a.clone()], body(0), None);
+    let first = store.append(std::slice::from_ref(&a), body(0), None);
     fs.wait_for_held_sync();
     // About 800 KB wait in the inbox while the writer is stuck in that fdatasync.
     let waiting: Vec<_> = (1..=WAITING)
-        .map(|i| store.append(&[a.clone()], body(i), None))
+        .map(|i| store.append(std::slice::from_ref(&a), body(i), None))
         .collect();
     fs.release_syncs();
 
@@ -128,7 +128,7 @@ fn the_default_cap_is_far_below_the_frame_limit_and_a_cap_near_it_is_refused() {
         StoreOptions::default().max_batch_bytes,
         store::DEFAULT_MAX_BATCH_BYTES
     );
-    assert!(store::DEFAULT_MAX_BATCH_BYTES * 16 <= FRAME_LIMIT);
+    const { assert!(store::DEFAULT_MAX_BATCH_BYTES * 16 <= FRAME_LIMIT) };
     // One request may exceed the cap (it gets a frame of its own): cap plus the largest message
     // must stay below the limit, which the options check enforces.
     let err = Store::open_with(

@@ -432,9 +432,12 @@ fn a_torn_last_epochs_record_is_cut_and_the_store_opens() {
     assert_eq!(read_file(&epochs).len(), 7 * EPOCH_RECORD_LEN);
 }
 
+/// The base store's files (name, bytes) and what was appended to it.
+type Template = (Vec<(String, Vec<u8>)>, Appended);
+
 /// The base store's files, built once and copied into a fresh directory per proptest case.
-fn template() -> &'static (Vec<(String, Vec<u8>)>, Appended) {
-    static TEMPLATE: OnceLock<(Vec<(String, Vec<u8>)>, Appended)> = OnceLock::new();
+fn template() -> &'static Template {
+    static TEMPLATE: OnceLock<Template> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         let appended = build(dir.path());

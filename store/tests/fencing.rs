@@ -104,12 +104,16 @@ fn an_old_owner_that_keeps_running_and_closes_changes_nothing_the_new_owner_need
     let expiry = Some(UnixMillis(START.0 + TTL_MS));
     let mut acked_ttl = Vec::new();
     for i in 0..30 {
-        let off = old.append(&[ttl.clone()], body("ttl", i), expiry).wait();
+        let off = old
+            .append(std::slice::from_ref(&ttl), body("ttl", i), expiry)
+            .wait();
         acked_ttl.push((off.expect("append ttl"), body("ttl", i)));
     }
     let mut acked_kept = Vec::new();
     for i in 0..30 {
-        let off = old.append(&[kept.clone()], body("kept", i), None).wait();
+        let off = old
+            .append(std::slice::from_ref(&kept), body("kept", i), None)
+            .wait();
         acked_kept.push((off.expect("append kept"), body("kept", i)));
     }
     wait_for_new_prepared(dir, &BTreeSet::new());
@@ -133,7 +137,9 @@ fn an_old_owner_that_keeps_running_and_closes_changes_nothing_the_new_owner_need
     // The new owner rotates several times, adopting prepared segments, and stays healthy.
     let mut acked_new = Vec::new();
     for i in 0..60 {
-        let off = new.append(&[kept.clone()], body("new", i), None).wait();
+        let off = new
+            .append(std::slice::from_ref(&kept), body("new", i), None)
+            .wait();
         acked_new.push((off.expect("the new owner appends"), body("new", i)));
     }
     assert!(

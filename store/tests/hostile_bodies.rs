@@ -71,7 +71,7 @@ fn a_torn_batch_holding_a_frame_inside_a_body_is_cut_as_a_torn_tail() {
         let body = Bytes::from(format!("message {i}"));
         acked.push((
             store
-                .append(&[a.clone()], body.clone(), None)
+                .append(std::slice::from_ref(&a), body.clone(), None)
                 .wait()
                 .unwrap(),
             body,
@@ -79,7 +79,7 @@ fn a_torn_batch_holding_a_frame_inside_a_body_is_cut_as_a_torn_tail() {
     }
     // The hostile append is written but its fdatasync has not returned: the power goes now.
     fs.hold_syncs();
-    let hostile = store.append(&[a.clone()], hostile_body(), None);
+    let hostile = store.append(std::slice::from_ref(&a), hostile_body(), None);
     fs.wait_for_held_sync();
     let images: Vec<SimFs> = (0..SEEDS).map(|seed| fs.crash_image(seed)).collect();
     fs.release_syncs();

@@ -72,15 +72,15 @@ fn a_panic_in_the_writer_fails_every_waiting_and_later_request_and_reports_why()
     let store = open(&fs);
     let a = q("a");
     let acked = store
-        .append(&[a.clone()], body(0), None)
+        .append(std::slice::from_ref(&a), body(0), None)
         .wait()
         .expect("append before the panic");
 
     // The writer is inside the fdatasync of `stalled`'s batch while two more requests wait.
     fs.hold_syncs();
-    let stalled = store.append(&[a.clone()], body(1), None);
+    let stalled = store.append(std::slice::from_ref(&a), body(1), None);
     fs.wait_for_held_sync();
-    let queued_append = store.append(&[a.clone()], body(2), None);
+    let queued_append = store.append(std::slice::from_ref(&a), body(2), None);
     let queued_checkpoint = store.checkpoint(&a, acked);
     fs.fault_after(1, FaultMode::Panic);
     fs.release_syncs();
@@ -94,7 +94,8 @@ fn a_panic_in_the_writer_fails_every_waiting_and_later_request_and_reports_why()
 
     let reason = store.halted_reason().expect("the store is halted");
     assert!(reason.contains("panicked"), "{reason}");
-    let err = answer(store.append(&[a.clone()], body(3), None)).expect_err("a later append");
+    let err =
+        answer(store.append(std::slice::from_ref(&a), body(3), None)).expect_err("a later append");
     assert!(says_panicked(&err), "{err}");
     let err = answer(store.checkpoint(&a, acked)).expect_err("a later checkpoint");
     assert!(says_panicked(&err), "{err}");
