@@ -59,23 +59,25 @@ fn segments(dir: &Path) -> BTreeSet<String> {
         .collect()
 }
 
-/// Inodes of the fully preallocated segment files (name starting with `PREPARED`) now in `dir`.
-fn prepared_inodes(dir: &Path) -> BTreeSet<u64> {
+/// Name and inode of every fully preallocated segment file (name starting with `PREPARED`) now
+/// in `dir`. Both, as a deleted file's inode number may be reused at once.
+fn prepared_files(dir: &Path) -> BTreeSet<(String, u64)> {
     std::fs::read_dir(dir)
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().starts_with("PREPARED"))
-        .filter_map(|e| e.metadata().ok())
-        .filter(|m| m.len() == SEGMENT)
-        .map(|m| m.ino())
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            (m.len() == SEGMENT).then(|| (e.file_name().to_string_lossy().into_owned(), m.ino()))
+        })
         .collect()
 }
 
 /// Waits until a preallocated segment file that is not in `before` exists: the preparer thread
 /// of the store opened since has done its work. The deadline is only a failure bound.
-fn wait_for_new_prepared(dir: &Path, before: &BTreeSet<u64>) {
+fn wait_for_new_prepared(dir: &Path, before: &BTreeSet<(String, u64)>) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while prepared_inodes(dir).is_subset(before) {
+    while prepared_files(dir).is_subset(before) {
         assert!(Instant::now() < deadline, "no segment was ever prepared");
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -118,7 +120,7 @@ fn an_old_owner_that_keeps_running_and_closes_changes_nothing_the_new_owner_need
     }
     wait_for_new_prepared(dir, &BTreeSet::new());
 
-    let before_new = prepared_inodes(dir);
+    let before_new = prepared_files(dir);
     let new = open(dir, 2, &new_clock);
     wait_for_new_prepared(dir, &before_new);
     let files = segments(dir);
