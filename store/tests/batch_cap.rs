@@ -143,3 +143,57 @@ fn the_default_cap_is_far_below_the_frame_limit_and_a_cap_near_it_is_refused() {
     .expect_err("a cap at the frame limit");
     assert!(matches!(err, store::OpenError::InvalidOptions(_)), "{err}");
 }
+
+#[test]
+fn a_single_append_larger_than_the_cap_is_committed_in_a_frame_of_its_own() {
+    let fs = SimFs::new();
+    let store = open(&fs);
+    let a = q("a");
+    let big = Bytes::from(vec![b'B'; 3 * CAP as usize]);
+
+    fs.hold_syncs();
+    let first = store.append(std::slice::from_ref(&a), body(0), None);
+    fs.wait_for_held_sync();
+    let before = store.append(std::slice::from_ref(&a), body(1), None);
+    let large = store.append(std::slice::from_ref(&a), big.clone(), None);
+    let after = store.append(std::slice::from_ref(&a), body(2), None);
+    fs.release_syncs();
+
+    let acked = [
+        (first.wait().expect("first"), body(0)),
+        (before.wait().expect("before the large one"), body(1)),
+        (large.wait().expect("the large one"), big),
+        (after.wait().expect("after the large one"), body(2)),
+    ];
+    assert!(acked.windows(2).all(|w| w[0].0 < w[1].0));
+    let mut payloads = Vec::new();
+    for name in fs.files(Path::new(DIR)) {
+        if name.ends_with(".seg") {
+            let bytes = fs.read_file(&Path::new(DIR).join(&name)).unwrap();
+            payloads.extend(frame_payloads(&bytes));
+        }
+    }
+    let over: Vec<usize> = payloads
+        .iter()
+        .copied()
+        .filter(|&p| p as u64 > CAP)
+        .collect();
+    assert_eq!(
+        over.len(),
+        1,
+        "only the large message's frame passes the cap: {payloads:?}"
+    );
+    assert!(
+        over[0] < 3 * CAP as usize + 1024,
+        "and it holds nothing else: {payloads:?}"
+    );
+
+    store.close().expect("close");
+    let read: Vec<(Offset, Bytes)> = open(&fs)
+        .read(&a, Offset::ZERO, usize::MAX)
+        .expect("read back")
+        .into_iter()
+        .map(|m| (m.offset, m.body))
+        .collect();
+    assert_eq!(read, acked.to_vec());
+}
