@@ -89,7 +89,7 @@ pub enum AppendError {
         max: usize,
     },
     /// An earlier write or fsync failed; the store refuses all writes until it is reopened.
-    #[error("store poisoned by an earlier I/O failure ({0}); reopen it")]
+    #[error("store poisoned by an earlier failure ({0}); reopen it")]
     Poisoned(Arc<str>),
     /// A newer epoch opened this store; this process must stop writing.
     #[error("store fenced: a newer owner opened it")]
@@ -120,7 +120,7 @@ pub enum CheckpointError {
     #[error("no space on the store's disk for a checkpoint")]
     NoSpace,
     /// An earlier write or fsync failed; reopen the store.
-    #[error("store poisoned by an earlier I/O failure ({0}); reopen it")]
+    #[error("store poisoned by an earlier failure ({0}); reopen it")]
     Poisoned(Arc<str>),
     /// A newer epoch opened this store.
     #[error("store fenced: a newer owner opened it")]
@@ -134,7 +134,7 @@ pub enum CheckpointError {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReclaimError {
     /// An earlier write or fsync failed; reopen the store.
-    #[error("store poisoned by an earlier I/O failure ({0}); reopen it")]
+    #[error("store poisoned by an earlier failure ({0}); reopen it")]
     Poisoned(Arc<str>),
     /// A newer epoch opened this store.
     #[error("store fenced: a newer owner opened it")]
@@ -156,6 +156,10 @@ pub enum ReadError {
         #[source]
         source: io::Error,
     },
+    /// The writer thread panicked; the index may be inconsistent, so nothing is read until the
+    /// store is reopened.
+    #[error("store poisoned by an earlier failure ({0}); reopen it")]
+    Poisoned(Arc<str>),
     /// A stored message failed its checksum.
     #[error("corrupt message in {file} at byte {offset}: {reason}")]
     Corrupt {

@@ -62,8 +62,8 @@ impl History {
     }
 }
 
-/// The open `EPOCHS` file of the current owner.
-#[derive(Debug)]
+/// The open `EPOCHS` file of the current owner (a clone checks the same fence).
+#[derive(Debug, Clone)]
 pub(crate) struct Fence {
     file: Arc<dyn FsFile>,
     path: PathBuf,

@@ -7,12 +7,17 @@
 
 use crate::types::{Generation, Offset, UnixMillis};
 
-/// Format version written in every segment header.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+/// Format version written in every new segment header. Version 1 segments (no nonce) are still
+/// read.
+pub(crate) const FORMAT_VERSION: u32 = 2;
+/// The first format version, without a segment nonce.
+pub(crate) const FORMAT_VERSION_1: u32 = 1;
 /// First bytes of every segment file.
 pub(crate) const SEGMENT_MAGIC: [u8; 8] = *b"EHSEGMNT";
-/// Length of a segment header.
-pub(crate) const SEGMENT_HEADER_LEN: usize = 32;
+/// Length of a segment header written now (version 2).
+pub(crate) const SEGMENT_HEADER_LEN: usize = 40;
+/// Length of a version 1 segment header.
+pub(crate) const SEGMENT_HEADER_LEN_V1: usize = 32;
 /// First four bytes of every batch frame.
 pub(crate) const BATCH_MAGIC: u32 = 0xEB47_C0DE;
 /// Length of a batch frame header.
@@ -75,41 +80,97 @@ fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(a))
 }
 
+/// A segment's random number, kept in its header and mixed into both checksums of every batch
+/// frame in it. Nothing outside the store sees it, so bytes a module chose (a message body) can
+/// never pass for a frame of that segment, however they imitate the format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Nonce(pub(crate) u64);
+
+impl Nonce {
+    /// A fresh nonce. Hashing with a new `RandomState` uses keys the standard library draws from
+    /// the operating system's random source: unpredictable from outside the process, and no I/O.
+    pub(crate) fn fresh(generation: Generation, seq: u64) -> Nonce {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(generation.0);
+        h.write_u64(seq);
+        if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            h.write_u128(t.as_nanos());
+        }
+        Nonce(h.finish())
+    }
+}
+
+/// CRC32C of `bytes` seeded with the segment's nonce (version 2), or plain (version 1).
+fn keyed_crc(nonce: Option<Nonce>, bytes: &[u8]) -> u32 {
+    match nonce {
+        Some(n) => crc32c::crc32c_append(crc32c::crc32c(&n.0.to_le_bytes()), bytes),
+        None => crc32c::crc32c(bytes),
+    }
+}
+
 /// Header at the start of every segment file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SegmentHeader {
     pub(crate) generation: Generation,
     pub(crate) seq: u64,
+    /// `None` for a version 1 segment (frames with plain checksums).
+    pub(crate) nonce: Option<Nonce>,
 }
 
 impl SegmentHeader {
+    /// A new (version 2) header with a fresh nonce.
+    pub(crate) fn new(generation: Generation, seq: u64) -> SegmentHeader {
+        SegmentHeader {
+            generation,
+            seq,
+            nonce: Some(Nonce::fresh(generation, seq)),
+        }
+    }
+
+    /// Length of this header in the file (where the first frame starts).
+    pub(crate) fn len(&self) -> usize {
+        match self.nonce {
+            Some(_) => SEGMENT_HEADER_LEN,
+            None => SEGMENT_HEADER_LEN_V1,
+        }
+    }
+
+    /// Encodes a version 2 header (a header without a nonce is never written any more).
     pub(crate) fn encode(&self) -> [u8; SEGMENT_HEADER_LEN] {
         let mut b = [0u8; SEGMENT_HEADER_LEN];
         b[0..8].copy_from_slice(&SEGMENT_MAGIC);
         b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         b[12..20].copy_from_slice(&self.generation.0.to_le_bytes());
         b[20..28].copy_from_slice(&self.seq.to_le_bytes());
-        let crc = crc32c::crc32c(&b[0..28]);
-        b[28..32].copy_from_slice(&crc.to_le_bytes());
+        b[28..36].copy_from_slice(&self.nonce.map_or(0, |n| n.0).to_le_bytes());
+        let crc = crc32c::crc32c(&b[0..36]);
+        b[36..40].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     pub(crate) fn decode(b: &[u8]) -> Result<Self, FormatError> {
         const WHAT: &str = "segment header";
-        if b.len() < SEGMENT_HEADER_LEN {
-            return Err(FormatError::Truncated { what: WHAT });
+        const TRUNC: FormatError = FormatError::Truncated { what: WHAT };
+        if b.len() < SEGMENT_HEADER_LEN_V1 {
+            return Err(TRUNC);
         }
-        if b[0..8] != SEGMENT_MAGIC || u32_at(b, 8) != Some(FORMAT_VERSION) {
+        if b[0..8] != SEGMENT_MAGIC {
             return Err(FormatError::BadMagic { what: WHAT });
         }
-        if u32_at(b, 28) != Some(crc32c::crc32c(&b[0..28])) {
+        let (crc_at, nonce) = match u32_at(b, 8) {
+            Some(FORMAT_VERSION_1) => (28, None),
+            Some(FORMAT_VERSION) => (36, Some(Nonce(u64_at(b, 28).ok_or(TRUNC)?))),
+            _ => return Err(FormatError::BadMagic { what: WHAT }),
+        };
+        let covered = b.get(0..crc_at).ok_or(TRUNC)?;
+        if u32_at(b, crc_at).ok_or(TRUNC)? != crc32c::crc32c(covered) {
             return Err(FormatError::Checksum { what: WHAT });
         }
-        let generation = u64_at(b, 12).ok_or(FormatError::Truncated { what: WHAT })?;
-        let seq = u64_at(b, 20).ok_or(FormatError::Truncated { what: WHAT })?;
         Ok(SegmentHeader {
-            generation: Generation(generation),
-            seq,
+            generation: Generation(u64_at(b, 12).ok_or(TRUNC)?),
+            seq: u64_at(b, 20).ok_or(TRUNC)?,
+            nonce,
         })
     }
 }
@@ -125,17 +186,27 @@ pub(crate) struct BatchHeader {
 }
 
 impl BatchHeader {
-    pub(crate) fn encode_into(&self, b: &mut [u8]) {
+    /// A header for `payload`, with its checksum keyed by the segment's nonce.
+    pub(crate) fn for_payload(first_offset: Offset, nonce: Option<Nonce>, payload: &[u8]) -> Self {
+        BatchHeader {
+            payload_len: payload.len() as u32,
+            first_offset,
+            payload_crc: keyed_crc(nonce, payload),
+        }
+    }
+
+    /// Writes the header into `b[..BATCH_HEADER_LEN]`, its own checksum keyed by `nonce`.
+    pub(crate) fn encode_into(&self, nonce: Option<Nonce>, b: &mut [u8]) {
         b[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
         b[4..8].copy_from_slice(&self.payload_len.to_le_bytes());
         b[8..16].copy_from_slice(&self.first_offset.get().to_le_bytes());
         b[16..20].copy_from_slice(&self.payload_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[0..20]);
+        let crc = keyed_crc(nonce, &b[0..20]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
     }
 
-    /// Decodes and checks the header's own checksum (not the payload's).
-    pub(crate) fn decode(b: &[u8]) -> Result<Self, FormatError> {
+    /// Decodes and checks the header's own checksum (not the payload's), keyed by `nonce`.
+    pub(crate) fn decode(nonce: Option<Nonce>, b: &[u8]) -> Result<Self, FormatError> {
         const WHAT: &str = "batch header";
         if b.len() < BATCH_HEADER_LEN {
             return Err(FormatError::Truncated { what: WHAT });
@@ -143,7 +214,7 @@ impl BatchHeader {
         if u32_at(b, 0) != Some(BATCH_MAGIC) {
             return Err(FormatError::BadMagic { what: WHAT });
         }
-        if u32_at(b, 20) != Some(crc32c::crc32c(&b[0..20])) {
+        if u32_at(b, 20) != Some(keyed_crc(nonce, &b[0..20])) {
             return Err(FormatError::Checksum { what: WHAT });
         }
         let payload_len = u32_at(b, 4).ok_or(FormatError::Truncated { what: WHAT })?;
@@ -160,15 +231,18 @@ impl BatchHeader {
     }
 }
 
-/// Decodes a whole frame at the start of `b`: header, then payload with its checksum verified.
-/// Returns the header and the payload slice.
-pub(crate) fn decode_batch(b: &[u8]) -> Result<(BatchHeader, &[u8]), FormatError> {
-    let header = BatchHeader::decode(b)?;
+/// Decodes a whole frame at the start of `b`: header, then payload with its checksum verified,
+/// both checksums keyed by the segment's nonce. Returns the header and the payload slice.
+pub(crate) fn decode_batch(
+    nonce: Option<Nonce>,
+    b: &[u8],
+) -> Result<(BatchHeader, &[u8]), FormatError> {
+    let header = BatchHeader::decode(nonce, b)?;
     let end = BATCH_HEADER_LEN + header.payload_len as usize;
     let payload = b.get(BATCH_HEADER_LEN..end).ok_or(FormatError::Truncated {
         what: "batch payload",
     })?;
-    if crc32c::crc32c(payload) != header.payload_crc {
+    if keyed_crc(nonce, payload) != header.payload_crc {
         return Err(FormatError::Checksum {
             what: "batch payload",
         });
@@ -233,6 +307,14 @@ pub(crate) fn encode_declare(out: &mut Vec<u8>, queue: u32, name: &str) {
     out.extend_from_slice(name.as_bytes());
 }
 
+/// Encoded length of a declaration entry.
+pub(crate) fn declare_len(name: &str) -> usize {
+    6 + name.len()
+}
+
+/// Encoded length of a checkpoint entry.
+pub(crate) const CHECKPOINT_LEN: usize = 13;
+
 /// Appends a checkpoint entry to `out`.
 pub(crate) fn encode_checkpoint(out: &mut Vec<u8>, queue: u32, upto: Offset) {
     out.push(TAG_CHECKPOINT);
@@ -295,7 +377,7 @@ pub(crate) fn decode_entry(b: &[u8]) -> Result<(Entry<'_>, usize), FormatError> 
         Some(&TAG_CHECKPOINT) => {
             let queue = u32_at(b, 1).ok_or(TRUNC)?;
             let upto = Offset::new(u64_at(b, 5).ok_or(TRUNC)?);
-            Ok((Entry::Checkpoint { queue, upto }, 13))
+            Ok((Entry::Checkpoint { queue, upto }, CHECKPOINT_LEN))
         }
         Some(&TAG_SEAL) => {
             let entry = Entry::Seal {
@@ -482,20 +564,55 @@ mod tests {
     #[test]
     fn a_batch_with_a_flipped_payload_byte_is_rejected() {
         let payload = b"payload bytes".to_vec();
+        let nonce = Some(Nonce(0x1234_5678_9abc_def0));
         let mut frame = vec![0u8; BATCH_HEADER_LEN];
-        BatchHeader {
-            payload_len: payload.len() as u32,
-            first_offset: Offset::new(3),
-            payload_crc: crc32c::crc32c(&payload),
-        }
-        .encode_into(&mut frame);
+        BatchHeader::for_payload(Offset::new(3), nonce, &payload).encode_into(nonce, &mut frame);
         frame.extend_from_slice(&payload);
-        assert!(decode_batch(&frame).is_ok());
+        assert!(decode_batch(nonce, &frame).is_ok());
         frame[BATCH_HEADER_LEN + 2] ^= 0x80;
         assert!(matches!(
-            decode_batch(&frame),
+            decode_batch(nonce, &frame),
             Err(FormatError::Checksum { .. })
         ));
+    }
+
+    #[test]
+    fn a_frame_only_decodes_with_the_nonce_of_its_segment() {
+        let payload = b"payload bytes".to_vec();
+        let frame = |nonce: Option<Nonce>| {
+            let mut f = vec![0u8; BATCH_HEADER_LEN];
+            BatchHeader::for_payload(Offset::new(3), nonce, &payload).encode_into(nonce, &mut f);
+            f.extend_from_slice(&payload);
+            f
+        };
+        let (ours, theirs) = (Some(Nonce(7)), Some(Nonce(8)));
+        assert!(decode_batch(ours, &frame(ours)).is_ok());
+        assert!(decode_batch(ours, &frame(theirs)).is_err());
+        // A frame built from the public format with plain checksums (what a module can put in a
+        // body) passes only in a version 1 segment.
+        assert!(decode_batch(ours, &frame(None)).is_err());
+        assert!(decode_batch(None, &frame(None)).is_ok());
+    }
+
+    #[test]
+    fn segment_headers_of_both_versions_decode() {
+        let v2 = SegmentHeader::new(Generation(3), 9);
+        assert!(v2.nonce.is_some());
+        assert_eq!(SegmentHeader::decode(&v2.encode()), Ok(v2));
+        assert_eq!(v2.len(), SEGMENT_HEADER_LEN);
+        let mut v1 = [0u8; SEGMENT_HEADER_LEN_V1];
+        v1[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        v1[8..12].copy_from_slice(&FORMAT_VERSION_1.to_le_bytes());
+        v1[12..20].copy_from_slice(&3u64.to_le_bytes());
+        v1[20..28].copy_from_slice(&9u64.to_le_bytes());
+        let crc = crc32c::crc32c(&v1[0..28]);
+        v1[28..32].copy_from_slice(&crc.to_le_bytes());
+        let decoded = SegmentHeader::decode(&v1).expect("a version 1 header decodes");
+        assert_eq!(
+            (decoded.generation, decoded.seq, decoded.nonce),
+            (Generation(3), 9, None)
+        );
+        assert_eq!(decoded.len(), SEGMENT_HEADER_LEN_V1);
     }
 
     #[test]
@@ -519,12 +636,8 @@ mod tests {
 
     #[test]
     fn segment_header_rejects_another_version() {
-        let mut h = SegmentHeader {
-            generation: Generation(1),
-            seq: 0,
-        }
-        .encode();
-        h[8] = 2;
+        let mut h = SegmentHeader::new(Generation(1), 0).encode();
+        h[8] = 3;
         assert!(SegmentHeader::decode(&h).is_err());
     }
 }

@@ -18,11 +18,14 @@
 //! 6. An append that would exceed the byte quota fails with [`AppendError::Full`] and touches
 //!    nothing stored; so does one that meets ENOSPC. Appends succeed again once space is freed.
 //! 7. Any other write or fsync error poisons the store: every later write fails until reopen.
-//!    Nothing is ever kept only in memory.
+//!    Nothing is ever kept only in memory. A panic of the writer thread poisons it too: every
+//!    waiting and later request fails with the reason instead of waiting forever.
 //! 8. `open` takes an [`Epoch`]; a lower epoch than the highest that opened the directory cannot
-//!    open it, and a process whose epoch has been superseded fails its next commit.
+//!    open it, and a process whose epoch has been superseded fails its next commit and changes no
+//!    file the newer owner uses (no retention, no prepared or reserve file of another owner).
 //! 9. Recovery cuts a torn tail, verifies the CRC32C of everything it keeps, never panics on any
-//!    file content, and reports corruption with file and byte.
+//!    file content, and reports corruption with file and byte. Frame checksums are keyed by a
+//!    per-segment secret, so no message body can make a torn tail look like corruption.
 //!
 //! `DESIGN.md` beside this crate gives the on-disk format byte by byte and the crash argument.
 //!
@@ -52,7 +55,7 @@ pub use io::{Fs, FsFile, OsFs};
 pub use recovery::RecoveryReport;
 pub use store::{
     Closable, Pending, QueueStats, Store, StoreOptions, StoreStats, StoredMessage, SyncLatency,
-    MAX_QUEUES_PER_MESSAGE, SYNC_LATENCY_BOUNDS_MICROS,
+    DEFAULT_MAX_BATCH_BYTES, MAX_QUEUES_PER_MESSAGE, SYNC_LATENCY_BOUNDS_MICROS,
 };
 pub use types::{
     Clock, Epoch, InvalidQueueName, ManualClock, Offset, QueueName, SystemClock, UnixMillis,

@@ -2,8 +2,11 @@
 //! synced, so the writer's fdatasyncs overwrite allocated blocks instead of growing the file (on
 //! ext4 a growing file makes every fdatasync also commit the journal for the new size).
 //!
-//! Invariants: the prepared file is named `PREPARED` and never holds data, so it may be deleted at
-//! any time (recovery ignores it; the preparer replaces a leftover one); the writer takes it and
+//! Invariants: the prepared file is named `PREPARED-{generation:016x}` (see [`prepared_name`]) and
+//! never holds data, so it may be deleted at any time (the next opener's recovery deletes every
+//! one left over); only the owner of that generation creates or takes it, so an older owner that
+//! still runs and a newer one never touch each other's file. It is not created once a newer
+//! owner has claimed the directory. The writer takes it and
 //! renames it to a segment name only after writing and syncing the segment header into it. A
 //! failure to prepare (a full disk, say) only means the next segment is created the plain way.
 //! The prepared file counts as disk usage from the moment it exists, and it is not prepared when
@@ -16,8 +19,24 @@ use std::thread::JoinHandle;
 
 use crate::io::{write_zeros, Fs, FsFile};
 
-/// Name of the prepared segment file inside the store directory.
-pub(crate) const PREPARED_FILE: &str = "PREPARED";
+use crate::fence::Fence;
+use crate::types::Generation;
+
+/// Name the first format version gave every owner's prepared segment file.
+const LEGACY_PREPARED_FILE: &str = "PREPARED";
+
+/// Name of generation `generation`'s prepared segment file inside the store directory.
+pub(crate) fn prepared_name(generation: Generation) -> String {
+    format!("{LEGACY_PREPARED_FILE}-{:016x}", generation.0)
+}
+
+/// True for the name of any owner's prepared file (never data).
+pub(crate) fn is_prepared_name(name: &str) -> bool {
+    name == LEGACY_PREPARED_FILE
+        || name
+            .strip_prefix("PREPARED-")
+            .is_some_and(|g| g.len() == 16 && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
 
 /// A ready file, and its allocated length.
 pub(crate) type Prepared = (Arc<dyn FsFile>, u64);
@@ -31,14 +50,16 @@ pub(crate) struct Preparer {
 }
 
 impl Preparer {
-    /// Starts preparing one segment of `bytes` in `dir`. `disk_bytes` is the store's running
-    /// total of bytes on disk, which the prepared file joins; none is prepared past `quota`.
+    /// Starts preparing one segment of `bytes` at `path`. `disk_bytes` is the store's running
+    /// total of bytes on disk, which the prepared file joins; none is prepared past `quota`, and
+    /// none once `fence` tells that a newer owner has claimed the directory.
     pub(crate) fn start(
         fs: Arc<dyn Fs>,
-        dir: PathBuf,
+        path: PathBuf,
         bytes: u64,
         disk_bytes: Arc<AtomicU64>,
         quota: u64,
+        fence: Fence,
     ) -> Preparer {
         let (tx, rx) = mpsc::channel::<()>();
         let ready: Arc<Mutex<Option<Prepared>>> = Arc::default();
@@ -52,7 +73,10 @@ impl Preparer {
                     if !taken || total.load(Ordering::Relaxed) + bytes > quota {
                         continue;
                     }
-                    match prepare(fs.as_ref(), &dir, bytes) {
+                    if !fence.still_current() {
+                        break;
+                    }
+                    match prepare(fs.as_ref(), &path, bytes) {
                         Ok(file) => {
                             total.fetch_add(bytes, Ordering::Relaxed);
                             if let Ok(mut s) = slot.lock() {
@@ -61,7 +85,7 @@ impl Preparer {
                         }
                         Err(e) => {
                             tracing::debug!(error = %e, "could not prepare the next segment");
-                            let _ = fs.remove(&dir.join(PREPARED_FILE));
+                            let _ = fs.remove(&path);
                         }
                     }
                 }
@@ -116,10 +140,10 @@ impl Drop for Preparer {
     }
 }
 
-fn prepare(fs: &dyn Fs, dir: &Path, bytes: u64) -> std::io::Result<Arc<dyn FsFile>> {
-    let path = dir.join(PREPARED_FILE);
-    let _ = fs.remove(&path);
-    let file = fs.create_new(&path)?;
+fn prepare(fs: &dyn Fs, path: &Path, bytes: u64) -> std::io::Result<Arc<dyn FsFile>> {
+    // A leftover of this same owner (a failed earlier attempt); never another owner's file.
+    let _ = fs.remove(path);
+    let file = fs.create_new(path)?;
     write_zeros(file.as_ref(), bytes)?;
     file.sync_data()?;
     Ok(file)

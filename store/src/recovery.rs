@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 use crate::error::{open_io, OpenError};
 use crate::fence::{History, EPOCHS_FILE};
 use crate::format::{
-    decode_batch, decode_entry, Entry, EpochRecord, SegmentHeader, SegmentTail, BATCH_HEADER_LEN,
-    SEGMENT_HEADER_LEN,
+    decode_batch, decode_entry, Entry, EpochRecord, Nonce, SegmentHeader, SegmentTail,
+    BATCH_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_HEADER_LEN_V1,
 };
 use crate::index::{Index, IndexEntry, SegKey, SegmentInfo};
 use crate::io::{read_all, Fs, FsFile};
-use crate::prealloc::PREPARED_FILE;
+use crate::prealloc::is_prepared_name;
 use crate::types::{Generation, Offset, QueueName};
 
 /// What recovery found and did; logged at open and available from [`crate::Store::recovery`].
@@ -143,8 +143,21 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
         report: RecoveryReport::default(),
     };
     let mut segments = Vec::new();
+    let mut removed_any = false;
     for name in fs.list(dir).map_err(open_io("list", dir))? {
-        if name == EPOCHS_FILE || name == RESERVE_FILE || name == PREPARED_FILE {
+        if name == EPOCHS_FILE || name == RESERVE_FILE {
+            continue;
+        }
+        if is_prepared_name(&name) {
+            // An earlier owner's prepared segment: zeros, never data. Its owner is fenced by our
+            // `Claim`, so nothing will take it any more.
+            let path = dir.join(&name);
+            match fs.remove(&path) {
+                Ok(()) => removed_any = true,
+                // Its owner, still running, took or removed it a moment ago.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(open_io("remove", &path)(e)),
+            }
             continue;
         }
         match parse_segment_name(&name) {
@@ -159,7 +172,6 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
     let newest_gen = segments.last().map(|(g, _)| *g);
     let mut newest: Option<SegmentTail> = None;
     let mut kept = Vec::new();
-    let mut removed_any = false;
     for (i, &(gen, seq)) in segments.iter().enumerate() {
         let last_of_gen = segments.get(i + 1).is_none_or(|(g, _)| *g != gen);
         let mode = mode_of(history, gen, seq, last_of_gen && Some(gen) == newest_gen);
@@ -235,16 +247,28 @@ impl Scan<'_> {
         seq: u64,
         mode: Mode,
     ) -> Result<Option<u64>, OpenError> {
-        let file = self.fs.open(path).map_err(open_io("open", path))?;
+        let file = match self.fs.open(path) {
+            Ok(file) => file,
+            // Listed a moment ago, gone now: an older owner's retention deleted it after checking
+            // its fence, just before our `Claim` (it deletes only segments whose every message is
+            // delivered or expired, per checkpoints that are durable and that we read too).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && mode == Mode::Complete => {
+                tracing::warn!(file = %path.display(), "a segment was deleted while the store opened");
+                return Ok(None);
+            }
+            Err(e) => return Err(open_io("open", path)(e)),
+        };
         let bytes = read_all(file.as_ref()).map_err(open_io("read", path))?;
         self.report.segments += 1;
-        match SegmentHeader::decode(&bytes) {
-            Ok(h) if h.generation == gen && h.seq == seq => {}
+        let header = match SegmentHeader::decode(&bytes) {
+            Ok(h) if h.generation == gen && h.seq == seq => h,
             Ok(_) => return Err(corrupt(path, 0, "segment header names another segment")),
             Err(e) => {
-                // The header is synced before any batch is written, so a bad header with no valid
-                // batch behind it is a crash while creating the file; anything else is damage.
-                if mode == Mode::Tail && self.find_valid_batch(&bytes, 0).is_none() {
+                // The header is synced before any batch is written, so a crash while creating the
+                // file leaves at most a torn header, then nothing or preallocated zeros; anything
+                // else (a batch of the old format, any other byte) is damage.
+                let after_header = bytes.get(SEGMENT_HEADER_LEN..).unwrap_or_default();
+                if mode == Mode::Tail && after_header.iter().all(|&b| b == 0) {
                     tracing::warn!(file = %path.display(), "deleting a segment whose creation was cut short");
                     self.fs.remove(path).map_err(open_io("remove", path))?;
                     self.report.removed.push(path.to_owned());
@@ -252,7 +276,8 @@ impl Scan<'_> {
                 }
                 return Err(corrupt(path, 0, e.to_string()));
             }
-        }
+        };
+        let nonce = header.nonce;
         let limit = match mode {
             Mode::Sealed(len) if len > bytes.len() as u64 => {
                 return Err(corrupt(
@@ -273,9 +298,9 @@ impl Scan<'_> {
             valid_len: limit as u64,
             summary: Default::default(),
         });
-        let mut pos = SEGMENT_HEADER_LEN;
+        let mut pos = header.len();
         while pos < limit {
-            match decode_batch(&bytes[pos..limit]) {
+            match decode_batch(nonce, &bytes[pos..limit]) {
                 Ok((header, payload)) => {
                     if header.first_offset < self.next_offset {
                         return Err(corrupt(path, pos as u64, "batch offsets go backwards"));
@@ -293,7 +318,7 @@ impl Scan<'_> {
                     break;
                 }
                 Err(e) if mode == Mode::Tail => {
-                    if let Some(at) = self.find_valid_batch(&bytes, pos + 1) {
+                    if let Some(at) = self.find_valid_batch(nonce, &bytes, pos + 1) {
                         return Err(corrupt(
                             path,
                             pos as u64,
@@ -325,12 +350,14 @@ impl Scan<'_> {
         Ok(())
     }
 
-    /// A position at or after `from` where a whole batch with valid checksums and a plausible
-    /// offset starts: the evidence that separates damage from a torn tail.
-    fn find_valid_batch(&self, bytes: &[u8], from: usize) -> Option<usize> {
-        let start = from.max(SEGMENT_HEADER_LEN.min(from.max(1)));
+    /// A position at or after `from` where a whole batch with valid checksums (keyed by the
+    /// segment's nonce) and a plausible offset starts: the evidence that separates damage from a
+    /// torn tail. In a version 2 segment no message body can imitate such a batch, as bodies
+    /// cannot know the nonce; in a version 1 segment one could (DESIGN.md "Known limits").
+    fn find_valid_batch(&self, nonce: Option<Nonce>, bytes: &[u8], from: usize) -> Option<usize> {
+        let start = from.max(SEGMENT_HEADER_LEN_V1.min(from.max(1)));
         (start..bytes.len().saturating_sub(BATCH_HEADER_LEN - 1)).find(|&p| {
-            matches!(decode_batch(&bytes[p..]), Ok((h, _)) if h.first_offset >= self.next_offset)
+            matches!(decode_batch(nonce, &bytes[p..]), Ok((h, _)) if h.first_offset >= self.next_offset)
         })
     }
 

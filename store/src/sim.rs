@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::io::{Fs, FsFile};
 
@@ -22,6 +22,9 @@ pub enum FaultMode {
     PowerCut,
     /// Only that operation fails with EIO; later ones succeed.
     FailOnce,
+    /// That operation panics in the thread that calls it (a bug in the store, simulated); later
+    /// ones succeed.
+    Panic,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -53,12 +56,18 @@ struct State {
     /// ENOSPC once the sum of live file lengths would exceed this.
     space_limit: Option<u64>,
     ops: u64,
+    /// While set, every `sync_data` waits (see [`SimFs::hold_syncs`]).
+    hold_syncs: bool,
+    /// `sync_data` calls waiting now.
+    held_syncs: usize,
 }
 
 /// Simulated filesystem; cheap to clone (shared state).
 #[derive(Debug, Clone, Default)]
 pub struct SimFs {
     state: Arc<Mutex<State>>,
+    /// Wakes held syncs and those waiting for one to be held.
+    gate: Arc<Condvar>,
 }
 
 fn eio(what: &str) -> io::Error {
@@ -90,6 +99,27 @@ impl SimFs {
     /// Writes fail with ENOSPC once the live files would hold more than `bytes` in total.
     pub fn set_space_limit(&self, bytes: Option<u64>) {
         self.lock().space_limit = bytes;
+    }
+
+    /// From now on every `sync_data` waits, before doing anything, until
+    /// [`SimFs::release_syncs`]: a stalled disk, so that tests can let requests pile up behind a
+    /// group commit.
+    pub fn hold_syncs(&self) {
+        self.lock().hold_syncs = true;
+    }
+
+    /// Blocks until at least one `sync_data` is waiting behind [`SimFs::hold_syncs`].
+    pub fn wait_for_held_sync(&self) {
+        let mut s = self.lock();
+        while s.held_syncs == 0 {
+            s = self.gate.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Lets every held `sync_data` (and every later one) go on.
+    pub fn release_syncs(&self) {
+        self.lock().hold_syncs = false;
+        self.gate.notify_all();
     }
 
     /// Number of mutating operations performed so far.
@@ -179,6 +209,7 @@ impl SimFs {
         }
         SimFs {
             state: Arc::new(Mutex::new(out)),
+            gate: Arc::default(),
         }
     }
 
@@ -235,8 +266,10 @@ fn tick(s: &mut State, what: &str) -> io::Result<()> {
     if let Some(n) = s.countdown {
         if n <= 1 {
             s.countdown = None;
-            if s.mode == Some(FaultMode::PowerCut) {
-                s.powered_off = true;
+            match s.mode {
+                Some(FaultMode::PowerCut) => s.powered_off = true,
+                Some(FaultMode::Panic) => panic!("simulated bug: panic during {what}"),
+                Some(FaultMode::FailOnce) | None => {}
             }
             return Err(eio(what));
         }
@@ -307,6 +340,14 @@ impl FsFile for SimFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut s = self.fs.lock();
+        if s.hold_syncs {
+            s.held_syncs += 1;
+            self.fs.gate.notify_all();
+            while s.hold_syncs {
+                s = self.fs.gate.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.held_syncs -= 1;
+        }
         tick(&mut s, "fdatasync")?;
         let inode = &mut s.inodes[self.ino];
         inode.durable = inode.live.clone();

@@ -25,10 +25,14 @@ use crate::fence::Fence;
 use crate::format::{decode_message_checked, message_len, EpochRecord, BATCH_HEADER_LEN};
 use crate::index::{Index, IndexEntry};
 use crate::io::{read_exact_at, Fs, FsFile, OsFs};
-use crate::prealloc::Preparer;
+use crate::prealloc::{prepared_name, Preparer};
 use crate::recovery::{newest_segment_generation, recover, RecoveryReport};
 use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
 use crate::writer::{create_segment, run_completer, BatchFailure, ReclaimWaiter, Request, Writer};
+
+/// Default of [`StoreOptions::max_batch_bytes`]: 16 MiB, 64 times below the frame limit recovery
+/// enforces, and enough to amortise an fdatasync over thousands of messages.
+pub const DEFAULT_MAX_BATCH_BYTES: u64 = 16 << 20;
 
 /// Most queues one message may be stored for.
 pub const MAX_QUEUES_PER_MESSAGE: usize = 1024;
@@ -46,6 +50,10 @@ pub struct StoreOptions {
     pub segment_bytes: u64,
     /// Largest message body accepted.
     pub max_message_bytes: usize,
+    /// Most bytes of entries one group commit puts in its frame (a single request larger than
+    /// this still gets a frame of its own). Appends waiting beyond it go into the next batch, so
+    /// no stall of the disk can build a frame anywhere near the 1 GiB that recovery accepts.
+    pub max_batch_bytes: u64,
     /// Size of the `RESERVE` file kept in the directory. When something fills the disk, the
     /// store deletes it so that checkpoints (which let retention free space) still fit; it is
     /// put back once there is room. 0 disables it.
@@ -62,6 +70,7 @@ impl Default for StoreOptions {
             quota_bytes: 4 << 30,
             segment_bytes: 64 << 20,
             max_message_bytes: 1 << 20,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             reserve_bytes: 1 << 20,
             preallocate: true,
         }
@@ -73,6 +82,9 @@ impl Default for StoreOptions {
 pub(crate) enum Halt {
     Poisoned(Arc<str>),
     Fenced,
+    /// The writer thread panicked (a bug): nothing can be written, and the index it was updating
+    /// may be half-done, so reads are refused too.
+    Panicked(Arc<str>),
 }
 
 impl std::fmt::Display for Halt {
@@ -80,6 +92,7 @@ impl std::fmt::Display for Halt {
         match self {
             Halt::Poisoned(why) => write!(f, "I/O failure: {why}"),
             Halt::Fenced => f.write_str("fenced by a newer owner"),
+            Halt::Panicked(why) => write!(f, "the writer thread panicked: {why}"),
         }
     }
 }
@@ -89,6 +102,7 @@ impl Halt {
         match self {
             Halt::Poisoned(why) => AppendError::Poisoned(why.clone()),
             Halt::Fenced => AppendError::Fenced,
+            Halt::Panicked(_) => AppendError::Poisoned(self.to_string().into()),
         }
     }
 
@@ -96,6 +110,15 @@ impl Halt {
         match self {
             Halt::Poisoned(why) => CheckpointError::Poisoned(why.clone()),
             Halt::Fenced => CheckpointError::Fenced,
+            Halt::Panicked(_) => CheckpointError::Poisoned(self.to_string().into()),
+        }
+    }
+
+    pub(crate) fn reclaim_error(&self) -> ReclaimError {
+        match self {
+            Halt::Poisoned(why) => ReclaimError::Poisoned(why.clone()),
+            Halt::Fenced => ReclaimError::Fenced,
+            Halt::Panicked(_) => ReclaimError::Poisoned(self.to_string().into()),
         }
     }
 }
@@ -106,6 +129,8 @@ pub(crate) struct Inbox {
     /// Bytes promised to appends not yet written (the quota counts them).
     pub(crate) reserved: u64,
     pub(crate) closing: bool,
+    /// The writer thread died: nothing submitted would ever be answered.
+    pub(crate) dead: Option<Halt>,
     /// The writer is parked on the condvar: only then does a submitter need to wake it (a
     /// notification is a syscall; under load the writer finds new requests by itself).
     pub(crate) writer_waiting: bool,
@@ -159,6 +184,8 @@ pub struct SyncLatency {
 /// State shared by the handles and the writer thread.
 pub(crate) struct Shared {
     pub(crate) dir: PathBuf,
+    /// This owner's prepared segment file (a name no other owner uses).
+    pub(crate) prepared_path: PathBuf,
     pub(crate) fs: Arc<dyn Fs>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) opts: StoreOptions,
@@ -192,10 +219,14 @@ impl Shared {
     fn submit<E>(
         &self,
         closed: E,
+        dead: impl FnOnce(&Halt) -> E,
         push: impl FnOnce(&mut Inbox) -> Result<(), E>,
     ) -> Result<(), E> {
         let wake = {
             let mut inbox = self.lock_inbox();
+            if let Some(halt) = &inbox.dead {
+                return Err(dead(halt));
+            }
             if inbox.closing {
                 return Err(closed);
             }
@@ -219,17 +250,76 @@ impl Shared {
         }
         self.halt.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// The writer thread panicked: halt the store for good, and answer everything waiting in the
+    /// inbox now (nothing else ever would). Requests of the batch it was working on lost their
+    /// answer channel when it unwound; their `Pending` reports that (see [`Closable`]).
+    fn writer_died(&self, why: String) {
+        let halt = Halt::Panicked(why.into());
+        tracing::error!(reason = %halt, "store stops: reopen it");
+        *self.halt.lock().unwrap_or_else(|p| p.into_inner()) = Some(halt.clone());
+        self.halted.store(true, Ordering::SeqCst);
+        let (requests, reclaims) = {
+            let mut inbox = self.lock_inbox();
+            inbox.dead = Some(halt.clone());
+            inbox.reserved = 0;
+            (
+                std::mem::take(&mut inbox.requests),
+                std::mem::take(&mut inbox.reclaims),
+            )
+        };
+        for request in requests {
+            match request {
+                Request::Append { reply, .. } => {
+                    let _ = reply.send(Err(halt.append_error()));
+                }
+                Request::Checkpoint { reply, .. } => {
+                    let _ = reply.send(Err(halt.checkpoint_error()));
+                }
+            }
+        }
+        for reply in reclaims {
+            let _ = reply.send(Err(halt.reclaim_error()));
+        }
+    }
+}
+
+/// What a panic carried, as text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
 }
 
 /// Errors that a pending request reports when the store went away under it.
 pub trait Closable {
     /// The "store closed" value of the error type.
     fn closed() -> Self;
+
+    /// The request will never be answered: the writer thread died (panicked) while it held it.
+    /// A store that closes answers everything first, so this is the only way an answer is lost.
+    fn unanswered() -> Self
+    where
+        Self: Sized,
+    {
+        Self::closed()
+    }
 }
+
+/// Why a request lost its answer (see [`Closable::unanswered`]).
+const UNANSWERED: &str = "the writer thread panicked before answering";
 
 impl Closable for AppendError {
     fn closed() -> Self {
         AppendError::Closed
+    }
+
+    fn unanswered() -> Self {
+        AppendError::Poisoned(UNANSWERED.into())
     }
 }
 
@@ -237,11 +327,19 @@ impl Closable for CheckpointError {
     fn closed() -> Self {
         CheckpointError::Closed
     }
+
+    fn unanswered() -> Self {
+        CheckpointError::Poisoned(UNANSWERED.into())
+    }
 }
 
 impl Closable for ReclaimError {
     fn closed() -> Self {
         ReclaimError::Closed
+    }
+
+    fn unanswered() -> Self {
+        ReclaimError::Poisoned(UNANSWERED.into())
     }
 }
 
@@ -270,7 +368,9 @@ impl<T, E: Closable> Pending<T, E> {
     pub fn wait(self) -> Result<T, E> {
         match self.state {
             PendingState::Ready(r) => r.unwrap_or_else(|| Err(E::closed())),
-            PendingState::Waiting(rx) => rx.blocking_recv().unwrap_or_else(|_| Err(E::closed())),
+            PendingState::Waiting(rx) => {
+                rx.blocking_recv().unwrap_or_else(|_| Err(E::unanswered()))
+            }
         }
     }
 }
@@ -283,7 +383,7 @@ impl<T: Unpin, E: Closable + Unpin> Future for Pending<T, E> {
             PendingState::Ready(r) => Poll::Ready(r.take().unwrap_or_else(|| Err(E::closed()))),
             PendingState::Waiting(rx) => Pin::new(rx)
                 .poll(cx)
-                .map(|r| r.unwrap_or_else(|_| Err(E::closed()))),
+                .map(|r| r.unwrap_or_else(|_| Err(E::unanswered()))),
         }
     }
 }
@@ -355,7 +455,11 @@ impl Inner {
             Some((writer, completer)) => {
                 let wrote = writer.join();
                 let completed = completer.join();
-                wrote.and(completed).map_err(|_| CloseError::WriterPanicked)
+                let died = matches!(self.shared.halted(), Some(Halt::Panicked(_)));
+                match wrote.and(completed) {
+                    Ok(()) if !died => Ok(()),
+                    _ => Err(CloseError::WriterPanicked),
+                }
             }
             None => Ok(()),
         }
@@ -409,6 +513,13 @@ impl Store {
                 "max_message_bytes must be below 512 MiB",
             ));
         }
+        if opts.max_batch_bytes == 0
+            || opts.max_batch_bytes > u64::from(crate::format::MAX_BATCH_PAYLOAD) / 4
+        {
+            return Err(OpenError::InvalidOptions(
+                "max_batch_bytes must be between 1 and 256 MiB",
+            ));
+        }
         fs.create_dir_all(&dir)
             .map_err(open_io("create directory", &dir))?;
         let (mut fence, mut history) = Fence::load(fs.as_ref(), &dir)?;
@@ -445,6 +556,7 @@ impl Store {
         let (durable_tx, _) = watch::channel(Offset::new(recovered.next_offset.get() - 1));
         let shared = Arc::new(Shared {
             dir: dir.clone(),
+            prepared_path: dir.join(prepared_name(generation)),
             fs,
             clock,
             opts,
@@ -453,6 +565,7 @@ impl Store {
                 reclaims: Vec::new(),
                 reserved: 0,
                 closing: false,
+                dead: None,
                 writer_waiting: false,
             }),
             inbox_cv: Condvar::new(),
@@ -470,10 +583,11 @@ impl Store {
         let preparer = if shared.opts.preallocate {
             Preparer::start(
                 Arc::clone(&shared.fs),
-                dir.clone(),
+                shared.prepared_path.clone(),
                 shared.opts.segment_bytes,
                 Arc::clone(&shared.disk_bytes),
                 shared.opts.quota_bytes,
+                fence.clone(),
             )
         } else {
             Preparer::disabled()
@@ -510,9 +624,16 @@ impl Store {
             .name("store-completer".into())
             .spawn(move || run_completer(completed, in_flight))
             .map_err(open_io("spawn completer thread", &dir))?;
+        let watched = Arc::clone(&shared);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                // A bug must not leave every producer waiting on a writer that is gone.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run()));
+                if let Err(panic) = ran {
+                    watched.writer_died(panic_message(panic.as_ref()));
+                }
+            })
             .map_err(open_io("spawn writer thread", &dir))?;
         let report = recovered.report;
         tracing::info!(
@@ -571,7 +692,7 @@ impl Store {
         let on_disk = shared.used_bytes();
         let (tx, rx) = oneshot::channel();
         let quota = shared.opts.quota_bytes;
-        let submitted = shared.submit(AppendError::Closed, |inbox| {
+        let submitted = shared.submit(AppendError::Closed, Halt::append_error, |inbox| {
             let used = on_disk + inbox.reserved;
             if used + needed > quota {
                 return Err(AppendError::Full {
@@ -607,7 +728,7 @@ impl Store {
             return Pending::ready(Err(h.checkpoint_error()));
         }
         let (tx, rx) = oneshot::channel();
-        let submitted = shared.submit(CheckpointError::Closed, |inbox| {
+        let submitted = shared.submit(CheckpointError::Closed, Halt::checkpoint_error, |inbox| {
             inbox.requests.push(Request::Checkpoint {
                 queue: queue.clone(),
                 upto,
@@ -632,6 +753,9 @@ impl Store {
         max: usize,
     ) -> Result<Vec<StoredMessage>, ReadError> {
         let shared = self.shared();
+        if let Some(h @ Halt::Panicked(_)) = shared.halted() {
+            return Err(ReadError::Poisoned(h.to_string().into()));
+        }
         let now = shared.clock.now().0;
         let picked: Vec<(IndexEntry, Arc<dyn FsFile>, PathBuf)> = {
             let mut index = shared.lock_index();
@@ -658,7 +782,7 @@ impl Store {
     pub fn reclaim(&self) -> Pending<u64, ReclaimError> {
         let shared = self.shared();
         let (tx, rx) = oneshot::channel();
-        let submitted = shared.submit(ReclaimError::Closed, |inbox| {
+        let submitted = shared.submit(ReclaimError::Closed, Halt::reclaim_error, |inbox| {
             inbox.reclaims.push(tx);
             Ok(())
         });

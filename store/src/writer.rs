@@ -23,12 +23,12 @@ use tokio::sync::oneshot;
 use crate::error::{AppendError, CheckpointError, ReclaimError};
 use crate::fence::Fence;
 use crate::format::{
-    encode_checkpoint, encode_declare, encode_message, encode_seal, BatchHeader, SegmentHeader,
-    BATCH_HEADER_LEN, SEGMENT_HEADER_LEN,
+    declare_len, encode_checkpoint, encode_declare, encode_message, encode_seal, message_len,
+    BatchHeader, Nonce, SegmentHeader, BATCH_HEADER_LEN, CHECKPOINT_LEN,
 };
 use crate::index::{IndexEntry, SegKey, SegmentInfo};
 use crate::io::{write_zeros, FsFile};
-use crate::prealloc::{Prepared, Preparer, PREPARED_FILE};
+use crate::prealloc::{Prepared, Preparer};
 use crate::recovery::{segment_name, RESERVE_FILE};
 use crate::store::{Halt, Shared};
 use crate::types::{Generation, Offset, QueueName, UnixMillis};
@@ -98,6 +98,8 @@ pub(crate) struct Active {
     pub(crate) key: SegKey,
     pub(crate) generation: Generation,
     pub(crate) seq: u64,
+    /// Keys the checksums of every frame written here (from the segment header).
+    pub(crate) nonce: Option<Nonce>,
     pub(crate) file: Arc<dyn FsFile>,
     /// Where the next batch goes.
     pub(crate) len: u64,
@@ -180,7 +182,7 @@ impl Writer {
                     return self.close();
                 }
                 (
-                    std::mem::take(&mut inbox.requests),
+                    take_batch(&mut inbox.requests, self.shared.opts.max_batch_bytes),
                     std::mem::take(&mut inbox.reclaims),
                 )
             };
@@ -191,8 +193,7 @@ impl Writer {
                 let removed = self.reclaim();
                 for reply in reclaims {
                     let _ = reply.send(match self.halt() {
-                        Some(Halt::Poisoned(why)) => Err(ReclaimError::Poisoned(why)),
-                        Some(Halt::Fenced) => Err(ReclaimError::Fenced),
+                        Some(h) => Err(h.reclaim_error()),
                         None => Ok(removed),
                     });
                 }
@@ -201,15 +202,26 @@ impl Writer {
     }
 
     /// A clean close leaves no unused preallocated space behind: the newest segment ends on its
-    /// last batch and no prepared file is left.
+    /// last batch and no prepared file is left. A fenced owner leaves the segment alone (the newer
+    /// owner has sealed it); the prepared file it removes carries its own generation's name.
     fn close(mut self) {
-        if self.halt().is_none() {
+        if self.halt().is_none() && self.still_current() {
             if let Err(BatchFailure::Halt(h)) = self.cut_preallocation() {
                 tracing::warn!(reason = %h, "could not give back preallocated space at close");
             }
         }
         self.preparer = Preparer::disabled();
-        let _ = self.shared.fs.remove(&self.shared.dir.join(PREPARED_FILE));
+        let _ = self.shared.fs.remove(&self.shared.prepared_path);
+    }
+
+    /// Checks the fence before a mutation of a file a newer owner may rely on (a segment, the
+    /// reserve); once fenced, the store halts and mutates nothing shared again.
+    fn still_current(&self) -> bool {
+        if self.fence.still_current() {
+            return true;
+        }
+        self.poison(Halt::Fenced);
+        false
     }
 
     fn halt(&self) -> Option<Halt> {
@@ -297,7 +309,7 @@ impl Writer {
 
     /// Deletes the reserve file to free its space; false if there was none to give.
     fn release_reserve(&mut self) -> bool {
-        if !self.reserve_present {
+        if !self.reserve_present || !self.still_current() {
             return false;
         }
         let path = self.shared.dir.join(RESERVE_FILE);
@@ -322,7 +334,7 @@ impl Writer {
     /// Puts the reserve file back when there is room for it (at start, and after retention).
     fn ensure_reserve(&mut self) {
         let bytes = self.shared.opts.reserve_bytes;
-        if self.reserve_present || bytes == 0 || self.halt().is_some() {
+        if self.reserve_present || bytes == 0 || self.halt().is_some() || !self.still_current() {
             return;
         }
         let path = self.shared.dir.join(RESERVE_FILE);
@@ -491,13 +503,10 @@ impl Writer {
     /// Frames `self.buf`, writes it at the end of the active segment and syncs it.
     /// Returns the frame's position in the file.
     fn write_and_sync(&mut self) -> Result<u64, BatchFailure> {
-        let payload_len = self.buf.len() - BATCH_HEADER_LEN;
-        let header = BatchHeader {
-            payload_len: payload_len as u32,
-            first_offset: self.batch_start,
-            payload_crc: crc32c::crc32c(&self.buf[BATCH_HEADER_LEN..]),
-        };
-        header.encode_into(&mut self.buf[..BATCH_HEADER_LEN]);
+        let nonce = self.active.nonce;
+        let header =
+            BatchHeader::for_payload(self.batch_start, nonce, &self.buf[BATCH_HEADER_LEN..]);
+        header.encode_into(nonce, &mut self.buf[..BATCH_HEADER_LEN]);
         let pos = self.active.len;
         let file = &self.active.file;
         if let Err(e) = file.write_all_at(&self.buf, pos) {
@@ -757,7 +766,7 @@ impl Writer {
                 .filter_map(|k| index.segments().get(&k).map(|s| (k, s.path.clone())))
                 .collect()
         };
-        if doomed.is_empty() {
+        if doomed.is_empty() || !self.still_current() {
             return 0;
         }
         let mut removed = 0;
@@ -799,9 +808,9 @@ pub(crate) fn create_segment(
 ) -> std::io::Result<Active> {
     let path = shared.dir.join(segment_name(generation, seq));
     let file = shared.fs.create_new(&path)?;
-    let header = SegmentHeader { generation, seq }.encode();
+    let header = SegmentHeader::new(generation, seq);
     let written = file
-        .write_all_at(&header, 0)
+        .write_all_at(&header.encode(), 0)
         .and_then(|()| file.sync_data())
         .and_then(|()| shared.fs.sync_dir(&shared.dir));
     if let Err(e) = written {
@@ -809,7 +818,7 @@ pub(crate) fn create_segment(
         let _ = shared.fs.remove(&path);
         return Err(e);
     }
-    Ok(register_segment(shared, generation, seq, path, file, 0))
+    Ok(register_segment(shared, header, path, file, 0))
 }
 
 /// Turns the prepared file into segment `seq`: header written and synced, then renamed into
@@ -820,11 +829,11 @@ fn adopt_prepared(
     generation: Generation,
     seq: u64,
 ) -> std::io::Result<Active> {
-    let from = shared.dir.join(PREPARED_FILE);
+    let from = shared.prepared_path.clone();
     let path = shared.dir.join(segment_name(generation, seq));
-    let header = SegmentHeader { generation, seq }.encode();
+    let header = SegmentHeader::new(generation, seq);
     let adopted = file
-        .write_all_at(&header, 0)
+        .write_all_at(&header.encode(), 0)
         .and_then(|()| file.sync_data())
         .and_then(|()| shared.fs.rename(&from, &path))
         .and_then(|()| shared.fs.sync_dir(&shared.dir));
@@ -833,21 +842,23 @@ fn adopt_prepared(
         let _ = shared.fs.remove(&path);
         return Err(e);
     }
-    Ok(register_segment(
-        shared, generation, seq, path, file, allocated,
-    ))
+    Ok(register_segment(shared, header, path, file, allocated))
 }
 
 /// Adds a new segment (its header written and synced) to the index and makes it the active one.
 fn register_segment(
     shared: &Shared,
-    generation: Generation,
-    seq: u64,
+    segment: SegmentHeader,
     path: std::path::PathBuf,
     file: Arc<dyn FsFile>,
     allocated: u64,
 ) -> Active {
-    let header = SEGMENT_HEADER_LEN as u64;
+    let SegmentHeader {
+        generation,
+        seq,
+        nonce,
+    } = segment;
+    let header = segment.len() as u64;
     let key = shared.lock_index().add_segment(SegmentInfo {
         generation,
         seq,
@@ -861,9 +872,44 @@ fn register_segment(
         key,
         generation,
         seq,
+        nonce,
         file,
         len: header,
         allocated,
+    }
+}
+
+/// Takes the oldest waiting requests whose entries fit in `cap` bytes (at least one request), so
+/// that no frame comes near the limit recovery accepts however long the disk stalled; the rest
+/// wait for the next batch, in order.
+fn take_batch(waiting: &mut Vec<Request>, cap: u64) -> Vec<Request> {
+    let mut size = 0u64;
+    let fits = waiting
+        .iter()
+        .take_while(|r| {
+            size = size.saturating_add(r.max_encoded_len());
+            size <= cap
+        })
+        .count()
+        .max(1);
+    if fits >= waiting.len() {
+        std::mem::take(waiting)
+    } else {
+        waiting.drain(..fits).collect()
+    }
+}
+
+impl Request {
+    /// The most bytes this request can add to a batch payload: its entry, plus a declaration for
+    /// each of its queues in case they are new.
+    fn max_encoded_len(&self) -> u64 {
+        match self {
+            Request::Append { queues, body, .. } => {
+                let declares: usize = queues.iter().map(|q| declare_len(q.as_str())).sum();
+                (message_len(queues.len(), body.len()) + declares) as u64
+            }
+            Request::Checkpoint { .. } => CHECKPOINT_LEN as u64,
+        }
     }
 }
 

@@ -35,7 +35,11 @@ fn appends_come_back_in_order_with_increasing_offsets() {
     let mut offsets = Vec::new();
     for i in 0..100u32 {
         let off = store
-            .append(&[a.clone()], Bytes::from(i.to_le_bytes().to_vec()), None)
+            .append(
+                std::slice::from_ref(&a),
+                Bytes::from(i.to_le_bytes().to_vec()),
+                None,
+            )
             .wait()
             .expect("append");
         offsets.push(off);
@@ -88,7 +92,7 @@ fn reopening_resumes_exactly_after_the_checkpoint() {
         let offs: Vec<Offset> = (0..10u8)
             .map(|i| {
                 store
-                    .append(&[a.clone()], Bytes::from(vec![i]), None)
+                    .append(std::slice::from_ref(&a), Bytes::from(vec![i]), None)
                     .wait()
                     .expect("append")
             })
@@ -104,7 +108,7 @@ fn reopening_resumes_exactly_after_the_checkpoint() {
         (4..10u8).map(|i| vec![i]).collect::<Vec<_>>()
     );
     let next = store
-        .append(&[a.clone()], Bytes::from_static(b"x"), None)
+        .append(std::slice::from_ref(&a), Bytes::from_static(b"x"), None)
         .wait()
         .expect("append");
     assert!(next > offsets[9], "offsets are never reused after reopen");
@@ -116,7 +120,7 @@ fn a_checkpoint_past_the_last_message_is_refused() {
     let store = Store::open(dir.path(), opts()).expect("open");
     let a = q("a");
     let off = store
-        .append(&[a.clone()], Bytes::from_static(b"x"), None)
+        .append(std::slice::from_ref(&a), Bytes::from_static(b"x"), None)
         .wait()
         .expect("append");
     let err = store
@@ -138,11 +142,11 @@ fn a_lower_checkpoint_changes_nothing() {
     let store = Store::open(dir.path(), opts()).expect("open");
     let a = q("a");
     let o1 = store
-        .append(&[a.clone()], Bytes::from_static(b"1"), None)
+        .append(std::slice::from_ref(&a), Bytes::from_static(b"1"), None)
         .wait()
         .expect("append");
     let o2 = store
-        .append(&[a.clone()], Bytes::from_static(b"2"), None)
+        .append(std::slice::from_ref(&a), Bytes::from_static(b"2"), None)
         .wait()
         .expect("append");
     store.checkpoint(&a, o2).wait().expect("checkpoint");
@@ -166,7 +170,7 @@ fn an_oversized_message_is_refused_and_nothing_is_stored() {
     .expect("open");
     let a = q("a");
     let err = store
-        .append(&[a.clone()], Bytes::from(vec![0u8; 1001]), None)
+        .append(std::slice::from_ref(&a), Bytes::from(vec![0u8; 1001]), None)
         .wait()
         .expect_err("too large");
     assert!(matches!(
@@ -226,7 +230,11 @@ fn a_newer_epoch_makes_the_older_owners_next_commit_fail() {
     )
     .expect("open");
     let acked = old
-        .append(&[a.clone()], Bytes::from_static(b"before"), None)
+        .append(
+            std::slice::from_ref(&a),
+            Bytes::from_static(b"before"),
+            None,
+        )
         .wait()
         .expect("append");
     let new = Store::open(
@@ -238,7 +246,11 @@ fn a_newer_epoch_makes_the_older_owners_next_commit_fail() {
     )
     .expect("open newer");
     let err = old
-        .append(&[a.clone()], Bytes::from_static(b"zombie"), None)
+        .append(
+            std::slice::from_ref(&a),
+            Bytes::from_static(b"zombie"),
+            None,
+        )
         .wait()
         .expect_err("fenced");
     assert!(matches!(err, AppendError::Fenced), "{err}");
@@ -308,7 +320,7 @@ async fn appends_can_be_awaited_and_complete_in_submission_order() {
     let store = Store::open(dir.path(), opts()).expect("open");
     let a = q("a");
     let pending: Vec<_> = (0..50u8)
-        .map(|i| store.append(&[a.clone()], Bytes::from(vec![i]), None))
+        .map(|i| store.append(std::slice::from_ref(&a), Bytes::from(vec![i]), None))
         .collect();
     let mut last = Offset::ZERO;
     for p in pending {

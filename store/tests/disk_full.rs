@@ -406,7 +406,7 @@ fn a_checkpoint_gets_through_when_another_process_fills_the_disk_so_appends_can_
 
 #[test]
 fn enospc_while_writing_a_new_segments_preamble_leaves_a_store_that_still_reopens() {
-    // Byte-exact ENOSPC needs the simulated filesystem: room for the new segment's 32-byte header
+    // Byte-exact ENOSPC needs the simulated filesystem: room for the new segment's 40-byte header
     // but not for its preamble batch. (Fixed in b481d00; tests/rotation.rs checks the writer side,
     // this checks the end result: the directory still opens with everything acknowledged.)
     use std::sync::Arc;
@@ -444,7 +444,7 @@ fn enospc_while_writing_a_new_segments_preamble_leaves_a_store_that_still_reopen
             .wait()
             .expect("room");
     }
-    fs.set_space_limit(Some(fs.live_bytes() + 40));
+    fs.set_space_limit(Some(fs.live_bytes() + 48));
     let err = store
         .append(&queues, body(1, 10), None)
         .wait()

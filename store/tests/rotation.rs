@@ -49,7 +49,7 @@ fn a_full_disk_postpones_rotation_so_checkpoints_fit_and_every_declaration_survi
     // Fill the first segment up to the point where the next batch rotates.
     while newest_segment_len(&fs) < 4096 {
         let off = store
-            .append(&[q.clone()], Bytes::from(vec![1u8; 300]), None)
+            .append(std::slice::from_ref(&q), Bytes::from(vec![1u8; 300]), None)
             .wait()
             .expect("append");
         offsets.push(off);
@@ -57,7 +57,7 @@ fn a_full_disk_postpones_rotation_so_checkpoints_fit_and_every_declaration_survi
     // Room for a new segment's header, not for its preamble; room for a checkpoint.
     fs.set_space_limit(Some(fs.live_bytes() + 40));
     let err = store
-        .append(&[q.clone()], Bytes::from(vec![2u8; 300]), None)
+        .append(std::slice::from_ref(&q), Bytes::from(vec![2u8; 300]), None)
         .wait()
         .expect_err("disk full");
     assert!(matches!(err, AppendError::Full { .. }), "{err}");
@@ -85,7 +85,7 @@ fn a_full_disk_postpones_rotation_so_checkpoints_fit_and_every_declaration_survi
 
     fs.set_space_limit(None);
     let after = store
-        .append(&[q.clone()], Bytes::from_static(b"after"), None)
+        .append(std::slice::from_ref(&q), Bytes::from_static(b"after"), None)
         .wait()
         .expect("append once space is back");
     store.reclaim().wait().expect("reclaim");
