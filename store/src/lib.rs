@@ -23,6 +23,8 @@
 //!    open it, and a process whose epoch has been superseded fails its next commit.
 //! 9. Recovery cuts a torn tail, verifies the CRC32C of everything it keeps, never panics on any
 //!    file content, and reports corruption with file and byte.
+//! 10. Appends made with one [`AppendChain`] are stored as a prefix of their submission order:
+//!     once one fails, none submitted after it with that chain is stored.
 //!
 //! `DESIGN.md` beside this crate gives the on-disk format byte by byte and the crash argument.
 //!
@@ -30,9 +32,11 @@
 //! - [`types`]: offsets, epochs, queue names, time;
 //! - `format`: the bytes on disk (pure);
 //! - `io`: the filesystem seam ([`Fs`], [`OsFs`]; `sim::SimFs` with the `test-util` feature);
+//! - [`AppendChain`]: one producer's appends, stored as a prefix of what it submitted;
 //! - `fence`: the `EPOCHS` file; `recovery`: open-time scan; `writer`: group commit;
 //! - `index`: what is durable, in memory; `store`: the [`Store`] handle.
 
+mod chain;
 pub mod error;
 mod fence;
 mod format;
@@ -46,6 +50,7 @@ mod store;
 pub mod types;
 mod writer;
 
+pub use chain::AppendChain;
 pub use error::{AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError};
 pub use format::FormatError;
 pub use io::{Fs, FsFile, OsFs};
