@@ -13,15 +13,17 @@
 
 #[path = "support/raw.rs"]
 mod raw;
+#[path = "support/tmpfs.rs"]
+mod tmpfs;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use raw::{module_creds, BinaryHub, Creds, Event};
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
+use tmpfs::Tmpfs;
 
 /// Messages the sender sends in all.
 const TOTAL: u64 = 240;
@@ -30,67 +32,6 @@ const FULL_ROUNDS: usize = 8;
 /// A large message's body; a tiny one's is its sequence number only. Every eighth message is
 /// large, so a run of tiny ones follows each large one.
 const LARGE: usize = 48 * 1024;
-
-/// A tmpfs mounted on `path` (created if missing), unmounted when dropped (also on panic).
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it), or `None` with a message when
-    /// this machine does not allow it.
-    fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(path).unwrap();
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .expect("run mount");
-        if !out.status.success() {
-            let why = String::from_utf8_lossy(&out.stderr).to_lowercase();
-            assert!(
-                why.contains("permission denied")
-                    || why.contains("not permitted")
-                    || why.contains("superuser")
-                    || why.contains("only root"),
-                "mount tmpfs failed for another reason than permissions: {why}"
-            );
-            eprintln!(
-                "SKIPPED: cannot mount a tmpfs here ({}); ENOSPC untested",
-                why.trim()
-            );
-            return None;
-        }
-        Some(Tmpfs {
-            path: path.to_owned(),
-        })
-    }
-
-    fn resize(&self, size: &str) {
-        let out = Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.path)
-            .output()
-            .expect("run mount -o remount");
-        assert!(
-            out.status.success(),
-            "remount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
 
 /// `{seq}:`, padded to [`LARGE`] for every eighth.
 fn payload(seq: u64) -> Vec<u8> {
