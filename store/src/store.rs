@@ -566,19 +566,20 @@ impl Store {
         body: Bytes,
         expiry: Option<UnixMillis>,
     ) -> Pending<Offset, AppendError> {
-        if let Some(refused) = chain.refusal() {
-            return Pending::ready(Err(refused));
-        }
-        let pending = self.submit_append(Some(chain), queues, body, expiry);
+        let position = match chain.take_position() {
+            Ok(position) => position,
+            Err(refused) => return Pending::ready(Err(refused)),
+        };
+        let pending = self.submit_append(Some((chain, position)), queues, body, expiry);
         if let PendingState::Ready(Some(Err(e))) = &pending.state {
-            chain.break_with(e);
+            chain.break_at(position, e);
         }
         pending
     }
 
     fn submit_append(
         &self,
-        chain: Option<&AppendChain>,
+        chain: Option<(&AppendChain, u64)>,
         queues: &[QueueName],
         body: Bytes,
         expiry: Option<UnixMillis>,
@@ -619,7 +620,7 @@ impl Store {
                 body,
                 expiry,
                 reserved: needed,
-                chain: chain.cloned(),
+                chain: chain.map(|(chain, position)| (chain.clone(), position)),
                 reply: tx,
             });
             Ok(())

@@ -41,8 +41,9 @@ pub(crate) enum Request {
         body: bytes::Bytes,
         expiry: Option<UnixMillis>,
         reserved: u64,
-        /// The producer's chain (see `chain`): not written once it is broken.
-        chain: Option<AppendChain>,
+        /// The producer's chain and this append's position on it (see `chain`): not written
+        /// once an earlier position failed.
+        chain: Option<(AppendChain, u64)>,
         reply: oneshot::Sender<Result<Offset, AppendError>>,
     },
     Checkpoint {
@@ -614,14 +615,15 @@ impl Writer {
         }
     }
 
-    /// Refuses, unwritten, the appends whose chain an earlier failure broke (see `chain`); the
-    /// rest go on. Runs before every batch, so a chain broken by batch k refuses its requests in
+    /// Refuses, unwritten, the appends behind a failure of their chain (see `chain`); the rest
+    /// go on. Runs before every batch, so a chain broken by batch k refuses its requests in
     /// batch k+1.
     fn refuse_broken_chains(&self, requests: Vec<Request>) -> Vec<Request> {
         let broken = |r: &Request| match r {
             Request::Append {
-                chain: Some(chain), ..
-            } => chain.is_broken(),
+                chain: Some((chain, position)),
+                ..
+            } => chain.refusal_for(*position).is_some(),
             _ => false,
         };
         if !requests.iter().any(broken) {
@@ -633,11 +635,11 @@ impl Writer {
             .into_iter()
             .filter_map(|req| match req {
                 Request::Append {
-                    chain: Some(chain),
+                    chain: Some((chain, position)),
                     reply,
                     ..
                 } => chain
-                    .refusal()
+                    .refusal_for(position)
                     .map(|refused| Reply::Append(reply, Err(refused))),
                 _ => None,
             })
@@ -668,8 +670,8 @@ impl Writer {
                         },
                         BatchFailure::Halt(h) => h.append_error(),
                     };
-                    if let Some(chain) = chain {
-                        chain.break_with(&err);
+                    if let Some((chain, position)) = chain {
+                        chain.break_at(position, &err);
                     }
                     Reply::Append(reply, Err(err))
                 }

@@ -29,22 +29,27 @@ fn q(name: &str) -> QueueName {
 
 #[derive(Debug, Default)]
 struct GateState {
-    /// The next write of at least this many bytes blocks, then fails with ENOSPC.
+    /// The next write of at least this many bytes blocks until released, then fails with
+    /// ENOSPC if `fail`, else goes through.
     armed_for: Option<usize>,
+    fail: bool,
     /// The writer is blocked in that write.
     reached: bool,
     released: bool,
 }
 
-/// Wraps the simulated filesystem; one armed write blocks until released, then fails ENOSPC.
+/// Wraps the simulated filesystem; one armed write blocks until released, then fails with
+/// ENOSPC or goes through.
 #[derive(Debug, Clone, Default)]
 struct Gate {
     state: Arc<(Mutex<GateState>, Condvar)>,
 }
 
 impl Gate {
-    fn arm(&self, min_len: usize) {
-        self.state.0.lock().unwrap().armed_for = Some(min_len);
+    fn arm(&self, min_len: usize, fail: bool) {
+        let mut s = self.state.0.lock().unwrap();
+        s.armed_for = Some(min_len);
+        s.fail = fail;
     }
 
     fn wait_reached(&self) {
@@ -74,7 +79,10 @@ impl Gate {
         while !s.released {
             s = cv.wait(s).unwrap();
         }
-        Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        if s.fail {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
     }
 }
 
@@ -143,12 +151,17 @@ impl Fs for GateFs {
 }
 
 fn open(fs: Arc<dyn Fs>) -> Store {
+    open_with_quota(fs, StoreOptions::default().quota_bytes)
+}
+
+fn open_with_quota(fs: Arc<dyn Fs>, quota_bytes: u64) -> Store {
     Store::open_with(
         Path::new(DIR),
         StoreOptions {
             epoch: Epoch::new(1),
             preallocate: false,
             reserve_bytes: 0,
+            quota_bytes,
             ..StoreOptions::default()
         },
         fs,
@@ -183,7 +196,7 @@ fn an_append_behind_a_failed_batch_of_its_chain_is_not_stored() {
         .wait()
         .unwrap();
     let p1 = Bytes::from(vec![b'1'; 8192]);
-    gate.arm(p1.len());
+    gate.arm(p1.len(), true);
     let chain = AppendChain::new();
     let first = store.append_in(&chain, &[q("a")], p1, None);
     // The writer is inside P1's batch: P2 and the other producer's append wait for the next.
@@ -227,19 +240,7 @@ fn an_append_behind_a_failed_batch_of_its_chain_is_not_stored() {
 /// the quota, is not stored; without a chain it would be.
 #[test]
 fn a_refusal_at_submit_breaks_the_chain() {
-    let store = Store::open_with(
-        Path::new(DIR),
-        StoreOptions {
-            epoch: Epoch::new(1),
-            preallocate: false,
-            reserve_bytes: 0,
-            quota_bytes: 64 << 10,
-            ..StoreOptions::default()
-        },
-        Arc::new(SimFs::new()),
-        Arc::new(ManualClock::new(UnixMillis(1_000))),
-    )
-    .unwrap();
+    let store = open_with_quota(Arc::new(SimFs::new()), 64 << 10);
     let chain = AppendChain::new();
     let big = store.append_in(&chain, &[q("a")], Bytes::from(vec![0u8; 100 << 10]), None);
     let small = store.append_in(&chain, &[q("a")], Bytes::from_static(b"small"), None);
@@ -250,5 +251,48 @@ fn a_refusal_at_submit_breaks_the_chain() {
         .wait()
         .unwrap();
     assert_eq!(bodies(&store), [Bytes::from_static(b"unchained")]);
+    store.close().unwrap();
+}
+
+/// The chain refuses what comes after a failure, not what came before it: P1 waits in the inbox
+/// while P0's batch is being written, then P2 is refused at submit (the quota). P1 was submitted
+/// first, so it is still stored; P3, after the failure, is not.
+#[test]
+fn an_append_submitted_before_the_failure_is_still_stored() {
+    let gate = Gate::default();
+    let fs = Arc::new(GateFs {
+        sim: SimFs::new(),
+        gate: gate.clone(),
+    });
+    let store = open_with_quota(fs, 64 << 10);
+    store
+        .append(&[q("a")], Bytes::from_static(b"declares"), None)
+        .wait()
+        .unwrap();
+    let p0 = Bytes::from(vec![b'0'; 8192]);
+    gate.arm(p0.len(), false);
+    let chain = AppendChain::new();
+    let first = store.append_in(&chain, &[q("a")], p0.clone(), None);
+    gate.wait_reached();
+    let second = store.append_in(&chain, &[q("a")], Bytes::from_static(b"P1"), None);
+    let third = store.append_in(&chain, &[q("a")], Bytes::from(vec![0u8; 100 << 10]), None);
+    gate.release();
+    first.wait().unwrap();
+    second.wait().expect("submitted before the failure: stored");
+    assert!(matches!(third.wait(), Err(AppendError::Full { .. })));
+    assert!(matches!(
+        store
+            .append_in(&chain, &[q("a")], Bytes::from_static(b"P3"), None)
+            .wait(),
+        Err(AppendError::ChainBroken { .. })
+    ));
+    assert_eq!(
+        bodies(&store),
+        [
+            Bytes::from_static(b"declares"),
+            p0,
+            Bytes::from_static(b"P1")
+        ]
+    );
     store.close().unwrap();
 }
