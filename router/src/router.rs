@@ -375,4 +375,48 @@ mod tests {
         drop(router);
         store.close().unwrap();
     }
+
+    #[tokio::test]
+    async fn route_in_stores_nothing_of_a_producer_after_its_refused_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
+        let opts = StoreOptions {
+            max_message_bytes: 4096,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(dir.path(), opts, Arc::new(OsFs), clock.clone()).unwrap();
+        let dispatcher =
+            Dispatcher::start(store.clone(), clock, DispatcherConfig::default()).unwrap();
+        let route = Route::parse(
+            RouteId::new("r"),
+            "FROM /messages/modules/m/outputs/* INTO $upstream",
+            Priority(0),
+            Ttl::Infinite,
+        )
+        .unwrap();
+        let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
+
+        let chain = AppendChain::new();
+        let first = router.route_in(&chain, message(vec![b'a'; 10]));
+        let big = router.route_in(&chain, message(vec![b'b'; 8192]));
+        let after = router.route_in(&chain, message(vec![b'c'; 10]));
+        // Another producer (no chain, or its own) is not affected.
+        let other = router.route(message(vec![b'd'; 10]));
+        let fresh = router.route_in(&AppendChain::new(), message(vec![b'e'; 10]));
+        assert!(matches!(first.await, Ok(RouteOutcome::Stored { .. })));
+        assert!(matches!(
+            big.await,
+            Err(RouteError::Store(AppendError::TooLarge { .. }))
+        ));
+        assert!(matches!(
+            after.await,
+            Err(RouteError::Store(AppendError::ChainBroken { .. }))
+        ));
+        assert!(matches!(other.await, Ok(RouteOutcome::Stored { .. })));
+        assert!(matches!(fresh.await, Ok(RouteOutcome::Stored { .. })));
+        assert_eq!(router.metrics().routed, 3, "{:?}", router.metrics());
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
+    }
 }
