@@ -13,7 +13,7 @@
 //!   position. The writer thread records the failure of every append of a failed batch before
 //!   it takes the next batch, and refuses unwritten every request at a later position than a
 //!   failure; `append_in` refuses at once when the chain is already broken, and records any
-//!   immediate refusal (an append submitted before it but not yet written is still stored);
+//!   immediate refusal (an append submitted before it and not yet written is still written);
 //! - a broken chain stays broken: the producer starts over (a new connection, a new link) with
 //!   a new chain, after resending what was not acknowledged.
 //!
