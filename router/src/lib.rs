@@ -75,3 +75,4 @@ pub use route::{
 };
 pub use router::{RouteAck, RouteError, RouteOutcome, Router};
 pub use sink::{Delivery, DeliveryOutcome, DynSink, FailureKind, RejectReason, Sink};
+pub use store::AppendChain;

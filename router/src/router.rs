@@ -23,6 +23,9 @@
 //! - The append is submitted when `route` is called, not when the returned future is first
 //!   polled, and the store completes appends in submission order: a head that calls `route` in
 //!   order gets completions in that order (it may await the acks in a pipeline).
+//! - [`Router::route_in`] adds the append to a producer's [`AppendChain`]: once one of its
+//!   messages fails to become durable (even in a later group commit than the one it was
+//!   refused in), none routed after it on that chain is stored.
 //! - [`Router::reload`] swaps the table whole; a message is evaluated against exactly one table.
 //!   Messages already queued keep the priority (their queue) and TTL (their stored expiry) they
 //!   were enqueued with; nothing queued is dropped, even for an endpoint no route names any more.
@@ -58,7 +61,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-use store::{AppendError, Offset, Pending, QueueName, UnixMillis};
+use store::{AppendChain, AppendError, Offset, Pending, QueueName, UnixMillis};
 
 use crate::codec::{self, EncodeError, EndpointOptions, Envelope, ExpiryOverride};
 use crate::dispatcher::{Dispatcher, DispatcherHandle};
@@ -131,6 +134,19 @@ impl Router {
     /// Routes `msg`: evaluates the table and submits one durable append listing every target
     /// queue. The returned future resolves once the message is durable (the ack point).
     pub fn route(&self, msg: Message) -> RouteAck {
+        self.route_with(None, msg)
+    }
+
+    /// [`Router::route`] for one producer (a connection, a link) that pipelines: the append joins
+    /// `chain`, so once one of the producer's messages fails to become durable, none it routes
+    /// later with that chain is stored (they fail with [`AppendError::ChainBroken`]). A producer
+    /// that resends what was not acknowledged then cannot find a later message stored ahead of
+    /// an earlier one. Use one chain per connection or link, and a new one after a failure.
+    pub fn route_in(&self, chain: &AppendChain, msg: Message) -> RouteAck {
+        self.route_with(Some(chain), msg)
+    }
+
+    fn route_with(&self, chain: Option<&AppendChain>, msg: Message) -> RouteAck {
         let shared = self.dispatcher.shared();
         let counters = Arc::clone(&shared.counters);
         let targets = self.table().targets(&msg);
@@ -140,7 +156,7 @@ impl Router {
         }
         let targets = targets.into_vec();
         let now = shared.clock.now();
-        let submitted = self.submit(msg, &targets, now);
+        let submitted = self.submit(chain, msg, &targets, now);
         let state = match submitted {
             Ok(pending) => AckState::Waiting(pending),
             Err(e) => AckState::Ready(Some(Err(e))),
@@ -154,6 +170,7 @@ impl Router {
 
     fn submit(
         &self,
+        chain: Option<&AppendChain>,
         msg: Message,
         targets: &[Target],
         now: UnixMillis,
@@ -196,11 +213,11 @@ impl Router {
                 t.queue.ensured_by.store(dispatcher, Ordering::Release);
             }
         }
-        Ok(self
-            .dispatcher
-            .shared()
-            .store
-            .append(&names, bytes, stored_expiry))
+        let store = &self.dispatcher.shared().store;
+        Ok(match chain {
+            Some(chain) => store.append_in(chain, &names, bytes, stored_expiry),
+            None => store.append(&names, bytes, stored_expiry),
+        })
     }
 }
 
@@ -354,6 +371,50 @@ mod tests {
         assert!(!durable.is_refused());
         assert!(matches!(durable.await, Ok(RouteOutcome::Stored { .. })));
         assert_eq!(router.metrics().routed, 2, "{:?}", router.metrics());
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn route_in_stores_nothing_of_a_producer_after_its_refused_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
+        let opts = StoreOptions {
+            max_message_bytes: 4096,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(dir.path(), opts, Arc::new(OsFs), clock.clone()).unwrap();
+        let dispatcher =
+            Dispatcher::start(store.clone(), clock, DispatcherConfig::default()).unwrap();
+        let route = Route::parse(
+            RouteId::new("r"),
+            "FROM /messages/modules/m/outputs/* INTO $upstream",
+            Priority(0),
+            Ttl::Infinite,
+        )
+        .unwrap();
+        let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
+
+        let chain = AppendChain::new();
+        let first = router.route_in(&chain, message(vec![b'a'; 10]));
+        let big = router.route_in(&chain, message(vec![b'b'; 8192]));
+        let after = router.route_in(&chain, message(vec![b'c'; 10]));
+        // Another producer (no chain, or its own) is not affected.
+        let other = router.route(message(vec![b'd'; 10]));
+        let fresh = router.route_in(&AppendChain::new(), message(vec![b'e'; 10]));
+        assert!(matches!(first.await, Ok(RouteOutcome::Stored { .. })));
+        assert!(matches!(
+            big.await,
+            Err(RouteError::Store(AppendError::TooLarge { .. }))
+        ));
+        assert!(matches!(
+            after.await,
+            Err(RouteError::Store(AppendError::ChainBroken { .. }))
+        ));
+        assert!(matches!(other.await, Ok(RouteOutcome::Stored { .. })));
+        assert!(matches!(fresh.await, Ok(RouteOutcome::Stored { .. })));
+        assert_eq!(router.metrics().routed, 3, "{:?}", router.metrics());
         dispatcher.shutdown().await;
         drop(router);
         store.close().unwrap();

@@ -1094,3 +1094,63 @@ async fn a_restart_mid_way_resumes_both_lanes_with_no_gap() {
     assert_eq!(hub.dispatcher.metrics().moved_to_backlog, 0);
     hub.close().await;
 }
+
+/// Issue 11 item 8: a live-lane read moves two aged messages, and the store refuses the first
+/// one's copy (the quota has room for the second, smaller one only). Neither may then be both
+/// moved and sent in place: before the fix the second copy was stored in the backlog lane while
+/// the message was also sent from the live lane, so it was delivered twice with no failure.
+#[tokio::test(start_paused = true)]
+async fn a_refused_move_stores_no_copy_of_the_messages_behind_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::open_with(
+        dir.path(),
+        table(vec![
+            upstream_route("telemetry", "t", 1, Ttl::Infinite).with_options(live_first(5))
+        ]),
+        config(10),
+        store::StoreOptions {
+            quota_bytes: 1 << 20,
+            preallocate: false,
+            reserve_bytes: 0,
+            ..store::StoreOptions::default()
+        },
+    );
+    let big = format!("big{}", "#".repeat(8000));
+    let sent = vec![big.clone(), "small".to_owned()];
+    hub.send_all("m", "t", &sent).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // Fill the quota up to about 2,000 bytes: room for the small copy, not for the big one.
+    let filler = store::QueueName::new("filler").unwrap();
+    let append = |len: usize| {
+        hub.store
+            .append(std::slice::from_ref(&filler), vec![b'f'; len].into(), None)
+    };
+    append(1).await.unwrap();
+    let room = (1u64 << 20) - hub.store.stats().bytes_on_disk;
+    // A message costs its body, a 31-byte entry and a 24-byte frame header.
+    append(usize::try_from(room - 55 - 2000).unwrap())
+        .await
+        .unwrap();
+    let room = (1u64 << 20) - hub.store.stats().bytes_on_disk;
+    assert!((1500..=2000).contains(&room), "room {room}");
+
+    let sink = RecordingSink::default();
+    hub.dispatcher
+        .register_sink(&Endpoint::Upstream, sink.clone());
+    sink.log.wait_delivered(2).await;
+    // Every copy the move submitted has been answered by now (the store answers in order).
+    checkpoint_settled(&hub, &live_queue(1)).await;
+    let backlog = hub
+        .store
+        .stats()
+        .queues
+        .into_iter()
+        .find(|q| q.name == upstream_queue(1));
+    assert!(
+        backlog.as_ref().is_none_or(|q| q.tail == Offset::ZERO),
+        "a copy was stored in the backlog lane although the message was sent in place: {backlog:?}"
+    );
+    assert_eq!(sink.log.delivered(), sent);
+    assert_eq!(hub.dispatcher.metrics().moved_to_backlog, 0);
+    hub.close().await;
+}

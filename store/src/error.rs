@@ -97,6 +97,14 @@ pub enum AppendError {
     /// The store was closed.
     #[error("store closed")]
     Closed,
+    /// An earlier append of the same [`crate::AppendChain`] failed, so this one was not stored
+    /// (storing it could put it ahead of the earlier one's resend).
+    #[error("not stored: an earlier append of this producer failed ({cause})")]
+    ChainBroken {
+        /// Why the earlier append failed.
+        #[source]
+        cause: Box<AppendError>,
+    },
 }
 
 /// A checkpoint was refused. Except for `Poisoned` and `Fenced` (outcome unknown, as for

@@ -26,6 +26,8 @@
 //! 9. Recovery cuts a torn tail, verifies the CRC32C of everything it keeps, never panics on any
 //!    file content, and reports corruption with file and byte. Frame checksums are keyed by a
 //!    per-segment secret, so no message body can make a torn tail look like corruption.
+//! 10. Appends made with one [`AppendChain`] are stored as a prefix of their submission order:
+//!     once one fails, none submitted after it with that chain is stored.
 //!
 //! `DESIGN.md` beside this crate gives the on-disk format byte by byte and the crash argument.
 //!
@@ -33,9 +35,11 @@
 //! - [`types`]: offsets, epochs, queue names, time;
 //! - `format`: the bytes on disk (pure);
 //! - `io`: the filesystem seam ([`Fs`], [`OsFs`]; `sim::SimFs` with the `test-util` feature);
+//! - [`AppendChain`]: one producer's appends, stored as a prefix of what it submitted;
 //! - `fence`: the `EPOCHS` file; `recovery`: open-time scan; `writer`: group commit;
 //! - `index`: what is durable, in memory; `store`: the [`Store`] handle.
 
+mod chain;
 pub mod error;
 mod fence;
 mod format;
@@ -49,6 +53,7 @@ mod store;
 pub mod types;
 mod writer;
 
+pub use chain::AppendChain;
 pub use error::{AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError};
 pub use format::FormatError;
 pub use io::{Fs, FsFile, OsFs};

@@ -18,6 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
+use crate::chain::AppendChain;
 use crate::error::{
     open_io, AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError,
 };
@@ -671,6 +672,39 @@ impl Store {
         body: Bytes,
         expiry: Option<UnixMillis>,
     ) -> Pending<Offset, AppendError> {
+        self.submit_append(None, queues, body, expiry)
+    }
+
+    /// [`Store::append`] as part of `chain`, one producer's ordered appends: it is stored only
+    /// if every earlier append of the chain was. Once one fails (at once or in its group
+    /// commit), this one and every later one of the chain fail with
+    /// [`AppendError::ChainBroken`] without being written, so a producer that resends what was
+    /// not acknowledged can never find a later message stored ahead of an earlier one.
+    pub fn append_in(
+        &self,
+        chain: &AppendChain,
+        queues: &[QueueName],
+        body: Bytes,
+        expiry: Option<UnixMillis>,
+    ) -> Pending<Offset, AppendError> {
+        let position = match chain.take_position() {
+            Ok(position) => position,
+            Err(refused) => return Pending::ready(Err(refused)),
+        };
+        let pending = self.submit_append(Some((chain, position)), queues, body, expiry);
+        if let PendingState::Ready(Some(Err(e))) = &pending.state {
+            chain.break_at(position, e);
+        }
+        pending
+    }
+
+    fn submit_append(
+        &self,
+        chain: Option<(&AppendChain, u64)>,
+        queues: &[QueueName],
+        body: Bytes,
+        expiry: Option<UnixMillis>,
+    ) -> Pending<Offset, AppendError> {
         let shared = self.shared();
         if let Some(h) = shared.halted() {
             return Pending::ready(Err(h.append_error()));
@@ -707,6 +741,7 @@ impl Store {
                 body,
                 expiry,
                 reserved: needed,
+                chain: chain.map(|(chain, position)| (chain.clone(), position)),
                 reply: tx,
             });
             Ok(())

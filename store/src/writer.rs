@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::chain::AppendChain;
 use crate::error::{AppendError, CheckpointError, ReclaimError};
 use crate::fence::Fence;
 use crate::format::{
@@ -40,6 +41,9 @@ pub(crate) enum Request {
         body: bytes::Bytes,
         expiry: Option<UnixMillis>,
         reserved: u64,
+        /// The producer's chain and this append's position on it (see `chain`): not written
+        /// once an earlier position failed.
+        chain: Option<(AppendChain, u64)>,
         reply: oneshot::Sender<Result<Offset, AppendError>>,
     },
     Checkpoint {
@@ -243,6 +247,10 @@ impl Writer {
 
     /// One group commit: everything that was waiting, one write, one fdatasync.
     fn commit(&mut self, requests: Vec<Request>) {
+        let requests = self.refuse_broken_chains(requests);
+        if requests.is_empty() {
+            return;
+        }
         if let Some(halt) = self.halt() {
             return self.fail_all(requests, &BatchFailure::Halt(halt));
         }
@@ -616,7 +624,41 @@ impl Writer {
         }
     }
 
-    /// Fails every request of a batch that was not written (or not durable).
+    /// Refuses, unwritten, the appends behind a failure of their chain (see `chain`); the rest
+    /// go on. Runs before every batch, so a chain broken by batch k refuses its requests in
+    /// batch k+1.
+    fn refuse_broken_chains(&self, requests: Vec<Request>) -> Vec<Request> {
+        let broken = |r: &Request| match r {
+            Request::Append {
+                chain: Some((chain, position)),
+                ..
+            } => chain.refusal_for(*position).is_some(),
+            _ => false,
+        };
+        if !requests.iter().any(broken) {
+            return requests;
+        }
+        let (refused, rest): (Vec<Request>, Vec<Request>) = requests.into_iter().partition(broken);
+        self.shared.release(reserved_by(&refused));
+        let replies = refused
+            .into_iter()
+            .filter_map(|req| match req {
+                Request::Append {
+                    chain: Some((chain, position)),
+                    reply,
+                    ..
+                } => chain
+                    .refusal_for(position)
+                    .map(|refused| Reply::Append(reply, Err(refused))),
+                _ => None,
+            })
+            .collect();
+        self.complete(replies);
+        rest
+    }
+
+    /// Fails every request of a batch that was not written (or not durable). Breaks the chain
+    /// of every failed append before the next batch is taken.
     fn fail_all(&self, requests: Vec<Request>, failure: &BatchFailure) {
         let shared = &self.shared;
         shared.release(reserved_by(&requests));
@@ -624,7 +666,10 @@ impl Writer {
             .into_iter()
             .map(|req| match req {
                 Request::Append {
-                    reserved, reply, ..
+                    reserved,
+                    reply,
+                    chain,
+                    ..
                 } => {
                     let err = match failure {
                         BatchFailure::NoSpace => AppendError::Full {
@@ -634,6 +679,9 @@ impl Writer {
                         },
                         BatchFailure::Halt(h) => h.append_error(),
                     };
+                    if let Some((chain, position)) = chain {
+                        chain.break_at(position, &err);
+                    }
                     Reply::Append(reply, Err(err))
                 }
                 Request::Checkpoint { reply, .. } => {

@@ -19,6 +19,8 @@
 //!   when `Router::route` returns (`RouteAck::refusal`: a full store, a message too large) also
 //!   stops routing at once: the rest of that transfer and every later transfer are rejected
 //!   without being routed, so no later message is stored before the refused one is resent.
+//!   A failure known only at commit (ENOSPC) is covered by the link's `AppendChain`: nothing
+//!   routed after the failed message on this link is stored.
 //! - The sender recorded for each message is the link's authenticated identity.
 //! - On stop (shutdown, replacement, connection end) reading stops and what is durable is still
 //!   accepted before the link closes.
@@ -104,6 +106,9 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
         hub_metrics.publish_acked(latency)
     }));
     let mut metrics = ctx.metrics.connection_metrics(&identity);
+    // Every message of this link is stored on one chain: once one fails to become durable,
+    // none routed after it on this link is stored.
+    let chain = router::AppendChain::new();
     let mut stop = shared.stop.subscribe();
     let mut pending_tx = Some(pending_tx);
     let mut failure: Option<String> = None;
@@ -145,7 +150,7 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
                     // Nothing is routed after a refusal: a resend could not reorder.
                     Some(reason) => Work::Fail(format!("not stored: an earlier message was refused ({reason})")),
                     None => {
-                        let (work, refusal) = route(&shared, &identity, &mut metrics, message, batched);
+                        let (work, refusal) = route(&shared, &chain, &identity, &mut metrics, message, batched);
                         if let Some(reason) = refusal {
                             tracing::warn!(peer = %shared.peer, %identity, %reason, "the store refused a message; nothing later on this link is routed");
                             refused = Some(reason);
@@ -184,6 +189,7 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
 /// at once (the rest of the transfer is then not routed).
 fn route(
     shared: &ConnShared,
+    chain: &router::AppendChain,
     identity: &Identity,
     metrics: &mut crate::metrics::ConnectionMetrics,
     message: fe2o3_amqp::types::messaging::Message<Body<Value>>,
@@ -206,7 +212,7 @@ fn route(
         messages,
         |m| {
             metrics.received(&shared.ctx.metrics, m.source().output(), m.body().len());
-            shared.ctx.router.route(m)
+            shared.ctx.router.route_in(chain, m)
         },
         |ack| ack.refusal().map(|e| e.to_string()),
     );

@@ -9,7 +9,9 @@
 //!   If routing one fails, the connection closes without acknowledging it or anything after it:
 //!   the client sends them again. A refusal known when `Router::route` returns
 //!   (`RouteAck::refusal`: a full store) closes the connection before the next publish is
-//!   read, so no later publish is stored ahead of the refused one's resend.
+//!   read, so no later publish is stored ahead of the refused one's resend. A failure known
+//!   only at commit (ENOSPC) is covered by the connection's `AppendChain`: no publish routed
+//!   after the failed one on this connection is stored.
 //! - The connection ids of a message come from the authenticated identity, never from the topic;
 //!   a module publishes only as itself and subscribes only to its own inputs (SUBACK 0x80
 //!   otherwise).
@@ -211,6 +213,7 @@ where
         metrics: ctx.metrics.connection_metrics(&identity),
         outbound_tx: None,
         registered: RegisteredSinks::new(),
+        chain: router::AppendChain::new(),
     };
     let keep_alive = session_state::keep_alive_timeout(connect.keep_alive);
     let end = conn.run(reader, buf, replaced, keep_alive).await;
@@ -275,6 +278,9 @@ struct Connection {
     outbound_tx: Option<OutboundTx>,
     /// The input sinks this connection registered (only these are removed when it goes).
     registered: RegisteredSinks,
+    /// Every publish is stored on this chain: once one fails to become durable, none after it
+    /// on this connection is stored (so the client's resend cannot be overtaken).
+    chain: router::AppendChain,
 }
 
 impl Connection {
@@ -388,7 +394,7 @@ impl Connection {
                     message.source().output(),
                     publish.payload.len(),
                 );
-                let mut ack = self.ctx.router.route(message);
+                let mut ack = self.ctx.router.route_in(&self.chain, message);
                 if publish.qos == QoS::AtLeastOnce {
                     if let Some(e) = ack.refusal() {
                         // Refused at once (store full, too large): close before any later

@@ -45,7 +45,9 @@
 //! - an older one (an outage left it behind, or it failed until it aged) is *moved*: appended,
 //!   same bytes and same expiry, to the backlog lane, and completed in the live lane only once
 //!   that copy is durable; from then on it is a backlog message. If the store refuses the copy
-//!   (full), it is sent from the live lane in place instead.
+//!   (full), it is sent from the live lane in place instead. The copies of one read are
+//!   appended on one [`store::AppendChain`] and every one is awaited: the store keeps a prefix
+//!   of them, so a message is either moved or sent in place, never both.
 //!
 //! Ordering contract:
 //! - Order is kept within each lane: live messages reach the sink in enqueue order among
@@ -76,7 +78,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use store::{CheckpointError, Clock, Offset, Pending, QueueName, Store, StoredMessage, UnixMillis};
+use store::{
+    AppendChain, CheckpointError, Clock, Offset, Pending, QueueName, Store, StoredMessage,
+    UnixMillis,
+};
 use tokio::sync::watch;
 
 use crate::checkpoint::Checkpointer;
@@ -355,12 +360,15 @@ impl EndpointWorker {
             return admitted;
         };
         let store = &self.ctx.store;
-        // Submitted together: one group commit, completed in submission (offset) order.
+        // Submitted together (usually one group commit, completed in submission order) on one
+        // chain: once the store refuses a copy, it stores none submitted after it, so the
+        // copies stored are a prefix and the rest stay in place, in order.
+        let chain = AppendChain::new();
         let pending: Vec<_> = admitted
             .iter()
             .map(|a| {
                 a.aged.as_ref().map(|(body, expiry)| {
-                    store.append(std::slice::from_ref(&name), body.clone(), *expiry)
+                    store.append_in(&chain, std::slice::from_ref(&name), body.clone(), *expiry)
                 })
             })
             .collect();
@@ -372,8 +380,9 @@ impl EndpointWorker {
                 left.push(a);
                 continue;
             };
-            // After a refusal the rest stay in place too, so the backlog keeps their order.
-            let ok = !refused && pending.await.is_ok();
+            // Every copy is awaited: a message is sent in place only if its copy is known not
+            // to be stored (one whose copy is stored is moved, never also sent from here).
+            let ok = pending.await.is_ok();
             if !ok {
                 refused = true;
                 left.push(Admitted { aged: None, ..a });

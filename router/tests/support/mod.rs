@@ -27,9 +27,19 @@ pub struct Hub {
 impl Hub {
     /// Opens (or reopens) the store in `dir` and starts a dispatcher and router on it.
     pub fn open(dir: &Path, table: RouteTable, config: DispatcherConfig) -> Hub {
+        Hub::open_with(dir, table, config, StoreOptions::default())
+    }
+
+    /// [`Hub::open`] with these store options.
+    pub fn open_with(
+        dir: &Path,
+        table: RouteTable,
+        config: DispatcherConfig,
+        options: StoreOptions,
+    ) -> Hub {
         let clock = Arc::new(TokioClock::new(START));
-        let store = Store::open_with(dir, StoreOptions::default(), Arc::new(OsFs), clock.clone())
-            .expect("store opens");
+        let store =
+            Store::open_with(dir, options, Arc::new(OsFs), clock.clone()).expect("store opens");
         let dispatcher = Dispatcher::start(store.clone(), clock.clone(), config).unwrap();
         let router = Router::new(table, &dispatcher);
         Hub {

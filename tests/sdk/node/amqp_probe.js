@@ -37,6 +37,11 @@
 //     a small one ("after"), one of 700 KiB ("big-event"; "outcome":"detached" if the hub
 //     detached the link), then a 64 KiB put-token on $cbs ("big-cbs": "answered" with its
 //     "status", or "detached" with the "condition").
+//   node amqp_probe.js --mode pipeline [--start-seq S] [--count N] [--sasl ...]
+//     authenticates as above, then sends seqs S..S+N-1 (application property seq, output out1,
+//     every eighth with a 48 KiB body) on its events link without waiting for settlements;
+//     prints {"event":"pipeline","ended":"settled"|"detached"|"closed","sent":K,
+//     "accepted_prefix":A} (A: accepted before the first message that was not).
 //   node amqp_probe.js --mode unauthenticated
 //     opens an AMQP connection (no SASL) and never authenticates; prints
 //     {"event":"closed","how":...,"ms":N} when the hub ends the connection.
@@ -68,6 +73,7 @@ const SPEC = {
   count: { type: 'number', default: 1 },
   settle: { type: 'string', default: 'none' },
   cycles: { type: 'number', default: 3 },
+  start_seq: { type: 'number', default: 0 },
 };
 
 // Microsoft's batched message format: each data section of the body is an encoded message.
@@ -174,6 +180,7 @@ async function attachMode(args) {
   if (args.mode === 'inputs-cycle') return inputsCycleMode(args, conn, f, deadline);
   if (args.mode === 'oversize') return oversizeMode(conn, f, deadline, cbsTx, cbsRx);
   if (args.mode === 'cbs-reattach') return cbsReattachMode(args, conn, f, deadline, cbsTx, cbsRx);
+  if (args.mode === 'pipeline') return pipelineMode(args, conn, f, deadline);
   const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
   const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
   await ownReady;
@@ -221,6 +228,54 @@ async function attachMode(args) {
     const closedAt = await Promise.race([hubClosed, new Promise((r) => setTimeout(() => r(null), left))]);
     h.emit({ event: 'held', closed_by_hub_ms: closedAt });
   }
+  conn.close();
+}
+
+// Sends seqs start_seq..start_seq+count-1 on the module's events link without waiting for
+// settlements (as far as the hub's credit goes), every eighth with a 48 KiB body, the others
+// tiny; then reports each one's outcome in seq order and how many were accepted before the
+// first that was not (the link closed by the hub counts as the end).
+async function pipelineMode(args, conn, f, deadline) {
+  const rhea = h.sdkRequire('rhea');
+  const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events`, autosettle: true });
+  await (own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline));
+  const end = args.start_seq + args.count;
+  const outcome = new Map();
+  const seqOf = new Map();
+  let next = args.start_seq;
+  let finish;
+  const finished = new Promise((resolve) => { finish = resolve; });
+  const check = () => { if (outcome.size === next - args.start_seq && next === end) finish('settled'); };
+  const record = (what) => (ctx) => {
+    const seq = seqOf.get(ctx.delivery.id);
+    if (seq !== undefined && !outcome.has(seq)) outcome.set(seq, what);
+    check();
+  };
+  own.on('accepted', record('accepted'));
+  own.on('rejected', record('rejected'));
+  own.on('released', record('released'));
+  own.on('modified', record('modified'));
+  for (const ev of ['sender_close', 'sender_error']) own.once(ev, () => finish('detached'));
+  for (const ev of ['connection_close', 'disconnected']) conn.once(ev, () => finish('closed'));
+  const pump = () => {
+    while (next < end && own.sendable()) {
+      const seq = next++;
+      const body = Buffer.alloc(seq % 8 === 0 ? 48 * 1024 : 0, 0x23);
+      const d = own.send({
+        message_id: `pipe-${seq}`,
+        application_properties: { 'iothub-outputname': 'out1', seq: String(seq), run: 'pipe' },
+        body: rhea.message.data_section(Buffer.concat([Buffer.from(`${seq}:`), body])),
+      });
+      seqOf.set(d.id, seq);
+    }
+    check();
+  };
+  own.on('sendable', pump);
+  pump();
+  const how = await deadline.run(finished, 'pipeline settlements', 60);
+  let prefix = 0;
+  for (let seq = args.start_seq; seq < end && outcome.get(seq) === 'accepted'; seq++) prefix++;
+  h.emit({ event: 'pipeline', ended: how, sent: next - args.start_seq, accepted_prefix: prefix });
   conn.close();
 }
 

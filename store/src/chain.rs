@@ -1,0 +1,101 @@
+//! Append chains: one producer's appends, stored as a prefix of what it submitted.
+//!
+//! A producer (for a head: one connection or one link) submits appends in order and may have
+//! several in flight, so they can land in different group commits. If batch k fails (ENOSPC)
+//! and batch k+1 succeeds, the producer's second message is stored and its first is not; when
+//! the producer resends both, the queue holds them out of order. A chain forbids that:
+//!
+//! - appends submitted with [`crate::Store::append_in`] and the same chain are stored as a
+//!   prefix of the chain's submissions: once one of them fails (refused at submit, a batch that
+//!   hit ENOSPC, a poisoned or fenced store), the chain is *broken* and every later append of it
+//!   fails with [`AppendError::ChainBroken`] without being written;
+//! - each append takes the next position on its chain; the chain remembers its earliest failed
+//!   position. The writer thread records the failure of every append of a failed batch before
+//!   it takes the next batch, and refuses unwritten every request at a later position than a
+//!   failure; `append_in` refuses at once when the chain is already broken, and records any
+//!   immediate refusal (an append submitted before it and not yet written is still written);
+//! - a broken chain stays broken: the producer starts over (a new connection, a new link) with
+//!   a new chain, after resending what was not acknowledged.
+//!
+//! Prior art: Kafka's idempotent producer refuses a producer's batches out of sequence.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::AppendError;
+
+/// A producer's token: appends made with it are stored as a prefix of their submission order.
+/// Cheap to clone; clones are the same chain. One producer submits on it in order (from one
+/// task or thread at a time).
+#[derive(Debug, Clone, Default)]
+pub struct AppendChain {
+    state: Arc<Mutex<ChainState>>,
+}
+
+#[derive(Debug, Default)]
+struct ChainState {
+    /// Position of the next append submitted on the chain.
+    next: u64,
+    /// The earliest failed append: its position and why it failed.
+    broken: Option<(u64, AppendError)>,
+}
+
+impl AppendChain {
+    /// A new, unbroken chain.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ChainState> {
+        // Nothing can panic while the lock is held; the state is consistent either way.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The failure that broke the chain (its earliest failed append's), if one did.
+    pub fn broken_by(&self) -> Option<AppendError> {
+        self.lock().broken.as_ref().map(|(_, cause)| cause.clone())
+    }
+
+    /// Whether an append of this chain has failed.
+    pub fn is_broken(&self) -> bool {
+        self.lock().broken.is_some()
+    }
+
+    /// Takes the position of a new append, or refuses it if the chain is already broken.
+    pub(crate) fn take_position(&self) -> Result<u64, AppendError> {
+        let mut state = self.lock();
+        if let Some((_, cause)) = &state.broken {
+            return Err(broken(cause));
+        }
+        let position = state.next;
+        state.next += 1;
+        Ok(position)
+    }
+
+    /// Records that the append at `position` failed; the earliest failure is kept.
+    pub(crate) fn break_at(&self, position: u64, cause: &AppendError) {
+        if let AppendError::ChainBroken { .. } = cause {
+            // Refusing a broken chain's request does not break it again.
+            return;
+        }
+        let mut state = self.lock();
+        if state.broken.as_ref().is_some_and(|(at, _)| *at <= position) {
+            return;
+        }
+        tracing::debug!(position, cause = %cause, "append chain broken: its later appends are refused");
+        state.broken = Some((position, cause.clone()));
+    }
+
+    /// The error for the append at `position` if an earlier one of the chain failed.
+    pub(crate) fn refusal_for(&self, position: u64) -> Option<AppendError> {
+        match &self.lock().broken {
+            Some((at, cause)) if *at < position => Some(broken(cause)),
+            _ => None,
+        }
+    }
+}
+
+fn broken(cause: &AppendError) -> AppendError {
+    AppendError::ChainBroken {
+        cause: Box::new(cause.clone()),
+    }
+}
