@@ -56,6 +56,9 @@ const DELIVERY_WINDOW: u16 = 100;
 /// Publishes routed and not yet acknowledged, per connection; past it the connection stops
 /// reading until the store catches up (backpressure instead of unbounded memory).
 const MAX_PENDING_ACKS: usize = 1024;
+/// Packets the connection task may queue for the writer (replies and deliveries); past it the
+/// connection stops reading until the client reads (backpressure).
+const OUTGOING_CAPACITY: usize = 128;
 
 /// Why a connection ended (logged).
 #[derive(Debug, thiserror::Error)]
@@ -707,4 +710,137 @@ pub fn input_endpoint(identity: &Identity, input: &router::InputName) -> Endpoin
         module: identity.module.clone(),
         input: input.clone(),
     }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+
+    use router::{DeviceId, ModuleId, RouteTable};
+    use rumqttc::mqttbytes::v4::Connect;
+    use store::{Store, StoreOptions, SystemClock};
+
+    use super::*;
+    use crate::auth::sas;
+    use crate::identity::Identities;
+    use crate::mqtt::sessions::Sessions;
+
+    const IOTHUB: &str = "edgehub.test";
+    const DEVICE: &str = "edge-device";
+
+    /// A head context on `dir` (no routes) and the CONNECT of module `m` with a good token.
+    fn context(dir: &Path) -> (Arc<HeadContext>, watch::Sender<bool>, Connect) {
+        let store = Store::open(dir.join("store"), StoreOptions::default()).unwrap();
+        let dispatcher = Arc::new(
+            router::Dispatcher::start(
+                store,
+                Arc::new(SystemClock),
+                router::DispatcherConfig::default(),
+            )
+            .unwrap(),
+        );
+        let router = router::Router::new(RouteTable::new(Vec::new()), &dispatcher);
+        let device = DeviceId::new(DEVICE);
+        let module = ModuleId::new("m");
+        let identities =
+            Identities::load_or_create(dir, &device, std::slice::from_ref(&module)).unwrap();
+        let key = identities
+            .key(&Identity::new(device, module))
+            .unwrap()
+            .to_vec();
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let ctx = HeadContext {
+            router,
+            dispatcher,
+            identities: Arc::new(identities),
+            sessions: Sessions::load(dir).unwrap(),
+            connections: Registry::default(),
+            metrics: Arc::new(HubMetrics::new(IOTHUB, DEVICE)),
+            shutdown,
+            audiences: vec![IOTHUB.to_owned()],
+        };
+        let resource = sas::resource_uri(IOTHUB, DEVICE, Some("m"));
+        let token = sas::generate(&resource, &key, HeadContext::now_secs() + 3600);
+        let mut connect = Connect::new(format!("{DEVICE}/m"));
+        connect.clean_session = true;
+        // 0: the hub's longest keep-alive timeout (10 min).
+        connect.keep_alive = 0;
+        connect.set_login(
+            format!("{IOTHUB}/{DEVICE}/m/?api-version=2019-10-01"),
+            token,
+        );
+        (Arc::new(ctx), shutdown_tx, connect)
+    }
+
+    fn bytes_of(packet: &Packet) -> BytesMut {
+        let mut buf = BytesMut::new();
+        packet.write(&mut buf, usize::MAX).unwrap();
+        buf
+    }
+
+    /// Issue 11, item 2: a module that writes without reading (5,000,000 PINGREQs took the hub
+    /// from 9 MiB to 405 MiB). Over an in-memory pipe of 16 KiB each way (no kernel buffers),
+    /// the client floods PINGREQs and reads nothing. The hub must stop reading once what it owes
+    /// the client fills its bounded outgoing queue and the pipe: the client's writes stall
+    /// after a bounded number of pings (tokio's paused clock fires the stall timeout only when
+    /// every task is blocked), and the connection later ends on its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_is_not_read_either_and_memory_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _shutdown, connect) = context(dir.path());
+        let (client, server) = tokio::io::duplex(16 * 1024);
+        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into()));
+        let (mut rx, mut tx) = tokio::io::split(client);
+        tx.write_all(&bytes_of(&Packet::Connect(connect)))
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let connack = loop {
+            match Packet::read(&mut buf, 1024) {
+                Ok(p) => break p,
+                Err(CodecError::InsufficientBytes(_)) => {
+                    assert!(rx.read_buf(&mut buf).await.unwrap() > 0, "closed");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        assert!(
+            matches!(&connack, Packet::ConnAck(a) if a.code == ConnectReturnCode::Success),
+            "{connack:?}"
+        );
+        // 100,000 PINGREQs (200 KB) in chunks of 1,000, and never a byte read from here on.
+        const TOTAL: usize = 100_000;
+        const CHUNK: usize = 1_000;
+        let chunk = bytes_of(&Packet::PingReq).repeat(CHUNK);
+        let mut written = 0;
+        while written < TOTAL {
+            match tokio::time::timeout(Duration::from_secs(5), tx.write_all(&chunk)).await {
+                Ok(Ok(())) => written += CHUNK,
+                Ok(Err(e)) => panic!("the hub closed after {written} pings: {e}"),
+                Err(_) => break,
+            }
+        }
+        // What the hub can have taken (2 bytes a ping, 2 a reply): the pipe to it, its read
+        // buffer (under 16 KiB), its outgoing queue and the writer's batch (each at most
+        // OUTGOING_CAPACITY), the pipe back, and a chunk in flight.
+        let bound = 16 * 1024 / 2 + 16 * 1024 / 2 + 2 * OUTGOING_CAPACITY + 16 * 1024 / 2 + CHUNK;
+        assert!(
+            written < TOTAL,
+            "the hub read all {TOTAL} PINGREQs (queueing a PINGRESP for each) while the client \
+             read nothing"
+        );
+        assert!(written <= bound, "{written} pings taken, more than {bound}");
+        // Stalled, the connection gets no packet: it ends when its keep-alive runs out, even
+        // though the client still reads nothing.
+        let end = tokio::time::timeout(MAX_KEEP_ALIVE_PLUS, conn)
+            .await
+            .expect("the stalled connection never ended")
+            .unwrap();
+        assert!(matches!(end, ConnectionEnd::KeepAlive), "{end}");
+        drop(rx);
+    }
+
+    const MAX_KEEP_ALIVE_PLUS: Duration = Duration::from_secs(3600);
 }
