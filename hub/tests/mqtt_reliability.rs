@@ -97,7 +97,10 @@ async fn a_qos1_publish_resent_with_dup_before_its_puback_is_acked_and_stored_on
             other => panic!("unexpected packet {other:?}"),
         }
     }
-    assert_eq!(acks_for_7, 1, "packet id 7 was acknowledged {acks_for_7} times");
+    assert_eq!(
+        acks_for_7, 1,
+        "packet id 7 was acknowledged {acks_for_7} times"
+    );
     // Delivery is in order: a second stored copy would arrive before the marker.
     assert_eq!(
         payloads(&receive(&mut r, 2).await),
@@ -169,7 +172,11 @@ async fn an_mqtt_connection_closes_when_its_sas_token_expires() {
     let ack = s
         .connect(sender.connect_with(&sender.client_id(), &token, true, 0))
         .await;
-    assert_eq!(ack.code, ConnectReturnCode::Success, "token refused at once");
+    assert_eq!(
+        ack.code,
+        ConnectReturnCode::Success,
+        "token refused at once"
+    );
     let seen = s.reader.expect_closed(Duration::from_secs(30)).await;
     assert!(seen.is_empty(), "{seen:?}");
     assert!(
