@@ -29,8 +29,9 @@
 //!   packets and PUBACKs in one of [`PUBACK_CAPACITY`]; while the queue is full (the client does
 //!   not read), the connection does not read from it either (backpressure), so a client that
 //!   writes without reading stalls, and is closed when its keep-alive runs out. Publishes
-//!   awaiting durability are at most [`MAX_PENDING_ACKS`]; deliveries waiting for the window
-//!   are at most what the endpoint workers hand over (their windows).
+//!   awaiting durability are at most [`MAX_PENDING_ACKS`]; deliveries at most
+//!   [`DELIVERY_WINDOW`] in flight, as many waiting for the window, and
+//!   [`sink::OUTBOUND_CAPACITY`] handed over by the sinks (which wait while it is full).
 //! - A delivery to the module counts as delivered only when the module's PUBACK for it arrives;
 //!   when the connection ends, every unacknowledged delivery goes back to the endpoint worker.
 
@@ -368,7 +369,7 @@ impl Connection {
             Arc::clone(&self.ctx.metrics),
         ));
         self.acks = Some(ack_tx);
-        let (outbound_tx, mut outbound_rx) = mpsc::unbounded_channel::<Outbound>();
+        let (outbound_tx, mut outbound_rx) = sink::outbound_channel();
         // Any input sinks still registered belong to an older connection of this module, which
         // is gone or going: take them away now, so no delivery waits on a dead connection.
         self.ctx.unregister_input_sinks(&self.identity);
@@ -416,7 +417,9 @@ impl Connection {
                     }
                 }
                 () = released.notified(), if inbound_full => {}
-                Some(delivery) = outbound_rx.recv() => {
+                // Deliveries are taken only while few wait for the window (the sinks wait
+                // meanwhile): a module that acknowledges nothing holds a bounded number.
+                Some(delivery) = outbound_rx.recv(), if self.waiting.len() < usize::from(DELIVERY_WINDOW) => {
                     self.waiting.push_back(delivery);
                 }
                 Ok(reason) = &mut route_failed => break ConnectionEnd::Route(reason),
