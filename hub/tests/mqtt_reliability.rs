@@ -1,7 +1,7 @@
 //! Reliability of the MQTT head against a module that bends the protocol (issue 11): a QoS 1
-//! PUBLISH resent before its PUBACK, and a connection whose SAS token expires while it is open.
-//! (A module that writes without reading is tested at unit level, in
-//! `hub/src/mqtt/connection.rs`, over an in-memory pipe with no kernel buffers in between.)
+//! PUBLISH resent before its PUBACK, a connection whose SAS token expires while it is open, and
+//! a module that writes without reading (here: the hub binary's peak RSS; also at unit level in
+//! `hub/src/mqtt/connection.rs`, over an in-memory pipe with no kernel buffers in between).
 //!
 //! Each test starts its own in-process hub (three modules, `sender/outputs/* →
 //! receiver/inputs/input1`). Every expectation is a packet or a close awaited with a deadline
@@ -19,6 +19,7 @@ use hub::auth::sas::CLOCK_SKEW_SECS;
 use raw::{http_get, now_secs, RawClient, TestHub};
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -195,4 +196,106 @@ async fn an_mqtt_connection_closes_when_its_sas_token_expires() {
         "{text}"
     );
     hub.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A module that writes without reading
+// ---------------------------------------------------------------------------------------------
+
+/// A field of `/proc/{pid}/status` in KiB (`VmRSS`, `VmHWM`, …).
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in\n{status}"))
+}
+
+/// The hub binary, a module flooding 2,000,000 PINGREQs (4 MB) over TLS and never reading: the
+/// hub's peak memory (`VmHWM`, the high-water mark of its RSS, so no moment is missed) grows by
+/// far less than 64 MiB. Before, it queued a PINGRESP for every ping it could not send (about
+/// 80 bytes each: some 150 MB here). The client's receive buffer is set to 4 KiB (kernel
+/// autotuning would otherwise hold megabytes of PINGRESPs for it). The flood ends either way:
+/// the hub stops reading, its keep-alive (3 s here) closes the connection and the client's
+/// write fails; or the client has written everything. The test then waits for the hub's
+/// "module disconnected" line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_flooding_pings_without_reading_leaves_the_hubs_memory_bounded() {
+    const PINGS: usize = 2_000_000;
+    const CHUNK: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("manifest.json"), raw::MANIFEST).unwrap();
+    let hub = raw::BinaryHub::start(dir.path(), 0).await;
+    let pid = hub.child.id();
+    let creds = raw::module_creds(&dir.path().join("data"), "sender");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(hub.addrs.mqtt).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(raw::tls_config(&hub::tls::ca_path(
+        &dir.path().join("data"),
+    )));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (mut rx, mut tx) = tokio::io::split(tls);
+    let mut bytes = BytesMut::new();
+    Packet::Connect(creds.connect(true, 2))
+        .write(&mut bytes, usize::MAX)
+        .unwrap();
+    Packet::PingReq.write(&mut bytes, usize::MAX).unwrap();
+    tx.write_all(&bytes).await.unwrap();
+    let mut got = BytesMut::new();
+    let mut answers = Vec::new();
+    while answers.len() < 2 {
+        match Packet::read(&mut got, 1024) {
+            Ok(p) => answers.push(p),
+            Err(_) => {
+                let n = tokio::time::timeout(T, rx.read_buf(&mut got))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(n > 0, "closed before CONNACK and PINGRESP");
+            }
+        }
+    }
+    assert!(
+        matches!(&answers[0], Packet::ConnAck(a) if a.code == ConnectReturnCode::Success),
+        "{answers:?}"
+    );
+    let base = proc_status_kib(pid, "VmHWM");
+    let mut chunk = BytesMut::new();
+    for _ in 0..CHUNK {
+        Packet::PingReq.write(&mut chunk, usize::MAX).unwrap();
+    }
+    let mut written = 0;
+    while written < PINGS {
+        if tx.write_all(&chunk).await.is_err() {
+            break;
+        }
+        written += CHUNK;
+    }
+    // The connection ends (keep-alive) once the hub has nothing more to read; a hub whose
+    // peak memory passed the bound meanwhile has failed already.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&hub.log)
+        .unwrap_or_default()
+        .contains("module disconnected")
+        && proc_status_kib(pid, "VmHWM").saturating_sub(base) < 64 * 1024
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the flooding connection was never closed:\n{}",
+            hub.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let peak = proc_status_kib(pid, "VmHWM");
+    let grown_mib = peak.saturating_sub(base) / 1024;
+    eprintln!("{written} pings written; the hub's peak RSS grew by {grown_mib} MiB");
+    assert!(
+        grown_mib < 64,
+        "the hub's peak RSS grew by {grown_mib} MiB ({base} KiB → {peak} KiB) for {written} \
+         pings the client never read the answers to"
+    );
+    drop(rx);
 }
