@@ -29,7 +29,7 @@
 //!   packets and PUBACKs in one of [`PUBACK_CAPACITY`]; while the queue is full (the client does
 //!   not read), the connection does not read from it either (backpressure), so a client that
 //!   writes without reading stalls, and is closed when its keep-alive runs out. Publishes
-//!   awaiting durability are at most [`MAX_PENDING_ACKS`]; deliveries at most
+//!   (QoS 0 or 1) awaiting durability are at most [`MAX_PENDING_ACKS`]; deliveries at most
 //!   [`DELIVERY_WINDOW`] in flight, as many waiting for the window, and
 //!   [`sink::OUTBOUND_CAPACITY`] handed over by the sinks (which wait while it is full).
 //! - A delivery to the module counts as delivered only when the module's PUBACK for it arrives;
@@ -335,7 +335,7 @@ struct Connection {
     /// Deliveries taken from the sinks, waiting for room in the window.
     waiting: VecDeque<Outbound>,
     /// Route acknowledgements, in arrival order, for the acker task.
-    acks: Option<mpsc::Sender<(session_state::AckToken, PendingAck)>>,
+    acks: Option<mpsc::Sender<(Option<session_state::AckToken>, PendingAck)>>,
     /// Filters granted to this connection (restored from a persistent session at connect).
     subscriptions: Vec<String>,
     /// This connection's counters, resolved once.
@@ -368,6 +368,9 @@ impl Connection {
             route_failed_tx,
             Arc::clone(&self.ctx.metrics),
         ));
+        // Waits for room in the acker's queue when it is full (QoS 0 publishes awaiting the
+        // store count there too).
+        let ack_room = ack_tx.clone();
         self.acks = Some(ack_tx);
         let (outbound_tx, mut outbound_rx) = sink::outbound_channel();
         // Any input sinks still registered belong to an older connection of this module, which
@@ -387,11 +390,12 @@ impl Connection {
         let end = loop {
             self.send_waiting();
             // A packet read makes at most one reply: read only with a slot free for it, and
-            // only while fewer than MAX_PENDING_ACKS publishes await durability.
+            // only while fewer than MAX_PENDING_ACKS publishes (of either QoS) await durability.
             let out_full = self.out.capacity() == 0;
             let inbound_full = self.inbound_acks().is_full();
+            let acks_full = ack_room.capacity() == 0;
             tokio::select! {
-                read = read_packet(&mut reader, &mut buf), if !out_full && !inbound_full => {
+                read = read_packet(&mut reader, &mut buf), if !out_full && !inbound_full && !acks_full => {
                     match read {
                         Ok(packet) => {
                             deadline = Instant::now() + keep_alive;
@@ -417,6 +421,11 @@ impl Connection {
                     }
                 }
                 () = released.notified(), if inbound_full => {}
+                free = ack_room.reserve(), if acks_full => {
+                    if free.is_err() {
+                        break ConnectionEnd::Route("acknowledger stopped".into());
+                    }
+                }
                 // Deliveries are taken only while few wait for the window (the sinks wait
                 // meanwhile): a module that acknowledges nothing holds a bounded number.
                 Some(delivery) = outbound_rx.recv(), if self.waiting.len() < usize::from(DELIVERY_WINDOW) => {
@@ -438,6 +447,7 @@ impl Connection {
         // Acknowledge what is durable before closing (in order), unless routing failed; a
         // client that does not read gets CLOSE_GRACE for it.
         self.acks = None;
+        drop(ack_room);
         if tokio::time::timeout(CLOSE_GRACE, &mut acker).await.is_err() {
             acker.abort();
         }
@@ -466,7 +476,7 @@ impl Connection {
         &mut self,
         packet: Packet,
         outbound: &OutboundTx,
-    ) -> Result<Option<(session_state::AckToken, PendingAck)>, ConnectionEnd> {
+    ) -> Result<Option<(Option<session_state::AckToken>, PendingAck)>, ConnectionEnd> {
         match packet {
             Packet::Publish(p) => return self.on_publish(p),
             Packet::PubAck(ack) => self.on_puback(ack.pkid)?,
@@ -486,7 +496,7 @@ impl Connection {
     fn on_publish(
         &mut self,
         publish: Publish,
-    ) -> Result<Option<(session_state::AckToken, PendingAck)>, ConnectionEnd> {
+    ) -> Result<Option<(Option<session_state::AckToken>, PendingAck)>, ConnectionEnd> {
         match session_state::inbound_qos(publish.qos) {
             session_state::InboundQos::CloseConnection => {
                 return Err(ConnectionEnd::Violation("QoS 2 is not supported".into()))
@@ -548,27 +558,23 @@ impl Connection {
                         Vec::new(),
                     )))?;
                 }
-                return Ok(token.map(|t| (t, PendingAck::Now)));
+                return Ok(token.map(|t| (Some(t), PendingAck::Now)));
             }
             Ok(InboundTopic::MethodResponse { .. }) => {
-                return Ok(token.map(|t| (t, PendingAck::Now)))
+                return Ok(token.map(|t| (Some(t), PendingAck::Now)))
             }
             Err(e) => {
                 // edgeHub's rule: a publish on a topic it does not serve is dropped, but acked.
                 tracing::warn!(client_id = %self.client_id, topic = %publish.topic, error = %e, "publish on an unknown topic dropped");
-                return Ok(token.map(|t| (t, PendingAck::Now)));
+                return Ok(token.map(|t| (Some(t), PendingAck::Now)));
             }
         };
         if let Some(token) = token {
-            return Ok(Some((token, PendingAck::Routed(ack, arrived))));
+            return Ok(Some((Some(token), PendingAck::Routed(ack, arrived))));
         }
-        // QoS 0 asks for no acknowledgement; the message is routed all the same.
-        tokio::spawn(async move {
-            if let Err(e) = ack.await {
-                tracing::warn!(error = %e, "a QoS 0 message could not be stored");
-            }
-        });
-        Ok(None)
+        // QoS 0 asks for no acknowledgement; the message is routed all the same, and awaited
+        // in turn so that what it holds until it is durable counts against MAX_PENDING_ACKS.
+        Ok(Some((None, PendingAck::Unacknowledged(ack))))
     }
 
     fn message_from(
@@ -756,13 +762,15 @@ enum PendingAck {
     Routed(RouteAck, std::time::Instant),
     /// As soon as every earlier one went out (a publish that is not routed).
     Now,
+    /// Never (QoS 0); only awaited, and its failure logged.
+    Unacknowledged(RouteAck),
 }
 
 /// Awaits route acknowledgements in arrival order and sends the PUBACKs in that order, each
 /// released by `inbound` (which frees its packet id) and then `released` notified. On the first
 /// failure it stops: that publish and every later one stay unacknowledged.
 async fn ack_in_order(
-    mut acks: mpsc::Receiver<(session_state::AckToken, PendingAck)>,
+    mut acks: mpsc::Receiver<(Option<session_state::AckToken>, PendingAck)>,
     out: mpsc::Sender<u16>,
     inbound: Arc<Mutex<session_state::InboundAcks>>,
     released: Arc<Notify>,
@@ -775,7 +783,14 @@ async fn ack_in_order(
                 metrics.publish_acked(arrived.elapsed());
             }),
             PendingAck::Now => Ok(()),
+            PendingAck::Unacknowledged(ack) => {
+                if let Err(e) = ack.await {
+                    tracing::warn!(error = %e, "a QoS 0 message could not be stored");
+                }
+                continue;
+            }
         };
+        let Some(token) = token else { continue };
         match routed {
             Ok(()) => {
                 // Awaited in arrival order, so this releases exactly this publish's id.
@@ -885,7 +900,7 @@ mod tests {
 
     use router::{DeviceId, ModuleId, RouteTable};
     use rumqttc::mqttbytes::v4::Connect;
-    use store::{Store, StoreOptions, SystemClock};
+    use store::{Fs, FsFile, OsFs, Store, StoreOptions, SystemClock};
 
     use super::*;
     use crate::auth::sas;
@@ -897,7 +912,22 @@ mod tests {
 
     /// A head context on `dir` (no routes) and the CONNECT of module `m` with a good token.
     fn context(dir: &Path) -> (Arc<HeadContext>, watch::Sender<bool>, Connect) {
-        let store = Store::open(dir.join("store"), StoreOptions::default()).unwrap();
+        context_with(dir, Arc::new(OsFs), Vec::new())
+    }
+
+    /// [`context`] with the store on `fs` and `routes`.
+    fn context_with(
+        dir: &Path,
+        fs: Arc<dyn Fs>,
+        routes: Vec<router::Route>,
+    ) -> (Arc<HeadContext>, watch::Sender<bool>, Connect) {
+        let store = Store::open_with(
+            dir.join("store"),
+            StoreOptions::default(),
+            fs,
+            Arc::new(SystemClock),
+        )
+        .unwrap();
         let dispatcher = Arc::new(
             router::Dispatcher::start(
                 store,
@@ -906,7 +936,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let router = router::Router::new(RouteTable::new(Vec::new()), &dispatcher);
+        let router = router::Router::new(RouteTable::new(routes), &dispatcher);
         let device = DeviceId::new(DEVICE);
         let module = ModuleId::new("m");
         let identities =
@@ -937,6 +967,180 @@ mod tests {
             token,
         );
         (Arc::new(ctx), shutdown_tx, connect)
+    }
+
+    /// The OS filesystem, with every `sync_data` held while the gate is closed: a disk whose
+    /// fdatasync stalls.
+    #[derive(Debug, Default)]
+    struct GatedFs {
+        closed: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl GatedFs {
+        fn set_closed(&self, closed: bool) {
+            let (lock, cv) = &*self.closed;
+            *lock.lock().unwrap() = closed;
+            cv.notify_all();
+        }
+    }
+
+    #[derive(Debug)]
+    struct GatedFile {
+        file: Arc<dyn FsFile>,
+        closed: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl FsFile for GatedFile {
+        fn read_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
+            self.file.read_at(buf, pos)
+        }
+        fn write_all_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+            self.file.write_all_at(buf, pos)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            let (lock, cv) = &*self.closed;
+            let mut closed = lock.lock().unwrap();
+            while *closed {
+                closed = cv.wait(closed).unwrap();
+            }
+            drop(closed);
+            self.file.sync_data()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+    }
+
+    impl Fs for GatedFs {
+        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+            OsFs.create_dir_all(dir)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+            OsFs.list(dir)
+        }
+        fn create_new(&self, path: &Path) -> std::io::Result<Arc<dyn FsFile>> {
+            let file = OsFs.create_new(path)?;
+            Ok(Arc::new(GatedFile {
+                file,
+                closed: Arc::clone(&self.closed),
+            }))
+        }
+        fn open(&self, path: &Path) -> std::io::Result<Arc<dyn FsFile>> {
+            let file = OsFs.open(path)?;
+            Ok(Arc::new(GatedFile {
+                file,
+                closed: Arc::clone(&self.closed),
+            }))
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            OsFs.remove(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            OsFs.rename(from, to)
+        }
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            OsFs.sync_dir(dir)
+        }
+    }
+
+    /// Writes `chunk` until a write stalls for 5 s of paused time (every task blocked) or
+    /// `total` chunks went out; returns how many went out.
+    async fn write_until_stalled<W: AsyncWrite + Unpin>(
+        w: &mut W,
+        chunk: &[u8],
+        total: usize,
+    ) -> usize {
+        let mut written = 0;
+        while written < total {
+            match tokio::time::timeout(Duration::from_secs(5), w.write_all(chunk)).await {
+                Ok(Ok(())) => written += 1,
+                Ok(Err(e)) => panic!("the hub closed after {written} chunks: {e}"),
+                Err(_) => break,
+            }
+        }
+        written
+    }
+
+    /// Sends CONNECT on `tx` and reads the CONNACK on `rx`.
+    async fn connect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        rx: &mut R,
+        tx: &mut W,
+        connect: Connect,
+    ) {
+        tx.write_all(&bytes_of(&Packet::Connect(connect)))
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let connack = loop {
+            match Packet::read(&mut buf, 1024) {
+                Ok(p) => break p,
+                Err(CodecError::InsufficientBytes(_)) => {
+                    assert!(rx.read_buf(&mut buf).await.unwrap() > 0, "closed");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        assert!(
+            matches!(&connack, Packet::ConnAck(a) if a.code == ConnectReturnCode::Success),
+            "{connack:?}"
+        );
+    }
+
+    /// Issue 11, item 2, for QoS 0: a QoS 0 publish needs no PUBACK, but until it is durable it
+    /// holds memory in the hub. With the disk's fdatasync stalled, a module flooding QoS 0
+    /// publishes must stop being read after a bounded number (MAX_PENDING_ACKS awaiting the
+    /// store), not have every one of them held.
+    #[tokio::test(start_paused = true)]
+    async fn qos0_publishes_awaiting_a_stalled_disk_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = Arc::new(GatedFs::default());
+        let route = router::Route::parse(
+            router::RouteId::new("r"),
+            "FROM /messages/modules/m/outputs/* INTO $upstream",
+            router::Priority(0),
+            router::Ttl::Infinite,
+        )
+        .unwrap();
+        let (ctx, _shutdown, connect_packet) =
+            context_with(dir.path(), Arc::clone(&fs) as Arc<dyn Fs>, vec![route]);
+        let (client, server) = tokio::io::duplex(16 * 1024);
+        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into()));
+        let (mut rx, mut tx) = tokio::io::split(client);
+        connect(&mut rx, &mut tx, connect_packet).await;
+        fs.set_closed(true);
+        let topic = format!("devices/{DEVICE}/modules/m/messages/events/%24.on=out1");
+        const CHUNK: usize = 100;
+        let mut chunk = BytesMut::new();
+        for _ in 0..CHUNK {
+            Packet::Publish(Publish::new(&topic, QoS::AtMostOnce, b"q0".to_vec()))
+                .write(&mut chunk, usize::MAX)
+                .unwrap();
+        }
+        let per_publish = chunk.len() / CHUNK;
+        // 20,000 publishes (about 1.2 MB); the pipe holds 16 KiB of them, the hub's read buffer
+        // less than as much again.
+        let total = 200;
+        let chunks = write_until_stalled(&mut tx, &chunk, total).await;
+        let taken = chunks * CHUNK;
+        let bound = MAX_PENDING_ACKS + 2 * (16 * 1024) / per_publish + 2 * CHUNK;
+        fs.set_closed(false);
+        assert!(
+            chunks < total,
+            "the hub read all {} QoS 0 publishes while none could become durable",
+            total * CHUNK
+        );
+        assert!(taken <= bound, "{taken} publishes taken, more than {bound}");
+        // The store's writer thread works outside tokio's clock: from here on, real time.
+        tokio::time::resume();
+        drop((rx, tx));
+        let end = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        assert!(
+            end.is_ok(),
+            "the connection did not end after the client left"
+        );
     }
 
     fn bytes_of(packet: &Packet) -> BytesMut {
