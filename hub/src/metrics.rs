@@ -21,6 +21,7 @@
 //! | `edgehub_client_connect_success_total` | counter | `id` | head |
 //! | `edgehub_client_connect_failed_total` | counter | `reason` | head |
 //! | `edgehub_client_disconnect_total` | counter | | head |
+//! | `edgehub_client_token_expired_total` | counter | `protocol` = `mqtt`, `amqp` | head: connections closed because their SAS token expired |
 //! | `edgehub_messages_dropped_total` | counter | `reason` = `no_route`, `ttl_expiry`, `rejected`, `set_aside` | router |
 //! | `edgehub_messages_unack_total` | counter | `reason` = `storage_failure` | router |
 //! | `edgehub_router_messages_routed_total`, `…_deliveries_total`, `…_retries_total`, `…_worker_failures_total` | counter | | router |
@@ -131,6 +132,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabel {
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct QueueLabels {
     endpoint: String,
     priority: String,
@@ -164,6 +170,7 @@ pub struct HubMetrics {
     client_connect_success: Family<IdLabel, Counter>,
     client_connect_failed: Family<ReasonLabel, Counter>,
     client_disconnect: Counter,
+    client_token_expired: Family<ProtocolLabel, Counter>,
 
     messages_dropped: Family<ReasonLabel, Counter>,
     messages_unack: Family<ReasonLabel, Counter>,
@@ -214,6 +221,7 @@ impl HubMetrics {
             client_connect_success: Family::default(),
             client_connect_failed: Family::default(),
             client_disconnect: Counter::default(),
+            client_token_expired: Family::default(),
             messages_dropped: Family::default(),
             messages_unack: Family::default(),
             router_routed: Counter::default(),
@@ -283,6 +291,11 @@ impl HubMetrics {
             "edgehub_client_disconnect",
             "Module disconnections",
             self.client_disconnect.clone(),
+        );
+        r.register(
+            "edgehub_client_token_expired",
+            "Module connections closed because their SAS token expired",
+            self.client_token_expired.clone(),
         );
         r.register(
             "edgehub_messages_dropped",
@@ -460,6 +473,14 @@ impl HubMetrics {
             .get_or_create(&IdLabel {
                 id: who.to_string(),
             })
+            .inc();
+    }
+
+    /// A connection was closed because its SAS token expired; `protocol` is `"mqtt"` or
+    /// `"amqp"`.
+    pub fn client_token_expired(&self, protocol: &'static str) {
+        self.client_token_expired
+            .get_or_create(&ProtocolLabel { protocol })
             .inc();
     }
 
@@ -780,7 +801,21 @@ mod tests {
         m.message_received_on(&sender, Some(&OutputName::new("out1")), Some(100));
         m.message_sent(&receiver);
         m.publish_acked(Duration::from_millis(3));
+        m.client_token_expired("mqtt");
+        m.client_token_expired("amqp");
+        m.client_token_expired("mqtt");
         let text = m.render(&store, &RouterMetrics::default());
+        let expired = |protocol: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("edgehub_client_token_expired_total{")
+                        && l.contains(&format!("protocol=\"{protocol}\""))
+                })
+                .unwrap_or_else(|| panic!("{protocol}\n{text}"))
+                .to_owned()
+        };
+        assert!(expired("mqtt").ends_with(" 2"), "{}", expired("mqtt"));
+        assert!(expired("amqp").ends_with(" 1"), "{}", expired("amqp"));
         let connected = line(&text, "edgehub_connected_clients{").expect("gauge");
         assert!(connected.ends_with(" 1"), "{connected}");
         let out1 = text

@@ -652,6 +652,15 @@ fn renewal_keeps_the_connection_and_expiry_closes_it() {
         .unwrap_or_else(|| panic!("an expired token kept its connection: {held}"));
     assert!(closed < 10_000, "closed only after {closed} ms");
     assert!(hub_proc.stderr().contains("expired without renewal"));
+    let metrics = testhub::metrics(&ns);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("edgehub_client_token_expired_total{")
+                && l.contains("protocol=\"amqp\"")
+                && l.ends_with(" 1")),
+        "the expiry close is not counted once:\n{metrics}"
+    );
 }
 
 /// A newer connection of the same module replaces the older one (as over MQTT): the hub closes

@@ -282,6 +282,7 @@ async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>
             () = tokio::time::sleep_until(expiry) => {
                 // Woken at the earliest expiry known then; a renewal since moved it on.
                 if token_deadline(shared) <= tokio::time::Instant::now() {
+                    shared.ctx.metrics.client_token_expired("amqp");
                     break ConnectionEnd::TokenExpired;
                 }
             }

@@ -62,11 +62,18 @@ use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
 use crate::identity::Identity;
 use crate::mqtt::connection::MAX_MESSAGE_BYTES;
-use crate::mqtt::sink::{Outbound, NOT_DELIVERED};
+use crate::mqtt::sink::{outbound_channel, NOT_DELIVERED};
 
 /// Transfers routed and not yet settled, per events link; past it the link stops reading
 /// (back-pressure; the client's credit runs out).
 const MAX_PENDING: usize = 1024;
+/// Settlement decisions the events link's acker may queue for the link task. Never reached:
+/// at most `MAX_PENDING` transfers are queued, one held by the acker and one being read
+/// (see `serve_events`), so the acker never waits on it.
+const SETTLE_QUEUE: usize = MAX_PENDING + 2;
+/// Deliveries sent on an inputs link and awaiting their settlement; past it the link sends
+/// nothing more until the oldest is settled or times out.
+const MAX_UNSETTLED: usize = 1024;
 /// How long a delivery to a module may stay unsettled before it is retried (edgeHub: 30 s).
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing inputs link waits for outstanding settlements.
@@ -100,7 +107,9 @@ enum Settle<D> {
 pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
     let (pending_tx, pending_rx) = mpsc::channel::<Pending<DeliveryInfo, RouteAck>>(MAX_PENDING);
-    let (settle_tx, mut settle_rx) = mpsc::unbounded_channel();
+    // The link task reads a transfer only when no settlement waits (`biased`), so transfers
+    // queued, held by the acker and settlements waiting are at most MAX_PENDING + 2 together.
+    let (settle_tx, mut settle_rx) = mpsc::channel(SETTLE_QUEUE);
     let hub_metrics = Arc::clone(&ctx.metrics);
     let acker = tokio::spawn(settle_in_order(pending_rx, settle_tx, move |latency| {
         hub_metrics.publish_acked(latency)
@@ -276,7 +285,7 @@ fn convert_all(
 /// After the first store failure every later transfer is rejected.
 async fn settle_in_order<D, A, O, E>(
     mut pending: mpsc::Receiver<Pending<D, A>>,
-    settle: mpsc::UnboundedSender<Settle<D>>,
+    settle: mpsc::Sender<Settle<D>>,
     acked: impl Fn(Duration),
 ) where
     A: std::future::Future<Output = Result<O, E>>,
@@ -322,7 +331,7 @@ async fn settle_in_order<D, A, O, E>(
                 }
             }
         };
-        if settle.send(decision).is_err() {
+        if settle.send(decision).await.is_err() {
             return;
         }
     }
@@ -332,10 +341,10 @@ async fn settle_in_order<D, A, O, E>(
 /// stops.
 pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    let (out_tx, mut out_rx) = outbound_channel();
     let (registered, current) =
         ctx.register_input_sinks(&identity, &out_tx, || shared.is_current(&identity));
-    let (settling_tx, settling_rx) = mpsc::unbounded_channel::<Settling<InputSettlement>>();
+    let (settling_tx, settling_rx) = mpsc::channel::<Settling<InputSettlement>>(MAX_UNSETTLED);
     let metrics = ctx.metrics.connection_metrics(&identity);
     let settler = tokio::spawn(settle_inputs(settling_rx, move || metrics.sent()));
     let mut stop = shared.stop.subscribe();
@@ -376,11 +385,16 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
             };
             match sent {
                 Ok(settled) => {
-                    let _ = settling_tx.send(Settling {
+                    let settling = Settling {
                         settled,
                         deadline: tokio::time::Instant::now() + SETTLE_TIMEOUT,
                         acked: delivery.acked,
-                    });
+                    };
+                    // Waits while MAX_UNSETTLED deliveries await their settlement.
+                    tokio::select! {
+                        _ = settling_tx.send(settling) => {}
+                        () = stopped(&mut stop) => break,
+                    }
                 }
                 Err(e) => {
                     tracing::debug!(peer = %shared.peer, %identity, error = %e, "inputs link send failed");
@@ -435,7 +449,7 @@ struct Settling<F> {
 /// its own deadline (counted from its send, not from when the one before it settled), so a
 /// module that settles nothing has its whole window retried [`SETTLE_TIMEOUT`] after the last
 /// send, not a window's worth of timeouts later.
-async fn settle_inputs<F>(mut settling: mpsc::UnboundedReceiver<Settling<F>>, delivered: impl Fn())
+async fn settle_inputs<F>(mut settling: mpsc::Receiver<Settling<F>>, delivered: impl Fn())
 where
     F: std::future::Future<Output = Result<Outcome, SendError>>,
 {
@@ -501,7 +515,7 @@ mod tests {
     /// Feeds `acks` (one transfer each) through `settle_in_order` and returns its decisions.
     async fn decisions(works: Vec<Work<Ack>>) -> Vec<Settle<u32>> {
         let (tx, rx) = mpsc::channel(16);
-        let (settle_tx, mut settle_rx) = mpsc::unbounded_channel();
+        let (settle_tx, mut settle_rx) = mpsc::channel(SETTLE_QUEUE);
         let task = tokio::spawn(settle_in_order(rx, settle_tx, |_| {}));
         for (i, work) in works.into_iter().enumerate() {
             let info = u32::try_from(i).unwrap();
@@ -528,7 +542,7 @@ mod tests {
     async fn transfers_are_accepted_in_arrival_order_even_when_durable_out_of_order() {
         let (late_tx, late_rx) = oneshot::channel();
         let (tx, rx) = mpsc::channel(16);
-        let (settle_tx, mut settle_rx) = mpsc::unbounded_channel();
+        let (settle_tx, mut settle_rx) = mpsc::channel(SETTLE_QUEUE);
         let task = tokio::spawn(settle_in_order(rx, settle_tx, |_| {}));
         tx.send(Pending {
             info: 0u32,
@@ -659,13 +673,13 @@ mod tests {
     /// own deadline, so all three by SETTLE_TIMEOUT after the send, not one after the other.
     #[tokio::test(start_paused = true)]
     async fn unsettled_deliveries_time_out_from_their_own_send() {
-        let (tx, rx) = mpsc::unbounded_channel::<Settling<NeverSettled>>();
+        let (tx, rx) = mpsc::channel::<Settling<NeverSettled>>(MAX_UNSETTLED);
         let settler = tokio::spawn(settle_inputs(rx, || {}));
         let start = tokio::time::Instant::now();
         let mut acks = Vec::new();
         for _ in 0..3 {
             let (acked, ack) = oneshot::channel();
-            tx.send(Settling {
+            tx.try_send(Settling {
                 settled: std::future::pending(),
                 deadline: tokio::time::Instant::now() + SETTLE_TIMEOUT,
                 acked,
@@ -692,13 +706,13 @@ mod tests {
     /// dropped (not delivered, retried) then, not at SETTLE_TIMEOUT.
     #[tokio::test(start_paused = true)]
     async fn closing_gives_unsettled_deliveries_back_after_the_grace() {
-        let (tx, rx) = mpsc::unbounded_channel::<Settling<NeverSettled>>();
+        let (tx, rx) = mpsc::channel::<Settling<NeverSettled>>(MAX_UNSETTLED);
         let settler = tokio::spawn(settle_inputs(rx, || {}));
         let start = tokio::time::Instant::now();
         let mut acks = Vec::new();
         for _ in 0..2 {
             let (acked, ack) = oneshot::channel();
-            tx.send(Settling {
+            tx.try_send(Settling {
                 settled: std::future::pending(),
                 deadline: tokio::time::Instant::now() + SETTLE_TIMEOUT,
                 acked,
@@ -720,7 +734,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_settler_that_finishes_in_the_grace_is_not_aborted() {
-        let (tx, rx) = mpsc::unbounded_channel::<Settling<NeverSettled>>();
+        let (tx, rx) = mpsc::channel::<Settling<NeverSettled>>(MAX_UNSETTLED);
         let settler = tokio::spawn(settle_inputs(rx, || {}));
         drop(tx);
         assert!(finish_settler(settler).await);

@@ -5,7 +5,12 @@
 //! - CONNECT must come first (within [`CONNECT_TIMEOUT`]); the client id must be the identity the
 //!   SAS token authenticates (`device/module`); any failure is CONNACK 5 and the end.
 //! - A QoS 1 PUBLISH is acknowledged only after `Router::route` resolved it as durable, and
-//!   PUBACKs leave in the order the PUBLISHes arrived (the acker task awaits them in that order).
+//!   PUBACKs leave in the order the PUBLISHes arrived (the acker task awaits them in that order;
+//!   `session_state::InboundAcks` keeps the packet ids awaiting their PUBACK).
+//! - One PUBACK per packet id in flight (MQTT 3.1.1 §4.3.2): a PUBLISH reusing a packet id that
+//!   still awaits its PUBACK is, with DUP set, a resend and is dropped (neither routed nor
+//!   acknowledged again: the original's PUBACK answers both); without DUP it breaks
+//!   MQTT-2.3.1-2 and closes the connection.
 //!   If routing one fails, the connection closes without acknowledging it or anything after it:
 //!   the client sends them again. A refusal known when `Router::route` returns
 //!   (`RouteAck::refusal`: a full store) closes the connection before the next publish is
@@ -18,6 +23,17 @@
 //! - A second connection of one identity replaces the first, which closes.
 //! - A malformed or oversized packet, QoS 2, or silence past 1.5 × keep-alive closes this
 //!   connection with a log line; nothing already acknowledged is affected.
+//! - The connection closes when its SAS token expires (`se` plus the clock-skew allowance, as
+//!   the AMQP head does), counted in `edgehub_client_token_expired_total{protocol="mqtt"}`; the
+//!   module connects again with a fresh token, as edgeHub's periodic re-authentication makes it.
+//! - Memory per connection is bounded by constants, whatever the client does: what the
+//!   connection owes the client (replies, deliveries) waits in a queue of [`OUTGOING_CAPACITY`]
+//!   packets and PUBACKs in one of [`PUBACK_CAPACITY`]; while the queue is full (the client does
+//!   not read), the connection does not read from it either (backpressure), so a client that
+//!   writes without reading stalls, and is closed when its keep-alive runs out. Publishes
+//!   (QoS 0 or 1) awaiting durability are at most [`MAX_PENDING_ACKS`]; deliveries at most
+//!   [`DELIVERY_WINDOW`] in flight, as many waiting for the window, and
+//!   [`sink::OUTBOUND_CAPACITY`] handed over by the sinks (which wait while it is full).
 //! - A delivery to the module counts as delivered only when the module's PUBACK for it arrives;
 //!   when the connection ends, every unacknowledged delivery goes back to the endpoint worker.
 
@@ -25,6 +41,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use crate::auth::sas::CLOCK_SKEW_SECS;
 
 use bytes::BytesMut;
 use router::{DeliveryOutcome, Endpoint, Message, RouteAck};
@@ -34,7 +52,8 @@ use rumqttc::mqttbytes::v4::{
 };
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use crate::identity::Identity;
@@ -58,6 +77,15 @@ const DELIVERY_WINDOW: u16 = 100;
 /// Publishes routed and not yet acknowledged, per connection; past it the connection stops
 /// reading until the store catches up (backpressure instead of unbounded memory).
 const MAX_PENDING_ACKS: usize = 1024;
+/// Packets the connection task may queue for the writer (replies and deliveries); while it is
+/// full the connection stops reading until the client reads (backpressure).
+const OUTGOING_CAPACITY: usize = 128;
+/// PUBACKs the acker task may queue for the writer; while it is full the acker waits, the
+/// publishes awaiting acknowledgement reach [`MAX_PENDING_ACKS`] and reading stops.
+const PUBACK_CAPACITY: usize = 256;
+/// How long a closing connection waits for its acker and writer to send what is owed; then they
+/// are stopped (a client that does not read cannot hold the connection open).
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a connection ended (logged).
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +111,9 @@ pub enum ConnectionEnd {
     /// Another connection of the same identity took over.
     #[error("replaced by a newer connection of the same identity")]
     Replaced,
+    /// The SAS token the connection authenticated with expired (plus the clock skew).
+    #[error("the SAS token expired; the module must connect again with a fresh one")]
+    TokenExpired,
     /// Routing a publish failed; it and everything after it stay unacknowledged.
     #[error("routing failed: {0}")]
     Route(String),
@@ -161,19 +192,20 @@ where
                 return ConnectionEnd::Violation(format!("first packet is not CONNECT: {other:?}"))
             }
         };
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Packet>();
-    let writer_task = tokio::spawn(write_packets(writer, out_rx));
-    let identity = match authenticate(&ctx, &connect) {
-        Ok(identity) => identity,
+    let (out_tx, out_rx) = mpsc::channel::<Packet>(OUTGOING_CAPACITY);
+    let (puback_tx, puback_rx) = mpsc::channel::<u16>(PUBACK_CAPACITY);
+    let writer_task = tokio::spawn(write_packets(writer, out_rx, puback_rx));
+    let (identity, token_expiry) = match authenticate(&ctx, &connect) {
+        Ok(authenticated) => authenticated,
         Err(reason) => {
             tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
             ctx.metrics.client_connect_failed("not_authorized");
-            let _ = out_tx.send(Packet::ConnAck(ConnAck::new(
+            let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
                 ConnectReturnCode::NotAuthorized,
                 false,
             )));
-            drop(out_tx);
-            let _ = writer_task.await;
+            drop((out_tx, puback_tx));
+            finish_task(writer_task).await;
             return ConnectionEnd::Refused(reason);
         }
     };
@@ -182,17 +214,18 @@ where
         Ok(p) => p,
         Err(e) => {
             tracing::error!(%client_id, error = %e, "session store failed");
-            let _ = out_tx.send(Packet::ConnAck(ConnAck::new(
+            let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
                 ConnectReturnCode::ServiceUnavailable,
                 false,
             )));
-            drop(out_tx);
-            let _ = writer_task.await;
+            drop((out_tx, puback_tx));
+            finish_task(writer_task).await;
             return ConnectionEnd::Refused(format!("session store: {e}"));
         }
     };
     let (conn_id, replaced) = ctx.connections.join(&identity);
-    let _ = out_tx.send(Packet::ConnAck(ConnAck::new(
+    // The queue is empty: the CONNACK always fits.
+    let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
         ConnectReturnCode::Success,
         present,
     )));
@@ -206,6 +239,11 @@ where
         conn_id,
         clean: connect.clean_session,
         out: out_tx,
+        pubacks: Some(puback_tx),
+        inbound: Arc::new(Mutex::new(session_state::InboundAcks::new(
+            MAX_PENDING_ACKS,
+        ))),
+        token_expiry,
         deliveries: session_state::Outbound::new(DELIVERY_WINDOW),
         waiting: VecDeque::new(),
         acks: None,
@@ -219,17 +257,18 @@ where
     let end = conn.run(reader, buf, replaced, keep_alive).await;
     conn.finish();
     drop(conn);
-    let _ = writer_task.await;
+    finish_task(writer_task).await;
     ctx.metrics.client_disconnected();
     tracing::info!(%peer, %client_id, reason = %end, "module disconnected");
     end
 }
 
-/// Checks CONNECT: client id, username, SAS token. Returns the authenticated identity.
+/// Checks CONNECT: client id, username, SAS token. Returns the authenticated identity and its
+/// token's expiry (`se`, seconds since the epoch).
 fn authenticate(
     ctx: &HeadContext,
     connect: &rumqttc::mqttbytes::v4::Connect,
-) -> Result<Identity, String> {
+) -> Result<(Identity, u64), String> {
     let login = connect
         .login
         .as_ref()
@@ -251,8 +290,30 @@ fn authenticate(
         .identities
         .key(&identity)
         .ok_or_else(|| format!("unknown module {identity}"))?;
-    ctx.verify_token(&login.password, key, &identity)?;
-    Ok(identity)
+    let expiry = ctx.verify_token_expiry(&login.password, key, &identity)?;
+    Ok((identity, expiry))
+}
+
+/// When a token expiring at `expiry` (`se`) stops being accepted (plus the clock skew), as a
+/// timer deadline; at most a day away (the timer is then set again).
+fn token_deadline(expiry: u64) -> Instant {
+    let left = token_secs_left(expiry);
+    Instant::now() + Duration::from_secs(left.min(24 * 3600))
+}
+
+/// Whole seconds until a token expiring at `expiry` is refused; 0 once it is.
+fn token_secs_left(expiry: u64) -> u64 {
+    expiry
+        .saturating_add(CLOCK_SKEW_SECS)
+        .saturating_sub(HeadContext::now_secs())
+}
+
+/// Waits up to [`CLOSE_GRACE`] for a task to finish, then stops it.
+async fn finish_task<T>(mut task: tokio::task::JoinHandle<T>) {
+    if tokio::time::timeout(CLOSE_GRACE, &mut task).await.is_err() {
+        task.abort();
+        let _ = task.await;
+    }
 }
 
 /// What one live connection keeps.
@@ -262,14 +323,22 @@ struct Connection {
     client_id: String,
     conn_id: u64,
     clean: bool,
-    /// Packets for the writer task.
-    out: mpsc::UnboundedSender<Packet>,
+    /// Replies and deliveries for the writer task (this task is its only sender, so a free
+    /// slot seen stays free until used).
+    out: mpsc::Sender<Packet>,
+    /// PUBACKs for the writer task; handed to the acker task when the connection runs.
+    pubacks: Option<mpsc::Sender<u16>>,
+    /// Packet ids of QoS 1 publishes awaiting their PUBACK, in arrival order (shared with the
+    /// acker task, which releases them as they become durable).
+    inbound: Arc<Mutex<session_state::InboundAcks>>,
+    /// The SAS token's `se` (seconds since the epoch).
+    token_expiry: u64,
     /// Deliveries sent and waiting for the module's PUBACK.
     deliveries: session_state::Outbound<oneshot::Sender<DeliveryOutcome>>,
     /// Deliveries taken from the sinks, waiting for room in the window.
     waiting: VecDeque<Outbound>,
     /// Route acknowledgements, in arrival order, for the acker task.
-    acks: Option<mpsc::Sender<(u16, PendingAck)>>,
+    acks: Option<mpsc::Sender<(Option<session_state::AckToken>, PendingAck)>>,
     /// Filters granted to this connection (restored from a persistent session at connect).
     subscriptions: Vec<String>,
     /// This connection's counters, resolved once.
@@ -293,14 +362,23 @@ impl Connection {
     ) -> ConnectionEnd {
         let (ack_tx, ack_rx) = mpsc::channel(MAX_PENDING_ACKS);
         let (route_failed_tx, mut route_failed) = oneshot::channel::<String>();
-        let acker = tokio::spawn(ack_in_order(
+        let Some(pubacks) = self.pubacks.take() else {
+            return ConnectionEnd::Route("the connection ran twice".into());
+        };
+        let released = Arc::new(Notify::new());
+        let mut acker = tokio::spawn(ack_in_order(
             ack_rx,
-            self.out.clone(),
+            pubacks,
+            Arc::clone(&self.inbound),
+            Arc::clone(&released),
             route_failed_tx,
             Arc::clone(&self.ctx.metrics),
         ));
+        // Waits for room in the acker's queue when it is full (QoS 0 publishes awaiting the
+        // store count there too).
+        let ack_room = ack_tx.clone();
         self.acks = Some(ack_tx);
-        let (outbound_tx, mut outbound_rx) = mpsc::unbounded_channel::<Outbound>();
+        let (outbound_tx, mut outbound_rx) = sink::outbound_channel();
         // Any input sinks still registered belong to an older connection of this module, which
         // is gone or going: take them away now, so no delivery waits on a dead connection.
         self.ctx.unregister_input_sinks(&self.identity);
@@ -312,15 +390,23 @@ impl Connection {
         }
         let mut shutdown = self.ctx.shutdown.clone();
         let mut deadline = Instant::now() + keep_alive;
+        let mut token_expires = token_deadline(self.token_expiry);
+        // Waits for a free outgoing slot when the queue is full (this task's own sender).
+        let room = self.out.clone();
         let end = loop {
+            self.send_waiting();
+            // A packet read makes at most one reply: read only with a slot free for it, and
+            // only while fewer than MAX_PENDING_ACKS publishes (of either QoS) await durability.
+            let out_full = self.out.capacity() == 0;
+            let inbound_full = self.inbound_acks().is_full();
+            let acks_full = ack_room.capacity() == 0;
             tokio::select! {
-                read = read_packet(&mut reader, &mut buf) => {
+                read = read_packet(&mut reader, &mut buf), if !out_full && !inbound_full && !acks_full => {
                     match read {
                         Ok(packet) => {
                             deadline = Instant::now() + keep_alive;
                             match self.on_packet(packet, &outbound_tx) {
                                 Ok(None) => {}
-                                // Waits here when too many publishes are pending: backpressure.
                                 Ok(Some(ack)) => match &self.acks {
                                     Some(acks) if acks.send(ack).await.is_ok() => {}
                                     _ => break ConnectionEnd::Route("acknowledger stopped".into()),
@@ -331,20 +417,63 @@ impl Connection {
                         Err(end) => break end,
                     }
                 }
-                Some(delivery) = outbound_rx.recv() => {
+                // The client reads nothing: its replies fill the queue; wait for a free slot.
+                free = room.reserve(), if out_full => {
+                    if free.is_err() {
+                        break ConnectionEnd::Io(std::io::Error::new(
+                            std::io::ErrorKind::BrokenPipe,
+                            "the connection's writer stopped",
+                        ));
+                    }
+                }
+                () = released.notified(), if inbound_full => {}
+                free = ack_room.reserve(), if acks_full => {
+                    if free.is_err() {
+                        break ConnectionEnd::Route("acknowledger stopped".into());
+                    }
+                }
+                // Deliveries are taken only while few wait for the window (the sinks wait
+                // meanwhile): a module that acknowledges nothing holds a bounded number.
+                Some(delivery) = outbound_rx.recv(), if self.waiting.len() < usize::from(DELIVERY_WINDOW) => {
                     self.waiting.push_back(delivery);
-                    self.send_waiting();
                 }
                 Ok(reason) = &mut route_failed => break ConnectionEnd::Route(reason),
                 _ = replaced.changed() => break ConnectionEnd::Replaced,
                 _ = shutdown.changed() => break ConnectionEnd::Shutdown,
                 () = tokio::time::sleep_until(deadline) => break ConnectionEnd::KeepAlive,
+                () = tokio::time::sleep_until(token_expires) => {
+                    if token_secs_left(self.token_expiry) == 0 {
+                        self.ctx.metrics.client_token_expired("mqtt");
+                        break ConnectionEnd::TokenExpired;
+                    }
+                    token_expires = token_deadline(self.token_expiry);
+                }
             }
         };
-        // Acknowledge what is durable before closing (in order), unless routing failed.
+        // Acknowledge what is durable before closing (in order), unless routing failed; a
+        // client that does not read gets CLOSE_GRACE for it.
         self.acks = None;
-        let _ = acker.await;
+        drop(ack_room);
+        if tokio::time::timeout(CLOSE_GRACE, &mut acker).await.is_err() {
+            acker.abort();
+        }
         end
+    }
+
+    fn inbound_acks(&self) -> std::sync::MutexGuard<'_, session_state::InboundAcks> {
+        lock(&self.inbound)
+    }
+
+    /// Queues a reply for the client. The read that caused it found a slot free, and only this
+    /// task fills the queue, so it is never full; if the writer stopped, the socket is gone and
+    /// the next read ends the connection.
+    fn reply(&self, packet: Packet) -> Result<(), ConnectionEnd> {
+        match self.out.try_send(packet) {
+            Ok(()) | Err(TrySendError::Closed(_)) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(ConnectionEnd::Violation(
+                "the client does not read what the hub sends".into(),
+            )),
+        }
     }
 
     /// Handles one packet; a routed QoS 1 publish comes back as (packet id, acknowledgement) for
@@ -353,15 +482,13 @@ impl Connection {
         &mut self,
         packet: Packet,
         outbound: &OutboundTx,
-    ) -> Result<Option<(u16, PendingAck)>, ConnectionEnd> {
+    ) -> Result<Option<(Option<session_state::AckToken>, PendingAck)>, ConnectionEnd> {
         match packet {
             Packet::Publish(p) => return self.on_publish(p),
             Packet::PubAck(ack) => self.on_puback(ack.pkid)?,
             Packet::Subscribe(s) => self.on_subscribe(s, outbound)?,
             Packet::Unsubscribe(u) => self.on_unsubscribe(u)?,
-            Packet::PingReq => {
-                let _ = self.out.send(Packet::PingResp);
-            }
+            Packet::PingReq => self.reply(Packet::PingResp)?,
             Packet::Disconnect => return Err(ConnectionEnd::ClientClosed),
             other => {
                 return Err(ConnectionEnd::Violation(format!(
@@ -372,7 +499,10 @@ impl Connection {
         Ok(None)
     }
 
-    fn on_publish(&mut self, publish: Publish) -> Result<Option<(u16, PendingAck)>, ConnectionEnd> {
+    fn on_publish(
+        &mut self,
+        publish: Publish,
+    ) -> Result<Option<(Option<session_state::AckToken>, PendingAck)>, ConnectionEnd> {
         match session_state::inbound_qos(publish.qos) {
             session_state::InboundQos::CloseConnection => {
                 return Err(ConnectionEnd::Violation("QoS 2 is not supported".into()))
@@ -385,6 +515,24 @@ impl Connection {
                 publish.payload.len()
             )));
         }
+        // One PUBACK per packet id in flight: a resend of a publish still awaiting its PUBACK is
+        // answered by the original's.
+        let token = match publish.qos {
+            QoS::AtLeastOnce => match self.inbound_acks().on_publish(publish.pkid) {
+                Ok(token) => Some(token),
+                Err(session_state::StateError::PacketIdInUse(pkid)) if publish.dup => {
+                    tracing::debug!(client_id = %self.client_id, pkid, "a resend of a publish awaiting its PUBACK dropped");
+                    return Ok(None);
+                }
+                Err(session_state::StateError::PacketIdInUse(pkid)) => {
+                    return Err(ConnectionEnd::Violation(format!(
+                        "packet id {pkid} reused without DUP before its PUBACK"
+                    )))
+                }
+                Err(e) => return Err(ConnectionEnd::Route(e.to_string())),
+            },
+            _ => None,
+        };
         let arrived = std::time::Instant::now();
         let ack = match topics::parse_publish(&publish.topic) {
             Ok(InboundTopic::Events(topic)) => {
@@ -410,36 +558,29 @@ impl Connection {
                 // timeout.
                 if let Some(rid) = rid {
                     let topic = topics::twin_response_topic(TWIN_NOT_SUPPORTED, rid);
-                    let _ = self.out.send(Packet::Publish(Publish::new(
+                    self.reply(Packet::Publish(Publish::new(
                         topic,
                         QoS::AtMostOnce,
                         Vec::new(),
-                    )));
+                    )))?;
                 }
-                return Ok(self.ack_now(&publish));
+                return Ok(token.map(|t| (Some(t), PendingAck::Now)));
             }
-            Ok(InboundTopic::MethodResponse { .. }) => return Ok(self.ack_now(&publish)),
+            Ok(InboundTopic::MethodResponse { .. }) => {
+                return Ok(token.map(|t| (Some(t), PendingAck::Now)))
+            }
             Err(e) => {
                 // edgeHub's rule: a publish on a topic it does not serve is dropped, but acked.
                 tracing::warn!(client_id = %self.client_id, topic = %publish.topic, error = %e, "publish on an unknown topic dropped");
-                return Ok(self.ack_now(&publish));
+                return Ok(token.map(|t| (Some(t), PendingAck::Now)));
             }
         };
-        if publish.qos == QoS::AtLeastOnce {
-            return Ok(Some((publish.pkid, PendingAck::Routed(ack, arrived))));
+        if let Some(token) = token {
+            return Ok(Some((Some(token), PendingAck::Routed(ack, arrived))));
         }
-        // QoS 0 asks for no acknowledgement; the message is routed all the same.
-        tokio::spawn(async move {
-            if let Err(e) = ack.await {
-                tracing::warn!(error = %e, "a QoS 0 message could not be stored");
-            }
-        });
-        Ok(None)
-    }
-
-    /// A QoS 1 publish that is not routed is acknowledged in turn, behind earlier ones.
-    fn ack_now(&self, publish: &Publish) -> Option<(u16, PendingAck)> {
-        (publish.qos == QoS::AtLeastOnce).then_some((publish.pkid, PendingAck::Now))
+        // QoS 0 asks for no acknowledgement; the message is routed all the same, and awaited
+        // in turn so that what it holds until it is durable counts against MAX_PENDING_ACKS.
+        Ok(Some((None, PendingAck::Unacknowledged(ack))))
     }
 
     fn message_from(
@@ -513,7 +654,7 @@ impl Connection {
                 self.subscriptions.push(f);
             }
         }
-        let _ = self.out.send(Packet::SubAck(SubAck::new(sub.pkid, codes)));
+        self.reply(Packet::SubAck(SubAck::new(sub.pkid, codes)))?;
         if self.subscribed_to_inputs() && self.outbound_tx.is_none() {
             self.register_inputs(outbound);
         }
@@ -535,7 +676,7 @@ impl Connection {
         if !self.subscribed_to_inputs() {
             self.unregister_inputs();
         }
-        let _ = self.out.send(Packet::UnsubAck(UnsubAck::new(unsub.pkid)));
+        self.reply(Packet::UnsubAck(UnsubAck::new(unsub.pkid)))?;
         Ok(())
     }
 
@@ -577,9 +718,9 @@ impl Connection {
         }
     }
 
-    /// Sends waiting deliveries while the window has room.
+    /// Sends waiting deliveries while the window and the outgoing queue have room.
     fn send_waiting(&mut self) {
-        while self.deliveries.can_send() {
+        while self.deliveries.can_send() && self.out.capacity() > 0 {
             let Some(delivery) = self.waiting.pop_front() else {
                 return;
             };
@@ -605,7 +746,8 @@ impl Connection {
             let mut publish = Publish::new(topic, QoS::AtLeastOnce, Vec::new());
             publish.payload = delivery.message.body().clone();
             publish.pkid = pkid;
-            let _ = self.out.send(Packet::Publish(publish));
+            // A slot is free (checked above; only this task fills the queue).
+            let _ = self.out.try_send(Packet::Publish(publish));
         }
     }
 
@@ -626,35 +768,61 @@ enum PendingAck {
     Routed(RouteAck, std::time::Instant),
     /// As soon as every earlier one went out (a publish that is not routed).
     Now,
+    /// Never (QoS 0); only awaited, and its failure logged.
+    Unacknowledged(RouteAck),
 }
 
-/// Awaits route acknowledgements in arrival order and sends the PUBACKs in that order. On the
-/// first failure it stops: that publish and every later one stay unacknowledged.
+/// Awaits route acknowledgements in arrival order and sends the PUBACKs in that order, each
+/// released by `inbound` (which frees its packet id) and then `released` notified. On the first
+/// failure it stops: that publish and every later one stay unacknowledged.
 async fn ack_in_order(
-    mut acks: mpsc::Receiver<(u16, PendingAck)>,
-    out: mpsc::UnboundedSender<Packet>,
+    mut acks: mpsc::Receiver<(Option<session_state::AckToken>, PendingAck)>,
+    out: mpsc::Sender<u16>,
+    inbound: Arc<Mutex<session_state::InboundAcks>>,
+    released: Arc<Notify>,
     failed: oneshot::Sender<String>,
     metrics: Arc<HubMetrics>,
 ) {
-    while let Some((pkid, ack)) = acks.recv().await {
+    while let Some((token, ack)) = acks.recv().await {
         let routed = match ack {
             PendingAck::Routed(ack, arrived) => ack.await.map(|_| {
                 metrics.publish_acked(arrived.elapsed());
             }),
             PendingAck::Now => Ok(()),
+            PendingAck::Unacknowledged(ack) => {
+                if let Err(e) = ack.await {
+                    tracing::warn!(error = %e, "a QoS 0 message could not be stored");
+                }
+                continue;
+            }
         };
+        let Some(token) = token else { continue };
         match routed {
             Ok(()) => {
-                let _ = out.send(Packet::PubAck(PubAck::new(pkid)));
+                // Awaited in arrival order, so this releases exactly this publish's id.
+                let ready = lock(&inbound).on_durable(token).unwrap_or_default();
+                released.notify_one();
+                for pkid in ready {
+                    if out.send(pkid).await.is_err() {
+                        return;
+                    }
+                }
             }
             Err(e) => {
+                let _ = lock(&inbound).on_failed(token);
                 let reason = e.to_string();
-                tracing::warn!(pkid, %reason, "a publish could not be stored; closing without PUBACK");
+                tracing::warn!(%reason, "a publish could not be stored; closing without PUBACK");
                 let _ = failed.send(reason);
                 return;
             }
         }
     }
+}
+
+fn lock(
+    inbound: &Mutex<session_state::InboundAcks>,
+) -> std::sync::MutexGuard<'_, session_state::InboundAcks> {
+    inbound.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reads one packet, keeping leftover bytes in `buf`.
@@ -680,18 +848,33 @@ async fn read_packet<R: AsyncRead + Unpin>(
     }
 }
 
-/// Writes packets until every sender is gone, flushing when the queue runs dry.
+/// Writes replies, deliveries and PUBACKs until every sender is gone, flushing when both
+/// queues run dry. Replies go first when both wait (the CONNACK is queued before any PUBACK can
+/// be), then the two queues are drained in turn, at most about 64 KiB per write.
 async fn write_packets<W: AsyncWrite + Unpin>(
     mut writer: W,
-    mut packets: mpsc::UnboundedReceiver<Packet>,
+    mut packets: mpsc::Receiver<Packet>,
+    mut pubacks: mpsc::Receiver<u16>,
 ) -> std::io::Result<()> {
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    while let Some(packet) = packets.recv().await {
-        encode(&packet, &mut buf);
-        while let Ok(more) = packets.try_recv() {
-            encode(&more, &mut buf);
-            if buf.len() > 64 * 1024 {
+    loop {
+        tokio::select! {
+            biased;
+            Some(packet) = packets.recv() => encode(&packet, &mut buf),
+            Some(pkid) = pubacks.recv() => encode(&Packet::PubAck(PubAck::new(pkid)), &mut buf),
+            else => break,
+        }
+        while buf.len() <= 64 * 1024 {
+            let packet = packets.try_recv().ok();
+            let puback = pubacks.try_recv().ok();
+            if packet.is_none() && puback.is_none() {
                 break;
+            }
+            if let Some(packet) = packet {
+                encode(&packet, &mut buf);
+            }
+            if let Some(pkid) = puback {
+                encode(&Packet::PubAck(PubAck::new(pkid)), &mut buf);
             }
         }
         writer.write_all(&buf).await?;
@@ -713,4 +896,326 @@ pub fn input_endpoint(identity: &Identity, input: &router::InputName) -> Endpoin
         module: identity.module.clone(),
         input: input.clone(),
     }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+
+    use router::{DeviceId, ModuleId, RouteTable};
+    use rumqttc::mqttbytes::v4::Connect;
+    use store::{Fs, FsFile, OsFs, Store, StoreOptions, SystemClock};
+
+    use super::*;
+    use crate::auth::sas;
+    use crate::identity::Identities;
+    use crate::mqtt::sessions::Sessions;
+
+    const IOTHUB: &str = "edgehub.test";
+    const DEVICE: &str = "edge-device";
+
+    /// A head context on `dir` (no routes) and the CONNECT of module `m` with a good token.
+    fn context(dir: &Path) -> (Arc<HeadContext>, watch::Sender<bool>, Connect) {
+        context_with(dir, Arc::new(OsFs), Vec::new())
+    }
+
+    /// [`context`] with the store on `fs` and `routes`.
+    fn context_with(
+        dir: &Path,
+        fs: Arc<dyn Fs>,
+        routes: Vec<router::Route>,
+    ) -> (Arc<HeadContext>, watch::Sender<bool>, Connect) {
+        let store = Store::open_with(
+            dir.join("store"),
+            StoreOptions::default(),
+            fs,
+            Arc::new(SystemClock),
+        )
+        .unwrap();
+        let dispatcher = Arc::new(
+            router::Dispatcher::start(
+                store,
+                Arc::new(SystemClock),
+                router::DispatcherConfig::default(),
+            )
+            .unwrap(),
+        );
+        let router = router::Router::new(RouteTable::new(routes), &dispatcher);
+        let device = DeviceId::new(DEVICE);
+        let module = ModuleId::new("m");
+        let identities =
+            Identities::load_or_create(dir, &device, std::slice::from_ref(&module)).unwrap();
+        let key = identities
+            .key(&Identity::new(device, module))
+            .unwrap()
+            .to_vec();
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let ctx = HeadContext {
+            router,
+            dispatcher,
+            identities: Arc::new(identities),
+            sessions: Sessions::load(dir).unwrap(),
+            connections: Registry::default(),
+            metrics: Arc::new(HubMetrics::new(IOTHUB, DEVICE)),
+            shutdown,
+            audiences: vec![IOTHUB.to_owned()],
+        };
+        let resource = sas::resource_uri(IOTHUB, DEVICE, Some("m"));
+        let token = sas::generate(&resource, &key, HeadContext::now_secs() + 3600);
+        let mut connect = Connect::new(format!("{DEVICE}/m"));
+        connect.clean_session = true;
+        // 0: the hub's longest keep-alive timeout (10 min).
+        connect.keep_alive = 0;
+        connect.set_login(
+            format!("{IOTHUB}/{DEVICE}/m/?api-version=2019-10-01"),
+            token,
+        );
+        (Arc::new(ctx), shutdown_tx, connect)
+    }
+
+    /// The OS filesystem, with every `sync_data` held while the gate is closed: a disk whose
+    /// fdatasync stalls.
+    #[derive(Debug, Default)]
+    struct GatedFs {
+        closed: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl GatedFs {
+        fn set_closed(&self, closed: bool) {
+            let (lock, cv) = &*self.closed;
+            *lock.lock().unwrap() = closed;
+            cv.notify_all();
+        }
+    }
+
+    #[derive(Debug)]
+    struct GatedFile {
+        file: Arc<dyn FsFile>,
+        closed: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    }
+
+    impl FsFile for GatedFile {
+        fn read_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
+            self.file.read_at(buf, pos)
+        }
+        fn write_all_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+            self.file.write_all_at(buf, pos)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            let (lock, cv) = &*self.closed;
+            let mut closed = lock.lock().unwrap();
+            while *closed {
+                closed = cv.wait(closed).unwrap();
+            }
+            drop(closed);
+            self.file.sync_data()
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+    }
+
+    impl Fs for GatedFs {
+        fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+            OsFs.create_dir_all(dir)
+        }
+        fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+            OsFs.list(dir)
+        }
+        fn create_new(&self, path: &Path) -> std::io::Result<Arc<dyn FsFile>> {
+            let file = OsFs.create_new(path)?;
+            Ok(Arc::new(GatedFile {
+                file,
+                closed: Arc::clone(&self.closed),
+            }))
+        }
+        fn open(&self, path: &Path) -> std::io::Result<Arc<dyn FsFile>> {
+            let file = OsFs.open(path)?;
+            Ok(Arc::new(GatedFile {
+                file,
+                closed: Arc::clone(&self.closed),
+            }))
+        }
+        fn remove(&self, path: &Path) -> std::io::Result<()> {
+            OsFs.remove(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+            OsFs.rename(from, to)
+        }
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            OsFs.sync_dir(dir)
+        }
+    }
+
+    /// Writes `chunk` until a write stalls for 5 s of paused time (every task blocked) or
+    /// `total` chunks went out; returns how many went out.
+    async fn write_until_stalled<W: AsyncWrite + Unpin>(
+        w: &mut W,
+        chunk: &[u8],
+        total: usize,
+    ) -> usize {
+        let mut written = 0;
+        while written < total {
+            match tokio::time::timeout(Duration::from_secs(5), w.write_all(chunk)).await {
+                Ok(Ok(())) => written += 1,
+                Ok(Err(e)) => panic!("the hub closed after {written} chunks: {e}"),
+                Err(_) => break,
+            }
+        }
+        written
+    }
+
+    /// Sends CONNECT on `tx` and reads the CONNACK on `rx`.
+    async fn connect<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        rx: &mut R,
+        tx: &mut W,
+        connect: Connect,
+    ) {
+        tx.write_all(&bytes_of(&Packet::Connect(connect)))
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let connack = loop {
+            match Packet::read(&mut buf, 1024) {
+                Ok(p) => break p,
+                Err(CodecError::InsufficientBytes(_)) => {
+                    assert!(rx.read_buf(&mut buf).await.unwrap() > 0, "closed");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        assert!(
+            matches!(&connack, Packet::ConnAck(a) if a.code == ConnectReturnCode::Success),
+            "{connack:?}"
+        );
+    }
+
+    /// Issue 11, item 2, for QoS 0: a QoS 0 publish needs no PUBACK, but until it is durable it
+    /// holds memory in the hub. With the disk's fdatasync stalled, a module flooding QoS 0
+    /// publishes must stop being read after a bounded number (MAX_PENDING_ACKS awaiting the
+    /// store), not have every one of them held.
+    #[tokio::test(start_paused = true)]
+    async fn qos0_publishes_awaiting_a_stalled_disk_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = Arc::new(GatedFs::default());
+        let route = router::Route::parse(
+            router::RouteId::new("r"),
+            "FROM /messages/modules/m/outputs/* INTO $upstream",
+            router::Priority(0),
+            router::Ttl::Infinite,
+        )
+        .unwrap();
+        let (ctx, _shutdown, connect_packet) =
+            context_with(dir.path(), Arc::clone(&fs) as Arc<dyn Fs>, vec![route]);
+        let (client, server) = tokio::io::duplex(16 * 1024);
+        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into()));
+        let (mut rx, mut tx) = tokio::io::split(client);
+        connect(&mut rx, &mut tx, connect_packet).await;
+        fs.set_closed(true);
+        let topic = format!("devices/{DEVICE}/modules/m/messages/events/%24.on=out1");
+        const CHUNK: usize = 100;
+        let mut chunk = BytesMut::new();
+        for _ in 0..CHUNK {
+            Packet::Publish(Publish::new(&topic, QoS::AtMostOnce, b"q0".to_vec()))
+                .write(&mut chunk, usize::MAX)
+                .unwrap();
+        }
+        let per_publish = chunk.len() / CHUNK;
+        // 20,000 publishes (about 1.2 MB); the pipe holds 16 KiB of them, the hub's read buffer
+        // less than as much again.
+        let total = 200;
+        let chunks = write_until_stalled(&mut tx, &chunk, total).await;
+        let taken = chunks * CHUNK;
+        let bound = MAX_PENDING_ACKS + 2 * (16 * 1024) / per_publish + 2 * CHUNK;
+        fs.set_closed(false);
+        assert!(
+            chunks < total,
+            "the hub read all {} QoS 0 publishes while none could become durable",
+            total * CHUNK
+        );
+        assert!(taken <= bound, "{taken} publishes taken, more than {bound}");
+        // The store's writer thread works outside tokio's clock: from here on, real time.
+        tokio::time::resume();
+        drop((rx, tx));
+        let end = tokio::time::timeout(Duration::from_secs(60), conn).await;
+        assert!(
+            end.is_ok(),
+            "the connection did not end after the client left"
+        );
+    }
+
+    fn bytes_of(packet: &Packet) -> BytesMut {
+        let mut buf = BytesMut::new();
+        packet.write(&mut buf, usize::MAX).unwrap();
+        buf
+    }
+
+    /// Issue 11, item 2: a module that writes without reading (5,000,000 PINGREQs took the hub
+    /// from 9 MiB to 405 MiB). Over an in-memory pipe of 16 KiB each way (no kernel buffers),
+    /// the client floods PINGREQs and reads nothing. The hub must stop reading once what it owes
+    /// the client fills its bounded outgoing queue and the pipe: the client's writes stall
+    /// after a bounded number of pings (tokio's paused clock fires the stall timeout only when
+    /// every task is blocked), and the connection later ends on its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_is_not_read_either_and_memory_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _shutdown, connect) = context(dir.path());
+        let (client, server) = tokio::io::duplex(16 * 1024);
+        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into()));
+        let (mut rx, mut tx) = tokio::io::split(client);
+        tx.write_all(&bytes_of(&Packet::Connect(connect)))
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let connack = loop {
+            match Packet::read(&mut buf, 1024) {
+                Ok(p) => break p,
+                Err(CodecError::InsufficientBytes(_)) => {
+                    assert!(rx.read_buf(&mut buf).await.unwrap() > 0, "closed");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        assert!(
+            matches!(&connack, Packet::ConnAck(a) if a.code == ConnectReturnCode::Success),
+            "{connack:?}"
+        );
+        // 100,000 PINGREQs (200 KB) in chunks of 1,000, and never a byte read from here on.
+        const TOTAL: usize = 100_000;
+        const CHUNK: usize = 1_000;
+        let chunk = bytes_of(&Packet::PingReq).repeat(CHUNK);
+        let mut written = 0;
+        while written < TOTAL {
+            match tokio::time::timeout(Duration::from_secs(5), tx.write_all(&chunk)).await {
+                Ok(Ok(())) => written += CHUNK,
+                Ok(Err(e)) => panic!("the hub closed after {written} pings: {e}"),
+                Err(_) => break,
+            }
+        }
+        // What the hub can have taken (2 bytes a ping, 2 a reply): the pipe to it, its read
+        // buffer (under 16 KiB), its outgoing queue and the writer's batch (each at most
+        // OUTGOING_CAPACITY), the pipe back, and a chunk in flight.
+        let bound = 16 * 1024 / 2 + 16 * 1024 / 2 + 2 * OUTGOING_CAPACITY + 16 * 1024 / 2 + CHUNK;
+        assert!(
+            written < TOTAL,
+            "the hub read all {TOTAL} PINGREQs (queueing a PINGRESP for each) while the client \
+             read nothing"
+        );
+        assert!(written <= bound, "{written} pings taken, more than {bound}");
+        // Stalled, the connection gets no packet: it ends when its keep-alive runs out, even
+        // though the client still reads nothing.
+        let end = tokio::time::timeout(MAX_KEEP_ALIVE_PLUS, conn)
+            .await
+            .expect("the stalled connection never ended")
+            .unwrap();
+        assert!(matches!(end, ConnectionEnd::KeepAlive), "{end}");
+        drop(rx);
+    }
+
+    const MAX_KEEP_ALIVE_PLUS: Duration = Duration::from_secs(3600);
 }

@@ -6,6 +6,11 @@
 //! delivery is `Retry(NoReceiver)` and the endpoint worker resends it, in order, to the next
 //! connection. The sink never drops a message on its own: only a connection answering
 //! `Reject` (an AMQP `rejected`/`released`, see `amqp::links`) sets one aside.
+//!
+//! Memory: a connection takes deliveries from a queue of [`OUTBOUND_CAPACITY`] (made by
+//! [`outbound_channel`]); while it is full, [`ModuleInputSink::send`] waits for the connection
+//! to take more (the endpoint worker is waiting for the outcomes anyway), so what waits for a
+//! module that does not acknowledge is bounded whatever the workers' windows.
 
 use router::{Delivery, DeliveryOutcome, FailureKind, InputName, Message, Sink};
 
@@ -30,7 +35,17 @@ pub struct Outbound {
 }
 
 /// Where a connection takes deliveries from.
-pub type OutboundTx = mpsc::UnboundedSender<Outbound>;
+pub type OutboundTx = mpsc::Sender<Outbound>;
+/// The connection's end of an [`OutboundTx`].
+pub type OutboundRx = mpsc::Receiver<Outbound>;
+
+/// Deliveries handed to one connection and not yet taken by it.
+pub const OUTBOUND_CAPACITY: usize = 128;
+
+/// The queue between a connection and its input sinks, bounded by [`OUTBOUND_CAPACITY`].
+pub fn outbound_channel() -> (OutboundTx, OutboundRx) {
+    mpsc::channel(OUTBOUND_CAPACITY)
+}
 
 /// The sink of one module input, bound to one connection of that module.
 #[derive(Debug, Clone)]
@@ -51,6 +66,7 @@ impl Sink for ModuleInputSink {
         let mut waiting = Vec::with_capacity(batch.len());
         for delivery in batch {
             let (acked, rx) = oneshot::channel();
+            // Waits while the connection's queue is full; fails once the connection is gone.
             let handed = self
                 .connection
                 .send(Outbound {
@@ -60,6 +76,7 @@ impl Sink for ModuleInputSink {
                     previous_attempts: delivery.previous_attempts,
                     acked,
                 })
+                .await
                 .is_ok();
             waiting.push(handed.then_some(rx));
         }
@@ -71,5 +88,54 @@ impl Sink for ModuleInputSink {
             });
         }
         outcomes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use router::{DeviceId, ModuleId, Priority, Source};
+    use store::Offset;
+
+    use super::*;
+
+    fn delivery(i: u64) -> Delivery {
+        let source = Source::ModuleOutput {
+            device: DeviceId::new("d"),
+            module: ModuleId::new("m"),
+            output: None,
+        };
+        Delivery {
+            message: Message::new(source, i.to_string().into_bytes()),
+            offset: Offset::new(i),
+            priority: Priority(0),
+            previous_attempts: 0,
+        }
+    }
+
+    /// A connection that takes nothing never holds more than OUTBOUND_CAPACITY deliveries,
+    /// however large the worker's batch; once it takes and settles them, every delivery is
+    /// answered, in order.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_takes_nothing_holds_a_bounded_queue() {
+        let (tx, mut rx) = outbound_channel();
+        let sink = ModuleInputSink::new(InputName::new("input1"), tx);
+        let batch: Vec<Delivery> = (0..1000).map(delivery).collect();
+        let sending = tokio::spawn(async move { sink.send(batch).await });
+        // Let the sink run until it blocks.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert_eq!(rx.len(), OUTBOUND_CAPACITY, "the queue grew past its bound");
+        assert!(!sending.is_finished());
+        let mut offsets = Vec::new();
+        while offsets.len() < 1000 {
+            let o = rx.recv().await.unwrap();
+            offsets.push(o.offset);
+            let _ = o.acked.send(DeliveryOutcome::Delivered);
+            assert!(rx.len() <= OUTBOUND_CAPACITY);
+        }
+        assert_eq!(offsets, (0..1000).collect::<Vec<u64>>());
+        let outcomes = sending.await.unwrap();
+        assert!(outcomes.iter().all(|o| *o == DeliveryOutcome::Delivered));
     }
 }
