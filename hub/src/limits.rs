@@ -246,6 +246,8 @@ pub struct Budget {
     limits: Limits,
     metrics: LimitMetrics,
     state: Mutex<State>,
+    /// Notified when the last closing connection is gone.
+    settled: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -254,6 +256,9 @@ struct State {
     authenticated: usize,
     /// Unauthenticated connections, oldest first.
     waiting: VecDeque<Arc<SlotInner>>,
+    /// Connections evicted or timed out whose tasks have not yet dropped them (their sockets
+    /// are still open).
+    closing: usize,
     log_full: LogLimiter,
     log_evicted: LogLimiter,
     log_timed_out: LogLimiter,
@@ -275,6 +280,7 @@ impl Budget {
             limits,
             metrics,
             state: Mutex::new(State::default()),
+            settled: tokio::sync::Notify::new(),
         })
     }
 
@@ -315,6 +321,7 @@ impl Budget {
         if state.waiting.len() >= self.limits.max_unauthenticated {
             if let Some(oldest) = state.waiting.pop_front() {
                 oldest.phase.send_replace(Phase::Evicted);
+                state.closing += 1;
                 self.metrics.refused(self.protocol, "evicted");
                 if let Some(more) = state.log_evicted.hit(now) {
                     tracing::warn!(
@@ -370,6 +377,7 @@ impl Budget {
         }
         state.waiting.retain(|s| s.id != slot.id);
         slot.phase.send_replace(Phase::TimedOut);
+        state.closing += 1;
         self.metrics.refused(self.protocol, "auth_timeout");
         if let Some(more) = state.log_timed_out.hit(Instant::now()) {
             tracing::info!(
@@ -388,9 +396,34 @@ impl Budget {
         match *slot.phase.borrow() {
             Phase::Authenticated => state.authenticated = state.authenticated.saturating_sub(1),
             Phase::Unauthenticated => state.waiting.retain(|s| s.id != slot.id),
-            Phase::Evicted | Phase::TimedOut => {}
+            Phase::Evicted | Phase::TimedOut => {
+                state.closing = state.closing.saturating_sub(1);
+                if state.closing == 0 {
+                    self.settled.notify_waiters();
+                }
+            }
         }
         self.publish(&state);
+    }
+
+    /// Whether every connection the budget closed is gone (its socket closed).
+    pub fn is_settled(&self) -> bool {
+        self.lock().closing == 0
+    }
+
+    /// Resolves once every connection the budget closed is gone. The accept loop waits for it
+    /// before it accepts again, so unauthenticated connections never hold more than
+    /// `max_unauthenticated` + 1 sockets, however fast a flood comes.
+    pub async fn settled(&self) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_settled() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Connections now: (authenticated, unauthenticated).
@@ -581,7 +614,14 @@ mod tests {
         assert_eq!(new.slot().phase(), Phase::Evicted);
         assert_eq!(mid.slot().phase(), Phase::Authenticated);
         assert_eq!(b.counts(), (1, 2));
+        assert!(!b.is_settled(), "two evicted connections are still open");
+        drop(new);
+        assert!(!b.is_settled());
         drop(old);
+        assert!(b.is_settled());
+        tokio::time::timeout(Duration::from_secs(1), b.settled())
+            .await
+            .expect("settled");
         assert_eq!(b.counts(), (1, 2));
         let text = rendered(&m);
         assert!(
