@@ -43,6 +43,7 @@ pub struct TestHub {
     dir: tempfile::TempDir,
     manifest: Option<PathBuf>,
     modules: Vec<String>,
+    extra: Vec<OsString>,
 }
 
 impl Default for TestHub {
@@ -59,6 +60,7 @@ impl TestHub {
             dir: tempfile::tempdir().expect("temporary directory for the hub"),
             manifest: None,
             modules: Vec::new(),
+            extra: Vec::new(),
         }
     }
 
@@ -74,6 +76,12 @@ impl TestHub {
     /// Declares one more module (`--module NAME`).
     pub fn module(mut self, name: &str) -> TestHub {
         self.modules.push(name.to_owned());
+        self
+    }
+
+    /// More `edgehub run` arguments (e.g. `--max-connections 1`), given at every start.
+    pub fn run_args(mut self, args: &[&str]) -> TestHub {
+        self.extra.extend(args.iter().map(OsString::from));
         self
     }
 
@@ -127,6 +135,9 @@ impl TestHub {
             "EDGEHUB_MQTT_ADDR",
             "EDGEHUB_METRICS_ADDR",
             "EDGEHUB_PLAIN_MQTT_ADDR",
+            "EDGEHUB_MAX_CONNECTIONS",
+            "EDGEHUB_MAX_UNAUTHENTICATED",
+            "EDGEHUB_AUTH_TIMEOUT",
             "EDGEHUB_LOG",
             "EDGEHUB_LOG_FORMAT",
         ] {
@@ -172,7 +183,7 @@ impl TestHub {
     /// if it exits first or is not ready within [`START_WITHIN`] (a failure bound only).
     pub fn start(&self, ns: &NetNs) -> Proc {
         let mut cmd = self.command();
-        cmd.arg("run").args(self.args());
+        cmd.arg("run").args(self.args()).args(&self.extra);
         let mut hub = ns.spawn(&mut cmd);
         let deadline = Instant::now() + START_WITHIN;
         let custom_log = std::env::var_os("EDGEHUB_TEST_HUB_LOG").is_some();
