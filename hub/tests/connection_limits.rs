@@ -411,3 +411,20 @@ async fn a_silent_connection_is_closed_at_the_auth_deadline_on_both_heads() {
     assert_eq!(pings.last(), Some(&Packet::PingResp));
     hub.stop().await;
 }
+
+/// A connection that never authenticates does not hold up a shutdown: the hub closes it and
+/// stops at once instead of waiting for its deadline (here 600 s; the MQTT head's own wait for
+/// CONNECT is 60 s), while the authenticated module is closed in order as always.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_hold_up_a_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = raw::TestHub::start_with(dir.path(), |s| s.auth_timeout_secs = Some(600)).await;
+    let mut silent = RawClient::try_tls(hub.addrs.mqtt, &hub.ca(), secs(10))
+        .await
+        .expect("TLS");
+    let (mut module, _) = hub.connected("sender", true).await;
+    // Panics unless `run` returns within 30 s.
+    hub.stop().await;
+    silent.reader.expect_closed(secs(5)).await;
+    module.reader.expect_closed(secs(5)).await;
+}
