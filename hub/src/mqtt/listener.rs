@@ -132,7 +132,8 @@ pub(crate) async fn accept_loop<F, Fut>(
                         if let Ok(admission) = budget.admit(&peer) {
                             let _ = tcp.set_nodelay(true);
                             let serving = serve(tcp, peer.clone(), admission.slot());
-                            connections.spawn(until_closed(admission, peer, serving));
+                            let stop = shutdown.clone();
+                            connections.spawn(until_closed(admission, peer, stop, serving));
                         }
                     }
                     Err(e) if limits::is_connection_error(&e) => {
@@ -171,12 +172,27 @@ async fn sleep_until_some(at: Option<Instant>) {
     }
 }
 
-/// Runs a connection until it ends, or until its budget closes it before it authenticated
-/// (dropping it closes the socket; nothing of it was acknowledged). The slot is given back when
-/// this returns.
-async fn until_closed(admission: Admission, peer: String, serving: impl Future<Output = ()>) {
+/// Runs a connection until it ends, or until its budget closes it before it authenticated, or
+/// the hub shuts down before it authenticated (dropping it closes the socket; nothing of it was
+/// acknowledged; an authenticated connection closes itself on shutdown, after acknowledging
+/// what is durable). The slot is given back when this returns.
+async fn until_closed(
+    admission: Admission,
+    peer: String,
+    mut shutdown: watch::Receiver<bool>,
+    serving: impl Future<Output = ()>,
+) {
+    let unauthenticated_at_shutdown = async {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        if admission.slot().phase() != Phase::Unauthenticated {
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
         () = serving => {}
+        () = unauthenticated_at_shutdown => {
+            tracing::debug!(%peer, "unauthenticated connection closed: shutting down");
+        }
         phase = admission.closed() => {
             let reason = match phase {
                 Phase::Evicted => "evicted for a newer unauthenticated connection",
