@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v strace >/dev/null || need_apt+=(strace)
 command -v mount >/dev/null || need_apt+=(mount)
+# prlimit runs the hub out of file descriptors (hub/tests/connection_limits.rs).
+command -v prlimit >/dev/null || need_apt+=(util-linux)
 # A broker we did not write, for the upstream check (hub/tests/upstream_mosquitto.rs).
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -96,16 +96,23 @@ pub async fn serve(listener: TcpListener, state: HttpState, shutdown: impl Futur
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
+    let mut backoff = crate::limits::AcceptBackoff::default();
+    let mut failures = crate::limits::LogLimiter::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, _peer)) => {
+                    backoff.on_success();
                     connections.spawn(serve_connection(tcp, state.clone(), stop_rx.clone()));
                 }
                 Err(e) => {
-                    // Usually out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "HTTP accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Usually out of file descriptors: back off instead of spinning, and log
+                    // once per interval.
+                    let pause = backoff.on_error();
+                    if let Some(not_logged) = failures.hit(tokio::time::Instant::now()) {
+                        tracing::warn!(error = %e, failures_not_logged = not_logged, "HTTP accept failed");
+                    }
+                    tokio::time::sleep(pause).await;
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

@@ -13,6 +13,7 @@ pub mod amqp;
 pub mod auth;
 pub mod http;
 pub mod identity;
+pub mod limits;
 pub mod metrics;
 pub mod mqtt;
 pub mod server;

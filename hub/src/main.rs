@@ -170,6 +170,36 @@ struct HubArgs {
         hide_env_values = true
     )]
     module_keys: Vec<String>,
+    /// Authenticated connections per protocol (MQTT, AMQP), as edgeHub's MaxConnectedClients;
+    /// one more is refused and closed.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = settings::DEFAULT_MAX_CONNECTIONS
+    )]
+    max_connections: usize,
+    /// Connections per protocol between accept and authentication; when they are all taken, a
+    /// new connection closes the oldest of them, so a flood cannot lock modules out.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_MAX_UNAUTHENTICATED",
+        value_name = "N",
+        default_value_t = settings::DEFAULT_MAX_UNAUTHENTICATED
+    )]
+    max_unauthenticated: usize,
+    /// Seconds a connection has from accept to authenticated (TLS handshake, CONNECT or AMQP
+    /// open and put-token) before it is closed.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_AUTH_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = settings::DEFAULT_AUTH_TIMEOUT_SECS
+    )]
+    auth_timeout: u64,
     /// Log format: text or json.
     #[arg(long, global = true, env = "EDGEHUB_LOG_FORMAT", value_name = "FORMAT",
           default_value = "text", value_parser = parse_log_format)]
@@ -204,6 +234,9 @@ impl HubArgs {
             upstream_ca: self.upstream_ca.clone(),
             upstream_timeout_secs: Some(self.upstream_timeout),
             module_keys: self.module_keys.clone(),
+            max_connections: Some(self.max_connections),
+            max_unauthenticated: Some(self.max_unauthenticated),
+            auth_timeout_secs: Some(self.auth_timeout),
         };
         Ok(raw.validate(settings::machine_hostname())?)
     }

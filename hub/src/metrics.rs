@@ -31,6 +31,7 @@
 //! | `edgehub_store_bytes_on_disk`, `edgehub_store_segments`, `edgehub_store_halted` | gauge | | store |
 //! | `edgehub_store_fdatasync_seconds` | histogram | | store: each group commit's fdatasync (64 µs doubling to ~1 s) |
 //! | `edgehub_upstream_*` | see [`UpstreamMetrics`] | `id` | upstream link |
+//! | `edgehub_connections`, `…_refused_total`, `edgehub_accept_failures_total` | see [`crate::limits::LimitMetrics`] | `protocol` | accept loops |
 //!
 //!
 //! Guarantees: label values are bounded by the declared modules, endpoints and a fixed set of
@@ -191,6 +192,7 @@ pub struct HubMetrics {
     store_fdatasync_seconds: SnapshotHistogram,
 
     upstream: UpstreamMetrics,
+    limits: crate::limits::LimitMetrics,
 }
 
 impl std::fmt::Debug for HubMetrics {
@@ -239,6 +241,7 @@ impl HubMetrics {
             store_halted: Gauge::default(),
             store_fdatasync_seconds: SnapshotHistogram::default(),
             upstream: UpstreamMetrics::default(),
+            limits: crate::limits::LimitMetrics::default(),
         };
         m.register();
         m
@@ -247,6 +250,7 @@ impl HubMetrics {
     fn register(&mut self) {
         let r = &mut self.registry;
         self.upstream.register(r);
+        self.limits.register(r);
         r.register(
             "edgehub_messages_received",
             "Messages received from modules",
@@ -454,6 +458,11 @@ impl HubMetrics {
     /// The upstream link's series (`edgehub_upstream_*`).
     pub fn upstream(&self) -> &UpstreamMetrics {
         &self.upstream
+    }
+
+    /// The connection limits' series (`edgehub_connections*`, `edgehub_accept_failures_total`).
+    pub fn limits(&self) -> &crate::limits::LimitMetrics {
+        &self.limits
     }
 
     /// A module connection was accepted (before authentication).

@@ -19,6 +19,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::http::{self, HttpState, Readiness};
 use crate::identity::Identities;
+use crate::limits::Budget;
 use crate::metrics::HubMetrics;
 use crate::mqtt::connection::Registry;
 use crate::mqtt::context::HeadContext;
@@ -141,6 +142,9 @@ pub async fn run(
         None => None,
     };
 
+    // One budget per protocol (the loopback plain MQTT listener shares MQTT's).
+    let mqtt_budget = Budget::new("mqtt", settings.limits(), metrics.limits().clone());
+    let amqp_budget = Budget::new("amqp", settings.limits(), metrics.limits().clone());
     let readiness = Readiness::new();
     let router_metrics = {
         let dispatcher = Arc::clone(&dispatcher);
@@ -160,16 +164,24 @@ pub async fn run(
         amqp,
         TlsAcceptor::from(Arc::clone(&tls_config)),
         Arc::clone(&ctx),
+        amqp_budget,
         stop_rx.clone(),
     ));
     let mqtt_task = tokio::spawn(listener::serve_tls(
         mqtt,
         TlsAcceptor::from(tls_config),
         Arc::clone(&ctx),
+        Arc::clone(&mqtt_budget),
         stop_rx.clone(),
     ));
-    let plain_task =
-        plain.map(|l| tokio::spawn(listener::serve_plain(l, Arc::clone(&ctx), stop_rx.clone())));
+    let plain_task = plain.map(|l| {
+        tokio::spawn(listener::serve_plain(
+            l,
+            Arc::clone(&ctx),
+            mqtt_budget,
+            stop_rx.clone(),
+        ))
+    });
     readiness.set_ready();
     tracing::info!(
         mqtt = %settings.mqtt_addr(),
@@ -177,6 +189,7 @@ pub async fn run(
         http = %settings.metrics_addr(),
         ca = %tls::ca_path(&data_dir).display(),
         routes = ctx.router.table().routes().len(),
+        max_connections = settings.limits().max_connections,
         "edgehub ready"
     );
 

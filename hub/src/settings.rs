@@ -191,7 +191,26 @@ pub struct RawSettings {
     pub upstream_timeout_secs: Option<u64>,
     /// `MODULE=BASE64KEY`: the key IoT Hub issued for a module identity (declares the module).
     pub module_keys: Vec<String>,
+    /// Authenticated connections per protocol (default [`DEFAULT_MAX_CONNECTIONS`]).
+    pub max_connections: Option<usize>,
+    /// Connections per protocol not yet authenticated (default
+    /// [`DEFAULT_MAX_UNAUTHENTICATED`]).
+    pub max_unauthenticated: Option<usize>,
+    /// Seconds from accept to authentication, TLS handshake included (default
+    /// [`DEFAULT_AUTH_TIMEOUT_SECS`]).
+    pub auth_timeout_secs: Option<u64>,
 }
+
+/// edgeHub's `MaxConnectedClients`, per protocol.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
+/// Connections per protocol that may be between accept and authentication at once: far more
+/// than the modules of one edge device that (re)connect together, few enough that a flood of
+/// them holds little memory and few file descriptors.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 32;
+/// How long a connection may take from accept to authenticated (TLS handshake, then CONNECT or
+/// AMQP header, SASL, Open and `$cbs` put-token). The SDKs do all of it at once; the AMQP head
+/// already allowed 20 s after Open, and one deadline for both heads replaces MQTT's 60 s.
+pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 20;
 
 /// edgeHub's `CloudOperationTimeoutSecs`.
 pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 20;
@@ -232,6 +251,7 @@ pub struct Settings {
     epoch: u64,
     upstream: Option<UpstreamSettings>,
     module_keys: Vec<(ModuleId, ModuleKey)>,
+    limits: crate::limits::Limits,
 }
 
 /// A setting that is not valid. The message names the field.
@@ -367,6 +387,11 @@ impl RawSettings {
             self.upstream_timeout_secs,
             &iothub_hostname,
         )?;
+        let limits = connection_limits(
+            self.max_connections,
+            self.max_unauthenticated,
+            self.auth_timeout_secs,
+        )?;
         Ok(Settings {
             data_dir,
             manifest,
@@ -384,8 +409,46 @@ impl RawSettings {
             epoch: self.epoch.unwrap_or(0),
             upstream,
             module_keys,
+            limits,
         })
     }
+}
+
+/// The connection limits of each head, checked.
+fn connection_limits(
+    max_connections: Option<usize>,
+    max_unauthenticated: Option<usize>,
+    auth_timeout_secs: Option<u64>,
+) -> Result<crate::limits::Limits, SettingsError> {
+    let max_connections = max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if !(1..=1_000_000).contains(&max_connections) {
+        return Err(invalid(
+            "max_connections",
+            &max_connections.to_string(),
+            "must be 1 to 1000000",
+        ));
+    }
+    let max_unauthenticated = max_unauthenticated.unwrap_or(DEFAULT_MAX_UNAUTHENTICATED);
+    if !(1..=100_000).contains(&max_unauthenticated) {
+        return Err(invalid(
+            "max_unauthenticated",
+            &max_unauthenticated.to_string(),
+            "must be 1 to 100000",
+        ));
+    }
+    let auth_timeout_secs = auth_timeout_secs.unwrap_or(DEFAULT_AUTH_TIMEOUT_SECS);
+    if !(1..=600).contains(&auth_timeout_secs) {
+        return Err(invalid(
+            "auth_timeout_secs",
+            &auth_timeout_secs.to_string(),
+            "must be 1 to 600 seconds",
+        ));
+    }
+    Ok(crate::limits::Limits {
+        max_connections,
+        max_unauthenticated,
+        auth_timeout: std::time::Duration::from_secs(auth_timeout_secs),
+    })
 }
 
 impl Settings {
@@ -467,6 +530,11 @@ impl Settings {
     /// Module keys given with `--module-key` (keys IoT Hub issued).
     pub fn module_keys(&self) -> &[(ModuleId, ModuleKey)] {
         &self.module_keys
+    }
+
+    /// The connection limits each head (MQTT, AMQP) applies on its own.
+    pub fn limits(&self) -> crate::limits::Limits {
+        self.limits
     }
 
     /// The upstream link, or `None` when `$upstream` messages only wait on disk: with
@@ -812,6 +880,39 @@ mod tests {
                 !err.to_string().contains(&short) && !err.to_string().contains(&key),
                 "{err}"
             );
+        }
+    }
+
+    #[test]
+    fn connection_limits_default_to_edgehubs_and_are_checked() {
+        let l = Settings::defaults(None).expect("valid").limits();
+        assert_eq!(l.max_connections, 100);
+        assert_eq!(l.max_unauthenticated, 32);
+        assert_eq!(l.auth_timeout, std::time::Duration::from_secs(20));
+        for (raw, field) in [
+            (
+                RawSettings {
+                    max_connections: Some(0),
+                    ..raw()
+                },
+                "max_connections",
+            ),
+            (
+                RawSettings {
+                    max_unauthenticated: Some(0),
+                    ..raw()
+                },
+                "max_unauthenticated",
+            ),
+            (
+                RawSettings {
+                    auth_timeout_secs: Some(0),
+                    ..raw()
+                },
+                "auth_timeout_secs",
+            ),
+        ] {
+            assert_eq!(raw.validate(None).expect_err("rejected").field, field);
         }
     }
 

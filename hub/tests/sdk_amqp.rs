@@ -502,8 +502,9 @@ fn a_detached_inputs_link_ends_at_once_and_leaves_the_other_links_sinks() {
     assert_eq!(m[0]["message_id"], "probe-1");
 }
 
-/// A connection on which nothing authenticates is closed 20 s after Open
-/// (`AUTHENTICATE_TIMEOUT`); an authenticated one beside it stays open past that.
+/// A connection on which nothing authenticates is closed 20 s after it was accepted (the
+/// head's `--auth-timeout`, which ends it just before the AMQP head's own 20 s after Open); an
+/// authenticated one beside it stays open past that.
 #[test]
 fn a_connection_that_never_authenticates_is_closed() {
     let hub = ProbeHub::start();
@@ -512,7 +513,11 @@ fn a_connection_that_never_authenticates_is_closed() {
     let closed = event(&out, "closed");
     let ms = closed["ms"].as_i64().unwrap();
     assert!((18_000..30_000).contains(&ms), "closed after {ms} ms");
-    assert!(log.contains("nothing authenticated within"), "{log}");
+    assert!(
+        log.contains("did not authenticate in time")
+            || log.contains("nothing authenticated within"),
+        "{log}"
+    );
     let authenticated = authenticated.finish(secs(50));
     authenticated.assert_exit(sdk::EXIT_OK);
     let held = event(&authenticated, "held");

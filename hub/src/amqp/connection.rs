@@ -104,6 +104,9 @@ pub enum ConnectionEnd {
     /// No token of the connection was renewed before it expired.
     #[error("the SAS token expired without renewal")]
     TokenExpired,
+    /// Refused by the connection limits (`--max-connections`).
+    #[error("refused: {0}")]
+    Refused(String),
     /// The hub is shutting down.
     #[error("hub shutting down")]
     Shutdown,
@@ -130,6 +133,8 @@ pub struct ConnShared {
     pub cbs_reply_rx: AsyncMutex<cbs::ReplyQueue>,
     /// For logs.
     pub peer: String,
+    /// The connection's place in the head's budget, told when an identity authenticates.
+    slot: crate::limits::Slot,
 }
 
 impl ConnShared {
@@ -147,6 +152,11 @@ impl ConnShared {
     pub fn join(self: &Arc<Self>, identity: &Identity) {
         let mut joined = self.joined.lock().unwrap_or_else(|p| p.into_inner());
         if joined.contains_key(identity) {
+            return;
+        }
+        if let Err(e) = self.slot.authenticated() {
+            drop(joined);
+            self.stop(ConnectionEnd::Refused(e.to_string()));
             return;
         }
         let (id, mut replaced) = self.ctx.connections.join(identity);
@@ -183,8 +193,14 @@ impl ConnShared {
     }
 }
 
-/// Serves one connection until it ends. `peer` is for logs.
-pub async fn serve<S>(mut stream: S, ctx: Arc<HeadContext>, peer: String) -> ConnectionEnd
+/// Serves one connection until it ends. `peer` is for logs; `slot` is the connection's place in
+/// the head's budget, told when an identity authenticates.
+pub async fn serve<S>(
+    mut stream: S,
+    ctx: Arc<HeadContext>,
+    peer: String,
+    slot: crate::limits::Slot,
+) -> ConnectionEnd
 where
     S: AsyncRead + AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
 {
@@ -233,8 +249,10 @@ where
         cbs_replies: cbs_tx,
         cbs_reply_rx: AsyncMutex::new(cbs::ReplyQueue::new(cbs_rx)),
         peer: peer.clone(),
+        slot,
     });
-    ctx.metrics.client_connected();
+    // Also uncounted when the accept loop drops this connection at its auth deadline.
+    let connected = crate::limits::ConnectedGauge::new(Arc::clone(&ctx.metrics));
     for identity in &sasl_identities {
         ctx.metrics.client_authenticated(identity);
         shared.join(identity);
@@ -243,7 +261,7 @@ where
     let end = run(&mut connection, &shared).await;
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close()).await;
     shared.leave_all();
-    ctx.metrics.client_disconnected();
+    drop(connected);
     tracing::info!(%peer, reason = %end, "AMQP connection closed");
     end
 }

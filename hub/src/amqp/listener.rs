@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::amqp::connection::{self, ConnectionEnd};
+use crate::limits::Budget;
 use crate::mqtt::context::HeadContext;
 use crate::mqtt::listener::serve_tls_with;
 
@@ -21,17 +22,26 @@ pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     ctx: Arc<HeadContext>,
+    budget: Arc<Budget>,
     shutdown: watch::Receiver<bool>,
 ) {
-    serve_tls_with(listener, acceptor, shutdown, "AMQP", move |tls, peer| {
-        let ctx = Arc::clone(&ctx);
-        async move {
-            if let end @ (ConnectionEnd::Io(_) | ConnectionEnd::Timeout | ConnectionEnd::Open(_)) =
-                connection::serve(tls, ctx, peer.clone()).await
-            {
-                tracing::info!(%peer, reason = %end, "AMQP connection not opened");
+    serve_tls_with(
+        listener,
+        acceptor,
+        budget,
+        shutdown,
+        "AMQP",
+        move |tls, peer, slot| {
+            let ctx = Arc::clone(&ctx);
+            async move {
+                if let end @ (ConnectionEnd::Io(_)
+                | ConnectionEnd::Timeout
+                | ConnectionEnd::Open(_)) = connection::serve(tls, ctx, peer.clone(), slot).await
+                {
+                    tracing::info!(%peer, reason = %end, "AMQP connection not opened");
+                }
             }
-        }
-    })
+        },
+    )
     .await;
 }

@@ -176,8 +176,14 @@ impl Registry {
     }
 }
 
-/// Serves one connection until it ends. `peer` is for logs.
-pub async fn serve<S>(stream: S, ctx: Arc<HeadContext>, peer: String) -> ConnectionEnd
+/// Serves one connection until it ends. `peer` is for logs; `slot` is the connection's place in
+/// the head's budget, told when it authenticates.
+pub async fn serve<S>(
+    stream: S,
+    ctx: Arc<HeadContext>,
+    peer: String,
+    slot: crate::limits::Slot,
+) -> ConnectionEnd
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -209,6 +215,14 @@ where
             return ConnectionEnd::Refused(reason);
         }
     };
+    if let Err(e) = slot.authenticated() {
+        // Over --max-connections: "server unavailable", which the SDKs retry.
+        let ack = ConnAck::new(ConnectReturnCode::ServiceUnavailable, false);
+        let _ = out_tx.send(Packet::ConnAck(ack));
+        drop(out_tx);
+        let _ = writer_task.await;
+        return ConnectionEnd::Refused(e.to_string());
+    }
     let client_id = connect.client_id.clone();
     let present = match ctx.sessions.open(&client_id, connect.clean_session) {
         Ok(p) => p,

@@ -4,6 +4,9 @@
 //!
 //! Guarantees: on shutdown the loops stop accepting, every connection is told to close (it first
 //! acknowledges what is already durable), and `serve` returns only when all of them have ended.
+//! Every connection is admitted into its head's [`Budget`] (`crate::limits`): over
+//! `--max-connections` it is closed at once, an unauthenticated one is closed when evicted or at
+//! its deadline, and accept errors pause the loop instead of spinning.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,13 +16,16 @@ use std::future::Future;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::limits::{self, AcceptBackoff, Admission, Budget, LogLimiter, Phase, Slot};
 use crate::mqtt::connection;
 use crate::mqtt::context::HeadContext;
 
-/// How long a TLS handshake may take.
+/// How long a TLS handshake may take (the connection's whole authentication deadline, from
+/// its [`Budget`], usually ends it first).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves MQTT over TLS on `listener` until `shutdown` turns true.
@@ -27,14 +33,22 @@ pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     ctx: Arc<HeadContext>,
+    budget: Arc<Budget>,
     shutdown: watch::Receiver<bool>,
 ) {
-    serve_tls_with(listener, acceptor, shutdown, "MQTT", move |tls, peer| {
-        let ctx = Arc::clone(&ctx);
-        async move {
-            connection::serve(tls, ctx, peer).await;
-        }
-    })
+    serve_tls_with(
+        listener,
+        acceptor,
+        budget,
+        shutdown,
+        "MQTT",
+        move |tls, peer, slot| {
+            let ctx = Arc::clone(&ctx);
+            async move {
+                connection::serve(tls, ctx, peer, slot).await;
+            }
+        },
+    )
     .await;
 }
 
@@ -44,18 +58,19 @@ pub async fn serve_tls(
 pub(crate) async fn serve_tls_with<F, Fut>(
     listener: TcpListener,
     acceptor: TlsAcceptor,
+    budget: Arc<Budget>,
     shutdown: watch::Receiver<bool>,
     protocol: &'static str,
     serve: F,
 ) where
-    F: Fn(TlsStream<TcpStream>, String) -> Fut + Clone + Send + 'static,
+    F: Fn(TlsStream<TcpStream>, String, Slot) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    accept_loop(listener, shutdown, move |tcp, peer| {
+    accept_loop(listener, budget, shutdown, move |tcp, peer, slot| {
         let (acceptor, serve) = (acceptor.clone(), serve.clone());
         async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => serve(tls, peer).await,
+                Ok(Ok(tls)) => serve(tls, peer, slot).await,
                 Ok(Err(e)) => tracing::info!(%peer, error = %e, protocol, "TLS handshake failed"),
                 Err(_) => tracing::info!(%peer, protocol, "TLS handshake timed out"),
             }
@@ -68,12 +83,13 @@ pub(crate) async fn serve_tls_with<F, Fut>(
 pub async fn serve_plain(
     listener: TcpListener,
     ctx: Arc<HeadContext>,
+    budget: Arc<Budget>,
     shutdown: watch::Receiver<bool>,
 ) {
-    accept_loop(listener, shutdown, move |tcp, peer| {
+    accept_loop(listener, budget, shutdown, move |tcp, peer, slot| {
         let ctx = Arc::clone(&ctx);
         async move {
-            connection::serve(tcp, ctx, peer).await;
+            connection::serve(tcp, ctx, peer, slot).await;
         }
     })
     .await;
@@ -81,29 +97,108 @@ pub async fn serve_plain(
 
 /// Accepts connections (TCP_NODELAY) and runs `serve` for each in its own task until `shutdown`,
 /// then waits for every connection task to end.
+///
+/// Each connection is admitted into `budget` first (refused and closed at once when the head is
+/// full); its task ends it when the budget closes it (evicted, or not authenticated in time),
+/// and the loop accepts again only once such a connection is gone.
+/// An accept error that is not one connection's own (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses
+/// accepting ([`AcceptBackoff`]) and is logged at most once per [`limits::LOG_INTERVAL`] with
+/// the count.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
+    budget: Arc<Budget>,
     mut shutdown: watch::Receiver<bool>,
     serve: F,
 ) where
-    F: Fn(TcpStream, String) -> Fut,
+    F: Fn(TcpStream, String, Slot) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut connections = JoinSet::new();
+    let mut backoff = AcceptBackoff::default();
+    let mut failures = LogLimiter::default();
+    let mut paused_until: Option<Instant> = None;
+    let protocol = budget.protocol();
     loop {
+        // While connections the budget closed are still open, accept nothing more: a flood
+        // then holds at most max_unauthenticated + 1 sockets.
+        let settled = budget.is_settled();
         tokio::select! {
-            accepted = listener.accept() => {
+            accepted = listener.accept(), if paused_until.is_none() && settled => {
                 match accepted {
                     Ok((tcp, peer)) => {
-                        let _ = tcp.set_nodelay(true);
-                        connections.spawn(serve(tcp, peer.to_string()));
+                        backoff.on_success();
+                        let peer = peer.to_string();
+                        // Refused: the socket closes here.
+                        if let Ok(admission) = budget.admit(&peer) {
+                            let _ = tcp.set_nodelay(true);
+                            let serving = serve(tcp, peer.clone(), admission.slot());
+                            let stop = shutdown.clone();
+                            connections.spawn(until_closed(admission, peer, stop, serving));
+                        }
                     }
-                    Err(e) => tracing::warn!(error = %e, "accept failed"),
+                    Err(e) if limits::is_connection_error(&e) => {
+                        tracing::debug!(protocol, error = %e, "a connection went away before it was accepted");
+                    }
+                    Err(e) => {
+                        budget.metrics().accept_failed(protocol);
+                        let pause = backoff.on_error();
+                        let now = Instant::now();
+                        paused_until = Some(now + pause);
+                        if let Some(not_logged) = failures.hit(now) {
+                            tracing::warn!(
+                                protocol,
+                                error = %e,
+                                failures_not_logged = not_logged,
+                                pause = ?pause,
+                                "accept failed; pausing accepts (file descriptors or memory exhausted?)"
+                            );
+                        }
+                    }
                 }
             }
+            () = sleep_until_some(paused_until) => paused_until = None,
+            () = budget.settled(), if !settled => {}
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
             _ = shutdown.changed() => break,
         }
     }
     while connections.join_next().await.is_some() {}
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs a connection until it ends, or until its budget closes it before it authenticated, or
+/// the hub shuts down before it authenticated (dropping it closes the socket; nothing of it was
+/// acknowledged; an authenticated connection closes itself on shutdown, after acknowledging
+/// what is durable). The slot is given back when this returns.
+async fn until_closed(
+    admission: Admission,
+    peer: String,
+    mut shutdown: watch::Receiver<bool>,
+    serving: impl Future<Output = ()>,
+) {
+    let unauthenticated_at_shutdown = async {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        if admission.slot().phase() != Phase::Unauthenticated {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = serving => {}
+        () = unauthenticated_at_shutdown => {
+            tracing::debug!(%peer, "unauthenticated connection closed: shutting down");
+        }
+        phase = admission.closed() => {
+            let reason = match phase {
+                Phase::Evicted => "evicted for a newer unauthenticated connection",
+                _ => "not authenticated in time",
+            };
+            tracing::debug!(%peer, reason, "unauthenticated connection closed");
+        }
+    }
 }

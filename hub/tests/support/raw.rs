@@ -242,6 +242,32 @@ impl RawClient {
         Self::over(Box::pin(tls))
     }
 
+    /// [`RawClient::tls`] that says why instead of panicking (refused, closed during the
+    /// handshake, or no handshake within `within`).
+    pub async fn try_tls(
+        addr: SocketAddr,
+        ca_pem: &Path,
+        within: Duration,
+    ) -> Result<Self, String> {
+        let connector = tokio_rustls::TlsConnector::from(tls_config(ca_pem));
+        let name = ServerName::try_from("localhost").expect("server name");
+        let open = async {
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("TCP: {e}"))?;
+            let _ = tcp.set_nodelay(true);
+            connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))
+        };
+        match tokio::time::timeout(within, open).await {
+            Err(_) => Err(format!("no TLS handshake within {within:?}")),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(tls)) => Ok(Self::over(Box::pin(tls))),
+        }
+    }
+
     /// Sends CONNECT and returns the CONNACK (panics if anything else, or nothing, comes).
     pub async fn connect(&mut self, connect: Connect) -> ConnAck {
         self.writer.send(&Packet::Connect(connect)).await;

@@ -201,6 +201,24 @@ class Deadline {
   }
 }
 
+// Runs op() (a promise factory) until it succeeds, retrying as a module does when it failed only
+// because the connection was down or dropped (the hub restarting; classify() says "connect"):
+// 0.1 s doubling to 2 s between attempts, within the deadline, one {"event":"retry"} line each.
+// With --no-retry, or for any other error, it fails at once.
+async function withRetry(op, args, deadline, what) {
+  let pause = 0.1;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await deadline.run(op(), what);
+    } catch (e) {
+      if (e instanceof Failure || args.no_retry || classify(e)[0] !== EXIT.CONNECT || deadline.left() <= pause) throw e;
+      emit({ event: 'retry', what, attempt, error: (e && e.name) || 'Error', ms: elapsedMs() });
+      await new Promise((r) => setTimeout(r, pause * 1000));
+      pause = Math.min(2, pause * 2);
+    }
+  }
+}
+
 async function connect(client, args, deadline) {
   await deadline.run(client.open(), 'connect', args.connect_timeout);
   const ids = idsFromCs(process.env.EDGEHUB_CS);
@@ -247,5 +265,5 @@ function parseProps(list) {
 }
 
 module.exports = {
-  EXIT, Failure, Deadline, emit, finish, elapsedMs, sdkRequire, createClient, connect, close, main, parseProps,
+  EXIT, Failure, Deadline, emit, finish, elapsedMs, sdkRequire, createClient, connect, close, main, parseProps, withRetry,
 };

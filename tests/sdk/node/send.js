@@ -5,7 +5,8 @@
 //   EDGEHUB_CS=... EDGEHUB_CA=ca.pem node send.js --output out1 --count 100 [--run ID]
 //   [--transport mqtt|amqp] [--no-retry] [--timeout S] ...
 // stdout: {"event":"connected",...}, {"seq":n,"mid":...,"ms":...} per acknowledged send,
-// {"event":"done","sent":COUNT}. Exit codes: harness.js.
+// {"event":"done","sent":COUNT}. A send that fails because the connection is down or drops is
+// sent again ({"event":"retry",...}) until the deadline, unless --no-retry. Exit codes: harness.js.
 const h = require('./harness');
 
 const SPEC = {
@@ -57,7 +58,9 @@ async function run(args) {
     msg.properties.add('seq', String(seq));
     msg.properties.add('run', args.run);
     for (const [k, v] of props) msg.properties.add(k, v);
-    await deadline.run(client.sendOutputEvent(args.output, msg), `send seq ${seq}`);
+    // A send that failed because the hub was away (restarting) is sent again, as a module does:
+    // the same message, until it is acknowledged or the deadline passes.
+    await h.withRetry(() => client.sendOutputEvent(args.output, msg), args, deadline, `send seq ${seq}`);
     h.emit({ seq, mid: msg.messageId, ms: h.elapsedMs() });
     if (args.interval_ms) await new Promise((r) => setTimeout(r, args.interval_ms));
   }

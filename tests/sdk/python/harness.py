@@ -215,6 +215,41 @@ class Deadline:
             raise Failure(EXIT_TIMEOUT, f"{what}: no answer within the deadline ({left:.1f}s left)")
 
 
+def is_transient(exc):
+    """Whether an operation failed only because the connection was down or went down (the hub
+    restarting): what a module retries. Credentials, TLS and usage errors are not."""
+    from azure.iot.device import exceptions as ex
+
+    if isinstance(exc, (ex.OperationTimeout, ex.OperationCancelled)):
+        return True
+    if isinstance(exc, (ex.NoConnectionError, ex.ConnectionDroppedError, ex.ConnectionFailedError)):
+        return classify(exc)[0] == EXIT_CONNECT  # not a TLS failure
+    return False
+
+
+async def with_retry(op, args, deadline, what):
+    """Runs ``op()`` (a coroutine factory) until it succeeds, retrying as a module does when the
+    connection is down or drops (the SDK reconnects on the next operation): 0.1 s doubling to
+    2 s between attempts, within ``deadline``. Each retry is reported as an
+    ``{"event":"retry",...}`` line. With --no-retry, or for any other error, it fails at once.
+    """
+    pause = 0.1
+    attempt = 1
+    while True:
+        try:
+            return await deadline.run(op(), what)
+        except Failure:
+            raise
+        except Exception as e:  # noqa: BLE001 - classified below
+            if args.no_retry or not is_transient(e) or deadline.left() <= pause:
+                raise
+            emit({"event": "retry", "what": what, "attempt": attempt,
+                  "error": type(e).__name__, "ms": elapsed_ms()})
+            await asyncio.sleep(pause)
+            pause = min(2.0, pause * 2)
+            attempt += 1
+
+
 async def connect(client, args, deadline):
     cap = args.connect_timeout
     await deadline.run(client.connect(), "connect", cap)

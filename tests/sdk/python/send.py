@@ -9,7 +9,9 @@ properties run=<ID>, seq=<n> and any --prop; body the JSON {"seq":n,"run":ID} (p
 --binary --payload-size bytes that are not UTF-8.
 
 stdout: {"event":"connected",...}, then one {"seq":n,"mid":...,"ms":...} line per send the hub
-acknowledged (PUBACK), in order, then {"event":"done","sent":COUNT}. Exit codes: harness.py.
+acknowledged (PUBACK), in order, then {"event":"done","sent":COUNT}. A send that fails because
+the connection is down or drops is sent again (harness.with_retry: {"event":"retry",...}) until
+the deadline, unless --no-retry. Exit codes: harness.py.
 """
 
 import asyncio
@@ -53,7 +55,11 @@ async def run(args):
         msg.custom_properties["run"] = args.run
         msg.custom_properties["seq"] = str(seq)
         msg.custom_properties.update(props)
-        await deadline.run(client.send_message_to_output(msg, args.output), f"send seq {seq}")
+        # A module resends a message whose send failed because the hub was away (restarting):
+        # the same message (same message_id), until it is acknowledged or the deadline passes.
+        await h.with_retry(
+            lambda: client.send_message_to_output(msg, args.output), args, deadline, f"send seq {seq}"
+        )
         h.emit({"seq": seq, "mid": msg.message_id, "ms": h.elapsed_ms()})
         if args.interval_ms:
             await asyncio.sleep(args.interval_ms / 1000)
