@@ -925,6 +925,7 @@ mod tests {
     use super::*;
     use crate::auth::sas;
     use crate::identity::Identities;
+    use crate::limits::{Budget, LimitMetrics, Limits, Slot};
     use crate::mqtt::sessions::Sessions;
 
     const IOTHUB: &str = "edgehub.test";
@@ -936,6 +937,14 @@ mod tests {
     }
 
     /// [`context`] with the store on `fs` and `routes`.
+    /// A slot in a default-sized MQTT budget, as the accept loop hands one to a connection.
+    fn test_slot() -> Slot {
+        Budget::new("mqtt", Limits::default(), LimitMetrics::default())
+            .admit("test")
+            .unwrap()
+            .slot()
+    }
+
     fn context_with(
         dir: &Path,
         fs: Arc<dyn Fs>,
@@ -1127,7 +1136,7 @@ mod tests {
         let (ctx, _shutdown, connect_packet) =
             context_with(dir.path(), Arc::clone(&fs) as Arc<dyn Fs>, vec![route]);
         let (client, server) = tokio::io::duplex(16 * 1024);
-        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into()));
+        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into(), test_slot()));
         let (mut rx, mut tx) = tokio::io::split(client);
         connect(&mut rx, &mut tx, connect_packet).await;
         fs.set_closed(true);
@@ -1180,7 +1189,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (ctx, _shutdown, connect) = context(dir.path());
         let (client, server) = tokio::io::duplex(16 * 1024);
-        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into()));
+        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into(), test_slot()));
         let (mut rx, mut tx) = tokio::io::split(client);
         tx.write_all(&bytes_of(&Packet::Connect(connect)))
             .await
