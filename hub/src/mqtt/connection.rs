@@ -217,10 +217,11 @@ where
     };
     if let Err(e) = slot.authenticated() {
         // Over --max-connections: "server unavailable", which the SDKs retry.
+        // The queue is empty: the CONNACK always fits.
         let ack = ConnAck::new(ConnectReturnCode::ServiceUnavailable, false);
-        let _ = out_tx.send(Packet::ConnAck(ack));
-        drop(out_tx);
-        let _ = writer_task.await;
+        let _ = out_tx.try_send(Packet::ConnAck(ack));
+        drop((out_tx, puback_tx));
+        finish_task(writer_task).await;
         return ConnectionEnd::Refused(e.to_string());
     }
     let client_id = connect.client_id.clone();
