@@ -23,7 +23,7 @@ echo "== official Azure IoT SDKs (pinned Python and Node clients for the hub's t
 scripts/install-sdks.sh
 
 echo "== cargo test (workspace)"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 
 echo "== benchmarks, quick pass"
 cargo bench -p benches --bench store --locked -- --quick
