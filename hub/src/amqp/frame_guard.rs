@@ -1,0 +1,467 @@
+//! A guard in front of fe2o3-amqp's frame decoder: every frame a client sends is checked whole
+//! before the library decodes it.
+//!
+//! Why (both found by the `amqp_frames` fuzz target, `tests/fuzz`): fe2o3-amqp 0.18 decodes a
+//! frame's performative with serde_amqp's `IoReader`, which allocates a variable-width value
+//! (string, binary, symbol) at the length the value *declares*, before reading it: one frame of
+//! a few hundred bytes declaring a 4 GiB string makes the hub allocate 4 GiB, before any
+//! authentication (SASL frames are decoded the same way). Where the allocation fails (a small
+//! device, a memory limit) the whole process aborts. And a frame whose size field is 4 to 7
+//! (less than its own 8-byte header) panics the decoding task (`FrameDecoder::decode` reads the
+//! header without checking that the bytes are there).
+//!
+//! Guarantees of [`check_frame`] (pure) and [`Guarded`] (a stream that applies it):
+//! - a frame reaches the decoder only whole and only if its size is at least
+//!   [`MIN_FRAME_BYTES`] and at most [`MAX_FRAME_BYTES`], and every length and element count in
+//!   its performative stays inside the frame, nested at most [`MAX_DEPTH`] deep (serde_amqp
+//!   recurses per level). Anything else ends the connection with an `InvalidData` I/O error
+//!   naming the problem, and a warning in the log;
+//! - a protocol header (`AMQP` and four bytes) passes wherever a frame may start (the AMQP
+//!   header follows the SASL layer on the same stream);
+//! - memory per connection: at most one frame of [`MAX_FRAME_BYTES`] plus one read buffer;
+//! - a valid stream passes unchanged, in order; writes pass unchanged.
+//!
+//! What it does not cover: a message split over several transfer frames is decoded by the
+//! link from the joined payloads (bounded by the link's `max-message-size`); its values are
+//! not walked here.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Size of an AMQP frame header: the smallest valid frame.
+pub const MIN_FRAME_BYTES: u32 = 8;
+/// Largest frame accepted: fe2o3's default `max-frame-size`, which the hub's Open announces
+/// (the library refuses a larger frame anyway).
+pub const MAX_FRAME_BYTES: u32 = 256 * 1024;
+/// Deepest nesting of compound values (lists, maps, arrays, described values) in a
+/// performative. Real performatives nest a handful of levels.
+pub const MAX_DEPTH: usize = 32;
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Why a frame was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The size field is below the header's own size.
+    #[error("AMQP frame of {0} bytes is shorter than its 8-byte header")]
+    TooShort(u32),
+    /// The size field is above [`MAX_FRAME_BYTES`].
+    #[error("AMQP frame of {0} bytes exceeds the limit of {MAX_FRAME_BYTES}")]
+    TooLarge(u32),
+    /// A value in the performative declares more bytes or elements than the frame holds.
+    #[error("AMQP frame: a value at byte {0} runs past the end of the frame")]
+    Overrun(usize),
+    /// Compound values nested deeper than [`MAX_DEPTH`].
+    #[error("AMQP frame: values nested more than {MAX_DEPTH} deep")]
+    TooDeep,
+}
+
+/// Checks one whole frame, size field included (see the module doc).
+pub fn check_frame(frame: &[u8]) -> Result<(), FrameError> {
+    let size = u32::from_be_bytes(read_array(frame, 0).ok_or(FrameError::TooShort(0))?);
+    if size < MIN_FRAME_BYTES {
+        return Err(FrameError::TooShort(size));
+    }
+    if size > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(size));
+    }
+    if frame.len() != size as usize {
+        return Err(FrameError::Overrun(frame.len().min(size as usize)));
+    }
+    let doff = usize::from(frame[4]) * 4;
+    if doff < 8 || doff > frame.len() {
+        // The library refuses an unusual data offset itself; nothing of the body is decoded.
+        return Ok(());
+    }
+    if doff == frame.len() {
+        return Ok(()); // an empty frame (heartbeat)
+    }
+    // The performative; what follows it is a transfer's payload.
+    Walker { bytes: frame }
+        .value(doff, frame.len(), 0)
+        .map(drop)
+}
+
+fn read_array<const N: usize>(bytes: &[u8], at: usize) -> Option<[u8; N]> {
+    bytes.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
+/// Walks AMQP-encoded values (AMQP 1.0 part 1, "Types"), checking every declared size.
+struct Walker<'a> {
+    bytes: &'a [u8],
+}
+
+/// How the elements of an array are laid out: one constructor, then bare values.
+#[derive(Clone, Copy)]
+enum Width {
+    Fixed(usize),
+    Variable(usize),
+    Compound(usize),
+    Array(usize),
+    /// A constructor the walker does not know: the library refuses it.
+    Unknown,
+}
+
+fn width(code: u8) -> Width {
+    match code {
+        0x40..=0x45 => Width::Fixed(0),
+        0x50..=0x56 => Width::Fixed(1),
+        0x60 | 0x61 => Width::Fixed(2),
+        0x70..=0x74 => Width::Fixed(4),
+        0x80..=0x84 => Width::Fixed(8),
+        0x94 | 0x98 => Width::Fixed(16),
+        0xa0 | 0xa1 | 0xa3 => Width::Variable(1),
+        0xb0 | 0xb1 | 0xb3 => Width::Variable(4),
+        0xc0 | 0xc1 => Width::Compound(1),
+        0xd0 | 0xd1 => Width::Compound(4),
+        0xe0 => Width::Array(1),
+        0xf0 => Width::Array(4),
+        _ => Width::Unknown,
+    }
+}
+
+impl Walker<'_> {
+    fn byte(&self, at: usize, end: usize) -> Result<u8, FrameError> {
+        if at >= end {
+            return Err(FrameError::Overrun(at));
+        }
+        self.bytes.get(at).copied().ok_or(FrameError::Overrun(at))
+    }
+
+    /// A length field of 1 or 4 bytes at `at`.
+    fn length(&self, at: usize, n: usize, end: usize) -> Result<usize, FrameError> {
+        if n == 1 {
+            return Ok(usize::from(self.byte(at, end)?));
+        }
+        if at.checked_add(4).is_none_or(|e| e > end) {
+            return Err(FrameError::Overrun(at));
+        }
+        let word = read_array::<4>(self.bytes, at).ok_or(FrameError::Overrun(at))?;
+        Ok(u32::from_be_bytes(word) as usize)
+    }
+
+    /// The value at `at` (constructor included); returns where it ends.
+    fn value(&self, at: usize, end: usize, depth: usize) -> Result<usize, FrameError> {
+        if depth > MAX_DEPTH {
+            return Err(FrameError::TooDeep);
+        }
+        let code = self.byte(at, end)?;
+        if code == 0x00 {
+            let after_descriptor = self.value(at + 1, end, depth + 1)?;
+            return self.value(after_descriptor, end, depth + 1);
+        }
+        self.body(code, at + 1, end, depth)
+    }
+
+    /// The bytes of a value of constructor `code` starting at `at`; returns where they end.
+    fn body(&self, code: u8, at: usize, end: usize, depth: usize) -> Result<usize, FrameError> {
+        let within = |to: usize| {
+            if to <= end {
+                Ok(to)
+            } else {
+                Err(FrameError::Overrun(at))
+            }
+        };
+        match width(code) {
+            Width::Fixed(n) => within(at + n),
+            Width::Variable(n) => {
+                let len = self.length(at, n, end)?;
+                within(at.saturating_add(n).saturating_add(len))
+            }
+            Width::Compound(n) => {
+                let size = self.length(at, n, end)?;
+                let stop = within(at.saturating_add(n).saturating_add(size))?;
+                let count = self.length(at + n, n, stop)?;
+                let mut pos = at + 2 * n;
+                if count > stop.saturating_sub(pos) {
+                    return Err(FrameError::Overrun(at));
+                }
+                for _ in 0..count {
+                    pos = self.value(pos, stop, depth + 1)?;
+                }
+                Ok(stop)
+            }
+            Width::Array(n) => {
+                let size = self.length(at, n, end)?;
+                let stop = within(at.saturating_add(n).saturating_add(size))?;
+                let count = self.length(at + n, n, stop)?;
+                let mut pos = at + 2 * n;
+                if count > stop.saturating_sub(pos) {
+                    return Err(FrameError::Overrun(at));
+                }
+                // The element constructor, possibly described.
+                let mut element = self.byte(pos, stop)?;
+                pos += 1;
+                if element == 0x00 {
+                    pos = self.value(pos, stop, depth + 1)?;
+                    element = self.byte(pos, stop)?;
+                    pos += 1;
+                }
+                for _ in 0..count {
+                    pos = self.body(element, pos, stop, depth + 1)?;
+                }
+                Ok(stop)
+            }
+            // Not a value the library decodes: it fails on it without allocating.
+            Width::Unknown => Ok(end),
+        }
+    }
+}
+
+/// A stream whose reads reach the caller one whole, checked frame (or protocol header) at a
+/// time; see the module doc.
+#[derive(Debug)]
+pub struct Guarded<S> {
+    inner: S,
+    /// Bytes read and not yet handed on; the first `ready` are checked.
+    pending: Vec<u8>,
+    ready: usize,
+    eof: bool,
+}
+
+impl<S> Guarded<S> {
+    /// Guards what is read from `inner`, which must start at a protocol header.
+    pub fn new(inner: S) -> Self {
+        Guarded {
+            inner,
+            pending: Vec::new(),
+            ready: 0,
+            eof: false,
+        }
+    }
+
+    /// Marks the next whole unit at the front of `pending` ready, if it is all there.
+    fn check_next(&mut self) -> Result<(), FrameError> {
+        let Some(first) = read_array::<4>(&self.pending, 0) else {
+            return Ok(());
+        };
+        if &first == b"AMQP" {
+            if self.pending.len() >= 8 {
+                self.ready = 8;
+            }
+            return Ok(());
+        }
+        let size = u32::from_be_bytes(first);
+        if size < MIN_FRAME_BYTES {
+            return Err(FrameError::TooShort(size));
+        }
+        if size > MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge(size));
+        }
+        let size = size as usize;
+        if let Some(frame) = self.pending.get(..size) {
+            check_frame(frame)?;
+            self.ready = size;
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.ready > 0 {
+                let n = this.ready.min(buf.remaining());
+                buf.put_slice(&this.pending[..n]);
+                this.pending.drain(..n);
+                this.ready -= n;
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                // A partial unit at the end: the library sees it cut short and fails.
+                this.ready = this.pending.len();
+                if this.ready == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            if let Err(e) = this.check_next() {
+                tracing::warn!(error = %e, "AMQP client sent a malformed frame; closing");
+                return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)));
+            }
+            if this.ready > 0 {
+                continue;
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut read = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => {
+                    if read.filled().is_empty() {
+                        this.eof = true;
+                    } else {
+                        this.pending.extend_from_slice(read.filled());
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::amqp::connection::guarded_stream;
+    use fe2o3_amqp::acceptor::ConnectionAcceptor;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The plain AMQP protocol header (no SASL), as the Node SDK sends it.
+    const AMQP_HEADER: [u8; 8] = *b"AMQP\x00\x01\x00\x00";
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = ((8 + body.len()) as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(&[2, 0, 0, 0]);
+        f.extend_from_slice(body);
+        f
+    }
+
+    /// An Open whose container id (a str32) declares `declared` bytes but holds 4.
+    fn open_declaring(declared: u32) -> Vec<u8> {
+        let mut body = vec![0x00, 0x53, 0x10, 0xc0, 10, 1, 0xb1];
+        body.extend_from_slice(&declared.to_be_bytes());
+        body.extend_from_slice(b"abcd");
+        body[4] = (body.len() - 5) as u8;
+        frame(&body)
+    }
+
+    /// Feeds `client` bytes (after the header) to fe2o3's acceptor the way the head does, and
+    /// says how accepting ended; a panic in the task fails the test.
+    async fn accept(client: Vec<u8>) -> String {
+        let (mut peer, mut server) = tokio::io::duplex(1 << 16);
+        peer.write_all(&AMQP_HEADER).await.unwrap();
+        peer.write_all(&client).await.unwrap();
+        let task = tokio::spawn(async move {
+            let mut header = [0u8; 8];
+            server.read_exact(&mut header).await.unwrap();
+            let acceptor = ConnectionAcceptor::builder().container_id("test").build();
+            match acceptor.accept(guarded_stream(header, server)).await {
+                Ok(_) => "accepted".to_owned(),
+                Err(e) => format!("{e:?}"),
+            }
+        });
+        let ended = tokio::time::timeout(std::time::Duration::from_secs(30), task)
+            .await
+            .expect("accept ends (bound only)");
+        drop(peer);
+        match ended {
+            Ok(end) => end,
+            Err(e) => panic!("the connection task panicked: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_shorter_than_its_header_ends_the_connection_without_a_panic() {
+        for size in 4u32..8 {
+            let mut bytes = size.to_be_bytes().to_vec();
+            bytes.resize(size as usize, 2);
+            // Before the guard, fe2o3's decoder panicked here ("advance out of bounds").
+            let end = accept(bytes).await;
+            assert_ne!(end, "accepted", "size {size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_value_declaring_more_than_its_frame_holds_never_reaches_the_decoder() {
+        // Before the guard, serde_amqp allocated the declared 4 GiB, and the connection did
+        // not end within the bound. Now the read fails and accepting ends with an error.
+        assert_eq!(
+            check_frame(&open_declaring(0xffff_fff0)),
+            Err(FrameError::Overrun(15))
+        );
+        let end = accept(open_declaring(0xffff_fff0)).await;
+        assert_ne!(end, "accepted");
+    }
+
+    #[test]
+    fn an_honest_open_passes_and_one_byte_too_many_does_not() {
+        assert_eq!(check_frame(&open_declaring(4)), Ok(()));
+        assert!(matches!(
+            check_frame(&open_declaring(5)),
+            Err(FrameError::Overrun(_))
+        ));
+    }
+
+    #[test]
+    fn sizes_and_nesting_are_checked() {
+        assert_eq!(
+            check_frame(&frame(&[])),
+            Ok(()),
+            "an empty frame is a heartbeat"
+        );
+        assert_eq!(
+            check_frame(&[0, 0, 0, 7, 2, 0, 0]),
+            Err(FrameError::TooShort(7))
+        );
+        let big = (MAX_FRAME_BYTES + 1).to_be_bytes();
+        assert_eq!(
+            check_frame(&big),
+            Err(FrameError::TooLarge(MAX_FRAME_BYTES + 1))
+        );
+        // A list declaring more elements than it has bytes.
+        assert!(check_frame(&frame(&[0x00, 0x53, 0x10, 0xc0, 1, 200])).is_err());
+        // Lists nested deeper than MAX_DEPTH.
+        let mut deep = Vec::new();
+        for _ in 0..=MAX_DEPTH + 1 {
+            deep.extend_from_slice(&[0xd0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        }
+        deep.push(0x40);
+        // Fix each list's size: everything after its size field.
+        let n = deep.len();
+        for level in 0..=MAX_DEPTH + 1 {
+            let at = level * 9 + 1;
+            let size = (n - at - 4) as u32;
+            deep[at..at + 4].copy_from_slice(&size.to_be_bytes());
+        }
+        assert_eq!(check_frame(&frame(&deep)), Err(FrameError::TooDeep));
+    }
+
+    #[tokio::test]
+    async fn the_guard_hands_on_a_valid_stream_unchanged_whatever_the_chunks() {
+        let mut stream = AMQP_HEADER.to_vec();
+        stream.extend(open_declaring(4));
+        stream.extend(frame(&[]));
+        stream.extend(b"AMQP\x03\x01\x00\x00");
+        stream.extend(frame(&[0x00, 0x53, 0x41, 0x45]));
+        for chunk in [1usize, 3, 7, 64] {
+            let (mut tx, rx) = tokio::io::duplex(chunk);
+            let sent = stream.clone();
+            let writer = tokio::spawn(async move {
+                for part in sent.chunks(chunk) {
+                    tx.write_all(part).await.unwrap();
+                }
+            });
+            let mut out = Vec::new();
+            Guarded::new(rx).read_to_end(&mut out).await.unwrap();
+            writer.await.unwrap();
+            assert_eq!(out, stream, "chunks of {chunk}");
+        }
+    }
+}
