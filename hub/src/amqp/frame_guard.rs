@@ -17,8 +17,9 @@
 //! - a frame reaches the decoder only whole and only if its size is at least
 //!   [`MIN_FRAME_BYTES`] and at most [`MAX_FRAME_BYTES`], and every length and element count in
 //!   its performative stays inside the frame, nested at most [`MAX_DEPTH`] deep (serde_amqp
-//!   recurses per level), and every map has an even number of elements (serde_amqp's map
-//!   reader underflows on an odd count);
+//!   recurses per level), every list, map and array is exactly filled by its elements (the
+//!   decoder reads by count, not by size), and every map has an even number of elements
+//!   (serde_amqp's map reader underflows on an odd count);
 //! - the message a transfer carries is checked the same way ([`check_message`]) before the
 //!   frame that completes it is handed on: alone, or joined with the earlier frames of the
 //!   delivery (`more`), as the link decodes it. The joined copies are bounded by
@@ -71,6 +72,9 @@ pub enum FrameError {
     /// Compound values nested deeper than [`MAX_DEPTH`].
     #[error("AMQP frame: values nested more than {MAX_DEPTH} deep")]
     TooDeep,
+    /// A list, map or array whose elements do not fill exactly the size it declares.
+    #[error("AMQP: a compound value at byte {0} is not the size it declares")]
+    SizeMismatch(usize),
     /// A map whose element count is odd (a key without a value).
     #[error("AMQP: a map at byte {0} has an odd number of elements")]
     OddMap(usize),
@@ -345,6 +349,11 @@ impl Walker<'_> {
                 for _ in 0..count {
                     pos = self.value(pos, stop, depth + 1)?;
                 }
+                // Decoders read by count: bytes the size covers beyond the elements would be
+                // read as the next value.
+                if pos != stop {
+                    return Err(FrameError::SizeMismatch(at - 1));
+                }
                 Ok(stop)
             }
             Width::Array(n) => {
@@ -365,6 +374,9 @@ impl Walker<'_> {
                 }
                 for _ in 0..count {
                     pos = self.body(element, pos, stop, depth + 1)?;
+                }
+                if pos != stop {
+                    return Err(FrameError::SizeMismatch(at - 1));
                 }
                 Ok(stop)
             }
@@ -698,5 +710,19 @@ mod tests {
         assert!(matches!(check_message(&odd), Err(FrameError::OddMap(_))));
         let even = [0x00, 0x53, 0x74, 0xc1, 4, 2, 0xa1, 0, 0x40];
         assert_eq!(check_message(&even), Ok(()));
+    }
+
+    #[test]
+    fn a_list_whose_size_disagrees_with_its_elements_is_refused() {
+        // A properties list8 declaring 46 bytes for one 3-byte element: serde_amqp reads by
+        // count, so the bytes the size covers (here a 76 MB str32 header) are decoded as the
+        // next value. Found by the amqp_frames fuzz target.
+        let mut m = vec![0x00, 0x53, 0x73, 0xc0, 0, 1, 0xa0, 2, 0xff, 0xfe];
+        m.extend_from_slice(&[0x00, 0x53, 0x77, 0xb1, 0x04, 0x8c, 0xff, 0xff]);
+        m[4] = 46.min(m.len() as u8 - 5);
+        assert!(matches!(
+            check_message(&m),
+            Err(FrameError::SizeMismatch(3))
+        ));
     }
 }
