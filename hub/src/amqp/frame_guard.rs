@@ -24,6 +24,8 @@
 //!   frame that completes it is handed on: alone, or joined with the earlier frames of the
 //!   delivery (`more`), as the link decodes it. The joined copies are bounded by
 //!   [`MAX_HELD_BYTES`] per connection; an aborted delivery is dropped;
+//! - a performative and every message section must be a described value (the decoders take a
+//!   bare value for a descriptor and read on);
 //! - anything else ends the connection with an `InvalidData` I/O error naming the problem, and
 //!   a warning in the log;
 //! - a protocol header (`AMQP` and four bytes) passes wherever a frame may start (the AMQP
@@ -72,6 +74,9 @@ pub enum FrameError {
     /// Compound values nested deeper than [`MAX_DEPTH`].
     #[error("AMQP frame: values nested more than {MAX_DEPTH} deep")]
     TooDeep,
+    /// A performative or message section that is not a described value.
+    #[error("AMQP: the value at byte {0} should be a performative or section (a described value)")]
+    NotDescribed(usize),
     /// A list, map or array whose elements do not fill exactly the size it declares.
     #[error("AMQP: a compound value at byte {0} is not the size it declares")]
     SizeMismatch(usize),
@@ -122,6 +127,9 @@ impl FrameChecker {
             // An unusual data offset is refused by the library itself; an empty frame is a
             // heartbeat.
             return Ok(());
+        }
+        if frame[doff] != 0x00 {
+            return Err(FrameError::NotDescribed(doff));
         }
         let walker = Walker { bytes: frame };
         let payload = walker.value(doff, frame.len(), 0)?;
@@ -178,6 +186,9 @@ pub fn check_message(payload: &[u8]) -> Result<(), FrameError> {
     let walker = Walker { bytes: payload };
     let mut at = 0;
     while at < payload.len() {
+        if payload[at] != 0x00 {
+            return Err(FrameError::NotDescribed(at));
+        }
         at = walker.value(at, payload.len(), 0)?;
     }
     Ok(())
@@ -618,7 +629,9 @@ mod tests {
             let size = (n - at - 4) as u32;
             deep[at..at + 4].copy_from_slice(&size.to_be_bytes());
         }
-        assert_eq!(check_frame(&frame(&deep)), Err(FrameError::TooDeep));
+        let mut open = vec![0x00, 0x53, 0x10];
+        open.extend(deep);
+        assert_eq!(check_frame(&frame(&open)), Err(FrameError::TooDeep));
     }
 
     #[tokio::test]
@@ -724,5 +737,18 @@ mod tests {
             check_message(&m),
             Err(FrameError::SizeMismatch(3))
         ));
+    }
+
+    #[test]
+    fn a_performative_or_section_that_is_not_described_is_refused() {
+        // A bare smallulong 0x12 (attach's code) as the performative: fe2o3 takes it as the
+        // descriptor and decodes the bytes after it (a sym32 declaring 1.9 GB) as the attach.
+        // Found by the amqp_frames fuzz target.
+        let bare = frame(&[0x53, 0x12, 0x00, 0xb3, 0x70, 0x2d, 0x77, 0xa3]);
+        assert_eq!(check_frame(&bare), Err(FrameError::NotDescribed(8)));
+        assert_eq!(
+            check_message(&[0xa1, 1, b'x']),
+            Err(FrameError::NotDescribed(0))
+        );
     }
 }
