@@ -4,9 +4,10 @@
 //! (`decode_message_from_reader`, as `Receiver::recv::<Body<Value>>` does), batch splitting and
 //! the head's message conversion (`hub::amqp::convert`).
 //!
-//! Frames pass the hub's own guard first (`hub::amqp::frame_guard`), as in the head: the guard
-//! exists because this target found that fe2o3 panics on a frame shorter than its header and
-//! allocates whatever length a value in a frame declares.
+//! Frames pass the hub's own guard first (`hub::amqp::frame_guard`), as in the head, and each
+//! transfer's message passes `check_message`: the guard exists because this target found that
+//! fe2o3 panics on a frame shorter than its header, and that serde_amqp allocates whatever
+//! length a value in a frame or message declares.
 //!
 //! The first byte picks the layer: AMQP frames, SASL frames, or one transfer payload (plain or
 //! batched). Checked beyond "no panic, no hang, bounded allocation":
@@ -58,18 +59,18 @@ fn length_codec(max: usize) -> LengthDelimitedCodec {
 
 /// Each frame the length layer yields, as fe2o3's `Transport` hands it on, behind the hub's
 /// frame guard (`hub::amqp::frame_guard`, which hands on whole frames that pass
-/// `check_frame`, and ends the connection at the first that does not).
+/// its `FrameChecker`, and ends the connection at the first that does not).
 fn frames(stream: &[u8], max: usize, mut each: impl FnMut(BytesMut)) {
     let mut codec = length_codec(max);
+    let mut checker = frame_guard::FrameChecker::new();
     let mut rest = stream;
     while let Some(size) = rest.get(..4) {
         let size = u32::from_be_bytes([size[0], size[1], size[2], size[3]]) as usize;
         let Some(frame) = rest.get(..size.max(4)) else {
             // Never complete: the guard hands nothing on.
-            let _ = frame_guard::check_frame(rest);
             return;
         };
-        if frame_guard::check_frame(frame).is_err() {
+        if checker.check(frame).is_err() {
             return;
         }
         let mut src = BytesMut::from(frame);
@@ -100,6 +101,10 @@ fn sasl_frames(stream: &[u8]) {
 
 /// One transfer's payload on an events link of module `d/m`, as `links::route` converts it.
 fn transfer(payload: &[u8], batched: bool) {
+    // The guard checks every message a transfer carries before the link decodes it.
+    if frame_guard::check_message(payload).is_err() {
+        return;
+    }
     let Ok(message) =
         <Body<Value> as DecodeIntoMessage>::decode_message_from_reader(SliceReader::new(payload))
     else {
