@@ -25,7 +25,8 @@
 //!   delivery (`more`), as the link decodes it. The joined copies are bounded by
 //!   [`MAX_HELD_BYTES`] per connection; an aborted delivery is dropped;
 //! - a performative and every message section must be a described value (the decoders take a
-//!   bare value for a descriptor and read on);
+//!   bare value for a descriptor and read on), every descriptor a ulong or symbol, and no array
+//!   may hold described values (serde_amqp reads those off the spec's layout);
 //! - anything else ends the connection with an `InvalidData` I/O error naming the problem, and
 //!   a warning in the log;
 //! - a protocol header (`AMQP` and four bytes) passes wherever a frame may start (the AMQP
@@ -74,6 +75,10 @@ pub enum FrameError {
     /// Compound values nested deeper than [`MAX_DEPTH`].
     #[error("AMQP frame: values nested more than {MAX_DEPTH} deep")]
     TooDeep,
+    /// An encoding real peers do not send and the decoder reads off the spec's layout: a
+    /// descriptor that is not a ulong or symbol, or an array of described values.
+    #[error("AMQP: unsupported encoding at byte {0}: {1}")]
+    Unsupported(usize, &'static str),
     /// A performative or message section that is not a described value.
     #[error("AMQP: the value at byte {0} should be a performative or section (a described value)")]
     NotDescribed(usize),
@@ -325,6 +330,13 @@ impl Walker<'_> {
         }
         let code = self.byte(at, end)?;
         if code == 0x00 {
+            // The spec's descriptors: a ulong (0x53, 0x80, 0x44) or a symbol (0xa3, 0xb3).
+            if !matches!(self.byte(at + 1, end)?, 0x53 | 0x80 | 0x44 | 0xa3 | 0xb3) {
+                return Err(FrameError::Unsupported(
+                    at + 1,
+                    "a descriptor that is not a ulong or symbol",
+                ));
+            }
             let after_descriptor = self.value(at + 1, end, depth + 1)?;
             return self.value(after_descriptor, end, depth + 1);
         }
@@ -376,12 +388,13 @@ impl Walker<'_> {
                     return Err(FrameError::Overrun(at));
                 }
                 // The element constructor, possibly described.
-                let mut element = self.byte(pos, stop)?;
+                let element = self.byte(pos, stop)?;
                 pos += 1;
                 if element == 0x00 {
-                    pos = self.value(pos, stop, depth + 1)?;
-                    element = self.byte(pos, stop)?;
-                    pos += 1;
+                    return Err(FrameError::Unsupported(
+                        at - 1,
+                        "an array of described values",
+                    ));
                 }
                 for _ in 0..count {
                     pos = self.body(element, pos, stop, depth + 1)?;
@@ -750,5 +763,30 @@ mod tests {
             check_message(&[0xa1, 1, b'x']),
             Err(FrameError::NotDescribed(0))
         );
+    }
+
+    #[test]
+    fn descriptors_are_codes_or_symbols_and_arrays_are_not_described() {
+        // A section described by a described value, and an array whose element constructor is
+        // described: serde_amqp reads these differently from the spec's layout and underflowed
+        // on a list8 of size 0 (found by the amqp_frames fuzz target).
+        let found = [
+            0x00, 0x53, 0x76, 0xe0, 0x05, 0x00, 0x00, 0x53, 0x76, 0xc0, 0x00, 0x00, 0x53, 0x76,
+            0xe0, 0x05, 0x00, 0x00, 0x53, 0x76, 0xe0, 0x00, 0x56, 0x00, 0x02, 0x56, 0x00, 0x02,
+        ];
+        assert!(matches!(
+            check_message(&found),
+            Err(FrameError::Unsupported(3, _))
+        ));
+        let nested = [0x00, 0x00, 0x53, 0x76, 0x40, 0x40];
+        assert!(matches!(
+            check_message(&nested),
+            Err(FrameError::Unsupported(1, _))
+        ));
+        // An array of symbols (as in capabilities) passes.
+        let symbols = [
+            0x00, 0x53, 0x77, 0xe0, 0x06, 0x02, 0xa3, 0x01, b'a', 0x01, b'b',
+        ];
+        assert_eq!(check_message(&symbols), Ok(()));
     }
 }
