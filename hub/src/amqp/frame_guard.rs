@@ -25,8 +25,9 @@
 //!   delivery (`more`), as the link decodes it. The joined copies are bounded by
 //!   [`MAX_HELD_BYTES`] per connection; an aborted delivery is dropped;
 //! - a performative and every message section must be a described value (the decoders take a
-//!   bare value for a descriptor and read on), every descriptor a ulong or symbol, and no array
-//!   may hold described values (serde_amqp reads those off the spec's layout);
+//!   bare value for a descriptor and read on), every descriptor a ulong or symbol, every
+//!   constructor one of the spec's, and arrays hold only primitive values, not described or
+//!   compound ones (serde_amqp reads those off the spec's layout);
 //! - anything else ends the connection with an `InvalidData` I/O error naming the problem, and
 //!   a warning in the log;
 //! - a protocol header (`AMQP` and four bytes) passes wherever a frame may start (the AMQP
@@ -76,7 +77,8 @@ pub enum FrameError {
     #[error("AMQP frame: values nested more than {MAX_DEPTH} deep")]
     TooDeep,
     /// An encoding real peers do not send and the decoder reads off the spec's layout: a
-    /// descriptor that is not a ulong or symbol, or an array of described values.
+    /// descriptor that is not a ulong or symbol, an unknown constructor, or an array of
+    /// described or compound values.
     #[error("AMQP: unsupported encoding at byte {0}: {1}")]
     Unsupported(usize, &'static str),
     /// A performative or message section that is not a described value.
@@ -222,7 +224,7 @@ enum Width {
     Variable(usize),
     Compound(usize),
     Array(usize),
-    /// A constructor the walker does not know: the library refuses it.
+    /// Not a constructor of the spec.
     Unknown,
 }
 
@@ -396,6 +398,12 @@ impl Walker<'_> {
                         "an array of described values",
                     ));
                 }
+                if !matches!(width(element), Width::Fixed(_) | Width::Variable(_)) {
+                    return Err(FrameError::Unsupported(
+                        at - 1,
+                        "an array of compound values",
+                    ));
+                }
                 for _ in 0..count {
                     pos = self.body(element, pos, stop, depth + 1)?;
                 }
@@ -404,8 +412,9 @@ impl Walker<'_> {
                 }
                 Ok(stop)
             }
-            // Not a value the library decodes: it fails on it without allocating.
-            Width::Unknown => Ok(end),
+            // Not a constructor of the spec: the decoders' reading of what follows is not
+            // predictable, so nothing after it is handed on.
+            Width::Unknown => Err(FrameError::Unsupported(at - 1, "an unknown constructor")),
         }
     }
 }
@@ -788,5 +797,32 @@ mod tests {
             0x00, 0x53, 0x77, 0xe0, 0x06, 0x02, 0xa3, 0x01, b'a', 0x01, b'b',
         ];
         assert_eq!(check_message(&symbols), Ok(()));
+    }
+
+    #[test]
+    fn unknown_constructors_and_arrays_of_compounds_are_refused() {
+        // An array of list32 (count 0) inside an amqp-value, then bytes no constructor starts:
+        // serde_amqp reached a list8 of size 0 and subtracted past zero (found by the
+        // amqp_frames fuzz target).
+        let found = [
+            0x00, 0x53, 0x77, 0xc0, 0x32, 0x02, 0x00, 0x53, 0x02, 0x00, 0x53, 0x77, 0xe0, 0x02,
+            0x00, 0xd0, 0x33, 0x02, 0x00, 0x00, 0x00, 0x00, 0x53, 0x10, 0xc0, 0x00, 0x00, 0x00,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x33, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x09, b'd',
+            b'e', b'v', b'1', b'/', b'm', b'o', 0x43, b'o', b't', b'h', b'u', b'm', 0x00, 0x53,
+        ];
+        assert!(matches!(
+            check_message(&found),
+            Err(FrameError::Unsupported(..))
+        ));
+        let unknown = [0x00, 0x53, 0x77, 0x33];
+        assert_eq!(
+            check_message(&unknown),
+            Err(FrameError::Unsupported(3, "an unknown constructor"))
+        );
+        let lists = [0x00, 0x53, 0x77, 0xe0, 0x02, 0x00, 0xd0];
+        assert!(matches!(
+            check_message(&lists),
+            Err(FrameError::Unsupported(3, _))
+        ));
     }
 }
