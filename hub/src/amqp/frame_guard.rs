@@ -1,7 +1,7 @@
 //! A guard in front of fe2o3-amqp's frame decoder: every frame a client sends is checked whole
 //! before the library decodes it.
 //!
-//! Why (both found by the `amqp_frames` fuzz target, `tests/fuzz`): fe2o3-amqp 0.18 decodes a
+//! Why (all found by the `amqp_frames` fuzz target, `tests/fuzz`): fe2o3-amqp 0.18 decodes a
 //! frame's performative with serde_amqp's `IoReader`, which allocates a variable-width value
 //! (string, binary, symbol) at the length the value *declares*, before reading it: one frame of
 //! a few hundred bytes declaring a 4 GiB string makes the hub allocate 4 GiB, before any
