@@ -25,6 +25,9 @@ scripts/install-sdks.sh
 echo "== cargo test (workspace)"
 cargo test --workspace --locked --no-fail-fast
 
+echo "== fuzz targets, 2000 runs each from the committed corpora (tests/fuzz/README.md)"
+scripts/fuzz.sh --runs 2000
+
 echo "== benchmarks, quick pass"
 cargo bench -p benches --bench store --locked -- --quick
 cargo bench -p benches --bench router --locked -- --quick

@@ -48,6 +48,7 @@ use tokio::sync::{mpsc, watch, Mutex as AsyncMutex, Notify};
 use tokio::task::JoinSet;
 
 use crate::amqp::auth_state::{ClientRole, ConnectionAuth, LinkDecision, RefuseCondition};
+use crate::amqp::frame_guard::Guarded;
 use crate::amqp::sasl::{HubSasl, SaslResult};
 use crate::amqp::{cbs, convert, links};
 use crate::identity::Identity;
@@ -210,7 +211,7 @@ where
         Ok(Err(e)) => return ConnectionEnd::Io(e),
         Ok(Ok(_)) => {}
     }
-    let stream = Prefixed::new(header.to_vec(), stream);
+    let stream = guarded_stream(header, stream);
     let mut auth = ConnectionAuth::new();
     let opened = if header[4] == PROTO_SASL {
         let sasl = HubSasl::new(Arc::clone(&ctx));
@@ -489,6 +490,12 @@ async fn refuse(endpoint: LinkEndpoint, condition: RefuseCondition, reason: Stri
             tokio::time::timeout(CLOSE_TIMEOUT, r.close_with_error(error)).await
         }
     };
+}
+
+/// What the library reads: the protocol header already read, then the rest of `stream`, each
+/// frame checked whole before fe2o3 decodes it ([`crate::amqp::frame_guard`]).
+pub fn guarded_stream<S>(header: [u8; 8], stream: S) -> Guarded<Prefixed<S>> {
+    Guarded::new(Prefixed::new(header.to_vec(), stream))
 }
 
 /// A stream that first yields bytes already read from it (the protocol header).

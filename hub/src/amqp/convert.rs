@@ -182,6 +182,9 @@ pub fn split_batch(
     };
     let mut out = Vec::with_capacity(sections.len());
     for Data(bytes) in sections.iter() {
+        // serde_amqp allocates what a value declares: check the lengths first.
+        crate::amqp::frame_guard::check_message(bytes)
+            .map_err(|e| ConvertError::Batch(e.to_string()))?;
         let message =
             <Body<Value> as DecodeIntoMessage>::decode_message_from_reader(SliceReader::new(bytes))
                 .map_err(|e| ConvertError::Batch(e.to_string()))?;
@@ -558,6 +561,20 @@ mod tests {
         }
         batch.body = Body::Data(vec![Data(Binary::from(vec![1, 2, 3]))].into());
         assert!(split_batch(&batch).is_err());
+    }
+
+    #[test]
+    fn a_batched_message_declaring_more_than_it_holds_is_refused_before_decoding() {
+        // Application properties whose one key (a str32) declares 4 GiB but holds 4 bytes:
+        // decoding it allocated the declared 4 GiB (found by the amqp_frames fuzz target).
+        let mut section = vec![0x00, 0x53, 0x74, 0xc1, 0, 2, 0xb1, 0xff, 0xff, 0xff, 0xf0];
+        section.extend_from_slice(b"key!");
+        section.push(0x40);
+        section[4] = (section.len() - 5) as u8;
+        let mut batch = sender_message();
+        batch.body = Body::Data(vec![Data(Binary::from(section))].into());
+        let err = split_batch(&batch).unwrap_err().to_string();
+        assert!(err.contains("runs past the end"), "{err}");
     }
 
     #[test]

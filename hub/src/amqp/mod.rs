@@ -16,6 +16,7 @@ pub mod auth_state;
 pub mod cbs;
 pub mod connection;
 pub mod convert;
+pub mod frame_guard;
 pub mod links;
 pub mod listener;
 pub mod sasl;
