@@ -32,6 +32,7 @@ fn options(epoch: u64) -> StoreOptions {
         max_message_bytes: 64 << 10,
         reserve_bytes: 0,
         preallocate: false,
+        ..StoreOptions::default()
     }
 }
 

@@ -449,6 +449,7 @@ fn segments(dir: &Path) -> Result<()> {
         max_message_bytes: 64 << 10,
         reserve_bytes: 0,
         preallocate: false,
+        ..StoreOptions::default()
     };
     let store = Store::open(tmp.path(), opts)?;
     let a = QueueName::new("ep-a/p0")?;
