@@ -404,8 +404,13 @@ impl Connection {
             self.register_inputs(&outbound_tx);
         }
         let mut shutdown = self.ctx.shutdown.clone();
+        // Two timers for the whole connection, not two per packet: a packet only moves
+        // `deadline`; the keep-alive timer, when it fires, checks it and re-arms if it moved.
         let mut deadline = Instant::now() + keep_alive;
-        let mut token_expires = token_deadline(self.token_expiry);
+        let keep_alive_timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(keep_alive_timer);
+        let token_timer = tokio::time::sleep_until(token_deadline(self.token_expiry));
+        tokio::pin!(token_timer);
         // Waits for a free outgoing slot when the queue is full (this task's own sender).
         let room = self.out.clone();
         let end = loop {
@@ -455,13 +460,18 @@ impl Connection {
                 Ok(reason) = &mut route_failed => break ConnectionEnd::Route(reason),
                 _ = replaced.changed() => break ConnectionEnd::Replaced,
                 _ = shutdown.changed() => break ConnectionEnd::Shutdown,
-                () = tokio::time::sleep_until(deadline) => break ConnectionEnd::KeepAlive,
-                () = tokio::time::sleep_until(token_expires) => {
+                () = &mut keep_alive_timer => {
+                    if Instant::now() >= deadline {
+                        break ConnectionEnd::KeepAlive;
+                    }
+                    keep_alive_timer.as_mut().reset(deadline);
+                }
+                () = &mut token_timer => {
                     if token_secs_left(self.token_expiry) == 0 {
                         self.ctx.metrics.client_token_expired("mqtt");
                         break ConnectionEnd::TokenExpired;
                     }
-                    token_expires = token_deadline(self.token_expiry);
+                    token_timer.as_mut().reset(token_deadline(self.token_expiry));
                 }
             }
         };
