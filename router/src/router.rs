@@ -334,8 +334,9 @@ mod tests {
         Message::new(source, body)
     }
 
-    #[tokio::test]
-    async fn a_refusal_known_at_once_is_seen_before_the_ack_is_awaited() {
+    /// A router sending everything of module `m` to `$upstream`, over a store that refuses
+    /// bodies over 4 KiB at once.
+    fn small_message_router() -> (tempfile::TempDir, Store, Dispatcher, Router) {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
         let opts = StoreOptions {
@@ -353,6 +354,12 @@ mod tests {
         )
         .unwrap();
         let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
+        (dir, store, dispatcher, router)
+    }
+
+    #[tokio::test]
+    async fn a_refusal_known_at_once_is_seen_before_the_ack_is_awaited() {
+        let (_dir, store, dispatcher, router) = small_message_router();
 
         let mut small = router.route(message(vec![b'a'; 10]));
         assert!(!small.is_refused());
@@ -378,23 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn route_in_stores_nothing_of_a_producer_after_its_refused_message() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
-        let opts = StoreOptions {
-            max_message_bytes: 4096,
-            ..StoreOptions::default()
-        };
-        let store = Store::open_with(dir.path(), opts, Arc::new(OsFs), clock.clone()).unwrap();
-        let dispatcher =
-            Dispatcher::start(store.clone(), clock, DispatcherConfig::default()).unwrap();
-        let route = Route::parse(
-            RouteId::new("r"),
-            "FROM /messages/modules/m/outputs/* INTO $upstream",
-            Priority(0),
-            Ttl::Infinite,
-        )
-        .unwrap();
-        let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
+        let (_dir, store, dispatcher, router) = small_message_router();
 
         let chain = AppendChain::new();
         let first = router.route_in(&chain, message(vec![b'a'; 10]));
