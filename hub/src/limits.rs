@@ -309,15 +309,12 @@ impl Budget {
     }
 
     /// Admits a connection just accepted from `peer`, unauthenticated; when that part of the
-    /// budget is full, the oldest unauthenticated connection is closed for it. Refused (the
-    /// caller closes the socket) while every authenticated slot is taken.
-    pub fn admit(self: &Arc<Self>, peer: &str) -> Result<Admission, LimitError> {
+    /// budget is full, the oldest unauthenticated connection is closed for it. Admitted even
+    /// while every authenticated slot is taken: only its login tells whether it replaces a
+    /// connection of the same module ([`Slot::authenticated_replacing`]) or must be refused.
+    pub fn admit(self: &Arc<Self>, _peer: &str) -> Result<Admission, LimitError> {
         let now = Instant::now();
         let mut state = self.lock();
-        if state.authenticated >= self.limits.max_connections {
-            drop(state);
-            return Err(self.refuse_full(peer));
-        }
         if state.waiting.len() >= self.limits.max_unauthenticated {
             if let Some(oldest) = state.waiting.pop_front() {
                 oldest.phase.send_replace(Phase::Evicted);
@@ -447,6 +444,10 @@ impl Slot {
     /// authenticated slot is taken, or when the budget already closed the connection; the head
     /// then ends the connection.
     pub fn authenticated(&self) -> Result<(), LimitError> {
+        self.take(true)
+    }
+
+    fn take(&self, within_limit: bool) -> Result<(), LimitError> {
         let budget = &self.budget;
         let mut state = budget.lock();
         match *self.inner.phase.borrow() {
@@ -454,7 +455,7 @@ impl Slot {
             p @ (Phase::Evicted | Phase::TimedOut) => return Err(LimitError::Closed(p)),
             Phase::Unauthenticated => {}
         }
-        if state.authenticated >= budget.limits.max_connections {
+        if within_limit && state.authenticated >= budget.limits.max_connections {
             drop(state);
             return Err(budget.refuse_full("(authenticated)"));
         }
@@ -463,6 +464,15 @@ impl Slot {
         self.inner.phase.send_replace(Phase::Authenticated);
         budget.publish(&state);
         Ok(())
+    }
+
+    /// [`Slot::authenticated`] for a module whose previous connection is still live and is
+    /// about to be replaced (and then gives its slot back): taken even at the limit, so a module
+    /// whose network dropped unnoticed reconnects at once, as with edgeHub. The count exceeds
+    /// `max_connections` only until the replaced connection has closed, by at most one per
+    /// module.
+    pub fn authenticated_replacing(&self) -> Result<(), LimitError> {
+        self.take(false)
     }
 
     /// Where the connection stands now.
@@ -577,12 +587,18 @@ mod tests {
             a3.slot().authenticated(),
             Err(LimitError::Full { max: 2, .. })
         ));
-        // Accepted while full: refused at once.
-        assert!(matches!(b.admit("p"), Err(LimitError::Full { .. })));
-        assert_eq!(b.counts(), (2, 1));
+        // Accepted while full: admitted unauthenticated (its login decides).
+        let a4 = b.admit("p").unwrap();
+        assert_eq!(b.counts(), (2, 2));
         drop(a1);
-        assert_eq!(b.counts(), (1, 1));
+        assert_eq!(b.counts(), (1, 2));
         a3.slot().authenticated().unwrap();
+        assert_eq!(b.counts(), (2, 1));
+        // A module replacing its own live connection is taken over the limit; the count comes
+        // back once the replaced one is gone.
+        a4.slot().authenticated_replacing().unwrap();
+        assert_eq!(b.counts(), (3, 0));
+        drop(a2);
         assert_eq!(b.counts(), (2, 0));
     }
 

@@ -322,8 +322,8 @@ async fn a_flood_of_silent_connections_cannot_lock_a_module_out() {
 }
 
 /// `--max-connections 2`: a third module authenticating is answered CONNACK 3 (server
-/// unavailable, which the SDKs retry), a connection accepted while two are authenticated is
-/// closed at once, and the slot of a module that leaves is free again.
+/// unavailable, which the SDKs retry), also when it connected while two were authenticated,
+/// and the slot of a module that leaves is free again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_over_max_connections_is_refused_until_a_slot_is_free() {
     let dir = tempfile::tempdir().unwrap();
@@ -337,13 +337,14 @@ async fn the_connection_over_max_connections_is_refused_until_a_slot_is_free() {
     let ack = third.connect(hub.creds("spy").connect(true, 60)).await;
     assert_eq!(ack.code, ConnectReturnCode::ServiceUnavailable);
     third.reader.expect_closed(secs(10)).await;
-    match RawClient::try_tls(hub.addrs.mqtt, &ca, secs(10)).await {
-        Err(_) => {}
-        Ok(mut c) => {
-            // The handshake may finish before the client reads the close.
-            c.reader.expect_closed(secs(10)).await;
-        }
-    }
+    // A connection accepted at the limit is admitted (its login might replace a live
+    // connection of the same module); a login that does not is refused in turn.
+    let mut fourth = RawClient::try_tls(hub.addrs.mqtt, &ca, secs(10))
+        .await
+        .expect("a connection at the limit is admitted until it logs in");
+    let ack = fourth.connect(hub.creds("spy").connect(true, 60)).await;
+    assert_eq!(ack.code, ConnectReturnCode::ServiceUnavailable);
+    fourth.reader.expect_closed(secs(10)).await;
     wait_metric(
         hub.addrs.metrics,
         "edgehub_connections_refused_total",
@@ -427,4 +428,37 @@ async fn a_silent_connection_does_not_hold_up_a_shutdown() {
     hub.stop().await;
     silent.reader.expect_closed(secs(5)).await;
     module.reader.expect_closed(secs(5)).await;
+}
+
+/// `--max-connections 2`, both taken: a module whose previous connection is still open (its
+/// network went away and the hub has not noticed yet) reconnects at once and replaces it, as
+/// edgeHub does, instead of being refused until the old one's keep-alive runs out; once the
+/// old connection has closed, the count is back at the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_limit_a_module_reconnecting_replaces_its_old_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = raw::TestHub::start_with(dir.path(), |s| s.max_connections = Some(2)).await;
+    let (mut old, _) = hub.connected("sender", true).await;
+    let (_receiver, _) = hub.connected("receiver", true).await;
+    let mut new = hub.tls().await;
+    let ack = new.connect(hub.creds("sender").connect(true, 60)).await;
+    assert_eq!(
+        ack.code,
+        ConnectReturnCode::Success,
+        "a module replacing its own connection is refused at the limit"
+    );
+    old.reader.expect_closed(secs(10)).await;
+    wait_metric(
+        hub.addrs.metrics,
+        "edgehub_connections",
+        &["protocol=\"mqtt\"", "state=\"authenticated\""],
+        2.0,
+        secs(10),
+    )
+    .await;
+    // Still at the limit: another module is refused.
+    let mut spy = hub.tls().await;
+    let ack = spy.connect(hub.creds("spy").connect(true, 60)).await;
+    assert_eq!(ack.code, ConnectReturnCode::ServiceUnavailable);
+    hub.stop().await;
 }

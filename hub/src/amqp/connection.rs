@@ -155,7 +155,12 @@ impl ConnShared {
         if joined.contains_key(identity) {
             return;
         }
-        if let Err(e) = self.slot.authenticated() {
+        let taken = if self.ctx.connections.has_live(identity) {
+            self.slot.authenticated_replacing()
+        } else {
+            self.slot.authenticated()
+        };
+        if let Err(e) = taken {
             drop(joined);
             self.stop(ConnectionEnd::Refused(e.to_string()));
             return;

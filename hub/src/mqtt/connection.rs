@@ -156,6 +156,14 @@ impl Registry {
         false
     }
 
+    /// Whether `identity` has a live connection (which a new one would replace).
+    pub(crate) fn has_live(&self, identity: &Identity) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(identity)
+    }
+
     /// Whether connection `id` is the current one of `identity`.
     pub(crate) fn is_current(&self, identity: &Identity, id: u64) -> bool {
         self.live
@@ -215,7 +223,12 @@ where
             return ConnectionEnd::Refused(reason);
         }
     };
-    if let Err(e) = slot.authenticated() {
+    let taken = if ctx.connections.has_live(&identity) {
+        slot.authenticated_replacing()
+    } else {
+        slot.authenticated()
+    };
+    if let Err(e) = taken {
         // Over --max-connections: "server unavailable", which the SDKs retry.
         // The queue is empty: the CONNACK always fits.
         let ack = ConnAck::new(ConnectReturnCode::ServiceUnavailable, false);
