@@ -1211,27 +1211,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_never_reads_is_not_read_either_and_memory_stays_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let (ctx, _shutdown, connect) = context(dir.path());
+        let (ctx, _shutdown, connect_packet) = context(dir.path());
         let (client, server) = tokio::io::duplex(16 * 1024);
         let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into(), test_slot()));
         let (mut rx, mut tx) = tokio::io::split(client);
-        tx.write_all(&bytes_of(&Packet::Connect(connect)))
-            .await
-            .unwrap();
-        let mut buf = BytesMut::new();
-        let connack = loop {
-            match Packet::read(&mut buf, 1024) {
-                Ok(p) => break p,
-                Err(CodecError::InsufficientBytes(_)) => {
-                    assert!(rx.read_buf(&mut buf).await.unwrap() > 0, "closed");
-                }
-                Err(e) => panic!("{e:?}"),
-            }
-        };
-        assert!(
-            matches!(&connack, Packet::ConnAck(a) if a.code == ConnectReturnCode::Success),
-            "{connack:?}"
-        );
+        connect(&mut rx, &mut tx, connect_packet).await;
         // 100,000 PINGREQs (200 KB) in chunks of 1,000, and never a byte read from here on.
         const TOTAL: usize = 100_000;
         const CHUNK: usize = 1_000;
