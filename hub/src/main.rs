@@ -377,6 +377,13 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         hostnames: settings.hostnames().to_vec(),
         modules: declared_modules(&settings, &deployment.modules),
     };
+    if new.modules.is_empty() {
+        tracing::warn!(
+            manifest = %settings.manifest(),
+            "no module has an identity: the manifest declares none (bare $edgeHub properties?); \
+             give them with --module NAME or --module-key NAME=KEY"
+        );
+    }
     if record.as_ref() != Some(&new) {
         if let Some(old) = &record {
             if old.device_id != new.device_id
@@ -398,7 +405,12 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(hub::server::run(settings, shutdown_signal()))
+    runtime.block_on(async {
+        // Listen for the signals before anything else, so a SIGTERM that follows "edgehub
+        // ready" at once is a graceful shutdown, not the default action (death by signal).
+        let shutdown = shutdown_signal()?;
+        hub::server::run(settings, shutdown).await
+    })
 }
 
 /// Every module the hub gives an identity: the manifest's, `--module`s and `--module-key`s.
@@ -410,33 +422,31 @@ fn declared_modules(settings: &Settings, manifest_modules: &[ModuleId]) -> Vec<M
     all
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// A future that completes on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this
+/// is called (inside the runtime), not when the future is first polled.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("Ctrl-C: shutting down"),
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    })
+}
+
+/// A future that completes on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
-        () = terminate => tracing::info!("SIGTERM: shutting down"),
-    }
+        tracing::info!("Ctrl-C: shutting down");
+    })
 }
 
 fn connection_string(args: &ConnectionStringArgs) -> anyhow::Result<()> {

@@ -19,6 +19,10 @@
 //!   `.local` name (RFC 6762) never reaches public DNS, so it cannot be mistaken for a real hub.
 //! - Device id [`DEFAULT_DEVICE_ID`] = `edge-device`.
 //! - Gateway host name: the machine's host name, else `localhost`.
+//!
+//! The IoT Hub host name, device id, gateway host name and extra certificate names a user
+//! leaves out are first taken from the data directory's record (`crate::record`), then these
+//! defaults.
 
 use std::borrow::Cow;
 use std::fmt;
