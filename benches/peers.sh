@@ -200,15 +200,17 @@ start_broker() {
       ;;
     edgehub)
       local tls_port=21893 plain_port=21894
-      local args=(--data-dir "$data/hub" --manifest "$CONF/edgehub-manifest.json" --mqtt-addr "127.0.0.1:$tls_port"
-                  --metrics-addr "127.0.0.1:21899" --plain-mqtt-addr "127.0.0.1:$plain_port" --log warn)
+      # Each subcommand takes its own flags: identity ones for both, listeners for run only.
+      local args=(--data-dir "$data/hub" --manifest "$CONF/edgehub-manifest.json" --log warn)
+      local run_args=(--mqtt-addr "127.0.0.1:$tls_port" --metrics-addr "127.0.0.1:21899"
+                      --plain-mqtt-addr "127.0.0.1:$plain_port")
       if [ ! -f "$data/keys.txt" ]; then
         local m
         for m in p0 p1 p2 p3 p4 p5 p6 p7 r0 r1 r2 r3 r4 r5 r6 r7 f0 f1 f2 f3 f4 f5 f6 f7 fan; do
-          "$EDGEHUB" "${args[@]}" connection-string "$m"
+          "$EDGEHUB" connection-string "$m" "${args[@]}"
         done > "$data/keys.txt"
       fi
-      "$EDGEHUB" "${args[@]}" run >>"$data/broker.log" 2>&1 &
+      "$EDGEHUB" run "${args[@]}" "${run_args[@]}" >>"$data/broker.log" 2>&1 &
       BROKER_PID=$!
       CA_ARGS=(--target edgehub --keys "$data/keys.txt" --metrics-addr 127.0.0.1:21899)
       if [ "$transport" = tls ]; then PORT=$tls_port; else PORT=$plain_port; fi
@@ -217,7 +219,7 @@ start_broker() {
   esac
   PIDS+=("$BROKER_PID")
   if [ "$transport" = tls ]; then
-    if [ "$name" = edgehub ]; then CA_ARGS+=(--tls-ca "$("$EDGEHUB" --data-dir "$data/hub" ca-path)"); else CA_ARGS+=(--tls-ca "$TLS/ca.pem"); fi
+    if [ "$name" = edgehub ]; then CA_ARGS+=(--tls-ca "$("$EDGEHUB" ca-path --data-dir "$data/hub")"); else CA_ARGS+=(--tls-ca "$TLS/ca.pem"); fi
   fi
   if ! wait_port "$PORT" 90; then
     say "$name did not open port $PORT; its log:"; tail -20 "$data/broker.log" >&2 || true

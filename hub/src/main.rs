@@ -1,26 +1,32 @@
 //! The `edgehub` binary: command line, environment, signals and log setup, nothing more.
 //!
-//! Every flag is also an environment variable (`EDGEHUB_DATA_DIR`, `EDGEHUB_MQTT_ADDR`, …);
-//! a flag wins over its variable. The library takes the resulting typed
-//! [`hub::settings::Settings`].
+//! Each subcommand takes its own flags only (`edgehub SUBCOMMAND --help` lists them); every
+//! flag is also an environment variable (`EDGEHUB_DATA_DIR`, `EDGEHUB_MQTT_ADDR`, …), a flag
+//! wins over its variable, and a subcommand ignores the variables of flags it does not take.
+//! The library takes the resulting typed [`hub::settings::Settings`].
 //!
 //! Subcommands:
-//! - `run`: starts the hub on embedded defaults (see `hub::settings`) until Ctrl-C or SIGTERM.
-//! - `connection-string MODULE`: prints the module's connection string (creating its key and
-//!   the TLS files if needed, so it works before the first `run`).
+//! - `run`: starts the hub until Ctrl-C or SIGTERM, and records in the data directory what the
+//!   hub is (`hub.json`, see `hub::record`).
+//! - `connection-string MODULE`: prints the module's connection string for the hub the data
+//!   directory belongs to (creating its key, the TLS files and the record if needed, so it works
+//!   before the first `run`).
 //! - `ca-path`: prints the path of the CA certificate to give SDKs (creating it if needed).
-//! - `check-manifest FILE`: validates a deployment manifest (or bare `$edgeHub` desired
-//!   properties); prints every problem with its location and exits 1, or a summary and 0.
+//! - `check-manifest FILE`: validates a manifest with the parser `run` uses; prints every
+//!   problem with its location and exits 1, or a summary and 0.
+//!
+//! Logs go to stderr, coloured only when stderr is a terminal and `NO_COLOR` is not set.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use hub::identity::Identities;
+use hub::record::HubRecord;
 use hub::settings::{self, LogFormat, ManifestSource, RawSettings, Settings};
 use hub::tls;
-use router::{ManifestError, ModuleId, Ttl};
+use router::ModuleId;
 use tracing_subscriber::EnvFilter;
 
 /// edgehub: a durable, in-order IoT Edge message hub (a drop-in for Azure IoT Edge's edgeHub).
@@ -28,7 +34,7 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "edgehub", version, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
-    hub: HubArgs,
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,145 +42,161 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the hub until Ctrl-C or SIGTERM.
-    Run,
-    /// Print a module's connection string (HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…).
-    ConnectionString {
-        /// The module: one of the manifest's $edgeAgent modules or a --module.
-        module: String,
-    },
+    Run(Box<RunArgs>),
+    /// Print a module's connection string
+    /// (HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…) for the hub the
+    /// data directory belongs to.
+    ConnectionString(ConnectionStringArgs),
     /// Print the path of the CA certificate that SDKs must trust.
-    CaPath,
-    /// Validate a deployment manifest and print every problem with its location.
-    CheckManifest {
-        /// The manifest file (a deployment manifest, or $edgeHub desired properties).
-        file: PathBuf,
-    },
+    CaPath(CaPathArgs),
+    /// Validate a manifest with the parser `run` uses, and print every problem with its
+    /// location.
+    CheckManifest(CheckManifestArgs),
 }
 
-/// Settings shared by every subcommand.
+/// Logging, taken by every subcommand.
 #[derive(Debug, Args)]
-struct HubArgs {
-    /// Data directory: store, module keys, certificates.
-    #[arg(long, global = true, env = "EDGEHUB_DATA_DIR", value_name = "DIR",
+struct LogArgs {
+    /// Log format: text or json.
+    #[arg(long, global = true, env = "EDGEHUB_LOG_FORMAT", value_name = "FORMAT",
+          default_value = "text", value_parser = parse_log_format)]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax) [default: RUST_LOG, else "info" for run and "warn"
+    /// otherwise, fe2o3_amqp off].
+    #[arg(long, global = true, env = "EDGEHUB_LOG", value_name = "FILTER")]
+    log: Option<String>,
+}
+
+/// The data directory.
+#[derive(Debug, Args)]
+struct DataDirArgs {
+    /// Data directory: store, module keys, certificates, and the record of what this hub is
+    /// (hub.json).
+    #[arg(long, env = "EDGEHUB_DATA_DIR", value_name = "DIR",
           default_value = settings::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
-    /// Deployment manifest [default: a built-in manifest with modules sender and receiver].
-    #[arg(long, global = true, env = "EDGEHUB_MANIFEST", value_name = "FILE")]
-    manifest: Option<PathBuf>,
-    /// MQTT-over-TLS listener.
-    #[arg(long, global = true, env = "EDGEHUB_MQTT_ADDR", value_name = "ADDR",
-          default_value = settings::DEFAULT_MQTT_ADDR)]
-    mqtt_addr: String,
-    /// AMQP-over-TLS listener (port 0: any free port).
-    #[arg(long, global = true, env = "EDGEHUB_AMQP_ADDR", value_name = "ADDR",
-          default_value = settings::DEFAULT_AMQP_ADDR)]
-    amqp_addr: String,
-    /// Metrics and health listener (/metrics, /healthz, /readyz); ":PORT" means all interfaces.
-    #[arg(long, global = true, env = "EDGEHUB_METRICS_ADDR", value_name = "ADDR",
-          default_value = settings::DEFAULT_METRICS_ADDR)]
-    metrics_addr: String,
-    /// IoT Hub host name, as modules put it in their MQTT username and SAS tokens.
-    #[arg(long, global = true, env = "EDGEHUB_IOTHUB_HOSTNAME", value_name = "HOST",
-          default_value = settings::DEFAULT_IOTHUB_HOSTNAME)]
-    iothub_hostname: String,
-    /// The edge device id.
-    #[arg(long, global = true, env = "EDGEHUB_DEVICE_ID", value_name = "ID",
-          default_value = settings::DEFAULT_DEVICE_ID)]
-    device_id: String,
-    /// Host name modules connect to (GatewayHostName) [default: this machine's host name].
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEHUB_GATEWAY_HOSTNAME",
-        value_name = "HOST"
-    )]
+}
+
+/// What the hub is: recorded in the data directory by `run`.
+#[derive(Debug, Args)]
+struct IdentityArgs {
+    /// IoT Hub host name, as modules put it in their MQTT username and SAS tokens [default: the
+    /// data directory's record, else edgehub.local].
+    #[arg(long, env = "EDGEHUB_IOTHUB_HOSTNAME", value_name = "HOST")]
+    iothub_hostname: Option<String>,
+    /// The edge device id [default: the data directory's record, else edge-device].
+    #[arg(long, env = "EDGEHUB_DEVICE_ID", value_name = "ID")]
+    device_id: Option<String>,
+    /// Host name modules connect to (GatewayHostName) [default: the data directory's record,
+    /// else this machine's host name].
+    #[arg(long, env = "EDGEHUB_GATEWAY_HOSTNAME", value_name = "HOST")]
     gateway_hostname: Option<String>,
-    /// Another host name or IP address for the server certificate (repeatable; comma-separated in the variable).
+    /// Another host name or IP address for the server certificate (repeatable; comma-separated
+    /// in the variable) [default: the data directory's record].
     #[arg(
         long = "hostname",
-        global = true,
         env = "EDGEHUB_HOSTNAMES",
         value_name = "HOST",
         value_delimiter = ','
     )]
     hostnames: Vec<String>,
-    /// A module to give an identity besides the manifest's (repeatable; comma-separated in the variable).
+}
+
+/// Which modules have identities.
+#[derive(Debug, Args)]
+struct ModuleArgs {
+    /// Manifest: a deployment manifest, or bare $edgeHub desired properties [default for run:
+    /// a built-in manifest with modules sender and receiver].
+    #[arg(long, env = "EDGEHUB_MANIFEST", value_name = "FILE")]
+    manifest: Option<PathBuf>,
+    /// A module to give an identity besides the manifest's (repeatable; comma-separated in the
+    /// variable).
     #[arg(
         long = "module",
-        global = true,
         env = "EDGEHUB_MODULES",
         value_name = "NAME",
         value_delimiter = ','
     )]
     modules: Vec<String>,
-    /// A plain (unencrypted) MQTT listener for benchmarks; loopback addresses only.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEHUB_PLAIN_MQTT_ADDR",
-        value_name = "ADDR"
-    )]
-    plain_mqtt_addr: Option<String>,
-    /// Fencing epoch of the message store: raise it on every takeover (e.g. from a Kubernetes
-    /// lease) and the store refuses any older owner.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEHUB_EPOCH",
-        value_name = "N",
-        default_value_t = 0
-    )]
-    epoch: u64,
-    /// Upstream protocol to IoT Hub: mqtt, or none to keep $upstream messages on disk only.
-    /// Upstream is off while --iothub-hostname is the placeholder default and no
-    /// --upstream-addr is given.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEHUB_UPSTREAM_PROTOCOL",
-        value_name = "PROTOCOL",
-        default_value = "mqtt"
-    )]
-    upstream_protocol: String,
-    /// Dial HOST:PORT for the upstream link instead of IOTHUB_HOSTNAME:8883 (a proxy, an
-    /// emulator); SAS audiences and usernames still name --iothub-hostname.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEHUB_UPSTREAM_ADDR",
-        value_name = "HOST:PORT"
-    )]
-    upstream_addr: Option<String>,
-    /// A CA certificate (PEM) to trust for the upstream link, besides the system bundle.
-    #[arg(long, global = true, env = "EDGEHUB_UPSTREAM_CA", value_name = "FILE")]
-    upstream_ca: Option<PathBuf>,
-    /// Seconds a message may wait for IoT Hub's acknowledgement before the connection is given
-    /// up and everything unacknowledged is sent again on a new one.
-    #[arg(
-        long,
-        global = true,
-        env = "EDGEHUB_UPSTREAM_TIMEOUT",
-        value_name = "SECS",
-        default_value_t = settings::DEFAULT_UPSTREAM_TIMEOUT_SECS
-    )]
-    upstream_timeout: u64,
     /// The key IoT Hub issued for a module identity, as MODULE=BASE64KEY (repeatable;
     /// comma-separated in the variable). Saved in the data directory's identities.json; the
     /// module uses it towards the hub and the hub towards IoT Hub.
     #[arg(
         long = "module-key",
-        global = true,
         env = "EDGEHUB_MODULE_KEYS",
         value_name = "MODULE=KEY",
         value_delimiter = ',',
         hide_env_values = true
     )]
     module_keys: Vec<String>,
+}
+
+/// `edgehub run`.
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    data: DataDirArgs,
+    #[command(flatten)]
+    identity: IdentityArgs,
+    #[command(flatten)]
+    modules: ModuleArgs,
+    /// Change the IoT Hub host name, device id or gateway host name recorded in the data
+    /// directory to the ones given (without it, a contradicting flag stops the hub).
+    #[arg(long, env = "EDGEHUB_RECONFIGURE")]
+    reconfigure: bool,
+    /// A directory of module keys, one file per module named after it (e.g. a mounted
+    /// Kubernetes Secret).
+    #[arg(long, env = "EDGEHUB_MODULE_KEYS_DIR", value_name = "DIR")]
+    module_keys_dir: Option<PathBuf>,
+    /// MQTT-over-TLS listener.
+    #[arg(long, env = "EDGEHUB_MQTT_ADDR", value_name = "ADDR",
+          default_value = settings::DEFAULT_MQTT_ADDR)]
+    mqtt_addr: String,
+    /// AMQP-over-TLS listener (port 0: any free port).
+    #[arg(long, env = "EDGEHUB_AMQP_ADDR", value_name = "ADDR",
+          default_value = settings::DEFAULT_AMQP_ADDR)]
+    amqp_addr: String,
+    /// Metrics and health listener (/metrics, /healthz, /readyz); ":PORT" means all interfaces.
+    #[arg(long, env = "EDGEHUB_METRICS_ADDR", value_name = "ADDR",
+          default_value = settings::DEFAULT_METRICS_ADDR)]
+    metrics_addr: String,
+    /// A plain (unencrypted) MQTT listener for benchmarks; loopback addresses only.
+    #[arg(long, env = "EDGEHUB_PLAIN_MQTT_ADDR", value_name = "ADDR")]
+    plain_mqtt_addr: Option<String>,
+    /// Fencing epoch of the message store: raise it on every takeover (e.g. from a Kubernetes
+    /// lease) and the store refuses any older owner.
+    #[arg(long, env = "EDGEHUB_EPOCH", value_name = "N", default_value_t = 0)]
+    epoch: u64,
+    /// Upstream protocol to IoT Hub: mqtt, or none to keep $upstream messages on disk only.
+    /// Upstream is off while the IoT Hub host name is the placeholder default and no
+    /// --upstream-addr is given.
+    #[arg(
+        long,
+        env = "EDGEHUB_UPSTREAM_PROTOCOL",
+        value_name = "PROTOCOL",
+        default_value = "mqtt"
+    )]
+    upstream_protocol: String,
+    /// Dial HOST:PORT for the upstream link instead of IOTHUB_HOSTNAME:8883 (a proxy, an
+    /// emulator); SAS audiences and usernames still name the IoT Hub host name.
+    #[arg(long, env = "EDGEHUB_UPSTREAM_ADDR", value_name = "HOST:PORT")]
+    upstream_addr: Option<String>,
+    /// A CA certificate (PEM) to trust for the upstream link, besides the system bundle.
+    #[arg(long, env = "EDGEHUB_UPSTREAM_CA", value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
+    /// Seconds a message may wait for IoT Hub's acknowledgement before the connection is given
+    /// up and everything unacknowledged is sent again on a new one.
+    #[arg(
+        long,
+        env = "EDGEHUB_UPSTREAM_TIMEOUT",
+        value_name = "SECS",
+        default_value_t = settings::DEFAULT_UPSTREAM_TIMEOUT_SECS
+    )]
+    upstream_timeout: u64,
     /// Authenticated connections per protocol (MQTT, AMQP), as edgeHub's MaxConnectedClients;
     /// one more is refused and closed.
     #[arg(
         long,
-        global = true,
         env = "EDGEHUB_MAX_CONNECTIONS",
         value_name = "N",
         default_value_t = settings::DEFAULT_MAX_CONNECTIONS
@@ -184,7 +206,6 @@ struct HubArgs {
     /// new connection closes the oldest of them, so a flood cannot lock modules out.
     #[arg(
         long,
-        global = true,
         env = "EDGEHUB_MAX_UNAUTHENTICATED",
         value_name = "N",
         default_value_t = settings::DEFAULT_MAX_UNAUTHENTICATED
@@ -194,51 +215,99 @@ struct HubArgs {
     /// open and put-token) before it is closed.
     #[arg(
         long,
-        global = true,
         env = "EDGEHUB_AUTH_TIMEOUT",
         value_name = "SECS",
         default_value_t = settings::DEFAULT_AUTH_TIMEOUT_SECS
     )]
     auth_timeout: u64,
-    /// Log format: text or json.
-    #[arg(long, global = true, env = "EDGEHUB_LOG_FORMAT", value_name = "FORMAT",
-          default_value = "text", value_parser = parse_log_format)]
-    log_format: LogFormat,
-    /// Log filter (tracing EnvFilter syntax) [default: RUST_LOG, else "info" for run and "warn" otherwise, fe2o3_amqp off].
-    #[arg(long, global = true, env = "EDGEHUB_LOG", value_name = "FILTER")]
-    log: Option<String>,
+}
+
+/// `edgehub connection-string`.
+#[derive(Debug, Args)]
+struct ConnectionStringArgs {
+    /// The module: one the data directory's hub has an identity for, one of the manifest's
+    /// $edgeAgent modules, or a --module.
+    module: String,
+    #[command(flatten)]
+    data: DataDirArgs,
+    #[command(flatten)]
+    identity: IdentityArgs,
+    #[command(flatten)]
+    modules: ModuleArgs,
+}
+
+/// `edgehub ca-path`.
+#[derive(Debug, Args)]
+struct CaPathArgs {
+    #[command(flatten)]
+    data: DataDirArgs,
+}
+
+/// `edgehub check-manifest`.
+#[derive(Debug, Args)]
+struct CheckManifestArgs {
+    /// The manifest file (a deployment manifest, or bare $edgeHub desired properties).
+    file: PathBuf,
 }
 
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     s.parse()
 }
 
-impl HubArgs {
-    fn settings(&self) -> anyhow::Result<Settings> {
-        let raw = RawSettings {
-            data_dir: Some(self.data_dir.clone()),
-            manifest: self.manifest.clone(),
+impl IdentityArgs {
+    fn fill(&self, raw: &mut RawSettings) {
+        raw.iothub_hostname = self.iothub_hostname.clone();
+        raw.device_id = self.device_id.clone();
+        raw.gateway_hostname = self.gateway_hostname.clone();
+        raw.hostnames = self.hostnames.clone();
+    }
+}
+
+impl ModuleArgs {
+    fn fill(&self, raw: &mut RawSettings) {
+        raw.manifest = self.manifest.clone();
+        raw.modules = self.modules.clone();
+        raw.module_keys = self.module_keys.clone();
+    }
+}
+
+/// Settings from `raw` with the data directory's record applied (see `hub::record`), and the
+/// record.
+fn with_record(
+    mut raw: RawSettings,
+    reconfigure: bool,
+) -> anyhow::Result<(Settings, Option<HubRecord>)> {
+    let data_dir = raw
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(settings::DEFAULT_DATA_DIR));
+    let record = HubRecord::load(&data_dir)?;
+    HubRecord::apply(record.as_ref(), &mut raw, reconfigure, &data_dir)?;
+    Ok((raw.validate(settings::machine_hostname())?, record))
+}
+
+impl RunArgs {
+    fn raw(&self) -> RawSettings {
+        let mut raw = RawSettings {
+            data_dir: Some(self.data.data_dir.clone()),
             mqtt_addr: Some(self.mqtt_addr.clone()),
             metrics_addr: Some(self.metrics_addr.clone()),
             amqp_addr: Some(self.amqp_addr.clone()),
-            iothub_hostname: Some(self.iothub_hostname.clone()),
-            device_id: Some(self.device_id.clone()),
-            gateway_hostname: self.gateway_hostname.clone(),
-            hostnames: self.hostnames.clone(),
-            modules: self.modules.clone(),
-            log_format: Some(self.log_format),
             plain_mqtt_addr: self.plain_mqtt_addr.clone(),
             epoch: Some(self.epoch),
             upstream_protocol: Some(self.upstream_protocol.clone()),
             upstream_addr: self.upstream_addr.clone(),
             upstream_ca: self.upstream_ca.clone(),
             upstream_timeout_secs: Some(self.upstream_timeout),
-            module_keys: self.module_keys.clone(),
             max_connections: Some(self.max_connections),
             max_unauthenticated: Some(self.max_unauthenticated),
             auth_timeout_secs: Some(self.auth_timeout),
+            module_keys_dir: self.module_keys_dir.clone(),
+            ..RawSettings::default()
         };
-        Ok(raw.validate(settings::machine_hostname())?)
+        self.identity.fill(&mut raw);
+        self.modules.fill(&mut raw);
+        raw
     }
 }
 
@@ -246,10 +315,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli);
     let result = match &cli.command {
-        Command::Run => run(&cli.hub),
-        Command::ConnectionString { module } => connection_string(&cli.hub, module),
-        Command::CaPath => ca_path(&cli.hub),
-        Command::CheckManifest { file } => return check_manifest(file),
+        Command::Run(args) => run(args),
+        Command::ConnectionString(args) => connection_string(args),
+        Command::CaPath(args) => ca_path(args),
+        Command::CheckManifest(args) => return check_manifest(&args.file),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -260,15 +329,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Colour only where a person reads: stderr (where logs go) is a terminal and `NO_COLOR` is
+/// unset or empty (no-color.org).
+fn use_ansi() -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
 fn init_tracing(cli: &Cli) {
     // fe2o3-amqp logs a client's ordinary Close or End at ERROR; the AMQP head logs every
     // connection's outcome itself, so the library is quiet unless asked (`--log
     // info,fe2o3_amqp=debug`).
     let default = match cli.command {
-        Command::Run => "info,fe2o3_amqp=off",
+        Command::Run(_) => "info,fe2o3_amqp=off",
         _ => "warn,fe2o3_amqp=off",
     };
-    let filter = match &cli.hub.log {
+    let filter = match &cli.log.log {
         Some(directives) => EnvFilter::try_new(directives),
         None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default)),
     }
@@ -278,84 +354,166 @@ fn init_tracing(cli: &Cli) {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.hub.log_format {
+        .with_writer(std::io::stderr)
+        .with_ansi(use_ansi());
+    match cli.log.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
 }
 
-fn run(args: &HubArgs) -> anyhow::Result<()> {
-    let settings = args.settings()?;
+fn run(args: &RunArgs) -> anyhow::Result<()> {
+    let (settings, record) = with_record(args.raw(), args.reconfigure)?;
+    // The manifest is loaded here too (the server loads it again) to record the modules before
+    // anything listens; a bad manifest stops the hub here with the same error.
+    let deployment = settings
+        .manifest()
+        .load()
+        .context("cannot load the manifest")?;
+    let new = HubRecord {
+        iothub_hostname: settings.iothub_hostname().to_owned(),
+        device_id: settings.device_id().clone(),
+        gateway_hostname: settings.gateway_hostname().to_owned(),
+        hostnames: settings.hostnames().to_vec(),
+        modules: declared_modules(&settings, &deployment.modules),
+    };
+    if new.modules.is_empty() {
+        tracing::warn!(
+            manifest = %settings.manifest(),
+            "no module has an identity: the manifest declares none (bare $edgeHub properties?); \
+             give them with --module NAME or --module-key NAME=KEY"
+        );
+    }
+    if record.as_ref() != Some(&new) {
+        if let Some(old) = &record {
+            if old.device_id != new.device_id
+                || old.iothub_hostname != new.iothub_hostname
+                || old.gateway_hostname != new.gateway_hostname
+            {
+                tracing::warn!(
+                    from = ?(&old.iothub_hostname, old.device_id.as_str(), &old.gateway_hostname),
+                    to = ?(&new.iothub_hostname, new.device_id.as_str(), &new.gateway_hostname),
+                    "--reconfigure: the hub's IoT Hub host name, device id or gateway host name \
+                     changed; modules need their new connection strings"
+                );
+            }
+        }
+        new.save(settings.data_dir())
+            .context("cannot record what this hub is in the data directory")?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(hub::server::run(settings, shutdown_signal()))
+    runtime.block_on(async {
+        // Listen for the signals before anything else, so a SIGTERM that follows "edgehub
+        // ready" at once is a graceful shutdown, not the default action (death by signal).
+        let shutdown = shutdown_signal()?;
+        hub::server::run(settings, shutdown).await
+    })
 }
 
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Every module the hub gives an identity: the manifest's, `--module`s and `--module-key`s.
+fn declared_modules(settings: &Settings, manifest_modules: &[ModuleId]) -> Vec<ModuleId> {
+    let mut all = settings.all_modules(manifest_modules);
+    all.extend(settings.module_keys().iter().map(|(m, _)| m.clone()));
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// A future that completes on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when this
+/// is called (inside the runtime), not when the future is first polled.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("Ctrl-C: shutting down"),
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+    })
+}
+
+/// A future that completes on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("Ctrl-C: shutting down"),
-        () = terminate => tracing::info!("SIGTERM: shutting down"),
-    }
+        tracing::info!("Ctrl-C: shutting down");
+    })
 }
 
-fn connection_string(args: &HubArgs, module: &str) -> anyhow::Result<()> {
-    let settings = args.settings()?;
-    let deployment = settings.manifest().load()?;
-    let identities = Identities::for_settings(&settings, &deployment.modules)?;
+fn connection_string(args: &ConnectionStringArgs) -> anyhow::Result<()> {
+    let mut raw = RawSettings {
+        data_dir: Some(args.data.data_dir.clone()),
+        ..RawSettings::default()
+    };
+    args.identity.fill(&mut raw);
+    args.modules.fill(&mut raw);
+    let (settings, record) = with_record(raw, false)?;
+    // With a record, the modules are the recorded ones (plus a --manifest's, if given); on a
+    // fresh data directory, the manifest's (the built-in one unless --manifest), as before
+    // the record existed.
+    let mut modules = match &record {
+        Some(r) => r.modules.clone(),
+        None => Vec::new(),
+    };
+    if record.is_none() || args.modules.manifest.is_some() {
+        modules.extend(settings.manifest().load()?.modules);
+    }
+    let modules = declared_modules(&settings, &modules);
+    let identities = Identities::for_settings(&settings, &modules)?;
     tls::ensure(&settings).context("TLS certificates")?;
-    let line = identities.connection_string(&ModuleId::new(module), &settings)?;
+    let line = identities.connection_string(&ModuleId::new(args.module.as_str()), &settings)?;
+    let new = HubRecord {
+        iothub_hostname: settings.iothub_hostname().to_owned(),
+        device_id: settings.device_id().clone(),
+        gateway_hostname: settings.gateway_hostname().to_owned(),
+        hostnames: match &record {
+            Some(r) => r.hostnames.clone(),
+            None => settings.hostnames().to_vec(),
+        },
+        modules,
+    };
+    if record.as_ref().map(|r| &r.modules) != Some(&new.modules) {
+        new.save(settings.data_dir())
+            .context("cannot record what this hub is in the data directory")?;
+    }
     println!("{line}");
     Ok(())
 }
 
-fn ca_path(args: &HubArgs) -> anyhow::Result<()> {
-    let settings = args.settings()?;
+fn ca_path(args: &CaPathArgs) -> anyhow::Result<()> {
+    let raw = RawSettings {
+        data_dir: Some(args.data.data_dir.clone()),
+        ..RawSettings::default()
+    };
+    // The record's names keep the server certificate as `run` issued it.
+    let (settings, _) = with_record(raw, false)?;
     let (files, _) = tls::ensure(&settings).context("TLS certificates")?;
     let path = std::path::absolute(&files.ca_cert).unwrap_or(files.ca_cert);
     println!("{}", path.display());
     Ok(())
 }
 
-fn check_manifest(file: &std::path::Path) -> ExitCode {
-    let source = ManifestSource::File(file.to_path_buf());
-    let text = match source.text() {
-        Ok(text) => text,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match check_text(&text) {
-        Ok(summary) => {
-            println!("{}: ok: {summary}", file.display());
+fn check_manifest(file: &Path) -> ExitCode {
+    // The very loader `run` uses (`hub::server::run` calls `ManifestSource::load`).
+    match ManifestSource::File(file.to_path_buf()).load() {
+        Ok(deployment) => {
+            println!(
+                "{}: ok: {}",
+                file.display(),
+                settings::manifest_summary(&deployment)
+            );
             ExitCode::SUCCESS
         }
-        Err(error) => {
+        Err(settings::ManifestLoadError::Invalid { error, .. }) => {
             for issue in &error.issues {
                 eprintln!("error: {}: {issue}", file.display());
             }
@@ -366,38 +524,9 @@ fn check_manifest(file: &std::path::Path) -> ExitCode {
             );
             ExitCode::FAILURE
         }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
-}
-
-/// Validates a deployment manifest, or bare `$edgeHub` desired properties (a document with
-/// neither `modulesContent` nor `content`), and summarises it.
-fn check_text(text: &str) -> Result<String, ManifestError> {
-    let is_deployment = serde_json::from_str::<serde_json::Value>(text)
-        .map(|v| v.get("modulesContent").is_some() || v.get("content").is_some())
-        .unwrap_or(true);
-    let (config, modules) = if is_deployment {
-        let d = settings::parse_manifest(text)?;
-        (d.edge_hub, Some(d.modules))
-    } else {
-        (router::parse_edge_hub_desired(text)?, None)
-    };
-    let ttl = match config.store_ttl {
-        Ttl::Infinite => "infinite".to_owned(),
-        Ttl::Seconds(s) => format!("{s} s"),
-    };
-    let mut summary = format!(
-        "schema {}.{}, {} route(s), store TTL {ttl}",
-        config.schema_version.major,
-        config.schema_version.minor,
-        config.routes.routes().len()
-    );
-    if let Some(modules) = modules {
-        let names: Vec<&str> = modules.iter().map(ModuleId::as_str).collect();
-        summary.push_str(&format!(
-            ", {} module(s) ({})",
-            names.len(),
-            names.join(", ")
-        ));
-    }
-    Ok(summary)
 }

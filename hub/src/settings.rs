@@ -19,6 +19,10 @@
 //!   `.local` name (RFC 6762) never reaches public DNS, so it cannot be mistaken for a real hub.
 //! - Device id [`DEFAULT_DEVICE_ID`] = `edge-device`.
 //! - Gateway host name: the machine's host name, else `localhost`.
+//!
+//! The IoT Hub host name, device id, gateway host name and extra certificate names a user
+//! leaves out are first taken from the data directory's record (`crate::record`), then these
+//! defaults.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -143,10 +147,57 @@ impl ManifestSource {
     }
 }
 
-/// Parses a deployment manifest as IoT Edge writes it (`"properties.desired"` keys, or the
-/// nested form; see `router::manifest`).
+/// Parses a manifest file's text: the one parser of `edgehub run` (through
+/// [`ManifestSource::load`]) and `edgehub check-manifest`, so one accepts exactly what the other
+/// does.
+///
+/// - A deployment manifest as IoT Edge writes it (`{"modulesContent": …}` or `{"content":
+///   {"modulesContent": …}}`, `"properties.desired"` keys or the nested form; see
+///   `router::manifest`).
+/// - Bare `$edgeHub` desired properties (`{"schemaVersion", "routes",
+///   "storeAndForwardConfiguration"}`): a JSON object with neither `modulesContent` nor
+///   `content`. It declares no modules; they come from `--module`, `--module-key` and the data
+///   directory's record.
+///
+/// Anything else (invalid JSON, an array, …) is read as a deployment manifest, whose errors say
+/// what is missing.
 pub fn parse_manifest(text: &str) -> Result<Deployment, ManifestError> {
-    router::manifest::parse_deployment(text)
+    let bare = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) => {
+            !map.contains_key("modulesContent") && !map.contains_key("content")
+        }
+        _ => false,
+    };
+    if bare {
+        let edge_hub = router::parse_edge_hub_desired(text)?;
+        Ok(Deployment {
+            edge_hub,
+            modules: Vec::new(),
+        })
+    } else {
+        router::manifest::parse_deployment(text)
+    }
+}
+
+/// One line about a valid manifest: schema, routes, store TTL and the modules it declares.
+pub fn manifest_summary(deployment: &Deployment) -> String {
+    let config = &deployment.edge_hub;
+    let ttl = match config.store_ttl {
+        router::Ttl::Infinite => "infinite".to_owned(),
+        router::Ttl::Seconds(s) => format!("{s} s"),
+    };
+    let names: Vec<&str> = deployment.modules.iter().map(ModuleId::as_str).collect();
+    let modules = if names.is_empty() {
+        "no modules (bare $edgeHub properties or none under $edgeAgent)".to_owned()
+    } else {
+        format!("{} module(s) ({})", names.len(), names.join(", "))
+    };
+    format!(
+        "schema {}.{}, {} route(s), store TTL {ttl}, {modules}",
+        config.schema_version.major,
+        config.schema_version.minor,
+        config.routes.routes().len()
+    )
 }
 
 /// Settings as typed by a user: `None` means the default. Fields are strings where the
@@ -193,6 +244,9 @@ pub struct RawSettings {
     pub module_keys: Vec<String>,
     /// Authenticated connections per protocol (default [`DEFAULT_MAX_CONNECTIONS`]).
     pub max_connections: Option<usize>,
+    /// A directory of module keys, one file per module (a mounted Kubernetes Secret); used by
+    /// live reload.
+    pub module_keys_dir: Option<PathBuf>,
     /// Connections per protocol not yet authenticated (default
     /// [`DEFAULT_MAX_UNAUTHENTICATED`]).
     pub max_unauthenticated: Option<usize>,
@@ -703,7 +757,7 @@ fn check_distinct_ports(addrs: &[(&'static str, Option<SocketAddr>)]) -> Result<
 }
 
 /// A DNS host name (labels of letters, digits, `-` and `_`) or an IP address.
-fn check_hostname(field: &'static str, name: &str) -> Result<(), SettingsError> {
+pub(crate) fn check_hostname(field: &'static str, name: &str) -> Result<(), SettingsError> {
     if name.parse::<IpAddr>().is_ok() {
         return Ok(());
     }
@@ -732,7 +786,7 @@ fn check_hostname(field: &'static str, name: &str) -> Result<(), SettingsError> 
 /// IoT Hub's device and module id rule: 1 to 128 ASCII letters, digits and `-.%_*?!(),:=@$'+#`.
 /// `/` and `;` are excluded by that rule, which keeps client ids and connection strings
 /// unambiguous.
-fn check_id(field: &'static str, id: &str) -> Result<(), SettingsError> {
+pub(crate) fn check_id(field: &'static str, id: &str) -> Result<(), SettingsError> {
     const EXTRA: &[u8] = b"-.%_*?!(),:=@$'+#";
     if id.is_empty() || id.len() > 128 {
         return Err(invalid(field, id, "must be 1 to 128 characters"));
@@ -1082,6 +1136,24 @@ mod tests {
     fn the_default_manifest_parses_when_wrapped_as_az_iot_edge_writes_it() {
         let wrapped = format!("{{\"content\": {DEFAULT_MANIFEST}}}");
         assert_eq!(parse_manifest(&wrapped).map(|d| d.modules.len()), Ok(2));
+    }
+
+    #[test]
+    fn bare_edgehub_desired_properties_are_a_deployment_without_modules() {
+        let bare = r#"{"schemaVersion": "1.1", "routes": {"r": "FROM /* INTO $upstream"},
+                       "storeAndForwardConfiguration": {"timeToLiveSecs": 60}}"#;
+        let d = parse_manifest(bare).expect("valid");
+        assert!(d.modules.is_empty());
+        assert_eq!(d.edge_hub.store_ttl, router::Ttl::Seconds(60));
+        assert!(manifest_summary(&d).contains("1 route(s)"));
+        // Errors of bare properties name their own paths; a deployment's, the deployment's.
+        let err = parse_manifest(r#"{"schemaVersion": "1.1", "routes": {}}"#).expect_err("no S&F");
+        assert!(
+            err.to_string().contains("storeAndForwardConfiguration"),
+            "{err}"
+        );
+        let err = parse_manifest(r#"{"modulesContent": {}}"#).expect_err("empty");
+        assert!(err.to_string().contains("modulesContent"), "{err}");
     }
 
     #[test]

@@ -26,12 +26,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Each subcommand takes its own flags: the hub's identity for connection-string and run,
+# listeners for run only; ca-path needs only the data directory.
 ARGS=(--data-dir "$WORK/data" --gateway-hostname 127.0.0.1 --iothub-hostname edgehub.local
-      --device-id edge-device --mqtt-addr 127.0.0.1:8883 --amqp-addr 127.0.0.1:5671
-      --metrics-addr 127.0.0.1:9600 --log warn)
+      --device-id edge-device --log warn)
+RUN_ARGS=(--mqtt-addr 127.0.0.1:8883 --amqp-addr 127.0.0.1:5671 --metrics-addr 127.0.0.1:9600)
 CS=$("$BIN" connection-string sender "${ARGS[@]}")
-CA=$("$BIN" ca-path "${ARGS[@]}")
-ip netns exec "$NS" "$BIN" run "${ARGS[@]}" 2>"$WORK/hub.log" &
+CA=$("$BIN" ca-path --data-dir "$WORK/data")
+ip netns exec "$NS" "$BIN" run "${ARGS[@]}" "${RUN_ARGS[@]}" 2>"$WORK/hub.log" &
 HUB_PID=$!
 for _ in $(seq 100); do
   ip netns exec "$NS" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9600 && printf "GET /readyz HTTP/1.0\r\n\r\n" >&3 && grep -q " 200 " <&3' 2>/dev/null && break

@@ -90,16 +90,13 @@ impl TestHub {
         self.dir.path().join("data")
     }
 
-    fn args(&self) -> Vec<OsString> {
+    /// What the hub is and which modules it has: `run` and `connection-string` take these.
+    fn identity_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec![
             "--data-dir".into(),
             self.data_dir().into(),
             "--gateway-hostname".into(),
             GATEWAY.into(),
-            "--mqtt-addr".into(),
-            format!("{GATEWAY}:8883").into(),
-            "--metrics-addr".into(),
-            format!("127.0.0.1:{METRICS_PORT}").into(),
             "--iothub-hostname".into(),
             IOTHUB_HOSTNAME.into(),
             "--device-id".into(),
@@ -113,6 +110,17 @@ impl TestHub {
             a.push("--module".into());
             a.push(m.into());
         }
+        a
+    }
+
+    fn args(&self) -> Vec<OsString> {
+        let mut a = self.identity_args();
+        a.extend([
+            "--mqtt-addr".into(),
+            format!("{GATEWAY}:8883").into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{METRICS_PORT}").into(),
+        ]);
         // A log filter for diagnosing a failing test (e.g. `debug`), else the hub's default.
         if let Some(filter) = std::env::var_os("EDGEHUB_TEST_HUB_LOG") {
             a.push("--log".into());
@@ -146,11 +154,11 @@ impl TestHub {
         c
     }
 
-    fn cli(&self, args: &[&str]) -> String {
+    fn cli(&self, args: &[&str], more: Vec<OsString>) -> String {
         let out = self
             .command()
             .args(args)
-            .args(self.args())
+            .args(more)
             .stdin(Stdio::null())
             .output()
             .expect("run edgehub");
@@ -167,14 +175,17 @@ impl TestHub {
 
     /// `edgehub connection-string MODULE` (GatewayHostName=127.0.0.1).
     pub fn connection_string(&self, module: &str) -> String {
-        let cs = self.cli(&["connection-string", module]);
+        let cs = self.cli(&["connection-string", module], self.identity_args());
         assert!(cs.contains(&format!("ModuleId={module};")), "{cs}");
         cs
     }
 
     /// `edgehub ca-path`: the PEM the SDKs must trust.
     pub fn ca_path(&self) -> PathBuf {
-        PathBuf::from(self.cli(&["ca-path"]))
+        PathBuf::from(self.cli(
+            &["ca-path"],
+            vec!["--data-dir".into(), self.data_dir().into()],
+        ))
     }
 
     /// Starts `edgehub run` inside `ns` and waits until it is ready: its "edgehub ready" log
