@@ -57,19 +57,19 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-use store::{AppendChain, AppendError, Offset, Pending, QueueName, UnixMillis};
+use store::{AppendChain, AppendError, Clock, Offset, Pending, QueueName, Store, UnixMillis};
 
 use crate::codec::{self, EncodeError, EndpointOptions, Envelope, ExpiryOverride};
 use crate::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::events::{self, Counters, RouterMetrics};
 use crate::expiry::{expiry_at, latest};
 use crate::message::Message;
-use crate::queue_id::QueueIdError;
-use crate::route::{RouteTable, Target};
+use crate::queue_id::{Lane, QueueId, QueueIdError};
+use crate::route::{Route, RouteTable, Target};
 
 /// What became of a routed message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,27 +103,87 @@ pub enum RouteError {
 /// Routes messages into the store. Share it (`Arc<Router>`) between heads.
 #[derive(Debug)]
 pub struct Router {
-    table: RwLock<Arc<RouteTable>>,
+    table: RwLock<Arc<BoundTable>>,
     dispatcher: DispatcherHandle,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    counters: Arc<Counters>,
+}
+
+/// A route table with the store queue of each of its routes, worked out once when the table is
+/// installed (not per message). The route language knows nothing of queues; this binding is the
+/// router's.
+#[derive(Debug)]
+struct BoundTable {
+    table: Arc<RouteTable>,
+    /// One per route, in the order of [`RouteTable::routes`] (a [`Target::route_index`]).
+    queues: Vec<QueueBinding>,
+}
+
+/// The store queue a route's copies go to.
+#[derive(Debug)]
+struct QueueBinding {
+    /// The queue.
+    id: QueueId,
+    /// Its name in the store (or why the endpoint's name is too long for one).
+    name: Result<QueueName, QueueIdError>,
+    /// The dispatcher is known to have a worker draining this queue: a dispatcher never
+    /// forgets a queue, so the router tells it only once per table.
+    ensured: AtomicBool,
+}
+
+impl BoundTable {
+    fn new(table: RouteTable) -> BoundTable {
+        let queues = table.routes().iter().map(QueueBinding::of).collect();
+        BoundTable {
+            table: Arc::new(table),
+            queues,
+        }
+    }
+}
+
+impl QueueBinding {
+    fn of(route: &Route) -> QueueBinding {
+        let lane = if route.options().live_first_secs.is_some() {
+            Lane::Live
+        } else {
+            Lane::Backlog
+        };
+        let id = QueueId::in_lane(route.endpoint().clone(), route.priority(), lane);
+        QueueBinding {
+            name: id.name(),
+            id,
+            ensured: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Router {
     /// A router over `table`, storing into the dispatcher's store and feeding its workers.
     pub fn new(table: RouteTable, dispatcher: &Dispatcher) -> Router {
+        let handle = dispatcher.handle();
         Router {
-            table: RwLock::new(Arc::new(table)),
-            dispatcher: dispatcher.handle(),
+            table: RwLock::new(Arc::new(BoundTable::new(table))),
+            store: handle.store().clone(),
+            clock: Arc::clone(handle.clock()),
+            counters: Arc::clone(handle.counters()),
+            dispatcher: handle,
         }
     }
 
     /// The current route table.
     pub fn table(&self) -> Arc<RouteTable> {
+        Arc::clone(&self.bound().table)
+    }
+
+    fn bound(&self) -> Arc<BoundTable> {
         Arc::clone(&self.table.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Replaces the route table; it applies to messages routed from now on.
     pub fn reload(&self, table: RouteTable) {
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        let bound = Arc::new(BoundTable::new(table));
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = bound;
     }
 
     /// The routing counters now.
@@ -147,16 +207,16 @@ impl Router {
     }
 
     fn route_with(&self, chain: Option<&AppendChain>, msg: Message) -> RouteAck {
-        let shared = self.dispatcher.shared();
-        let counters = Arc::clone(&shared.counters);
-        let targets = self.table().targets(&msg);
+        let counters = Arc::clone(&self.counters);
+        let bound = self.bound();
+        let targets = bound.table.targets(&msg);
         if targets.is_unrouted() {
             events::unrouted(&counters);
             return RouteAck::ready(counters, Ok(RouteOutcome::Unrouted));
         }
         let targets = targets.into_vec();
-        let now = shared.clock.now();
-        let submitted = self.submit(chain, msg, &targets, now);
+        let now = self.clock.now();
+        let submitted = self.submit(chain, msg, &bound, &targets, now);
         let state = match submitted {
             Ok(pending) => AckState::Waiting(pending),
             Err(e) => AckState::Ready(Some(Err(e))),
@@ -172,12 +232,18 @@ impl Router {
         &self,
         chain: Option<&AppendChain>,
         msg: Message,
+        bound: &BoundTable,
         targets: &[Target],
         now: UnixMillis,
     ) -> Result<Pending<Offset, AppendError>, RouteError> {
-        let names = targets
+        // Every target comes from `bound.table`, so each has its binding.
+        let queues: Vec<&QueueBinding> = targets
             .iter()
-            .map(|t| t.queue.name.clone())
+            .filter_map(|t| bound.queues.get(t.route_index))
+            .collect();
+        let names = queues
+            .iter()
+            .map(|q| q.name.clone())
             .collect::<Result<Vec<QueueName>, _>>()?;
         let expiries: Vec<_> = targets.iter().map(|t| expiry_at(now, t.ttl)).collect();
         let stored_expiry = latest(expiries.iter().copied());
@@ -186,7 +252,7 @@ impl Router {
             .zip(&expiries)
             .filter(|(_, e)| **e != stored_expiry)
             .map(|(t, e)| ExpiryOverride {
-                endpoint: t.queue.endpoint_id.as_str().to_owned(),
+                endpoint: t.endpoint_id.as_str().to_owned(),
                 expiry: *e,
             })
             .collect();
@@ -194,7 +260,7 @@ impl Router {
             .iter()
             .filter(|t| !t.options.is_default())
             .map(|t| EndpointOptions {
-                endpoint: t.queue.endpoint_id.as_str().to_owned(),
+                endpoint: t.endpoint_id.as_str().to_owned(),
                 options: t.options,
             })
             .collect();
@@ -206,14 +272,13 @@ impl Router {
             },
             &delivery_options,
         )?;
-        let dispatcher = self.dispatcher.id();
-        for t in targets {
-            if t.queue.ensured_by.load(Ordering::Acquire) != dispatcher {
-                self.dispatcher.ensure_queue(&t.queue.id);
-                t.queue.ensured_by.store(dispatcher, Ordering::Release);
+        for q in queues {
+            if !q.ensured.load(Ordering::Acquire) {
+                self.dispatcher.ensure_queue(&q.id);
+                q.ensured.store(true, Ordering::Release);
             }
         }
-        let store = &self.dispatcher.shared().store;
+        let store = &self.store;
         Ok(match chain {
             Some(chain) => store.append_in(chain, &names, bytes, stored_expiry),
             None => store.append(&names, bytes, stored_expiry),
