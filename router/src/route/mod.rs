@@ -17,6 +17,7 @@ mod body;
 mod builtins;
 pub mod condition;
 pub mod endpoint;
+pub mod error;
 mod lexer;
 pub mod parse;
 
@@ -26,8 +27,8 @@ pub use parse::{RouteSpec, SourcePattern};
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::error::RouteParseError;
 use crate::message::Message;
+use crate::route::error::RouteParseError;
 
 /// A route's name in the manifest (the key under `routes`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
