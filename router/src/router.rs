@@ -61,7 +61,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-use store::{AppendChain, AppendError, Clock, Offset, Pending, QueueName, Store, UnixMillis};
+use store::{
+    AppendChain, AppendError, Clock, Offset, Pending, QueueName, StorageError, Store, UnixMillis,
+};
 
 use crate::codec::{self, EncodeError, EndpointOptions, Envelope, ExpiryOverride};
 use crate::dispatcher::{Dispatcher, DispatcherHandle};
@@ -361,13 +363,17 @@ impl Future for RouteAck {
         let result = match &mut this.state {
             AckState::Ready(r) => r
                 .take()
-                .unwrap_or(Err(RouteError::Store(AppendError::Closed))),
+                .unwrap_or(Err(RouteError::Store(AppendError::Storage(
+                    StorageError::Closed,
+                )))),
             AckState::Waiting(pending) => match Pin::new(pending).poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(answer) => this.stored(answer),
             },
             AckState::Answered(answer) => {
-                let answer = answer.take().unwrap_or(Err(AppendError::Closed));
+                let answer = answer
+                    .take()
+                    .unwrap_or(Err(AppendError::Storage(StorageError::Closed)));
                 this.stored(answer)
             }
         };

@@ -62,7 +62,9 @@ pub mod types;
 mod writer;
 
 pub use chain::AppendChain;
-pub use error::{AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError};
+pub use error::{
+    AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError, StorageError,
+};
 pub use format::FormatError;
 pub use io::{Fs, FsFile, OsFs};
 pub use options::{StoreOptions, DEFAULT_MAX_BATCH_BYTES, MAX_QUEUES_PER_MESSAGE};

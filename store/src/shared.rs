@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use tokio::sync::{oneshot, watch};
 
 use crate::chain::AppendChain;
-use crate::error::{AppendError, CheckpointError, ReclaimError};
+use crate::error::{AppendError, CheckpointError, ReclaimError, StorageError};
 use crate::index::Index;
 use crate::io::Fs;
 use crate::options::StoreOptions;
@@ -58,28 +58,25 @@ impl std::fmt::Display for Halt {
 }
 
 impl Halt {
-    pub(crate) fn append_error(&self) -> AppendError {
+    /// What every refused request reports. A panicked writer reads as a poisoned store.
+    pub(crate) fn storage_error(&self) -> StorageError {
         match self {
-            Halt::Poisoned(why) => AppendError::Poisoned(why.clone()),
-            Halt::Fenced => AppendError::Fenced,
-            Halt::Panicked(_) => AppendError::Poisoned(self.to_string().into()),
+            Halt::Poisoned(why) => StorageError::Poisoned(why.clone()),
+            Halt::Fenced => StorageError::Fenced,
+            Halt::Panicked(_) => StorageError::Poisoned(self.to_string().into()),
         }
+    }
+
+    pub(crate) fn append_error(&self) -> AppendError {
+        self.storage_error().into()
     }
 
     pub(crate) fn checkpoint_error(&self) -> CheckpointError {
-        match self {
-            Halt::Poisoned(why) => CheckpointError::Poisoned(why.clone()),
-            Halt::Fenced => CheckpointError::Fenced,
-            Halt::Panicked(_) => CheckpointError::Poisoned(self.to_string().into()),
-        }
+        self.storage_error().into()
     }
 
     pub(crate) fn reclaim_error(&self) -> ReclaimError {
-        match self {
-            Halt::Poisoned(why) => ReclaimError::Poisoned(why.clone()),
-            Halt::Fenced => ReclaimError::Fenced,
-            Halt::Panicked(_) => ReclaimError::Poisoned(self.to_string().into()),
-        }
+        self.storage_error().into()
     }
 }
 
@@ -199,21 +196,19 @@ impl Shared {
         self.disk_bytes.load(Ordering::Relaxed)
     }
 
-    /// Puts a request in the inbox and wakes the writer if it is parked. Fails with `closed` if
-    /// the store is closing, or with whatever `push` refuses the request for.
-    pub(crate) fn submit<E>(
+    /// Puts a request in the inbox and wakes the writer if it is parked. Fails if the writer died
+    /// or the store is closing, or with whatever `push` refuses the request for.
+    pub(crate) fn submit<E: From<StorageError>>(
         &self,
-        closed: E,
-        dead: impl FnOnce(&Halt) -> E,
         push: impl FnOnce(&mut Inbox) -> Result<(), E>,
     ) -> Result<(), E> {
         let wake = {
             let mut inbox = self.lock_inbox();
             if let Some(halt) = &inbox.dead {
-                return Err(dead(halt));
+                return Err(halt.storage_error().into());
             }
             if inbox.closing {
-                return Err(closed);
+                return Err(StorageError::Closed.into());
             }
             push(&mut inbox)?;
             inbox.writer_waiting

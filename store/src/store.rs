@@ -20,6 +20,7 @@ use tokio::sync::{oneshot, watch};
 use crate::chain::AppendChain;
 use crate::error::{
     open_io, AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError,
+    StorageError,
 };
 use crate::fence::Fence;
 use crate::format::{decode_message_checked, message_len, EpochRecord, BATCH_HEADER_LEN};
@@ -62,31 +63,31 @@ const UNANSWERED: &str = "the writer thread panicked before answering";
 
 impl Closable for AppendError {
     fn closed() -> Self {
-        AppendError::Closed
+        StorageError::Closed.into()
     }
 
     fn unanswered() -> Self {
-        AppendError::Poisoned(UNANSWERED.into())
+        StorageError::Poisoned(UNANSWERED.into()).into()
     }
 }
 
 impl Closable for CheckpointError {
     fn closed() -> Self {
-        CheckpointError::Closed
+        StorageError::Closed.into()
     }
 
     fn unanswered() -> Self {
-        CheckpointError::Poisoned(UNANSWERED.into())
+        StorageError::Poisoned(UNANSWERED.into()).into()
     }
 }
 
 impl Closable for ReclaimError {
     fn closed() -> Self {
-        ReclaimError::Closed
+        StorageError::Closed.into()
     }
 
     fn unanswered() -> Self {
-        ReclaimError::Poisoned(UNANSWERED.into())
+        StorageError::Poisoned(UNANSWERED.into()).into()
     }
 }
 
@@ -405,7 +406,7 @@ impl Store {
         let on_disk = shared.used_bytes();
         let (tx, rx) = oneshot::channel();
         let quota = shared.opts.quota_bytes;
-        let submitted = shared.submit(AppendError::Closed, Halt::append_error, |inbox| {
+        let submitted = shared.submit(|inbox| {
             let used = on_disk + inbox.reserved;
             if used + needed > quota {
                 return Err(AppendError::Full {
@@ -442,7 +443,7 @@ impl Store {
             return Pending::ready(Err(h.checkpoint_error()));
         }
         let (tx, rx) = oneshot::channel();
-        let submitted = shared.submit(CheckpointError::Closed, Halt::checkpoint_error, |inbox| {
+        let submitted = shared.submit(|inbox| {
             inbox.requests.push(Request::Checkpoint {
                 queue: queue.clone(),
                 upto,
@@ -496,7 +497,7 @@ impl Store {
     pub fn reclaim(&self) -> Pending<u64, ReclaimError> {
         let shared = self.shared();
         let (tx, rx) = oneshot::channel();
-        let submitted = shared.submit(ReclaimError::Closed, Halt::reclaim_error, |inbox| {
+        let submitted = shared.submit(|inbox| {
             inbox.reclaims.push(tx);
             Ok(())
         });

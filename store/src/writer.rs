@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::error::{open_io, AppendError, CheckpointError, OpenError};
+use crate::error::{open_io, AppendError, CheckpointError, OpenError, StorageError};
 use crate::fence::Fence;
 use crate::format::{
     declare_len, encode_checkpoint, encode_declare, encode_message, encode_seal, message_len,
@@ -654,10 +654,10 @@ impl Writer {
                 }
                 // `build` makes exactly one plan per request, of the request's kind.
                 (Request::Append { reply, .. }, Plan::Checkpoint(_)) => {
-                    Reply::Append(reply, Err(AppendError::Closed))
+                    Reply::Append(reply, Err(StorageError::Closed.into()))
                 }
                 (Request::Checkpoint { reply, .. }, Plan::Message(_)) => {
-                    Reply::Checkpoint(reply, Err(CheckpointError::Closed))
+                    Reply::Checkpoint(reply, Err(StorageError::Closed.into()))
                 }
             });
         }
