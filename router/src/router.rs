@@ -254,7 +254,7 @@ impl Router {
             .zip(&expiries)
             .filter(|(_, e)| **e != stored_expiry)
             .map(|(t, e)| ExpiryOverride {
-                endpoint: t.endpoint_id.as_str().to_owned(),
+                endpoint: t.endpoint_id.clone(),
                 expiry: *e,
             })
             .collect();
@@ -262,7 +262,7 @@ impl Router {
             .iter()
             .filter(|t| !t.options.is_default())
             .map(|t| EndpointOptions {
-                endpoint: t.endpoint_id.as_str().to_owned(),
+                endpoint: t.endpoint_id.clone(),
                 options: t.options,
             })
             .collect();
