@@ -218,6 +218,10 @@ impl EndpointWorker {
                 Action::Sleep(delay) => self.sleep(delay).await,
                 Action::Exit => break,
             };
+            debug_assert!(
+                action.outcomes().contains(&event),
+                "{action:?} reported {event:?}, which the state table does not list"
+            );
             (state, action) = state.on(event, &self.ctx.retry);
         }
         tracing::debug!(endpoint = %self.endpoint, "endpoint worker stopped");
@@ -241,7 +245,11 @@ impl EndpointWorker {
 
     async fn wait_for_data(&mut self) -> Event {
         tokio::select! {
-            r = self.durable.changed() => if r.is_err() { Event::StoreFailed } else { Event::Woken },
+            r = self.durable.changed() => match r {
+                Ok(()) => Event::Woken,
+                // Counted and logged like every other store failure.
+                Err(_) => self.store_failed(&"the store stopped reporting commits").into(),
+            },
             r = self.rx.queues.changed() => if r.is_err() { Event::Shutdown } else { Event::Woken },
             r = self.rx.sink.changed() => if r.is_err() { Event::Shutdown } else { Event::Woken },
             () = shutdown_signal(&mut self.rx.shutdown) => Event::Shutdown,
