@@ -71,7 +71,7 @@ use crate::events::{self, Counters, RouterMetrics};
 use crate::expiry::{expiry_at, latest};
 use crate::message::Message;
 use crate::queue_id::{Lane, QueueId, QueueIdError};
-use crate::route::{Route, RouteTable, Target};
+use crate::route::{EndpointId, Route, RouteTable, Target};
 
 /// What became of a routed message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +129,8 @@ struct QueueBinding {
     id: QueueId,
     /// Its name in the store (or why the endpoint's name is too long for one).
     name: Result<QueueName, QueueIdError>,
+    /// The endpoint's id.
+    endpoint_id: EndpointId,
     /// The dispatcher is known to have a worker draining this queue: a dispatcher never
     /// forgets a queue, so the router tells it only once per table.
     ensured: AtomicBool,
@@ -144,6 +146,21 @@ impl BoundTable {
     }
 }
 
+impl BoundTable {
+    /// Where `msg` goes, each target with its queue (empty: unrouted). Every target comes from
+    /// this table, so each has its binding.
+    fn targets(&self, msg: &Message) -> Vec<(Target, &QueueBinding)> {
+        self.table
+            .targets(msg)
+            .into_iter()
+            .filter_map(|t| {
+                let queue = self.queues.get(t.route_index)?;
+                Some((t, queue))
+            })
+            .collect()
+    }
+}
+
 impl QueueBinding {
     fn of(route: &Route) -> QueueBinding {
         let lane = if route.options().live_first_secs.is_some() {
@@ -154,6 +171,7 @@ impl QueueBinding {
         let id = QueueId::in_lane(route.endpoint().clone(), route.priority(), lane);
         QueueBinding {
             name: id.name(),
+            endpoint_id: id.endpoint_id(),
             id,
             ensured: AtomicBool::new(false),
         }
@@ -211,14 +229,13 @@ impl Router {
     fn route_with(&self, chain: Option<&AppendChain>, msg: Message) -> RouteAck {
         let counters = Arc::clone(&self.counters);
         let bound = self.bound();
-        let targets = bound.table.targets(&msg);
-        if targets.is_unrouted() {
+        let targets = bound.targets(&msg);
+        if targets.is_empty() {
             events::unrouted(&counters);
             return RouteAck::ready(counters, Ok(RouteOutcome::Unrouted));
         }
-        let targets = targets.into_vec();
         let now = self.clock.now();
-        let submitted = self.submit(chain, msg, &bound, &targets, now);
+        let submitted = self.submit(chain, msg, &targets, now);
         let state = match submitted {
             Ok(pending) => AckState::Waiting(pending),
             Err(e) => AckState::Ready(Some(Err(e))),
@@ -234,35 +251,29 @@ impl Router {
         &self,
         chain: Option<&AppendChain>,
         msg: Message,
-        bound: &BoundTable,
-        targets: &[Target],
+        targets: &[(Target, &QueueBinding)],
         now: UnixMillis,
     ) -> Result<Pending<Offset, AppendError>, RouteError> {
-        // Every target comes from `bound.table`, so each has its binding.
-        let queues: Vec<&QueueBinding> = targets
+        let names = targets
             .iter()
-            .filter_map(|t| bound.queues.get(t.route_index))
-            .collect();
-        let names = queues
-            .iter()
-            .map(|q| q.name.clone())
+            .map(|(_, q)| q.name.clone())
             .collect::<Result<Vec<QueueName>, _>>()?;
-        let expiries: Vec<_> = targets.iter().map(|t| expiry_at(now, t.ttl)).collect();
+        let expiries: Vec<_> = targets.iter().map(|(t, _)| expiry_at(now, t.ttl)).collect();
         let stored_expiry = latest(expiries.iter().copied());
         let expiry_overrides = targets
             .iter()
             .zip(&expiries)
             .filter(|(_, e)| **e != stored_expiry)
-            .map(|(t, e)| ExpiryOverride {
-                endpoint: t.endpoint_id.clone(),
+            .map(|((_, q), e)| ExpiryOverride {
+                endpoint: q.endpoint_id.clone(),
                 expiry: *e,
             })
             .collect();
         let delivery_options: Vec<EndpointOptions> = targets
             .iter()
-            .filter(|t| !t.options.is_default())
-            .map(|t| EndpointOptions {
-                endpoint: t.endpoint_id.clone(),
+            .filter(|(t, _)| !t.options.is_default())
+            .map(|(t, q)| EndpointOptions {
+                endpoint: q.endpoint_id.clone(),
                 options: t.options,
             })
             .collect();
@@ -274,7 +285,7 @@ impl Router {
             },
             &delivery_options,
         )?;
-        for q in queues {
+        for (_, q) in targets {
             if !q.ensured.load(Ordering::Acquire) {
                 self.dispatcher.ensure_queue(&q.id);
                 q.ensured.store(true, Ordering::Release);

@@ -213,8 +213,6 @@ pub struct Target {
     pub route: RouteId,
     /// That route's edgehub delivery extensions.
     pub options: DeliveryOptions,
-    /// The endpoint's id.
-    pub endpoint_id: EndpointId,
     /// Where that route stands in the table's [`RouteTable::routes`], for a caller that keeps
     /// something per route of a table (the router keeps each route's store queue).
     pub route_index: usize,
@@ -324,7 +322,6 @@ fn target(route_index: usize, route: &Route) -> Target {
         ttl: route.ttl,
         route: route.id.clone(),
         options: route.options,
-        endpoint_id: route.endpoint_id.clone(),
         route_index,
     }
 }
