@@ -157,11 +157,32 @@ impl Writer {
         generation: Generation,
         start: Start,
     ) -> Result<Threads, OpenError> {
-        let dir = &shared.dir;
-        let active =
-            create_segment(shared, generation, 0).map_err(open_io("create segment", dir))?;
+        let (mut writer, completed) = Writer::new(shared, fence, generation, start)?;
+        writer.write_preamble().map_err(|f| {
+            let source = match f {
+                BatchFailure::NoSpace => std::io::Error::from_raw_os_error(libc::ENOSPC),
+                BatchFailure::Halt(h) => std::io::Error::other(h.to_string()),
+            };
+            OpenError::Io {
+                op: "create segment",
+                path: shared.dir.clone(),
+                source,
+            }
+        })?;
+        writer.spawn(completed)
+    }
+
+    /// A writer on a new first segment of `generation` (created and synced, its preamble not yet
+    /// written), and the receiving end of its completions.
+    fn new(
+        shared: &Arc<Shared>,
+        fence: Fence,
+        generation: Generation,
+        start: Start,
+    ) -> Result<(Writer, mpsc::Receiver<Vec<Reply>>), OpenError> {
+        let active = create_segment(shared, generation, 0)
+            .map_err(open_io("create segment", &shared.dir))?;
         let (completions, completed) = mpsc::channel();
-        let in_flight = Arc::new(AtomicUsize::new(0));
         let preparer = if shared.opts.preallocate {
             Preparer::start(
                 Arc::clone(&shared.fs),
@@ -174,10 +195,10 @@ impl Writer {
         } else {
             Preparer::disabled()
         };
-        let mut writer = Writer {
+        let writer = Writer {
             preparer,
             completions,
-            in_flight: Arc::clone(&in_flight),
+            in_flight: Arc::new(AtomicUsize::new(0)),
             shared: Arc::clone(shared),
             fence,
             active,
@@ -190,32 +211,29 @@ impl Writer {
             needs_preamble: true,
             reserve_present: false,
         };
-        writer.write_preamble().map_err(|f| {
-            let source = match f {
-                BatchFailure::NoSpace => std::io::Error::from_raw_os_error(libc::ENOSPC),
-                BatchFailure::Halt(h) => std::io::Error::other(h.to_string()),
-            };
-            OpenError::Io {
-                op: "create segment",
-                path: dir.clone(),
-                source,
-            }
-        })?;
+        Ok((writer, completed))
+    }
+
+    /// Runs the completer thread on `completed`, then this writer on a thread of its own. A panic
+    /// of the writer halts the store (see `Shared::writer_died`).
+    fn spawn(self, completed: mpsc::Receiver<Vec<Reply>>) -> Result<Threads, OpenError> {
+        let dir = self.shared.dir.clone();
+        let in_flight = Arc::clone(&self.in_flight);
         let completer = std::thread::Builder::new()
             .name("store-completer".into())
             .spawn(move || run_completer(completed, in_flight))
-            .map_err(open_io("spawn completer thread", dir))?;
-        let watched = Arc::clone(shared);
+            .map_err(open_io("spawn completer thread", &dir))?;
+        let watched = Arc::clone(&self.shared);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
                 // A bug must not leave every producer waiting on a writer that is gone.
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run()));
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
                 if let Err(panic) = ran {
                     watched.writer_died(panic_message(panic.as_ref()));
                 }
             })
-            .map_err(open_io("spawn writer thread", dir))?;
+            .map_err(open_io("spawn writer thread", &dir))?;
         Ok((handle, completer))
     }
 
