@@ -142,6 +142,34 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
         next_queue_id: 0,
         report: RecoveryReport::default(),
     };
+    let listed = list_segments(fs, dir, &mut scan.report)?;
+    let (kept, removed_segments) = scan.segments(dir, history, &listed.segments)?;
+    scan.check_seals(&kept)?;
+    if listed.removed_any || removed_segments {
+        fs.sync_dir(dir).map_err(open_io("fsync directory", dir))?;
+    }
+    let newest = kept.last().map(|k| SegmentTail {
+        generation: k.generation,
+        seq: k.seq,
+        len: k.valid_len,
+    });
+    Ok(scan.finish(history, newest, started))
+}
+
+/// The store's segment files in a directory, sorted by (generation, seq).
+struct Listed {
+    segments: Vec<(Generation, u64)>,
+    /// Whether an earlier owner's prepared segment was deleted (the directory needs an fsync).
+    removed_any: bool,
+}
+
+/// Lists the directory: the segment files, with earlier owners' prepared segments deleted and
+/// foreign files reported (and left alone).
+fn list_segments(
+    fs: &dyn Fs,
+    dir: &Path,
+    report: &mut RecoveryReport,
+) -> Result<Listed, OpenError> {
     let mut segments = Vec::new();
     let mut removed_any = false;
     for name in fs.list(dir).map_err(open_io("list", dir))? {
@@ -164,80 +192,115 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
             Some((g, s)) => segments.push((g, s)),
             None => {
                 tracing::warn!(file = %name, dir = %dir.display(), "ignoring a file that is not the store's");
-                scan.report.foreign.push(name);
+                report.foreign.push(name);
             }
         }
     }
     segments.sort();
-    let newest_gen = segments.last().map(|(g, _)| *g);
-    let mut newest: Option<SegmentTail> = None;
-    let mut kept = Vec::new();
-    for (i, &(gen, seq)) in segments.iter().enumerate() {
-        let last_of_gen = segments.get(i + 1).is_none_or(|(g, _)| *g != gen);
-        let mode = mode_of(history, gen, seq, last_of_gen && Some(gen) == newest_gen);
-        let path = dir.join(segment_name(gen, seq));
-        if mode == Mode::Phantom {
-            tracing::warn!(file = %path.display(), "deleting a segment written by a fenced older owner");
-            fs.remove(&path).map_err(open_io("remove", &path))?;
-            scan.report.removed.push(path);
-            removed_any = true;
-            continue;
-        }
-        match scan.segment(&path, gen, seq, mode)? {
-            Some(valid_len) => {
-                kept.push((path, gen, seq, valid_len));
-                newest = Some(SegmentTail {
-                    generation: gen,
-                    seq,
-                    len: valid_len,
-                })
-            }
-            None => removed_any = true,
-        }
-    }
-    // A segment cut short at a batch boundary decodes cleanly: only its seal tells.
-    for (path, gen, seq, valid_len) in &kept {
-        if let Some(&sealed) = scan.seals.get(&(*gen, *seq)) {
-            if sealed != *valid_len {
-                return Err(corrupt(
-                    path,
-                    (*valid_len).min(sealed),
-                    format!("segment holds {valid_len} valid bytes, but was sealed at {sealed}"),
-                ));
-            }
-        }
-    }
-    if removed_any {
-        fs.sync_dir(dir).map_err(open_io("fsync directory", dir))?;
-    }
-    // Offsets are never reused, even if every segment holding the newest ones was reclaimed.
-    for r in &history.records {
-        if let EpochRecord::Start { start, .. } = r {
-            scan.next_offset = scan.next_offset.max(*start);
-        }
-    }
-    for q in &mut scan.index.queues {
-        q.tail = q.tail.max(q.checkpoint);
-    }
-    scan.index.publish_tails();
-    scan.report.undelivered = scan
-        .index
-        .queues
-        .iter()
-        .map(|q| q.entries.len() as u64)
-        .sum();
-    scan.report.queues = scan.index.by_name.len();
-    scan.report.elapsed = started.elapsed();
-    Ok(Recovered {
-        index: scan.index,
-        next_offset: scan.next_offset,
-        next_queue_id: scan.next_queue_id,
-        newest,
-        report: scan.report,
+    Ok(Listed {
+        segments,
+        removed_any,
     })
 }
 
+/// A segment recovery kept, with its valid length.
+struct Kept {
+    path: PathBuf,
+    generation: Generation,
+    seq: u64,
+    valid_len: u64,
+}
+
 impl Scan<'_> {
+    /// Reads the listed segments in order: deletes those a fenced older owner wrote and crashed
+    /// creations, indexes the rest. Returns the kept segments, in order, and whether any file
+    /// was deleted.
+    fn segments(
+        &mut self,
+        dir: &Path,
+        history: &History,
+        segments: &[(Generation, u64)],
+    ) -> Result<(Vec<Kept>, bool), OpenError> {
+        let newest_gen = segments.last().map(|(g, _)| *g);
+        let mut removed_any = false;
+        let mut kept = Vec::new();
+        for (i, &(gen, seq)) in segments.iter().enumerate() {
+            let last_of_gen = segments.get(i + 1).is_none_or(|(g, _)| *g != gen);
+            let mode = mode_of(history, gen, seq, last_of_gen && Some(gen) == newest_gen);
+            let path = dir.join(segment_name(gen, seq));
+            if mode == Mode::Phantom {
+                tracing::warn!(file = %path.display(), "deleting a segment written by a fenced older owner");
+                self.fs.remove(&path).map_err(open_io("remove", &path))?;
+                self.report.removed.push(path);
+                removed_any = true;
+                continue;
+            }
+            match self.segment(&path, gen, seq, mode)? {
+                Some(valid_len) => kept.push(Kept {
+                    path,
+                    generation: gen,
+                    seq,
+                    valid_len,
+                }),
+                None => removed_any = true,
+            }
+        }
+        Ok((kept, removed_any))
+    }
+
+    /// A segment cut short at a batch boundary decodes cleanly: only its seal tells.
+    fn check_seals(&self, kept: &[Kept]) -> Result<(), OpenError> {
+        for k in kept {
+            if let Some(&sealed) = self.seals.get(&(k.generation, k.seq)) {
+                if sealed != k.valid_len {
+                    let valid_len = k.valid_len;
+                    return Err(corrupt(
+                        &k.path,
+                        valid_len.min(sealed),
+                        format!(
+                            "segment holds {valid_len} valid bytes, but was sealed at {sealed}"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What recovery hands the store once every segment is read.
+    fn finish(
+        mut self,
+        history: &History,
+        newest: Option<SegmentTail>,
+        started: Instant,
+    ) -> Recovered {
+        // Offsets are never reused, even if every segment holding the newest ones was reclaimed.
+        for r in &history.records {
+            if let EpochRecord::Start { start, .. } = r {
+                self.next_offset = self.next_offset.max(*start);
+            }
+        }
+        for q in &mut self.index.queues {
+            q.tail = q.tail.max(q.checkpoint);
+        }
+        self.index.publish_tails();
+        self.report.undelivered = self
+            .index
+            .queues
+            .iter()
+            .map(|q| q.entries.len() as u64)
+            .sum();
+        self.report.queues = self.index.by_name.len();
+        self.report.elapsed = started.elapsed();
+        Recovered {
+            index: self.index,
+            next_offset: self.next_offset,
+            next_queue_id: self.next_queue_id,
+            newest,
+            report: self.report,
+        }
+    }
+
     /// Reads one segment; returns its valid length, or `None` if it was a crashed creation and
     /// was deleted.
     fn segment(
