@@ -203,6 +203,20 @@ fn list_segments(
     })
 }
 
+/// A segment file and all its bytes.
+type SegmentFile = (Arc<dyn FsFile>, Vec<u8>);
+
+/// A segment being read: its file and bytes, its key in the index, and the nonce that keys its
+/// frame checksums.
+#[derive(Clone, Copy)]
+struct Opened<'a> {
+    path: &'a Path,
+    file: &'a dyn FsFile,
+    key: SegKey,
+    nonce: Option<Nonce>,
+    bytes: &'a [u8],
+}
+
 /// A segment recovery kept, with its valid length.
 struct Kept {
     path: PathBuf,
@@ -302,7 +316,7 @@ impl Scan<'_> {
     }
 
     /// Reads one segment; returns its valid length, or `None` if it was a crashed creation and
-    /// was deleted.
+    /// was deleted (or it was deleted under us).
     fn segment(
         &mut self,
         path: &Path,
@@ -310,37 +324,13 @@ impl Scan<'_> {
         seq: u64,
         mode: Mode,
     ) -> Result<Option<u64>, OpenError> {
-        let file = match self.fs.open(path) {
-            Ok(file) => file,
-            // Listed a moment ago, gone now: an older owner's retention deleted it after checking
-            // its fence, just before our `Claim` (it deletes only segments whose every message is
-            // delivered or expired, per checkpoints that are durable and that we read too).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && mode == Mode::Complete => {
-                tracing::warn!(file = %path.display(), "a segment was deleted while the store opened");
-                return Ok(None);
-            }
-            Err(e) => return Err(open_io("open", path)(e)),
+        let Some((file, bytes)) = self.read_segment(path, mode)? else {
+            return Ok(None);
         };
-        let bytes = read_all(file.as_ref()).map_err(open_io("read", path))?;
         self.report.segments += 1;
-        let header = match SegmentHeader::decode(&bytes) {
-            Ok(h) if h.generation == gen && h.seq == seq => h,
-            Ok(_) => return Err(corrupt(path, 0, "segment header names another segment")),
-            Err(e) => {
-                // The header is synced before any batch is written, so a crash while creating the
-                // file leaves at most a torn header, then nothing or preallocated zeros; anything
-                // else (a batch of the old format, any other byte) is damage.
-                let after_header = bytes.get(SEGMENT_HEADER_LEN..).unwrap_or_default();
-                if mode == Mode::Tail && after_header.iter().all(|&b| b == 0) {
-                    tracing::warn!(file = %path.display(), "deleting a segment whose creation was cut short");
-                    self.fs.remove(path).map_err(open_io("remove", path))?;
-                    self.report.removed.push(path.to_owned());
-                    return Ok(None);
-                }
-                return Err(corrupt(path, 0, e.to_string()));
-            }
+        let Some(header) = self.segment_header(path, gen, seq, mode, &bytes)? else {
+            return Ok(None);
         };
-        let nonce = header.nonce;
         let limit = match mode {
             Mode::Sealed(len) if len > bytes.len() as u64 => {
                 return Err(corrupt(
@@ -361,7 +351,79 @@ impl Scan<'_> {
             valid_len: limit as u64,
             summary: Default::default(),
         });
-        let mut pos = header.len();
+        let segment = Opened {
+            path,
+            file: file.as_ref(),
+            key,
+            nonce: header.nonce,
+            bytes: &bytes,
+        };
+        self.batches(&segment, header.len(), limit, mode).map(Some)
+    }
+
+    /// Opens and reads a listed segment whole; `None` if it was deleted in between (only a
+    /// complete segment may be: see below).
+    fn read_segment(&self, path: &Path, mode: Mode) -> Result<Option<SegmentFile>, OpenError> {
+        let file = match self.fs.open(path) {
+            Ok(file) => file,
+            // Listed a moment ago, gone now: an older owner's retention deleted it after checking
+            // its fence, just before our `Claim` (it deletes only segments whose every message is
+            // delivered or expired, per checkpoints that are durable and that we read too).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && mode == Mode::Complete => {
+                tracing::warn!(file = %path.display(), "a segment was deleted while the store opened");
+                return Ok(None);
+            }
+            Err(e) => return Err(open_io("open", path)(e)),
+        };
+        let bytes = read_all(file.as_ref()).map_err(open_io("read", path))?;
+        Ok(Some((file, bytes)))
+    }
+
+    /// The segment's header, checked against its name; `None` if the segment is a crashed
+    /// creation, which is deleted.
+    fn segment_header(
+        &mut self,
+        path: &Path,
+        gen: Generation,
+        seq: u64,
+        mode: Mode,
+        bytes: &[u8],
+    ) -> Result<Option<SegmentHeader>, OpenError> {
+        match SegmentHeader::decode(bytes) {
+            Ok(h) if h.generation == gen && h.seq == seq => Ok(Some(h)),
+            Ok(_) => Err(corrupt(path, 0, "segment header names another segment")),
+            Err(e) => {
+                // The header is synced before any batch is written, so a crash while creating the
+                // file leaves at most a torn header, then nothing or preallocated zeros; anything
+                // else (a batch of the old format, any other byte) is damage.
+                let after_header = bytes.get(SEGMENT_HEADER_LEN..).unwrap_or_default();
+                if mode == Mode::Tail && after_header.iter().all(|&b| b == 0) {
+                    tracing::warn!(file = %path.display(), "deleting a segment whose creation was cut short");
+                    self.fs.remove(path).map_err(open_io("remove", path))?;
+                    self.report.removed.push(path.to_owned());
+                    return Ok(None);
+                }
+                Err(corrupt(path, 0, e.to_string()))
+            }
+        }
+    }
+
+    /// Indexes the batches of `segment` from byte `pos` up to `limit`; in the tail segment, cuts
+    /// preallocated zeros and a torn last batch. Returns the segment's valid length.
+    fn batches(
+        &mut self,
+        segment: &Opened<'_>,
+        mut pos: usize,
+        limit: usize,
+        mode: Mode,
+    ) -> Result<u64, OpenError> {
+        let Opened {
+            path,
+            file,
+            key,
+            nonce,
+            bytes,
+        } = *segment;
         while pos < limit {
             match decode_batch(nonce, &bytes[pos..limit]) {
                 Ok((header, payload)) => {
@@ -381,20 +443,20 @@ impl Scan<'_> {
                     break;
                 }
                 Err(e) if mode == Mode::Tail => {
-                    if let Some(at) = self.find_valid_batch(nonce, &bytes, pos + 1) {
+                    if let Some(at) = self.find_valid_batch(nonce, bytes, pos + 1) {
                         return Err(corrupt(
                             path,
                             pos as u64,
                             format!("{e}, yet a valid batch follows at byte {at}"),
                         ));
                     }
-                    self.cut_tail(path, file.as_ref(), key, pos as u64, bytes.len() as u64)?;
+                    self.cut_tail(path, file, key, pos as u64, bytes.len() as u64)?;
                     break;
                 }
                 Err(e) => return Err(corrupt(path, pos as u64, e.to_string())),
             }
         }
-        Ok(Some(pos as u64))
+        Ok(pos as u64)
     }
 
     fn cut_tail(
