@@ -17,7 +17,7 @@ pub struct StoreOptions {
     /// This owner's fencing token; must be at least the highest that ever opened the directory.
     pub epoch: Epoch,
     /// Most bytes the message log may hold on disk. Appends beyond it fail with
-    /// [`AppendError::Full`]; checkpoints and a segment's bookkeeping may exceed it slightly, so
+    /// [`crate::AppendError::Full`]; checkpoints and a segment's bookkeeping may exceed it slightly, so
     /// that receivers can always make room.
     pub quota_bytes: u64,
     /// A segment file is closed and a new one started once it reaches this size.

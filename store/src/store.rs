@@ -283,8 +283,8 @@ impl Store {
     /// Opens the store on the given filesystem and clock (tests inject faults and time here).
     ///
     /// The phases: check the options; claim the directory for this epoch and recover it
-    /// ([`claim_and_recover`]); share the recovered index with the handles; start the writer on a
-    /// new segment of this open's generation ([`Writer::start`]).
+    /// (`claim_and_recover`); share the recovered index with the handles; start the writer on a
+    /// new segment of this open's generation (`Writer::start`).
     pub fn open_with(
         dir: impl AsRef<Path>,
         opts: StoreOptions,
