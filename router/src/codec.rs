@@ -66,8 +66,8 @@ pub struct Envelope {
 /// One endpoint's expiry, where it differs from the expiry the message was stored with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExpiryOverride {
-    /// The endpoint's id, as [`EndpointId::as_str`] gave it at enqueue.
-    pub endpoint: String,
+    /// The endpoint's id, as it was at enqueue.
+    pub endpoint: EndpointId,
     /// When the message expires for that endpoint (`None`: never).
     pub expiry: Option<UnixMillis>,
 }
@@ -75,8 +75,8 @@ pub struct ExpiryOverride {
 /// One endpoint's delivery extensions, as stamped at enqueue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointOptions {
-    /// The endpoint's id, as [`EndpointId::as_str`] gave it at enqueue.
-    pub endpoint: String,
+    /// The endpoint's id, as it was at enqueue.
+    pub endpoint: EndpointId,
     /// The extensions (never all unset: such an entry is not written).
     pub options: DeliveryOptions,
 }
@@ -86,7 +86,7 @@ pub struct EndpointOptions {
 pub fn options_for(options: &[EndpointOptions], endpoint: &EndpointId) -> DeliveryOptions {
     options
         .iter()
-        .find(|o| o.endpoint == endpoint.as_str())
+        .find(|o| &o.endpoint == endpoint)
         .map_or_else(DeliveryOptions::default, |o| o.options)
 }
 
@@ -100,7 +100,7 @@ impl Envelope {
     ) -> Option<UnixMillis> {
         self.expiry_overrides
             .iter()
-            .find(|o| o.endpoint == endpoint.as_str())
+            .find(|o| &o.endpoint == endpoint)
             .map_or(stored, |o| o.expiry)
     }
 }
@@ -176,13 +176,13 @@ pub fn encode_with_options(
     out.put_u64_le(env.enqueued_at.0);
     out.put_u16_le(len_u16(env.expiry_overrides.len(), "expiry overrides")?);
     for o in &env.expiry_overrides {
-        put_str(&mut out, &o.endpoint)?;
+        put_str(&mut out, o.endpoint.as_str())?;
         out.put_u64_le(expiry_raw(o.expiry));
     }
     if !options.is_empty() {
         out.put_u16_le(len_u16(options.len(), "delivery options")?);
         for o in options {
-            put_str(&mut out, &o.endpoint)?;
+            put_str(&mut out, o.endpoint.as_str())?;
             out.put_u32_le(o.options.set_aside_after.unwrap_or(0));
             out.put_u32_le(o.options.live_first_secs.unwrap_or(0));
         }
@@ -223,7 +223,7 @@ pub fn decode_with_options(bytes: &Bytes) -> Result<(Envelope, Vec<EndpointOptio
     // Each override takes at least 12 bytes, so `n` is bounded by the input before allocating.
     let mut expiry_overrides = Vec::with_capacity(n.min(r.remaining() / 12));
     for _ in 0..n {
-        let endpoint = r.string()?;
+        let endpoint = EndpointId::from_stored(r.string()?);
         let expiry = expiry_from_raw(r.u64()?);
         expiry_overrides.push(ExpiryOverride { endpoint, expiry });
     }
@@ -233,7 +233,7 @@ pub fn decode_with_options(bytes: &Bytes) -> Result<(Envelope, Vec<EndpointOptio
         // Each entry takes at least 12 bytes.
         delivery_options.reserve(n.min(r.remaining() / 12));
         for _ in 0..n {
-            let endpoint = r.string()?;
+            let endpoint = EndpointId::from_stored(r.string()?);
             let nonzero = |n: u32| (n != 0).then_some(n);
             let options = DeliveryOptions {
                 set_aside_after: nonzero(r.u32()?),
@@ -464,7 +464,7 @@ mod tests {
         Envelope {
             enqueued_at: UnixMillis(1_700_000_000_000),
             expiry_overrides: vec![ExpiryOverride {
-                endpoint: "iothub".into(),
+                endpoint: EndpointId::from_stored("iothub".into()),
                 expiry: Some(UnixMillis(1_700_000_010_000)),
             }],
             message,
@@ -473,7 +473,7 @@ mod tests {
 
     fn sample_options() -> Vec<EndpointOptions> {
         vec![EndpointOptions {
-            endpoint: "iothub".into(),
+            endpoint: EndpointId::from_stored("iothub".into()),
             options: DeliveryOptions {
                 set_aside_after: Some(3),
                 live_first_secs: Some(60),
@@ -488,7 +488,7 @@ mod tests {
         assert_eq!(plain[0], 1);
         assert_eq!(decode_with_options(&plain).unwrap(), (env.clone(), vec![]));
         let unset = [EndpointOptions {
-            endpoint: "x".into(),
+            endpoint: EndpointId::from_stored("x".into()),
             options: DeliveryOptions::default(),
         }];
         assert_eq!(encode_with_options(&env, &unset).unwrap(), plain);
@@ -613,7 +613,7 @@ mod tests {
                     expiry_overrides: overrides
                         .into_iter()
                         .map(|(endpoint, e)| ExpiryOverride {
-                            endpoint,
+                            endpoint: EndpointId::from_stored(endpoint),
                             expiry: e.map(UnixMillis),
                         })
                         .collect(),
@@ -634,7 +634,7 @@ mod tests {
         .prop_map(|v| {
             v.into_iter()
                 .map(|(endpoint, s, l)| EndpointOptions {
-                    endpoint,
+                    endpoint: EndpointId::from_stored(endpoint),
                     options: DeliveryOptions {
                         set_aside_after: s,
                         live_first_secs: l,

@@ -19,13 +19,13 @@
 //!   (counted in [`RouterMetrics::worker_failures`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use store::{Clock, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use crate::endpoint_worker::EndpointPolicy;
 use crate::endpoint_worker::{EndpointWorker, QueueKey, WorkerChannels, WorkerContext};
 use crate::events::{Counters, RouterMetrics};
 use crate::queue_id::QueueId;
@@ -55,20 +55,6 @@ impl Default for DispatcherConfig {
     }
 }
 
-/// Per-endpoint delivery policy: what applies to a message whose route set no
-/// `x-edgehub-setAsideAfter` (a route's own limit, stamped on the message at enqueue, wins).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EndpointPolicy {
-    /// Set a message aside (count it and go on) after this many failed attempts. `None` (the
-    /// default, as edgeHub) retries the head of the queue until it is delivered or expires,
-    /// holding back everything behind it.
-    pub set_aside_after: Option<u32>,
-    /// Most messages in flight to this endpoint (its largest batch); `None` (the default) uses
-    /// the dispatcher's [`DispatcherConfig::window`]. A sink that fans a batch out over several
-    /// connections (the upstream link, one per sending module) needs a larger one.
-    pub window: Option<usize>,
-}
-
 /// The dispatcher could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DispatcherError {
@@ -90,12 +76,10 @@ pub struct DispatcherHandle {
 }
 
 #[derive(Debug)]
-pub(crate) struct Shared {
-    /// Unique among the dispatchers of this process, never 0.
-    id: u64,
-    pub(crate) store: Store,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) counters: Arc<Counters>,
+struct Shared {
+    store: Store,
+    clock: Arc<dyn Clock>,
+    counters: Arc<Counters>,
     config: DispatcherConfig,
     runtime: tokio::runtime::Handle,
     shutdown: watch::Sender<bool>,
@@ -137,9 +121,7 @@ impl Dispatcher {
             tokio::runtime::Handle::try_current().map_err(|_| DispatcherError::NoRuntime)?;
         config.window = config.window.max(1);
         let (shutdown, _) = watch::channel(false);
-        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let shared = Arc::new(Shared {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             store,
             clock,
             counters: Arc::new(Counters::default()),
@@ -277,13 +259,19 @@ impl DispatcherHandle {
         self.shared.counters.snapshot()
     }
 
-    pub(crate) fn shared(&self) -> &Shared {
-        &self.shared
+    /// The store the workers read (and the router appends to).
+    pub(crate) fn store(&self) -> &Store {
+        &self.shared.store
     }
 
-    /// This dispatcher's id: unique in the process, never 0.
-    pub(crate) fn id(&self) -> u64 {
-        self.shared.id
+    /// The clock the workers expire messages by (the router stamps expiries by it too).
+    pub(crate) fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+
+    /// The routing counters the workers and the router share.
+    pub(crate) fn counters(&self) -> &Arc<Counters> {
+        &self.shared.counters
     }
 
     /// Makes sure the worker of `queue.endpoint` exists and drains `queue`. Called before the

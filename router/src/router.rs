@@ -57,19 +57,21 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-use store::{AppendChain, AppendError, Offset, Pending, QueueName, UnixMillis};
+use store::{
+    AppendChain, AppendError, Clock, Offset, Pending, QueueName, StorageError, Store, UnixMillis,
+};
 
 use crate::codec::{self, EncodeError, EndpointOptions, Envelope, ExpiryOverride};
 use crate::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::events::{self, Counters, RouterMetrics};
 use crate::expiry::{expiry_at, latest};
 use crate::message::Message;
-use crate::queue_id::QueueIdError;
-use crate::route::{RouteTable, Target};
+use crate::queue_id::{Lane, QueueId, QueueIdError};
+use crate::route::{EndpointId, Route, RouteTable, Target};
 
 /// What became of a routed message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,27 +105,105 @@ pub enum RouteError {
 /// Routes messages into the store. Share it (`Arc<Router>`) between heads.
 #[derive(Debug)]
 pub struct Router {
-    table: RwLock<Arc<RouteTable>>,
+    table: RwLock<Arc<BoundTable>>,
     dispatcher: DispatcherHandle,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    counters: Arc<Counters>,
+}
+
+/// A route table with the store queue of each of its routes, worked out once when the table is
+/// installed (not per message). The route language knows nothing of queues; this binding is the
+/// router's.
+#[derive(Debug)]
+struct BoundTable {
+    table: Arc<RouteTable>,
+    /// One per route, in the order of [`RouteTable::routes`] (a [`Target::route_index`]).
+    queues: Vec<QueueBinding>,
+}
+
+/// The store queue a route's copies go to.
+#[derive(Debug)]
+struct QueueBinding {
+    /// The queue.
+    id: QueueId,
+    /// Its name in the store (or why the endpoint's name is too long for one).
+    name: Result<QueueName, QueueIdError>,
+    /// The endpoint's id.
+    endpoint_id: EndpointId,
+    /// The dispatcher is known to have a worker draining this queue: a dispatcher never
+    /// forgets a queue, so the router tells it only once per table.
+    ensured: AtomicBool,
+}
+
+impl BoundTable {
+    fn new(table: RouteTable) -> BoundTable {
+        let queues = table.routes().iter().map(QueueBinding::of).collect();
+        BoundTable {
+            table: Arc::new(table),
+            queues,
+        }
+    }
+}
+
+impl BoundTable {
+    /// Where `msg` goes, each target with its queue (empty: unrouted). Every target comes from
+    /// this table, so each has its binding.
+    fn targets(&self, msg: &Message) -> Vec<(Target, &QueueBinding)> {
+        self.table
+            .targets(msg)
+            .into_iter()
+            .filter_map(|t| {
+                let queue = self.queues.get(t.route_index)?;
+                Some((t, queue))
+            })
+            .collect()
+    }
+}
+
+impl QueueBinding {
+    fn of(route: &Route) -> QueueBinding {
+        let lane = if route.options().live_first_secs.is_some() {
+            Lane::Live
+        } else {
+            Lane::Backlog
+        };
+        let id = QueueId::in_lane(route.endpoint().clone(), route.priority(), lane);
+        QueueBinding {
+            name: id.name(),
+            endpoint_id: id.endpoint_id(),
+            id,
+            ensured: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Router {
     /// A router over `table`, storing into the dispatcher's store and feeding its workers.
     pub fn new(table: RouteTable, dispatcher: &Dispatcher) -> Router {
+        let handle = dispatcher.handle();
         Router {
-            table: RwLock::new(Arc::new(table)),
-            dispatcher: dispatcher.handle(),
+            table: RwLock::new(Arc::new(BoundTable::new(table))),
+            store: handle.store().clone(),
+            clock: Arc::clone(handle.clock()),
+            counters: Arc::clone(handle.counters()),
+            dispatcher: handle,
         }
     }
 
     /// The current route table.
     pub fn table(&self) -> Arc<RouteTable> {
+        Arc::clone(&self.bound().table)
+    }
+
+    fn bound(&self) -> Arc<BoundTable> {
         Arc::clone(&self.table.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Replaces the route table; it applies to messages routed from now on.
     pub fn reload(&self, table: RouteTable) {
-        *self.table.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+        let bound = Arc::new(BoundTable::new(table));
+        *self.table.write().unwrap_or_else(|p| p.into_inner()) = bound;
     }
 
     /// The routing counters now.
@@ -147,15 +227,14 @@ impl Router {
     }
 
     fn route_with(&self, chain: Option<&AppendChain>, msg: Message) -> RouteAck {
-        let shared = self.dispatcher.shared();
-        let counters = Arc::clone(&shared.counters);
-        let targets = self.table().targets(&msg);
-        if targets.is_unrouted() {
+        let counters = Arc::clone(&self.counters);
+        let bound = self.bound();
+        let targets = bound.targets(&msg);
+        if targets.is_empty() {
             events::unrouted(&counters);
             return RouteAck::ready(counters, Ok(RouteOutcome::Unrouted));
         }
-        let targets = targets.into_vec();
-        let now = shared.clock.now();
+        let now = self.clock.now();
         let submitted = self.submit(chain, msg, &targets, now);
         let state = match submitted {
             Ok(pending) => AckState::Waiting(pending),
@@ -172,29 +251,29 @@ impl Router {
         &self,
         chain: Option<&AppendChain>,
         msg: Message,
-        targets: &[Target],
+        targets: &[(Target, &QueueBinding)],
         now: UnixMillis,
     ) -> Result<Pending<Offset, AppendError>, RouteError> {
         let names = targets
             .iter()
-            .map(|t| t.queue.name.clone())
+            .map(|(_, q)| q.name.clone())
             .collect::<Result<Vec<QueueName>, _>>()?;
-        let expiries: Vec<_> = targets.iter().map(|t| expiry_at(now, t.ttl)).collect();
+        let expiries: Vec<_> = targets.iter().map(|(t, _)| expiry_at(now, t.ttl)).collect();
         let stored_expiry = latest(expiries.iter().copied());
         let expiry_overrides = targets
             .iter()
             .zip(&expiries)
             .filter(|(_, e)| **e != stored_expiry)
-            .map(|(t, e)| ExpiryOverride {
-                endpoint: t.queue.endpoint_id.as_str().to_owned(),
+            .map(|((_, q), e)| ExpiryOverride {
+                endpoint: q.endpoint_id.clone(),
                 expiry: *e,
             })
             .collect();
         let delivery_options: Vec<EndpointOptions> = targets
             .iter()
-            .filter(|t| !t.options.is_default())
-            .map(|t| EndpointOptions {
-                endpoint: t.queue.endpoint_id.as_str().to_owned(),
+            .filter(|(t, _)| !t.options.is_default())
+            .map(|(t, q)| EndpointOptions {
+                endpoint: q.endpoint_id.clone(),
                 options: t.options,
             })
             .collect();
@@ -206,14 +285,13 @@ impl Router {
             },
             &delivery_options,
         )?;
-        let dispatcher = self.dispatcher.id();
-        for t in targets {
-            if t.queue.ensured_by.load(Ordering::Acquire) != dispatcher {
-                self.dispatcher.ensure_queue(&t.queue.id);
-                t.queue.ensured_by.store(dispatcher, Ordering::Release);
+        for (_, q) in targets {
+            if !q.ensured.load(Ordering::Acquire) {
+                self.dispatcher.ensure_queue(&q.id);
+                q.ensured.store(true, Ordering::Release);
             }
         }
-        let store = &self.dispatcher.shared().store;
+        let store = &self.store;
         Ok(match chain {
             Some(chain) => store.append_in(chain, &names, bytes, stored_expiry),
             None => store.append(&names, bytes, stored_expiry),
@@ -296,13 +374,17 @@ impl Future for RouteAck {
         let result = match &mut this.state {
             AckState::Ready(r) => r
                 .take()
-                .unwrap_or(Err(RouteError::Store(AppendError::Closed))),
+                .unwrap_or(Err(RouteError::Store(AppendError::Storage(
+                    StorageError::Closed,
+                )))),
             AckState::Waiting(pending) => match Pin::new(pending).poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(answer) => this.stored(answer),
             },
             AckState::Answered(answer) => {
-                let answer = answer.take().unwrap_or(Err(AppendError::Closed));
+                let answer = answer
+                    .take()
+                    .unwrap_or(Err(AppendError::Storage(StorageError::Closed)));
                 this.stored(answer)
             }
         };

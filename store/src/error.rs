@@ -54,8 +54,26 @@ pub(crate) fn open_io(
     move |source| OpenError::Io { op, path, source }
 }
 
-/// An append was refused. Nothing already stored was touched. For every variant but `Poisoned`
-/// and `Fenced`, nothing of the append was stored either. For those two the outcome is unknown:
+/// Why the store as a whole refuses a write, whatever the request: the one cause that
+/// [`AppendError`], [`CheckpointError`] and [`ReclaimError`] share (as redb's `StorageError`).
+/// `Poisoned` and `Fenced` are final until the store is reopened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StorageError {
+    /// An earlier write or fsync failed (or the writer thread panicked); the store refuses all
+    /// writes until it is reopened.
+    #[error("store poisoned by an earlier failure ({0}); reopen it")]
+    Poisoned(Arc<str>),
+    /// A newer epoch opened this store; this process must stop writing.
+    #[error("store fenced: a newer owner opened it")]
+    Fenced,
+    /// The store was closed.
+    #[error("store closed")]
+    Closed,
+}
+
+/// An append was refused. Nothing already stored was touched. For every variant but
+/// [`StorageError::Poisoned`] and [`StorageError::Fenced`], nothing of the append was stored
+/// either. For those two the outcome is unknown:
 /// the batch may have reached the disk before its fdatasync failed (or before a newer owner was
 /// noticed), so it may be delivered later; a producer that resends causes a duplicate, never a
 /// loss or a reorder.
@@ -88,15 +106,9 @@ pub enum AppendError {
         /// The limit.
         max: usize,
     },
-    /// An earlier write or fsync failed; the store refuses all writes until it is reopened.
-    #[error("store poisoned by an earlier failure ({0}); reopen it")]
-    Poisoned(Arc<str>),
-    /// A newer epoch opened this store; this process must stop writing.
-    #[error("store fenced: a newer owner opened it")]
-    Fenced,
-    /// The store was closed.
-    #[error("store closed")]
-    Closed,
+    /// The store as a whole refuses writes: poisoned, fenced or closed (see [`StorageError`]).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     /// An earlier append of the same [`crate::AppendChain`] failed, so this one was not stored
     /// (storing it could put it ahead of the earlier one's resend).
     #[error("not stored: an earlier append of this producer failed ({cause})")]
@@ -107,7 +119,7 @@ pub enum AppendError {
     },
 }
 
-/// A checkpoint was refused. Except for `Poisoned` and `Fenced` (outcome unknown, as for
+/// A checkpoint was refused. Except for a poisoned or fenced store (outcome unknown, as for
 /// [`AppendError`]), the queue's durable checkpoint is unchanged.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CheckpointError {
@@ -127,29 +139,17 @@ pub enum CheckpointError {
     /// The disk has no room even for the checkpoint record.
     #[error("no space on the store's disk for a checkpoint")]
     NoSpace,
-    /// An earlier write or fsync failed; reopen the store.
-    #[error("store poisoned by an earlier failure ({0}); reopen it")]
-    Poisoned(Arc<str>),
-    /// A newer epoch opened this store.
-    #[error("store fenced: a newer owner opened it")]
-    Fenced,
-    /// The store was closed.
-    #[error("store closed")]
-    Closed,
+    /// The store as a whole refuses writes: poisoned, fenced or closed (see [`StorageError`]).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// Retention could not run.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ReclaimError {
-    /// An earlier write or fsync failed; reopen the store.
-    #[error("store poisoned by an earlier failure ({0}); reopen it")]
-    Poisoned(Arc<str>),
-    /// A newer epoch opened this store.
-    #[error("store fenced: a newer owner opened it")]
-    Fenced,
-    /// The store was closed.
-    #[error("store closed")]
-    Closed,
+    /// The store as a whole refuses writes: poisoned, fenced or closed (see [`StorageError`]).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// Reading a queue failed.
@@ -186,4 +186,39 @@ pub enum CloseError {
     /// The writer thread panicked (a bug); nothing unacknowledged was acknowledged.
     #[error("the store's writer thread panicked")]
     WriterPanicked,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The messages are the ones each error enum printed when it had its own copy of these
+    /// variants: operators and logs see no change.
+    #[test]
+    fn the_shared_cause_prints_as_the_copies_did() {
+        let poisoned = StorageError::Poisoned("fdatasync: EIO".into());
+        let expected = [
+            (
+                poisoned,
+                "store poisoned by an earlier failure (fdatasync: EIO); reopen it",
+            ),
+            (
+                StorageError::Fenced,
+                "store fenced: a newer owner opened it",
+            ),
+            (StorageError::Closed, "store closed"),
+        ];
+        for (cause, text) in expected {
+            assert_eq!(AppendError::from(cause.clone()).to_string(), text);
+            assert_eq!(CheckpointError::from(cause.clone()).to_string(), text);
+            assert_eq!(ReclaimError::from(cause.clone()).to_string(), text);
+            let chained = AppendError::ChainBroken {
+                cause: Box::new(cause.into()),
+            };
+            assert_eq!(
+                chained.to_string(),
+                format!("not stored: an earlier append of this producer failed ({text})")
+            );
+        }
+    }
 }

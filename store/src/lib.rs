@@ -36,8 +36,14 @@
 //! - `format`: the bytes on disk (pure);
 //! - `io`: the filesystem seam ([`Fs`], [`OsFs`]; `sim::SimFs` with the `test-util` feature);
 //! - [`AppendChain`]: one producer's appends, stored as a prefix of what it submitted;
-//! - `fence`: the `EPOCHS` file; `recovery`: open-time scan; `writer`: group commit;
-//! - `index`: what is durable, in memory; `store`: the [`Store`] handle.
+//! - `fence`: the `EPOCHS` file; `recovery`: open-time scan; [`StoreOptions`];
+//! - `index`: what is durable, in memory;
+//! - `shared`: what the handles and the writer thread share (inbox, index, halt, counters);
+//! - `writer`: group commit (it also starts itself on a new segment at open);
+//! - `store`: the [`Store`] handle, which opens the store in phases and submits to `shared`.
+//!
+//! Dependencies run one way: `store` → `writer` → `shared` → `recovery`, `prealloc`, `fence`,
+//! `index`, `options`, `chain` → `format`, `io`, `error`, `types`; no module imports one above it.
 
 mod chain;
 pub mod error;
@@ -45,8 +51,10 @@ mod fence;
 mod format;
 mod index;
 pub mod io;
+mod options;
 mod prealloc;
 mod recovery;
+mod shared;
 #[cfg(feature = "test-util")]
 pub mod sim;
 mod store;
@@ -54,14 +62,15 @@ pub mod types;
 mod writer;
 
 pub use chain::AppendChain;
-pub use error::{AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError};
+pub use error::{
+    AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError, StorageError,
+};
 pub use format::FormatError;
 pub use io::{Fs, FsFile, OsFs};
+pub use options::{StoreOptions, DEFAULT_MAX_BATCH_BYTES, MAX_QUEUES_PER_MESSAGE};
 pub use recovery::RecoveryReport;
-pub use store::{
-    Closable, Pending, QueueStats, Store, StoreOptions, StoreStats, StoredMessage, SyncLatency,
-    DEFAULT_MAX_BATCH_BYTES, MAX_QUEUES_PER_MESSAGE, SYNC_LATENCY_BOUNDS_MICROS,
-};
+pub use shared::SYNC_LATENCY_BOUNDS_MICROS;
+pub use store::{Closable, Pending, QueueStats, Store, StoreStats, StoredMessage, SyncLatency};
 pub use types::{
     Clock, Epoch, InvalidQueueName, ManualClock, Offset, QueueName, SystemClock, UnixMillis,
 };

@@ -142,6 +142,34 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
         next_queue_id: 0,
         report: RecoveryReport::default(),
     };
+    let listed = list_segments(fs, dir, &mut scan.report)?;
+    let (kept, removed_segments) = scan.segments(dir, history, &listed.segments)?;
+    scan.check_seals(&kept)?;
+    if listed.removed_any || removed_segments {
+        fs.sync_dir(dir).map_err(open_io("fsync directory", dir))?;
+    }
+    let newest = kept.last().map(|k| SegmentTail {
+        generation: k.generation,
+        seq: k.seq,
+        len: k.valid_len,
+    });
+    Ok(scan.finish(history, newest, started))
+}
+
+/// The store's segment files in a directory, sorted by (generation, seq).
+struct Listed {
+    segments: Vec<(Generation, u64)>,
+    /// Whether an earlier owner's prepared segment was deleted (the directory needs an fsync).
+    removed_any: bool,
+}
+
+/// Lists the directory: the segment files, with earlier owners' prepared segments deleted and
+/// foreign files reported (and left alone).
+fn list_segments(
+    fs: &dyn Fs,
+    dir: &Path,
+    report: &mut RecoveryReport,
+) -> Result<Listed, OpenError> {
     let mut segments = Vec::new();
     let mut removed_any = false;
     for name in fs.list(dir).map_err(open_io("list", dir))? {
@@ -164,82 +192,131 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
             Some((g, s)) => segments.push((g, s)),
             None => {
                 tracing::warn!(file = %name, dir = %dir.display(), "ignoring a file that is not the store's");
-                scan.report.foreign.push(name);
+                report.foreign.push(name);
             }
         }
     }
     segments.sort();
-    let newest_gen = segments.last().map(|(g, _)| *g);
-    let mut newest: Option<SegmentTail> = None;
-    let mut kept = Vec::new();
-    for (i, &(gen, seq)) in segments.iter().enumerate() {
-        let last_of_gen = segments.get(i + 1).is_none_or(|(g, _)| *g != gen);
-        let mode = mode_of(history, gen, seq, last_of_gen && Some(gen) == newest_gen);
-        let path = dir.join(segment_name(gen, seq));
-        if mode == Mode::Phantom {
-            tracing::warn!(file = %path.display(), "deleting a segment written by a fenced older owner");
-            fs.remove(&path).map_err(open_io("remove", &path))?;
-            scan.report.removed.push(path);
-            removed_any = true;
-            continue;
-        }
-        match scan.segment(&path, gen, seq, mode)? {
-            Some(valid_len) => {
-                kept.push((path, gen, seq, valid_len));
-                newest = Some(SegmentTail {
-                    generation: gen,
-                    seq,
-                    len: valid_len,
-                })
-            }
-            None => removed_any = true,
-        }
-    }
-    // A segment cut short at a batch boundary decodes cleanly: only its seal tells.
-    for (path, gen, seq, valid_len) in &kept {
-        if let Some(&sealed) = scan.seals.get(&(*gen, *seq)) {
-            if sealed != *valid_len {
-                return Err(corrupt(
-                    path,
-                    (*valid_len).min(sealed),
-                    format!("segment holds {valid_len} valid bytes, but was sealed at {sealed}"),
-                ));
-            }
-        }
-    }
-    if removed_any {
-        fs.sync_dir(dir).map_err(open_io("fsync directory", dir))?;
-    }
-    // Offsets are never reused, even if every segment holding the newest ones was reclaimed.
-    for r in &history.records {
-        if let EpochRecord::Start { start, .. } = r {
-            scan.next_offset = scan.next_offset.max(*start);
-        }
-    }
-    for q in &mut scan.index.queues {
-        q.tail = q.tail.max(q.checkpoint);
-    }
-    scan.index.publish_tails();
-    scan.report.undelivered = scan
-        .index
-        .queues
-        .iter()
-        .map(|q| q.entries.len() as u64)
-        .sum();
-    scan.report.queues = scan.index.by_name.len();
-    scan.report.elapsed = started.elapsed();
-    Ok(Recovered {
-        index: scan.index,
-        next_offset: scan.next_offset,
-        next_queue_id: scan.next_queue_id,
-        newest,
-        report: scan.report,
+    Ok(Listed {
+        segments,
+        removed_any,
     })
 }
 
+/// A segment file and all its bytes.
+type SegmentFile = (Arc<dyn FsFile>, Vec<u8>);
+
+/// A segment being read: its file and bytes, its key in the index, and the nonce that keys its
+/// frame checksums.
+#[derive(Clone, Copy)]
+struct Opened<'a> {
+    path: &'a Path,
+    file: &'a dyn FsFile,
+    key: SegKey,
+    nonce: Option<Nonce>,
+    bytes: &'a [u8],
+}
+
+/// A segment recovery kept, with its valid length.
+struct Kept {
+    path: PathBuf,
+    generation: Generation,
+    seq: u64,
+    valid_len: u64,
+}
+
 impl Scan<'_> {
-    /// Reads one segment; returns its valid length, or `None` if it was a crashed creation and
+    /// Reads the listed segments in order: deletes those a fenced older owner wrote and crashed
+    /// creations, indexes the rest. Returns the kept segments, in order, and whether any file
     /// was deleted.
+    fn segments(
+        &mut self,
+        dir: &Path,
+        history: &History,
+        segments: &[(Generation, u64)],
+    ) -> Result<(Vec<Kept>, bool), OpenError> {
+        let newest_gen = segments.last().map(|(g, _)| *g);
+        let mut removed_any = false;
+        let mut kept = Vec::new();
+        for (i, &(gen, seq)) in segments.iter().enumerate() {
+            let last_of_gen = segments.get(i + 1).is_none_or(|(g, _)| *g != gen);
+            let mode = mode_of(history, gen, seq, last_of_gen && Some(gen) == newest_gen);
+            let path = dir.join(segment_name(gen, seq));
+            if mode == Mode::Phantom {
+                tracing::warn!(file = %path.display(), "deleting a segment written by a fenced older owner");
+                self.fs.remove(&path).map_err(open_io("remove", &path))?;
+                self.report.removed.push(path);
+                removed_any = true;
+                continue;
+            }
+            match self.segment(&path, gen, seq, mode)? {
+                Some(valid_len) => kept.push(Kept {
+                    path,
+                    generation: gen,
+                    seq,
+                    valid_len,
+                }),
+                None => removed_any = true,
+            }
+        }
+        Ok((kept, removed_any))
+    }
+
+    /// A segment cut short at a batch boundary decodes cleanly: only its seal tells.
+    fn check_seals(&self, kept: &[Kept]) -> Result<(), OpenError> {
+        for k in kept {
+            if let Some(&sealed) = self.seals.get(&(k.generation, k.seq)) {
+                if sealed != k.valid_len {
+                    let valid_len = k.valid_len;
+                    return Err(corrupt(
+                        &k.path,
+                        valid_len.min(sealed),
+                        format!(
+                            "segment holds {valid_len} valid bytes, but was sealed at {sealed}"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What recovery hands the store once every segment is read.
+    fn finish(
+        mut self,
+        history: &History,
+        newest: Option<SegmentTail>,
+        started: Instant,
+    ) -> Recovered {
+        // Offsets are never reused, even if every segment holding the newest ones was reclaimed.
+        for r in &history.records {
+            if let EpochRecord::Start { start, .. } = r {
+                self.next_offset = self.next_offset.max(*start);
+            }
+        }
+        for q in &mut self.index.queues {
+            q.tail = q.tail.max(q.checkpoint);
+        }
+        self.index.publish_tails();
+        self.report.undelivered = self
+            .index
+            .queues
+            .iter()
+            .map(|q| q.entries.len() as u64)
+            .sum();
+        self.report.queues = self.index.by_name.len();
+        self.report.elapsed = started.elapsed();
+        Recovered {
+            index: self.index,
+            next_offset: self.next_offset,
+            next_queue_id: self.next_queue_id,
+            newest,
+            report: self.report,
+        }
+    }
+
+    /// Reads one segment; returns its valid length, or `None` if it was a crashed creation and
+    /// was deleted (or it was deleted under us).
     fn segment(
         &mut self,
         path: &Path,
@@ -247,37 +324,13 @@ impl Scan<'_> {
         seq: u64,
         mode: Mode,
     ) -> Result<Option<u64>, OpenError> {
-        let file = match self.fs.open(path) {
-            Ok(file) => file,
-            // Listed a moment ago, gone now: an older owner's retention deleted it after checking
-            // its fence, just before our `Claim` (it deletes only segments whose every message is
-            // delivered or expired, per checkpoints that are durable and that we read too).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && mode == Mode::Complete => {
-                tracing::warn!(file = %path.display(), "a segment was deleted while the store opened");
-                return Ok(None);
-            }
-            Err(e) => return Err(open_io("open", path)(e)),
+        let Some((file, bytes)) = self.read_segment(path, mode)? else {
+            return Ok(None);
         };
-        let bytes = read_all(file.as_ref()).map_err(open_io("read", path))?;
         self.report.segments += 1;
-        let header = match SegmentHeader::decode(&bytes) {
-            Ok(h) if h.generation == gen && h.seq == seq => h,
-            Ok(_) => return Err(corrupt(path, 0, "segment header names another segment")),
-            Err(e) => {
-                // The header is synced before any batch is written, so a crash while creating the
-                // file leaves at most a torn header, then nothing or preallocated zeros; anything
-                // else (a batch of the old format, any other byte) is damage.
-                let after_header = bytes.get(SEGMENT_HEADER_LEN..).unwrap_or_default();
-                if mode == Mode::Tail && after_header.iter().all(|&b| b == 0) {
-                    tracing::warn!(file = %path.display(), "deleting a segment whose creation was cut short");
-                    self.fs.remove(path).map_err(open_io("remove", path))?;
-                    self.report.removed.push(path.to_owned());
-                    return Ok(None);
-                }
-                return Err(corrupt(path, 0, e.to_string()));
-            }
+        let Some(header) = self.segment_header(path, gen, seq, mode, &bytes)? else {
+            return Ok(None);
         };
-        let nonce = header.nonce;
         let limit = match mode {
             Mode::Sealed(len) if len > bytes.len() as u64 => {
                 return Err(corrupt(
@@ -298,7 +351,79 @@ impl Scan<'_> {
             valid_len: limit as u64,
             summary: Default::default(),
         });
-        let mut pos = header.len();
+        let segment = Opened {
+            path,
+            file: file.as_ref(),
+            key,
+            nonce: header.nonce,
+            bytes: &bytes,
+        };
+        self.batches(&segment, header.len(), limit, mode).map(Some)
+    }
+
+    /// Opens and reads a listed segment whole; `None` if it was deleted in between (only a
+    /// complete segment may be: see below).
+    fn read_segment(&self, path: &Path, mode: Mode) -> Result<Option<SegmentFile>, OpenError> {
+        let file = match self.fs.open(path) {
+            Ok(file) => file,
+            // Listed a moment ago, gone now: an older owner's retention deleted it after checking
+            // its fence, just before our `Claim` (it deletes only segments whose every message is
+            // delivered or expired, per checkpoints that are durable and that we read too).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && mode == Mode::Complete => {
+                tracing::warn!(file = %path.display(), "a segment was deleted while the store opened");
+                return Ok(None);
+            }
+            Err(e) => return Err(open_io("open", path)(e)),
+        };
+        let bytes = read_all(file.as_ref()).map_err(open_io("read", path))?;
+        Ok(Some((file, bytes)))
+    }
+
+    /// The segment's header, checked against its name; `None` if the segment is a crashed
+    /// creation, which is deleted.
+    fn segment_header(
+        &mut self,
+        path: &Path,
+        gen: Generation,
+        seq: u64,
+        mode: Mode,
+        bytes: &[u8],
+    ) -> Result<Option<SegmentHeader>, OpenError> {
+        match SegmentHeader::decode(bytes) {
+            Ok(h) if h.generation == gen && h.seq == seq => Ok(Some(h)),
+            Ok(_) => Err(corrupt(path, 0, "segment header names another segment")),
+            Err(e) => {
+                // The header is synced before any batch is written, so a crash while creating the
+                // file leaves at most a torn header, then nothing or preallocated zeros; anything
+                // else (a batch of the old format, any other byte) is damage.
+                let after_header = bytes.get(SEGMENT_HEADER_LEN..).unwrap_or_default();
+                if mode == Mode::Tail && after_header.iter().all(|&b| b == 0) {
+                    tracing::warn!(file = %path.display(), "deleting a segment whose creation was cut short");
+                    self.fs.remove(path).map_err(open_io("remove", path))?;
+                    self.report.removed.push(path.to_owned());
+                    return Ok(None);
+                }
+                Err(corrupt(path, 0, e.to_string()))
+            }
+        }
+    }
+
+    /// Indexes the batches of `segment` from byte `pos` up to `limit`; in the tail segment, cuts
+    /// preallocated zeros and a torn last batch. Returns the segment's valid length.
+    fn batches(
+        &mut self,
+        segment: &Opened<'_>,
+        mut pos: usize,
+        limit: usize,
+        mode: Mode,
+    ) -> Result<u64, OpenError> {
+        let Opened {
+            path,
+            file,
+            key,
+            nonce,
+            bytes,
+        } = *segment;
         while pos < limit {
             match decode_batch(nonce, &bytes[pos..limit]) {
                 Ok((header, payload)) => {
@@ -318,20 +443,20 @@ impl Scan<'_> {
                     break;
                 }
                 Err(e) if mode == Mode::Tail => {
-                    if let Some(at) = self.find_valid_batch(nonce, &bytes, pos + 1) {
+                    if let Some(at) = self.find_valid_batch(nonce, bytes, pos + 1) {
                         return Err(corrupt(
                             path,
                             pos as u64,
                             format!("{e}, yet a valid batch follows at byte {at}"),
                         ));
                     }
-                    self.cut_tail(path, file.as_ref(), key, pos as u64, bytes.len() as u64)?;
+                    self.cut_tail(path, file, key, pos as u64, bytes.len() as u64)?;
                     break;
                 }
                 Err(e) => return Err(corrupt(path, pos as u64, e.to_string())),
             }
         }
-        Ok(Some(pos as u64))
+        Ok(pos as u64)
     }
 
     fn cut_tail(

@@ -10,10 +10,9 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
@@ -21,155 +20,17 @@ use tokio::sync::{oneshot, watch};
 use crate::chain::AppendChain;
 use crate::error::{
     open_io, AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError,
+    StorageError,
 };
 use crate::fence::Fence;
 use crate::format::{decode_message_checked, message_len, EpochRecord, BATCH_HEADER_LEN};
-use crate::index::{Index, IndexEntry};
+use crate::index::IndexEntry;
 use crate::io::{read_exact_at, Fs, FsFile, OsFs};
-use crate::prealloc::{prepared_name, Preparer};
-use crate::recovery::{newest_segment_generation, recover, RecoveryReport};
+use crate::options::{StoreOptions, MAX_QUEUES_PER_MESSAGE};
+use crate::recovery::{newest_segment_generation, recover, Recovered, RecoveryReport};
+use crate::shared::{Halt, Request, Shared};
 use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
-use crate::writer::{create_segment, run_completer, BatchFailure, ReclaimWaiter, Request, Writer};
-
-/// Default of [`StoreOptions::max_batch_bytes`]: 16 MiB, 64 times below the frame limit recovery
-/// enforces, and enough to amortise an fdatasync over thousands of messages.
-pub const DEFAULT_MAX_BATCH_BYTES: u64 = 16 << 20;
-
-/// Most queues one message may be stored for.
-pub const MAX_QUEUES_PER_MESSAGE: usize = 1024;
-
-/// How a store is opened.
-#[derive(Debug, Clone)]
-pub struct StoreOptions {
-    /// This owner's fencing token; must be at least the highest that ever opened the directory.
-    pub epoch: Epoch,
-    /// Most bytes the message log may hold on disk. Appends beyond it fail with
-    /// [`AppendError::Full`]; checkpoints and a segment's bookkeeping may exceed it slightly, so
-    /// that receivers can always make room.
-    pub quota_bytes: u64,
-    /// A segment file is closed and a new one started once it reaches this size.
-    pub segment_bytes: u64,
-    /// Largest message body accepted.
-    pub max_message_bytes: usize,
-    /// Most bytes of entries one group commit puts in its frame (a single request larger than
-    /// this still gets a frame of its own). Appends waiting beyond it go into the next batch, so
-    /// no stall of the disk can build a frame anywhere near the 1 GiB that recovery accepts.
-    pub max_batch_bytes: u64,
-    /// Size of the `RESERVE` file kept in the directory. When something fills the disk, the
-    /// store deletes it so that checkpoints (which let retention free space) still fit; it is
-    /// put back once there is room. 0 disables it.
-    pub reserve_bytes: u64,
-    /// Prepare the next segment in the background, filled with zeros, so that commits overwrite
-    /// allocated space instead of growing the file (faster fdatasync on ext4 and xfs).
-    pub preallocate: bool,
-}
-
-impl Default for StoreOptions {
-    fn default() -> Self {
-        StoreOptions {
-            epoch: Epoch::new(0),
-            quota_bytes: 4 << 30,
-            segment_bytes: 64 << 20,
-            max_message_bytes: 1 << 20,
-            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
-            reserve_bytes: 1 << 20,
-            preallocate: true,
-        }
-    }
-}
-
-/// Why the store stopped accepting writes.
-#[derive(Debug, Clone)]
-pub(crate) enum Halt {
-    Poisoned(Arc<str>),
-    Fenced,
-    /// The writer thread panicked (a bug): nothing can be written, and the index it was updating
-    /// may be half-done, so reads are refused too.
-    Panicked(Arc<str>),
-}
-
-impl std::fmt::Display for Halt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Halt::Poisoned(why) => write!(f, "I/O failure: {why}"),
-            Halt::Fenced => f.write_str("fenced by a newer owner"),
-            Halt::Panicked(why) => write!(f, "the writer thread panicked: {why}"),
-        }
-    }
-}
-
-impl Halt {
-    pub(crate) fn append_error(&self) -> AppendError {
-        match self {
-            Halt::Poisoned(why) => AppendError::Poisoned(why.clone()),
-            Halt::Fenced => AppendError::Fenced,
-            Halt::Panicked(_) => AppendError::Poisoned(self.to_string().into()),
-        }
-    }
-
-    pub(crate) fn checkpoint_error(&self) -> CheckpointError {
-        match self {
-            Halt::Poisoned(why) => CheckpointError::Poisoned(why.clone()),
-            Halt::Fenced => CheckpointError::Fenced,
-            Halt::Panicked(_) => CheckpointError::Poisoned(self.to_string().into()),
-        }
-    }
-
-    pub(crate) fn reclaim_error(&self) -> ReclaimError {
-        match self {
-            Halt::Poisoned(why) => ReclaimError::Poisoned(why.clone()),
-            Halt::Fenced => ReclaimError::Fenced,
-            Halt::Panicked(_) => ReclaimError::Poisoned(self.to_string().into()),
-        }
-    }
-}
-
-pub(crate) struct Inbox {
-    pub(crate) requests: Vec<Request>,
-    pub(crate) reclaims: Vec<ReclaimWaiter>,
-    /// Bytes promised to appends not yet written (the quota counts them).
-    pub(crate) reserved: u64,
-    pub(crate) closing: bool,
-    /// The writer thread died: nothing submitted would ever be answered.
-    pub(crate) dead: Option<Halt>,
-    /// The writer is parked on the condvar: only then does a submitter need to wake it (a
-    /// notification is a syscall; under load the writer finds new requests by itself).
-    pub(crate) writer_waiting: bool,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) appends: AtomicU64,
-    pub(crate) commits: AtomicU64,
-    pub(crate) syncs: AtomicU64,
-    pub(crate) reclaimed_segments: AtomicU64,
-    /// Group-commit fdatasyncs by duration: one counter per bound of
-    /// [`SYNC_LATENCY_BOUNDS_MICROS`], then one for anything longer.
-    pub(crate) sync_buckets: [AtomicU64; SYNC_LATENCY_BOUNDS_MICROS.len() + 1],
-    pub(crate) sync_micros_total: AtomicU64,
-}
-
-/// Upper bounds (µs, inclusive) of the group-commit fdatasync latency buckets in
-/// [`StoreStats::commit_syncs`]: 64 µs doubling to about 1 s.
-pub const SYNC_LATENCY_BOUNDS_MICROS: [u64; 15] = [
-    64, 128, 256, 512, 1_024, 2_048, 4_096, 8_192, 16_384, 32_768, 65_536, 131_072, 262_144,
-    524_288, 1_048_576,
-];
-
-impl Counters {
-    /// Records one group-commit fdatasync that took `elapsed`.
-    pub(crate) fn observe_sync(&self, elapsed: std::time::Duration) {
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        let bucket = SYNC_LATENCY_BOUNDS_MICROS
-            .iter()
-            .position(|&bound| micros <= bound)
-            .unwrap_or(SYNC_LATENCY_BOUNDS_MICROS.len());
-        if let Some(counter) = self.sync_buckets.get(bucket) {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
-        self.sync_micros_total.fetch_add(micros, Ordering::Relaxed);
-    }
-}
+use crate::writer::{Start, Threads, Writer};
 
 /// How long the group commits' fdatasyncs took since open.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -180,120 +41,6 @@ pub struct SyncLatency {
     pub counts: Vec<u64>,
     /// Sum of their durations in µs.
     pub sum_micros: u64,
-}
-
-/// State shared by the handles and the writer thread.
-pub(crate) struct Shared {
-    pub(crate) dir: PathBuf,
-    /// This owner's prepared segment file (a name no other owner uses).
-    pub(crate) prepared_path: PathBuf,
-    pub(crate) fs: Arc<dyn Fs>,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) opts: StoreOptions,
-    pub(crate) inbox: Mutex<Inbox>,
-    pub(crate) inbox_cv: Condvar,
-    pub(crate) index: Mutex<Index>,
-    pub(crate) halt: Mutex<Option<Halt>>,
-    pub(crate) halted: AtomicBool,
-    pub(crate) stats: Counters,
-    pub(crate) durable_tx: watch::Sender<Offset>,
-    /// Bytes of segment files on disk (kept by the index).
-    pub(crate) disk_bytes: Arc<AtomicU64>,
-}
-
-impl Shared {
-    pub(crate) fn lock_inbox(&self) -> MutexGuard<'_, Inbox> {
-        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn lock_index(&self) -> MutexGuard<'_, Index> {
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Bytes of segment files on disk.
-    pub(crate) fn used_bytes(&self) -> u64 {
-        self.disk_bytes.load(Ordering::Relaxed)
-    }
-
-    /// Puts a request in the inbox and wakes the writer if it is parked. Fails with `closed` if
-    /// the store is closing, or with whatever `push` refuses the request for.
-    fn submit<E>(
-        &self,
-        closed: E,
-        dead: impl FnOnce(&Halt) -> E,
-        push: impl FnOnce(&mut Inbox) -> Result<(), E>,
-    ) -> Result<(), E> {
-        let wake = {
-            let mut inbox = self.lock_inbox();
-            if let Some(halt) = &inbox.dead {
-                return Err(dead(halt));
-            }
-            if inbox.closing {
-                return Err(closed);
-            }
-            push(&mut inbox)?;
-            inbox.writer_waiting
-        };
-        if wake {
-            self.inbox_cv.notify_one();
-        }
-        Ok(())
-    }
-
-    pub(crate) fn release(&self, bytes: u64) {
-        let mut inbox = self.lock_inbox();
-        inbox.reserved = inbox.reserved.saturating_sub(bytes);
-    }
-
-    fn halted(&self) -> Option<Halt> {
-        if !self.halted.load(Ordering::SeqCst) {
-            return None;
-        }
-        self.halt.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// The writer thread panicked: halt the store for good, and answer everything waiting in the
-    /// inbox now (nothing else ever would). Requests of the batch it was working on lost their
-    /// answer channel when it unwound; their `Pending` reports that (see [`Closable`]).
-    fn writer_died(&self, why: String) {
-        let halt = Halt::Panicked(why.into());
-        tracing::error!(reason = %halt, "store stops: reopen it");
-        *self.halt.lock().unwrap_or_else(|p| p.into_inner()) = Some(halt.clone());
-        self.halted.store(true, Ordering::SeqCst);
-        let (requests, reclaims) = {
-            let mut inbox = self.lock_inbox();
-            inbox.dead = Some(halt.clone());
-            inbox.reserved = 0;
-            (
-                std::mem::take(&mut inbox.requests),
-                std::mem::take(&mut inbox.reclaims),
-            )
-        };
-        for request in requests {
-            match request {
-                Request::Append { reply, .. } => {
-                    let _ = reply.send(Err(halt.append_error()));
-                }
-                Request::Checkpoint { reply, .. } => {
-                    let _ = reply.send(Err(halt.checkpoint_error()));
-                }
-            }
-        }
-        for reply in reclaims {
-            let _ = reply.send(Err(halt.reclaim_error()));
-        }
-    }
-}
-
-/// What a panic carried, as text.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic without a message".to_owned()
-    }
 }
 
 /// Errors that a pending request reports when the store went away under it.
@@ -316,31 +63,31 @@ const UNANSWERED: &str = "the writer thread panicked before answering";
 
 impl Closable for AppendError {
     fn closed() -> Self {
-        AppendError::Closed
+        StorageError::Closed.into()
     }
 
     fn unanswered() -> Self {
-        AppendError::Poisoned(UNANSWERED.into())
+        StorageError::Poisoned(UNANSWERED.into()).into()
     }
 }
 
 impl Closable for CheckpointError {
     fn closed() -> Self {
-        CheckpointError::Closed
+        StorageError::Closed.into()
     }
 
     fn unanswered() -> Self {
-        CheckpointError::Poisoned(UNANSWERED.into())
+        StorageError::Poisoned(UNANSWERED.into()).into()
     }
 }
 
 impl Closable for ReclaimError {
     fn closed() -> Self {
-        ReclaimError::Closed
+        StorageError::Closed.into()
     }
 
     fn unanswered() -> Self {
-        ReclaimError::Poisoned(UNANSWERED.into())
+        StorageError::Poisoned(UNANSWERED.into()).into()
     }
 }
 
@@ -439,7 +186,7 @@ pub struct QueueStats {
 struct Inner {
     shared: Arc<Shared>,
     /// The writer thread, then the completer thread (which ends once the writer has).
-    writer: Mutex<Option<(std::thread::JoinHandle<()>, std::thread::JoinHandle<()>)>>,
+    writer: Mutex<Option<Threads>>,
     report: RecoveryReport,
     generation: Generation,
 }
@@ -475,6 +222,43 @@ impl Drop for Inner {
     }
 }
 
+/// Claims `dir` for `epoch` and recovers it: refuses an epoch older than the newest that opened
+/// the directory, records this open's generation in the fence before recovery (so a fenced
+/// owner's later files are recognised) and its start after. Returns the fence, the generation
+/// and what recovery found.
+fn claim_and_recover(
+    fs: &dyn Fs,
+    dir: &Path,
+    epoch: Epoch,
+) -> Result<(Fence, Generation, Recovered), OpenError> {
+    let (mut fence, mut history) = Fence::load(fs, dir)?;
+    if let Some(current) = history.max_epoch() {
+        if epoch < current {
+            return Err(OpenError::EpochFenced {
+                requested: epoch,
+                current,
+            });
+        }
+    }
+    let newest = history
+        .last_generation()
+        .max(newest_segment_generation(fs, dir)?);
+    let generation = Generation(newest.0 + 1);
+    let claim = EpochRecord::Claim {
+        generation,
+        epoch: epoch.get(),
+    };
+    fence.append(claim)?;
+    history.records.push(claim);
+    let recovered = recover(fs, dir, &history)?;
+    fence.append(EpochRecord::Start {
+        generation,
+        start: recovered.next_offset,
+        tail: recovered.newest,
+    })?;
+    Ok((fence, generation, recovered))
+}
+
 /// A durable, ordered, multi-queue message store in one directory. Cheap to clone; every clone
 /// is the same store.
 #[derive(Clone)]
@@ -497,6 +281,10 @@ impl Store {
     }
 
     /// Opens the store on the given filesystem and clock (tests inject faults and time here).
+    ///
+    /// The phases: check the options; claim the directory for this epoch and recover it
+    /// (`claim_and_recover`); share the recovered index with the handles; start the writer on a
+    /// new segment of this open's generation (`Writer::start`).
     pub fn open_with(
         dir: impl AsRef<Path>,
         opts: StoreOptions,
@@ -504,141 +292,33 @@ impl Store {
         clock: Arc<dyn Clock>,
     ) -> Result<Store, OpenError> {
         let dir = dir.as_ref().to_owned();
-        if opts.segment_bytes < 4096 {
-            return Err(OpenError::InvalidOptions(
-                "segment_bytes must be at least 4096",
-            ));
-        }
-        if opts.max_message_bytes as u64 > u64::from(crate::format::MAX_BATCH_PAYLOAD) / 2 {
-            return Err(OpenError::InvalidOptions(
-                "max_message_bytes must be below 512 MiB",
-            ));
-        }
-        if opts.max_batch_bytes == 0
-            || opts.max_batch_bytes > u64::from(crate::format::MAX_BATCH_PAYLOAD) / 4
-        {
-            return Err(OpenError::InvalidOptions(
-                "max_batch_bytes must be between 1 and 256 MiB",
-            ));
-        }
+        opts.validate()?;
         fs.create_dir_all(&dir)
             .map_err(open_io("create directory", &dir))?;
-        let (mut fence, mut history) = Fence::load(fs.as_ref(), &dir)?;
-        if let Some(current) = history.max_epoch() {
-            if opts.epoch < current {
-                return Err(OpenError::EpochFenced {
-                    requested: opts.epoch,
-                    current,
-                });
-            }
-        }
-        let newest = history
-            .last_generation()
-            .max(newest_segment_generation(fs.as_ref(), &dir)?);
-        let generation = Generation(newest.0 + 1);
-        let claim = EpochRecord::Claim {
-            generation,
-            epoch: opts.epoch.get(),
+        let (fence, generation, recovered) = claim_and_recover(fs.as_ref(), &dir, opts.epoch)?;
+        let start = Start {
+            next_offset: recovered.next_offset,
+            queue_ids: recovered
+                .index
+                .by_name
+                .iter()
+                .map(|(name, &id)| (name.clone(), id))
+                .collect(),
+            next_queue_id: recovered.next_queue_id,
         };
-        fence.append(claim)?;
-        history.records.push(claim);
-        let recovered = recover(fs.as_ref(), &dir, &history)?;
-        fence.append(EpochRecord::Start {
+        let shared = Arc::new(Shared::new(
+            dir,
             generation,
-            start: recovered.next_offset,
-            tail: recovered.newest,
-        })?;
-        let queue_ids = recovered
-            .index
-            .by_name
-            .iter()
-            .map(|(name, &id)| (name.clone(), id))
-            .collect();
-        let (durable_tx, _) = watch::channel(Offset::new(recovered.next_offset.get() - 1));
-        let shared = Arc::new(Shared {
-            dir: dir.clone(),
-            prepared_path: dir.join(prepared_name(generation)),
             fs,
             clock,
             opts,
-            inbox: Mutex::new(Inbox {
-                requests: Vec::new(),
-                reclaims: Vec::new(),
-                reserved: 0,
-                closing: false,
-                dead: None,
-                writer_waiting: false,
-            }),
-            inbox_cv: Condvar::new(),
-            disk_bytes: recovered.index.disk_bytes(),
-            index: Mutex::new(recovered.index),
-            halt: Mutex::new(None),
-            halted: AtomicBool::new(false),
-            stats: Counters::default(),
-            durable_tx,
-        });
-        let active =
-            create_segment(&shared, generation, 0).map_err(open_io("create segment", &dir))?;
-        let (completions, completed) = std::sync::mpsc::channel();
-        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let preparer = if shared.opts.preallocate {
-            Preparer::start(
-                Arc::clone(&shared.fs),
-                shared.prepared_path.clone(),
-                shared.opts.segment_bytes,
-                Arc::clone(&shared.disk_bytes),
-                shared.opts.quota_bytes,
-                fence.clone(),
-            )
-        } else {
-            Preparer::disabled()
-        };
-        let mut writer = Writer {
-            preparer,
-            completions,
-            in_flight: Arc::clone(&in_flight),
-            shared: Arc::clone(&shared),
-            fence,
-            active,
-            next_offset: recovered.next_offset,
-            queue_ids,
-            next_queue_id: recovered.next_queue_id,
-            buf: Vec::with_capacity(1 << 20),
-            last_reclaim: Instant::now(),
-            batch_start: recovered.next_offset,
-            needs_preamble: true,
-            reserve_present: false,
-        };
-        writer.write_preamble().map_err(|f| match f {
-            BatchFailure::NoSpace => OpenError::Io {
-                op: "create segment",
-                path: dir.clone(),
-                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-            },
-            BatchFailure::Halt(h) => OpenError::Io {
-                op: "create segment",
-                path: dir.clone(),
-                source: std::io::Error::other(h.to_string()),
-            },
-        })?;
-        let completer = std::thread::Builder::new()
-            .name("store-completer".into())
-            .spawn(move || run_completer(completed, in_flight))
-            .map_err(open_io("spawn completer thread", &dir))?;
-        let watched = Arc::clone(&shared);
-        let handle = std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || {
-                // A bug must not leave every producer waiting on a writer that is gone.
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run()));
-                if let Err(panic) = ran {
-                    watched.writer_died(panic_message(panic.as_ref()));
-                }
-            })
-            .map_err(open_io("spawn writer thread", &dir))?;
+            recovered.index,
+            recovered.next_offset,
+        ));
+        let threads = Writer::start(&shared, fence, generation, start)?;
         let report = recovered.report;
         tracing::info!(
-            dir = %dir.display(),
+            dir = %shared.dir.display(),
             epoch = shared.opts.epoch.get(),
             segments = report.segments,
             undelivered = report.undelivered,
@@ -648,7 +328,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 shared,
-                writer: Mutex::new(Some((handle, completer))),
+                writer: Mutex::new(Some(threads)),
                 report,
                 generation,
             }),
@@ -726,7 +406,7 @@ impl Store {
         let on_disk = shared.used_bytes();
         let (tx, rx) = oneshot::channel();
         let quota = shared.opts.quota_bytes;
-        let submitted = shared.submit(AppendError::Closed, Halt::append_error, |inbox| {
+        let submitted = shared.submit(|inbox| {
             let used = on_disk + inbox.reserved;
             if used + needed > quota {
                 return Err(AppendError::Full {
@@ -763,7 +443,7 @@ impl Store {
             return Pending::ready(Err(h.checkpoint_error()));
         }
         let (tx, rx) = oneshot::channel();
-        let submitted = shared.submit(CheckpointError::Closed, Halt::checkpoint_error, |inbox| {
+        let submitted = shared.submit(|inbox| {
             inbox.requests.push(Request::Checkpoint {
                 queue: queue.clone(),
                 upto,
@@ -817,7 +497,7 @@ impl Store {
     pub fn reclaim(&self) -> Pending<u64, ReclaimError> {
         let shared = self.shared();
         let (tx, rx) = oneshot::channel();
-        let submitted = shared.submit(ReclaimError::Closed, Halt::reclaim_error, |inbox| {
+        let submitted = shared.submit(|inbox| {
             inbox.reclaims.push(tx);
             Ok(())
         });

@@ -20,8 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::chain::AppendChain;
-use crate::error::{AppendError, CheckpointError, ReclaimError};
+use crate::error::{open_io, AppendError, CheckpointError, OpenError, StorageError};
 use crate::fence::Fence;
 use crate::format::{
     declare_len, encode_checkpoint, encode_declare, encode_message, encode_seal, message_len,
@@ -31,27 +30,8 @@ use crate::index::{IndexEntry, SegKey, SegmentInfo};
 use crate::io::{write_zeros, FsFile};
 use crate::prealloc::{Prepared, Preparer};
 use crate::recovery::{segment_name, RESERVE_FILE};
-use crate::store::{Halt, Shared};
+use crate::shared::{Halt, Request, Shared};
 use crate::types::{Generation, Offset, QueueName, UnixMillis};
-
-/// A request waiting for the next group commit.
-pub(crate) enum Request {
-    Append {
-        queues: Vec<QueueName>,
-        body: bytes::Bytes,
-        expiry: Option<UnixMillis>,
-        reserved: u64,
-        /// The producer's chain and this append's position on it (see `chain`): not written
-        /// once an earlier position failed.
-        chain: Option<(AppendChain, u64)>,
-        reply: oneshot::Sender<Result<Offset, AppendError>>,
-    },
-    Checkpoint {
-        queue: QueueName,
-        upto: Offset,
-        reply: oneshot::Sender<Result<(), CheckpointError>>,
-    },
-}
 
 /// An answer on its way to a waiter. The writer hands a batch's answers, in request order, to the
 /// completer thread, which wakes the waiters while the writer already syncs the next batch.
@@ -93,9 +73,6 @@ fn deliver(replies: Vec<Reply>) {
 /// a hand-off would cost a second wake-up for little overlap.
 const DIRECT_REPLIES: usize = 8;
 
-/// A waiter for an explicit retention run: answered with how many segments were deleted.
-pub(crate) type ReclaimWaiter = oneshot::Sender<Result<u64, ReclaimError>>;
-
 /// The segment being appended to.
 #[derive(Clone)]
 pub(crate) struct Active {
@@ -132,7 +109,7 @@ pub(crate) struct Writer {
     pub(crate) completions: mpsc::Sender<Vec<Reply>>,
     /// Batches handed to the completer and not yet delivered.
     pub(crate) in_flight: Arc<AtomicUsize>,
-    /// Whether the `RESERVE` file is on disk (see [`crate::store::StoreOptions::reserve_bytes`]).
+    /// Whether the `RESERVE` file is on disk (see [`crate::StoreOptions::reserve_bytes`]).
     pub(crate) reserve_present: bool,
 }
 
@@ -158,7 +135,108 @@ enum Plan {
 /// How often an idle writer looks for expired segments to reclaim.
 const RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Where a new writer starts: what recovery found.
+pub(crate) struct Start {
+    /// The offset the next message gets.
+    pub(crate) next_offset: Offset,
+    /// The numeric id of every queue declared so far.
+    pub(crate) queue_ids: HashMap<QueueName, u32>,
+    /// The id the next new queue gets.
+    pub(crate) next_queue_id: u32,
+}
+
+/// The writer and completer threads of an open store (the completer ends once the writer has).
+pub(crate) type Threads = (std::thread::JoinHandle<()>, std::thread::JoinHandle<()>);
+
 impl Writer {
+    /// Starts writing for a store just recovered: creates this generation's first segment, makes
+    /// its preamble durable, and runs the writer and completer threads.
+    pub(crate) fn start(
+        shared: &Arc<Shared>,
+        fence: Fence,
+        generation: Generation,
+        start: Start,
+    ) -> Result<Threads, OpenError> {
+        let (mut writer, completed) = Writer::new(shared, fence, generation, start)?;
+        writer.write_preamble().map_err(|f| {
+            let source = match f {
+                BatchFailure::NoSpace => std::io::Error::from_raw_os_error(libc::ENOSPC),
+                BatchFailure::Halt(h) => std::io::Error::other(h.to_string()),
+            };
+            OpenError::Io {
+                op: "create segment",
+                path: shared.dir.clone(),
+                source,
+            }
+        })?;
+        writer.spawn(completed)
+    }
+
+    /// A writer on a new first segment of `generation` (created and synced, its preamble not yet
+    /// written), and the receiving end of its completions.
+    fn new(
+        shared: &Arc<Shared>,
+        fence: Fence,
+        generation: Generation,
+        start: Start,
+    ) -> Result<(Writer, mpsc::Receiver<Vec<Reply>>), OpenError> {
+        let active = create_segment(shared, generation, 0)
+            .map_err(open_io("create segment", &shared.dir))?;
+        let (completions, completed) = mpsc::channel();
+        let preparer = if shared.opts.preallocate {
+            Preparer::start(
+                Arc::clone(&shared.fs),
+                shared.prepared_path.clone(),
+                shared.opts.segment_bytes,
+                Arc::clone(&shared.disk_bytes),
+                shared.opts.quota_bytes,
+                fence.clone(),
+            )
+        } else {
+            Preparer::disabled()
+        };
+        let writer = Writer {
+            preparer,
+            completions,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            shared: Arc::clone(shared),
+            fence,
+            active,
+            next_offset: start.next_offset,
+            queue_ids: start.queue_ids,
+            next_queue_id: start.next_queue_id,
+            buf: Vec::with_capacity(1 << 20),
+            last_reclaim: Instant::now(),
+            batch_start: start.next_offset,
+            needs_preamble: true,
+            reserve_present: false,
+        };
+        Ok((writer, completed))
+    }
+
+    /// Runs the completer thread on `completed`, then this writer on a thread of its own. A panic
+    /// of the writer halts the store (see `Shared::writer_died`).
+    fn spawn(self, completed: mpsc::Receiver<Vec<Reply>>) -> Result<Threads, OpenError> {
+        let dir = self.shared.dir.clone();
+        let in_flight = Arc::clone(&self.in_flight);
+        let completer = std::thread::Builder::new()
+            .name("store-completer".into())
+            .spawn(move || run_completer(completed, in_flight))
+            .map_err(open_io("spawn completer thread", &dir))?;
+        let watched = Arc::clone(&self.shared);
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || {
+                // A bug must not leave every producer waiting on a writer that is gone.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
+                if let Err(panic) = ran {
+                    watched.writer_died(panic_message(panic.as_ref()));
+                }
+            })
+            .map_err(open_io("spawn writer thread", &dir))?;
+        Ok((handle, completer))
+    }
+
     /// Runs until the store is closed.
     pub(crate) fn run(mut self) {
         // Whatever expired or was delivered while the store was closed goes first.
@@ -594,10 +672,10 @@ impl Writer {
                 }
                 // `build` makes exactly one plan per request, of the request's kind.
                 (Request::Append { reply, .. }, Plan::Checkpoint(_)) => {
-                    Reply::Append(reply, Err(AppendError::Closed))
+                    Reply::Append(reply, Err(StorageError::Closed.into()))
                 }
                 (Request::Checkpoint { reply, .. }, Plan::Message(_)) => {
-                    Reply::Checkpoint(reply, Err(CheckpointError::Closed))
+                    Reply::Checkpoint(reply, Err(StorageError::Closed.into()))
                 }
             });
         }
@@ -970,4 +1048,15 @@ fn reserved_by(requests: &[Request]) -> u64 {
             Request::Checkpoint { .. } => 0,
         })
         .sum()
+}
+
+/// What a panic carried, as text.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
 }

@@ -4,7 +4,8 @@
 
 use bytes::Bytes;
 use store::{
-    AppendError, CheckpointError, Epoch, Offset, OpenError, QueueName, Store, StoreOptions,
+    AppendError, CheckpointError, Epoch, Offset, OpenError, QueueName, StorageError, Store,
+    StoreOptions,
 };
 
 fn q(name: &str) -> QueueName {
@@ -253,10 +254,13 @@ fn a_newer_epoch_makes_the_older_owners_next_commit_fail() {
         )
         .wait()
         .expect_err("fenced");
-    assert!(matches!(err, AppendError::Fenced), "{err}");
+    assert!(
+        matches!(err, AppendError::Storage(StorageError::Fenced)),
+        "{err}"
+    );
     assert!(matches!(
         old.checkpoint(&a, acked).wait(),
-        Err(CheckpointError::Fenced)
+        Err(CheckpointError::Storage(StorageError::Fenced))
     ));
     // The new owner sees what the old one acknowledged, and nothing the old one was refused.
     assert_eq!(bodies(&new, &a, Offset::ZERO), vec![b"before".to_vec()]);

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use store::{
-    Epoch, ManualClock, Offset, OsFs, QueueName, ReclaimError, Store, StoreOptions, UnixMillis,
+    Epoch, ManualClock, Offset, OsFs, QueueName, ReclaimError, StorageError, Store, StoreOptions,
+    UnixMillis,
 };
 
 const SEGMENT: u64 = 4096;
@@ -129,7 +130,7 @@ fn an_old_owner_that_keeps_running_and_closes_changes_nothing_the_new_owner_need
     old_clock.advance(2 * TTL_MS);
     let outcome = old.reclaim().wait();
     assert!(
-        matches!(outcome, Err(ReclaimError::Fenced)),
+        matches!(outcome, Err(ReclaimError::Storage(StorageError::Fenced))),
         "the fenced owner ran retention: {outcome:?}"
     );
     assert_eq!(segments(dir), files, "the fenced owner deleted segments");

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use store::sim::{FaultMode, SimFs};
 use store::{
-    AppendError, CheckpointError, Epoch, ManualClock, Offset, QueueName, Store, StoreOptions,
-    UnixMillis,
+    AppendError, CheckpointError, Epoch, ManualClock, Offset, QueueName, StorageError, Store,
+    StoreOptions, UnixMillis,
 };
 
 const DIR: &str = "/faults";
@@ -92,7 +92,10 @@ fn poison_at(nth: u64, reason_mentions: &str) -> (Store, Vec<(Offset, Bytes)>, S
         .append(&[q("a")], Bytes::from_static(b"refused"), None)
         .wait()
         .expect_err("the append meets the I/O error");
-    assert!(matches!(err, AppendError::Poisoned(_)), "{err}");
+    assert!(
+        matches!(err, AppendError::Storage(StorageError::Poisoned(_))),
+        "{err}"
+    );
     let reason = store.halted_reason().expect("the store says why it halted");
     assert!(
         reason.contains(reason_mentions),
@@ -105,13 +108,19 @@ fn poison_at(nth: u64, reason_mentions: &str) -> (Store, Vec<(Offset, Bytes)>, S
         .append(&[q("a")], Bytes::from_static(b"later"), None)
         .wait()
         .expect_err("a poisoned store refuses appends");
-    assert!(matches!(later, AppendError::Poisoned(_)), "{later}");
+    assert!(
+        matches!(later, AppendError::Storage(StorageError::Poisoned(_))),
+        "{later}"
+    );
     let (first, _) = acked[0];
     let ckpt = store
         .checkpoint(&q("a"), first)
         .wait()
         .expect_err("a poisoned store refuses checkpoints");
-    assert!(matches!(ckpt, CheckpointError::Poisoned(_)), "{ckpt}");
+    assert!(
+        matches!(ckpt, CheckpointError::Storage(StorageError::Poisoned(_))),
+        "{ckpt}"
+    );
     assert_eq!(
         fs.ops(),
         ops,
@@ -177,7 +186,7 @@ fn a_failed_fdatasync_poisons_the_store_and_reopening_recovers_every_acknowledge
 #[test]
 fn an_append_refused_for_a_failed_fdatasync_may_come_back_only_after_everything_acknowledged() {
     // After a failed fdatasync nobody can know which of the batch's pages reached the disk, so
-    // `AppendError::Poisoned` documents the outcome as unknown: the message may be delivered
+    // `StorageError::Poisoned` documents the outcome as unknown: the message may be delivered
     // after reopen (a producer that resends causes a duplicate, never a loss or a reorder).
     let (store, acked, _) = poison_at(2, "fdatasync");
     let read = read_all(&store);
@@ -229,7 +238,10 @@ fn a_failed_fdatasync_of_a_checkpoint_poisons_the_store_and_the_checkpoint_never
         .checkpoint(&q("a"), sixth)
         .wait()
         .expect_err("the checkpoint meets the failed fdatasync");
-    assert!(matches!(err, CheckpointError::Poisoned(_)), "{err}");
+    assert!(
+        matches!(err, CheckpointError::Storage(StorageError::Poisoned(_))),
+        "{err}"
+    );
     assert!(store
         .halted_reason()
         .is_some_and(|r| r.contains("fdatasync")));
@@ -242,7 +254,10 @@ fn a_failed_fdatasync_of_a_checkpoint_poisons_the_store_and_the_checkpoint_never
         .append(&[q("a")], Bytes::from_static(b"later"), None)
         .wait()
         .expect_err("poisoned");
-    assert!(matches!(later, AppendError::Poisoned(_)), "{later}");
+    assert!(
+        matches!(later, AppendError::Storage(StorageError::Poisoned(_))),
+        "{later}"
+    );
     store.close().expect("close");
     let reopened = open(&fs);
     let ckpt = reopened.checkpoint_of(&q("a")).expect("queue known");
@@ -303,7 +318,10 @@ fn a_failed_segment_creation_during_rotation_poisons_the_store_and_loses_nothing
         .append(&[q("a")], big(acked.len()), None)
         .wait()
         .expect_err("rotation fails");
-    assert!(matches!(err, AppendError::Poisoned(_)), "{err}");
+    assert!(
+        matches!(err, AppendError::Storage(StorageError::Poisoned(_))),
+        "{err}"
+    );
     let reason = store.halted_reason().expect("halted");
     assert!(reason.contains("create segment"), "{reason}");
     let ops = fs.ops();
@@ -311,7 +329,10 @@ fn a_failed_segment_creation_during_rotation_poisons_the_store_and_loses_nothing
         .append(&[q("a")], big(0), None)
         .wait()
         .expect_err("poisoned");
-    assert!(matches!(later, AppendError::Poisoned(_)), "{later}");
+    assert!(
+        matches!(later, AppendError::Storage(StorageError::Poisoned(_))),
+        "{later}"
+    );
     assert_eq!(fs.ops(), ops, "rotation is not retried");
     store.close().expect("close");
     let reopened = small(&fs);

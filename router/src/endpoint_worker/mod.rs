@@ -86,7 +86,6 @@ use tokio::sync::watch;
 
 use crate::checkpoint::Checkpointer;
 use crate::codec;
-use crate::dispatcher::EndpointPolicy;
 use crate::events::{self, Counters};
 use crate::expiry::is_expired;
 use crate::queue_id::{Lane, QueueId};
@@ -94,6 +93,20 @@ use crate::retry::RetryPolicy;
 use crate::route::{DeliveryOptions, Endpoint, EndpointId, Priority};
 use crate::sink::{Delivery, DeliveryOutcome, DynSink, FailureKind};
 use state::{Action, Event, WorkerState};
+
+/// Per-endpoint delivery policy: what applies to a message whose route set no
+/// `x-edgehub-setAsideAfter` (a route's own limit, stamped on the message at enqueue, wins).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    /// Set a message aside (count it and go on) after this many failed attempts. `None` (the
+    /// default, as edgeHub) retries the head of the queue until it is delivered or expires,
+    /// holding back everything behind it.
+    pub set_aside_after: Option<u32>,
+    /// Most messages in flight to this endpoint (its largest batch); `None` (the default) uses
+    /// the dispatcher's [`crate::DispatcherConfig::window`]. A sink that fans a batch out over several
+    /// connections (the upstream link, one per sending module) needs a larger one.
+    pub window: Option<usize>,
+}
 
 /// What every worker shares.
 pub(crate) struct WorkerContext {
@@ -205,6 +218,10 @@ impl EndpointWorker {
                 Action::Sleep(delay) => self.sleep(delay).await,
                 Action::Exit => break,
             };
+            debug_assert!(
+                action.outcomes().contains(&event),
+                "{action:?} reported {event:?}, which the state table does not list"
+            );
             (state, action) = state.on(event, &self.ctx.retry);
         }
         tracing::debug!(endpoint = %self.endpoint, "endpoint worker stopped");
@@ -228,7 +245,11 @@ impl EndpointWorker {
 
     async fn wait_for_data(&mut self) -> Event {
         tokio::select! {
-            r = self.durable.changed() => if r.is_err() { Event::StoreFailed } else { Event::Woken },
+            r = self.durable.changed() => match r {
+                Ok(()) => Event::Woken,
+                // Counted and logged like every other store failure.
+                Err(_) => self.store_failed(&"the store stopped reporting commits").into(),
+            },
             r = self.rx.queues.changed() => if r.is_err() { Event::Shutdown } else { Event::Woken },
             r = self.rx.sink.changed() => if r.is_err() { Event::Shutdown } else { Event::Woken },
             () = shutdown_signal(&mut self.rx.shutdown) => Event::Shutdown,

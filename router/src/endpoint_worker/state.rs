@@ -3,13 +3,18 @@
 //! The async driver (`mod.rs`) performs each [`Action`] and reports what happened as the next
 //! [`Event`]; it holds no other control state. Each action can only produce certain events:
 //!
-//! | action        | events it produces                          |
-//! |---------------|---------------------------------------------|
-//! | `WaitForSink` | `SinkAttached`, `Shutdown`                  |
-//! | `Read`        | `BatchReady`, `NothingToSend`, `NoSink`, `StoreFailed` |
-//! | `WaitForData` | `Woken`, `Shutdown`                         |
-//! | `Send`        | `BatchDone`, `BatchFailed`, `StoreFailed`, `Shutdown` |
-//! | `Sleep(d)`    | `BackoffElapsed`, `Shutdown`                |
+//! | action        | events it produces                                                |
+//! |---------------|-------------------------------------------------------------------|
+//! | `WaitForSink` | `SinkAttached`, `Shutdown`                                        |
+//! | `Read`        | `BatchReady`, `NothingToSend`, `NoSink`, `StoreFailed`, `Shutdown` |
+//! | `WaitForData` | `Woken`, `StoreFailed`, `Shutdown`                                |
+//! | `Send`        | `BatchDone`, `BatchFailed`, `StoreFailed`, `Shutdown`             |
+//! | `Sleep(d)`    | `BackoffElapsed`, `Shutdown`                                      |
+//!
+//! [`Action::outcomes`] is this table as data; the driver checks every event it reports against
+//! it in debug builds. `Read` reports `Shutdown` when shutdown was asked for before it reads (or
+//! while a read of the store fails); `WaitForData` reports `StoreFailed` if the store's commit
+//! notifications end (the store is gone).
 //!
 //! ```text
 //!                 SinkAttached                BatchReady
@@ -103,6 +108,29 @@ pub enum Action {
     Sleep(Duration),
     /// Stop the worker.
     Exit,
+}
+
+impl Action {
+    /// The events the driver may report after this action: the table in the module docs, as
+    /// data. The driver checks every event it reports against it (in debug builds), and a test
+    /// checks the docs against it.
+    pub fn outcomes(self) -> &'static [Event] {
+        use Event as E;
+        match self {
+            Action::WaitForSink => &[E::SinkAttached, E::Shutdown],
+            Action::Read => &[
+                E::BatchReady,
+                E::NothingToSend,
+                E::NoSink,
+                E::StoreFailed,
+                E::Shutdown,
+            ],
+            Action::WaitForData => &[E::Woken, E::StoreFailed, E::Shutdown],
+            Action::Send => &[E::BatchDone, E::BatchFailed, E::StoreFailed, E::Shutdown],
+            Action::Sleep(_) => &[E::BackoffElapsed, E::Shutdown],
+            Action::Exit => &[],
+        }
+    }
 }
 
 impl WorkerState {
@@ -261,6 +289,66 @@ mod tests {
                     s.on(e, &policy()),
                     (WorkerState::Closed, Action::Exit),
                     "{s:?}"
+                );
+            }
+        }
+    }
+
+    /// The event table in the module docs lists, for every action, exactly the events the driver
+    /// can report after it (`Action::outcomes`, which the driver checks in debug builds).
+    #[test]
+    fn the_documented_event_table_is_the_one_the_driver_keeps() {
+        let doc: Vec<(String, Vec<String>)> = include_str!("state.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("//! | `"))
+            .filter_map(|row| {
+                let mut cells = row.split('|');
+                let action = cells.next()?.trim().trim_end_matches('`');
+                let action = action.split('(').next()?.to_owned();
+                let events = cells
+                    .next()?
+                    .split(',')
+                    .map(|e| e.trim().trim_matches('`').to_owned())
+                    .filter(|e| !e.is_empty())
+                    .collect();
+                Some((action, events))
+            })
+            .collect();
+        let actions = [
+            ("WaitForSink", Action::WaitForSink),
+            ("Read", Action::Read),
+            ("WaitForData", Action::WaitForData),
+            ("Send", Action::Send),
+            ("Sleep", Action::Sleep(Duration::ZERO)),
+        ];
+        assert_eq!(doc.len(), actions.len(), "{doc:?}");
+        for (name, action) in actions {
+            let Some((_, documented)) = doc.iter().find(|(a, _)| a == name) else {
+                panic!("no row for {name} in {doc:?}");
+            };
+            let mut documented = documented.clone();
+            documented.sort();
+            let mut kept: Vec<String> =
+                action.outcomes().iter().map(|e| format!("{e:?}")).collect();
+            kept.sort();
+            assert_eq!(documented, kept, "the row of {name}");
+        }
+    }
+
+    /// A read that finds shutdown asked for, and a wait whose store stopped notifying commits,
+    /// end the worker (these two were missing from the table, not from the machine).
+    #[test]
+    fn read_and_wait_for_data_end_the_worker_on_shutdown_or_a_store_failure() {
+        for event in [Event::Shutdown, Event::StoreFailed] {
+            for (state, action) in [
+                WorkerState::start(),
+                WorkerState::start().0.on(Event::NothingToSend, &policy()),
+            ] {
+                assert!(action.outcomes().contains(&event), "{action:?} {event:?}");
+                assert_eq!(
+                    state.on(event, &policy()),
+                    (WorkerState::Closed, Action::Exit),
+                    "{state:?} {event:?}"
                 );
             }
         }

@@ -23,10 +23,10 @@ use std::borrow::Cow;
 use std::cell::OnceCell;
 use std::cmp::Ordering;
 
-use crate::error::{RouteParseError, RouteParseErrorKind};
 use crate::message::Message;
 use crate::route::body::{json_body, BodyPath};
 use crate::route::builtins::Builtin;
+use crate::route::error::{RouteParseError, RouteParseErrorKind};
 use crate::route::parse::{
     parse_condition, BinaryOp, Expr, ExprKind, Literal, SourcePattern, UnaryOp,
 };

@@ -30,6 +30,12 @@ pub enum Endpoint {
 pub struct EndpointId(String);
 
 impl EndpointId {
+    /// An id read back from bytes the router stored (see `codec`): kept as the text it was,
+    /// never parsed into an endpoint.
+    pub(crate) fn from_stored(text: String) -> EndpointId {
+        EndpointId(text)
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0

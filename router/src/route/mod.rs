@@ -17,23 +17,18 @@ mod body;
 mod builtins;
 pub mod condition;
 pub mod endpoint;
+pub mod error;
 mod lexer;
 pub mod parse;
-
-use std::collections::BTreeMap;
-use std::fmt;
-use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
-
-use store::QueueName;
 
 pub use condition::{Condition, EvalContext, Value};
 pub use endpoint::{Endpoint, EndpointId};
 pub use parse::{RouteSpec, SourcePattern};
+use std::collections::BTreeMap;
+use std::fmt;
 
-use crate::error::RouteParseError;
 use crate::message::Message;
-use crate::queue_id::{Lane, QueueId, QueueIdError};
+use crate::route::error::RouteParseError;
 
 /// A route's name in the manifest (the key under `routes`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -127,49 +122,8 @@ pub struct Route {
     priority: Priority,
     ttl: Ttl,
     options: DeliveryOptions,
-    queue: Arc<RouteQueue>,
-}
-
-/// The store queue a route's copies go to, worked out once when the route is built (not per
-/// message): the queue id, its store name (or why the endpoint's name is too long for one), and
-/// the endpoint's id.
-#[derive(Debug)]
-pub struct RouteQueue {
-    /// The queue.
-    pub id: QueueId,
-    /// Its name in the store.
-    pub name: Result<QueueName, QueueIdError>,
-    /// The endpoint's id.
-    pub endpoint_id: EndpointId,
-    /// The last dispatcher (by its unique id; 0 for none) known to have a worker draining
-    /// this queue: a dispatcher never forgets a queue, so the router tells it only once.
-    pub(crate) ensured_by: AtomicU64,
-}
-
-impl PartialEq for RouteQueue {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id && self.name == other.name && self.endpoint_id == other.endpoint_id
-    }
-}
-
-impl Eq for RouteQueue {}
-
-impl RouteQueue {
-    fn of(endpoint: &Endpoint, priority: Priority, options: DeliveryOptions) -> Arc<RouteQueue> {
-        let lane = if options.live_first_secs.is_some() {
-            Lane::Live
-        } else {
-            Lane::Backlog
-        };
-        let id = QueueId::in_lane(endpoint.clone(), priority, lane);
-        let name = id.name();
-        Arc::new(RouteQueue {
-            id,
-            name,
-            endpoint_id: endpoint.id(),
-            ensured_by: AtomicU64::new(0),
-        })
-    }
+    /// The endpoint's id, worked out once when the route is built (not per message).
+    endpoint_id: EndpointId,
 }
 
 impl Route {
@@ -191,7 +145,7 @@ impl Route {
             id,
             source: spec.source,
             condition,
-            queue: RouteQueue::of(&spec.endpoint, priority, options),
+            endpoint_id: spec.endpoint.id(),
             endpoint: spec.endpoint,
             priority,
             ttl,
@@ -203,7 +157,6 @@ impl Route {
     #[must_use]
     pub fn with_options(mut self, options: DeliveryOptions) -> Self {
         self.options = options;
-        self.queue = RouteQueue::of(&self.endpoint, self.priority, options);
         self
     }
 
@@ -260,8 +213,9 @@ pub struct Target {
     pub route: RouteId,
     /// That route's edgehub delivery extensions.
     pub options: DeliveryOptions,
-    /// The queue the copy is stored in.
-    pub queue: Arc<RouteQueue>,
+    /// Where that route stands in the table's [`RouteTable::routes`], for a caller that keeps
+    /// something per route of a table (the router keeps each route's store queue).
+    pub route_index: usize,
 }
 
 /// The targets of one message: at most one per endpoint, sorted by endpoint id.
@@ -326,17 +280,26 @@ impl RouteTable {
     /// Where `msg` goes: one target per endpoint, or unrouted.
     pub fn targets(&self, msg: &Message) -> Targets {
         let ctx = EvalContext::new(msg);
-        let mut best: BTreeMap<&EndpointId, &Route> = BTreeMap::new();
-        for route in self.routes.iter().filter(|r| r.matches(&ctx)) {
-            best.entry(&route.queue.endpoint_id)
+        let mut best: BTreeMap<&EndpointId, (usize, &Route)> = BTreeMap::new();
+        for (index, route) in self
+            .routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.matches(&ctx))
+        {
+            best.entry(&route.endpoint_id)
                 .and_modify(|current| {
-                    if wins_over(route, current) {
-                        *current = route;
+                    if wins_over(route, current.1) {
+                        *current = (index, route);
                     }
                 })
-                .or_insert(route);
+                .or_insert((index, route));
         }
-        Targets(best.into_values().map(target).collect())
+        Targets(
+            best.into_values()
+                .map(|(index, route)| target(index, route))
+                .collect(),
+        )
     }
 }
 
@@ -352,14 +315,14 @@ fn wins_over(candidate: &Route, current: &Route) -> bool {
     }
 }
 
-fn target(route: &Route) -> Target {
+fn target(route_index: usize, route: &Route) -> Target {
     Target {
         endpoint: route.endpoint.clone(),
         priority: route.priority,
         ttl: route.ttl,
         route: route.id.clone(),
         options: route.options,
-        queue: Arc::clone(&route.queue),
+        route_index,
     }
 }
 

@@ -12,9 +12,9 @@
 //! - Only syntax is checked here; names of builtins, operand types and `$body` paths are
 //!   checked when the condition is compiled ([`super::condition`]).
 
-use crate::error::{RouteParseError, RouteParseErrorKind};
 use crate::message::{InputName, ModuleId, Source};
 use crate::route::endpoint::Endpoint;
+use crate::route::error::{RouteParseError, RouteParseErrorKind};
 use crate::route::lexer::{tokenize, Token, TokenKind};
 use crate::route::RouteId;
 

@@ -1,0 +1,73 @@
+//! How a store is opened: [`StoreOptions`] and the limits that go with them.
+
+use crate::error::OpenError;
+use crate::format::MAX_BATCH_PAYLOAD;
+use crate::types::Epoch;
+
+/// Default of [`StoreOptions::max_batch_bytes`]: 16 MiB, 64 times below the frame limit recovery
+/// enforces, and enough to amortise an fdatasync over thousands of messages.
+pub const DEFAULT_MAX_BATCH_BYTES: u64 = 16 << 20;
+
+/// Most queues one message may be stored for.
+pub const MAX_QUEUES_PER_MESSAGE: usize = 1024;
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// This owner's fencing token; must be at least the highest that ever opened the directory.
+    pub epoch: Epoch,
+    /// Most bytes the message log may hold on disk. Appends beyond it fail with
+    /// [`crate::AppendError::Full`]; checkpoints and a segment's bookkeeping may exceed it slightly, so
+    /// that receivers can always make room.
+    pub quota_bytes: u64,
+    /// A segment file is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+    /// Largest message body accepted.
+    pub max_message_bytes: usize,
+    /// Most bytes of entries one group commit puts in its frame (a single request larger than
+    /// this still gets a frame of its own). Appends waiting beyond it go into the next batch, so
+    /// no stall of the disk can build a frame anywhere near the 1 GiB that recovery accepts.
+    pub max_batch_bytes: u64,
+    /// Size of the `RESERVE` file kept in the directory. When something fills the disk, the
+    /// store deletes it so that checkpoints (which let retention free space) still fit; it is
+    /// put back once there is room. 0 disables it.
+    pub reserve_bytes: u64,
+    /// Prepare the next segment in the background, filled with zeros, so that commits overwrite
+    /// allocated space instead of growing the file (faster fdatasync on ext4 and xfs).
+    pub preallocate: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            epoch: Epoch::new(0),
+            quota_bytes: 4 << 30,
+            segment_bytes: 64 << 20,
+            max_message_bytes: 1 << 20,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            reserve_bytes: 1 << 20,
+            preallocate: true,
+        }
+    }
+}
+impl StoreOptions {
+    /// Refuses options the store cannot work with.
+    pub(crate) fn validate(&self) -> Result<(), OpenError> {
+        if self.segment_bytes < 4096 {
+            return Err(OpenError::InvalidOptions(
+                "segment_bytes must be at least 4096",
+            ));
+        }
+        if self.max_message_bytes as u64 > u64::from(MAX_BATCH_PAYLOAD) / 2 {
+            return Err(OpenError::InvalidOptions(
+                "max_message_bytes must be below 512 MiB",
+            ));
+        }
+        if self.max_batch_bytes == 0 || self.max_batch_bytes > u64::from(MAX_BATCH_PAYLOAD) / 4 {
+            return Err(OpenError::InvalidOptions(
+                "max_batch_bytes must be between 1 and 256 MiB",
+            ));
+        }
+        Ok(())
+    }
+}
