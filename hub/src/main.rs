@@ -170,6 +170,16 @@ struct HubArgs {
         hide_env_values = true
     )]
     module_keys: Vec<String>,
+    /// A directory of module keys, as a Kubernetes Secret is mounted: one file per module,
+    /// named after the module, holding its base64 key. Declares those modules, is saved like
+    /// --module-key, and is watched: a new or changed file applies without a restart.
+    #[arg(
+        long,
+        global = true,
+        env = "EDGEHUB_MODULE_KEYS_DIR",
+        value_name = "DIR"
+    )]
+    module_keys_dir: Option<PathBuf>,
     /// Authenticated connections per protocol (MQTT, AMQP), as edgeHub's MaxConnectedClients;
     /// one more is refused and closed.
     #[arg(
@@ -234,6 +244,7 @@ impl HubArgs {
             upstream_ca: self.upstream_ca.clone(),
             upstream_timeout_secs: Some(self.upstream_timeout),
             module_keys: self.module_keys.clone(),
+            module_keys_dir: self.module_keys_dir.clone(),
             max_connections: Some(self.max_connections),
             max_unauthenticated: Some(self.max_unauthenticated),
             auth_timeout_secs: Some(self.auth_timeout),

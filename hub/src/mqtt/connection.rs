@@ -318,7 +318,7 @@ fn authenticate(
         .identities
         .key(&identity)
         .ok_or_else(|| format!("unknown module {identity}"))?;
-    let expiry = ctx.verify_token_expiry(&login.password, key, &identity)?;
+    let expiry = ctx.verify_token_expiry(&login.password, &key, &identity)?;
     Ok((identity, expiry))
 }
 
