@@ -13,6 +13,9 @@
 //!   never a torn one.
 //! - A corrupt file is an error naming the file, never silently regenerated: new keys would
 //!   lock every module out.
+//! - A manifest reload changes the declared modules and keys in place
+//!   ([`Identities::apply`]): the file is saved first, and logins see the change only once it
+//!   is on disk.
 //! - Only *declared* modules (the manifest's and `--module`s) have a key through
 //!   [`Identities::key`]. Keys of modules no longer declared stay in the file, so declaring a
 //!   module again brings back its old key.

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod mqtt;
+pub mod reload;
 pub mod server;
 pub mod settings;
 pub mod tls;

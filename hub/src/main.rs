@@ -5,7 +5,8 @@
 //! [`hub::settings::Settings`].
 //!
 //! Subcommands:
-//! - `run`: starts the hub on embedded defaults (see `hub::settings`) until Ctrl-C or SIGTERM.
+//! - `run`: starts the hub on embedded defaults (see `hub::settings`) until Ctrl-C or SIGTERM;
+//!   SIGHUP reloads the manifest and module keys (`hub::reload`).
 //! - `connection-string MODULE`: prints the module's connection string (creating its key and
 //!   the TLS files if needed, so it works before the first `run`).
 //! - `ca-path`: prints the path of the CA certificate to give SDKs (creating it if needed).
@@ -302,7 +303,32 @@ fn run(args: &HubArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(hub::server::run(settings, shutdown_signal()))
+    runtime.block_on(async {
+        let reloads = reload_requests();
+        hub::server::run_with_reloads(settings, shutdown_signal(), reloads).await
+    })
+}
+
+/// One request per SIGHUP (requests arriving while one waits are merged): reload the manifest.
+fn reload_requests() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        let _ = tx.try_send(());
+                    }
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "cannot listen for SIGHUP; reload by file only"),
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -156,6 +156,24 @@ impl Registry {
         false
     }
 
+    /// Closes the live connection of `identity`, if any, as a newer connection would (its
+    /// module was removed, or its key changed): it acknowledges what is durable and closes.
+    /// True if there was one.
+    pub fn evict(&self, identity: &Identity) -> bool {
+        let old = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(identity);
+        match old {
+            Some((_, tx)) => {
+                let _ = tx.send(true);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Whether `identity` has a live connection (which a new one would replace).
     pub(crate) fn has_live(&self, identity: &Identity) -> bool {
         self.live
@@ -417,6 +435,7 @@ impl Connection {
             self.register_inputs(&outbound_tx);
         }
         let mut shutdown = self.ctx.shutdown.clone();
+        let mut routes_changed = self.ctx.routes_changed.subscribe();
         // Two timers for the whole connection, not two per packet: a packet only moves
         // `deadline`; the keep-alive timer, when it fires, checks it and re-arms if it moved.
         let mut deadline = Instant::now() + keep_alive;
@@ -473,6 +492,7 @@ impl Connection {
                 Ok(reason) = &mut route_failed => break ConnectionEnd::Route(reason),
                 _ = replaced.changed() => break ConnectionEnd::Replaced,
                 _ = shutdown.changed() => break ConnectionEnd::Shutdown,
+                Ok(()) = routes_changed.changed() => self.register_new_inputs(),
                 () = &mut keep_alive_timer => {
                     if Instant::now() >= deadline {
                         break ConnectionEnd::KeepAlive;
@@ -749,6 +769,21 @@ impl Connection {
         self.ctx.unregister_own_sinks(&previous);
     }
 
+    /// After a reload: also the sink of the input endpoints routes now name for this module.
+    fn register_new_inputs(&mut self) {
+        let Some(outbound) = self.outbound_tx.clone() else {
+            return;
+        };
+        let (connections, identity, conn_id) =
+            (&self.ctx.connections, &self.identity, self.conn_id);
+        self.ctx.register_new_input_sinks(
+            identity,
+            &outbound,
+            || connections.is_current(identity, conn_id),
+            &mut self.registered,
+        );
+    }
+
     fn unregister_inputs(&mut self) {
         if self.outbound_tx.take().is_some() {
             self.ctx
@@ -1008,6 +1043,7 @@ mod tests {
             metrics: Arc::new(HubMetrics::new(IOTHUB, DEVICE)),
             shutdown,
             audiences: vec![IOTHUB.to_owned()],
+            routes_changed: watch::channel(0).0,
         };
         let resource = sas::resource_uri(IOTHUB, DEVICE, Some("m"));
         let token = sas::generate(&resource, &key, HeadContext::now_secs() + 3600);
