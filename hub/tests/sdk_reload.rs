@@ -583,3 +583,133 @@ fn a_key_file_added_lets_its_module_connect_and_a_changed_key_disconnects_it() {
     connect(&cs_of("extra", &b64(2))).assert_exit(sdk::EXIT_AUTH);
     connect(&cs_of("extra", &b64(3))).assert_exit(sdk::EXIT_OK);
 }
+
+/// The AMQP head follows a reload too: a Node SDK receiver on AMQP, connected before any route
+/// named its module, gets what a new route sends it; its module removed, the hub closes its
+/// AMQP connection.
+#[test]
+fn an_amqp_receiver_gets_a_new_route_and_is_disconnected_when_its_module_is_removed() {
+    let env = sdk::SdkEnv::require();
+    let ns = NetNs::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("manifest.json");
+    let modules = ["sender", "a", "b"];
+    std::fs::write(&path, manifest(&modules, &[("r", &to_input("a"))])).expect("write");
+    let hub = hub_with(&path, &["--amqp-addr", "127.0.0.1:5671"]);
+    let ca = hub.ca_path();
+    let (cs_tx, cs_b) = (hub.connection_string("sender"), hub.connection_string("b"));
+    let hub_proc = hub.start(&ns);
+    let mut rx = ns
+        .module(&env, Sdk::Node, Script::Receive, &cs_b, &ca)
+        .args(["--transport", "amqp", "--timeout", "300"])
+        .spawn();
+    rx.expect_event("ready", secs(30));
+
+    write_atomically(&path, &manifest(&modules, &[("r", &to_input("b"))]));
+    await_log(&hub_proc, &[RELOADED, "routes changed [r]"], 1, secs(30));
+    let sent = ns
+        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+        .args(["--output", "out1", "--run", "amqp", "--count", "10"])
+        .args(["--timeout", "60"])
+        .run(secs(70));
+    assert_exit(&sent, sdk::EXIT_OK, &hub_proc, &ns);
+    let got: Vec<i64> = rx
+        .data_lines(10, secs(60))
+        .iter()
+        .filter_map(|m| m["seq"].as_i64())
+        .collect();
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+
+    let closed = [r#""message":"AMQP connection closed""#, "replaced"];
+    let before = lines_with(&hub_proc.stderr(), &closed);
+    write_atomically(&path, &manifest(&["sender", "a"], &[("r", &to_input("a"))]));
+    await_log(&hub_proc, &[RELOADED, "modules removed [b]"], 1, secs(30));
+    await_log(&hub_proc, &closed, before + 1, secs(30));
+}
+
+/// SIGHUP to a hub on the built-in manifest (and no keys directory): it says there is nothing
+/// to reload and keeps serving.
+#[test]
+fn sighup_without_a_manifest_file_says_there_is_nothing_to_reload() {
+    let ns = NetNs::new();
+    let hub = TestHub::new().run_args(&["--log-format", "json"]);
+    let hub_proc = hub.start(&ns);
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &hub_proc.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    await_log(
+        &hub_proc,
+        &[r#""message":"nothing to reload"#, r#""trigger":"SIGHUP""#],
+        1,
+        secs(30),
+    );
+    assert!(testhub::readyz(&ns), "still serving");
+    assert_eq!(manifest_status(&ns)["lastReload"], Value::Null);
+}
+
+/// A bad file in the keys directory: at startup the hub refuses to start, naming the file; on
+/// a reload it keeps the previous keys and counts a failure.
+#[test]
+fn a_bad_key_file_stops_the_start_and_is_refused_on_reload() {
+    use base64::Engine as _;
+    let b64 = |byte: u8| base64::engine::general_purpose::STANDARD.encode([byte; 32]);
+    let env = sdk::SdkEnv::require();
+    let ns = NetNs::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys");
+    std::fs::create_dir(&keys).expect("mkdir");
+    std::fs::write(keys.join("sender"), "too short").expect("write");
+    let keys_arg = keys.to_string_lossy().into_owned();
+    let hub = TestHub::new().run_args(&["--log-format", "json", "--module-keys-dir", &keys_arg]);
+    // `timeout` only bounds a regression (a hub that starts anyway would serve forever).
+    let out = std::process::Command::new("timeout")
+        .args(["60", env!("CARGO_BIN_EXE_edgehub"), "run", "--data-dir"])
+        .arg(hub.data_dir())
+        .args(["--module-keys-dir", &keys_arg, "--mqtt-addr", "127.0.0.1:0"])
+        .args([
+            "--amqp-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "started with a bad key file: {stderr}"
+    );
+    assert!(
+        stderr.contains(&keys.join("sender").display().to_string()),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("too short"),
+        "the key is never echoed: {stderr}"
+    );
+
+    write_atomically(&keys.join("sender"), &b64(1));
+    let ca = hub.ca_path();
+    let cs = testhub::with_key(&hub.connection_string("sender"), &b64(1));
+    let hub_proc = hub.start(&ns);
+    let connect = || {
+        ns.module(&env, Sdk::Python, Script::ConnectOnly, &cs, &ca)
+            .args(["--timeout", "30"])
+            .run(secs(40))
+    };
+    assert_exit(&connect(), sdk::EXIT_OK, &hub_proc, &ns);
+    write_atomically(&keys.join("sender"), "not base64!");
+    await_log(&hub_proc, &[REFUSED], 1, secs(30));
+    let status = manifest_status(&ns);
+    assert_eq!(status["lastReload"]["result"], "failure", "{status}");
+    assert!(
+        status["lastReload"]["errors"][0]
+            .as_str()
+            .is_some_and(|e| e.contains(&keys.join("sender").display().to_string())),
+        "{status}"
+    );
+    assert_exit(&connect(), sdk::EXIT_OK, &hub_proc, &ns);
+}
