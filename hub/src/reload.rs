@@ -22,8 +22,10 @@
 //!   removed, re-keyed, store TTL). A store setting that cannot change live (`maxSizeBytes`)
 //!   is logged as applying at the next restart and does not fail the reload.
 //!
-//! Not guarded: a module that is authenticating while the reload removes it (its key was
-//! checked just before) may keep that one connection until it ends.
+//! - A login racing a reload cannot slip through: a connection joins the registry of live
+//!   connections only if its module is still declared (MQTT: with the key it was checked
+//!   with), checked under the registry's lock, which the reload's eviction also takes after
+//!   changing the identities (`Registry::join_if`).
 
 mod watch;
 
