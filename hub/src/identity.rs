@@ -426,9 +426,9 @@ pub fn read_keys_dir(dir: &Path) -> Result<Vec<(ModuleId, ModuleKey)>, IdentityE
         path: path.to_path_buf(),
         reason,
     };
-    let io = |path: &Path, source: std::io::Error| IdentityError::Io {
+    let io = |path: &Path, e: std::io::Error| IdentityError::KeysDir {
         path: path.to_path_buf(),
-        source,
+        reason: format!("cannot read it: {e}"),
     };
     let mut keys = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
@@ -781,7 +781,11 @@ mod tests {
             assert!(!text.contains(content), "{text}");
         }
         let err = read_keys_dir(Path::new("/nonexistent/keys")).expect_err("missing");
-        assert!(err.to_string().contains("/nonexistent/keys"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "module keys directory: /nonexistent/keys: cannot read it: No such file or directory \
+             (os error 2)"
+        );
     }
 
     #[test]
