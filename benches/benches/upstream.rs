@@ -412,8 +412,7 @@ impl Rig {
         for m in &names {
             let key = identities
                 .key(&Identity::new(device.clone(), ModuleId::new(m.as_str())))
-                .ok_or_else(|| format!("no key for {m}"))?
-                .to_vec();
+                .ok_or_else(|| format!("no key for {m}"))?;
             let resource = hub::auth::sas::resource_uri(IOTHUB, DEVICE, Some(m));
             let token = hub::auth::sas::generate(&resource, &key, expiry);
             let client_id = format!("{DEVICE}/{m}");

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `GET /metrics` | 200, OpenMetrics text ([`HubMetrics::render`]) |
 //! | `GET /healthz` | 200 `ok` while the store accepts writes; 503 with the reason once it halted (poisoned or fenced): restart the process |
+//! | `GET /manifest` | 200, JSON: the manifest in force (source, generation, routes, modules, store TTL) and the last reload (`lastReload`: time, trigger, `result` success or failure, the changes, every error with its location) |
 //! | `GET /readyz` | 200 `ready` once the server marked itself ready ([`Readiness::set_ready`], after its listeners are up) and the store accepts writes; 503 otherwise |
 //! | anything else | 404 (405 for another method on a known path) |
 //!
@@ -38,6 +39,7 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const TEXT: &str = "text/plain; charset=utf-8";
+const JSON: &str = "application/json";
 
 /// Whether the hub is ready for traffic. Cheap to clone; every clone is the same flag.
 #[derive(Clone, Debug, Default)]
@@ -79,6 +81,8 @@ pub struct HttpState {
     pub router_metrics: RouterMetricsFn,
     /// Set by the server once its listeners are up.
     pub readiness: Readiness,
+    /// The manifest in force and the last reload's outcome.
+    pub manifest: Arc<crate::reload::ManifestStatus>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -158,7 +162,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 async fn respond(state: &HttpState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let head = req.method() == Method::HEAD;
-    if !matches!(req.uri().path(), "/metrics" | "/healthz" | "/readyz") {
+    if !matches!(
+        req.uri().path(),
+        "/metrics" | "/healthz" | "/readyz" | "/manifest"
+    ) {
         return reply(StatusCode::NOT_FOUND, TEXT, "not found\n".into(), head);
     }
     if req.method() != Method::GET && !head {
@@ -174,6 +181,7 @@ async fn respond(state: &HttpState, req: &Request<Incoming>) -> Response<Full<By
             let text = render_metrics(state).await;
             reply(StatusCode::OK, OPENMETRICS, text, head)
         }
+        "/manifest" => reply(StatusCode::OK, JSON, state.manifest.to_json(), head),
         "/healthz" => match state.store.halted_reason() {
             None => reply(StatusCode::OK, TEXT, "ok\n".into(), head),
             Some(reason) => reply(
@@ -275,6 +283,7 @@ mod tests {
                 ..RouterMetrics::default()
             }),
             readiness: readiness.clone(),
+            manifest: Arc::default(),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

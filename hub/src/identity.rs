@@ -13,6 +13,9 @@
 //!   never a torn one.
 //! - A corrupt file is an error naming the file, never silently regenerated: new keys would
 //!   lock every module out.
+//! - A manifest reload changes the declared modules and keys in place
+//!   ([`Identities::apply`]): the file is saved first, and logins see the change only once it
+//!   is on disk.
 //! - Only *declared* modules (the manifest's and `--module`s) have a key through
 //!   [`Identities::key`]. Keys of modules no longer declared stay in the file, so declaring a
 //!   module again brings back its old key.
@@ -25,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -120,6 +124,14 @@ pub enum IdentityError {
     /// The system's random number generator failed.
     #[error("cannot generate a key: the system random number generator failed")]
     Random,
+    /// A file of the module keys directory is not a module key.
+    #[error("module keys directory: {path}: {reason}")]
+    KeysDir {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (never the key).
+        reason: String,
+    },
 }
 
 /// A module that has no identity.
@@ -147,12 +159,38 @@ fn known_list(known: &[ModuleId]) -> String {
         .join(", ")
 }
 
-/// The module keys of one edge device.
+/// The module keys of one edge device. Shared (`Arc`) by the heads and the upstream link; a
+/// manifest reload changes it in place ([`Identities::apply`]).
 pub struct Identities {
     device: DeviceId,
     path: PathBuf,
+    data_dir: PathBuf,
+    state: RwLock<KeyState>,
+}
+
+/// The keys on file and the modules declared now.
+#[derive(Default)]
+struct KeyState {
     keys: BTreeMap<ModuleId, Vec<u8>>,
     declared: BTreeSet<ModuleId>,
+}
+
+/// What [`Identities::apply`] changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IdentityChanges {
+    /// Modules declared now that were not before.
+    pub added: Vec<ModuleId>,
+    /// Modules no longer declared (their keys stay on file).
+    pub removed: Vec<ModuleId>,
+    /// Modules declared before and now whose key changed (a given key replaced it).
+    pub rekeyed: Vec<ModuleId>,
+}
+
+impl IdentityChanges {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.rekeyed.is_empty()
+    }
 }
 
 impl fmt::Debug for Identities {
@@ -161,7 +199,7 @@ impl fmt::Debug for Identities {
         f.debug_struct("Identities")
             .field("device", &self.device)
             .field("path", &self.path)
-            .field("declared", &self.declared)
+            .field("declared", &self.read().declared)
             .finish_non_exhaustive()
     }
 }
@@ -184,8 +222,8 @@ impl Identities {
     }
 
     /// [`Identities::load_or_create`], after setting the keys in `given` (keys IoT Hub issued,
-    /// from `--module-key`): a given key replaces the one on file (and is saved), and its module
-    /// is declared.
+    /// from `--module-key` or `--module-keys-dir`): a given key replaces the one on file (and
+    /// is saved), and its module is declared.
     pub fn load_with_keys(
         data_dir: &Path,
         device: &DeviceId,
@@ -193,61 +231,104 @@ impl Identities {
         given: &[(ModuleId, ModuleKey)],
     ) -> Result<Identities, IdentityError> {
         let path = Self::path(data_dir);
-        let mut keys = read_keys(&path)?;
-        let rng = ring::rand::SystemRandom::new();
-        let mut added = false;
-        let mut modules = modules.to_vec();
+        let keys = read_keys(&path)?;
+        let identities = Identities {
+            device: device.clone(),
+            path,
+            data_dir: data_dir.to_path_buf(),
+            state: RwLock::new(KeyState {
+                keys,
+                declared: BTreeSet::new(),
+            }),
+        };
+        identities.apply(modules, given)?;
+        Ok(identities)
+    }
+
+    /// Loads (and creates) the identities `settings` call for: the `--module`s plus
+    /// `manifest_modules`, with the keys of `--module-key` and of `--module-keys-dir`.
+    pub fn for_settings(
+        settings: &Settings,
+        manifest_modules: &[ModuleId],
+    ) -> Result<Identities, IdentityError> {
+        let given = given_keys(settings)?;
+        Self::load_with_keys(
+            settings.data_dir(),
+            settings.device_id(),
+            &settings.all_modules(manifest_modules),
+            &given,
+        )
+    }
+
+    /// Makes `modules` plus the modules of `given` the declared modules: sets every given key
+    /// (replacing the one on file), mints a key for each declared module that has none, and
+    /// saves the file (atomically) if a key was added or replaced. Nothing changes in memory
+    /// unless the file was saved. Returns what changed for connections: modules added,
+    /// removed, and declared modules whose key changed.
+    pub fn apply(
+        &self,
+        modules: &[ModuleId],
+        given: &[(ModuleId, ModuleKey)],
+    ) -> Result<IdentityChanges, IdentityError> {
+        let mut state = self.write();
+        let mut keys = state.keys.clone();
+        let mut declared: BTreeSet<ModuleId> = modules.iter().cloned().collect();
+        let mut rekeyed = Vec::new();
+        let mut dirty = false;
         for (module, key) in given {
-            if keys.get(module).map(Vec::as_slice) != Some(key.as_bytes()) {
-                keys.insert(module.clone(), key.as_bytes().to_vec());
-                added = true;
-                tracing::info!(%module, "module key set from --module-key");
+            match keys.get(module) {
+                Some(k) if k.as_slice() == key.as_bytes() => {}
+                old => {
+                    if old.is_some() && state.declared.contains(module) {
+                        rekeyed.push(module.clone());
+                    }
+                    keys.insert(module.clone(), key.as_bytes().to_vec());
+                    dirty = true;
+                    tracing::info!(%module, "module key set from a given key");
+                }
             }
-            modules.push(module.clone());
+            declared.insert(module.clone());
         }
-        for module in &modules {
+        let rng = ring::rand::SystemRandom::new();
+        for module in &declared {
             if !keys.contains_key(module) {
                 let mut key = [0u8; KEY_LEN];
                 ring::rand::SecureRandom::fill(&rng, &mut key)
                     .map_err(|_| IdentityError::Random)?;
                 keys.insert(module.clone(), key.to_vec());
-                added = true;
+                dirty = true;
             }
         }
-        if added {
-            std::fs::create_dir_all(data_dir).map_err(|source| IdentityError::Io {
-                path: data_dir.to_path_buf(),
+        if dirty {
+            std::fs::create_dir_all(&self.data_dir).map_err(|source| IdentityError::Io {
+                path: self.data_dir.clone(),
                 source,
             })?;
             let text = encode_keys(&keys);
-            write_atomically(&path, text.as_bytes(), 0o600).map_err(|source| {
+            write_atomically(&self.path, text.as_bytes(), 0o600).map_err(|source| {
                 IdentityError::Io {
-                    path: path.clone(),
+                    path: self.path.clone(),
                     source,
                 }
             })?;
-            tracing::info!(path = %path.display(), "module identities saved");
+            tracing::info!(path = %self.path.display(), "module identities saved");
         }
-        Ok(Identities {
-            device: device.clone(),
-            path,
-            keys,
-            declared: modules.iter().cloned().collect(),
-        })
+        let changes = IdentityChanges {
+            added: declared.difference(&state.declared).cloned().collect(),
+            removed: state.declared.difference(&declared).cloned().collect(),
+            rekeyed,
+        };
+        state.keys = keys;
+        state.declared = declared;
+        Ok(changes)
     }
 
-    /// Loads (and creates) the identities `settings` call for: the `--module`s plus
-    /// `manifest_modules`.
-    pub fn for_settings(
-        settings: &Settings,
-        manifest_modules: &[ModuleId],
-    ) -> Result<Identities, IdentityError> {
-        Self::load_with_keys(
-            settings.data_dir(),
-            settings.device_id(),
-            &settings.all_modules(manifest_modules),
-            settings.module_keys(),
-        )
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, KeyState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, KeyState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The edge device.
@@ -261,39 +342,42 @@ impl Identities {
     }
 
     /// The declared modules, sorted.
-    pub fn modules(&self) -> impl Iterator<Item = &ModuleId> {
-        self.declared.iter()
+    pub fn modules(&self) -> Vec<ModuleId> {
+        self.read().declared.iter().cloned().collect()
     }
 
     /// The identity of a declared module on this device.
     pub fn identity(&self, module: &ModuleId) -> Result<Identity, UnknownModule> {
-        if self.declared.contains(module) {
+        let state = self.read();
+        if state.declared.contains(module) {
             Ok(Identity::new(self.device.clone(), module.clone()))
         } else {
             Err(UnknownModule {
                 module: module.clone(),
-                known: self.declared.iter().cloned().collect(),
+                known: state.declared.iter().cloned().collect(),
             })
         }
     }
 
-    /// The key of `identity`, if it is a declared module of this device.
-    pub fn key(&self, identity: &Identity) -> Option<&[u8]> {
-        if identity.device != self.device || !self.declared.contains(&identity.module) {
+    /// The key of `identity`, if it is a declared module of this device (now: a reload may
+    /// remove the module or change its key).
+    pub fn key(&self, identity: &Identity) -> Option<Vec<u8>> {
+        let state = self.read();
+        if identity.device != self.device || !state.declared.contains(&identity.module) {
             return None;
         }
-        self.keys.get(&identity.module).map(|k| k.as_slice())
+        state.keys.get(&identity.module).cloned()
     }
 
     /// The key on file for `identity`, declared or not: for sending upstream, *as* a module,
     /// messages it sent while it was declared (a module removed from the deployment may still
     /// have messages waiting for the cloud). Never for authenticating a connection: that is
     /// [`Identities::key`].
-    pub fn stored_key(&self, identity: &Identity) -> Option<&[u8]> {
+    pub fn stored_key(&self, identity: &Identity) -> Option<Vec<u8>> {
         if identity.device != self.device {
             return None;
         }
-        self.keys.get(&identity.module).map(|k| k.as_slice())
+        self.read().keys.get(&identity.module).cloned()
     }
 
     /// `HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…` for a declared
@@ -306,7 +390,7 @@ impl Identities {
         let identity = self.identity(module)?;
         let key = self.key(&identity).ok_or_else(|| UnknownModule {
             module: module.clone(),
-            known: self.declared.iter().cloned().collect(),
+            known: self.modules(),
         })?;
         Ok(format!(
             "HostName={};DeviceId={};ModuleId={};SharedAccessKey={};GatewayHostName={}",
@@ -317,6 +401,74 @@ impl Identities {
             settings.gateway_hostname(),
         ))
     }
+}
+
+/// Every given key of `settings`: `--module-key`, then the files of `--module-keys-dir` (a
+/// module in both takes the directory's key: the directory is the one that is kept current).
+pub fn given_keys(settings: &Settings) -> Result<Vec<(ModuleId, ModuleKey)>, IdentityError> {
+    let mut given: Vec<(ModuleId, ModuleKey)> = settings.module_keys().to_vec();
+    if let Some(dir) = settings.module_keys_dir() {
+        for (module, key) in read_keys_dir(dir)? {
+            given.retain(|(m, _)| *m != module);
+            given.push((module, key));
+        }
+    }
+    Ok(given)
+}
+
+/// Reads a directory of module keys as a Kubernetes Secret is mounted: one regular file (or
+/// symlink to one) per module, named after the module, holding its base64 key (surrounding
+/// whitespace ignored). Names starting with `.` (the Secret's `..data` and timestamped
+/// directories) and directories are skipped. A bad name or key is an error naming the file;
+/// the key itself is never printed. Sorted by module.
+pub fn read_keys_dir(dir: &Path) -> Result<Vec<(ModuleId, ModuleKey)>, IdentityError> {
+    let bad = |path: &Path, reason: String| IdentityError::KeysDir {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let io = |path: &Path, e: std::io::Error| IdentityError::KeysDir {
+        path: path.to_path_buf(),
+        reason: format!("cannot read it: {e}"),
+    };
+    let mut keys = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
+        let entry = entry.map_err(|e| io(dir, e))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            return Err(bad(&path, "the file name is not UTF-8".into()));
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        // Follows symlinks (a Secret's files are links into `..data`).
+        let meta = std::fs::metadata(&path).map_err(|e| io(&path, e))?;
+        if meta.is_dir() {
+            continue;
+        }
+        check_module_id("module", name).map_err(|e| {
+            bad(
+                &path,
+                format!("the file name is not a module id: {}", e.reason),
+            )
+        })?;
+        // A key file is tiny: refuse to read anything large into memory.
+        if meta.len() > 1024 {
+            return Err(bad(
+                &path,
+                format!(
+                    "{} bytes; a module key file holds one base64 key",
+                    meta.len()
+                ),
+            ));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+        let key = ModuleKey::from_base64(text.trim())
+            .map_err(|why| bad(&path, format!("the key is {why}")))?;
+        keys.push((ModuleId::new(name), key));
+    }
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(keys)
 }
 
 fn read_keys(path: &Path) -> Result<BTreeMap<ModuleId, Vec<u8>>, IdentityError> {
@@ -402,15 +554,15 @@ mod tests {
         let first =
             Identities::load_or_create(dir.path(), &dev(), &[m("a"), m("b")]).expect("created");
         let a = Identity::new(dev(), m("a"));
-        let key_a = first.key(&a).expect("key").to_vec();
+        let key_a = first.key(&a).expect("key");
         assert_eq!(key_a.len(), KEY_LEN);
         assert_ne!(
-            Some(key_a.as_slice()),
+            Some(key_a.clone()),
             first.key(&Identity::new(dev(), m("b")))
         );
         let again =
             Identities::load_or_create(dir.path(), &dev(), &[m("a"), m("c")]).expect("reloaded");
-        assert_eq!(again.key(&a), Some(key_a.as_slice()));
+        assert_eq!(again.key(&a), Some(key_a));
         assert!(again.key(&Identity::new(dev(), m("c"))).is_some());
     }
 
@@ -427,13 +579,13 @@ mod tests {
             ),
         ];
         let ids = Identities::load_with_keys(dir.path(), &dev(), &[], &given).expect("set");
-        assert_eq!(ids.key(&Identity::new(dev(), m("a"))), Some(&[7u8; 64][..]));
-        assert_eq!(ids.key(&Identity::new(dev(), m("z"))), Some(&[9u8; 16][..]));
+        assert_eq!(ids.key(&Identity::new(dev(), m("a"))), Some(vec![7u8; 64]));
+        assert_eq!(ids.key(&Identity::new(dev(), m("z"))), Some(vec![9u8; 16]));
         // Saved: a later load without --module-key still has them.
         let again = Identities::load_or_create(dir.path(), &dev(), &[m("a")]).expect("loaded");
         assert_eq!(
             again.key(&Identity::new(dev(), m("a"))),
-            Some(&[7u8; 64][..])
+            Some(vec![7u8; 64])
         );
         assert!(
             !format!("{:?}", given[0].1).contains("Bwc"),
@@ -537,6 +689,103 @@ mod tests {
             .expect_err("unknown");
         assert!(err.to_string().contains("unknown module \"nope\""), "{err}");
         assert!(err.to_string().contains("known: sender"), "{err}");
+    }
+
+    #[test]
+    fn apply_adds_removes_and_rekeys_and_saves_only_what_it_keeps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ids = Identities::load_or_create(dir.path(), &dev(), &[m("a"), m("b")]).expect("ids");
+        let a = Identity::new(dev(), m("a"));
+        let b = Identity::new(dev(), m("b"));
+        let b_key = ids.key(&b).expect("b");
+        let given = ModuleKey::from_base64(&BASE64.encode([3u8; 32])).expect("key");
+        let changes = ids
+            .apply(&[m("b"), m("c")], &[(m("b"), given.clone())])
+            .expect("applied");
+        assert_eq!(
+            changes,
+            IdentityChanges {
+                added: vec![m("c")],
+                removed: vec![m("a")],
+                rekeyed: vec![m("b")],
+            }
+        );
+        assert_eq!(ids.key(&a), None, "a removed: no login");
+        assert!(ids.stored_key(&a).is_some(), "a's key stays on file");
+        assert_eq!(ids.key(&b), Some(vec![3u8; 32]));
+        assert_ne!(ids.key(&b), Some(b_key));
+        assert!(ids.key(&Identity::new(dev(), m("c"))).is_some());
+        // Saved: a fresh load sees the new key of b and the minted key of c.
+        let again = Identities::load_or_create(dir.path(), &dev(), &[m("b"), m("c")]).expect("ids");
+        assert_eq!(again.key(&b), Some(vec![3u8; 32]));
+        assert_eq!(
+            again.key(&Identity::new(dev(), m("c"))),
+            ids.key(&Identity::new(dev(), m("c")))
+        );
+        // The same again changes nothing.
+        let none = ids
+            .apply(&[m("b"), m("c")], &[(m("b"), given)])
+            .expect("applied");
+        assert!(none.is_empty(), "{none:?}");
+    }
+
+    #[test]
+    fn the_keys_directory_reads_a_mounted_secret_and_skips_its_dot_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        // As the kubelet lays a Secret out: files are links into ..data -> ..<timestamp>/.
+        let stamp = d.join("..2026_12_06_21_00_00.000000001");
+        std::fs::create_dir(&stamp).expect("mkdir");
+        std::fs::write(
+            stamp.join("modA"),
+            format!("{}\n", BASE64.encode([1u8; 32])),
+        )
+        .expect("w");
+        std::fs::write(
+            stamp.join("mod-b"),
+            format!("  {}  ", BASE64.encode([2u8; 16])),
+        )
+        .expect("w");
+        std::os::unix::fs::symlink(stamp.file_name().expect("name"), d.join("..data")).expect("ln");
+        std::os::unix::fs::symlink("..data/modA", d.join("modA")).expect("ln");
+        std::os::unix::fs::symlink("..data/mod-b", d.join("mod-b")).expect("ln");
+        std::fs::create_dir(d.join("subdir")).expect("mkdir");
+        std::fs::write(d.join(".hidden"), "not a key").expect("w");
+        let keys = read_keys_dir(d).expect("valid");
+        let names: Vec<&str> = keys.iter().map(|(m, _)| m.as_str()).collect();
+        assert_eq!(names, ["mod-b", "modA"]);
+        assert_eq!(keys[0].1.as_bytes(), &[2u8; 16]);
+        assert_eq!(keys[1].1.as_bytes(), &[1u8; 32]);
+    }
+
+    #[test]
+    fn a_bad_key_file_is_an_error_naming_the_file_never_the_key() {
+        let key = BASE64.encode([1u8; 32]);
+        let short = BASE64.encode([1u8; 8]);
+        for (name, content) in [
+            ("bad name", key.as_str()),
+            ("$edgeHub", key.as_str()),
+            ("modA", short.as_str()),
+            ("modA", "not base64!"),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            std::fs::write(dir.path().join("ok"), &key).expect("w");
+            std::fs::write(dir.path().join(name), content).expect("w");
+            let err = read_keys_dir(dir.path()).expect_err(name);
+            let text = err.to_string();
+            assert!(matches!(err, IdentityError::KeysDir { .. }), "{text}");
+            assert!(
+                text.contains(&dir.path().join(name).display().to_string()),
+                "{text}"
+            );
+            assert!(!text.contains(content), "{text}");
+        }
+        let err = read_keys_dir(Path::new("/nonexistent/keys")).expect_err("missing");
+        assert_eq!(
+            err.to_string(),
+            "module keys directory: /nonexistent/keys: cannot read it: No such file or directory \
+             (os error 2)"
+        );
     }
 
     #[test]

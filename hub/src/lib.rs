@@ -17,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod mqtt;
 pub mod record;
+pub mod reload;
 pub mod server;
 pub mod settings;
 pub mod tls;

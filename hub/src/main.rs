@@ -7,7 +7,8 @@
 //!
 //! Subcommands:
 //! - `run`: starts the hub until Ctrl-C or SIGTERM, and records in the data directory what the
-//!   hub is (`hub.json`, see `hub::record`).
+//!   hub is (`hub.json`, see `hub::record`); SIGHUP reloads the manifest and module keys
+//!   (`hub::reload`).
 //! - `connection-string MODULE`: prints the module's connection string for the hub the data
 //!   directory belongs to (creating its key, the TLS files and the record if needed, so it works
 //!   before the first `run`).
@@ -46,7 +47,7 @@ enum Command {
     /// Print a module's connection string
     /// (HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…) for the hub the
     /// data directory belongs to.
-    ConnectionString(ConnectionStringArgs),
+    ConnectionString(Box<ConnectionStringArgs>),
     /// Print the path of the CA certificate that SDKs must trust.
     CaPath(CaPathArgs),
     /// Validate a manifest with the parser `run` uses, and print every problem with its
@@ -129,6 +130,11 @@ struct ModuleArgs {
         hide_env_values = true
     )]
     module_keys: Vec<String>,
+    /// A directory of module keys, as a Kubernetes Secret is mounted: one file per module,
+    /// named after the module, holding its base64 key. Declares those modules, is saved like
+    /// --module-key, and is watched by `run`: a new or changed file applies without a restart.
+    #[arg(long, env = "EDGEHUB_MODULE_KEYS_DIR", value_name = "DIR")]
+    module_keys_dir: Option<PathBuf>,
 }
 
 /// `edgehub run`.
@@ -144,10 +150,6 @@ struct RunArgs {
     /// directory to the ones given (without it, a contradicting flag stops the hub).
     #[arg(long, env = "EDGEHUB_RECONFIGURE")]
     reconfigure: bool,
-    /// A directory of module keys, one file per module named after it (e.g. a mounted
-    /// Kubernetes Secret).
-    #[arg(long, env = "EDGEHUB_MODULE_KEYS_DIR", value_name = "DIR")]
-    module_keys_dir: Option<PathBuf>,
     /// MQTT-over-TLS listener.
     #[arg(long, env = "EDGEHUB_MQTT_ADDR", value_name = "ADDR",
           default_value = settings::DEFAULT_MQTT_ADDR)]
@@ -268,6 +270,7 @@ impl ModuleArgs {
         raw.manifest = self.manifest.clone();
         raw.modules = self.modules.clone();
         raw.module_keys = self.module_keys.clone();
+        raw.module_keys_dir = self.module_keys_dir.clone();
     }
 }
 
@@ -302,7 +305,6 @@ impl RunArgs {
             max_connections: Some(self.max_connections),
             max_unauthenticated: Some(self.max_unauthenticated),
             auth_timeout_secs: Some(self.auth_timeout),
-            module_keys_dir: self.module_keys_dir.clone(),
             ..RawSettings::default()
         };
         self.identity.fill(&mut raw);
@@ -407,10 +409,31 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         // Listen for the signals before anything else, so a SIGTERM that follows "edgehub
-        // ready" at once is a graceful shutdown, not the default action (death by signal).
+        // ready" at once is a graceful shutdown and a SIGHUP a reload, not the default action
+        // (death by signal).
         let shutdown = shutdown_signal()?;
-        hub::server::run(settings, shutdown).await
+        let reloads = reload_requests()?;
+        hub::server::run_with_reloads(settings, shutdown, reloads).await
     })
+}
+
+/// One request per SIGHUP (requests arriving while one waits are merged): reload the manifest
+/// and the module keys. The handler is installed when this is called.
+fn reload_requests() -> anyhow::Result<tokio::sync::mpsc::Receiver<()>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let _ = tx.try_send(());
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(tx);
+    Ok(rx)
 }
 
 /// Every module the hub gives an identity: the manifest's, `--module`s and `--module-key`s.

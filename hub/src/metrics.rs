@@ -32,6 +32,8 @@
 //! | `edgehub_store_fdatasync_seconds` | histogram | | store: each group commit's fdatasync (64 µs doubling to ~1 s) |
 //! | `edgehub_upstream_*` | see [`UpstreamMetrics`] | `id` | upstream link |
 //! | `edgehub_connections`, `…_refused_total`, `edgehub_accept_failures_total` | see [`crate::limits::LimitMetrics`] | `protocol` | accept loops |
+//! | `edgehub_manifest_reloads_total` | counter | `result` (`success`, `failure`) | manifest reloads ([`crate::reload`]) |
+//! | `edgehub_manifest_generation` | gauge | | the manifest in force: 1 at start, +1 per reload applied |
 //!
 //!
 //! Guarantees: label values are bounded by the declared modules, endpoints and a fixed set of
@@ -133,6 +135,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProtocolLabel {
     protocol: &'static str,
 }
@@ -191,6 +198,9 @@ pub struct HubMetrics {
     store_halted: Gauge,
     store_fdatasync_seconds: SnapshotHistogram,
 
+    manifest_reloads: Family<ResultLabel, Counter>,
+    manifest_generation: Gauge,
+
     upstream: UpstreamMetrics,
     limits: crate::limits::LimitMetrics,
 }
@@ -240,9 +250,16 @@ impl HubMetrics {
             store_segments: Gauge::default(),
             store_halted: Gauge::default(),
             store_fdatasync_seconds: SnapshotHistogram::default(),
+            manifest_reloads: Family::default(),
+            manifest_generation: Gauge::default(),
             upstream: UpstreamMetrics::default(),
             limits: crate::limits::LimitMetrics::default(),
         };
+        // Both results show from the start (0), so a rate or an alert needs no absent series.
+        for result in ["success", "failure"] {
+            drop(m.manifest_reloads.get_or_create(&ResultLabel { result }));
+        }
+        m.manifest_generation.set(1);
         m.register();
         m
     }
@@ -251,6 +268,16 @@ impl HubMetrics {
         let r = &mut self.registry;
         self.upstream.register(r);
         self.limits.register(r);
+        r.register(
+            "edgehub_manifest_reloads",
+            "Manifest reloads (SIGHUP, manifest or module keys changed), by result",
+            self.manifest_reloads.clone(),
+        );
+        r.register(
+            "edgehub_manifest_generation",
+            "The manifest in force: 1 at start, plus one per reload applied",
+            self.manifest_generation.clone(),
+        );
         r.register(
             "edgehub_messages_received",
             "Messages received from modules",
@@ -491,6 +518,16 @@ impl HubMetrics {
         self.client_token_expired
             .get_or_create(&ProtocolLabel { protocol })
             .inc();
+    }
+
+    /// A manifest reload ended: applied (`generation` is now in force) or refused.
+    pub fn manifest_reloaded(&self, success: bool, generation: u64) {
+        let result = if success { "success" } else { "failure" };
+        self.manifest_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        self.manifest_generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
     }
 
     /// A connection was refused; `reason` must be one of a few fixed words (e.g.

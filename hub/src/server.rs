@@ -8,46 +8,65 @@
 //! last, so nothing acknowledged is left anywhere but on disk.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
 use router::{Dispatcher, DispatcherConfig, Router};
 use store::{Epoch, Store, StoreOptions, SystemClock};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::http::{self, HttpState, Readiness};
-use crate::identity::Identities;
+use crate::identity::{self, Identities};
 use crate::limits::Budget;
 use crate::metrics::HubMetrics;
 use crate::mqtt::connection::Registry;
 use crate::mqtt::context::HeadContext;
 use crate::mqtt::listener;
 use crate::mqtt::sessions::Sessions;
-use crate::settings::Settings;
+use crate::reload::{self, Reloader, Trigger};
+use crate::settings::{ManifestSource, Settings};
 use crate::tls;
 use crate::upstream;
 
 /// Directory of the message store inside the data directory.
 pub const STORE_DIR: &str = "store";
 
-/// Runs the hub until `shutdown` completes.
+/// Runs the hub until `shutdown` completes; it reloads the manifest when the manifest file or
+/// the module keys directory changes.
 pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let (_keep, never) = mpsc::channel(1);
+    run_with_reloads(settings, shutdown, never).await
+}
+
+/// [`run`], also reloading the manifest (and module keys) on every item of `reload_requests`
+/// (the binary sends one per SIGHUP).
+pub async fn run_with_reloads(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+    reload_requests: mpsc::Receiver<()>,
+) -> anyhow::Result<()> {
     let data_dir = settings.data_dir().to_owned();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    let deployment = settings
-        .manifest()
-        .load()
-        .context("cannot load the manifest")?;
+    let deployment = reload::load_deployment(&settings).context("cannot load the manifest")?;
+    let given_keys = identity::given_keys(&settings).context("cannot load the module keys")?;
     let identities = Arc::new(
-        Identities::for_settings(&settings, &deployment.modules)
-            .context("cannot load the module identities")?,
+        Identities::load_with_keys(
+            settings.data_dir(),
+            settings.device_id(),
+            &settings.all_modules(&deployment.modules),
+            &given_keys,
+        )
+        .context("cannot load the module identities")?,
     );
+    // The keys directory may declare modules `main` did not know of when it wrote the record.
+    reload::record_modules(&data_dir, &identities);
     let tls_config = tls::server_config(&settings).context("cannot set up TLS")?;
 
     let mut store_options = StoreOptions {
@@ -122,7 +141,41 @@ pub async fn run(
             settings.iothub_hostname().to_owned(),
             settings.gateway_hostname().to_owned(),
         ],
+        routes_changed: watch::channel(0).0,
     });
+    let reloader = Arc::new(Reloader::new(
+        settings.clone(),
+        Arc::clone(&ctx),
+        deployment.clone(),
+        given_keys,
+    ));
+    // Watches the manifest's directory and the keys directory (a ConfigMap or Secret swaps a
+    // `..data` symlink in them), before anything listens: no change is missed after "ready".
+    let (file_tx, file_rx) = mpsc::channel(16);
+    let mut watchers = Vec::new();
+    let manifest_dir = match settings.manifest() {
+        ManifestSource::File(path) => Some(watched_dir(path)),
+        ManifestSource::BuiltIn => None,
+    };
+    for (dir, trigger) in [
+        (manifest_dir, Trigger::ManifestChanged),
+        (
+            settings.module_keys_dir().map(Path::to_path_buf),
+            Trigger::KeysChanged,
+        ),
+    ] {
+        let Some(dir) = dir else { continue };
+        let watcher = reload::watch_dir(&dir, trigger, file_tx.clone())
+            .with_context(|| format!("cannot watch {} for changes", dir.display()))?;
+        watchers.push(watcher);
+    }
+    drop(file_tx);
+    let reload_task = tokio::spawn(reload::serve(
+        Arc::clone(&reloader),
+        reload_requests,
+        file_rx,
+        stop_rx.clone(),
+    ));
 
     let mqtt = TcpListener::bind(settings.mqtt_addr())
         .await
@@ -157,6 +210,7 @@ pub async fn run(
             store: store.clone(),
             router_metrics,
             readiness: readiness.clone(),
+            manifest: reloader.status(),
         },
         wait_for_stop(stop_rx.clone()),
     ));
@@ -203,6 +257,9 @@ pub async fn run(
         let _ = t.await;
     }
     let _ = http_task.await;
+    let _ = reload_task.await;
+    drop(watchers);
+    drop(reloader);
     drop(ctx);
     match Arc::try_unwrap(dispatcher) {
         Ok(dispatcher) => dispatcher.shutdown().await,
@@ -215,6 +272,14 @@ pub async fn run(
     tokio::task::block_in_place(|| store.close()).context("closing the store")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The directory to watch for a manifest at `path` (its parent; `.` for a bare file name).
+fn watched_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 async fn wait_for_stop(mut stop: watch::Receiver<bool>) {

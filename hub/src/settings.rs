@@ -242,11 +242,11 @@ pub struct RawSettings {
     pub upstream_timeout_secs: Option<u64>,
     /// `MODULE=BASE64KEY`: the key IoT Hub issued for a module identity (declares the module).
     pub module_keys: Vec<String>,
+    /// A directory of module keys (a mounted Kubernetes Secret): one file per module, named
+    /// after it, holding its base64 key; watched and re-read like the manifest.
+    pub module_keys_dir: Option<PathBuf>,
     /// Authenticated connections per protocol (default [`DEFAULT_MAX_CONNECTIONS`]).
     pub max_connections: Option<usize>,
-    /// A directory of module keys, one file per module (a mounted Kubernetes Secret); used by
-    /// live reload.
-    pub module_keys_dir: Option<PathBuf>,
     /// Connections per protocol not yet authenticated (default
     /// [`DEFAULT_MAX_UNAUTHENTICATED`]).
     pub max_unauthenticated: Option<usize>,
@@ -305,6 +305,7 @@ pub struct Settings {
     epoch: u64,
     upstream: Option<UpstreamSettings>,
     module_keys: Vec<(ModuleId, ModuleKey)>,
+    module_keys_dir: Option<PathBuf>,
     limits: crate::limits::Limits,
 }
 
@@ -434,6 +435,11 @@ impl RawSettings {
         }
         modules.sort();
         modules.dedup();
+        if let Some(dir) = &self.module_keys_dir {
+            if dir.as_os_str().is_empty() {
+                return Err(invalid("module_keys_dir", "", "must not be empty"));
+            }
+        }
         let upstream = upstream_settings(
             self.upstream_protocol.as_deref(),
             self.upstream_addr.as_deref(),
@@ -463,6 +469,7 @@ impl RawSettings {
             epoch: self.epoch.unwrap_or(0),
             upstream,
             module_keys,
+            module_keys_dir: self.module_keys_dir,
             limits,
         })
     }
@@ -584,6 +591,11 @@ impl Settings {
     /// Module keys given with `--module-key` (keys IoT Hub issued).
     pub fn module_keys(&self) -> &[(ModuleId, ModuleKey)] {
         &self.module_keys
+    }
+
+    /// The directory of module keys (`--module-keys-dir`), if any.
+    pub fn module_keys_dir(&self) -> Option<&Path> {
+        self.module_keys_dir.as_deref()
     }
 
     /// The connection limits each head (MQTT, AMQP) applies on its own.

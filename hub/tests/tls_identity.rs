@@ -241,7 +241,7 @@ fn module_keys_survive_a_restart_and_new_modules_get_their_own() {
         &[ModuleId::new("receiver"), ModuleId::new("sender")],
     )
     .expect("reloaded");
-    assert_eq!(second.key(&sender), Some(key.as_slice()));
+    assert_eq!(second.key(&sender), Some(key.clone()));
     let receiver = Identity::new(device, ModuleId::new("receiver"));
-    assert_ne!(second.key(&receiver), Some(key.as_slice()));
+    assert_ne!(second.key(&receiver), Some(key));
 }

@@ -635,3 +635,40 @@ async fn the_token_is_renewed_by_a_new_connection_without_sending_anything_twice
         "a renewal sent something twice"
     );
 }
+
+/// A module removed from the deployment by a live reload: its logins are refused from then on,
+/// but what it queued for `$upstream` while it was declared still goes to IoT Hub as that
+/// module, in order (its key stays on file: `Identities::stored_key`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_removed_module_queued_for_iot_hub_still_goes_out_after_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = setup(dir.path(), &["modA", "modB"], 7200).await;
+    let c = &creds[0];
+    let hub = hub_for(dir.path(), &emulator).await;
+    emulator.go_away().await;
+    let mut client = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    publish_acked(&mut client, c, 0..50).await;
+    drop(client);
+
+    // The manifest file replaced: the hub's directory watch reloads it.
+    let path = dir.path().join("manifest.json");
+    std::fs::write(dir.path().join("manifest.tmp"), manifest(&["modB"], 7200)).unwrap();
+    std::fs::rename(dir.path().join("manifest.tmp"), &path).unwrap();
+    metrics_until(&hub, |t| {
+        t.lines()
+            .any(|l| l.starts_with("edgehub_manifest_generation{") && l.ends_with(" 2"))
+    })
+    .await;
+    let mut refused = RawClient::tls(hub.addrs.mqtt, &hub.ca()).await;
+    let ack = refused.connect(c.connect(true, 60)).await;
+    assert_eq!(
+        ack.code,
+        rumqttc::mqttbytes::v4::ConnectReturnCode::NotAuthorized,
+        "a removed module cannot log in"
+    );
+
+    emulator.come_back().await.unwrap();
+    wait_for_seq(&emulator, c, 49).await;
+    assert_in_order(&emulator.received(&c.client_id()), 0..50);
+    hub.stop().await;
+}

@@ -111,7 +111,7 @@ pub async fn serve_requests(mut receiver: Receiver, shared: Arc<ConnShared>) {
                     .identities
                     .key(identity)
                     .ok_or_else(|| format!("unknown module {identity}"))?;
-                ctx.verify_token_expiry(token, key, identity)
+                ctx.verify_token_expiry(token, &key, identity)
             });
         shared.auth_changed.notify_one();
         match &reply.identity {

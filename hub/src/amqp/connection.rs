@@ -165,7 +165,18 @@ impl ConnShared {
             self.stop(ConnectionEnd::Refused(e.to_string()));
             return;
         }
-        let (id, mut replaced) = self.ctx.connections.join(identity);
+        // Still declared: a reload may have removed the module since its token was checked.
+        let ctx = &self.ctx;
+        let Some((id, mut replaced)) = ctx
+            .connections
+            .join_if(identity, || ctx.identities.key(identity).is_some())
+        else {
+            drop(joined);
+            self.stop(ConnectionEnd::Refused(format!(
+                "module {identity} was removed while it logged in"
+            )));
+            return;
+        };
         joined.insert(identity.clone(), id);
         let me = Arc::downgrade(self);
         let mut stop = self.stop.subscribe();

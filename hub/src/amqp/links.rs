@@ -342,8 +342,9 @@ async fn settle_in_order<D, A, O, E>(
 pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
     let (out_tx, mut out_rx) = outbound_channel();
-    let (registered, current) =
+    let (mut registered, current) =
         ctx.register_input_sinks(&identity, &out_tx, || shared.is_current(&identity));
+    let mut routes_changed = ctx.routes_changed.subscribe();
     let (settling_tx, settling_rx) = mpsc::channel::<Settling<InputSettlement>>(MAX_UNSETTLED);
     let metrics = ctx.metrics.connection_metrics(&identity);
     let settler = tokio::spawn(settle_inputs(settling_rx, move || metrics.sent()));
@@ -363,6 +364,16 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
                     None
                 }
                 () = stopped(&mut stop) => None,
+                Ok(()) = routes_changed.changed() => {
+                    // A reload routed more inputs of this module: take them too.
+                    ctx.register_new_input_sinks(
+                        &identity,
+                        &out_tx,
+                        || shared.is_current(&identity),
+                        &mut registered,
+                    );
+                    continue;
+                }
             };
             let Some(delivery) = delivery else { break };
             if delivery.acked.is_closed() {

@@ -85,7 +85,7 @@ impl HubSasl {
             .identities
             .key(&identity)
             .ok_or_else(|| format!("unknown module {identity}"))?;
-        let expiry = self.ctx.verify_token_expiry(token, key, &identity)?;
+        let expiry = self.ctx.verify_token_expiry(token, &key, &identity)?;
         Ok((identity, expiry))
     }
 }

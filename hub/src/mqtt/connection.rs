@@ -130,20 +130,26 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Registers a connection of `identity`, telling any older one to close. Returns its id and
-    /// the signal that it was replaced.
-    pub(crate) fn join(&self, identity: &Identity) -> (u64, watch::Receiver<bool>) {
+    /// Registers a connection of `identity`, telling any older one to close, if `still_valid()`
+    /// holds, checked under the registry's lock (so in order with [`Registry::evict`]): a
+    /// reload that removes or re-keys the module after this login checked its key either finds
+    /// this connection and closes it, or is seen by `still_valid`. Returns its id and the
+    /// signal that it was replaced; None, and nothing joined, if `still_valid()` fails.
+    pub(crate) fn join_if(
+        &self,
+        identity: &Identity,
+        still_valid: impl FnOnce() -> bool,
+    ) -> Option<(u64, watch::Receiver<bool>)> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if !still_valid() {
+            return None;
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(false);
-        let old = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(identity.clone(), (id, tx));
-        if let Some((_, old)) = old {
+        if let Some((_, old)) = live.insert(identity.clone(), (id, tx)) {
             let _ = old.send(true);
         }
-        (id, rx)
+        Some((id, rx))
     }
 
     /// Removes the connection if it is still the current one of its identity; true if it was.
@@ -154,6 +160,24 @@ impl Registry {
             return true;
         }
         false
+    }
+
+    /// Closes the live connection of `identity`, if any, as a newer connection would (its
+    /// module was removed, or its key changed): it acknowledges what is durable and closes.
+    /// True if there was one.
+    pub fn evict(&self, identity: &Identity) -> bool {
+        let old = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(identity);
+        match old {
+            Some((_, tx)) => {
+                let _ = tx.send(true);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Whether `identity` has a live connection (which a new one would replace).
@@ -209,7 +233,7 @@ where
     let (out_tx, out_rx) = mpsc::channel::<Packet>(OUTGOING_CAPACITY);
     let (puback_tx, puback_rx) = mpsc::channel::<u16>(PUBACK_CAPACITY);
     let writer_task = tokio::spawn(write_packets(writer, out_rx, puback_rx));
-    let (identity, token_expiry) = match authenticate(&ctx, &connect) {
+    let (identity, token_expiry, key) = match authenticate(&ctx, &connect) {
         Ok(authenticated) => authenticated,
         Err(reason) => {
             tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
@@ -251,7 +275,23 @@ where
             return ConnectionEnd::Refused(format!("session store: {e}"));
         }
     };
-    let (conn_id, replaced) = ctx.connections.join(&identity);
+    // The key checked above must still be the module's: a reload may have removed the module
+    // or changed its key since.
+    let joined = ctx.connections.join_if(&identity, || {
+        ctx.identities.key(&identity).as_deref() == Some(key.as_slice())
+    });
+    let Some((conn_id, replaced)) = joined else {
+        let reason = "the module was removed or its key changed while it logged in";
+        tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
+        ctx.metrics.client_connect_failed("not_authorized");
+        let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::NotAuthorized,
+            false,
+        )));
+        drop((out_tx, puback_tx));
+        finish_task(writer_task).await;
+        return ConnectionEnd::Refused(reason.into());
+    };
     // The queue is empty: the CONNACK always fits.
     let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
         ConnectReturnCode::Success,
@@ -291,12 +331,12 @@ where
     end
 }
 
-/// Checks CONNECT: client id, username, SAS token. Returns the authenticated identity and its
-/// token's expiry (`se`, seconds since the epoch).
+/// Checks CONNECT: client id, username, SAS token. Returns the authenticated identity, its
+/// token's expiry (`se`, seconds since the epoch) and the key the token was checked with.
 fn authenticate(
     ctx: &HeadContext,
     connect: &rumqttc::mqttbytes::v4::Connect,
-) -> Result<(Identity, u64), String> {
+) -> Result<(Identity, u64, Vec<u8>), String> {
     let login = connect
         .login
         .as_ref()
@@ -318,8 +358,8 @@ fn authenticate(
         .identities
         .key(&identity)
         .ok_or_else(|| format!("unknown module {identity}"))?;
-    let expiry = ctx.verify_token_expiry(&login.password, key, &identity)?;
-    Ok((identity, expiry))
+    let expiry = ctx.verify_token_expiry(&login.password, &key, &identity)?;
+    Ok((identity, expiry, key))
 }
 
 /// When a token expiring at `expiry` (`se`) stops being accepted (plus the clock skew), as a
@@ -417,6 +457,7 @@ impl Connection {
             self.register_inputs(&outbound_tx);
         }
         let mut shutdown = self.ctx.shutdown.clone();
+        let mut routes_changed = self.ctx.routes_changed.subscribe();
         // Two timers for the whole connection, not two per packet: a packet only moves
         // `deadline`; the keep-alive timer, when it fires, checks it and re-arms if it moved.
         let mut deadline = Instant::now() + keep_alive;
@@ -473,6 +514,7 @@ impl Connection {
                 Ok(reason) = &mut route_failed => break ConnectionEnd::Route(reason),
                 _ = replaced.changed() => break ConnectionEnd::Replaced,
                 _ = shutdown.changed() => break ConnectionEnd::Shutdown,
+                Ok(()) = routes_changed.changed() => self.register_new_inputs(),
                 () = &mut keep_alive_timer => {
                     if Instant::now() >= deadline {
                         break ConnectionEnd::KeepAlive;
@@ -749,6 +791,21 @@ impl Connection {
         self.ctx.unregister_own_sinks(&previous);
     }
 
+    /// After a reload: also the sink of the input endpoints routes now name for this module.
+    fn register_new_inputs(&mut self) {
+        let Some(outbound) = self.outbound_tx.clone() else {
+            return;
+        };
+        let (connections, identity, conn_id) =
+            (&self.ctx.connections, &self.identity, self.conn_id);
+        self.ctx.register_new_input_sinks(
+            identity,
+            &outbound,
+            || connections.is_current(identity, conn_id),
+            &mut self.registered,
+        );
+    }
+
     fn unregister_inputs(&mut self) {
         if self.outbound_tx.take().is_some() {
             self.ctx
@@ -940,6 +997,23 @@ pub fn input_endpoint(identity: &Identity, input: &router::InputName) -> Endpoin
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+    #[test]
+    fn a_login_joins_only_if_still_valid_under_the_registry_lock_and_evict_closes_it() {
+        let registry = super::Registry::default();
+        let who = super::Identity::new(
+            router::DeviceId::new("edge-device"),
+            router::ModuleId::new("m"),
+        );
+        assert!(registry.join_if(&who, || false).is_none());
+        assert!(!registry.has_live(&who), "nothing joined");
+        let (id, mut closed) = registry.join_if(&who, || true).expect("joined");
+        assert!(registry.is_current(&who, id));
+        assert!(registry.evict(&who));
+        assert!(*closed.borrow_and_update(), "told to close");
+        assert!(!registry.has_live(&who));
+        assert!(!registry.evict(&who), "nothing left to close");
+    }
+
     use std::path::Path;
 
     use router::{DeviceId, ModuleId, RouteTable};
@@ -1008,6 +1082,7 @@ mod tests {
             metrics: Arc::new(HubMetrics::new(IOTHUB, DEVICE)),
             shutdown,
             audiences: vec![IOTHUB.to_owned()],
+            routes_changed: watch::channel(0).0,
         };
         let resource = sas::resource_uri(IOTHUB, DEVICE, Some("m"));
         let token = sas::generate(&resource, &key, HeadContext::now_secs() + 3600);

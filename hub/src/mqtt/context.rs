@@ -34,6 +34,9 @@ pub struct HeadContext {
     pub shutdown: watch::Receiver<bool>,
     /// Host names a SAS token's audience may name: the IoT Hub's and the gateway's.
     pub audiences: Vec<String>,
+    /// Bumped after every manifest reload that changed the routes: a connected receiver then
+    /// registers the input endpoints that routes name for its module from now on.
+    pub routes_changed: watch::Sender<u64>,
 }
 
 impl HeadContext {
@@ -86,6 +89,33 @@ impl HeadContext {
             registered.push((endpoint, sink));
         }
         (registered, true)
+    }
+
+    /// Registers `connection` as the sink of each input endpoint of `identity`'s module that
+    /// is not in `registered` yet (routes a reload added), each only while `current()` holds,
+    /// and adds them to `registered`. Sinks already registered stay as they are (deliveries in
+    /// flight on them are untouched). Returns whether `current()` held throughout.
+    pub fn register_new_input_sinks(
+        &self,
+        identity: &Identity,
+        connection: &OutboundTx,
+        current: impl Fn() -> bool,
+        registered: &mut RegisteredSinks,
+    ) -> bool {
+        for (endpoint, input) in self.input_endpoints(identity) {
+            if registered.iter().any(|(e, _)| *e == endpoint) {
+                continue;
+            }
+            let sink: Arc<dyn DynSink> = Arc::new(ModuleInputSink::new(input, connection.clone()));
+            if !self
+                .dispatcher
+                .register_dyn_sink_if(&endpoint, Arc::clone(&sink), &current)
+            {
+                return false;
+            }
+            registered.push((endpoint, sink));
+        }
+        true
     }
 
     /// Removes the sinks in `registered` that are still registered: a receiver going away

@@ -390,7 +390,7 @@ fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant)
         Some(identity.module.as_str()),
     );
     let issued = Instant::now();
-    let token = sas::generate(&resource, key, unix_now() + config.token_ttl.as_secs());
+    let token = sas::generate(&resource, &key, unix_now() + config.token_ttl.as_secs());
     let username = format!(
         "{}/{}/{}/?api-version={API_VERSION}",
         config.iothub_hostname, identity.device, identity.module

@@ -73,6 +73,13 @@ impl TestHub {
         hub
     }
 
+    /// Runs on the manifest at `path` (`--manifest PATH`), which the test may change while
+    /// the hub runs.
+    pub fn manifest_at(mut self, path: PathBuf) -> TestHub {
+        self.manifest = Some(path);
+        self
+    }
+
     /// Declares one more module (`--module NAME`).
     pub fn module(mut self, name: &str) -> TestHub {
         self.modules.push(name.to_owned());
