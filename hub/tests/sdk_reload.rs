@@ -445,6 +445,23 @@ fn a_module_added_then_removed_keeps_its_queue_until_it_is_added_back() {
     write_atomically(&path, &with_late);
     await_log(&hub_proc, &[RELOADED, "modules added [late]"], 1, secs(30));
     let cs_late = hub.connection_string("late");
+    // The data directory's record follows the reload: its path alone names the new module.
+    let from_record = |module: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_edgehub"))
+            .args(["connection-string", module, "--data-dir"])
+            .arg(hub.data_dir())
+            .env_remove("EDGEHUB_MANIFEST")
+            .env_remove("EDGEHUB_MODULES")
+            .output()
+            .expect("connection-string")
+    };
+    let out = from_record("late");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), cs_late);
     send("first", 0);
     let first = ns
         .module(&env, Sdk::Python, Script::Receive, &cs_late, &ca)
@@ -467,6 +484,12 @@ fn a_module_added_then_removed_keeps_its_queue_until_it_is_added_back() {
         .args(["--timeout", "30"])
         .run(secs(40));
     assert_exit(&refused, sdk::EXIT_AUTH, &hub_proc, &ns);
+    let out = from_record("late");
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown module"),
+        "a removed module has no connection string: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let queue = metric(&ns, "edgehub_queue_length", &["endpoint=\"late/input1\""]);
     assert_eq!(queue, Some(10.0), "kept while removed");
 
