@@ -382,12 +382,11 @@ async fn the_connection_over_max_connections_is_refused_until_a_slot_is_free() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_at_the_auth_deadline_on_both_heads() {
     let dir = tempfile::tempdir().unwrap();
-    let amqp = SocketAddr::from(([127, 0, 0, 1], raw::free_port()));
     let hub = raw::TestHub::start_with(dir.path(), |s| {
         s.auth_timeout_secs = Some(1);
-        s.amqp_addr = Some(amqp.to_string());
     })
     .await;
+    let amqp = hub.amqp;
     let ca = hub.ca();
     let mut mqtt = RawClient::try_tls(hub.addrs.mqtt, &ca, secs(10))
         .await

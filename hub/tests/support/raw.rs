@@ -11,13 +11,13 @@
 //! - [`Creds`]: what an Azure IoT SDK module sends: client id `device/module`, username
 //!   `{iothub}/{device}/{module}/?api-version=2019-10-01`, password a SAS token made with
 //!   `hub::auth::sas::generate`.
-//! - [`TestHub`]: `hub::server::run` in-process on a temporary data dir, on free loopback ports,
-//!   waited for through `/readyz`; stopped through its shutdown future.
+//! - [`TestHub`]: `hub::server::run` in-process on a temporary data dir, on listeners the test
+//!   binds to port 0 and hands in (so it knows their addresses), waited for through `/readyz`;
+//!   stopped through its shutdown future. It may run on a clock the test controls.
 //!
-//! Ports: `Settings` accepts port 0, but `server::run` does not report the ports it bound, so a
-//! test cannot learn them. Free ports are found by binding `127.0.0.1:0` and releasing; the few
-//! times another process takes one in between, the hub fails to bind and is started again on
-//! new ports ([`start_retrying`]).
+//! Ports of the real binary ([`BinaryHub`]) and of other servers: free ports are found by
+//! binding `127.0.0.1:0` and releasing; the few times another process takes one in between,
+//! the binary fails to bind and is started again on new ports ([`start_retrying`]).
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashSet;
@@ -615,12 +615,15 @@ where
 // In-process hub
 // ---------------------------------------------------------------------------------------------
 
-/// `hub::server::run` in this process, on `{root}/data` with `{root}/manifest.json`.
+/// `hub::server::run` in this process, on `{root}/data` with `{root}/manifest.json`, on
+/// listeners this test bound to port 0 (their addresses in `addrs` and `amqp`).
 pub struct TestHub {
     pub root: PathBuf,
     pub addrs: Addrs,
+    /// The AMQP listener.
+    pub amqp: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    task: Option<JoinHandle<Result<(), hub::server::RunError>>>,
     identities: Arc<Identities>,
 }
 
@@ -633,57 +636,73 @@ impl TestHub {
 
     /// [`TestHub::start`] with settings changed by `adjust` (upstream off unless it says).
     pub async fn start_with(root: &Path, adjust: impl Fn(&mut RawSettings)) -> TestHub {
+        Self::start_with_clock(root, adjust, Arc::new(store::SystemClock)).await
+    }
+
+    /// [`TestHub::start_with`] on `clock` (e.g. a [`store::ManualClock`] the test moves).
+    pub async fn start_with_clock(
+        root: &Path,
+        adjust: impl Fn(&mut RawSettings),
+        clock: Arc<dyn store::Clock>,
+    ) -> TestHub {
         init_logs();
         let manifest = root.join("manifest.json");
         if !manifest.exists() {
             std::fs::write(&manifest, MANIFEST).expect("write manifest");
         }
-        let root = root.to_owned();
-        start_retrying(|addrs| {
-            let root = root.clone();
-            let mut settings = RawSettings {
-                data_dir: Some(root.join("data")),
-                manifest: Some(root.join("manifest.json")),
-                mqtt_addr: Some(addrs.mqtt.to_string()),
-                metrics_addr: Some(addrs.metrics.to_string()),
-                plain_mqtt_addr: Some(addrs.plain.to_string()),
-                amqp_addr: Some("127.0.0.1:0".into()),
-                iothub_hostname: Some(IOTHUB.into()),
-                device_id: Some(DEVICE.into()),
-                gateway_hostname: Some("localhost".into()),
-                upstream_protocol: Some("none".into()),
-                ..RawSettings::default()
-            };
-            adjust(&mut settings);
-            async move { Self::try_start(&root, addrs, settings).await }
-        })
-        .await
-    }
-
-    async fn try_start(root: &Path, addrs: Addrs, raw: RawSettings) -> Result<TestHub, String> {
+        let any_port = || Some("127.0.0.1:0".to_owned());
+        let mut raw = RawSettings {
+            data_dir: Some(root.join("data")),
+            manifest: Some(manifest),
+            mqtt_addr: any_port(),
+            metrics_addr: any_port(),
+            plain_mqtt_addr: any_port(),
+            amqp_addr: any_port(),
+            iothub_hostname: Some(IOTHUB.into()),
+            device_id: Some(DEVICE.into()),
+            gateway_hostname: Some("localhost".into()),
+            upstream_protocol: Some("none".into()),
+            ..RawSettings::default()
+        };
+        adjust(&mut raw);
         let settings = raw.validate(None).expect("valid settings");
+        let listeners = hub::server::Listeners::bind(&settings)
+            .await
+            .expect("bind the hub's listeners");
+        let bound = listeners.local_addrs().expect("bound addresses");
+        let addrs = Addrs {
+            mqtt: bound.mqtt,
+            metrics: bound.http,
+            plain: bound.plain_mqtt.expect("a plain MQTT listener"),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(hub::server::run(settings.clone(), async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(hub::server::run(
+            settings.clone(),
+            listeners,
+            clock,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         if let Start::Exited =
             wait_ready(addrs, Duration::from_secs(20), || task.is_finished()).await
         {
-            return Err(match task.await {
-                Ok(Ok(())) => "run returned Ok before it was ready".to_owned(),
-                Ok(Err(e)) => format!("{e:#}"),
-                Err(e) => format!("run panicked: {e}"),
-            });
+            match task.await {
+                Ok(Ok(())) => panic!("run returned Ok before it was ready"),
+                Ok(Err(e)) => panic!("the hub failed to start: {:#}", anyhow::Error::from(e)),
+                Err(e) => panic!("run panicked: {e}"),
+            }
         }
         let deployment = settings.manifest().load().expect("manifest");
         let identities = Identities::for_settings(&settings, &deployment.modules).expect("ids");
-        Ok(TestHub {
+        TestHub {
             root: root.to_owned(),
             addrs,
+            amqp: bound.amqp,
             stop: Some(stop),
             task: Some(task),
             identities: Arc::new(identities),
-        })
+        }
     }
 
     /// The CA a client must trust.
@@ -739,7 +758,9 @@ impl TestHub {
                 .await
                 .expect("hub did not stop within 30 s")
                 .expect("hub task panicked");
-            r.expect("hub run returned an error");
+            if let Err(e) = r {
+                panic!("hub run returned an error: {:#}", anyhow::Error::from(e));
+            }
         }
     }
 }
