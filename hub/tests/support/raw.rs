@@ -15,9 +15,11 @@
 //!   binds to port 0 and hands in (so it knows their addresses), waited for through `/readyz`;
 //!   stopped through its shutdown future. It may run on a clock the test controls.
 //!
-//! Ports of the real binary ([`BinaryHub`]) and of other servers: free ports are found by
-//! binding `127.0.0.1:0` and releasing; the few times another process takes one in between,
-//! the binary fails to bind and is started again on new ports ([`start_retrying`]).
+//! The real binary ([`BinaryHub`]) listens on port 0 too and names the ports it bound in its
+//! "edgehub ready" log line. Other servers (mosquitto, a binary under `prlimit`) get free
+//! ports: found by binding `127.0.0.1:0` and releasing; the few times another process takes
+//! one in between, the server fails to bind and is started again on new ports
+//! ([`start_retrying`]).
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashSet;
@@ -594,6 +596,58 @@ pub async fn wait_ready(
     }
 }
 
+/// The value of field `name` in a log line, in the text (`name=value`) or JSON
+/// (`"name":"value"`) format.
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    let text = format!(" {name}=");
+    let json = format!("\"{name}\":\"");
+    if let Some(at) = line.find(&text) {
+        let rest = &line[at + text.len()..];
+        return Some(rest.split_whitespace().next()?.to_owned());
+    }
+    let at = line.find(&json)?;
+    let rest = &line[at + json.len()..];
+    Some(rest.split('"').next()?.to_owned())
+}
+
+/// Waits until the log file `log` holds the hub's "edgehub ready" line and returns the
+/// addresses it names (the ports it really bound); `None` if `exited` says the hub stopped
+/// first. Panics after `timeout` (a failure bound).
+pub async fn wait_ready_line(
+    log: &Path,
+    timeout: Duration,
+    mut exited: impl FnMut() -> bool,
+) -> Option<Addrs> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("edgehub ready")) {
+            let addr = |name: &str| -> SocketAddr {
+                log_field(line, name)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} address in {line:?}"))
+            };
+            let plain = log_field(line, "plain_mqtt")
+                .and_then(|v| v.strip_prefix("Some(")?.strip_suffix(')')?.parse().ok())
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            return Some(Addrs {
+                mqtt: addr("mqtt"),
+                metrics: addr("http"),
+                plain,
+            });
+        }
+        if exited() {
+            return None;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hub not ready within {timeout:?}:\n{text}"
+        );
+        // The log file gives no signal when written; a short poll is the event wait here.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Starts something on fresh ports up to 5 times while it fails because a port was taken.
 pub async fn start_retrying<T, F, Fut>(mut attempt: F) -> T
 where
@@ -782,41 +836,40 @@ impl BinaryHub {
         Self::start_with(root, n, &[]).await
     }
 
-    /// [`BinaryHub::start`] with more command-line arguments.
+    /// [`BinaryHub::start`] with more command-line arguments. The binary listens on port 0;
+    /// its addresses are read from its "edgehub ready" log line.
     pub async fn start_with(root: &Path, n: usize, extra: &[String]) -> BinaryHub {
         let log = root.join(format!("hub-{n}.log"));
-        start_retrying(|addrs| {
-            let (root, log) = (root.to_owned(), log.clone());
-            async move {
-                let file = std::fs::File::create(&log).expect("log file");
-                let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
-                    .arg("run")
-                    .arg("--data-dir")
-                    .arg(root.join("data"))
-                    .arg("--manifest")
-                    .arg(root.join("manifest.json"))
-                    .args(["--mqtt-addr", &addrs.mqtt.to_string()])
-                    .args(["--metrics-addr", &addrs.metrics.to_string()])
-                    .args(["--amqp-addr", "127.0.0.1:0"])
-                    .args(["--iothub-hostname", IOTHUB, "--device-id", DEVICE])
-                    .args(["--gateway-hostname", "localhost", "--log", "info"])
-                    .args(extra)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(file)
-                    .spawn()
-                    .expect("spawn edgehub");
-                let start = wait_ready(addrs, Duration::from_secs(30), || {
-                    child.try_wait().ok().flatten().is_some()
-                })
-                .await;
-                match start {
-                    Start::Ready => Ok(BinaryHub { child, addrs, log }),
-                    Start::Exited => Err(std::fs::read_to_string(&log).unwrap_or_default()),
-                }
-            }
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
+            .arg("run")
+            .arg("--data-dir")
+            .arg(root.join("data"))
+            .arg("--manifest")
+            .arg(root.join("manifest.json"))
+            .args(["--mqtt-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--amqp-addr", "127.0.0.1:0"])
+            .args(["--iothub-hostname", IOTHUB, "--device-id", DEVICE])
+            .args(["--gateway-hostname", "localhost", "--log", "info"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn edgehub");
+        let addrs = match wait_ready_line(&log, Duration::from_secs(30), || {
+            child.try_wait().ok().flatten().is_some()
         })
         .await
+        {
+            Some(addrs) => addrs,
+            None => panic!(
+                "the hub exited before it was ready:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        };
+        BinaryHub { child, addrs, log }
     }
 
     /// SIGKILL, and reap.
