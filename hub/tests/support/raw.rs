@@ -16,10 +16,8 @@
 //!   stopped through its shutdown future. It may run on a clock the test controls.
 //!
 //! The real binary ([`BinaryHub`]) listens on port 0 too and names the ports it bound in its
-//! "edgehub ready" log line. Other servers (mosquitto, a binary under `prlimit`) get free
-//! ports: found by binding `127.0.0.1:0` and releasing; the few times another process takes
-//! one in between, the server fails to bind and is started again on new ports
-//! ([`start_retrying`]).
+//! "edgehub ready" log line ([`wait_ready_line`]). Only servers that are not ours (mosquitto)
+//! get a [`free_port`]: bound to `127.0.0.1:0` and released.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashSet;
@@ -503,7 +501,8 @@ fn handed_out() -> &'static Mutex<HashSet<u16>> {
     PORTS.get_or_init(|| Mutex::new(HashSet::new()))
 }
 
-/// A loopback port that was free a moment ago and was never handed out before in this process.
+/// A loopback port that was free a moment ago and was never handed out before in this process
+/// (for servers that cannot be given a bound listener or report their port).
 pub fn free_port() -> u16 {
     loop {
         let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -545,17 +544,6 @@ pub struct Addrs {
     pub mqtt: SocketAddr,
     pub metrics: SocketAddr,
     pub plain: SocketAddr,
-}
-
-impl Addrs {
-    pub fn fresh() -> Self {
-        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        Addrs {
-            mqtt: a(free_port()),
-            metrics: a(free_port()),
-            plain: a(free_port()),
-        }
-    }
 }
 
 /// What waiting for a starting hub found.
@@ -646,23 +634,6 @@ pub async fn wait_ready_line(
         // The log file gives no signal when written; a short poll is the event wait here.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Starts something on fresh ports up to 5 times while it fails because a port was taken.
-pub async fn start_retrying<T, F, Fut>(mut attempt: F) -> T
-where
-    F: FnMut(Addrs) -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let mut last = String::new();
-    for _ in 0..5 {
-        match attempt(Addrs::fresh()).await {
-            Ok(t) => return t,
-            Err(why) if why.contains("cannot listen") => last = why,
-            Err(why) => panic!("the hub failed to start: {why}"),
-        }
-    }
-    panic!("the hub could not bind free ports: {last}");
 }
 
 // ---------------------------------------------------------------------------------------------
