@@ -352,8 +352,30 @@ fn build_core(
         deployment,
         given_keys,
     ));
-    // Watches the manifest's directory and the keys directory (a ConfigMap or Secret swaps a
-    // `..data` symlink in them).
+    let (watchers, reload_task) =
+        start_reloads(settings, Arc::clone(&reloader), reload_requests, stop_rx)?;
+    Ok(Core {
+        dispatcher,
+        ctx,
+        metrics,
+        upstream,
+        reloader,
+        watchers,
+        reload_task,
+        stop_tx,
+        clock,
+    })
+}
+
+/// Watches the manifest's directory and the keys directory (a ConfigMap or Secret swaps a
+/// `..data` symlink in them) and serves reloads from those and from `reload_requests`, until
+/// `stop` turns true.
+fn start_reloads(
+    settings: &Settings,
+    reloader: Arc<Reloader>,
+    reload_requests: mpsc::Receiver<()>,
+    stop: watch::Receiver<bool>,
+) -> Result<(Vec<RecommendedWatcher>, JoinHandle<()>), RunError> {
     let (file_tx, file_rx) = mpsc::channel(16);
     let mut watchers = Vec::new();
     let manifest_dir = match settings.manifest() {
@@ -373,23 +395,8 @@ fn build_core(
         watchers.push(watcher);
     }
     drop(file_tx);
-    let reload_task = tokio::spawn(reload::serve(
-        Arc::clone(&reloader),
-        reload_requests,
-        file_rx,
-        stop_rx,
-    ));
-    Ok(Core {
-        dispatcher,
-        ctx,
-        metrics,
-        upstream,
-        reloader,
-        watchers,
-        reload_task,
-        stop_tx,
-        clock,
-    })
+    let task = tokio::spawn(reload::serve(reloader, reload_requests, file_rx, stop));
+    Ok((watchers, task))
 }
 
 /// Says where `$upstream` goes, or warns when routes send into it while it is off.
