@@ -45,7 +45,7 @@ use rumqttc::mqttbytes::v4::{Packet, Publish};
 use rumqttc::mqttbytes::QoS;
 use serde::Serialize;
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -367,9 +367,16 @@ fn manifest(modules: &[String]) -> String {
 }
 
 /// A loopback port that was free a moment ago.
-fn free_addr() -> BenchResult<SocketAddr> {
-    let l = StdListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
+/// `e` and its causes, `: `-separated.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// The status line of `GET /readyz`, if anything answered.
@@ -436,66 +443,64 @@ impl Rig {
             tls_dir: dir.join("emulator"),
         }))?;
         let (up_addr, up_ca) = (emulator.addr().to_string(), emulator.ca_pem());
-        // Free ports can be taken between the probe and the hub's bind: try a few times.
-        let mut last = String::new();
-        for _ in 0..5 {
-            let (mqtt, metrics, plain) = (free_addr()?, free_addr()?, free_addr()?);
-            let settings = RawSettings {
-                data_dir: Some(data.clone()),
-                manifest: Some(dir.join("manifest.json")),
-                mqtt_addr: Some(mqtt.to_string()),
-                metrics_addr: Some(metrics.to_string()),
-                plain_mqtt_addr: Some(plain.to_string()),
-                amqp_addr: Some("127.0.0.1:0".into()),
-                iothub_hostname: Some(IOTHUB.into()),
-                device_id: Some(DEVICE.into()),
-                gateway_hostname: Some("localhost".into()),
-                upstream_protocol: Some("mqtt".into()),
-                upstream_addr: Some(up_addr.clone()),
-                upstream_ca: Some(up_ca.clone()),
-                ..RawSettings::default()
-            }
-            .validate(None)?;
-            let (stop, stopped) = oneshot::channel::<()>();
-            let task = hub_rt.spawn(async move {
-                hub::server::run(settings, async move {
-                    let _ = stopped.await;
-                })
-                .await
-                .map_err(|e| format!("{e:#}"))
-            });
-            let ready = driver.block_on(async {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while Instant::now() < deadline && !task.is_finished() {
-                    if readyz(metrics).await.is_some_and(|l| l.contains(" 200")) {
-                        return !task.is_finished();
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                false
-            });
-            if ready {
-                let tls = Tls::from_ca(&hub::tls::ca_path(&data), "localhost")?;
-                return Ok(Rig {
-                    emulator: Arc::new(emulator),
-                    mqtt,
-                    tls,
-                    modules,
-                    stop: Some(stop),
-                    task: Some(task),
-                });
-            }
-            let _ = stop.send(());
-            last = match driver.block_on(task) {
-                Ok(Ok(())) => "the hub stopped before it was ready".into(),
-                Ok(Err(e)) => e,
-                Err(e) => format!("the hub task failed: {e}"),
-            };
-            if !last.contains("cannot listen") {
-                break;
-            }
+        // The hub serves listeners bound here to port 0: their addresses are known at once.
+        let any_port = || Some("127.0.0.1:0".to_owned());
+        let settings = RawSettings {
+            data_dir: Some(data.clone()),
+            manifest: Some(dir.join("manifest.json")),
+            mqtt_addr: any_port(),
+            metrics_addr: any_port(),
+            plain_mqtt_addr: any_port(),
+            amqp_addr: any_port(),
+            iothub_hostname: Some(IOTHUB.into()),
+            device_id: Some(DEVICE.into()),
+            gateway_hostname: Some("localhost".into()),
+            upstream_protocol: Some("mqtt".into()),
+            upstream_addr: Some(up_addr.clone()),
+            upstream_ca: Some(up_ca.clone()),
+            ..RawSettings::default()
         }
-        Err(format!("the hub did not start: {last}").into())
+        .validate(None)?;
+        let listeners = hub_rt.block_on(hub::server::Listeners::bind(&settings))?;
+        let bound = listeners.local_addrs()?;
+        let (mqtt, metrics) = (bound.mqtt, bound.http);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let clock: Arc<dyn store::Clock> = Arc::new(store::SystemClock);
+        let task = hub_rt.spawn(async move {
+            hub::server::run(settings, listeners, clock, async move {
+                let _ = stopped.await;
+            })
+            .await
+            .map_err(|e| error_chain(&e))
+        });
+        let ready = driver.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline && !task.is_finished() {
+                if readyz(metrics).await.is_some_and(|l| l.contains(" 200")) {
+                    return !task.is_finished();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            false
+        });
+        if ready {
+            let tls = Tls::from_ca(&hub::tls::ca_path(&data), "localhost")?;
+            return Ok(Rig {
+                emulator: Arc::new(emulator),
+                mqtt,
+                tls,
+                modules,
+                stop: Some(stop),
+                task: Some(task),
+            });
+        }
+        let _ = stop.send(());
+        let why = match driver.block_on(task) {
+            Ok(Ok(())) => "the hub stopped before it was ready".into(),
+            Ok(Err(e)) => e,
+            Err(e) => format!("the hub task failed: {e}"),
+        };
+        Err(format!("the hub did not start: {why}").into())
     }
 
     fn endpoint(&self) -> Endpoint {

@@ -27,7 +27,7 @@ use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use router::RouterMetrics;
-use store::Store;
+use store::{Clock, Store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -83,6 +83,8 @@ pub struct HttpState {
     pub readiness: Readiness,
     /// The manifest in force and the last reload's outcome.
     pub manifest: Arc<crate::reload::ManifestStatus>,
+    /// The hub's wall clock: oldest-message ages are measured by it.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for HttpState {
@@ -214,7 +216,9 @@ async fn render_metrics(state: &HttpState) -> String {
     let state = state.clone();
     let rendered = tokio::task::spawn_blocking(move || {
         let router = (state.router_metrics)();
-        state.metrics.render(&state.store, &router)
+        state
+            .metrics
+            .render_at(&state.store, &router, state.clock.now())
     })
     .await;
     rendered.unwrap_or_else(|e| {
@@ -284,6 +288,7 @@ mod tests {
             }),
             readiness: readiness.clone(),
             manifest: Arc::default(),
+            clock: Arc::new(store::SystemClock),
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");

@@ -20,6 +20,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -413,7 +414,10 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         // (death by signal).
         let shutdown = shutdown_signal()?;
         let reloads = reload_requests()?;
-        hub::server::run_with_reloads(settings, shutdown, reloads).await
+        let listeners = hub::server::Listeners::bind(&settings).await?;
+        let clock: Arc<dyn store::Clock> = Arc::new(store::SystemClock);
+        hub::server::run_with_reloads(settings, listeners, clock, shutdown, reloads).await?;
+        Ok(())
     })
 }
 

@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use router::manifest::Deployment;
 use router::{ModuleId, Route, Ttl};
 use serde_json::{json, Value};
+use store::UnixMillis;
 use tokio::sync::mpsc;
 
 use crate::identity::{self, IdentityChanges, ModuleKey};
@@ -282,16 +283,21 @@ impl ManifestStatus {
         });
     }
 
-    fn set_last(&self, trigger: Trigger, result: &str, changes: Option<String>, errors: &[String]) {
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+    /// Records the last reload's outcome, which happened at `at` (the hub's clock).
+    fn set_last(
+        &self,
+        at: UnixMillis,
+        trigger: Trigger,
+        result: &str,
+        changes: Option<String>,
+        errors: &[String],
+    ) {
         let mut doc = self.doc.lock().unwrap_or_else(|p| p.into_inner());
         if let Value::Object(map) = &mut *doc {
             map.insert(
                 "lastReload".to_owned(),
                 json!({
-                    "atUnixMs": u64::try_from(at_ms).unwrap_or(u64::MAX),
+                    "atUnixMs": at.0,
                     "trigger": trigger.to_string(),
                     "result": result,
                     "changes": changes,
@@ -428,8 +434,13 @@ impl Reloader {
         self.ctx.metrics.manifest_reloaded(true, active.generation);
         self.status
             .set_active(source, &active, &self.ctx.identities.modules());
-        self.status
-            .set_last(trigger, "success", Some(changes.to_string()), &[]);
+        self.status.set_last(
+            self.ctx.now_millis(),
+            trigger,
+            "success",
+            Some(changes.to_string()),
+            &[],
+        );
         Outcome::Applied(changes)
     }
 
@@ -446,7 +457,8 @@ impl Reloader {
             "manifest reload refused: the previous manifest and module keys stay in force"
         );
         self.ctx.metrics.manifest_reloaded(false, active.generation);
-        self.status.set_last(trigger, "failure", None, &errors);
+        self.status
+            .set_last(self.ctx.now_millis(), trigger, "failure", None, &errors);
         Outcome::Failed(errors)
     }
 }

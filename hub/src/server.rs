@@ -1,74 +1,265 @@
-//! The composition root: builds the store, router, dispatcher, identities, TLS, the MQTT head and
-//! the HTTP surface from typed settings, serves until `shutdown`, then stops in order.
+//! The composition root: from typed settings, ready listeners and a clock it builds the store,
+//! router, dispatcher, identities, TLS, the heads and the HTTP surface, serves until `shutdown`,
+//! then stops in order.
 //!
-//! Guarantees: nothing listens before the store is recovered and the manifest is valid (a broken
-//! manifest or store is an error before any client can connect); `/readyz` turns ready only once
-//! every listener is bound; on shutdown the listeners stop, every connection first acknowledges
-//! what is already durable and then closes, the endpoint workers stop, and the store is closed
-//! last, so nothing acknowledged is left anywhere but on disk.
+//! Like mini-redis's `server::run(listener, shutdown)`, it binds nothing itself: the caller
+//! (`main.rs`, or a test on port 0) binds the [`Listeners`] and gives the [`Clock`] (the
+//! [`store::SystemClock`] in production) that every wall-clock reading of the hub goes through.
+//! [`run`] reads as its phases: [`prepare`] (data directory, manifest, identities, TLS),
+//! [`open_store`], [`build_core`] (delivery, upstream, the heads' shared context, reloads),
+//! [`start_heads`], serve, [`drain`]. Each failure is a [`RunError`] naming its phase and
+//! keeping its cause.
+//!
+//! Guarantees: nothing is accepted before the store is recovered and the manifest is valid (a
+//! broken manifest or store is an error before any client is served; a client that connects
+//! early waits in the listen backlog); `/readyz` turns ready only once every head serves; on
+//! shutdown the listeners stop, every connection first acknowledges what is already durable and
+//! then closes, the endpoint workers stop, and the store is closed last, so nothing acknowledged
+//! is left anywhere but on disk.
 
 use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
-use router::{Dispatcher, DispatcherConfig, Router};
-use store::{Epoch, Store, StoreOptions, SystemClock};
+use notify::RecommendedWatcher;
+use router::manifest::Deployment;
+use router::{Dispatcher, DispatcherConfig, DispatcherError, Router};
+use store::{Clock, Epoch, OsFs, Store, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::http::{self, HttpState, Readiness};
-use crate::identity::{self, Identities};
+use crate::identity::{self, Identities, IdentityError};
 use crate::limits::Budget;
 use crate::metrics::HubMetrics;
 use crate::mqtt::connection::Registry;
 use crate::mqtt::context::HeadContext;
 use crate::mqtt::listener;
-use crate::mqtt::sessions::Sessions;
+use crate::mqtt::sessions::{Sessions, SessionsError};
 use crate::reload::{self, Reloader, Trigger};
-use crate::settings::{ManifestSource, Settings};
-use crate::tls;
+use crate::settings::{ManifestLoadError, ManifestSource, Settings};
+use crate::tls::{self, TlsError};
 use crate::upstream;
+use crate::upstream::mqtt::{MqttUpstream, UpstreamTlsError};
 
 /// Directory of the message store inside the data directory.
 pub const STORE_DIR: &str = "store";
 
-/// Runs the hub until `shutdown` completes; it reloads the manifest when the manifest file or
-/// the module keys directory changes.
+/// The sockets the hub serves, bound by its caller.
+#[derive(Debug)]
+pub struct Listeners {
+    /// MQTT over TLS (8883).
+    pub mqtt: TcpListener,
+    /// AMQP over TLS (5671).
+    pub amqp: TcpListener,
+    /// HTTP: metrics, health, readiness, the manifest.
+    pub http: TcpListener,
+    /// MQTT without TLS, if asked for (loopback only).
+    pub plain_mqtt: Option<TcpListener>,
+}
+
+/// A listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for {protocol} on {addr}")]
+pub struct BindError {
+    /// What would have listened there ("MQTT", "AMQP", "HTTP", "plain MQTT").
+    pub protocol: &'static str,
+    /// The address as the settings give it.
+    pub addr: String,
+    /// Why.
+    #[source]
+    pub source: io::Error,
+}
+
+/// The local addresses of a hub's [`Listeners`] (with the real ports when the settings said 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BoundAddrs {
+    /// MQTT over TLS.
+    pub mqtt: SocketAddr,
+    /// AMQP over TLS.
+    pub amqp: SocketAddr,
+    /// HTTP.
+    pub http: SocketAddr,
+    /// Plain MQTT, if any.
+    pub plain_mqtt: Option<SocketAddr>,
+}
+
+impl Listeners {
+    /// Binds the addresses `settings` name.
+    pub async fn bind(settings: &Settings) -> Result<Listeners, BindError> {
+        async fn one(protocol: &'static str, addr: &str) -> Result<TcpListener, BindError> {
+            TcpListener::bind(addr).await.map_err(|source| BindError {
+                protocol,
+                addr: addr.to_owned(),
+                source,
+            })
+        }
+        let mqtt = one("MQTT", &settings.mqtt_addr().to_string()).await?;
+        let amqp = one("AMQP", &settings.amqp_addr().to_string()).await?;
+        let http = one("HTTP", &settings.metrics_addr().to_string()).await?;
+        let plain_mqtt = match settings.plain_mqtt_addr() {
+            Some(addr) => Some(one("plain MQTT", &addr.to_string()).await?),
+            None => None,
+        };
+        Ok(Listeners {
+            mqtt,
+            amqp,
+            http,
+            plain_mqtt,
+        })
+    }
+
+    /// Where each listener listens.
+    pub fn local_addrs(&self) -> io::Result<BoundAddrs> {
+        Ok(BoundAddrs {
+            mqtt: self.mqtt.local_addr()?,
+            amqp: self.amqp.local_addr()?,
+            http: self.http.local_addr()?,
+            plain_mqtt: self
+                .plain_mqtt
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
+        })
+    }
+}
+
+/// Why [`run`] failed, by phase; each keeps its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Preparing: the data directory cannot be created.
+    #[error("cannot create the data directory {}", path.display())]
+    DataDir {
+        /// The data directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Preparing: the manifest cannot be loaded or is invalid.
+    #[error("cannot load the manifest")]
+    Manifest(#[source] ManifestLoadError),
+    /// Preparing: the module keys given (`--module-key`, keys directory) cannot be read.
+    #[error("cannot load the module keys")]
+    ModuleKeys(#[source] IdentityError),
+    /// Preparing: the identities file cannot be read or written.
+    #[error("cannot load the module identities")]
+    Identities(#[source] IdentityError),
+    /// Preparing: the hub's CA or server certificate cannot be made or read.
+    #[error("cannot set up TLS")]
+    Tls(#[source] TlsError),
+    /// Opening the store: it cannot be opened or recovered.
+    #[error("cannot open the message store in {}", path.display())]
+    Store {
+        /// The store's directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: store::OpenError,
+    },
+    /// Building the core: delivery cannot start.
+    #[error("cannot start delivery")]
+    Delivery(#[source] DispatcherError),
+    /// Building the core: the persistent MQTT sessions cannot be read.
+    #[error("cannot load the MQTT sessions")]
+    Sessions(#[source] SessionsError),
+    /// Building the core: the upstream link's TLS cannot be set up.
+    #[error("cannot set up the upstream link")]
+    Upstream(#[source] UpstreamTlsError),
+    /// Building the core: a manifest or keys directory cannot be watched.
+    #[error("cannot watch {} for changes", dir.display())]
+    Watch {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: notify::Error,
+    },
+    /// Starting the heads: a listener's address cannot be read.
+    #[error("cannot read a listener's address")]
+    LocalAddr(#[source] io::Error),
+    /// Draining: the store did not close cleanly.
+    #[error("closing the store")]
+    Close(#[source] store::CloseError),
+}
+
+/// Runs the hub on `listeners` by `clock` until `shutdown` completes; it reloads the manifest
+/// when the manifest file or the module keys directory changes.
 pub async fn run(
     settings: Settings,
+    listeners: Listeners,
+    clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
     let (_keep, never) = mpsc::channel(1);
-    run_with_reloads(settings, shutdown, never).await
+    run_with_reloads(settings, listeners, clock, shutdown, never).await
 }
 
 /// [`run`], also reloading the manifest (and module keys) on every item of `reload_requests`
 /// (the binary sends one per SIGHUP).
 pub async fn run_with_reloads(
     settings: Settings,
+    listeners: Listeners,
+    clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send,
     reload_requests: mpsc::Receiver<()>,
-) -> anyhow::Result<()> {
-    let data_dir = settings.data_dir().to_owned();
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
-    let deployment = reload::load_deployment(&settings).context("cannot load the manifest")?;
-    let given_keys = identity::given_keys(&settings).context("cannot load the module keys")?;
+) -> Result<(), RunError> {
+    let prepared = prepare(&settings)?;
+    let tls_config = Arc::clone(&prepared.tls_config);
+    let store = open_store(&settings, &prepared.deployment, Arc::clone(&clock))?;
+    let core = build_core(&settings, prepared, &store, clock, reload_requests)?;
+    let heads = start_heads(&settings, listeners, &core, &store, tls_config)?;
+    shutdown.await;
+    drain(core, heads, store).await
+}
+
+/// What is read and checked before the store opens.
+struct Prepared {
+    deployment: Deployment,
+    given_keys: Vec<(router::ModuleId, identity::ModuleKey)>,
+    identities: Arc<Identities>,
+    tls_config: Arc<rustls::ServerConfig>,
+}
+
+/// Phase 1: the data directory, the manifest, the module keys and identities, TLS.
+fn prepare(settings: &Settings) -> Result<Prepared, RunError> {
+    let data_dir = settings.data_dir();
+    std::fs::create_dir_all(data_dir).map_err(|source| RunError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    let deployment = reload::load_deployment(settings).map_err(RunError::Manifest)?;
+    let given_keys = identity::given_keys(settings).map_err(RunError::ModuleKeys)?;
     let identities = Arc::new(
         Identities::load_with_keys(
-            settings.data_dir(),
+            data_dir,
             settings.device_id(),
             &settings.all_modules(&deployment.modules),
             &given_keys,
         )
-        .context("cannot load the module identities")?,
+        .map_err(RunError::Identities)?,
     );
     // The keys directory may declare modules `main` did not know of when it wrote the record.
-    reload::record_modules(&data_dir, &identities);
-    let tls_config = tls::server_config(&settings).context("cannot set up TLS")?;
+    reload::record_modules(data_dir, &identities);
+    let tls_config = tls::server_config(settings).map_err(RunError::Tls)?;
+    Ok(Prepared {
+        deployment,
+        given_keys,
+        identities,
+        tls_config,
+    })
+}
 
+/// Phase 2: opens (and recovers) the message store, timed by `clock`.
+fn open_store(
+    settings: &Settings,
+    deployment: &Deployment,
+    clock: Arc<dyn Clock>,
+) -> Result<Store, RunError> {
     let mut store_options = StoreOptions {
         epoch: Epoch::new(settings.epoch()),
         ..StoreOptions::default()
@@ -76,30 +267,140 @@ pub async fn run_with_reloads(
     if let Some(max) = deployment.edge_hub.max_store_size_bytes {
         store_options.quota_bytes = max;
     }
-    let store_dir = data_dir.join(STORE_DIR);
-    let store = tokio::task::block_in_place(|| Store::open(&store_dir, store_options))
-        .with_context(|| format!("cannot open the message store in {}", store_dir.display()))?;
+    let store_dir = settings.data_dir().join(STORE_DIR);
+    tokio::task::block_in_place(|| {
+        Store::open_with(&store_dir, store_options, Arc::new(OsFs), clock)
+    })
+    .map_err(|source| RunError::Store {
+        path: store_dir,
+        source,
+    })
+}
+
+/// Everything the heads share, and what stops with it.
+struct Core {
+    dispatcher: Arc<Dispatcher>,
+    ctx: Arc<HeadContext>,
+    metrics: Arc<HubMetrics>,
+    upstream: Option<Arc<MqttUpstream>>,
+    reloader: Arc<Reloader>,
+    watchers: Vec<RecommendedWatcher>,
+    reload_task: JoinHandle<()>,
+    stop_tx: watch::Sender<bool>,
+    clock: Arc<dyn Clock>,
+}
+
+/// Phase 3: delivery, the router, sessions, metrics, the upstream link, the heads' shared
+/// context, and the reloader with its directory watches (set before anything is served: no
+/// change is missed after "ready").
+fn build_core(
+    settings: &Settings,
+    prepared: Prepared,
+    store: &Store,
+    clock: Arc<dyn Clock>,
+    reload_requests: mpsc::Receiver<()>,
+) -> Result<Core, RunError> {
+    let Prepared {
+        deployment,
+        given_keys,
+        identities,
+        tls_config: _,
+    } = prepared;
     let dispatcher = Arc::new(
         Dispatcher::start(
             store.clone(),
-            Arc::new(SystemClock),
+            Arc::clone(&clock),
             DispatcherConfig::default(),
         )
-        .context("cannot start delivery")?,
+        .map_err(RunError::Delivery)?,
     );
     let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
-    let sessions = Sessions::load(&data_dir).context("cannot load the MQTT sessions")?;
+    let sessions = Sessions::load(settings.data_dir()).map_err(RunError::Sessions)?;
     let metrics = Arc::new(HubMetrics::new(
         settings.iothub_hostname(),
         settings.device_id().as_str(),
     ));
     let upstream = upstream::start(
-        &settings,
+        settings,
         Arc::clone(&identities),
         &dispatcher,
         Arc::clone(&metrics),
+        Arc::clone(&clock),
     )
-    .context("cannot set up the upstream link")?;
+    .map_err(RunError::Upstream)?;
+    log_upstream(settings, &deployment);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ctx = Arc::new(HeadContext {
+        router,
+        dispatcher: Arc::clone(&dispatcher),
+        identities,
+        sessions,
+        connections: Registry::default(),
+        metrics: Arc::clone(&metrics),
+        shutdown: stop_rx.clone(),
+        audiences: vec![
+            settings.iothub_hostname().to_owned(),
+            settings.gateway_hostname().to_owned(),
+        ],
+        routes_changed: watch::channel(0).0,
+        clock: Arc::clone(&clock),
+    });
+    let reloader = Arc::new(Reloader::new(
+        settings.clone(),
+        Arc::clone(&ctx),
+        deployment,
+        given_keys,
+    ));
+    let (watchers, reload_task) =
+        start_reloads(settings, Arc::clone(&reloader), reload_requests, stop_rx)?;
+    Ok(Core {
+        dispatcher,
+        ctx,
+        metrics,
+        upstream,
+        reloader,
+        watchers,
+        reload_task,
+        stop_tx,
+        clock,
+    })
+}
+
+/// Watches the manifest's directory and the keys directory (a ConfigMap or Secret swaps a
+/// `..data` symlink in them) and serves reloads from those and from `reload_requests`, until
+/// `stop` turns true.
+fn start_reloads(
+    settings: &Settings,
+    reloader: Arc<Reloader>,
+    reload_requests: mpsc::Receiver<()>,
+    stop: watch::Receiver<bool>,
+) -> Result<(Vec<RecommendedWatcher>, JoinHandle<()>), RunError> {
+    let (file_tx, file_rx) = mpsc::channel(16);
+    let mut watchers = Vec::new();
+    let manifest_dir = match settings.manifest() {
+        ManifestSource::File(path) => Some(watched_dir(path)),
+        ManifestSource::BuiltIn => None,
+    };
+    for (dir, trigger) in [
+        (manifest_dir, Trigger::ManifestChanged),
+        (
+            settings.module_keys_dir().map(Path::to_path_buf),
+            Trigger::KeysChanged,
+        ),
+    ] {
+        let Some(dir) = dir else { continue };
+        let watcher = reload::watch_dir(&dir, trigger, file_tx.clone())
+            .map_err(|source| RunError::Watch { dir, source })?;
+        watchers.push(watcher);
+    }
+    drop(file_tx);
+    let task = tokio::spawn(reload::serve(reloader, reload_requests, file_rx, stop));
+    Ok((watchers, task))
+}
+
+/// Says where `$upstream` goes, or warns when routes send into it while it is off.
+fn log_upstream(settings: &Settings, deployment: &Deployment) {
     match settings.upstream() {
         Some(up) => tracing::info!(
             iothub = settings.iothub_hostname(),
@@ -127,136 +428,108 @@ pub async fn run_with_reloads(
             }
         }
     }
+}
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let ctx = Arc::new(HeadContext {
-        router,
-        dispatcher: Arc::clone(&dispatcher),
-        identities,
-        sessions,
-        connections: Registry::default(),
-        metrics: Arc::clone(&metrics),
-        shutdown: stop_rx.clone(),
-        audiences: vec![
-            settings.iothub_hostname().to_owned(),
-            settings.gateway_hostname().to_owned(),
-        ],
-        routes_changed: watch::channel(0).0,
-    });
-    let reloader = Arc::new(Reloader::new(
-        settings.clone(),
-        Arc::clone(&ctx),
-        deployment.clone(),
-        given_keys,
-    ));
-    // Watches the manifest's directory and the keys directory (a ConfigMap or Secret swaps a
-    // `..data` symlink in them), before anything listens: no change is missed after "ready".
-    let (file_tx, file_rx) = mpsc::channel(16);
-    let mut watchers = Vec::new();
-    let manifest_dir = match settings.manifest() {
-        ManifestSource::File(path) => Some(watched_dir(path)),
-        ManifestSource::BuiltIn => None,
-    };
-    for (dir, trigger) in [
-        (manifest_dir, Trigger::ManifestChanged),
-        (
-            settings.module_keys_dir().map(Path::to_path_buf),
-            Trigger::KeysChanged,
-        ),
-    ] {
-        let Some(dir) = dir else { continue };
-        let watcher = reload::watch_dir(&dir, trigger, file_tx.clone())
-            .with_context(|| format!("cannot watch {} for changes", dir.display()))?;
-        watchers.push(watcher);
-    }
-    drop(file_tx);
-    let reload_task = tokio::spawn(reload::serve(
-        Arc::clone(&reloader),
-        reload_requests,
-        file_rx,
-        stop_rx.clone(),
-    ));
+/// The serving tasks, in the order they stop.
+struct Heads {
+    readiness: Readiness,
+    /// MQTT, AMQP, plain MQTT (if any), then HTTP.
+    tasks: Vec<JoinHandle<()>>,
+}
 
-    let mqtt = TcpListener::bind(settings.mqtt_addr())
-        .await
-        .with_context(|| format!("cannot listen for MQTT on {}", settings.mqtt_addr()))?;
-    let amqp = TcpListener::bind(settings.amqp_addr())
-        .await
-        .with_context(|| format!("cannot listen for AMQP on {}", settings.amqp_addr()))?;
-    let http_listener = TcpListener::bind(settings.metrics_addr())
-        .await
-        .with_context(|| format!("cannot listen for HTTP on {}", settings.metrics_addr()))?;
-    let plain = match settings.plain_mqtt_addr() {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen for plain MQTT on {addr}"))?,
-        ),
-        None => None,
-    };
-
+/// Phase 4: serves the heads and HTTP on `listeners`, then turns ready and logs the bound
+/// addresses ("edgehub ready").
+fn start_heads(
+    settings: &Settings,
+    listeners: Listeners,
+    core: &Core,
+    store: &Store,
+    tls_config: Arc<rustls::ServerConfig>,
+) -> Result<Heads, RunError> {
+    let bound = listeners.local_addrs().map_err(RunError::LocalAddr)?;
+    let Listeners {
+        mqtt,
+        amqp,
+        http: http_listener,
+        plain_mqtt,
+    } = listeners;
+    let stop_rx = core.ctx.shutdown.clone();
     // One budget per protocol (the loopback plain MQTT listener shares MQTT's).
-    let mqtt_budget = Budget::new("mqtt", settings.limits(), metrics.limits().clone());
-    let amqp_budget = Budget::new("amqp", settings.limits(), metrics.limits().clone());
+    let mqtt_budget = Budget::new("mqtt", settings.limits(), core.metrics.limits().clone());
+    let amqp_budget = Budget::new("amqp", settings.limits(), core.metrics.limits().clone());
     let readiness = Readiness::new();
     let router_metrics = {
-        let dispatcher = Arc::clone(&dispatcher);
+        let dispatcher = Arc::clone(&core.dispatcher);
         Arc::new(move || dispatcher.metrics())
     };
     let http_task = tokio::spawn(http::serve(
         http_listener,
         HttpState {
-            metrics,
+            metrics: Arc::clone(&core.metrics),
             store: store.clone(),
             router_metrics,
             readiness: readiness.clone(),
-            manifest: reloader.status(),
+            manifest: core.reloader.status(),
+            clock: Arc::clone(&core.clock),
         },
         wait_for_stop(stop_rx.clone()),
     ));
-    let amqp_task = tokio::spawn(crate::amqp::listener::serve_tls(
-        amqp,
-        TlsAcceptor::from(Arc::clone(&tls_config)),
-        Arc::clone(&ctx),
-        amqp_budget,
-        stop_rx.clone(),
-    ));
-    let mqtt_task = tokio::spawn(listener::serve_tls(
+    let mut tasks = Vec::with_capacity(4);
+    tasks.push(tokio::spawn(listener::serve_tls(
         mqtt,
-        TlsAcceptor::from(tls_config),
-        Arc::clone(&ctx),
+        TlsAcceptor::from(Arc::clone(&tls_config)),
+        Arc::clone(&core.ctx),
         Arc::clone(&mqtt_budget),
         stop_rx.clone(),
-    ));
-    let plain_task = plain.map(|l| {
-        tokio::spawn(listener::serve_plain(
-            l,
-            Arc::clone(&ctx),
+    )));
+    tasks.push(tokio::spawn(crate::amqp::listener::serve_tls(
+        amqp,
+        TlsAcceptor::from(tls_config),
+        Arc::clone(&core.ctx),
+        amqp_budget,
+        stop_rx.clone(),
+    )));
+    if let Some(plain) = plain_mqtt {
+        tasks.push(tokio::spawn(listener::serve_plain(
+            plain,
+            Arc::clone(&core.ctx),
             mqtt_budget,
-            stop_rx.clone(),
-        ))
-    });
+            stop_rx,
+        )));
+    }
+    tasks.push(http_task);
     readiness.set_ready();
     tracing::info!(
-        mqtt = %settings.mqtt_addr(),
-        amqp = %settings.amqp_addr(),
-        http = %settings.metrics_addr(),
-        ca = %tls::ca_path(&data_dir).display(),
-        routes = ctx.router.table().routes().len(),
+        mqtt = %bound.mqtt,
+        amqp = %bound.amqp,
+        http = %bound.http,
+        plain_mqtt = ?bound.plain_mqtt,
+        ca = %tls::ca_path(settings.data_dir()).display(),
+        routes = core.ctx.router.table().routes().len(),
         max_connections = settings.limits().max_connections,
         "edgehub ready"
     );
+    Ok(Heads { readiness, tasks })
+}
 
-    shutdown.await;
+/// Phase 5: stops serving, lets every connection acknowledge what is durable and close, stops
+/// reloads and delivery, and closes the store last.
+async fn drain(core: Core, heads: Heads, store: Store) -> Result<(), RunError> {
     tracing::info!("shutting down");
-    readiness.set_not_ready();
-    let _ = stop_tx.send(true);
-    let _ = mqtt_task.await;
-    let _ = amqp_task.await;
-    if let Some(t) = plain_task {
-        let _ = t.await;
+    heads.readiness.set_not_ready();
+    let _ = core.stop_tx.send(true);
+    for task in heads.tasks {
+        let _ = task.await;
     }
-    let _ = http_task.await;
+    let Core {
+        dispatcher,
+        ctx,
+        upstream,
+        reloader,
+        watchers,
+        reload_task,
+        ..
+    } = core;
     let _ = reload_task.await;
     drop(watchers);
     drop(reloader);
@@ -269,7 +542,7 @@ pub async fn run_with_reloads(
     }
     // Its links end here; what they had in flight is resent from the store after a restart.
     drop(upstream);
-    tokio::task::block_in_place(|| store.close()).context("closing the store")?;
+    tokio::task::block_in_place(|| store.close()).map_err(RunError::Close)?;
     tracing::info!("stopped");
     Ok(())
 }

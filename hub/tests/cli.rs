@@ -171,6 +171,34 @@ fn a_bad_setting_names_its_field_and_fails() {
     );
 }
 
+/// `run` binds its listeners itself (main.rs) before the hub starts: an address that is taken
+/// fails the start with an error that names the protocol and the address, and the OS's reason.
+#[test]
+fn a_taken_address_fails_the_start_naming_protocol_and_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = edgehub(
+        dir.path(),
+        &[
+            "run",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            &addr,
+            "--amqp-addr",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("cannot listen for HTTP on {addr}")),
+        "{err}"
+    );
+    assert!(err.to_lowercase().contains("in use"), "{err}");
+}
+
 #[test]
 fn check_manifest_accepts_a_good_manifest_with_a_summary() {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/src/default-manifest.json");

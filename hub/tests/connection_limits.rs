@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use raw::{Addrs, RawClient, Start};
+use raw::{Addrs, RawClient};
 use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::QoS;
 
@@ -47,52 +47,63 @@ struct LimitedHub {
 impl LimitedHub {
     async fn start(root: &Path, nofile: u64, extra: &[&str]) -> LimitedHub {
         std::fs::write(root.join("manifest.json"), raw::MANIFEST).expect("manifest");
-        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        raw::start_retrying(|addrs| {
-            let (root, extra) = (root.to_owned(), extra.clone());
-            async move {
-                let mut child = Command::new("prlimit")
-                    .arg(format!("--nofile={nofile}:{nofile}"))
-                    .arg("--")
-                    .arg(env!("CARGO_BIN_EXE_edgehub"))
-                    .arg("run")
-                    .arg("--data-dir")
-                    .arg(root.join("data"))
-                    .arg("--manifest")
-                    .arg(root.join("manifest.json"))
-                    .args(["--mqtt-addr", &addrs.mqtt.to_string()])
-                    .args(["--metrics-addr", &addrs.metrics.to_string()])
-                    .args(["--amqp-addr", "127.0.0.1:0"])
-                    .args(["--iothub-hostname", raw::IOTHUB, "--device-id", raw::DEVICE])
-                    .args(["--gateway-hostname", "localhost", "--log", "info"])
-                    .args(&extra)
-                    .env_remove("RUST_LOG")
-                    .env_remove("EDGEHUB_LOG")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("spawn prlimit edgehub (util-linux prlimit installed?)");
-                let log = follow(child.stderr.take().expect("stderr"));
-                let start = raw::wait_ready(addrs, secs(60), || {
-                    child.try_wait().ok().flatten().is_some()
-                })
-                .await;
-                match start {
-                    Start::Ready => Ok(LimitedHub {
-                        child,
-                        addrs,
-                        root,
-                        log,
-                    }),
-                    Start::Exited => {
-                        let _ = child.wait();
-                        Err(text(&log))
-                    }
-                }
+        // Port 0: the hub names the ports it bound in its "edgehub ready" line.
+        let mut child = Command::new("prlimit")
+            .arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_edgehub"))
+            .arg("run")
+            .arg("--data-dir")
+            .arg(root.join("data"))
+            .arg("--manifest")
+            .arg(root.join("manifest.json"))
+            .args(["--mqtt-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--amqp-addr", "127.0.0.1:0"])
+            .args(["--iothub-hostname", raw::IOTHUB, "--device-id", raw::DEVICE])
+            .args(["--gateway-hostname", "localhost", "--log", "info"])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .env_remove("EDGEHUB_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn prlimit edgehub (util-linux prlimit installed?)");
+        let log = follow(child.stderr.take().expect("stderr"));
+        let deadline = std::time::Instant::now() + secs(60);
+        let is_ready = |t: &str| t.contains("edgehub ready");
+        // Woken by every new piece of the log; the slice only bounds how late an exit is
+        // noticed.
+        while !wait_in(&log, secs(1), is_ready) {
+            if child.try_wait().ok().flatten().is_some() {
+                let _ = child.wait();
+                panic!("the hub failed to start: {}", text(&log));
             }
-        })
-        .await
+            assert!(
+                std::time::Instant::now() < deadline,
+                "hub not ready within 60 s:\n{}",
+                text(&log)
+            );
+        }
+        let all = text(&log);
+        let line = all.lines().find(|l| is_ready(l)).expect("the ready line");
+        let addr = |name: &str| -> SocketAddr {
+            raw::log_field(line, name)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} address in {line:?}"))
+        };
+        let addrs = Addrs {
+            mqtt: addr("mqtt"),
+            metrics: addr("http"),
+            plain: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        LimitedHub {
+            child,
+            addrs,
+            root: root.to_owned(),
+            log,
+        }
     }
 
     fn log(&self) -> String {
@@ -101,21 +112,7 @@ impl LimitedHub {
 
     /// Waits until the log satisfies `ok` (checked on every new piece); false at `within`.
     fn wait_log(&self, within: Duration, ok: impl Fn(&str) -> bool) -> bool {
-        tokio::task::block_in_place(|| {
-            let deadline = std::time::Instant::now() + within;
-            let (text, changed) = &*self.log;
-            let mut guard = text.lock().unwrap();
-            loop {
-                if ok(&guard) {
-                    return true;
-                }
-                let left = deadline.saturating_duration_since(std::time::Instant::now());
-                if left.is_zero() {
-                    return false;
-                }
-                guard = changed.wait_timeout(guard, left).unwrap().0;
-            }
-        })
+        wait_in(&self.log, within, ok)
     }
 
     fn ca(&self) -> PathBuf {
@@ -148,6 +145,25 @@ fn follow(mut stderr: std::process::ChildStderr) -> Log {
         }
     });
     log
+}
+
+/// Waits until `log` satisfies `ok` (checked on every new piece); false at `within`.
+fn wait_in(log: &Log, within: Duration, ok: impl Fn(&str) -> bool) -> bool {
+    tokio::task::block_in_place(|| {
+        let deadline = std::time::Instant::now() + within;
+        let (text, changed) = &**log;
+        let mut guard = text.lock().unwrap();
+        loop {
+            if ok(&guard) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
+    })
 }
 
 fn text(log: &Log) -> String {
@@ -382,12 +398,11 @@ async fn the_connection_over_max_connections_is_refused_until_a_slot_is_free() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_connection_is_closed_at_the_auth_deadline_on_both_heads() {
     let dir = tempfile::tempdir().unwrap();
-    let amqp = SocketAddr::from(([127, 0, 0, 1], raw::free_port()));
     let hub = raw::TestHub::start_with(dir.path(), |s| {
         s.auth_timeout_secs = Some(1);
-        s.amqp_addr = Some(amqp.to_string());
     })
     .await;
+    let amqp = hub.amqp;
     let ca = hub.ca();
     let mut mqtt = RawClient::try_tls(hub.addrs.mqtt, &ca, secs(10))
         .await

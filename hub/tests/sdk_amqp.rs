@@ -10,85 +10,57 @@
 
 #[path = "support/sdk.rs"]
 mod sdk;
+#[path = "support/sdk_hub.rs"]
+mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use sdk::{NetNs, Proc, Script, Sdk, SdkEnv, SeqReport};
+use sdk::{Proc, Script, Sdk, SeqReport};
+use sdk_hub::{secs, SdkHub};
 use serde_json::Value;
 use testhub::TestHub;
 
 const N: i64 = 2000;
 
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
-/// tests/sdk/node/amqp_probe.js inside `ns` (raw rhea, for what the SDK never does).
-fn probe(env: &SdkEnv, ns: &NetNs, cs: &str, ca: &Path, args: &[&str]) -> Proc {
+/// tests/sdk/node/amqp_probe.js in the hub's namespace, with connection string `cs` (raw
+/// rhea, for what the SDK never does).
+fn probe(hub: &SdkHub, cs: &str, args: &[&str]) -> Proc {
+    let env = &hub.env;
     let mut cmd = Command::new(&env.node);
     cmd.arg(env.scripts.join("node/amqp_probe.js"))
         .args(args)
         .env("EDGEHUB_CS", cs)
-        .env("EDGEHUB_CA", ca)
+        .env("EDGEHUB_CA", hub.ca())
         .env("EDGEHUB_SDK_DIR", &env.dir);
-    ns.spawn(&mut cmd)
+    hub.ns.spawn(&mut cmd)
 }
 
-/// A hub in its own namespace, and the credentials of modules `sender` and `receiver` for
-/// probe runs.
-struct ProbeHub {
-    // Fields drop in this order: the hub process first, its namespace last.
-    proc: Proc,
-    cs: String,
-    cs_rx: String,
-    ca: PathBuf,
-    _hub: TestHub,
-    ns: NetNs,
-    env: SdkEnv,
+/// A hub with modules `sender` and `receiver`, for probe runs.
+fn probe_hub() -> SdkHub {
+    SdkHub::start(TestHub::new(), &["sender", "receiver"])
 }
 
-impl ProbeHub {
-    fn start() -> ProbeHub {
-        let env = SdkEnv::require();
-        let ns = NetNs::new();
-        let hub = TestHub::new();
-        let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
-        let cs_rx = hub.connection_string("receiver");
-        let proc = hub.start(&ns);
-        ProbeHub {
-            proc,
-            cs,
-            cs_rx,
-            ca,
-            _hub: hub,
-            ns,
-            env,
-        }
-    }
+/// The probe as `sender`, running.
+fn spawn(hub: &SdkHub, args: &[&str]) -> Proc {
+    probe(hub, hub.cs("sender"), args)
+}
 
-    /// The probe as `sender`, running.
-    fn spawn(&self, args: &[&str]) -> Proc {
-        probe(&self.env, &self.ns, &self.cs, &self.ca, args)
-    }
+/// The probe as `receiver`, running.
+fn spawn_receiver(hub: &SdkHub, args: &[&str]) -> Proc {
+    probe(hub, hub.cs("receiver"), args)
+}
 
-    /// The probe as `receiver`, running.
-    fn spawn_receiver(&self, args: &[&str]) -> Proc {
-        probe(&self.env, &self.ns, &self.cs_rx, &self.ca, args)
-    }
-
-    /// The probe as `sender`, run to its end within `timeout`; it must exit 0. Returns what it
-    /// printed and the hub's log.
-    fn run_ok(&self, args: &[&str], timeout: Duration) -> (sdk::Outcome, String) {
-        let out = self.spawn(args).finish(timeout);
-        let log = self.proc.stderr();
-        assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
-        (out, log)
-    }
+/// The probe as `sender`, run to its end within `timeout`; it must exit 0. Returns what it
+/// printed and the hub's log.
+fn run_ok(hub: &SdkHub, args: &[&str], timeout: Duration) -> (sdk::Outcome, String) {
+    let out = spawn(hub, args).finish(timeout);
+    let log = hub.log();
+    assert_eq!(out.code, Some(sdk::EXIT_OK), "{out:?}\nhub log:\n{log}");
+    (out, log)
 }
 
 fn event(outcome: &sdk::Outcome, name: &str) -> Value {
@@ -131,17 +103,9 @@ fn assert_transport(outcome: &sdk::Outcome, (sdk, transport): (Sdk, &str)) {
 /// `tx` sends N messages as module `sender` (run `run`), `rx` receives them as `receiver`
 /// through the built-in route to `input1`: every message once, in order, intact.
 fn cross_protocol(tx: (Sdk, &str), rx: (Sdk, &str), run: &str) {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let mut receiver = ns
-        .module(&env, rx.0, Script::Receive, &cs_rx, &ca)
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
+    let mut receiver = hub
+        .module(rx.0, Script::Receive, "receiver")
         .args(transport_args(rx.0, rx.1))
         .args([
             "--count",
@@ -153,8 +117,8 @@ fn cross_protocol(tx: (Sdk, &str), rx: (Sdk, &str), run: &str) {
         ])
         .spawn();
     receiver.expect_event("ready", secs(20));
-    let sent = ns
-        .module(&env, tx.0, Script::Send, &cs_tx, &ca)
+    let sent = hub
+        .module(tx.0, Script::Send, "sender")
         .args(transport_args(tx.0, tx.1))
         .args(["--output", "out1", "--run", run, "--count", &N.to_string()])
         .args(["--timeout", "120"])
@@ -175,7 +139,7 @@ fn cross_protocol(tx: (Sdk, &str), rx: (Sdk, &str), run: &str) {
             rx.0.name(),
             rx.1,
             outcome.stderr,
-            hub_proc.stderr()
+            hub.log()
         );
     }
     outcome.assert_exit(sdk::EXIT_OK);
@@ -203,16 +167,9 @@ fn cross_protocol(tx: (Sdk, &str), rx: (Sdk, &str), run: &str) {
 /// as another with its own key, and for a module the hub does not know; the right key opens.
 #[test]
 fn wrong_key_and_wrong_module_are_refused() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let other_key = testhub::cs_field(&cs_rx, "SharedAccessKey").to_owned();
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
+    let cs = hub.cs("sender").to_owned();
+    let other_key = testhub::cs_field(hub.cs("receiver"), "SharedAccessKey").to_owned();
     let wrong_key = testhub::with_key(&cs, &other_key);
     let as_other_module = cs.replace("ModuleId=sender;", "ModuleId=receiver;");
     let unknown_module = cs.replace("ModuleId=sender;", "ModuleId=ghost;");
@@ -227,8 +184,8 @@ fn wrong_key_and_wrong_module_are_refused() {
         ),
         ("an unknown module", unknown_module.as_str(), sdk::EXIT_AUTH),
     ] {
-        let out = ns
-            .module(&env, Sdk::Node, Script::ConnectOnly, cs_try, &ca)
+        let out = hub
+            .module_with(Sdk::Node, Script::ConnectOnly, cs_try)
             .args(["--transport", "amqp", "--no-retry", "--timeout", "30"])
             .run(secs(40));
         if out.code != Some(want) {
@@ -236,14 +193,14 @@ fn wrong_key_and_wrong_module_are_refused() {
                 "{what}: exit {:?}, want {want}; stderr:\n{}\nhub log:\n{}",
                 out.code,
                 out.stderr,
-                hub_proc.stderr()
+                hub.log()
             );
         }
     }
-    let log = hub_proc.stderr();
+    let log = hub.log();
     assert!(log.contains("put-token refused"), "{log}");
     // The AMQP head feeds the same connection metrics as the MQTT head.
-    let metrics = testhub::metrics(&ns);
+    let metrics = hub.metrics();
     let value = |name: &str, label: &str| -> f64 {
         metrics
             .lines()
@@ -266,17 +223,11 @@ fn wrong_key_and_wrong_module_are_refused() {
 /// in both directions with `amqp:unauthorized-access`.
 #[test]
 fn one_module_cannot_attach_another_modules_links() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
-    let hub_proc = hub.start(&ns);
+    let hub = SdkHub::start(TestHub::new(), &["sender"]);
     for sasl in ["none", "anonymous", "mssbcbs", "plain"] {
         let out = probe(
-            &env,
-            &ns,
-            &cs,
-            &ca,
+            &hub,
+            hub.cs("sender"),
             &["--sasl", sasl, "--other", "receiver", "--timeout", "30"],
         )
         .finish(secs(40));
@@ -286,7 +237,7 @@ fn one_module_cannot_attach_another_modules_links() {
                 out.code,
                 out.lines,
                 out.stderr,
-                hub_proc.stderr()
+                hub.log()
             );
         }
         if sasl != "plain" {
@@ -311,22 +262,14 @@ fn one_module_cannot_attach_another_modules_links() {
 /// counted; `complete()` (`accepted`) delivers. A later receiver gets none of them again.
 #[test]
 fn rejected_and_released_deliveries_are_dropped_not_retried() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let mut rx = ns
-        .module(&env, Sdk::Node, Script::Receive, &cs_rx, &ca)
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
+    let mut rx = hub
+        .module(Sdk::Node, Script::Receive, "receiver")
         .args(["--transport", "amqp", "--count", "4", "--linger", "2"])
         .args(["--reject-seq", "0", "--abandon-seq", "1", "--timeout", "60"])
         .spawn();
     rx.expect_event("ready", secs(20));
-    ns.module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+    hub.module(Sdk::Python, Script::Send, "sender")
         .args(["--output", "out1", "--run", "settle", "--count", "4"])
         .run(secs(60))
         .assert_exit(sdk::EXIT_OK);
@@ -352,15 +295,15 @@ fn rejected_and_released_deliveries_are_dropped_not_retried() {
         ],
         "each message once, in order (a retried one would come again)"
     );
-    let counters = testhub::message_counters(&ns);
+    let counters = hub.counters();
     let rejected: f64 = counters
         .lines()
         .filter(|l| l.starts_with("edgehub_messages_dropped_total") && l.contains("rejected"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(rejected, 2.0, "dropped as rejected:\n{counters}");
-    let again = ns
-        .module(&env, Sdk::Node, Script::Receive, &cs_rx, &ca)
+    let again = hub
+        .module(Sdk::Node, Script::Receive, "receiver")
         .args(["--transport", "amqp", "--stay", "3"])
         .run(secs(20));
     again.assert_exit(sdk::EXIT_OK);
@@ -368,7 +311,7 @@ fn rejected_and_released_deliveries_are_dropped_not_retried() {
         again.data().is_empty(),
         "redelivered after reject/abandon: {:?}\nhub log:\n{}",
         again.data(),
-        hub_proc.stderr()
+        hub.log()
     );
 }
 
@@ -377,28 +320,20 @@ fn rejected_and_released_deliveries_are_dropped_not_retried() {
 /// its own properties and the sender's connection ids.
 #[test]
 fn a_batched_transfer_is_routed_message_by_message_in_order() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let mut rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
+    let mut rx = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args(["--count", "5", "--timeout", "60"])
         .spawn();
     rx.expect_event("ready", secs(20));
-    let out = probe(&env, &ns, &cs_tx, &ca, &["--batch", "5", "--timeout", "30"]).finish(secs(40));
+    let out = probe(&hub, hub.cs("sender"), &["--batch", "5", "--timeout", "30"]).finish(secs(40));
     out.assert_exit(sdk::EXIT_OK);
     let batch = event(&out, "batch");
     assert_eq!(
         batch["outcome"],
         "accepted",
         "{batch}\nhub log:\n{}",
-        hub_proc.stderr()
+        hub.log()
     );
     let got = rx.finish(secs(70));
     got.assert_exit(sdk::EXIT_OK);
@@ -418,15 +353,18 @@ fn a_batched_transfer_is_routed_message_by_message_in_order() {
 /// pre-settled, so a delivery the module did not accept is delivered again to its next link.
 #[test]
 fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
-    let hub = ProbeHub::start();
-    let mut rx = hub.spawn_receiver(&[
-        "--mode",
-        "inputs",
-        "--snd-settle",
-        "settled",
-        "--timeout",
-        "30",
-    ]);
+    let hub = probe_hub();
+    let mut rx = spawn_receiver(
+        &hub,
+        &[
+            "--mode",
+            "inputs",
+            "--snd-settle",
+            "settled",
+            "--timeout",
+            "30",
+        ],
+    );
     let attached = rx
         .read_until(secs(20), |v| v["event"] == "attached")
         .unwrap_or_else(|| panic!("no inputs link: {}", rx.stderr()));
@@ -434,7 +372,7 @@ fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
         attached["snd_settle_mode"], 0,
         "the hub agreed to send pre-settled: {attached}"
     );
-    let sent = hub.spawn(&["--timeout", "20"]).finish(secs(30));
+    let sent = spawn(&hub, &["--timeout", "20"]).finish(secs(30));
     sent.assert_exit(sdk::EXIT_OK);
     assert_eq!(event(&sent, "own")["outcome"], "accepted");
     let first = rx.finish(secs(40));
@@ -443,16 +381,18 @@ fn an_inputs_link_asking_for_presettled_deliveries_gets_unsettled_ones() {
     assert_eq!(m["message_id"], "probe-1", "{m}");
     assert_eq!(m["presettled"], false, "{m}");
     // Left unsettled: it comes again, to the next inputs link.
-    let again = hub
-        .spawn_receiver(&["--mode", "inputs", "--settle", "accept", "--timeout", "40"])
-        .finish(secs(50));
+    let again = spawn_receiver(
+        &hub,
+        &["--mode", "inputs", "--settle", "accept", "--timeout", "40"],
+    )
+    .finish(secs(50));
     if again.code != Some(sdk::EXIT_OK) {
         panic!(
             "not delivered again: exit {:?}, {:?}\n{}\nhub log:\n{}",
             again.code,
             again.lines,
             again.stderr,
-            hub.proc.stderr()
+            hub.log()
         );
     }
     assert_eq!(event(&again, "message")["message_id"], "probe-1");
@@ -469,18 +409,20 @@ fn wait_for_log(hub: &Proc, needle: &str, count: usize, within: Duration) -> boo
 /// is still open, and the second link receives.
 #[test]
 fn a_detached_inputs_link_ends_at_once_and_leaves_the_other_links_sinks() {
-    let hub = ProbeHub::start();
-    let mut rx =
-        hub.spawn_receiver(&["--mode", "inputs-cycle", "--cycles", "3", "--timeout", "60"]);
+    let hub = probe_hub();
+    let mut rx = spawn_receiver(
+        &hub,
+        &["--mode", "inputs-cycle", "--cycles", "3", "--timeout", "60"],
+    );
     rx.read_until(secs(20), |v| v["event"] == "ready")
         .unwrap_or_else(|| panic!("no inputs links: {}", rx.stderr()));
     // Three cycled links and the first of the two: each ends on the detach itself.
     assert!(
-        wait_for_log(&hub.proc, "detached by the client", 4, secs(10)),
+        wait_for_log(hub.proc(), "detached by the client", 4, secs(10)),
         "detached inputs links still running:\n{}",
-        hub.proc.stderr()
+        hub.log()
     );
-    let sent = hub.spawn(&["--timeout", "20"]).finish(secs(30));
+    let sent = spawn(&hub, &["--timeout", "20"]).finish(secs(30));
     sent.assert_exit(sdk::EXIT_OK);
     assert_eq!(event(&sent, "own")["outcome"], "accepted");
     let got = rx.finish(secs(60));
@@ -490,7 +432,7 @@ fn a_detached_inputs_link_ends_at_once_and_leaves_the_other_links_sinks() {
             got.code,
             got.lines,
             got.stderr,
-            hub.proc.stderr()
+            hub.log()
         );
     }
     let m: Vec<Value> = got
@@ -507,9 +449,13 @@ fn a_detached_inputs_link_ends_at_once_and_leaves_the_other_links_sinks() {
 /// authenticated one beside it stays open past that.
 #[test]
 fn a_connection_that_never_authenticates_is_closed() {
-    let hub = ProbeHub::start();
-    let authenticated = hub.spawn(&["--hold", "26", "--timeout", "40"]);
-    let (out, log) = hub.run_ok(&["--mode", "unauthenticated", "--timeout", "40"], secs(50));
+    let hub = probe_hub();
+    let authenticated = spawn(&hub, &["--hold", "26", "--timeout", "40"]);
+    let (out, log) = run_ok(
+        &hub,
+        &["--mode", "unauthenticated", "--timeout", "40"],
+        secs(50),
+    );
     let closed = event(&out, "closed");
     let ms = closed["ms"].as_i64().unwrap();
     assert!((18_000..30_000).contains(&ms), "closed after {ms} ms");
@@ -524,7 +470,7 @@ fn a_connection_that_never_authenticates_is_closed() {
     assert!(
         held["closed_by_hub_ms"].is_null(),
         "an authenticated connection was closed: {held}\nhub log:\n{}",
-        hub.proc.stderr()
+        hub.log()
     );
 }
 
@@ -533,8 +479,9 @@ fn a_connection_that_never_authenticates_is_closed() {
 /// once the reply link attaches every request is answered, in order.
 #[test]
 fn put_tokens_without_a_reply_link_are_held_back() {
-    let hub = ProbeHub::start();
-    let (out, _) = hub.run_ok(
+    let hub = probe_hub();
+    let (out, _) = run_ok(
+        &hub,
         &["--mode", "cbs-flood", "--count", "40", "--timeout", "40"],
         secs(50),
     );
@@ -555,8 +502,9 @@ fn put_tokens_without_a_reply_link_are_held_back() {
 /// attach beyond it is refused with `amqp:resource-limit-exceeded`.
 #[test]
 fn a_session_holds_at_most_64_links() {
-    let hub = ProbeHub::start();
-    let (out, _) = hub.run_ok(
+    let hub = probe_hub();
+    let (out, _) = run_ok(
+        &hub,
         &["--mode", "many-links", "--count", "70", "--timeout", "20"],
         secs(30),
     );
@@ -574,8 +522,9 @@ fn a_session_holds_at_most_64_links() {
 /// renewal put-token: 200, correlated.
 #[test]
 fn a_reattached_cbs_reply_link_still_gets_replies() {
-    let hub = ProbeHub::start();
-    let (out, log) = hub.run_ok(
+    let hub = probe_hub();
+    let (out, log) = run_ok(
+        &hub,
         &["--mode", "cbs-reattach", "--cycles", "3", "--timeout", "40"],
         secs(50),
     );
@@ -592,8 +541,8 @@ fn a_reattached_cbs_reply_link_still_gets_replies() {
 /// request over its few KiB detaches that link while it arrives, before it is buffered whole.
 #[test]
 fn oversized_messages_are_refused_by_size_as_stored_and_on_the_wire() {
-    let hub = ProbeHub::start();
-    let (out, log) = hub.run_ok(&["--mode", "oversize", "--timeout", "40"], secs(50));
+    let hub = probe_hub();
+    let (out, log) = run_ok(&hub, &["--mode", "oversize", "--timeout", "40"], secs(50));
     let e = event(&out, "expanding");
     assert_eq!(e["outcome"], "rejected", "{e}\nhub log:\n{log}");
     assert_eq!(e["condition"], "amqp:resource-limit-exceeded", "{e}");
@@ -614,28 +563,16 @@ fn oversized_messages_are_refused_by_size_as_stored_and_on_the_wire() {
 /// token left to expire closes the connection.
 #[test]
 fn renewal_keeps_the_connection_and_expiry_closes_it() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs, cs_other, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
     // Two modules: a second connection of one module would replace the first.
     let renewed = probe(
-        &env,
-        &ns,
-        &cs,
-        &ca,
+        &hub,
+        hub.cs("sender"),
         &["--expire-in", "3", "--renew-after", "1", "--hold", "7"],
     );
     let expiring = probe(
-        &env,
-        &ns,
-        &cs_other,
-        &ca,
+        &hub,
+        hub.cs("receiver"),
         &["--expire-in", "3", "--hold", "15"],
     );
     let renewed = renewed.finish(secs(30));
@@ -647,7 +584,7 @@ fn renewal_keeps_the_connection_and_expiry_closes_it() {
     assert!(
         held["closed_by_hub_ms"].is_null(),
         "the renewed connection was closed: {held}\nhub log:\n{}",
-        hub_proc.stderr()
+        hub.log()
     );
     let expiring = expiring.finish(secs(30));
     expiring.assert_exit(sdk::EXIT_OK);
@@ -656,8 +593,8 @@ fn renewal_keeps_the_connection_and_expiry_closes_it() {
         .as_i64()
         .unwrap_or_else(|| panic!("an expired token kept its connection: {held}"));
     assert!(closed < 10_000, "closed only after {closed} ms");
-    assert!(hub_proc.stderr().contains("expired without renewal"));
-    let metrics = testhub::metrics(&ns);
+    assert!(hub.log().contains("expired without renewal"));
+    let metrics = hub.metrics();
     assert!(
         metrics
             .lines()
@@ -672,19 +609,15 @@ fn renewal_keeps_the_connection_and_expiry_closes_it() {
 /// the first connection once the second authenticates.
 #[test]
 fn a_newer_connection_of_the_module_replaces_the_older() {
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
-    let hub_proc = hub.start(&ns);
-    let mut first = probe(&env, &ns, &cs, &ca, &["--hold", "15", "--timeout", "30"]);
+    let hub = SdkHub::start(TestHub::new(), &["sender"]);
+    let mut first = probe(&hub, hub.cs("sender"), &["--hold", "15", "--timeout", "30"]);
     let up = first.read_until(secs(20), |v| v["event"] == "own");
     assert!(
         up.is_some(),
         "the first connection never got going: {}",
         first.stderr()
     );
-    probe(&env, &ns, &cs, &ca, &["--timeout", "20"])
+    probe(&hub, hub.cs("sender"), &["--timeout", "20"])
         .finish(secs(30))
         .assert_exit(sdk::EXIT_OK);
     let first = first.finish(secs(30));
@@ -695,9 +628,9 @@ fn a_newer_connection_of_the_module_replaces_the_older() {
             .as_i64()
             .is_some_and(|ms| ms < 14_000),
         "the older connection was not closed: {held}\nhub log:\n{}",
-        hub_proc.stderr()
+        hub.log()
     );
-    assert!(hub_proc.stderr().contains("replaced by a newer connection"));
+    assert!(hub.log().contains("replaced by a newer connection"));
 }
 
 /// Malformed frames on three connections close each of them, while the Node SDK streams over
@@ -705,22 +638,14 @@ fn a_newer_connection_of_the_module_replaces_the_older() {
 #[test]
 fn malformed_frames_close_that_connection_only() {
     const M: i64 = 1000;
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let mut rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
+    let mut rx = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args(["--count", &M.to_string(), "--timeout", "120"])
         .spawn();
     rx.expect_event("ready", secs(20));
-    let mut tx = ns
-        .module(&env, Sdk::Node, Script::Send, &cs_tx, &ca)
+    let mut tx = hub
+        .module(Sdk::Node, Script::Send, "sender")
         .args([
             "--transport",
             "amqp",
@@ -741,10 +666,8 @@ fn malformed_frames_close_that_connection_only() {
     let probes: Vec<Proc> = (0..3)
         .map(|_| {
             probe(
-                &env,
-                &ns,
-                &cs_tx,
-                &ca,
+                &hub,
+                hub.cs("sender"),
                 &["--mode", "garbage", "--timeout", "20"],
             )
         })
@@ -761,7 +684,7 @@ fn malformed_frames_close_that_connection_only() {
             "the stream beside the malformed connections failed: {:?}\n{}\nhub log:\n{}",
             sent.code,
             sent.stderr,
-            hub_proc.stderr()
+            hub.log()
         );
     }
     SeqReport::of(&sent.data(), 0..M).assert_no_loss_no_reorder();
@@ -770,7 +693,7 @@ fn malformed_frames_close_that_connection_only() {
     let got = outcome.data();
     SeqReport::of(&got, 0..M).assert_no_loss_no_reorder();
     assert_eq!(got.len() as i64, M);
-    let log = hub_proc.stderr();
+    let log = hub.log();
     assert!(
         log.matches("AMQP connection closed").count() >= 3,
         "the malformed connections were not closed by the hub:\n{log}"
@@ -812,24 +735,16 @@ enum Stop {
 fn stream_through_a_restart(stop: Stop, tx: (Sdk, &str), rx: (Sdk, &str)) {
     const M: i64 = 1000;
     const KILL_AFTER: i64 = 300;
-    let env = SdkEnv::require();
-    let ns = NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let mut hub_proc = hub.start(&ns);
+    let mut hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
     let (tx_sdk, rx_sdk) = (tx.0, rx.0);
-    let mut rx = ns
-        .module(&env, rx_sdk, Script::Receive, &cs_rx, &ca)
+    let mut rx = hub
+        .module(rx_sdk, Script::Receive, "receiver")
         .args(transport_args(rx.0, rx.1))
         .args(["--timeout", "200"])
         .spawn();
     rx.expect_event("ready", secs(20));
-    let mut tx = ns
-        .module(&env, tx_sdk, Script::Send, &cs_tx, &ca)
+    let mut tx = hub
+        .module(tx_sdk, Script::Send, "sender")
         .args(transport_args(tx.0, tx.1))
         .args(["--output", "out1", "--run", "crash"])
         .args(["--count", &M.to_string(), "--timeout", "150"])
@@ -844,20 +759,20 @@ fn stream_through_a_restart(stop: Stop, tx: (Sdk, &str), rx: (Sdk, &str)) {
         tx.stderr()
     );
     match stop {
-        Stop::Kill9 => hub_proc.kill(),
+        Stop::Kill9 => hub.kill(),
         Stop::Term => {
             let started = std::time::Instant::now();
-            let status = hub_proc.terminate(secs(15));
+            let status = hub.terminate(secs(15));
             let took = started.elapsed();
             assert!(
                 status.is_some_and(|s| s.success()),
                 "SIGTERM: the hub did not exit 0 within 15 s ({status:?}):\n{}",
-                hub_proc.stderr()
+                hub.log()
             );
             assert!(took < secs(10), "SIGTERM: the hub took {took:?} to stop");
         }
     }
-    let before_crash = hub_proc.stderr();
+    let before_crash = hub.log();
     if stop == Stop::Term {
         assert!(
             before_crash.contains("hub shutting down"),
@@ -868,7 +783,7 @@ fn stream_through_a_restart(stop: Stop, tx: (Sdk, &str), rx: (Sdk, &str)) {
         .iter()
         .filter_map(|m| m["seq"].as_i64())
         .collect();
-    let hub_proc = hub.start(&ns);
+    hub.restart();
 
     let sent = tx.finish(secs(160));
     if sent.code != Some(sdk::EXIT_OK) {
@@ -877,7 +792,7 @@ fn stream_through_a_restart(stop: Stop, tx: (Sdk, &str), rx: (Sdk, &str)) {
              hub log after the restart:\n{}",
             sent.code,
             sent.stderr,
-            hub_proc.stderr()
+            hub.log()
         );
     }
     let acked = sent.data();
@@ -897,7 +812,7 @@ fn stream_through_a_restart(stop: Stop, tx: (Sdk, &str), rx: (Sdk, &str)) {
              {report:?}\nreceiver stderr:\n{rx_stderr}\nhub log before the crash:\n\
              {before_crash}\nhub log after the restart:\n{}",
             acked_before.len(),
-            hub_proc.stderr()
+            hub.log()
         );
     }
     eprintln!(

@@ -11,37 +11,26 @@
 
 #[path = "support/sdk.rs"]
 mod sdk;
+#[path = "support/sdk_hub.rs"]
+mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
-use std::time::Duration;
-
 use sdk::{Script, Sdk, SeqReport};
+use sdk_hub::{secs, SdkHub};
 use testhub::TestHub;
 
 const N: i64 = 300;
 
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
 /// `tx` sends N messages as module `sender`, `rx` receives them as `receiver` (built-in route
 /// to `input1`); every message must arrive once, in order, intact.
 fn sender_to_receiver(tx: Sdk, rx_sdk: Sdk, run: &str) {
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
 
     // The Node receiver subscribes after "ready", asynchronously; the hub keeps the
     // receiver's messages until it is subscribed, so no wait for the SUBACK is needed.
-    let mut rx = ns
-        .module(&env, rx_sdk, Script::Receive, &cs_rx, &ca)
+    let mut rx = hub
+        .module(rx_sdk, Script::Receive, "receiver")
         .args([
             "--count",
             &N.to_string(),
@@ -53,8 +42,8 @@ fn sender_to_receiver(tx: Sdk, rx_sdk: Sdk, run: &str) {
         .spawn();
     rx.expect_event("ready", secs(20));
 
-    let sent = ns
-        .module(&env, tx, Script::Send, &cs_tx, &ca)
+    let sent = hub
+        .module(tx, Script::Send, "sender")
         .args(["--output", "out1", "--run", run, "--count", &N.to_string()])
         .args(["--timeout", "80"])
         .args(testhub::prop_args())
@@ -71,7 +60,7 @@ fn sender_to_receiver(tx: Sdk, rx_sdk: Sdk, run: &str) {
             tx.name(),
             rx_sdk.name(),
             outcome.stderr,
-            hub_proc.stderr()
+            hub.log()
         );
     }
     outcome.assert_exit(sdk::EXIT_OK);

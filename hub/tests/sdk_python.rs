@@ -8,18 +8,15 @@
 
 #[path = "support/sdk.rs"]
 mod sdk;
+#[path = "support/sdk_hub.rs"]
+mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
-use std::time::Duration;
-
 use sdk::{Script, Sdk, SeqReport};
+use sdk_hub::{secs, SdkHub};
 use serde_json::Value;
 use testhub::TestHub;
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 /// The built-in deployment manifest with its `$edgeHub` routes replaced.
 fn manifest_with_routes(routes: &[(&str, &str)]) -> String {
@@ -33,20 +30,11 @@ fn manifest_with_routes(routes: &[(&str, &str)]) -> String {
     serde_json::to_string_pretty(&m).expect("json")
 }
 
-/// Where a Python `sender` runs: the SDKs, the namespace, its connection string, the CA.
-struct Sender<'a> {
-    env: &'a sdk::SdkEnv,
-    ns: &'a sdk::NetNs,
-    cs: &'a str,
-    ca: &'a std::path::Path,
-}
-
 /// Sends `count` messages from `sender` (seq `start..start+count`, run `run`) and checks that
 /// the hub acknowledged every one, in order.
-fn send(tx: &Sender<'_>, run: &str, start: i64, count: i64, within: u64) {
-    let out = tx
-        .ns
-        .module(tx.env, Sdk::Python, Script::Send, tx.cs, tx.ca)
+fn send(hub: &SdkHub, run: &str, start: i64, count: i64, within: u64) {
+    let out = hub
+        .module(Sdk::Python, Script::Send, "sender")
         .args(["--output", "out1", "--run", run])
         .args([
             "--start-seq",
@@ -62,7 +50,7 @@ fn send(tx: &Sender<'_>, run: &str, start: i64, count: i64, within: u64) {
 }
 
 /// Panics unless the script exited 0, with its output and the hub's log.
-fn exit_ok(out: &sdk::Outcome, hub: &sdk::Proc, ns: &sdk::NetNs) {
+fn exit_ok(out: &sdk::Outcome, hub: &SdkHub) {
     if out.code != Some(sdk::EXIT_OK) || out.killed_at_deadline {
         let seqs: Vec<i64> = out
             .data()
@@ -75,8 +63,8 @@ fn exit_ok(out: &sdk::Outcome, hub: &sdk::Proc, ns: &sdk::NetNs) {
             out.label,
             out.code,
             out.stderr,
-            hub.stderr(),
-            testhub::message_counters(ns)
+            hub.log(),
+            hub.counters()
         );
     }
 }
@@ -87,24 +75,10 @@ fn exit_ok(out: &sdk::Outcome, hub: &sdk::Proc, ns: &sdk::NetNs) {
 #[test]
 fn python_sender_to_python_receiver_2000_in_order_with_properties() {
     const N: i64 = 2000;
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let tx = Sender {
-        env: &env,
-        ns: &ns,
-        cs: &cs_tx,
-        ca: &ca,
-    };
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
 
-    let mut rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    let mut rx = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args([
             "--count",
             &N.to_string(),
@@ -115,7 +89,7 @@ fn python_sender_to_python_receiver_2000_in_order_with_properties() {
         ])
         .spawn();
     rx.expect_event("ready", secs(20));
-    send(&tx, "py2k", 0, N, 140);
+    send(&hub, "py2k", 0, N, 140);
 
     let got = rx.data_lines(N as usize, secs(60));
     let outcome = rx.finish(secs(10));
@@ -128,7 +102,7 @@ fn python_sender_to_python_receiver_2000_in_order_with_properties() {
         N as usize,
         "duplicates without any reconnect: {:?}\nhub log:\n{}",
         SeqReport::of(&got_all, 0..N).duplicates,
-        hub_proc.stderr()
+        hub.log()
     );
     for m in &got_all {
         testhub::assert_intact(m, "py2k", "sender", "input1");
@@ -157,26 +131,12 @@ fn returning_receiver_gets_what_came_while_it_was_offline() {
 /// The backlog scenario: `returning` adds the receiver's second visit.
 fn backlog(returning: bool) {
     const N: i64 = 300;
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let hub_proc = hub.start(&ns);
-    let tx = Sender {
-        env: &env,
-        ns: &ns,
-        cs: &cs_tx,
-        ca: &ca,
-    };
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
 
     // 1. The receiver has never connected.
-    send(&tx, "backlog", 0, N, 60);
-    let first = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    send(&hub, "backlog", 0, N, 60);
+    let first = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args([
             "--count",
             &N.to_string(),
@@ -186,7 +146,7 @@ fn backlog(returning: bool) {
             "60",
         ])
         .run(secs(70));
-    exit_ok(&first, &hub_proc, &ns);
+    exit_ok(&first, &hub);
     let got = first.data();
     SeqReport::of(&got, 0..N).assert_no_loss_no_reorder();
     assert_eq!(
@@ -203,9 +163,9 @@ fn backlog(returning: bool) {
         return;
     }
     // 2. It received everything, disconnected, and comes back after more was sent.
-    send(&tx, "backlog", N, N, 60);
-    let second = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    send(&hub, "backlog", N, N, 60);
+    let second = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args([
             "--count",
             &N.to_string(),
@@ -215,14 +175,14 @@ fn backlog(returning: bool) {
             "60",
         ])
         .run(secs(70));
-    exit_ok(&second, &hub_proc, &ns);
+    exit_ok(&second, &hub);
     let got = second.data();
     let report = SeqReport::of(&got, N..2 * N);
     assert!(
         report.unexpected.is_empty(),
         "messages the receiver had already acknowledged came again: {:?}\nhub log:\n{}",
         report.unexpected,
-        hub_proc.stderr()
+        hub.log()
     );
     report.assert_no_loss_no_reorder();
     for m in &got {
@@ -236,34 +196,23 @@ fn backlog(returning: bool) {
 /// endpoint delivers in order, so anything leaking would have arrived before it.
 #[test]
 fn where_on_body_delivers_exactly_the_matching_messages() {
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::with_manifest(&manifest_with_routes(&[(
-        "filtered",
-        "FROM /messages/modules/sender/outputs/* WHERE $body.seq < 10 \
+    let hub = SdkHub::start(
+        TestHub::with_manifest(&manifest_with_routes(&[(
+            "filtered",
+            "FROM /messages/modules/sender/outputs/* WHERE $body.seq < 10 \
          INTO BrokeredEndpoint(\"/modules/receiver/inputs/input1\")",
-    )]));
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
+        )])),
+        &["sender", "receiver"],
     );
-    let hub_proc = hub.start(&ns);
-    let tx = Sender {
-        env: &env,
-        ns: &ns,
-        cs: &cs_tx,
-        ca: &ca,
-    };
 
-    let mut rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    let mut rx = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args(["--count", "11", "--linger", "1", "--timeout", "60"])
         .spawn();
     rx.expect_event("ready", secs(20));
     // seq 0..40: 0..10 match. Then the marker: body {"seq":5,"run":"marker"}, which matches.
-    send(&tx, "where", 0, 40, 60);
-    send(&tx, "marker", 5, 1, 30);
+    send(&hub, "where", 0, 40, 60);
+    send(&hub, "marker", 5, 1, 30);
 
     let outcome = rx.finish(secs(70));
     let got = outcome.data();
@@ -286,7 +235,7 @@ fn where_on_body_delivers_exactly_the_matching_messages() {
         want,
         "WHERE $body.seq < 10: (run, seq) delivered\nreceiver stderr:\n{}\nhub log:\n{}",
         outcome.stderr,
-        hub_proc.stderr()
+        hub.log()
     );
     outcome.assert_exit(sdk::EXIT_OK);
     for m in &got {

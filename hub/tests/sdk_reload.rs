@@ -10,6 +10,8 @@
 
 #[path = "support/sdk.rs"]
 mod sdk;
+#[path = "support/sdk_hub.rs"]
+mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
@@ -18,12 +20,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use sdk::{NetNs, Proc, Script, Sdk};
+use sdk_hub::{secs, SdkHub};
 use serde_json::{json, Value};
 use testhub::TestHub;
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 /// What the hub logs when a reload applied, and when it refused one.
 const RELOADED: &str = r#""message":"manifest reloaded""#;
@@ -167,15 +166,15 @@ fn hub_with(manifest_path: &Path, extra: &[&str]) -> TestHub {
 }
 
 /// Panics unless the module's script exited with `code`, with the hub's log and counters.
-fn assert_exit(out: &sdk::Outcome, code: i32, hub: &Proc, ns: &NetNs) {
+fn assert_exit(out: &sdk::Outcome, code: i32, hub: &SdkHub) {
     if out.code != Some(code) {
         panic!(
             "{}: exit {:?}, want {code}; stderr:\n{}\nhub log:\n{}\nhub counters:\n{}",
             out.label,
             out.code,
             out.stderr,
-            hub.stderr(),
-            testhub::message_counters(ns)
+            hub.log(),
+            hub.counters()
         );
     }
 }
@@ -218,8 +217,6 @@ fn collect_until(rxs: &mut [&mut Proc], last: i64, within: Duration) {
 /// connected before any route named them.
 #[test]
 fn a_route_moved_mid_stream_by_sighup_and_by_file_delivers_each_message_once_in_order() {
-    let env = sdk::SdkEnv::require();
-    let ns = NetNs::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let (conf, real) = (dir.path().join("conf"), dir.path().join("real"));
     std::fs::create_dir_all(&conf).expect("mkdir");
@@ -232,24 +229,26 @@ fn a_route_moved_mid_stream_by_sighup_and_by_file_delivers_each_message_once_in_
     .expect("write");
     let link = conf.join("manifest.json");
     std::os::unix::fs::symlink(real.join("manifest.json"), &link).expect("link");
-    let hub = hub_with(&link, &[]);
-    let ca = hub.ca_path();
-    let cs: Vec<String> = modules.iter().map(|m| hub.connection_string(m)).collect();
-    let hub_proc = hub.start(&ns);
+    let mut hub = SdkHub::prepare(hub_with(&link, &[]), &[]);
+    let cs: Vec<String> = modules
+        .iter()
+        .map(|m| hub.config.connection_string(m))
+        .collect();
+    hub.restart();
 
     let mut rxs: Vec<Proc> = cs[1..]
         .iter()
         .map(|cs| {
-            let mut rx = ns
-                .module(&env, Sdk::Python, Script::Receive, cs, &ca)
+            let mut rx = hub
+                .module_with(Sdk::Python, Script::Receive, cs)
                 .args(["--timeout", "300"])
                 .spawn();
             rx.expect_event("ready", secs(30));
             rx
         })
         .collect();
-    let mut tx = ns
-        .module(&env, Sdk::Python, Script::Send, &cs[0], &ca)
+    let mut tx = hub
+        .module_with(Sdk::Python, Script::Send, &cs[0])
         .args(["--output", "out1", "--run", "move", "--count", "1000000"])
         .args(["--interval-ms", "5", "--timeout", "300"])
         .spawn();
@@ -267,15 +266,20 @@ fn a_route_moved_mid_stream_by_sighup_and_by_file_delivers_each_message_once_in_
         &manifest(&modules, &[("r", &to_input("b"))]),
     );
     let hup = std::process::Command::new("kill")
-        .args(["-HUP", &hub_proc.id().to_string()])
+        .args(["-HUP", &hub.proc().id().to_string()])
         .status()
         .expect("kill");
     assert!(hup.success());
-    await_log(&hub_proc, &[RELOADED, r#""trigger":"SIGHUP""#], 1, secs(30));
+    await_log(
+        hub.proc(),
+        &[RELOADED, r#""trigger":"SIGHUP""#],
+        1,
+        secs(30),
+    );
     let seen = acked_at_least(&mut tx, seen + 100);
     write_atomically(&link, &manifest(&modules, &[("r", &to_input("c"))]));
     await_log(
-        &hub_proc,
+        hub.proc(),
         &[RELOADED, r#""trigger":"manifest file changed""#],
         1,
         secs(30),
@@ -302,7 +306,7 @@ fn a_route_moved_mid_stream_by_sighup_and_by_file_delivers_each_message_once_in_
             got[2].first(),
             got[2].last(),
             got[2].len(),
-            testhub::log_lines(&hub_proc, "manifest")
+            testhub::log_lines(hub.proc(), "manifest")
         )
     };
     // Each receiver: a contiguous run, in order, no duplicate; the runs follow each other.
@@ -323,21 +327,18 @@ fn a_route_moved_mid_stream_by_sighup_and_by_file_delivers_each_message_once_in_
 /// next applies.
 #[test]
 fn a_broken_manifest_keeps_the_old_routes_and_shows_its_errors_then_a_fixed_one_applies() {
-    let env = sdk::SdkEnv::require();
-    let ns = NetNs::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let modules = ["sender", "a", "b"];
     let good = manifest(&modules, &[("r", &to_input("a"))]);
     let mut cm = MountedDir::new(dir.path().join("cm"), &[("manifest.json", &good)]);
-    let hub = hub_with(&cm.dir.join("manifest.json"), &[]);
-    let ca = hub.ca_path();
+    let mut hub = SdkHub::prepare(hub_with(&cm.dir.join("manifest.json"), &[]), &[]);
     let (cs_tx, cs_a, cs_b) = (
-        hub.connection_string("sender"),
-        hub.connection_string("a"),
-        hub.connection_string("b"),
+        hub.config.connection_string("sender"),
+        hub.config.connection_string("a"),
+        hub.config.connection_string("b"),
     );
-    let hub_proc = hub.start(&ns);
-    assert_eq!(manifest_status(&ns)["generation"], 1);
+    hub.restart();
+    assert_eq!(manifest_status(&hub.ns)["generation"], 1);
 
     let mut broken: Value = serde_json::from_str(&good).unwrap();
     broken["modulesContent"]["$edgeHub"]["properties.desired"]["routes"] = json!({
@@ -345,8 +346,8 @@ fn a_broken_manifest_keeps_the_old_routes_and_shows_its_errors_then_a_fixed_one_
         "s": "FROM /messages/* WHERE ( INTO $upstream",
     });
     cm.swap(&[("manifest.json", &broken.to_string())]);
-    await_log(&hub_proc, &[REFUSED], 1, secs(30));
-    let status = manifest_status(&ns);
+    await_log(hub.proc(), &[REFUSED], 1, secs(30));
+    let status = manifest_status(&hub.ns);
     assert_eq!(status["lastReload"]["result"], "failure", "{status}");
     assert_eq!(status["lastReload"]["trigger"], "manifest file changed");
     assert_eq!(status["generation"], 1, "{status}");
@@ -361,7 +362,7 @@ fn a_broken_manifest_keeps_the_old_routes_and_shows_its_errors_then_a_fixed_one_
     assert!(errors[1].contains("route 's', column 26"), "{errors:?}");
     assert_eq!(
         metric(
-            &ns,
+            &hub.ns,
             "edgehub_manifest_reloads_total",
             &["result=\"failure\""]
         ),
@@ -370,15 +371,15 @@ fn a_broken_manifest_keeps_the_old_routes_and_shows_its_errors_then_a_fixed_one_
 
     // Still routed to a.
     let tx = |run: &str| {
-        ns.module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+        hub.module_with(Sdk::Python, Script::Send, &cs_tx)
             .args(["--output", "out1", "--run", run, "--count", "20"])
             .args(["--timeout", "60"])
             .run(secs(70))
             .assert_exit(sdk::EXIT_OK);
     };
     tx("old");
-    let got_a = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_a, &ca)
+    let got_a = hub
+        .module_with(Sdk::Python, Script::Receive, &cs_a)
         .args(["--count", "20", "--timeout", "60"])
         .run(secs(70));
     got_a.assert_exit(sdk::EXIT_OK);
@@ -395,21 +396,21 @@ fn a_broken_manifest_keeps_the_old_routes_and_shows_its_errors_then_a_fixed_one_
         "manifest.json",
         &manifest(&modules, &[("r", &to_input("b"))]),
     )]);
-    await_log(&hub_proc, &[RELOADED], 1, secs(30));
-    let status = manifest_status(&ns);
+    await_log(hub.proc(), &[RELOADED], 1, secs(30));
+    let status = manifest_status(&hub.ns);
     assert_eq!(status["lastReload"]["result"], "success", "{status}");
     assert_eq!(status["generation"], 2, "{status}");
     assert_eq!(
         metric(
-            &ns,
+            &hub.ns,
             "edgehub_manifest_reloads_total",
             &["result=\"success\""]
         ),
         Some(1.0)
     );
     tx("new");
-    let got_b = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_b, &ca)
+    let got_b = hub
+        .module_with(Sdk::Python, Script::Receive, &cs_b)
         .args(["--count", "20", "--timeout", "60"])
         .run(secs(70));
     got_b.assert_exit(sdk::EXIT_OK);
@@ -423,17 +424,14 @@ fn a_broken_manifest_keeps_the_old_routes_and_shows_its_errors_then_a_fixed_one_
 /// receives that backlog in order.
 #[test]
 fn a_module_added_then_removed_keeps_its_queue_until_it_is_added_back() {
-    let env = sdk::SdkEnv::require();
-    let ns = NetNs::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("manifest.json");
     std::fs::write(&path, manifest(&["sender"], &[])).expect("write");
-    let hub = hub_with(&path, &[]);
-    let ca = hub.ca_path();
-    let cs_tx = hub.connection_string("sender");
-    let hub_proc = hub.start(&ns);
+    let mut hub = SdkHub::prepare(hub_with(&path, &[]), &[]);
+    let cs_tx = hub.config.connection_string("sender");
+    hub.restart();
     let send = |run: &str, start: i64| {
-        ns.module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+        hub.module_with(Sdk::Python, Script::Send, &cs_tx)
             .args(["--output", "out1", "--run", run, "--count", "10"])
             .args(["--start-seq", &start.to_string(), "--timeout", "60"])
             .run(secs(70))
@@ -443,8 +441,8 @@ fn a_module_added_then_removed_keeps_its_queue_until_it_is_added_back() {
 
     // Added: a key (the CLI reads the one the hub minted), a connection, deliveries.
     write_atomically(&path, &with_late);
-    await_log(&hub_proc, &[RELOADED, "modules added [late]"], 1, secs(30));
-    let cs_late = hub.connection_string("late");
+    await_log(hub.proc(), &[RELOADED, "modules added [late]"], 1, secs(30));
+    let cs_late = hub.config.connection_string("late");
     // The data directory's record follows the reload: its path alone names the new module.
     let from_record = |module: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_edgehub"))
@@ -463,42 +461,50 @@ fn a_module_added_then_removed_keeps_its_queue_until_it_is_added_back() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), cs_late);
     send("first", 0);
-    let first = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_late, &ca)
+    let first = hub
+        .module_with(Sdk::Python, Script::Receive, &cs_late)
         .args(["--count", "10", "--timeout", "60"])
         .run(secs(70));
-    assert_exit(&first, sdk::EXIT_OK, &hub_proc, &ns);
+    assert_exit(&first, sdk::EXIT_OK, &hub);
 
     // Queued while it is offline; removed: logins refused, the queue kept.
     send("queued", 10);
     let only_sender = manifest(&["sender"], &[]);
     write_atomically(&path, &only_sender);
     await_log(
-        &hub_proc,
+        hub.proc(),
         &[RELOADED, "modules removed [late]"],
         1,
         secs(30),
     );
-    let refused = ns
-        .module(&env, Sdk::Python, Script::ConnectOnly, &cs_late, &ca)
+    let refused = hub
+        .module_with(Sdk::Python, Script::ConnectOnly, &cs_late)
         .args(["--timeout", "30"])
         .run(secs(40));
-    assert_exit(&refused, sdk::EXIT_AUTH, &hub_proc, &ns);
+    assert_exit(&refused, sdk::EXIT_AUTH, &hub);
     let out = from_record("late");
     assert!(
         !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown module"),
         "a removed module has no connection string: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let queue = metric(&ns, "edgehub_queue_length", &["endpoint=\"late/input1\""]);
+    let queue = metric(
+        &hub.ns,
+        "edgehub_queue_length",
+        &["endpoint=\"late/input1\""],
+    );
     assert_eq!(queue, Some(10.0), "kept while removed");
 
     // Added back: the same key, and the backlog queued before the removal, in order.
     write_atomically(&path, &with_late);
-    await_log(&hub_proc, &[RELOADED, "modules added [late]"], 2, secs(30));
-    assert_eq!(hub.connection_string("late"), cs_late, "the key survives");
-    let mut back = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_late, &ca)
+    await_log(hub.proc(), &[RELOADED, "modules added [late]"], 2, secs(30));
+    assert_eq!(
+        hub.config.connection_string("late"),
+        cs_late,
+        "the key survives"
+    );
+    let mut back = hub
+        .module_with(Sdk::Python, Script::Receive, &cs_late)
         .args(["--timeout", "300"])
         .spawn();
     let got: Vec<i64> = back
@@ -513,18 +519,18 @@ fn a_module_added_then_removed_keeps_its_queue_until_it_is_added_back() {
     let disconnected = [r#""message":"module disconnected""#, "edge-device/late"];
     let refused = [r#""message":"CONNECT refused""#, "edge-device/late"];
     let (d, r) = (
-        lines_with(&hub_proc.stderr(), &disconnected),
-        lines_with(&hub_proc.stderr(), &refused),
+        lines_with(&hub.log(), &disconnected),
+        lines_with(&hub.log(), &refused),
     );
     write_atomically(&path, &only_sender);
     await_log(
-        &hub_proc,
+        hub.proc(),
         &[RELOADED, "modules removed [late]"],
         2,
         secs(30),
     );
-    await_log(&hub_proc, &disconnected, d + 1, secs(30));
-    await_log(&hub_proc, &refused, r + 1, secs(60));
+    await_log(hub.proc(), &disconnected, d + 1, secs(30));
+    await_log(hub.proc(), &refused, r + 1, secs(60));
     back.kill();
     assert_eq!(
         seqs(&back),
@@ -540,28 +546,25 @@ fn a_module_added_then_removed_keeps_its_queue_until_it_is_added_back() {
 fn a_key_file_added_lets_its_module_connect_and_a_changed_key_disconnects_it() {
     use base64::Engine as _;
     let b64 = |byte: u8| base64::engine::general_purpose::STANDARD.encode([byte; 32]);
-    let env = sdk::SdkEnv::require();
-    let ns = NetNs::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("manifest.json");
     std::fs::write(&path, manifest(&["sender"], &[])).expect("write");
     let sender_key = b64(1);
     let mut secret = MountedDir::new(dir.path().join("keys"), &[("sender", &sender_key)]);
     let keys_dir = secret.dir.to_string_lossy().into_owned();
-    let hub = hub_with(&path, &["--module-keys-dir", &keys_dir]);
-    let ca = hub.ca_path();
-    let hub_proc = hub.start(&ns);
+    let mut hub = SdkHub::prepare(hub_with(&path, &["--module-keys-dir", &keys_dir]), &[]);
+    hub.restart();
     // The sender's key is the Secret's (the CLI was not told about the directory: build the
     // string from another module's).
     let cs_of = |module: &str, key: &str| {
-        let base = hub.connection_string("sender");
+        let base = hub.config.connection_string("sender");
         testhub::with_key(
             &base.replace("ModuleId=sender;", &format!("ModuleId={module};")),
             key,
         )
     };
     let connect = |cs: &str| {
-        ns.module(&env, Sdk::Python, Script::ConnectOnly, cs, &ca)
+        hub.module_with(Sdk::Python, Script::ConnectOnly, cs)
             .args(["--timeout", "30"])
             .run(secs(40))
     };
@@ -571,33 +574,32 @@ fn a_key_file_added_lets_its_module_connect_and_a_changed_key_disconnects_it() {
     // Lines fixed in the Secret at its next update: the new file is a link into `..data`.
     secret.swap(&[("sender", &sender_key), ("extra", &b64(2))]);
     std::os::unix::fs::symlink("..data/extra", secret.dir.join("extra")).expect("link");
-    await_log(&hub_proc, &[RELOADED, "modules added [extra]"], 1, secs(30));
+    await_log(
+        hub.proc(),
+        &[RELOADED, "modules added [extra]"],
+        1,
+        secs(30),
+    );
     connect(&cs_of("extra", &b64(2))).assert_exit(sdk::EXIT_OK);
 
-    let mut live = ns
-        .module(
-            &env,
-            Sdk::Python,
-            Script::ConnectOnly,
-            &cs_of("extra", &b64(2)),
-            &ca,
-        )
+    let mut live = hub
+        .module_with(Sdk::Python, Script::ConnectOnly, &cs_of("extra", &b64(2)))
         .args(["--hold", "600", "--timeout", "650"])
         .spawn();
     live.expect_event("connected", secs(30));
     let disconnected = lines_with(
-        &hub_proc.stderr(),
+        &hub.log(),
         &[r#""message":"module disconnected""#, "edge-device/extra"],
     );
     secret.swap(&[("sender", &sender_key), ("extra", &b64(3))]);
     await_log(
-        &hub_proc,
+        hub.proc(),
         &[RELOADED, "module keys changed [extra]"],
         1,
         secs(30),
     );
     await_log(
-        &hub_proc,
+        hub.proc(),
         &[r#""message":"module disconnected""#, "edge-device/extra"],
         disconnected + 1,
         secs(30),
@@ -612,30 +614,30 @@ fn a_key_file_added_lets_its_module_connect_and_a_changed_key_disconnects_it() {
 /// AMQP connection.
 #[test]
 fn an_amqp_receiver_gets_a_new_route_and_is_disconnected_when_its_module_is_removed() {
-    let env = sdk::SdkEnv::require();
-    let ns = NetNs::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("manifest.json");
     let modules = ["sender", "a", "b"];
     std::fs::write(&path, manifest(&modules, &[("r", &to_input("a"))])).expect("write");
-    let hub = hub_with(&path, &["--amqp-addr", "127.0.0.1:5671"]);
-    let ca = hub.ca_path();
-    let (cs_tx, cs_b) = (hub.connection_string("sender"), hub.connection_string("b"));
-    let hub_proc = hub.start(&ns);
-    let mut rx = ns
-        .module(&env, Sdk::Node, Script::Receive, &cs_b, &ca)
+    let mut hub = SdkHub::prepare(hub_with(&path, &["--amqp-addr", "127.0.0.1:5671"]), &[]);
+    let (cs_tx, cs_b) = (
+        hub.config.connection_string("sender"),
+        hub.config.connection_string("b"),
+    );
+    hub.restart();
+    let mut rx = hub
+        .module_with(Sdk::Node, Script::Receive, &cs_b)
         .args(["--transport", "amqp", "--timeout", "300"])
         .spawn();
     rx.expect_event("ready", secs(30));
 
     write_atomically(&path, &manifest(&modules, &[("r", &to_input("b"))]));
-    await_log(&hub_proc, &[RELOADED, "routes changed [r]"], 1, secs(30));
-    let sent = ns
-        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+    await_log(hub.proc(), &[RELOADED, "routes changed [r]"], 1, secs(30));
+    let sent = hub
+        .module_with(Sdk::Python, Script::Send, &cs_tx)
         .args(["--output", "out1", "--run", "amqp", "--count", "10"])
         .args(["--timeout", "60"])
         .run(secs(70));
-    assert_exit(&sent, sdk::EXIT_OK, &hub_proc, &ns);
+    assert_exit(&sent, sdk::EXIT_OK, &hub);
     let got: Vec<i64> = rx
         .data_lines(10, secs(60))
         .iter()
@@ -644,10 +646,10 @@ fn an_amqp_receiver_gets_a_new_route_and_is_disconnected_when_its_module_is_remo
     assert_eq!(got, (0..10).collect::<Vec<_>>());
 
     let closed = [r#""message":"AMQP connection closed""#, "replaced"];
-    let before = lines_with(&hub_proc.stderr(), &closed);
+    let before = lines_with(&hub.log(), &closed);
     write_atomically(&path, &manifest(&["sender", "a"], &[("r", &to_input("a"))]));
-    await_log(&hub_proc, &[RELOADED, "modules removed [b]"], 1, secs(30));
-    await_log(&hub_proc, &closed, before + 1, secs(30));
+    await_log(hub.proc(), &[RELOADED, "modules removed [b]"], 1, secs(30));
+    await_log(hub.proc(), &closed, before + 1, secs(30));
 }
 
 /// SIGHUP to a hub on the built-in manifest (and no keys directory): it says there is nothing
@@ -678,18 +680,16 @@ fn sighup_without_a_manifest_file_says_there_is_nothing_to_reload() {
 fn a_bad_key_file_stops_the_start_and_is_refused_on_reload() {
     use base64::Engine as _;
     let b64 = |byte: u8| base64::engine::general_purpose::STANDARD.encode([byte; 32]);
-    let env = sdk::SdkEnv::require();
-    let ns = NetNs::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = dir.path().join("keys");
     std::fs::create_dir(&keys).expect("mkdir");
     std::fs::write(keys.join("sender"), "too short").expect("write");
     let keys_arg = keys.to_string_lossy().into_owned();
-    let hub = TestHub::new().run_args(&["--log-format", "json", "--module-keys-dir", &keys_arg]);
+    let config = TestHub::new().run_args(&["--log-format", "json", "--module-keys-dir", &keys_arg]);
     // `timeout` only bounds a regression (a hub that starts anyway would serve forever).
     let out = std::process::Command::new("timeout")
         .args(["60", env!("CARGO_BIN_EXE_edgehub"), "run", "--data-dir"])
-        .arg(hub.data_dir())
+        .arg(config.data_dir())
         .args(["--module-keys-dir", &keys_arg, "--mqtt-addr", "127.0.0.1:0"])
         // What the hub is, as TestHub gives it, so the later `connection-string` agrees with
         // the data directory's record.
@@ -720,18 +720,18 @@ fn a_bad_key_file_stops_the_start_and_is_refused_on_reload() {
     );
 
     write_atomically(&keys.join("sender"), &b64(1));
-    let ca = hub.ca_path();
-    let cs = testhub::with_key(&hub.connection_string("sender"), &b64(1));
-    let hub_proc = hub.start(&ns);
+    let mut hub = SdkHub::prepare(config, &[]);
+    let cs = testhub::with_key(&hub.config.connection_string("sender"), &b64(1));
+    hub.restart();
     let connect = || {
-        ns.module(&env, Sdk::Python, Script::ConnectOnly, &cs, &ca)
+        hub.module_with(Sdk::Python, Script::ConnectOnly, &cs)
             .args(["--timeout", "30"])
             .run(secs(40))
     };
-    assert_exit(&connect(), sdk::EXIT_OK, &hub_proc, &ns);
+    assert_exit(&connect(), sdk::EXIT_OK, &hub);
     write_atomically(&keys.join("sender"), "not base64!");
-    await_log(&hub_proc, &[REFUSED], 1, secs(30));
-    let status = manifest_status(&ns);
+    await_log(hub.proc(), &[REFUSED], 1, secs(30));
+    let status = manifest_status(&hub.ns);
     assert_eq!(status["lastReload"]["result"], "failure", "{status}");
     assert!(
         status["lastReload"]["errors"][0]
@@ -739,5 +739,5 @@ fn a_bad_key_file_stops_the_start_and_is_refused_on_reload() {
             .is_some_and(|e| e.contains(&keys.join("sender").display().to_string())),
         "{status}"
     );
-    assert_exit(&connect(), sdk::EXIT_OK, &hub_proc, &ns);
+    assert_exit(&connect(), sdk::EXIT_OK, &hub);
 }

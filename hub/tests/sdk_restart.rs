@@ -16,17 +16,14 @@
 
 #[path = "support/sdk.rs"]
 mod sdk;
+#[path = "support/sdk_hub.rs"]
+mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
-use std::time::Duration;
-
 use sdk::{Script, Sdk, SeqReport};
+use sdk_hub::{secs, SdkHub};
 use testhub::TestHub;
-
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
 
 /// The hub is SIGKILLed while a Python sender streams to a Python receiver, and restarted on
 /// the same data directory. The sender's SDK reconnects and resends what was not
@@ -36,23 +33,15 @@ fn secs(s: u64) -> Duration {
 fn hub_killed_mid_stream_loses_nothing_the_sender_saw_acknowledged() {
     const N: i64 = 1000;
     const KILL_AFTER: i64 = 300;
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let mut hub_proc = hub.start(&ns);
+    let mut hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
 
-    let mut rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    let mut rx = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args(["--timeout", "150"])
         .spawn();
     rx.expect_event("ready", secs(20));
-    let mut tx = ns
-        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+    let mut tx = hub
+        .module(Sdk::Python, Script::Send, "sender")
         .args([
             "--output",
             "out1",
@@ -72,10 +61,10 @@ fn hub_killed_mid_stream_loses_nothing_the_sender_saw_acknowledged() {
         "the sender never got {KILL_AFTER} acknowledgements: {}",
         tx.stderr()
     );
-    hub_proc.kill();
-    let before_crash = hub_proc.stderr();
+    hub.kill();
+    let before_crash = hub.log();
     let acked_before_crash = sdk::data_of(tx.seen()).len();
-    let hub_proc = hub.start(&ns);
+    hub.restart();
 
     let sent = tx.finish(secs(130));
     if sent.code != Some(sdk::EXIT_OK) {
@@ -84,7 +73,7 @@ fn hub_killed_mid_stream_loses_nothing_the_sender_saw_acknowledged() {
              hub log after the restart:\n{}",
             sent.code,
             sent.stderr,
-            hub_proc.stderr()
+            hub.log()
         );
     }
     let acked = sent.data();
@@ -101,7 +90,7 @@ fn hub_killed_mid_stream_loses_nothing_the_sender_saw_acknowledged() {
             "after a crash at ~{acked_before_crash} acknowledged: {report:?}\n\
              receiver stderr:\n{rx_stderr}\nhub log before the crash:\n{before_crash}\n\
              hub log after the restart:\n{}",
-            hub_proc.stderr()
+            hub.log()
         );
     }
     for m in &got {
@@ -115,18 +104,10 @@ fn hub_killed_mid_stream_loses_nothing_the_sender_saw_acknowledged() {
 #[test]
 fn receiver_subscription_survives_a_hub_crash() {
     const N: i64 = 50;
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let mut hub_proc = hub.start(&ns);
+    let mut hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
 
-    let mut rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    let mut rx = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args([
             "--count",
             &N.to_string(),
@@ -137,11 +118,11 @@ fn receiver_subscription_survives_a_hub_crash() {
         ])
         .spawn();
     rx.expect_event("ready", secs(20));
-    hub_proc.kill();
-    let hub_proc = hub.start(&ns);
+    hub.kill();
+    hub.restart();
 
-    let sent = ns
-        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+    let sent = hub
+        .module(Sdk::Python, Script::Send, "sender")
         .args([
             "--output",
             "out1",
@@ -162,7 +143,7 @@ fn receiver_subscription_survives_a_hub_crash() {
             out.data().len(),
             out.code,
             out.stderr,
-            hub_proc.stderr()
+            hub.log()
         );
     }
     let got = out.data();
@@ -200,18 +181,10 @@ fn stored_backlog_survives_a_crash_before_delivery() {
 /// The stored-backlog scenario; `crash_during` adds the second crash while it drains.
 fn stored_backlog(crash_during: bool) {
     const N: i64 = 500;
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let mut hub_proc = hub.start(&ns);
+    let mut hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
 
-    let sent = ns
-        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+    let sent = hub
+        .module(Sdk::Python, Script::Send, "sender")
         .args([
             "--output",
             "out1",
@@ -224,20 +197,18 @@ fn stored_backlog(crash_during: bool) {
         .run(secs(60));
     sent.assert_exit(sdk::EXIT_OK);
     SeqReport::of(&sent.data(), 0..N).assert_no_loss_no_reorder();
-    hub_proc.kill();
-    let mut hub_proc = hub.start(&ns);
+    hub.kill();
+    hub.restart();
 
-    let mut rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    let mut rx = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args(["--timeout", "120"])
         .spawn();
-    let hub_proc = if crash_during {
+    if crash_during {
         rx.data_lines(100, secs(30));
-        hub_proc.kill();
-        hub.start(&ns)
-    } else {
-        hub_proc
-    };
+        hub.kill();
+        hub.restart();
+    }
 
     let (got, rx_stderr) = rx.receive_all(N, secs(90));
     let report = SeqReport::of(&got, 0..N);
@@ -249,7 +220,7 @@ fn stored_backlog(crash_during: bool) {
         panic!(
             "stored backlog after two crashes: {report:?}\nreceiver stderr:\n{rx_stderr}\n\
              hub log after the last restart:\n{}",
-            hub_proc.stderr()
+            hub.log()
         );
     }
     for m in &got {
@@ -264,17 +235,9 @@ fn stored_backlog(crash_during: bool) {
 #[test]
 fn a_python_send_while_the_hub_is_down_is_retried_until_the_hub_is_back() {
     const N: i64 = 3;
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs_tx, cs_rx, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let mut hub_proc = hub.start(&ns);
-    let mut tx = ns
-        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+    let mut hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
+    let mut tx = hub
+        .module(Sdk::Python, Script::Send, "sender")
         .args(["--output", "out1", "--run", "retry"])
         .args(["--count", &N.to_string(), "--interval-ms", "3000"])
         .args(["--timeout", "120"])
@@ -283,17 +246,17 @@ fn a_python_send_while_the_hub_is_down_is_retried_until_the_hub_is_back() {
     let first = tx.read_until(secs(60), |v| v["seq"].as_i64() == Some(0));
     assert!(first.is_some(), "no first acknowledgement: {}", tx.stderr());
     // Killed in the pause after seq 0; down until the sender has tried seq 1.
-    hub_proc.kill();
+    hub.kill();
     let retry = tx.expect_event("retry", secs(60));
     assert_eq!(retry["what"], "send seq 1", "{retry}");
-    let hub_proc = hub.start(&ns);
+    hub.restart();
     let sent = tx.finish(secs(120));
     if sent.code != Some(sdk::EXIT_OK) {
         panic!(
             "the sender did not finish after the restart: exit {:?}; stderr:\n{}\nhub log:\n{}",
             sent.code,
             sent.stderr,
-            hub_proc.stderr()
+            hub.log()
         );
     }
     let acked = sent.data();
@@ -304,8 +267,8 @@ fn a_python_send_while_the_hub_is_down_is_retried_until_the_hub_is_back() {
         "each send acknowledged once: {acked:?}"
     );
 
-    let rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    let rx = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args(["--timeout", "60"])
         .spawn();
     let (got, rx_stderr) = rx.receive_all(N, secs(60));

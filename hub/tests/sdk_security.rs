@@ -12,30 +12,27 @@
 
 #[path = "support/sdk.rs"]
 mod sdk;
+#[path = "support/sdk_hub.rs"]
+mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
-use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use base64::Engine as _;
 use sdk::{Script, Sdk, SeqReport};
+use sdk_hub::{secs, SdkHub};
 use serde_json::Value;
 use testhub::{TestHub, DEVICE_ID, IOTHUB_HOSTNAME};
 
-fn secs(s: u64) -> Duration {
-    Duration::from_secs(s)
-}
-
 /// connect_only with `--no-retry`, started now (finish it with [`expect_exit`]).
-fn connect_only(env: &sdk::SdkEnv, ns: &sdk::NetNs, which: Sdk, cs: &str, ca: &Path) -> sdk::Proc {
-    ns.module(env, which, Script::ConnectOnly, cs, ca)
+fn connect_only(hub: &SdkHub, which: Sdk, cs: &str) -> sdk::Proc {
+    hub.module_with(which, Script::ConnectOnly, cs)
         .args(["--no-retry", "--timeout", "20"])
         .spawn()
 }
 
-fn expect_exit(p: sdk::Proc, code: i32, what: &str, hub: &sdk::Proc) {
+fn expect_exit(p: sdk::Proc, code: i32, what: &str, hub: &SdkHub) {
     let out = p.finish(secs(30));
     if out.code != Some(code) || out.killed_at_deadline {
         panic!(
@@ -44,7 +41,7 @@ fn expect_exit(p: sdk::Proc, code: i32, what: &str, hub: &sdk::Proc) {
             out.code,
             out.lines,
             out.stderr,
-            hub.stderr()
+            hub.log()
         );
     }
 }
@@ -96,11 +93,11 @@ struct Raw<'a> {
     ttl: i64,
 }
 
-/// Runs [`RAW_CONNECT`] in `ns`; returns its JSON line.
-fn raw_connect(env: &sdk::SdkEnv, ns: &sdk::NetNs, ca: &Path, r: &Raw<'_>) -> Value {
-    let mut cmd = Command::new(&env.python);
+/// Runs [`RAW_CONNECT`] in the hub's namespace; returns its JSON line.
+fn raw_connect(hub: &SdkHub, r: &Raw<'_>) -> Value {
+    let mut cmd = Command::new(&hub.env.python);
     cmd.args(["-c", RAW_CONNECT])
-        .env("EDGEHUB_CA", ca)
+        .env("EDGEHUB_CA", hub.ca())
         .env("RAW_CLIENT_ID", r.client_id)
         .env(
             "RAW_USERNAME",
@@ -118,7 +115,7 @@ fn raw_connect(env: &sdk::SdkEnv, ns: &sdk::NetNs, ca: &Path, r: &Raw<'_>) -> Va
         )
         .env("RAW_KEY", r.key)
         .env("RAW_TTL", r.ttl.to_string());
-    let out = ns.spawn(&mut cmd).finish(secs(30));
+    let out = hub.ns.spawn(&mut cmd).finish(secs(30));
     out.lines
         .iter()
         .rev()
@@ -134,24 +131,24 @@ fn raw_connect(env: &sdk::SdkEnv, ns: &sdk::NetNs, ca: &Path, r: &Raw<'_>) -> Va
         })
 }
 
-fn assert_accepted(v: &Value, what: &str, hub: &sdk::Proc) {
+fn assert_accepted(v: &Value, what: &str, hub: &SdkHub) {
     assert_eq!(
         v["rc"],
         0,
         "{what}: want CONNACK 0, got {v}\nhub log:\n{}",
-        hub.stderr()
+        hub.log()
     );
 }
 
 /// Refused by a CONNACK "bad username or password" (4) or "not authorized" (5), or by the
 /// hub closing the connection before any CONNACK: never accepted.
-fn assert_refused(v: &Value, what: &str, hub: &sdk::Proc) {
+fn assert_refused(v: &Value, what: &str, hub: &SdkHub) {
     let refused = matches!(v["rc"].as_i64(), Some(4 | 5))
         || (v["answered"] == true && v["rc"].is_null() && !v["closed"].is_null());
     assert!(
         refused,
         "{what}: want a refusal, got {v}\nhub log:\n{}",
-        hub.stderr()
+        hub.log()
     );
 }
 
@@ -159,12 +156,9 @@ fn assert_refused(v: &Value, what: &str, hub: &sdk::Proc) {
 /// SDKs; the same module with its real key gets in.
 #[test]
 fn wrong_key_is_refused() {
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
+    let hub = SdkHub::start(TestHub::new(), &["sender"]);
+    let cs = hub.cs("sender").to_owned();
     let bad = testhub::with_key(&cs, &tampered(testhub::cs_field(&cs, "SharedAccessKey")));
-    let hub_proc = hub.start(&ns);
 
     let runs = [
         (
@@ -177,9 +171,9 @@ fn wrong_key_is_refused() {
         (Sdk::Python, cs.clone(), sdk::EXIT_OK, "python, real key"),
         (Sdk::Node, cs, sdk::EXIT_OK, "node, real key"),
     ]
-    .map(|(which, cs, code, what)| (connect_only(&env, &ns, which, &cs, &ca), code, what));
+    .map(|(which, cs, code, what)| (connect_only(&hub, which, &cs), code, what));
     for (p, code, what) in runs {
-        expect_exit(p, code, what, &hub_proc);
+        expect_exit(p, code, what, &hub);
     }
 }
 
@@ -187,15 +181,11 @@ fn wrong_key_is_refused() {
 /// by both SDKs.
 #[test]
 fn unknown_module_is_refused() {
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let ca = hub.ca_path();
+    let hub = SdkHub::start(TestHub::new(), &["receiver"]);
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
     let ghost =
         sdk::module_connection_string(IOTHUB_HOSTNAME, DEVICE_ID, "ghost", &key, testhub::GATEWAY);
-    let known = hub.connection_string("receiver");
-    let hub_proc = hub.start(&ns);
+    let known = hub.cs("receiver").to_owned();
 
     let runs = [
         (
@@ -207,9 +197,9 @@ fn unknown_module_is_refused() {
         (Sdk::Node, ghost, sdk::EXIT_AUTH, "node, unknown module"),
         (Sdk::Python, known, sdk::EXIT_OK, "python, known module"),
     ]
-    .map(|(which, cs, code, what)| (connect_only(&env, &ns, which, &cs, &ca), code, what));
+    .map(|(which, cs, code, what)| (connect_only(&hub, which, &cs), code, what));
     for (p, code, what) in runs {
-        expect_exit(p, code, what, &hub_proc);
+        expect_exit(p, code, what, &hub);
     }
 }
 
@@ -222,27 +212,17 @@ fn unknown_module_is_refused() {
 /// A's own client id, username and token get in.
 #[test]
 fn identity_mismatch_is_refused() {
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs_a, cs_b, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.ca_path(),
-    );
-    let key_a = testhub::cs_field(&cs_a, "SharedAccessKey").to_owned();
-    let b_with_a_key = testhub::with_key(&cs_b, &key_a);
-    let hub_proc = hub.start(&ns);
+    let hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
+    let key_a = testhub::cs_field(hub.cs("sender"), "SharedAccessKey").to_owned();
+    let b_with_a_key = testhub::with_key(hub.cs("receiver"), &key_a);
 
-    let sdk_run = connect_only(&env, &ns, Sdk::Python, &b_with_a_key, &ca);
-    let node_run = connect_only(&env, &ns, Sdk::Node, &b_with_a_key, &ca);
+    let sdk_run = connect_only(&hub, Sdk::Python, &b_with_a_key);
+    let node_run = connect_only(&hub, Sdk::Node, &b_with_a_key);
 
     let client_a = format!("{DEVICE_ID}/sender");
     let client_b = format!("{DEVICE_ID}/receiver");
     let ok = raw_connect(
-        &env,
-        &ns,
-        &ca,
+        &hub,
         &Raw {
             client_id: &client_a,
             username_module: "sender",
@@ -251,11 +231,9 @@ fn identity_mismatch_is_refused() {
             ttl: 3600,
         },
     );
-    assert_accepted(&ok, "A's client id, username and token", &hub_proc);
+    assert_accepted(&ok, "A's client id, username and token", &hub);
     let b_with_a_token = raw_connect(
-        &env,
-        &ns,
-        &ca,
+        &hub,
         &Raw {
             client_id: &client_b,
             username_module: "receiver",
@@ -267,12 +245,10 @@ fn identity_mismatch_is_refused() {
     assert_refused(
         &b_with_a_token,
         "B's client id and username with A's token",
-        &hub_proc,
+        &hub,
     );
     let b_client_a_user = raw_connect(
-        &env,
-        &ns,
-        &ca,
+        &hub,
         &Raw {
             client_id: &client_b,
             username_module: "sender",
@@ -284,19 +260,19 @@ fn identity_mismatch_is_refused() {
     assert_refused(
         &b_client_a_user,
         "B's client id with A's username and token",
-        &hub_proc,
+        &hub,
     );
     expect_exit(
         sdk_run,
         sdk::EXIT_AUTH,
         "python: B's connection string with A's key",
-        &hub_proc,
+        &hub,
     );
     expect_exit(
         node_run,
         sdk::EXIT_AUTH,
         "node: B's connection string with A's key",
-        &hub_proc,
+        &hub,
     );
 }
 
@@ -306,12 +282,8 @@ fn identity_mismatch_is_refused() {
 /// wait, so paho presents it: `connect_only.py --delay` cannot get past the allowance.)
 #[test]
 fn expired_token_is_refused() {
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
-    let hub = TestHub::new();
-    let (cs, ca) = (hub.connection_string("sender"), hub.ca_path());
-    let key = testhub::cs_field(&cs, "SharedAccessKey").to_owned();
-    let hub_proc = hub.start(&ns);
+    let hub = SdkHub::start(TestHub::new(), &["sender"]);
+    let key = testhub::cs_field(hub.cs("sender"), "SharedAccessKey").to_owned();
     let client = format!("{DEVICE_ID}/sender");
     let raw = |ttl| Raw {
         client_id: &client,
@@ -320,15 +292,11 @@ fn expired_token_is_refused() {
         key: &key,
         ttl,
     };
-    assert_accepted(
-        &raw_connect(&env, &ns, &ca, &raw(3600)),
-        "a valid token",
-        &hub_proc,
-    );
+    assert_accepted(&raw_connect(&hub, &raw(3600)), "a valid token", &hub);
     assert_refused(
-        &raw_connect(&env, &ns, &ca, &raw(-900)),
+        &raw_connect(&hub, &raw(-900)),
         "a token expired 15 minutes ago",
-        &hub_proc,
+        &hub,
     );
 }
 
@@ -339,30 +307,24 @@ fn expired_token_is_refused() {
 #[test]
 fn receiver_messages_never_reach_another_module() {
     const N: i64 = 200;
-    let env = sdk::SdkEnv::require();
-    let ns = sdk::NetNs::new();
     let mut manifest: Value =
         serde_json::from_str(include_str!("../src/default-manifest.json")).expect("manifest");
     manifest["modulesContent"]["$edgeHub"]["properties.desired"]["routes"] = serde_json::json!({
         "toReceiver": "FROM /messages/modules/sender/outputs/out1 INTO BrokeredEndpoint(\"/modules/receiver/inputs/input1\")",
         "toOther": "FROM /messages/modules/sender/outputs/marker INTO BrokeredEndpoint(\"/modules/other/inputs/input1\")"
     });
-    let hub = TestHub::with_manifest(&manifest.to_string()).module("other");
-    let (cs_tx, cs_rx, cs_other, ca) = (
-        hub.connection_string("sender"),
-        hub.connection_string("receiver"),
-        hub.connection_string("other"),
-        hub.ca_path(),
+    let hub = SdkHub::start(
+        TestHub::with_manifest(&manifest.to_string()).module("other"),
+        &["sender", "receiver", "other"],
     );
-    let hub_proc = hub.start(&ns);
 
-    let mut other = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_other, &ca)
+    let mut other = hub
+        .module(Sdk::Python, Script::Receive, "other")
         .args(["--count", "1", "--linger", "1", "--timeout", "60"])
         .spawn();
     other.expect_event("ready", secs(20));
-    let mut rx = ns
-        .module(&env, Sdk::Python, Script::Receive, &cs_rx, &ca)
+    let mut rx = hub
+        .module(Sdk::Python, Script::Receive, "receiver")
         .args([
             "--count",
             &N.to_string(),
@@ -374,8 +336,8 @@ fn receiver_messages_never_reach_another_module() {
         .spawn();
     rx.expect_event("ready", secs(20));
 
-    let sent = ns
-        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+    let sent = hub
+        .module(Sdk::Python, Script::Send, "sender")
         .args([
             "--output",
             "out1",
@@ -389,8 +351,8 @@ fn receiver_messages_never_reach_another_module() {
     sent.assert_exit(sdk::EXIT_OK);
     rx.data_lines(N as usize, secs(30));
 
-    let marker = ns
-        .module(&env, Sdk::Python, Script::Send, &cs_tx, &ca)
+    let marker = hub
+        .module(Sdk::Python, Script::Send, "sender")
         .args(["--output", "marker", "--run", "marker", "--count", "1"])
         .args(testhub::prop_args())
         .run(secs(30));
@@ -406,7 +368,7 @@ fn receiver_messages_never_reach_another_module() {
         other_got,
         ["\"marker\"#0"],
         "what `other` received (only the marker is its own)\nhub log:\n{}",
-        hub_proc.stderr()
+        hub.log()
     );
     other_out.assert_exit(sdk::EXIT_OK);
     testhub::assert_intact(&other_out.data()[0], "marker", "sender", "input1");

@@ -14,12 +14,14 @@ mod raw;
 
 use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use iothub_emulator::{Emulator, EmulatorConfig, IdentityKey, Received};
 use raw::{module_creds, BinaryHub, Creds, RawClient, TestHub, DEVICE, IOTHUB};
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::QoS;
+use store::Clock;
 
 const T: Duration = Duration::from_secs(10);
 /// Long enough for a link to come back (its backoff is capped at 10 s) and drain.
@@ -61,12 +63,21 @@ async fn setup(root: &Path, modules: &[&str], ttl_secs: u64) -> (Emulator, Vec<C
 
 /// A hub in this process whose upstream is the emulator.
 async fn hub_for(root: &Path, emulator: &Emulator) -> TestHub {
+    hub_for_on(root, emulator, Arc::new(store::SystemClock)).await
+}
+
+/// [`hub_for`] on `clock`.
+async fn hub_for_on(root: &Path, emulator: &Emulator, clock: Arc<dyn store::Clock>) -> TestHub {
     let (addr, ca) = (emulator.addr().to_string(), emulator.ca_pem());
-    TestHub::start_with(root, move |s| {
-        s.upstream_protocol = Some("mqtt".into());
-        s.upstream_addr = Some(addr.clone());
-        s.upstream_ca = Some(ca.clone());
-    })
+    TestHub::start_with_clock(
+        root,
+        move |s| {
+            s.upstream_protocol = Some("mqtt".into());
+            s.upstream_addr = Some(addr.clone());
+            s.upstream_ca = Some(ca.clone());
+        },
+        clock,
+    )
     .await
 }
 
@@ -408,11 +419,18 @@ async fn messages_past_their_ttl_are_dropped_and_counted_not_sent() {
     let (emulator, creds) = setup(dir.path(), &["modA"], 2).await;
     let c = &creds[0];
     emulator.go_away().await;
-    let hub = hub_for(dir.path(), &emulator).await;
+    // The TTL is measured by the hub's clock: this test moves it.
+    let clock = Arc::new(store::ManualClock::new(store::SystemClock.now()));
+    let hub = hub_for_on(
+        dir.path(),
+        &emulator,
+        Arc::clone(&clock) as Arc<dyn store::Clock>,
+    )
+    .await;
     let mut client = connected(hub.addrs.mqtt, &hub.ca(), c).await;
     publish_acked(&mut client, c, 0..100).await;
-    // The TTL is wall-clock time: let it pass.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Past the 2 s TTL of the first 100, without waiting for it.
+    clock.advance(2_500);
     emulator.come_back().await.unwrap();
     publish_acked(&mut client, c, 100..150).await;
     emulator

@@ -360,7 +360,7 @@ fn token_deadline(shared: &ConnShared) -> tokio::time::Instant {
     else {
         return far;
     };
-    let left = expiry.saturating_sub(HeadContext::now_secs());
+    let left = expiry.saturating_sub(shared.ctx.now_secs());
     now + Duration::from_secs(left.min(24 * 3600))
 }
 
@@ -421,7 +421,7 @@ async fn on_attach(
             .auth
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .authorize_attach(address.as_deref(), role, HeadContext::now_secs())
+            .authorize_attach(address.as_deref(), role, shared.ctx.now_secs())
     };
     let endpoint = match link_acceptor(&decision)
         .accept_incoming_attach(attach, session)

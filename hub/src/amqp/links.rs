@@ -384,7 +384,7 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
                 &delivery.input,
                 convert::DeliveryStamp {
                     lock_token: rand::random::<[u8; 16]>(),
-                    enqueued_ms: now_millis(),
+                    enqueued_ms: i64::try_from(ctx.now_millis().0).unwrap_or(i64::MAX),
                     sequence: delivery.offset,
                     delivery_count: delivery.previous_attempts,
                 },
@@ -500,13 +500,6 @@ pub fn settlement_outcome(outcome: &Outcome) -> DeliveryOutcome {
         #[allow(unreachable_patterns)]
         _ => DeliveryOutcome::Retry(FailureKind::Internal),
     }
-}
-
-fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

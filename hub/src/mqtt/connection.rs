@@ -364,16 +364,16 @@ fn authenticate(
 
 /// When a token expiring at `expiry` (`se`) stops being accepted (plus the clock skew), as a
 /// timer deadline; at most a day away (the timer is then set again).
-fn token_deadline(expiry: u64) -> Instant {
-    let left = token_secs_left(expiry);
+fn token_deadline(expiry: u64, now_secs: u64) -> Instant {
+    let left = token_secs_left(expiry, now_secs);
     Instant::now() + Duration::from_secs(left.min(24 * 3600))
 }
 
-/// Whole seconds until a token expiring at `expiry` is refused; 0 once it is.
-fn token_secs_left(expiry: u64) -> u64 {
+/// Whole seconds until a token expiring at `expiry` is refused (at `now_secs`); 0 once it is.
+fn token_secs_left(expiry: u64, now_secs: u64) -> u64 {
     expiry
         .saturating_add(CLOCK_SKEW_SECS)
-        .saturating_sub(HeadContext::now_secs())
+        .saturating_sub(now_secs)
 }
 
 /// Waits up to [`CLOSE_GRACE`] for a task to finish, then stops it.
@@ -463,7 +463,8 @@ impl Connection {
         let mut deadline = Instant::now() + keep_alive;
         let keep_alive_timer = tokio::time::sleep_until(deadline);
         tokio::pin!(keep_alive_timer);
-        let token_timer = tokio::time::sleep_until(token_deadline(self.token_expiry));
+        let token_timer =
+            tokio::time::sleep_until(token_deadline(self.token_expiry, self.ctx.now_secs()));
         tokio::pin!(token_timer);
         // Waits for a free outgoing slot when the queue is full (this task's own sender).
         let room = self.out.clone();
@@ -522,11 +523,11 @@ impl Connection {
                     keep_alive_timer.as_mut().reset(deadline);
                 }
                 () = &mut token_timer => {
-                    if token_secs_left(self.token_expiry) == 0 {
+                    if token_secs_left(self.token_expiry, self.ctx.now_secs()) == 0 {
                         self.ctx.metrics.client_token_expired("mqtt");
                         break ConnectionEnd::TokenExpired;
                     }
-                    token_timer.as_mut().reset(token_deadline(self.token_expiry));
+                    token_timer.as_mut().reset(token_deadline(self.token_expiry, self.ctx.now_secs()));
                 }
             }
         };
@@ -1083,9 +1084,10 @@ mod tests {
             shutdown,
             audiences: vec![IOTHUB.to_owned()],
             routes_changed: watch::channel(0).0,
+            clock: Arc::new(SystemClock),
         };
         let resource = sas::resource_uri(IOTHUB, DEVICE, Some("m"));
-        let token = sas::generate(&resource, &key, HeadContext::now_secs() + 3600);
+        let token = sas::generate(&resource, &key, ctx.now_secs() + 3600);
         let mut connect = Connect::new(format!("{DEVICE}/m"));
         connect.clean_session = true;
         // 0: the hub's longest keep-alive timeout (10 min).

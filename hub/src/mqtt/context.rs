@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use router::{Dispatcher, DynSink, Endpoint, InputName, Router};
+use store::{Clock, UnixMillis};
 use tokio::sync::watch;
 
 use crate::auth::sas;
@@ -37,6 +38,8 @@ pub struct HeadContext {
     /// Bumped after every manifest reload that changed the routes: a connected receiver then
     /// registers the input endpoints that routes name for its module from now on.
     pub routes_changed: watch::Sender<u64>,
+    /// The wall clock (token expiry, enqueue times): the one the composition root was given.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl HeadContext {
@@ -52,7 +55,7 @@ impl HeadContext {
         key: &[u8],
         identity: &Identity,
     ) -> Result<u64, String> {
-        let now = Self::now_secs();
+        let now = self.now_secs();
         let hosts: Vec<&str> = self.audiences.iter().map(String::as_str).collect();
         let expected = sas::ExpectedAudience {
             hosts: &hosts,
@@ -135,12 +138,14 @@ impl HeadContext {
         }
     }
 
-    /// Seconds since the Unix epoch, now (0 if the clock is before it).
-    pub fn now_secs() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+    /// Seconds since the Unix epoch, now, by the hub's clock (0 if it is before the epoch).
+    pub fn now_secs(&self) -> u64 {
+        self.clock.now().0 / 1000
+    }
+
+    /// Milliseconds since the Unix epoch, now, by the hub's clock.
+    pub fn now_millis(&self) -> UnixMillis {
+        self.clock.now()
     }
 
     /// Every input endpoint of `identity`'s module: named by a route, or holding queued

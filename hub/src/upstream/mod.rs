@@ -33,6 +33,7 @@ pub mod sink;
 use std::sync::{Arc, Weak};
 
 use router::{Dispatcher, Endpoint, EndpointPolicy};
+use store::Clock;
 
 use self::mqtt::{client_tls_config, MqttUpstream, MqttUpstreamConfig, UpstreamTlsError};
 use self::sink::UpstreamSink;
@@ -53,6 +54,7 @@ pub fn start(
     identities: Arc<Identities>,
     dispatcher: &Arc<Dispatcher>,
     metrics: Arc<HubMetrics>,
+    clock: Arc<dyn Clock>,
 ) -> Result<Option<Arc<MqttUpstream>>, UpstreamTlsError> {
     let Some(up) = settings.upstream() else {
         return Ok(None);
@@ -61,6 +63,7 @@ pub fn start(
     let mut config =
         MqttUpstreamConfig::new(settings.iothub_hostname(), &up.host, up.port, Arc::new(tls));
     config.ack_timeout = up.timeout;
+    config.clock = clock;
     // Weak: the dispatcher owns the sink, which owns this hook.
     let weak: Weak<Dispatcher> = Arc::downgrade(dispatcher);
     let upstream = Arc::new(MqttUpstream::new(config, identities, metrics, move || {

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Outgoing,
@@ -36,6 +36,7 @@ use rumqttc::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
+use store::{Clock, SystemClock};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -79,6 +80,8 @@ pub struct MqttUpstreamConfig {
     pub backoff_min: Duration,
     /// Reconnect backoff: longest delay.
     pub backoff_max: Duration,
+    /// The wall clock SAS tokens are issued by.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl MqttUpstreamConfig {
@@ -99,6 +102,7 @@ impl MqttUpstreamConfig {
             ack_timeout: Duration::from_secs(20),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -368,12 +372,6 @@ impl Upstream for MqttUpstream {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Makes a fresh client for `link` and installs it, so publishes queue while it connects.
 /// `Err` when the identity has no key.
 fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant), String> {
@@ -390,7 +388,11 @@ fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant)
         Some(identity.module.as_str()),
     );
     let issued = Instant::now();
-    let token = sas::generate(&resource, &key, unix_now() + config.token_ttl.as_secs());
+    let token = sas::generate(
+        &resource,
+        &key,
+        config.clock.now().0 / 1000 + config.token_ttl.as_secs(),
+    );
     let username = format!(
         "{}/{}/{}/?api-version={API_VERSION}",
         config.iothub_hostname, identity.device, identity.module

@@ -11,13 +11,13 @@
 //! - [`Creds`]: what an Azure IoT SDK module sends: client id `device/module`, username
 //!   `{iothub}/{device}/{module}/?api-version=2019-10-01`, password a SAS token made with
 //!   `hub::auth::sas::generate`.
-//! - [`TestHub`]: `hub::server::run` in-process on a temporary data dir, on free loopback ports,
-//!   waited for through `/readyz`; stopped through its shutdown future.
+//! - [`TestHub`]: `hub::server::run` in-process on a temporary data dir, on listeners the test
+//!   binds to port 0 and hands in (so it knows their addresses), waited for through `/readyz`;
+//!   stopped through its shutdown future. It may run on a clock the test controls.
 //!
-//! Ports: `Settings` accepts port 0, but `server::run` does not report the ports it bound, so a
-//! test cannot learn them. Free ports are found by binding `127.0.0.1:0` and releasing; the few
-//! times another process takes one in between, the hub fails to bind and is started again on
-//! new ports ([`start_retrying`]).
+//! The real binary ([`BinaryHub`]) listens on port 0 too and names the ports it bound in its
+//! "edgehub ready" log line ([`wait_ready_line`]). Only servers that are not ours (mosquitto)
+//! get a [`free_port`]: bound to `127.0.0.1:0` and released.
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
 use std::collections::HashSet;
@@ -501,7 +501,8 @@ fn handed_out() -> &'static Mutex<HashSet<u16>> {
     PORTS.get_or_init(|| Mutex::new(HashSet::new()))
 }
 
-/// A loopback port that was free a moment ago and was never handed out before in this process.
+/// A loopback port that was free a moment ago and was never handed out before in this process
+/// (for servers that cannot be given a bound listener or report their port).
 pub fn free_port() -> u16 {
     loop {
         let l = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -545,17 +546,6 @@ pub struct Addrs {
     pub plain: SocketAddr,
 }
 
-impl Addrs {
-    pub fn fresh() -> Self {
-        let a = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
-        Addrs {
-            mqtt: a(free_port()),
-            metrics: a(free_port()),
-            plain: a(free_port()),
-        }
-    }
-}
-
 /// What waiting for a starting hub found.
 pub enum Start {
     Ready,
@@ -594,33 +584,71 @@ pub async fn wait_ready(
     }
 }
 
-/// Starts something on fresh ports up to 5 times while it fails because a port was taken.
-pub async fn start_retrying<T, F, Fut>(mut attempt: F) -> T
-where
-    F: FnMut(Addrs) -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
-{
-    let mut last = String::new();
-    for _ in 0..5 {
-        match attempt(Addrs::fresh()).await {
-            Ok(t) => return t,
-            Err(why) if why.contains("cannot listen") => last = why,
-            Err(why) => panic!("the hub failed to start: {why}"),
-        }
+/// The value of field `name` in a log line, in the text (`name=value`) or JSON
+/// (`"name":"value"`) format.
+pub fn log_field(line: &str, name: &str) -> Option<String> {
+    let text = format!(" {name}=");
+    let json = format!("\"{name}\":\"");
+    if let Some(at) = line.find(&text) {
+        let rest = &line[at + text.len()..];
+        return Some(rest.split_whitespace().next()?.to_owned());
     }
-    panic!("the hub could not bind free ports: {last}");
+    let at = line.find(&json)?;
+    let rest = &line[at + json.len()..];
+    Some(rest.split('"').next()?.to_owned())
+}
+
+/// Waits until the log file `log` holds the hub's "edgehub ready" line and returns the
+/// addresses it names (the ports it really bound); `None` if `exited` says the hub stopped
+/// first. Panics after `timeout` (a failure bound).
+pub async fn wait_ready_line(
+    log: &Path,
+    timeout: Duration,
+    mut exited: impl FnMut() -> bool,
+) -> Option<Addrs> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text.lines().find(|l| l.contains("edgehub ready")) {
+            let addr = |name: &str| -> SocketAddr {
+                log_field(line, name)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} address in {line:?}"))
+            };
+            let plain = log_field(line, "plain_mqtt")
+                .and_then(|v| v.strip_prefix("Some(")?.strip_suffix(')')?.parse().ok())
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+            return Some(Addrs {
+                mqtt: addr("mqtt"),
+                metrics: addr("http"),
+                plain,
+            });
+        }
+        if exited() {
+            return None;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hub not ready within {timeout:?}:\n{text}"
+        );
+        // The log file gives no signal when written; a short poll is the event wait here.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // In-process hub
 // ---------------------------------------------------------------------------------------------
 
-/// `hub::server::run` in this process, on `{root}/data` with `{root}/manifest.json`.
+/// `hub::server::run` in this process, on `{root}/data` with `{root}/manifest.json`, on
+/// listeners this test bound to port 0 (their addresses in `addrs` and `amqp`).
 pub struct TestHub {
     pub root: PathBuf,
     pub addrs: Addrs,
+    /// The AMQP listener.
+    pub amqp: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<anyhow::Result<()>>>,
+    task: Option<JoinHandle<Result<(), hub::server::RunError>>>,
     identities: Arc<Identities>,
 }
 
@@ -633,57 +661,73 @@ impl TestHub {
 
     /// [`TestHub::start`] with settings changed by `adjust` (upstream off unless it says).
     pub async fn start_with(root: &Path, adjust: impl Fn(&mut RawSettings)) -> TestHub {
+        Self::start_with_clock(root, adjust, Arc::new(store::SystemClock)).await
+    }
+
+    /// [`TestHub::start_with`] on `clock` (e.g. a [`store::ManualClock`] the test moves).
+    pub async fn start_with_clock(
+        root: &Path,
+        adjust: impl Fn(&mut RawSettings),
+        clock: Arc<dyn store::Clock>,
+    ) -> TestHub {
         init_logs();
         let manifest = root.join("manifest.json");
         if !manifest.exists() {
             std::fs::write(&manifest, MANIFEST).expect("write manifest");
         }
-        let root = root.to_owned();
-        start_retrying(|addrs| {
-            let root = root.clone();
-            let mut settings = RawSettings {
-                data_dir: Some(root.join("data")),
-                manifest: Some(root.join("manifest.json")),
-                mqtt_addr: Some(addrs.mqtt.to_string()),
-                metrics_addr: Some(addrs.metrics.to_string()),
-                plain_mqtt_addr: Some(addrs.plain.to_string()),
-                amqp_addr: Some("127.0.0.1:0".into()),
-                iothub_hostname: Some(IOTHUB.into()),
-                device_id: Some(DEVICE.into()),
-                gateway_hostname: Some("localhost".into()),
-                upstream_protocol: Some("none".into()),
-                ..RawSettings::default()
-            };
-            adjust(&mut settings);
-            async move { Self::try_start(&root, addrs, settings).await }
-        })
-        .await
-    }
-
-    async fn try_start(root: &Path, addrs: Addrs, raw: RawSettings) -> Result<TestHub, String> {
+        let any_port = || Some("127.0.0.1:0".to_owned());
+        let mut raw = RawSettings {
+            data_dir: Some(root.join("data")),
+            manifest: Some(manifest),
+            mqtt_addr: any_port(),
+            metrics_addr: any_port(),
+            plain_mqtt_addr: any_port(),
+            amqp_addr: any_port(),
+            iothub_hostname: Some(IOTHUB.into()),
+            device_id: Some(DEVICE.into()),
+            gateway_hostname: Some("localhost".into()),
+            upstream_protocol: Some("none".into()),
+            ..RawSettings::default()
+        };
+        adjust(&mut raw);
         let settings = raw.validate(None).expect("valid settings");
+        let listeners = hub::server::Listeners::bind(&settings)
+            .await
+            .expect("bind the hub's listeners");
+        let bound = listeners.local_addrs().expect("bound addresses");
+        let addrs = Addrs {
+            mqtt: bound.mqtt,
+            metrics: bound.http,
+            plain: bound.plain_mqtt.expect("a plain MQTT listener"),
+        };
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(hub::server::run(settings.clone(), async move {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(hub::server::run(
+            settings.clone(),
+            listeners,
+            clock,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         if let Start::Exited =
             wait_ready(addrs, Duration::from_secs(20), || task.is_finished()).await
         {
-            return Err(match task.await {
-                Ok(Ok(())) => "run returned Ok before it was ready".to_owned(),
-                Ok(Err(e)) => format!("{e:#}"),
-                Err(e) => format!("run panicked: {e}"),
-            });
+            match task.await {
+                Ok(Ok(())) => panic!("run returned Ok before it was ready"),
+                Ok(Err(e)) => panic!("the hub failed to start: {:#}", anyhow::Error::from(e)),
+                Err(e) => panic!("run panicked: {e}"),
+            }
         }
         let deployment = settings.manifest().load().expect("manifest");
         let identities = Identities::for_settings(&settings, &deployment.modules).expect("ids");
-        Ok(TestHub {
+        TestHub {
             root: root.to_owned(),
             addrs,
+            amqp: bound.amqp,
             stop: Some(stop),
             task: Some(task),
             identities: Arc::new(identities),
-        })
+        }
     }
 
     /// The CA a client must trust.
@@ -739,7 +783,9 @@ impl TestHub {
                 .await
                 .expect("hub did not stop within 30 s")
                 .expect("hub task panicked");
-            r.expect("hub run returned an error");
+            if let Err(e) = r {
+                panic!("hub run returned an error: {:#}", anyhow::Error::from(e));
+            }
         }
     }
 }
@@ -761,41 +807,40 @@ impl BinaryHub {
         Self::start_with(root, n, &[]).await
     }
 
-    /// [`BinaryHub::start`] with more command-line arguments.
+    /// [`BinaryHub::start`] with more command-line arguments. The binary listens on port 0;
+    /// its addresses are read from its "edgehub ready" log line.
     pub async fn start_with(root: &Path, n: usize, extra: &[String]) -> BinaryHub {
         let log = root.join(format!("hub-{n}.log"));
-        start_retrying(|addrs| {
-            let (root, log) = (root.to_owned(), log.clone());
-            async move {
-                let file = std::fs::File::create(&log).expect("log file");
-                let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
-                    .arg("run")
-                    .arg("--data-dir")
-                    .arg(root.join("data"))
-                    .arg("--manifest")
-                    .arg(root.join("manifest.json"))
-                    .args(["--mqtt-addr", &addrs.mqtt.to_string()])
-                    .args(["--metrics-addr", &addrs.metrics.to_string()])
-                    .args(["--amqp-addr", "127.0.0.1:0"])
-                    .args(["--iothub-hostname", IOTHUB, "--device-id", DEVICE])
-                    .args(["--gateway-hostname", "localhost", "--log", "info"])
-                    .args(extra)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(file)
-                    .spawn()
-                    .expect("spawn edgehub");
-                let start = wait_ready(addrs, Duration::from_secs(30), || {
-                    child.try_wait().ok().flatten().is_some()
-                })
-                .await;
-                match start {
-                    Start::Ready => Ok(BinaryHub { child, addrs, log }),
-                    Start::Exited => Err(std::fs::read_to_string(&log).unwrap_or_default()),
-                }
-            }
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
+            .arg("run")
+            .arg("--data-dir")
+            .arg(root.join("data"))
+            .arg("--manifest")
+            .arg(root.join("manifest.json"))
+            .args(["--mqtt-addr", "127.0.0.1:0"])
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--amqp-addr", "127.0.0.1:0"])
+            .args(["--iothub-hostname", IOTHUB, "--device-id", DEVICE])
+            .args(["--gateway-hostname", "localhost", "--log", "info"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn edgehub");
+        let addrs = match wait_ready_line(&log, Duration::from_secs(30), || {
+            child.try_wait().ok().flatten().is_some()
         })
         .await
+        {
+            Some(addrs) => addrs,
+            None => panic!(
+                "the hub exited before it was ready:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        };
+        BinaryHub { child, addrs, log }
     }
 
     /// SIGKILL, and reap.
