@@ -99,8 +99,17 @@ enum Work<A> {
 #[derive(Debug, PartialEq)]
 enum Settle<D> {
     Accept(D),
-    /// Reject with this error; `fatal` closes the link afterwards.
-    Reject(D, AmqpError, String, bool),
+    /// Reject the transfer with this error.
+    Reject {
+        /// The transfer.
+        info: D,
+        /// The AMQP error condition.
+        condition: AmqpError,
+        /// The error's description.
+        reason: String,
+        /// Whether the link closes afterwards (with this reason).
+        fatal: bool,
+    },
 }
 
 /// Serves a module's events link until it ends or the connection stops.
@@ -130,7 +139,12 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
                 let Some(settle) = settle else { break };
                 let result = match settle {
                     Settle::Accept(info) => receiver.accept(info).await,
-                    Settle::Reject(info, condition, reason, fatal) => {
+                    Settle::Reject {
+                        info,
+                        condition,
+                        reason,
+                        fatal,
+                    } => {
                         if fatal && failure.is_none() {
                             failure = Some(reason.clone());
                             pending_tx = None;
@@ -294,22 +308,32 @@ async fn settle_in_order<D, A, O, E>(
     let mut failed: Option<String> = None;
     while let Some(Pending { info, work }) = pending.recv().await {
         let decision = match work {
-            Work::Refuse(condition, reason) => Settle::Reject(info, condition, reason, false),
+            Work::Refuse(condition, reason) => Settle::Reject {
+                info,
+                condition,
+                reason,
+                fatal: false,
+            },
             Work::Fail(reason) => {
                 if failed.is_none() {
                     failed = Some(reason.clone());
                 }
-                Settle::Reject(info, AmqpError::InternalError, reason, true)
+                Settle::Reject {
+                    info,
+                    condition: AmqpError::InternalError,
+                    reason,
+                    fatal: true,
+                }
             }
-            Work::Route(_, _) if failed.is_some() => Settle::Reject(
+            Work::Route(_, _) if failed.is_some() => Settle::Reject {
                 info,
-                AmqpError::InternalError,
-                format!(
+                condition: AmqpError::InternalError,
+                reason: format!(
                     "not stored: an earlier message failed ({})",
                     failed.as_deref().unwrap_or_default()
                 ),
-                true,
-            ),
+                fatal: true,
+            },
             Work::Route(acks, arrived) => {
                 let mut error = None;
                 for ack in acks {
@@ -326,7 +350,12 @@ async fn settle_in_order<D, A, O, E>(
                     Some(reason) => {
                         tracing::warn!(%reason, "a message could not be stored; rejecting it and every later one");
                         failed = Some(reason.clone());
-                        Settle::Reject(info, AmqpError::InternalError, reason, true)
+                        Settle::Reject {
+                            info,
+                            condition: AmqpError::InternalError,
+                            reason,
+                            fatal: true,
+                        }
                     }
                 }
             }
@@ -588,7 +617,7 @@ mod tests {
         .await;
         assert_eq!(got[0], Settle::Accept(0));
         assert!(
-            matches!(&got[1], Settle::Reject(1, AmqpError::InternalError, r, true) if r == "disk full")
+            matches!(&got[1], Settle::Reject { info: 1, condition: AmqpError::InternalError, reason: r, fatal: true } if r == "disk full")
         );
     }
 
@@ -606,20 +635,40 @@ mod tests {
         assert_eq!(got[0], Settle::Accept(0));
         assert!(matches!(
             &got[1],
-            Settle::Reject(1, AmqpError::InternalError, _, true)
+            Settle::Reject {
+                info: 1,
+                condition: AmqpError::InternalError,
+                fatal: true,
+                ..
+            }
         ));
         // Durable or not, nothing after a failure is accepted: a resend could not reorder.
         assert!(matches!(
             &got[2],
-            Settle::Reject(2, AmqpError::InternalError, _, true)
+            Settle::Reject {
+                info: 2,
+                condition: AmqpError::InternalError,
+                fatal: true,
+                ..
+            }
         ));
         assert!(matches!(
             &got[3],
-            Settle::Reject(3, AmqpError::NotImplemented, _, false)
+            Settle::Reject {
+                info: 3,
+                condition: AmqpError::NotImplemented,
+                fatal: false,
+                ..
+            }
         ));
         assert!(matches!(
             &got[4],
-            Settle::Reject(4, AmqpError::InternalError, _, true)
+            Settle::Reject {
+                info: 4,
+                condition: AmqpError::InternalError,
+                fatal: true,
+                ..
+            }
         ));
     }
 
@@ -632,7 +681,12 @@ mod tests {
         .await;
         assert!(matches!(
             &got[0],
-            Settle::Reject(0, AmqpError::ResourceLimitExceeded, _, false)
+            Settle::Reject {
+                info: 0,
+                condition: AmqpError::ResourceLimitExceeded,
+                fatal: false,
+                ..
+            }
         ));
         assert_eq!(got[1], Settle::Accept(1));
     }
@@ -670,11 +724,16 @@ mod tests {
         assert_eq!(got[0], Settle::Accept(0));
         assert!(matches!(
             &got[1],
-            Settle::Reject(1, AmqpError::InternalError, r, true) if r == "store full"
+            Settle::Reject { info: 1, condition: AmqpError::InternalError, reason: r, fatal: true } if r == "store full"
         ));
         assert!(matches!(
             &got[2],
-            Settle::Reject(2, AmqpError::InternalError, _, true)
+            Settle::Reject {
+                info: 2,
+                condition: AmqpError::InternalError,
+                fatal: true,
+                ..
+            }
         ));
     }
 

@@ -42,10 +42,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::auth::credentials::CredentialError;
 use crate::auth::sas::CLOCK_SKEW_SECS;
 
 use bytes::BytesMut;
-use router::{DeliveryOutcome, Endpoint, Message, RouteAck};
+use router::{DeliveryOutcome, Endpoint, Message, RouteAck, RouteError};
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
     UnsubAck, Unsubscribe,
@@ -105,6 +106,9 @@ pub enum ConnectionEnd {
     /// CONNECT was refused.
     #[error("connection refused: {0}")]
     Refused(String),
+    /// CONNECT's credentials were refused.
+    #[error("connection refused: {0}")]
+    NotAuthorized(#[from] ConnectAuthError),
     /// Nothing arrived within 1.5 × keep-alive.
     #[error("keep-alive expired")]
     KeepAlive,
@@ -116,7 +120,16 @@ pub enum ConnectionEnd {
     TokenExpired,
     /// Routing a publish failed; it and everything after it stay unacknowledged.
     #[error("routing failed: {0}")]
-    Route(String),
+    Route(#[from] RouteError),
+    /// The connection's acknowledgement state refused a publish (after a failed one).
+    #[error("routing failed: {0}")]
+    AckState(#[source] session_state::StateError),
+    /// The task that sends PUBACKs in order is gone, so nothing more can be acknowledged.
+    #[error("routing failed: acknowledger stopped")]
+    AckerStopped,
+    /// [`Connection::run`] was called a second time (a bug).
+    #[error("routing failed: the connection ran twice")]
+    RanTwice,
     /// The hub is shutting down.
     #[error("hub shutting down")]
     Shutdown,
@@ -244,7 +257,7 @@ where
             )));
             drop((out_tx, puback_tx));
             finish_task(writer_task).await;
-            return ConnectionEnd::Refused(reason);
+            return ConnectionEnd::NotAuthorized(reason);
         }
     };
     let taken = if ctx.connections.has_live(&identity) {
@@ -281,7 +294,7 @@ where
         ctx.identities.key(&identity).as_deref() == Some(key.as_slice())
     });
     let Some((conn_id, replaced)) = joined else {
-        let reason = "the module was removed or its key changed while it logged in";
+        let reason = ConnectAuthError::KeyChanged;
         tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
         ctx.metrics.client_connect_failed("not_authorized");
         let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
@@ -290,7 +303,7 @@ where
         )));
         drop((out_tx, puback_tx));
         finish_task(writer_task).await;
-        return ConnectionEnd::Refused(reason.into());
+        return ConnectionEnd::NotAuthorized(reason);
     };
     // The queue is empty: the CONNACK always fits.
     let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
@@ -331,33 +344,54 @@ where
     end
 }
 
+/// Why a CONNECT's credentials were refused (answered CONNACK 5, "not authorized").
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectAuthError {
+    /// CONNECT carries no username and password.
+    #[error("no username/password")]
+    NoLogin,
+    /// The username is not IoT Hub's `host/device/module/?api-version=…`.
+    #[error("username: {0}")]
+    Username(#[source] username::UsernameError),
+    /// The client id is not the `device/module` the username names.
+    #[error("client id {client_id:?} is not the identity {identity:?} of the username")]
+    ClientId {
+        /// The CONNECT's client id.
+        client_id: String,
+        /// The identity of the username.
+        identity: String,
+    },
+    /// The username names a device, not a module.
+    #[error("a device without a module is not served")]
+    NoModule,
+    /// The module is unknown or its token does not verify.
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    /// A reload removed or re-keyed the module while it logged in.
+    #[error("the module was removed or its key changed while it logged in")]
+    KeyChanged,
+}
+
 /// Checks CONNECT: client id, username, SAS token. Returns the authenticated identity, its
 /// token's expiry (`se`, seconds since the epoch) and the key the token was checked with.
 fn authenticate(
     ctx: &HeadContext,
     connect: &rumqttc::mqttbytes::v4::Connect,
-) -> Result<(Identity, u64, Vec<u8>), String> {
-    let login = connect
-        .login
-        .as_ref()
-        .ok_or_else(|| "no username/password".to_string())?;
-    let user = username::parse(&login.username).map_err(|e| format!("username: {e}"))?;
+) -> Result<(Identity, u64, Vec<u8>), ConnectAuthError> {
+    let login = connect.login.as_ref().ok_or(ConnectAuthError::NoLogin)?;
+    let user = username::parse(&login.username).map_err(ConnectAuthError::Username)?;
     if connect.client_id != user.client_id() {
-        return Err(format!(
-            "client id {:?} is not the identity {:?} of the username",
-            connect.client_id,
-            user.client_id()
-        ));
+        return Err(ConnectAuthError::ClientId {
+            client_id: connect.client_id.clone(),
+            identity: user.client_id(),
+        });
     }
-    let module = user
-        .module
-        .clone()
-        .ok_or_else(|| "a device without a module is not served".to_string())?;
+    let module = user.module.clone().ok_or(ConnectAuthError::NoModule)?;
     let identity = Identity::new(user.device.clone(), module);
     let key = ctx
         .identities
         .key(&identity)
-        .ok_or_else(|| format!("unknown module {identity}"))?;
+        .ok_or_else(|| CredentialError::UnknownModule(identity.clone()))?;
     let expiry = ctx.verify_token_expiry(&login.password, &key, &identity)?;
     Ok((identity, expiry, key))
 }
@@ -429,9 +463,9 @@ impl Connection {
         keep_alive: Duration,
     ) -> ConnectionEnd {
         let (ack_tx, ack_rx) = mpsc::channel(MAX_PENDING_ACKS);
-        let (route_failed_tx, mut route_failed) = oneshot::channel::<String>();
+        let (route_failed_tx, mut route_failed) = oneshot::channel::<RouteError>();
         let Some(pubacks) = self.pubacks.take() else {
-            return ConnectionEnd::Route("the connection ran twice".into());
+            return ConnectionEnd::RanTwice;
         };
         let released = Arc::new(Notify::new());
         let mut acker = tokio::spawn(ack_in_order(
@@ -483,7 +517,7 @@ impl Connection {
                                 Ok(None) => {}
                                 Ok(Some(ack)) => match &self.acks {
                                     Some(acks) if acks.send(ack).await.is_ok() => {}
-                                    _ => break ConnectionEnd::Route("acknowledger stopped".into()),
+                                    _ => break ConnectionEnd::AckerStopped,
                                 },
                                 Err(end) => break end,
                             }
@@ -503,7 +537,7 @@ impl Connection {
                 () = released.notified(), if inbound_full => {}
                 free = ack_room.reserve(), if acks_full => {
                     if free.is_err() {
-                        break ConnectionEnd::Route("acknowledger stopped".into());
+                        break ConnectionEnd::AckerStopped;
                     }
                 }
                 // Deliveries are taken only while few wait for the window (the sinks wait
@@ -609,7 +643,7 @@ impl Connection {
                         "packet id {pkid} reused without DUP before its PUBACK"
                     )))
                 }
-                Err(e) => return Err(ConnectionEnd::Route(e.to_string())),
+                Err(e) => return Err(ConnectionEnd::AckState(e)),
             },
             _ => None,
         };
@@ -628,7 +662,7 @@ impl Connection {
                         // Refused at once (store full, too large): close before any later
                         // publish is routed, so the client's resend cannot be overtaken.
                         tracing::warn!(client_id = %self.client_id, pkid = publish.pkid, error = %e, "a publish was refused by the store; closing without PUBACK");
-                        return Err(ConnectionEnd::Route(e.to_string()));
+                        return Err(ConnectionEnd::Route(e));
                     }
                 }
                 ack
@@ -875,7 +909,7 @@ async fn ack_in_order(
     out: mpsc::Sender<u16>,
     inbound: Arc<Mutex<session_state::InboundAcks>>,
     released: Arc<Notify>,
-    failed: oneshot::Sender<String>,
+    failed: oneshot::Sender<RouteError>,
     metrics: Arc<HubMetrics>,
 ) {
     while let Some((token, ack)) = acks.recv().await {
@@ -905,9 +939,8 @@ async fn ack_in_order(
             }
             Err(e) => {
                 let _ = lock(&inbound).on_failed(token);
-                let reason = e.to_string();
-                tracing::warn!(%reason, "a publish could not be stored; closing without PUBACK");
-                let _ = failed.send(reason);
+                tracing::warn!(reason = %e, "a publish could not be stored; closing without PUBACK");
+                let _ = failed.send(e);
                 return;
             }
         }
