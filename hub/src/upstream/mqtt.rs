@@ -39,8 +39,9 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::inflight::Inflight;
+use super::inflight::{Anomaly, Inflight};
 use super::link::{CloudMessage, PublishError, Upstream};
+use super::state::{self, Action, UpstreamState};
 use crate::auth::sas;
 use crate::identity::{Identities, Identity};
 use crate::metrics::{HubMetrics, SentLabels};
@@ -374,14 +375,47 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Why an identity's connection to IoT Hub is down: logged, and the reason publishes are
+/// answered `Offline` with.
+#[derive(Debug, thiserror::Error)]
+enum DownReason {
+    /// The identity has no key to sign a token with.
+    #[error(transparent)]
+    NoCredentials(PublishError),
+    /// The connection attempt failed (unreachable, TLS, refused).
+    #[error("cannot connect: {0}")]
+    Connect(#[source] ConnectionError),
+    /// The first packet was not the CONNACK.
+    #[error("expected CONNACK, got {0}")]
+    NotConnAck(String),
+    /// A publish waited longer than the acknowledgement timeout.
+    #[error("no PUBACK within {0:?}: giving up the connection")]
+    AckTimeout(Duration),
+    /// The broker acknowledged a later publish before an earlier one.
+    #[error("the broker acknowledged out of order (packet id {0} still awaited)")]
+    OutOfOrder(u16),
+    /// What the client reported does not fit what was sent.
+    #[error(transparent)]
+    Anomaly(#[from] Anomaly),
+    /// The broker ended the connection.
+    #[error("the broker sent DISCONNECT")]
+    Disconnect,
+    /// The connection failed once up.
+    #[error("connection lost: {0}")]
+    Lost(#[source] ConnectionError),
+    /// The link's state machine met an event it did not expect (a bug).
+    #[error("{}", state::UNEXPECTED)]
+    Unexpected,
+}
+
 /// Makes a fresh client for `link` and installs it, so publishes queue while it connects.
 /// `Err` when the identity has no key.
-fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant), String> {
+fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant), DownReason> {
     let identity = &link.identity;
     let Some(key) = shared.identities.stored_key(identity) else {
-        let reason = PublishError::NoCredentials(identity.to_string()).to_string();
-        link.lock().offline_reason = reason.clone();
-        return Err(reason);
+        let reason = PublishError::NoCredentials(identity.to_string());
+        link.lock().offline_reason = reason.to_string();
+        return Err(DownReason::NoCredentials(reason));
     };
     let config = &shared.config;
     let resource = sas::resource_uri(
@@ -428,20 +462,29 @@ fn failure_reason(e: &ConnectionError) -> &'static str {
     }
 }
 
-/// How a connection ended.
-enum Ended {
-    /// Its token is due for renewal: reconnect now, it is not an outage.
-    Renew,
-    /// It failed; `progressed` says whether it got anything through first (or lived long
-    /// enough to count as healthy), which resets the backoff.
-    Failed { reason: String, progressed: bool },
-}
+/// One event of the link's state machine, with the reason a connection is down.
+type LinkEvent = state::Event<DownReason>;
 
-/// A connection up this long counts as healthy even if it carried nothing.
-const HEALTHY_AFTER: Duration = Duration::from_secs(30);
-
-/// Serves one established connection until it ends.
-async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: Instant) -> Ended {
+/// The `Serve` action: says the link is online, then serves the established connection until it
+/// ends ([`state::Event::Lost`], [`state::Event::AckTimedOut`]) or its token is due and what was
+/// in flight has drained ([`state::Event::TokenDue`]).
+async fn serve(
+    shared: &Shared,
+    link: &Link,
+    eventloop: &mut EventLoop,
+    issued: Instant,
+    offline_since: &mut Option<Instant>,
+) -> LinkEvent {
+    let identity = &link.identity;
+    tracing::info!(%identity, "upstream connected");
+    shared.metrics.upstream().online(identity);
+    if let Some(since) = offline_since.take() {
+        shared
+            .metrics
+            .upstream()
+            .offline_for(identity, since.elapsed());
+    }
+    (shared.on_online)();
     let renew_after = shared.config.token_ttl.mul_f64(0.75);
     let up_since = Instant::now();
     let mut acked_any = false;
@@ -457,12 +500,9 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
             {
                 Ok(event) => event,
                 Err(_) => {
-                    return Ended::Failed {
-                        reason: format!(
-                            "no PUBACK within {:?}: giving up the connection",
-                            shared.config.ack_timeout
-                        ),
-                        progressed: acked_any,
+                    return LinkEvent::AckTimedOut {
+                        reason: DownReason::AckTimeout(shared.config.ack_timeout),
+                        acked_any,
                     }
                 }
             },
@@ -472,42 +512,39 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
             let mut state = link.lock();
             match event {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    state.inflight.sent(pkid).err().map(|a| a.to_string())
+                    state.inflight.sent(pkid).err().map(DownReason::from)
                 }
-                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => Some(format!(
-                    "the broker acknowledged out of order (packet id {pkid} still awaited)"
-                )),
+                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => Some(DownReason::OutOfOrder(pkid)),
                 Ok(Event::Incoming(Packet::PubAck(ack))) => match state.inflight.acked(ack.pkid) {
                     Ok((handed_at, waiter)) => {
                         drop(state);
                         acked_any = true;
                         let _ = waiter.send(Ok(()));
-                        shared.metrics.upstream().acked(&link.identity);
+                        shared.metrics.upstream().acked(identity);
                         shared
                             .metrics
                             .message_send_duration("upstream", handed_at.elapsed());
                         shared.metrics.message_sent_with(&SentLabels {
-                            from: link.identity.to_string(),
+                            from: identity.to_string(),
                             to: "upstream".to_owned(),
                             ..SentLabels::default()
                         });
                         None
                     }
-                    Err(a) => Some(a.to_string()),
+                    Err(a) => Some(DownReason::from(a)),
                 },
-                Ok(Event::Incoming(Packet::Disconnect)) => {
-                    Some("the broker sent DISCONNECT".to_owned())
-                }
+                Ok(Event::Incoming(Packet::Disconnect)) => Some(DownReason::Disconnect),
                 Ok(_) => None,
                 // A lost connection is counted by `edgehub_upstream_offline`, not as a failed
                 // connection attempt.
-                Err(e) => Some(format!("connection lost: {e}")),
+                Err(e) => Some(DownReason::Lost(e)),
             }
         };
         if let Some(reason) = anomaly {
-            return Ended::Failed {
+            return LinkEvent::Lost {
                 reason,
-                progressed: acked_any || up_since.elapsed() >= HEALTHY_AFTER,
+                acked_any,
+                up_for: up_since.elapsed(),
             };
         }
         if issued.elapsed() >= renew_after {
@@ -516,72 +553,88 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
             state.renewing = true;
             state.offline_reason = "renewing the SAS token".to_owned();
             if state.inflight.is_empty() {
-                return Ended::Renew;
+                return LinkEvent::TokenDue;
             }
         }
     }
 }
 
-/// The life of one identity's link: connect, serve, and after a failure reconnect with backoff,
-/// for as long as the hub runs.
+/// The `Connect` action (after `start_connection`): waits for the CONNACK.
+async fn connect(
+    shared: &Shared,
+    identity: &Identity,
+    started: Result<(EventLoop, Instant), DownReason>,
+    connection: &mut Option<(EventLoop, Instant)>,
+) -> LinkEvent {
+    let (mut eventloop, issued) = match started {
+        Ok(started) => started,
+        Err(reason) => return LinkEvent::ConnectFailed(reason),
+    };
+    match eventloop.poll().await {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            *connection = Some((eventloop, issued));
+            LinkEvent::Connected
+        }
+        Ok(other) => LinkEvent::ConnectFailed(DownReason::NotConnAck(format!("{other:?}"))),
+        Err(e) => {
+            shared
+                .metrics
+                .upstream()
+                .connect_failed(identity, failure_reason(&e));
+            LinkEvent::ConnectFailed(DownReason::Connect(e))
+        }
+    }
+}
+
+/// The driver of one identity's link ([`UpstreamState`]): performs each action and reports what
+/// happened, for as long as the hub runs. `first` is the connection [`MqttUpstream::link`]
+/// already started.
 async fn run_link(
     shared: Arc<Shared>,
     link: Arc<Link>,
-    mut next: Result<(EventLoop, Instant), String>,
+    first: Result<(EventLoop, Instant), DownReason>,
 ) {
     let identity = link.identity.clone();
-    let mut failures: u32 = 0;
+    let mut first = Some(first);
+    // The connection between `Connect` and the end of `Serve`.
+    let mut connection: Option<(EventLoop, Instant)> = None;
+    // Since when the link is offline, for `edgehub_upstream_offline_seconds` (a measurement,
+    // not control state).
     let mut offline_since: Option<Instant> = None;
+    let (mut state, mut action) = UpstreamState::start::<DownReason>();
     loop {
-        let outcome = match next {
-            Err(reason) => Err(reason),
-            Ok((mut eventloop, issued)) => match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    tracing::info!(%identity, "upstream connected");
-                    shared.metrics.upstream().online(&identity);
-                    if let Some(since) = offline_since.take() {
-                        shared
-                            .metrics
-                            .upstream()
-                            .offline_for(&identity, since.elapsed());
-                    }
-                    (shared.on_online)();
-                    match serve(&shared, &link, &mut eventloop, issued).await {
-                        Ended::Renew => {
-                            link.disconnect("renewing the SAS token");
-                            tracing::info!(%identity, "upstream reconnecting to renew its token");
-                            Ok(())
-                        }
-                        Ended::Failed { reason, progressed } => {
-                            if progressed {
-                                failures = 0;
-                            }
-                            Err(reason)
-                        }
-                    }
-                }
-                Ok(other) => Err(format!("expected CONNACK, got {other:?}")),
-                Err(e) => {
-                    shared
-                        .metrics
-                        .upstream()
-                        .connect_failed(&identity, failure_reason(&e));
-                    Err(format!("cannot connect: {e}"))
-                }
-            },
-        };
-        match outcome {
-            Ok(()) => {
-                failures = 0;
+        let event = match &action {
+            Action::Connect => {
+                let started = first
+                    .take()
+                    .unwrap_or_else(|| start_connection(&shared, &link));
+                connect(&shared, &identity, started, &mut connection).await
             }
-            Err(reason) => {
-                link.disconnect(&reason);
-                failures = failures.saturating_add(1);
+            Action::Renew => {
+                connection = None;
+                link.disconnect("renewing the SAS token");
+                tracing::info!(%identity, "upstream reconnecting to renew its token");
+                let started = start_connection(&shared, &link);
+                connect(&shared, &identity, started, &mut connection).await
+            }
+            Action::Serve => match connection.as_mut() {
+                Some((eventloop, issued)) => {
+                    let issued = *issued;
+                    serve(&shared, &link, eventloop, issued, &mut offline_since).await
+                }
+                None => LinkEvent::Lost {
+                    reason: DownReason::Unexpected,
+                    acked_any: false,
+                    up_for: Duration::ZERO,
+                },
+            },
+            Action::Backoff { reason, delay } => {
+                connection = None;
+                link.disconnect(&reason.to_string());
                 if offline_since.is_none() {
                     offline_since = Some(Instant::now());
                     shared.metrics.upstream().went_offline(&identity);
                 }
-                let delay = shared.config.backoff(failures);
                 tracing::warn!(
                     %identity,
                     host = %shared.config.host,
@@ -590,7 +643,7 @@ async fn run_link(
                     "upstream offline: {reason}"
                 );
                 let step = Instant::now();
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep(*delay).await;
                 shared
                     .metrics
                     .upstream()
@@ -598,8 +651,17 @@ async fn run_link(
                 if let Some(since) = offline_since.as_mut() {
                     *since = Instant::now();
                 }
+                LinkEvent::BackoffElapsed
             }
-        }
-        next = start_connection(&shared, &link);
+        };
+        debug_assert!(
+            action.outcomes().contains(&event.kind()),
+            "{action:?} cannot produce {event:?}"
+        );
+        (state, action) = state.on(
+            event,
+            |failures| shared.config.backoff(failures),
+            || DownReason::Unexpected,
+        );
     }
 }
