@@ -384,7 +384,7 @@ enum DownReason {
     NoCredentials(PublishError),
     /// The connection attempt failed (unreachable, TLS, refused).
     #[error("cannot connect: {0}")]
-    Connect(#[source] ConnectionError),
+    Connect(#[source] Box<ConnectionError>),
     /// The first packet was not the CONNACK.
     #[error("expected CONNACK, got {0}")]
     NotConnAck(String),
@@ -402,7 +402,7 @@ enum DownReason {
     Disconnect,
     /// The connection failed once up.
     #[error("connection lost: {0}")]
-    Lost(#[source] ConnectionError),
+    Lost(#[source] Box<ConnectionError>),
     /// The link's state machine met an event it did not expect (a bug).
     #[error("{}", state::UNEXPECTED)]
     Unexpected,
@@ -537,7 +537,7 @@ async fn serve(
                 Ok(_) => None,
                 // A lost connection is counted by `edgehub_upstream_offline`, not as a failed
                 // connection attempt.
-                Err(e) => Some(DownReason::Lost(e)),
+                Err(e) => Some(DownReason::Lost(Box::new(e))),
             }
         };
         if let Some(reason) = anomaly {
@@ -581,7 +581,7 @@ async fn connect(
                 .metrics
                 .upstream()
                 .connect_failed(identity, failure_reason(&e));
-            LinkEvent::ConnectFailed(DownReason::Connect(e))
+            LinkEvent::ConnectFailed(DownReason::Connect(Box::new(e)))
         }
     }
 }

@@ -359,7 +359,7 @@ mod tests {
             backing_off(1, "x"),
         ];
         for (state, action) in states {
-            for event in all.iter().cloned() {
+            for event in all.iter() {
                 let expected = action.outcomes().contains(&event.kind());
                 let (next, next_action) = step(state, event.clone());
                 let unexpected = next_action
