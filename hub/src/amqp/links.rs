@@ -60,6 +60,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
+use crate::amqp::events_state::{Action, Event, EventsLink};
 use crate::identity::Identity;
 use crate::mqtt::connection::MAX_MESSAGE_BYTES;
 use crate::mqtt::sink::{outbound_channel, NOT_DELIVERED};
@@ -129,72 +130,55 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     let chain = router::AppendChain::new();
     let mut stop = shared.stop.subscribe();
     let mut pending_tx = Some(pending_tx);
-    let mut failure: Option<String> = None;
-    // Set when the store refused a message at once (`RouteAck::refusal`).
-    let mut refused: Option<String> = None;
-    loop {
-        tokio::select! {
+    let mut link = EventsLink::new();
+    let error = loop {
+        let event = tokio::select! {
             biased;
-            settle = settle_rx.recv() => {
-                let Some(settle) = settle else { break };
-                let result = match settle {
-                    Settle::Accept(info) => receiver.accept(info).await,
-                    Settle::Reject {
-                        info,
-                        condition,
-                        reason,
-                        fatal,
-                    } => {
-                        if fatal && failure.is_none() {
-                            failure = Some(reason.clone());
-                            pending_tx = None;
+            settle = settle_rx.recv() => match settle {
+                Some(settle) => Some(settle_one(&mut receiver, settle, &shared, &identity).await),
+                None => Some(Event::SettlementsEnded),
+            },
+            delivery = receiver.recv::<Body<Value>>(), if link.is_reading() => {
+                match delivery {
+                    Ok(delivery) => {
+                        let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
+                        let (info, message) = delivery.into_parts();
+                        let work = match link.on(Event::Transfer) {
+                            Action::Fail(reason) => Some(Work::Fail(reason)),
+                            Action::Route => {
+                                let (work, refusal) = route(&shared, &chain, &identity, &mut metrics, message, batched);
+                                if let Some(reason) = refusal {
+                                    tracing::warn!(peer = %shared.peer, %identity, %reason, "the store refused a message; nothing later on this link is routed");
+                                    link.on(Event::Refused(reason));
+                                }
+                                Some(work)
+                            }
+                            Action::Wait | Action::Close { .. } => None,
+                        };
+                        match (&pending_tx, work) {
+                            (Some(tx), Some(work)) => tx.send(Pending { info, work }).await.err().map(|_| Event::HandOffFailed),
+                            _ => None,
                         }
-                        receiver
-                            .reject(info, AmqpErrorInfo::new(condition, reason, None))
-                            .await
                     }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(peer = %shared.peer, %identity, error = %e, "cannot settle");
-                }
-            }
-            delivery = receiver.recv::<Body<Value>>(), if pending_tx.is_some() => {
-                let delivery = match delivery {
-                    Ok(d) => d,
                     Err(e) => {
                         tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link ended");
-                        pending_tx = None;
-                        continue;
-                    }
-                };
-                let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
-                let (info, message) = delivery.into_parts();
-                let work = match &refused {
-                    // Nothing is routed after a refusal: a resend could not reorder.
-                    Some(reason) => Work::Fail(format!("not stored: an earlier message was refused ({reason})")),
-                    None => {
-                        let (work, refusal) = route(&shared, &chain, &identity, &mut metrics, message, batched);
-                        if let Some(reason) = refusal {
-                            tracing::warn!(peer = %shared.peer, %identity, %reason, "the store refused a message; nothing later on this link is routed");
-                            refused = Some(reason);
-                        }
-                        work
-                    }
-                };
-                if let Some(tx) = &pending_tx {
-                    if tx.send(Pending { info, work }).await.is_err() {
-                        pending_tx = None;
+                        Some(Event::ReadFailed)
                     }
                 }
             }
-            () = stopped(&mut stop), if pending_tx.is_some() => {
-                pending_tx = None;
-            }
+            () = stopped(&mut stop), if link.is_reading() => Some(Event::Stopped),
+        };
+        if let Some(Action::Close { error }) = event.map(|e| link.on(e)) {
+            break error;
         }
-    }
+        if !link.is_reading() {
+            // The acker ends once what it holds is settled, which ends the settlements.
+            pending_tx = None;
+        }
+    };
     let _ = acker.await;
     let closing = async {
-        match failure {
+        match error {
             Some(reason) => {
                 receiver
                     .close_with_error(AmqpErrorInfo::new(AmqpError::InternalError, reason, None))
@@ -206,6 +190,34 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
         tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link close");
     }
+}
+
+/// Sends one settlement the acker decided; the event it is for the link's machine.
+async fn settle_one(
+    receiver: &mut Receiver,
+    settle: Settle<DeliveryInfo>,
+    shared: &ConnShared,
+    identity: &Identity,
+) -> Event {
+    let (result, fatal) = match settle {
+        Settle::Accept(info) => (receiver.accept(info).await, None),
+        Settle::Reject {
+            info,
+            condition,
+            reason,
+            fatal,
+        } => {
+            let fatal = fatal.then(|| reason.clone());
+            let result = receiver
+                .reject(info, AmqpErrorInfo::new(condition, reason, None))
+                .await;
+            (result, fatal)
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %shared.peer, %identity, error = %e, "cannot settle");
+    }
+    Event::Settled { fatal }
 }
 
 /// Converts and routes one transfer; with the reason if the store refused one of its messages
