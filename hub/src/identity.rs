@@ -801,3 +801,22 @@ mod tests {
         assert_eq!(Identity::new(dev(), m("a")).to_string(), "edge-device/a");
     }
 }
+
+#[cfg(test)]
+mod key_error_tests {
+    use super::*;
+
+    #[test]
+    fn key_errors_read_as_before_and_keep_their_cause() {
+        let short = ModuleKey::from_base64(&BASE64.encode([1u8; 3])).err();
+        assert_eq!(
+            short.map(|e| e.to_string()).as_deref(),
+            Some("3 bytes; IoT Hub keys are 16 to 64 bytes")
+        );
+        let Err(bad) = ModuleKey::from_base64("not base64!") else {
+            panic!("accepted a key that is not base64");
+        };
+        assert!(bad.to_string().starts_with("not base64: "), "{bad}");
+        assert!(std::error::Error::source(&bad).is_some());
+    }
+}

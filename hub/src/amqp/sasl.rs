@@ -162,3 +162,32 @@ impl SaslAcceptor for HubSasl {
         outcome(SaslCode::Auth)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed refusals read as the strings did (they are logged).
+    #[test]
+    fn plain_refusals_read_as_before() {
+        assert_eq!(
+            PlainError::Shape.to_string(),
+            "PLAIN response is not authzid\\0user\\0password"
+        );
+        assert_eq!(
+            PlainError::from(PlainUserError::NoHub("dev".into())).to_string(),
+            "user name \"dev\" has no @"
+        );
+        let err = PlainError::from(CredentialError::Token(
+            crate::auth::sas::SasError::BadSignature,
+        ));
+        assert_eq!(
+            err.to_string(),
+            "SAS token: SAS token signature does not match the key"
+        );
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the cause is kept"
+        );
+    }
+}

@@ -103,9 +103,15 @@ pub enum ConnectionEnd {
     /// A protocol rule was broken (QoS 2, oversized message, publish as someone else, …).
     #[error("protocol violation: {0}")]
     Violation(String),
-    /// CONNECT was refused.
+    /// No CONNECT arrived in time.
+    #[error("connection refused: no CONNECT within 60 s")]
+    NoConnect,
+    /// The head is at its connection limit (CONNACK "server unavailable").
     #[error("connection refused: {0}")]
-    Refused(String),
+    OverLimit(#[source] crate::limits::LimitError),
+    /// The persistent-session store failed.
+    #[error("connection refused: session store: {0}")]
+    Sessions(#[source] crate::mqtt::sessions::SessionsError),
     /// CONNECT's credentials were refused.
     #[error("connection refused: {0}")]
     NotAuthorized(#[from] ConnectAuthError),
@@ -236,7 +242,7 @@ where
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let connect =
         match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut reader, &mut buf)).await {
-            Err(_) => return ConnectionEnd::Refused("no CONNECT within 60 s".into()),
+            Err(_) => return ConnectionEnd::NoConnect,
             Ok(Err(end)) => return end,
             Ok(Ok(Packet::Connect(c))) => c,
             Ok(Ok(other)) => {
@@ -272,7 +278,7 @@ where
         let _ = out_tx.try_send(Packet::ConnAck(ack));
         drop((out_tx, puback_tx));
         finish_task(writer_task).await;
-        return ConnectionEnd::Refused(e.to_string());
+        return ConnectionEnd::OverLimit(e);
     }
     let client_id = connect.client_id.clone();
     let present = match ctx.sessions.open(&client_id, connect.clean_session) {
@@ -285,7 +291,7 @@ where
             )));
             drop((out_tx, puback_tx));
             finish_task(writer_task).await;
-            return ConnectionEnd::Refused(format!("session store: {e}"));
+            return ConnectionEnd::Sessions(e);
         }
     };
     // The key checked above must still be the module's: a reload may have removed the module
@@ -760,7 +766,7 @@ impl Connection {
         if !self.clean {
             if let Err(e) = self.ctx.sessions.subscribe(&self.client_id, &granted) {
                 tracing::error!(client_id = %self.client_id, error = %e, "session store failed");
-                return Err(ConnectionEnd::Refused(format!("session store: {e}")));
+                return Err(ConnectionEnd::Sessions(e));
             }
         }
         for f in granted {
@@ -782,7 +788,7 @@ impl Connection {
                 .sessions
                 .unsubscribe(&self.client_id, &unsub.topics)
             {
-                return Err(ConnectionEnd::Refused(format!("session store: {e}")));
+                return Err(ConnectionEnd::Sessions(e));
             }
         }
         self.subscriptions.retain(|f| !unsub.topics.contains(f));
@@ -1357,4 +1363,82 @@ mod tests {
     }
 
     const MAX_KEEP_ALIVE_PLUS: Duration = Duration::from_secs(3600);
+}
+
+/// The typed ends say what the strings said: logs and tests read these words.
+#[cfg(test)]
+mod error_messages {
+    use super::*;
+    use crate::auth::sas::SasError;
+    use router::{DeviceId, ModuleId};
+
+    #[test]
+    fn typed_ends_read_as_the_strings_did() {
+        let who = Identity::new(DeviceId::new("dev"), ModuleId::new("m"));
+        let cases: Vec<(ConnectionEnd, &str)> = vec![
+            (
+                ConnectionEnd::NoConnect,
+                "connection refused: no CONNECT within 60 s",
+            ),
+            (
+                ConnectAuthError::NoLogin.into(),
+                "connection refused: no username/password",
+            ),
+            (
+                ConnectAuthError::ClientId {
+                    client_id: "x".into(),
+                    identity: "dev/m".into(),
+                }
+                .into(),
+                "connection refused: client id \"x\" is not the identity \"dev/m\" of the username",
+            ),
+            (
+                ConnectAuthError::NoModule.into(),
+                "connection refused: a device without a module is not served",
+            ),
+            (
+                ConnectAuthError::from(CredentialError::UnknownModule(who)).into(),
+                "connection refused: unknown module dev/m",
+            ),
+            (
+                ConnectAuthError::from(CredentialError::Token(SasError::BadSignature)).into(),
+                "connection refused: SAS token: SAS token signature does not match the key",
+            ),
+            (
+                ConnectAuthError::KeyChanged.into(),
+                "connection refused: the module was removed or its key changed while it logged in",
+            ),
+            (
+                ConnectionEnd::AckerStopped,
+                "routing failed: acknowledger stopped",
+            ),
+            (
+                ConnectionEnd::RanTwice,
+                "routing failed: the connection ran twice",
+            ),
+            (
+                ConnectionEnd::AckState(session_state::StateError::Failed),
+                "routing failed: a publish failed; the connection must close",
+            ),
+        ];
+        for (end, text) in cases {
+            assert_eq!(end.to_string(), text, "{end:?}");
+        }
+    }
+
+    #[test]
+    fn a_route_end_keeps_its_cause() {
+        let end = ConnectionEnd::from(RouteError::Store(store::AppendError::Storage(
+            store::StorageError::Closed,
+        )));
+        let source = std::error::Error::source(&end).map(ToString::to_string);
+        assert!(end.to_string().starts_with("routing failed: "), "{end}");
+        assert_eq!(
+            source,
+            Some(
+                RouteError::Store(store::AppendError::Storage(store::StorageError::Closed))
+                    .to_string()
+            )
+        );
+    }
 }
