@@ -49,7 +49,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fe2o3_amqp::link::delivery::{DeliveryFut, DeliveryInfo};
+use fe2o3_amqp::link::delivery::{Delivery, DeliveryFut, DeliveryInfo};
 use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo};
 use fe2o3_amqp::types::messaging::{Body, Outcome};
@@ -141,24 +141,7 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
             delivery = receiver.recv::<Body<Value>>(), if link.is_reading() => {
                 match delivery {
                     Ok(delivery) => {
-                        let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
-                        let (info, message) = delivery.into_parts();
-                        let work = match link.on(Event::Transfer) {
-                            Action::Fail(reason) => Some(Work::Fail(reason)),
-                            Action::Route => {
-                                let (work, refusal) = route(&shared, &chain, &identity, &mut metrics, message, batched);
-                                if let Some(reason) = refusal {
-                                    tracing::warn!(peer = %shared.peer, %identity, %reason, "the store refused a message; nothing later on this link is routed");
-                                    link.on(Event::Refused(reason));
-                                }
-                                Some(work)
-                            }
-                            Action::Wait | Action::Close { .. } => None,
-                        };
-                        match (&pending_tx, work) {
-                            (Some(tx), Some(work)) => tx.send(Pending { info, work }).await.err().map(|_| Event::HandOffFailed),
-                            _ => None,
-                        }
+                        take_transfer(&mut link, delivery, &shared, &chain, &identity, &mut metrics, pending_tx.as_ref()).await
                     }
                     Err(e) => {
                         tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link ended");
@@ -189,6 +172,38 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     };
     if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
         tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link close");
+    }
+}
+
+/// Takes one transfer: routes it, or fails it after a refusal (as `link` decides), and hands it
+/// to the acker. The event for the machine, if any beyond the transfer itself.
+async fn take_transfer(
+    link: &mut EventsLink,
+    delivery: Delivery<Body<Value>>,
+    shared: &ConnShared,
+    chain: &router::AppendChain,
+    identity: &Identity,
+    metrics: &mut crate::metrics::ConnectionMetrics,
+    pending: Option<&mpsc::Sender<Pending<DeliveryInfo, RouteAck>>>,
+) -> Option<Event> {
+    let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
+    let (info, message) = delivery.into_parts();
+    let work = match link.on(Event::Transfer) {
+        Action::Fail(reason) => Work::Fail(reason),
+        Action::Route => {
+            let (work, refusal) = route(shared, chain, identity, metrics, message, batched);
+            if let Some(reason) = refusal {
+                tracing::warn!(peer = %shared.peer, %identity, %reason, "the store refused a message; nothing later on this link is routed");
+                link.on(Event::Refused(reason));
+            }
+            work
+        }
+        Action::Wait | Action::Close { .. } => return None,
+    };
+    let tx = pending?;
+    match tx.send(Pending { info, work }).await {
+        Ok(()) => None,
+        Err(_) => Some(Event::HandOffFailed),
     }
 }
 

@@ -465,6 +465,60 @@ fn failure_reason(e: &ConnectionError) -> &'static str {
 /// One event of the link's state machine, with the reason a connection is down.
 type LinkEvent = state::Event<DownReason>;
 
+/// Logs and counts that the connection of `identity` is up, and calls the `on_online` hook.
+fn went_online(shared: &Shared, identity: &Identity, offline_since: &mut Option<Instant>) {
+    tracing::info!(%identity, "upstream connected");
+    shared.metrics.upstream().online(identity);
+    if let Some(since) = offline_since.take() {
+        shared
+            .metrics
+            .upstream()
+            .offline_for(identity, since.elapsed());
+    }
+    (shared.on_online)();
+}
+
+/// Handles one thing the client reported on a live connection: a PUBACK answers its waiter.
+/// Returns why the connection must end, if it must.
+fn on_event(
+    shared: &Shared,
+    link: &Link,
+    event: Result<Event, ConnectionError>,
+    acked_any: &mut bool,
+) -> Option<DownReason> {
+    let identity = &link.identity;
+    let mut state = link.lock();
+    match event {
+        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            state.inflight.sent(pkid).err().map(DownReason::from)
+        }
+        Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => Some(DownReason::OutOfOrder(pkid)),
+        Ok(Event::Incoming(Packet::PubAck(ack))) => match state.inflight.acked(ack.pkid) {
+            Ok((handed_at, waiter)) => {
+                drop(state);
+                *acked_any = true;
+                let _ = waiter.send(Ok(()));
+                shared.metrics.upstream().acked(identity);
+                shared
+                    .metrics
+                    .message_send_duration("upstream", handed_at.elapsed());
+                shared.metrics.message_sent_with(&SentLabels {
+                    from: identity.to_string(),
+                    to: "upstream".to_owned(),
+                    ..SentLabels::default()
+                });
+                None
+            }
+            Err(a) => Some(DownReason::from(a)),
+        },
+        Ok(Event::Incoming(Packet::Disconnect)) => Some(DownReason::Disconnect),
+        Ok(_) => None,
+        // A lost connection is counted by `edgehub_upstream_offline`, not as a failed
+        // connection attempt.
+        Err(e) => Some(DownReason::Lost(Box::new(e))),
+    }
+}
+
 /// The `Serve` action: says the link is online, then serves the established connection until it
 /// ends ([`state::Event::Lost`], [`state::Event::AckTimedOut`]) or its token is due and what was
 /// in flight has drained ([`state::Event::TokenDue`]).
@@ -476,15 +530,7 @@ async fn serve(
     offline_since: &mut Option<Instant>,
 ) -> LinkEvent {
     let identity = &link.identity;
-    tracing::info!(%identity, "upstream connected");
-    shared.metrics.upstream().online(identity);
-    if let Some(since) = offline_since.take() {
-        shared
-            .metrics
-            .upstream()
-            .offline_for(identity, since.elapsed());
-    }
-    (shared.on_online)();
+    went_online(shared, identity, offline_since);
     let renew_after = shared.config.token_ttl.mul_f64(0.75);
     let up_since = Instant::now();
     let mut acked_any = false;
@@ -508,38 +554,7 @@ async fn serve(
             },
             None => eventloop.poll().await,
         };
-        let anomaly = {
-            let mut state = link.lock();
-            match event {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    state.inflight.sent(pkid).err().map(DownReason::from)
-                }
-                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => Some(DownReason::OutOfOrder(pkid)),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => match state.inflight.acked(ack.pkid) {
-                    Ok((handed_at, waiter)) => {
-                        drop(state);
-                        acked_any = true;
-                        let _ = waiter.send(Ok(()));
-                        shared.metrics.upstream().acked(identity);
-                        shared
-                            .metrics
-                            .message_send_duration("upstream", handed_at.elapsed());
-                        shared.metrics.message_sent_with(&SentLabels {
-                            from: identity.to_string(),
-                            to: "upstream".to_owned(),
-                            ..SentLabels::default()
-                        });
-                        None
-                    }
-                    Err(a) => Some(DownReason::from(a)),
-                },
-                Ok(Event::Incoming(Packet::Disconnect)) => Some(DownReason::Disconnect),
-                Ok(_) => None,
-                // A lost connection is counted by `edgehub_upstream_offline`, not as a failed
-                // connection attempt.
-                Err(e) => Some(DownReason::Lost(Box::new(e))),
-            }
-        };
+        let anomaly = on_event(shared, link, event, &mut acked_any);
         if let Some(reason) = anomaly {
             return LinkEvent::Lost {
                 reason,
@@ -586,6 +601,40 @@ async fn connect(
     }
 }
 
+/// The `Backoff` action: gives the connection up (every waiter is answered `Lost`), logs why,
+/// and waits `delay`, counting the time offline.
+async fn back_off(
+    shared: &Shared,
+    link: &Link,
+    reason: &DownReason,
+    delay: Duration,
+    offline_since: &mut Option<Instant>,
+) -> LinkEvent {
+    let identity = &link.identity;
+    link.disconnect(&reason.to_string());
+    if offline_since.is_none() {
+        *offline_since = Some(Instant::now());
+        shared.metrics.upstream().went_offline(identity);
+    }
+    tracing::warn!(
+        %identity,
+        host = %shared.config.host,
+        port = shared.config.port,
+        retry_in_ms = delay.as_millis() as u64,
+        "upstream offline: {reason}"
+    );
+    let step = Instant::now();
+    tokio::time::sleep(delay).await;
+    shared
+        .metrics
+        .upstream()
+        .offline_for(identity, step.elapsed());
+    if let Some(since) = offline_since.as_mut() {
+        *since = Instant::now();
+    }
+    LinkEvent::BackoffElapsed
+}
+
 /// The driver of one identity's link ([`UpstreamState`]): performs each action and reports what
 /// happened, for as long as the hub runs. `first` is the connection [`MqttUpstream::link`]
 /// already started.
@@ -630,28 +679,7 @@ async fn run_link(
             },
             Action::Backoff { reason, delay } => {
                 connection = None;
-                link.disconnect(&reason.to_string());
-                if offline_since.is_none() {
-                    offline_since = Some(Instant::now());
-                    shared.metrics.upstream().went_offline(&identity);
-                }
-                tracing::warn!(
-                    %identity,
-                    host = %shared.config.host,
-                    port = shared.config.port,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "upstream offline: {reason}"
-                );
-                let step = Instant::now();
-                tokio::time::sleep(*delay).await;
-                shared
-                    .metrics
-                    .upstream()
-                    .offline_for(&identity, step.elapsed());
-                if let Some(since) = offline_since.as_mut() {
-                    *since = Instant::now();
-                }
-                LinkEvent::BackoffElapsed
+                back_off(&shared, &link, reason, *delay, &mut offline_since).await
             }
         };
         debug_assert!(
