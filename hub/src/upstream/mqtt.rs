@@ -118,12 +118,12 @@ impl MqttUpstreamConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamTlsError {
     /// The extra CA file cannot be read or holds no certificate.
-    #[error("upstream CA {path}: {reason}")]
+    #[error("upstream CA {path}: {source}")]
     Ca {
         /// The file.
         path: String,
         /// What is wrong.
-        reason: String,
+        source: CaError,
     },
     /// No root to trust at all.
     #[error(
@@ -134,6 +134,20 @@ pub enum UpstreamTlsError {
     /// rustls refused the configuration.
     #[error("upstream TLS: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// What is wrong with the extra CA file.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// It cannot be read, or is not PEM.
+    #[error(transparent)]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    /// It holds no certificate.
+    #[error("no PEM certificate in it")]
+    Empty,
+    /// A certificate in it cannot be a trust anchor.
+    #[error("not a usable CA certificate: {0}")]
+    Unusable(#[source] rustls::Error),
 }
 
 /// System CA bundles, as Debian and Red Hat lay them out.
@@ -155,21 +169,19 @@ pub fn client_tls_config(
         }
     }
     if let Some(path) = extra_ca {
-        let ca_err = |reason: String| UpstreamTlsError::Ca {
+        let ca_err = |source: CaError| UpstreamTlsError::Ca {
             path: path.display().to_string(),
-            reason,
+            source,
         };
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| ca_err(e.to_string()))?
+            .map_err(|e| ca_err(e.into()))?
             .collect::<Result<_, _>>()
-            .map_err(|e| ca_err(e.to_string()))?;
+            .map_err(|e| ca_err(e.into()))?;
         if certs.is_empty() {
-            return Err(ca_err("no PEM certificate in it".to_owned()));
+            return Err(ca_err(CaError::Empty));
         }
         for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| ca_err(format!("not a usable CA certificate: {e}")))?;
+            roots.add(cert).map_err(|e| ca_err(CaError::Unusable(e)))?;
         }
     }
     if roots.is_empty() {
@@ -690,6 +702,38 @@ async fn run_link(
             event,
             |failures| shared.config.backoff(failures),
             || DownReason::Unexpected,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A CA file with no certificate is refused by name, with the words it had as a string.
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("edgehub-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("empty.pem");
+        std::fs::write(&path, "no certificate here\n").unwrap();
+        let err = client_tls_config(Some(&path)).err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let Some(err) = err else {
+            panic!("an empty CA file was accepted");
+        };
+        assert!(matches!(
+            &err,
+            UpstreamTlsError::Ca {
+                source: CaError::Empty,
+                ..
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            format!("upstream CA {}: no PEM certificate in it", path.display())
         );
     }
 }
