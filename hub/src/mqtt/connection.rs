@@ -133,7 +133,7 @@ pub enum ConnectionEnd {
     /// The task that sends PUBACKs in order is gone, so nothing more can be acknowledged.
     #[error("routing failed: acknowledger stopped")]
     AckerStopped,
-    /// [`Connection::run`] was called a second time (a bug).
+    /// A connection was run a second time (a bug).
     #[error("routing failed: the connection ran twice")]
     RanTwice,
     /// The hub is shutting down.
