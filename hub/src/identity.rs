@@ -41,23 +41,31 @@ pub const KEY_LEN: usize = 32;
 /// Lengths IoT Hub accepts for a symmetric key someone gives the hub (`--module-key`).
 pub const GIVEN_KEY_LEN: std::ops::RangeInclusive<usize> = 16..=64;
 
+/// Why a given module key is not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The text is not base64.
+    #[error("not base64: {0}")]
+    NotBase64(#[from] base64::DecodeError),
+    /// The key has this many bytes, outside [`GIVEN_KEY_LEN`].
+    #[error(
+        "{0} bytes; IoT Hub keys are {min} to {max} bytes",
+        min = GIVEN_KEY_LEN.start(),
+        max = GIVEN_KEY_LEN.end()
+    )]
+    Length(usize),
+}
+
 /// A module key given by the user (from IoT Hub), never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ModuleKey(Vec<u8>);
 
 impl ModuleKey {
     /// Decodes a base64 key of [`GIVEN_KEY_LEN`] bytes.
-    pub fn from_base64(text: &str) -> Result<ModuleKey, String> {
-        let bytes = BASE64
-            .decode(text.trim().as_bytes())
-            .map_err(|e| format!("not base64: {e}"))?;
+    pub fn from_base64(text: &str) -> Result<ModuleKey, KeyError> {
+        let bytes = BASE64.decode(text.trim().as_bytes())?;
         if !GIVEN_KEY_LEN.contains(&bytes.len()) {
-            return Err(format!(
-                "{} bytes; IoT Hub keys are {} to {} bytes",
-                bytes.len(),
-                GIVEN_KEY_LEN.start(),
-                GIVEN_KEY_LEN.end()
-            ));
+            return Err(KeyError::Length(bytes.len()));
         }
         Ok(ModuleKey(bytes))
     }
@@ -791,5 +799,24 @@ mod tests {
     #[test]
     fn an_identity_displays_as_the_mqtt_client_id() {
         assert_eq!(Identity::new(dev(), m("a")).to_string(), "edge-device/a");
+    }
+}
+
+#[cfg(test)]
+mod key_error_tests {
+    use super::*;
+
+    #[test]
+    fn key_errors_read_as_before_and_keep_their_cause() {
+        let short = ModuleKey::from_base64(&BASE64.encode([1u8; 3])).err();
+        assert_eq!(
+            short.map(|e| e.to_string()).as_deref(),
+            Some("3 bytes; IoT Hub keys are 16 to 64 bytes")
+        );
+        let Err(bad) = ModuleKey::from_base64("not base64!") else {
+            panic!("accepted a key that is not base64");
+        };
+        assert!(bad.to_string().starts_with("not base64: "), "{bad}");
+        assert!(std::error::Error::source(&bad).is_some());
     }
 }

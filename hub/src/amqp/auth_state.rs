@@ -30,6 +30,7 @@ use std::collections::HashMap;
 use percent_encoding::percent_decode_str;
 use router::{DeviceId, ModuleId};
 
+use crate::auth::credentials::CredentialError;
 use crate::auth::sas::CLOCK_SKEW_SECS;
 use crate::identity::Identity;
 
@@ -138,7 +139,7 @@ impl ConnectionAuth {
         &mut self,
         request: &PutTokenRequest,
         hosts: &[&str],
-        check: impl FnOnce(&Identity, &str) -> Result<u64, String>,
+        check: impl FnOnce(&Identity, &str) -> Result<u64, CredentialError>,
     ) -> PutTokenReply {
         match request.operation.as_deref() {
             Some("put-token") => {}
@@ -162,7 +163,7 @@ impl ConnectionAuth {
         };
         let identity = match identity_of_audience(name, hosts) {
             Ok(identity) => identity,
-            Err(reason) => return PutTokenReply::refused(401, reason),
+            Err(reason) => return PutTokenReply::refused(401, reason.to_string()),
         };
         match check(&identity, token) {
             Ok(expiry) => {
@@ -174,7 +175,7 @@ impl ConnectionAuth {
                     renewed,
                 }
             }
-            Err(reason) => PutTokenReply::refused(401, reason),
+            Err(reason) => PutTokenReply::refused(401, reason.to_string()),
         }
     }
 
@@ -231,40 +232,64 @@ impl ConnectionAuth {
     }
 }
 
+/// Why a `$cbs` audience names no module of this hub.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AudienceError {
+    /// It names a module of another hub (its host is none of ours).
+    #[error("audience {0:?} names another hub")]
+    OtherHub(String),
+    /// It names a device; only modules are served.
+    #[error("audience {0:?} is a device; only modules are served")]
+    Device(String),
+    /// It has some other shape.
+    #[error("audience {0:?} is not a module's")]
+    NotAModule(String),
+}
+
 /// The module a `$cbs` audience names: `{host}/devices/{d}/modules/{m}`, URL-encoded or not,
 /// with `{host}` one of `hosts` (ASCII case-insensitive).
-pub fn identity_of_audience(name: &str, hosts: &[&str]) -> Result<Identity, String> {
+pub fn identity_of_audience(name: &str, hosts: &[&str]) -> Result<Identity, AudienceError> {
     let decoded = percent_decode_str(name).decode_utf8_lossy();
     let parts: Vec<&str> = decoded.split('/').collect();
     match parts.as_slice() {
         [host, "devices", d, "modules", m] if !d.is_empty() && !m.is_empty() => {
             if !hosts.iter().any(|h| h.eq_ignore_ascii_case(host)) {
-                return Err(format!("audience {decoded:?} names another hub"));
+                return Err(AudienceError::OtherHub(decoded.into_owned()));
             }
             Ok(Identity::new(DeviceId::new(*d), ModuleId::new(*m)))
         }
-        [_, "devices", _] => Err(format!(
-            "audience {decoded:?} is a device; only modules are served"
-        )),
-        _ => Err(format!("audience {decoded:?} is not a module's")),
+        [_, "devices", _] => Err(AudienceError::Device(decoded.into_owned())),
+        _ => Err(AudienceError::NotAModule(decoded.into_owned())),
     }
+}
+
+/// Why a SASL PLAIN user name names no module.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlainUserError {
+    /// There is no `@{hub}` part.
+    #[error("user name {0:?} has no @")]
+    NoHub(String),
+    /// It names a device; only modules are served.
+    #[error("user name {0:?} is a device; only modules are served")]
+    Device(String),
+    /// It has some other shape.
+    #[error("user name {0:?} is not a module's")]
+    NotAModule(String),
 }
 
 /// The module a SASL PLAIN user name names: `{d}/modules/{m}@sas.{hub}` or
 /// `{d}/modules/{m}@{hub}` (edgeHub's `SaslIdentityHelper`); the hub part is not checked here
 /// (the token's audience is).
-pub fn identity_of_plain_user(user: &str) -> Result<Identity, String> {
+pub fn identity_of_plain_user(user: &str) -> Result<Identity, PlainUserError> {
     let (who, _hub) = user
         .rsplit_once('@')
-        .ok_or_else(|| format!("user name {user:?} has no @"))?;
+        .ok_or_else(|| PlainUserError::NoHub(user.to_owned()))?;
     match who.split('/').collect::<Vec<_>>().as_slice() {
         [d, "modules", m] if !d.is_empty() && !m.is_empty() => {
             Ok(Identity::new(DeviceId::new(*d), ModuleId::new(*m)))
         }
-        [d] if !d.is_empty() => Err(format!(
-            "user name {user:?} is a device; only modules are served"
-        )),
-        _ => Err(format!("user name {user:?} is not a module's")),
+        [d] if !d.is_empty() => Err(PlainUserError::Device(user.to_owned())),
+        _ => Err(PlainUserError::NotAModule(user.to_owned())),
     }
 }
 
@@ -340,15 +365,22 @@ mod tests {
         let bad = auth.put_token(
             &request("edgehub.local/devices/dev/modules/a"),
             &HOSTS,
-            |_, _| Err("bad signature".into()),
+            |_, _| {
+                Err(CredentialError::Token(
+                    crate::auth::sas::SasError::BadSignature,
+                ))
+            },
         );
         assert_eq!(bad.status, 401);
-        assert_eq!(bad.description, "bad signature");
+        assert_eq!(
+            bad.description,
+            "SAS token: SAS token signature does not match the key"
+        );
         assert!(auth.is_authenticated(&id("dev", "a"), 10));
         let other = auth.put_token(
             &request("edgehub.local/devices/dev/modules/b"),
             &HOSTS,
-            |_, _| Err("unknown".into()),
+            |identity, _| Err(CredentialError::UnknownModule(identity.clone())),
         );
         assert_eq!(other.status, 401);
         assert!(!auth.is_authenticated(&id("dev", "b"), 10));

@@ -33,6 +33,7 @@ use crate::amqp::auth_state::PutTokenRequest;
 #[cfg(doc)]
 use crate::amqp::connection::CBS_REPLY_QUEUE;
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
+use crate::auth::credentials::CredentialError;
 
 /// How long a reply's settlement is awaited before it is logged as lost.
 const REPLY_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -110,7 +111,7 @@ pub async fn serve_requests(mut receiver: Receiver, shared: Arc<ConnShared>) {
                 let key = ctx
                     .identities
                     .key(identity)
-                    .ok_or_else(|| format!("unknown module {identity}"))?;
+                    .ok_or_else(|| CredentialError::UnknownModule(identity.clone()))?;
                 ctx.verify_token_expiry(token, &key, identity)
             });
         shared.auth_changed.notify_one();

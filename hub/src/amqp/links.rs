@@ -49,7 +49,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fe2o3_amqp::link::delivery::{DeliveryFut, DeliveryInfo};
+use fe2o3_amqp::link::delivery::{Delivery, DeliveryFut, DeliveryInfo};
 use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo};
 use fe2o3_amqp::types::messaging::{Body, Outcome};
@@ -60,6 +60,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
+use crate::amqp::events_state::{Action, Event, EventsLink};
 use crate::identity::Identity;
 use crate::mqtt::connection::MAX_MESSAGE_BYTES;
 use crate::mqtt::sink::{outbound_channel, NOT_DELIVERED};
@@ -99,8 +100,17 @@ enum Work<A> {
 #[derive(Debug, PartialEq)]
 enum Settle<D> {
     Accept(D),
-    /// Reject with this error; `fatal` closes the link afterwards.
-    Reject(D, AmqpError, String, bool),
+    /// Reject the transfer with this error.
+    Reject {
+        /// The transfer.
+        info: D,
+        /// The AMQP error condition.
+        condition: AmqpError,
+        /// The error's description.
+        reason: String,
+        /// Whether the link closes afterwards (with this reason).
+        fatal: bool,
+    },
 }
 
 /// Serves a module's events link until it ends or the connection stops.
@@ -120,67 +130,38 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     let chain = router::AppendChain::new();
     let mut stop = shared.stop.subscribe();
     let mut pending_tx = Some(pending_tx);
-    let mut failure: Option<String> = None;
-    // Set when the store refused a message at once (`RouteAck::refusal`).
-    let mut refused: Option<String> = None;
-    loop {
-        tokio::select! {
+    let mut link = EventsLink::new();
+    let error = loop {
+        let event = tokio::select! {
             biased;
-            settle = settle_rx.recv() => {
-                let Some(settle) = settle else { break };
-                let result = match settle {
-                    Settle::Accept(info) => receiver.accept(info).await,
-                    Settle::Reject(info, condition, reason, fatal) => {
-                        if fatal && failure.is_none() {
-                            failure = Some(reason.clone());
-                            pending_tx = None;
-                        }
-                        receiver
-                            .reject(info, AmqpErrorInfo::new(condition, reason, None))
-                            .await
+            settle = settle_rx.recv() => match settle {
+                Some(settle) => Some(settle_one(&mut receiver, settle, &shared, &identity).await),
+                None => Some(Event::SettlementsEnded),
+            },
+            delivery = receiver.recv::<Body<Value>>(), if link.is_reading() => {
+                match delivery {
+                    Ok(delivery) => {
+                        take_transfer(&mut link, delivery, &shared, &chain, &identity, &mut metrics, pending_tx.as_ref()).await
                     }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(peer = %shared.peer, %identity, error = %e, "cannot settle");
-                }
-            }
-            delivery = receiver.recv::<Body<Value>>(), if pending_tx.is_some() => {
-                let delivery = match delivery {
-                    Ok(d) => d,
                     Err(e) => {
                         tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link ended");
-                        pending_tx = None;
-                        continue;
-                    }
-                };
-                let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
-                let (info, message) = delivery.into_parts();
-                let work = match &refused {
-                    // Nothing is routed after a refusal: a resend could not reorder.
-                    Some(reason) => Work::Fail(format!("not stored: an earlier message was refused ({reason})")),
-                    None => {
-                        let (work, refusal) = route(&shared, &chain, &identity, &mut metrics, message, batched);
-                        if let Some(reason) = refusal {
-                            tracing::warn!(peer = %shared.peer, %identity, %reason, "the store refused a message; nothing later on this link is routed");
-                            refused = Some(reason);
-                        }
-                        work
-                    }
-                };
-                if let Some(tx) = &pending_tx {
-                    if tx.send(Pending { info, work }).await.is_err() {
-                        pending_tx = None;
+                        Some(Event::ReadFailed)
                     }
                 }
             }
-            () = stopped(&mut stop), if pending_tx.is_some() => {
-                pending_tx = None;
-            }
+            () = stopped(&mut stop), if link.is_reading() => Some(Event::Stopped),
+        };
+        if let Some(Action::Close { error }) = event.map(|e| link.on(e)) {
+            break error;
         }
-    }
+        if !link.is_reading() {
+            // The acker ends once what it holds is settled, which ends the settlements.
+            pending_tx = None;
+        }
+    };
     let _ = acker.await;
     let closing = async {
-        match failure {
+        match error {
             Some(reason) => {
                 receiver
                     .close_with_error(AmqpErrorInfo::new(AmqpError::InternalError, reason, None))
@@ -192,6 +173,66 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     if let Ok(Err(e)) = tokio::time::timeout(CLOSE_TIMEOUT, closing).await {
         tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link close");
     }
+}
+
+/// Takes one transfer: routes it, or fails it after a refusal (as `link` decides), and hands it
+/// to the acker. The event for the machine, if any beyond the transfer itself.
+async fn take_transfer(
+    link: &mut EventsLink,
+    delivery: Delivery<Body<Value>>,
+    shared: &ConnShared,
+    chain: &router::AppendChain,
+    identity: &Identity,
+    metrics: &mut crate::metrics::ConnectionMetrics,
+    pending: Option<&mpsc::Sender<Pending<DeliveryInfo, RouteAck>>>,
+) -> Option<Event> {
+    let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
+    let (info, message) = delivery.into_parts();
+    let work = match link.on(Event::Transfer) {
+        Action::Fail(reason) => Work::Fail(reason),
+        Action::Route => {
+            let (work, refusal) = route(shared, chain, identity, metrics, message, batched);
+            if let Some(reason) = refusal {
+                tracing::warn!(peer = %shared.peer, %identity, %reason, "the store refused a message; nothing later on this link is routed");
+                link.on(Event::Refused(reason));
+            }
+            work
+        }
+        Action::Wait | Action::Close { .. } => return None,
+    };
+    let tx = pending?;
+    match tx.send(Pending { info, work }).await {
+        Ok(()) => None,
+        Err(_) => Some(Event::HandOffFailed),
+    }
+}
+
+/// Sends one settlement the acker decided; the event it is for the link's machine.
+async fn settle_one(
+    receiver: &mut Receiver,
+    settle: Settle<DeliveryInfo>,
+    shared: &ConnShared,
+    identity: &Identity,
+) -> Event {
+    let (result, fatal) = match settle {
+        Settle::Accept(info) => (receiver.accept(info).await, None),
+        Settle::Reject {
+            info,
+            condition,
+            reason,
+            fatal,
+        } => {
+            let fatal = fatal.then(|| reason.clone());
+            let result = receiver
+                .reject(info, AmqpErrorInfo::new(condition, reason, None))
+                .await;
+            (result, fatal)
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(peer = %shared.peer, %identity, error = %e, "cannot settle");
+    }
+    Event::Settled { fatal }
 }
 
 /// Converts and routes one transfer; with the reason if the store refused one of its messages
@@ -294,22 +335,32 @@ async fn settle_in_order<D, A, O, E>(
     let mut failed: Option<String> = None;
     while let Some(Pending { info, work }) = pending.recv().await {
         let decision = match work {
-            Work::Refuse(condition, reason) => Settle::Reject(info, condition, reason, false),
+            Work::Refuse(condition, reason) => Settle::Reject {
+                info,
+                condition,
+                reason,
+                fatal: false,
+            },
             Work::Fail(reason) => {
                 if failed.is_none() {
                     failed = Some(reason.clone());
                 }
-                Settle::Reject(info, AmqpError::InternalError, reason, true)
+                Settle::Reject {
+                    info,
+                    condition: AmqpError::InternalError,
+                    reason,
+                    fatal: true,
+                }
             }
-            Work::Route(_, _) if failed.is_some() => Settle::Reject(
+            Work::Route(_, _) if failed.is_some() => Settle::Reject {
                 info,
-                AmqpError::InternalError,
-                format!(
+                condition: AmqpError::InternalError,
+                reason: format!(
                     "not stored: an earlier message failed ({})",
                     failed.as_deref().unwrap_or_default()
                 ),
-                true,
-            ),
+                fatal: true,
+            },
             Work::Route(acks, arrived) => {
                 let mut error = None;
                 for ack in acks {
@@ -326,7 +377,12 @@ async fn settle_in_order<D, A, O, E>(
                     Some(reason) => {
                         tracing::warn!(%reason, "a message could not be stored; rejecting it and every later one");
                         failed = Some(reason.clone());
-                        Settle::Reject(info, AmqpError::InternalError, reason, true)
+                        Settle::Reject {
+                            info,
+                            condition: AmqpError::InternalError,
+                            reason,
+                            fatal: true,
+                        }
                     }
                 }
             }
@@ -581,7 +637,7 @@ mod tests {
         .await;
         assert_eq!(got[0], Settle::Accept(0));
         assert!(
-            matches!(&got[1], Settle::Reject(1, AmqpError::InternalError, r, true) if r == "disk full")
+            matches!(&got[1], Settle::Reject { info: 1, condition: AmqpError::InternalError, reason: r, fatal: true } if r == "disk full")
         );
     }
 
@@ -599,20 +655,40 @@ mod tests {
         assert_eq!(got[0], Settle::Accept(0));
         assert!(matches!(
             &got[1],
-            Settle::Reject(1, AmqpError::InternalError, _, true)
+            Settle::Reject {
+                info: 1,
+                condition: AmqpError::InternalError,
+                fatal: true,
+                ..
+            }
         ));
         // Durable or not, nothing after a failure is accepted: a resend could not reorder.
         assert!(matches!(
             &got[2],
-            Settle::Reject(2, AmqpError::InternalError, _, true)
+            Settle::Reject {
+                info: 2,
+                condition: AmqpError::InternalError,
+                fatal: true,
+                ..
+            }
         ));
         assert!(matches!(
             &got[3],
-            Settle::Reject(3, AmqpError::NotImplemented, _, false)
+            Settle::Reject {
+                info: 3,
+                condition: AmqpError::NotImplemented,
+                fatal: false,
+                ..
+            }
         ));
         assert!(matches!(
             &got[4],
-            Settle::Reject(4, AmqpError::InternalError, _, true)
+            Settle::Reject {
+                info: 4,
+                condition: AmqpError::InternalError,
+                fatal: true,
+                ..
+            }
         ));
     }
 
@@ -625,7 +701,12 @@ mod tests {
         .await;
         assert!(matches!(
             &got[0],
-            Settle::Reject(0, AmqpError::ResourceLimitExceeded, _, false)
+            Settle::Reject {
+                info: 0,
+                condition: AmqpError::ResourceLimitExceeded,
+                fatal: false,
+                ..
+            }
         ));
         assert_eq!(got[1], Settle::Accept(1));
     }
@@ -663,11 +744,16 @@ mod tests {
         assert_eq!(got[0], Settle::Accept(0));
         assert!(matches!(
             &got[1],
-            Settle::Reject(1, AmqpError::InternalError, r, true) if r == "store full"
+            Settle::Reject { info: 1, condition: AmqpError::InternalError, reason: r, fatal: true } if r == "store full"
         ));
         assert!(matches!(
             &got[2],
-            Settle::Reject(2, AmqpError::InternalError, _, true)
+            Settle::Reject {
+                info: 2,
+                condition: AmqpError::InternalError,
+                fatal: true,
+                ..
+            }
         ));
     }
 

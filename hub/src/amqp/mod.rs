@@ -5,7 +5,8 @@
 //!
 //! Layout: [`listener`] (TLS, one task per connection) → [`connection`] (protocol header, SASL,
 //! sessions, attach decisions) → [`cbs`] (the `$cbs` node) and [`links`] (events and inputs).
-//! The protocol decisions are I/O-free in [`auth_state`]; message mapping is in [`convert`].
+//! The protocol decisions are I/O-free in [`auth_state`] and [`events_state`] (an events link's
+//! machine); message mapping is in [`convert`].
 //!
 //! Guarantees the head keeps (as the MQTT head): an events transfer is `accepted` only after it
 //! is durable, in arrival order; the sender of a message is the authenticated identity of its
@@ -16,6 +17,7 @@ pub mod auth_state;
 pub mod cbs;
 pub mod connection;
 pub mod convert;
+pub mod events_state;
 pub mod frame_guard;
 pub mod links;
 pub mod listener;

@@ -17,7 +17,8 @@ use fe2o3_amqp::acceptor::SaslAcceptor;
 use fe2o3_amqp::types::primitives::{Array, Symbol};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 
-use crate::amqp::auth_state::identity_of_plain_user;
+use crate::amqp::auth_state::{identity_of_plain_user, PlainUserError};
+use crate::auth::credentials::CredentialError;
 use crate::identity::Identity;
 use crate::mqtt::context::HeadContext;
 
@@ -70,24 +71,43 @@ impl HubSasl {
         *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = result;
     }
 
-    fn plain(&self, response: &[u8]) -> Result<(Identity, u64), String> {
+    fn plain(&self, response: &[u8]) -> Result<(Identity, u64), PlainError> {
         let mut parts = response.split(|b| *b == 0);
         let (_authzid, user, password) = match (parts.next(), parts.next(), parts.next()) {
             (Some(a), Some(u), Some(p)) => (a, u, p),
-            _ => return Err("PLAIN response is not authzid\\0user\\0password".into()),
+            _ => return Err(PlainError::Shape),
         };
-        let user = std::str::from_utf8(user).map_err(|_| "user name is not UTF-8".to_string())?;
-        let token =
-            std::str::from_utf8(password).map_err(|_| "password is not UTF-8".to_string())?;
+        let user = std::str::from_utf8(user).map_err(|_| PlainError::UserNotUtf8)?;
+        let token = std::str::from_utf8(password).map_err(|_| PlainError::PasswordNotUtf8)?;
         let identity = identity_of_plain_user(user)?;
         let key = self
             .ctx
             .identities
             .key(&identity)
-            .ok_or_else(|| format!("unknown module {identity}"))?;
+            .ok_or_else(|| CredentialError::UnknownModule(identity.clone()))?;
         let expiry = self.ctx.verify_token_expiry(token, &key, &identity)?;
         Ok((identity, expiry))
     }
+}
+
+/// Why a SASL PLAIN response was refused (the SASL `auth` outcome).
+#[derive(Debug, thiserror::Error)]
+pub enum PlainError {
+    /// The response is not three NUL-separated parts.
+    #[error("PLAIN response is not authzid\\0user\\0password")]
+    Shape,
+    /// The user name is not UTF-8.
+    #[error("user name is not UTF-8")]
+    UserNotUtf8,
+    /// The password (the SAS token) is not UTF-8.
+    #[error("password is not UTF-8")]
+    PasswordNotUtf8,
+    /// The user name names no module.
+    #[error(transparent)]
+    User(#[from] PlainUserError),
+    /// The module is unknown or its token does not verify.
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
 }
 
 fn outcome(code: SaslCode) -> SaslServerFrame {
@@ -140,5 +160,34 @@ impl SaslAcceptor for HubSasl {
     fn on_response(&mut self, _response: SaslResponse) -> SaslServerFrame {
         // No mechanism offered here sends challenges.
         outcome(SaslCode::Auth)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed refusals read as the strings did (they are logged).
+    #[test]
+    fn plain_refusals_read_as_before() {
+        assert_eq!(
+            PlainError::Shape.to_string(),
+            "PLAIN response is not authzid\\0user\\0password"
+        );
+        assert_eq!(
+            PlainError::from(PlainUserError::NoHub("dev".into())).to_string(),
+            "user name \"dev\" has no @"
+        );
+        let err = PlainError::from(CredentialError::Token(
+            crate::auth::sas::SasError::BadSignature,
+        ));
+        assert_eq!(
+            err.to_string(),
+            "SAS token: SAS token signature does not match the key"
+        );
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the cause is kept"
+        );
     }
 }

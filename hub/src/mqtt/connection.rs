@@ -42,10 +42,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::auth::credentials::CredentialError;
 use crate::auth::sas::CLOCK_SKEW_SECS;
 
 use bytes::BytesMut;
-use router::{DeliveryOutcome, Endpoint, Message, RouteAck};
+use router::{DeliveryOutcome, Endpoint, Message, RouteAck, RouteError};
 use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, PubAck, Publish, SubAck, Subscribe, SubscribeReasonCode,
     UnsubAck, Unsubscribe,
@@ -102,9 +103,18 @@ pub enum ConnectionEnd {
     /// A protocol rule was broken (QoS 2, oversized message, publish as someone else, …).
     #[error("protocol violation: {0}")]
     Violation(String),
-    /// CONNECT was refused.
+    /// No CONNECT arrived in time.
+    #[error("connection refused: no CONNECT within 60 s")]
+    NoConnect,
+    /// The head is at its connection limit (CONNACK "server unavailable").
     #[error("connection refused: {0}")]
-    Refused(String),
+    OverLimit(#[source] crate::limits::LimitError),
+    /// The persistent-session store failed.
+    #[error("connection refused: session store: {0}")]
+    Sessions(#[source] crate::mqtt::sessions::SessionsError),
+    /// CONNECT's credentials were refused.
+    #[error("connection refused: {0}")]
+    NotAuthorized(#[from] ConnectAuthError),
     /// Nothing arrived within 1.5 × keep-alive.
     #[error("keep-alive expired")]
     KeepAlive,
@@ -116,7 +126,16 @@ pub enum ConnectionEnd {
     TokenExpired,
     /// Routing a publish failed; it and everything after it stay unacknowledged.
     #[error("routing failed: {0}")]
-    Route(String),
+    Route(#[from] RouteError),
+    /// The connection's acknowledgement state refused a publish (after a failed one).
+    #[error("routing failed: {0}")]
+    AckState(#[source] session_state::StateError),
+    /// The task that sends PUBACKs in order is gone, so nothing more can be acknowledged.
+    #[error("routing failed: acknowledger stopped")]
+    AckerStopped,
+    /// A connection was run a second time (a bug).
+    #[error("routing failed: the connection ran twice")]
+    RanTwice,
     /// The hub is shutting down.
     #[error("hub shutting down")]
     Shutdown,
@@ -223,7 +242,7 @@ where
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let connect =
         match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut reader, &mut buf)).await {
-            Err(_) => return ConnectionEnd::Refused("no CONNECT within 60 s".into()),
+            Err(_) => return ConnectionEnd::NoConnect,
             Ok(Err(end)) => return end,
             Ok(Ok(Packet::Connect(c))) => c,
             Ok(Ok(other)) => {
@@ -244,7 +263,7 @@ where
             )));
             drop((out_tx, puback_tx));
             finish_task(writer_task).await;
-            return ConnectionEnd::Refused(reason);
+            return ConnectionEnd::NotAuthorized(reason);
         }
     };
     let taken = if ctx.connections.has_live(&identity) {
@@ -259,7 +278,7 @@ where
         let _ = out_tx.try_send(Packet::ConnAck(ack));
         drop((out_tx, puback_tx));
         finish_task(writer_task).await;
-        return ConnectionEnd::Refused(e.to_string());
+        return ConnectionEnd::OverLimit(e);
     }
     let client_id = connect.client_id.clone();
     let present = match ctx.sessions.open(&client_id, connect.clean_session) {
@@ -272,7 +291,7 @@ where
             )));
             drop((out_tx, puback_tx));
             finish_task(writer_task).await;
-            return ConnectionEnd::Refused(format!("session store: {e}"));
+            return ConnectionEnd::Sessions(e);
         }
     };
     // The key checked above must still be the module's: a reload may have removed the module
@@ -281,7 +300,7 @@ where
         ctx.identities.key(&identity).as_deref() == Some(key.as_slice())
     });
     let Some((conn_id, replaced)) = joined else {
-        let reason = "the module was removed or its key changed while it logged in";
+        let reason = ConnectAuthError::KeyChanged;
         tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
         ctx.metrics.client_connect_failed("not_authorized");
         let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
@@ -290,7 +309,7 @@ where
         )));
         drop((out_tx, puback_tx));
         finish_task(writer_task).await;
-        return ConnectionEnd::Refused(reason.into());
+        return ConnectionEnd::NotAuthorized(reason);
     };
     // The queue is empty: the CONNACK always fits.
     let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
@@ -331,33 +350,54 @@ where
     end
 }
 
+/// Why a CONNECT's credentials were refused (answered CONNACK 5, "not authorized").
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectAuthError {
+    /// CONNECT carries no username and password.
+    #[error("no username/password")]
+    NoLogin,
+    /// The username is not IoT Hub's `host/device/module/?api-version=…`.
+    #[error("username: {0}")]
+    Username(#[source] username::UsernameError),
+    /// The client id is not the `device/module` the username names.
+    #[error("client id {client_id:?} is not the identity {identity:?} of the username")]
+    ClientId {
+        /// The CONNECT's client id.
+        client_id: String,
+        /// The identity of the username.
+        identity: String,
+    },
+    /// The username names a device, not a module.
+    #[error("a device without a module is not served")]
+    NoModule,
+    /// The module is unknown or its token does not verify.
+    #[error(transparent)]
+    Credentials(#[from] CredentialError),
+    /// A reload removed or re-keyed the module while it logged in.
+    #[error("the module was removed or its key changed while it logged in")]
+    KeyChanged,
+}
+
 /// Checks CONNECT: client id, username, SAS token. Returns the authenticated identity, its
 /// token's expiry (`se`, seconds since the epoch) and the key the token was checked with.
 fn authenticate(
     ctx: &HeadContext,
     connect: &rumqttc::mqttbytes::v4::Connect,
-) -> Result<(Identity, u64, Vec<u8>), String> {
-    let login = connect
-        .login
-        .as_ref()
-        .ok_or_else(|| "no username/password".to_string())?;
-    let user = username::parse(&login.username).map_err(|e| format!("username: {e}"))?;
+) -> Result<(Identity, u64, Vec<u8>), ConnectAuthError> {
+    let login = connect.login.as_ref().ok_or(ConnectAuthError::NoLogin)?;
+    let user = username::parse(&login.username).map_err(ConnectAuthError::Username)?;
     if connect.client_id != user.client_id() {
-        return Err(format!(
-            "client id {:?} is not the identity {:?} of the username",
-            connect.client_id,
-            user.client_id()
-        ));
+        return Err(ConnectAuthError::ClientId {
+            client_id: connect.client_id.clone(),
+            identity: user.client_id(),
+        });
     }
-    let module = user
-        .module
-        .clone()
-        .ok_or_else(|| "a device without a module is not served".to_string())?;
+    let module = user.module.clone().ok_or(ConnectAuthError::NoModule)?;
     let identity = Identity::new(user.device.clone(), module);
     let key = ctx
         .identities
         .key(&identity)
-        .ok_or_else(|| format!("unknown module {identity}"))?;
+        .ok_or_else(|| CredentialError::UnknownModule(identity.clone()))?;
     let expiry = ctx.verify_token_expiry(&login.password, &key, &identity)?;
     Ok((identity, expiry, key))
 }
@@ -429,9 +469,9 @@ impl Connection {
         keep_alive: Duration,
     ) -> ConnectionEnd {
         let (ack_tx, ack_rx) = mpsc::channel(MAX_PENDING_ACKS);
-        let (route_failed_tx, mut route_failed) = oneshot::channel::<String>();
+        let (route_failed_tx, mut route_failed) = oneshot::channel::<RouteError>();
         let Some(pubacks) = self.pubacks.take() else {
-            return ConnectionEnd::Route("the connection ran twice".into());
+            return ConnectionEnd::RanTwice;
         };
         let released = Arc::new(Notify::new());
         let mut acker = tokio::spawn(ack_in_order(
@@ -484,7 +524,7 @@ impl Connection {
                                 Ok(None) => {}
                                 Ok(Some(ack)) => match &self.acks {
                                     Some(acks) if acks.send(ack).await.is_ok() => {}
-                                    _ => break ConnectionEnd::Route("acknowledger stopped".into()),
+                                    _ => break ConnectionEnd::AckerStopped,
                                 },
                                 Err(end) => break end,
                             }
@@ -504,7 +544,7 @@ impl Connection {
                 () = released.notified(), if inbound_full => {}
                 free = ack_room.reserve(), if acks_full => {
                     if free.is_err() {
-                        break ConnectionEnd::Route("acknowledger stopped".into());
+                        break ConnectionEnd::AckerStopped;
                     }
                 }
                 // Deliveries are taken only while few wait for the window (the sinks wait
@@ -610,7 +650,7 @@ impl Connection {
                         "packet id {pkid} reused without DUP before its PUBACK"
                     )))
                 }
-                Err(e) => return Err(ConnectionEnd::Route(e.to_string())),
+                Err(e) => return Err(ConnectionEnd::AckState(e)),
             },
             _ => None,
         };
@@ -629,7 +669,7 @@ impl Connection {
                         // Refused at once (store full, too large): close before any later
                         // publish is routed, so the client's resend cannot be overtaken.
                         tracing::warn!(client_id = %self.client_id, pkid = publish.pkid, error = %e, "a publish was refused by the store; closing without PUBACK");
-                        return Err(ConnectionEnd::Route(e.to_string()));
+                        return Err(ConnectionEnd::Route(e));
                     }
                 }
                 ack
@@ -727,7 +767,7 @@ impl Connection {
         if !self.clean {
             if let Err(e) = self.ctx.sessions.subscribe(&self.client_id, &granted) {
                 tracing::error!(client_id = %self.client_id, error = %e, "session store failed");
-                return Err(ConnectionEnd::Refused(format!("session store: {e}")));
+                return Err(ConnectionEnd::Sessions(e));
             }
         }
         for f in granted {
@@ -749,7 +789,7 @@ impl Connection {
                 .sessions
                 .unsubscribe(&self.client_id, &unsub.topics)
             {
-                return Err(ConnectionEnd::Refused(format!("session store: {e}")));
+                return Err(ConnectionEnd::Sessions(e));
             }
         }
         self.subscriptions.retain(|f| !unsub.topics.contains(f));
@@ -876,7 +916,7 @@ async fn ack_in_order(
     out: mpsc::Sender<u16>,
     inbound: Arc<Mutex<session_state::InboundAcks>>,
     released: Arc<Notify>,
-    failed: oneshot::Sender<String>,
+    failed: oneshot::Sender<RouteError>,
     metrics: Arc<HubMetrics>,
 ) {
     while let Some((token, ack)) = acks.recv().await {
@@ -906,9 +946,8 @@ async fn ack_in_order(
             }
             Err(e) => {
                 let _ = lock(&inbound).on_failed(token);
-                let reason = e.to_string();
-                tracing::warn!(%reason, "a publish could not be stored; closing without PUBACK");
-                let _ = failed.send(reason);
+                tracing::warn!(reason = %e, "a publish could not be stored; closing without PUBACK");
+                let _ = failed.send(e);
                 return;
             }
         }
@@ -1326,4 +1365,82 @@ mod tests {
     }
 
     const MAX_KEEP_ALIVE_PLUS: Duration = Duration::from_secs(3600);
+}
+
+/// The typed ends say what the strings said: logs and tests read these words.
+#[cfg(test)]
+mod error_messages {
+    use super::*;
+    use crate::auth::sas::SasError;
+    use router::{DeviceId, ModuleId};
+
+    #[test]
+    fn typed_ends_read_as_the_strings_did() {
+        let who = Identity::new(DeviceId::new("dev"), ModuleId::new("m"));
+        let cases: Vec<(ConnectionEnd, &str)> = vec![
+            (
+                ConnectionEnd::NoConnect,
+                "connection refused: no CONNECT within 60 s",
+            ),
+            (
+                ConnectAuthError::NoLogin.into(),
+                "connection refused: no username/password",
+            ),
+            (
+                ConnectAuthError::ClientId {
+                    client_id: "x".into(),
+                    identity: "dev/m".into(),
+                }
+                .into(),
+                "connection refused: client id \"x\" is not the identity \"dev/m\" of the username",
+            ),
+            (
+                ConnectAuthError::NoModule.into(),
+                "connection refused: a device without a module is not served",
+            ),
+            (
+                ConnectAuthError::from(CredentialError::UnknownModule(who)).into(),
+                "connection refused: unknown module dev/m",
+            ),
+            (
+                ConnectAuthError::from(CredentialError::Token(SasError::BadSignature)).into(),
+                "connection refused: SAS token: SAS token signature does not match the key",
+            ),
+            (
+                ConnectAuthError::KeyChanged.into(),
+                "connection refused: the module was removed or its key changed while it logged in",
+            ),
+            (
+                ConnectionEnd::AckerStopped,
+                "routing failed: acknowledger stopped",
+            ),
+            (
+                ConnectionEnd::RanTwice,
+                "routing failed: the connection ran twice",
+            ),
+            (
+                ConnectionEnd::AckState(session_state::StateError::Failed),
+                "routing failed: a publish failed; the connection must close",
+            ),
+        ];
+        for (end, text) in cases {
+            assert_eq!(end.to_string(), text, "{end:?}");
+        }
+    }
+
+    #[test]
+    fn a_route_end_keeps_its_cause() {
+        let end = ConnectionEnd::from(RouteError::Store(store::AppendError::Storage(
+            store::StorageError::Closed,
+        )));
+        let source = std::error::Error::source(&end).map(ToString::to_string);
+        assert!(end.to_string().starts_with("routing failed: "), "{end}");
+        assert_eq!(
+            source,
+            Some(
+                RouteError::Store(store::AppendError::Storage(store::StorageError::Closed))
+                    .to_string()
+            )
+        );
+    }
 }

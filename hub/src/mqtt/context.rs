@@ -7,6 +7,7 @@ use router::{Dispatcher, DynSink, Endpoint, InputName, Router};
 use store::{Clock, UnixMillis};
 use tokio::sync::watch;
 
+use crate::auth::credentials::CredentialError;
 use crate::auth::sas;
 use crate::identity::{Identities, Identity};
 use crate::metrics::HubMetrics;
@@ -44,7 +45,12 @@ pub struct HeadContext {
 
 impl HeadContext {
     /// Verifies a SAS token for `identity` against its key, now.
-    pub fn verify_token(&self, token: &str, key: &[u8], identity: &Identity) -> Result<(), String> {
+    pub fn verify_token(
+        &self,
+        token: &str,
+        key: &[u8],
+        identity: &Identity,
+    ) -> Result<(), CredentialError> {
         self.verify_token_expiry(token, key, identity).map(drop)
     }
 
@@ -54,7 +60,7 @@ impl HeadContext {
         token: &str,
         key: &[u8],
         identity: &Identity,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, CredentialError> {
         let now = self.now_secs();
         let hosts: Vec<&str> = self.audiences.iter().map(String::as_str).collect();
         let expected = sas::ExpectedAudience {
@@ -64,7 +70,7 @@ impl HeadContext {
         };
         sas::verify(token, key, &expected, now)
             .map(|t| t.expiry)
-            .map_err(|e| format!("SAS token: {e}"))
+            .map_err(CredentialError::Token)
     }
 
     /// Makes `connection` the sink of every input endpoint of `identity`'s module, each only

@@ -29,6 +29,7 @@ pub mod link;
 pub mod metrics;
 pub mod mqtt;
 pub mod sink;
+pub mod state;
 
 use std::sync::{Arc, Weak};
 

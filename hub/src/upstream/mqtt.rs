@@ -40,8 +40,9 @@ use store::{Clock, SystemClock};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::inflight::Inflight;
+use super::inflight::{Anomaly, Inflight};
 use super::link::{CloudMessage, PublishError, Upstream};
+use super::state::{self, Action, UpstreamState};
 use crate::auth::sas;
 use crate::identity::{Identities, Identity};
 use crate::metrics::{HubMetrics, SentLabels};
@@ -121,12 +122,12 @@ impl MqttUpstreamConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamTlsError {
     /// The extra CA file cannot be read or holds no certificate.
-    #[error("upstream CA {path}: {reason}")]
+    #[error("upstream CA {path}: {source}")]
     Ca {
         /// The file.
         path: String,
         /// What is wrong.
-        reason: String,
+        source: CaError,
     },
     /// No root to trust at all.
     #[error(
@@ -137,6 +138,20 @@ pub enum UpstreamTlsError {
     /// rustls refused the configuration.
     #[error("upstream TLS: {0}")]
     Rustls(#[from] rustls::Error),
+}
+
+/// What is wrong with the extra CA file.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// It cannot be read, or is not PEM.
+    #[error(transparent)]
+    Pem(#[from] rustls::pki_types::pem::Error),
+    /// It holds no certificate.
+    #[error("no PEM certificate in it")]
+    Empty,
+    /// A certificate in it cannot be a trust anchor.
+    #[error("not a usable CA certificate: {0}")]
+    Unusable(#[source] rustls::Error),
 }
 
 /// System CA bundles, as Debian and Red Hat lay them out.
@@ -158,21 +173,19 @@ pub fn client_tls_config(
         }
     }
     if let Some(path) = extra_ca {
-        let ca_err = |reason: String| UpstreamTlsError::Ca {
+        let ca_err = |source: CaError| UpstreamTlsError::Ca {
             path: path.display().to_string(),
-            reason,
+            source,
         };
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| ca_err(e.to_string()))?
+            .map_err(|e| ca_err(e.into()))?
             .collect::<Result<_, _>>()
-            .map_err(|e| ca_err(e.to_string()))?;
+            .map_err(|e| ca_err(e.into()))?;
         if certs.is_empty() {
-            return Err(ca_err("no PEM certificate in it".to_owned()));
+            return Err(ca_err(CaError::Empty));
         }
         for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| ca_err(format!("not a usable CA certificate: {e}")))?;
+            roots.add(cert).map_err(|e| ca_err(CaError::Unusable(e)))?;
         }
     }
     if roots.is_empty() {
@@ -372,14 +385,47 @@ impl Upstream for MqttUpstream {
     }
 }
 
+/// Why an identity's connection to IoT Hub is down: logged, and the reason publishes are
+/// answered `Offline` with.
+#[derive(Debug, thiserror::Error)]
+enum DownReason {
+    /// The identity has no key to sign a token with.
+    #[error(transparent)]
+    NoCredentials(PublishError),
+    /// The connection attempt failed (unreachable, TLS, refused).
+    #[error("cannot connect: {0}")]
+    Connect(#[source] Box<ConnectionError>),
+    /// The first packet was not the CONNACK.
+    #[error("expected CONNACK, got {0}")]
+    NotConnAck(String),
+    /// A publish waited longer than the acknowledgement timeout.
+    #[error("no PUBACK within {0:?}: giving up the connection")]
+    AckTimeout(Duration),
+    /// The broker acknowledged a later publish before an earlier one.
+    #[error("the broker acknowledged out of order (packet id {0} still awaited)")]
+    OutOfOrder(u16),
+    /// What the client reported does not fit what was sent.
+    #[error(transparent)]
+    Anomaly(#[from] Anomaly),
+    /// The broker ended the connection.
+    #[error("the broker sent DISCONNECT")]
+    Disconnect,
+    /// The connection failed once up.
+    #[error("connection lost: {0}")]
+    Lost(#[source] Box<ConnectionError>),
+    /// The link's state machine met an event it did not expect (a bug).
+    #[error("{}", state::UNEXPECTED)]
+    Unexpected,
+}
+
 /// Makes a fresh client for `link` and installs it, so publishes queue while it connects.
 /// `Err` when the identity has no key.
-fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant), String> {
+fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant), DownReason> {
     let identity = &link.identity;
     let Some(key) = shared.identities.stored_key(identity) else {
-        let reason = PublishError::NoCredentials(identity.to_string()).to_string();
-        link.lock().offline_reason = reason.clone();
-        return Err(reason);
+        let reason = PublishError::NoCredentials(identity.to_string());
+        link.lock().offline_reason = reason.to_string();
+        return Err(DownReason::NoCredentials(reason));
     };
     let config = &shared.config;
     let resource = sas::resource_uri(
@@ -430,20 +476,75 @@ fn failure_reason(e: &ConnectionError) -> &'static str {
     }
 }
 
-/// How a connection ended.
-enum Ended {
-    /// Its token is due for renewal: reconnect now, it is not an outage.
-    Renew,
-    /// It failed; `progressed` says whether it got anything through first (or lived long
-    /// enough to count as healthy), which resets the backoff.
-    Failed { reason: String, progressed: bool },
+/// One event of the link's state machine, with the reason a connection is down.
+type LinkEvent = state::Event<DownReason>;
+
+/// Logs and counts that the connection of `identity` is up, and calls the `on_online` hook.
+fn went_online(shared: &Shared, identity: &Identity, offline_since: &mut Option<Instant>) {
+    tracing::info!(%identity, "upstream connected");
+    shared.metrics.upstream().online(identity);
+    if let Some(since) = offline_since.take() {
+        shared
+            .metrics
+            .upstream()
+            .offline_for(identity, since.elapsed());
+    }
+    (shared.on_online)();
 }
 
-/// A connection up this long counts as healthy even if it carried nothing.
-const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Handles one thing the client reported on a live connection: a PUBACK answers its waiter.
+/// Returns why the connection must end, if it must.
+fn on_event(
+    shared: &Shared,
+    link: &Link,
+    event: Result<Event, ConnectionError>,
+    acked_any: &mut bool,
+) -> Option<DownReason> {
+    let identity = &link.identity;
+    let mut state = link.lock();
+    match event {
+        Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            state.inflight.sent(pkid).err().map(DownReason::from)
+        }
+        Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => Some(DownReason::OutOfOrder(pkid)),
+        Ok(Event::Incoming(Packet::PubAck(ack))) => match state.inflight.acked(ack.pkid) {
+            Ok((handed_at, waiter)) => {
+                drop(state);
+                *acked_any = true;
+                let _ = waiter.send(Ok(()));
+                shared.metrics.upstream().acked(identity);
+                shared
+                    .metrics
+                    .message_send_duration("upstream", handed_at.elapsed());
+                shared.metrics.message_sent_with(&SentLabels {
+                    from: identity.to_string(),
+                    to: "upstream".to_owned(),
+                    ..SentLabels::default()
+                });
+                None
+            }
+            Err(a) => Some(DownReason::from(a)),
+        },
+        Ok(Event::Incoming(Packet::Disconnect)) => Some(DownReason::Disconnect),
+        Ok(_) => None,
+        // A lost connection is counted by `edgehub_upstream_offline`, not as a failed
+        // connection attempt.
+        Err(e) => Some(DownReason::Lost(Box::new(e))),
+    }
+}
 
-/// Serves one established connection until it ends.
-async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: Instant) -> Ended {
+/// The `Serve` action: says the link is online, then serves the established connection until it
+/// ends ([`state::Event::Lost`], [`state::Event::AckTimedOut`]) or its token is due and what was
+/// in flight has drained ([`state::Event::TokenDue`]).
+async fn serve(
+    shared: &Shared,
+    link: &Link,
+    eventloop: &mut EventLoop,
+    issued: Instant,
+    offline_since: &mut Option<Instant>,
+) -> LinkEvent {
+    let identity = &link.identity;
+    went_online(shared, identity, offline_since);
     let renew_after = shared.config.token_ttl.mul_f64(0.75);
     let up_since = Instant::now();
     let mut acked_any = false;
@@ -459,57 +560,20 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
             {
                 Ok(event) => event,
                 Err(_) => {
-                    return Ended::Failed {
-                        reason: format!(
-                            "no PUBACK within {:?}: giving up the connection",
-                            shared.config.ack_timeout
-                        ),
-                        progressed: acked_any,
+                    return LinkEvent::AckTimedOut {
+                        reason: DownReason::AckTimeout(shared.config.ack_timeout),
+                        acked_any,
                     }
                 }
             },
             None => eventloop.poll().await,
         };
-        let anomaly = {
-            let mut state = link.lock();
-            match event {
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    state.inflight.sent(pkid).err().map(|a| a.to_string())
-                }
-                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => Some(format!(
-                    "the broker acknowledged out of order (packet id {pkid} still awaited)"
-                )),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => match state.inflight.acked(ack.pkid) {
-                    Ok((handed_at, waiter)) => {
-                        drop(state);
-                        acked_any = true;
-                        let _ = waiter.send(Ok(()));
-                        shared.metrics.upstream().acked(&link.identity);
-                        shared
-                            .metrics
-                            .message_send_duration("upstream", handed_at.elapsed());
-                        shared.metrics.message_sent_with(&SentLabels {
-                            from: link.identity.to_string(),
-                            to: "upstream".to_owned(),
-                            ..SentLabels::default()
-                        });
-                        None
-                    }
-                    Err(a) => Some(a.to_string()),
-                },
-                Ok(Event::Incoming(Packet::Disconnect)) => {
-                    Some("the broker sent DISCONNECT".to_owned())
-                }
-                Ok(_) => None,
-                // A lost connection is counted by `edgehub_upstream_offline`, not as a failed
-                // connection attempt.
-                Err(e) => Some(format!("connection lost: {e}")),
-            }
-        };
+        let anomaly = on_event(shared, link, event, &mut acked_any);
         if let Some(reason) = anomaly {
-            return Ended::Failed {
+            return LinkEvent::Lost {
                 reason,
-                progressed: acked_any || up_since.elapsed() >= HEALTHY_AFTER,
+                acked_any,
+                up_for: up_since.elapsed(),
             };
         }
         if issued.elapsed() >= renew_after {
@@ -518,90 +582,160 @@ async fn serve(shared: &Shared, link: &Link, eventloop: &mut EventLoop, issued: 
             state.renewing = true;
             state.offline_reason = "renewing the SAS token".to_owned();
             if state.inflight.is_empty() {
-                return Ended::Renew;
+                return LinkEvent::TokenDue;
             }
         }
     }
 }
 
-/// The life of one identity's link: connect, serve, and after a failure reconnect with backoff,
-/// for as long as the hub runs.
+/// The `Connect` action (after `start_connection`): waits for the CONNACK.
+async fn connect(
+    shared: &Shared,
+    identity: &Identity,
+    started: Result<(EventLoop, Instant), DownReason>,
+    connection: &mut Option<(EventLoop, Instant)>,
+) -> LinkEvent {
+    let (mut eventloop, issued) = match started {
+        Ok(started) => started,
+        Err(reason) => return LinkEvent::ConnectFailed(reason),
+    };
+    match eventloop.poll().await {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+            *connection = Some((eventloop, issued));
+            LinkEvent::Connected
+        }
+        Ok(other) => LinkEvent::ConnectFailed(DownReason::NotConnAck(format!("{other:?}"))),
+        Err(e) => {
+            shared
+                .metrics
+                .upstream()
+                .connect_failed(identity, failure_reason(&e));
+            LinkEvent::ConnectFailed(DownReason::Connect(Box::new(e)))
+        }
+    }
+}
+
+/// The `Backoff` action: gives the connection up (every waiter is answered `Lost`), logs why,
+/// and waits `delay`, counting the time offline.
+async fn back_off(
+    shared: &Shared,
+    link: &Link,
+    reason: &DownReason,
+    delay: Duration,
+    offline_since: &mut Option<Instant>,
+) -> LinkEvent {
+    let identity = &link.identity;
+    link.disconnect(&reason.to_string());
+    if offline_since.is_none() {
+        *offline_since = Some(Instant::now());
+        shared.metrics.upstream().went_offline(identity);
+    }
+    tracing::warn!(
+        %identity,
+        host = %shared.config.host,
+        port = shared.config.port,
+        retry_in_ms = delay.as_millis() as u64,
+        "upstream offline: {reason}"
+    );
+    let step = Instant::now();
+    tokio::time::sleep(delay).await;
+    shared
+        .metrics
+        .upstream()
+        .offline_for(identity, step.elapsed());
+    if let Some(since) = offline_since.as_mut() {
+        *since = Instant::now();
+    }
+    LinkEvent::BackoffElapsed
+}
+
+/// The driver of one identity's link ([`UpstreamState`]): performs each action and reports what
+/// happened, for as long as the hub runs. `first` is the connection [`MqttUpstream::link`]
+/// already started.
 async fn run_link(
     shared: Arc<Shared>,
     link: Arc<Link>,
-    mut next: Result<(EventLoop, Instant), String>,
+    first: Result<(EventLoop, Instant), DownReason>,
 ) {
     let identity = link.identity.clone();
-    let mut failures: u32 = 0;
+    let mut first = Some(first);
+    // The connection between `Connect` and the end of `Serve`.
+    let mut connection: Option<(EventLoop, Instant)> = None;
+    // Since when the link is offline, for `edgehub_upstream_offline_seconds` (a measurement,
+    // not control state).
     let mut offline_since: Option<Instant> = None;
+    let (mut state, mut action) = UpstreamState::start::<DownReason>();
     loop {
-        let outcome = match next {
-            Err(reason) => Err(reason),
-            Ok((mut eventloop, issued)) => match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    tracing::info!(%identity, "upstream connected");
-                    shared.metrics.upstream().online(&identity);
-                    if let Some(since) = offline_since.take() {
-                        shared
-                            .metrics
-                            .upstream()
-                            .offline_for(&identity, since.elapsed());
-                    }
-                    (shared.on_online)();
-                    match serve(&shared, &link, &mut eventloop, issued).await {
-                        Ended::Renew => {
-                            link.disconnect("renewing the SAS token");
-                            tracing::info!(%identity, "upstream reconnecting to renew its token");
-                            Ok(())
-                        }
-                        Ended::Failed { reason, progressed } => {
-                            if progressed {
-                                failures = 0;
-                            }
-                            Err(reason)
-                        }
-                    }
+        let event = match &action {
+            Action::Connect => {
+                let started = first
+                    .take()
+                    .unwrap_or_else(|| start_connection(&shared, &link));
+                connect(&shared, &identity, started, &mut connection).await
+            }
+            Action::Renew => {
+                connection = None;
+                link.disconnect("renewing the SAS token");
+                tracing::info!(%identity, "upstream reconnecting to renew its token");
+                let started = start_connection(&shared, &link);
+                connect(&shared, &identity, started, &mut connection).await
+            }
+            Action::Serve => match connection.as_mut() {
+                Some((eventloop, issued)) => {
+                    let issued = *issued;
+                    serve(&shared, &link, eventloop, issued, &mut offline_since).await
                 }
-                Ok(other) => Err(format!("expected CONNACK, got {other:?}")),
-                Err(e) => {
-                    shared
-                        .metrics
-                        .upstream()
-                        .connect_failed(&identity, failure_reason(&e));
-                    Err(format!("cannot connect: {e}"))
-                }
+                None => LinkEvent::Lost {
+                    reason: DownReason::Unexpected,
+                    acked_any: false,
+                    up_for: Duration::ZERO,
+                },
             },
+            Action::Backoff { reason, delay } => {
+                connection = None;
+                back_off(&shared, &link, reason, *delay, &mut offline_since).await
+            }
         };
-        match outcome {
-            Ok(()) => {
-                failures = 0;
+        debug_assert!(
+            action.outcomes().contains(&event.kind()),
+            "{action:?} cannot produce {event:?}"
+        );
+        (state, action) = state.on(
+            event,
+            |failures| shared.config.backoff(failures),
+            || DownReason::Unexpected,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    /// A CA file with no certificate is refused by name, with the words it had as a string.
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("edgehub-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("empty.pem");
+        std::fs::write(&path, "no certificate here\n").unwrap();
+        let err = client_tls_config(Some(&path)).err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let Some(err) = err else {
+            panic!("an empty CA file was accepted");
+        };
+        assert!(matches!(
+            &err,
+            UpstreamTlsError::Ca {
+                source: CaError::Empty,
+                ..
             }
-            Err(reason) => {
-                link.disconnect(&reason);
-                failures = failures.saturating_add(1);
-                if offline_since.is_none() {
-                    offline_since = Some(Instant::now());
-                    shared.metrics.upstream().went_offline(&identity);
-                }
-                let delay = shared.config.backoff(failures);
-                tracing::warn!(
-                    %identity,
-                    host = %shared.config.host,
-                    port = shared.config.port,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "upstream offline: {reason}"
-                );
-                let step = Instant::now();
-                tokio::time::sleep(delay).await;
-                shared
-                    .metrics
-                    .upstream()
-                    .offline_for(&identity, step.elapsed());
-                if let Some(since) = offline_since.as_mut() {
-                    *since = Instant::now();
-                }
-            }
-        }
-        next = start_connection(&shared, &link);
+        ));
+        assert_eq!(
+            err.to_string(),
+            format!("upstream CA {}: no PEM certificate in it", path.display())
+        );
     }
 }
