@@ -16,6 +16,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod mqtt;
+pub mod property_bag;
 pub mod record;
 pub mod reload;
 pub mod server;

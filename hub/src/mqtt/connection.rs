@@ -61,7 +61,8 @@ use crate::metrics::{ConnectionMetrics, HubMetrics};
 use crate::mqtt::context::{HeadContext, RegisteredSinks};
 use crate::mqtt::sink::{self, Outbound, OutboundTx};
 use crate::mqtt::topics::{EventsTopic, InboundTopic, SubscribeDecision};
-use crate::mqtt::{bag, session_state, topics, username};
+use crate::mqtt::{session_state, topics, username};
+use crate::property_bag;
 
 /// Status answered to twin requests until twins are served.
 const TWIN_NOT_SUPPORTED: u16 = 501;
@@ -677,7 +678,7 @@ impl Connection {
                 self.identity, publish.topic
             )));
         }
-        Ok(bag::message_from_publish(
+        Ok(property_bag::message_from_publish(
             &self.identity.device,
             Some(&self.identity.module),
             topic.bag,
@@ -822,7 +823,7 @@ impl Connection {
             if delivery.acked.is_closed() {
                 continue;
             }
-            let topic = match bag::delivery_topic_and_bag(
+            let topic = match topics::delivery_topic_and_bag(
                 &self.identity.device,
                 &self.identity.module,
                 &delivery.input,

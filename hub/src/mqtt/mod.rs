@@ -1,6 +1,5 @@
 //! The MQTT 3.1.1 head: what modules written with the official Azure IoT SDKs speak.
 
-pub mod bag;
 pub mod connection;
 pub mod context;
 pub mod listener;

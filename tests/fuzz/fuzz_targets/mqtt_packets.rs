@@ -18,7 +18,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::{Bytes, BytesMut};
 use hub::mqtt::session_state::{self, AckToken, InboundAcks, InboundQos, StateError};
 use hub::mqtt::topics::{self, InboundTopic, SubscribeDecision};
-use hub::mqtt::{bag, username};
+use hub::mqtt::username;
+use hub::property_bag as bag;
 use libfuzzer_sys::fuzz_target;
 use router::{DeviceId, InputName, ModuleId, SystemProperty};
 use rumqttc::mqttbytes::v4::Packet;
@@ -295,7 +296,7 @@ fn check_message(device: &DeviceId, module: &ModuleId, raw_bag: &str, payload: B
         );
     }
     let input = InputName::new("fuzz");
-    let Ok(topic) = bag::delivery_topic_and_bag(device, module, &input, &message) else {
+    let Ok(topic) = topics::delivery_topic_and_bag(device, module, &input, &message) else {
         return;
     };
     let prefix = format!("devices/{device}/modules/{module}/inputs/fuzz/");
