@@ -11,6 +11,7 @@
 
 pub mod amqp;
 pub mod auth;
+pub mod head;
 pub mod http;
 pub mod identity;
 pub mod limits;

@@ -18,12 +18,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::head::context::HeadContext;
+use crate::head::registry::Registry;
 use crate::http::{self, HttpState, Readiness};
 use crate::identity::{self, Identities};
 use crate::limits::Budget;
 use crate::metrics::HubMetrics;
-use crate::mqtt::connection::Registry;
-use crate::mqtt::context::HeadContext;
 use crate::mqtt::listener;
 use crate::mqtt::sessions::Sessions;
 use crate::reload::{self, Reloader, Trigger};
@@ -88,7 +88,7 @@ pub async fn run_with_reloads(
         .context("cannot start delivery")?,
     );
     let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
-    let sessions = Sessions::load(&data_dir).context("cannot load the MQTT sessions")?;
+    let sessions = Arc::new(Sessions::load(&data_dir).context("cannot load the MQTT sessions")?);
     let metrics = Arc::new(HubMetrics::new(
         settings.iothub_hostname(),
         settings.device_id().as_str(),
@@ -133,7 +133,6 @@ pub async fn run_with_reloads(
         router,
         dispatcher: Arc::clone(&dispatcher),
         identities,
-        sessions,
         connections: Registry::default(),
         metrics: Arc::clone(&metrics),
         shutdown: stop_rx.clone(),
@@ -225,6 +224,7 @@ pub async fn run_with_reloads(
         mqtt,
         TlsAcceptor::from(tls_config),
         Arc::clone(&ctx),
+        Arc::clone(&sessions),
         Arc::clone(&mqtt_budget),
         stop_rx.clone(),
     ));
@@ -232,6 +232,7 @@ pub async fn run_with_reloads(
         tokio::spawn(listener::serve_plain(
             l,
             Arc::clone(&ctx),
+            Arc::clone(&sessions),
             mqtt_budget,
             stop_rx.clone(),
         ))

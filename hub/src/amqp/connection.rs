@@ -51,8 +51,8 @@ use crate::amqp::auth_state::{ClientRole, ConnectionAuth, LinkDecision, RefuseCo
 use crate::amqp::frame_guard::Guarded;
 use crate::amqp::sasl::{HubSasl, SaslResult};
 use crate::amqp::{cbs, convert, links};
+use crate::head::context::HeadContext;
 use crate::identity::Identity;
-use crate::mqtt::context::HeadContext;
 
 /// How long a client has to send its protocol header after the TLS handshake.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(60);

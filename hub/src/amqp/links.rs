@@ -60,9 +60,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
+use crate::head::sink::{outbound_channel, NOT_DELIVERED};
+use crate::head::MAX_MESSAGE_BYTES;
 use crate::identity::Identity;
-use crate::mqtt::connection::MAX_MESSAGE_BYTES;
-use crate::mqtt::sink::{outbound_channel, NOT_DELIVERED};
 
 /// Transfers routed and not yet settled, per events link; past it the link stops reading
 /// (back-pressure; the client's credit runs out).

@@ -1,6 +1,6 @@
 //! The AMQP 1.0 head (AMQPS on 5671): what the Node, C# and Java SDKs speak by default
 //! (reference §2). It adapts fe2o3-amqp's listener (the acceptor) to the same core as the MQTT
-//! head: [`HeadContext`](crate::mqtt::context::HeadContext) (router, dispatcher, identities,
+//! head: [`HeadContext`](crate::head::context::HeadContext) (router, dispatcher, identities,
 //! registry of live connections, metrics, shutdown) and the SAS tokens of [`crate::auth::sas`].
 //!
 //! Layout: [`listener`] (TLS, one task per connection) → [`connection`] (protocol header, SASL,

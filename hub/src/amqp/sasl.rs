@@ -18,8 +18,8 @@ use fe2o3_amqp::types::primitives::{Array, Symbol};
 use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 
 use crate::amqp::auth_state::identity_of_plain_user;
+use crate::head::context::HeadContext;
 use crate::identity::Identity;
-use crate::mqtt::context::HeadContext;
 
 /// The mechanisms offered, strongest first.
 pub const MECHANISMS: [&str; 3] = ["PLAIN", "MSSBCBS", "ANONYMOUS"];

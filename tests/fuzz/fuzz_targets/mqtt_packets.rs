@@ -26,7 +26,7 @@ use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 
 /// The head's packet limit (`mqtt::connection`): a full-size body plus 64 KiB.
-const MAX_PACKET_BYTES: usize = hub::mqtt::connection::MAX_MESSAGE_BYTES + 64 * 1024;
+const MAX_PACKET_BYTES: usize = hub::head::MAX_MESSAGE_BYTES + 64 * 1024;
 /// The head's delivery window.
 const DELIVERY_WINDOW: u16 = 100;
 
@@ -115,7 +115,7 @@ fn serve(packets: Vec<Packet>, knob: u8) {
                     InboundQos::CloseConnection => return,
                     InboundQos::NoAck | InboundQos::AckWhenDurable => {}
                 }
-                if publish.payload.len() > hub::mqtt::connection::MAX_MESSAGE_BYTES {
+                if publish.payload.len() > hub::head::MAX_MESSAGE_BYTES {
                     return;
                 }
                 match topics::parse_publish(&publish.topic) {
