@@ -26,7 +26,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -34,45 +33,12 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use router::{DeviceId, ModuleId};
 
+pub use crate::auth::key::{ModuleKey, GIVEN_KEY_LEN};
+use crate::fsutil::write_atomically;
 use crate::settings::{check_module_id, Settings};
 
 /// Length of a key the hub generates, in bytes (as IoT Hub's generated symmetric keys).
 pub const KEY_LEN: usize = 32;
-/// Lengths IoT Hub accepts for a symmetric key someone gives the hub (`--module-key`).
-pub const GIVEN_KEY_LEN: std::ops::RangeInclusive<usize> = 16..=64;
-
-/// A module key given by the user (from IoT Hub), never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ModuleKey(Vec<u8>);
-
-impl ModuleKey {
-    /// Decodes a base64 key of [`GIVEN_KEY_LEN`] bytes.
-    pub fn from_base64(text: &str) -> Result<ModuleKey, String> {
-        let bytes = BASE64
-            .decode(text.trim().as_bytes())
-            .map_err(|e| format!("not base64: {e}"))?;
-        if !GIVEN_KEY_LEN.contains(&bytes.len()) {
-            return Err(format!(
-                "{} bytes; IoT Hub keys are {} to {} bytes",
-                bytes.len(),
-                GIVEN_KEY_LEN.start(),
-                GIVEN_KEY_LEN.end()
-            ));
-        }
-        Ok(ModuleKey(bytes))
-    }
-
-    /// The raw key.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ModuleKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ModuleKey(<redacted>)")
-    }
-}
 /// The identities file, in the data directory.
 pub const IDENTITIES_FILE: &str = "identities.json";
 
@@ -493,7 +459,7 @@ fn read_keys(path: &Path) -> Result<BTreeMap<ModuleId, Vec<u8>>, IdentityError> 
         check_module_id("module", &module).map_err(|e| corrupt(e.to_string()))?;
         let key =
             ModuleKey::from_base64(&key).map_err(|e| corrupt(format!("key of {module:?}: {e}")))?;
-        keys.insert(ModuleId::new(module), key.0);
+        keys.insert(ModuleId::new(module), key.into_bytes());
     }
     Ok(keys)
 }
@@ -506,33 +472,6 @@ fn encode_keys(keys: &BTreeMap<ModuleId, Vec<u8>>) -> String {
     let mut text = serde_json::to_string_pretty(&map).unwrap_or_else(|_| "{}".to_owned());
     text.push('\n');
     text
-}
-
-/// Replaces `path` with `bytes` atomically and durably: writes `{path}.tmp` with `mode`,
-/// fdatasyncs it, renames it over `path`, then fsyncs the directory.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = options.open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_data()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(&dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 
 pub mod amqp;
 pub mod auth;
+pub mod fsutil;
 pub mod head;
 pub mod http;
 pub mod identity;

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use router::{DeviceId, ModuleId};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::write_atomically;
+use crate::fsutil::write_atomically;
 use crate::settings::{check_hostname, check_id, check_module_id, RawSettings};
 
 /// The record file, in the data directory.

@@ -1,3 +1,5 @@
-//! Authentication: SAS tokens (Azure IoT Hub's shared access signatures).
+//! Authentication: SAS tokens (Azure IoT Hub's shared access signatures) and the module keys
+//! they are signed with.
 
+pub mod key;
 pub mod sas;
