@@ -1,7 +1,7 @@
 //! IoT Hub's MQTT property bag: `key=value&key2=value2` at the end of a telemetry or input topic
 //! (reference §1.4, §1.5), and its mapping to and from [`router::Message`]. A wire format of
-//! IoT Hub, shared by the MQTT head (`crate::mqtt`) and the cloud connection
-//! (`crate::upstream`); it depends on neither.
+//! IoT Hub, shared by the MQTT head and the cloud connection (upstream); it depends on
+//! neither.
 //!
 //! Guarantees:
 //! - [`decode`] accepts any text and never panics: keys and values are percent-decoded (`%24`

@@ -33,7 +33,7 @@ use std::str::FromStr;
 use router::manifest::Deployment;
 use router::{DeviceId, ManifestError, ModuleId};
 
-use crate::identity::ModuleKey;
+use crate::auth::key::ModuleKey;
 
 /// The deployment manifest used when none is given: modules `sender` and `receiver`, routes
 /// `sender → receiver/input1` and `sender → $upstream`.
@@ -255,16 +255,10 @@ pub struct RawSettings {
     pub auth_timeout_secs: Option<u64>,
 }
 
-/// edgeHub's `MaxConnectedClients`, per protocol.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
-/// Connections per protocol that may be between accept and authentication at once: far more
-/// than the modules of one edge device that (re)connect together, few enough that a flood of
-/// them holds little memory and few file descriptors.
-pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 32;
-/// How long a connection may take from accept to authenticated (TLS handshake, then CONNECT or
-/// AMQP header, SASL, Open and `$cbs` put-token). The SDKs do all of it at once; the AMQP head
-/// already allowed 20 s after Open, and one deadline for both heads replaces MQTT's 60 s.
-pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 20;
+// The connection limits' defaults belong to the limits they set.
+pub use crate::limits::{
+    DEFAULT_AUTH_TIMEOUT_SECS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UNAUTHENTICATED,
+};
 
 /// edgeHub's `CloudOperationTimeoutSecs`.
 pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 20;

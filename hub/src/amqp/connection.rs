@@ -269,7 +269,7 @@ where
         slot,
     });
     // Also uncounted when the accept loop drops this connection at its auth deadline.
-    let connected = crate::limits::ConnectedGauge::new(Arc::clone(&ctx.metrics));
+    let connected = crate::metrics::ConnectedGauge::new(Arc::clone(&ctx.metrics));
     for identity in &sasl_identities {
         ctx.metrics.client_authenticated(identity);
         shared.join(identity);

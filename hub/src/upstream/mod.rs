@@ -26,7 +26,6 @@
 
 pub mod inflight;
 pub mod link;
-pub mod metrics;
 pub mod mqtt;
 pub mod sink;
 
