@@ -30,7 +30,7 @@
 //! | `edgehub_store_fdatasyncs_total`, `…_commits_total`, `…_appends_total`, `…_reclaimed_segments_total` | counter | | store |
 //! | `edgehub_store_bytes_on_disk`, `edgehub_store_segments`, `edgehub_store_halted` | gauge | | store |
 //! | `edgehub_store_fdatasync_seconds` | histogram | | store: each group commit's fdatasync (64 µs doubling to ~1 s) |
-//! | `edgehub_upstream_*` | see [`UpstreamMetrics`] | `id` | upstream link |
+//! | `edgehub_upstream_*` | see [`UpstreamMetrics`] | `id` | cloud connection (upstream) |
 //! | `edgehub_connections`, `…_refused_total`, `edgehub_accept_failures_total` | see [`crate::limits::LimitMetrics`] | `protocol` | accept loops |
 //! | `edgehub_manifest_reloads_total` | counter | `result` (`success`, `failure`) | manifest reloads ([`crate::reload`]) |
 //! | `edgehub_manifest_generation` | gauge | | the manifest in force: 1 at start, +1 per reload applied |
@@ -484,7 +484,7 @@ impl HubMetrics {
         self.publish_ack_duration.observe(elapsed.as_secs_f64());
     }
 
-    /// The upstream link's series (`edgehub_upstream_*`).
+    /// The cloud connection's series (`edgehub_upstream_*`).
     pub fn upstream(&self) -> &UpstreamMetrics {
         &self.upstream
     }

@@ -39,8 +39,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::cloud::{CloudMessage, PublishError, Upstream};
 use super::inflight::Inflight;
-use super::link::{CloudMessage, PublishError, Upstream};
 use crate::auth::sas;
 use crate::identity::{Identities, Identity};
 use crate::metrics::{HubMetrics, SentLabels};

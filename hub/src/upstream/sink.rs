@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use router::{Delivery, DeliveryOutcome, FailureKind, Message, RejectReason, Sink, Source};
 
-use super::link::{CloudMessage, PublishError, Upstream};
+use super::cloud::{CloudMessage, PublishError, Upstream};
 use crate::identity::Identity;
 use crate::property_bag;
 
