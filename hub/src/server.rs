@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use router::{Dispatcher, DispatcherConfig, Router};
-use store::{Epoch, Store, StoreOptions, SystemClock};
+use store::{Store, StoreOptions, SystemClock};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
@@ -70,7 +70,7 @@ pub async fn run_with_reloads(
     let tls_config = tls::server_config(&settings).context("cannot set up TLS")?;
 
     let mut store_options = StoreOptions {
-        epoch: Epoch::new(settings.epoch()),
+        epoch: settings.epoch(),
         ..StoreOptions::default()
     };
     if let Some(max) = deployment.edge_hub.max_store_size_bytes {

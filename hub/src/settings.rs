@@ -32,6 +32,7 @@ use std::str::FromStr;
 
 use router::manifest::Deployment;
 use router::{DeviceId, ManifestError, ModuleId};
+use store::Epoch;
 
 use crate::auth::key::ModuleKey;
 
@@ -296,7 +297,7 @@ pub struct Settings {
     log_format: LogFormat,
     plain_mqtt_addr: Option<SocketAddr>,
     amqp_addr: SocketAddr,
-    epoch: u64,
+    epoch: Epoch,
     upstream: Option<UpstreamSettings>,
     module_keys: Vec<(ModuleId, ModuleKey)>,
     module_keys_dir: Option<PathBuf>,
@@ -460,7 +461,7 @@ impl RawSettings {
             log_format: self.log_format.unwrap_or_default(),
             plain_mqtt_addr,
             amqp_addr,
-            epoch: self.epoch.unwrap_or(0),
+            epoch: Epoch::new(self.epoch.unwrap_or(0)),
             upstream,
             module_keys,
             module_keys_dir: self.module_keys_dir,
@@ -578,7 +579,7 @@ impl Settings {
     }
 
     /// The store's fencing epoch.
-    pub fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> Epoch {
         self.epoch
     }
 

@@ -385,7 +385,7 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
                 convert::DeliveryStamp {
                     lock_token: rand::random::<[u8; 16]>(),
                     enqueued_ms: now_millis(),
-                    sequence: delivery.offset,
+                    sequence: delivery.offset.get(),
                     delivery_count: delivery.previous_attempts,
                 },
             );
