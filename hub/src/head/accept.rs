@@ -24,7 +24,7 @@ use crate::limits::{self, AcceptBackoff, Admission, Budget, LogLimiter, Phase, S
 
 /// How long a TLS handshake may take (the connection's whole authentication deadline, from
 /// its [`Budget`], usually ends it first).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS accept loop both heads use: each connection's handshake (within
 /// [`HANDSHAKE_TIMEOUT`]) and then `serve` run in the connection's own task; a failed handshake
