@@ -26,7 +26,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -34,53 +33,12 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use router::{DeviceId, ModuleId};
 
+pub use crate::auth::key::{KeyError, ModuleKey, GIVEN_KEY_LEN};
+use crate::fsutil::write_atomically;
 use crate::settings::{check_module_id, Settings};
 
 /// Length of a key the hub generates, in bytes (as IoT Hub's generated symmetric keys).
 pub const KEY_LEN: usize = 32;
-/// Lengths IoT Hub accepts for a symmetric key someone gives the hub (`--module-key`).
-pub const GIVEN_KEY_LEN: std::ops::RangeInclusive<usize> = 16..=64;
-
-/// Why a given module key is not usable.
-#[derive(Debug, thiserror::Error)]
-pub enum KeyError {
-    /// The text is not base64.
-    #[error("not base64: {0}")]
-    NotBase64(#[from] base64::DecodeError),
-    /// The key has this many bytes, outside [`GIVEN_KEY_LEN`].
-    #[error(
-        "{0} bytes; IoT Hub keys are {min} to {max} bytes",
-        min = GIVEN_KEY_LEN.start(),
-        max = GIVEN_KEY_LEN.end()
-    )]
-    Length(usize),
-}
-
-/// A module key given by the user (from IoT Hub), never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ModuleKey(Vec<u8>);
-
-impl ModuleKey {
-    /// Decodes a base64 key of [`GIVEN_KEY_LEN`] bytes.
-    pub fn from_base64(text: &str) -> Result<ModuleKey, KeyError> {
-        let bytes = BASE64.decode(text.trim().as_bytes())?;
-        if !GIVEN_KEY_LEN.contains(&bytes.len()) {
-            return Err(KeyError::Length(bytes.len()));
-        }
-        Ok(ModuleKey(bytes))
-    }
-
-    /// The raw key.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ModuleKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ModuleKey(<redacted>)")
-    }
-}
 /// The identities file, in the data directory.
 pub const IDENTITIES_FILE: &str = "identities.json";
 
@@ -167,7 +125,7 @@ fn known_list(known: &[ModuleId]) -> String {
         .join(", ")
 }
 
-/// The module keys of one edge device. Shared (`Arc`) by the heads and the upstream link; a
+/// The module keys of one edge device. Shared (`Arc`) by the heads and the cloud connection; a
 /// manifest reload changes it in place ([`Identities::apply`]).
 pub struct Identities {
     device: DeviceId,
@@ -501,7 +459,7 @@ fn read_keys(path: &Path) -> Result<BTreeMap<ModuleId, Vec<u8>>, IdentityError> 
         check_module_id("module", &module).map_err(|e| corrupt(e.to_string()))?;
         let key =
             ModuleKey::from_base64(&key).map_err(|e| corrupt(format!("key of {module:?}: {e}")))?;
-        keys.insert(ModuleId::new(module), key.0);
+        keys.insert(ModuleId::new(module), key.into_bytes());
     }
     Ok(keys)
 }
@@ -514,33 +472,6 @@ fn encode_keys(keys: &BTreeMap<ModuleId, Vec<u8>>) -> String {
     let mut text = serde_json::to_string_pretty(&map).unwrap_or_else(|_| "{}".to_owned());
     text.push('\n');
     text
-}
-
-/// Replaces `path` with `bytes` atomically and durably: writes `{path}.tmp` with `mode`,
-/// fdatasyncs it, renames it over `path`, then fsyncs the directory.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = PathBuf::from(tmp_name);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = options.open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_data()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(&dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -799,24 +730,5 @@ mod tests {
     #[test]
     fn an_identity_displays_as_the_mqtt_client_id() {
         assert_eq!(Identity::new(dev(), m("a")).to_string(), "edge-device/a");
-    }
-}
-
-#[cfg(test)]
-mod key_error_tests {
-    use super::*;
-
-    #[test]
-    fn key_errors_read_as_before_and_keep_their_cause() {
-        let short = ModuleKey::from_base64(&BASE64.encode([1u8; 3])).err();
-        assert_eq!(
-            short.map(|e| e.to_string()).as_deref(),
-            Some("3 bytes; IoT Hub keys are 16 to 64 bytes")
-        );
-        let Err(bad) = ModuleKey::from_base64("not base64!") else {
-            panic!("accepted a key that is not base64");
-        };
-        assert!(bad.to_string().starts_with("not base64: "), "{bad}");
-        assert!(std::error::Error::source(&bad).is_some());
     }
 }

@@ -11,11 +11,14 @@
 
 pub mod amqp;
 pub mod auth;
+pub mod fsutil;
+pub mod head;
 pub mod http;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod mqtt;
+pub mod property_bag;
 pub mod record;
 pub mod reload;
 pub mod server;

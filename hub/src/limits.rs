@@ -36,9 +36,16 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::settings::{
-    DEFAULT_AUTH_TIMEOUT_SECS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UNAUTHENTICATED,
-};
+/// edgeHub's `MaxConnectedClients`, per protocol.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
+/// Connections per protocol that may be between accept and authentication at once: far more
+/// than the modules of one edge device that (re)connect together, few enough that a flood of
+/// them holds little memory and few file descriptors.
+pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 32;
+/// How long a connection may take from accept to authenticated (TLS handshake, then CONNECT or
+/// AMQP header, SASL, Open and `$cbs` put-token). The SDKs do all of it at once; the AMQP head
+/// already allowed 20 s after Open, and one deadline for both heads replaces MQTT's 60 s.
+pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 20;
 
 /// At most one log line per kind of event (refusal, eviction, time-out, accept failure) and
 /// head in this interval; the next one carries the count of those not logged.
@@ -526,25 +533,6 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         self.slot.budget.release(&self.slot.inner);
-    }
-}
-
-/// Counts a connection in `edgehub_connected_clients` until dropped, also when the connection's
-/// future is dropped by its [`Admission`] before it ends on its own.
-#[derive(Debug)]
-pub struct ConnectedGauge(Arc<crate::metrics::HubMetrics>);
-
-impl ConnectedGauge {
-    /// Counts one connection now.
-    pub fn new(metrics: Arc<crate::metrics::HubMetrics>) -> Self {
-        metrics.client_connected();
-        ConnectedGauge(metrics)
-    }
-}
-
-impl Drop for ConnectedGauge {
-    fn drop(&mut self) {
-        self.0.client_disconnected();
     }
 }
 

@@ -180,11 +180,11 @@ struct RunArgs {
         default_value = "mqtt"
     )]
     upstream_protocol: String,
-    /// Dial HOST:PORT for the upstream link instead of IOTHUB_HOSTNAME:8883 (a proxy, an
+    /// Dial HOST:PORT for the cloud connection instead of IOTHUB_HOSTNAME:8883 (a proxy, an
     /// emulator); SAS audiences and usernames still name the IoT Hub host name.
     #[arg(long, env = "EDGEHUB_UPSTREAM_ADDR", value_name = "HOST:PORT")]
     upstream_addr: Option<String>,
-    /// A CA certificate (PEM) to trust for the upstream link, besides the system bundle.
+    /// A CA certificate (PEM) to trust for the cloud connection, besides the system bundle.
     #[arg(long, env = "EDGEHUB_UPSTREAM_CA", value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
     /// Seconds a message may wait for IoT Hub's acknowledgement before the connection is given

@@ -14,7 +14,7 @@
 //!   silently starts as another device on the same keys and queues.
 //! - A data directory without a record (from before this file existed) is adopted with the
 //!   values given or the defaults.
-//! - The file is replaced atomically ([`crate::identity::write_atomically`]); a corrupt file is
+//! - The file is replaced atomically ([`crate::fsutil::write_atomically`]); a corrupt file is
 //!   an error naming the file, never silently replaced.
 //! - [`save_modules`] is how a running hub (live reload) keeps the module list current.
 
@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use router::{DeviceId, ModuleId};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::write_atomically;
+use crate::fsutil::write_atomically;
 use crate::settings::{check_hostname, check_id, check_module_id, RawSettings};
 
 /// The record file, in the data directory.

@@ -39,8 +39,8 @@ use serde_json::{json, Value};
 use store::UnixMillis;
 use tokio::sync::mpsc;
 
+use crate::head::context::HeadContext;
 use crate::identity::{self, IdentityChanges, ModuleKey};
-use crate::mqtt::context::HeadContext;
 use crate::settings::{ManifestLoadError, ManifestSource, Settings};
 
 pub use watch::watch_dir;

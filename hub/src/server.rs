@@ -26,18 +26,18 @@ use std::sync::Arc;
 use notify::RecommendedWatcher;
 use router::manifest::Deployment;
 use router::{Dispatcher, DispatcherConfig, DispatcherError, Router};
-use store::{Clock, Epoch, OsFs, Store, StoreOptions};
+use store::{Clock, OsFs, Store, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
+use crate::head::context::HeadContext;
+use crate::head::registry::Registry;
 use crate::http::{self, HttpState, Readiness};
 use crate::identity::{self, Identities, IdentityError};
 use crate::limits::Budget;
 use crate::metrics::HubMetrics;
-use crate::mqtt::connection::Registry;
-use crate::mqtt::context::HeadContext;
 use crate::mqtt::listener;
 use crate::mqtt::sessions::{Sessions, SessionsError};
 use crate::reload::{self, Reloader, Trigger};
@@ -167,8 +167,8 @@ pub enum RunError {
     /// Building the core: the persistent MQTT sessions cannot be read.
     #[error("cannot load the MQTT sessions")]
     Sessions(#[source] SessionsError),
-    /// Building the core: the upstream link's TLS cannot be set up.
-    #[error("cannot set up the upstream link")]
+    /// Building the core: the cloud connection's TLS cannot be set up.
+    #[error("cannot set up the cloud connection")]
     Upstream(#[source] UpstreamTlsError),
     /// Building the core: a manifest or keys directory cannot be watched.
     #[error("cannot watch {} for changes", dir.display())]
@@ -261,7 +261,7 @@ fn open_store(
     clock: Arc<dyn Clock>,
 ) -> Result<Store, RunError> {
     let mut store_options = StoreOptions {
-        epoch: Epoch::new(settings.epoch()),
+        epoch: settings.epoch(),
         ..StoreOptions::default()
     };
     if let Some(max) = deployment.edge_hub.max_store_size_bytes {
@@ -281,6 +281,8 @@ fn open_store(
 struct Core {
     dispatcher: Arc<Dispatcher>,
     ctx: Arc<HeadContext>,
+    /// The MQTT head's persistent sessions (the AMQP head has none).
+    sessions: Arc<Sessions>,
     metrics: Arc<HubMetrics>,
     upstream: Option<Arc<MqttUpstream>>,
     reloader: Arc<Reloader>,
@@ -290,7 +292,7 @@ struct Core {
     clock: Arc<dyn Clock>,
 }
 
-/// Phase 3: delivery, the router, sessions, metrics, the upstream link, the heads' shared
+/// Phase 3: delivery, the router, sessions, metrics, the cloud connection, the heads' shared
 /// context, and the reloader with its directory watches (set before anything is served: no
 /// change is missed after "ready").
 fn build_core(
@@ -315,7 +317,7 @@ fn build_core(
         .map_err(RunError::Delivery)?,
     );
     let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
-    let sessions = Sessions::load(settings.data_dir()).map_err(RunError::Sessions)?;
+    let sessions = Arc::new(Sessions::load(settings.data_dir()).map_err(RunError::Sessions)?);
     let metrics = Arc::new(HubMetrics::new(
         settings.iothub_hostname(),
         settings.device_id().as_str(),
@@ -335,7 +337,6 @@ fn build_core(
         router,
         dispatcher: Arc::clone(&dispatcher),
         identities,
-        sessions,
         connections: Registry::default(),
         metrics: Arc::clone(&metrics),
         shutdown: stop_rx.clone(),
@@ -357,6 +358,7 @@ fn build_core(
     Ok(Core {
         dispatcher,
         ctx,
+        sessions,
         metrics,
         upstream,
         reloader,
@@ -479,6 +481,7 @@ fn start_heads(
         mqtt,
         TlsAcceptor::from(Arc::clone(&tls_config)),
         Arc::clone(&core.ctx),
+        Arc::clone(&core.sessions),
         Arc::clone(&mqtt_budget),
         stop_rx.clone(),
     )));
@@ -493,6 +496,7 @@ fn start_heads(
         tasks.push(tokio::spawn(listener::serve_plain(
             plain,
             Arc::clone(&core.ctx),
+            Arc::clone(&core.sessions),
             mqtt_budget,
             stop_rx,
         )));

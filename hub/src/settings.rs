@@ -32,8 +32,9 @@ use std::str::FromStr;
 
 use router::manifest::Deployment;
 use router::{DeviceId, ManifestError, ModuleId};
+use store::Epoch;
 
-use crate::identity::ModuleKey;
+use crate::auth::key::ModuleKey;
 
 /// The deployment manifest used when none is given: modules `sender` and `receiver`, routes
 /// `sender → receiver/input1` and `sender → $upstream`.
@@ -233,9 +234,9 @@ pub struct RawSettings {
     pub epoch: Option<u64>,
     /// Upstream protocol: `mqtt` (default) or `none`.
     pub upstream_protocol: Option<String>,
-    /// `HOST:PORT` to dial for the upstream link instead of `{iothub_hostname}:8883`.
+    /// `HOST:PORT` to dial for the cloud connection instead of `{iothub_hostname}:8883`.
     pub upstream_addr: Option<String>,
-    /// A CA certificate (PEM) to trust for the upstream link, besides the system bundle.
+    /// A CA certificate (PEM) to trust for the cloud connection, besides the system bundle.
     pub upstream_ca: Option<PathBuf>,
     /// Seconds a publish may wait for IoT Hub's PUBACK before the connection is given up
     /// (default [`DEFAULT_UPSTREAM_TIMEOUT_SECS`]).
@@ -255,16 +256,10 @@ pub struct RawSettings {
     pub auth_timeout_secs: Option<u64>,
 }
 
-/// edgeHub's `MaxConnectedClients`, per protocol.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 100;
-/// Connections per protocol that may be between accept and authentication at once: far more
-/// than the modules of one edge device that (re)connect together, few enough that a flood of
-/// them holds little memory and few file descriptors.
-pub const DEFAULT_MAX_UNAUTHENTICATED: usize = 32;
-/// How long a connection may take from accept to authenticated (TLS handshake, then CONNECT or
-/// AMQP header, SASL, Open and `$cbs` put-token). The SDKs do all of it at once; the AMQP head
-/// already allowed 20 s after Open, and one deadline for both heads replaces MQTT's 60 s.
-pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 20;
+// The connection limits' defaults belong to the limits they set.
+pub use crate::limits::{
+    DEFAULT_AUTH_TIMEOUT_SECS, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_UNAUTHENTICATED,
+};
 
 /// edgeHub's `CloudOperationTimeoutSecs`.
 pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 20;
@@ -302,7 +297,7 @@ pub struct Settings {
     log_format: LogFormat,
     plain_mqtt_addr: Option<SocketAddr>,
     amqp_addr: SocketAddr,
-    epoch: u64,
+    epoch: Epoch,
     upstream: Option<UpstreamSettings>,
     module_keys: Vec<(ModuleId, ModuleKey)>,
     module_keys_dir: Option<PathBuf>,
@@ -466,7 +461,7 @@ impl RawSettings {
             log_format: self.log_format.unwrap_or_default(),
             plain_mqtt_addr,
             amqp_addr,
-            epoch: self.epoch.unwrap_or(0),
+            epoch: Epoch::new(self.epoch.unwrap_or(0)),
             upstream,
             module_keys,
             module_keys_dir: self.module_keys_dir,
@@ -584,7 +579,7 @@ impl Settings {
     }
 
     /// The store's fencing epoch.
-    pub fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> Epoch {
         self.epoch
     }
 
@@ -603,7 +598,7 @@ impl Settings {
         self.limits
     }
 
-    /// The upstream link, or `None` when `$upstream` messages only wait on disk: with
+    /// The cloud connection, or `None` when `$upstream` messages only wait on disk: with
     /// `--upstream-protocol none`, or when no IoT Hub is configured (the default host name and
     /// no `--upstream-addr`).
     pub fn upstream(&self) -> Option<&UpstreamSettings> {

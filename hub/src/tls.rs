@@ -42,7 +42,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::write_atomically;
+use crate::fsutil::write_atomically;
 use crate::settings::Settings;
 
 /// The directory under the data directory that holds certificates and keys.

@@ -128,8 +128,8 @@ fn empty_module_segment_is_refused_not_taken_for_the_device() {
 
 mod publish_and_deliver {
     use bytes::Bytes;
-    use hub::mqtt::bag;
     use hub::mqtt::topics::{self, InboundTopic};
+    use hub::property_bag as bag;
     use proptest::prelude::*;
     use router::{DeviceId, InputName, Message, ModuleId, OutputName, Source, SystemProperty};
 
@@ -273,7 +273,7 @@ mod publish_and_deliver {
     #[test]
     fn delivery_matches_the_capture_and_both_sdks_can_read_it() {
         let m = ingest(PY_OUTPUT);
-        let topic = bag::delivery_topic_and_bag(
+        let topic = topics::delivery_topic_and_bag(
             &DeviceId::new("edgedev"),
             &ModuleId::new("modB"),
             &InputName::new("in1"),

@@ -594,7 +594,7 @@ async fn routes_into_upstream_while_it_is_off_are_named_in_a_warning() {
 async fn the_token_is_renewed_by_a_new_connection_without_sending_anything_twice() {
     use hub::identity::{Identities, Identity};
     use hub::metrics::HubMetrics;
-    use hub::upstream::link::{CloudMessage, Upstream};
+    use hub::upstream::cloud::{CloudMessage, Upstream};
     use hub::upstream::mqtt::{client_tls_config, MqttUpstream, MqttUpstreamConfig};
     use router::{DeviceId, ModuleId};
     use std::sync::Arc;

@@ -51,8 +51,8 @@ use crate::amqp::auth_state::{ClientRole, ConnectionAuth, LinkDecision, RefuseCo
 use crate::amqp::frame_guard::Guarded;
 use crate::amqp::sasl::{HubSasl, SaslResult};
 use crate::amqp::{cbs, convert, links};
+use crate::head::context::HeadContext;
 use crate::identity::Identity;
-use crate::mqtt::context::HeadContext;
 
 /// How long a client has to send its protocol header after the TLS handshake.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -269,7 +269,7 @@ where
         slot,
     });
     // Also uncounted when the accept loop drops this connection at its auth deadline.
-    let connected = crate::limits::ConnectedGauge::new(Arc::clone(&ctx.metrics));
+    let connected = crate::metrics::ConnectedGauge::new(Arc::clone(&ctx.metrics));
     for identity in &sasl_identities {
         ctx.metrics.client_authenticated(identity);
         shared.join(identity);

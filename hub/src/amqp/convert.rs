@@ -47,7 +47,7 @@ pub const MAX_BATCH_BYTES: usize = 600 * 1024;
 /// head's packet bound. Far below the store's 1 MiB, which a message refused here never reaches
 /// (the text form of an AMQP property can be larger than its encoding: a binary id becomes lossy
 /// UTF-8, up to three times its size).
-pub const MAX_STORED_MESSAGE_BYTES: usize = crate::mqtt::connection::MAX_MESSAGE_BYTES + 64 * 1024;
+pub const MAX_STORED_MESSAGE_BYTES: usize = crate::head::MAX_MESSAGE_BYTES + 64 * 1024;
 
 /// Application property carrying the output name.
 pub const OUTPUT_NAME: &str = "iothub-outputname";

@@ -61,9 +61,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
 use crate::amqp::events_state::{Action, Event, EventsLink};
+use crate::head::sink::{outbound_channel, NOT_DELIVERED};
+use crate::head::MAX_MESSAGE_BYTES;
 use crate::identity::Identity;
-use crate::mqtt::connection::MAX_MESSAGE_BYTES;
-use crate::mqtt::sink::{outbound_channel, NOT_DELIVERED};
 
 /// Transfers routed and not yet settled, per events link; past it the link stops reading
 /// (back-pressure; the client's credit runs out).
@@ -441,7 +441,7 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
                 convert::DeliveryStamp {
                     lock_token: rand::random::<[u8; 16]>(),
                     enqueued_ms: i64::try_from(ctx.now_millis().0).unwrap_or(i64::MAX),
-                    sequence: delivery.offset,
+                    sequence: delivery.offset.get(),
                     delivery_count: delivery.previous_attempts,
                 },
             );

@@ -13,9 +13,9 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::amqp::connection::{self, ConnectionEnd};
+use crate::head::accept::serve_tls_with;
+use crate::head::context::HeadContext;
 use crate::limits::Budget;
-use crate::mqtt::context::HeadContext;
-use crate::mqtt::listener::serve_tls_with;
 
 /// Serves AMQP over TLS on `listener` until `shutdown` turns true.
 pub async fn serve_tls(

@@ -19,8 +19,8 @@ use fe2o3_amqp::types::sasl::{SaslCode, SaslInit, SaslOutcome, SaslResponse};
 
 use crate::amqp::auth_state::{identity_of_plain_user, PlainUserError};
 use crate::auth::credentials::CredentialError;
+use crate::head::context::HeadContext;
 use crate::identity::Identity;
-use crate::mqtt::context::HeadContext;
 
 /// The mechanisms offered, strongest first.
 pub const MECHANISMS: [&str; 3] = ["PLAIN", "MSSBCBS", "ANONYMOUS"];

@@ -37,8 +37,7 @@
 //! - A delivery to the module counts as delivered only when the module's PUBACK for it arrives;
 //!   when the connection ends, every unacknowledged delivery goes back to the endpoint worker.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,20 +56,21 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 
+use crate::head::context::{HeadContext, RegisteredSinks};
+use crate::head::sink::{self, Outbound, OutboundTx};
+use crate::head::MAX_MESSAGE_BYTES;
 use crate::identity::Identity;
 use crate::metrics::{ConnectionMetrics, HubMetrics};
-use crate::mqtt::context::{HeadContext, RegisteredSinks};
-use crate::mqtt::sink::{self, Outbound, OutboundTx};
+use crate::mqtt::sessions::Sessions;
 use crate::mqtt::topics::{EventsTopic, InboundTopic, SubscribeDecision};
-use crate::mqtt::{bag, session_state, topics, username};
+use crate::mqtt::{session_state, topics, username};
+use crate::property_bag;
 
 /// Status answered to twin requests until twins are served.
 const TWIN_NOT_SUPPORTED: u16 = 501;
 
 /// How long a client has to send CONNECT after the TLS handshake (edgeHub: 60 s).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Largest message body a module may publish (edgeHub's `MaxInboundMessageSize`).
-pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Largest packet read: a full-size body plus room for a long topic and property bag.
 const MAX_PACKET_BYTES: usize = MAX_MESSAGE_BYTES + 64 * 1024;
 /// Deliveries to one module in flight (sent, PUBACK not yet back).
@@ -141,97 +141,12 @@ pub enum ConnectionEnd {
     Shutdown,
 }
 
-/// The live connections, one per identity; a new one replaces the old.
-#[derive(Debug, Default)]
-pub struct Registry {
-    next_id: AtomicU64,
-    live: Mutex<HashMap<Identity, (u64, watch::Sender<bool>)>>,
-}
-
-impl Registry {
-    /// Registers a connection of `identity`, telling any older one to close, if `still_valid()`
-    /// holds, checked under the registry's lock (so in order with [`Registry::evict`]): a
-    /// reload that removes or re-keys the module after this login checked its key either finds
-    /// this connection and closes it, or is seen by `still_valid`. Returns its id and the
-    /// signal that it was replaced; None, and nothing joined, if `still_valid()` fails.
-    pub(crate) fn join_if(
-        &self,
-        identity: &Identity,
-        still_valid: impl FnOnce() -> bool,
-    ) -> Option<(u64, watch::Receiver<bool>)> {
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if !still_valid() {
-            return None;
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = watch::channel(false);
-        if let Some((_, old)) = live.insert(identity.clone(), (id, tx)) {
-            let _ = old.send(true);
-        }
-        Some((id, rx))
-    }
-
-    /// Removes the connection if it is still the current one of its identity; true if it was.
-    pub(crate) fn leave(&self, identity: &Identity, id: u64) -> bool {
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        if live.get(identity).is_some_and(|(cur, _)| *cur == id) {
-            live.remove(identity);
-            return true;
-        }
-        false
-    }
-
-    /// Closes the live connection of `identity`, if any, as a newer connection would (its
-    /// module was removed, or its key changed): it acknowledges what is durable and closes.
-    /// True if there was one.
-    pub fn evict(&self, identity: &Identity) -> bool {
-        let old = self
-            .live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(identity);
-        match old {
-            Some((_, tx)) => {
-                let _ = tx.send(true);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Whether `identity` has a live connection (which a new one would replace).
-    pub(crate) fn has_live(&self, identity: &Identity) -> bool {
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(identity)
-    }
-
-    /// Whether connection `id` is the current one of `identity`.
-    pub(crate) fn is_current(&self, identity: &Identity, id: u64) -> bool {
-        self.live
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(identity)
-            .is_some_and(|(cur, _)| *cur == id)
-    }
-
-    /// Connections now.
-    pub fn len(&self) -> usize {
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// True if no client is connected.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Serves one connection until it ends. `peer` is for logs; `slot` is the connection's place in
 /// the head's budget, told when it authenticates.
 pub async fn serve<S>(
     stream: S,
     ctx: Arc<HeadContext>,
+    sessions: Arc<Sessions>,
     peer: String,
     slot: crate::limits::Slot,
 ) -> ConnectionEnd
@@ -281,7 +196,7 @@ where
         return ConnectionEnd::OverLimit(e);
     }
     let client_id = connect.client_id.clone();
-    let present = match ctx.sessions.open(&client_id, connect.clean_session) {
+    let present = match sessions.open(&client_id, connect.clean_session) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(%client_id, error = %e, "session store failed");
@@ -321,6 +236,7 @@ where
     tracing::info!(%peer, %client_id, session_present = present, "module connected");
     let mut conn = Connection {
         ctx: Arc::clone(&ctx),
+        sessions,
         identity: identity.clone(),
         client_id: client_id.clone(),
         conn_id,
@@ -427,6 +343,8 @@ async fn finish_task<T>(mut task: tokio::task::JoinHandle<T>) {
 /// What one live connection keeps.
 struct Connection {
     ctx: Arc<HeadContext>,
+    /// Persistent subscriptions (MQTT's own; the AMQP head has none).
+    sessions: Arc<Sessions>,
     identity: Identity,
     client_id: String,
     conn_id: u64,
@@ -491,7 +409,7 @@ impl Connection {
         // is gone or going: take them away now, so no delivery waits on a dead connection.
         self.ctx.unregister_input_sinks(&self.identity);
         if !self.clean {
-            self.subscriptions = self.ctx.sessions.get(&self.client_id).unwrap_or_default();
+            self.subscriptions = self.sessions.get(&self.client_id).unwrap_or_default();
         }
         if self.subscribed_to_inputs() {
             self.register_inputs(&outbound_tx);
@@ -718,7 +636,7 @@ impl Connection {
                 self.identity, publish.topic
             )));
         }
-        Ok(bag::message_from_publish(
+        Ok(property_bag::message_from_publish(
             &self.identity.device,
             Some(&self.identity.module),
             topic.bag,
@@ -765,7 +683,7 @@ impl Connection {
         // A persistent session's subscriptions are on disk before the SUBACK; a clean session's
         // live only as long as this connection.
         if !self.clean {
-            if let Err(e) = self.ctx.sessions.subscribe(&self.client_id, &granted) {
+            if let Err(e) = self.sessions.subscribe(&self.client_id, &granted) {
                 tracing::error!(client_id = %self.client_id, error = %e, "session store failed");
                 return Err(ConnectionEnd::Sessions(e));
             }
@@ -784,11 +702,7 @@ impl Connection {
 
     fn on_unsubscribe(&mut self, unsub: Unsubscribe) -> Result<(), ConnectionEnd> {
         if !self.clean {
-            if let Err(e) = self
-                .ctx
-                .sessions
-                .unsubscribe(&self.client_id, &unsub.topics)
-            {
+            if let Err(e) = self.sessions.unsubscribe(&self.client_id, &unsub.topics) {
                 return Err(ConnectionEnd::Sessions(e));
             }
         }
@@ -863,7 +777,7 @@ impl Connection {
             if delivery.acked.is_closed() {
                 continue;
             }
-            let topic = match bag::delivery_topic_and_bag(
+            let topic = match topics::delivery_topic_and_bag(
                 &self.identity.device,
                 &self.identity.module,
                 &delivery.input,
@@ -1037,23 +951,6 @@ pub fn input_endpoint(identity: &Identity, input: &router::InputName) -> Endpoin
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    #[test]
-    fn a_login_joins_only_if_still_valid_under_the_registry_lock_and_evict_closes_it() {
-        let registry = super::Registry::default();
-        let who = super::Identity::new(
-            router::DeviceId::new("edge-device"),
-            router::ModuleId::new("m"),
-        );
-        assert!(registry.join_if(&who, || false).is_none());
-        assert!(!registry.has_live(&who), "nothing joined");
-        let (id, mut closed) = registry.join_if(&who, || true).expect("joined");
-        assert!(registry.is_current(&who, id));
-        assert!(registry.evict(&who));
-        assert!(*closed.borrow_and_update(), "told to close");
-        assert!(!registry.has_live(&who));
-        assert!(!registry.evict(&who), "nothing left to close");
-    }
-
     use std::path::Path;
 
     use router::{DeviceId, ModuleId, RouteTable};
@@ -1062,12 +959,17 @@ mod tests {
 
     use super::*;
     use crate::auth::sas;
+    use crate::head::registry::Registry;
     use crate::identity::Identities;
     use crate::limits::{Budget, LimitMetrics, Limits, Slot};
-    use crate::mqtt::sessions::Sessions;
 
     const IOTHUB: &str = "edgehub.test";
     const DEVICE: &str = "edge-device";
+
+    /// The MQTT sessions kept in `dir`.
+    fn sessions(dir: &Path) -> Arc<Sessions> {
+        Arc::new(Sessions::load(dir).unwrap())
+    }
 
     /// A head context on `dir` (no routes) and the CONNECT of module `m` with a good token.
     fn context(dir: &Path) -> (Arc<HeadContext>, watch::Sender<bool>, Connect) {
@@ -1117,7 +1019,6 @@ mod tests {
             router,
             dispatcher,
             identities: Arc::new(identities),
-            sessions: Sessions::load(dir).unwrap(),
             connections: Registry::default(),
             metrics: Arc::new(HubMetrics::new(IOTHUB, DEVICE)),
             shutdown,
@@ -1276,7 +1177,13 @@ mod tests {
         let (ctx, _shutdown, connect_packet) =
             context_with(dir.path(), Arc::clone(&fs) as Arc<dyn Fs>, vec![route]);
         let (client, server) = tokio::io::duplex(16 * 1024);
-        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into(), test_slot()));
+        let conn = tokio::spawn(serve(
+            server,
+            Arc::clone(&ctx),
+            sessions(dir.path()),
+            "test".into(),
+            test_slot(),
+        ));
         let (mut rx, mut tx) = tokio::io::split(client);
         connect(&mut rx, &mut tx, connect_packet).await;
         fs.set_closed(true);
@@ -1329,7 +1236,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (ctx, _shutdown, connect_packet) = context(dir.path());
         let (client, server) = tokio::io::duplex(16 * 1024);
-        let conn = tokio::spawn(serve(server, Arc::clone(&ctx), "test".into(), test_slot()));
+        let conn = tokio::spawn(serve(
+            server,
+            Arc::clone(&ctx),
+            sessions(dir.path()),
+            "test".into(),
+            test_slot(),
+        ));
         let (mut rx, mut tx) = tokio::io::split(client);
         connect(&mut rx, &mut tx, connect_packet).await;
         // 100,000 PINGREQs (200 KB) in chunks of 1,000, and never a byte read from here on.

@@ -1,11 +1,8 @@
 //! The MQTT 3.1.1 head: what modules written with the official Azure IoT SDKs speak.
 
-pub mod bag;
 pub mod connection;
-pub mod context;
 pub mod listener;
 pub mod session_state;
 pub mod sessions;
-pub mod sink;
 pub mod topics;
 pub mod username;

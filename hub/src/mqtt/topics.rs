@@ -30,7 +30,10 @@
 //! - A publish topic that matches nothing is [`TopicError::Unrecognised`]; edgeHub drops such a
 //!   message and still sends PUBACK (reference §1.4): that policy is the caller's.
 
+use router::{DeviceId, InputName, Message, ModuleId};
 use rumqttc::QoS;
+
+use crate::property_bag;
 
 /// Why a topic could not be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -130,7 +133,7 @@ fn rid(topic: &str) -> Option<&str> {
 }
 
 /// The topic of an input message: `devices/{d}/modules/{m}/inputs/{input}/{bag}`. `bag` must
-/// already be encoded (see `bag::encode_for_delivery`); it may be empty, the `/` stays.
+/// already be encoded (see [`property_bag::encode_for_delivery`]); it may be empty, the `/` stays.
 pub fn input_topic(
     device: &str,
     module: &str,
@@ -143,6 +146,22 @@ pub fn input_topic(
     Ok(format!(
         "devices/{device}/modules/{module}/inputs/{input}/{bag}"
     ))
+}
+
+/// The full PUBLISH topic delivering `message` to `input` of module `device/module`:
+/// `devices/{d}/modules/{m}/inputs/{input}/{bag}`.
+pub fn delivery_topic_and_bag(
+    device: &DeviceId,
+    module: &ModuleId,
+    input: &InputName,
+    message: &Message,
+) -> Result<String, TopicError> {
+    input_topic(
+        device.as_str(),
+        module.as_str(),
+        input.as_str(),
+        &property_bag::encode_for_delivery(message),
+    )
 }
 
 /// The topic of a twin response: `$iothub/twin/res/{status}/?$rid={rid}`.
@@ -229,6 +248,7 @@ pub fn authorize_subscribe(filter: &str, device: &str, module: Option<&str>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use router::{OutputName, Source};
 
     fn events(topic: &str) -> EventsTopic<'_> {
         match parse_publish(topic) {
@@ -405,6 +425,28 @@ mod tests {
         assert_eq!(
             SubscribeDecision::Refused.granted_qos(QoS::AtLeastOnce),
             None
+        );
+    }
+
+    #[test]
+    fn delivery_topic_has_the_input_and_the_bag() {
+        let t = delivery_topic_and_bag(
+            &DeviceId::new("edgedev"),
+            &ModuleId::new("modB"),
+            &InputName::new("in1"),
+            &Message::new(
+                Source::ModuleOutput {
+                    device: DeviceId::new("edgedev"),
+                    module: ModuleId::new("modA"),
+                    output: Some(OutputName::new("out1")),
+                },
+                "x",
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            t,
+            "devices/edgedev/modules/modB/inputs/in1/%24.cdid=edgedev&%24.cmid=modA"
         );
     }
 }

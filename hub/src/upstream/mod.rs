@@ -3,9 +3,9 @@
 //! The data path is the same as for a module input: the router stores each message once in the
 //! `iothub` endpoint's queue (durably, before the sender's PUBACK), the endpoint worker reads it
 //! in acceptance order and hands batches to [`sink::UpstreamSink`], which publishes each message
-//! as the module that sent it through an [`link::Upstream`] ([`mqtt::MqttUpstream`]: rumqttc over
-//! TLS, one connection per identity), and the worker checkpoints only what the cloud
-//! acknowledged.
+//! as the module that sent it through a cloud connection ([`cloud::Upstream`]; the one in use is
+//! [`mqtt::MqttUpstream`]: rumqttc over TLS, one connection per identity), and the worker
+//! checkpoints only what the cloud acknowledged.
 //!
 //! Guarantees (each held by the part named):
 //! - **Nothing acknowledged is lost.** Messages wait in the store while the cloud is away, across
@@ -17,16 +17,15 @@
 //!   was lost. Different modules go in parallel, with no order between them.
 //! - **Expired messages are dropped and counted** (`edgehub_messages_dropped_total{reason=
 //!   "ttl_expiry"}`), never sent late.
-//! - **An outage ends promptly.** When a link comes back it wakes the worker, whose own
+//! - **An outage ends promptly.** When a cloud connection comes back it wakes the worker, whose own
 //!   backoff (up to 60 s) would otherwise delay the backlog.
 //!
 //! Known limits: the queue is one per priority for all modules, so a module whose connection is
 //! refused holds back the others' messages queued behind its own (as edgeHub's single upstream
 //! queue does); leaf devices have no upstream identity here; AMQP upstream is not implemented.
 
+pub mod cloud;
 pub mod inflight;
-pub mod link;
-pub mod metrics;
 pub mod mqtt;
 pub mod sink;
 pub mod state;
@@ -48,7 +47,7 @@ use crate::settings::Settings;
 /// modules send.
 pub const UPSTREAM_WINDOW: usize = 1000;
 
-/// Starts the upstream link the settings ask for and makes it the `$upstream` sink. `None`
+/// Starts the cloud connection the settings ask for and makes it the `$upstream` sink. `None`
 /// when upstream is off (the messages then wait on disk within their TTL).
 pub fn start(
     settings: &Settings,

@@ -16,11 +16,11 @@
 //!   none after it is (they are answered `Offline`), so a later message is never acknowledged
 //!   ahead of an earlier one that was not sent.
 //! - **Offline is explicit.** While there is no connection, publishes are answered `Offline`
-//!   at once (the messages wait in the store); the link keeps reconnecting with exponential
+//!   at once (the messages wait in the store); the connection keeps reconnecting with exponential
 //!   backoff, logs every failed attempt with its reason, and when a connection is up calls the
 //!   `on_online` hook (the hub re-registers the sink so the worker's own backoff ends at once).
 //! - **Tokens are renewed** by reconnecting when three quarters of a token's lifetime has
-//!   passed (MQTT 3.1.1 cannot re-authenticate a live connection): from then on the link takes
+//!   passed (MQTT 3.1.1 cannot re-authenticate a live connection): from then on the connection takes
 //!   no new message (they are answered `Offline` and wait in the store), what is in flight
 //!   drains, and the connection is replaced, so a renewal sends nothing twice even under
 //!   steady traffic.
@@ -40,8 +40,8 @@ use store::{Clock, SystemClock};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use super::cloud::{CloudMessage, PublishError, Upstream};
 use super::inflight::{Anomaly, Inflight};
-use super::link::{CloudMessage, PublishError, Upstream};
 use super::state::{self, Action, UpstreamState};
 use crate::auth::sas;
 use crate::identity::{Identities, Identity};
@@ -131,7 +131,7 @@ pub enum UpstreamTlsError {
     },
     /// No root to trust at all.
     #[error(
-        "no CA to trust for the upstream link: no system bundle found \
+        "no CA to trust for the upstream conn: no system bundle found \
          (/etc/ssl/certs/ca-certificates.crt) and no --upstream-ca given"
     )]
     NoRoots,
@@ -201,7 +201,7 @@ pub fn client_tls_config(
 /// Where to answer a publish, and when it was handed to the connection.
 type Waiter = (Instant, oneshot::Sender<Result<(), PublishError>>);
 
-/// One identity's connection state, shared by its link task and the publishers.
+/// One identity's connection state, shared by its connection task and the publishers.
 #[derive(Debug)]
 struct LinkState {
     /// The client of the connection being made or in use; `None` while offline.
@@ -215,15 +215,15 @@ struct LinkState {
 }
 
 #[derive(Debug)]
-struct Link {
+struct CloudConnection {
     identity: Identity,
     state: Mutex<LinkState>,
 }
 
-impl Link {
+impl CloudConnection {
     fn lock(&self) -> MutexGuard<'_, LinkState> {
         // A publisher that panicked mid-update cannot leave the state worse than "answer
-        // everything not acknowledged as lost", which is what the link does on its next event.
+        // everything not acknowledged as lost", which is what the connection does on its next event.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -296,7 +296,7 @@ impl Link {
     }
 }
 
-/// Everything the link tasks share.
+/// Everything the connection tasks share.
 struct Shared {
     config: MqttUpstreamConfig,
     identities: Arc<Identities>,
@@ -304,13 +304,13 @@ struct Shared {
     on_online: Box<dyn Fn() + Send + Sync>,
 }
 
-/// A link and the task that runs it.
-type LinkTask = (Arc<Link>, JoinHandle<()>);
+/// A connection and the task that runs it.
+type ConnectionTask = (Arc<CloudConnection>, JoinHandle<()>);
 
-/// The MQTT upstream: a link task per identity, started on its first message.
+/// The MQTT upstream: a connection task per identity, started on its first message.
 pub struct MqttUpstream {
     shared: Arc<Shared>,
-    links: Mutex<HashMap<Identity, LinkTask>>,
+    connections: Mutex<HashMap<Identity, ConnectionTask>>,
 }
 
 impl std::fmt::Debug for MqttUpstream {
@@ -324,8 +324,11 @@ impl std::fmt::Debug for MqttUpstream {
 
 impl Drop for MqttUpstream {
     fn drop(&mut self) {
-        let links = self.links.get_mut().unwrap_or_else(|p| p.into_inner());
-        for (_, (_, task)) in links.drain() {
+        let connections = self
+            .connections
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner());
+        for (_, (_, task)) in connections.drain() {
             task.abort();
         }
     }
@@ -347,16 +350,16 @@ impl MqttUpstream {
                 metrics,
                 on_online: Box::new(on_online),
             }),
-            links: Mutex::new(HashMap::new()),
+            connections: Mutex::new(HashMap::new()),
         }
     }
 
-    fn link(&self, identity: &Identity) -> Arc<Link> {
-        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((link, _)) = links.get(identity) {
-            return Arc::clone(link);
+    fn conn(&self, identity: &Identity) -> Arc<CloudConnection> {
+        let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((conn, _)) = connections.get(identity) {
+            return Arc::clone(conn);
         }
-        let link = Arc::new(Link {
+        let conn = Arc::new(CloudConnection {
             identity: identity.clone(),
             state: Mutex::new(LinkState {
                 client: None,
@@ -367,10 +370,14 @@ impl MqttUpstream {
         });
         // The first connection attempt starts before this returns, so the caller's messages
         // wait for it instead of failing at once.
-        let first = start_connection(&self.shared, &link);
-        let task = tokio::spawn(run_link(Arc::clone(&self.shared), Arc::clone(&link), first));
-        links.insert(identity.clone(), (Arc::clone(&link), task));
-        link
+        let first = start_connection(&self.shared, &conn);
+        let task = tokio::spawn(run_connection(
+            Arc::clone(&self.shared),
+            Arc::clone(&conn),
+            first,
+        ));
+        connections.insert(identity.clone(), (Arc::clone(&conn), task));
+        conn
     }
 }
 
@@ -380,8 +387,8 @@ impl Upstream for MqttUpstream {
         identity: &Identity,
         messages: Vec<CloudMessage>,
     ) -> Vec<Result<(), PublishError>> {
-        let link = self.link(identity);
-        link.publish(messages).await
+        let conn = self.conn(identity);
+        conn.publish(messages).await
     }
 }
 
@@ -413,18 +420,21 @@ enum DownReason {
     /// The connection failed once up.
     #[error("connection lost: {0}")]
     Lost(#[source] Box<ConnectionError>),
-    /// The link's state machine met an event it did not expect (a bug).
+    /// The connection's state machine met an event it did not expect (a bug).
     #[error("{}", state::UNEXPECTED)]
     Unexpected,
 }
 
-/// Makes a fresh client for `link` and installs it, so publishes queue while it connects.
+/// Makes a fresh client for `connection` and installs it, so publishes queue while it connects.
 /// `Err` when the identity has no key.
-fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant), DownReason> {
-    let identity = &link.identity;
+fn start_connection(
+    shared: &Shared,
+    conn: &CloudConnection,
+) -> Result<(EventLoop, Instant), DownReason> {
+    let identity = &conn.identity;
     let Some(key) = shared.identities.stored_key(identity) else {
         let reason = PublishError::NoCredentials(identity.to_string());
-        link.lock().offline_reason = reason.to_string();
+        conn.lock().offline_reason = reason.to_string();
         return Err(DownReason::NoCredentials(reason));
     };
     let config = &shared.config;
@@ -457,7 +467,7 @@ fn start_connection(shared: &Shared, link: &Link) -> Result<(EventLoop, Instant)
             Arc::clone(&config.tls),
         )));
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    link.lock().client = Some(client);
+    conn.lock().client = Some(client);
     Ok((eventloop, issued))
 }
 
@@ -476,7 +486,7 @@ fn failure_reason(e: &ConnectionError) -> &'static str {
     }
 }
 
-/// One event of the link's state machine, with the reason a connection is down.
+/// One event of the connection's state machine, with the reason a connection is down.
 type LinkEvent = state::Event<DownReason>;
 
 /// Logs and counts that the connection of `identity` is up, and calls the `on_online` hook.
@@ -496,12 +506,12 @@ fn went_online(shared: &Shared, identity: &Identity, offline_since: &mut Option<
 /// Returns why the connection must end, if it must.
 fn on_event(
     shared: &Shared,
-    link: &Link,
+    conn: &CloudConnection,
     event: Result<Event, ConnectionError>,
     acked_any: &mut bool,
 ) -> Option<DownReason> {
-    let identity = &link.identity;
-    let mut state = link.lock();
+    let identity = &conn.identity;
+    let mut state = conn.lock();
     match event {
         Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
             state.inflight.sent(pkid).err().map(DownReason::from)
@@ -533,23 +543,23 @@ fn on_event(
     }
 }
 
-/// The `Serve` action: says the link is online, then serves the established connection until it
+/// The `Serve` action: says the connection is online, then serves the established connection until it
 /// ends ([`state::Event::Lost`], [`state::Event::AckTimedOut`]) or its token is due and what was
 /// in flight has drained ([`state::Event::TokenDue`]).
 async fn serve(
     shared: &Shared,
-    link: &Link,
+    conn: &CloudConnection,
     eventloop: &mut EventLoop,
     issued: Instant,
     offline_since: &mut Option<Instant>,
 ) -> LinkEvent {
-    let identity = &link.identity;
+    let identity = &conn.identity;
     went_online(shared, identity, offline_since);
     let renew_after = shared.config.token_ttl.mul_f64(0.75);
     let up_since = Instant::now();
     let mut acked_any = false;
     loop {
-        let oldest = link.lock().inflight.oldest().map(|(at, _)| *at);
+        let oldest = conn.lock().inflight.oldest().map(|(at, _)| *at);
         let event = match oldest {
             // Dropping the poll on a timeout is safe: the whole event loop is dropped with it.
             Some(at) => match tokio::time::timeout_at(
@@ -568,7 +578,7 @@ async fn serve(
             },
             None => eventloop.poll().await,
         };
-        let anomaly = on_event(shared, link, event, &mut acked_any);
+        let anomaly = on_event(shared, conn, event, &mut acked_any);
         if let Some(reason) = anomaly {
             return LinkEvent::Lost {
                 reason,
@@ -577,7 +587,7 @@ async fn serve(
             };
         }
         if issued.elapsed() >= renew_after {
-            let mut state = link.lock();
+            let mut state = conn.lock();
             // Stop taking messages, so the connection drains even under steady traffic.
             state.renewing = true;
             state.offline_reason = "renewing the SAS token".to_owned();
@@ -619,13 +629,13 @@ async fn connect(
 /// and waits `delay`, counting the time offline.
 async fn back_off(
     shared: &Shared,
-    link: &Link,
+    conn: &CloudConnection,
     reason: &DownReason,
     delay: Duration,
     offline_since: &mut Option<Instant>,
 ) -> LinkEvent {
-    let identity = &link.identity;
-    link.disconnect(&reason.to_string());
+    let identity = &conn.identity;
+    conn.disconnect(&reason.to_string());
     if offline_since.is_none() {
         *offline_since = Some(Instant::now());
         shared.metrics.upstream().went_offline(identity);
@@ -649,19 +659,19 @@ async fn back_off(
     LinkEvent::BackoffElapsed
 }
 
-/// The driver of one identity's link ([`UpstreamState`]): performs each action and reports what
-/// happened, for as long as the hub runs. `first` is the connection [`MqttUpstream::link`]
+/// The driver of one identity's connection ([`UpstreamState`]): performs each action and reports what
+/// happened, for as long as the hub runs. `first` is the connection [`MqttUpstream::connection`]
 /// already started.
-async fn run_link(
+async fn run_connection(
     shared: Arc<Shared>,
-    link: Arc<Link>,
+    conn: Arc<CloudConnection>,
     first: Result<(EventLoop, Instant), DownReason>,
 ) {
-    let identity = link.identity.clone();
+    let identity = conn.identity.clone();
     let mut first = Some(first);
     // The connection between `Connect` and the end of `Serve`.
     let mut connection: Option<(EventLoop, Instant)> = None;
-    // Since when the link is offline, for `edgehub_upstream_offline_seconds` (a measurement,
+    // Since when the connection is offline, for `edgehub_upstream_offline_seconds` (a measurement,
     // not control state).
     let mut offline_since: Option<Instant> = None;
     let (mut state, mut action) = UpstreamState::start::<DownReason>();
@@ -670,20 +680,20 @@ async fn run_link(
             Action::Connect => {
                 let started = first
                     .take()
-                    .unwrap_or_else(|| start_connection(&shared, &link));
+                    .unwrap_or_else(|| start_connection(&shared, &conn));
                 connect(&shared, &identity, started, &mut connection).await
             }
             Action::Renew => {
                 connection = None;
-                link.disconnect("renewing the SAS token");
+                conn.disconnect("renewing the SAS token");
                 tracing::info!(%identity, "upstream reconnecting to renew its token");
-                let started = start_connection(&shared, &link);
+                let started = start_connection(&shared, &conn);
                 connect(&shared, &identity, started, &mut connection).await
             }
             Action::Serve => match connection.as_mut() {
                 Some((eventloop, issued)) => {
                     let issued = *issued;
-                    serve(&shared, &link, eventloop, issued, &mut offline_since).await
+                    serve(&shared, &conn, eventloop, issued, &mut offline_since).await
                 }
                 None => LinkEvent::Lost {
                     reason: DownReason::Unexpected,
@@ -693,7 +703,7 @@ async fn run_link(
             },
             Action::Backoff { reason, delay } => {
                 connection = None;
-                back_off(&shared, &link, reason, *delay, &mut offline_since).await
+                back_off(&shared, &conn, reason, *delay, &mut offline_since).await
             }
         };
         debug_assert!(

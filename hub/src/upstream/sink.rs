@@ -15,9 +15,9 @@ use std::sync::Arc;
 
 use router::{Delivery, DeliveryOutcome, FailureKind, Message, RejectReason, Sink, Source};
 
-use super::link::{CloudMessage, PublishError, Upstream};
+use super::cloud::{CloudMessage, PublishError, Upstream};
 use crate::identity::Identity;
-use crate::mqtt::bag;
+use crate::property_bag;
 
 /// The `$upstream` sink over an [`Upstream`].
 #[derive(Debug)]
@@ -48,7 +48,7 @@ pub fn to_cloud(message: &Message) -> Result<(Identity, CloudMessage), RejectRea
             message.source().path()
         )));
     };
-    let bag = bag::encode_for_upstream(message);
+    let bag = property_bag::encode_for_upstream(message);
     let topic = format!("devices/{device}/modules/{module}/messages/events/{bag}");
     Ok((
         Identity::new(device.clone(), module.clone()),

@@ -1,7 +1,7 @@
 //! One identity's connection to the cloud as a state machine, pure data:
 //! `(state, event) → (state, action)`, with no I/O and no clock of its own.
 //!
-//! The driver (`mqtt.rs`, `run_link`) performs each [`Action`] and reports what happened as the
+//! The driver (`mqtt.rs`, `run_connection`) performs each [`Action`] and reports what happened as the
 //! next [`Event`]; it holds no other control state. Each action can only produce certain events:
 //!
 //! | action          | events it produces                        |
@@ -27,7 +27,7 @@
 //! `f` counts consecutive failures and sets the reconnect delay. A connection that made progress
 //! before it was lost resets it: one that got a PUBACK, or that lived [`HEALTHY_AFTER`]; one
 //! that stopped acknowledging ([`Event::AckTimedOut`]) counts only if it got a PUBACK. A token
-//! renewal is not a failure. The link never stops: the task is dropped with the upstream.
+//! renewal is not a failure. The connection never stops: the task is dropped with the upstream.
 //!
 //! The reason a connection is down (`R`) passes through the machine untouched into the
 //! [`Action::Backoff`] that logs it. An event the last action cannot produce is a driver bug;
@@ -125,7 +125,7 @@ pub enum Action<R> {
     /// Make a connection (the client is installed at once, so publishes queue on it) and wait
     /// for its CONNACK.
     Connect,
-    /// Say the link is online (log, metrics, the `on_online` hook), then serve the connection
+    /// Say the connection is online (log, metrics, the `on_online` hook), then serve the connection
     /// until it ends or its token is due.
     Serve,
     /// Close the drained connection (its token is due) and connect again at once.
@@ -154,10 +154,10 @@ impl<R> Action<R> {
 }
 
 /// Why the machine gave a connection up after an event its last action cannot produce.
-pub const UNEXPECTED: &str = "internal error: unexpected event in the upstream link";
+pub const UNEXPECTED: &str = "internal error: unexpected event in the cloud connection";
 
 impl UpstreamState {
-    /// The state a new link starts in, and its first action.
+    /// The state a new connection starts in, and its first action.
     pub fn start<R>() -> (UpstreamState, Action<R>) {
         (UpstreamState::Connecting { failures: 0 }, Action::Connect)
     }

@@ -18,14 +18,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use bytes::{Bytes, BytesMut};
 use hub::mqtt::session_state::{self, AckToken, InboundAcks, InboundQos, StateError};
 use hub::mqtt::topics::{self, InboundTopic, SubscribeDecision};
-use hub::mqtt::{bag, username};
+use hub::mqtt::username;
+use hub::property_bag as bag;
 use libfuzzer_sys::fuzz_target;
 use router::{DeviceId, InputName, ModuleId, SystemProperty};
 use rumqttc::mqttbytes::v4::Packet;
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 
 /// The head's packet limit (`mqtt::connection`): a full-size body plus 64 KiB.
-const MAX_PACKET_BYTES: usize = hub::mqtt::connection::MAX_MESSAGE_BYTES + 64 * 1024;
+const MAX_PACKET_BYTES: usize = hub::head::MAX_MESSAGE_BYTES + 64 * 1024;
 /// The head's delivery window.
 const DELIVERY_WINDOW: u16 = 100;
 
@@ -114,7 +115,7 @@ fn serve(packets: Vec<Packet>, knob: u8) {
                     InboundQos::CloseConnection => return,
                     InboundQos::NoAck | InboundQos::AckWhenDurable => {}
                 }
-                if publish.payload.len() > hub::mqtt::connection::MAX_MESSAGE_BYTES {
+                if publish.payload.len() > hub::head::MAX_MESSAGE_BYTES {
                     return;
                 }
                 match topics::parse_publish(&publish.topic) {
@@ -295,7 +296,7 @@ fn check_message(device: &DeviceId, module: &ModuleId, raw_bag: &str, payload: B
         );
     }
     let input = InputName::new("fuzz");
-    let Ok(topic) = bag::delivery_topic_and_bag(device, module, &input, &message) else {
+    let Ok(topic) = topics::delivery_topic_and_bag(device, module, &input, &message) else {
         return;
     };
     let prefix = format!("devices/{device}/modules/{module}/inputs/fuzz/");

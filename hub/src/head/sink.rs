@@ -13,6 +13,7 @@
 //! module that does not acknowledge is bounded whatever the workers' windows.
 
 use router::{Delivery, DeliveryOutcome, FailureKind, InputName, Message, Sink};
+use store::Offset;
 
 /// What a connection answers when it loses a delivery without a settlement.
 pub const NOT_DELIVERED: DeliveryOutcome = DeliveryOutcome::Retry(FailureKind::NoReceiver);
@@ -26,7 +27,7 @@ pub struct Outbound {
     /// The message.
     pub message: Message,
     /// Its offset in the store (AMQP `x-opt-sequence-number`).
-    pub offset: u64,
+    pub offset: Offset,
     /// How many times it was sent before without success (AMQP `iothub-deliverycount`).
     pub previous_attempts: u32,
     /// Answered with the module's settlement (`Delivered` on PUBACK / `accepted`); dropped if
@@ -72,7 +73,7 @@ impl Sink for ModuleInputSink {
                 .send(Outbound {
                     input: self.input.clone(),
                     message: delivery.message,
-                    offset: delivery.offset.get(),
+                    offset: delivery.offset,
                     previous_attempts: delivery.previous_attempts,
                     acked,
                 })
@@ -96,7 +97,6 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use router::{DeviceId, ModuleId, Priority, Source};
-    use store::Offset;
 
     use super::*;
 
@@ -130,7 +130,7 @@ mod tests {
         let mut offsets = Vec::new();
         while offsets.len() < 1000 {
             let o = rx.recv().await.unwrap();
-            offsets.push(o.offset);
+            offsets.push(o.offset.get());
             let _ = o.acked.send(DeliveryOutcome::Delivered);
             assert!(rx.len() <= OUTBOUND_CAPACITY);
         }

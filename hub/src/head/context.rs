@@ -1,5 +1,6 @@
-//! What every connection of the MQTT and AMQP heads shares: the router and dispatcher, identities and their keys,
-//! persistent sessions, the registry of live connections, metrics and the shutdown signal.
+//! What every connection of the MQTT and AMQP heads shares: the router and dispatcher, identities
+//! and their keys, the registry of live connections, metrics and the shutdown signal. (MQTT's
+//! persistent sessions are the MQTT head's own: `mqtt::sessions`.)
 
 use std::sync::Arc;
 
@@ -9,11 +10,10 @@ use tokio::sync::watch;
 
 use crate::auth::credentials::CredentialError;
 use crate::auth::sas;
+use crate::head::registry::Registry;
+use crate::head::sink::{ModuleInputSink, OutboundTx};
 use crate::identity::{Identities, Identity};
 use crate::metrics::HubMetrics;
-use crate::mqtt::connection::Registry;
-use crate::mqtt::sessions::Sessions;
-use crate::mqtt::sink::{ModuleInputSink, OutboundTx};
 
 /// The input sinks one receiver registered, by endpoint: only these are removed when it goes.
 pub type RegisteredSinks = Vec<(Endpoint, Arc<dyn DynSink>)>;
@@ -26,8 +26,6 @@ pub struct HeadContext {
     pub dispatcher: Arc<Dispatcher>,
     /// Module identities and keys.
     pub identities: Arc<Identities>,
-    /// Persistent subscriptions.
-    pub sessions: Sessions,
     /// Live connections.
     pub connections: Registry,
     /// Counters the head feeds.

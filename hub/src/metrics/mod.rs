@@ -30,7 +30,7 @@
 //! | `edgehub_store_fdatasyncs_total`, `…_commits_total`, `…_appends_total`, `…_reclaimed_segments_total` | counter | | store |
 //! | `edgehub_store_bytes_on_disk`, `edgehub_store_segments`, `edgehub_store_halted` | gauge | | store |
 //! | `edgehub_store_fdatasync_seconds` | histogram | | store: each group commit's fdatasync (64 µs doubling to ~1 s) |
-//! | `edgehub_upstream_*` | see [`UpstreamMetrics`] | `id` | upstream link |
+//! | `edgehub_upstream_*` | see [`UpstreamMetrics`] | `id` | cloud connection (upstream) |
 //! | `edgehub_connections`, `…_refused_total`, `edgehub_accept_failures_total` | see [`crate::limits::LimitMetrics`] | `protocol` | accept loops |
 //! | `edgehub_manifest_reloads_total` | counter | `result` (`success`, `failure`) | manifest reloads ([`crate::reload`]) |
 //! | `edgehub_manifest_generation` | gauge | | the manifest in force: 1 at start, +1 per reload applied |
@@ -39,6 +39,8 @@
 //! Guarantees: label values are bounded by the declared modules, endpoints and a fixed set of
 //! reasons; rendering never fails a scrape because one queue cannot be read (that queue's age
 //! is left out).
+
+pub mod upstream;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,8 +56,8 @@ use prometheus_client::registry::Registry;
 use router::{OutputName, QueueId, RouterMetrics};
 use store::{Store, UnixMillis};
 
+use self::upstream::UpstreamMetrics;
 use crate::identity::Identity;
-use crate::upstream::metrics::UpstreamMetrics;
 
 /// Labels of `edgehub_messages_received_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -482,7 +484,7 @@ impl HubMetrics {
         self.publish_ack_duration.observe(elapsed.as_secs_f64());
     }
 
-    /// The upstream link's series (`edgehub_upstream_*`).
+    /// The cloud connection's series (`edgehub_upstream_*`).
     pub fn upstream(&self) -> &UpstreamMetrics {
         &self.upstream
     }
@@ -706,6 +708,25 @@ impl prometheus_client::encoding::EncodeMetric for SnapshotHistogram {
 
     fn metric_type(&self) -> prometheus_client::metrics::MetricType {
         prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
+/// Counts a connection in `edgehub_connected_clients` until dropped, also when the connection's
+/// future is dropped by its [`Admission`](crate::limits::Admission) before it ends on its own.
+#[derive(Debug)]
+pub struct ConnectedGauge(Arc<HubMetrics>);
+
+impl ConnectedGauge {
+    /// Counts one connection now.
+    pub fn new(metrics: Arc<HubMetrics>) -> Self {
+        metrics.client_connected();
+        ConnectedGauge(metrics)
+    }
+}
+
+impl Drop for ConnectedGauge {
+    fn drop(&mut self) {
+        self.0.client_disconnected();
     }
 }
 

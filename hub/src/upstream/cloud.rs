@@ -1,4 +1,5 @@
-//! The seam between the upstream sink and whatever carries messages to the cloud.
+//! The cloud connection: the seam between the upstream sink and whatever carries messages to
+//! IoT Hub. ("Cloud connection", not "link": a link is an AMQP link in this crate.)
 //!
 //! [`Upstream`] publishes messages *as* a module identity and answers, per message, whether the
 //! cloud acknowledged it. The MQTT client ([`super::mqtt::MqttUpstream`]) is one implementation;

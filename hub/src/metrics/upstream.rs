@@ -1,9 +1,9 @@
-//! Prometheus series of the upstream link, one set per sending identity.
+//! Prometheus series of the cloud connection (upstream), one set per sending identity.
 //!
 //! | series | kind | labels |
 //! |---|---|---|
 //! | `edgehub_upstream_connected` | gauge (0/1) | `id` |
-//! | `edgehub_upstream_offline` (`_total`) | counter: times the link went offline | `id` |
+//! | `edgehub_upstream_offline` (`_total`) | counter: times the connection went offline | `id` |
 //! | `edgehub_upstream_offline_seconds` (`_total`) | counter: seconds spent offline, updated at least every backoff step | `id` |
 //! | `edgehub_upstream_connect_failures` (`_total`) | counter | `id`, `reason` |
 //! | `edgehub_upstream_messages_acked` (`_total`) | counter: PUBACKs from the cloud | `id` |
@@ -81,12 +81,12 @@ impl UpstreamMetrics {
         );
     }
 
-    /// The link of `who` is up.
+    /// The cloud connection of `who` is up.
     pub fn online(&self, who: &Identity) {
         self.connected.get_or_create(&id(who)).set(1);
     }
 
-    /// The link of `who` went down (or its first connection failed).
+    /// The cloud connection of `who` went down (or its first connection failed).
     pub fn went_offline(&self, who: &Identity) {
         self.connected.get_or_create(&id(who)).set(0);
         self.offline.get_or_create(&id(who)).inc();

@@ -1,5 +1,7 @@
-//! The MQTT property bag: `key=value&key2=value2` at the end of a telemetry or input topic
-//! (reference §1.4, §1.5), and its mapping to and from [`router::Message`].
+//! IoT Hub's MQTT property bag: `key=value&key2=value2` at the end of a telemetry or input topic
+//! (reference §1.4, §1.5), and its mapping to and from [`router::Message`]. A wire format of
+//! IoT Hub, shared by the MQTT head and the cloud connection (upstream); it depends on
+//! neither.
 //!
 //! Guarantees:
 //! - [`decode`] accepts any text and never panics: keys and values are percent-decoded (`%24`
@@ -33,9 +35,7 @@
 
 use bytes::Bytes;
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use router::{DeviceId, InputName, Message, ModuleId, OutputName, Source, SystemProperty};
-
-use crate::mqtt::topics::{self, TopicError};
+use router::{DeviceId, Message, ModuleId, OutputName, Source, SystemProperty};
 
 /// Python's `urllib.parse.quote(s, safe="")`: the set both SDKs decode back exactly.
 const QUOTE_ALL: &AsciiSet = &NON_ALPHANUMERIC
@@ -214,22 +214,6 @@ fn join_pairs(pairs: Vec<(&str, &str)>) -> String {
     bag
 }
 
-/// The full PUBLISH topic delivering `message` to `input` of module `device/module`:
-/// `devices/{d}/modules/{m}/inputs/{input}/{bag}`.
-pub fn delivery_topic_and_bag(
-    device: &DeviceId,
-    module: &ModuleId,
-    input: &InputName,
-    message: &Message,
-) -> Result<String, TopicError> {
-    topics::input_topic(
-        device.as_str(),
-        module.as_str(),
-        input.as_str(),
-        &encode_for_delivery(message),
-    )
-}
-
 fn unescape(s: &str) -> String {
     percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
@@ -369,21 +353,6 @@ mod tests {
             "x",
         );
         assert_eq!(encode_for_delivery(&m), "%24.cdid=leaf");
-    }
-
-    #[test]
-    fn delivery_topic_has_the_input_and_the_bag() {
-        let t = delivery_topic_and_bag(
-            &DeviceId::new("edgedev"),
-            &ModuleId::new("modB"),
-            &InputName::new("in1"),
-            &module_message(),
-        )
-        .unwrap();
-        assert_eq!(
-            t,
-            "devices/edgedev/modules/modB/inputs/in1/%24.cdid=edgedev&%24.cmid=modA"
-        );
     }
 
     #[test]
