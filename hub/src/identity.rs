@@ -33,8 +33,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use router::{DeviceId, ModuleId};
 
-pub use crate::auth::key::{KeyError, ModuleKey, GIVEN_KEY_LEN};
 use crate::fsutil::write_atomically;
+pub use crate::module_key::{KeyError, ModuleKey, GIVEN_KEY_LEN};
 use crate::settings::{check_module_id, Settings};
 
 /// Length of a key the hub generates, in bytes (as IoT Hub's generated symmetric keys).

@@ -17,6 +17,7 @@ pub mod http;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
+pub mod module_key;
 pub mod mqtt;
 pub mod property_bag;
 pub mod record;

@@ -34,7 +34,7 @@ use router::manifest::Deployment;
 use router::{DeviceId, ManifestError, ModuleId};
 use store::Epoch;
 
-use crate::auth::key::ModuleKey;
+use crate::module_key::ModuleKey;
 
 /// The deployment manifest used when none is given: modules `sender` and `receiver`, routes
 /// `sender → receiver/input1` and `sender → $upstream`.

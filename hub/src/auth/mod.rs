@@ -1,6 +1,5 @@
-//! Authentication: SAS tokens (Azure IoT Hub's shared access signatures) and the module keys
-//! they are signed with.
+//! Authentication: SAS tokens (Azure IoT Hub's shared access signatures) and why a credential
+//! is refused. The keys tokens are signed with are `crate::module_key`'s.
 
 pub mod credentials;
-pub mod key;
 pub mod sas;
