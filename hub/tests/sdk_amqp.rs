@@ -736,7 +736,7 @@ fn stream_through_a_restart(stop: Stop, tx: (Sdk, &str), rx: (Sdk, &str)) {
     const M: i64 = 1000;
     const KILL_AFTER: i64 = 300;
     let mut hub = SdkHub::start(TestHub::new(), &["sender", "receiver"]);
-    let (tx_sdk, rx_sdk) = (tx.0, rx.0);
+    let (tx_sdk, rx_sdk, rx_transport) = (tx.0, rx.0, rx.1);
     let mut rx = hub
         .module(rx_sdk, Script::Receive, "receiver")
         .args(transport_args(rx.0, rx.1))
@@ -798,7 +798,23 @@ fn stream_through_a_restart(stop: Stop, tx: (Sdk, &str), rx: (Sdk, &str)) {
     let acked = sent.data();
     SeqReport::of(&acked, 0..M).assert_no_loss_no_reorder();
 
-    let (got, rx_stderr) = rx.receive_all(M, secs(120));
+    let (mut got, mut rx_stderr) = rx.receive_all(M, secs(120));
+    if rx_stderr.contains("error=sdk-thread") {
+        // paho 1.6.1's network thread can die on ssl.SSLEOFError when the hub goes away while
+        // it writes PUBACKs, and the Python SDK then never reconnects (sdk_restart.rs has the
+        // same bug); its harness exits with EXIT_SDK_THREAD. A fresh receiver resumes the
+        // module's persistent session: across the two, nothing may be missing or reordered.
+        eprintln!("the receiver's SDK thread died; a second receiver takes over:\n{rx_stderr}");
+        let had: BTreeSet<i64> = got.iter().filter_map(|m| m["seq"].as_i64()).collect();
+        let again = hub
+            .module(rx_sdk, Script::Receive, "receiver")
+            .args(transport_args(rx_sdk, rx_transport))
+            .args(["--timeout", "200"])
+            .spawn();
+        let (more, more_stderr) = again.receive_rest(&had, M, secs(120));
+        got.extend(more);
+        rx_stderr.push_str(&more_stderr);
+    }
     let received: BTreeSet<i64> = got.iter().filter_map(|m| m["seq"].as_i64()).collect();
     let lost: Vec<i64> = acked_before.difference(&received).copied().collect();
     let report = SeqReport::of(&got, 0..M);

@@ -59,6 +59,9 @@ pub const EXIT_AUTH: i32 = 4;
 pub const EXIT_TIMEOUT: i32 = 5;
 /// The TLS handshake failed (the hub's certificate does not chain to EDGEHUB_CA, wrong name).
 pub const EXIT_TLS: i32 = 6;
+/// An SDK thread died of an uncaught exception (paho 1.6.1's network thread on
+/// `ssl.SSLEOFError` when the hub vanishes mid-write; the SDK would never reconnect). Python only.
+pub const EXIT_SDK_THREAD: i32 = 7;
 
 const INSTALL_HINT: &str =
     "run scripts/install-sdks.sh (as root) to install the pinned Azure IoT SDKs";
@@ -646,10 +649,22 @@ impl Proc {
 
     /// Reads a receiver until every seq in `0..n` arrived at least once (duplicates count
     /// once), or `within`; then stops it and returns all its data lines and its stderr.
-    pub fn receive_all(mut self, n: i64, within: Duration) -> (Vec<Value>, String) {
+    pub fn receive_all(self, n: i64, within: Duration) -> (Vec<Value>, String) {
+        self.receive_rest(&std::collections::BTreeSet::new(), n, within)
+    }
+
+    /// [`Proc::receive_all`] for a receiver taking over from one that already got `had`: waits
+    /// until the two together have every seq in `0..n` (or `within`, or its exit).
+    pub fn receive_rest(
+        mut self,
+        had: &std::collections::BTreeSet<i64>,
+        n: i64,
+        within: Duration,
+    ) -> (Vec<Value>, String) {
         let mut have: std::collections::BTreeSet<i64> = data_of(self.seen())
             .iter()
             .filter_map(|m| m["seq"].as_i64())
+            .chain(had.iter().copied())
             .collect();
         if (have.len() as i64) < n {
             let _ = self.read_until(within, |v| {

@@ -29,6 +29,11 @@ EXIT_CONNECT = 3  # could not connect: refused, unreachable, connection closed
 EXIT_AUTH = 4  # the hub refused the credentials (CONNACK 5 -> CredentialError)
 EXIT_TIMEOUT = 5  # the deadline passed first (connect, an ack, or fewer messages than asked)
 EXIT_TLS = 6  # TLS handshake failed: server certificate not trusted by EDGEHUB_CA, wrong name
+# An SDK thread died of an uncaught exception. paho 1.6.1's network thread does so on
+# ssl.SSLEOFError when the server vanishes while it writes, and the SDK then never connects
+# again: the script would hang until its deadline. It exits at once instead, so a test can tell
+# this SDK bug from a hub fault and carry on with a fresh client.
+EXIT_SDK_THREAD = 7
 
 _KIND = {
     EXIT_OTHER: "other",
@@ -37,6 +42,7 @@ _KIND = {
     EXIT_AUTH: "auth",
     EXIT_TIMEOUT: "timeout",
     EXIT_TLS: "tls",
+    EXIT_SDK_THREAD: "sdk-thread",
 }
 
 _out_lock = threading.Lock()
@@ -267,9 +273,34 @@ async def close(client, args, deadline):
         pass
 
 
+# Set when an SDK thread died (see EXIT_SDK_THREAD); SDK_THREAD_DEATH holds why.
+SDK_THREAD_DIED = threading.Event()
+SDK_THREAD_DEATH = ""
+_drain_after_thread_death = False
+
+
+def drain_after_sdk_thread_death():
+    """For receivers: when an SDK thread dies, leave exiting to the script, which first takes
+    what the SDK already acknowledged and holds in its inbox (see receive.py)."""
+    global _drain_after_thread_death
+    _drain_after_thread_death = True
+
+
+def _sdk_thread_died(hook):
+    global SDK_THREAD_DEATH
+    SDK_THREAD_DEATH = (f"SDK thread {getattr(hook.thread, 'name', '?')} died: "
+                        f"{hook.exc_type.__name__}: {hook.exc_value}")
+    emit({"event": "sdk-thread-died", "thread": getattr(hook.thread, "name", None),
+          "error": repr(hook.exc_value), "ms": elapsed_ms()})
+    SDK_THREAD_DIED.set()
+    if not _drain_after_thread_death:
+        finish(EXIT_SDK_THREAD, SDK_THREAD_DEATH)
+
+
 def main(coro_fn, parser):
     """Runs coro_fn(args) and exits with the contract's code."""
     args = parser.parse_args()
+    threading.excepthook = _sdk_thread_died
     try:
         import azure.iot.device  # noqa: F401
     except ImportError as e:
