@@ -172,12 +172,8 @@ where
         Err(reason) => {
             tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
             ctx.metrics.client_connect_failed("not_authorized");
-            let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
-                ConnectReturnCode::NotAuthorized,
-                false,
-            )));
-            drop((out_tx, puback_tx));
-            finish_task(writer_task).await;
+            let code = ConnectReturnCode::NotAuthorized;
+            refuse(code, out_tx, puback_tx, writer_task).await;
             return ConnectionEnd::NotAuthorized(reason);
         }
     };
@@ -188,11 +184,8 @@ where
     };
     if let Err(e) = taken {
         // Over --max-connections: "server unavailable", which the SDKs retry.
-        // The queue is empty: the CONNACK always fits.
-        let ack = ConnAck::new(ConnectReturnCode::ServiceUnavailable, false);
-        let _ = out_tx.try_send(Packet::ConnAck(ack));
-        drop((out_tx, puback_tx));
-        finish_task(writer_task).await;
+        let code = ConnectReturnCode::ServiceUnavailable;
+        refuse(code, out_tx, puback_tx, writer_task).await;
         return ConnectionEnd::OverLimit(e);
     }
     let client_id = connect.client_id.clone();
@@ -200,12 +193,8 @@ where
         Ok(p) => p,
         Err(e) => {
             tracing::error!(%client_id, error = %e, "session store failed");
-            let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
-                ConnectReturnCode::ServiceUnavailable,
-                false,
-            )));
-            drop((out_tx, puback_tx));
-            finish_task(writer_task).await;
+            let code = ConnectReturnCode::ServiceUnavailable;
+            refuse(code, out_tx, puback_tx, writer_task).await;
             return ConnectionEnd::Sessions(e);
         }
     };
@@ -218,12 +207,13 @@ where
         let reason = ConnectAuthError::KeyChanged;
         tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
         ctx.metrics.client_connect_failed("not_authorized");
-        let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
+        refuse(
             ConnectReturnCode::NotAuthorized,
-            false,
-        )));
-        drop((out_tx, puback_tx));
-        finish_task(writer_task).await;
+            out_tx,
+            puback_tx,
+            writer_task,
+        )
+        .await;
         return ConnectionEnd::NotAuthorized(reason);
     };
     // The queue is empty: the CONNACK always fits.
@@ -333,6 +323,19 @@ fn token_secs_left(expiry: u64, now_secs: u64) -> u64 {
 }
 
 /// Waits up to [`CLOSE_GRACE`] for a task to finish, then stops it.
+/// Answers a CONNECT with the refusal `code` and closes: the writer sends the CONNACK (the
+/// queue is empty, so it always fits) and ends once both of its channels are closed.
+async fn refuse<T>(
+    code: ConnectReturnCode,
+    out_tx: mpsc::Sender<Packet>,
+    puback_tx: mpsc::Sender<u16>,
+    writer_task: tokio::task::JoinHandle<T>,
+) {
+    let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(code, false)));
+    drop((out_tx, puback_tx));
+    finish_task(writer_task).await;
+}
+
 async fn finish_task<T>(mut task: tokio::task::JoinHandle<T>) {
     if tokio::time::timeout(CLOSE_GRACE, &mut task).await.is_err() {
         task.abort();
