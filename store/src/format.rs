@@ -31,6 +31,7 @@ const TAG_MESSAGE: u8 = 1;
 const TAG_DECLARE: u8 = 2;
 const TAG_CHECKPOINT: u8 = 3;
 const TAG_SEAL: u8 = 4;
+const TAG_TAIL: u8 = 5;
 
 /// Fixed part of a message entry before the queue ids: tag, body crc, offset, expiry, queue count.
 pub(crate) const MESSAGE_FIXED_LEN: usize = 1 + 4 + 8 + 8 + 2;
@@ -265,6 +266,10 @@ pub(crate) enum Entry<'a> {
     Declare { queue: u32, name: &'a str },
     /// Everything in the queue up to and including `upto` is delivered.
     Checkpoint { queue: u32, upto: Offset },
+    /// The queue's newest message has offset `last`, whether or not a segment still holds it
+    /// (written in preambles, so a queue's last offset survives the reclaim of its newest
+    /// messages once they expire).
+    Tail { queue: u32, last: Offset },
     /// An older segment is complete and counts exactly `len` bytes.
     Seal {
         generation: Generation,
@@ -320,6 +325,13 @@ pub(crate) fn encode_checkpoint(out: &mut Vec<u8>, queue: u32, upto: Offset) {
     out.push(TAG_CHECKPOINT);
     out.extend_from_slice(&queue.to_le_bytes());
     out.extend_from_slice(&upto.get().to_le_bytes());
+}
+
+/// Appends a tail entry to `out` (as long as a checkpoint entry: [`CHECKPOINT_LEN`]).
+pub(crate) fn encode_tail(out: &mut Vec<u8>, queue: u32, last: Offset) {
+    out.push(TAG_TAIL);
+    out.extend_from_slice(&queue.to_le_bytes());
+    out.extend_from_slice(&last.get().to_le_bytes());
 }
 
 /// Appends a seal entry to `out`.
@@ -378,6 +390,11 @@ pub(crate) fn decode_entry(b: &[u8]) -> Result<(Entry<'_>, usize), FormatError> 
             let queue = u32_at(b, 1).ok_or(TRUNC)?;
             let upto = Offset::new(u64_at(b, 5).ok_or(TRUNC)?);
             Ok((Entry::Checkpoint { queue, upto }, CHECKPOINT_LEN))
+        }
+        Some(&TAG_TAIL) => {
+            let queue = u32_at(b, 1).ok_or(TRUNC)?;
+            let last = Offset::new(u64_at(b, 5).ok_or(TRUNC)?);
+            Ok((Entry::Tail { queue, last }, CHECKPOINT_LEN))
         }
         Some(&TAG_SEAL) => {
             let entry = Entry::Seal {
@@ -518,6 +535,19 @@ impl EpochRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tail_and_checkpoint_entries_round_trip_and_are_told_apart() {
+        let mut out = Vec::new();
+        encode_tail(&mut out, 3, Offset::new(10));
+        encode_checkpoint(&mut out, 3, Offset::new(4));
+        assert_eq!(out.len(), 2 * CHECKPOINT_LEN);
+        let (first, used) = decode_entry(&out).expect("decodes");
+        assert_eq!(used, CHECKPOINT_LEN);
+        assert!(matches!(first, Entry::Tail { queue: 3, last } if last == Offset::new(10)));
+        let (second, _) = decode_entry(&out[used..]).expect("decodes");
+        assert!(matches!(second, Entry::Checkpoint { queue: 3, upto } if upto == Offset::new(4)));
+    }
 
     #[test]
     fn message_entry_round_trips_with_its_queues_and_expiry() {

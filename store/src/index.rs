@@ -178,12 +178,23 @@ impl Index {
         }
     }
 
-    /// Records a durable checkpoint (monotonic) and forgets delivered entries.
+    /// Raises a queue's last offset to `last` (recovery: a preamble's tail entry, for messages
+    /// whose segment was reclaimed).
+    pub(crate) fn raise_tail(&mut self, q: u32, last: Offset) {
+        if let Some(queue) = self.queues.get_mut(q as usize) {
+            queue.tail = queue.tail.max(last);
+        }
+    }
+
+    /// Records a durable checkpoint (monotonic) and forgets delivered entries. The queue's last
+    /// offset is at least its checkpoint (`checkpoint <= tail`), even when every message up to
+    /// it has been reclaimed.
     pub(crate) fn set_checkpoint(&mut self, q: u32, upto: Offset) {
         if let Some(queue) = self.queues.get_mut(q as usize) {
             if upto > queue.checkpoint {
                 queue.checkpoint = upto;
             }
+            queue.tail = queue.tail.max(queue.checkpoint);
             while queue
                 .entries
                 .front()

@@ -547,6 +547,12 @@ impl Scan<'_> {
                     }
                     self.index.set_checkpoint(queue, upto);
                 }
+                Entry::Tail { queue, last } => {
+                    if !self.known(queue) {
+                        return Err(corrupt(path, here, "tail of an undeclared queue"));
+                    }
+                    self.index.raise_tail(queue, last);
+                }
                 Entry::Seal {
                     generation,
                     seq,

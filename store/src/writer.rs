@@ -23,8 +23,8 @@ use tokio::sync::oneshot;
 use crate::error::{open_io, AppendError, CheckpointError, OpenError, StorageError};
 use crate::fence::Fence;
 use crate::format::{
-    declare_len, encode_checkpoint, encode_declare, encode_message, encode_seal, message_len,
-    BatchHeader, Nonce, SegmentHeader, BATCH_HEADER_LEN, CHECKPOINT_LEN,
+    declare_len, encode_checkpoint, encode_declare, encode_message, encode_seal, encode_tail,
+    message_len, BatchHeader, Nonce, SegmentHeader, BATCH_HEADER_LEN, CHECKPOINT_LEN,
 };
 use crate::index::{IndexEntry, SegKey, SegmentInfo};
 use crate::io::{write_zeros, FsFile};
@@ -566,8 +566,8 @@ impl Writer {
         Ok(())
     }
 
-    /// Declares every queue, repeats every checkpoint and seals every older segment's length at
-    /// the start of a new segment.
+    /// Declares every queue, repeats every checkpoint and every queue's last offset, and seals
+    /// every older segment's length at the start of a new segment.
     fn preamble(&mut self) {
         let index = self.shared.lock_index();
         for (key, seg) in index.segments() {
@@ -582,6 +582,9 @@ impl Writer {
             encode_declare(&mut self.buf, id as u32, q.name.as_str());
             if q.checkpoint > Offset::ZERO {
                 encode_checkpoint(&mut self.buf, id as u32, q.checkpoint);
+            }
+            if q.tail > q.checkpoint {
+                encode_tail(&mut self.buf, id as u32, q.tail);
             }
         }
     }
