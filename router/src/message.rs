@@ -90,21 +90,25 @@ pub enum Source {
 impl Source {
     /// The source path that `FROM` patterns match against (edgeHub's message source paths).
     pub fn path(&self) -> String {
+        let mut out = String::new();
+        self.write_path(&mut out);
+        out
+    }
+
+    /// Appends [`Source::path`] to `out` (no formatting machinery: routing builds it for every
+    /// message).
+    pub fn write_path(&self, out: &mut String) {
         match self {
-            Source::Telemetry { .. } => "/messages".to_owned(),
-            Source::ModuleOutput {
-                module,
-                output: Some(o),
-                ..
-            } => {
-                format!("/messages/modules/{module}/outputs/{o}")
+            Source::Telemetry { .. } => out.push_str("/messages"),
+            Source::ModuleOutput { module, output, .. } => {
+                out.push_str("/messages/modules/");
+                out.push_str(module.as_str());
+                if let Some(o) = output {
+                    out.push_str("/outputs/");
+                    out.push_str(o.as_str());
+                }
             }
-            Source::ModuleOutput {
-                module,
-                output: None,
-                ..
-            } => format!("/messages/modules/{module}"),
-            Source::TwinChange { .. } => "/twinChangeNotifications".to_owned(),
+            Source::TwinChange { .. } => out.push_str("/twinChangeNotifications"),
         }
     }
 
@@ -314,6 +318,21 @@ mod tests {
             device: DeviceId::new("edge"),
             module: ModuleId::new(module),
             output: output.map(OutputName::new),
+        }
+    }
+
+    #[test]
+    fn the_route_source_key_is_the_lower_cased_path_for_ascii_and_other_names() {
+        for source in [
+            output("Filter", Some("Out1")),
+            output("Fïlter", Some("ÖUT")),
+            output("m", None),
+            Source::Telemetry {
+                device: DeviceId::new("edge"),
+            },
+        ] {
+            let key = crate::route::condition::source_key(&source);
+            assert_eq!(key, format!("{}/", source.path()).to_lowercase());
         }
     }
 

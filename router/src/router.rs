@@ -147,17 +147,15 @@ impl BoundTable {
 }
 
 impl BoundTable {
-    /// Where `msg` goes, each target with its queue (empty: unrouted). Every target comes from
-    /// this table, so each has its binding.
-    fn targets(&self, msg: &Message) -> Vec<(Target, &QueueBinding)> {
-        self.table
-            .targets(msg)
-            .into_iter()
-            .filter_map(|t| {
-                let queue = self.queues.get(t.route_index)?;
-                Some((t, queue))
-            })
-            .collect()
+    /// Where `msg` goes (empty: unrouted). Every target comes from this table, so each has its
+    /// binding: [`BoundTable::binding`] of its route index.
+    fn targets(&self, msg: &Message) -> Vec<Target> {
+        self.table.targets(msg).into_vec()
+    }
+
+    /// The queue binding of a target of this table (`None` only for a target of another table).
+    fn binding(&self, target: &Target) -> Option<&QueueBinding> {
+        self.queues.get(target.route_index)
     }
 }
 
@@ -235,7 +233,7 @@ impl Router {
             return RouteAck::ready(counters, Ok(RouteOutcome::Unrouted));
         }
         let now = self.clock.now();
-        let submitted = self.submit(chain, msg, &targets, now);
+        let submitted = self.submit(chain, msg, &bound, &targets, now);
         let state = match submitted {
             Ok(pending) => AckState::Waiting(pending),
             Err(e) => AckState::Ready(Some(Err(e))),
@@ -251,28 +249,31 @@ impl Router {
         &self,
         chain: Option<&AppendChain>,
         msg: Message,
-        targets: &[(Target, &QueueBinding)],
+        bound: &BoundTable,
+        targets: &[Target],
         now: UnixMillis,
     ) -> Result<Pending<Offset, AppendError>, RouteError> {
-        let names = targets
-            .iter()
-            .map(|(_, q)| q.name.clone())
+        // Every target of `bound` has its binding; a target without one is skipped alike by
+        // every pass below.
+        let bound_targets = || {
+            targets
+                .iter()
+                .filter_map(|t| Some((t, bound.binding(t)?, expiry_at(now, t.ttl))))
+        };
+        let names = bound_targets()
+            .map(|(_, q, _)| q.name.clone())
             .collect::<Result<Vec<QueueName>, _>>()?;
-        let expiries: Vec<_> = targets.iter().map(|(t, _)| expiry_at(now, t.ttl)).collect();
-        let stored_expiry = latest(expiries.iter().copied());
-        let expiry_overrides = targets
-            .iter()
-            .zip(&expiries)
-            .filter(|(_, e)| **e != stored_expiry)
-            .map(|((_, q), e)| ExpiryOverride {
+        let stored_expiry = latest(bound_targets().map(|(_, _, e)| e));
+        let expiry_overrides = bound_targets()
+            .filter(|(_, _, e)| *e != stored_expiry)
+            .map(|(_, q, e)| ExpiryOverride {
                 endpoint: q.endpoint_id.clone(),
-                expiry: *e,
+                expiry: e,
             })
             .collect();
-        let delivery_options: Vec<EndpointOptions> = targets
-            .iter()
-            .filter(|(t, _)| !t.options.is_default())
-            .map(|(t, q)| EndpointOptions {
+        let delivery_options: Vec<EndpointOptions> = bound_targets()
+            .filter(|(t, _, _)| !t.options.is_default())
+            .map(|(t, q, _)| EndpointOptions {
                 endpoint: q.endpoint_id.clone(),
                 options: t.options,
             })
@@ -285,7 +286,7 @@ impl Router {
             },
             &delivery_options,
         )?;
-        for (_, q) in targets {
+        for (_, q, _) in bound_targets() {
             if !q.ensured.load(Ordering::Acquire) {
                 self.dispatcher.ensure_queue(&q.id);
                 q.ensured.store(true, Ordering::Release);

@@ -146,11 +146,25 @@ impl<'m> EvalContext<'m> {
     /// against. Computed once per message.
     pub(crate) fn source_key(&self) -> &str {
         self.source_key
-            .get_or_init(|| format!("{}/", self.msg.source().path()).to_lowercase())
+            .get_or_init(|| source_key(self.msg.source()))
     }
 
     fn json(&self) -> Option<&serde_json::Value> {
         self.json.get_or_init(|| json_body(self.msg)).as_ref()
+    }
+}
+
+/// `source`'s path plus `/`, lower-cased (one allocation when the path is ASCII, as module and
+/// output names almost always are).
+pub(crate) fn source_key(source: &crate::message::Source) -> String {
+    let mut key = String::with_capacity(64);
+    source.write_path(&mut key);
+    key.push('/');
+    if key.is_ascii() {
+        key.make_ascii_lowercase();
+        key
+    } else {
+        key.to_lowercase()
     }
 }
 

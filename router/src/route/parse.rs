@@ -54,7 +54,7 @@ impl SourcePattern {
 
     /// Whether a message from `source` is selected by this pattern.
     pub fn matches(&self, source: &Source) -> bool {
-        self.matches_key(&format!("{}/", source.path()).to_lowercase())
+        self.matches_key(&super::condition::source_key(source))
     }
 
     /// Whether a lower-cased source path plus `/` is selected by this pattern.
