@@ -60,15 +60,13 @@ CONTROLLER = f"{RELEASE}-edgehub-controller"
 # What the controller may do where it watches EdgeDeployments (the chart README's
 # "Permissions" table says why each verb is needed).
 WATCH_RULES = [
-    {"apiGroups": ["edgehub.io"], "resources": ["edgedeployments"], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": ["edgehub.io"], "resources": ["edgedeployments"], "verbs": ["list", "watch", "patch"]},
     {"apiGroups": ["edgehub.io"], "resources": ["edgedeployments/status"], "verbs": ["patch"]},
-    {"apiGroups": ["edgehub.io"], "resources": ["edgedeployments/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["apps"], "resources": ["statefulsets"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["services", "configmaps", "secrets"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get", "list", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["list", "delete"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 LEASE_RULES = [
