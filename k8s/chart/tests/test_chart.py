@@ -611,5 +611,24 @@ class Readme(unittest.TestCase):
         self.assertEqual(rows, granted)
 
 
+def dump(directory: Path) -> None:
+    """Writes each case's rendered EdgeDeployment as CASE.json into `directory`, for
+    k8s/tests/chart.rs to read with the controller's own types."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for case, (values_file, manifest, namespace) in CASES.items():
+        if manifest is None:
+            continue
+        objects, _ = render(user_values(values_file, manifest), namespace)
+        (ed,) = by_kind(objects)["EdgeDeployment"]
+        (directory / f"{case}.json").write_text(json.dumps(ed, indent=1), encoding="utf-8")
+    objects, _ = render(user_values("defaults", "pair.json"))
+    (directory / "one-command.json").write_text(json.dumps(by_kind(objects)["EdgeDeployment"][0]), encoding="utf-8")
+
+
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--dump":
+        dump(Path(sys.argv[2]))
+        sys.exit(0)
     unittest.main()
