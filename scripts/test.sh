@@ -22,6 +22,9 @@ fi
 echo "== official Azure IoT SDKs (pinned Python and Node clients for the hub's tests)"
 scripts/install-sdks.sh
 
+echo "== Helm chart test tools (pinned helm-python-sdk and kubernetes-validate, for k8s/tests/chart.rs)"
+scripts/install-chart-tools.sh
+
 echo "== cargo test (workspace)"
 cargo test --workspace --locked --no-fail-fast
 
