@@ -18,6 +18,7 @@ pub mod create_options;
 pub mod desired;
 pub mod keys;
 pub mod names;
+pub mod reconcile;
 pub mod render;
 pub mod tls;
 pub mod types;
