@@ -573,3 +573,59 @@ async fn deleting_with_retain_on_delete_false_removes_the_store_volume_too() {
         .any(|x| x == "DELETE store-line1-hub-0"));
     assert!(names::<PersistentVolumeClaim>(&client).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_successful_pass_resets_the_backoff() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let failing = Arc::new(AtomicBool::new(true));
+    let f = failing.clone();
+    let funcs = interceptor::Funcs::new().patch(move |ctx| {
+        // Server-side apply bodies carry their kind; the finalizer's merge patch does not.
+        if f.load(Ordering::SeqCst) && ctx.patch.get("kind").is_some() {
+            return Err(kube_fake_client::Error::Internal("scripted failure".into()));
+        }
+        Ok(None)
+    });
+    let client = ClientBuilder::new()
+        .with_resource::<EdgeDeployment>()
+        .with_status_subresource::<EdgeDeployment>()
+        .with_runtime_objects(vec![ed_value(&example("minimal.yaml"))])
+        .with_interceptor_funcs(funcs)
+        .build()
+        .await
+        .expect("fake client");
+    let ctx = context(&client);
+    let secs = |a: kube::runtime::controller::Action| {
+        a == kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(5))
+    };
+    let mut first = Vec::new();
+    for _ in 0..2 {
+        let ed = get_ed(&client, "line1").await;
+        let err = reconcile(ed.clone(), ctx.clone())
+            .await
+            .expect_err("apply fails");
+        first.push(k8s::reconcile::error_policy(ed, &err, ctx.clone()));
+    }
+    assert!(secs(first[0].clone()));
+    assert_eq!(
+        first[1],
+        kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(10))
+    );
+
+    failing.store(false, Ordering::SeqCst);
+    reconcile(get_ed(&client, "line1").await, ctx.clone())
+        .await
+        .expect("succeeds");
+    failing.store(true, Ordering::SeqCst);
+    let mut ed = (*get_ed(&client, "line1").await).clone();
+    // Something to apply again.
+    ed.spec.hub.image = Some("localhost/edgehub:other".into());
+    let ed = Arc::new(ed);
+    let err = reconcile(ed.clone(), ctx.clone())
+        .await
+        .expect_err("apply fails again");
+    assert!(
+        secs(k8s::reconcile::error_policy(ed, &err, ctx.clone())),
+        "back to the first delay"
+    );
+}
