@@ -16,7 +16,9 @@
 pub mod agent;
 pub mod create_options;
 pub mod desired;
+pub mod http;
 pub mod keys;
+pub mod lease;
 pub mod names;
 pub mod reconcile;
 pub mod render;

@@ -66,6 +66,40 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Publishes Kubernetes Events.
     recorder: Recorder,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The controller's counters, in Prometheus text format with `edgehub_` names.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Passes run.
+    pub reconciles: std::sync::atomic::AtomicU64,
+    /// Passes that failed.
+    pub reconcile_errors: std::sync::atomic::AtomicU64,
+    /// 1 while this replica holds the Lease.
+    pub leader: std::sync::atomic::AtomicBool,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        format!(
+            "# HELP edgehub_controller_reconciles_total Reconcile passes run.\n\
+             # TYPE edgehub_controller_reconciles_total counter\n\
+             edgehub_controller_reconciles_total {}\n\
+             # HELP edgehub_controller_reconcile_errors_total Reconcile passes that failed.\n\
+             # TYPE edgehub_controller_reconcile_errors_total counter\n\
+             edgehub_controller_reconcile_errors_total {}\n\
+             # HELP edgehub_controller_leader 1 while this replica holds the leader Lease.\n\
+             # TYPE edgehub_controller_leader gauge\n\
+             edgehub_controller_leader {}\n",
+            self.reconciles.load(Relaxed),
+            self.reconcile_errors.load(Relaxed),
+            u8::from(self.leader.load(Relaxed)),
+        )
+    }
 }
 
 impl Context {
@@ -89,6 +123,7 @@ impl Context {
             api_timeout: Duration::from_secs(30),
             failures: Mutex::new(HashMap::new()),
             recorder,
+            metrics: Arc::new(Metrics::default()),
         }
     }
 
@@ -215,6 +250,9 @@ pub fn backoff(n: u32) -> Duration {
 
 /// One pass (see the module docs).
 pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics
+        .reconciles
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let result = reconcile_inner(&ed, &ctx).await;
     match &result {
         Ok(_) => {
@@ -223,7 +261,12 @@ pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Act
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&key_of(&ed));
         }
-        Err(e) => publish(&ctx, &ed, EventType::Warning, e.reason(), &e.to_string()).await,
+        Err(e) => {
+            ctx.metrics
+                .reconcile_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            publish(&ctx, &ed, EventType::Warning, e.reason(), &e.to_string()).await
+        }
     }
     result
 }
