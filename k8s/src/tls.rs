@@ -270,6 +270,52 @@ mod tests {
         vec!["d-hub".into(), "d-hub.ns".into()]
     }
 
+    /// Verifies the server certificate against the CA as a client (webpki) would, for every
+    /// name, at `now_secs`.
+    fn verify(m: &TlsMaterial, now_secs: u64) -> Result<(), String> {
+        use rustls::client::danger::ServerCertVerifier as _;
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+        let ca = CertificateDer::from_pem_slice(m.ca_crt.as_bytes()).map_err(|e| e.to_string())?;
+        let leaf =
+            CertificateDer::from_pem_slice(m.tls_crt.as_bytes()).map_err(|e| e.to_string())?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).map_err(|e| e.to_string())?;
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now_secs));
+        for name in &m.names {
+            let server_name = ServerName::try_from(name.clone()).map_err(|e| e.to_string())?;
+            verifier
+                .verify_server_cert(&leaf, &[], &server_name, &[], at)
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn created_and_reissued_certificates_chain_to_the_one_ca_for_every_name() {
+        let (first, _) = ensure(None, "edgehub CA (ns/d)", &names(), NOW).expect("create");
+        assert_eq!(verify(&first, NOW), Ok(()));
+        let late = first.not_after - RENEW_BEFORE_SECS + 1;
+        let (renewed, o) =
+            ensure(Some(first.clone()), "edgehub CA (ns/d)", &names(), late).expect("renew");
+        assert_eq!(o, TlsOutcome::Reissued);
+        assert_eq!(
+            verify(&renewed, late),
+            Ok(()),
+            "a client holding the old ca.crt accepts it"
+        );
+        assert!(
+            verify(&first, first.not_after + DAY).is_err(),
+            "the check can fail: expired"
+        );
+    }
+
     #[test]
     fn made_once_kept_then_reissued_near_expiry_or_for_new_names_with_the_same_ca() {
         let (first, o) = ensure(None, "edgehub CA (ns/d)", &names(), NOW).expect("create");

@@ -629,3 +629,73 @@ async fn a_successful_pass_resets_the_backoff() {
         "back to the first delay"
     );
 }
+
+#[tokio::test]
+async fn the_server_certificate_is_reissued_near_expiry_with_the_same_ca() {
+    let (client, writes) = fake(vec![ed_value(&example("minimal.yaml"))]).await;
+    pass(&client, "line1").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let before = secrets.get("line1-hub-tls").await.unwrap();
+    take(&writes);
+
+    // 340 days on: the 365-day certificate expires within 30 days.
+    let later = NOW + 340 * 86_400;
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            ControllerOptions {
+                hub_image: "localhost/edgehub:test".into(),
+            },
+        )
+        .with_clock(move || later),
+    );
+    reconcile(get_ed(&client, "line1").await, ctx)
+        .await
+        .expect("reconcile");
+    let after = secrets.get("line1-hub-tls").await.unwrap();
+    assert_eq!(
+        secret_text(&after, "ca.crt"),
+        secret_text(&before, "ca.crt"),
+        "the CA stays"
+    );
+    assert_eq!(
+        secret_text(&after, "ca.key"),
+        secret_text(&before, "ca.key")
+    );
+    assert_ne!(
+        secret_text(&after, "tls.crt"),
+        secret_text(&before, "tls.crt"),
+        "a new server certificate"
+    );
+    let not_after = |s: &Secret| {
+        s.metadata.annotations.as_ref().unwrap()[k8s::tls::ANNOTATION_NOT_AFTER]
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert!(not_after(&after) > later + 300 * 86_400);
+    let w = take(&writes);
+    let applied: Vec<&String> = w.iter().filter(|w| w.starts_with("PATCH")).collect();
+    assert_eq!(
+        applied,
+        ["PATCH Secret/line1-hub-tls"],
+        "the trust bundle and the hub are untouched: {w:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_keys_secret_sets_degraded_and_applies_nothing() {
+    let mut ed = example("minimal.yaml");
+    ed.spec.device.keys_secret = Some("line1-iothub-keys".into());
+    let (client, _) = fake(vec![ed_value(&ed)]).await;
+    pass(&client, "line1").await;
+    let (status, reason, message) = condition(&*get_ed(&client, "line1").await, "Degraded");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "KeysSecretNotFound")
+    );
+    assert!(message.contains("line1-iothub-keys"), "{message}");
+    assert!(
+        names::<Secret>(&client).await.is_empty(),
+        "no key minted in its place"
+    );
+}

@@ -163,3 +163,18 @@ fn a_bad_route_fails_with_the_routers_located_message() {
     assert!(err.contains("1 problem(s) found"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_edge_deployment_in_json_renders_like_its_yaml() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(root.join("examples/minimal.yaml")).expect("example");
+    let value: serde_json::Value = serde_yaml::from_str(&yaml).expect("yaml");
+    let dir = std::env::temp_dir().join(format!("edgehub-render-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("minimal.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&value).expect("json")).expect("write");
+    let from_json = controller(&["render", file.to_str().expect("path")]);
+    let from_yaml = controller(&["render", "examples/minimal.yaml"]);
+    assert_eq!(docs(&from_json), docs(&from_yaml));
+    let _ = std::fs::remove_dir_all(&dir);
+}
