@@ -19,8 +19,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// An IoT Edge deployment, run on Kubernetes: one hub and the manifest's modules.
-#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[kube(
+    derive = "Default",
     group = "edgehub.io",
     version = "v1alpha1",
     kind = "EdgeDeployment",
@@ -44,7 +45,7 @@ pub struct EdgeDeploymentSpec {
 }
 
 /// Where the deployment manifest comes from: exactly one of `inline` and `configMapKeyRef`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManifestSource {
     /// The manifest itself (a JSON object with `modulesContent`, or `content.modulesContent`).
@@ -66,7 +67,7 @@ pub struct ConfigMapKey {
 }
 
 /// The IoT Hub identity of the device.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeviceSpec {
     /// IoT Hub's host name, e.g. `contoso.azure-devices.net`.

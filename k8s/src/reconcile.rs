@@ -1,0 +1,870 @@
+//! Reconcile: one EdgeDeployment → its objects, its status, its Events.
+//!
+//! [`reconcile`] is a plain async function (the controller runtime calls it; tests call it
+//! directly against a fake API). One pass:
+//! 1. deleting? run the cleanup behind the finalizer [`FINALIZER`], remove it, done;
+//! 2. add the finalizer if missing;
+//! 3. resolve the manifest (inline, or a ConfigMap key) and check it with the hub's parser; a
+//!    bad or missing manifest sets `Degraded` (the located messages) and changes nothing else;
+//! 4. read the secret material back (`D-hub-tls`, `D-module-keys`, `spec.device.keysSecret`),
+//!    keeping what exists, making what is missing or due ([`crate::tls`], [`crate::keys`]);
+//! 5. build [`crate::desired::desired`] and server-side apply each object (field manager
+//!    `edgehub-controller`, force) *unless the live object already holds every field we set*,
+//!    so a second pass writes nothing;
+//! 6. delete module objects (by label) whose module left the manifest;
+//! 7. write the status (only when it changed): conditions Ready, HubReady, ModulesReady,
+//!    Degraded, each module's phase, the store epoch.
+//!
+//! Every API call has a deadline ([`Context::api_timeout`]); a failure is a typed [`Error`]
+//! naming the action and object, and [`error_policy`] requeues with an exponential backoff per
+//! EdgeDeployment that a successful pass resets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::agent::{self, DesiredStatus};
+use crate::desired::{self, ControllerOptions, Object, RenderError, SecretMaterial};
+use crate::keys::{self, KeyError, KeyOrigin};
+use crate::names::{self, MANAGER};
+use crate::tls::{self, TlsError, TlsMaterial, TlsOutcome};
+use crate::types::{Condition, EdgeDeployment, EdgeDeploymentStatus, ModuleStatus};
+
+/// The finalizer that makes deletion remove what owner references would not (the store PVC
+/// when `retainOnDelete: false`) and every labelled object explicitly.
+pub const FINALIZER: &str = "edgehub.io/cleanup";
+/// How often a healthy EdgeDeployment is looked at again without any change.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// The first retry after an error; doubled per consecutive failure up to [`BACKOFF_MAX`].
+pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
+/// The longest retry interval.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// What a pass needs.
+pub struct Context {
+    /// The API.
+    pub client: Client,
+    /// The controller's flags.
+    pub opts: ControllerOptions,
+    /// Unix seconds now (certificate expiry, condition times). Tests pass a fixed clock.
+    pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// The deadline of each API call.
+    pub api_timeout: Duration,
+    /// Consecutive failures per `namespace/name`.
+    failures: Mutex<HashMap<String, u32>>,
+    /// Publishes Kubernetes Events.
+    recorder: Recorder,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The controller's counters, in Prometheus text format with `edgehub_` names.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Passes run.
+    pub reconciles: std::sync::atomic::AtomicU64,
+    /// Passes that failed.
+    pub reconcile_errors: std::sync::atomic::AtomicU64,
+    /// 1 while this replica holds the Lease.
+    pub leader: std::sync::atomic::AtomicBool,
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        format!(
+            "# HELP edgehub_controller_reconciles_total Reconcile passes run.\n\
+             # TYPE edgehub_controller_reconciles_total counter\n\
+             edgehub_controller_reconciles_total {}\n\
+             # HELP edgehub_controller_reconcile_errors_total Reconcile passes that failed.\n\
+             # TYPE edgehub_controller_reconcile_errors_total counter\n\
+             edgehub_controller_reconcile_errors_total {}\n\
+             # HELP edgehub_controller_leader 1 while this replica holds the leader Lease.\n\
+             # TYPE edgehub_controller_leader gauge\n\
+             edgehub_controller_leader {}\n",
+            self.reconciles.load(Relaxed),
+            self.reconcile_errors.load(Relaxed),
+            u8::from(self.leader.load(Relaxed)),
+        )
+    }
+}
+
+impl Context {
+    /// A context with the system clock and a 30 s API deadline.
+    pub fn new(client: Client, opts: ControllerOptions) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.to_owned(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        );
+        Self {
+            client,
+            opts,
+            clock: Arc::new(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            }),
+            api_timeout: Duration::from_secs(30),
+            failures: Mutex::new(HashMap::new()),
+            recorder,
+            metrics: Arc::new(Metrics::default()),
+        }
+    }
+
+    /// The same with another clock.
+    pub fn with_clock(mut self, clock: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The same with another API deadline.
+    pub fn with_api_timeout(mut self, timeout: Duration) -> Self {
+        self.api_timeout = timeout;
+        self
+    }
+}
+
+/// Why a pass failed (it is retried by [`error_policy`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API refused or failed.
+    #[error("{action} {object}: {source}")]
+    Api {
+        /// reading, applying, deleting, …
+        action: &'static str,
+        /// `Kind/name`.
+        object: String,
+        /// The API's error (a `Status` with its code for 409, 500, …).
+        source: kube::Error,
+    },
+    /// The API did not answer in time.
+    #[error("{action} {object}: no answer within {after:?}")]
+    Timeout {
+        /// reading, applying, deleting, …
+        action: &'static str,
+        /// `Kind/name`.
+        object: String,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The EdgeDeployment has no namespace (the CRD is namespaced: a bug elsewhere).
+    #[error("the EdgeDeployment has no namespace")]
+    NoNamespace,
+    /// Certificates could not be made.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Keys could not be resolved.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// Objects could not be built.
+    #[error(transparent)]
+    Render(#[from] RenderError),
+    /// An object could not be serialized (a bug).
+    #[error("serializing {object}: {source}")]
+    Serialize {
+        /// `Kind/name`.
+        object: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// A short CamelCase reason for Events.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Api { .. } => "ApiError",
+            Self::Timeout { .. } => "ApiTimeout",
+            Self::NoNamespace => "NoNamespace",
+            Self::Tls(_) => "TlsError",
+            Self::Keys(_) => "KeyError",
+            Self::Render(_) => "RenderError",
+            Self::Serialize { .. } => "SerializeError",
+        }
+    }
+}
+
+async fn call<T>(
+    ctx: &Context,
+    action: &'static str,
+    object: impl Fn() -> String,
+    fut: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(ctx.api_timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(Error::Api {
+            action,
+            object: object(),
+            source,
+        }),
+        Err(_) => Err(Error::Timeout {
+            action,
+            object: object(),
+            after: ctx.api_timeout,
+        }),
+    }
+}
+
+fn key_of(ed: &EdgeDeployment) -> String {
+    format!("{}/{}", ed.namespace().unwrap_or_default(), ed.name_any())
+}
+
+/// The requeue after an error: [`BACKOFF_BASE`] doubled per consecutive failure of this
+/// EdgeDeployment, at most [`BACKOFF_MAX`].
+pub fn error_policy(ed: Arc<EdgeDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    let n = {
+        let mut failures = ctx
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = failures.entry(key_of(&ed)).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(n);
+    tracing::warn!(edgedeployment = %key_of(&ed), error = %error, failures = n, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The delay after `n` (≥ 1) consecutive failures.
+pub fn backoff(n: u32) -> Duration {
+    let factor = 1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX);
+    BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+/// One pass (see the module docs).
+pub async fn reconcile(ed: Arc<EdgeDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.metrics
+        .reconciles
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let result = reconcile_inner(&ed, &ctx).await;
+    match &result {
+        Ok(_) => {
+            ctx.failures
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&key_of(&ed));
+        }
+        Err(e) => {
+            ctx.metrics
+                .reconcile_errors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            publish(&ctx, &ed, EventType::Warning, e.reason(), &e.to_string()).await
+        }
+    }
+    result
+}
+
+async fn publish(ctx: &Context, ed: &EdgeDeployment, type_: EventType, reason: &str, note: &str) {
+    let event = Event {
+        type_,
+        reason: reason.to_owned(),
+        note: Some(note.chars().take(1024).collect()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &ed.object_ref(&())).await {
+        tracing::warn!(edgedeployment = %key_of(ed), error = %e, "could not publish an Event");
+    }
+}
+
+async fn reconcile_inner(ed: &EdgeDeployment, ctx: &Context) -> Result<Action, Error> {
+    let ns = ed.namespace().ok_or(Error::NoNamespace)?;
+    let name = ed.name_any();
+    let eds: Api<EdgeDeployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let ed_object = || format!("EdgeDeployment/{name}");
+
+    if ed.meta().deletion_timestamp.is_some() {
+        if ed.finalizers().iter().any(|f| f == FINALIZER) {
+            cleanup(ed, ctx, &ns).await?;
+            let rest: Vec<&String> = ed.finalizers().iter().filter(|f| *f != FINALIZER).collect();
+            let patch =
+                json!({"metadata": {"finalizers": rest, "resourceVersion": ed.resource_version()}});
+            call(
+                ctx,
+                "removing the finalizer of",
+                ed_object,
+                eds.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await?;
+        }
+        return Ok(Action::await_change());
+    }
+    let patched;
+    let ed = if ed.finalizers().iter().any(|f| f == FINALIZER) {
+        ed
+    } else {
+        let mut all: Vec<String> = ed.finalizers().to_vec();
+        all.push(FINALIZER.to_owned());
+        let patch =
+            json!({"metadata": {"finalizers": all, "resourceVersion": ed.resource_version()}});
+        // The rest of the pass works on what the API returned (its resourceVersion).
+        patched = call(
+            ctx,
+            "adding the finalizer to",
+            ed_object,
+            eds.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await?;
+        &patched
+    };
+
+    let now = (ctx.clock)();
+    let manifest = match resolve_manifest(ed, ctx, &ns).await? {
+        Ok(m) => m,
+        Err((reason, message)) => return degraded(ed, ctx, &eds, reason, message, now).await,
+    };
+    let modules = match agent::parse_manifest(&manifest) {
+        Ok(m) => m,
+        Err(problems) => {
+            return degraded(
+                ed,
+                ctx,
+                &eds,
+                "InvalidManifest",
+                problems.messages.join("; "),
+                now,
+            )
+            .await
+        }
+    };
+
+    // Secret material: read back, keep, make what is missing.
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let tls_name = names::hub_tls(&name);
+    let old_tls = call(
+        ctx,
+        "reading",
+        || format!("Secret/{tls_name}"),
+        secrets.get_opt(&tls_name),
+    )
+    .await?;
+    let old_tls = old_tls.and_then(|s| {
+        TlsMaterial::from_secret(
+            &secret_data(&s),
+            s.metadata.annotations.as_ref().unwrap_or(&BTreeMap::new()),
+        )
+    });
+    let (tls, tls_outcome) = tls::ensure(
+        old_tls,
+        &desired::ca_common_name(ed),
+        &desired::hub_dns_names(ed),
+        now,
+    )?;
+    let keys_name = names::module_keys(&name);
+    let kept = call(
+        ctx,
+        "reading",
+        || format!("Secret/{keys_name}"),
+        secrets.get_opt(&keys_name),
+    )
+    .await?;
+    let issued = match &ed.spec.device.keys_secret {
+        Some(s) => {
+            match call(ctx, "reading", || format!("Secret/{s}"), secrets.get_opt(s)).await? {
+                Some(secret) => secret_data(&secret),
+                None => {
+                    return degraded(
+                        ed,
+                        ctx,
+                        &eds,
+                        "KeysSecretNotFound",
+                        format!("spec.device.keysSecret: Secret {s:?} not found"),
+                        now,
+                    )
+                    .await
+                }
+            }
+        }
+        None => BTreeMap::new(),
+    };
+    let names_only: Vec<_> = modules.iter().map(|m| m.name.clone()).collect();
+    let resolved = keys::resolve(
+        &names_only,
+        ed.spec.device.keys_secret.as_deref().unwrap_or(""),
+        &issued,
+        &kept.as_ref().map(secret_data).unwrap_or_default(),
+    )?;
+    let minted: Vec<String> = resolved
+        .iter()
+        .filter(|(_, (_, o))| *o == KeyOrigin::Minted)
+        .map(|(m, _)| m.to_string())
+        .collect();
+    let material = SecretMaterial {
+        tls,
+        keys: resolved.into_iter().map(|(m, (k, _))| (m, k)).collect(),
+    };
+
+    let want = desired::desired(ed, &manifest, &material, &ctx.opts)?;
+    let mut applied = Vec::new();
+    for object in want.objects() {
+        let changed = match &object {
+            Object::Secret(o) => apply(ctx, &ns, o, &object).await?,
+            Object::ConfigMap(o) => apply(ctx, &ns, o, &object).await?,
+            Object::Service(o) => apply(ctx, &ns, o, &object).await?,
+            Object::StatefulSet(o) => apply(ctx, &ns, o, &object).await?,
+        };
+        if changed {
+            applied.push(object.describe());
+        }
+    }
+    if !applied.is_empty() {
+        tracing::info!(edgedeployment = %key_of(ed), objects = ?applied, "applied");
+    }
+    if tls_outcome != TlsOutcome::Unchanged {
+        tracing::info!(edgedeployment = %key_of(ed), outcome = ?tls_outcome, "hub certificate made");
+    }
+    if !minted.is_empty() {
+        tracing::info!(edgedeployment = %key_of(ed), modules = ?minted, "module keys minted");
+    }
+
+    // Module objects whose module left the manifest.
+    let keep: Vec<String> = want.objects().iter().map(Object::describe).collect();
+    let selector = format!(
+        "{}={name},{}=module,{}={MANAGER}",
+        names::LABEL_PART_OF,
+        names::LABEL_COMPONENT,
+        names::LABEL_MANAGED_BY
+    );
+    prune::<StatefulSet>(ctx, &ns, "StatefulSet", &selector, &keep).await?;
+    prune::<Service>(ctx, &ns, "Service", &selector, &keep).await?;
+    prune::<Secret>(ctx, &ns, "Secret", &selector, &keep).await?;
+
+    // Status.
+    let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let hub_name = names::hub(&name);
+    let hub = call(
+        ctx,
+        "reading",
+        || format!("StatefulSet/{hub_name}"),
+        sts.get_opt(&hub_name),
+    )
+    .await?;
+    let hub_ready = ready_replicas(hub.as_ref()) >= 1;
+    let mut module_status = Vec::new();
+    for (m, objects) in modules.iter().zip(&want.modules) {
+        let wname = objects.workload.name_any();
+        let live = call(
+            ctx,
+            "reading",
+            || format!("StatefulSet/{wname}"),
+            sts.get_opt(&wname),
+        )
+        .await?;
+        let (phase, message) = match m.status {
+            DesiredStatus::Stopped => ("Stopped", String::new()),
+            DesiredStatus::Running if ready_replicas(live.as_ref()) >= 1 => {
+                ("Running", String::new())
+            }
+            DesiredStatus::Running => ("Pending", "waiting for its pod to be ready".to_owned()),
+        };
+        module_status.push(ModuleStatus {
+            name: m.name.to_string(),
+            phase: phase.to_owned(),
+            message,
+        });
+    }
+    let not_ready: Vec<&str> = module_status
+        .iter()
+        .filter(|m| m.phase == "Pending")
+        .map(|m| m.name.as_str())
+        .collect();
+    let generation = ed.meta().generation;
+    let mut conditions = vec![
+        cond(
+            "HubReady",
+            hub_ready,
+            if hub_ready {
+                "HubPodReady"
+            } else {
+                "HubPodNotReady"
+            },
+            String::new(),
+            generation,
+        ),
+        cond(
+            "ModulesReady",
+            not_ready.is_empty(),
+            if not_ready.is_empty() {
+                "AllModulesReady"
+            } else {
+                "ModulesNotReady"
+            },
+            if not_ready.is_empty() {
+                String::new()
+            } else {
+                format!("not ready: {}", not_ready.join(", "))
+            },
+            generation,
+        ),
+    ];
+    if want.untranslated.is_empty() {
+        conditions.push(cond(
+            "Degraded",
+            false,
+            "AsExpected",
+            String::new(),
+            generation,
+        ));
+    } else {
+        conditions.push(cond(
+            "Degraded",
+            true,
+            "UntranslatedCreateOptions",
+            format!("not translated: {}", want.untranslated.join("; ")),
+            generation,
+        ));
+    }
+    let ready = hub_ready && not_ready.is_empty();
+    conditions.insert(
+        0,
+        cond(
+            "Ready",
+            ready,
+            if ready { "AllReady" } else { "NotReady" },
+            String::new(),
+            generation,
+        ),
+    );
+    let status = EdgeDeploymentStatus {
+        observed_generation: generation,
+        conditions,
+        modules: module_status,
+        store_epoch: Some(desired::store_epoch(ed)),
+    };
+    write_status(ed, ctx, &eds, status, now).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+fn cond(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.to_owned(),
+        status: if status { "True" } else { "False" }.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: None,
+        observed_generation: generation,
+    }
+}
+
+fn ready_replicas(s: Option<&StatefulSet>) -> i32 {
+    s.and_then(|s| s.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0)
+}
+
+fn secret_data(s: &Secret) -> BTreeMap<String, Vec<u8>> {
+    s.data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.clone(), v.0.clone()))
+        .collect()
+}
+
+/// The manifest, or why there is none (`(reason, message)` for a Degraded condition).
+async fn resolve_manifest(
+    ed: &EdgeDeployment,
+    ctx: &Context,
+    ns: &str,
+) -> Result<Result<Value, (&'static str, String)>, Error> {
+    let source = &ed.spec.manifest;
+    match (&source.inline, &source.config_map_key_ref) {
+        (Some(m), None) => Ok(Ok(m.clone())),
+        (None, Some(r)) => {
+            let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+            let cm = call(
+                ctx,
+                "reading",
+                || format!("ConfigMap/{}", r.name),
+                cms.get_opt(&r.name),
+            )
+            .await?;
+            let text = cm
+                .as_ref()
+                .and_then(|c| c.data.as_ref())
+                .and_then(|d| d.get(&r.key));
+            Ok(match (cm.is_some(), text) {
+                (false, _) => Err((
+                    "ManifestNotFound",
+                    format!("ConfigMap {:?} not found", r.name),
+                )),
+                (true, None) => Err((
+                    "ManifestNotFound",
+                    format!("ConfigMap {:?} has no key {:?}", r.name, r.key),
+                )),
+                (true, Some(t)) => serde_json::from_str(t).map_err(|e| {
+                    (
+                        "InvalidManifest",
+                        format!("ConfigMap {:?} key {:?}: invalid JSON: {e}", r.name, r.key),
+                    )
+                }),
+            })
+        }
+        _ => Ok(Err((
+            "InvalidSpec",
+            "spec.manifest must have exactly one of inline and configMapKeyRef".to_owned(),
+        ))),
+    }
+}
+
+/// Sets Degraded (keeping the other conditions) and an Event; changes no object.
+async fn degraded(
+    ed: &EdgeDeployment,
+    ctx: &Context,
+    eds: &Api<EdgeDeployment>,
+    reason: &'static str,
+    message: String,
+    now: u64,
+) -> Result<Action, Error> {
+    tracing::warn!(edgedeployment = %key_of(ed), reason, message = %message, "degraded");
+    let mut status = ed.status.clone().unwrap_or_default();
+    let generation = ed.meta().generation;
+    status
+        .conditions
+        .retain(|c| c.type_ != "Degraded" && c.type_ != "Ready");
+    status
+        .conditions
+        .insert(0, cond("Ready", false, reason, message.clone(), generation));
+    status
+        .conditions
+        .push(cond("Degraded", true, reason, message.clone(), generation));
+    status.observed_generation = generation;
+    let changed = write_status(ed, ctx, eds, status, now).await?;
+    if changed {
+        publish(ctx, ed, EventType::Warning, reason, &message).await;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Writes the status when it differs from the live one; a condition keeps its
+/// lastTransitionTime while its status stays. Returns whether it wrote.
+async fn write_status(
+    ed: &EdgeDeployment,
+    ctx: &Context,
+    eds: &Api<EdgeDeployment>,
+    mut status: EdgeDeploymentStatus,
+    now: u64,
+) -> Result<bool, Error> {
+    let old = ed.status.clone().unwrap_or_default();
+    let stamp = k8s_openapi::jiff::Timestamp::from_second(i64::try_from(now).unwrap_or(i64::MAX))
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    for c in &mut status.conditions {
+        c.last_transition_time = match old.conditions.iter().find(|o| o.type_ == c.type_) {
+            Some(o) if o.status == c.status => o.last_transition_time.clone(),
+            _ => Some(stamp.clone()),
+        };
+    }
+    if status == old {
+        return Ok(false);
+    }
+    let name = ed.name_any();
+    let patch = json!({ "status": status });
+    call(
+        ctx,
+        "writing the status of",
+        || format!("EdgeDeployment/{name}"),
+        eds.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Server-side applies `obj` unless the live object already holds every field it sets.
+/// Returns whether it wrote.
+async fn apply<K>(ctx: &Context, ns: &str, obj: &K, object: &Object) -> Result<bool, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    let describe = || object.describe();
+    let want = serde_json::to_value(obj).map_err(|source| Error::Serialize {
+        object: describe(),
+        source,
+    })?;
+    if let Some(live) = call(ctx, "reading", describe, api.get_opt(&name)).await? {
+        let live = serde_json::to_value(&live).map_err(|source| Error::Serialize {
+            object: describe(),
+            source,
+        })?;
+        // A key of a Secret or ConfigMap we no longer set (a removed module's key) must go:
+        // the hub declares a module for every file of its keys directory.
+        let stale: serde_json::Map<String, Value> = match (want.get("data"), live.get("data")) {
+            (Some(Value::Object(w)), Some(Value::Object(l))) => l
+                .keys()
+                .filter(|k| !w.contains_key(*k))
+                .map(|k| (k.clone(), Value::Null))
+                .collect(),
+            _ => serde_json::Map::new(),
+        };
+        if !stale.is_empty() {
+            let patch = json!({ "data": stale });
+            call(
+                ctx,
+                "removing stale keys of",
+                describe,
+                api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await?;
+        } else if is_subset(&want, &live) {
+            return Ok(false);
+        }
+    }
+    let params = PatchParams::apply(MANAGER).force();
+    call(
+        ctx,
+        "applying",
+        describe,
+        api.patch(&name, &params, &Patch::Apply(obj)),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// Does `live` hold every field of `want` with the same value? Objects may have more fields
+/// (defaults the API server adds); arrays must have the same length, element by element.
+pub fn is_subset(want: &Value, live: &Value) -> bool {
+    match (want, live) {
+        (Value::Object(w), Value::Object(l)) => w
+            .iter()
+            .all(|(k, v)| l.get(k).is_some_and(|lv| is_subset(v, lv))),
+        (Value::Array(w), Value::Array(l)) => {
+            w.len() == l.len() && w.iter().zip(l).all(|(a, b)| is_subset(a, b))
+        }
+        _ => want == live,
+    }
+}
+
+/// Deletes objects of kind `K` matching `selector` that are not in `keep` (`Kind/name`).
+async fn prune<K>(
+    ctx: &Context,
+    ns: &str,
+    kind: &'static str,
+    selector: &str,
+    keep: &[String],
+) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let list = call(
+        ctx,
+        "listing",
+        || format!("{kind} ({selector})"),
+        api.list(&ListParams::default().labels(selector)),
+    )
+    .await?;
+    for item in list.items {
+        let name = item.name_any();
+        let described = format!("{kind}/{name}");
+        if keep.contains(&described) {
+            continue;
+        }
+        tracing::info!(object = %described, "deleting: its module left the manifest");
+        delete(ctx, &api, &described, &name).await?;
+    }
+    Ok(())
+}
+
+async fn delete<K>(ctx: &Context, api: &Api<K>, described: &str, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + Debug + DeserializeOwned,
+{
+    match call(
+        ctx,
+        "deleting",
+        || described.to_owned(),
+        api.delete(name, &DeleteParams::background()),
+    )
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(Error::Api {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Deletes every object labelled as this deployment's, and its PVCs unless
+/// `spec.hub.storage.retainOnDelete`.
+async fn cleanup(ed: &EdgeDeployment, ctx: &Context, ns: &str) -> Result<(), Error> {
+    let name = ed.name_any();
+    let selector = format!(
+        "{}={name},{}={MANAGER}",
+        names::LABEL_PART_OF,
+        names::LABEL_MANAGED_BY
+    );
+    prune::<StatefulSet>(ctx, ns, "StatefulSet", &selector, &[]).await?;
+    prune::<Service>(ctx, ns, "Service", &selector, &[]).await?;
+    prune::<Secret>(ctx, ns, "Secret", &selector, &[]).await?;
+    prune::<ConfigMap>(ctx, ns, "ConfigMap", &selector, &[]).await?;
+    if !ed.spec.hub.storage.retain_on_delete {
+        let pvc_selector = format!("{}={name}", names::LABEL_PART_OF);
+        prune::<PersistentVolumeClaim>(ctx, ns, "PersistentVolumeClaim", &pvc_selector, &[])
+            .await?;
+    }
+    tracing::info!(edgedeployment = %key_of(ed), retained_store = ed.spec.hub.storage.retain_on_delete, "cleaned up");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_five_seconds_to_five_minutes() {
+        let got: Vec<u64> = (1..=8).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(got, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(backoff(1000), BACKOFF_MAX);
+    }
+
+    #[test]
+    fn subset_ignores_added_fields_but_not_changed_or_missing_ones() {
+        let want = json!({"a": 1, "b": [{"x": 1}], "c": {"d": "e"}});
+        assert!(is_subset(
+            &want,
+            &json!({"a": 1, "b": [{"x": 1, "y": 2}], "c": {"d": "e", "f": 0}, "z": 1})
+        ));
+        assert!(!is_subset(
+            &want,
+            &json!({"a": 2, "b": [{"x": 1}], "c": {"d": "e"}})
+        ));
+        assert!(!is_subset(
+            &want,
+            &json!({"a": 1, "b": [{"x": 1}, {"x": 2}], "c": {"d": "e"}})
+        ));
+        assert!(!is_subset(&want, &json!({"a": 1, "b": [{"x": 1}]})));
+    }
+}

@@ -1,0 +1,180 @@
+//! `edgehub-controller render` as the others run it: the examples render to YAML documents of
+//! the expected kinds, generated data are placeholders, and bad input fails with a clear error.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn controller(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgehub-controller"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run edgehub-controller")
+}
+
+fn docs(out: &Output) -> Vec<serde_yaml::Value> {
+    assert!(
+        out.status.success(),
+        "render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout.clone()).expect("utf8");
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("a YAML document"))
+        .collect()
+}
+
+fn kinds(docs: &[serde_yaml::Value]) -> Vec<String> {
+    docs.iter()
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["kind"].as_str().unwrap_or("?"),
+                d["metadata"]["name"].as_str().unwrap_or("?")
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_minimal_example_renders_every_object_with_placeholders() {
+    let docs = docs(&controller(&["render", "examples/minimal.yaml"]));
+    assert_eq!(
+        kinds(&docs),
+        [
+            "Secret/line1-hub-tls",
+            "ConfigMap/line1-trust-bundle",
+            "Secret/line1-module-keys",
+            "ConfigMap/line1-manifest",
+            "Secret/line1-module-sensor",
+            "Service/line1-hub",
+            "StatefulSet/line1-hub",
+            "StatefulSet/line1-sensor",
+        ]
+    );
+    assert_eq!(
+        docs[0]["stringData"]["ca.key"].as_str(),
+        Some("<generated: ca.key>")
+    );
+    assert_eq!(
+        docs[2]["stringData"]["sensor"].as_str(),
+        Some("<generated: key of sensor>")
+    );
+    assert!(docs[4]["stringData"]["connectionString"]
+        .as_str()
+        .is_some_and(|s| s.contains("SharedAccessKey=<generated: key of sensor>")));
+    for d in &docs {
+        assert!(
+            d["metadata"].get("ownerReferences").is_none(),
+            "no uid offline"
+        );
+    }
+}
+
+#[test]
+fn two_modules_render_with_their_service_and_the_image_flag() {
+    let out = controller(&[
+        "render",
+        "examples/two-modules.yaml",
+        "--hub-image",
+        "localhost/edgehub:ci",
+    ]);
+    let docs = docs(&out);
+    let k = kinds(&docs);
+    assert!(k.contains(&"Service/line2-filter".to_owned()), "{k:?}");
+    assert_eq!(
+        k.iter().filter(|k| k.starts_with("StatefulSet/")).count(),
+        4,
+        "{k:?}"
+    );
+    let hub = docs
+        .iter()
+        .find(|d| d["kind"] == "StatefulSet" && d["metadata"]["name"] == "line2-hub")
+        .expect("hub");
+    assert_eq!(
+        hub["spec"]["template"]["spec"]["containers"][0]["image"].as_str(),
+        Some("localhost/edgehub:ci")
+    );
+}
+
+#[test]
+fn a_config_map_manifest_needs_the_manifest_file() {
+    let out = controller(&["render", "examples/configmap-ref.yaml"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--manifest-file"), "{err}");
+
+    let docs = docs(&controller(&[
+        "render",
+        "examples/configmap-ref.yaml",
+        "--manifest-file",
+        "examples/deployment.json",
+    ]));
+    let k = kinds(&docs);
+    assert!(k.contains(&"StatefulSet/line3-sender".to_owned()), "{k:?}");
+    assert!(
+        k.contains(&"StatefulSet/line3-receiver".to_owned()),
+        "{k:?}"
+    );
+    let hub = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "line3-hub" && d["kind"] == "StatefulSet")
+        .expect("hub");
+    assert_eq!(
+        hub["spec"]["template"]["spec"]["containers"][0]["image"].as_str(),
+        Some("registry.example.com/edgehub:0.1.0")
+    );
+    assert_eq!(
+        hub["spec"]["volumeClaimTemplates"][0]["spec"]["accessModes"][0].as_str(),
+        Some("ReadWriteOnce")
+    );
+}
+
+#[test]
+fn a_bad_route_fails_with_the_routers_located_message() {
+    let dir = std::env::temp_dir().join(format!("edgehub-render-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let src = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/minimal.yaml"),
+    )
+    .expect("example");
+    let bad = src.replace(
+        "FROM /messages/* INTO $upstream",
+        "FROM /messages/* WHERE INTO $upstream",
+    );
+    assert_ne!(bad, src);
+    let file = dir.join("bad.yaml");
+    std::fs::write(&file, bad).expect("write");
+    let out = controller(&["render", file.to_str().expect("path")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The very message `edgehub check-manifest` prints (the router's parser).
+    let ed: k8s::types::EdgeDeployment =
+        serde_yaml::from_str(&std::fs::read_to_string(&file).expect("read")).expect("ed");
+    let issues =
+        router::manifest::parse_deployment_value(ed.spec.manifest.inline.as_ref().expect("inline"))
+            .expect_err("bad route")
+            .issues;
+    assert_eq!(issues.len(), 1);
+    assert!(err.contains(&format!("bad.yaml: {}", issues[0])), "{err}");
+    assert!(err.contains("route 'upstream'"), "{err}");
+    assert!(err.contains("1 problem(s) found"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_edge_deployment_in_json_renders_like_its_yaml() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(root.join("examples/minimal.yaml")).expect("example");
+    let value: serde_json::Value = serde_yaml::from_str(&yaml).expect("yaml");
+    let dir = std::env::temp_dir().join(format!("edgehub-render-json-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("minimal.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&value).expect("json")).expect("write");
+    let from_json = controller(&["render", file.to_str().expect("path")]);
+    let from_yaml = controller(&["render", "examples/minimal.yaml"]);
+    assert_eq!(docs(&from_json), docs(&from_yaml));
+    let _ = std::fs::remove_dir_all(&dir);
+}
