@@ -1,4 +1,6 @@
-//! The controller's HTTP endpoint: `GET /metrics` (Prometheus text) and `GET /healthz`.
+//! The controller's HTTP endpoint: `GET /metrics` (Prometheus text), `GET /healthz` and
+//! `GET /readyz` (the chart's probes). A follower replica is ready too: it serves and waits to
+//! lead, and readiness gates no traffic to it.
 //! HTTP/1.0-style: one request per connection, bounded request size.
 
 use std::sync::Arc;
@@ -7,6 +9,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::reconcile::Metrics;
+
+/// The paths served (the chart's probes must ask for one of them).
+pub const PATHS: &[&str] = &["/metrics", "/healthz", "/readyz"];
 
 /// The most a request head may take.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -29,7 +34,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> std::io::Res
             let path = head.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match (head.starts_with("GET "), path) {
                 (true, "/metrics") => ("200 OK", metrics.render()),
-                (true, "/healthz") => ("200 OK", "ok\n".to_owned()),
+                (true, "/healthz" | "/readyz") => ("200 OK", "ok\n".to_owned()),
                 (true, _) => ("404 Not Found", "not found\n".to_owned()),
                 (false, _) => ("405 Method Not Allowed", "GET only\n".to_owned()),
             };
@@ -74,6 +79,8 @@ mod tests {
         );
         assert!(out.contains("\nedgehub_controller_leader 0\n"), "{out}");
         assert!(get(addr, "/healthz").await.ends_with("\r\n\r\nok\n"));
+        // The chart's readiness probe.
+        assert!(get(addr, "/readyz").await.ends_with("\r\n\r\nok\n"));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
     }
 }

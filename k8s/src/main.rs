@@ -49,14 +49,10 @@ struct RunArgs {
         default_value = "edgehub-controller"
     )]
     lease_name: String,
-    /// The Lease's namespace (the controller's own).
-    #[arg(
-        long,
-        env = "EDGEHUB_LEASE_NAMESPACE",
-        value_name = "NS",
-        default_value = "default"
-    )]
-    lease_namespace: String,
+    /// The Lease's namespace [default: the controller's own, from POD_NAMESPACE (the chart sets
+    /// it), else `default`]. The chart's RBAC grants Leases in the release namespace only.
+    #[arg(long, env = "EDGEHUB_LEASE_NAMESPACE", value_name = "NS")]
+    lease_namespace: Option<String>,
     /// How long a leader's Lease lasts without renewal, in seconds (renewed every third).
     #[arg(
         long,
@@ -68,7 +64,7 @@ struct RunArgs {
     /// This replica's identity in the Lease [default: the pod name from POD_NAME, else the host name].
     #[arg(long, env = "EDGEHUB_IDENTITY", value_name = "ID")]
     identity: Option<String>,
-    /// Where to serve /metrics and /healthz.
+    /// Where to serve /metrics, /healthz and /readyz.
     #[arg(
         long,
         env = "EDGEHUB_METRICS_ADDR",
@@ -201,7 +197,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .context("no --identity, POD_NAME or HOSTNAME")?;
     let (leader_tx, mut leader_rx) = tokio::sync::watch::channel(false);
-    let leases = Api::namespaced(client.clone(), &args.lease_namespace);
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| "default".to_owned());
+    let leases = Api::namespaced(client.clone(), &lease_namespace);
     tokio::spawn(k8s::lease::run(
         leases,
         args.lease_name.clone(),
@@ -211,7 +212,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         leader_tx,
     ));
-    tracing::info!(identity = %identity, lease = %args.lease_name, "waiting to lead");
+    tracing::info!(identity = %identity, lease = %args.lease_name, namespace = %lease_namespace, "waiting to lead");
     leader_rx
         .wait_for(|lead| *lead)
         .await

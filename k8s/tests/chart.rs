@@ -79,6 +79,9 @@ fn chart_edgedeployments_read_back_unchanged_through_the_controllers_types() {
     let mut seen = Vec::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            continue;
+        }
         let text = std::fs::read_to_string(&path).unwrap();
         let rendered: serde_json::Value = serde_json::from_str(&text).unwrap();
         let ed: k8s::types::EdgeDeployment = serde_json::from_value(rendered.clone())
@@ -105,4 +108,82 @@ fn chart_edgedeployments_read_back_unchanged_through_the_controllers_types() {
             "watch-namespace"
         ]
     );
+}
+
+/// The chart and the controller binary agree: for every values file, the controller
+/// Deployment's command and arguments are accepted by the real `edgehub-controller` (run with
+/// `--help` appended: clap refuses an unknown flag with status 2 before it reads `--help`), its
+/// probes ask for paths the controller serves, and it tells the controller its namespace (where
+/// the chart's RBAC lets it hold its Lease).
+#[test]
+fn the_charts_controller_deployment_runs_the_controller_as_it_is() {
+    let venv = venv();
+    let python = venv.join("bin/python");
+    assert!(
+        python.is_file(),
+        "no chart test venv at {}: {INSTALL_HINT}",
+        venv.display()
+    );
+    let dir = std::env::temp_dir().join(format!("edgehub-chart-ctl-{}", std::process::id()));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("chart/tests/test_chart.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg("--dump")
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+    assert!(
+        out.status.success(),
+        "rendering failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cases = 0;
+    for entry in std::fs::read_dir(dir.join("controller")).unwrap() {
+        let path = entry.unwrap().path();
+        let deployment: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let strings = |v: &serde_json::Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| a.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
+                .unwrap_or_default()
+        };
+        let command = strings(&container["command"]);
+        assert_eq!(command, ["/edgehub-controller"], "{}", path.display());
+        let mut args = strings(&container["args"]);
+        args.push("--help".to_owned());
+        let run = Command::new(env!("CARGO_BIN_EXE_edgehub-controller"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}: the controller refuses the chart's arguments {args:?}: {}",
+            path.display(),
+            String::from_utf8_lossy(&run.stderr)
+        );
+        for probe in ["livenessProbe", "readinessProbe"] {
+            let wanted = container[probe]["httpGet"]["path"].as_str().unwrap();
+            assert!(
+                k8s::http::PATHS.contains(&wanted),
+                "{}: {probe} asks for {wanted}, the controller serves {:?}",
+                path.display(),
+                k8s::http::PATHS
+            );
+        }
+        let env: Vec<&str> = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            env.contains(&"POD_NAMESPACE") && env.contains(&"POD_NAME"),
+            "{}: {env:?}",
+            path.display()
+        );
+        cases += 1;
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(cases >= 5, "only {cases} controller Deployments rendered");
 }

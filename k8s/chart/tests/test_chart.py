@@ -613,12 +613,17 @@ class Readme(unittest.TestCase):
 
 def dump(directory: Path) -> None:
     """Writes each case's rendered EdgeDeployment as CASE.json into `directory`, for
-    k8s/tests/chart.rs to read with the controller's own types."""
+    k8s/tests/chart.rs to read with the controller's own types, and each case's controller
+    Deployment as controller/CASE.json, whose command, args and probes that test runs against
+    the real controller binary."""
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "controller").mkdir(exist_ok=True)
     for case, (values_file, manifest, namespace) in CASES.items():
+        objects, _ = render(user_values(values_file, manifest), namespace)
+        (deployment,) = by_kind(objects)["Deployment"]
+        (directory / "controller" / f"{case}.json").write_text(json.dumps(deployment, indent=1), encoding="utf-8")
         if manifest is None:
             continue
-        objects, _ = render(user_values(values_file, manifest), namespace)
         (ed,) = by_kind(objects)["EdgeDeployment"]
         (directory / f"{case}.json").write_text(json.dumps(ed, indent=1), encoding="utf-8")
     objects, _ = render(user_values("defaults", "pair.json"))
