@@ -384,6 +384,9 @@ fn build_core(
                 reload::tls::watch(&cert, &tx)
                     .map_err(|(dir, source)| RunError::Watch { dir, source })?,
             );
+            // One look once the watches are set: a change between the first read and the
+            // watch would otherwise wait for the next one (the same files: "unchanged").
+            let _ = tx.try_send(());
             Some(tokio::spawn(reload::tls::serve(
                 cert,
                 Arc::clone(&clock),
