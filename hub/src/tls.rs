@@ -120,7 +120,7 @@ pub enum TlsError {
         key: PathBuf,
         /// rustls' reason.
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
     /// A given certificate does not chain to the given CA, has expired, or does not name the
     /// host modules dial.
@@ -139,7 +139,7 @@ pub enum TlsError {
         name: String,
         /// rustls' (webpki's) reason.
         #[source]
-        source: rustls::Error,
+        source: Box<rustls::Error>,
     },
 }
 
@@ -369,7 +369,7 @@ fn check_given(
             TlsError::KeyMismatch {
                 cert: files.cert.clone(),
                 key: files.key.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
     let cas = read_certs(&files.ca)?;
@@ -388,7 +388,7 @@ fn check_given(
         cert: files.cert.clone(),
         ca: files.ca.clone(),
         name: name.to_owned(),
-        source,
+        source: Box::new(source),
     };
     let server_name = ServerName::try_from(name.to_owned())
         .map_err(|e| untrusted(rustls::Error::General(e.to_string())))?;

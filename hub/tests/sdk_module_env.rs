@@ -167,7 +167,7 @@ fn both_sdks_send_from_exactly_the_controllers_module_environment() {
         SeqReport::of(&sent.data(), 0..N).assert_no_loss_no_reorder();
         let all = rx.data_lines((i + 1) * N as usize, secs(60));
         let got = &all[i * N as usize..];
-        SeqReport::of(&got, 0..N).assert_no_loss_no_reorder();
+        SeqReport::of(got, 0..N).assert_no_loss_no_reorder();
         for m in got {
             testhub::assert_intact(m, &run, "sender", "input1");
         }

@@ -44,7 +44,9 @@ fn s(p: &Path) -> &str {
 fn the_three_tls_flags_go_together_and_the_error_names_the_missing_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let cases: [(&str, Vec<&str>, Vec<(&str, &str)>, &str); 4] = [
+    /// Subcommand, flags, variables, what the error must say.
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: [Case; 4] = [
         (
             "run",
             vec!["--tls-cert", "/x/tls.crt"],
@@ -137,7 +139,9 @@ fn run_refuses_files_a_module_could_not_accept_and_says_which_and_why() {
     let ca = Ca::new("given CA");
     let other_ca = Ca::new("another CA");
     let good = ca.issue(&["localhost"]);
-    let cases: [(&str, Vec<(&'static str, String)>, &[&str]); 4] = [
+    /// What is wrong, the files, what the error must say.
+    type Case<'a> = (&'a str, Vec<(&'static str, String)>, &'a [&'a str]);
+    let cases: [Case; 4] = [
         (
             "key of another certificate",
             vec![

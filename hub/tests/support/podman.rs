@@ -1,5 +1,5 @@
 //! podman for tests that run edgehub's images (k8s/images/): make sure podman is there, build
-//! an image once per test run (cached by the binary's SHA-256), run containers, volumes and
+//! an image once per test run (cached by the SHA-256 of the binary, Containerfile and stage.sh), run containers, volumes and
 //! `podman kube play`, each under a unique name and removed when dropped.
 //!
 //! Reusable from any crate of the workspace (`#[path = "../../hub/tests/support/podman.rs"]`):
@@ -61,7 +61,7 @@ pub struct Podman {
     images_dir: PathBuf,
 }
 
-/// Images built by this process, by (image, binary digest): built once per test run.
+/// Images built by this process, by (image, digests): built once per test run.
 static BUILT: OnceLock<Mutex<BTreeMap<(Image, String), String>>> = OnceLock::new();
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -136,16 +136,24 @@ impl Podman {
     }
 
     /// The image of `kind` holding `binary`, built with its Containerfile (stage.sh lays out the
-    /// context) unless an image of that very binary exists: tagged by the binary's SHA-256, so
-    /// a test run builds it once and a rebuilt binary gets a new image. Returns the tag.
+    /// context) unless an image of that very binary, Containerfile and stage.sh exists: tagged
+    /// by their SHA-256s, so a test run builds it once and a change to any of them gets a new
+    /// image. Returns the tag.
     pub fn image(&self, kind: Image, binary: &Path) -> String {
-        let digest = sha256_file(binary);
+        let containerfile = self.images_dir.join(kind.containerfile());
+        // The binary, the Containerfile and stage.sh make the image: a change to any is a new tag.
+        let digest = format!(
+            "{}-{}{}",
+            &sha256_file(binary)[..16],
+            &sha256_file(&containerfile)[..8],
+            &sha256_file(&self.images_dir.join("stage.sh"))[..8]
+        );
         let built = BUILT.get_or_init(|| Mutex::new(BTreeMap::new()));
         let mut built = built.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tag) = built.get(&(kind, digest.clone())) {
             return tag.clone();
         }
-        let tag = format!("{}:{}", kind.repo(), &digest[..16]);
+        let tag = format!("{}:{digest}", kind.repo());
         if !self.output(&["image", "exists", &tag]).status.success() {
             let ctx = std::env::temp_dir().join(unique("image-context"));
             let stage = Command::new(self.images_dir.join("stage.sh"))
@@ -154,7 +162,6 @@ impl Podman {
                 .output()
                 .expect("run stage.sh");
             assert!(stage.status.success(), "stage.sh: {}", text(&stage.stderr));
-            let containerfile = self.images_dir.join(kind.containerfile());
             let started = Instant::now();
             self.ok(&[
                 "build",
