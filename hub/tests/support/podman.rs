@@ -1,6 +1,7 @@
 //! podman for tests that run edgehub's images (k8s/images/): make sure podman is there, build
-//! an image once per test run (cached by the SHA-256 of the binary, Containerfile and stage.sh), run containers, volumes and
-//! `podman kube play`, each under a unique name and removed when dropped.
+//! an image once per test run (cached by the SHA-256 of the binary, Containerfile and
+//! stage.sh), run containers, volumes and `podman kube play`, each under a unique name and
+//! removed when dropped.
 //!
 //! Reusable from any crate of the workspace (`#[path = "../../hub/tests/support/podman.rs"]`):
 //! it takes binary paths as arguments and needs only std.
