@@ -12,6 +12,9 @@ command -v mount >/dev/null || need_apt+=(mount)
 command -v prlimit >/dev/null || need_apt+=(util-linux)
 # A broker we did not write, for the upstream check (hub/tests/upstream_mosquitto.rs).
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+# The images under podman, with runc (hub/tests/podman_hub.rs, k8s/images/).
+command -v podman >/dev/null || need_apt+=(podman)
+command -v runc >/dev/null || need_apt+=(runc)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -12,7 +12,8 @@
 //! - `connection-string MODULE`: prints the module's connection string for the hub the data
 //!   directory belongs to (creating its key, the TLS files and the record if needed, so it works
 //!   before the first `run`).
-//! - `ca-path`: prints the path of the CA certificate to give SDKs (creating it if needed).
+//! - `ca-path`: prints the path of the CA certificate to give SDKs (creating it if needed, or
+//!   `--tls-ca` when the certificate files are given).
 //! - `check-manifest FILE`: validates a manifest with the parser `run` uses; prints every
 //!   problem with its location and exits 1, or a summary and 0.
 //!
@@ -138,11 +139,39 @@ struct ModuleArgs {
     module_keys_dir: Option<PathBuf>,
 }
 
+/// Certificate files to serve instead of the data directory's own CA (as a Kubernetes Secret
+/// mounts them): all three or none.
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// The server certificate to present (PEM: the leaf, then any intermediates) instead of one
+    /// from the data directory's own CA. Re-read when it changes (new connections get the new
+    /// one); with --tls-key and --tls-ca.
+    #[arg(long, env = "EDGEHUB_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "EDGEHUB_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificate --tls-cert chains to (PEM): what modules trust, and what `ca-path`
+    /// prints.
+    #[arg(long, env = "EDGEHUB_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn fill(&self, raw: &mut RawSettings) {
+        raw.tls_cert = self.tls_cert.clone();
+        raw.tls_key = self.tls_key.clone();
+        raw.tls_ca = self.tls_ca.clone();
+    }
+}
+
 /// `edgehub run`.
 #[derive(Debug, Args)]
 struct RunArgs {
     #[command(flatten)]
     data: DataDirArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     #[command(flatten)]
     identity: IdentityArgs,
     #[command(flatten)]
@@ -244,6 +273,8 @@ struct ConnectionStringArgs {
 struct CaPathArgs {
     #[command(flatten)]
     data: DataDirArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// `edgehub check-manifest`.
@@ -310,6 +341,7 @@ impl RunArgs {
         };
         self.identity.fill(&mut raw);
         self.modules.fill(&mut raw);
+        self.tls.fill(&mut raw);
         raw
     }
 }
@@ -517,14 +549,24 @@ fn connection_string(args: &ConnectionStringArgs) -> anyhow::Result<()> {
 }
 
 fn ca_path(args: &CaPathArgs) -> anyhow::Result<()> {
-    let raw = RawSettings {
+    let mut raw = RawSettings {
         data_dir: Some(args.data.data_dir.clone()),
         ..RawSettings::default()
     };
+    args.tls.fill(&mut raw);
     // The record's names keep the server certificate as `run` issued it.
     let (settings, _) = with_record(raw, false)?;
-    let (files, _) = tls::ensure(&settings).context("TLS certificates")?;
-    let path = std::path::absolute(&files.ca_cert).unwrap_or(files.ca_cert);
+    let ca = match settings.given_tls() {
+        // Given files are the controller's to make: nothing is created.
+        Some(given) => given.ca.clone(),
+        None => {
+            tls::ensure(&settings)
+                .context("TLS certificates")?
+                .0
+                .ca_cert
+        }
+    };
+    let path = std::path::absolute(&ca).unwrap_or(ca);
     println!("{}", path.display());
     Ok(())
 }

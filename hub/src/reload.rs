@@ -26,7 +26,11 @@
 //!   connections only if its module is still declared (MQTT: with the key it was checked
 //!   with), checked under the registry's lock, which the reload's eviction also takes after
 //!   changing the identities (`Registry::join_if`).
+//!
+//! The certificate files given with `--tls-cert`/`--tls-key`/`--tls-ca` are watched the same
+//! way and reloaded on their own ([`tls`]).
 
+pub mod tls;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -502,7 +506,7 @@ async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
 
 /// Takes file events until none came for [`QUIET`] (at most [`MAX_DELAY`]); the manifest's
 /// trigger wins over the keys directory's for the log.
-async fn gather(first: Trigger, files: &mut mpsc::Receiver<Trigger>) -> Trigger {
+async fn gather<T: Ord + Copy>(first: T, files: &mut mpsc::Receiver<T>) -> T {
     let mut trigger = first;
     let give_up = tokio::time::Instant::now() + MAX_DELAY;
     loop {

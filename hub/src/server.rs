@@ -42,7 +42,7 @@ use crate::mqtt::listener;
 use crate::mqtt::sessions::{Sessions, SessionsError};
 use crate::reload::{self, Reloader, Trigger};
 use crate::settings::{ManifestLoadError, ManifestSource, Settings};
-use crate::tls::{self, TlsError};
+use crate::tls::{self, GivenCert, TlsError};
 use crate::upstream;
 use crate::upstream::mqtt::{MqttUpstream, UpstreamTlsError};
 
@@ -208,7 +208,7 @@ pub async fn run_with_reloads(
     shutdown: impl Future<Output = ()> + Send,
     reload_requests: mpsc::Receiver<()>,
 ) -> Result<(), RunError> {
-    let prepared = prepare(&settings)?;
+    let prepared = prepare(&settings, clock.as_ref())?;
     let tls_config = Arc::clone(&prepared.tls_config);
     let store = open_store(&settings, &prepared.deployment, Arc::clone(&clock))?;
     let core = build_core(&settings, prepared, &store, clock, reload_requests)?;
@@ -223,10 +223,13 @@ struct Prepared {
     given_keys: Vec<(router::ModuleId, identity::ModuleKey)>,
     identities: Arc<Identities>,
     tls_config: Arc<rustls::ServerConfig>,
+    /// The certificate files given on the command line, if any (reloaded when they change).
+    given_cert: Option<Arc<GivenCert>>,
 }
 
-/// Phase 1: the data directory, the manifest, the module keys and identities, TLS.
-fn prepare(settings: &Settings) -> Result<Prepared, RunError> {
+/// Phase 1: the data directory, the manifest, the module keys and identities, TLS (the given
+/// certificate files, checked at `clock`'s time, else the data directory's own CA).
+fn prepare(settings: &Settings, clock: &dyn Clock) -> Result<Prepared, RunError> {
     let data_dir = settings.data_dir();
     std::fs::create_dir_all(data_dir).map_err(|source| RunError::DataDir {
         path: data_dir.to_owned(),
@@ -245,12 +248,24 @@ fn prepare(settings: &Settings) -> Result<Prepared, RunError> {
     );
     // The keys directory may declare modules `main` did not know of when it wrote the record.
     reload::record_modules(data_dir, &identities);
-    let tls_config = tls::server_config(settings).map_err(RunError::Tls)?;
+    let (tls_config, given_cert) = match settings.given_tls() {
+        Some(files) => {
+            let now = reload::tls::system_time(clock);
+            let cert =
+                GivenCert::load(files, settings.gateway_hostname(), now).map_err(RunError::Tls)?;
+            (
+                cert.server_config().map_err(RunError::Tls)?,
+                Some(Arc::new(cert)),
+            )
+        }
+        None => (tls::server_config(settings).map_err(RunError::Tls)?, None),
+    };
     Ok(Prepared {
         deployment,
         given_keys,
         identities,
         tls_config,
+        given_cert,
     })
 }
 
@@ -288,6 +303,8 @@ struct Core {
     reloader: Arc<Reloader>,
     watchers: Vec<RecommendedWatcher>,
     reload_task: JoinHandle<()>,
+    /// Reloads the given certificate files (only with `--tls-cert`).
+    tls_reload_task: Option<JoinHandle<()>>,
     stop_tx: watch::Sender<bool>,
     clock: Arc<dyn Clock>,
 }
@@ -307,6 +324,7 @@ fn build_core(
         given_keys,
         identities,
         tls_config: _,
+        given_cert,
     } = prepared;
     let dispatcher = Arc::new(
         Dispatcher::start(
@@ -353,8 +371,31 @@ fn build_core(
         deployment,
         given_keys,
     ));
-    let (watchers, reload_task) =
-        start_reloads(settings, Arc::clone(&reloader), reload_requests, stop_rx)?;
+    let (mut watchers, reload_task) = start_reloads(
+        settings,
+        Arc::clone(&reloader),
+        reload_requests,
+        stop_rx.clone(),
+    )?;
+    let tls_reload_task = match given_cert {
+        Some(cert) => {
+            let (tx, rx) = mpsc::channel(16);
+            watchers.extend(
+                reload::tls::watch(&cert, &tx)
+                    .map_err(|(dir, source)| RunError::Watch { dir, source })?,
+            );
+            // One look once the watches are set: a change between the first read and the
+            // watch would otherwise wait for the next one (the same files: "unchanged").
+            let _ = tx.try_send(());
+            Some(tokio::spawn(reload::tls::serve(
+                cert,
+                Arc::clone(&clock),
+                rx,
+                stop_rx,
+            )))
+        }
+        None => None,
+    };
     Ok(Core {
         dispatcher,
         ctx,
@@ -364,6 +405,7 @@ fn build_core(
         reloader,
         watchers,
         reload_task,
+        tls_reload_task,
         stop_tx,
         clock,
     })
@@ -508,7 +550,7 @@ fn start_heads(
         amqp = %bound.amqp,
         http = %bound.http,
         plain_mqtt = ?bound.plain_mqtt,
-        ca = %tls::ca_path(settings.data_dir()).display(),
+        ca = %tls::served_ca_path(settings).display(),
         routes = core.ctx.router.table().routes().len(),
         max_connections = settings.limits().max_connections,
         "edgehub ready"
@@ -532,9 +574,13 @@ async fn drain(core: Core, heads: Heads, store: Store) -> Result<(), RunError> {
         reloader,
         watchers,
         reload_task,
+        tls_reload_task,
         ..
     } = core;
     let _ = reload_task.await;
+    if let Some(task) = tls_reload_task {
+        let _ = task.await;
+    }
     drop(watchers);
     drop(reloader);
     drop(ctx);

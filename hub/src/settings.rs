@@ -254,6 +254,25 @@ pub struct RawSettings {
     /// Seconds from accept to authentication, TLS handshake included (default
     /// [`DEFAULT_AUTH_TIMEOUT_SECS`]).
     pub auth_timeout_secs: Option<u64>,
+    /// The server certificate (chain, PEM) to present instead of the data directory's own
+    /// (`--tls-cert`; all three `tls_*` or none).
+    pub tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// The CA certificate (PEM) the server certificate chains to: what modules trust.
+    pub tls_ca: Option<PathBuf>,
+}
+
+/// Certificate files given on the command line (`--tls-cert`, `--tls-key`, `--tls-ca`), used
+/// instead of the data directory's own CA; the hub re-reads them when they change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GivenTls {
+    /// The server certificate, leaf first, then any intermediates (PEM).
+    pub cert: PathBuf,
+    /// The server certificate's private key (PEM).
+    pub key: PathBuf,
+    /// The CA certificate modules trust (PEM).
+    pub ca: PathBuf,
 }
 
 // The connection limits' defaults belong to the limits they set.
@@ -302,6 +321,7 @@ pub struct Settings {
     module_keys: Vec<(ModuleId, ModuleKey)>,
     module_keys_dir: Option<PathBuf>,
     limits: crate::limits::Limits,
+    tls: Option<GivenTls>,
 }
 
 /// A setting that is not valid. The message names the field.
@@ -447,6 +467,7 @@ impl RawSettings {
             self.max_unauthenticated,
             self.auth_timeout_secs,
         )?;
+        let tls = given_tls(self.tls_cert, self.tls_key, self.tls_ca)?;
         Ok(Settings {
             data_dir,
             manifest,
@@ -466,7 +487,53 @@ impl RawSettings {
             module_keys,
             module_keys_dir: self.module_keys_dir,
             limits,
+            tls,
         })
+    }
+}
+
+/// `--tls-cert`, `--tls-key` and `--tls-ca`: all three or none. The error names every missing
+/// one (the field is the first of them).
+fn given_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> Result<Option<GivenTls>, SettingsError> {
+    let fields = [("tls_cert", &cert), ("tls_key", &key), ("tls_ca", &ca)];
+    for (field, path) in fields {
+        if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(invalid(field, "", "must not be empty"));
+        }
+    }
+    let given: Vec<&str> = fields
+        .iter()
+        .filter(|(_, p)| p.is_some())
+        .map(|(f, _)| *f)
+        .collect();
+    let missing: Vec<&'static str> = fields
+        .iter()
+        .filter(|(_, p)| p.is_none())
+        .map(|(f, _)| *f)
+        .collect();
+    match (cert, key, ca) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(GivenTls { cert, key, ca })),
+        (None, None, None) => Ok(None),
+        _ => {
+            let flag = |f: &str| format!("--{}", f.replace('_', "-"));
+            let given: Vec<String> = given.iter().map(|f| flag(f)).collect();
+            let missing_flags: Vec<String> = missing.iter().map(|f| flag(f)).collect();
+            Err(invalid(
+                missing[0],
+                "",
+                format!(
+                    "missing: {} is given, so {} must be too (the certificate, its key and \
+                     the CA it chains to go together; give none to use the data directory's \
+                     own CA)",
+                    given.join(" and "),
+                    missing_flags.join(" and ")
+                ),
+            ))
+        }
     }
 }
 
@@ -596,6 +663,11 @@ impl Settings {
     /// The connection limits each head (MQTT, AMQP) applies on its own.
     pub fn limits(&self) -> crate::limits::Limits {
         self.limits
+    }
+
+    /// The certificate files to serve instead of the data directory's own CA, if given.
+    pub fn given_tls(&self) -> Option<&GivenTls> {
+        self.tls.as_ref()
     }
 
     /// The cloud connection, or `None` when `$upstream` messages only wait on disk: with

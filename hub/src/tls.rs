@@ -27,10 +27,22 @@
 //!   (edgeHub's default `SslProtocols`).
 //!
 //! Not done: renewing the CA itself before its 10 years run out.
+//!
+//! ## Given certificate files (`--tls-cert`, `--tls-key`, `--tls-ca`)
+//!
+//! Under Kubernetes the controller makes the CA and the server certificate and mounts them
+//! from a Secret. Then none of the above is made: [`GivenCert`] reads the three files, checks
+//! them (the key matches the certificate; the certificate chains to the CA and is valid now
+//! for the gateway host name, as a module checks it) and presents `--tls-cert`'s chain as
+//! given. `ca-path` prints `--tls-ca`. The heads ask [`ServerCert`] for the certificate at
+//! every handshake, so [`GivenCert::reload`] (run when the files' directories change, see
+//! `crate::reload::tls`) swaps it for new connections without a restart; connections already
+//! up keep theirs. Files that fail a check are refused and the previous certificate stays in
+//! use (at startup they stop the hub).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
@@ -43,7 +55,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomically;
-use crate::settings::Settings;
+use crate::settings::{GivenTls, Settings};
 
 /// The directory under the data directory that holds certificates and keys.
 pub const TLS_DIR: &str = "tls";
@@ -99,6 +111,36 @@ pub enum TlsError {
     /// rustls refused the configuration or a freshly issued certificate.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// A given private key cannot be used, or does not belong to the given certificate.
+    #[error("the key {} does not fit the certificate {}", key.display(), cert.display())]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls' reason.
+        #[source]
+        source: Box<rustls::Error>,
+    },
+    /// A given certificate does not chain to the given CA, has expired, or does not name the
+    /// host modules dial.
+    #[error(
+        "the certificate {} is not one modules would accept: it must chain to the CA {} and be \
+         valid now for {name}",
+        cert.display(),
+        ca.display()
+    )]
+    Untrusted {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The CA file.
+        ca: PathBuf,
+        /// The host name checked (the gateway host name).
+        name: String,
+        /// rustls' (webpki's) reason.
+        #[source]
+        source: Box<rustls::Error>,
+    },
 }
 
 /// The paths of the TLS files of one data directory.
@@ -153,6 +195,231 @@ impl TlsFiles {
 /// The CA certificate to hand to SDKs: `{data_dir}/tls/ca.pem`.
 pub fn ca_path(data_dir: &Path) -> PathBuf {
     TlsFiles::new(data_dir).ca_cert
+}
+
+/// The CA certificate modules must trust for the hub `settings` describe: `--tls-ca` when
+/// given, else the data directory's `tls/ca.pem`.
+pub fn served_ca_path(settings: &Settings) -> PathBuf {
+    match settings.given_tls() {
+        Some(given) => given.ca.clone(),
+        None => ca_path(settings.data_dir()),
+    }
+}
+
+/// The certificate the heads present, asked for at every handshake, so it can be replaced
+/// while the hub runs ([`GivenCert::reload`]).
+#[derive(Debug)]
+pub struct ServerCert {
+    current: RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServerCert {
+    fn new(first: Arc<rustls::sign::CertifiedKey>) -> ServerCert {
+        ServerCert {
+            current: RwLock::new(first),
+        }
+    }
+
+    /// The certificate new connections get now.
+    pub fn current(&self) -> Arc<rustls::sign::CertifiedKey> {
+        Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn replace(&self, new: Arc<rustls::sign::CertifiedKey>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = new;
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(
+        &self,
+        _client_hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+/// What [`GivenCert::reload`] did.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// The files hold what was last read: nothing to do.
+    Unchanged,
+    /// New connections get the new certificate.
+    Applied,
+    /// The new files were refused; the previous certificate stays in use.
+    Refused(TlsError),
+}
+
+/// The certificate files given on the command line, checked and served (module docs).
+#[derive(Debug)]
+pub struct GivenCert {
+    files: GivenTls,
+    /// The host name the certificate must be valid for (the gateway host name).
+    name: String,
+    cert: Arc<ServerCert>,
+    /// The bytes of the three files as last read, applied or refused.
+    last_read: Mutex<Vec<u8>>,
+}
+
+impl GivenCert {
+    /// Reads and checks the files; the certificate must be valid for `name` (the host name
+    /// modules dial) at `now`.
+    pub fn load(files: &GivenTls, name: &str, now: SystemTime) -> Result<GivenCert, TlsError> {
+        let bytes = read_given(files)?;
+        let key = check_given(files, name, now)?;
+        tracing::info!(
+            cert = %files.cert.display(),
+            ca = %files.ca.display(),
+            sha256 = %fingerprint(&key),
+            "TLS: serving the given certificate"
+        );
+        Ok(GivenCert {
+            files: files.clone(),
+            name: name.to_owned(),
+            cert: Arc::new(ServerCert::new(Arc::new(key))),
+            last_read: Mutex::new(bytes),
+        })
+    }
+
+    /// The files.
+    pub fn files(&self) -> &GivenTls {
+        &self.files
+    }
+
+    /// What the heads ask for the certificate.
+    pub fn server_cert(&self) -> Arc<ServerCert> {
+        Arc::clone(&self.cert)
+    }
+
+    /// A rustls server config (ring, TLS 1.2 and 1.3, no client certificates) that presents
+    /// whatever certificate is current at each handshake.
+    pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(self.server_cert());
+        Ok(Arc::new(config))
+    }
+
+    /// Reads the files again: if they changed and pass every check, new connections get the
+    /// new certificate; if they fail one, the previous certificate stays and the reason is
+    /// logged. Blocking (reads files).
+    pub fn reload(&self, now: SystemTime) -> ReloadOutcome {
+        let mut last = self.last_read.lock().unwrap_or_else(|p| p.into_inner());
+        let outcome = match read_given(&self.files) {
+            Ok(bytes) if bytes == *last => return ReloadOutcome::Unchanged,
+            Ok(bytes) => {
+                *last = bytes;
+                check_given(&self.files, &self.name, now)
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(key) => {
+                let sha256 = fingerprint(&key);
+                self.cert.replace(Arc::new(key));
+                tracing::info!(
+                    cert = %self.files.cert.display(),
+                    %sha256,
+                    "TLS certificate reloaded: new connections get the new certificate"
+                );
+                ReloadOutcome::Applied
+            }
+            Err(error) => {
+                tracing::warn!(
+                    cert = %self.files.cert.display(),
+                    error = %error_chain(&error),
+                    "TLS certificate reload refused: the previous certificate stays in use"
+                );
+                ReloadOutcome::Refused(error)
+            }
+        }
+    }
+}
+
+/// The three files' bytes, to tell whether anything changed.
+fn read_given(files: &GivenTls) -> Result<Vec<u8>, TlsError> {
+    let mut all = Vec::new();
+    for path in [&files.cert, &files.key, &files.ca] {
+        let bytes = std::fs::read(path).map_err(|source| TlsError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        all.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        all.extend_from_slice(&bytes);
+    }
+    Ok(all)
+}
+
+/// Parses the given files and checks them as a module would: the key fits the certificate, and
+/// the certificate (with the intermediates after it) chains to a CA in `--tls-ca` and is valid
+/// at `now` for `name`.
+fn check_given(
+    files: &GivenTls,
+    name: &str,
+    now: SystemTime,
+) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    let chain = read_certs(&files.cert)?;
+    if chain.is_empty() {
+        return Err(invalid(&files.cert, "no certificate in the file"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| pem_error(&files.key, e))?;
+    let key =
+        rustls::sign::CertifiedKey::from_der(chain, key_der, &provider()).map_err(|source| {
+            TlsError::KeyMismatch {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                source: Box::new(source),
+            }
+        })?;
+    let cas = read_certs(&files.ca)?;
+    if cas.is_empty() {
+        return Err(invalid(&files.ca, "no certificate in the file"));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca).map_err(|e| invalid(&files.ca, e))?;
+    }
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| invalid(&files.ca, e))?;
+    let untrusted = |source| TlsError::Untrusted {
+        cert: files.cert.clone(),
+        ca: files.ca.clone(),
+        name: name.to_owned(),
+        source: Box::new(source),
+    };
+    let server_name = ServerName::try_from(name.to_owned())
+        .map_err(|e| untrusted(rustls::Error::General(e.to_string())))?;
+    let at = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+    let (leaf, intermediates) = key
+        .cert
+        .split_first()
+        .ok_or_else(|| invalid(&files.cert, "no certificate in the file"))?;
+    verifier
+        .verify_server_cert(leaf, intermediates, &server_name, &[], at)
+        .map_err(untrusted)?;
+    Ok(key)
+}
+
+/// SHA-256 of the leaf certificate (hex), to tell certificates apart in the log.
+fn fingerprint(key: &rustls::sign::CertifiedKey) -> String {
+    key.cert.first().map_or_else(String::new, |leaf| {
+        hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref())
+    })
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// What [`ensure`] did.

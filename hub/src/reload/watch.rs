@@ -13,15 +13,13 @@ use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use super::Trigger;
-
 /// Watches `dir` (not recursively) and sends `trigger` on `tx` for every change in it. The
 /// watch lasts as long as the returned watcher. Requests are dropped while `tx` is full (one
 /// already waiting covers them).
-pub fn watch_dir(
+pub fn watch_dir<T: Copy + Send + 'static>(
     dir: &Path,
-    trigger: Trigger,
-    tx: mpsc::Sender<Trigger>,
+    trigger: T,
+    tx: mpsc::Sender<T>,
 ) -> notify::Result<RecommendedWatcher> {
     let mut watcher =
         notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {

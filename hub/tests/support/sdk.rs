@@ -402,6 +402,13 @@ impl ModuleCmd {
         self
     }
 
+    /// Removes an environment variable (e.g. `EDGEHUB_CS` for a script run with
+    /// `--edge-env`, which must find everything in the module environment).
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
+        self.cmd.env_remove(key);
+        self
+    }
+
     /// Starts it; read its lines with [`Proc::expect_event`], [`Proc::data_lines`], ….
     pub fn spawn(self) -> Proc {
         Proc::spawn(self.cmd, self.label)

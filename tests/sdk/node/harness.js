@@ -85,6 +85,7 @@ const COMMON = {
   timeout: { type: 'number', default: 30 },
   connect_timeout: { type: 'number', default: undefined },
   no_retry: { type: 'flag', default: false },
+  edge_env: { type: 'flag', default: false },
   keep_alive: { type: 'number', default: undefined },
   no_shutdown: { type: 'flag', default: false },
   transport: { type: 'string', default: 'mqtt' },
@@ -119,10 +120,25 @@ function transportCtor(args) {
   throw new Failure(EXIT.USAGE, `--transport is mqtt or amqp, not ${args.transport}`);
 }
 
-// ModuleClient.fromConnectionString(cs, Mqtt) + setOptions({ca, keepalive}) (+ NoRetry).
+// ModuleClient.fromConnectionString(cs, Mqtt) + setOptions({ca, keepalive}) (+ NoRetry); with
+// --edge-env, ModuleClient.fromEnvironment(Mqtt): the module environment IoT Edge (or the
+// Kubernetes controller) sets, EDGEHUB_CS and EDGEHUB_CA unread.
 async function createClient(args) {
   const { ModuleClient } = sdkRequire('azure-iot-device');
   const common = sdkRequire('azure-iot-common');
+  if (args.edge_env) {
+    let client;
+    try {
+      client = await ModuleClient.fromEnvironment(transportCtor(args));
+    } catch (e) {
+      if (e instanceof Failure) throw e;
+      throw new Failure(EXIT.USAGE, `ModuleClient.fromEnvironment failed: ${describeError(e)}`);
+    }
+    if (args.keep_alive !== undefined) await client.setOptions({ keepalive: args.keep_alive });
+    if (args.no_retry) client.setRetryPolicy(new common.NoRetry());
+    client.on('error', () => {});
+    return client;
+  }
   const cs = process.env.EDGEHUB_CS;
   if (!cs) throw new Failure(EXIT.USAGE, 'EDGEHUB_CS is not set');
   if (!cs.includes('GatewayHostName=')) throw new Failure(EXIT.USAGE, 'EDGEHUB_CS has no GatewayHostName=: it would dial HostName');
@@ -221,7 +237,7 @@ async function withRetry(op, args, deadline, what) {
 
 async function connect(client, args, deadline) {
   await deadline.run(client.open(), 'connect', args.connect_timeout);
-  const ids = idsFromCs(process.env.EDGEHUB_CS);
+  const ids = idsFromCs(process.env.EDGEHUB_CS || process.env.EdgeHubConnectionString);
   emit({ event: 'connected', sdk: 'node', transport: args.transport, device_id: ids.device, module_id: ids.module, ms: elapsedMs() });
 }
 

@@ -114,6 +114,12 @@ def common_args(parser, default_timeout=30.0):
         help="exit without the SDK's graceful shutdown/DISCONNECT (a module that dies)",
     )
     parser.add_argument("--verbose", action="store_true", help="SDK debug logs on stderr")
+    parser.add_argument(
+        "--edge-env",
+        action="store_true",
+        help="create_from_edge_environment(): the client from the module environment IoT Edge "
+        "(or the Kubernetes controller) sets; EDGEHUB_CS and EDGEHUB_CA are not read",
+    )
 
 
 def read_ca():
@@ -147,6 +153,8 @@ def create_client(args, allow_sas=False):
     """
     from azure.iot.device.aio import IoTHubModuleClient
 
+    if args.edge_env:
+        return create_from_edge_environment(IoTHubModuleClient, args)
     kw = client_kwargs(args)
     cs = os.environ.get("EDGEHUB_CS")
     sas = os.environ.get("EDGEHUB_SAS") if allow_sas else None
@@ -166,9 +174,26 @@ def create_client(args, allow_sas=False):
         raise Failure(EXIT_USAGE, f"SDK refused the credentials before connecting: {e}")
 
 
+def create_from_edge_environment(client_class, args):
+    """The client exactly as a module in IoT Edge makes it: from the environment only (the SDK
+    reads IOTEDGE_* or EdgeHubConnectionString + EdgeModuleCACertificateFile itself)."""
+    kw = {}
+    if args.no_retry:
+        kw["connection_retry"] = False
+    if args.keep_alive is not None:
+        kw["keep_alive"] = args.keep_alive
+    try:
+        return client_class.create_from_edge_environment(**kw)
+    except (OSError, ValueError) as e:
+        chain = f"{type(e).__name__}: {e}"
+        if e.__cause__ is not None:
+            chain += f" <- {type(e.__cause__).__name__}: {e.__cause__}"
+        raise Failure(EXIT_USAGE, f"create_from_edge_environment() failed: {chain}")
+
+
 def ids_from_env():
     """Device and module id as the connection string (or the SAS sr) names them."""
-    cs = os.environ.get("EDGEHUB_CS") or ""
+    cs = os.environ.get("EDGEHUB_CS") or os.environ.get("EdgeHubConnectionString") or ""
     parts = dict(p.split("=", 1) for p in cs.split(";") if "=" in p)
     return parts.get("DeviceId"), parts.get("ModuleId")
 
