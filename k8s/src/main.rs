@@ -92,6 +92,11 @@ struct RenderArgs {
     /// The hub image when spec.hub.image is not set.
     #[arg(long, env = "EDGEHUB_HUB_IMAGE", value_name = "IMAGE", default_value_t = k8s::desired::default_hub_image())]
     hub_image: String,
+    /// Show real secret material instead of placeholders: a new CA, server certificate and
+    /// module keys, made as reconcile makes them. For trials and tests (e.g. `podman kube
+    /// play`): the output holds private keys.
+    #[arg(long, env = "EDGEHUB_GENERATE_SECRETS")]
+    generate_secrets: bool,
 }
 
 fn main() -> ExitCode {
@@ -162,7 +167,15 @@ fn render(args: &RenderArgs) -> Result<String, RenderCliError> {
     let opts = ControllerOptions {
         hub_image: args.hub_image.clone(),
     };
-    k8s::render::render(&ed, &manifest, &opts)
+    let secrets = if args.generate_secrets {
+        let now_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        k8s::render::Secrets::Generate { now_secs }
+    } else {
+        k8s::render::Secrets::Placeholders
+    };
+    k8s::render::render_with(&ed, &manifest, &opts, secrets)
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {

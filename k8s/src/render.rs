@@ -3,17 +3,37 @@
 //! uses) with placeholder secret material, and shows Secrets' data as `stringData` so the
 //! placeholders (`<generated: ca.crt>`, `<generated: key of M>`) read as text.
 //!
-//! Differences from what reconcile applies, all on purpose: generated data are placeholders;
-//! `ownerReferences` are absent (the EdgeDeployment's uid exists only in a cluster; a made-up
+//! With `--generate-secrets` ([`Secrets::Generate`]) the secret material is real instead: a new
+//! CA, server certificate and module keys made by the very functions reconcile calls when a
+//! deployment has none yet ([`crate::tls::ensure`], [`crate::keys::resolve`]). That output holds
+//! private keys: it is for trials and tests (e.g. `podman kube play`), not for a repository.
+//!
+//! Differences from what reconcile applies, all on purpose: generated data are placeholders
+//! unless asked for; `ownerReferences` are absent (the EdgeDeployment's uid exists only in a cluster; a made-up
 //! one would make the garbage collector delete the objects).
 
 use std::path::Path;
 
 use serde_json::Value;
 
-use crate::agent;
+use crate::agent::{self, AgentModule};
 use crate::desired::{self, ControllerOptions, Object, RenderError, SecretMaterial};
+use crate::keys::{self, KeyError};
+use crate::tls::{self, TlsError};
 use crate::types::EdgeDeployment;
+
+/// The secret material `render` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// `<generated: …>` placeholders (the default: output fit for review and GitOps).
+    Placeholders,
+    /// Real material made now (`now_secs`, Unix seconds) as reconcile makes it for a new
+    /// deployment: for trials and tests only, the output holds private keys.
+    Generate {
+        /// The clock the certificates are issued at.
+        now_secs: u64,
+    },
+}
 
 /// Why `render` failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +76,16 @@ pub enum RenderCliError {
     /// The objects could not be built.
     #[error(transparent)]
     Render(#[from] RenderError),
+    /// Certificates could not be made.
+    #[error("generating the hub's certificates: {0}")]
+    Tls(#[from] TlsError),
+    /// Module keys could not be made.
+    #[error("generating module keys: {0}")]
+    Keys(#[from] KeyError),
+    /// `spec.device.keysSecret` names keys only the cluster holds: generating others would
+    /// give modules keys IoT Hub never issued.
+    #[error("spec.device.keysSecret names Secret {0:?}, which only a cluster holds: --generate-secrets cannot mint the keys IoT Hub issued")]
+    IssuedKeysOffline(String),
     /// An object could not be written as YAML.
     #[error("writing YAML: {0}")]
     Yaml(#[from] serde_yaml::Error),
@@ -111,14 +141,27 @@ pub fn manifest_of(
     }
 }
 
-/// Renders every object as multi-document YAML (see the module docs).
+/// Renders every object as multi-document YAML, with placeholder secrets (see the module docs).
 pub fn render(
     ed: &EdgeDeployment,
     manifest: &Value,
     opts: &ControllerOptions,
 ) -> Result<String, RenderCliError> {
+    render_with(ed, manifest, opts, Secrets::Placeholders)
+}
+
+/// Renders every object as multi-document YAML, with the secret material `secrets` says.
+pub fn render_with(
+    ed: &EdgeDeployment,
+    manifest: &Value,
+    opts: &ControllerOptions,
+    secrets: Secrets,
+) -> Result<String, RenderCliError> {
     let modules = agent::parse_manifest(manifest).map_err(RenderError::from)?;
-    let secrets = SecretMaterial::placeholders(ed, &modules);
+    let secrets = match secrets {
+        Secrets::Placeholders => SecretMaterial::placeholders(ed, &modules),
+        Secrets::Generate { now_secs } => generate(ed, &modules, now_secs)?,
+    };
     let desired = desired::desired(ed, manifest, &secrets, opts)?;
     let mut out = String::new();
     for note in &desired.untranslated {
@@ -133,6 +176,31 @@ pub fn render(
         out.push_str(&serde_yaml::to_string(&value)?);
     }
     Ok(out)
+}
+
+/// New secret material for `ed`, as reconcile makes it for a deployment that has none yet: a
+/// CA and server certificate for the hub Service's names, and a minted key per module.
+pub fn generate(
+    ed: &EdgeDeployment,
+    modules: &[AgentModule],
+    now_secs: u64,
+) -> Result<SecretMaterial, RenderCliError> {
+    if let Some(secret) = &ed.spec.device.keys_secret {
+        return Err(RenderCliError::IssuedKeysOffline(secret.clone()));
+    }
+    let (tls, _) = tls::ensure(
+        None,
+        &desired::ca_common_name(ed),
+        &desired::hub_dns_names(ed),
+        now_secs,
+    )?;
+    let names: Vec<_> = modules.iter().map(|m| m.name.clone()).collect();
+    let none = std::collections::BTreeMap::new();
+    let keys = keys::resolve(&names, "", &none, &none)?
+        .into_iter()
+        .map(|(m, (k, _))| (m, k))
+        .collect();
+    Ok(SecretMaterial { tls, keys })
 }
 
 /// Moves a Secret's base64 `data` to `stringData` (text), for people to read.

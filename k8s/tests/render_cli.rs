@@ -178,3 +178,128 @@ fn an_edge_deployment_in_json_renders_like_its_yaml() {
     assert_eq!(docs(&from_json), docs(&from_yaml));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The document `Kind/name` of `docs`.
+fn doc<'a>(docs: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name} in {:?}", kinds(docs)))
+}
+
+/// `--generate-secrets` (for trials and `podman kube play`): real material instead of
+/// placeholders, made as reconcile makes it for a new deployment: the server certificate
+/// chains to the rendered CA for every hub Service name, the trust bundle is that CA, each
+/// module's connection string carries the same minted key the hub's key directory holds, and
+/// two renders mint different keys.
+#[test]
+fn generate_secrets_renders_a_working_ca_server_certificate_and_module_keys() {
+    use base64::Engine as _;
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+
+    let out = controller(&["render", "examples/minimal.yaml", "--generate-secrets"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let docs = docs(&out);
+    assert!(
+        !text.contains("<generated"),
+        "a placeholder is left:\n{text}"
+    );
+
+    let tls = &doc(&docs, "Secret", "line1-hub-tls")["stringData"];
+    let pem = |k: &str| {
+        tls[k]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {k}"))
+            .to_owned()
+    };
+    assert!(pem("ca.key").contains("PRIVATE KEY"));
+    assert!(pem("tls.key").contains("PRIVATE KEY"));
+    let bundle = &doc(&docs, "ConfigMap", "line1-trust-bundle")["data"]["ca.crt"];
+    assert_eq!(bundle.as_str(), Some(pem("ca.crt").as_str()));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pem("ca.crt").as_bytes()).expect("ca.crt PEM"))
+        .expect("CA");
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .expect("verifier");
+    let leaf = CertificateDer::from_pem_slice(pem("tls.crt").as_bytes()).expect("tls.crt PEM");
+    let now = UnixTime::now();
+    for name in [
+        "line1-hub",
+        "line1-hub.factory",
+        "line1-hub.factory.svc",
+        "line1-hub.factory.svc.cluster.local",
+    ] {
+        let server = ServerName::try_from(name.to_owned()).expect("name");
+        verifier
+            .verify_server_cert(&leaf, &[], &server, &[], now)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let other = ServerName::try_from("line2-hub".to_owned()).expect("name");
+    assert!(
+        verifier
+            .verify_server_cert(&leaf, &[], &other, &[], now)
+            .is_err(),
+        "the check can fail: another deployment's name"
+    );
+
+    let key = doc(&docs, "Secret", "line1-module-keys")["stringData"]["sensor"]
+        .as_str()
+        .expect("sensor's key")
+        .to_owned();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(&key)
+        .expect("base64 key");
+    assert_eq!(raw.len(), 32);
+    let cs = doc(&docs, "Secret", "line1-module-sensor")["stringData"]["connectionString"]
+        .as_str()
+        .expect("connection string");
+    assert_eq!(
+        cs,
+        format!(
+            "HostName=contoso.azure-devices.net;DeviceId=line1;ModuleId=sensor;SharedAccessKey={key};GatewayHostName=line1-hub"
+        )
+    );
+
+    let again = docs_of_generated("examples/minimal.yaml");
+    let key2 = doc(&again, "Secret", "line1-module-keys")["stringData"]["sensor"].clone();
+    assert_ne!(
+        key2.as_str(),
+        Some(key.as_str()),
+        "keys are minted, not fixed"
+    );
+}
+
+fn docs_of_generated(file: &str) -> Vec<serde_yaml::Value> {
+    docs(&controller(&["render", file, "--generate-secrets"]))
+}
+
+/// Keys IoT Hub issued live in a Secret only the cluster holds: generating others would be
+/// wrong, so `--generate-secrets` refuses, naming the Secret.
+#[test]
+fn generate_secrets_refuses_a_deployment_whose_keys_come_from_a_secret() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(root.join("examples/minimal.yaml")).expect("example");
+    let with_secret = yaml.replace(
+        "    deviceId: line1\n",
+        "    deviceId: line1\n    keysSecret: iothub-keys\n",
+    );
+    assert_ne!(with_secret, yaml);
+    let dir = std::env::temp_dir().join(format!("edgehub-render-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("keys.yaml");
+    std::fs::write(&file, with_secret).expect("write");
+    let path = file.to_str().expect("path");
+    assert!(controller(&["render", path]).status.success());
+    let out = controller(&["render", path, "--generate-secrets"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"iothub-keys\""), "{err}");
+}
