@@ -229,6 +229,43 @@ impl Podman {
             file: file.to_path_buf(),
         }
     }
+
+    /// [`Podman::kube_play`] with podman itself inside the network namespace `netns` (a path
+    /// such as `/run/netns/NAME`), through `nsenter --net` (not `ip netns exec`, which mounts
+    /// a fresh /sys and so hides the cgroups podman needs). With `--network slirp4netns` the
+    /// pod's `containerPort`s are published on that namespace's addresses: podman 4.3 publishes
+    /// every declared port, and refuses ports on host or `ns:` networks.
+    pub fn kube_play_in(&self, netns: &Path, file: &Path, options: &[&str]) -> Played {
+        let path = file.to_str().expect("utf-8 path").to_owned();
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", netns.display()))
+            .arg("podman")
+            .env("CONTAINERS_CONF", self.images_dir.join("containers.conf"))
+            .args(["kube", "play"])
+            .args(options)
+            .arg(&path)
+            .stdin(Stdio::null());
+        let out = c.output().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{c:?} failed: {}{}",
+            text(&out.stderr),
+            text(&out.stdout)
+        );
+        Played {
+            podman: self.clone(),
+            file: file.to_path_buf(),
+        }
+    }
+
+    /// A container someone else made (e.g. `POD-CONTAINER` of a played pod), to follow its
+    /// logs; removed (`rm -f`) when dropped, like the ones [`Podman::run`] makes.
+    pub fn container(&self, name: &str) -> Container {
+        Container {
+            podman: self.clone(),
+            name: name.to_owned(),
+        }
+    }
 }
 
 /// A named volume; removed (with its data) when dropped.
