@@ -7,20 +7,27 @@
 //!   is started with `podman kube play` as a Pod (podman 4.3 ignores StatefulSets), converted
 //!   by [`pod_from_statefulset`] and nothing else (a check below compares the played pod and
 //!   podman's running container with the rendered template);
-//! - each module's pod spec is run as a host process (no Python image can be built here
-//!   without a registry: the SDK's interpreter is a pyenv build of several hundred MB) with
-//!   exactly that pod's environment, its Secret reference resolved, and its mounted
-//!   ConfigMap files at their mount paths (a private mount namespace lays them over /etc);
-//!   its command and args are the rendered ones. The SDK builds its client with
-//!   `create_from_edge_environment()` from that environment alone.
+//! - the receiver module's pod spec is played too, with a module image the test builds
+//!   (`FROM scratch`: Debian's python3.11, the pinned SDK from scripts/install-sdks.sh's venv,
+//!   the harness scripts; about 70 MB, once per change of those, see [`sdk_image`]), its
+//!   trust-bundle ConfigMap mounted by podman, its Secret reference given as a value (podman
+//!   4.3 cannot resolve one) and a host alias for the hub Service's name ([`module_pod`]);
+//! - the sender module's pod spec is run as a host process with exactly that pod's
+//!   environment (`env -i`, its Secret reference resolved) and its mounted ConfigMap files at
+//!   their mount paths (a private mount namespace lays them over /etc); its command and args
+//!   are the rendered ones ([`module_process`]).
+//!
+//! Both modules build their clients with `create_from_edge_environment()` from that
+//! environment alone (the rendered createOptions run the harness with `--edge-env`).
 //!
 //! The pair sends N messages through the played hub; the receiver gets all of them, in order,
 //! intact. That proves the rendered command and args, the mounts (store PVC, manifest
 //! ConfigMap, keys and TLS Secrets with their modes and fsGroup), the ports (published by
 //! podman from the pod's `containerPort`s), the probe paths and the module environment, not
-//! only the YAML's schema. Not proven: kubelet behaviour (podman stands in), Service DNS (a
-//! hosts entry maps the Service name to the pod's published ports), the StatefulSet
-//! controller, any API server.
+//! only the YAML's schema. Not proven: kubelet behaviour (podman stands in; it ignores the
+//! readiness probe and cannot run the liveness one without systemd, so the test GETs both
+//! paths itself), Service DNS (a host alias or hosts entry maps the Service name to the hub
+//! pod's published ports), the StatefulSet controller, any API server.
 //!
 //! Needs root (network namespaces, mounts, podman) and the SDKs; podman is installed with apt
 //! if missing, and the test is skipped with a SKIP line only if it cannot be.
@@ -70,7 +77,7 @@ fn unique_deployment() -> String {
 /// The EdgeDeployment: modules `sender` and `receiver` whose createOptions run the SDK harness
 /// scripts from the module environment (`--edge-env`), and a route sender → receiver/input1.
 /// The IoT Hub host name is the hub's placeholder default: no cloud here, upstream stays off.
-fn edge_deployment(name: &str) -> Value {
+fn edge_deployment(name: &str, module_image: &str) -> Value {
     let mut sender_cmd: Vec<String> = [
         "--edge-env",
         "--output",
@@ -90,7 +97,7 @@ fn edge_deployment(name: &str) -> Value {
         json!({
             "version": "1.0", "type": "docker", "status": "running", "restartPolicy": "always",
             "settings": {
-                "image": "localhost/edgehub-sdk-python:test",
+                "image": module_image,
                 "createOptions": json!({"Entrypoint": entrypoint, "Cmd": cmd}).to_string(),
             }
         })
@@ -309,6 +316,176 @@ fn assert_only_the_listed_changes(sts: &Value, pod: &Value) {
     );
 }
 
+/// The module image's repository (tagged by a digest of what goes into it).
+const SDK_IMAGE_REPO: &str = "localhost/edgehub-sdk-python-test";
+
+/// The module image: Debian's python3.11 with the shared libraries its extension modules
+/// link, its standard library (no tests), the pinned SDK's site-packages (from
+/// scripts/install-sdks.sh's venv) where Debian's python looks for packages, and the harness
+/// scripts in the working directory /sdk. Non-root, `FROM scratch`, about 70 MB.
+const SDK_CONTAINERFILE: &str =
+    "FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/bin\nWORKDIR /sdk\nUSER 65532:65532\n";
+
+/// Lays out the module image's build context: `stage.sh SITE_PACKAGES SCRIPTS DIR`.
+const SDK_STAGE: &str = r#"set -euo pipefail
+site=$1; scripts=$2; out=$3; root=$out/rootfs
+mkdir -p "$root/usr/bin" "$root/usr/lib/python3/dist-packages" "$root/sdk"
+cp /usr/bin/python3.11 "$root/usr/bin/python3.11"
+ln -s python3.11 "$root/usr/bin/python3"
+tar -C / --exclude=usr/lib/python3.11/test -cf - usr/lib/python3.11 | tar -C "$root" -xf -
+tar -C "$site" --exclude=./pip --exclude=./setuptools -cf - . | tar -C "$root/usr/lib/python3/dist-packages" -xf -
+cp "$scripts"/*.py "$root/sdk/"
+{ echo /usr/bin/python3.11; find /usr/lib/python3.11/lib-dynload "$site" -name '*.so'; } |
+  while read -r f; do ldd "$f"; done |
+  awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }' | sort -u |
+  while read -r lib; do mkdir -p "$root$(dirname "$lib")"; cp -L "$lib" "$root$lib"; done
+chmod -R u+rwX,go+rX "$root"
+"#;
+
+/// The module image's tag, built unless an image of the very same inputs exists (a digest of
+/// the Containerfile, the staging script, the harness scripts, the SDK venv's stamp and the
+/// interpreter); older tags of it are removed.
+fn sdk_image(podman: &Podman, env: &SdkEnv) -> String {
+    let python = Path::new("/usr/bin/python3.11");
+    let site = env.dir.join("venv/lib/python3.11/site-packages");
+    assert!(
+        python.is_file() && site.is_dir(),
+        "the module image needs Debian's python3.11 and the SDK venv's {}",
+        site.display()
+    );
+    let scripts = env.scripts.join("python");
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(SDK_CONTAINERFILE.as_bytes());
+    ctx.update(SDK_STAGE.as_bytes());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&scripts)
+        .expect("harness scripts")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    files.sort();
+    files.push(env.dir.join("venv/.edgehub-stamp"));
+    files.push(python.to_path_buf());
+    for f in files {
+        ctx.update(f.display().to_string().as_bytes());
+        ctx.update(&std::fs::read(&f).unwrap_or_default());
+    }
+    let digest: String = ctx.finish().as_ref()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let tag = format!("{SDK_IMAGE_REPO}:{digest}");
+    let exists = podman
+        .command()
+        .args(["image", "exists", &tag])
+        .stdin(Stdio::null())
+        .status()
+        .expect("podman image exists");
+    if exists.success() {
+        return tag;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let staged = Command::new("bash")
+        .args(["-c", SDK_STAGE, "stage"])
+        .arg(&site)
+        .arg(&scripts)
+        .arg(dir.path())
+        .output()
+        .expect("bash");
+    assert!(
+        staged.status.success(),
+        "staging the module image: {}",
+        String::from_utf8_lossy(&staged.stderr)
+    );
+    let containerfile = dir.path().join("Containerfile");
+    std::fs::write(&containerfile, SDK_CONTAINERFILE).expect("Containerfile");
+    let started = Instant::now();
+    podman.ok(&[
+        "build",
+        "--isolation",
+        "chroot",
+        "-q",
+        "-t",
+        &tag,
+        "-f",
+        containerfile.to_str().expect("utf-8"),
+        dir.path().to_str().expect("utf-8"),
+    ]);
+    eprintln!("built {tag} in {:?}", started.elapsed());
+    let listed = podman.ok(&[
+        "images",
+        "--format",
+        "{{.Repository}}:{{.Tag}}",
+        SDK_IMAGE_REPO,
+    ]);
+    for old in listed.lines().filter(|t| *t != tag) {
+        let _ = podman
+            .command()
+            .args(["rmi", old])
+            .stdin(Stdio::null())
+            .output();
+    }
+    tag
+}
+
+/// Where a pod on a `slirp4netns:allow_host_loopback=true` network reaches the loopback of
+/// the namespace podman runs in (slirp4netns's fixed host address).
+const SLIRP_HOST: &str = "10.0.2.2";
+
+/// The Pod a module StatefulSet `sts` stands for, changed as podman 4.3 needs and in nothing
+/// else. Each change:
+/// 1. `kind: Pod` named `pod_name` with the template's labels (as for the hub);
+/// 2. each `env` entry with `valueFrom.secretKeyRef` gets the Secret's value as `value`
+///    (podman 4.3 fails on secretKeyRef: "secret … is not valid JSON");
+/// 3. `hostAliases` maps the hub Service's name to [`SLIRP_HOST`], where the hub pod's ports
+///    are published: the stand-in for Service DNS.
+fn module_pod(sts: &Value, pod_name: &str, docs: &[Value], service_name: &str) -> Value {
+    let template = &sts["spec"]["template"];
+    let mut spec = template["spec"].clone();
+    for c in spec["containers"].as_array_mut().expect("containers") {
+        for e in c["env"].as_array_mut().into_iter().flatten() {
+            let Some(r) = e["valueFrom"].get("secretKeyRef").cloned() else {
+                continue;
+            };
+            let secret = object(docs, "Secret", r["name"].as_str().expect("secret name"));
+            let value = secret_data(secret)
+                .remove(r["key"].as_str().expect("key"))
+                .expect("the referenced key");
+            *e = json!({"name": e["name"].clone(), "value": value});
+        }
+    }
+    spec["hostAliases"] = json!([{"ip": SLIRP_HOST, "hostnames": [service_name]}]);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name, "labels": template["metadata"]["labels"].clone()},
+        "spec": spec,
+    })
+}
+
+/// The played module pod differs from the rendered template only as [`module_pod`] says:
+/// with the hostAliases removed and each Secret reference put back where a value now stands,
+/// it equals the rendered pod spec.
+fn assert_only_the_module_changes(sts: &Value, pod: &Value) {
+    let rendered = &sts["spec"]["template"]["spec"];
+    let mut played = pod["spec"].clone();
+    assert!(played
+        .as_object_mut()
+        .expect("spec")
+        .remove("hostAliases")
+        .is_some());
+    assert_eq!(rendered["containers"].as_array().map(Vec::len), Some(1));
+    let rendered_env = rendered["containers"][0]["env"].as_array().expect("env");
+    let played_env = played["containers"][0]["env"].as_array_mut().expect("env");
+    assert_eq!(played_env.len(), rendered_env.len());
+    for (p, r) in played_env.iter_mut().zip(rendered_env) {
+        if r["valueFrom"].get("secretKeyRef").is_some() {
+            assert_eq!(p["name"], r["name"]);
+            assert!(p["value"].is_string(), "{p}");
+            *p = r.clone();
+        }
+    }
+    assert_eq!(played, *rendered);
+}
+
 /// Removes podman volumes by name when dropped (kube play makes one per ConfigMap, and
 /// `kube down` leaves them).
 struct VolumesByName(Podman, Vec<String>);
@@ -443,8 +620,9 @@ fn module_process(
 }
 
 /// The hub StatefulSet's pod template, played with `podman kube play` from the rendered
-/// objects, serves the two modules run from their rendered pod specs: 100 messages sender →
-/// route → receiver, in order and intact; podman runs the container exactly as rendered.
+/// objects, serves the two modules run from their rendered pod specs (the receiver played as
+/// a pod too, the sender a host process): 100 messages sender → route → receiver, in order and
+/// intact; podman runs the hub's container exactly as rendered.
 #[test]
 fn the_rendered_hub_pod_serves_modules_run_from_their_rendered_pod_specs() {
     let started = Instant::now();
@@ -459,7 +637,8 @@ fn the_rendered_hub_pod_serves_modules_run_from_their_rendered_pod_specs() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let d = unique_deployment();
     let ed_file = dir.path().join("edgedeployment.json");
-    std::fs::write(&ed_file, edge_deployment(&d).to_string()).expect("write");
+    let module_image = sdk_image(&podman, &env);
+    std::fs::write(&ed_file, edge_deployment(&d, &module_image).to_string()).expect("write");
     let docs = render(&ed_file, &image);
 
     // The hub's pod, as podman 4.3 can play it.
@@ -582,9 +761,76 @@ fn the_rendered_hub_pod_serves_modules_run_from_their_rendered_pod_specs() {
         );
     }
 
-    // The modules, each from its own rendered pod spec.
-    let mut rx = module_process(&ns, &env, &docs, &d, "receiver", dir.path());
+    // The receiver: its rendered pod, played with the module image.
+    let rx_sts = object(
+        &docs,
+        "StatefulSet",
+        &k8s::names::module_workload(&d, "receiver").expect("module name"),
+    );
+    let rx_pod_name = format!("{}-0", rx_sts["metadata"]["name"].as_str().expect("name"));
+    let rx_pod = module_pod(rx_sts, &rx_pod_name, &docs, &k8s::names::hub(&d));
+    assert_only_the_module_changes(rx_sts, &rx_pod);
+    let mut rx_config_maps = Vec::new();
+    let mut rx_play = String::new();
+    for v in rx_sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+    {
+        let c = v
+            .get("configMap")
+            .unwrap_or_else(|| panic!("a module volume other than a ConfigMap: {v}"));
+        let name = c["name"].as_str().expect("name");
+        rx_config_maps.push(name.to_owned());
+        rx_play.push_str("---\n");
+        rx_play.push_str(&serde_yaml::to_string(object(&docs, "ConfigMap", name)).expect("yaml"));
+    }
+    rx_play.push_str("---\n");
+    rx_play.push_str(&serde_yaml::to_string(&rx_pod).expect("yaml"));
+    let rx_file = dir.path().join("receiver-pod.yaml");
+    std::fs::write(&rx_file, &rx_play).expect("write");
+    let rx_volumes = VolumesByName(podman.clone(), rx_config_maps);
+    let rx_played = podman.kube_play_in(
+        &netns,
+        &rx_file,
+        &["--network", "slirp4netns:allow_host_loopback=true"],
+    );
+    let rx_container = &rx_sts["spec"]["template"]["spec"]["containers"][0];
+    let rx_ctr = podman.container(&format!(
+        "{rx_pod_name}-{}",
+        rx_container["name"].as_str().expect("name")
+    ));
+    let mut rx = ns.spawn(podman.command().args(["logs", "-f", &rx_ctr.name]));
     rx.expect_event("ready", secs(60));
+    // Its environment is the rendered one; podman adds only what every container gets.
+    let rendered_names: BTreeSet<String> = rx_container["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| e["name"].as_str().expect("name").to_owned())
+        .collect();
+    let runtime_names: BTreeSet<String> = ["PATH", "HOME", "HOSTNAME", "TERM", "container"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    let rx_env: BTreeSet<String> =
+        json_of(podman.ok(&["inspect", "--format", "{{json .Config.Env}}", &rx_ctr.name]))
+            .as_array()
+            .expect("env")
+            .iter()
+            .map(|kv| {
+                let kv = kv.as_str().expect("K=V");
+                kv.split_once('=').map_or(kv, |(k, _)| k).to_owned()
+            })
+            .collect();
+    assert!(rendered_names.is_subset(&rx_env), "{rx_env:?}");
+    assert!(
+        rx_env
+            .difference(&rendered_names)
+            .all(|n| runtime_names.contains(n)),
+        "{rx_env:?}"
+    );
+
+    // The sender: its rendered pod spec as a host process.
     let tx = module_process(&ns, &env, &docs, &d, "sender", dir.path());
     let sent = tx.finish(secs(170));
     if sent.code != Some(sdk::EXIT_OK) {
@@ -623,6 +869,9 @@ fn the_rendered_hub_pod_serves_modules_run_from_their_rendered_pod_specs() {
         .unwrap_or(0);
     assert!(segments > 0, "no store files on the claim's volume");
 
+    drop(rx_ctr);
+    drop(rx_played);
+    drop(rx_volumes);
     drop(hub);
     drop(played);
     drop(store);
