@@ -15,6 +15,10 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosq
 # The images under podman, with runc (hub/tests/podman_hub.rs, k8s/images/).
 command -v podman >/dev/null || need_apt+=(podman)
 command -v runc >/dev/null || need_apt+=(runc)
+# hub/tests/kube_play.rs: pods publish their ports through slirp4netns; the module image it
+# builds holds Debian's python3.11.
+command -v slirp4netns >/dev/null || need_apt+=(slirp4netns)
+[ -x /usr/bin/python3.11 ] || need_apt+=(python3.11)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
