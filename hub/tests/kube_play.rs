@@ -9,7 +9,7 @@
 //!   podman's running container with the rendered template);
 //! - the receiver module's pod spec is played too, with a module image the test builds
 //!   (`FROM scratch`: Debian's python3.11, the pinned SDK from scripts/install-sdks.sh's venv,
-//!   the harness scripts; about 70 MB, once per change of those, see [`sdk_image`]), its
+//!   the harness scripts; about 85 MB, once per change of those, see [`sdk_image`]), its
 //!   trust-bundle ConfigMap mounted by podman, its Secret reference given as a value (podman
 //!   4.3 cannot resolve one) and a host alias for the hub Service's name ([`module_pod`]);
 //! - the sender module's pod spec is run as a host process with exactly that pod's
@@ -322,7 +322,7 @@ const SDK_IMAGE_REPO: &str = "localhost/edgehub-sdk-python-test";
 /// The module image: Debian's python3.11 with the shared libraries its extension modules
 /// link, its standard library (no tests), the pinned SDK's site-packages (from
 /// scripts/install-sdks.sh's venv) where Debian's python looks for packages, and the harness
-/// scripts in the working directory /sdk. Non-root, `FROM scratch`, about 70 MB.
+/// scripts in the working directory /sdk. Non-root, `FROM scratch`, about 85 MB.
 const SDK_CONTAINERFILE: &str =
     "FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/bin\nWORKDIR /sdk\nUSER 65532:65532\n";
 
@@ -524,7 +524,7 @@ fn http_get(ns: &NetNs, port: i64, path: &str) -> String {
 /// its `configMap` mounts projected at their mount paths and `hosts` mapping the hub
 /// Service's name to the namespace's loopback, both laid over /etc in a private mount
 /// namespace; its rendered command and args, `python3` being the SDK venv's interpreter and
-/// the working directory the harness scripts' (what the module image would hold).
+/// the working directory the harness scripts' (as the module image lays them out).
 fn module_process(
     ns: &NetNs,
     env: &SdkEnv,
