@@ -319,6 +319,12 @@ struct Active {
     generation: u64,
 }
 
+/// The manifest and the given keys as read for a reload.
+struct Sources {
+    deployment: Deployment,
+    keys: Vec<(ModuleId, ModuleKey)>,
+}
+
 /// Applies reloads to a running hub.
 pub struct Reloader {
     settings: Settings,
@@ -381,26 +387,26 @@ impl Reloader {
             );
             return Outcome::NothingToReload;
         }
-        let (deployment, keys) = match self.read_sources() {
+        let read = match self.read_sources() {
             Ok(read) => read,
             Err(errors) => return self.fail(&mut active, trigger, errors),
         };
-        if unchanged(trigger, &active, &deployment, &keys) {
+        if unchanged(trigger, &active, &read.deployment, &read.keys) {
             tracing::debug!(%trigger, "manifest and module keys unchanged; nothing to apply");
             return Outcome::Unchanged;
         }
-        let modules = self.settings.all_modules(&deployment.modules);
-        let identity_changes = match self.ctx.identities.apply(&modules, &keys) {
+        let modules = self.settings.all_modules(&read.deployment.modules);
+        let identity_changes = match self.ctx.identities.apply(&modules, &read.keys) {
             Ok(c) => c,
             Err(e) => return self.fail(&mut active, trigger, vec![e.to_string()]),
         };
-        let changes = Changes::between(&active.deployment, &deployment, identity_changes);
-        self.apply(&active, &deployment, &changes);
-        self.commit(&mut active, trigger, (deployment, keys), changes)
+        let changes = Changes::between(&active.deployment, &read.deployment, identity_changes);
+        self.apply(&active, &read.deployment, &changes);
+        self.commit(&mut active, trigger, read, changes)
     }
 
     /// The manifest and the given keys, read again; every problem found in either.
-    fn read_sources(&self) -> Result<(Deployment, Vec<(ModuleId, ModuleKey)>), Vec<String>> {
+    fn read_sources(&self) -> Result<Sources, Vec<String>> {
         let mut errors = Vec::new();
         let deployment = match load_deployment(&self.settings) {
             Ok(d) => Some(d),
@@ -417,7 +423,7 @@ impl Reloader {
             }
         };
         match (deployment, keys) {
-            (Some(deployment), Some(keys)) => Ok((deployment, keys)),
+            (Some(deployment), Some(keys)) => Ok(Sources { deployment, keys }),
             _ => Err(errors),
         }
     }
@@ -459,17 +465,17 @@ impl Reloader {
         &self,
         active: &mut Active,
         trigger: Trigger,
-        (deployment, keys): (Deployment, Vec<(ModuleId, ModuleKey)>),
+        read: Sources,
         changes: Changes,
     ) -> Outcome {
         let source = self.settings.manifest();
-        active.deployment = deployment;
-        active.keys = keys;
+        active.deployment = read.deployment;
+        active.keys = read.keys;
         active.generation += 1;
         tracing::info!(%trigger, %source, generation = active.generation, changes = %changes, "manifest reloaded");
         self.ctx.metrics.manifest_reloaded(true, active.generation);
         self.status
-            .set_active(source, &active, &self.ctx.identities.modules());
+            .set_active(source, active, &self.ctx.identities.modules());
         self.status.set_last(
             self.ctx.now_millis(),
             trigger,
