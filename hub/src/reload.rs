@@ -319,6 +319,12 @@ struct Active {
     generation: u64,
 }
 
+/// The manifest and the given keys as read for a reload.
+struct Sources {
+    deployment: Deployment,
+    keys: Vec<(ModuleId, ModuleKey)>,
+}
+
 /// Applies reloads to a running hub.
 pub struct Reloader {
     settings: Settings,
@@ -366,10 +372,14 @@ impl Reloader {
 
     /// Reads the manifest and keys again and applies them, or keeps the previous ones and
     /// reports why. Blocking (reads files, may save the identities file).
+    ///
+    /// Steps: [`Self::read_sources`], [`unchanged`], the identities, [`Self::apply`] to the
+    /// running hub, then [`Self::commit`] the new generation.
     pub fn reload(&self, trigger: Trigger) -> Outcome {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
-        let source = self.settings.manifest();
-        if *source == ManifestSource::BuiltIn && self.settings.module_keys_dir().is_none() {
+        if *self.settings.manifest() == ManifestSource::BuiltIn
+            && self.settings.module_keys_dir().is_none()
+        {
             tracing::info!(
                 %trigger,
                 "nothing to reload: the hub runs on the built-in manifest (no --manifest) and \
@@ -377,11 +387,31 @@ impl Reloader {
             );
             return Outcome::NothingToReload;
         }
+        let read = match self.read_sources() {
+            Ok(read) => read,
+            Err(errors) => return self.fail(&mut active, trigger, errors),
+        };
+        if unchanged(trigger, &active, &read.deployment, &read.keys) {
+            tracing::debug!(%trigger, "manifest and module keys unchanged; nothing to apply");
+            return Outcome::Unchanged;
+        }
+        let modules = self.settings.all_modules(&read.deployment.modules);
+        let identity_changes = match self.ctx.identities.apply(&modules, &read.keys) {
+            Ok(c) => c,
+            Err(e) => return self.fail(&mut active, trigger, vec![e.to_string()]),
+        };
+        let changes = Changes::between(&active.deployment, &read.deployment, identity_changes);
+        self.apply(&active, &read.deployment, &changes);
+        self.commit(&mut active, trigger, read, changes)
+    }
+
+    /// The manifest and the given keys, read again; every problem found in either.
+    fn read_sources(&self) -> Result<Sources, Vec<String>> {
         let mut errors = Vec::new();
         let deployment = match load_deployment(&self.settings) {
             Ok(d) => Some(d),
             Err(e) => {
-                errors.extend(manifest_problems(source, &e));
+                errors.extend(manifest_problems(self.settings.manifest(), &e));
                 None
             }
         };
@@ -392,19 +422,15 @@ impl Reloader {
                 None
             }
         };
-        let (Some(deployment), Some(keys)) = (deployment, keys) else {
-            return self.fail(&mut active, trigger, errors);
-        };
-        if trigger != Trigger::Signal && deployment == active.deployment && keys == active.keys {
-            tracing::debug!(%trigger, "manifest and module keys unchanged; nothing to apply");
-            return Outcome::Unchanged;
+        match (deployment, keys) {
+            (Some(deployment), Some(keys)) => Ok(Sources { deployment, keys }),
+            _ => Err(errors),
         }
-        let modules = self.settings.all_modules(&deployment.modules);
-        let identity_changes = match self.ctx.identities.apply(&modules, &keys) {
-            Ok(c) => c,
-            Err(e) => return self.fail(&mut active, trigger, vec![e.to_string()]),
-        };
-        let changes = Changes::between(&active.deployment, &deployment, identity_changes);
+    }
+
+    /// Applies `changes` (the identities already are) to the running hub: the modules file,
+    /// the routes, the connections of removed or re-keyed modules, the input sinks.
+    fn apply(&self, active: &Active, deployment: &Deployment, changes: &Changes) {
         record_modules(self.settings.data_dir(), &self.ctx.identities);
         if deployment.edge_hub.routes != active.deployment.edge_hub.routes {
             self.ctx.router.reload(deployment.edge_hub.routes.clone());
@@ -431,13 +457,25 @@ impl Reloader {
                  next restart"
             );
         }
-        active.deployment = deployment;
-        active.keys = keys;
+    }
+
+    /// Makes the applied manifest and keys the active ones, one generation on; logs, counts
+    /// and reports it.
+    fn commit(
+        &self,
+        active: &mut Active,
+        trigger: Trigger,
+        read: Sources,
+        changes: Changes,
+    ) -> Outcome {
+        let source = self.settings.manifest();
+        active.deployment = read.deployment;
+        active.keys = read.keys;
         active.generation += 1;
         tracing::info!(%trigger, %source, generation = active.generation, changes = %changes, "manifest reloaded");
         self.ctx.metrics.manifest_reloaded(true, active.generation);
         self.status
-            .set_active(source, &active, &self.ctx.identities.modules());
+            .set_active(source, active, &self.ctx.identities.modules());
         self.status.set_last(
             self.ctx.now_millis(),
             trigger,
@@ -465,6 +503,17 @@ impl Reloader {
             .set_last(self.ctx.now_millis(), trigger, "failure", None, &errors);
         Outcome::Failed(errors)
     }
+}
+
+/// Whether a reload has nothing to apply: the manifest and keys read are those in force. A
+/// signal applies them all the same (it is asked for).
+fn unchanged(
+    trigger: Trigger,
+    active: &Active,
+    deployment: &Deployment,
+    keys: &[(ModuleId, ModuleKey)],
+) -> bool {
+    trigger != Trigger::Signal && *deployment == active.deployment && keys == active.keys
 }
 
 /// How long the directories must be quiet before a reload (a ConfigMap swap or an editor's
@@ -540,6 +589,40 @@ mod tests {
             }}}}"#
         );
         crate::settings::parse_manifest(&text).expect("valid manifest")
+    }
+
+    #[test]
+    fn a_reload_is_unchanged_only_for_the_same_manifest_and_keys_and_never_on_a_signal() {
+        use base64::Engine as _;
+        let key = |b: u8| {
+            let text = base64::engine::general_purpose::STANDARD.encode([b; 32]);
+            ModuleKey::from_base64(&text).expect("key")
+        };
+        let routes = r#"{"r": "FROM /messages/* INTO $upstream"}"#;
+        let active = Active {
+            deployment: deployment(routes, 7200, None),
+            keys: vec![(ModuleId::new("a"), key(1))],
+            generation: 3,
+        };
+        let same = deployment(routes, 7200, None);
+        let same_keys = vec![(ModuleId::new("a"), key(1))];
+        assert!(unchanged(
+            Trigger::ManifestChanged,
+            &active,
+            &same,
+            &same_keys
+        ));
+        assert!(unchanged(Trigger::KeysChanged, &active, &same, &same_keys));
+        assert!(!unchanged(Trigger::Signal, &active, &same, &same_keys));
+        let rekeyed = vec![(ModuleId::new("a"), key(2))];
+        assert!(!unchanged(Trigger::KeysChanged, &active, &same, &rekeyed));
+        let longer_ttl = deployment(routes, 7201, None);
+        assert!(!unchanged(
+            Trigger::ManifestChanged,
+            &active,
+            &longer_ttl,
+            &same_keys
+        ));
     }
 
     #[test]

@@ -326,29 +326,13 @@ fn build_core(
         tls_config: _,
         given_cert,
     } = prepared;
-    let dispatcher = Arc::new(
-        Dispatcher::start(
-            store.clone(),
-            Arc::clone(&clock),
-            DispatcherConfig::default(),
-        )
-        .map_err(RunError::Delivery)?,
-    );
-    let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
-    let sessions = Arc::new(Sessions::load(settings.data_dir()).map_err(RunError::Sessions)?);
-    let metrics = Arc::new(HubMetrics::new(
-        settings.iothub_hostname(),
-        settings.device_id().as_str(),
-    ));
-    let upstream = upstream::start(
-        settings,
-        Arc::clone(&identities),
-        &dispatcher,
-        Arc::clone(&metrics),
-        Arc::clone(&clock),
-    )
-    .map_err(RunError::Upstream)?;
-    log_upstream(settings, &deployment);
+    let Delivery {
+        dispatcher,
+        router,
+        sessions,
+        metrics,
+        upstream,
+    } = start_delivery(settings, &deployment, &identities, store, &clock)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(HeadContext {
@@ -378,22 +362,7 @@ fn build_core(
         stop_rx.clone(),
     )?;
     let tls_reload_task = match given_cert {
-        Some(cert) => {
-            let (tx, rx) = mpsc::channel(16);
-            watchers.extend(
-                reload::tls::watch(&cert, &tx)
-                    .map_err(|(dir, source)| RunError::Watch { dir, source })?,
-            );
-            // One look once the watches are set: a change between the first read and the
-            // watch would otherwise wait for the next one (the same files: "unchanged").
-            let _ = tx.try_send(());
-            Some(tokio::spawn(reload::tls::serve(
-                cert,
-                Arc::clone(&clock),
-                rx,
-                stop_rx,
-            )))
-        }
+        Some(cert) => Some(start_tls_reloads(cert, &clock, stop_rx, &mut watchers)?),
         None => None,
     };
     Ok(Core {
@@ -409,6 +378,81 @@ fn build_core(
         stop_tx,
         clock,
     })
+}
+
+/// Delivery and what feeds it.
+struct Delivery {
+    dispatcher: Arc<Dispatcher>,
+    router: Router,
+    /// The MQTT head's persistent sessions.
+    sessions: Arc<Sessions>,
+    metrics: Arc<HubMetrics>,
+    /// The cloud connection, if an IoT Hub is named.
+    upstream: Option<Arc<MqttUpstream>>,
+}
+
+/// Phase 3, first step: the dispatcher and its endpoint workers, the router over the
+/// manifest's routes, the MQTT sessions, the metrics and the cloud connection.
+fn start_delivery(
+    settings: &Settings,
+    deployment: &Deployment,
+    identities: &Arc<Identities>,
+    store: &Store,
+    clock: &Arc<dyn Clock>,
+) -> Result<Delivery, RunError> {
+    let dispatcher = Arc::new(
+        Dispatcher::start(
+            store.clone(),
+            Arc::clone(clock),
+            DispatcherConfig::default(),
+        )
+        .map_err(RunError::Delivery)?,
+    );
+    let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
+    let sessions = Arc::new(Sessions::load(settings.data_dir()).map_err(RunError::Sessions)?);
+    let metrics = Arc::new(HubMetrics::new(
+        settings.iothub_hostname(),
+        settings.device_id().as_str(),
+    ));
+    let upstream = upstream::start(
+        settings,
+        Arc::clone(identities),
+        &dispatcher,
+        Arc::clone(&metrics),
+        Arc::clone(clock),
+    )
+    .map_err(RunError::Upstream)?;
+    log_upstream(settings, deployment);
+    Ok(Delivery {
+        dispatcher,
+        router,
+        sessions,
+        metrics,
+        upstream,
+    })
+}
+
+/// Watches the given certificate files (adding to `watchers`) and serves their reloads until
+/// `stop` turns true.
+fn start_tls_reloads(
+    cert: Arc<GivenCert>,
+    clock: &Arc<dyn Clock>,
+    stop: watch::Receiver<bool>,
+    watchers: &mut Vec<RecommendedWatcher>,
+) -> Result<JoinHandle<()>, RunError> {
+    let (tx, rx) = mpsc::channel(16);
+    watchers.extend(
+        reload::tls::watch(&cert, &tx).map_err(|(dir, source)| RunError::Watch { dir, source })?,
+    );
+    // One look once the watches are set: a change between the first read and the
+    // watch would otherwise wait for the next one (the same files: "unchanged").
+    let _ = tx.try_send(());
+    Ok(tokio::spawn(reload::tls::serve(
+        cert,
+        Arc::clone(clock),
+        rx,
+        stop,
+    )))
 }
 
 /// Watches the manifest's directory and the keys directory (a ConfigMap or Secret swaps a
@@ -497,52 +541,17 @@ fn start_heads(
         http: http_listener,
         plain_mqtt,
     } = listeners;
-    let stop_rx = core.ctx.shutdown.clone();
     // One budget per protocol (the loopback plain MQTT listener shares MQTT's).
-    let mqtt_budget = Budget::new("mqtt", settings.limits(), core.metrics.limits().clone());
-    let amqp_budget = Budget::new("amqp", settings.limits(), core.metrics.limits().clone());
-    let readiness = Readiness::new();
-    let router_metrics = {
-        let dispatcher = Arc::clone(&core.dispatcher);
-        Arc::new(move || dispatcher.metrics())
-    };
-    let http_task = tokio::spawn(http::serve(
-        http_listener,
-        HttpState {
-            metrics: Arc::clone(&core.metrics),
-            store: store.clone(),
-            router_metrics,
-            readiness: readiness.clone(),
-            manifest: core.reloader.status(),
-            clock: Arc::clone(&core.clock),
-        },
-        wait_for_stop(stop_rx.clone()),
-    ));
-    let mut tasks = Vec::with_capacity(4);
-    tasks.push(tokio::spawn(listener::serve_tls(
+    let heads = ProtocolHeads {
         mqtt,
-        TlsAcceptor::from(Arc::clone(&tls_config)),
-        Arc::clone(&core.ctx),
-        Arc::clone(&core.sessions),
-        Arc::clone(&mqtt_budget),
-        stop_rx.clone(),
-    )));
-    tasks.push(tokio::spawn(crate::amqp::listener::serve_tls(
         amqp,
-        TlsAcceptor::from(tls_config),
-        Arc::clone(&core.ctx),
-        amqp_budget,
-        stop_rx.clone(),
-    )));
-    if let Some(plain) = plain_mqtt {
-        tasks.push(tokio::spawn(listener::serve_plain(
-            plain,
-            Arc::clone(&core.ctx),
-            Arc::clone(&core.sessions),
-            mqtt_budget,
-            stop_rx,
-        )));
-    }
+        plain_mqtt,
+        mqtt_budget: Budget::new("mqtt", settings.limits(), core.metrics.limits().clone()),
+        amqp_budget: Budget::new("amqp", settings.limits(), core.metrics.limits().clone()),
+    };
+    let readiness = Readiness::new();
+    let http_task = spawn_http(http_listener, core, store, &readiness);
+    let mut tasks = spawn_protocol_heads(heads, core, tls_config);
     tasks.push(http_task);
     readiness.set_ready();
     tracing::info!(
@@ -556,6 +565,77 @@ fn start_heads(
         "edgehub ready"
     );
     Ok(Heads { readiness, tasks })
+}
+
+/// The listeners of the MQTT and AMQP heads and each protocol's connection budget.
+struct ProtocolHeads {
+    mqtt: TcpListener,
+    amqp: TcpListener,
+    plain_mqtt: Option<TcpListener>,
+    /// Shared by both MQTT listeners.
+    mqtt_budget: Arc<Budget>,
+    amqp_budget: Arc<Budget>,
+}
+
+/// Serves HTTP (metrics, health, readiness, the manifest) on `listener` until the hub stops.
+fn spawn_http(
+    listener: TcpListener,
+    core: &Core,
+    store: &Store,
+    readiness: &Readiness,
+) -> JoinHandle<()> {
+    let router_metrics = {
+        let dispatcher = Arc::clone(&core.dispatcher);
+        Arc::new(move || dispatcher.metrics())
+    };
+    tokio::spawn(http::serve(
+        listener,
+        HttpState {
+            metrics: Arc::clone(&core.metrics),
+            store: store.clone(),
+            router_metrics,
+            readiness: readiness.clone(),
+            manifest: core.reloader.status(),
+            clock: Arc::clone(&core.clock),
+        },
+        wait_for_stop(core.ctx.shutdown.clone()),
+    ))
+}
+
+/// Serves MQTT and AMQP over TLS, and plain MQTT if asked for, until the hub stops; the tasks
+/// in that order.
+fn spawn_protocol_heads(
+    heads: ProtocolHeads,
+    core: &Core,
+    tls_config: Arc<rustls::ServerConfig>,
+) -> Vec<JoinHandle<()>> {
+    let stop_rx = core.ctx.shutdown.clone();
+    let mut tasks = Vec::with_capacity(4);
+    tasks.push(tokio::spawn(listener::serve_tls(
+        heads.mqtt,
+        TlsAcceptor::from(Arc::clone(&tls_config)),
+        Arc::clone(&core.ctx),
+        Arc::clone(&core.sessions),
+        Arc::clone(&heads.mqtt_budget),
+        stop_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::amqp::listener::serve_tls(
+        heads.amqp,
+        TlsAcceptor::from(tls_config),
+        Arc::clone(&core.ctx),
+        heads.amqp_budget,
+        stop_rx.clone(),
+    )));
+    if let Some(plain) = heads.plain_mqtt {
+        tasks.push(tokio::spawn(listener::serve_plain(
+            plain,
+            Arc::clone(&core.ctx),
+            Arc::clone(&core.sessions),
+            heads.mqtt_budget,
+            stop_rx,
+        )));
+    }
+    tasks
 }
 
 /// Phase 5: stops serving, lets every connection acknowledge what is durable and close, stops

@@ -350,106 +350,12 @@ impl RawSettings {
     /// machine if known (see [`machine_hostname`]); it defaults the gateway host name and goes
     /// into the server certificate.
     pub fn validate(self, machine_hostname: Option<String>) -> Result<Settings, SettingsError> {
-        let data_dir = self
-            .data_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        if data_dir.as_os_str().is_empty() {
-            return Err(invalid("data_dir", "", "must not be empty"));
-        }
-        let manifest = match self.manifest {
-            None => ManifestSource::BuiltIn,
-            Some(path) if path.as_os_str().is_empty() => {
-                return Err(invalid("manifest", "", "must not be empty"))
-            }
-            Some(path) => ManifestSource::File(path),
-        };
-        let mqtt_addr = parse_listen_addr(
-            "mqtt_addr",
-            self.mqtt_addr.as_deref().unwrap_or(DEFAULT_MQTT_ADDR),
-        )?;
-        let metrics_addr = parse_listen_addr(
-            "metrics_addr",
-            self.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR),
-        )?;
-        let plain_mqtt_addr = match self.plain_mqtt_addr.as_deref() {
-            None => None,
-            Some(text) => {
-                let addr = parse_listen_addr("plain_mqtt_addr", text)?;
-                if !addr.ip().is_loopback() {
-                    return Err(invalid(
-                        "plain_mqtt_addr",
-                        text,
-                        "the plain (unencrypted) MQTT listener is for benchmarks and only binds \
-                         a loopback address such as 127.0.0.1:1883",
-                    ));
-                }
-                Some(addr)
-            }
-        };
-        let amqp_addr = parse_listen_addr(
-            "amqp_addr",
-            self.amqp_addr.as_deref().unwrap_or(DEFAULT_AMQP_ADDR),
-        )?;
-        check_distinct_ports(&[
-            ("amqp_addr", Some(amqp_addr)),
-            ("mqtt_addr", Some(mqtt_addr)),
-            ("metrics_addr", Some(metrics_addr)),
-            ("plain_mqtt_addr", plain_mqtt_addr),
-        ])?;
-        let iothub_hostname = self
-            .iothub_hostname
-            .unwrap_or_else(|| DEFAULT_IOTHUB_HOSTNAME.to_owned());
-        check_hostname("iothub_hostname", &iothub_hostname)?;
-        let device_id = self
-            .device_id
-            .unwrap_or_else(|| DEFAULT_DEVICE_ID.to_owned());
-        check_id("device_id", &device_id)?;
-        let machine_hostname = machine_hostname.filter(|h| check_hostname("", h).is_ok());
-        let gateway_hostname = self
-            .gateway_hostname
-            .or_else(|| machine_hostname.clone())
-            .unwrap_or_else(|| "localhost".to_owned());
-        check_hostname("gateway_hostname", &gateway_hostname)?;
-        for h in &self.hostnames {
-            check_hostname("hostname", h)?;
-        }
-        let mut modules = Vec::with_capacity(self.modules.len());
-        for m in &self.modules {
-            check_module_id("module", m)?;
-            modules.push(ModuleId::new(m.clone()));
-        }
-        let mut module_keys = Vec::with_capacity(self.module_keys.len());
-        for (n, entry) in self.module_keys.iter().enumerate() {
-            // Errors never echo the entry (a mistyped one may be all key); they say which one.
-            let n = n + 1;
-            let hidden = "(value hidden: it holds a key)";
-            let (module, key) = entry.split_once('=').ok_or_else(|| {
-                invalid(
-                    "module_key",
-                    hidden,
-                    format!("entry {n}: expected MODULE=BASE64KEY"),
-                )
-            })?;
-            check_module_id("module_key", module).map_err(|_| {
-                invalid(
-                    "module_key",
-                    hidden,
-                    format!("entry {n}: MODULE is not a module id"),
-                )
-            })?;
-            let key = ModuleKey::from_base64(key).map_err(|why| {
-                invalid("module_key", hidden, format!("entry {n}: the key is {why}"))
-            })?;
-            if module_keys
-                .iter()
-                .any(|(m, _): &(ModuleId, ModuleKey)| m.as_str() == module)
-            {
-                return Err(invalid("module_key", module, "given twice"));
-            }
-            module_keys.push((ModuleId::new(module), key));
-        }
-        modules.sort();
-        modules.dedup();
+        // Each section is checked in turn; the first error found is the one reported.
+        let (data_dir, manifest) = storage_paths(self.data_dir.clone(), self.manifest.clone())?;
+        let listen = self.listen_addrs()?;
+        let names = self.host_names(machine_hostname)?;
+        let modules = module_ids(&self.modules)?;
+        let module_keys = module_keys(&self.module_keys)?;
         if let Some(dir) = &self.module_keys_dir {
             if dir.as_os_str().is_empty() {
                 return Err(invalid("module_keys_dir", "", "must not be empty"));
@@ -460,7 +366,7 @@ impl RawSettings {
             self.upstream_addr.as_deref(),
             self.upstream_ca,
             self.upstream_timeout_secs,
-            &iothub_hostname,
+            &names.iothub_hostname,
         )?;
         let limits = connection_limits(
             self.max_connections,
@@ -471,17 +377,17 @@ impl RawSettings {
         Ok(Settings {
             data_dir,
             manifest,
-            mqtt_addr,
-            metrics_addr,
-            iothub_hostname,
-            device_id: DeviceId::new(device_id),
-            gateway_hostname,
-            machine_hostname,
+            mqtt_addr: listen.mqtt,
+            metrics_addr: listen.metrics,
+            iothub_hostname: names.iothub_hostname,
+            device_id: DeviceId::new(names.device_id),
+            gateway_hostname: names.gateway_hostname,
+            machine_hostname: names.machine_hostname,
             hostnames: self.hostnames,
             modules,
             log_format: self.log_format.unwrap_or_default(),
-            plain_mqtt_addr,
-            amqp_addr,
+            plain_mqtt_addr: listen.plain_mqtt,
+            amqp_addr: listen.amqp,
             epoch: Epoch::new(self.epoch.unwrap_or(0)),
             upstream,
             module_keys,
@@ -490,6 +396,165 @@ impl RawSettings {
             tls,
         })
     }
+
+    /// The listeners' addresses, each parsed, the plain one loopback only, no two on one port.
+    fn listen_addrs(&self) -> Result<ListenAddrs, SettingsError> {
+        let mqtt = parse_listen_addr(
+            "mqtt_addr",
+            self.mqtt_addr.as_deref().unwrap_or(DEFAULT_MQTT_ADDR),
+        )?;
+        let metrics = parse_listen_addr(
+            "metrics_addr",
+            self.metrics_addr.as_deref().unwrap_or(DEFAULT_METRICS_ADDR),
+        )?;
+        let plain_mqtt = self
+            .plain_mqtt_addr
+            .as_deref()
+            .map(plain_mqtt_addr)
+            .transpose()?;
+        let amqp = parse_listen_addr(
+            "amqp_addr",
+            self.amqp_addr.as_deref().unwrap_or(DEFAULT_AMQP_ADDR),
+        )?;
+        check_distinct_ports(&[
+            ("amqp_addr", Some(amqp)),
+            ("mqtt_addr", Some(mqtt)),
+            ("metrics_addr", Some(metrics)),
+            ("plain_mqtt_addr", plain_mqtt),
+        ])?;
+        Ok(ListenAddrs {
+            mqtt,
+            metrics,
+            plain_mqtt,
+            amqp,
+        })
+    }
+
+    /// IoT Hub's host name, the device id, the gateway's host name (defaulted from this
+    /// machine's, kept only if valid) and the extra certificate host names.
+    fn host_names(&self, machine_hostname: Option<String>) -> Result<HostNames, SettingsError> {
+        let iothub_hostname = self
+            .iothub_hostname
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IOTHUB_HOSTNAME.to_owned());
+        check_hostname("iothub_hostname", &iothub_hostname)?;
+        let device_id = self
+            .device_id
+            .clone()
+            .unwrap_or_else(|| DEFAULT_DEVICE_ID.to_owned());
+        check_id("device_id", &device_id)?;
+        let machine_hostname = machine_hostname.filter(|h| check_hostname("", h).is_ok());
+        let gateway_hostname = self
+            .gateway_hostname
+            .clone()
+            .or_else(|| machine_hostname.clone())
+            .unwrap_or_else(|| "localhost".to_owned());
+        check_hostname("gateway_hostname", &gateway_hostname)?;
+        for h in &self.hostnames {
+            check_hostname("hostname", h)?;
+        }
+        Ok(HostNames {
+            iothub_hostname,
+            device_id,
+            gateway_hostname,
+            machine_hostname,
+        })
+    }
+}
+
+/// The listen addresses of [`RawSettings`], checked.
+struct ListenAddrs {
+    mqtt: SocketAddr,
+    metrics: SocketAddr,
+    plain_mqtt: Option<SocketAddr>,
+    amqp: SocketAddr,
+}
+
+/// The host names and device id of [`RawSettings`], checked and defaulted.
+struct HostNames {
+    iothub_hostname: String,
+    device_id: String,
+    gateway_hostname: String,
+    machine_hostname: Option<String>,
+}
+
+/// `--data-dir` (defaulted) and `--manifest` (the built-in one if none): neither empty.
+fn storage_paths(
+    data_dir: Option<PathBuf>,
+    manifest: Option<PathBuf>,
+) -> Result<(PathBuf, ManifestSource), SettingsError> {
+    let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    if data_dir.as_os_str().is_empty() {
+        return Err(invalid("data_dir", "", "must not be empty"));
+    }
+    let manifest = match manifest {
+        None => ManifestSource::BuiltIn,
+        Some(path) if path.as_os_str().is_empty() => {
+            return Err(invalid("manifest", "", "must not be empty"))
+        }
+        Some(path) => ManifestSource::File(path),
+    };
+    Ok((data_dir, manifest))
+}
+
+/// `--plain-mqtt-addr`: a loopback address only.
+fn plain_mqtt_addr(text: &str) -> Result<SocketAddr, SettingsError> {
+    let addr = parse_listen_addr("plain_mqtt_addr", text)?;
+    if !addr.ip().is_loopback() {
+        return Err(invalid(
+            "plain_mqtt_addr",
+            text,
+            "the plain (unencrypted) MQTT listener is for benchmarks and only binds \
+             a loopback address such as 127.0.0.1:1883",
+        ));
+    }
+    Ok(addr)
+}
+
+/// `--module`s: each a module id; sorted, each once.
+fn module_ids(modules: &[String]) -> Result<Vec<ModuleId>, SettingsError> {
+    let mut ids = Vec::with_capacity(modules.len());
+    for m in modules {
+        check_module_id("module", m)?;
+        ids.push(ModuleId::new(m.clone()));
+    }
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// `--module-key`s: each `MODULE=BASE64KEY`, each module once. Errors never echo the entry (a
+/// mistyped one may be all key); they say which one (counting from 1).
+fn module_keys(entries: &[String]) -> Result<Vec<(ModuleId, ModuleKey)>, SettingsError> {
+    let mut module_keys = Vec::with_capacity(entries.len());
+    for (n, entry) in entries.iter().enumerate() {
+        let n = n + 1;
+        let hidden = "(value hidden: it holds a key)";
+        let (module, key) = entry.split_once('=').ok_or_else(|| {
+            invalid(
+                "module_key",
+                hidden,
+                format!("entry {n}: expected MODULE=BASE64KEY"),
+            )
+        })?;
+        check_module_id("module_key", module).map_err(|_| {
+            invalid(
+                "module_key",
+                hidden,
+                format!("entry {n}: MODULE is not a module id"),
+            )
+        })?;
+        let key = ModuleKey::from_base64(key)
+            .map_err(|why| invalid("module_key", hidden, format!("entry {n}: the key is {why}")))?;
+        if module_keys
+            .iter()
+            .any(|(m, _): &(ModuleId, ModuleKey)| m.as_str() == module)
+        {
+            return Err(invalid("module_key", module, "given twice"));
+        }
+        module_keys.push((ModuleId::new(module), key));
+    }
+    Ok(module_keys)
 }
 
 /// `--tls-cert`, `--tls-key` and `--tls-ca`: all three or none. The error names every missing
@@ -981,6 +1046,73 @@ mod tests {
         .validate(None)
         .expect_err("amqp upstream");
         assert_eq!(err.field, "upstream_protocol");
+    }
+
+    #[test]
+    fn sections_are_checked_in_order_and_the_first_error_is_reported() {
+        let err = RawSettings {
+            data_dir: Some(PathBuf::new()),
+            mqtt_addr: Some("nonsense".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("two errors");
+        assert_eq!(err.field, "data_dir");
+        let err = RawSettings {
+            mqtt_addr: Some("nonsense".into()),
+            device_id: Some("bad id".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("two errors");
+        assert_eq!(err.field, "mqtt_addr");
+        let err = RawSettings {
+            device_id: Some("bad id".into()),
+            modules: vec!["bad id".into()],
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("two errors");
+        assert_eq!(err.field, "device_id");
+        let err = RawSettings {
+            modules: vec!["bad id".into()],
+            module_keys: vec!["no equals sign".into()],
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("two errors");
+        assert_eq!(err.field, "module");
+    }
+
+    #[test]
+    fn storage_paths_default_and_refuse_empty_ones() {
+        let (dir, manifest) = storage_paths(None, None).expect("defaults");
+        assert_eq!(dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(manifest, ManifestSource::BuiltIn);
+        let (_, manifest) = storage_paths(None, Some("m.json".into())).expect("file");
+        assert_eq!(manifest, ManifestSource::File("m.json".into()));
+        let err = storage_paths(None, Some(PathBuf::new())).expect_err("empty manifest");
+        assert_eq!(err.field, "manifest");
+    }
+
+    #[test]
+    fn the_plain_mqtt_listener_binds_only_loopback() {
+        let addr = plain_mqtt_addr("127.0.0.1:1883").expect("loopback");
+        assert_eq!(addr, "127.0.0.1:1883".parse().expect("addr"));
+        let err = plain_mqtt_addr("0.0.0.0:1883").expect_err("not loopback");
+        assert_eq!(
+            (err.field, err.value.as_str()),
+            ("plain_mqtt_addr", "0.0.0.0:1883")
+        );
+    }
+
+    #[test]
+    fn module_ids_are_sorted_and_each_kept_once() {
+        let ids = module_ids(&["b".into(), "a".into(), "b".into()]).expect("valid");
+        let ids: Vec<&str> = ids.iter().map(ModuleId::as_str).collect();
+        assert_eq!(ids, ["a", "b"]);
+        let err = module_ids(&["a".into(), "bad id".into()]).expect_err("bad id");
+        assert_eq!((err.field, err.value.as_str()), ("module", "bad id"));
     }
 
     #[test]

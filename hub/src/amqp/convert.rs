@@ -95,81 +95,104 @@ fn is_reserved_key(key: &str) -> bool {
         || SYSTEM_APP_PROPERTIES.iter().any(|(k, _)| *k == key)
 }
 
-/// The routed message for an AMQP message sent by the authenticated module `device/module`.
+/// The routed message for an AMQP message sent by the authenticated module `device/module`:
+/// its body, then what its application properties and its properties carry.
 pub fn message_from_amqp(
     device: &DeviceId,
     module: &ModuleId,
     amqp: &AmqpMessage<Body<Value>>,
 ) -> Result<Message, ConvertError> {
     let body = body_bytes(&amqp.body)?;
-    let mut output = None;
-    let mut system: Vec<(SystemProperty, String)> = Vec::new();
-    let mut properties: Vec<(String, String)> = Vec::new();
-    if let Some(app) = &amqp.application_properties {
-        for (key, value) in app.0.iter() {
-            let Some(text) = simple_text(value) else {
-                continue;
-            };
-            if key == OUTPUT_NAME {
-                output = Some(text).filter(|t| !t.is_empty());
-            } else if let Some((_, p)) = SYSTEM_APP_PROPERTIES.iter().find(|(k, _)| k == key) {
-                system.push((*p, text));
-            } else if !is_reserved_key(key) {
-                properties.push((key.clone(), text));
-            }
-        }
-    }
+    let app = amqp
+        .application_properties
+        .as_ref()
+        .map(sort_app_properties)
+        .unwrap_or_default();
+    let mut system = app.system;
     if let Some(p) = &amqp.properties {
-        let pairs = [
-            (
-                SystemProperty::MessageId,
-                p.message_id.as_ref().map(id_text),
-            ),
-            (
-                SystemProperty::CorrelationId,
-                p.correlation_id.as_ref().map(id_text),
-            ),
-            (
-                SystemProperty::UserId,
-                p.user_id
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).into_owned()),
-            ),
-            (SystemProperty::To, p.to.clone()),
-            (
-                SystemProperty::ContentType,
-                p.content_type.as_ref().map(|s| s.0.clone()),
-            ),
-            (
-                SystemProperty::ContentEncoding,
-                p.content_encoding.as_ref().map(|s| s.0.clone()),
-            ),
-            (
-                SystemProperty::ExpiryTime,
-                p.absolute_expiry_time
-                    .as_ref()
-                    .map(|t| rfc3339_utc(t.milliseconds())),
-            ),
-        ];
-        for (key, value) in pairs {
-            if let Some(v) = value {
-                system.push((key, v));
-            }
-        }
+        system.extend(system_from_properties(p));
     }
     let source = Source::ModuleOutput {
         device: device.clone(),
         module: module.clone(),
-        output: output.map(OutputName::new),
+        output: app.output.map(OutputName::new),
     };
     let mut message = Message::new(source, body);
     for (p, v) in system {
         message = message.with_system_property(p, v);
     }
-    for (k, v) in properties {
+    for (k, v) in app.properties {
         message = message.with_property(k, v);
     }
     Ok(message)
+}
+
+/// The text application properties of an ingress message, sorted by what they mean.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct AppProperties {
+    /// `iothub-outputname`, unless empty.
+    output: Option<String>,
+    /// Those that are system properties, in the message's order.
+    system: Vec<(SystemProperty, String)>,
+    /// The module's own (reserved keys left out), in the message's order.
+    properties: Vec<(String, String)>,
+}
+
+/// Sorts the application properties; values that are not simple text are left out.
+fn sort_app_properties(app: &ApplicationProperties) -> AppProperties {
+    let mut sorted = AppProperties::default();
+    for (key, value) in app.0.iter() {
+        let Some(text) = simple_text(value) else {
+            continue;
+        };
+        if key == OUTPUT_NAME {
+            sorted.output = Some(text).filter(|t| !t.is_empty());
+        } else if let Some((_, p)) = SYSTEM_APP_PROPERTIES.iter().find(|(k, _)| k == key) {
+            sorted.system.push((*p, text));
+        } else if !is_reserved_key(key) {
+            sorted.properties.push((key.clone(), text));
+        }
+    }
+    sorted
+}
+
+/// The system properties an AMQP message's properties section carries, in a fixed order.
+fn system_from_properties(p: &Properties) -> Vec<(SystemProperty, String)> {
+    let pairs = [
+        (
+            SystemProperty::MessageId,
+            p.message_id.as_ref().map(id_text),
+        ),
+        (
+            SystemProperty::CorrelationId,
+            p.correlation_id.as_ref().map(id_text),
+        ),
+        (
+            SystemProperty::UserId,
+            p.user_id
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned()),
+        ),
+        (SystemProperty::To, p.to.clone()),
+        (
+            SystemProperty::ContentType,
+            p.content_type.as_ref().map(|s| s.0.clone()),
+        ),
+        (
+            SystemProperty::ContentEncoding,
+            p.content_encoding.as_ref().map(|s| s.0.clone()),
+        ),
+        (
+            SystemProperty::ExpiryTime,
+            p.absolute_expiry_time
+                .as_ref()
+                .map(|t| rfc3339_utc(t.milliseconds())),
+        ),
+    ];
+    pairs
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|v| (key, v)))
+        .collect()
 }
 
 /// The messages of a batched transfer (message format [`BATCH_FORMAT`]): one per data section,
@@ -400,6 +423,59 @@ mod tests {
     use super::*;
     use fe2o3_amqp::types::messaging::message::__private::Serializable;
     use fe2o3_amqp::types::messaging::AmqpValue;
+
+    #[test]
+    fn application_properties_sort_into_output_system_and_the_modules_own() {
+        let mut map = OrderedMap::new();
+        let text = |t: &str| SimpleValue::String(t.into());
+        map.insert("k1".to_owned(), text("v1"));
+        map.insert("iothub-operation".to_owned(), text("op"));
+        map.insert(CONNECTION_DEVICE_ID.to_owned(), text("forged"));
+        map.insert("x-opt-anything".to_owned(), text("dropped"));
+        map.insert(
+            "bin".to_owned(),
+            SimpleValue::Binary(Binary::from(vec![1u8])),
+        );
+        map.insert("dt-subject".to_owned(), SimpleValue::Int(3));
+        map.insert("k2".to_owned(), SimpleValue::Bool(true));
+        map.insert(OUTPUT_NAME.to_owned(), text(""));
+        let sorted = sort_app_properties(&ApplicationProperties(map));
+        assert_eq!(
+            sorted,
+            AppProperties {
+                output: None,
+                system: vec![
+                    (SystemProperty::Operation, "op".to_owned()),
+                    (SystemProperty::ComponentName, "3".to_owned()),
+                ],
+                properties: vec![
+                    ("k1".to_owned(), "v1".to_owned()),
+                    ("k2".to_owned(), "true".to_owned()),
+                ],
+            }
+        );
+        let mut map = OrderedMap::new();
+        map.insert(OUTPUT_NAME.to_owned(), text("out1"));
+        let sorted = sort_app_properties(&ApplicationProperties(map));
+        assert_eq!(sorted.output.as_deref(), Some("out1"));
+    }
+
+    #[test]
+    fn properties_give_only_the_system_properties_they_set() {
+        let p = Properties {
+            correlation_id: Some(MessageId::String("c1".into())),
+            content_type: Some(Symbol::from("application/json")),
+            ..Properties::default()
+        };
+        assert_eq!(
+            system_from_properties(&p),
+            vec![
+                (SystemProperty::CorrelationId, "c1".to_owned()),
+                (SystemProperty::ContentType, "application/json".to_owned()),
+            ]
+        );
+        assert!(system_from_properties(&Properties::default()).is_empty());
+    }
 
     fn sender_message() -> AmqpMessage<Body<Value>> {
         let mut app = OrderedMap::new();

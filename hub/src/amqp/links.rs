@@ -52,16 +52,17 @@ use std::time::{Duration, Instant};
 use fe2o3_amqp::link::delivery::{Delivery, DeliveryFut, DeliveryInfo};
 use fe2o3_amqp::link::SendError;
 use fe2o3_amqp::types::definitions::{AmqpError, Error as AmqpErrorInfo};
-use fe2o3_amqp::types::messaging::{Body, Outcome};
+use fe2o3_amqp::types::messaging::{Body, Data, Message as AmqpMessage, Outcome};
 use fe2o3_amqp::types::primitives::Value;
 use fe2o3_amqp::{Receiver, Sender};
 use router::{DeliveryOutcome, FailureKind, RejectReason, RouteAck};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
 use crate::amqp::convert;
 use crate::amqp::events_state::{Action, Event, EventsLink};
-use crate::head::sink::{outbound_channel, NOT_DELIVERED};
+use crate::head::context::{HeadContext, RegisteredSinks};
+use crate::head::sink::{outbound_channel, Outbound, OutboundRx, OutboundTx, NOT_DELIVERED};
 use crate::head::MAX_MESSAGE_BYTES;
 use crate::identity::Identity;
 
@@ -395,60 +396,87 @@ async fn settle_in_order<D, A, O, E>(
 
 /// Serves a module's inputs link until the client detaches it, it fails, or the connection
 /// stops.
-pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
+///
+/// Steps: register the module's input sinks and start the settler, [`InputsLink::deliver`]
+/// while this connection is current, then [`InputsLink::close`].
+pub async fn serve_inputs(sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
-    let (out_tx, mut out_rx) = outbound_channel();
-    let (mut registered, current) =
+    let (out_tx, out_rx) = outbound_channel();
+    let (registered, current) =
         ctx.register_input_sinks(&identity, &out_tx, || shared.is_current(&identity));
-    let mut routes_changed = ctx.routes_changed.subscribe();
+    let routes_changed = ctx.routes_changed.subscribe();
     let (settling_tx, settling_rx) = mpsc::channel::<Settling<InputSettlement>>(MAX_UNSETTLED);
     let metrics = ctx.metrics.connection_metrics(&identity);
     let settler = tokio::spawn(settle_inputs(settling_rx, move || metrics.sent()));
-    let mut stop = shared.stop.subscribe();
-    let mut ended = if current {
-        "connection closing"
+    let stop = shared.stop.subscribe();
+    let mut link = InputsLink {
+        sender,
+        identity,
+        shared,
+        ctx,
+        out_tx,
+        out_rx,
+        registered,
+        routes_changed,
+        settling_tx,
+        stop,
+    };
+    let ended = if current {
+        link.deliver().await
     } else {
         "connection already replaced; nothing registered"
     };
-    if current {
+    link.close(settler, ended).await;
+}
+
+/// Why an inputs link ended when the connection stops or the sinks hang up (logged).
+const INPUTS_CLOSING: &str = "connection closing";
+
+/// A module's inputs link while it is served.
+struct InputsLink {
+    sender: Sender,
+    identity: Identity,
+    shared: Arc<ConnShared>,
+    ctx: Arc<HeadContext>,
+    /// Given to the input sinks this link registers.
+    out_tx: OutboundTx,
+    /// Deliveries from the input sinks.
+    out_rx: OutboundRx,
+    /// The input sinks this link registered (only these are removed when it ends).
+    registered: RegisteredSinks,
+    routes_changed: watch::Receiver<u64>,
+    /// Deliveries sent, for the settler to map their settlements.
+    settling_tx: mpsc::Sender<Settling<InputSettlement>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl InputsLink {
+    /// Sends deliveries to the client as its credit allows, until the link ends; returns why.
+    async fn deliver(&mut self) -> &'static str {
         loop {
             let delivery = tokio::select! {
-                d = out_rx.recv() => d,
-                e = sender.on_detach() => {
-                    tracing::debug!(peer = %shared.peer, %identity, error = %e, "inputs link detached");
-                    ended = "detached by the client";
-                    None
+                d = self.out_rx.recv() => d,
+                e = self.sender.on_detach() => {
+                    tracing::debug!(peer = %self.shared.peer, identity = %self.identity, error = %e, "inputs link detached");
+                    return "detached by the client";
                 }
-                () = stopped(&mut stop) => None,
-                Ok(()) = routes_changed.changed() => {
-                    // A reload routed more inputs of this module: take them too.
-                    ctx.register_new_input_sinks(
-                        &identity,
-                        &out_tx,
-                        || shared.is_current(&identity),
-                        &mut registered,
-                    );
+                () = stopped(&mut self.stop) => None,
+                Ok(()) = self.routes_changed.changed() => {
+                    self.register_new_inputs();
                     continue;
                 }
             };
-            let Some(delivery) = delivery else { break };
+            let Some(delivery) = delivery else {
+                return INPUTS_CLOSING;
+            };
             if delivery.acked.is_closed() {
                 continue;
             }
-            let message = convert::amqp_from_message(
-                &delivery.message,
-                &delivery.input,
-                convert::DeliveryStamp {
-                    lock_token: rand::random::<[u8; 16]>(),
-                    enqueued_ms: i64::try_from(ctx.now_millis().0).unwrap_or(i64::MAX),
-                    sequence: delivery.offset.get(),
-                    delivery_count: delivery.previous_attempts,
-                },
-            );
+            let message = self.to_amqp(&delivery);
             // Waits for the client's credit (a detach while waiting ends it with an error).
             let sent = tokio::select! {
-                s = sender.send_batchable(message) => s,
-                () = stopped(&mut stop) => break,
+                s = self.sender.send_batchable(message) => s,
+                () = stopped(&mut self.stop) => return INPUTS_CLOSING,
             };
             match sent {
                 Ok(settled) => {
@@ -459,29 +487,72 @@ pub async fn serve_inputs(mut sender: Sender, identity: Identity, shared: Arc<Co
                     };
                     // Waits while MAX_UNSETTLED deliveries await their settlement.
                     tokio::select! {
-                        _ = settling_tx.send(settling) => {}
-                        () = stopped(&mut stop) => break,
+                        _ = self.settling_tx.send(settling) => {}
+                        () = stopped(&mut self.stop) => return INPUTS_CLOSING,
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(peer = %shared.peer, %identity, error = %e, "inputs link send failed");
-                    ended = "send failed";
-                    break;
+                    tracing::debug!(peer = %self.shared.peer, identity = %self.identity, error = %e, "inputs link send failed");
+                    return "send failed";
                 }
             }
         }
     }
-    // Only the sinks this link registered, and only while they are still registered: a newer
-    // link (of this connection or another) keeps its own.
-    ctx.unregister_own_sinks(&registered);
-    drop(registered);
-    tracing::info!(peer = %shared.peer, %identity, reason = ended, "inputs link ended");
-    // Deliveries not sent yet go back to their workers (their `acked` is dropped).
-    drop(out_rx);
-    drop(settling_tx);
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
-    if !finish_settler(settler).await {
-        tracing::debug!(peer = %shared.peer, %identity, "settlements still outstanding at close; they are retried");
+
+    /// A reload routed more inputs of this module: take them too.
+    fn register_new_inputs(&mut self) {
+        let (shared, identity) = (&self.shared, &self.identity);
+        self.ctx.register_new_input_sinks(
+            identity,
+            &self.out_tx,
+            || shared.is_current(identity),
+            &mut self.registered,
+        );
+    }
+
+    /// A delivery as the AMQP message the SDK reads (lock token, enqueue time, sequence number,
+    /// delivery count).
+    fn to_amqp(&self, delivery: &Outbound) -> AmqpMessage<Data> {
+        convert::amqp_from_message(
+            &delivery.message,
+            &delivery.input,
+            convert::DeliveryStamp {
+                lock_token: rand::random::<[u8; 16]>(),
+                enqueued_ms: i64::try_from(self.ctx.now_millis().0).unwrap_or(i64::MAX),
+                sequence: delivery.offset.get(),
+                delivery_count: delivery.previous_attempts,
+            },
+        )
+    }
+
+    /// Ends the link: unregisters its own sinks, logs why it ended, hands back what was not
+    /// sent, closes the link and gives the settler [`CLOSE_GRACE`].
+    async fn close(self, settler: tokio::task::JoinHandle<()>, ended: &'static str) {
+        let InputsLink {
+            sender,
+            identity,
+            shared,
+            ctx,
+            out_tx,
+            out_rx,
+            registered,
+            routes_changed,
+            settling_tx,
+            stop,
+        } = self;
+        // Only the sinks this link registered, and only while they are still registered: a newer
+        // link (of this connection or another) keeps its own.
+        ctx.unregister_own_sinks(&registered);
+        drop(registered);
+        tracing::info!(peer = %shared.peer, %identity, reason = ended, "inputs link ended");
+        // Deliveries not sent yet go back to their workers (their `acked` is dropped).
+        drop(out_rx);
+        drop(settling_tx);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
+        if !finish_settler(settler).await {
+            tracing::debug!(peer = %shared.peer, %identity, "settlements still outstanding at close; they are retried");
+        }
+        drop((out_tx, routes_changed, stop));
     }
 }
 

@@ -143,6 +143,9 @@ pub enum ConnectionEnd {
 
 /// Serves one connection until it ends. `peer` is for logs; `slot` is the connection's place in
 /// the head's budget, told when it authenticates.
+///
+/// Steps: read CONNECT ([`read_connect`]), start the writer, [`admit`] the client (or refuse it
+/// with a CONNACK and end), answer CONNACK, then run the [`Connection`] until it ends.
 pub async fn serve<S>(
     stream: S,
     ctx: Arc<HeadContext>,
@@ -155,49 +158,130 @@ where
 {
     let (mut reader, writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let connect =
-        match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut reader, &mut buf)).await {
-            Err(_) => return ConnectionEnd::NoConnect,
-            Ok(Err(end)) => return end,
-            Ok(Ok(Packet::Connect(c))) => c,
-            Ok(Ok(other)) => {
-                return ConnectionEnd::Violation(format!("first packet is not CONNECT: {other:?}"))
-            }
-        };
-    let (out_tx, out_rx) = mpsc::channel::<Packet>(OUTGOING_CAPACITY);
-    let (puback_tx, puback_rx) = mpsc::channel::<u16>(PUBACK_CAPACITY);
-    let writer_task = tokio::spawn(write_packets(writer, out_rx, puback_rx));
-    let (identity, token_expiry, key) = match authenticate(&ctx, &connect) {
-        Ok(authenticated) => authenticated,
-        Err(reason) => {
-            tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
-            ctx.metrics.client_connect_failed("not_authorized");
-            let code = ConnectReturnCode::NotAuthorized;
-            refuse(code, out_tx, puback_tx, writer_task).await;
-            return ConnectionEnd::NotAuthorized(reason);
+    let connect = match read_connect(&mut reader, &mut buf).await {
+        Ok(connect) => connect,
+        Err(end) => return end,
+    };
+    let writer = Writer::start(writer);
+    // `slot` lives as long as the connection, refused or not (until its CONNACK is written).
+    let admitted = match admit(&ctx, &sessions, &connect, &slot, &peer) {
+        Ok(admitted) => admitted,
+        Err(Refusal { code, end }) => {
+            writer.refuse(code).await;
+            return end;
         }
     };
+    // The queue is empty: the CONNACK always fits.
+    let _ = writer.out.try_send(Packet::ConnAck(ConnAck::new(
+        ConnectReturnCode::Success,
+        admitted.present,
+    )));
+    ctx.metrics.client_connected();
+    ctx.metrics.client_authenticated(&admitted.identity);
+    let client_id = admitted.client_id.clone();
+    tracing::info!(%peer, %client_id, session_present = admitted.present, "module connected");
+    let Writer { out, pubacks, task } = writer;
+    let mut conn = Connection::new(Arc::clone(&ctx), sessions, &admitted, out, pubacks);
+    let keep_alive = session_state::keep_alive_timeout(connect.keep_alive);
+    let end = conn.run(reader, buf, admitted.replaced, keep_alive).await;
+    conn.finish();
+    drop(conn);
+    finish_task(task).await;
+    ctx.metrics.client_disconnected();
+    tracing::info!(%peer, %client_id, reason = %end, "module disconnected");
+    end
+}
+
+/// Reads the first packet, which must be CONNECT, within [`CONNECT_TIMEOUT`].
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> Result<rumqttc::mqttbytes::v4::Connect, ConnectionEnd> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(reader, buf)).await {
+        Err(_) => Err(ConnectionEnd::NoConnect),
+        Ok(Err(end)) => Err(end),
+        Ok(Ok(Packet::Connect(c))) => Ok(c),
+        Ok(Ok(other)) => Err(ConnectionEnd::Violation(format!(
+            "first packet is not CONNECT: {other:?}"
+        ))),
+    }
+}
+
+/// The task writing to the socket and its two queues: replies and deliveries, and PUBACKs.
+struct Writer {
+    out: mpsc::Sender<Packet>,
+    pubacks: mpsc::Sender<u16>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Writer {
+    fn start<W: AsyncWrite + Send + Unpin + 'static>(writer: W) -> Self {
+        let (out, out_rx) = mpsc::channel::<Packet>(OUTGOING_CAPACITY);
+        let (pubacks, puback_rx) = mpsc::channel::<u16>(PUBACK_CAPACITY);
+        let task = tokio::spawn(write_packets(writer, out_rx, puback_rx));
+        Writer { out, pubacks, task }
+    }
+
+    /// Answers CONNECT with the refusal `code` and closes (see [`refuse`]).
+    async fn refuse(self, code: ConnectReturnCode) {
+        refuse(code, self.out, self.pubacks, self.task).await;
+    }
+}
+
+/// A client CONNECT admitted: authenticated, within the budget, its session opened and its
+/// connection registered.
+struct Admitted {
+    identity: Identity,
+    client_id: String,
+    clean: bool,
+    /// The SAS token's `se` (seconds since the epoch).
+    token_expiry: u64,
+    /// This connection's id in the registry.
+    conn_id: u64,
+    /// Changes when a newer connection of the identity takes over.
+    replaced: watch::Receiver<bool>,
+    /// A persistent session was found (CONNACK's "session present").
+    present: bool,
+}
+
+/// A CONNECT refused: the CONNACK code to answer and why the connection ends.
+struct Refusal {
+    code: ConnectReturnCode,
+    end: ConnectionEnd,
+}
+
+/// Admits a CONNECT: credentials, the connection budget, the persistent session, then the
+/// registry (only while the key checked is still the module's). A refusal is logged and
+/// counted here; the caller answers it.
+fn admit(
+    ctx: &HeadContext,
+    sessions: &Sessions,
+    connect: &rumqttc::mqttbytes::v4::Connect,
+    slot: &crate::limits::Slot,
+    peer: &str,
+) -> Result<Admitted, Refusal> {
+    let (identity, token_expiry, key) =
+        authenticate(ctx, connect).map_err(|reason| not_authorized(ctx, peer, connect, reason))?;
     let taken = if ctx.connections.has_live(&identity) {
         slot.authenticated_replacing()
     } else {
         slot.authenticated()
     };
-    if let Err(e) = taken {
-        // Over --max-connections: "server unavailable", which the SDKs retry.
-        let code = ConnectReturnCode::ServiceUnavailable;
-        refuse(code, out_tx, puback_tx, writer_task).await;
-        return ConnectionEnd::OverLimit(e);
-    }
+    // Over --max-connections: "server unavailable", which the SDKs retry.
+    taken.map_err(|e| Refusal {
+        code: ConnectReturnCode::ServiceUnavailable,
+        end: ConnectionEnd::OverLimit(e),
+    })?;
     let client_id = connect.client_id.clone();
-    let present = match sessions.open(&client_id, connect.clean_session) {
-        Ok(p) => p,
-        Err(e) => {
+    let present = sessions
+        .open(&client_id, connect.clean_session)
+        .map_err(|e| {
             tracing::error!(%client_id, error = %e, "session store failed");
-            let code = ConnectReturnCode::ServiceUnavailable;
-            refuse(code, out_tx, puback_tx, writer_task).await;
-            return ConnectionEnd::Sessions(e);
-        }
-    };
+            Refusal {
+                code: ConnectReturnCode::ServiceUnavailable,
+                end: ConnectionEnd::Sessions(e),
+            }
+        })?;
     // The key checked above must still be the module's: a reload may have removed the module
     // or changed its key since.
     let joined = ctx.connections.join_if(&identity, || {
@@ -205,55 +289,32 @@ where
     });
     let Some((conn_id, replaced)) = joined else {
         let reason = ConnectAuthError::KeyChanged;
-        tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
-        ctx.metrics.client_connect_failed("not_authorized");
-        refuse(
-            ConnectReturnCode::NotAuthorized,
-            out_tx,
-            puback_tx,
-            writer_task,
-        )
-        .await;
-        return ConnectionEnd::NotAuthorized(reason);
+        return Err(not_authorized(ctx, peer, connect, reason));
     };
-    // The queue is empty: the CONNACK always fits.
-    let _ = out_tx.try_send(Packet::ConnAck(ConnAck::new(
-        ConnectReturnCode::Success,
-        present,
-    )));
-    ctx.metrics.client_connected();
-    ctx.metrics.client_authenticated(&identity);
-    tracing::info!(%peer, %client_id, session_present = present, "module connected");
-    let mut conn = Connection {
-        ctx: Arc::clone(&ctx),
-        sessions,
-        identity: identity.clone(),
-        client_id: client_id.clone(),
-        conn_id,
+    Ok(Admitted {
+        identity,
+        client_id,
         clean: connect.clean_session,
-        out: out_tx,
-        pubacks: Some(puback_tx),
-        inbound: Arc::new(Mutex::new(session_state::InboundAcks::new(
-            MAX_PENDING_ACKS,
-        ))),
         token_expiry,
-        deliveries: session_state::Outbound::new(DELIVERY_WINDOW),
-        waiting: VecDeque::new(),
-        acks: None,
-        subscriptions: Vec::new(),
-        metrics: ctx.metrics.connection_metrics(&identity),
-        outbound_tx: None,
-        registered: RegisteredSinks::new(),
-        chain: router::AppendChain::new(),
-    };
-    let keep_alive = session_state::keep_alive_timeout(connect.keep_alive);
-    let end = conn.run(reader, buf, replaced, keep_alive).await;
-    conn.finish();
-    drop(conn);
-    finish_task(writer_task).await;
-    ctx.metrics.client_disconnected();
-    tracing::info!(%peer, %client_id, reason = %end, "module disconnected");
-    end
+        conn_id,
+        replaced,
+        present,
+    })
+}
+
+/// Logs and counts a CONNECT refused for its credentials (CONNACK 5).
+fn not_authorized(
+    ctx: &HeadContext,
+    peer: &str,
+    connect: &rumqttc::mqttbytes::v4::Connect,
+    reason: ConnectAuthError,
+) -> Refusal {
+    tracing::warn!(%peer, client_id = %connect.client_id, %reason, "CONNECT refused");
+    ctx.metrics.client_connect_failed("not_authorized");
+    Refusal {
+        code: ConnectReturnCode::NotAuthorized,
+        end: ConnectionEnd::NotAuthorized(reason),
+    }
 }
 
 /// Why a CONNECT's credentials were refused (answered CONNACK 5, "not authorized").
@@ -382,20 +443,79 @@ struct Connection {
 }
 
 impl Connection {
+    fn new(
+        ctx: Arc<HeadContext>,
+        sessions: Arc<Sessions>,
+        admitted: &Admitted,
+        out: mpsc::Sender<Packet>,
+        pubacks: mpsc::Sender<u16>,
+    ) -> Self {
+        let metrics = ctx.metrics.connection_metrics(&admitted.identity);
+        Connection {
+            ctx,
+            sessions,
+            identity: admitted.identity.clone(),
+            client_id: admitted.client_id.clone(),
+            conn_id: admitted.conn_id,
+            clean: admitted.clean,
+            out,
+            pubacks: Some(pubacks),
+            inbound: Arc::new(Mutex::new(session_state::InboundAcks::new(
+                MAX_PENDING_ACKS,
+            ))),
+            token_expiry: admitted.token_expiry,
+            deliveries: session_state::Outbound::new(DELIVERY_WINDOW),
+            waiting: VecDeque::new(),
+            acks: None,
+            subscriptions: Vec::new(),
+            metrics,
+            outbound_tx: None,
+            registered: RegisteredSinks::new(),
+            chain: router::AppendChain::new(),
+        }
+    }
+
+    /// Runs the connection: starts the acker, attaches the module's inputs, serves packets and
+    /// events until the connection ends, then lets the acker send what is durable.
     async fn run<R: AsyncRead + Unpin>(
         &mut self,
-        mut reader: R,
-        mut buf: BytesMut,
-        mut replaced: watch::Receiver<bool>,
+        reader: R,
+        buf: BytesMut,
+        replaced: watch::Receiver<bool>,
         keep_alive: Duration,
     ) -> ConnectionEnd {
-        let (ack_tx, ack_rx) = mpsc::channel(MAX_PENDING_ACKS);
-        let (route_failed_tx, mut route_failed) = oneshot::channel::<RouteError>();
-        let Some(pubacks) = self.pubacks.take() else {
+        let Some(mut acker) = self.start_acker() else {
             return ConnectionEnd::RanTwice;
         };
+        let (outbound_tx, outbound_rx) = sink::outbound_channel();
+        self.attach_inputs(&outbound_tx);
+        let mut input = LoopInput {
+            reader,
+            buf,
+            keep_alive,
+            replaced,
+            outbound_rx,
+            shutdown: self.ctx.shutdown.clone(),
+            routes_changed: self.ctx.routes_changed.subscribe(),
+        };
+        let end = self
+            .serve_packets(&mut input, &outbound_tx, &mut acker)
+            .await;
+        // Acknowledge what is durable before closing (in order), unless routing failed; a
+        // client that does not read gets CLOSE_GRACE for it.
+        self.acks = None;
+        acker.finish().await;
+        end
+    }
+
+    /// Spawns the task that sends PUBACKs in arrival order; `None` if this connection ran
+    /// before (its PUBACK queue is gone).
+    fn start_acker(&mut self) -> Option<Acker> {
+        let (ack_tx, ack_rx) = mpsc::channel(MAX_PENDING_ACKS);
+        let (route_failed_tx, route_failed) = oneshot::channel::<RouteError>();
+        let pubacks = self.pubacks.take()?;
         let released = Arc::new(Notify::new());
-        let mut acker = tokio::spawn(ack_in_order(
+        let task = tokio::spawn(ack_in_order(
             ack_rx,
             pubacks,
             Arc::clone(&self.inbound),
@@ -405,9 +525,19 @@ impl Connection {
         ));
         // Waits for room in the acker's queue when it is full (QoS 0 publishes awaiting the
         // store count there too).
-        let ack_room = ack_tx.clone();
+        let room = ack_tx.clone();
         self.acks = Some(ack_tx);
-        let (outbound_tx, mut outbound_rx) = sink::outbound_channel();
+        Some(Acker {
+            task,
+            room,
+            released,
+            route_failed,
+        })
+    }
+
+    /// Takes the module's input sinks from any older connection, restores a persistent
+    /// session's subscriptions and, if they cover the inputs, registers this connection's sinks.
+    fn attach_inputs(&mut self, outbound_tx: &OutboundTx) {
         // Any input sinks still registered belong to an older connection of this module, which
         // is gone or going: take them away now, so no delivery waits on a dead connection.
         self.ctx.unregister_input_sinks(&self.identity);
@@ -415,12 +545,20 @@ impl Connection {
             self.subscriptions = self.sessions.get(&self.client_id).unwrap_or_default();
         }
         if self.subscribed_to_inputs() {
-            self.register_inputs(&outbound_tx);
+            self.register_inputs(outbound_tx);
         }
-        let mut shutdown = self.ctx.shutdown.clone();
-        let mut routes_changed = self.ctx.routes_changed.subscribe();
+    }
+
+    /// Reads packets and serves every other event until the connection ends.
+    async fn serve_packets<R: AsyncRead + Unpin>(
+        &mut self,
+        input: &mut LoopInput<R>,
+        outbound_tx: &OutboundTx,
+        acker: &mut Acker,
+    ) -> ConnectionEnd {
         // Two timers for the whole connection, not two per packet: a packet only moves
         // `deadline`; the keep-alive timer, when it fires, checks it and re-arms if it moved.
+        let keep_alive = input.keep_alive;
         let mut deadline = Instant::now() + keep_alive;
         let keep_alive_timer = tokio::time::sleep_until(deadline);
         tokio::pin!(keep_alive_timer);
@@ -429,25 +567,20 @@ impl Connection {
         tokio::pin!(token_timer);
         // Waits for a free outgoing slot when the queue is full (this task's own sender).
         let room = self.out.clone();
-        let end = loop {
+        loop {
             self.send_waiting();
             // A packet read makes at most one reply: read only with a slot free for it, and
             // only while fewer than MAX_PENDING_ACKS publishes (of either QoS) await durability.
             let out_full = self.out.capacity() == 0;
             let inbound_full = self.inbound_acks().is_full();
-            let acks_full = ack_room.capacity() == 0;
+            let acks_full = acker.room.capacity() == 0;
             tokio::select! {
-                read = read_packet(&mut reader, &mut buf), if !out_full && !inbound_full && !acks_full => {
+                read = read_packet(&mut input.reader, &mut input.buf), if !out_full && !inbound_full && !acks_full => {
                     match read {
                         Ok(packet) => {
                             deadline = Instant::now() + keep_alive;
-                            match self.on_packet(packet, &outbound_tx) {
-                                Ok(None) => {}
-                                Ok(Some(ack)) => match &self.acks {
-                                    Some(acks) if acks.send(ack).await.is_ok() => {}
-                                    _ => break ConnectionEnd::AckerStopped,
-                                },
-                                Err(end) => break end,
+                            if let Err(end) = self.handle_packet(packet, outbound_tx).await {
+                                break end;
                             }
                         }
                         Err(end) => break end,
@@ -456,27 +589,24 @@ impl Connection {
                 // The client reads nothing: its replies fill the queue; wait for a free slot.
                 free = room.reserve(), if out_full => {
                     if free.is_err() {
-                        break ConnectionEnd::Io(std::io::Error::new(
-                            std::io::ErrorKind::BrokenPipe,
-                            "the connection's writer stopped",
-                        ));
+                        break writer_stopped();
                     }
                 }
-                () = released.notified(), if inbound_full => {}
-                free = ack_room.reserve(), if acks_full => {
+                () = acker.released.notified(), if inbound_full => {}
+                free = acker.room.reserve(), if acks_full => {
                     if free.is_err() {
                         break ConnectionEnd::AckerStopped;
                     }
                 }
                 // Deliveries are taken only while few wait for the window (the sinks wait
                 // meanwhile): a module that acknowledges nothing holds a bounded number.
-                Some(delivery) = outbound_rx.recv(), if self.waiting.len() < usize::from(DELIVERY_WINDOW) => {
+                Some(delivery) = input.outbound_rx.recv(), if self.waiting.len() < usize::from(DELIVERY_WINDOW) => {
                     self.waiting.push_back(delivery);
                 }
-                Ok(reason) = &mut route_failed => break ConnectionEnd::Route(reason),
-                _ = replaced.changed() => break ConnectionEnd::Replaced,
-                _ = shutdown.changed() => break ConnectionEnd::Shutdown,
-                Ok(()) = routes_changed.changed() => self.register_new_inputs(),
+                Ok(reason) = &mut acker.route_failed => break ConnectionEnd::Route(reason),
+                _ = input.replaced.changed() => break ConnectionEnd::Replaced,
+                _ = input.shutdown.changed() => break ConnectionEnd::Shutdown,
+                Ok(()) = input.routes_changed.changed() => self.register_new_inputs(),
                 () = &mut keep_alive_timer => {
                     if Instant::now() >= deadline {
                         break ConnectionEnd::KeepAlive;
@@ -484,22 +614,41 @@ impl Connection {
                     keep_alive_timer.as_mut().reset(deadline);
                 }
                 () = &mut token_timer => {
-                    if token_secs_left(self.token_expiry, self.ctx.now_secs()) == 0 {
-                        self.ctx.metrics.client_token_expired("mqtt");
-                        break ConnectionEnd::TokenExpired;
+                    if let Err(end) = self.check_token(token_timer.as_mut()) {
+                        break end;
                     }
-                    token_timer.as_mut().reset(token_deadline(self.token_expiry, self.ctx.now_secs()));
                 }
             }
-        };
-        // Acknowledge what is durable before closing (in order), unless routing failed; a
-        // client that does not read gets CLOSE_GRACE for it.
-        self.acks = None;
-        drop(ack_room);
-        if tokio::time::timeout(CLOSE_GRACE, &mut acker).await.is_err() {
-            acker.abort();
         }
-        end
+    }
+
+    /// Handles one packet read; a publish to acknowledge goes to the acker, in arrival order.
+    async fn handle_packet(
+        &mut self,
+        packet: Packet,
+        outbound_tx: &OutboundTx,
+    ) -> Result<(), ConnectionEnd> {
+        match self.on_packet(packet, outbound_tx)? {
+            None => Ok(()),
+            Some(ack) => match &self.acks {
+                Some(acks) if acks.send(ack).await.is_ok() => Ok(()),
+                _ => Err(ConnectionEnd::AckerStopped),
+            },
+        }
+    }
+
+    /// The token timer fired: the end once the token is refused, else the timer set again
+    /// (it fires at most a day ahead, or early if the clock moved).
+    fn check_token(
+        &self,
+        timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    ) -> Result<(), ConnectionEnd> {
+        if token_secs_left(self.token_expiry, self.ctx.now_secs()) == 0 {
+            self.ctx.metrics.client_token_expired("mqtt");
+            return Err(ConnectionEnd::TokenExpired);
+        }
+        timer.reset(token_deadline(self.token_expiry, self.ctx.now_secs()));
+        Ok(())
     }
 
     fn inbound_acks(&self) -> std::sync::MutexGuard<'_, session_state::InboundAcks> {
@@ -541,71 +690,33 @@ impl Connection {
         Ok(None)
     }
 
+    /// Handles a PUBLISH: checks it, claims its packet id (QoS 1), then routes an event or
+    /// answers a topic that is not routed. What comes back goes to the acker, in order.
     fn on_publish(
         &mut self,
         publish: Publish,
     ) -> Result<Option<(Option<session_state::AckToken>, PendingAck)>, ConnectionEnd> {
-        match session_state::inbound_qos(publish.qos) {
-            session_state::InboundQos::CloseConnection => {
-                return Err(ConnectionEnd::Violation("QoS 2 is not supported".into()))
-            }
-            session_state::InboundQos::NoAck | session_state::InboundQos::AckWhenDurable => {}
-        }
-        if publish.payload.len() > MAX_MESSAGE_BYTES {
-            return Err(ConnectionEnd::Violation(format!(
-                "message of {} bytes exceeds the limit of {MAX_MESSAGE_BYTES}",
-                publish.payload.len()
-            )));
-        }
+        check_publish(publish.qos, publish.payload.len())?;
         // One PUBACK per packet id in flight: a resend of a publish still awaiting its PUBACK is
         // answered by the original's.
         let token = match publish.qos {
-            QoS::AtLeastOnce => match self.inbound_acks().on_publish(publish.pkid) {
-                Ok(token) => Some(token),
-                Err(session_state::StateError::PacketIdInUse(pkid)) if publish.dup => {
-                    tracing::debug!(client_id = %self.client_id, pkid, "a resend of a publish awaiting its PUBACK dropped");
-                    return Ok(None);
+            QoS::AtLeastOnce => {
+                let claimed = self.inbound_acks().on_publish(publish.pkid);
+                match claim_packet_id(claimed, publish.dup)? {
+                    PacketIdClaim::Claimed(token) => Some(token),
+                    PacketIdClaim::Resend(pkid) => {
+                        tracing::debug!(client_id = %self.client_id, pkid, "a resend of a publish awaiting its PUBACK dropped");
+                        return Ok(None);
+                    }
                 }
-                Err(session_state::StateError::PacketIdInUse(pkid)) => {
-                    return Err(ConnectionEnd::Violation(format!(
-                        "packet id {pkid} reused without DUP before its PUBACK"
-                    )))
-                }
-                Err(e) => return Err(ConnectionEnd::AckState(e)),
-            },
+            }
             _ => None,
         };
         let arrived = std::time::Instant::now();
         let ack = match topics::parse_publish(&publish.topic) {
-            Ok(InboundTopic::Events(topic)) => {
-                let message = self.message_from(&publish, &topic)?;
-                self.metrics.received(
-                    &self.ctx.metrics,
-                    message.source().output(),
-                    publish.payload.len(),
-                );
-                let mut ack = self.ctx.router.route_in(&self.chain, message);
-                if publish.qos == QoS::AtLeastOnce {
-                    if let Some(e) = ack.refusal() {
-                        // Refused at once (store full, too large): close before any later
-                        // publish is routed, so the client's resend cannot be overtaken.
-                        tracing::warn!(client_id = %self.client_id, pkid = publish.pkid, error = %e, "a publish was refused by the store; closing without PUBACK");
-                        return Err(ConnectionEnd::Route(e));
-                    }
-                }
-                ack
-            }
+            Ok(InboundTopic::Events(topic)) => self.route_event(&publish, &topic)?,
             Ok(InboundTopic::TwinRequest { rid }) => {
-                // Twins are not served yet: answer at once so the SDK fails fast, not after a
-                // timeout.
-                if let Some(rid) = rid {
-                    let topic = topics::twin_response_topic(TWIN_NOT_SUPPORTED, rid);
-                    self.reply(Packet::Publish(Publish::new(
-                        topic,
-                        QoS::AtMostOnce,
-                        Vec::new(),
-                    )))?;
-                }
+                self.answer_twin_request(rid)?;
                 return Ok(token.map(|t| (Some(t), PendingAck::Now)));
             }
             Ok(InboundTopic::MethodResponse { .. }) => {
@@ -623,6 +734,45 @@ impl Connection {
         // QoS 0 asks for no acknowledgement; the message is routed all the same, and awaited
         // in turn so that what it holds until it is durable counts against MAX_PENDING_ACKS.
         Ok(Some((None, PendingAck::Unacknowledged(ack))))
+    }
+
+    /// Routes a publish on the events topic; a QoS 1 one the router refuses at once ends the
+    /// connection before any later publish is routed.
+    fn route_event(
+        &mut self,
+        publish: &Publish,
+        topic: &EventsTopic<'_>,
+    ) -> Result<RouteAck, ConnectionEnd> {
+        let message = self.message_from(publish, topic)?;
+        self.metrics.received(
+            &self.ctx.metrics,
+            message.source().output(),
+            publish.payload.len(),
+        );
+        let mut ack = self.ctx.router.route_in(&self.chain, message);
+        if publish.qos == QoS::AtLeastOnce {
+            if let Some(e) = ack.refusal() {
+                // Refused at once (store full, too large): close before any later
+                // publish is routed, so the client's resend cannot be overtaken.
+                tracing::warn!(client_id = %self.client_id, pkid = publish.pkid, error = %e, "a publish was refused by the store; closing without PUBACK");
+                return Err(ConnectionEnd::Route(e));
+            }
+        }
+        Ok(ack)
+    }
+
+    /// Twins are not served yet: a request with a request id is answered at once so the SDK
+    /// fails fast, not after a timeout.
+    fn answer_twin_request(&self, rid: Option<&str>) -> Result<(), ConnectionEnd> {
+        if let Some(rid) = rid {
+            let topic = topics::twin_response_topic(TWIN_NOT_SUPPORTED, rid);
+            self.reply(Packet::Publish(Publish::new(
+                topic,
+                QoS::AtMostOnce,
+                Vec::new(),
+            )))?;
+        }
+        Ok(())
     }
 
     fn message_from(
@@ -814,6 +964,100 @@ impl Connection {
     }
 }
 
+/// A publish the connection refuses whatever its topic: QoS 2, or a body over
+/// [`MAX_MESSAGE_BYTES`].
+fn check_publish(qos: QoS, payload_len: usize) -> Result<(), ConnectionEnd> {
+    match session_state::inbound_qos(qos) {
+        session_state::InboundQos::CloseConnection => {
+            return Err(ConnectionEnd::Violation("QoS 2 is not supported".into()))
+        }
+        session_state::InboundQos::NoAck | session_state::InboundQos::AckWhenDurable => {}
+    }
+    if payload_len > MAX_MESSAGE_BYTES {
+        return Err(ConnectionEnd::Violation(format!(
+            "message of {payload_len} bytes exceeds the limit of {MAX_MESSAGE_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+/// What a QoS 1 publish's packet id means for it.
+#[derive(Debug, PartialEq, Eq)]
+enum PacketIdClaim {
+    /// A new publish: its PUBACK waits for its turn.
+    Claimed(session_state::AckToken),
+    /// A resend (DUP) of a publish still awaiting its PUBACK: dropped, the original's answers.
+    Resend(u16),
+}
+
+/// Decides on a QoS 1 publish from the acknowledgement state's answer for its packet id: a
+/// packet id in use is a resend with DUP, and breaks MQTT-2.3.1-2 without.
+fn claim_packet_id(
+    claimed: Result<session_state::AckToken, session_state::StateError>,
+    dup: bool,
+) -> Result<PacketIdClaim, ConnectionEnd> {
+    match claimed {
+        Ok(token) => Ok(PacketIdClaim::Claimed(token)),
+        Err(session_state::StateError::PacketIdInUse(pkid)) if dup => {
+            Ok(PacketIdClaim::Resend(pkid))
+        }
+        Err(session_state::StateError::PacketIdInUse(pkid)) => Err(ConnectionEnd::Violation(
+            format!("packet id {pkid} reused without DUP before its PUBACK"),
+        )),
+        Err(e) => Err(ConnectionEnd::AckState(e)),
+    }
+}
+
+/// The end of a connection whose writer task stopped (the socket is gone).
+fn writer_stopped() -> ConnectionEnd {
+    ConnectionEnd::Io(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "the connection's writer stopped",
+    ))
+}
+
+/// The connection's acker task and what the connection loop waits on from it.
+struct Acker {
+    task: tokio::task::JoinHandle<()>,
+    /// Waits for room in the acker's queue when it is full.
+    room: mpsc::Sender<(Option<session_state::AckToken>, PendingAck)>,
+    /// Notified when a PUBACK frees a packet id.
+    released: Arc<Notify>,
+    /// The first routing failure the acker met (it then stops acknowledging).
+    route_failed: oneshot::Receiver<RouteError>,
+}
+
+impl Acker {
+    /// Lets the acker send what is durable, for at most [`CLOSE_GRACE`]; the connection has
+    /// dropped its own sender already.
+    async fn finish(self) {
+        let Acker {
+            mut task,
+            room,
+            released,
+            route_failed,
+        } = self;
+        drop(room);
+        if tokio::time::timeout(CLOSE_GRACE, &mut task).await.is_err() {
+            task.abort();
+        }
+        drop((released, route_failed));
+    }
+}
+
+/// What the connection loop reads from besides the acker: the socket, and the events that
+/// end or change the connection.
+struct LoopInput<R> {
+    reader: R,
+    buf: BytesMut,
+    keep_alive: Duration,
+    replaced: watch::Receiver<bool>,
+    /// Deliveries handed over by the module's input sinks.
+    outbound_rx: sink::OutboundRx,
+    shutdown: watch::Receiver<bool>,
+    routes_changed: watch::Receiver<u64>,
+}
+
 /// A PUBACK waiting for its turn.
 enum PendingAck {
     /// After the router says the message is durable; when the PUBLISH arrived (for the PUBACK
@@ -968,6 +1212,42 @@ mod tests {
 
     const IOTHUB: &str = "edgehub.test";
     const DEVICE: &str = "edge-device";
+
+    #[test]
+    fn publishes_of_qos_2_or_over_the_size_limit_are_violations() {
+        assert!(check_publish(QoS::AtMostOnce, 0).is_ok());
+        assert!(check_publish(QoS::AtLeastOnce, MAX_MESSAGE_BYTES).is_ok());
+        let qos2 = check_publish(QoS::ExactlyOnce, 0).unwrap_err();
+        assert_eq!(
+            qos2.to_string(),
+            "protocol violation: QoS 2 is not supported"
+        );
+        let big = check_publish(QoS::AtLeastOnce, MAX_MESSAGE_BYTES + 1).unwrap_err();
+        assert!(
+            matches!(&big, ConnectionEnd::Violation(m) if m.contains("exceeds the limit")),
+            "{big}"
+        );
+    }
+
+    #[test]
+    fn a_packet_id_in_use_is_a_resend_with_dup_and_a_violation_without() {
+        let mut acks = session_state::InboundAcks::new(4);
+        let first = acks.on_publish(7);
+        let token = *first.as_ref().unwrap();
+        assert_eq!(
+            claim_packet_id(first, false).unwrap(),
+            PacketIdClaim::Claimed(token)
+        );
+        assert_eq!(
+            claim_packet_id(acks.on_publish(7), true).unwrap(),
+            PacketIdClaim::Resend(7)
+        );
+        let reused = claim_packet_id(acks.on_publish(7), false).unwrap_err();
+        assert_eq!(
+            reused.to_string(),
+            "protocol violation: packet id 7 reused without DUP before its PUBACK"
+        );
+    }
 
     /// The MQTT sessions kept in `dir`.
     fn sessions(dir: &Path) -> Arc<Sessions> {
