@@ -8,7 +8,8 @@
 # Starts HUB_BINARY (`edgehub`) under callgrind on a fresh data directory with the benches'
 # manifest, drives one W1 run through it with the load generator (8 publisher/receiver pairs,
 # N messages each, 256 bytes, plain MQTT or --tls), stops the hub and prints the total
-# instruction count and that divided by the messages delivered. Compare two binaries by running
+# instruction count and that divided by the messages delivered (OUT_FILE: keep callgrind's data
+# there, for callgrind_annotate). Compare two binaries by running
 # it on each with the same N (the total includes start-up, ~15M instructions: use N >= 6000).
 # Needs valgrind (apt-get install valgrind) and the release load generator
 # (cargo build --release -p benches --no-default-features --bin loadgen).
@@ -24,11 +25,12 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-HUB="$(realpath "$1")"; OUTF="${2:-$(mktemp -u /tmp/callgrind.XXXX.out)}"
+HUB="$(realpath "$1")"; KEEP="${2:-}"
 LG="${CARGO_TARGET_DIR:-$ROOT/target}/release/loadgen"
 [ -x "$LG" ] || { echo "no load generator at $LG: cargo build --release -p benches --no-default-features --bin loadgen" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "valgrind is not installed: apt-get install valgrind" >&2; exit 2; }
 D=$(mktemp -d /var/tmp/edgehub-callgrind.XXXX)
+OUTF="${KEEP:-$D/callgrind.out}"
 HP=""
 trap '[ -n "$HP" ] && kill -KILL "$HP" 2>/dev/null; rm -rf "$D"' EXIT
 args=(--data-dir "$D/hub" --manifest "$ROOT/benches/peers/edgehub-manifest.json" --log warn)
@@ -48,4 +50,4 @@ for _ in $(seq 1 600); do (echo > "/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && bre
 kill -TERM "$HP"; wait "$HP" || true; HP=""
 delivered=$(grep -o '"delivered": [0-9]*' "$D/run.json" | head -1 | grep -o '[0-9]*$')
 total=$(grep -o 'I   refs: *[0-9,]*' "$D/hub.log" | tr -dc '0-9')
-echo "instructions $total delivered $delivered per-message $((total / delivered)) (callgrind data: $OUTF)"
+echo "instructions $total delivered $delivered per-message $((total / delivered))${KEEP:+ (callgrind data: $KEEP)}"

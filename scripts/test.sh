@@ -19,6 +19,8 @@ command -v runc >/dev/null || need_apt+=(runc)
 # builds holds Debian's python3.11.
 command -v slirp4netns >/dev/null || need_apt+=(slirp4netns)
 [ -x /usr/bin/python3.11 ] || need_apt+=(python3.11)
+# Instruction counts per message (benches/callgrind.sh), run in the quick pass below.
+command -v valgrind >/dev/null || need_apt+=(valgrind)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing Debian packages: ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -43,3 +45,4 @@ cargo bench -p benches --bench store --locked -- --quick
 cargo bench -p benches --bench router --locked -- --quick
 cargo bench -p benches --bench upstream --locked -- --quick
 benches/peers.sh --quick
+benches/callgrind.sh -n 300 "${CARGO_TARGET_DIR:-target}/release/edgehub"
