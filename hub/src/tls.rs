@@ -40,15 +40,10 @@
 //! up keep theirs. Files that fail a check are refused and the previous certificate stays in
 //! use (at startup they stop the hub).
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
-};
 use rustls::client::danger::ServerCertVerifier as _;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -59,23 +54,7 @@ use crate::settings::{GivenTls, Settings};
 
 /// The directory under the data directory that holds certificates and keys.
 pub const TLS_DIR: &str = "tls";
-/// How long the CA is valid, in days (10 years).
-pub const CA_VALIDITY_DAYS: u64 = 3653;
-/// How long a server certificate is valid, in days.
-pub const SERVER_VALIDITY_DAYS: u64 = 365;
-/// A server certificate expiring within this many seconds is re-issued (30 days).
-pub const RENEW_BEFORE_SECS: u64 = 30 * 86_400;
-
-const DAY: u64 = 86_400;
-
-/// Midnight UTC of the day `unix_secs` falls in, as rcgen wants it (a macro, because that
-/// type belongs to the `time` crate, which this crate does not name).
-macro_rules! date {
-    ($unix_secs:expr) => {{
-        let (y, m, d) = civil_from_days($unix_secs / DAY);
-        rcgen::date_time_ymd(y, m, d)
-    }};
-}
+pub use pki::{CA_VALIDITY_DAYS, RENEW_BEFORE_SECS, SERVER_VALIDITY_DAYS};
 
 /// Why the TLS material could not be made, loaded or used.
 #[derive(Debug, thiserror::Error)]
@@ -107,7 +86,7 @@ pub enum TlsError {
     },
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(#[from] pki::PkiError),
     /// rustls refused the configuration or a freshly issued certificate.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -504,58 +483,31 @@ struct IssuedState {
     server_not_after: u64,
 }
 
-/// The CA key pair and the parameters it was made with (the issuer of server certificates).
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-}
-
-fn ca_params(common_name: &str, now_secs: u64) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.not_before = date!(now_secs.saturating_sub(DAY));
-    params.not_after = date!(now_secs + CA_VALIDITY_DAYS * DAY);
-    params
-}
-
-fn create_ca(files: &TlsFiles, device_id: &str, now_secs: u64) -> Result<Ca, TlsError> {
+fn create_ca(files: &TlsFiles, device_id: &str, now_secs: u64) -> Result<pki::Ca, TlsError> {
     let common_name = format!("edgehub CA ({device_id})");
-    let key = KeyPair::generate()?;
-    let mut params = ca_params(&common_name, now_secs);
-    params.serial_number = Some(random_serial()?);
-    let cert = params.self_signed(&key)?;
+    let ca = pki::Ca::generate(&common_name, now_secs)?;
     remove_if_exists(&files.state)?;
     let info = serde_json::to_vec_pretty(&CaInfo {
         common_name: common_name.clone(),
     })
     .map_err(|e| invalid(&files.ca_info, e))?;
-    write(&files.ca_key, key.serialize_pem().as_bytes(), 0o600)?;
+    write(&files.ca_key, ca.key_pem().as_bytes(), 0o600)?;
     write(&files.ca_info, &info, 0o644)?;
-    write(&files.ca_cert, cert.pem().as_bytes(), 0o644)?;
+    write(&files.ca_cert, ca.cert_pem().as_bytes(), 0o644)?;
     tracing::info!(path = %files.ca_cert.display(), "new CA created");
-    Ok(Ca { cert, key })
+    Ok(ca)
 }
 
 /// Loads the CA key and rebuilds the issuer from the recorded common name: server
 /// certificates name their issuer by that name and its key identifier, both of which match
 /// `ca.pem` (the self-check in [`verify_server`] proves it).
-fn load_ca(files: &TlsFiles) -> Result<Ca, TlsError> {
+fn load_ca(files: &TlsFiles) -> Result<pki::Ca, TlsError> {
     if !exists(&files.ca_key)? {
         return Err(TlsError::CaKeyMissing {
             path: files.ca_key.clone(),
         });
     }
-    let pem = read_text(&files.ca_key)?;
-    let key = KeyPair::from_pem(&pem).map_err(|e| invalid(&files.ca_key, e))?;
+    let key_pem = read_text(&files.ca_key)?;
     let info: CaInfo = serde_json::from_str(&read_text(&files.ca_info)?).map_err(|e| {
         invalid(
             &files.ca_info,
@@ -565,8 +517,7 @@ fn load_ca(files: &TlsFiles) -> Result<Ca, TlsError> {
             ),
         )
     })?;
-    let cert = ca_params(&info.common_name, 0).self_signed(&key)?;
-    Ok(Ca { cert, key })
+    pki::Ca::from_key_pem(&info.common_name, &key_pem).map_err(|e| invalid(&files.ca_key, e))
 }
 
 fn needs_server(
@@ -588,45 +539,19 @@ fn needs_server(
 
 fn issue_server(
     files: &TlsFiles,
-    ca: &Ca,
+    ca: &pki::Ca,
     names: &[String],
     ca_digest: &str,
     now_secs: u64,
 ) -> Result<(), TlsError> {
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    let common_name = names.first().map_or("localhost", String::as_str);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("edgehub ({common_name})"));
-    params.subject_alt_names = names
-        .iter()
-        .map(|n| match n.parse::<IpAddr>() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => rcgen::Ia5String::try_from(n.as_str()).map(SanType::DnsName),
-        })
-        .collect::<Result<_, _>>()?;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    params.serial_number = Some(random_serial()?);
-    params.not_before = date!(now_secs.saturating_sub(DAY));
-    let not_after = now_secs + SERVER_VALIDITY_DAYS * DAY;
-    params.not_after = date!(not_after);
-    let cert = params.signed_by(&key, &ca.cert, &ca.key)?;
+    let issued = ca.issue_server(names, now_secs)?;
     remove_if_exists(&files.state)?;
-    write(&files.server_key, key.serialize_pem().as_bytes(), 0o600)?;
-    write(&files.server_cert, cert.pem().as_bytes(), 0o644)?;
+    write(&files.server_key, issued.key_pem.as_bytes(), 0o600)?;
+    write(&files.server_cert, issued.cert_pem.as_bytes(), 0o644)?;
     let state = IssuedState {
         ca_sha256: ca_digest.to_owned(),
         server_names: names.to_vec(),
-        // The certificate holds midnight of that day; record the same instant.
-        server_not_after: not_after - not_after % DAY,
+        server_not_after: issued.not_after,
     };
     let json = serde_json::to_vec_pretty(&state).map_err(|e| invalid(&files.state, e))?;
     write(&files.state, &json, 0o644)
@@ -729,45 +654,13 @@ fn remove_if_exists(path: &Path) -> Result<(), TlsError> {
     }
 }
 
-fn random_serial() -> Result<SerialNumber, TlsError> {
-    let mut bytes = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| TlsError::Generate(rcgen::Error::RingUnspecified))?;
-    // Positive and non-zero, as RFC 5280 asks.
-    bytes[0] = (bytes[0] & 0x7f) | 0x01;
-    Ok(SerialNumber::from_slice(&bytes))
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(days: u64) -> (i32, u8, u8) {
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-    (year, month, day)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn civil_dates_are_right_around_leap_days() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
-        assert_eq!(civil_from_days(19_783), (2024, 3, 1));
-        assert_eq!(civil_from_days(20_453), (2025, 12, 31));
-    }
 
     #[test]
     fn the_ca_key_is_private() {

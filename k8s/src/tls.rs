@@ -10,43 +10,14 @@
 
 use std::collections::BTreeMap;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
-};
-
-/// How long the CA is valid, in days.
-pub const CA_VALIDITY_DAYS: u64 = 3653;
-/// How long a server certificate is valid, in days.
-pub const SERVER_VALIDITY_DAYS: u64 = 365;
-/// A server certificate expiring within this many seconds is re-issued (30 days).
-pub const RENEW_BEFORE_SECS: u64 = 30 * DAY;
+pub use pki::{CA_VALIDITY_DAYS, RENEW_BEFORE_SECS, SERVER_VALIDITY_DAYS};
 /// Annotation: the server certificate's names, comma-separated.
 pub const ANNOTATION_NAMES: &str = "edgehub.io/tls-names";
 /// Annotation: the server certificate's notAfter, in Unix seconds.
 pub const ANNOTATION_NOT_AFTER: &str = "edgehub.io/tls-not-after";
 
-const DAY: u64 = 86_400;
-
-/// Midnight UTC of the day `unix_secs` falls in, as rcgen wants it (a macro: that type belongs
-/// to the `time` crate, which this crate does not name).
-macro_rules! date {
-    ($unix_secs:expr) => {{
-        let (y, m, d) = civil_from_days($unix_secs / DAY);
-        rcgen::date_time_ymd(y, m, d)
-    }};
-}
-
 /// Why certificates could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// rcgen refused (key generation, signing, a name that is no DNS name).
-    #[error("certificate generation: {0}")]
-    Generate(#[from] rcgen::Error),
-    /// The system's random source failed.
-    #[error("random source failed")]
-    Random,
-}
+pub type TlsError = pki::PkiError;
 
 /// The hub's CA and server certificate (PEM), and what the latter was issued for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,117 +123,41 @@ pub fn ensure(
         if server_ok {
             return Ok((old, TlsOutcome::Unchanged));
         }
-        if let Ok(key) = KeyPair::from_pem(&old.ca_key) {
-            let ca = ca_params(ca_name, 0).self_signed(&key)?;
-            let (tls_crt, tls_key, not_after) = issue_server(&ca, &key, names, now_secs)?;
+        if let Ok(ca) = pki::Ca::from_key_pem(ca_name, &old.ca_key) {
+            let issued = ca.issue_server(names, now_secs)?;
             return Ok((
                 TlsMaterial {
                     ca_crt: old.ca_crt,
                     ca_key: old.ca_key,
-                    tls_crt,
-                    tls_key,
+                    tls_crt: issued.cert_pem,
+                    tls_key: issued.key_pem,
                     names: names.to_vec(),
-                    not_after,
+                    not_after: issued.not_after,
                 },
                 TlsOutcome::Reissued,
             ));
         }
         tracing::warn!("the CA key in the hub's TLS Secret does not parse: making a new CA");
     }
-    let key = KeyPair::generate()?;
-    let mut params = ca_params(ca_name, now_secs);
-    params.serial_number = Some(random_serial()?);
-    let ca = params.self_signed(&key)?;
-    let (tls_crt, tls_key, not_after) = issue_server(&ca, &key, names, now_secs)?;
+    let ca = pki::Ca::generate(ca_name, now_secs)?;
+    let issued = ca.issue_server(names, now_secs)?;
     Ok((
         TlsMaterial {
-            ca_crt: ca.pem(),
-            ca_key: key.serialize_pem(),
-            tls_crt,
-            tls_key,
+            ca_crt: ca.cert_pem(),
+            ca_key: ca.key_pem(),
+            tls_crt: issued.cert_pem,
+            tls_key: issued.key_pem,
             names: names.to_vec(),
-            not_after,
+            not_after: issued.not_after,
         },
         TlsOutcome::Created,
     ))
 }
 
-/// The CA's parameters. Re-signing with the same name and key yields an issuer whose name and
-/// key identifier match the stored `ca.crt`, so certificates it signs chain to it.
-fn ca_params(common_name: &str, now_secs: u64) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, common_name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.not_before = date!(now_secs.saturating_sub(DAY));
-    params.not_after = date!(now_secs + CA_VALIDITY_DAYS * DAY);
-    params
-}
-
-fn issue_server(
-    ca: &rcgen::Certificate,
-    ca_key: &KeyPair,
-    names: &[String],
-    now_secs: u64,
-) -> Result<(String, String, u64), TlsError> {
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    let cn = names.first().map_or("edgehub", String::as_str);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("edgehub ({cn})"));
-    params.subject_alt_names = names
-        .iter()
-        .map(|n| rcgen::Ia5String::try_from(n.as_str()).map(SanType::DnsName))
-        .collect::<Result<_, _>>()?;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
-    params.serial_number = Some(random_serial()?);
-    params.not_before = date!(now_secs.saturating_sub(DAY));
-    let not_after = now_secs + SERVER_VALIDITY_DAYS * DAY;
-    params.not_after = date!(not_after);
-    let cert = params.signed_by(&key, ca, ca_key)?;
-    Ok((cert.pem(), key.serialize_pem(), not_after - not_after % DAY))
-}
-
-fn random_serial() -> Result<SerialNumber, TlsError> {
-    let mut bytes = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
-        .map_err(|_| TlsError::Random)?;
-    bytes[0] = (bytes[0] & 0x7f) | 0x01;
-    Ok(SerialNumber::from_slice(&bytes))
-}
-
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(days: u64) -> (i32, u8, u8) {
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pki::DAY;
 
     const NOW: u64 = 1_780_000_000;
 
