@@ -270,6 +270,15 @@ async fn an_idle_hub_notices_it_was_fenced_without_a_publish() {
     );
 }
 
+/// The value of the one series of gauge `name` in a `/metrics` text.
+fn metric<'a>(text: &'a str, name: &str) -> &'a str {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in /metrics"));
+    line.rsplit(' ').next().unwrap()
+}
+
 /// Runs `edgehub run --epoch {epoch}` on `root`'s data directory to its end (it must not get
 /// ready); returns its status and its log.
 fn run_to_end(root: &Path, epoch: u64) -> (i32, String) {
@@ -348,8 +357,8 @@ async fn a_stale_hub_restarted_again_and_again_never_opens_the_volume_while_the_
     let b_log = log_of(&b);
     assert!(!b_log.contains("fenced"), "B was never fenced:\n{b_log}");
     let metrics = raw::http_get(b.addrs.metrics, "/metrics").await.unwrap();
-    assert!(metrics.contains("\nedgehub_store_epoch 2\n"), "{metrics}");
-    assert!(metrics.contains("\nedgehub_store_fenced 0\n"), "{metrics}");
+    assert_eq!(metric(&metrics, "edgehub_store_epoch"), "2", "{metrics}");
+    assert_eq!(metric(&metrics, "edgehub_store_fenced"), "0", "{metrics}");
 }
 
 /// Documents what the equal epoch means: a restart of the same pod (same epoch) takes over the
