@@ -272,7 +272,8 @@ pub async fn run_with_reloads(
 /// so), else at the next check of the fence, every `every`.
 async fn fenced(store: &Store, every: Duration) {
     let mut halted = store.watch_halted();
-    let mut tick = tokio::time::interval(every);
+    // The store was just opened and checked: the first check is one interval away.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -785,5 +786,67 @@ async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
         if stop.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, epoch: u64) -> Store {
+        let opts = StoreOptions {
+            epoch: Epoch::new(epoch),
+            preallocate: false,
+            reserve_bytes: 0,
+            ..StoreOptions::default()
+        };
+        Store::open(dir, opts).expect("store")
+    }
+
+    fn queue() -> store::QueueName {
+        store::QueueName::new("q").expect("queue name")
+    }
+
+    /// The write path: with a check far in the future, a write that finds the fence (the store
+    /// halts) ends the wait at once. Only a failure bound is timed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_finds_the_fence_stops_the_hub_without_waiting_for_the_check() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = open(dir.path(), 1);
+        let watching = old.clone();
+        let stopped =
+            tokio::spawn(async move { fenced(&watching, Duration::from_secs(3600)).await });
+        let _new = open(dir.path(), 2);
+        let refused = old
+            .append(&[queue()], bytes::Bytes::from_static(b"x"), None)
+            .await;
+        assert!(refused.is_err(), "a fenced store refuses the write");
+        tokio::time::timeout(Duration::from_secs(30), stopped)
+            .await
+            .expect("the halt ends the wait, not the hour-long check")
+            .expect("join");
+        assert!(old.is_fenced());
+    }
+
+    /// The idle path: nobody writes; the periodic check finds the fence at the next tick.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_store_is_found_fenced_at_the_next_check() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = open(dir.path(), 1);
+        let start = tokio::time::Instant::now();
+        let watching = old.clone();
+        let stopped = tokio::spawn(async move { fenced(&watching, Duration::from_secs(5)).await });
+        let _new = open(dir.path(), 2);
+        // A failure bound in paused time (it passes at once if nothing else is pending).
+        tokio::time::timeout(Duration::from_secs(3600), stopped)
+            .await
+            .expect("found by the periodic check")
+            .expect("join");
+        assert!(old.is_fenced());
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5),
+            "found by the check after one interval, not before: {waited:?}"
+        );
     }
 }

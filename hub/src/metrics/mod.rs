@@ -1061,4 +1061,31 @@ mod tests {
         let halted = line(&text, "edgehub_store_halted{").expect("halted");
         assert!(halted.ends_with(" 0"), "{halted}");
     }
+
+    #[test]
+    fn store_epoch_and_fenced_gauges_follow_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = |epoch| StoreOptions {
+            epoch: store::Epoch::new(epoch),
+            preallocate: false,
+            reserve_bytes: 0,
+            ..StoreOptions::default()
+        };
+        let old = Store::open(dir.path(), opts(7)).expect("store");
+        let m = HubMetrics::new("h", "d");
+        let render = |store: &Store| m.render_at(store, &RouterMetrics::default(), now_millis());
+        let text = render(&old);
+        let epoch = line(&text, "edgehub_store_epoch{").expect("epoch");
+        assert!(epoch.ends_with(" 7"), "{epoch}");
+        let fenced = line(&text, "edgehub_store_fenced{").expect("fenced");
+        assert!(fenced.ends_with(" 0"), "{fenced}");
+
+        let _new = Store::open(dir.path(), opts(8)).expect("newer owner");
+        assert!(old.check_fence());
+        let text = render(&old);
+        let fenced = line(&text, "edgehub_store_fenced{").expect("fenced");
+        assert!(fenced.ends_with(" 1"), "{fenced}");
+        let epoch = line(&text, "edgehub_store_epoch{").expect("epoch");
+        assert!(epoch.ends_with(" 7"), "{epoch}");
+    }
 }
