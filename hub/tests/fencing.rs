@@ -279,10 +279,12 @@ fn metric<'a>(text: &'a str, name: &str) -> &'a str {
     line.rsplit(' ').next().unwrap()
 }
 
-/// Runs `edgehub run --epoch {epoch}` on `root`'s data directory to its end (it must not get
-/// ready); returns its status and its log.
+/// Runs `edgehub run --epoch {epoch}` on `root`'s data directory to its end; returns its status
+/// and its log. A stale hub that opens the store and serves would never end: it is killed after
+/// [`T`] and the test fails with its log.
 fn run_to_end(root: &Path, epoch: u64) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_edgehub"))
+    let log = root.join("stale.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgehub"))
         .arg("run")
         .arg("--data-dir")
         .arg(root.join("data"))
@@ -297,12 +299,27 @@ fn run_to_end(root: &Path, epoch: u64) -> (i32, String) {
         .env_remove("EDGEHUB_EPOCH")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
         .expect("run edgehub");
+    let deadline = Instant::now() + T;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the stale hub still runs after {T:?}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(&log).unwrap_or_default(),
     )
 }
 
@@ -328,11 +345,61 @@ async fn a_stale_hub_restarted_again_and_again_never_opens_the_volume_while_the_
 
     let epochs = data.join("store").join("EPOCHS");
     let epochs_len = std::fs::metadata(&epochs).unwrap().len();
+    // A publisher and a receiver on B run throughout the stale restarts.
+    let (acked_tx, mut acked) = tokio::sync::watch::channel(0u64);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (mut r, mut w) = connect(&b, root, &sender).await;
-    let mut next = PER_ROUND;
+    let publisher = tokio::spawn(async move {
+        let mut seq = u64::from(PER_ROUND);
+        while !*stop.borrow() {
+            let pkid = u16::try_from(seq % 65_535).unwrap() + 1;
+            w.publish(&topic, QoS::AtLeastOnce, pkid, seq.to_string().as_bytes())
+                .await;
+            match r.next(T).await {
+                Event::Packet(Packet::PubAck(a)) => assert_eq!(a.pkid, pkid),
+                other => panic!("publish {seq}: expected its PUBACK, got {other:?}"),
+            }
+            seq += 1;
+            acked_tx.send_replace(seq);
+        }
+        seq
+    });
+    let (delivered_tx, mut delivered) = tokio::sync::watch::channel(Vec::<u64>::new());
+    let mut c = b.client(root).await;
+    assert_eq!(
+        c.connect(receiver.connect(true, 60)).await.code,
+        ConnectReturnCode::Success
+    );
+    let filter = receiver.inputs_filter();
+    let (_, early) = c.subscribe(1, &[filter.as_str()]).await;
+    let (mut rr, mut rw) = c.split();
+    let receiving = tokio::spawn(async move {
+        let mut pending: std::collections::VecDeque<Packet> = early.into();
+        loop {
+            let p = match pending.pop_front() {
+                Some(p) => p,
+                None => match rr.next(T).await {
+                    Event::Packet(p) => p,
+                    // The test ends the connection when it has checked everything.
+                    Event::Closed(_) | Event::Timeout => return,
+                },
+            };
+            if let Packet::Publish(p) = p {
+                let n = std::str::from_utf8(&p.payload).unwrap().parse().unwrap();
+                delivered_tx.send_modify(|d| d.push(n));
+                rw.puback(p.pkid).await;
+            }
+        }
+    });
+
     for _ in 0..RESTARTS {
+        let acked_before = *acked.borrow_and_update();
+        let delivered_before = delivered.borrow_and_update().len();
         // A's kubelet restarts it with its old pod spec: epoch 1.
-        let (code, log) = run_to_end(root, 1);
+        let stale_root = root.to_path_buf();
+        let (code, log) = tokio::task::spawn_blocking(move || run_to_end(&stale_root, 1))
+            .await
+            .unwrap();
         assert_eq!(
             code, EXIT_STALE_EPOCH,
             "the stale hub's status; its log:\n{log}"
@@ -347,13 +414,29 @@ async fn a_stale_hub_restarted_again_and_again_never_opens_the_volume_while_the_
             epochs_len,
             "a stale open wrote to EPOCHS"
         );
-        // B keeps serving the publisher between and after the attempts.
-        publish_acked(&mut r, &mut w, &topic, next..next + PER_ROUND).await;
-        next += PER_ROUND;
+        // B goes on acknowledging and delivering.
+        tokio::time::timeout(T, acked.wait_for(|&n| n >= acked_before + 5))
+            .await
+            .expect("B keeps acknowledging")
+            .unwrap();
+        tokio::time::timeout(T, delivered.wait_for(|d| d.len() >= delivered_before + 5))
+            .await
+            .expect("B keeps delivering")
+            .unwrap();
     }
-    let total = usize::from(next);
-    let got = receive(&b, root, &receiver, total).await;
-    assert_eq!(got, (0..u64::from(next)).collect::<Vec<u64>>());
+    stop_tx.send_replace(true);
+    let next = publisher.await.unwrap();
+    tokio::time::timeout(T, delivered.wait_for(|d| d.len() as u64 >= next))
+        .await
+        .expect("B delivers everything acknowledged")
+        .unwrap();
+    let got = delivered.borrow().clone();
+    assert_eq!(
+        got,
+        (0..next).collect::<Vec<u64>>(),
+        "nothing lost or reordered"
+    );
+    receiving.abort();
     let b_log = log_of(&b);
     assert!(!b_log.contains("fenced"), "B was never fenced:\n{b_log}");
     let metrics = raw::http_get(b.addrs.metrics, "/metrics").await.unwrap();
