@@ -8,7 +8,8 @@
 //! Subcommands:
 //! - `run`: starts the hub until Ctrl-C or SIGTERM, and records in the data directory what the
 //!   hub is (`hub.json`, see `hub::record`); SIGHUP reloads the manifest and module keys
-//!   (`hub::reload`).
+//!   (`hub::reload`). It exits 3 when fenced and 4 on a stale `--epoch`
+//!   (`hub::server::RunError::exit_code`).
 //! - `connection-string MODULE`: prints the module's connection string for the hub the data
 //!   directory belongs to (creating its key, the TLS files and the record if needed, so it works
 //!   before the first `run`).
@@ -45,6 +46,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the hub until Ctrl-C or SIGTERM.
+    ///
+    /// Exit status 3: a newer hub (same or higher --epoch) opened the store, so this one closed
+    /// every connection and stopped; 4: this hub's --epoch is below the store's (stale), so it
+    /// did not open it; 1: any other error.
     Run(Box<RunArgs>),
     /// Print a module's connection string
     /// (HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…) for the hub the

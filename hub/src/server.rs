@@ -16,6 +16,10 @@
 //! shutdown the listeners stop, every connection first acknowledges what is already durable and
 //! then closes, the endpoint workers stop, and the store is closed last, so nothing acknowledged
 //! is left anywhere but on disk.
+//!
+//! Once a newer hub opens the store (a write finds the fence, or the check every
+//! [`FENCE_CHECK_INTERVAL`] does), the hub stops the same way, acknowledging nothing new, and
+//! [`run`] returns [`RunError::Fenced`] (the binary exits [`EXIT_FENCED`]).
 
 use std::future::Future;
 use std::io;
