@@ -953,6 +953,8 @@ mod tests {
             "edgehub_store_bytes_on_disk gauge",
             "edgehub_store_segments gauge",
             "edgehub_store_halted gauge",
+            "edgehub_store_epoch gauge",
+            "edgehub_store_fenced gauge",
             "edgehub_store_fdatasync_seconds histogram",
         ];
         assert_eq!(families, expected);
