@@ -3,7 +3,7 @@
 //! | path | answer |
 //! |---|---|
 //! | `GET /metrics` | 200, OpenMetrics text ([`HubMetrics::render`]) |
-//! | `GET /healthz` | 200 `ok` while the store accepts writes; 503 with the reason once it halted (poisoned or fenced): restart the process |
+//! | `GET /healthz` | 200 `ok` while the store accepts writes; 503 with the reason once it halted (poisoned or fenced): restart the process (a fenced hub also stops by itself, exit status 3) |
 //! | `GET /manifest` | 200, JSON: the manifest in force (source, generation, routes, modules, store TTL) and the last reload (`lastReload`: time, trigger, `result` success or failure, the changes, every error with its location) |
 //! | `GET /readyz` | 200 `ready` once the server marked itself ready ([`Readiness::set_ready`], after its listeners are up) and the store accepts writes; 503 otherwise |
 //! | anything else | 404 (405 for another method on a known path) |

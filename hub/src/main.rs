@@ -8,7 +8,8 @@
 //! Subcommands:
 //! - `run`: starts the hub until Ctrl-C or SIGTERM, and records in the data directory what the
 //!   hub is (`hub.json`, see `hub::record`); SIGHUP reloads the manifest and module keys
-//!   (`hub::reload`).
+//!   (`hub::reload`). It exits 3 when fenced and 4 on a stale `--epoch`
+//!   (`hub::server::RunError::exit_code`).
 //! - `connection-string MODULE`: prints the module's connection string for the hub the data
 //!   directory belongs to (creating its key, the TLS files and the record if needed, so it works
 //!   before the first `run`).
@@ -45,6 +46,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the hub until Ctrl-C or SIGTERM.
+    ///
+    /// Exit status 3: a newer hub (same or higher --epoch) opened the store, so this one closed
+    /// every connection and stopped; 4: this hub's --epoch is below the store's (stale), so it
+    /// did not open it; 1: any other error.
     Run(Box<RunArgs>),
     /// Print a module's connection string
     /// (HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…) for the hub the
@@ -195,8 +200,12 @@ struct RunArgs {
     /// A plain (unencrypted) MQTT listener for benchmarks; loopback addresses only.
     #[arg(long, env = "EDGEHUB_PLAIN_MQTT_ADDR", value_name = "ADDR")]
     plain_mqtt_addr: Option<String>,
-    /// Fencing epoch of the message store: raise it on every takeover (e.g. from a Kubernetes
-    /// lease) and the store refuses any older owner.
+    /// The fencing contract: this hub's epoch for the message store, set by whoever places the
+    /// hub (the controller bumps it for every new pod, from its `<name>-hub-epoch` ConfigMap;
+    /// a pod restarted with its old spec keeps the old one). Below the highest epoch that
+    /// opened the store: refused, exit status 4 (stale epoch). Equal or above: this hub opens
+    /// the store and the hub that had it (equal: a restart of the same pod) is fenced: it
+    /// closes every connection and exits with status 3.
     #[arg(long, env = "EDGEHUB_EPOCH", value_name = "N", default_value_t = 0)]
     epoch: u64,
     /// Upstream protocol to IoT Hub: mqtt, or none to keep $upstream messages on disk only.
@@ -359,7 +368,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // Fenced (3) and stale epoch (4) have their own statuses: the orchestrator and
+            // the operator can tell them from a crash.
+            match e
+                .downcast_ref::<hub::server::RunError>()
+                .and_then(hub::server::RunError::exit_code)
+            {
+                Some(code) => ExitCode::from(code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -16,17 +16,22 @@
 //! shutdown the listeners stop, every connection first acknowledges what is already durable and
 //! then closes, the endpoint workers stop, and the store is closed last, so nothing acknowledged
 //! is left anywhere but on disk.
+//!
+//! Once a newer hub opens the store (a write finds the fence, or the check every
+//! [`FENCE_CHECK_INTERVAL`] does), the hub stops the same way, acknowledging nothing new, and
+//! [`run`] returns [`RunError::Fenced`] (the binary exits [`EXIT_FENCED`]).
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use notify::RecommendedWatcher;
 use router::manifest::Deployment;
 use router::{Dispatcher, DispatcherConfig, DispatcherError, Router};
-use store::{Clock, OsFs, Store, StoreOptions};
+use store::{Clock, Epoch, OpenError, OsFs, Store, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -48,6 +53,18 @@ use crate::upstream::mqtt::{MqttUpstream, UpstreamTlsError};
 
 /// Directory of the message store inside the data directory.
 pub const STORE_DIR: &str = "store";
+
+/// How often a serving hub asks its store whether a newer owner opened it (one `fstat` of
+/// `EPOCHS`), besides the check every write makes: an idle fenced hub holds its connections at
+/// most this long (plus the moment a frozen process needs to run again: the overdue check runs
+/// first thing after a SIGCONT). A second is far below what a module's reconnect takes and
+/// costs nothing measurable.
+pub const FENCE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Exit status of a hub whose store a newer owner (a higher or equal `--epoch`) opened.
+pub const EXIT_FENCED: u8 = 3;
+/// Exit status of a hub refused at open because its `--epoch` is below the store's highest.
+pub const EXIT_STALE_EPOCH: u8 = 4;
 
 /// The sockets the hub serves, bound by its caller.
 #[derive(Debug)]
@@ -185,6 +202,31 @@ pub enum RunError {
     /// Draining: the store did not close cleanly.
     #[error("closing the store")]
     Close(#[source] store::CloseError),
+    /// Serving: a newer owner opened the store (a higher or equal epoch); the hub closed every
+    /// connection and stopped.
+    #[error(
+        "the message store was fenced: a newer hub opened it (this hub's epoch is {epoch}); \
+         stopped serving"
+    )]
+    Fenced {
+        /// This hub's epoch.
+        epoch: Epoch,
+    },
+}
+
+impl RunError {
+    /// The process exit status this error documents, if it has its own: [`EXIT_FENCED`] or
+    /// [`EXIT_STALE_EPOCH`] (everything else is a plain failure).
+    pub fn exit_code(&self) -> Option<u8> {
+        match self {
+            RunError::Fenced { .. } => Some(EXIT_FENCED),
+            RunError::Store {
+                source: OpenError::EpochFenced { .. },
+                ..
+            } => Some(EXIT_STALE_EPOCH),
+            _ => None,
+        }
+    }
 }
 
 /// Runs the hub on `listeners` by `clock` until `shutdown` completes; it reloads the manifest
@@ -213,8 +255,44 @@ pub async fn run_with_reloads(
     let store = open_store(&settings, &prepared.deployment, Arc::clone(&clock))?;
     let core = build_core(&settings, prepared, &store, clock, reload_requests)?;
     let heads = start_heads(&settings, listeners, &core, &store, tls_config)?;
-    shutdown.await;
-    drain(core, heads, store).await
+    let fenced = tokio::select! {
+        () = shutdown => false,
+        () = fenced(&store, FENCE_CHECK_INTERVAL) => true,
+    };
+    if !fenced {
+        return drain(core, heads, store).await;
+    }
+    let epoch = store.epoch();
+    tracing::error!(
+        epoch = epoch.get(),
+        "store fenced: a newer hub opened the data directory (same or higher epoch); closing \
+         every connection and exiting with status {EXIT_FENCED}"
+    );
+    drain(core, heads, store).await?;
+    Err(RunError::Fenced { epoch })
+}
+
+/// Completes once `store` is fenced: at once when a write finds it (the store halts and says
+/// so), else at the next check of the fence, every `every`.
+async fn fenced(store: &Store, every: Duration) {
+    let mut halted = store.watch_halted();
+    // The store was just opened and checked: the first check is one interval away.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = halted.changed() => {
+                if changed.is_err() {
+                    // The store is gone: only the timer is left to wake us.
+                    halted = watch::channel(false).1;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        if store.check_fence() {
+            return;
+        }
+    }
 }
 
 /// What is read and checked before the store opens.
@@ -283,13 +361,35 @@ fn open_store(
         store_options.quota_bytes = max;
     }
     let store_dir = settings.data_dir().join(STORE_DIR);
-    tokio::task::block_in_place(|| {
+    let epoch = store_options.epoch;
+    let opened = tokio::task::block_in_place(|| {
         Store::open_with(&store_dir, store_options, Arc::new(OsFs), clock)
-    })
-    .map_err(|source| RunError::Store {
-        path: store_dir,
-        source,
-    })
+    });
+    match opened {
+        Ok(store) => {
+            tracing::info!(
+                epoch = epoch.get(),
+                dir = %store_dir.display(),
+                "store opened at epoch {epoch}"
+            );
+            Ok(store)
+        }
+        Err(source) => {
+            if let OpenError::EpochFenced { requested, current } = &source {
+                tracing::error!(
+                    epoch = requested.get(),
+                    store_epoch = current.get(),
+                    "stale epoch: this hub's epoch {requested} is below epoch {current}, which \
+                     already opened the store; a newer hub owns it, so this one does not open it \
+                     (exit status {EXIT_STALE_EPOCH})"
+                );
+            }
+            Err(RunError::Store {
+                path: store_dir,
+                source,
+            })
+        }
+    }
 }
 
 /// Everything the heads share, and what stops with it.
@@ -690,5 +790,67 @@ async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
         if stop.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, epoch: u64) -> Store {
+        let opts = StoreOptions {
+            epoch: Epoch::new(epoch),
+            preallocate: false,
+            reserve_bytes: 0,
+            ..StoreOptions::default()
+        };
+        Store::open(dir, opts).expect("store")
+    }
+
+    fn queue() -> store::QueueName {
+        store::QueueName::new("q").expect("queue name")
+    }
+
+    /// The write path: with a check far in the future, a write that finds the fence (the store
+    /// halts) ends the wait at once. Only a failure bound is timed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_finds_the_fence_stops_the_hub_without_waiting_for_the_check() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = open(dir.path(), 1);
+        let watching = old.clone();
+        let stopped =
+            tokio::spawn(async move { fenced(&watching, Duration::from_secs(3600)).await });
+        let _new = open(dir.path(), 2);
+        let refused = old
+            .append(&[queue()], bytes::Bytes::from_static(b"x"), None)
+            .await;
+        assert!(refused.is_err(), "a fenced store refuses the write");
+        tokio::time::timeout(Duration::from_secs(30), stopped)
+            .await
+            .expect("the halt ends the wait, not the hour-long check")
+            .expect("join");
+        assert!(old.is_fenced());
+    }
+
+    /// The idle path: nobody writes; the periodic check finds the fence at the next tick.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_store_is_found_fenced_at_the_next_check() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = open(dir.path(), 1);
+        let start = tokio::time::Instant::now();
+        let watching = old.clone();
+        let stopped = tokio::spawn(async move { fenced(&watching, Duration::from_secs(5)).await });
+        let _new = open(dir.path(), 2);
+        // A failure bound in paused time (it passes at once if nothing else is pending).
+        tokio::time::timeout(Duration::from_secs(3600), stopped)
+            .await
+            .expect("found by the periodic check")
+            .expect("join");
+        assert!(old.is_fenced());
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5),
+            "found by the check after one interval, not before: {waited:?}"
+        );
     }
 }

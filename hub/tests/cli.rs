@@ -315,6 +315,8 @@ fn a_hub_started_with_an_older_epoch_refuses_to_open_the_store_and_says_why() {
         ],
     );
     assert!(!out.status.success(), "a stale owner must not run");
+    // The documented status of a stale epoch (README, `run --help`).
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
         err.contains("epoch 1 is older than epoch 2"),

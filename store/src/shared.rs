@@ -140,6 +140,8 @@ pub(crate) struct Shared {
     pub(crate) index: Mutex<Index>,
     pub(crate) halt: Mutex<Option<Halt>>,
     pub(crate) halted: AtomicBool,
+    /// Turns true (once, for good) when the store halts, for whoever must react at once.
+    pub(crate) halted_tx: watch::Sender<bool>,
     pub(crate) stats: Counters,
     pub(crate) durable_tx: watch::Sender<Offset>,
     /// Bytes of segment files on disk (kept by the index).
@@ -178,6 +180,7 @@ impl Shared {
             index: Mutex::new(index),
             halt: Mutex::new(None),
             halted: AtomicBool::new(false),
+            halted_tx: watch::channel(false).0,
             stats: Counters::default(),
             durable_tx,
         }
@@ -231,6 +234,19 @@ impl Shared {
         self.halt.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Halts the store with `halt` unless it already halted (the first reason stays), and tells
+    /// the watchers. Every later request is refused with the reason that stayed.
+    pub(crate) fn halt_with(&self, halt: Halt) {
+        tracing::error!(reason = %halt, "store stops accepting writes");
+        let mut h = self.halt.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_none() {
+            *h = Some(halt);
+        }
+        self.halted.store(true, Ordering::SeqCst);
+        drop(h);
+        self.halted_tx.send_replace(true);
+    }
+
     /// The writer thread panicked: halt the store for good, and answer everything waiting in the
     /// inbox now (nothing else ever would). Requests of the batch it was working on lost their
     /// answer channel when it unwound; their `Pending` reports that (see [`Closable`]).
@@ -239,6 +255,7 @@ impl Shared {
         tracing::error!(reason = %halt, "store stops: reopen it");
         *self.halt.lock().unwrap_or_else(|p| p.into_inner()) = Some(halt.clone());
         self.halted.store(true, Ordering::SeqCst);
+        self.halted_tx.send_replace(true);
         let (requests, reclaims) = {
             let mut inbox = self.lock_inbox();
             inbox.dead = Some(halt.clone());

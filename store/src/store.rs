@@ -189,6 +189,8 @@ struct Inner {
     writer: Mutex<Option<Threads>>,
     report: RecoveryReport,
     generation: Generation,
+    /// The writer's fence, for [`Store::check_fence`] (one `fstat` of `EPOCHS`).
+    fence: Fence,
 }
 
 impl Inner {
@@ -315,7 +317,7 @@ impl Store {
             recovered.index,
             recovered.next_offset,
         ));
-        let threads = Writer::start(&shared, fence, generation, start)?;
+        let threads = Writer::start(&shared, fence.clone(), generation, start)?;
         let report = recovered.report;
         tracing::info!(
             dir = %shared.dir.display(),
@@ -331,6 +333,7 @@ impl Store {
                 writer: Mutex::new(Some(threads)),
                 report,
                 generation,
+                fence,
             }),
         })
     }
@@ -561,6 +564,35 @@ impl Store {
     /// Why the store refuses writes, if it does (for health endpoints).
     pub fn halted_reason(&self) -> Option<String> {
         self.shared().halted().map(|h| h.to_string())
+    }
+
+    /// The epoch this store was opened with (its fencing token).
+    pub fn epoch(&self) -> Epoch {
+        self.shared().opts.epoch
+    }
+
+    /// Whether a newer owner has claimed the directory, checked now: one `fstat` of `EPOCHS`
+    /// (the check every group commit makes), so an idle owner can learn it without a write.
+    /// Once it is true the store halts as a commit would have: every later write is refused
+    /// with `Fenced` and it stays true. A store already halted for another reason (poisoned)
+    /// answers from that state and reads nothing.
+    pub fn check_fence(&self) -> bool {
+        if self.shared().halted().is_none() && !self.inner.fence.still_current() {
+            self.shared().halt_with(Halt::Fenced);
+        }
+        self.is_fenced()
+    }
+
+    /// Whether the store halted because a newer owner opened it (no I/O; see
+    /// [`Store::check_fence`]).
+    pub fn is_fenced(&self) -> bool {
+        matches!(self.shared().halted(), Some(Halt::Fenced))
+    }
+
+    /// Turns true once the store halts (poisoned, fenced, or its writer died), and never back:
+    /// a server waits on it to stop serving at once instead of polling.
+    pub fn watch_halted(&self) -> watch::Receiver<bool> {
+        self.shared().halted_tx.subscribe()
     }
 
     /// Internal generation number of this open (diagnostics).

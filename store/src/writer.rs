@@ -315,12 +315,7 @@ impl Writer {
     }
 
     fn poison(&self, halt: Halt) {
-        tracing::error!(reason = %halt, "store stops accepting writes");
-        let mut h = self.shared.halt.lock().unwrap_or_else(|p| p.into_inner());
-        if h.is_none() {
-            *h = Some(halt);
-        }
-        self.shared.halted.store(true, Ordering::SeqCst);
+        self.shared.halt_with(halt);
     }
 
     /// One group commit: everything that was waiting, one write, one fdatasync.

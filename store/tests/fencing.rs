@@ -160,3 +160,40 @@ fn an_old_owner_that_keeps_running_and_closes_changes_nothing_the_new_owner_need
     assert_eq!(read(&again, &kept), expected, "nothing acknowledged lost");
     assert_eq!(again.halted_reason(), None);
 }
+
+/// `check_fence` is the cheap "am I fenced?" an idle owner asks (the hub, on its clock): false
+/// while no newer owner opened the directory (and it halts nothing), true once one did, without
+/// any write; from then on the store is halted as a commit would have halted it (appends refused
+/// with `Fenced`, `watch_halted` true), and the newer owner is unaffected.
+#[test]
+fn check_fence_tells_an_idle_owner_it_was_fenced_without_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(START));
+    let old = open(dir.path(), 1, &clock);
+    let halted = old.watch_halted();
+    assert_eq!(old.epoch(), Epoch::new(1));
+    assert!(!old.check_fence(), "nobody else opened the directory");
+    assert!(!old.is_fenced());
+    assert!(!*halted.borrow());
+    old.append(&[q("a")], body("old", 0), None).wait().unwrap();
+
+    let new = open(dir.path(), 2, &clock);
+    // No write from the old owner: the query itself finds out.
+    assert!(old.check_fence(), "a newer owner opened the directory");
+    assert!(old.is_fenced());
+    assert!(*halted.borrow(), "watchers learn it at once");
+    assert!(old.halted_reason().is_some());
+    let refused = old.append(&[q("a")], body("old", 1), None).wait();
+    assert!(
+        matches!(refused, Err(ref e) if e.to_string().contains("fenced")),
+        "{refused:?}"
+    );
+    assert!(old.check_fence(), "stays fenced");
+
+    assert!(!new.check_fence());
+    assert_eq!(new.epoch(), Epoch::new(2));
+    new.append(&[q("a")], body("new", 0), None).wait().unwrap();
+    drop(old);
+    let got: Vec<Bytes> = read(&new, &q("a")).into_iter().map(|(_, b)| b).collect();
+    assert_eq!(got, vec![body("old", 0), body("new", 0)]);
+}

@@ -29,6 +29,7 @@
 //! | `edgehub_queue_oldest_age_seconds` | gauge | `endpoint`, `priority` | store (reads one message per non-empty queue) |
 //! | `edgehub_store_fdatasyncs_total`, `…_commits_total`, `…_appends_total`, `…_reclaimed_segments_total` | counter | | store |
 //! | `edgehub_store_bytes_on_disk`, `edgehub_store_segments`, `edgehub_store_halted` | gauge | | store |
+//! | `edgehub_store_epoch`, `edgehub_store_fenced` (0/1) | gauge | | store: the epoch it was opened with (`--epoch`); 1 once a newer hub opened it |
 //! | `edgehub_store_fdatasync_seconds` | histogram | | store: each group commit's fdatasync (64 µs doubling to ~1 s) |
 //! | `edgehub_upstream_*` | see [`UpstreamMetrics`] | `id` | cloud connection (upstream) |
 //! | `edgehub_connections`, `…_refused_total`, `edgehub_accept_failures_total` | see [`crate::limits::LimitMetrics`] | `protocol` | accept loops |
@@ -198,6 +199,8 @@ pub struct HubMetrics {
     store_bytes_on_disk: Gauge,
     store_segments: Gauge,
     store_halted: Gauge,
+    store_epoch: Gauge,
+    store_fenced: Gauge,
     store_fdatasync_seconds: SnapshotHistogram,
 
     manifest_reloads: Family<ResultLabel, Counter>,
@@ -251,6 +254,8 @@ impl HubMetrics {
             store_bytes_on_disk: Gauge::default(),
             store_segments: Gauge::default(),
             store_halted: Gauge::default(),
+            store_epoch: Gauge::default(),
+            store_fenced: Gauge::default(),
             store_fdatasync_seconds: SnapshotHistogram::default(),
             manifest_reloads: Family::default(),
             manifest_generation: Gauge::default(),
@@ -437,6 +442,16 @@ impl HubMetrics {
             "edgehub_store_halted",
             "1 when the store refuses writes (poisoned or fenced), else 0",
             self.store_halted.clone(),
+        );
+        r.register(
+            "edgehub_store_epoch",
+            "The epoch the store was opened with (--epoch, the fencing token the controller sets)",
+            self.store_epoch.clone(),
+        );
+        r.register(
+            "edgehub_store_fenced",
+            "1 once a newer hub (same or higher epoch) opened the store, else 0",
+            self.store_fenced.clone(),
         );
         r.register(
             "edgehub_store_fdatasync_seconds",
@@ -633,6 +648,9 @@ impl HubMetrics {
         self.store_segments.set(clamp_i64(stats.segments as u64));
         self.store_halted
             .set(i64::from(store.halted_reason().is_some()));
+        self.store_epoch
+            .set(i64::try_from(store.epoch().get()).unwrap_or(i64::MAX));
+        self.store_fenced.set(i64::from(store.is_fenced()));
         // One series per (endpoint, priority), as edgeHub: a router that keeps several store
         // queues for one pair (lanes) is summed, and the oldest message of any of them counts.
         let mut per_pair: BTreeMap<(String, String), (u64, Option<f64>)> = BTreeMap::new();
@@ -935,6 +953,8 @@ mod tests {
             "edgehub_store_bytes_on_disk gauge",
             "edgehub_store_segments gauge",
             "edgehub_store_halted gauge",
+            "edgehub_store_epoch gauge",
+            "edgehub_store_fenced gauge",
             "edgehub_store_fdatasync_seconds histogram",
         ];
         assert_eq!(families, expected);
@@ -1042,5 +1062,32 @@ mod tests {
         assert!(line(&text, "edgehub_store_appends_total{").is_some());
         let halted = line(&text, "edgehub_store_halted{").expect("halted");
         assert!(halted.ends_with(" 0"), "{halted}");
+    }
+
+    #[test]
+    fn store_epoch_and_fenced_gauges_follow_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opts = |epoch| StoreOptions {
+            epoch: store::Epoch::new(epoch),
+            preallocate: false,
+            reserve_bytes: 0,
+            ..StoreOptions::default()
+        };
+        let old = Store::open(dir.path(), opts(7)).expect("store");
+        let m = HubMetrics::new("h", "d");
+        let render = |store: &Store| m.render_at(store, &RouterMetrics::default(), now_millis());
+        let text = render(&old);
+        let epoch = line(&text, "edgehub_store_epoch{").expect("epoch");
+        assert!(epoch.ends_with(" 7"), "{epoch}");
+        let fenced = line(&text, "edgehub_store_fenced{").expect("fenced");
+        assert!(fenced.ends_with(" 0"), "{fenced}");
+
+        let _new = Store::open(dir.path(), opts(8)).expect("newer owner");
+        assert!(old.check_fence());
+        let text = render(&old);
+        let fenced = line(&text, "edgehub_store_fenced{").expect("fenced");
+        assert!(fenced.ends_with(" 1"), "{fenced}");
+        let epoch = line(&text, "edgehub_store_epoch{").expect("epoch");
+        assert!(epoch.ends_with(" 7"), "{epoch}");
     }
 }
