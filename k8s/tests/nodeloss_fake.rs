@@ -445,3 +445,40 @@ async fn deleting_with_the_volume_retained_keeps_the_epoch_and_without_it_delete
         .unwrap()
         .is_none());
 }
+
+#[tokio::test]
+async fn an_unreadable_not_ready_after_sets_degraded_and_decides_nothing() {
+    // The CRD's pattern refuses it at admission; a controller must not guess either.
+    let mut ed = edge_deployment(NodeLossPolicy::ForceDeletePod);
+    ed["spec"]["hub"]["nodeLoss"]["notReadyAfter"] = json!("soon");
+    let (client, writes) = fake(vec![
+        ed,
+        hub_pod("pod-a", "n1"),
+        node("n1", "False", LOST_AT, true),
+    ])
+    .await;
+    pass_at(&client, LOST_AT + 3_600).await;
+    let w = take(&writes);
+    assert_eq!(count(&w, "DELETE line1-hub-0"), 0, "{w:?}");
+    let status = get_ed(&client).await.status.clone().unwrap();
+    let degraded = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "InvalidSpec")
+    );
+    assert!(
+        degraded.message.contains("\"soon\""),
+        "{}",
+        degraded.message
+    );
+    assert_eq!(status.store_epoch, Some(1));
+    assert!(Api::<StatefulSet>::namespaced(client.clone(), NS)
+        .get_opt("line1-hub")
+        .await
+        .unwrap()
+        .is_none());
+}
