@@ -25,6 +25,7 @@ use serde_json::Value;
 
 use crate::agent::{self, AgentModule, DesiredStatus, ManifestProblems, ModuleName, RestartPolicy};
 use crate::create_options::{self, BindSource, Translated};
+use crate::failover::Epoch;
 use crate::keys::ModuleKey;
 use crate::names::{self, NameError};
 use crate::tls::TlsMaterial;
@@ -239,17 +240,33 @@ pub fn ca_common_name(ed: &EdgeDeployment) -> String {
     )
 }
 
-/// The hub's store epoch: `status.storeEpoch`, or 1.
-pub fn store_epoch(ed: &EdgeDeployment) -> u64 {
-    ed.status.as_ref().and_then(|s| s.store_epoch).unwrap_or(1)
+/// The store epoch offline (`render`): `status.storeEpoch` (the mirror of the ConfigMap
+/// `D-hub-epoch`), or 1. Reconcile reads the ConfigMap instead ([`desired_at_epoch`]).
+pub fn store_epoch(ed: &EdgeDeployment) -> Epoch {
+    ed.status
+        .as_ref()
+        .and_then(|s| s.store_epoch)
+        .and_then(Epoch::new)
+        .unwrap_or(Epoch::FIRST)
 }
 
-/// Builds every object (see the module docs).
+/// Builds every object (see the module docs), the hub at [`store_epoch`].
 pub fn desired(
     ed: &EdgeDeployment,
     manifest: &Value,
     secrets: &SecretMaterial,
     opts: &ControllerOptions,
+) -> Result<Desired, RenderError> {
+    desired_at_epoch(ed, manifest, secrets, opts, store_epoch(ed))
+}
+
+/// Builds every object, the hub started with `--epoch epoch`.
+pub fn desired_at_epoch(
+    ed: &EdgeDeployment,
+    manifest: &Value,
+    secrets: &SecretMaterial,
+    opts: &ControllerOptions,
+    epoch: Epoch,
 ) -> Result<Desired, RenderError> {
     let modules = agent::parse_manifest(manifest)?;
     let d = ed.name_any();
@@ -263,6 +280,7 @@ pub fn desired(
         d: &d,
         ns: &ns,
         owner: ed.controller_owner_ref(&()),
+        epoch,
     };
     let mut untranslated = Vec::new();
     let mut module_objects = Vec::new();
@@ -312,6 +330,7 @@ struct Builder<'a> {
     d: &'a str,
     ns: &'a str,
     owner: Option<OwnerReference>,
+    epoch: Epoch,
 }
 
 impl Builder<'_> {
@@ -450,7 +469,7 @@ impl Builder<'_> {
             "--metrics-addr".to_owned(),
             format!("0.0.0.0:{METRICS_PORT}"),
             "--epoch".to_owned(),
-            store_epoch(self.ed).to_string(),
+            self.epoch.to_string(),
             "--reconfigure".to_owned(),
         ]);
         args

@@ -11,11 +11,13 @@
 //! - [`names`]: object names and labels;
 //! - [`tls`], [`keys`]: the generated secret material;
 //! - [`desired`]: the pure builders of every object;
+//! - [`failover`]: the store epoch and the node-loss policy's pure decision;
 //! - [`render`]: `edgehub-controller render` (the builders, offline, with placeholders).
 
 pub mod agent;
 pub mod create_options;
 pub mod desired;
+pub mod failover;
 pub mod http;
 pub mod keys;
 pub mod lease;

@@ -247,8 +247,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         k8s::names::LABEL_MANAGED_BY,
         k8s::names::MANAGER
     ));
-    let controller = Controller::new(eds, watcher::Config::default())
+    // A lost node re-runs the EdgeDeployments whose node-loss policy may act on it (the
+    // out-of-service taint at once; NotReady through the timer's requeue). A healthy node's
+    // changes map to nothing.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let controller = Controller::new(eds, watcher::Config::default());
+    let store = controller.store();
+    let controller = controller
         .owns(sts, owned)
+        .watches(nodes, watcher::Config::default(), move |node| {
+            let eds = if k8s::failover::node_looks_lost(&node) {
+                store.state()
+            } else {
+                Vec::new()
+            };
+            eds.into_iter()
+                .filter(|ed| ed.spec.hub.node_loss.policy != k8s::types::NodeLossPolicy::Never)
+                .map(|ed| kube::runtime::reflector::ObjectRef::from_obj(&*ed))
+                .collect::<Vec<_>>()
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {

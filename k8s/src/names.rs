@@ -122,6 +122,16 @@ pub fn hub_tls(deployment: &str) -> String {
     format!("{deployment}-hub-tls")
 }
 
+/// `D-hub-epoch`: the store epoch's ConfigMap.
+pub fn hub_epoch(deployment: &str) -> String {
+    format!("{deployment}-hub-epoch")
+}
+
+/// `D-hub-0`: the hub StatefulSet's one pod.
+pub fn hub_pod(deployment: &str) -> String {
+    format!("{deployment}-hub-0")
+}
+
 /// `D-trust-bundle`.
 pub fn trust_bundle(deployment: &str) -> String {
     format!("{deployment}-trust-bundle")

@@ -4,16 +4,21 @@
 //! directly against a fake API). One pass:
 //! 1. deleting? run the cleanup behind the finalizer [`FINALIZER`], remove it, done;
 //! 2. add the finalizer if missing;
-//! 3. resolve the manifest (inline, or a ConfigMap key) and check it with the hub's parser; a
+//! 3. read the store epoch from the ConfigMap `D-hub-epoch` (made at 1 when missing) and run
+//!    the node-loss policy ([`crate::failover::decide`]): on a lost node, raise the epoch in the
+//!    ConfigMap first (with the failover it is for, in one write), and force-delete the hub pod
+//!    (grace 0, precondition: its uid) at the end of the pass, once the hub StatefulSet carries
+//!    the new `--epoch`; a pass that waits on the timer requeues when it runs out;
+//! 4. resolve the manifest (inline, or a ConfigMap key) and check it with the hub's parser; a
 //!    bad or missing manifest sets `Degraded` (the located messages) and changes nothing else;
-//! 4. read the secret material back (`D-hub-tls`, `D-module-keys`, `spec.device.keysSecret`),
+//! 5. read the secret material back (`D-hub-tls`, `D-module-keys`, `spec.device.keysSecret`),
 //!    keeping what exists, making what is missing or due ([`crate::tls`], [`crate::keys`]);
-//! 5. build [`crate::desired::desired`] and server-side apply each object (field manager
+//! 6. build [`crate::desired::desired_at_epoch`] and server-side apply each object (field manager
 //!    `edgehub-controller`, force) *unless the live object already holds every field we set*,
 //!    so a second pass writes nothing;
-//! 6. delete module objects (by label) whose module left the manifest;
-//! 7. write the status (only when it changed): conditions Ready, HubReady, ModulesReady,
-//!    Degraded, each module's phase, the store epoch.
+//! 7. delete module objects (by label) whose module left the manifest;
+//! 8. write the status (only when it changed): conditions Ready, HubReady, ModulesReady,
+//!    Degraded, each module's phase, the store epoch, the last failover.
 //!
 //! Every API call has a deadline ([`Context::api_timeout`]); a failure is a typed [`Error`]
 //! naming the action and object, and [`error_policy`] requeues with an exponential backoff per
@@ -25,9 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::NamespaceResourceScope;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -37,10 +42,13 @@ use serde_json::{json, Value};
 
 use crate::agent::{self, DesiredStatus};
 use crate::desired::{self, ControllerOptions, Object, RenderError, SecretMaterial};
+use crate::failover::{self, Decision, Epoch, EpochError, NodeLoss};
 use crate::keys::{self, KeyError, KeyOrigin};
 use crate::names::{self, MANAGER};
 use crate::tls::{self, TlsError, TlsMaterial, TlsOutcome};
-use crate::types::{Condition, EdgeDeployment, EdgeDeploymentStatus, ModuleStatus};
+use crate::types::{
+    Condition, EdgeDeployment, EdgeDeploymentStatus, LastFailover, ModuleStatus, NodeLossPolicy,
+};
 
 /// The finalizer that makes deletion remove what owner references would not (the store PVC
 /// when `retainOnDelete: false`) and every labelled object explicitly.
@@ -175,6 +183,9 @@ pub enum Error {
     /// Objects could not be built.
     #[error(transparent)]
     Render(#[from] RenderError),
+    /// The epoch ConfigMap holds no usable epoch (never guessed: a guess could lower it).
+    #[error(transparent)]
+    Epoch(#[from] EpochError),
     /// An object could not be serialized (a bug).
     #[error("serializing {object}: {source}")]
     Serialize {
@@ -195,6 +206,7 @@ impl Error {
             Self::Tls(_) => "TlsError",
             Self::Keys(_) => "KeyError",
             Self::Render(_) => "RenderError",
+            Self::Epoch(_) => "EpochError",
             Self::Serialize { .. } => "SerializeError",
         }
     }
@@ -326,9 +338,252 @@ async fn reconcile_inner(ed: &EdgeDeployment, ctx: &Context) -> Result<Action, E
     };
 
     let now = (ctx.clock)();
+    let node_loss = match NodeLoss::from_spec(&ed.spec.hub.node_loss) {
+        Ok(p) => p,
+        Err(message) => {
+            // The epoch still shows; nothing is decided on a policy we cannot read.
+            let hub = read_epoch(ed, ctx, &ns).await?;
+            return degraded(ed, ctx, &eds, &hub, "InvalidSpec", message, now).await;
+        }
+    };
+    let hub = hub_epoch_and_node_loss(ed, ctx, &ns, &node_loss, now).await?;
+    let action = reconcile_objects(ed, ctx, &ns, &eds, &hub, now).await?;
+    if let Some(uid) = &hub.delete {
+        force_delete_hub_pod(ed, ctx, &ns, &hub, uid).await?;
+    }
+    // Every pass requeues within RESYNC; a running node-loss timer sooner.
+    Ok(match hub.wait {
+        Some(remaining) => Action::requeue(remaining.clamp(Duration::from_secs(1), RESYNC)),
+        None => action,
+    })
+}
+
+/// The store epoch and what the node-loss policy decided in this pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubEpoch {
+    /// The epoch the hub runs at (after a bump in this pass).
+    pub epoch: Epoch,
+    /// The failover recorded with it.
+    pub last_failover: Option<LastFailover>,
+    /// The uid of the hub pod to force-delete at the end of the pass.
+    pub delete: Option<String>,
+    /// The node-loss timer runs out in this long.
+    pub wait: Option<Duration>,
+}
+
+/// Reads the epoch ConfigMap, making it at epoch 1 when missing.
+async fn read_epoch(ed: &EdgeDeployment, ctx: &Context, ns: &str) -> Result<HubEpoch, Error> {
+    let (record, _) = read_epoch_config_map(ed, ctx, ns).await?;
+    Ok(HubEpoch {
+        epoch: record.epoch,
+        last_failover: record.last_failover,
+        delete: None,
+        wait: None,
+    })
+}
+
+async fn read_epoch_config_map(
+    ed: &EdgeDeployment,
+    ctx: &Context,
+    ns: &str,
+) -> Result<(failover::EpochRecord, Option<String>), Error> {
+    let d = ed.name_any();
+    let name = names::hub_epoch(&d);
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+    let object = || format!("ConfigMap/{name}");
+    let cm = match call(ctx, "reading", object, cms.get_opt(&name)).await? {
+        Some(cm) => cm,
+        // A create, never an apply: an existing epoch is never overwritten (two writers
+        // racing here: one gets a 409 and retries on a fresh read).
+        None => {
+            call(
+                ctx,
+                "creating",
+                object,
+                cms.create(&PostParams::default(), &failover::epoch_config_map(&d, ns)),
+            )
+            .await?
+        }
+    };
+    Ok((failover::read_epoch(&cm)?, cm.metadata.resource_version))
+}
+
+/// Step 3 of the pass (see the module docs): the epoch, and the node-loss decision; a
+/// failover raises the epoch here, durably, before anything else changes.
+async fn hub_epoch_and_node_loss(
+    ed: &EdgeDeployment,
+    ctx: &Context,
+    ns: &str,
+    policy: &NodeLoss,
+    now: u64,
+) -> Result<HubEpoch, Error> {
+    let (record, version) = read_epoch_config_map(ed, ctx, ns).await?;
+    let mut hub = HubEpoch {
+        epoch: record.epoch,
+        last_failover: record.last_failover.clone(),
+        delete: None,
+        wait: None,
+    };
+    if policy.policy == NodeLossPolicy::Never {
+        return Ok(hub);
+    }
+    let d = ed.name_any();
+    let pod_name = names::hub_pod(&d);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let pod = call(
+        ctx,
+        "reading",
+        || format!("Pod/{pod_name}"),
+        pods.get_opt(&pod_name),
+    )
+    .await?;
+    let node_name = pod
+        .as_ref()
+        .and_then(|p| p.spec.as_ref())
+        .and_then(|s| s.node_name.clone());
+    let node = match &node_name {
+        Some(n) => {
+            let nodes: Api<Node> = Api::all(ctx.client.clone());
+            call(ctx, "reading", || format!("Node/{n}"), nodes.get_opt(n)).await?
+        }
+        None => None,
+    };
+    match failover::decide(
+        policy,
+        pod.as_ref(),
+        node.as_ref(),
+        now,
+        record.last_failover.as_ref(),
+    ) {
+        Decision::Nothing => {}
+        Decision::Wait { remaining } => {
+            tracing::info!(edgedeployment = %key_of(ed), node = node_name.as_deref().unwrap_or(""), remaining = ?remaining, "the hub's node is not ready: waiting for nodeLoss.notReadyAfter");
+            hub.wait = Some(remaining);
+        }
+        Decision::RetryDelete { pod_uid } => hub.delete = Some(pod_uid),
+        Decision::Failover {
+            node,
+            pod_uid,
+            reason,
+            lost_for,
+        } => {
+            let name = names::hub_epoch(&d);
+            let epoch = record.epoch.next().ok_or_else(|| EpochError::Exhausted {
+                name: name.clone(),
+                epoch: record.epoch.get(),
+            })?;
+            let last = LastFailover {
+                at: rfc3339(now),
+                from_node: node,
+                epoch: epoch.get(),
+                reason: reason.as_str().to_owned(),
+                lost_for_seconds: lost_for.map(|d| d.as_secs()),
+                pod_uid: pod_uid.clone(),
+            };
+            let annotation = serde_json::to_string(&last).map_err(|source| Error::Serialize {
+                object: format!("ConfigMap/{name}"),
+                source,
+            })?;
+            // One write, conditional on the version read: the new epoch and the loss it is for.
+            let patch = json!({
+                "metadata": {
+                    "resourceVersion": version,
+                    "annotations": { failover::ANNOTATION_LAST_FAILOVER: annotation },
+                },
+                "data": { failover::EPOCH_KEY: epoch.to_string() },
+            });
+            let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), ns);
+            call(
+                ctx,
+                "raising the epoch in",
+                || format!("ConfigMap/{name}"),
+                cms.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+            )
+            .await?;
+            tracing::warn!(edgedeployment = %key_of(ed), node = %last.from_node, reason = %last.reason, lost_for = ?lost_for, from = record.epoch.get(), to = epoch.get(), "the hub's node is lost: epoch raised, the hub pod will be force-deleted");
+            hub.epoch = epoch;
+            hub.last_failover = Some(last);
+            hub.delete = Some(pod_uid);
+        }
+    }
+    Ok(hub)
+}
+
+/// Force-deletes the hub pod (grace 0) if it is still the one with `uid`; a pod already gone
+/// (404) or replaced by the StatefulSet (409: the uid precondition failed) is done too.
+async fn force_delete_hub_pod(
+    ed: &EdgeDeployment,
+    ctx: &Context,
+    ns: &str,
+    hub: &HubEpoch,
+    uid: &str,
+) -> Result<(), Error> {
+    let pod_name = names::hub_pod(&ed.name_any());
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_owned()),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match call(
+        ctx,
+        "force-deleting",
+        || format!("Pod/{pod_name}"),
+        pods.delete(&pod_name, &params),
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(Error::Api {
+            source: kube::Error::Api(s),
+            ..
+        }) if s.code == 404 || s.code == 409 => {
+            tracing::info!(edgedeployment = %key_of(ed), pod = %pod_name, code = s.code, "the lost hub pod is already gone or replaced");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    }
+    let note = match &hub.last_failover {
+        Some(l) => format!(
+            "{}: node {} lost ({}{}); epoch raised to {}; hub pod {pod_name} force-deleted",
+            l.at,
+            l.from_node,
+            l.reason,
+            l.lost_for_seconds
+                .map(|s| format!(" for {s} s"))
+                .unwrap_or_default(),
+            l.epoch
+        ),
+        None => format!("hub pod {pod_name} force-deleted"),
+    };
+    tracing::warn!(edgedeployment = %key_of(ed), pod = %pod_name, epoch = hub.epoch.get(), "hub pod force-deleted");
+    publish(ctx, ed, EventType::Warning, "HubFailover", &note).await;
+    Ok(())
+}
+
+fn rfc3339(now: u64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(i64::try_from(now).unwrap_or(i64::MAX))
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// Steps 4 to 8 of the pass (see the module docs).
+async fn reconcile_objects(
+    ed: &EdgeDeployment,
+    ctx: &Context,
+    ns: &str,
+    eds: &Api<EdgeDeployment>,
+    hub: &HubEpoch,
+    now: u64,
+) -> Result<Action, Error> {
+    let ns = ns.to_owned();
+    let name = ed.name_any();
     let manifest = match resolve_manifest(ed, ctx, &ns).await? {
         Ok(m) => m,
-        Err((reason, message)) => return degraded(ed, ctx, &eds, reason, message, now).await,
+        Err((reason, message)) => return degraded(ed, ctx, eds, hub, reason, message, now).await,
     };
     let modules = match agent::parse_manifest(&manifest) {
         Ok(m) => m,
@@ -336,7 +591,8 @@ async fn reconcile_inner(ed: &EdgeDeployment, ctx: &Context) -> Result<Action, E
             return degraded(
                 ed,
                 ctx,
-                &eds,
+                eds,
+                hub,
                 "InvalidManifest",
                 problems.messages.join("; "),
                 now,
@@ -383,7 +639,8 @@ async fn reconcile_inner(ed: &EdgeDeployment, ctx: &Context) -> Result<Action, E
                     return degraded(
                         ed,
                         ctx,
-                        &eds,
+                        eds,
+                        hub,
                         "KeysSecretNotFound",
                         format!("spec.device.keysSecret: Secret {s:?} not found"),
                         now,
@@ -411,7 +668,7 @@ async fn reconcile_inner(ed: &EdgeDeployment, ctx: &Context) -> Result<Action, E
         keys: resolved.into_iter().map(|(m, (k, _))| (m, k)).collect(),
     };
 
-    let want = desired::desired(ed, &manifest, &material, &ctx.opts)?;
+    let want = desired::desired_at_epoch(ed, &manifest, &material, &ctx.opts, hub.epoch)?;
     let mut applied = Vec::new();
     for object in want.objects() {
         let changed = match &object {
@@ -449,14 +706,14 @@ async fn reconcile_inner(ed: &EdgeDeployment, ctx: &Context) -> Result<Action, E
     // Status.
     let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     let hub_name = names::hub(&name);
-    let hub = call(
+    let hub_sts = call(
         ctx,
         "reading",
         || format!("StatefulSet/{hub_name}"),
         sts.get_opt(&hub_name),
     )
     .await?;
-    let hub_ready = ready_replicas(hub.as_ref()) >= 1;
+    let hub_ready = ready_replicas(hub_sts.as_ref()) >= 1;
     let mut module_status = Vec::new();
     for (m, objects) in modules.iter().zip(&want.modules) {
         let wname = objects.workload.name_any();
@@ -546,9 +803,10 @@ async fn reconcile_inner(ed: &EdgeDeployment, ctx: &Context) -> Result<Action, E
         observed_generation: generation,
         conditions,
         modules: module_status,
-        store_epoch: Some(desired::store_epoch(ed)),
+        store_epoch: Some(hub.epoch.get()),
+        last_failover: hub.last_failover.clone(),
     };
-    write_status(ed, ctx, &eds, status, now).await?;
+    write_status(ed, ctx, eds, status, now).await?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -634,6 +892,7 @@ async fn degraded(
     ed: &EdgeDeployment,
     ctx: &Context,
     eds: &Api<EdgeDeployment>,
+    hub: &HubEpoch,
     reason: &'static str,
     message: String,
     now: u64,
@@ -651,6 +910,8 @@ async fn degraded(
         .conditions
         .push(cond("Degraded", true, reason, message.clone(), generation));
     status.observed_generation = generation;
+    status.store_epoch = Some(hub.epoch.get());
+    status.last_failover = hub.last_failover.clone();
     let changed = write_status(ed, ctx, eds, status, now).await?;
     if changed {
         publish(ctx, ed, EventType::Warning, reason, &message).await;
@@ -829,7 +1090,14 @@ async fn cleanup(ed: &EdgeDeployment, ctx: &Context, ns: &str) -> Result<(), Err
     prune::<StatefulSet>(ctx, ns, "StatefulSet", &selector, &[]).await?;
     prune::<Service>(ctx, ns, "Service", &selector, &[]).await?;
     prune::<Secret>(ctx, ns, "Secret", &selector, &[]).await?;
-    prune::<ConfigMap>(ctx, ns, "ConfigMap", &selector, &[]).await?;
+    // The epoch lives as long as the store volume: a retained store remembers the highest
+    // epoch that opened it, and refuses a hub below it.
+    let keep_epoch = if ed.spec.hub.storage.retain_on_delete {
+        vec![format!("ConfigMap/{}", names::hub_epoch(&name))]
+    } else {
+        Vec::new()
+    };
+    prune::<ConfigMap>(ctx, ns, "ConfigMap", &selector, &keep_epoch).await?;
     if !ed.spec.hub.storage.retain_on_delete {
         let pvc_selector = format!("{}={name}", names::LABEL_PART_OF);
         prune::<PersistentVolumeClaim>(ctx, ns, "PersistentVolumeClaim", &pvc_selector, &[])

@@ -96,6 +96,47 @@ pub struct HubSpec {
     /// The type of the hub's Service.
     #[serde(default)]
     pub service_type: ServiceType,
+    /// What the controller does when the hub pod's node is lost (opt-in).
+    #[serde(default)]
+    pub node_loss: NodeLossSpec,
+}
+
+/// The node-loss policy: when the hub pod's node has been NotReady (or Unknown) for
+/// `notReadyAfter`, or carries the `node.kubernetes.io/out-of-service` taint, the controller
+/// bumps the store epoch and then force-deletes the hub pod, so the StatefulSet recreates it
+/// on another node at the new epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeLossSpec {
+    /// Never (Kubernetes' own behaviour: the pod waits for its node or a human) or
+    /// ForceDeletePod.
+    #[serde(default)]
+    pub policy: NodeLossPolicy,
+    /// How long the node must be NotReady or Unknown before the controller acts: a number
+    /// and a unit, `s`, `m` or `h` (e.g. `60s`, `2m`). The out-of-service taint acts at once.
+    #[serde(default = "default_not_ready_after")]
+    #[schemars(regex(pattern = r"^[0-9]{1,6}(s|m|h)$"))]
+    pub not_ready_after: String,
+}
+
+impl Default for NodeLossSpec {
+    fn default() -> Self {
+        Self {
+            policy: NodeLossPolicy::default(),
+            not_ready_after: default_not_ready_after(),
+        }
+    }
+}
+
+/// What to do when the hub pod's node is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum NodeLossPolicy {
+    /// Nothing: the pod stays Terminating until its node comes back, is deleted, or someone
+    /// force-deletes it.
+    #[default]
+    Never,
+    /// Bump the store epoch, then force-delete the hub pod (grace 0), once per loss.
+    ForceDeletePod,
 }
 
 /// The hub's store volume.
@@ -163,9 +204,31 @@ pub struct EdgeDeploymentStatus {
     /// Each `$edgeAgent` module's phase.
     #[serde(default)]
     pub modules: Vec<ModuleStatus>,
-    /// The epoch the hub's store runs at (fences a stale hub).
+    /// The epoch the hub's store runs at (fences a stale hub): the ConfigMap `D-hub-epoch`'s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_epoch: Option<u64>,
+    /// The last failover the node-loss policy made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failover: Option<LastFailover>,
+}
+
+/// One failover made by the node-loss policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastFailover {
+    /// When the controller bumped the epoch (RFC 3339).
+    pub at: String,
+    /// The node the hub pod was lost with.
+    pub from_node: String,
+    /// The epoch the new hub pod runs at.
+    pub epoch: u64,
+    /// NodeNotReady, NodeUnknown, NodeOutOfService or NodeDeleted.
+    pub reason: String,
+    /// How long the node had been NotReady or Unknown when the controller acted, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_for_seconds: Option<u64>,
+    /// The uid of the hub pod that was force-deleted.
+    pub pod_uid: String,
 }
 
 /// A status condition, as Kubernetes API conventions describe them.
@@ -205,6 +268,10 @@ pub struct ModuleStatus {
 
 fn default_storage_size() -> String {
     "1Gi".to_owned()
+}
+
+fn default_not_ready_after() -> String {
+    "60s".to_owned()
 }
 
 fn yes() -> bool {

@@ -54,6 +54,18 @@ async fn api(mut handle: mock::Handle<Request<Body>, Response<Body>>, apply: App
             .push(format!("{} {}", req.method(), req.uri().path()));
         match (req.method(), is_apply, apply) {
             (&Method::GET, _, _) => send.send_response(status(404, "NotFound")),
+            // The store epoch's ConfigMap, made at 1 before anything is applied.
+            (&Method::POST, _, _) if req.uri().path().ends_with("/configmaps") => {
+                let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "line1-hub-epoch", "namespace": NS}, "data": {"epoch": "1"}});
+                send.send_response(
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .header("content-type", "application/json")
+                        .body(Body::from(serde_json::to_vec(&cm).unwrap()))
+                        .unwrap(),
+                );
+            }
             (&Method::PATCH, true, Apply::Fail(code)) => {
                 let reason = if code == 409 {
                     "Conflict"

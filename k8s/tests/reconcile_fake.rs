@@ -170,7 +170,7 @@ async fn a_first_pass_creates_everything_and_a_second_writes_nothing() {
     );
     assert_eq!(
         names::<ConfigMap>(&client).await,
-        set(&["line2-trust-bundle", "line2-manifest"])
+        set(&["line2-trust-bundle", "line2-manifest", "line2-hub-epoch"])
     );
     assert_eq!(
         names::<Secret>(&client).await,

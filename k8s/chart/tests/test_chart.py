@@ -67,7 +67,13 @@ WATCH_RULES = [
     {"apiGroups": [""], "resources": ["services", "configmaps", "secrets"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["list", "delete"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "delete"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+# Nodes are cluster-scoped: a ClusterRole of their own, whatever the controller watches
+# (the node-loss policy reads the hub pod's node and watches lost nodes).
+NODE_RULES = [
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]},
 ]
 LEASE_RULES = [
     {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
@@ -324,6 +330,9 @@ class Values(unittest.TestCase):
                 "manifest as an object": ({"deployment": {"manifest": {"modulesContent": {}}}}, "manifest"),
                 "resources typo": ({"controller": {"resources": {"limit": {"memory": "1Gi"}}}}, "limit"),
                 "metrics port": ({"controller": {"metricsPort": 70000}}, "metricsPort"),
+                "node-loss policy": ({"deployment": {"hub": {"nodeLoss": {"policy": "Always"}}}}, "policy"),
+                "node-loss timer": ({"deployment": {"hub": {"nodeLoss": {"notReadyAfter": "1 minute"}}}},
+                                    "notReadyAfter"),
             }
             for label, (patch, key) in bad.items():
                 with self.subTest(label):
@@ -370,6 +379,7 @@ class Manifest(unittest.TestCase):
         self.assertEqual(ed["spec"]["hub"], {
             "storage": {"size": "1Gi", "accessMode": "ReadWriteOncePod", "retainOnDelete": True},
             "serviceType": "ClusterIP",
+            "nodeLoss": {"policy": "Never", "notReadyAfter": "60s"},
         })
         self.assertEqual(cr_validator().is_valid(ed), True, list(cr_validator().iter_errors(ed)))
         self.assertIn(f"kubectl get edgedeployments -n prod", notes)
@@ -475,16 +485,21 @@ class Cases(unittest.TestCase):
         self.assertEqual(sa["metadata"]["namespace"], namespace)
         kinds = by_kind(objects)
         bindings = kinds.get("RoleBinding", []) + kinds.get("ClusterRoleBinding", [])
-        self.assertEqual(len(bindings), 2)
+        self.assertEqual(len(bindings), 3)
         for b in bindings:
             self.assertEqual(b["subjects"], [{"kind": "ServiceAccount", "name": sa_name, "namespace": namespace}])
 
         # Least privilege: exactly these rules, as a Role where the controller watches one
         # namespace, as a ClusterRole where it watches all; the Lease only in its own namespace.
         watch_ns = merged["watchNamespace"]
+        nodes = one(objects, "ClusterRole", f"{CONTROLLER}-nodes")
+        self.assertEqual(nodes["rules"], NODE_RULES)
+        self.assertEqual(one(objects, "ClusterRoleBinding", f"{CONTROLLER}-nodes")["roleRef"],
+                         {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": f"{CONTROLLER}-nodes"})
         if watch_ns:
-            self.assertNotIn("ClusterRole", kinds)
-            self.assertNotIn("ClusterRoleBinding", kinds)
+            # Cluster-wide: only the read-only Node rules.
+            self.assertEqual([r["metadata"]["name"] for r in kinds["ClusterRole"]], [f"{CONTROLLER}-nodes"])
+            self.assertEqual([r["metadata"]["name"] for r in kinds["ClusterRoleBinding"]], [f"{CONTROLLER}-nodes"])
             role = one(objects, "Role", CONTROLLER)
             self.assertEqual(role["metadata"]["namespace"], watch_ns)
             binding = one(objects, "RoleBinding", CONTROLLER)
@@ -521,8 +536,8 @@ class Cases(unittest.TestCase):
     def test_defaults(self) -> None:
         objects, _, _ = self.render_case("defaults")
         self.assertEqual(sorted(o["kind"] for o in objects),
-                         ["ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding",
-                          "ServiceAccount"])
+                         ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "Deployment",
+                          "Role", "RoleBinding", "ServiceAccount"])
 
     def test_storage_class(self) -> None:
         ed, _ = self.edgedeployment("storage-class")
@@ -533,6 +548,7 @@ class Cases(unittest.TestCase):
                         "retainOnDelete": False},
             "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
             "serviceType": "LoadBalancer",
+            "nodeLoss": {"policy": "ForceDeletePod", "notReadyAfter": "90s"},
         })
 
     def test_stopped_module(self) -> None:
@@ -575,7 +591,9 @@ class Cases(unittest.TestCase):
 
     def test_watch_other_namespace(self) -> None:
         objects, _, _ = self.render_case("watch-other-namespace")
-        self.assertEqual(sorted((o["kind"], o["metadata"].get("namespace")) for o in objects), [
+        self.assertEqual(sorted((o["kind"], o["metadata"].get("namespace", "")) for o in objects), [
+            ("ClusterRole", ""),  # Nodes: cluster-scoped
+            ("ClusterRoleBinding", ""),
             ("Deployment", "edgehub-system"),
             ("Role", "edgehub-system"),  # the Lease, where the controller runs
             ("Role", "factory"),  # everything else, where it watches
@@ -602,7 +620,7 @@ class Readme(unittest.TestCase):
             for res in resource.replace("`", "").split(","):
                 for verb in verbs.replace("`", "").split(","):
                     rows.add((group, res.strip(), verb.strip()))
-        granted = {(g, r, v) for rule in WATCH_RULES + LEASE_RULES
+        granted = {(g, r, v) for rule in WATCH_RULES + NODE_RULES + LEASE_RULES
                    for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
         objects, _ = render({})
         rendered = {(g, r, v) for o in objects if o["kind"] in ("ClusterRole", "Role")
