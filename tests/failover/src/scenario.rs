@@ -333,7 +333,15 @@ impl<'a> Sim<'a> {
         for _ in 0..times {
             thread::sleep(Duration::from_millis(self.rng.gen_range(50..400)));
             let mut stale = self.spawn_hub("a", FIRST_EPOCH)?;
-            match stale.wait_start(START_WITHIN) {
+            let start = stale.wait_start(START_WITHIN);
+            // An open the store refused logs no "store opened" (the store's own line).
+            if start != Start::Ready && stale.log_contains("store opened") {
+                self.v.stale_reopenings += 1;
+                self.v
+                    .notes
+                    .push("a stale restart opened the store, then exited".into());
+            }
+            match start {
                 Start::Ready => {
                     self.v.stale_reopenings += 1;
                     let _ = stale.signal("KILL");
@@ -365,6 +373,15 @@ impl<'a> Sim<'a> {
         self.v.planned = count;
         self.v.epoch_b = FIRST_EPOCH;
         let interval = self.rng.gen_range(5..=15);
+        // Half the runs on a volume the hub's CLI initialized (identities, CA, record: a
+        // volume that served before), half on an empty one (a first deployment).
+        let fresh = self.rng.gen_bool(0.5);
+        self.v.fresh_volume = Some(fresh);
+        let early = if fresh {
+            None
+        } else {
+            Some(self.credentials()?)
+        };
         let b_start = Instant::now();
         let mut hubs = [
             self.spawn_hub("a", FIRST_EPOCH)?,
@@ -384,7 +401,10 @@ impl<'a> Sim<'a> {
         }
         let mut current = ready[self.rng.gen_range(0..ready.len())];
         self.fwd.designate(Some(self.backend(&hubs[current].node)?));
-        let (cs_s, cs_r, ca) = self.credentials()?;
+        let (cs_s, cs_r, ca) = match early {
+            Some(c) => c,
+            None => self.credentials()?,
+        };
         let rx = self.receiver(&cs_r, &ca)?;
         let tx = self.sender(&cs_s, &ca, count, interval, 0)?;
         // The readiness probe (a period, as a kubelet's): the Service's model, not a wait.

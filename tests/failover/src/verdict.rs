@@ -9,6 +9,7 @@ use crate::error::SimError;
 
 /// What one run measured. Counts are of sequence numbers; times in milliseconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Verdict {
     /// "crash", "zombie", "partition", "double-start", "backlog", "stale-restart".
     pub scenario: String,
@@ -55,6 +56,8 @@ pub struct Verdict {
     pub stale_restart_exits: Vec<Option<i32>>,
     /// /healthz answers of B that were not 200 while A restarted (stale-restart).
     pub b_unhealthy_probes: u64,
+    /// Whether the volume was empty when both started (double-start).
+    pub fresh_volume: Option<bool>,
     /// Nodes that stored a message (double-start: exactly one serves). Target 1 there.
     pub serving_nodes: Option<u64>,
     /// What the old (fenced or stale) A did by the end of the run: "exited(N)",
