@@ -9,6 +9,8 @@
 //! (`cargo test --workspace` builds it for the hub's tests; alone: `cargo build -p hub`).
 //! Scenario 5's backlog is 64 MiB here (`EDGEHUB_FAILOVER_BACKLOG_MIB`), 1 GiB in the long run.
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::path::PathBuf;
 use std::sync::Mutex;
 
