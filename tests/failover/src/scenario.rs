@@ -77,6 +77,10 @@ pub struct Config {
     pub messages: u64,
     /// Scenario 5's backlog, bytes of message bodies.
     pub backlog_bytes: u64,
+    /// The epoch scenario 6 restarts A with (None: its old one). Giving it B's epoch plays a
+    /// stale pod that re-read a refreshed epoch (a mounted ConfigMap): the suite must catch
+    /// the ping-pong that follows.
+    pub stale_epoch: Option<u64>,
 }
 
 /// One run of `scenario`: sets up nodes, Service and modules, plays it with timing drawn from
@@ -298,7 +302,14 @@ impl<'a> Sim<'a> {
             _ => {}
         }
 
-        self.v.completed = self.complete(&tx, &rx);
+        if self.v.stale_reopenings > 0 {
+            // B is fenced for good by then: the stream cannot complete; say so at once.
+            self.v
+                .notes
+                .push("B was fenced by a stale reopening; the stream stopped".into());
+        } else {
+            self.v.completed = self.complete(&tx, &rx);
+        }
         if matches!(self.scenario, Scenario::Zombie | Scenario::Partition) {
             let after = settled(&a);
             let (b_appends, b_sent) = base.unwrap_or((0, 0));
@@ -332,7 +343,8 @@ impl<'a> Sim<'a> {
         let times = self.rng.gen_range(3..=6);
         for _ in 0..times {
             thread::sleep(Duration::from_millis(self.rng.gen_range(50..400)));
-            let mut stale = self.spawn_hub("a", FIRST_EPOCH)?;
+            let epoch = self.cfg.stale_epoch.unwrap_or(FIRST_EPOCH);
+            let mut stale = self.spawn_hub("a", epoch)?;
             let start = stale.wait_start(START_WITHIN);
             // An open the store refused logs no "store opened" (the store's own line).
             if start != Start::Ready && stale.log_contains("store opened") {

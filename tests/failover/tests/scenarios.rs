@@ -59,6 +59,7 @@ fn runs_hold_the_targets(s: Scenario) {
         out_dir: out.clone(),
         messages: env_u64("EDGEHUB_FAILOVER_MESSAGES", 150),
         backlog_bytes: env_u64("EDGEHUB_FAILOVER_BACKLOG_MIB", 64) * 1024 * 1024,
+        stale_epoch: None,
     };
     std::fs::create_dir_all(&out).expect("the verdicts' directory");
     let base = env_u64("EDGEHUB_FAILOVER_SEED", 15);
@@ -132,4 +133,37 @@ fn backlog() {
 #[test]
 fn stale_restart() {
     runs_hold_the_targets(Scenario::StaleRestart);
+}
+
+/// The suite's own check: restarted at B's epoch (what a mounted, refreshed ConfigMap would
+/// give a stale pod; the epoch contract forbids it), the stale A opens the volume and fences
+/// B. The verdict must say so: a stale reopening, targets missed.
+#[test]
+fn a_stale_restart_at_the_live_epoch_is_caught() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let out = std::env::temp_dir().join(format!(
+        "edgehub-failover-ci-{}-pingpong",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&out).expect("the verdicts' directory");
+    let cfg = Config {
+        hub_bin: hub_binary(),
+        out_dir: out.clone(),
+        messages: 150,
+        backlog_bytes: 0,
+        stale_epoch: Some(scenario::FIRST_EPOCH + 1),
+    };
+    let seed = env_u64("EDGEHUB_FAILOVER_SEED", 15);
+    let v = scenario::run(&cfg, Scenario::StaleRestart, 0, seed).unwrap_or_else(|e| {
+        panic!(
+            "could not run (seed {seed}): {e}; logs in {}",
+            out.display()
+        )
+    });
+    assert!(
+        v.stale_reopenings >= 1,
+        "the same-epoch restart opened the volume: {v:?}"
+    );
+    assert!(!v.targets_met, "a reopening misses the targets: {v:?}");
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -48,6 +48,10 @@ enum Cmd {
         /// Scenario 5's backlog in MiB of message bodies (the figure: 1024).
         #[arg(long, env = "EDGEHUB_FAILOVER_BACKLOG_MIB", default_value_t = 64)]
         backlog_mib: u64,
+        /// The epoch stale-restart restarts A with (default: A's old one). B's epoch plays a
+        /// stale pod that re-read a refreshed epoch: a check that the suite catches ping-pong.
+        #[arg(long, env = "EDGEHUB_FAILOVER_STALE_EPOCH")]
+        stale_epoch: Option<u64>,
     },
     /// Prints the Markdown table of the verdicts in DIR.
     Summary {
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
             hub,
             messages,
             backlog_mib,
+            stale_epoch,
         } => {
             let scenarios = if scenarios.is_empty() {
                 Scenario::ALL.to_vec()
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
                 out_dir: out,
                 messages,
                 backlog_bytes: backlog_mib * 1024 * 1024,
+                stale_epoch,
             };
             let mut failed = 0;
             for i in 0..runs {
