@@ -96,6 +96,8 @@ pub enum Role {
     /// send.py: `count` messages numbered from 0, `interval_ms` apart, bodies padded to
     /// `payload_size` bytes.
     Sender {
+        /// The first number.
+        first: i64,
         /// How many.
         count: u64,
         /// Pause between sends.
@@ -238,6 +240,7 @@ fn supervise(env: &SdkEnv, ns: &str, role: &Role, cs: &str, ca: &Path, run_id: &
         cmd.args(["netns", "exec", ns]).arg(&env.python);
         match role {
             Role::Sender {
+                first,
                 count,
                 interval_ms,
                 payload_size,
@@ -245,9 +248,14 @@ fn supervise(env: &SdkEnv, ns: &str, role: &Role, cs: &str, ca: &Path, run_id: &
                 let next = sh
                     .lines
                     .lock()
-                    .map(|l| l.iter().filter_map(Line::seq).max().map_or(0, |m| m + 1))
-                    .unwrap_or(0);
-                let left = (*count as i64 - next).max(0);
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(Line::seq)
+                            .max()
+                            .map_or(*first, |m| m + 1)
+                    })
+                    .unwrap_or(*first);
+                let left = (*first + *count as i64 - next).max(0);
                 if left == 0 {
                     sh.done.store(true, Ordering::Relaxed);
                     break;

@@ -86,8 +86,11 @@ pub struct Net {
 }
 
 impl Net {
-    /// Namespaces named `edgehub-fo-PID-N-ROLE` for each role, on a free `10.X.0.0/16`.
-    pub fn new(roles: &[&str]) -> Result<Net, SimError> {
+    /// Namespaces named `edgehub-fo-PID-N-ROLE` for each node and module, on a free
+    /// `10.X.0.0/16`. Inside a node's namespace the gateway host name is its own 127.0.0.1
+    /// (a module on that node); inside a module's, the Service's address on its link.
+    pub fn new(nodes: &[&str], modules: &[&str]) -> Result<Net, SimError> {
+        let roles: Vec<&str> = nodes.iter().chain(modules).copied().collect();
         let taken = output(Command::new("ip").args(["-4", "-o", "addr", "show"]))?;
         let taken = String::from_utf8_lossy(&taken.stdout).into_owned();
         let pid = std::process::id();
@@ -141,7 +144,13 @@ impl Net {
             let etc = std::path::Path::new("/etc/netns").join(&name);
             std::fs::create_dir_all(&etc)
                 .map_err(|e| SimError::io(format!("create {}", etc.display()), e))?;
-            let hosts = format!("127.0.0.1 localhost\n{host_ip} {GATEWAY_HOSTNAME}\n");
+            // A node's own modules reach its hub directly; the others go through the Service.
+            let gateway = if k as usize <= nodes.len() {
+                Ipv4Addr::LOCALHOST
+            } else {
+                host_ip
+            };
+            let hosts = format!("127.0.0.1 localhost\n{gateway} {GATEWAY_HOSTNAME}\n");
             std::fs::write(etc.join("hosts"), hosts)
                 .map_err(|e| SimError::io(format!("write {}/hosts", etc.display()), e))?;
         }

@@ -22,6 +22,8 @@ pub const FIRST_EPOCH: u64 = 1;
 const START_WITHIN: Duration = Duration::from_secs(120);
 /// Body size of a backlog message (under the hub's 256 KiB limit).
 pub const BACKLOG_PAYLOAD: usize = 64 * 1024;
+/// The first number a module on A's node sends (zombie, partition).
+pub const STRANDED_FIRST: i64 = 1_000_000;
 const APPENDS: &str = "edgehub_store_appends_total";
 const SENT: &str = "edgehub_messages_sent_total";
 
@@ -125,7 +127,7 @@ impl<'a> Sim<'a> {
         volume: &Path,
     ) -> Result<Sim<'a>, SimError> {
         let sdk = SdkEnv::locate()?;
-        let net = Net::new(&["a", "b", "s", "r"])?;
+        let net = Net::new(&["a", "b"], &["s", "r"])?;
         let fwd = Forwarder::new()?;
         for (label, role) in [("sender", "s"), ("receiver", "r")] {
             let space = space(&net, role)?;
@@ -216,6 +218,7 @@ impl<'a> Sim<'a> {
         payload: usize,
     ) -> Result<Module, SimError> {
         let role = Role::Sender {
+            first: 0,
             count,
             interval_ms,
             payload_size: payload,
@@ -291,15 +294,19 @@ impl<'a> Sim<'a> {
         self.ready(&mut b)?;
         self.fwd.designate(Some(self.backend("b")?));
 
-        match self.scenario {
-            Scenario::Zombie => {
-                // Modules move to B; after a random number of B's acknowledgements, thaw A.
-                let more = data_count(&tx.lines()) + self.rng.gen_range(5..30) as usize;
-                let _ = tx.wait(self.bound(), |l| data_count(l) >= more.min(count as usize));
-                a.signal("CONT")?;
-            }
-            Scenario::StaleRestart => self.stale_restarts(&b)?,
-            _ => {}
+        if self.scenario == Scenario::Zombie {
+            // Modules move to B; after a random number of B's acknowledgements, thaw A.
+            let more = data_count(&tx.lines()) + self.rng.gen_range(5..30) as usize;
+            let _ = tx.wait(self.bound(), |l| data_count(l) >= more.min(count as usize));
+            a.signal("CONT")?;
+        }
+        let stranded = if matches!(self.scenario, Scenario::Zombie | Scenario::Partition) {
+            Some(self.stranded(&mut a, &cs_s, &ca)?)
+        } else {
+            None
+        };
+        if self.scenario == Scenario::StaleRestart {
+            self.stale_restarts(&b)?;
         }
 
         if self.v.stale_reopenings > 0 {
@@ -324,6 +331,10 @@ impl<'a> Sim<'a> {
                         .into(),
                 ),
             }
+            if let Some(mut m) = stranded {
+                self.v.stale_acks_to_local_module = Some(data_count(&m.lines()) as u64);
+                m.stop();
+            }
             if base.is_none() {
                 self.v
                     .notes
@@ -336,6 +347,39 @@ impl<'a> Sim<'a> {
         self.finish(&tx, &rx, Some(a_death), b_start);
         drop(b);
         Ok(self.v.clone())
+    }
+
+    /// A module on A's own node (zombie, partition): it still reaches A after B opened (A's
+    /// node's Service rules are as stale as A). It sends numbers from [`STRANDED_FIRST`]; A
+    /// must acknowledge none. Returns once A met one of its publishes: A's store said it is
+    /// fenced, A exited, or A acknowledged one (the failure the verdict then shows).
+    fn stranded(&self, a: &mut Hub, cs: &str, ca: &Path) -> Result<Module, SimError> {
+        let role = Role::Sender {
+            first: STRANDED_FIRST,
+            count: 20,
+            interval_ms: 50,
+            payload_size: 0,
+        };
+        let run_id = format!("{}-stranded", self.run_id);
+        let m = Module::start(&self.sdk, self.space("a")?, role, cs, ca, &run_id);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if a.log_contains("fenced") || a.exit_status().is_some() || data_count(&m.lines()) > 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(SimError::Command {
+                    what: format!("{}: a module on A's node", self.run_id),
+                    detail: format!(
+                        "A neither refused, acknowledged nor exited within 60 s; module exits {:?}: {}",
+                        m.exits(),
+                        m.stderr_tail()
+                    ),
+                });
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        Ok(m)
     }
 
     /// Scenario 6's middle: A restarted 3-6 times at its old epoch while B serves.

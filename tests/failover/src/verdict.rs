@@ -45,6 +45,9 @@ pub struct Verdict {
     /// Messages a stale A stored (so could have acknowledged) after B opened, from A's own
     /// `edgehub_store_appends_total` (zombie, partition). Target 0.
     pub stale_acks: Option<u64>,
+    /// Acknowledgements a module on A's own node got from A after B opened (zombie,
+    /// partition; that module still reaches A). Target 0.
+    pub stale_acks_to_local_module: Option<u64>,
     /// Deliveries a stale A counted after B opened (`edgehub_messages_sent_total`).
     pub stale_deliveries: Option<u64>,
     /// Bytes A sent to modules through the Service after B opened (any PUBACK or delivery
@@ -133,6 +136,12 @@ impl Verdict {
             why.push(format!(
                 "a stale A stored {:?} messages after B opened",
                 self.stale_acks
+            ));
+        }
+        if self.stale_acks_to_local_module.unwrap_or(0) > 0 {
+            why.push(format!(
+                "A acknowledged {:?} publishes of a module on its node after B opened",
+                self.stale_acks_to_local_module
             ));
         }
         if self.stale_reopenings > 0 {
