@@ -59,8 +59,8 @@ pub fn table(verdicts: &[Verdict]) -> String {
             .push(v);
     }
     let mut s = String::from(
-        "| scenario | runs | targets met | acked (min) | acked-but-lost (max) | reordered (max) | duplicates (max) | stale acks (max) | stale bytes (max) | stale reopenings (max) | serving nodes | B start → first delivery ms (median / max) | A death → next ack ms (median / max) | fenced A at the end |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | runs | targets met | acked (min) | acked-but-lost (max) | reordered (max) | duplicates (max) | stale acks (max) | stale acks to A's local module (max) | stale bytes (max) | stale reopenings (max) | serving nodes | B start → first delivery ms (median / max) | A death → next ack ms (median / max) | fenced A at the end |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (_, (name, vs)) in by {
         let max = |f: &dyn Fn(&Verdict) -> u64| vs.iter().map(|v| f(v)).max().unwrap_or(0);
@@ -86,13 +86,14 @@ pub fn table(verdicts: &[Verdict]) -> String {
             .collect::<Vec<_>>()
             .join("; ");
         s.push_str(&format!(
-            "| {name} | {} | {met} | {} | {} | {} | {} | {} | {} | {} | {serving} | {} | {} | {outcomes} |\n",
+            "| {name} | {} | {met} | {} | {} | {} | {} | {} | {} | {} | {} | {serving} | {} | {} | {outcomes} |\n",
             vs.len(),
             min(&|v| v.acked),
             max(&|v| v.acked_but_lost),
             max(&|v| v.reordered),
             max(&|v| v.duplicates),
             max(&|v| v.stale_acks.unwrap_or(0)),
+            max(&|v| v.stale_acks_to_local_module.unwrap_or(0)),
             max(&|v| v.stale_bytes_to_modules),
             max(&|v| v.stale_reopenings),
             median_max(vs.iter().filter_map(|v| v.b_start_to_first_delivery_ms).collect()),
