@@ -32,6 +32,15 @@ pub enum SimError {
         /// Where its log is.
         log: PathBuf,
     },
+    /// A step of a run did not happen within its failure bound (a module's acknowledgements,
+    /// a stale hub meeting a publish).
+    #[error("{what}: {detail}")]
+    Stalled {
+        /// The run and the step.
+        what: String,
+        /// What the processes said.
+        detail: String,
+    },
     /// The SDK harness is not installed.
     #[error("SDK harness not ready: {0}; run scripts/install-sdks.sh")]
     Sdk(String),

@@ -75,6 +75,8 @@ impl Forwarder {
         self.rt.spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
                 if let Ok(mut a) = stats.accepted.lock() {

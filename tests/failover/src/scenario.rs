@@ -368,7 +368,7 @@ impl<'a> Sim<'a> {
                 break;
             }
             if Instant::now() >= deadline {
-                return Err(SimError::Command {
+                return Err(SimError::Stalled {
                     what: format!("{}: a module on A's node", self.run_id),
                     detail: format!(
                         "A neither refused, acknowledged nor exited within 60 s; module exits {:?}: {}",
@@ -542,7 +542,7 @@ impl<'a> Sim<'a> {
         if m.wait(self.bound(), ok) {
             Ok(())
         } else {
-            Err(SimError::Command {
+            Err(SimError::Stalled {
                 what: format!("{}: waiting for {what}", self.run_id),
                 detail: format!("exits {:?}; stderr: {}", m.exits(), m.stderr_tail()),
             })
