@@ -292,6 +292,7 @@ impl<'a> Sim<'a> {
         self.fwd.mark_stale("a");
         let mut b = self.spawn_hub("b", FIRST_EPOCH + 1)?;
         self.ready(&mut b)?;
+        self.v.b_ready_ms = Some(ms(b_start.elapsed()));
         self.fwd.designate(Some(self.backend("b")?));
 
         if self.scenario == Scenario::Zombie {
@@ -525,6 +526,7 @@ impl<'a> Sim<'a> {
         self.fwd.mark_stale("a");
         let mut b = self.spawn_hub("b", FIRST_EPOCH + 1)?;
         self.ready(&mut b)?;
+        self.v.b_ready_ms = Some(ms(b_start.elapsed()));
         self.fwd.designate(Some(self.backend("b")?));
         self.v.completed = self.complete(&tx, &rx);
         self.v.a_outcome = "killed (SIGKILL)".into();

@@ -40,6 +40,8 @@ pub struct Verdict {
     /// From B's start to the receiver's first delivery after it (target < 2000; reported,
     /// never asserted).
     pub b_start_to_first_delivery_ms: Option<u64>,
+    /// From B's start to its "edgehub ready" line (store recovery included).
+    pub b_ready_ms: Option<u64>,
     /// From A's death (kill, stop, cut) to the sender's next acknowledgement.
     pub a_death_to_next_ack_ms: Option<u64>,
     /// Messages a stale A stored (so could have acknowledged) after B opened, from A's own
