@@ -115,6 +115,7 @@ struct Sim<'a> {
     fwd: Forwarder,
     net: Net,
     run_id: String,
+    t0: Instant,
 }
 
 impl<'a> Sim<'a> {
@@ -153,6 +154,7 @@ impl<'a> Sim<'a> {
             fwd,
             net,
             run_id: format!("{}-{run}", scenario.name()),
+            t0: Instant::now(),
         })
     }
 
@@ -535,6 +537,24 @@ impl<'a> Sim<'a> {
         Ok(self.v.clone())
     }
 
+    /// Writes every line a module printed (acknowledgements or deliveries, status lines) to
+    /// `RUN.d/FILE`, each with `at_ms`, when the simulation read it since the run began.
+    fn record(&self, file: &str, lines: &[Line]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(self.work.join(file))?);
+        for l in lines {
+            let mut v = l.value.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "at_ms".into(),
+                    ms(l.at.saturating_duration_since(self.t0)).into(),
+                );
+            }
+            writeln!(out, "{v}")?;
+        }
+        out.flush()
+    }
+
     /// The failure bound of a run's stream (a loaded machine; never what a run waits for).
     fn bound(&self) -> Duration {
         Duration::from_secs(180 + self.cfg.backlog_bytes / (512 * 1024))
@@ -565,6 +585,11 @@ impl<'a> Sim<'a> {
     fn finish(&mut self, tx: &Module, rx: &Module, a_death: Option<Instant>, b_start: Instant) {
         let sent = tx.lines();
         let got = rx.lines();
+        for (file, lines) in [("acks.jsonl", &sent), ("deliveries.jsonl", &got)] {
+            if let Err(e) = self.record(file, lines) {
+                self.v.notes.push(format!("could not record {file}: {e}"));
+            }
+        }
         let acked: BTreeSet<i64> = sent.iter().filter_map(Line::seq).collect();
         let delivered: Vec<i64> = got.iter().filter_map(Line::seq).collect();
         let c = check(&acked, &delivered);

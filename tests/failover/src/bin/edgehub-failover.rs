@@ -53,18 +53,24 @@ enum Cmd {
         #[arg(long, env = "EDGEHUB_FAILOVER_STALE_EPOCH")]
         stale_epoch: Option<u64>,
     },
-    /// Prints the Markdown table of the verdicts in DIR.
+    /// Prints the Markdown table of the verdicts in the directories.
     Summary {
-        /// A directory of verdicts.
-        dir: PathBuf,
+        /// Directories of verdicts (e.g. of several long runs with different seeds).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Summary { dir } => match summary::load(&dir) {
+        Cmd::Summary { dirs } => match dirs
+            .iter()
+            .map(|d| summary::load(d))
+            .collect::<Result<Vec<_>, _>>()
+        {
             Ok(vs) => {
+                let vs: Vec<_> = vs.into_iter().flatten().collect();
                 print!("{}", summary::table(&vs));
                 ExitCode::SUCCESS
             }
