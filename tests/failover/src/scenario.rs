@@ -328,11 +328,11 @@ impl<'a> Sim<'a> {
                     self.v.stale_acks = Some(appends.saturating_sub(b_appends));
                     self.v.stale_deliveries = Some(sent.saturating_sub(b_sent));
                 }
-                None => self.v.notes.push(
-                    "A's counters were unreadable at the end (it exited): stale acks from the \
-                     Service's bytes only"
-                        .into(),
-                ),
+                None => self.v.notes.push(format!(
+                    "A's counters were unreadable at the end ({}): stale acks from the module on \
+                     A's node and the Service's bytes only",
+                    a.outcome()
+                )),
             }
             if let Some(mut m) = stranded {
                 self.v.stale_acks_to_local_module = Some(data_count(&m.lines()) as u64);
