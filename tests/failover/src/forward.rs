@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -37,6 +37,8 @@ struct Stats {
     connections: Mutex<BTreeMap<String, u64>>,
     /// Connections accepted, per listener.
     accepted: Mutex<BTreeMap<String, u64>>,
+    /// When each node first sent a byte to each module (listener label, node).
+    first_byte: Mutex<BTreeMap<(String, String), Instant>>,
 }
 
 /// The forwarder and its runtime (two worker threads).
@@ -83,7 +85,7 @@ impl Forwarder {
                     *a.entry(label.clone()).or_insert(0) += 1;
                 }
                 let rx = target.subscribe();
-                tokio::spawn(serve(client, rx, Arc::clone(&stats)));
+                tokio::spawn(serve(client, label.clone(), rx, Arc::clone(&stats)));
             }
         });
         Ok(())
@@ -121,6 +123,16 @@ impl Forwarder {
             .unwrap_or(0)
     }
 
+    /// When `node` first sent a byte to module `label` (its CONNACK, on the first
+    /// connection): anything that module reports after this can have come from `node`.
+    pub fn first_byte(&self, label: &str, node: &str) -> Option<Instant> {
+        self.stats
+            .first_byte
+            .lock()
+            .ok()
+            .and_then(|f| f.get(&(label.to_owned(), node.to_owned())).copied())
+    }
+
     /// Connections forwarded to each node.
     pub fn connections(&self) -> BTreeMap<String, u64> {
         self.stats
@@ -131,7 +143,12 @@ impl Forwarder {
     }
 }
 
-async fn serve(mut client: TcpStream, mut rx: watch::Receiver<Option<Backend>>, stats: Arc<Stats>) {
+async fn serve(
+    mut client: TcpStream,
+    label: String,
+    mut rx: watch::Receiver<Option<Backend>>,
+    stats: Arc<Stats>,
+) {
     let backend = tokio::time::timeout(HOLD, async {
         loop {
             if let Some(b) = rx.borrow_and_update().clone() {
@@ -178,6 +195,10 @@ async fn serve(mut client: TcpStream, mut rx: watch::Receiver<Option<Backend>>, 
             match sr.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
+                    if let Ok(mut f) = stats.first_byte.lock() {
+                        f.entry((label.clone(), node.clone()))
+                            .or_insert_with(Instant::now);
+                    }
                     let stale = stats
                         .stale
                         .lock()

@@ -599,13 +599,22 @@ impl<'a> Sim<'a> {
         self.v.lost_examples = c.lost.iter().take(10).copied().collect();
         self.v.duplicates = c.duplicates;
         self.v.reordered = c.reordered;
-        self.v.b_start_to_first_delivery_ms = got
-            .iter()
-            .find(|l| l.seq().is_some() && l.at >= b_start)
-            .map(|l| ms(l.at - b_start));
-        self.v.a_death_to_next_ack_ms = a_death.and_then(|d| {
+        // Count only lines read after the live node's first byte to that module: a line of
+        // the old node's, read late from the pipe, must not pass for the new node's.
+        let live = self.fwd.designated().map(|b| b.node).unwrap_or_default();
+        let rx_from = self
+            .fwd
+            .first_byte("receiver", &live)
+            .map(|t| t.max(b_start));
+        self.v.b_start_to_first_delivery_ms = rx_from.and_then(|from| {
+            got.iter()
+                .find(|l| l.seq().is_some() && l.at >= from)
+                .map(|l| ms(l.at - b_start))
+        });
+        let tx_from = self.fwd.first_byte("sender", &live);
+        self.v.a_death_to_next_ack_ms = a_death.zip(tx_from).and_then(|(d, from)| {
             sent.iter()
-                .find(|l| l.seq().is_some() && l.at >= d)
+                .find(|l| l.seq().is_some() && l.at >= from.max(d))
                 .map(|l| ms(l.at - d))
         });
         self.v.stale_bytes_to_modules = self.fwd.stale_bytes();
