@@ -322,11 +322,11 @@ impl<'a> Sim<'a> {
         }
         if matches!(self.scenario, Scenario::Zombie | Scenario::Partition) {
             let after = settled(&a);
-            let (b_appends, b_sent) = base.unwrap_or((0, 0));
+            let (base_appends, base_sent) = base.unwrap_or((0, 0));
             match after {
                 Some((appends, sent)) => {
-                    self.v.stale_acks = Some(appends.saturating_sub(b_appends));
-                    self.v.stale_deliveries = Some(sent.saturating_sub(b_sent));
+                    self.v.stale_acks = Some(appends.saturating_sub(base_appends));
+                    self.v.stale_deliveries = Some(sent.saturating_sub(base_sent));
                 }
                 None => self.v.notes.push(format!(
                     "A's counters were unreadable at the end ({}): stale acks from the module on \
