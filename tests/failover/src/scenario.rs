@@ -432,9 +432,10 @@ impl<'a> Sim<'a> {
         self.v.planned = count;
         self.v.epoch_b = FIRST_EPOCH;
         let interval = self.rng.gen_range(5..=15);
-        // Half the runs on a volume the hub's CLI initialized (identities, CA, record: a
-        // volume that served before), half on an empty one (a first deployment).
-        let fresh = self.rng.gen_bool(0.5);
+        // Even runs on an empty volume (a first deployment), odd runs on one the hub's CLI
+        // initialized (identities, CA, record: a volume that served before), so two runs
+        // cover both.
+        let fresh = self.v.run % 2 == 0;
         self.v.fresh_volume = Some(fresh);
         let early = if fresh {
             None
