@@ -104,7 +104,22 @@ pub fn table(verdicts: &[Verdict]) -> String {
 }
 
 fn short_outcome(o: &str) -> String {
-    if o.starts_with("starts ") || o.starts_with("stale restarts") {
+    if let Some(list) = o.strip_prefix("stale restarts exited ") {
+        // "[Some(1), Some(1), None]" → "stale restarts exited 1, none": the distinct codes.
+        let mut codes: Vec<String> = list
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(", ")
+            .map(|c| {
+                c.trim_start_matches("Some(")
+                    .trim_end_matches(')')
+                    .to_lowercase()
+            })
+            .collect();
+        codes.sort();
+        codes.dedup();
+        return format!("stale restarts exited {}", codes.join(", "));
+    }
+    if o.starts_with("starts ") {
         // Double start and stale restart describe several processes; keep the tail short.
         return o.split(';').next().unwrap_or(o).chars().take(60).collect();
     }
@@ -140,5 +155,9 @@ mod tests {
             "an even count averages the middle two"
         );
         assert!(rows[1].starts_with("| zombie | 1 |"), "{t}");
+        assert_eq!(
+            short_outcome("stale restarts exited [Some(1), Some(4), Some(1), None]"),
+            "stale restarts exited 1, 4, none"
+        );
     }
 }
