@@ -208,3 +208,68 @@ async fn two_hubs_started_at_once_on_an_empty_data_directory_serve_the_keys_on_d
         one_round(round).await;
     }
 }
+
+/// While another process holds `init.lock`, `run` logs once that it waits, gives up after
+/// `--init-lock-timeout` with exit status 5 and creates nothing; `connection-string` too. Once
+/// the lock is released, the same command works.
+#[test]
+fn a_hub_that_waits_too_long_for_the_lock_exits_5_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let lock = std::fs::File::create(data.join("init.lock")).unwrap();
+    lock.lock().unwrap();
+
+    let run = Command::new(env!("CARGO_BIN_EXE_edgehub"))
+        .arg("run")
+        .arg("--data-dir")
+        .arg(&data)
+        .args([
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--amqp-addr", "127.0.0.1:0", "--upstream-protocol", "none"])
+        .args(["--init-lock-timeout", "1"])
+        .output()
+        .expect("run edgehub");
+    let log = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(5), "{log}");
+    assert_eq!(
+        log.matches("waiting for another hub to finish initializing")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("gave up"), "{log}");
+    let names: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("init.lock")]);
+
+    let cs = |timeout: &str| {
+        Command::new(env!("CARGO_BIN_EXE_edgehub"))
+            .args(["connection-string", "sender", "--data-dir"])
+            .arg(&data)
+            .args(["--init-lock-timeout", timeout])
+            .env("EDGEHUB_LOG", "warn")
+            .output()
+            .expect("run edgehub")
+    };
+    let refused = cs("0");
+    assert_eq!(
+        refused.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    drop(lock);
+    let ok = cs("0");
+    assert!(
+        ok.status.success() && String::from_utf8_lossy(&ok.stdout).contains("ModuleId=sender"),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}
