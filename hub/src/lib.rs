@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod head;
 pub mod http;
 pub mod identity;
+pub mod initlock;
 pub mod limits;
 pub mod metrics;
 pub mod module_key;

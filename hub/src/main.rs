@@ -8,8 +8,9 @@
 //! Subcommands:
 //! - `run`: starts the hub until Ctrl-C or SIGTERM, and records in the data directory what the
 //!   hub is (`hub.json`, see `hub::record`); SIGHUP reloads the manifest and module keys
-//!   (`hub::reload`). It exits 3 when fenced and 4 on a stale `--epoch`
-//!   (`hub::server::RunError::exit_code`).
+//!   (`hub::reload`). It exits 3 when fenced, 4 on a stale `--epoch`
+//!   (`hub::server::RunError::exit_code`) and 5 when another hub initializing the data
+//!   directory held its `init.lock` for the whole `--init-lock-timeout` (`hub::initlock`).
 //! - `connection-string MODULE`: prints the module's connection string for the hub the data
 //!   directory belongs to (creating its key, the TLS files and the record if needed, so it works
 //!   before the first `run`).
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use hub::identity::Identities;
+use hub::initlock::{InitLock, InitLockError};
 use hub::record::HubRecord;
 use hub::settings::{self, LogFormat, ManifestSource, RawSettings, Settings};
 use hub::tls;
@@ -49,7 +51,8 @@ enum Command {
     ///
     /// Exit status 3: a newer hub (same or higher --epoch) opened the store, so this one closed
     /// every connection and stopped; 4: this hub's --epoch is below the store's (stale), so it
-    /// did not open it; 1: any other error.
+    /// did not open it; 5: another hub held the data directory's init.lock for the whole
+    /// --init-lock-timeout; 1: any other error.
     Run(Box<RunArgs>),
     /// Print a module's connection string
     /// (HostName=…;DeviceId=…;ModuleId=…;SharedAccessKey=…;GatewayHostName=…) for the hub the
@@ -83,6 +86,21 @@ struct DataDirArgs {
     #[arg(long, env = "EDGEHUB_DATA_DIR", value_name = "DIR",
           default_value = settings::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
+    /// Seconds to wait while another hub initializes the data directory (holds its
+    /// init.lock) before giving up with exit status 5.
+    #[arg(long, env = "EDGEHUB_INIT_LOCK_TIMEOUT", value_name = "SECS",
+          default_value_t = hub::initlock::DEFAULT_INIT_LOCK_TIMEOUT.as_secs())]
+    init_lock_timeout: u64,
+}
+
+impl DataDirArgs {
+    /// Takes the data directory's initialization lock (see `hub::initlock`).
+    fn init_lock(&self) -> Result<InitLock, InitLockError> {
+        InitLock::acquire(
+            &self.data_dir,
+            std::time::Duration::from_secs(self.init_lock_timeout),
+        )
+    }
 }
 
 /// What the hub is: recorded in the data directory by `run`.
@@ -370,10 +388,14 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             // Fenced (3) and stale epoch (4) have their own statuses: the orchestrator and
             // the operator can tell them from a crash.
-            match e
+            let code = e
                 .downcast_ref::<hub::server::RunError>()
                 .and_then(hub::server::RunError::exit_code)
-            {
+                .or_else(|| {
+                    e.downcast_ref::<InitLockError>()
+                        .and_then(InitLockError::exit_code)
+                });
+            match code {
                 Some(code) => ExitCode::from(code),
                 None => ExitCode::FAILURE,
             }
@@ -415,6 +437,8 @@ fn init_tracing(cli: &Cli) {
 }
 
 fn run(args: &RunArgs) -> anyhow::Result<()> {
+    // Held from before the record is read until the server has opened the store.
+    let init = args.data.init_lock()?;
     let (settings, record) = with_record(args.raw(), args.reconfigure)?;
     // The manifest is loaded here too (the server loads it again) to record the modules before
     // anything listens; a bad manifest stops the hub here with the same error.
@@ -465,7 +489,7 @@ fn run(args: &RunArgs) -> anyhow::Result<()> {
         let reloads = reload_requests()?;
         let listeners = hub::server::Listeners::bind(&settings).await?;
         let clock: Arc<dyn store::Clock> = Arc::new(store::SystemClock);
-        hub::server::run_with_reloads(settings, listeners, clock, shutdown, reloads).await?;
+        hub::server::run_with_reloads(settings, listeners, clock, shutdown, reloads, init).await?;
         Ok(())
     })
 }
@@ -532,6 +556,7 @@ fn connection_string(args: &ConnectionStringArgs) -> anyhow::Result<()> {
     };
     args.identity.fill(&mut raw);
     args.modules.fill(&mut raw);
+    let _init = args.data.init_lock()?;
     let (settings, record) = with_record(raw, false)?;
     // With a record, the modules are the recorded ones (plus a --manifest's, if given); on a
     // fresh data directory, the manifest's (the built-in one unless --manifest), as before
@@ -571,6 +596,12 @@ fn ca_path(args: &CaPathArgs) -> anyhow::Result<()> {
         ..RawSettings::default()
     };
     args.tls.fill(&mut raw);
+    // Given certificate files: nothing is created, so nothing to serialize (and the data
+    // directory may be read-only).
+    let _init = match &args.tls.tls_ca {
+        None => Some(args.data.init_lock()?),
+        Some(_) => None,
+    };
     // The record's names keep the server certificate as `run` issued it.
     let (settings, _) = with_record(raw, false)?;
     let ca = match settings.given_tls() {

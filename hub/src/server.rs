@@ -41,6 +41,7 @@ use crate::head::context::HeadContext;
 use crate::head::registry::Registry;
 use crate::http::{self, HttpState, Readiness};
 use crate::identity::{self, Identities, IdentityError};
+use crate::initlock::{InitLock, InitLockError, DEFAULT_INIT_LOCK_TIMEOUT};
 use crate::limits::Budget;
 use crate::metrics::HubMetrics;
 use crate::mqtt::listener;
@@ -148,6 +149,9 @@ impl Listeners {
 /// Why [`run`] failed, by phase; each keeps its cause.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// Before preparing: the data directory's initialization lock cannot be taken.
+    #[error("cannot take the data directory's initialization lock")]
+    InitLock(#[source] InitLockError),
     /// Preparing: the data directory cannot be created.
     #[error("cannot create the data directory {}", path.display())]
     DataDir {
@@ -224,35 +228,45 @@ impl RunError {
                 source: OpenError::EpochFenced { .. },
                 ..
             } => Some(EXIT_STALE_EPOCH),
+            RunError::InitLock(e) => e.exit_code(),
             _ => None,
         }
     }
 }
 
 /// Runs the hub on `listeners` by `clock` until `shutdown` completes; it reloads the manifest
-/// when the manifest file or the module keys directory changes.
+/// when the manifest file or the module keys directory changes. It first takes the data
+/// directory's initialization lock (waiting, on this thread, up to
+/// [`DEFAULT_INIT_LOCK_TIMEOUT`] while another hub initializes it).
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), RunError> {
+    let init = InitLock::acquire(settings.data_dir(), DEFAULT_INIT_LOCK_TIMEOUT)
+        .map_err(RunError::InitLock)?;
     let (_keep, never) = mpsc::channel(1);
-    run_with_reloads(settings, listeners, clock, shutdown, never).await
+    run_with_reloads(settings, listeners, clock, shutdown, never, init).await
 }
 
 /// [`run`], also reloading the manifest (and module keys) on every item of `reload_requests`
-/// (the binary sends one per SIGHUP).
+/// (the binary sends one per SIGHUP), given the data directory's initialization lock (held
+/// since before the caller read the data directory's record). The lock is released once the
+/// store is open: a later hub then initializes from what this one left on disk.
 pub async fn run_with_reloads(
     settings: Settings,
     listeners: Listeners,
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send,
     reload_requests: mpsc::Receiver<()>,
+    init: InitLock,
 ) -> Result<(), RunError> {
     let prepared = prepare(&settings, clock.as_ref())?;
     let tls_config = Arc::clone(&prepared.tls_config);
     let store = open_store(&settings, &prepared.deployment, Arc::clone(&clock))?;
+    // Initialized and claimed: what a later hub reads is on disk, the epoch fences the rest.
+    drop(init);
     let core = build_core(&settings, prepared, &store, clock, reload_requests)?;
     let heads = start_heads(&settings, listeners, &core, &store, tls_config)?;
     let fenced = tokio::select! {

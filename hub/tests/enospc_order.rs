@@ -36,7 +36,7 @@ const LARGE: usize = 48 * 1024;
 /// `{seq}:`, padded to [`LARGE`] for every eighth.
 fn payload(seq: u64) -> Vec<u8> {
     let mut body = format!("{seq}:").into_bytes();
-    if seq % 8 == 0 {
+    if seq.is_multiple_of(8) {
         body.resize(LARGE, b'#');
     }
     body

@@ -435,7 +435,7 @@ impl<'a> Sim<'a> {
         // Even runs on an empty volume (a first deployment), odd runs on one the hub's CLI
         // initialized (identities, CA, record: a volume that served before), so two runs
         // cover both.
-        let fresh = self.v.run % 2 == 0;
+        let fresh = self.v.run.is_multiple_of(2);
         self.v.fresh_volume = Some(fresh);
         let early = if fresh {
             None
