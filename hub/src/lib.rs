@@ -20,6 +20,7 @@ pub mod limits;
 pub mod metrics;
 pub mod module_key;
 pub mod mqtt;
+pub mod owned_file;
 pub mod property_bag;
 pub mod record;
 pub mod reload;

@@ -523,7 +523,9 @@ fn start_delivery(
         .map_err(RunError::Delivery)?,
     );
     let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
-    let sessions = Arc::new(Sessions::load(settings.data_dir()).map_err(RunError::Sessions)?);
+    let owner: Arc<dyn crate::owned_file::Ownership> = Arc::new(store.clone());
+    let sessions =
+        Arc::new(Sessions::load(settings.data_dir(), owner).map_err(RunError::Sessions)?);
     let metrics = Arc::new(HubMetrics::new(
         settings.iothub_hostname(),
         settings.device_id().as_str(),

@@ -1249,13 +1249,16 @@ mod tests {
         );
     }
 
-    /// The MQTT sessions kept in `dir`.
-    fn sessions(dir: &Path) -> Arc<Sessions> {
-        Arc::new(Sessions::load(dir).unwrap())
-    }
-
-    /// A head context on `dir` (no routes) and the CONNECT of module `m` with a good token.
-    fn context(dir: &Path) -> (Arc<HeadContext>, watch::Sender<bool>, Connect) {
+    /// A head context on `dir` (no routes), the CONNECT of module `m` with a good token, and
+    /// the MQTT sessions kept in `dir`, owned by the context's store.
+    fn context(
+        dir: &Path,
+    ) -> (
+        Arc<HeadContext>,
+        watch::Sender<bool>,
+        Connect,
+        Arc<Sessions>,
+    ) {
         context_with(dir, Arc::new(OsFs), Vec::new())
     }
 
@@ -1272,7 +1275,12 @@ mod tests {
         dir: &Path,
         fs: Arc<dyn Fs>,
         routes: Vec<router::Route>,
-    ) -> (Arc<HeadContext>, watch::Sender<bool>, Connect) {
+    ) -> (
+        Arc<HeadContext>,
+        watch::Sender<bool>,
+        Connect,
+        Arc<Sessions>,
+    ) {
         let store = Store::open_with(
             dir.join("store"),
             StoreOptions::default(),
@@ -1280,6 +1288,7 @@ mod tests {
             Arc::new(SystemClock),
         )
         .unwrap();
+        let sessions = Arc::new(Sessions::load(dir, Arc::new(store.clone())).unwrap());
         let dispatcher = Arc::new(
             router::Dispatcher::start(
                 store,
@@ -1319,7 +1328,7 @@ mod tests {
             format!("{IOTHUB}/{DEVICE}/m/?api-version=2019-10-01"),
             token,
         );
-        (Arc::new(ctx), shutdown_tx, connect)
+        (Arc::new(ctx), shutdown_tx, connect, sessions)
     }
 
     /// The OS filesystem, with every `sync_data` held while the gate is closed: a disk whose
@@ -1457,13 +1466,13 @@ mod tests {
             router::Ttl::Infinite,
         )
         .unwrap();
-        let (ctx, _shutdown, connect_packet) =
+        let (ctx, _shutdown, connect_packet, sessions) =
             context_with(dir.path(), Arc::clone(&fs) as Arc<dyn Fs>, vec![route]);
         let (client, server) = tokio::io::duplex(16 * 1024);
         let conn = tokio::spawn(serve(
             server,
             Arc::clone(&ctx),
-            sessions(dir.path()),
+            sessions,
             "test".into(),
             test_slot(),
         ));
@@ -1517,12 +1526,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_never_reads_is_not_read_either_and_memory_stays_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let (ctx, _shutdown, connect_packet) = context(dir.path());
+        let (ctx, _shutdown, connect_packet, sessions) = context(dir.path());
         let (client, server) = tokio::io::duplex(16 * 1024);
         let conn = tokio::spawn(serve(
             server,
             Arc::clone(&ctx),
-            sessions(dir.path()),
+            sessions,
             "test".into(),
             test_slot(),
         ));
@@ -1561,6 +1570,102 @@ mod tests {
     }
 
     const MAX_KEEP_ALIVE_PLUS: Duration = Duration::from_secs(3600);
+
+    /// Reads packets from `rx` until the hub sends a SUBACK or closes the connection (within
+    /// 30 s).
+    async fn packets_until_suback_or_closed<R: AsyncRead + Unpin>(rx: &mut R) -> Vec<Packet> {
+        let mut buf = BytesMut::new();
+        let mut packets = Vec::new();
+        let read_all = async {
+            loop {
+                match Packet::read(&mut buf, 1024 * 1024) {
+                    Ok(p) => {
+                        let suback = matches!(p, Packet::SubAck(_));
+                        packets.push(p);
+                        if suback {
+                            break;
+                        }
+                    }
+                    Err(CodecError::InsufficientBytes(_)) => match rx.read_buf(&mut buf).await {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    },
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read_all)
+            .await
+            .expect("the hub neither answered nor closed in 30 s");
+        packets
+    }
+
+    /// Issue 15, double start (found by the failover simulation, 1 run in 6-8): two hubs start
+    /// on one volume; a module connects to the one the other has already fenced, before it
+    /// noticed. That hub took the module's SUBSCRIBE, wrote it to the sessions file after the
+    /// live hub had read it, and answered SUBACK. The module (the Python SDK never subscribes
+    /// again after a reconnect: it relies on its persistent session) moved to the live hub,
+    /// which answered "no session", and got none of its messages. A hub whose data directory
+    /// a newer hub claimed must acknowledge no subscription: the module's subscribe then fails
+    /// and is made again, on the live hub.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hub_fenced_before_it_noticed_acknowledges_no_subscription() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _shutdown, mut connect_packet, sessions) = context(dir.path());
+        connect_packet.clean_session = false;
+        let (client, server) = tokio::io::duplex(16 * 1024);
+        let conn = tokio::spawn(serve(
+            server,
+            Arc::clone(&ctx),
+            sessions,
+            "test".into(),
+            test_slot(),
+        ));
+        let (mut rx, mut tx) = tokio::io::split(client);
+        connect(&mut rx, &mut tx, connect_packet).await;
+        let subscribe = |pkid: u16, filter: &str| {
+            let mut s = Subscribe::new(filter, QoS::AtLeastOnce);
+            s.pkid = pkid;
+            bytes_of(&Packet::Subscribe(s))
+        };
+        // While it owns the directory, the hub acknowledges a subscription.
+        tx.write_all(&subscribe(
+            1,
+            &format!("devices/{DEVICE}/modules/m/inputs/first"),
+        ))
+        .await
+        .unwrap();
+        let mut buf = BytesMut::new();
+        let suback = loop {
+            match Packet::read(&mut buf, 1024) {
+                Ok(p) => break p,
+                Err(CodecError::InsufficientBytes(_)) => {
+                    assert!(rx.read_buf(&mut buf).await.unwrap() > 0, "closed");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        assert!(matches!(suback, Packet::SubAck(_)), "{suback:?}");
+        // Another hub opens the same data directory. This one has written nothing to its store
+        // since, so it has not noticed.
+        let _newer = Store::open(dir.path().join("store"), StoreOptions::default()).unwrap();
+        tx.write_all(&subscribe(
+            2,
+            &format!("devices/{DEVICE}/modules/m/inputs/#"),
+        ))
+        .await
+        .unwrap();
+        let packets = packets_until_suback_or_closed(&mut rx).await;
+        assert!(
+            !packets.iter().any(|p| matches!(p, Packet::SubAck(_))),
+            "a fenced hub acknowledged a subscription the live hub will not know: {packets:?}"
+        );
+        let end = tokio::time::timeout(Duration::from_secs(30), conn)
+            .await
+            .expect("the connection did not end")
+            .unwrap();
+        assert!(end.to_string().contains("fenced"), "{end}");
+    }
 }
 
 /// The typed ends say what the strings said: logs and tests read these words.

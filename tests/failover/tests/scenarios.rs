@@ -126,18 +126,12 @@ fn partition() {
     runs_hold_the_targets(Scenario::Partition);
 }
 
-// Hub bug, found here (seed 16 under load; 1 run in 6-8 outside CI): the receiver gets nothing
-// from the live hub although the sender's 150 messages were acknowledged (they are on its disk).
-// The logs show: both hubs start at once; the receiver connects to the hub that is already fenced
-// but has not noticed yet (nothing it did had written to the store), and that hub takes its
-// SUBSCRIBE and persists the MQTT session to the shared data directory after the live hub loaded
-// its sessions at start; the live hub then answers the receiver's reconnect with
-// session_present=false. Likely cause: the Python SDK relies on its persistent session and does
-// not subscribe again. To fix: a fenced hub must not change session state, or the live hub must
-// read the session at connect; confirm the SDK's behaviour first. Ignored so CI stays deterministic; run it with
-// `cargo test -p failover -- --ignored double_start` once fixed.
+// Found a hub bug (fixed): the receiver got nothing from the live hub although the sender's
+// messages were acknowledged. A hub already fenced, before it noticed, took the receiver's
+// SUBSCRIBE and wrote it where the live hub had read its sessions; the Python SDK never
+// subscribes again. Pinned in the hub by
+// `mqtt::connection::tests::a_hub_fenced_before_it_noticed_acknowledges_no_subscription`.
 #[test]
-#[ignore = "hub bug: a fenced hub that has not noticed yet persists a SUBSCRIBE the live hub never sees (see comment)"]
 fn double_start() {
     runs_hold_the_targets(Scenario::DoubleStart);
 }
