@@ -24,7 +24,7 @@ use crate::format::{
     BATCH_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_HEADER_LEN_V1,
 };
 use crate::index::{Index, IndexEntry, SegKey, SegmentInfo};
-use crate::io::{read_all, Fs, FsFile};
+use crate::io::{read_all_into, Fs, FsFile};
 use crate::prealloc::is_prepared_name;
 use crate::types::{Generation, Offset, QueueName};
 
@@ -120,6 +120,8 @@ struct Scan<'a> {
     next_offset: Offset,
     next_queue_id: u32,
     report: RecoveryReport,
+    /// One buffer every segment is read into in turn (see `io::read_all_into`).
+    buf: Vec<u8>,
 }
 
 fn corrupt(file: &Path, offset: u64, reason: impl Into<String>) -> OpenError {
@@ -141,6 +143,7 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
         next_offset: Offset::new(1),
         next_queue_id: 0,
         report: RecoveryReport::default(),
+        buf: Vec::new(),
     };
     let listed = list_segments(fs, dir, &mut scan.report)?;
     let (kept, removed_segments) = scan.segments(dir, history, &listed.segments)?;
@@ -202,9 +205,6 @@ fn list_segments(
         removed_any,
     })
 }
-
-/// A segment file and all its bytes.
-type SegmentFile = (Arc<dyn FsFile>, Vec<u8>);
 
 /// A segment being read: its file and bytes, its key in the index, and the nonce that keys its
 /// frame checksums.
@@ -324,11 +324,27 @@ impl Scan<'_> {
         seq: u64,
         mode: Mode,
     ) -> Result<Option<u64>, OpenError> {
-        let Some((file, bytes)) = self.read_segment(path, mode)? else {
+        let mut bytes = std::mem::take(&mut self.buf);
+        let read = self.read_segment(path, gen, seq, mode, &mut bytes);
+        self.buf = bytes;
+        read
+    }
+
+    /// [`Scan::segment`] with the buffer to read the file into.
+    fn read_segment(
+        &mut self,
+        path: &Path,
+        gen: Generation,
+        seq: u64,
+        mode: Mode,
+        bytes: &mut Vec<u8>,
+    ) -> Result<Option<u64>, OpenError> {
+        let Some(file) = self.open_segment(path, mode, bytes)? else {
             return Ok(None);
         };
+        let bytes: &[u8] = bytes;
         self.report.segments += 1;
-        let Some(header) = self.segment_header(path, gen, seq, mode, &bytes)? else {
+        let Some(header) = self.segment_header(path, gen, seq, mode, bytes)? else {
             return Ok(None);
         };
         let limit = match mode {
@@ -356,14 +372,19 @@ impl Scan<'_> {
             file: file.as_ref(),
             key,
             nonce: header.nonce,
-            bytes: &bytes,
+            bytes,
         };
         self.batches(&segment, header.len(), limit, mode).map(Some)
     }
 
-    /// Opens and reads a listed segment whole; `None` if it was deleted in between (only a
-    /// complete segment may be: see below).
-    fn read_segment(&self, path: &Path, mode: Mode) -> Result<Option<SegmentFile>, OpenError> {
+    /// Opens a listed segment and reads it whole into `bytes`; `None` if it was deleted in
+    /// between (only a complete segment may be: see below).
+    fn open_segment(
+        &self,
+        path: &Path,
+        mode: Mode,
+        bytes: &mut Vec<u8>,
+    ) -> Result<Option<Arc<dyn FsFile>>, OpenError> {
         let file = match self.fs.open(path) {
             Ok(file) => file,
             // Listed a moment ago, gone now: an older owner's retention deleted it after checking
@@ -375,8 +396,8 @@ impl Scan<'_> {
             }
             Err(e) => return Err(open_io("open", path)(e)),
         };
-        let bytes = read_all(file.as_ref()).map_err(open_io("read", path))?;
-        Ok(Some((file, bytes)))
+        read_all_into(file.as_ref(), bytes).map_err(open_io("read", path))?;
+        Ok(Some(file))
     }
 
     /// The segment's header, checked against its name; `None` if the segment is a crashed
