@@ -21,8 +21,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 
+use kube::runtime::reflector::ObjectRef;
+
 use crate::names;
-use crate::types::{LastFailover, NodeLossPolicy, NodeLossSpec};
+use crate::types::{EdgeDeployment, LastFailover, NodeLossPolicy, NodeLossSpec};
 
 /// The epoch ConfigMap's key.
 pub const EPOCH_KEY: &str = "epoch";
@@ -331,6 +333,25 @@ pub fn has_out_of_service_taint(node: &Node) -> bool {
 /// such a node's changes to reconciles of the EdgeDeployments with a node-loss policy.)
 pub fn node_looks_lost(node: &Node) -> bool {
     has_out_of_service_taint(node) || ready_status(node).is_some_and(|(s, _)| s != "True")
+}
+
+/// What the controller's watch of Nodes reconciles when `node` changes: the EdgeDeployments
+/// (of `known`, the controller's cache) whose node-loss policy may act, and only while the node
+/// looks lost (NotReady, Unknown, out of service). A healthy node's changes, the most common
+/// event by far, map to nothing; a NotReady node that has not been lost long enough yet is
+/// re-checked by the reconcile's own requeue when its timer runs out.
+pub fn eds_to_recheck<'a, I>(node: &Node, known: I) -> Vec<ObjectRef<EdgeDeployment>>
+where
+    I: IntoIterator<Item = &'a EdgeDeployment>,
+{
+    if !node_looks_lost(node) {
+        return Vec::new();
+    }
+    known
+        .into_iter()
+        .filter(|ed| ed.spec.hub.node_loss.policy != NodeLossPolicy::Never)
+        .map(ObjectRef::from_obj)
+        .collect()
 }
 
 /// The Ready condition's status and last transition (Unix seconds), if reported.
@@ -669,5 +690,42 @@ mod tests {
         none.data = None;
         assert!(matches!(read_epoch(&none), Err(EpochError::Missing { .. })));
         assert_eq!(Epoch::new(u64::MAX).unwrap().next(), None);
+    }
+
+    /// The Node watch's mapping (`main.rs` hands it to kube-runtime's `watches`): only a lost
+    /// node re-runs EdgeDeployments, and only those whose policy may act.
+    #[test]
+    fn a_lost_node_rechecks_only_the_edge_deployments_whose_policy_acts() {
+        let path = format!("{}/examples/minimal.yaml", env!("CARGO_MANIFEST_DIR"));
+        let base: EdgeDeployment =
+            serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let with = |name: &str, policy| {
+            let mut ed = base.clone();
+            ed.metadata.name = Some(name.into());
+            ed.metadata.namespace = Some("edge".into());
+            ed.spec.hub.node_loss.policy = policy;
+            ed
+        };
+        let eds = [
+            with("acts", NodeLossPolicy::ForceDeletePod),
+            with("waits-for-a-human", NodeLossPolicy::Never),
+        ];
+        let names = |node: &Node| -> Vec<String> {
+            eds_to_recheck(node, &eds)
+                .into_iter()
+                .map(|r| format!("{}/{}", r.namespace.unwrap_or_default(), r.name))
+                .collect()
+        };
+        let acts = vec!["edge/acts".to_string()];
+        assert_eq!(names(&node(Some(("False", Some(T))), None)), acts);
+        assert_eq!(names(&node(Some(("Unknown", Some(T))), None)), acts);
+        assert_eq!(
+            names(&node(Some(("True", Some(T))), Some(OUT_OF_SERVICE_TAINT))),
+            acts
+        );
+        assert!(names(&node(Some(("True", Some(T))), None)).is_empty());
+        assert!(names(&node(Some(("True", Some(T))), Some("other-taint"))).is_empty());
+        // No Ready condition reported yet (a node registering): not lost.
+        assert!(names(&node(None, None)).is_empty());
     }
 }

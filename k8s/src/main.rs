@@ -256,15 +256,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let controller = controller
         .owns(sts, owned)
         .watches(nodes, watcher::Config::default(), move |node| {
-            let eds = if k8s::failover::node_looks_lost(&node) {
-                store.state()
-            } else {
-                Vec::new()
-            };
-            eds.into_iter()
-                .filter(|ed| ed.spec.hub.node_loss.policy != k8s::types::NodeLossPolicy::Never)
-                .map(|ed| kube::runtime::reflector::ObjectRef::from_obj(&*ed))
-                .collect::<Vec<_>>()
+            let known = store.state();
+            k8s::failover::eds_to_recheck(&node, known.iter().map(|ed| &**ed))
         })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx.clone())
