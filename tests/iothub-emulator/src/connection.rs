@@ -13,6 +13,12 @@
 //!   after it are not.
 //! - Silence longer than 1.5 × keep-alive closes the connection (keep-alive 0: no limit); a
 //!   CONNECT must arrive within [`CONNECT_TIMEOUT`] of the TCP accept.
+//! - Twins and methods (`$iothub/...`, [`crate::twin`]): a twin GET is answered
+//!   `$iothub/twin/res/200/?$rid=` with the document; a reported patch is merged and answered
+//!   `204` with `&$version=`, or `400` with a reason if it is no JSON object (the twin is then
+//!   unchanged); a method response completes the invocation of that `$rid` only if it was sent
+//!   to this identity. The emulator's own publishes (desired patches, method requests) are
+//!   written between bursts, at QoS 0.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,11 +34,12 @@ use rumqttc::mqttbytes::v4::{
 use rumqttc::mqttbytes::{Error as CodecError, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 
-use crate::{sas, topic, Kill, Received, RefuseReason, Shared};
+use crate::twin::{self, IotHubTopic};
+use crate::{sas, topic, Kill, MethodResponse, Received, RefuseReason, Shared, Subscriptions};
 
 /// Time from TCP accept to a complete TLS handshake and CONNECT.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -95,6 +102,7 @@ pub(crate) async fn run(
     peer: SocketAddr,
     serial: u64,
     mut kill: watch::Receiver<Option<Kill>>,
+    mut push: mpsc::Receiver<Packet>,
 ) {
     let mut conn = Conn {
         shared: Arc::clone(&shared),
@@ -116,7 +124,8 @@ pub(crate) async fn run(
     };
     let (end, stream) = match handshake {
         Ok(mut stream) => (
-            conn.serve(&mut stream, &mut kill, connect_deadline).await,
+            conn.serve(&mut stream, &mut kill, &mut push, connect_deadline)
+                .await,
             Some(stream),
         ),
         Err(end) => (end, None),
@@ -140,6 +149,7 @@ impl Conn {
         &mut self,
         stream: &mut TlsStream<TcpStream>,
         kill: &mut watch::Receiver<Option<Kill>>,
+        push: &mut mpsc::Receiver<Packet>,
         connect_deadline: Instant,
     ) -> End {
         let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -159,12 +169,17 @@ impl Conn {
                 _ = sleep_until(deadline) => {
                     return if self.session.is_none() { End::ConnectTimeout } else { End::KeepAlive };
                 }
-                r = stream.read_buf(&mut buf) => r,
+                r = stream.read_buf(&mut buf) => Some(r),
+                Some(p) = push.recv(), if self.session.is_some() => {
+                    self.write(&p);
+                    None
+                }
             };
             match read {
-                Ok(0) => return End::ClientClosed,
-                Ok(_) => last_read = Instant::now(),
-                Err(e) => return End::Io(e),
+                Some(Ok(0)) => return End::ClientClosed,
+                Some(Ok(_)) => last_read = Instant::now(),
+                Some(Err(e)) => return End::Io(e),
+                None => {}
             }
             let verdict = self.burst(&mut buf);
             // Record before acknowledging; a killed connection does neither.
@@ -225,6 +240,10 @@ impl Conn {
             };
         };
         match packet {
+            Packet::Publish(p) if p.topic.starts_with("$iothub/") => {
+                let id = session.id.clone();
+                self.iothub(p, &id)
+            }
             Packet::Publish(p) => {
                 let (device, module) = (session.device.clone(), session.module.clone());
                 self.publish(p, &device, module.as_deref())
@@ -363,7 +382,86 @@ impl Conn {
         None
     }
 
+    /// A publish to a twin or method topic: answered at once (the twin changes under the
+    /// emulator's lock before the answer is written).
+    fn iothub(&mut self, p: Publish, id: &str) -> Option<End> {
+        let topic = match twin::parse_iothub(&p.topic) {
+            Ok(t) => t,
+            Err(e) => return Some(End::Violation(e.to_string())),
+        };
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.write(&Packet::PubAck(PubAck::new(p.pkid))),
+            QoS::ExactlyOnce => return Some(End::Violation("QoS 2 publish".into())),
+        }
+        match topic {
+            IotHubTopic::TwinGet { rid } => {
+                let doc = self.shared.update(|s| {
+                    s.stats.twin_gets += 1;
+                    s.twins.entry(id.to_owned()).or_default().document()
+                });
+                self.respond(
+                    &format!("$iothub/twin/res/200/?$rid={rid}"),
+                    doc.to_string(),
+                );
+            }
+            IotHubTopic::TwinPatchReported { rid } => {
+                let patched = self.shared.update(|s| {
+                    let r = s
+                        .twins
+                        .entry(id.to_owned())
+                        .or_default()
+                        .patch_reported(&p.payload);
+                    match r {
+                        Ok(_) => s.stats.reported_patches += 1,
+                        Err(_) => s.stats.reported_patches_refused += 1,
+                    }
+                    r
+                });
+                match patched {
+                    Ok(v) => self.respond(
+                        &format!("$iothub/twin/res/204/?$rid={rid}&$version={v}"),
+                        String::new(),
+                    ),
+                    Err(e) => self.respond(
+                        &format!("$iothub/twin/res/400/?$rid={rid}"),
+                        serde_json::json!({ "message": e.to_string() }).to_string(),
+                    ),
+                }
+            }
+            IotHubTopic::MethodResponse { status, rid } => {
+                let payload = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(&p.payload).into_owned())
+                });
+                if !self
+                    .shared
+                    .method_answered(id, &rid, MethodResponse { status, payload })
+                {
+                    tracing::warn!(
+                        connection = self.serial,
+                        identity = id,
+                        rid,
+                        "a method response that answers no invocation of this identity"
+                    );
+                }
+            }
+        }
+        None
+    }
+
+    fn respond(&mut self, topic: &str, body: String) {
+        self.write(&Packet::Publish(Publish::new(topic, QoS::AtMostOnce, body)));
+    }
+
     fn subscribe(&mut self, s: &Subscribe, device: &str) {
+        let mut subs = Subscriptions::default();
+        for f in &s.filters {
+            if topic::subscription_allowed(device, &f.path) {
+                subs.desired |= f.path.starts_with("$iothub/twin/PATCH/properties/desired/");
+                subs.methods |= f.path.starts_with("$iothub/methods/POST/");
+            }
+        }
+        self.shared.subscribed(self.serial, subs);
         let return_codes = s
             .filters
             .iter()

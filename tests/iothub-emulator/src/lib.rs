@@ -24,6 +24,7 @@ mod connection;
 pub mod sas;
 mod tls;
 pub mod topic;
+pub mod twin;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -34,7 +35,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -242,6 +243,18 @@ pub struct EmulatorStats {
     pub publishes_swallowed: u64,
     /// Connections open now (TLS handshakes included).
     pub live_connections: u64,
+    /// Twin GETs answered.
+    pub twin_gets: u64,
+    /// Reported-properties patches accepted.
+    pub reported_patches: u64,
+    /// Reported-properties patches refused (not a JSON object).
+    pub reported_patches_refused: u64,
+    /// Desired-properties patches sent to a connection.
+    pub desired_patches_sent: u64,
+    /// Direct methods sent to a connection.
+    pub methods_invoked: u64,
+    /// Method responses that matched an invocation of their identity.
+    pub method_responses: u64,
     /// Per identity.
     pub per_identity: BTreeMap<String, IdentityStats>,
 }
@@ -260,6 +273,8 @@ pub(crate) struct State {
     pub(crate) all: Vec<Received>,
     pub(crate) counts: HashMap<String, usize>,
     pub(crate) stats: EmulatorStats,
+    /// Twins by identity (`device/module` or `device`), made on first use.
+    pub(crate) twins: HashMap<String, twin::Twin>,
 }
 
 impl State {
@@ -271,7 +286,56 @@ impl State {
 struct ConnEntry {
     identity: Option<String>,
     kill: watch::Sender<Option<Kill>>,
+    /// Packets the emulator sends on its own (desired patches, method requests).
+    push: mpsc::Sender<rumqttc::mqttbytes::v4::Packet>,
+    /// What the connection subscribed to of the emulator's own publishes.
+    subs: Subscriptions,
 }
+
+/// The emulator-initiated topics a connection subscribed to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Subscriptions {
+    /// `$iothub/twin/PATCH/properties/desired/#`.
+    pub(crate) desired: bool,
+    /// `$iothub/methods/POST/#`.
+    pub(crate) methods: bool,
+}
+
+/// How many pushed packets a connection may have waiting to be written.
+const PUSH_CAPACITY: usize = 256;
+
+/// The answer of a direct method.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodResponse {
+    /// The status the method returned.
+    pub status: u16,
+    /// Its payload: JSON if it parses, else the bytes as a JSON string (lossy UTF-8).
+    pub payload: serde_json::Value,
+}
+
+/// Why a direct method got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MethodError {
+    /// The identity has no connection subscribed to methods (IoT Hub answers 404).
+    #[error("{0} is not connected or not subscribed to methods")]
+    NotConnected(String),
+    /// The connection's outgoing queue is full.
+    #[error("{0}'s connection is not reading")]
+    Busy(String),
+    /// No response within the timeout (IoT Hub answers 504).
+    #[error("{identity} did not answer `{method}` within {waited:?}")]
+    Timeout {
+        /// The identity.
+        identity: String,
+        /// The method.
+        method: String,
+        /// How long the emulator waited.
+        waited: Duration,
+    },
+}
+
+/// Invocations waiting for their response, by request id.
+type PendingMethods = HashMap<String, (String, oneshot::Sender<MethodResponse>)>;
 
 struct ListenerTask {
     stop: watch::Sender<bool>,
@@ -295,6 +359,8 @@ pub(crate) struct Shared {
     /// Connections open now.
     live: watch::Sender<u64>,
     listener: Mutex<Option<ListenerTask>>,
+    methods: Mutex<PendingMethods>,
+    next_rid: AtomicU64,
 }
 
 impl Shared {
@@ -328,6 +394,52 @@ impl Shared {
         }
     }
 
+    /// Records what connection `serial` subscribed to of the emulator's own publishes.
+    pub(crate) fn subscribed(&self, serial: u64, subs: Subscriptions) {
+        if let Some(entry) = self.conns().get_mut(&serial) {
+            entry.subs.desired |= subs.desired;
+            entry.subs.methods |= subs.methods;
+        }
+    }
+
+    /// Queues `packet` on the connection of `identity` that subscribed to what `wants` asks
+    /// for. `Err(false)`: no such connection; `Err(true)`: its queue is full.
+    fn push(
+        &self,
+        identity: &str,
+        wants: impl Fn(&Subscriptions) -> bool,
+        packet: rumqttc::mqttbytes::v4::Packet,
+    ) -> Result<(), bool> {
+        let conns = self.conns();
+        let entry = conns
+            .values()
+            .find(|e| e.identity.as_deref() == Some(identity) && wants(&e.subs))
+            .ok_or(false)?;
+        entry.push.try_send(packet).map_err(|_| true)
+    }
+
+    /// Completes the invocation `rid` if `identity` is the one it was sent to; returns whether
+    /// it did.
+    pub(crate) fn method_answered(
+        &self,
+        identity: &str,
+        rid: &str,
+        response: MethodResponse,
+    ) -> bool {
+        let mut pending = self.methods.lock().unwrap_or_else(|p| p.into_inner());
+        match pending.get(rid) {
+            Some((to, _)) if to == identity => {}
+            _ => return false,
+        }
+        let Some((_, tx)) = pending.remove(rid) else {
+            return false;
+        };
+        drop(pending);
+        let _ = tx.send(response);
+        self.update(|s| s.stats.method_responses += 1);
+        true
+    }
+
     /// Forgets connection `serial` (called once, when its task ends).
     pub(crate) fn leave(&self, serial: u64) {
         self.conns().remove(&serial);
@@ -344,11 +456,14 @@ impl Shared {
     fn spawn_connection(self: &Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
         let serial = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (kill_tx, kill_rx) = watch::channel(None);
+        let (push, push_rx) = mpsc::channel(PUSH_CAPACITY);
         self.conns().insert(
             serial,
             ConnEntry {
                 identity: None,
                 kill: kill_tx,
+                push,
+                subs: Subscriptions::default(),
             },
         );
         self.live.send_modify(|n| *n += 1);
@@ -362,6 +477,7 @@ impl Shared {
             peer,
             serial,
             kill_rx,
+            push_rx,
         ));
     }
 
@@ -487,6 +603,8 @@ impl Emulator {
             changed: watch::channel(0).0,
             live: watch::channel(0).0,
             listener: Mutex::new(None),
+            methods: Mutex::new(HashMap::new()),
+            next_rid: AtomicU64::new(1),
         });
         let (stop, stop_rx) = watch::channel(false);
         let handle = tokio::spawn(accept_loop(Arc::clone(&shared), listener, stop_rx));
@@ -710,6 +828,114 @@ impl Emulator {
     /// The counters now.
     pub fn stats(&self) -> EmulatorStats {
         self.shared.state().stats.clone()
+    }
+
+    /// The twin of `identity` now (an empty one at `$version` 1 if it was never used).
+    pub fn twin(&self, identity: &str) -> twin::Twin {
+        self.shared
+            .state()
+            .twins
+            .get(identity)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Updates the desired properties of `identity` as the service would (a JSON merge patch)
+    /// and sends the patch, with its new `$version`, to the identity's connection if one
+    /// subscribed to desired patches. Returns the new `$version` and whether it was sent.
+    pub fn update_desired(
+        &self,
+        identity: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+    ) -> (u64, bool) {
+        let version = self.shared.update(|s| {
+            s.twins
+                .entry(identity.to_owned())
+                .or_default()
+                .patch_desired(patch)
+        });
+        let mut body = patch.clone();
+        body.insert("$version".into(), version.into());
+        let packet = rumqttc::mqttbytes::v4::Packet::Publish(rumqttc::mqttbytes::v4::Publish::new(
+            format!("$iothub/twin/PATCH/properties/desired/?$version={version}"),
+            rumqttc::mqttbytes::QoS::AtMostOnce,
+            serde_json::Value::Object(body).to_string(),
+        ));
+        let sent = self.shared.push(identity, |s| s.desired, packet).is_ok();
+        if sent {
+            self.shared.update(|s| s.stats.desired_patches_sent += 1);
+        }
+        (version, sent)
+    }
+
+    /// Waits until the reported properties of `identity` reach `$version` `version`.
+    pub async fn wait_for_reported_version(
+        &self,
+        identity: &str,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<(), WaitTimeout> {
+        let id = identity.to_owned();
+        self.wait(
+            format!("reported $version of {identity}"),
+            version,
+            timeout,
+            move |s| s.twins.get(&id).map_or(1, |t| t.reported_version),
+        )
+        .await
+    }
+
+    /// Invokes direct method `method` on `identity` as the service would: sends
+    /// `$iothub/methods/POST/{method}/?$rid={rid}` with `payload` to its connection subscribed
+    /// to methods and waits up to `timeout` for `$iothub/methods/res/{status}/?$rid={rid}`.
+    pub async fn invoke_method(
+        &self,
+        identity: &str,
+        method: &str,
+        payload: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<MethodResponse, MethodError> {
+        let rid = format!("{:x}", self.shared.next_rid.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .methods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(rid.clone(), (identity.to_owned(), tx));
+        let forget = || {
+            self.shared
+                .methods
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&rid);
+        };
+        let packet = rumqttc::mqttbytes::v4::Packet::Publish(rumqttc::mqttbytes::v4::Publish::new(
+            format!("$iothub/methods/POST/{method}/?$rid={rid}"),
+            rumqttc::mqttbytes::QoS::AtMostOnce,
+            payload.to_string(),
+        ));
+        match self.shared.push(identity, |s| s.methods, packet) {
+            Ok(()) => self.shared.update(|s| s.stats.methods_invoked += 1),
+            Err(full) => {
+                forget();
+                return Err(if full {
+                    MethodError::Busy(identity.to_owned())
+                } else {
+                    MethodError::NotConnected(identity.to_owned())
+                });
+            }
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(response)) => Ok(response),
+            _ => {
+                forget();
+                Err(MethodError::Timeout {
+                    identity: identity.to_owned(),
+                    method: method.to_owned(),
+                    waited: timeout,
+                })
+            }
+        }
     }
 }
 

@@ -849,3 +849,188 @@ async fn next_json(
         .expect("stdout open");
     serde_json::from_str(&line).unwrap()
 }
+
+/// Sends SUBSCRIBE for `filters` (QoS 1) and waits for its SUBACK.
+async fn subscribe(c: &mut Client, filters: &[&str]) {
+    let sub = Subscribe {
+        pkid: 77,
+        filters: filters
+            .iter()
+            .map(|p| SubscribeFilter::new((*p).into(), QoS::AtLeastOnce))
+            .collect(),
+    };
+    c.send(&[Packet::Subscribe(sub)]).await;
+    match c.recv().await {
+        Some(Packet::SubAck(ack)) => assert_eq!(ack.pkid, 77),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+/// The next PUBLISH the client gets (PUBACKs of its own publishes skipped): topic and body.
+async fn next_publish(c: &mut Client) -> (String, serde_json::Value) {
+    loop {
+        match c.recv().await {
+            Some(Packet::Publish(p)) => {
+                let body = if p.payload.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::from_slice(&p.payload).unwrap()
+                };
+                return (p.topic, body);
+            }
+            Some(Packet::PubAck(_)) => {}
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn twin_get_and_reported_patches_merge_with_versions_and_bad_patches_change_nothing() {
+    let f = start().await;
+    let mut c = Client::module(&f.emu, "dev1", "m1", KEY_M1).await;
+    subscribe(&mut c, &["$iothub/twin/res/#"]).await;
+    let get = c.publish("$iothub/twin/GET/?$rid=1", "", QoS::AtMostOnce);
+    c.send(&[get]).await;
+    let (topic, doc) = next_publish(&mut c).await;
+    assert_eq!(topic, "$iothub/twin/res/200/?$rid=1");
+    assert_eq!(
+        doc,
+        serde_json::json!({"desired": {"$version": 1}, "reported": {"$version": 1}})
+    );
+    let patch = c.publish(
+        "$iothub/twin/PATCH/properties/reported/?$rid=2",
+        r#"{"fw":"1.2","cfg":{"a":1,"b":2}}"#,
+        QoS::AtLeastOnce,
+    );
+    c.send(&[patch]).await;
+    assert_eq!(
+        next_publish(&mut c).await.0,
+        "$iothub/twin/res/204/?$rid=2&$version=2"
+    );
+    let bad = c.publish(
+        "$iothub/twin/PATCH/properties/reported/?$rid=3",
+        "[1,2]",
+        QoS::AtMostOnce,
+    );
+    c.send(&[bad]).await;
+    let (topic, why) = next_publish(&mut c).await;
+    assert_eq!(topic, "$iothub/twin/res/400/?$rid=3");
+    assert!(why["message"].as_str().unwrap().contains("object"), "{why}");
+    let patch = c.publish(
+        "$iothub/twin/PATCH/properties/reported/?$rid=4",
+        r#"{"cfg":{"a":null}}"#,
+        QoS::AtMostOnce,
+    );
+    c.send(&[patch]).await;
+    assert_eq!(
+        next_publish(&mut c).await.0,
+        "$iothub/twin/res/204/?$rid=4&$version=3"
+    );
+    f.emu
+        .wait_for_reported_version("dev1/m1", 3, WAIT)
+        .await
+        .unwrap();
+    let twin = f.emu.twin("dev1/m1");
+    assert_eq!(
+        serde_json::Value::Object(twin.reported),
+        serde_json::json!({"fw": "1.2", "cfg": {"b": 2}})
+    );
+    // Another identity's twin is its own.
+    assert!(f.emu.twin("dev1/m2").reported.is_empty());
+    let stats = f.emu.stats();
+    assert_eq!(
+        (
+            stats.twin_gets,
+            stats.reported_patches,
+            stats.reported_patches_refused
+        ),
+        (1, 2, 1)
+    );
+}
+
+#[tokio::test]
+async fn desired_updates_reach_only_a_connection_subscribed_to_them() {
+    let f = start().await;
+    let mut c = Client::module(&f.emu, "dev1", "m1", KEY_M1).await;
+    let patch = serde_json::json!({"rate": 5});
+    let (v, sent) = f.emu.update_desired("dev1/m1", patch.as_object().unwrap());
+    assert_eq!((v, sent), (2, false), "not subscribed yet");
+    subscribe(&mut c, &["$iothub/twin/PATCH/properties/desired/#"]).await;
+    let patch = serde_json::json!({"rate": null, "mode": "fast"});
+    let (v, sent) = f.emu.update_desired("dev1/m1", patch.as_object().unwrap());
+    assert_eq!((v, sent), (3, true));
+    let (topic, body) = next_publish(&mut c).await;
+    assert_eq!(topic, "$iothub/twin/PATCH/properties/desired/?$version=3");
+    assert_eq!(
+        body,
+        serde_json::json!({"rate": null, "mode": "fast", "$version": 3})
+    );
+    assert_eq!(
+        f.emu.twin("dev1/m1").document()["desired"],
+        serde_json::json!({"mode": "fast", "$version": 3})
+    );
+}
+
+#[tokio::test]
+async fn a_method_is_answered_only_by_the_identity_it_was_sent_to() {
+    let f = start().await;
+    let not_yet = f
+        .emu
+        .invoke_method("dev1/m1", "reboot", &serde_json::json!({}), WAIT)
+        .await;
+    assert_eq!(
+        not_yet,
+        Err(iothub_emulator::MethodError::NotConnected("dev1/m1".into()))
+    );
+    let mut m1 = Client::module(&f.emu, "dev1", "m1", KEY_M1).await;
+    let mut m2 = Client::module(&f.emu, "dev1", "m2", KEY_M2).await;
+    subscribe(&mut m1, &["$iothub/methods/POST/#"]).await;
+    let emu = &f.emu;
+    let args = serde_json::json!({"delay": 3});
+    let call = emu.invoke_method("dev1/m1", "reboot", &args, WAIT);
+    let answer = async {
+        let (topic, body) = next_publish(&mut m1).await;
+        assert_eq!(body, serde_json::json!({"delay": 3}));
+        let rid = topic
+            .strip_prefix("$iothub/methods/POST/reboot/?$rid=")
+            .unwrap_or_else(|| panic!("{topic}"))
+            .to_owned();
+        // m2 answers m1's request first: that must not complete it.
+        let forged = m2.publish(
+            &format!("$iothub/methods/res/500/?$rid={rid}"),
+            r#"{"forged":true}"#,
+            QoS::AtMostOnce,
+        );
+        m2.send(&[forged]).await;
+        let real = m1.publish(
+            &format!("$iothub/methods/res/200/?$rid={rid}"),
+            r#"{"ok":true}"#,
+            QoS::AtLeastOnce,
+        );
+        m1.send(&[real]).await;
+    };
+    let (response, ()) = tokio::join!(call, answer);
+    assert_eq!(
+        response,
+        Ok(iothub_emulator::MethodResponse {
+            status: 200,
+            payload: serde_json::json!({"ok": true})
+        })
+    );
+    // A method nobody answers times out (the only wait that must run out; 1 s of real time).
+    let silent = f
+        .emu
+        .invoke_method(
+            "dev1/m1",
+            "sleep",
+            &serde_json::json!(null),
+            Duration::from_secs(1),
+        )
+        .await;
+    assert!(
+        matches!(silent, Err(iothub_emulator::MethodError::Timeout { .. })),
+        "{silent:?}"
+    );
+    let stats = f.emu.stats();
+    assert_eq!((stats.methods_invoked, stats.method_responses), (2, 1));
+}
