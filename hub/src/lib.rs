@@ -17,6 +17,7 @@ pub mod http;
 pub mod identity;
 pub mod initlock;
 pub mod limits;
+pub mod methods;
 pub mod metrics;
 pub mod module_key;
 pub mod mqtt;
