@@ -14,6 +14,7 @@ pub mod auth;
 pub mod fsutil;
 pub mod head;
 pub mod http;
+pub mod https;
 pub mod identity;
 pub mod initlock;
 pub mod limits;

@@ -1,6 +1,6 @@
 //! Direct methods module → module with the official Python SDK, unmodified, built from the
 //! module environment IoT Edge (or the Kubernetes controller) gives (`EdgeHubConnectionString`
-//! + `EdgeModuleCACertificateFile`): the caller's `invoke_method` goes over HTTPS to port 443
+//! and `EdgeModuleCACertificateFile`): the caller's `invoke_method` goes over HTTPS to port 443
 //! of its `GatewayHostName`, the target answers with `on_method_request_received` +
 //! `send_method_response` over MQTT.
 //!

@@ -647,6 +647,8 @@ pub struct TestHub {
     pub addrs: Addrs,
     /// The AMQP listener.
     pub amqp: SocketAddr,
+    /// The HTTPS listener for direct methods, if the settings asked for one.
+    pub methods: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), hub::server::RunError>>>,
     identities: Arc<Identities>,
@@ -724,6 +726,7 @@ impl TestHub {
             root: root.to_owned(),
             addrs,
             amqp: bound.amqp,
+            methods: bound.methods,
             stop: Some(stop),
             task: Some(task),
             identities: Arc::new(identities),
