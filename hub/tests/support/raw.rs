@@ -823,7 +823,12 @@ impl BinaryHub {
             .arg(root.join("manifest.json"))
             .args(["--mqtt-addr", "127.0.0.1:0"])
             .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--amqp-addr", "127.0.0.1:0"])
+            .args([
+                "--amqp-addr",
+                "127.0.0.1:0",
+                "--methods-addr",
+                "127.0.0.1:0",
+            ])
             .args(["--iothub-hostname", IOTHUB, "--device-id", DEVICE])
             .args(["--gateway-hostname", "localhost", "--log", "info"])
             .args(extra)
