@@ -1270,6 +1270,45 @@ mod tests {
     }
 
     #[test]
+    fn the_methods_listener_is_off_unless_named_and_takes_its_own_port() {
+        assert_eq!(
+            Settings::defaults(None).expect("valid").methods_addr(),
+            None
+        );
+        let s = RawSettings {
+            methods_addr: Some(DEFAULT_METHODS_ADDR.into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("valid");
+        assert_eq!(
+            s.methods_addr(),
+            Some("0.0.0.0:8443".parse().expect("addr"))
+        );
+        let s = RawSettings {
+            methods_addr: Some(":443".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("valid");
+        assert_eq!(s.methods_addr(), Some("0.0.0.0:443".parse().expect("addr")));
+        let err = RawSettings {
+            methods_addr: Some("127.0.0.1:8883".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("rejected");
+        assert_eq!(err.field, "methods_addr", "{err}");
+        let err = RawSettings {
+            methods_addr: Some("not an address".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("rejected");
+        assert_eq!(err.field, "methods_addr", "{err}");
+    }
+
+    #[test]
     fn ids_and_host_names_are_checked() {
         for (raw, field) in [
             (
