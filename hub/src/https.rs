@@ -221,6 +221,10 @@ async fn invoke(
             return Err(Refused::new(503, 503_000, "the hub is shutting down"));
         }
     };
+    if outcome.is_err() && *stop.borrow() {
+        // The target's connection closed because the hub stops: say that, not "disconnected".
+        return Err(Refused::new(503, 503_000, "the hub is shutting down"));
+    }
     ctx.metrics
         .direct_method(&caller, &target, started.elapsed());
     tracing::debug!(%caller, %target, method = %request.name, ok = outcome.is_ok(), "direct method call");

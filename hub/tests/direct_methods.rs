@@ -385,3 +385,111 @@ impl Unsubscribe for RawClient {
         }
     }
 }
+
+/// Requests go to the target module's own connection only: another module subscribed to its
+/// own methods (wider method filters are refused) gets none of them. Its first request is the
+/// one made to it, after a call to the target has completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_subscribed_to_methods_gets_only_its_own_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Arc::new(hub(dir.path()).await);
+    let sender = hub.creds("sender");
+    let (mut spy, _) = hub.connected("spy", true).await;
+    let (suback, _) = spy
+        .subscribe(
+            1,
+            &[
+                METHODS_FILTER,
+                "$iothub/methods/POST/+",
+                "$iothub/methods/#",
+                "$iothub/#",
+            ],
+        )
+        .await;
+    use rumqttc::mqttbytes::v4::SubscribeReasonCode::{Failure, Success};
+    assert_eq!(
+        suback.return_codes,
+        vec![Success(QoS::AtLeastOnce), Failure, Failure, Failure]
+    );
+    let mut target = method_target(&hub, "receiver").await;
+    let to_target = {
+        let (hub, sender) = (Arc::clone(&hub), sender.clone());
+        tokio::spawn(async move {
+            invoke(
+                &hub,
+                &sender,
+                "receiver",
+                json!({"methodName": "forReceiver"}),
+            )
+            .await
+        })
+    };
+    let request = target.reader.expect_publish(WITHIN).await;
+    let rid = rid_of(&request, "forReceiver");
+    answer(&mut target, 1, 200, &rid, json!(1)).await;
+    assert_eq!(to_target.await.unwrap().0, 200);
+    let to_spy = {
+        let (hub, sender) = (Arc::clone(&hub), sender.clone());
+        tokio::spawn(
+            async move { invoke(&hub, &sender, "spy", json!({"methodName": "forSpy"})).await },
+        )
+    };
+    let first = spy.reader.expect_publish(WITHIN).await;
+    let rid = rid_of(&first, "forSpy");
+    answer(&mut spy, 1, 200, &rid, json!(2)).await;
+    assert_eq!(
+        to_spy.await.unwrap(),
+        (200, json!({"status": 200, "payload": 2}))
+    );
+    drop((spy, target));
+    match Arc::try_unwrap(hub) {
+        Ok(hub) => hub.stop().await,
+        Err(_) => panic!("hub still shared"),
+    }
+}
+
+/// A target whose connection closes after it received a request ends the call at once with 404
+/// (IoT Hub's 404104), not at the response timeout; a hub stopping while a call waits answers
+/// it 503 and stops without waiting for the call's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_disconnects_is_404_and_a_stopping_hub_answers_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = hub(dir.path()).await;
+    let sender = hub.creds("sender");
+    let (addr, ca) = (methods_addr(&hub), hub.ca());
+    let call = |method: &'static str| {
+        let (ca, headers) = (ca.clone(), auth(&sender));
+        tokio::spawn(async move {
+            let body = json!({"methodName": method, "responseTimeoutInSeconds": 300}).to_string();
+            post(
+                addr,
+                &ca,
+                &path("receiver"),
+                &headers,
+                body.as_bytes(),
+                None,
+            )
+            .await
+        })
+    };
+    let mut target = method_target(&hub, "receiver").await;
+    let calling = call("goesAway");
+    let request = target.reader.expect_publish(WITHIN).await;
+    rid_of(&request, "goesAway");
+    drop(target);
+    let (status, err) = calling.await.unwrap();
+    assert_eq!(status, 404, "{err}");
+    assert_eq!(err["errorCode"], 404_104, "{err}");
+
+    let mut target = method_target(&hub, "receiver").await;
+    let calling = call("atShutdown");
+    let request = target.reader.expect_publish(WITHIN).await;
+    rid_of(&request, "atShutdown");
+    // Well under the call's 300 s: the stop does not wait for it.
+    tokio::time::timeout(Duration::from_secs(60), hub.stop())
+        .await
+        .expect("the hub stops while a call waits");
+    let (status, err) = calling.await.unwrap();
+    assert_eq!(status, 503, "{err}");
+    drop(target);
+}
