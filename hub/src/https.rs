@@ -10,6 +10,7 @@
 //! | … a target on another device | 403 |
 //! | … a body that is not an invocation, a timeout out of range, a bad method name | 400 |
 //! | … a payload over 128 KiB (or a body over 132 KiB, not read further) | 413 |
+//! | … a body not received within 30 s ([`BODY_READ_TIMEOUT`]) | 408 |
 //! | … the target not connected or not subscribed to its methods (within `connectTimeoutInSeconds`, default 0), or it disconnects before answering | 404 |
 //! | … too many requests in flight (32 per target, 256 in all) | 429 |
 //! | … no answer within `responseTimeoutInSeconds` (5–300, default 30) | 504 |
@@ -45,6 +46,9 @@ use crate::identity::Identity;
 use crate::limits::{Budget, Slot};
 use crate::methods::request::MAX_BODY_BYTES;
 use crate::methods::{InvokeError, MethodRequest, MethodResponse};
+
+/// How long an authorized caller may take to send its request body (then 408).
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The header naming the calling module, `{device}/{module}`.
 pub const EDGE_MODULE_ID: &str = "x-ms-edge-moduleId";
@@ -205,7 +209,12 @@ async fn invoke(
             format!("module {target} is not declared"),
         ));
     }
-    let body = read_body(req).await?;
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let body = read_body(declared, req.into_body()).await?;
     let request = MethodRequest::parse(&body).map_err(|e| {
         let status = e.status();
         Refused::new(
@@ -287,8 +296,13 @@ fn authorize(ctx: &HeadContext, req: &Request<Incoming>) -> Result<Identity, Ref
     Ok(caller)
 }
 
-/// The body, at most [`MAX_BODY_BYTES`] (a larger one is not read further: 413).
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refused> {
+/// The body (`declared`: its Content-Length), at most [`MAX_BODY_BYTES`] (a larger one is not
+/// read further: 413).
+async fn read_body<B>(declared: Option<u64>, body: B) -> Result<Bytes, Refused>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let too_large = || {
         Refused::new(
             413,
@@ -296,18 +310,21 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refused> {
             format!("the request body exceeds {MAX_BODY_BYTES} bytes"),
         )
     };
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
+    let reading = Limited::new(body, MAX_BODY_BYTES).collect();
+    let Ok(read) = tokio::time::timeout(BODY_READ_TIMEOUT, reading).await else {
+        return Err(Refused::new(
+            408,
+            408_000,
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_READ_TIMEOUT.as_secs()
+            ),
+        ));
+    };
+    match read {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(Refused::new(
@@ -365,6 +382,50 @@ mod tests {
         ] {
             assert_eq!(target_of(p), None, "{p}");
         }
+    }
+
+    /// A body that never comes.
+    struct Stalled;
+
+    impl hyper::body::Body for Stalled {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    /// A caller (authenticated: the body is read only after) that never sends the body it
+    /// announced holds its connection at most [`BODY_READ_TIMEOUT`], then gets 408.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_comes_is_408_after_the_read_timeout() {
+        let start = tokio::time::Instant::now();
+        let read = tokio::time::timeout(
+            std::time::Duration::from_secs(3600),
+            read_body(Some(10), Stalled),
+        )
+        .await
+        .expect("answered before the hour-long failure bound");
+        let refused = read.expect_err("no body");
+        assert_eq!(refused.status, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(start.elapsed(), BODY_READ_TIMEOUT);
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_413_declared_or_not() {
+        let over = Full::new(Bytes::from(vec![b' '; MAX_BODY_BYTES + 1]));
+        let refused = read_body(None, over).await.expect_err("too large");
+        assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let refused = read_body(Some(MAX_BODY_BYTES as u64 + 1), Stalled)
+            .await
+            .expect_err("refused without reading");
+        assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let at = Full::new(Bytes::from(vec![b' '; MAX_BODY_BYTES]));
+        assert_eq!(read_body(None, at).await.unwrap().len(), MAX_BODY_BYTES);
     }
 
     #[test]
