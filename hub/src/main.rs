@@ -215,6 +215,13 @@ struct RunArgs {
     #[arg(long, env = "EDGEHUB_METRICS_ADDR", value_name = "ADDR",
           default_value = settings::DEFAULT_METRICS_ADDR)]
     metrics_addr: String,
+    /// HTTPS listener for direct methods between modules (`POST
+    /// /twins/{device}/modules/{module}/methods`, on the hub's TLS). The SDKs dial port 443 of
+    /// their GatewayHostName: map 443 to this port (Kubernetes Service, `-p 443:8443`), or give
+    /// `0.0.0.0:443` to a hub allowed to bind it (root or CAP_NET_BIND_SERVICE).
+    #[arg(long, env = "EDGEHUB_METHODS_ADDR", value_name = "ADDR",
+          default_value = settings::DEFAULT_METHODS_ADDR)]
+    methods_addr: String,
     /// A plain (unencrypted) MQTT listener for benchmarks; loopback addresses only.
     #[arg(long, env = "EDGEHUB_PLAIN_MQTT_ADDR", value_name = "ADDR")]
     plain_mqtt_addr: Option<String>,
@@ -355,6 +362,7 @@ impl RunArgs {
             mqtt_addr: Some(self.mqtt_addr.clone()),
             metrics_addr: Some(self.metrics_addr.clone()),
             amqp_addr: Some(self.amqp_addr.clone()),
+            methods_addr: Some(self.methods_addr.clone()),
             plain_mqtt_addr: self.plain_mqtt_addr.clone(),
             epoch: Some(self.epoch),
             upstream_protocol: Some(self.upstream_protocol.clone()),

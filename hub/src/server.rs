@@ -78,6 +78,8 @@ pub struct Listeners {
     pub http: TcpListener,
     /// MQTT without TLS, if asked for (loopback only).
     pub plain_mqtt: Option<TcpListener>,
+    /// HTTPS for direct methods between modules, if the settings name an address.
+    pub methods: Option<TcpListener>,
 }
 
 /// A listener could not be bound.
@@ -104,6 +106,8 @@ pub struct BoundAddrs {
     pub http: SocketAddr,
     /// Plain MQTT, if any.
     pub plain_mqtt: Option<SocketAddr>,
+    /// HTTPS for direct methods, if any.
+    pub methods: Option<SocketAddr>,
 }
 
 impl Listeners {
@@ -123,11 +127,16 @@ impl Listeners {
             Some(addr) => Some(one("plain MQTT", &addr.to_string()).await?),
             None => None,
         };
+        let methods = match settings.methods_addr() {
+            Some(addr) => Some(one("HTTPS (direct methods)", &addr.to_string()).await?),
+            None => None,
+        };
         Ok(Listeners {
             mqtt,
             amqp,
             http,
             plain_mqtt,
+            methods,
         })
     }
 
@@ -139,6 +148,11 @@ impl Listeners {
             http: self.http.local_addr()?,
             plain_mqtt: self
                 .plain_mqtt
+                .as_ref()
+                .map(TcpListener::local_addr)
+                .transpose()?,
+            methods: self
+                .methods
                 .as_ref()
                 .map(TcpListener::local_addr)
                 .transpose()?,
@@ -462,6 +476,7 @@ fn build_core(
         ],
         routes_changed: watch::channel(0).0,
         clock: Arc::clone(&clock),
+        methods: Arc::new(crate::methods::Methods::default()),
     });
     let reloader = Arc::new(Reloader::new(
         settings.clone(),
@@ -637,7 +652,7 @@ fn log_upstream(settings: &Settings, deployment: &Deployment) {
 /// The serving tasks, in the order they stop.
 struct Heads {
     readiness: Readiness,
-    /// MQTT, AMQP, plain MQTT (if any), then HTTP.
+    /// HTTPS for direct methods (if any), MQTT, AMQP, plain MQTT (if any), then HTTP.
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -656,14 +671,17 @@ fn start_heads(
         amqp,
         http: http_listener,
         plain_mqtt,
+        methods,
     } = listeners;
     // One budget per protocol (the loopback plain MQTT listener shares MQTT's).
     let heads = ProtocolHeads {
         mqtt,
         amqp,
         plain_mqtt,
+        methods,
         mqtt_budget: Budget::new("mqtt", settings.limits(), core.metrics.limits().clone()),
         amqp_budget: Budget::new("amqp", settings.limits(), core.metrics.limits().clone()),
+        https_budget: Budget::new("https", settings.limits(), core.metrics.limits().clone()),
     };
     let readiness = Readiness::new();
     let http_task = spawn_http(http_listener, core, store, &readiness);
@@ -675,6 +693,7 @@ fn start_heads(
         amqp = %bound.amqp,
         http = %bound.http,
         plain_mqtt = ?bound.plain_mqtt,
+        methods = ?bound.methods,
         ca = %tls::served_ca_path(settings).display(),
         routes = core.ctx.router.table().routes().len(),
         max_connections = settings.limits().max_connections,
@@ -688,9 +707,12 @@ struct ProtocolHeads {
     mqtt: TcpListener,
     amqp: TcpListener,
     plain_mqtt: Option<TcpListener>,
+    /// HTTPS for direct methods, if any.
+    methods: Option<TcpListener>,
     /// Shared by both MQTT listeners.
     mqtt_budget: Arc<Budget>,
     amqp_budget: Arc<Budget>,
+    https_budget: Arc<Budget>,
 }
 
 /// Serves HTTP (metrics, health, readiness, the manifest) on `listener` until the hub stops.
@@ -718,15 +740,24 @@ fn spawn_http(
     ))
 }
 
-/// Serves MQTT and AMQP over TLS, and plain MQTT if asked for, until the hub stops; the tasks
-/// in that order.
+/// Serves HTTPS for direct methods if asked for, MQTT and AMQP over TLS, and plain MQTT if
+/// asked for, until the hub stops; the tasks in that order.
 fn spawn_protocol_heads(
     heads: ProtocolHeads,
     core: &Core,
     tls_config: Arc<rustls::ServerConfig>,
 ) -> Vec<JoinHandle<()>> {
     let stop_rx = core.ctx.shutdown.clone();
-    let mut tasks = Vec::with_capacity(4);
+    let mut tasks = Vec::with_capacity(5);
+    if let Some(methods) = heads.methods {
+        tasks.push(tokio::spawn(crate::https::serve_tls(
+            methods,
+            TlsAcceptor::from(Arc::clone(&tls_config)),
+            Arc::clone(&core.ctx),
+            heads.https_budget,
+            stop_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(listener::serve_tls(
         heads.mqtt,
         TlsAcceptor::from(Arc::clone(&tls_config)),

@@ -45,6 +45,12 @@ pub const DEFAULT_DATA_DIR: &str = "./edgehub-data";
 pub const DEFAULT_MQTT_ADDR: &str = "0.0.0.0:8883";
 /// The AMQP-over-TLS listener by default (edgeHub's port).
 pub const DEFAULT_AMQP_ADDR: &str = "0.0.0.0:5671";
+/// The HTTPS listener for direct methods between modules by default. The SDKs dial port 443
+/// of their `GatewayHostName`; the hub runs as a non-root user (its image: 65532), which may not
+/// bind a port below 1024 without `CAP_NET_BIND_SERVICE`, so it listens on 8443 and a
+/// Kubernetes Service (port 443 → 8443), a container port mapping (`-p 443:8443`), or
+/// `--methods-addr 0.0.0.0:443` with the capability puts it on 443.
+pub const DEFAULT_METHODS_ADDR: &str = "0.0.0.0:8443";
 /// The metrics and health listener by default (edgeHub's port), on every interface.
 pub const DEFAULT_METRICS_ADDR: &str = ":9600";
 /// The IoT Hub host name by default; see the module docs for why.
@@ -215,6 +221,9 @@ pub struct RawSettings {
     pub metrics_addr: Option<String>,
     /// AMQP-over-TLS listener, `ip:port` or `:port` (default [`DEFAULT_AMQP_ADDR`]).
     pub amqp_addr: Option<String>,
+    /// HTTPS listener for direct methods, `ip:port` or `:port`; `None`: no such listener (the
+    /// command line always gives one, [`DEFAULT_METHODS_ADDR`] by default).
+    pub methods_addr: Option<String>,
     /// IoT Hub host name (default [`DEFAULT_IOTHUB_HOSTNAME`]).
     pub iothub_hostname: Option<String>,
     /// Edge device id (default [`DEFAULT_DEVICE_ID`]).
@@ -316,6 +325,7 @@ pub struct Settings {
     log_format: LogFormat,
     plain_mqtt_addr: Option<SocketAddr>,
     amqp_addr: SocketAddr,
+    methods_addr: Option<SocketAddr>,
     epoch: Epoch,
     upstream: Option<UpstreamSettings>,
     module_keys: Vec<(ModuleId, ModuleKey)>,
@@ -388,6 +398,7 @@ impl RawSettings {
             log_format: self.log_format.unwrap_or_default(),
             plain_mqtt_addr: listen.plain_mqtt,
             amqp_addr: listen.amqp,
+            methods_addr: listen.methods,
             epoch: Epoch::new(self.epoch.unwrap_or(0)),
             upstream,
             module_keys,
@@ -416,17 +427,24 @@ impl RawSettings {
             "amqp_addr",
             self.amqp_addr.as_deref().unwrap_or(DEFAULT_AMQP_ADDR),
         )?;
+        let methods = self
+            .methods_addr
+            .as_deref()
+            .map(|a| parse_listen_addr("methods_addr", a))
+            .transpose()?;
         check_distinct_ports(&[
             ("amqp_addr", Some(amqp)),
             ("mqtt_addr", Some(mqtt)),
             ("metrics_addr", Some(metrics)),
             ("plain_mqtt_addr", plain_mqtt),
+            ("methods_addr", methods),
         ])?;
         Ok(ListenAddrs {
             mqtt,
             metrics,
             plain_mqtt,
             amqp,
+            methods,
         })
     }
 
@@ -468,6 +486,7 @@ struct ListenAddrs {
     metrics: SocketAddr,
     plain_mqtt: Option<SocketAddr>,
     amqp: SocketAddr,
+    methods: Option<SocketAddr>,
 }
 
 /// The host names and device id of [`RawSettings`], checked and defaulted.
@@ -703,6 +722,11 @@ impl Settings {
     /// The AMQP-over-TLS listener.
     pub fn amqp_addr(&self) -> SocketAddr {
         self.amqp_addr
+    }
+
+    /// The HTTPS listener for direct methods, if any.
+    pub fn methods_addr(&self) -> Option<SocketAddr> {
+        self.methods_addr
     }
 
     /// The loopback-only plain MQTT listener, if enabled.
@@ -1243,6 +1267,45 @@ mod tests {
         }
         .validate(None)
         .expect("port 0 may repeat");
+    }
+
+    #[test]
+    fn the_methods_listener_is_off_unless_named_and_takes_its_own_port() {
+        assert_eq!(
+            Settings::defaults(None).expect("valid").methods_addr(),
+            None
+        );
+        let s = RawSettings {
+            methods_addr: Some(DEFAULT_METHODS_ADDR.into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("valid");
+        assert_eq!(
+            s.methods_addr(),
+            Some("0.0.0.0:8443".parse().expect("addr"))
+        );
+        let s = RawSettings {
+            methods_addr: Some(":443".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect("valid");
+        assert_eq!(s.methods_addr(), Some("0.0.0.0:443".parse().expect("addr")));
+        let err = RawSettings {
+            methods_addr: Some("127.0.0.1:8883".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("rejected");
+        assert_eq!(err.field, "methods_addr", "{err}");
+        let err = RawSettings {
+            methods_addr: Some("not an address".into()),
+            ..raw()
+        }
+        .validate(None)
+        .expect_err("rejected");
+        assert_eq!(err.field, "methods_addr", "{err}");
     }
 
     #[test]

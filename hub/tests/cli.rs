@@ -188,6 +188,8 @@ fn a_taken_address_fails_the_start_naming_protocol_and_address() {
             &addr,
             "--amqp-addr",
             "127.0.0.1:0",
+            "--methods-addr",
+            "127.0.0.1:0",
         ],
     );
     assert!(!out.status.success());

@@ -59,7 +59,12 @@ impl LimitedHub {
             .arg(root.join("manifest.json"))
             .args(["--mqtt-addr", "127.0.0.1:0"])
             .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--amqp-addr", "127.0.0.1:0"])
+            .args([
+                "--amqp-addr",
+                "127.0.0.1:0",
+                "--methods-addr",
+                "127.0.0.1:0",
+            ])
             .args(["--iothub-hostname", raw::IOTHUB, "--device-id", raw::DEVICE])
             .args(["--gateway-hostname", "localhost", "--log", "info"])
             .args(extra)

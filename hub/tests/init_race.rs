@@ -69,7 +69,12 @@ fn spawn_gated(root: &Path, gate: &Path, n: usize) -> Started {
         .arg(root.join("manifest.json"))
         .args(["--mqtt-addr", "127.0.0.1:0"])
         .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--amqp-addr", "127.0.0.1:0"])
+        .args([
+            "--amqp-addr",
+            "127.0.0.1:0",
+            "--methods-addr",
+            "127.0.0.1:0",
+        ])
         .args(["--iothub-hostname", raw::IOTHUB, "--device-id", raw::DEVICE])
         .args(["--gateway-hostname", "localhost", "--log", "info"])
         .args(["--upstream-protocol", "none"])
@@ -230,7 +235,14 @@ fn a_hub_that_waits_too_long_for_the_lock_exits_5_and_creates_nothing() {
             "--metrics-addr",
             "127.0.0.1:0",
         ])
-        .args(["--amqp-addr", "127.0.0.1:0", "--upstream-protocol", "none"])
+        .args([
+            "--amqp-addr",
+            "127.0.0.1:0",
+            "--methods-addr",
+            "127.0.0.1:0",
+            "--upstream-protocol",
+            "none",
+        ])
         .args(["--init-lock-timeout", "1"])
         .output()
         .expect("run edgehub");

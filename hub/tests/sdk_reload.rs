@@ -699,6 +699,8 @@ fn a_bad_key_file_stops_the_start_and_is_refused_on_reload() {
         .args([
             "--amqp-addr",
             "127.0.0.1:0",
+            "--methods-addr",
+            "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
         ])

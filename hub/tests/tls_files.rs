@@ -74,7 +74,14 @@ fn the_three_tls_flags_go_together_and_the_error_names_the_missing_ones() {
     ];
     for (sub, args, env, want) in cases {
         let listen: &[&str] = if sub == "run" {
-            &["--mqtt-addr", "127.0.0.1:0", "--amqp-addr", "127.0.0.1:0"]
+            &[
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--amqp-addr",
+                "127.0.0.1:0",
+                "--methods-addr",
+                "127.0.0.1:0",
+            ]
         } else {
             &[]
         };
@@ -177,7 +184,14 @@ fn run_refuses_files_a_module_could_not_accept_and_says_which_and_why() {
         let out = command()
             .arg("run")
             .args(["--data-dir", s(&dir.path().join(format!("data{n}")))])
-            .args(["--mqtt-addr", "127.0.0.1:0", "--amqp-addr", "127.0.0.1:0"])
+            .args([
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--amqp-addr",
+                "127.0.0.1:0",
+                "--methods-addr",
+                "127.0.0.1:0",
+            ])
             .args([
                 "--metrics-addr",
                 "127.0.0.1:0",
@@ -221,7 +235,14 @@ impl Hub {
         let mut child = command()
             .arg("run")
             .args(["--data-dir", s(data)])
-            .args(["--mqtt-addr", "127.0.0.1:0", "--amqp-addr", "127.0.0.1:0"])
+            .args([
+                "--mqtt-addr",
+                "127.0.0.1:0",
+                "--amqp-addr",
+                "127.0.0.1:0",
+                "--methods-addr",
+                "127.0.0.1:0",
+            ])
             .args([
                 "--metrics-addr",
                 "127.0.0.1:0",

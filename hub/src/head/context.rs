@@ -13,6 +13,7 @@ use crate::auth::sas;
 use crate::head::registry::Registry;
 use crate::head::sink::{ModuleInputSink, OutboundTx};
 use crate::identity::{Identities, Identity};
+use crate::methods::Methods;
 use crate::metrics::HubMetrics;
 
 /// The input sinks one receiver registered, by endpoint: only these are removed when it goes.
@@ -39,6 +40,8 @@ pub struct HeadContext {
     pub routes_changed: watch::Sender<u64>,
     /// The wall clock (token expiry, enqueue times): the one the composition root was given.
     pub clock: Arc<dyn Clock>,
+    /// Direct-method targets and the requests waiting for their answers.
+    pub methods: Arc<Methods>,
 }
 
 impl HeadContext {

@@ -35,6 +35,8 @@
 //! | `edgehub_connections`, `…_refused_total`, `edgehub_accept_failures_total` | see [`crate::limits::LimitMetrics`] | `protocol` | accept loops |
 //! | `edgehub_manifest_reloads_total` | counter | `result` (`success`, `failure`) | manifest reloads ([`crate::reload`]) |
 //! | `edgehub_manifest_generation` | gauge | | the manifest in force: 1 at start, +1 per reload applied |
+//! | `edgehub_direct_methods_total` | counter | `from`, `to` (`device/module`) | HTTPS head: every module → module invocation that reached a target lookup, answered or not |
+//! | `edgehub_direct_method_duration_seconds` | histogram (edgeHub: summary) | `from`, `to` | HTTPS head: from the lookup to the answer, timeout or 404 |
 //!
 //!
 //! Guarantees: label values are bounded by the declared modules, endpoints and a fixed set of
@@ -137,6 +139,13 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// Labels of the direct-method series, as edgeHub names them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    from: String,
+    to: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
@@ -206,6 +215,9 @@ pub struct HubMetrics {
     manifest_reloads: Family<ResultLabel, Counter>,
     manifest_generation: Gauge,
 
+    direct_methods: Family<MethodLabels, Counter>,
+    direct_method_duration: HistogramFamily<MethodLabels>,
+
     upstream: UpstreamMetrics,
     limits: crate::limits::LimitMetrics,
 }
@@ -259,6 +271,8 @@ impl HubMetrics {
             store_fdatasync_seconds: SnapshotHistogram::default(),
             manifest_reloads: Family::default(),
             manifest_generation: Gauge::default(),
+            direct_methods: Family::default(),
+            direct_method_duration: Family::new_with_constructor(latency_histogram),
             upstream: UpstreamMetrics::default(),
             limits: crate::limits::LimitMetrics::default(),
         };
@@ -283,7 +297,22 @@ impl HubMetrics {
         self.register_router(&mut r);
         self.register_queues(&mut r);
         self.register_store(&mut r);
+        self.register_methods(&mut r);
         self.registry = r;
+    }
+
+    /// Direct methods, module to module.
+    fn register_methods(&self, r: &mut Registry) {
+        r.register(
+            "edgehub_direct_methods",
+            "Direct-method invocations between modules, answered or not",
+            self.direct_methods.clone(),
+        );
+        r.register(
+            "edgehub_direct_method_duration_seconds",
+            "Time from a direct method's target lookup to its answer (or 404, or timeout)",
+            self.direct_method_duration.clone(),
+        );
     }
 
     /// Manifest reloads and the generation in force.
@@ -560,6 +589,18 @@ impl HubMetrics {
                 id: who.to_string(),
             })
             .inc();
+    }
+
+    /// A direct method `from` one module `to` another ended (answered or not) after `elapsed`.
+    pub fn direct_method(&self, from: &Identity, to: &Identity, elapsed: Duration) {
+        let labels = MethodLabels {
+            from: from.to_string(),
+            to: to.to_string(),
+        };
+        self.direct_methods.get_or_create(&labels).inc();
+        self.direct_method_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     /// A connection was closed because its SAS token expired; `protocol` is `"mqtt"` or
@@ -956,6 +997,8 @@ mod tests {
             "edgehub_store_epoch gauge",
             "edgehub_store_fenced gauge",
             "edgehub_store_fdatasync_seconds histogram",
+            "edgehub_direct_methods counter",
+            "edgehub_direct_method_duration_seconds histogram",
         ];
         assert_eq!(families, expected);
     }

@@ -60,6 +60,7 @@ use crate::head::context::{HeadContext, RegisteredSinks};
 use crate::head::sink::{self, Outbound, OutboundTx};
 use crate::head::MAX_MESSAGE_BYTES;
 use crate::identity::Identity;
+use crate::methods::{self, MethodCall, MethodTx};
 use crate::metrics::{ConnectionMetrics, HubMetrics};
 use crate::mqtt::sessions::Sessions;
 use crate::mqtt::topics::{EventsTopic, InboundTopic, SubscribeDecision};
@@ -440,6 +441,11 @@ struct Connection {
     /// Every publish is stored on this chain: once one fails to become durable, none after it
     /// on this connection is stored (so the client's resend cannot be overtaken).
     chain: router::AppendChain,
+    /// Where direct-method requests for this connection are queued (set while it runs); handed
+    /// to `ctx.methods` while the connection is subscribed to its methods.
+    method_tx: Option<MethodTx>,
+    /// Whether this connection is the module's direct-method target.
+    methods_attached: bool,
 }
 
 impl Connection {
@@ -472,6 +478,8 @@ impl Connection {
             outbound_tx: None,
             registered: RegisteredSinks::new(),
             chain: router::AppendChain::new(),
+            method_tx: None,
+            methods_attached: false,
         }
     }
 
@@ -488,6 +496,8 @@ impl Connection {
             return ConnectionEnd::RanTwice;
         };
         let (outbound_tx, outbound_rx) = sink::outbound_channel();
+        let (method_tx, methods_rx) = methods::method_channel();
+        self.method_tx = Some(method_tx);
         self.attach_inputs(&outbound_tx);
         let mut input = LoopInput {
             reader,
@@ -495,6 +505,7 @@ impl Connection {
             keep_alive,
             replaced,
             outbound_rx,
+            methods_rx,
             shutdown: self.ctx.shutdown.clone(),
             routes_changed: self.ctx.routes_changed.subscribe(),
         };
@@ -547,6 +558,7 @@ impl Connection {
         if self.subscribed_to_inputs() {
             self.register_inputs(outbound_tx);
         }
+        self.update_methods_target();
     }
 
     /// Reads packets and serves every other event until the connection ends.
@@ -603,6 +615,8 @@ impl Connection {
                 Some(delivery) = input.outbound_rx.recv(), if self.waiting.len() < usize::from(DELIVERY_WINDOW) => {
                     self.waiting.push_back(delivery);
                 }
+                // Direct-method requests, through the same bounded outgoing queue.
+                Some(call) = input.methods_rx.recv(), if !out_full => self.send_method_request(call),
                 Ok(reason) = &mut acker.route_failed => break ConnectionEnd::Route(reason),
                 _ = input.replaced.changed() => break ConnectionEnd::Replaced,
                 _ = input.shutdown.changed() => break ConnectionEnd::Shutdown,
@@ -720,7 +734,8 @@ impl Connection {
                 return Ok(token.map(|t| (Some(t), PendingAck::Now)));
             }
             Ok(InboundTopic::MethodResponse { .. }) => {
-                return Ok(token.map(|t| (Some(t), PendingAck::Now)))
+                self.relay_method_response(&publish);
+                return Ok(token.map(|t| (Some(t), PendingAck::Now)));
             }
             Err(e) => {
                 // edgeHub's rule: a publish on a topic it does not serve is dropped, but acked.
@@ -846,6 +861,9 @@ impl Connection {
                 self.subscriptions.push(f);
             }
         }
+        // The module takes method requests from before its SUBACK: an SDK that invokes as
+        // soon as its handler is set (after the SUBACK) finds it.
+        self.update_methods_target();
         self.reply(Packet::SubAck(SubAck::new(sub.pkid, codes)))?;
         if self.subscribed_to_inputs() && self.outbound_tx.is_none() {
             self.register_inputs(outbound);
@@ -864,6 +882,7 @@ impl Connection {
         if !self.subscribed_to_inputs() {
             self.unregister_inputs();
         }
+        self.update_methods_target();
         self.reply(Packet::UnsubAck(UnsubAck::new(unsub.pkid)))?;
         Ok(())
     }
@@ -954,8 +973,75 @@ impl Connection {
         }
     }
 
+    /// Makes this connection the module's direct-method target while it is subscribed to
+    /// `$iothub/methods/POST/#` (and the module's live connection), and stops it otherwise.
+    fn update_methods_target(&mut self) {
+        let wanted = self
+            .subscriptions
+            .iter()
+            .any(|f| f == methods::METHODS_FILTER);
+        // Only the module's live connection: a replaced one still reading never takes its
+        // successor's place.
+        let current = self
+            .ctx
+            .connections
+            .is_current(&self.identity, self.conn_id);
+        match (&self.method_tx, wanted, self.methods_attached) {
+            (Some(tx), true, false) if current => {
+                self.methods_attached =
+                    self.ctx
+                        .methods
+                        .attach(&self.identity, self.conn_id, tx.clone());
+            }
+            (_, false, true) => {
+                self.ctx.methods.detach(&self.identity, self.conn_id);
+                self.methods_attached = false;
+            }
+            _ => {}
+        }
+    }
+
+    /// Publishes a direct-method request (QoS 0, as IoT Hub: a method is at most once). The
+    /// select arm runs only with a free slot in the outgoing queue, which only this task fills.
+    fn send_method_request(&mut self, call: MethodCall) {
+        let topic = methods::request_topic(&call);
+        let mut publish = Publish::new(topic, QoS::AtMostOnce, Vec::new());
+        publish.payload = call.payload;
+        let _ = self.out.try_send(Packet::Publish(publish));
+    }
+
+    /// A response on `$iothub/methods/res/{status}/?$rid=…`: it completes the request with that
+    /// id only if the request was handed to this very connection; anything else is logged and
+    /// dropped.
+    fn relay_method_response(&self, publish: &Publish) {
+        let Some((status, rid)) = methods::parse_response_topic(&publish.topic) else {
+            tracing::warn!(client_id = %self.client_id, topic = %publish.topic, "method response without a status or $rid ignored");
+            return;
+        };
+        let response = methods::MethodResponse {
+            status,
+            payload: publish.payload.clone(),
+        };
+        match self
+            .ctx
+            .methods
+            .relay(&self.identity, self.conn_id, rid, response)
+        {
+            methods::Relayed::Completed => {
+                tracing::debug!(client_id = %self.client_id, rid, status, "method response relayed")
+            }
+            other => {
+                tracing::warn!(client_id = %self.client_id, rid, status, outcome = ?other, "method response ignored: no request with that $rid is pending on this connection")
+            }
+        }
+    }
+
     /// Leaves the registry and gives unacknowledged deliveries back to their workers.
     fn finish(&mut self) {
+        if self.methods_attached {
+            self.ctx.methods.detach(&self.identity, self.conn_id);
+            self.methods_attached = false;
+        }
         self.unregister_inputs();
         self.ctx.connections.leave(&self.identity, self.conn_id);
         // Dropping the senders answers "not delivered" to every waiting sink.
@@ -1054,6 +1140,8 @@ struct LoopInput<R> {
     replaced: watch::Receiver<bool>,
     /// Deliveries handed over by the module's input sinks.
     outbound_rx: sink::OutboundRx,
+    /// Direct-method requests for this connection.
+    methods_rx: methods::MethodRx,
     shutdown: watch::Receiver<bool>,
     routes_changed: watch::Receiver<u64>,
 }
@@ -1317,6 +1405,7 @@ mod tests {
             audiences: vec![IOTHUB.to_owned()],
             routes_changed: watch::channel(0).0,
             clock: Arc::new(SystemClock),
+            methods: Arc::default(),
         };
         let resource = sas::resource_uri(IOTHUB, DEVICE, Some("m"));
         let token = sas::generate(&resource, &key, ctx.now_secs() + 3600);

@@ -19,8 +19,12 @@
 //!   and `devices/{d}/modules/{m}/#` (what edgeHub's doc suggests) mean "all my inputs". edgeHub
 //!   treats *any* filter matching `^devices/.+/modules/.+/#$` that way (e.g. `…/inputs/in1/#`),
 //!   which would deliver topics outside the filter; we refuse such filters instead.
-//! - **Twin and direct-method subscriptions** of the client's own (`$iothub/twin/res/#`,
-//!   `$iothub/twin/PATCH/properties/desired/#`, `$iothub/methods/POST/#`) and a leaf device's
+//! - **Direct methods**: `$iothub/methods/POST/#` is granted (decision
+//!   `Unsupported(Methods)`, a name kept for now): the connection then takes the requests made
+//!   to *its own* module (`crate::methods`), and only those; a response
+//!   (`$iothub/methods/res/…`) completes only a request handed to that connection.
+//! - **Twin subscriptions** of the client's own (`$iothub/twin/res/#`,
+//!   `$iothub/twin/PATCH/properties/desired/#`) and a leaf device's
 //!   C2D filter `devices/{d}/messages/devicebound/#` are *accepted but unsupported*: granted, so
 //!   an SDK that subscribes when a handler is set keeps working, but nothing is ever published
 //!   on them yet. Twin requests are recognised by [`parse_publish`] so a caller can answer them
@@ -57,8 +61,8 @@ pub enum InboundTopic<'a> {
         /// The request id (`$rid`), if the topic carries one.
         rid: Option<&'a str>,
     },
-    /// A direct-method response (`$iothub/methods/res/{status}/?$rid=…`): accepted but
-    /// unsupported (no method is ever invoked yet).
+    /// A direct-method response (`$iothub/methods/res/{status}/?$rid=…`), relayed by the
+    /// connection to the request it answers (`crate::methods`).
     MethodResponse {
         /// The request id (`$rid`), if the topic carries one.
         rid: Option<&'a str>,
@@ -181,7 +185,7 @@ fn check_level(level: &str) -> Result<(), TopicError> {
 pub enum UnsupportedFeature {
     /// Twin responses and desired-property patches.
     Twin,
-    /// Direct-method requests.
+    /// Direct-method requests (served: the connection becomes its module's method target).
     Methods,
     /// Cloud-to-device messages of a leaf device.
     CloudToDevice,

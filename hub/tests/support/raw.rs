@@ -647,6 +647,8 @@ pub struct TestHub {
     pub addrs: Addrs,
     /// The AMQP listener.
     pub amqp: SocketAddr,
+    /// The HTTPS listener for direct methods, if the settings asked for one.
+    pub methods: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), hub::server::RunError>>>,
     identities: Arc<Identities>,
@@ -724,6 +726,7 @@ impl TestHub {
             root: root.to_owned(),
             addrs,
             amqp: bound.amqp,
+            methods: bound.methods,
             stop: Some(stop),
             task: Some(task),
             identities: Arc::new(identities),
@@ -820,7 +823,12 @@ impl BinaryHub {
             .arg(root.join("manifest.json"))
             .args(["--mqtt-addr", "127.0.0.1:0"])
             .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--amqp-addr", "127.0.0.1:0"])
+            .args([
+                "--amqp-addr",
+                "127.0.0.1:0",
+                "--methods-addr",
+                "127.0.0.1:0",
+            ])
             .args(["--iothub-hostname", IOTHUB, "--device-id", DEVICE])
             .args(["--gateway-hostname", "localhost", "--log", "info"])
             .args(extra)

@@ -98,6 +98,9 @@ pub enum Script {
     Receive,
     /// connect_only.py / connect_only.js: connect, report, leave.
     ConnectOnly,
+    /// method.py: serve direct methods, or invoke one (`invoke_method`). Python only so far
+    /// (method.js does not exist yet).
+    Method,
 }
 
 impl Script {
@@ -109,6 +112,8 @@ impl Script {
             (Script::Send, Sdk::Node) => "send.js",
             (Script::Receive, Sdk::Node) => "receive.js",
             (Script::ConnectOnly, Sdk::Node) => "connect_only.js",
+            (Script::Method, Sdk::Python) => "method.py",
+            (Script::Method, Sdk::Node) => "method.js",
         }
     }
 }
