@@ -35,6 +35,11 @@ use crate::types::{AccessMode, EdgeDeployment, ServiceType};
 pub const MQTTS_PORT: i32 = 8883;
 /// The hub's AMQP port.
 pub const AMQPS_PORT: i32 = 5671;
+/// The hub's HTTPS port for direct methods (its `--methods-addr`): the hub runs as a non-root
+/// user, which cannot bind 443, so its Service maps [`METHODS_SERVICE_PORT`] to it.
+pub const METHODS_PORT: i32 = 8443;
+/// The port the SDKs dial for direct methods (`https://{GatewayHostName}:443`), on the Service.
+pub const METHODS_SERVICE_PORT: i32 = 443;
 /// The hub's HTTP port (`/metrics`, `/readyz`, `/healthz`).
 pub const METRICS_PORT: i32 = 9600;
 /// The non-root user and group the hub runs as.
@@ -398,13 +403,14 @@ impl Builder<'_> {
     }
 
     fn hub_service(&self) -> Service {
-        let port = |name: &str, port: i32| ServicePort {
+        let mapped = |name: &str, port: i32, target: i32| ServicePort {
             name: Some(name.to_owned()),
             port,
-            target_port: Some(IntOrString::Int(port)),
+            target_port: Some(IntOrString::Int(target)),
             protocol: Some("TCP".to_owned()),
             ..ServicePort::default()
         };
+        let port = |name: &str, port: i32| mapped(name, port, port);
         let type_ = match self.ed.spec.hub.service_type {
             ServiceType::ClusterIP => "ClusterIP",
             ServiceType::NodePort => "NodePort",
@@ -418,6 +424,7 @@ impl Builder<'_> {
                 ports: Some(vec![
                     port("mqtts", MQTTS_PORT),
                     port("amqps", AMQPS_PORT),
+                    mapped("https", METHODS_SERVICE_PORT, METHODS_PORT),
                     port("metrics", METRICS_PORT),
                 ]),
                 ..ServiceSpec::default()
@@ -466,6 +473,8 @@ impl Builder<'_> {
             format!("0.0.0.0:{MQTTS_PORT}"),
             "--amqp-addr".to_owned(),
             format!("0.0.0.0:{AMQPS_PORT}"),
+            "--methods-addr".to_owned(),
+            format!("0.0.0.0:{METHODS_PORT}"),
             "--metrics-addr".to_owned(),
             format!("0.0.0.0:{METRICS_PORT}"),
             "--epoch".to_owned(),
@@ -513,6 +522,7 @@ impl Builder<'_> {
             ports: Some(vec![
                 container_port("mqtts", MQTTS_PORT, "TCP"),
                 container_port("amqps", AMQPS_PORT, "TCP"),
+                container_port("https", METHODS_PORT, "TCP"),
                 container_port("metrics", METRICS_PORT, "TCP"),
             ]),
             readiness_probe: Some(probe("/readyz")),

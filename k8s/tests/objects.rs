@@ -11,6 +11,7 @@ use k8s::tls::TlsMaterial;
 use k8s::types::EdgeDeployment;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Container, EnvVar, Secret, Volume};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
 fn example(name: &str) -> EdgeDeployment {
@@ -212,19 +213,28 @@ fn the_hub_statefulset_service_and_its_secrets() {
     // Service.
     let svc = d.hub_service.spec.as_ref().expect("spec");
     assert_eq!(svc.type_.as_deref(), Some("LoadBalancer"));
-    let ports: Vec<(String, i32)> = svc
+    let ports: Vec<(String, i32, Option<IntOrString>)> = svc
         .ports
         .as_ref()
         .expect("ports")
         .iter()
-        .map(|p| (p.name.clone().unwrap_or_default(), p.port))
+        .map(|p| {
+            (
+                p.name.clone().unwrap_or_default(),
+                p.port,
+                p.target_port.clone(),
+            )
+        })
         .collect();
+    // The SDKs call direct methods on https://{GatewayHostName}:443; the non-root hub listens
+    // on 8443 (its --methods-addr below).
     assert_eq!(
         ports,
         [
-            ("mqtts".into(), 8883),
-            ("amqps".into(), 5671),
-            ("metrics".into(), 9600)
+            ("mqtts".into(), 8883, Some(IntOrString::Int(8883))),
+            ("amqps".into(), 5671, Some(IntOrString::Int(5671))),
+            ("https".into(), 443, Some(IntOrString::Int(8443))),
+            ("metrics".into(), 9600, Some(IntOrString::Int(9600)))
         ]
     );
     assert_eq!(
@@ -283,7 +293,7 @@ fn the_hub_statefulset_service_and_its_secrets() {
          --hostname line2-hub.factory.svc --hostname line2-hub.factory.svc.cluster.local \
          --tls-cert /etc/edgehub/tls/tls.crt --tls-key /etc/edgehub/tls/tls.key \
          --tls-ca /etc/edgehub/tls/ca.crt --mqtt-addr 0.0.0.0:8883 --amqp-addr 0.0.0.0:5671 \
-         --metrics-addr 0.0.0.0:9600 --epoch 1 --reconfigure"
+         --methods-addr 0.0.0.0:8443 --metrics-addr 0.0.0.0:9600 --epoch 1 --reconfigure"
     );
     let csc = c.security_context.as_ref().expect("securityContext");
     assert_eq!(csc.read_only_root_filesystem, Some(true));
