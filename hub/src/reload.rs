@@ -435,6 +435,10 @@ impl Reloader {
         if deployment.edge_hub.routes != active.deployment.edge_hub.routes {
             self.ctx.router.reload(deployment.edge_hub.routes.clone());
         }
+        // Connected modules hear of changed desired properties (a patch each).
+        self.ctx
+            .twins
+            .set_manifest(deployment.twins_desired.clone());
         // Identities first, then the connections: a reconnect is checked against the new ones.
         let device = self.ctx.identities.device().clone();
         for module in changes

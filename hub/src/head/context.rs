@@ -39,6 +39,8 @@ pub struct HeadContext {
     pub routes_changed: watch::Sender<u64>,
     /// The wall clock (token expiry, enqueue times): the one the composition root was given.
     pub clock: Arc<dyn Clock>,
+    /// Module twins (desired properties from the manifest, durable reported properties).
+    pub twins: Arc<crate::twin::Twins>,
 }
 
 impl HeadContext {
