@@ -256,3 +256,16 @@ async fn a_reload_patches_each_module_with_its_own_desired_properties_only() {
     assert_eq!(receiver.ping().await, vec![Packet::PingResp]);
     hub.stop().await;
 }
+
+/// The Python SDK GETs the twin right after CONNECT when a desired-patch handler is set,
+/// before it subscribes to `$iothub/twin/res/#`, and never GETs again while that GET is
+/// unanswered: the answer must go out all the same (found by the SDK test of a reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_before_subscribing_to_responses_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start(dir.path(), json!({"rate": 5}), json!({})).await;
+    let (mut c, _) = hub.connected("receiver", true).await;
+    let twin = get(&mut c, "early", 30).await;
+    assert_eq!(twin["desired"], json!({"rate": 5, "$version": 2}));
+    hub.stop().await;
+}

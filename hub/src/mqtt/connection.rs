@@ -777,9 +777,11 @@ impl Connection {
         Ok(ack)
     }
 
-    /// Answers a twin request (`crate::mqtt::twin`), durably for a patch, before its PUBACK;
-    /// the answer is sent if the module subscribed to twin responses. A fenced hub answers
-    /// nothing and closes.
+    /// Answers a twin request (`crate::mqtt::twin`), durably for a patch, before its PUBACK.
+    /// The answer goes out whether or not the module subscribed to `$iothub/twin/res/#` yet:
+    /// the Python SDK GETs the twin right after CONNECT, before it subscribes, and waits for
+    /// that answer forever (it never GETs again while one is outstanding). A fenced hub
+    /// answers nothing and closes.
     fn answer_twin_request(
         &self,
         request: (topics::TwinOp, Option<&str>, &[u8]),
@@ -793,10 +795,7 @@ impl Connection {
             arrived,
         )
         .map_err(ConnectionEnd::Twin)?;
-        if self.is_subscribed(topics::TWIN_RESPONSES_FILTER) {
-            self.reply(Packet::Publish(answer))?;
-        }
-        Ok(())
+        self.reply(Packet::Publish(answer))
     }
 
     fn is_subscribed(&self, filter: &str) -> bool {

@@ -19,7 +19,10 @@
 //!   `$iothub/twin/PATCH/properties/desired/?$version={n}` with `$version` in the body, as IoT
 //!   Hub sends it. Several reloads while the connection could not send are one patch. A module
 //!   that was away learns what it missed from its GET (the Python SDK GETs on every reconnect).
-//! - Answers and patches are QoS 0 and go through the connection's bounded outgoing queue.
+//! - Answers and patches are QoS 0 and go through the connection's bounded outgoing queue. An
+//!   answer goes to the module that asked even before it subscribed to `$iothub/twin/res/#`
+//!   (the Python SDK GETs right after CONNECT when a desired-patch handler is set, before it
+//!   subscribes, and waits for that answer for good).
 
 use std::time::Instant;
 
