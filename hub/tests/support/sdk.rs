@@ -98,6 +98,9 @@ pub enum Script {
     Receive,
     /// connect_only.py / connect_only.js: connect, report, leave.
     ConnectOnly,
+    /// twin.py: get_twin / patch_twin_reported_properties steps, desired patches with
+    /// `--listen` (Python only: the Node twin tests are not written yet).
+    Twin,
 }
 
 impl Script {
@@ -106,6 +109,8 @@ impl Script {
             (Script::Send, Sdk::Python) => "send.py",
             (Script::Receive, Sdk::Python) => "receive.py",
             (Script::ConnectOnly, Sdk::Python) => "connect_only.py",
+            (Script::Twin, Sdk::Python) => "twin.py",
+            (Script::Twin, Sdk::Node) => "twin.js (not written: Python only)",
             (Script::Send, Sdk::Node) => "send.js",
             (Script::Receive, Sdk::Node) => "receive.js",
             (Script::ConnectOnly, Sdk::Node) => "connect_only.js",
