@@ -87,6 +87,9 @@ impl From<Damage> for TwinError {
     }
 }
 
+/// A module's twin as first opened: its slot, or why its file could not be read.
+type Opened = Result<Arc<Mutex<Slot>>, Damage>;
+
 /// One module's twin and its file.
 struct Slot {
     file: OwnedFile,
@@ -101,7 +104,7 @@ pub struct Twins {
     manifest: Mutex<BTreeMap<ModuleId, Map<String, Value>>>,
     /// Twins opened so far, or why one could not be read (kept: opening again would find the
     /// damaged content already moved to this owner's copy, which an open does not read).
-    slots: Mutex<HashMap<ModuleId, Result<Arc<Mutex<Slot>>, Damage>>>,
+    slots: Mutex<HashMap<ModuleId, Opened>>,
     /// Bumped whenever the manifest's desired properties change (a connection then asks for
     /// its module's, [`Twins::desired`], and sends the difference).
     desired_changed: watch::Sender<u64>,
