@@ -94,6 +94,8 @@ impl fmt::Display for Trigger {
 }
 
 /// How a reload ended.
+// One per reload, never in a hot path or a collection: the size of `Applied` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Nothing to reload (built-in manifest and no keys directory).
