@@ -29,4 +29,5 @@ pub mod reload;
 pub mod server;
 pub mod settings;
 pub mod tls;
+pub mod twin;
 pub mod upstream;

@@ -18,8 +18,10 @@
 //!   sign with the new key.
 //! - **Connected receivers follow new routes**: after a reload, a module that is connected
 //!   and receiving also becomes the sink of input endpoints that routes name only now.
+//! - **Module twins follow the manifest**: a module whose desired properties changed gets a
+//!   desired-properties patch on each connection subscribed to them (`crate::mqtt::twin`).
 //! - One info line says what changed (routes added, removed, changed by name, modules added,
-//!   removed, re-keyed, store TTL). A store setting that cannot change live (`maxSizeBytes`)
+//!   removed, re-keyed, module twins whose desired properties changed, store TTL). A store setting that cannot change live (`maxSizeBytes`)
 //!   is logged as applying at the next restart and does not fail the reload.
 //!
 //! - A login racing a reload cannot slip through: a connection joins the registry of live
@@ -92,6 +94,8 @@ impl fmt::Display for Trigger {
 }
 
 /// How a reload ended.
+// One per reload, never in a hot path or a collection: the size of `Applied` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Nothing to reload (built-in manifest and no keys directory).
@@ -119,6 +123,8 @@ pub struct Changes {
     pub store_ttl: Option<(Ttl, Ttl)>,
     /// `maxSizeBytes`, if it changed: (old, new). Applies at the next restart.
     pub max_store_size: Option<(Option<u64>, Option<u64>)>,
+    /// Modules whose twin's desired properties differ (given, removed or changed), sorted.
+    pub twins_changed: Vec<ModuleId>,
 }
 
 impl Changes {
@@ -154,6 +160,16 @@ impl Changes {
         if old.edge_hub.store_ttl != new.edge_hub.store_ttl {
             changes.store_ttl = Some((old.edge_hub.store_ttl, new.edge_hub.store_ttl));
         }
+        let twins: std::collections::BTreeSet<&ModuleId> = old
+            .twins_desired
+            .keys()
+            .chain(new.twins_desired.keys())
+            .collect();
+        changes.twins_changed = twins
+            .into_iter()
+            .filter(|m| old.twins_desired.get(*m) != new.twins_desired.get(*m))
+            .cloned()
+            .collect();
         if old.edge_hub.max_store_size_bytes != new.edge_hub.max_store_size_bytes {
             changes.max_store_size = Some((
                 old.edge_hub.max_store_size_bytes,
@@ -213,6 +229,12 @@ impl fmt::Display for Changes {
             if !names.is_empty() {
                 parts.push(format!("{what} [{}]", list(names)));
             }
+        }
+        if !self.twins_changed.is_empty() {
+            parts.push(format!(
+                "module twins' desired properties changed [{}]",
+                list(&self.twins_changed)
+            ));
         }
         if let Some((old, new)) = self.store_ttl {
             parts.push(format!("store TTL {} -> {}", ttl_text(old), ttl_text(new)));
@@ -435,6 +457,10 @@ impl Reloader {
         if deployment.edge_hub.routes != active.deployment.edge_hub.routes {
             self.ctx.router.reload(deployment.edge_hub.routes.clone());
         }
+        // Connected modules hear of changed desired properties (a patch each).
+        self.ctx
+            .twins
+            .set_manifest(deployment.twins_desired.clone());
         // Identities first, then the connections: a reconnect is checked against the new ones.
         let device = self.ctx.identities.device().clone();
         for module in changes
@@ -681,6 +707,42 @@ mod tests {
             "routes changed [r]; modules added [m1]; modules removed [m2, m3]; module keys \
              changed [m4]; store TTL 60 s -> infinite; maxSizeBytes 1073741824 bytes -> \
              1048576 bytes (at the next restart)"
+        );
+    }
+
+    #[test]
+    fn a_change_of_module_twins_desired_properties_is_named_in_the_summary() {
+        let routes = r#"{"r": "FROM /messages/* INTO $upstream"}"#;
+        let old = deployment(routes, 60, None);
+        let mut new = old.clone();
+        let desired = |v: serde_json::Value| match v {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        new.twins_desired
+            .insert(ModuleId::new("m1"), desired(json!({"rate": 5})));
+        let changes = Changes::between(&old, &new, IdentityChanges::default());
+        assert_eq!(
+            changes.to_string(),
+            "module twins' desired properties changed [m1]"
+        );
+        assert!(!changes.routes_differ());
+        let mut newer = new.clone();
+        newer
+            .twins_desired
+            .insert(ModuleId::new("m1"), desired(json!({"rate": 6})));
+        newer
+            .twins_desired
+            .insert(ModuleId::new("m0"), desired(json!({})));
+        let changes = Changes::between(&new, &newer, IdentityChanges::default());
+        assert_eq!(
+            changes.twins_changed,
+            [ModuleId::new("m0"), ModuleId::new("m1")]
+        );
+        let back = Changes::between(&newer, &old, IdentityChanges::default());
+        assert_eq!(
+            back.twins_changed,
+            [ModuleId::new("m0"), ModuleId::new("m1")]
         );
     }
 

@@ -202,6 +202,9 @@ pub enum RunError {
     /// Building the core: the persistent MQTT sessions cannot be read.
     #[error("cannot load the MQTT sessions")]
     Sessions(#[source] SessionsError),
+    /// Building the core: the module twins' directory cannot be made.
+    #[error("cannot open the module twins' directory")]
+    Twins(#[source] crate::twin::TwinError),
     /// Building the core: the cloud connection's TLS cannot be set up.
     #[error("cannot set up the cloud connection")]
     Upstream(#[source] UpstreamTlsError),
@@ -461,6 +464,11 @@ fn build_core(
         metrics,
         upstream,
     } = start_delivery(settings, &deployment, &identities, store, &clock)?;
+    let owner: Arc<dyn crate::owned_file::Ownership> = Arc::new(store.clone());
+    let twins = Arc::new(
+        crate::twin::Twins::new(settings.data_dir(), owner, deployment.twins_desired.clone())
+            .map_err(RunError::Twins)?,
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(HeadContext {
@@ -477,6 +485,7 @@ fn build_core(
         routes_changed: watch::channel(0).0,
         clock: Arc::clone(&clock),
         methods: Arc::new(crate::methods::Methods::default()),
+        twins,
     });
     let reloader = Arc::new(Reloader::new(
         settings.clone(),

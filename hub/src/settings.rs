@@ -180,6 +180,7 @@ pub fn parse_manifest(text: &str) -> Result<Deployment, ManifestError> {
         Ok(Deployment {
             edge_hub,
             modules: Vec::new(),
+            twins_desired: std::collections::BTreeMap::new(),
         })
     } else {
         router::manifest::parse_deployment(text)

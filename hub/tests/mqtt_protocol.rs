@@ -776,7 +776,7 @@ async fn a_publish_on_a_topic_the_hub_does_not_serve_is_acked_and_dropped() {
     let (mut s, _) = hub.connected("sender", true).await;
     // edgeHub's rule (reference §1.4): dropped, but PUBACKed, and the connection stays.
     publish_acked(&mut s, "some/other/topic", 1, b"dropped").await;
-    // A twin request is answered at once (twins are not served) and PUBACKed.
+    // A twin request is answered (served from the twin, not routed) and PUBACKed.
     s.writer
         .publish("$iothub/twin/GET/?$rid=42", QoS::AtLeastOnce, 2, b"")
         .await;

@@ -25,6 +25,8 @@
 //! that decides priority and TTL), so a reload never changes what queued messages were promised.
 //! See [`crate::route::DeliveryOptions`] and the endpoint worker for the ordering contract.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Map, Value};
 
 use crate::error::{ManifestError, ManifestIssue};
@@ -65,6 +67,10 @@ pub struct Deployment {
     pub edge_hub: EdgeHubConfig,
     /// Module names declared under `$edgeAgent` `properties.desired.modules`, sorted.
     pub modules: Vec<ModuleId>,
+    /// The desired properties of each module twin the manifest gives
+    /// (`modulesContent.<module>.properties.desired`, an object; `$version` in it kept as
+    /// written), by module. `$edgeAgent` and `$edgeHub` are not module twins and are not here.
+    pub twins_desired: BTreeMap<ModuleId, Map<String, Value>>,
 }
 
 /// Parses `$edgeHub` desired properties from JSON text.
@@ -102,7 +108,52 @@ pub fn parse_deployment_value(manifest: &Value) -> Result<Deployment, ManifestEr
         Some(desired) => edge_hub_at(desired, &hub_path, &mut issues),
         None => None,
     };
-    issues.finish(config.map(|edge_hub| Deployment { edge_hub, modules }))
+    let twins_desired = twins_desired(content, prefix, &mut issues);
+    issues.finish(config.map(|edge_hub| Deployment {
+        edge_hub,
+        modules,
+        twins_desired,
+    }))
+}
+
+/// The desired properties of every module twin in `modulesContent` (other than `$edgeAgent`
+/// and `$edgeHub`): a module without them has none (an empty twin); given, they must be an
+/// object.
+fn twins_desired(
+    content: &Value,
+    prefix: &str,
+    issues: &mut Issues,
+) -> BTreeMap<ModuleId, Map<String, Value>> {
+    let mut twins = BTreeMap::new();
+    let Some(content) = content.as_object() else {
+        return twins;
+    };
+    for (name, twin) in content {
+        if name == "$edgeAgent" || name == "$edgeHub" {
+            continue;
+        }
+        let path = join(prefix, &format!("{name}.properties.desired"));
+        let dotted = twin.get("properties.desired");
+        let nested = twin.pointer("/properties/desired");
+        let desired = match (dotted, nested) {
+            (None, None) => continue,
+            (Some(d), None) | (None, Some(d)) => d,
+            (Some(_), Some(_)) => {
+                issues.add(
+                    &path,
+                    "given twice: as \"properties.desired\" and as \"properties\": {\"desired\"}",
+                );
+                continue;
+            }
+        };
+        match desired {
+            Value::Object(map) => {
+                twins.insert(ModuleId::new(name), map.clone());
+            }
+            _ => issues.add(&path, "must be an object"),
+        }
+    }
+    twins
 }
 
 fn parse_json(json: &str) -> Result<Value, ManifestError> {
@@ -540,5 +591,25 @@ mod tests {
         for bad in ["a.b", "$a", "a#", "a b", ""] {
             assert!(!valid_route_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn module_twins_desired_properties_are_taken_from_the_deployment() {
+        let text = r#"{"modulesContent": {
+            "$edgeAgent": {"properties.desired": {"modules": {"a": {}, "b": {}, "c": {}}}},
+            "$edgeHub": {"properties.desired": {"schemaVersion": "1.0", "routes": {}}},
+            "a": {"properties.desired": {"rate": 5, "$version": 3}},
+            "b": {"properties": {"desired": {"on": true}}}
+        }}"#;
+        let d = parse_deployment(text).unwrap();
+        let a = &d.twins_desired[&ModuleId::new("a")];
+        assert_eq!(a["rate"], 5);
+        assert_eq!(a["$version"], 3);
+        assert_eq!(d.twins_desired[&ModuleId::new("b")]["on"], true);
+        assert!(!d.twins_desired.contains_key(&ModuleId::new("c")));
+        assert!(!d.twins_desired.contains_key(&ModuleId::new("$edgeHub")));
+        let bad = text.replace(r#"{"rate": 5, "$version": 3}"#, "[1]");
+        let err = parse_deployment(&bad).unwrap_err().to_string();
+        assert!(err.contains("modulesContent.a.properties.desired"), "{err}");
     }
 }

@@ -42,6 +42,8 @@ pub struct HeadContext {
     pub clock: Arc<dyn Clock>,
     /// Direct-method targets and the requests waiting for their answers.
     pub methods: Arc<Methods>,
+    /// Module twins (desired properties from the manifest, durable reported properties).
+    pub twins: Arc<crate::twin::Twins>,
 }
 
 impl HeadContext {

@@ -37,6 +37,10 @@
 //! | `edgehub_manifest_generation` | gauge | | the manifest in force: 1 at start, +1 per reload applied |
 //! | `edgehub_direct_methods_total` | counter | `from`, `to` (`device/module`) | HTTPS head: every module → module invocation that reached a target lookup, answered or not |
 //! | `edgehub_direct_method_duration_seconds` | histogram (edgeHub: summary) | `from`, `to` | HTTPS head: from the lookup to the answer, timeout or 404 |
+//! | `edgehub_gettwin_total` | counter | `source` = `local`, `id` | twin GETs answered (served from the hub's own twin store) |
+//! | `edgehub_gettwin_duration_seconds` | histogram (edgeHub: summary) | `source`, `id` | twin GET in → response queued |
+//! | `edgehub_reported_properties_total` | counter | `target` = `local`, `id` | reported-properties patches answered (accepted or refused) |
+//! | `edgehub_reported_properties_update_duration_seconds` | histogram (edgeHub: summary) | `target`, `id` | patch in → answer queued (durable when accepted) |
 //!
 //!
 //! Guarantees: label values are bounded by the declared modules, endpoints and a fixed set of
@@ -129,6 +133,23 @@ struct IdLabel {
     id: String,
 }
 
+/// Labels of the twin GET series (edgeHub's `source`, `id`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TwinSourceLabels {
+    source: &'static str,
+    id: String,
+}
+
+/// Labels of the reported-properties series (edgeHub's `target`, `id`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TwinTargetLabels {
+    target: &'static str,
+    id: String,
+}
+
+/// Where twins are served from and reported properties kept: the hub's own store.
+const TWIN_LOCAL: &str = "local";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ToLabel {
     to: String,
@@ -217,6 +238,10 @@ pub struct HubMetrics {
 
     direct_methods: Family<MethodLabels, Counter>,
     direct_method_duration: HistogramFamily<MethodLabels>,
+    twin_gets: Family<TwinSourceLabels, Counter>,
+    twin_get_duration: HistogramFamily<TwinSourceLabels>,
+    reported_properties: Family<TwinTargetLabels, Counter>,
+    reported_properties_duration: HistogramFamily<TwinTargetLabels>,
 
     upstream: UpstreamMetrics,
     limits: crate::limits::LimitMetrics,
@@ -273,6 +298,10 @@ impl HubMetrics {
             manifest_generation: Gauge::default(),
             direct_methods: Family::default(),
             direct_method_duration: Family::new_with_constructor(latency_histogram),
+            twin_gets: Family::default(),
+            twin_get_duration: Family::new_with_constructor(latency_histogram),
+            reported_properties: Family::default(),
+            reported_properties_duration: Family::new_with_constructor(latency_histogram),
             upstream: UpstreamMetrics::default(),
             limits: crate::limits::LimitMetrics::default(),
         };
@@ -298,6 +327,7 @@ impl HubMetrics {
         self.register_queues(&mut r);
         self.register_store(&mut r);
         self.register_methods(&mut r);
+        self.register_twins(&mut r);
         self.registry = r;
     }
 
@@ -487,6 +517,54 @@ impl HubMetrics {
             "Duration of each group commit's fdatasync (the disk's part of a publish's latency)",
             self.store_fdatasync_seconds.clone(),
         );
+    }
+
+    /// Module twins: GETs and reported-properties patches, under edgeHub's names.
+    fn register_twins(&self, r: &mut Registry) {
+        r.register(
+            "edgehub_gettwin",
+            "Twin GETs answered, by source (local: the hub's own twin store) and module",
+            self.twin_gets.clone(),
+        );
+        r.register(
+            "edgehub_gettwin_duration_seconds",
+            "Time from a twin GET to its answer",
+            self.twin_get_duration.clone(),
+        );
+        r.register(
+            "edgehub_reported_properties",
+            "Reported-properties patches answered, by target (local: the hub's own twin store) and module",
+            self.reported_properties.clone(),
+        );
+        r.register(
+            "edgehub_reported_properties_update_duration_seconds",
+            "Time from a reported-properties patch to its answer (durable when accepted)",
+            self.reported_properties_duration.clone(),
+        );
+    }
+
+    /// `who`'s twin GET was answered `elapsed` after it arrived.
+    pub fn twin_get(&self, who: &Identity, elapsed: Duration) {
+        let labels = TwinSourceLabels {
+            source: TWIN_LOCAL,
+            id: who.to_string(),
+        };
+        self.twin_gets.get_or_create(&labels).inc();
+        self.twin_get_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// `who`'s reported-properties patch was answered `elapsed` after it arrived.
+    pub fn reported_properties_updated(&self, who: &Identity, elapsed: Duration) {
+        let labels = TwinTargetLabels {
+            target: TWIN_LOCAL,
+            id: who.to_string(),
+        };
+        self.reported_properties.get_or_create(&labels).inc();
+        self.reported_properties_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
     }
 
     /// A module published a message (no output name or size known).
@@ -999,8 +1077,44 @@ mod tests {
             "edgehub_store_fdatasync_seconds histogram",
             "edgehub_direct_methods counter",
             "edgehub_direct_method_duration_seconds histogram",
+            "edgehub_gettwin counter",
+            "edgehub_gettwin_duration_seconds histogram",
+            "edgehub_reported_properties counter",
+            "edgehub_reported_properties_update_duration_seconds histogram",
         ];
         assert_eq!(families, expected);
+    }
+
+    #[test]
+    fn twin_calls_are_counted_with_edgehubs_labels() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(dir.path());
+        let m = HubMetrics::new("h", "d");
+        let who = Identity::new(DeviceId::new("d"), ModuleId::new("m"));
+        m.twin_get(&who, Duration::from_millis(1));
+        m.twin_get(&who, Duration::from_millis(1));
+        m.reported_properties_updated(&who, Duration::from_millis(2));
+        let text = m.render(&store, &RouterMetrics::default());
+        let gets = line(&text, "edgehub_gettwin_total{").expect("gettwin");
+        assert!(
+            gets.contains("source=\"local\"")
+                && gets.contains("id=\"d/m\"")
+                && gets.ends_with(" 2"),
+            "{gets}"
+        );
+        let reported = line(&text, "edgehub_reported_properties_total{").expect("reported");
+        assert!(
+            reported.contains("target=\"local\"") && reported.ends_with(" 1"),
+            "{reported}"
+        );
+        assert!(
+            text.contains("edgehub_gettwin_duration_seconds_count{"),
+            "{text}"
+        );
+        assert!(
+            text.contains("edgehub_reported_properties_update_duration_seconds_count{"),
+            "{text}"
+        );
     }
 
     #[test]

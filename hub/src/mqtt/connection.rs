@@ -64,11 +64,8 @@ use crate::methods::{self, MethodCall, MethodTx};
 use crate::metrics::{ConnectionMetrics, HubMetrics};
 use crate::mqtt::sessions::Sessions;
 use crate::mqtt::topics::{EventsTopic, InboundTopic, SubscribeDecision};
-use crate::mqtt::{session_state, topics, username};
+use crate::mqtt::{session_state, topics, twin, username};
 use crate::property_bag;
-
-/// Status answered to twin requests until twins are served.
-const TWIN_NOT_SUPPORTED: u16 = 501;
 
 /// How long a client has to send CONNECT after the TLS handshake (edgeHub: 60 s).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -113,6 +110,9 @@ pub enum ConnectionEnd {
     /// The persistent-session store failed.
     #[error("connection refused: session store: {0}")]
     Sessions(#[source] crate::mqtt::sessions::SessionsError),
+    /// A twin request may not be answered (this hub is fenced).
+    #[error("twin request not answered: {0}")]
+    Twin(#[source] crate::twin::TwinError),
     /// CONNECT's credentials were refused.
     #[error("connection refused: {0}")]
     NotAuthorized(#[from] ConnectAuthError),
@@ -434,6 +434,8 @@ struct Connection {
     subscriptions: Vec<String>,
     /// This connection's counters, resolved once.
     metrics: ConnectionMetrics,
+    /// What the module was last told of its desired properties (while subscribed to them).
+    desired: twin::DesiredWatch,
     /// Set while this connection's input sinks are registered.
     outbound_tx: Option<OutboundTx>,
     /// The input sinks this connection registered (only these are removed when it goes).
@@ -475,6 +477,7 @@ impl Connection {
             acks: None,
             subscriptions: Vec::new(),
             metrics,
+            desired: twin::DesiredWatch::default(),
             outbound_tx: None,
             registered: RegisteredSinks::new(),
             chain: router::AppendChain::new(),
@@ -499,6 +502,8 @@ impl Connection {
         let (method_tx, methods_rx) = methods::method_channel();
         self.method_tx = Some(method_tx);
         self.attach_inputs(&outbound_tx);
+        // A persistent session's desired-patch subscription counts from now.
+        let watched = self.watch_desired();
         let mut input = LoopInput {
             reader,
             buf,
@@ -508,10 +513,15 @@ impl Connection {
             methods_rx,
             shutdown: self.ctx.shutdown.clone(),
             routes_changed: self.ctx.routes_changed.subscribe(),
+            desired_changes: self.ctx.twins.desired_changes(),
         };
-        let end = self
-            .serve_packets(&mut input, &outbound_tx, &mut acker)
-            .await;
+        let end = match watched {
+            Ok(()) => {
+                self.serve_packets(&mut input, &outbound_tx, &mut acker)
+                    .await
+            }
+            Err(end) => end,
+        };
         // Acknowledge what is durable before closing (in order), unless routing failed; a
         // client that does not read gets CLOSE_GRACE for it.
         self.acks = None;
@@ -621,6 +631,12 @@ impl Connection {
                 _ = input.replaced.changed() => break ConnectionEnd::Replaced,
                 _ = input.shutdown.changed() => break ConnectionEnd::Shutdown,
                 Ok(()) = input.routes_changed.changed() => self.register_new_inputs(),
+                // A desired patch is one packet: only with a slot free for it.
+                Ok(()) = input.desired_changes.changed(), if !out_full => {
+                    if let Err(end) = self.send_desired_patch() {
+                        break end;
+                    }
+                }
                 () = &mut keep_alive_timer => {
                     if Instant::now() >= deadline {
                         break ConnectionEnd::KeepAlive;
@@ -729,8 +745,8 @@ impl Connection {
         let arrived = std::time::Instant::now();
         let ack = match topics::parse_publish(&publish.topic) {
             Ok(InboundTopic::Events(topic)) => self.route_event(&publish, &topic)?,
-            Ok(InboundTopic::TwinRequest { rid }) => {
-                self.answer_twin_request(rid)?;
+            Ok(InboundTopic::TwinRequest { op, rid }) => {
+                self.answer_twin_request((op, rid, &publish.payload), arrived)?;
                 return Ok(token.map(|t| (Some(t), PendingAck::Now)));
             }
             Ok(InboundTopic::MethodResponse { .. }) => {
@@ -776,17 +792,59 @@ impl Connection {
         Ok(ack)
     }
 
-    /// Twins are not served yet: a request with a request id is answered at once so the SDK
-    /// fails fast, not after a timeout.
-    fn answer_twin_request(&self, rid: Option<&str>) -> Result<(), ConnectionEnd> {
-        if let Some(rid) = rid {
-            let topic = topics::twin_response_topic(TWIN_NOT_SUPPORTED, rid);
-            self.reply(Packet::Publish(Publish::new(
-                topic,
-                QoS::AtMostOnce,
-                Vec::new(),
-            )))?;
+    /// Answers a twin request (`crate::mqtt::twin`), durably for a patch, before its PUBACK.
+    /// The answer goes out whether or not the module subscribed to `$iothub/twin/res/#` yet:
+    /// the Python SDK GETs the twin right after CONNECT, before it subscribes, and waits for
+    /// that answer forever (it never GETs again while one is outstanding). A fenced hub
+    /// answers nothing and closes.
+    fn answer_twin_request(
+        &self,
+        request: (topics::TwinOp, Option<&str>, &[u8]),
+        arrived: std::time::Instant,
+    ) -> Result<(), ConnectionEnd> {
+        let answer = twin::answer(
+            &self.ctx.twins,
+            &self.ctx.metrics,
+            &self.identity,
+            request,
+            arrived,
+        )
+        .map_err(ConnectionEnd::Twin)?;
+        self.reply(Packet::Publish(answer))
+    }
+
+    fn is_subscribed(&self, filter: &str) -> bool {
+        self.subscriptions.iter().any(|f| f == filter)
+    }
+
+    /// Starts or stops desired patches as the subscriptions say.
+    fn watch_desired(&mut self) -> Result<(), ConnectionEnd> {
+        if self.is_subscribed(topics::TWIN_DESIRED_FILTER) {
+            self.desired
+                .start(&self.ctx.twins, &self.identity)
+                .or_else(|e| self.twin_failure(e))?;
+        } else {
+            self.desired.stop();
         }
+        Ok(())
+    }
+
+    /// The manifest's desired properties changed: the module's patch, if any.
+    fn send_desired_patch(&mut self) -> Result<(), ConnectionEnd> {
+        match self.desired.next_patch(&self.ctx.twins, &self.identity) {
+            Ok(Some(patch)) => self.reply(Packet::Publish(patch)),
+            Ok(None) => Ok(()),
+            Err(e) => self.twin_failure(e),
+        }
+    }
+
+    /// A twin that could not be read: the end if this hub is fenced, else logged (the module
+    /// gets no patch; its next GET answers the error).
+    fn twin_failure(&self, error: crate::twin::TwinError) -> Result<(), ConnectionEnd> {
+        if error.status().is_none() {
+            return Err(ConnectionEnd::Twin(error));
+        }
+        tracing::error!(client_id = %self.client_id, %error, "cannot read the module's twin");
         Ok(())
     }
 
@@ -864,6 +922,7 @@ impl Connection {
         // The module takes method requests from before its SUBACK: an SDK that invokes as
         // soon as its handler is set (after the SUBACK) finds it.
         self.update_methods_target();
+        self.watch_desired()?;
         self.reply(Packet::SubAck(SubAck::new(sub.pkid, codes)))?;
         if self.subscribed_to_inputs() && self.outbound_tx.is_none() {
             self.register_inputs(outbound);
@@ -878,6 +937,7 @@ impl Connection {
             }
         }
         self.subscriptions.retain(|f| !unsub.topics.contains(f));
+        self.watch_desired()?;
         // Deliveries stop only when no filter covering the inputs is left.
         if !self.subscribed_to_inputs() {
             self.unregister_inputs();
@@ -1144,6 +1204,8 @@ struct LoopInput<R> {
     methods_rx: methods::MethodRx,
     shutdown: watch::Receiver<bool>,
     routes_changed: watch::Receiver<u64>,
+    /// Changes when a reload changes the manifest's desired properties.
+    desired_changes: watch::Receiver<u64>,
 }
 
 /// A PUBACK waiting for its turn.
@@ -1377,6 +1439,9 @@ mod tests {
         )
         .unwrap();
         let sessions = Arc::new(Sessions::load(dir, Arc::new(store.clone())).unwrap());
+        let twins = Arc::new(
+            crate::twin::Twins::new(dir, Arc::new(store.clone()), Default::default()).unwrap(),
+        );
         let dispatcher = Arc::new(
             router::Dispatcher::start(
                 store,
@@ -1406,6 +1471,7 @@ mod tests {
             routes_changed: watch::channel(0).0,
             clock: Arc::new(SystemClock),
             methods: Arc::default(),
+            twins,
         };
         let resource = sas::resource_uri(IOTHUB, DEVICE, Some("m"));
         let token = sas::generate(&resource, &key, ctx.now_secs() + 3600);
@@ -1748,6 +1814,110 @@ mod tests {
         assert!(
             !packets.iter().any(|p| matches!(p, Packet::SubAck(_))),
             "a fenced hub acknowledged a subscription the live hub will not know: {packets:?}"
+        );
+        let end = tokio::time::timeout(Duration::from_secs(30), conn)
+            .await
+            .expect("the connection did not end")
+            .unwrap();
+        assert!(end.to_string().contains("fenced"), "{end}");
+    }
+
+    /// Reads packets from `rx` until the hub closes the connection (within 30 s).
+    async fn packets_until_closed<R: AsyncRead + Unpin>(rx: &mut R) -> Vec<Packet> {
+        let mut buf = BytesMut::new();
+        let mut packets = Vec::new();
+        let read_all = async {
+            loop {
+                match Packet::read(&mut buf, 1024 * 1024) {
+                    Ok(p) => packets.push(p),
+                    Err(CodecError::InsufficientBytes(_)) => match rx.read_buf(&mut buf).await {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    },
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read_all)
+            .await
+            .expect("the hub did not close in 30 s");
+        packets
+    }
+
+    /// Issue 16 (twins, failover): a reported-properties patch is answered 204 only while this
+    /// hub owns the data directory. A hub that a newer one fenced, before it noticed, must
+    /// answer no patch (neither 204 nor PUBACK): the module's patch then times out and is sent
+    /// again, to the live hub, which would never know a patch the fenced one acknowledged.
+    /// (Before twins were served, every patch was answered 501 at once, fenced or not.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hub_fenced_before_it_noticed_answers_no_reported_properties_patch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _shutdown, connect_packet, sessions) = context(dir.path());
+        let (client, server) = tokio::io::duplex(16 * 1024);
+        let conn = tokio::spawn(serve(
+            server,
+            Arc::clone(&ctx),
+            sessions,
+            "test".into(),
+            test_slot(),
+        ));
+        let (mut rx, mut tx) = tokio::io::split(client);
+        connect(&mut rx, &mut tx, connect_packet).await;
+        let mut s = Subscribe::new("$iothub/twin/res/#", QoS::AtLeastOnce);
+        s.pkid = 1;
+        tx.write_all(&bytes_of(&Packet::Subscribe(s)))
+            .await
+            .unwrap();
+        let packets = packets_until_suback_or_closed(&mut rx).await;
+        assert!(
+            matches!(packets.last(), Some(Packet::SubAck(_))),
+            "{packets:?}"
+        );
+        let patch = |pkid: u16, rid: &str, body: &str| {
+            let mut p = Publish::new(
+                format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"),
+                QoS::AtLeastOnce,
+                body.as_bytes().to_vec(),
+            );
+            p.pkid = pkid;
+            bytes_of(&Packet::Publish(p))
+        };
+        // While it owns the directory, the hub answers 204 with the new version, then PUBACK.
+        tx.write_all(&patch(2, "a", r#"{"state": 1}"#))
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let mut answers = Vec::new();
+        while answers.len() < 2 {
+            match Packet::read(&mut buf, 1024 * 1024) {
+                Ok(p) => answers.push(p),
+                Err(CodecError::InsufficientBytes(_)) => {
+                    assert!(rx.read_buf(&mut buf).await.unwrap() > 0, "closed");
+                }
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(
+            answers.iter().any(|p| matches!(p, Packet::Publish(p) if p.topic == "$iothub/twin/res/204/?$rid=a&$version=2")),
+            "{answers:?}"
+        );
+        assert!(
+            answers
+                .iter()
+                .any(|p| matches!(p, Packet::PubAck(a) if a.pkid == 2)),
+            "{answers:?}"
+        );
+        // Another hub opens the same data directory; this one has not noticed.
+        let _newer = Store::open(dir.path().join("store"), StoreOptions::default()).unwrap();
+        tx.write_all(&patch(3, "b", r#"{"state": 2}"#))
+            .await
+            .unwrap();
+        let packets = packets_until_closed(&mut rx).await;
+        assert!(
+            !packets
+                .iter()
+                .any(|p| matches!(p, Packet::Publish(_) | Packet::PubAck(_))),
+            "a fenced hub answered a patch the live hub will not know: {packets:?}"
         );
         let end = tokio::time::timeout(Duration::from_secs(30), conn)
             .await

@@ -5,4 +5,5 @@ pub mod listener;
 pub mod session_state;
 pub mod sessions;
 pub mod topics;
+pub mod twin;
 pub mod username;

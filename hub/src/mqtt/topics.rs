@@ -19,16 +19,17 @@
 //!   and `devices/{d}/modules/{m}/#` (what edgeHub's doc suggests) mean "all my inputs". edgeHub
 //!   treats *any* filter matching `^devices/.+/modules/.+/#$` that way (e.g. `…/inputs/in1/#`),
 //!   which would deliver topics outside the filter; we refuse such filters instead.
+//! - **Twin subscriptions** (`$iothub/twin/res/#`, `$iothub/twin/PATCH/properties/desired/#`)
+//!   are granted exactly as the SDKs write them; they carry no identity, so what is published
+//!   on them is always the connection's own module's twin (`crate::mqtt::twin`). Any other
+//!   `$iothub/…` filter (`$iothub/#`, `$iothub/twin/#`, `$iothub/twin/res/+`) is refused.
 //! - **Direct methods**: `$iothub/methods/POST/#` is granted (decision
 //!   `Unsupported(Methods)`, a name kept for now): the connection then takes the requests made
 //!   to *its own* module (`crate::methods`), and only those; a response
 //!   (`$iothub/methods/res/…`) completes only a request handed to that connection.
-//! - **Twin subscriptions** of the client's own (`$iothub/twin/res/#`,
-//!   `$iothub/twin/PATCH/properties/desired/#`) and a leaf device's
-//!   C2D filter `devices/{d}/messages/devicebound/#` are *accepted but unsupported*: granted, so
-//!   an SDK that subscribes when a handler is set keeps working, but nothing is ever published
-//!   on them yet. Twin requests are recognised by [`parse_publish`] so a caller can answer them
-//!   with an error status ([`twin_response_topic`]) rather than let the SDK wait forever.
+//! - A leaf device's C2D filter `devices/{d}/messages/devicebound/#` is *accepted but
+//!   unsupported*: granted, so an SDK that subscribes when a handler is set keeps working, but
+//!   nothing is ever published on it yet.
 //! - Anything else, including another identity's topics, is refused (SUBACK `0x80`; the SDKs
 //!   never do this, and paho accepts the refusal quietly).
 //! - A publish topic that matches nothing is [`TopicError::Unrecognised`]; edgeHub drops such a
@@ -55,9 +56,10 @@ pub enum TopicError {
 pub enum InboundTopic<'a> {
     /// Telemetry or a module output.
     Events(EventsTopic<'a>),
-    /// A twin request (`$iothub/twin/GET/…`, `$iothub/twin/PATCH/properties/reported/…`):
-    /// accepted but unsupported.
+    /// A twin request (`$iothub/twin/GET/…`, `$iothub/twin/PATCH/properties/reported/…`).
     TwinRequest {
+        /// GET or PATCH.
+        op: TwinOp,
         /// The request id (`$rid`), if the topic carries one.
         rid: Option<&'a str>,
     },
@@ -67,6 +69,15 @@ pub enum InboundTopic<'a> {
         /// The request id (`$rid`), if the topic carries one.
         rid: Option<&'a str>,
     },
+}
+
+/// What a twin request asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TwinOp {
+    /// `$iothub/twin/GET/?$rid=…`: the whole twin.
+    Get,
+    /// `$iothub/twin/PATCH/properties/reported/?$rid=…`: a reported-properties patch.
+    PatchReported,
 }
 
 /// A telemetry topic: `devices/{device}[/modules/{module}]/messages/events[/{bag}]`.
@@ -92,10 +103,17 @@ pub fn parse_publish(topic: &str) -> Result<InboundTopic<'_>, TopicError> {
     if let Some(events) = parse_events(topic) {
         return Ok(InboundTopic::Events(events));
     }
-    if topic.starts_with("$iothub/twin/GET/")
-        || topic.starts_with("$iothub/twin/PATCH/properties/reported/")
-    {
-        return Ok(InboundTopic::TwinRequest { rid: rid(topic) });
+    if topic.starts_with("$iothub/twin/GET/") {
+        return Ok(InboundTopic::TwinRequest {
+            op: TwinOp::Get,
+            rid: rid(topic),
+        });
+    }
+    if topic.starts_with("$iothub/twin/PATCH/properties/reported/") {
+        return Ok(InboundTopic::TwinRequest {
+            op: TwinOp::PatchReported,
+            rid: rid(topic),
+        });
     }
     if topic.starts_with("$iothub/methods/res/") {
         return Ok(InboundTopic::MethodResponse { rid: rid(topic) });
@@ -173,6 +191,22 @@ pub fn twin_response_topic(status: u16, rid: &str) -> String {
     format!("$iothub/twin/res/{status}/?$rid={rid}")
 }
 
+/// The topic of a reported-properties patch's answer:
+/// `$iothub/twin/res/{status}/?$rid={rid}&$version={version}`.
+pub fn twin_response_topic_with_version(status: u16, rid: &str, version: u64) -> String {
+    format!("$iothub/twin/res/{status}/?$rid={rid}&$version={version}")
+}
+
+/// The topic of a desired-properties patch: `$iothub/twin/PATCH/properties/desired/?$version={v}`.
+pub fn desired_patch_topic(version: u64) -> String {
+    format!("$iothub/twin/PATCH/properties/desired/?$version={version}")
+}
+
+/// The filter a client subscribes for twin responses.
+pub const TWIN_RESPONSES_FILTER: &str = "$iothub/twin/res/#";
+/// The filter a client subscribes for desired-properties patches.
+pub const TWIN_DESIRED_FILTER: &str = "$iothub/twin/PATCH/properties/desired/#";
+
 fn check_level(level: &str) -> Result<(), TopicError> {
     if level.is_empty() || level.contains(['/', '+', '#', '\0']) {
         return Err(TopicError::BadLevel(level.to_owned()));
@@ -183,8 +217,6 @@ fn check_level(level: &str) -> Result<(), TopicError> {
 /// A feature whose topics are accepted but not served yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnsupportedFeature {
-    /// Twin responses and desired-property patches.
-    Twin,
     /// Direct-method requests (served: the connection becomes its module's method target).
     Methods,
     /// Cloud-to-device messages of a leaf device.
@@ -196,6 +228,10 @@ pub enum UnsupportedFeature {
 pub enum SubscribeDecision {
     /// The client's own inputs: deliver input messages (and persist the subscription).
     ModuleInputs,
+    /// Responses to the client's own twin requests.
+    TwinResponses,
+    /// Desired-properties patches of the client's own twin.
+    TwinDesiredPatches,
     /// The client's own twin/method/C2D topics: grant, publish nothing (yet).
     Unsupported(UnsupportedFeature),
     /// Not the client's to subscribe: SUBACK failure (`0x80`).
@@ -219,9 +255,8 @@ impl SubscribeDecision {
 /// Decides a SUBSCRIBE filter for an authenticated client (`module` is `None` for a device).
 pub fn authorize_subscribe(filter: &str, device: &str, module: Option<&str>) -> SubscribeDecision {
     match filter {
-        "$iothub/twin/res/#" | "$iothub/twin/PATCH/properties/desired/#" => {
-            return SubscribeDecision::Unsupported(UnsupportedFeature::Twin)
-        }
+        TWIN_RESPONSES_FILTER => return SubscribeDecision::TwinResponses,
+        TWIN_DESIRED_FILTER => return SubscribeDecision::TwinDesiredPatches,
         "$iothub/methods/POST/#" => {
             return SubscribeDecision::Unsupported(UnsupportedFeature::Methods)
         }
@@ -313,15 +348,32 @@ mod tests {
     fn twin_and_method_publishes_carry_their_rid() {
         assert_eq!(
             parse_publish("$iothub/twin/GET/?$rid=42"),
-            Ok(InboundTopic::TwinRequest { rid: Some("42") })
+            Ok(InboundTopic::TwinRequest {
+                op: TwinOp::Get,
+                rid: Some("42")
+            })
         );
         assert_eq!(
             parse_publish("$iothub/twin/PATCH/properties/reported/?$rid=7&$version=3"),
-            Ok(InboundTopic::TwinRequest { rid: Some("7") })
+            Ok(InboundTopic::TwinRequest {
+                op: TwinOp::PatchReported,
+                rid: Some("7")
+            })
         );
         assert_eq!(
             parse_publish("$iothub/twin/GET/"),
-            Ok(InboundTopic::TwinRequest { rid: None })
+            Ok(InboundTopic::TwinRequest {
+                op: TwinOp::Get,
+                rid: None
+            })
+        );
+        assert_eq!(
+            twin_response_topic_with_version(204, "7", 3),
+            "$iothub/twin/res/204/?$rid=7&$version=3"
+        );
+        assert_eq!(
+            desired_patch_topic(9),
+            "$iothub/twin/PATCH/properties/desired/?$version=9"
         );
         assert_eq!(
             parse_publish("$iothub/methods/res/200/?$rid=ab"),
@@ -388,16 +440,22 @@ mod tests {
     }
 
     #[test]
-    fn twin_and_method_filters_are_accepted_but_unsupported() {
+    fn twin_filters_are_served_and_method_filters_accepted_but_unsupported() {
         let own = |f| authorize_subscribe(f, "d", Some("m"));
-        assert_eq!(
-            own("$iothub/twin/res/#"),
-            SubscribeDecision::Unsupported(UnsupportedFeature::Twin)
-        );
+        assert_eq!(own("$iothub/twin/res/#"), SubscribeDecision::TwinResponses);
         assert_eq!(
             own("$iothub/twin/PATCH/properties/desired/#"),
-            SubscribeDecision::Unsupported(UnsupportedFeature::Twin)
+            SubscribeDecision::TwinDesiredPatches
         );
+        for other in [
+            "$iothub/twin/#",
+            "$iothub/twin/PATCH/#",
+            "$iothub/+/res/#",
+            "$iothub/twin/PATCH/properties/desired/+",
+            "devices/d/modules/other/twin/#",
+        ] {
+            assert_eq!(own(other), SubscribeDecision::Refused, "{other}");
+        }
         assert_eq!(
             own("$iothub/methods/POST/#"),
             SubscribeDecision::Unsupported(UnsupportedFeature::Methods)

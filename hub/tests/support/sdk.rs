@@ -101,6 +101,9 @@ pub enum Script {
     /// method.py: serve direct methods, or invoke one (`invoke_method`). Python only so far
     /// (method.js does not exist yet).
     Method,
+    /// twin.py: get_twin / patch_twin_reported_properties steps, desired patches with
+    /// `--listen` (Python only: the Node twin tests are not written yet).
+    Twin,
 }
 
 impl Script {
@@ -109,6 +112,8 @@ impl Script {
             (Script::Send, Sdk::Python) => "send.py",
             (Script::Receive, Sdk::Python) => "receive.py",
             (Script::ConnectOnly, Sdk::Python) => "connect_only.py",
+            (Script::Twin, Sdk::Python) => "twin.py",
+            (Script::Twin, Sdk::Node) => "twin.js (not written: Python only)",
             (Script::Send, Sdk::Node) => "send.js",
             (Script::Receive, Sdk::Node) => "receive.js",
             (Script::ConnectOnly, Sdk::Node) => "connect_only.js",

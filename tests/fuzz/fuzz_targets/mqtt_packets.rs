@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 use hub::mqtt::session_state::{self, AckToken, InboundAcks, InboundQos, StateError};
-use hub::mqtt::topics::{self, InboundTopic, SubscribeDecision};
+use hub::mqtt::topics::{self, InboundTopic, SubscribeDecision, TwinOp};
 use hub::mqtt::username;
 use hub::property_bag as bag;
 use libfuzzer_sys::fuzz_target;
@@ -125,8 +125,21 @@ fn serve(packets: Vec<Packet>, knob: u8) {
                         }
                         check_message(&device, &module, topic.bag, publish.payload.clone());
                     }
-                    Ok(InboundTopic::TwinRequest { rid: Some(rid) }) => {
-                        let _ = topics::twin_response_topic(501, rid);
+                    Ok(InboundTopic::TwinRequest { op, rid }) => {
+                        // The twin core takes any payload without panicking; a refusal has a
+                        // status, and an accepted patch stays within IoT Hub's limits.
+                        if op == TwinOp::PatchReported {
+                            match hub::twin::Twin::default().with_reported_patch(&publish.payload) {
+                                Ok(twin) => assert!(
+                                    serde_json::to_vec(&twin.reported).map_or(0, |b| b.len())
+                                        <= hub::twin::document::MAX_REPORTED_BYTES
+                                ),
+                                Err(e) => assert!(matches!(e.status(), 400 | 413)),
+                            }
+                        }
+                        if let Some(rid) = rid {
+                            let _ = topics::twin_response_topic(200, rid);
+                        }
                     }
                     Ok(_) | Err(_) => {}
                 }

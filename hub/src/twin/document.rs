@@ -1,0 +1,395 @@
+//! One module twin as data: desired properties (from the manifest) and reported properties
+//! (from the module), each with its `$version`. Pure: no I/O, no clock.
+//!
+//! Rules (IoT Hub's, as its device-twin guide states them; reference §1.7):
+//! - A reported-properties PATCH is a JSON object applied as a JSON merge patch (RFC 7386):
+//!   `null` deletes a member, an object merges into an object, anything else replaces. Each
+//!   accepted patch adds one to the reported `$version`.
+//! - Limits, checked on the document the patch would make (so a patch that deletes is always
+//!   accepted): the reported properties serialized as compact JSON (without `$version`) at most
+//!   [`MAX_REPORTED_BYTES`] (32 KiB, IoT Hub's limit on `properties/reported`; we count
+//!   serialized bytes, which is stricter than IoT Hub's key+value count), nesting at most
+//!   [`MAX_DEPTH`] levels (IoT Hub's 10; a member of the reported object is level 1), and
+//!   keys without `.`, `$`, space or control characters (IoT Hub's key rule).
+//! - Errors carry the status IoT Hub answers: 400 for a patch that is not JSON, not an object,
+//!   too deep or with a bad key; 413 for one that makes the document too large.
+//! - Desired properties come from the manifest. Its `$version`, if given, is kept as written;
+//!   without one, the version goes up by one whenever the desired document differs from the one
+//!   last served. The patch a change makes ([`desired_patch`]) names the changed members and
+//!   sets removed ones to `null`, so merging it into the old document gives the new one.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Largest reported-properties document, serialized as compact JSON, without `$version`.
+pub const MAX_REPORTED_BYTES: usize = 32 * 1024;
+/// Deepest nesting of the reported properties (a member of the reported object is level 1).
+pub const MAX_DEPTH: usize = 10;
+
+/// The key of a twin section's version.
+pub const VERSION_KEY: &str = "$version";
+
+/// Why a reported-properties patch was refused; [`PatchError::status`] is the status answered.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PatchError {
+    /// The payload is not JSON.
+    #[error("the reported-properties patch is not valid JSON: {0}")]
+    Malformed(String),
+    /// The payload is JSON but not an object.
+    #[error("the reported-properties patch must be a JSON object")]
+    NotAnObject,
+    /// A key IoT Hub refuses.
+    #[error("key {0:?} is not allowed: keys may not be empty or contain '.', '$', ' ' or control characters")]
+    BadKey(String),
+    /// The document would nest too deep.
+    #[error("the reported properties would nest {depth} levels deep; the limit is {MAX_DEPTH}")]
+    TooDeep {
+        /// How deep it would nest.
+        depth: usize,
+    },
+    /// The document would be too large.
+    #[error("the reported properties would be {size} bytes; the limit is {MAX_REPORTED_BYTES}")]
+    TooLarge {
+        /// Its serialized size.
+        size: usize,
+    },
+}
+
+impl PatchError {
+    /// The status answered on `$iothub/twin/res/{status}/`: 413 for too large, else 400.
+    pub fn status(&self) -> u16 {
+        match self {
+            PatchError::TooLarge { .. } => 413,
+            _ => 400,
+        }
+    }
+}
+
+/// A module twin: what is kept on disk and served.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Twin {
+    /// Desired properties last served (without `$version`).
+    pub desired: Map<String, Value>,
+    /// Their `$version`.
+    pub desired_version: u64,
+    /// Reported properties (without `$version`).
+    pub reported: Map<String, Value>,
+    /// Their `$version`: one more per accepted patch.
+    pub reported_version: u64,
+}
+
+impl Default for Twin {
+    /// An empty twin: both sections empty at version 1, as IoT Hub creates one.
+    fn default() -> Self {
+        Twin {
+            desired: Map::new(),
+            desired_version: 1,
+            reported: Map::new(),
+            reported_version: 1,
+        }
+    }
+}
+
+/// A change of the desired properties: the twin after it, and the patch to send.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredChange {
+    /// The twin with the new desired properties and version.
+    pub twin: Twin,
+    /// The changed members (removed ones as `null`).
+    pub patch: Map<String, Value>,
+}
+
+impl Twin {
+    /// The twin with the manifest's desired properties `from_manifest` (which may carry a
+    /// `$version`), or `None` if they are the ones (and the version) already served.
+    pub fn with_desired(&self, from_manifest: &Map<String, Value>) -> Option<DesiredChange> {
+        let mut desired = from_manifest.clone();
+        let given = desired.remove(VERSION_KEY).and_then(|v| v.as_u64());
+        if desired == self.desired && given.is_none_or(|v| v == self.desired_version) {
+            return None;
+        }
+        let patch = desired_patch(&self.desired, &desired);
+        let version = given.unwrap_or_else(|| self.desired_version.saturating_add(1));
+        Some(DesiredChange {
+            twin: Twin {
+                desired,
+                desired_version: version,
+                ..self.clone()
+            },
+            patch,
+        })
+    }
+
+    /// The twin after the reported-properties patch `payload` (JSON), with its version one up.
+    pub fn with_reported_patch(&self, payload: &[u8]) -> Result<Twin, PatchError> {
+        let patch: Value =
+            serde_json::from_slice(payload).map_err(|e| PatchError::Malformed(e.to_string()))?;
+        let Value::Object(patch) = patch else {
+            return Err(PatchError::NotAnObject);
+        };
+        check_keys(&patch)?;
+        let mut reported = self.reported.clone();
+        merge(&mut reported, &patch);
+        let depth = depth_of(&reported);
+        if depth > MAX_DEPTH {
+            return Err(PatchError::TooDeep { depth });
+        }
+        let size = serde_json::to_vec(&reported).map_or(usize::MAX, |b| b.len());
+        if size > MAX_REPORTED_BYTES {
+            return Err(PatchError::TooLarge { size });
+        }
+        Ok(Twin {
+            reported,
+            reported_version: self.reported_version.saturating_add(1),
+            ..self.clone()
+        })
+    }
+
+    /// The document a GET answers: `{"desired": {…, "$version": n}, "reported": {…, "$version": m}}`.
+    pub fn document(&self) -> Value {
+        let mut doc = Map::new();
+        doc.insert(
+            "desired".to_owned(),
+            Value::Object(with_version(&self.desired, self.desired_version)),
+        );
+        doc.insert(
+            "reported".to_owned(),
+            Value::Object(with_version(&self.reported, self.reported_version)),
+        );
+        Value::Object(doc)
+    }
+}
+
+/// `section` with its `$version` member.
+pub fn with_version(section: &Map<String, Value>, version: u64) -> Map<String, Value> {
+    let mut out = section.clone();
+    out.insert(VERSION_KEY.to_owned(), Value::from(version));
+    out
+}
+
+/// Applies the JSON merge patch `patch` to `target` (RFC 7386).
+pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
+    for (key, value) in patch {
+        match value {
+            Value::Null => {
+                target.remove(key);
+            }
+            Value::Object(inner) => {
+                let entry = target
+                    .entry(key.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !entry.is_object() {
+                    *entry = Value::Object(Map::new());
+                }
+                if let Value::Object(t) = entry {
+                    merge(t, inner);
+                }
+            }
+            other => {
+                target.insert(key.clone(), other.clone());
+            }
+        }
+    }
+}
+
+/// The merge patch that turns `old` into `new`: members that differ (objects on both sides as
+/// a nested patch), and members only in `old` as `null`.
+pub fn desired_patch(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
+    let mut patch = Map::new();
+    for (key, value) in new {
+        match (old.get(key), value) {
+            (Some(before), after) if before == after => {}
+            (Some(Value::Object(before)), Value::Object(after)) => {
+                patch.insert(key.clone(), Value::Object(desired_patch(before, after)));
+            }
+            _ => {
+                patch.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    for key in old.keys() {
+        if !new.contains_key(key) {
+            patch.insert(key.clone(), Value::Null);
+        }
+    }
+    patch
+}
+
+/// Levels of nesting of an object's members: `{}` and `{"a": 1}` are 0 and 1,
+/// `{"a": {"b": 1}}` is 2 (arrays count as a level too).
+fn depth_of(map: &Map<String, Value>) -> usize {
+    map.values()
+        .map(|v| 1 + depth_of_value(v))
+        .max()
+        .unwrap_or(0)
+}
+
+fn depth_of_value(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => depth_of(map),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| 1 + depth_of_value(v))
+            .max()
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn check_keys(map: &Map<String, Value>) -> Result<(), PatchError> {
+    for (key, value) in map {
+        if key.is_empty()
+            || key
+                .chars()
+                .any(|c| c == '.' || c == '$' || c == ' ' || c.is_control())
+        {
+            return Err(PatchError::BadKey(key.clone()));
+        }
+        if let Value::Object(inner) = value {
+            check_keys(inner)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn a_patch_merges_replaces_and_null_deletes_and_counts_a_version() {
+        let twin = Twin::default()
+            .with_reported_patch(br#"{"a": 1, "b": {"x": 1, "y": 2}, "c": "keep"}"#)
+            .unwrap();
+        assert_eq!(twin.reported_version, 2);
+        let twin = twin
+            .with_reported_patch(br#"{"a": null, "b": {"x": null, "z": 3}, "d": [1]}"#)
+            .unwrap();
+        assert_eq!(twin.reported_version, 3);
+        assert_eq!(
+            Value::Object(twin.reported.clone()),
+            json!({"b": {"y": 2, "z": 3}, "c": "keep", "d": [1]})
+        );
+        // A value replaced by an object, and a null for a member that is not there.
+        let twin = twin
+            .with_reported_patch(br#"{"c": {"n": 1}, "q": null}"#)
+            .unwrap();
+        assert_eq!(twin.reported["c"], json!({"n": 1}));
+        assert!(!twin.reported.contains_key("q"));
+        assert_eq!(twin.desired_version, 1, "desired untouched");
+    }
+
+    #[test]
+    fn malformed_or_non_object_patches_are_400_and_change_nothing() {
+        let twin = Twin::default();
+        for (payload, want) in [
+            (&b"{not json"[..], "not valid JSON"),
+            (b"", "not valid JSON"),
+            (b"[1, 2]", "must be a JSON object"),
+            (b"42", "must be a JSON object"),
+            (br#"{"a.b": 1}"#, "not allowed"),
+            (br#"{"x": {"$bad": 1}}"#, "not allowed"),
+            (br#"{"with space": 1}"#, "not allowed"),
+        ] {
+            let err = twin.with_reported_patch(payload).unwrap_err();
+            assert_eq!(err.status(), 400, "{err}");
+            assert!(err.to_string().contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_on_the_merged_document() {
+        let big = "x".repeat(MAX_REPORTED_BYTES / 2);
+        let twin = Twin::default()
+            .with_reported_patch(json!({ "a": big }).to_string().as_bytes())
+            .unwrap();
+        // Another half pushes the document over 32 KiB: 413, and nothing changed.
+        let err = twin
+            .with_reported_patch(json!({ "b": big }).to_string().as_bytes())
+            .unwrap_err();
+        assert!(matches!(err, PatchError::TooLarge { .. }), "{err}");
+        assert_eq!(err.status(), 413);
+        // Replacing the big value keeps it under the limit.
+        let twin = twin
+            .with_reported_patch(json!({ "a": null, "b": big }).to_string().as_bytes())
+            .unwrap();
+        assert_eq!(twin.reported_version, 3);
+        // Ten levels are allowed, eleven are not.
+        let nest = |levels: usize| {
+            let mut v = json!(1);
+            for _ in 0..levels {
+                v = json!({ "n": v });
+            }
+            v.to_string()
+        };
+        assert!(Twin::default()
+            .with_reported_patch(nest(10).as_bytes())
+            .is_ok());
+        let err = Twin::default()
+            .with_reported_patch(nest(11).as_bytes())
+            .unwrap_err();
+        assert_eq!(err, PatchError::TooDeep { depth: 11 });
+        assert_eq!(err.status(), 400);
+    }
+
+    #[test]
+    fn desired_from_the_manifest_keeps_its_version_or_counts_one_up_per_change() {
+        let twin = Twin::default();
+        let with_version = obj(json!({"rate": 5, "$version": 7}));
+        let change = twin.with_desired(&with_version).unwrap();
+        assert_eq!(change.twin.desired_version, 7);
+        assert_eq!(
+            Value::Object(change.twin.desired.clone()),
+            json!({"rate": 5})
+        );
+        assert_eq!(change.twin.with_desired(&with_version), None, "same again");
+        // Without a version: one up whenever the document changes.
+        let plain = obj(json!({"rate": 6, "mode": "x"}));
+        let next = change.twin.with_desired(&plain).unwrap();
+        assert_eq!(next.twin.desired_version, 8);
+        assert_eq!(Value::Object(next.patch), json!({"rate": 6, "mode": "x"}));
+        assert_eq!(next.twin.with_desired(&plain), None);
+        let removed = next.twin.with_desired(&obj(json!({"mode": "x"}))).unwrap();
+        assert_eq!(removed.twin.desired_version, 9);
+        assert_eq!(Value::Object(removed.patch), json!({"rate": null}));
+    }
+
+    #[test]
+    fn a_desired_patch_merged_into_the_old_document_gives_the_new_one() {
+        let old = obj(json!({"a": 1, "b": {"x": 1, "y": 2}, "c": [1], "d": "gone"}));
+        let new = obj(json!({"a": 1, "b": {"x": 5, "w": 0}, "c": [2], "e": {"f": true}}));
+        let patch = desired_patch(&old, &new);
+        assert_eq!(
+            Value::Object(patch.clone()),
+            json!({"b": {"x": 5, "w": 0, "y": null}, "c": [2], "d": null, "e": {"f": true}})
+        );
+        let mut merged = old.clone();
+        merge(&mut merged, &patch);
+        assert_eq!(merged, new);
+    }
+
+    #[test]
+    fn the_document_carries_both_versions_and_round_trips_on_disk() {
+        let twin = Twin::default()
+            .with_desired(&obj(json!({"rate": 5})))
+            .unwrap()
+            .twin
+            .with_reported_patch(br#"{"ok": true}"#)
+            .unwrap();
+        assert_eq!(
+            twin.document(),
+            json!({"desired": {"rate": 5, "$version": 2}, "reported": {"ok": true, "$version": 2}})
+        );
+        let bytes = serde_json::to_vec(&twin).unwrap();
+        assert_eq!(serde_json::from_slice::<Twin>(&bytes).unwrap(), twin);
+    }
+}

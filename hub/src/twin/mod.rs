@@ -1,0 +1,375 @@
+//! Module twins, served locally: desired properties from the deployment manifest, reported
+//! properties from the module, kept durably in the data directory (`twins/`).
+//!
+//! Guarantees:
+//! - A reported-properties patch is acknowledged ([`Twins::patch_reported`] returns its
+//!   `$version`) only after the whole twin is on disk (atomic replace, fdatasync, directory
+//!   fsync) **and** this hub still owns the data directory: each module's twin is an
+//!   [`OwnedFile`] (`twins/{hex of the module id}.{generation}.json`), so a hub that a newer
+//!   one fenced can neither acknowledge a patch nor overwrite the live hub's twin. One module's
+//!   patches are applied one at a time, in the order they are taken (a lock per module).
+//! - A refused patch (see [`document`] for the rules and statuses) changes nothing, in memory
+//!   or on disk.
+//! - A twin's desired properties are the manifest's in force ([`Twins::set_manifest`] on every
+//!   reload). Their `$version` is the manifest's if it gives one; else it goes up by one each
+//!   time the document served changes, and never goes back across restarts, because the
+//!   version is written (with the document) before it is served.
+//! - A twin file is opened on first use; a damaged one is an error naming the file (answered
+//!   500), never an empty twin.
+//! - Blocking file work runs under `block_in_place` on the multi-thread runtime, as the MQTT
+//!   sessions do, so other connections move to another worker meanwhile.
+//!
+//! The desired properties are local only: with cloud twin sync (not built yet) IoT Hub's desired
+//! properties would override the manifest's (see ARCHITECTURE.md).
+
+pub mod document;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use router::ModuleId;
+use serde_json::{Map, Value};
+use tokio::sync::watch;
+
+use crate::owned_file::{OwnedFile, OwnedFileError, Ownership};
+
+pub use document::{PatchError, Twin};
+
+/// The directory of the twin files inside the data directory.
+pub const TWINS_DIR: &str = "twins";
+
+/// Reading, writing or changing a twin failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TwinError {
+    /// The patch was refused (the module's fault).
+    #[error(transparent)]
+    Patch(#[from] PatchError),
+    /// The twin file could not be read or written, or this hub no longer owns the data
+    /// directory.
+    #[error("twin store: {0}")]
+    File(#[from] OwnedFileError),
+    /// The twin file is not what this program writes.
+    #[error("{path} is damaged ({reason}); restore it or remove it (the module's reported properties are then lost)")]
+    Damaged {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl TwinError {
+    /// The status to answer the module, or `None` when nothing may be answered (a newer hub
+    /// owns the data directory: the live hub serves the module).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            TwinError::Patch(e) => Some(e.status()),
+            TwinError::File(OwnedFileError::Fenced { .. }) => None,
+            TwinError::File(_) | TwinError::Damaged { .. } => Some(500),
+        }
+    }
+}
+
+/// A twin file that could not be read: where, and why.
+#[derive(Clone, Debug)]
+struct Damage {
+    path: PathBuf,
+    reason: String,
+}
+
+impl From<Damage> for TwinError {
+    fn from(d: Damage) -> Self {
+        TwinError::Damaged {
+            path: d.path,
+            reason: d.reason,
+        }
+    }
+}
+
+/// A module's twin as first opened: its slot, or why its file could not be read.
+type Opened = Result<Arc<Mutex<Slot>>, Damage>;
+
+/// One module's twin and its file.
+struct Slot {
+    file: OwnedFile,
+    twin: Twin,
+}
+
+/// The twins of every module of the hub.
+pub struct Twins {
+    dir: PathBuf,
+    owner: Arc<dyn Ownership>,
+    /// Desired properties per module, as the manifest in force gives them.
+    manifest: Mutex<BTreeMap<ModuleId, Map<String, Value>>>,
+    /// Twins opened so far, or why one could not be read (kept: opening again would find the
+    /// damaged content already moved to this owner's copy, which an open does not read).
+    slots: Mutex<HashMap<ModuleId, Opened>>,
+    /// Bumped whenever the manifest's desired properties change (a connection then asks for
+    /// its module's, [`Twins::desired`], and sends the difference).
+    desired_changed: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Twins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Twins")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The file stem of a module's twin: its id in lowercase hex (ids may hold `$`, `.`, `%`, …).
+pub fn file_stem(module: &ModuleId) -> String {
+    module
+        .as_str()
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Twins {
+    /// The twins kept in `{data_dir}/twins` by `owner` (this hub's store), with the desired
+    /// properties of `manifest`. Creates the directory; opens no twin yet.
+    pub fn new(
+        data_dir: &Path,
+        owner: Arc<dyn Ownership>,
+        manifest: BTreeMap<ModuleId, Map<String, Value>>,
+    ) -> Result<Twins, TwinError> {
+        let dir = data_dir.join(TWINS_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| OwnedFileError::Io {
+            op: "create",
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Twins {
+            dir,
+            owner,
+            manifest: Mutex::new(manifest),
+            slots: Mutex::new(HashMap::new()),
+            desired_changed: watch::channel(0).0,
+        })
+    }
+
+    /// Takes the desired properties of a new manifest; connections hear of it if they changed.
+    pub fn set_manifest(&self, manifest: BTreeMap<ModuleId, Map<String, Value>>) {
+        let changed = {
+            let mut current = lock(&self.manifest);
+            let changed = *current != manifest;
+            *current = manifest;
+            changed
+        };
+        if changed {
+            self.desired_changed.send_modify(|g| *g = g.wrapping_add(1));
+        }
+    }
+
+    /// Changes whenever the manifest's desired properties change.
+    pub fn desired_changes(&self) -> watch::Receiver<u64> {
+        self.desired_changed.subscribe()
+    }
+
+    /// The twin of `module` as a GET answers it (desired properties brought up to the
+    /// manifest in force first, durably).
+    pub fn get(&self, module: &ModuleId) -> Result<Twin, TwinError> {
+        self.with_slot(module, |slot, desired| {
+            sync_desired(slot, desired)?;
+            slot.file.check_owner()?;
+            Ok(slot.twin.clone())
+        })
+    }
+
+    /// The desired properties of `module` and their version, brought up to the manifest in
+    /// force (durably) first.
+    pub fn desired(&self, module: &ModuleId) -> Result<(u64, Map<String, Value>), TwinError> {
+        self.with_slot(module, |slot, desired| {
+            sync_desired(slot, desired)?;
+            Ok((slot.twin.desired_version, slot.twin.desired.clone()))
+        })
+    }
+
+    /// Applies a reported-properties patch (JSON) to `module`'s twin, durably; returns the new
+    /// reported `$version`. On any error nothing changed.
+    pub fn patch_reported(&self, module: &ModuleId, payload: &[u8]) -> Result<u64, TwinError> {
+        self.with_slot(module, |slot, _| {
+            let next = slot.twin.with_reported_patch(payload)?;
+            write(&slot.file, &next)?;
+            slot.twin = next;
+            Ok(slot.twin.reported_version)
+        })
+    }
+
+    /// Runs `work` on `module`'s twin (opened on first use) with the manifest's desired
+    /// properties for it, holding the module's lock; blocking work under `block_in_place`.
+    fn with_slot<T>(
+        &self,
+        module: &ModuleId,
+        work: impl FnOnce(&mut Slot, &Map<String, Value>) -> Result<T, TwinError>,
+    ) -> Result<T, TwinError> {
+        let run = || {
+            let slot = self.slot(module)?;
+            let desired = lock(&self.manifest)
+                .get(module)
+                .cloned()
+                .unwrap_or_default();
+            let mut slot = lock(&slot);
+            work(&mut slot, &desired)
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(run)
+            }
+            _ => run(),
+        }
+    }
+
+    /// `module`'s slot, opening its file on first use.
+    fn slot(&self, module: &ModuleId) -> Result<Arc<Mutex<Slot>>, TwinError> {
+        let mut slots = lock(&self.slots);
+        if let Some(slot) = slots.get(module) {
+            return slot.clone().map_err(TwinError::from);
+        }
+        let (file, content) =
+            OwnedFile::open(&self.dir, &file_stem(module), Arc::clone(&self.owner))?;
+        let twin = match content {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Damage {
+                path: file.path().to_owned(),
+                reason: e.to_string(),
+            }),
+            None => Ok(Twin::default()),
+        };
+        let slot = twin.map(|twin| Arc::new(Mutex::new(Slot { file, twin })));
+        slots.insert(module.clone(), slot.clone());
+        slot.map_err(TwinError::from)
+    }
+}
+
+/// Brings `slot`'s desired properties to `from_manifest`, writing the new version before it
+/// is served.
+fn sync_desired(slot: &mut Slot, from_manifest: &Map<String, Value>) -> Result<(), TwinError> {
+    if let Some(change) = slot.twin.with_desired(from_manifest) {
+        write(&slot.file, &change.twin)?;
+        slot.twin = change.twin;
+    }
+    Ok(())
+}
+
+fn write(file: &OwnedFile, twin: &Twin) -> Result<(), TwinError> {
+    let bytes = serde_json::to_vec(twin).map_err(|e| TwinError::Damaged {
+        path: file.path().to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(file.write(&bytes)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn open(dir: &Path, manifest: Value) -> (store::Store, Twins) {
+        let store = store::Store::open(dir.join("store"), store::StoreOptions::default()).unwrap();
+        let manifest = match manifest {
+            Value::Object(m) => m
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Value::Object(d) => (ModuleId::new(k), d),
+                    other => panic!("{other}"),
+                })
+                .collect(),
+            other => panic!("{other}"),
+        };
+        let twins = Twins::new(dir, Arc::new(store.clone()), manifest).unwrap();
+        (store, twins)
+    }
+
+    #[test]
+    fn reported_properties_survive_a_restart_and_desired_versions_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = ModuleId::new("$odd.id%");
+        let (_store, twins) = open(dir.path(), json!({"$odd.id%": {"rate": 5}}));
+        let first = twins.get(&m).unwrap();
+        assert_eq!(first.desired_version, 2);
+        assert_eq!(twins.patch_reported(&m, br#"{"a": 1}"#).unwrap(), 2);
+        assert!(twins.patch_reported(&m, b"{oops").is_err());
+        drop(twins);
+        // The manifest changed (no $version) while the hub was down.
+        let (_store, again) = open(dir.path(), json!({"$odd.id%": {"rate": 6}}));
+        let twin = again.get(&m).unwrap();
+        assert_eq!(Value::Object(twin.reported), json!({"a": 1}));
+        assert_eq!(twin.reported_version, 2);
+        assert_eq!(twin.desired_version, 3);
+        assert!(dir.path().join("twins").read_dir().unwrap().all(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            name.starts_with(&file_stem(&m)) && !name.contains('$')
+        }));
+    }
+
+    #[test]
+    fn a_reload_is_heard_and_the_desired_properties_follow_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = ModuleId::new("m");
+        let (_store, twins) = open(dir.path(), json!({"m": {"rate": 5}}));
+        let mut changes = twins.desired_changes();
+        assert_eq!(twins.desired(&m).unwrap().0, 2);
+        twins.set_manifest(BTreeMap::from([(
+            m.clone(),
+            serde_json::from_value(json!({"rate": 6})).unwrap(),
+        )]));
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        let (version, desired) = twins.desired(&m).unwrap();
+        assert_eq!((version, Value::Object(desired)), (3, json!({"rate": 6})));
+        // The same manifest again is no change.
+        twins.set_manifest(BTreeMap::from([(
+            m.clone(),
+            serde_json::from_value(json!({"rate": 6})).unwrap(),
+        )]));
+        assert!(!changes.has_changed().unwrap());
+    }
+
+    /// A hub that a newer hub fenced, before it noticed, acknowledges no patch, and the live
+    /// hub's twin is not overwritten.
+    #[test]
+    fn a_fenced_hub_acknowledges_no_patch() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = ModuleId::new("m");
+        let (_old_store, old) = open(dir.path(), json!({}));
+        assert_eq!(old.patch_reported(&m, br#"{"a": 1}"#).unwrap(), 2);
+        let (_store, live) = open(dir.path(), json!({}));
+        assert_eq!(live.patch_reported(&m, br#"{"b": 2}"#).unwrap(), 3);
+        let err = old.patch_reported(&m, br#"{"c": 3}"#).unwrap_err();
+        assert!(err.to_string().contains("fenced"), "{err}");
+        assert_eq!(err.status(), None, "nothing is answered");
+        assert!(old.get(&m).is_err(), "a fenced hub serves no GET either");
+        drop(live);
+        let (_store, next) = open(dir.path(), json!({}));
+        let twin = next.get(&m).unwrap();
+        assert_eq!(Value::Object(twin.reported), json!({"a": 1, "b": 2}));
+    }
+
+    #[test]
+    fn a_damaged_twin_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = ModuleId::new("m");
+        std::fs::create_dir_all(dir.path().join("twins")).unwrap();
+        std::fs::write(
+            dir.path()
+                .join("twins")
+                .join(format!("{}.json", file_stem(&m))),
+            b"{not json",
+        )
+        .unwrap();
+        let (_store, twins) = open(dir.path(), json!({}));
+        for _ in 0..2 {
+            // Asked again, still the error: never an empty twin.
+            let err = twins.get(&m).unwrap_err();
+            assert_eq!(err.status(), Some(500));
+            assert!(err.to_string().contains("twins/6d."), "{err}");
+            assert!(twins.patch_reported(&m, br#"{"a": 1}"#).is_err());
+        }
+    }
+}
