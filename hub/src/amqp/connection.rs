@@ -10,8 +10,9 @@
 //!   an events link, [`MAX_CBS_MESSAGE_BYTES`] on `$cbs` (which needs no authentication), so no
 //!   client makes the hub buffer an unbounded delivery.
 //! - Every attach is decided by the connection's [`ConnectionAuth`] (I/O-free): `$cbs` links
-//!   always, a module's events link (outputs or inputs) only if that module is authenticated on
-//!   this connection; every other attach is refused by attaching and detaching it at once with
+//!   always, a module's events link (outputs or inputs), twin links ([`twin`]) and method links
+//!   ([`methods`]) only if that module is authenticated on this connection; every other attach
+//!   is refused by attaching and detaching it at once with
 //!   the error (`amqp:unauthorized-access`, `amqp:not-implemented`), so one module can never
 //!   attach another module's links.
 //! - An identity authenticated on this connection joins the head's registry of live connections:
@@ -50,7 +51,7 @@ use tokio::task::JoinSet;
 use crate::amqp::auth_state::{ClientRole, ConnectionAuth, LinkDecision, RefuseCondition};
 use crate::amqp::frame_guard::Guarded;
 use crate::amqp::sasl::{HubSasl, SaslResult};
-use crate::amqp::{cbs, convert, links};
+use crate::amqp::{cbs, convert, links, methods, twin};
 use crate::head::context::HeadContext;
 use crate::identity::Identity;
 
@@ -108,6 +109,9 @@ pub enum ConnectionEnd {
     /// Refused by the connection limits (`--max-connections`).
     #[error("refused: {0}")]
     Refused(String),
+    /// A twin request may not be answered: a newer hub owns the data directory.
+    #[error("twin request not answered: {0}")]
+    Twin(String),
     /// The hub is shutting down.
     #[error("hub shutting down")]
     Shutdown,
@@ -136,6 +140,8 @@ pub struct ConnShared {
     pub peer: String,
     /// The connection's place in the head's budget, told when an identity authenticates.
     slot: crate::limits::Slot,
+    /// Each module's twin links on this connection (created by the first of the pair).
+    twins: Mutex<HashMap<Identity, Arc<twin::TwinChannel>>>,
 }
 
 impl ConnShared {
@@ -192,6 +198,21 @@ impl ConnShared {
                 () = stopped(&mut stop) => {}
             }
         });
+    }
+
+    /// The twin state `identity`'s twin links on this connection share.
+    pub fn twin_channel(&self, identity: &Identity) -> Arc<twin::TwinChannel> {
+        let mut twins = self.twins.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(twins.entry(identity.clone()).or_default())
+    }
+
+    /// The registry id this connection joined as `identity` (its direct-method target id).
+    pub fn conn_id(&self, identity: &Identity) -> Option<u64> {
+        self.joined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(identity)
+            .copied()
     }
 
     /// Whether this connection is the live one of `identity`.
@@ -267,6 +288,7 @@ where
         cbs_reply_rx: AsyncMutex::new(cbs::ReplyQueue::new(cbs_rx)),
         peer: peer.clone(),
         slot,
+        twins: Mutex::new(HashMap::new()),
     });
     // Also uncounted when the accept loop drops this connection at its auth deadline.
     let connected = crate::metrics::ConnectedGauge::new(Arc::clone(&ctx.metrics));
@@ -449,6 +471,22 @@ async fn on_attach(
             tracing::info!(peer = %shared.peer, %identity, "inputs link attached");
             links.spawn(links::serve_inputs(s, identity, shared));
         }
+        (LinkDecision::Twin(identity, ClientRole::Sender), LinkEndpoint::Receiver(r)) => {
+            tracing::info!(peer = %shared.peer, %identity, "twin request link attached");
+            links.spawn(twin::serve_requests(r, identity, shared));
+        }
+        (LinkDecision::Twin(identity, ClientRole::Receiver), LinkEndpoint::Sender(s)) => {
+            tracing::info!(peer = %shared.peer, %identity, "twin answer link attached");
+            links.spawn(twin::serve_answers(s, identity, shared));
+        }
+        (LinkDecision::Methods(identity, ClientRole::Sender), LinkEndpoint::Receiver(r)) => {
+            tracing::info!(peer = %shared.peer, %identity, "method response link attached");
+            links.spawn(methods::serve_responses(r, identity, shared));
+        }
+        (LinkDecision::Methods(identity, ClientRole::Receiver), LinkEndpoint::Sender(s)) => {
+            tracing::info!(peer = %shared.peer, %identity, "method request link attached");
+            links.spawn(methods::serve_requests(s, identity, shared));
+        }
         (LinkDecision::Refuse(condition, reason), endpoint) => {
             tracing::warn!(peer = %shared.peer, link = %name, address = ?address, %reason, "link refused");
             refuse(endpoint, condition, reason).await;
@@ -482,6 +520,8 @@ fn link_acceptor(decision: &LinkDecision) -> DefaultLinkAcceptor {
             .supported_sender_settle_modes(SupportedSenderSettleModes::UnsettledAndMixed)
             .fallback_sender_settle_mode(SenderSettleMode::Unsettled),
         LinkDecision::Events(_) => builder.max_message_size(MAX_EVENTS_TRANSFER_BYTES),
+        LinkDecision::Twin(..) => builder.max_message_size(twin::MAX_TWIN_MESSAGE_BYTES),
+        LinkDecision::Methods(..) => builder.max_message_size(methods::MAX_METHOD_MESSAGE_BYTES),
         LinkDecision::Cbs(_) | LinkDecision::Refuse(..) => {
             builder.max_message_size(MAX_CBS_MESSAGE_BYTES)
         }

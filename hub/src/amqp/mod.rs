@@ -114,4 +114,6 @@ pub mod events_state;
 pub mod frame_guard;
 pub mod links;
 pub mod listener;
+pub mod methods;
 pub mod sasl;
+pub mod twin;
