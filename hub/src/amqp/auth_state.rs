@@ -325,15 +325,20 @@ pub enum ModuleNode {
 }
 
 /// The module and node of `/devices/{d}/modules/{m}/{messages/events | twin |
-/// methods/deviceBound}` (leading `/` optional, ids percent-decoded), or `None` for any other
-/// address.
+/// methods/deviceBound}` (leading `/` optional, ids percent-decoded, `deviceBound` in any
+/// case: the Node SDK writes `devicebound`), or `None` for any other address.
 pub fn module_address(address: &str) -> Option<(Identity, ModuleNode)> {
     let path = address.strip_prefix('/').unwrap_or(address);
     let parts: Vec<&str> = path.split('/').collect();
     let (d, m, node) = match parts.as_slice() {
         ["devices", d, "modules", m, "messages", "events"] => (d, m, ModuleNode::Events),
         ["devices", d, "modules", m, "twin"] => (d, m, ModuleNode::Twin),
-        ["devices", d, "modules", m, "methods", "deviceBound"] => (d, m, ModuleNode::Methods),
+        // The Node SDK writes `devicebound`, edgeHub's template `deviceBound`.
+        ["devices", d, "modules", m, "methods", bound]
+            if bound.eq_ignore_ascii_case("deviceBound") =>
+        {
+            (d, m, ModuleNode::Methods)
+        }
         _ => return None,
     };
     if d.is_empty() || m.is_empty() {
@@ -529,6 +534,7 @@ mod tests {
             ("/devices/d/modules/a/twin", true),
             ("devices/d/modules/a/twin", true),
             ("/devices/d/modules/a/methods/deviceBound", false),
+            ("/devices/d/modules/a/methods/devicebound", false),
         ] {
             for role in [ClientRole::Sender, ClientRole::Receiver] {
                 let expected = if twin {
