@@ -87,18 +87,33 @@ pub fn response_of(message: &AmqpMessage<Body<Value>>) -> Option<(String, Method
 /// while it lasts.
 pub async fn serve_requests(mut sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
-    let mut stop = shared.stop.subscribe();
-    let conn = shared.conn_id(&identity);
     let (tx, mut rx) = methods::method_channel();
     // Only the module's live connection: a replaced one never takes its successor's place.
-    let attached = match conn {
-        Some(conn) if shared.is_current(&identity) => ctx.methods.attach(&identity, conn, tx),
-        _ => false,
-    };
-    if !attached {
-        tracing::warn!(peer = %shared.peer, %identity, "method link not made the module's target: the connection is not its live one");
+    let target = shared
+        .conn_id(&identity)
+        .filter(|_| shared.is_current(&identity))
+        .filter(|conn| ctx.methods.attach(&identity, *conn, tx));
+    match target {
+        Some(conn) => {
+            send_requests(&mut sender, &mut rx, &identity, &shared).await;
+            ctx.methods.detach(&identity, conn);
+        }
+        None => {
+            tracing::warn!(peer = %shared.peer, %identity, "method link not made the module's target: the connection is not its live one");
+        }
     }
-    while attached {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
+}
+
+/// Sends the requests handed to this connection until the link or the connection ends.
+async fn send_requests(
+    sender: &mut Sender,
+    rx: &mut methods::MethodRx,
+    identity: &Identity,
+    shared: &ConnShared,
+) {
+    let mut stop = shared.stop.subscribe();
+    loop {
         let call = tokio::select! {
             e = sender.on_detach() => {
                 tracing::debug!(peer = %shared.peer, %identity, error = %e, "method request link detached");
@@ -128,10 +143,6 @@ pub async fn serve_requests(mut sender: Sender, identity: Identity, shared: Arc<
             }
         }
     }
-    if let (true, Some(conn)) = (attached, conn) {
-        ctx.methods.detach(&identity, conn);
-    }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
 }
 
 /// Serves the client's method sender link: relays each response to its request.

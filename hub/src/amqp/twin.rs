@@ -565,6 +565,43 @@ mod tests {
         assert_eq!(twin.reported_version, 2);
     }
 
+    /// A hub that a newer one fenced answers neither a PATCH nor a GET: the error comes back
+    /// (the link then closes the connection) and the live hub's twin keeps its patch.
+    #[test]
+    fn a_fenced_hub_answers_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_old_store, old, metrics, who) = setup(dir.path());
+        let mut watch = DesiredWatch::default();
+        let first = ask(
+            &old,
+            &metrics,
+            &who,
+            &mut watch,
+            TwinOp::PatchReported,
+            br#"{"a": 1}"#,
+        );
+        assert_eq!(first.status, 204);
+        let (_store, live, _, _) = setup(dir.path());
+        assert_eq!(live.patch_reported(&who.module, br#"{"b": 2}"#).unwrap(), 3);
+        for (op, body) in [
+            (TwinOp::PatchReported, &br#"{"c": 3}"#[..]),
+            (TwinOp::Get, &b" "[..]),
+        ] {
+            let err = answer(
+                &old,
+                &metrics,
+                &who,
+                &mut watch,
+                (&op, body),
+                Instant::now(),
+            )
+            .unwrap_err();
+            assert_eq!(err.status(), None, "{op:?}: {err}");
+        }
+        let twin = live.get(&who.module).unwrap();
+        assert_eq!(Json::Object(twin.reported), json!({"a": 1, "b": 2}));
+    }
+
     /// PUT on the desired notifications starts the watch: a manifest change then gives a patch;
     /// DELETE stops it.
     #[test]

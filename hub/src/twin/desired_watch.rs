@@ -12,10 +12,13 @@ use crate::identity::Identity;
 use crate::twin::document::{desired_patch, with_version};
 use crate::twin::{TwinError, Twins};
 
+/// Desired properties and their `$version` (or a patch of them, with `$version` inside).
+pub type Versioned = (u64, Map<String, Value>);
+
 /// A connection's view of its module's desired properties; `None` while it does not listen.
 #[derive(Debug, Default)]
 pub struct DesiredWatch {
-    sent: Option<(u64, Map<String, Value>)>,
+    sent: Option<Versioned>,
 }
 
 impl DesiredWatch {
@@ -45,7 +48,7 @@ impl DesiredWatch {
         &mut self,
         twins: &Twins,
         identity: &Identity,
-    ) -> Result<Option<(u64, Map<String, Value>)>, TwinError> {
+    ) -> Result<Option<Versioned>, TwinError> {
         let Some((sent_version, sent)) = &self.sent else {
             return Ok(None);
         };
