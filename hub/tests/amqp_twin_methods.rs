@@ -14,11 +14,13 @@ mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
+use std::path::Path;
 use std::process::Command;
 
+use sdk::{Script, Sdk};
 use sdk_hub::{secs, SdkHub};
 use serde_json::{json, Value};
-use testhub::TestHub;
+use testhub::{TestHub, DEVICE_ID, GATEWAY, IOTHUB_HOSTNAME};
 
 /// amqp_probe.js as `module` with `args`, run to its end; it must exit 0.
 fn probe(hub: &SdkHub, module: &str, args: &[&str]) -> sdk::Outcome {
@@ -141,4 +143,78 @@ fn a_malformed_or_oversized_reported_patch_gets_an_error_status_and_changes_noth
     let get = reply(&out, "get");
     assert_eq!(get["status"], 200);
     assert_eq!(get["body"]["reported"], json!({"ok": true, "$version": 2}));
+}
+
+/// A method request link closed while another one of the same module and connection is
+/// attached leaves the module reachable through the other: an `invoke_method` (connect timeout
+/// 0: no waiting for a target) reaches it and gets its answer.
+#[test]
+fn closing_one_of_two_method_links_keeps_the_module_reachable_through_the_other() {
+    let hub = SdkHub::start(
+        TestHub::new().run_args(&["--methods-addr", &format!("{GATEWAY}:443")]),
+        &["receiver"],
+    );
+    let env = &hub.env;
+    let mut cmd = Command::new(&env.node);
+    cmd.arg(env.scripts.join("node/amqp_probe.js"))
+        .args([
+            "--mode",
+            "methods-reattach",
+            "--sasl",
+            "none",
+            "--count",
+            "1",
+        ])
+        .args(["--timeout", "60"])
+        .env("EDGEHUB_CS", hub.cs("receiver"))
+        .env("EDGEHUB_CA", hub.ca())
+        .env("EDGEHUB_SDK_DIR", &env.dir);
+    let mut target = hub.ns.spawn(&mut cmd);
+    target.expect_event("ready", secs(60));
+    let out = python_edge_module(&hub, "sender")
+        .args(["invoke", "--device", DEVICE_ID, "--module", "receiver"])
+        .args(["--method", "ping", "--payload", "1", "--timeout", "60"])
+        .run(secs(90));
+    assert_eq!(
+        out.code,
+        Some(sdk::EXIT_OK),
+        "invoke_method: {}\nhub log:\n{}",
+        out.stderr,
+        hub.log()
+    );
+    let result = out.data().into_iter().next().expect("a result line");
+    assert_eq!(
+        result,
+        json!({"ok": true, "response": {"status": 200, "payload": {"via": "second"}}, "ms": result["ms"]}),
+        "{result}\nhub log:\n{}",
+        hub.log()
+    );
+    let done = target.finish(secs(30));
+    assert_eq!(done.code, Some(sdk::EXIT_OK), "{}", done.stderr);
+    assert!(done.events("request-on-first").is_empty());
+}
+
+/// method.py as `module` from exactly the module environment IoT Edge gives (it calls over
+/// HTTPS to port 443 of its gateway host).
+fn python_edge_module(hub: &SdkHub, module: &str) -> sdk::ModuleCmd {
+    let cs = hub.config.connection_string(module);
+    let mut cmd = hub
+        .ns
+        .module(&hub.env, Sdk::Python, Script::Method, "", Path::new(""))
+        .env_remove("EDGEHUB_CS")
+        .env_remove("EDGEHUB_CA")
+        .env_remove("IOTEDGE_WORKLOADURI")
+        .env_remove("IOTEDGE_APIVERSION")
+        .args(["--edge-env"]);
+    for (k, v) in [
+        ("EdgeHubConnectionString", cs),
+        ("EdgeModuleCACertificateFile", hub.ca.display().to_string()),
+        ("IOTEDGE_IOTHUBHOSTNAME", IOTHUB_HOSTNAME.to_owned()),
+        ("IOTEDGE_DEVICEID", DEVICE_ID.to_owned()),
+        ("IOTEDGE_MODULEID", module.to_owned()),
+        ("IOTEDGE_GATEWAYHOSTNAME", GATEWAY.to_owned()),
+    ] {
+        cmd = cmd.env(k, v);
+    }
+    cmd
 }

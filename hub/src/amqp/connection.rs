@@ -142,6 +142,8 @@ pub struct ConnShared {
     slot: crate::limits::Slot,
     /// Each module's twin links on this connection (created by the first of the pair).
     twins: Mutex<HashMap<Identity, Arc<twin::TwinChannel>>>,
+    /// Each module's latest method request link on this connection (a number per attach).
+    method_links: Mutex<HashMap<Identity, u64>>,
 }
 
 impl ConnShared {
@@ -204,6 +206,27 @@ impl ConnShared {
     pub fn twin_channel(&self, identity: &Identity) -> Arc<twin::TwinChannel> {
         let mut twins = self.twins.lock().unwrap_or_else(|p| p.into_inner());
         Arc::clone(twins.entry(identity.clone()).or_default())
+    }
+
+    /// A method request link of `identity` attached: its number, newer than any before it on
+    /// this connection.
+    pub fn method_link_attached(&self, identity: &Identity) -> u64 {
+        let mut links = self.method_links.lock().unwrap_or_else(|p| p.into_inner());
+        let n = links.get(identity).map_or(1, |n| n.wrapping_add(1));
+        links.insert(identity.clone(), n);
+        n
+    }
+
+    /// Method request link `n` of `identity` ended: true if it was the latest (the module then
+    /// has no method link on this connection any more).
+    pub fn method_link_ended(&self, identity: &Identity, n: u64) -> bool {
+        let mut links = self.method_links.lock().unwrap_or_else(|p| p.into_inner());
+        if links.get(identity) == Some(&n) {
+            links.remove(identity);
+            true
+        } else {
+            false
+        }
     }
 
     /// The registry id this connection joined as `identity` (its direct-method target id).
@@ -289,6 +312,7 @@ where
         peer: peer.clone(),
         slot,
         twins: Mutex::new(HashMap::new()),
+        method_links: Mutex::new(HashMap::new()),
     });
     // Also uncounted when the accept loop drops this connection at its auth deadline.
     let connected = crate::metrics::ConnectedGauge::new(Arc::clone(&ctx.metrics));

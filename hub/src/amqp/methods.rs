@@ -8,8 +8,11 @@
 //!   other).
 //! - While the client's receiver link is attached (and the connection is the module's live
 //!   one) the connection is the module's method target (`Methods::attach`, as an MQTT
-//!   subscription to `$iothub/methods/POST/#`); when it ends, it no longer is, and every
-//!   request handed to it and not answered ends at once (404, as on MQTT).
+//!   subscription to `$iothub/methods/POST/#`); a second such link takes the requests from
+//!   then on. When the latest one ends, the connection no longer is the target, and every
+//!   request handed to it and not answered ends at once (404, as on MQTT); an older one
+//!   ending changes nothing (requests it had queued and not sent are lost: 504 when their
+//!   time is up).
 //! - A request goes out as a message with the method's name in the application property
 //!   `IoThub-methodname`, the request id as `correlation-id` (a string) and the payload as one
 //!   data section, only with the client's credit, settled when the client lets us (methods
@@ -88,19 +91,22 @@ pub fn response_of(message: &AmqpMessage<Body<Value>>) -> Option<(String, Method
 pub async fn serve_requests(mut sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
     let (tx, mut rx) = methods::method_channel();
+    // Numbered before it becomes the target, so an older link ending meanwhile leaves it be.
+    let link = shared.method_link_attached(&identity);
+    let conn = shared.conn_id(&identity);
     // Only the module's live connection: a replaced one never takes its successor's place.
-    let target = shared
-        .conn_id(&identity)
+    let attached = conn
         .filter(|_| shared.is_current(&identity))
-        .filter(|conn| ctx.methods.attach(&identity, *conn, tx));
-    match target {
-        Some(conn) => {
-            send_requests(&mut sender, &mut rx, &identity, &shared).await;
-            ctx.methods.detach(&identity, conn);
-        }
-        None => {
-            tracing::warn!(peer = %shared.peer, %identity, "method link not made the module's target: the connection is not its live one");
-        }
+        .is_some_and(|conn| ctx.methods.attach(&identity, conn, tx));
+    if attached {
+        send_requests(&mut sender, &mut rx, &identity, &shared).await;
+    } else {
+        tracing::warn!(peer = %shared.peer, %identity, "method link not made the module's target: the connection is not its live one");
+    }
+    // A newer method link of the module on this connection is its target now: only the
+    // latest one to end takes the connection off.
+    if let (true, Some(conn)) = (shared.method_link_ended(&identity, link), conn) {
+        ctx.methods.detach(&identity, conn);
     }
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sender.close()).await;
 }

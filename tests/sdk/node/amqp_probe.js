@@ -50,6 +50,11 @@
 //     printing {"event":"twin-reply","what":"malformed"|"oversized"|"good"|"get","status":N,
 //     "version":N|null,"body":...} for each, and {"event":"leaked","messages":N} (messages
 //     that arrived on --other's receiver links).
+//   node amqp_probe.js --mode methods-reattach [--count N] [--sasl ...]
+//     authenticates as above, attaches the module's method response link and two method
+//     request links, closes the first ({"event":"ready"} once the hub answered the detach),
+//     then answers each request arriving on the second with 200 {"via":"second"}
+//     ({"event":"request","name":...,"rid":...}) until N were answered ({"event":"done"}).
 //   node amqp_probe.js --mode unauthenticated
 //     opens an AMQP connection (no SASL) and never authenticates; prints
 //     {"event":"closed","how":...,"ms":N} when the hub ends the connection.
@@ -190,6 +195,7 @@ async function attachMode(args) {
   if (args.mode === 'cbs-reattach') return cbsReattachMode(args, conn, f, deadline, cbsTx, cbsRx);
   if (args.mode === 'pipeline') return pipelineMode(args, conn, f, deadline);
   if (args.mode === 'twin') return twinMode(args, conn, f, deadline);
+  if (args.mode === 'methods-reattach') return methodsReattachMode(args, conn, f, deadline);
   const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
   const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
   await ownReady;
@@ -294,6 +300,42 @@ async function twinMode(args, conn, f, deadline) {
   await ask('good', 'PATCH', '/properties/reported', '{"ok": true}');
   await ask('get', 'GET', undefined, ' ');
   h.emit({ event: 'leaked', messages: leaked });
+  conn.close();
+}
+
+// Attaches the module's method links (a response sender and two request receivers), closes
+// the first receiver, then answers every request that comes on the second with status 200 and
+// {"via":"second"} until --count requests were answered.
+async function methodsReattachMode(args, conn, f, deadline) {
+  const rhea = h.sdkRequire('rhea');
+  const address = `/devices/${f.DeviceId}/modules/${f.ModuleId}/methods/devicebound`;
+  const tx = conn.open_sender({ target: address });
+  if (!tx.sendable()) await once(tx, 'sendable', 'sender_error', 'method response sender', deadline);
+  const first = conn.open_receiver({ source: address });
+  await once(first, 'receiver_open', 'receiver_error', 'first method receiver', deadline);
+  const second = conn.open_receiver({ source: address });
+  await once(second, 'receiver_open', 'receiver_error', 'second method receiver', deadline);
+  let answered = 0;
+  let done;
+  const finished = new Promise((r) => { done = r; });
+  second.on('message', (ctx) => {
+    const m = ctx.message;
+    h.emit({ event: 'request', name: m.application_properties['IoThub-methodname'], rid: m.correlation_id });
+    tx.send({
+      correlation_id: m.correlation_id,
+      application_properties: { 'IoThub-status': 200 },
+      body: rhea.message.data_section(Buffer.from('{"via":"second"}')),
+    });
+    answered += 1;
+    if (answered >= args.count) done();
+  });
+  first.once('message', () => h.emit({ event: 'request-on-first' }));
+  const closed = once(first, 'receiver_close', 'receiver_error', 'first method receiver close', deadline);
+  first.close();
+  await closed;
+  h.emit({ event: 'ready' });
+  await deadline.run(finished, `${args.count} requests`);
+  h.emit({ event: 'done', answered });
   conn.close();
 }
 
