@@ -12,8 +12,10 @@
 //!   `PATCH` on `/properties/reported` → 204 with a `version` annotation (the new reported
 //!   `$version`) only once the patch is durable and this hub still owns the data directory;
 //!   `PUT` / `DELETE` on `/notifications/twin/properties/desired` → 200, desired-properties
-//!   notifications on (off). A refused request gets 400, 413 or 500 (as on MQTT, see
-//!   [`crate::twin::document`]) with `{"status", "message"}` as the body, and changes nothing.
+//!   notifications on (off). A request without a `correlation-id` is refused with 400 and
+//!   never applied (as one without `$rid` on MQTT). A refused request gets 400, 413 or 500
+//!   (as on MQTT, see [`crate::twin::document`]) with `{"status", "message"}` as the body, and
+//!   changes nothing.
 //! - A hub that a newer one fenced answers nothing: the connection closes, and the module asks
 //!   the live hub again.
 //! - With notifications on, every change of the manifest's desired properties sends the
@@ -120,16 +122,21 @@ pub fn request_of(message: &AmqpMessage<Body<Value>>) -> TwinRequest {
             TwinOp::Unknown(format!("operation {op:?} on {resource:?} is not served"))
         }
     };
-    let (op, body) = match convert::body_bytes(&message.body) {
-        Ok(body) => (op, body),
-        Err(e) => (TwinOp::Unknown(e.to_string()), Bytes::new()),
+    let correlation_id = message
+        .properties
+        .as_ref()
+        .and_then(|p| p.correlation_id.clone());
+    let (op, body) = match (convert::body_bytes(&message.body), &correlation_id) {
+        (_, None) => (
+            TwinOp::Unknown("a twin request needs a correlation-id".into()),
+            Bytes::new(),
+        ),
+        (Ok(body), Some(_)) => (op, body),
+        (Err(e), Some(_)) => (TwinOp::Unknown(e.to_string()), Bytes::new()),
     };
     TwinRequest {
         op,
-        correlation_id: message
-            .properties
-            .as_ref()
-            .and_then(|p| p.correlation_id.clone()),
+        correlation_id,
         body,
     }
 }
@@ -476,6 +483,11 @@ mod tests {
         ] {
             assert!(matches!(request_of(&message).op, TwinOp::Unknown(_)));
         }
+        // Without a correlation-id nothing is applied (as a twin request without $rid on
+        // MQTT): the answer could not be matched anyway.
+        let mut anonymous = request(Some("PATCH"), Some(REPORTED), b"{}");
+        anonymous.properties = None;
+        assert!(matches!(request_of(&anonymous).op, TwinOp::Unknown(_)));
         let mut seq = request(Some("GET"), None, b"");
         seq.body = Body::Sequence(vec![].into());
         assert!(matches!(request_of(&seq).op, TwinOp::Unknown(_)));
