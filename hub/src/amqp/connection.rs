@@ -76,7 +76,8 @@ const PROTO_SASL: u8 = 3;
 pub const AUTHENTICATE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Links open at once on one session: announced in our Begin (`handle-max` one less) and
 /// enforced by us (fe2o3 only announces it): an attach beyond it is refused with
-/// `amqp:resource-limit-exceeded`. A module needs four (`$cbs` both ways, events, inputs).
+/// `amqp:resource-limit-exceeded`. A module needs up to eight (`$cbs`, events, twin and
+/// methods, each both ways).
 pub const MAX_LINKS_PER_SESSION: usize = 64;
 /// `$cbs` replies waiting for the client's reply link; past it put-token requests are no
 /// longer read (the client's credit runs out).
