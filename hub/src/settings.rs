@@ -181,6 +181,7 @@ pub fn parse_manifest(text: &str) -> Result<Deployment, ManifestError> {
             edge_hub,
             modules: Vec::new(),
             twins_desired: std::collections::BTreeMap::new(),
+            replicas: std::collections::BTreeMap::new(),
         })
     } else {
         router::manifest::parse_deployment(text)

@@ -57,6 +57,7 @@ pub mod expiry;
 pub mod manifest;
 pub mod message;
 pub mod queue_id;
+pub mod replicas;
 pub mod retry;
 pub mod route;
 pub mod router;

@@ -1,0 +1,16 @@
+//! Module replicas (issue 17): a module declared with `x-edgehub-replicas` runs as several
+//! connections of one identity that split each input by a partition key, keeping each key's
+//! order. The contract (words, guarantees, diagrams) is ARCHITECTURE.md's "Module replicas".
+//!
+//! Everything here is pure: no I/O, no tasks, no clock (time is an input). Phase 1 of the
+//! issue; nothing here is wired into the heads or the endpoint workers yet.
+//!
+//! - [`spec`]: what the manifest declares ([`ReplicaSpec`]: [`ReplicaCount`], [`PartitionKey`])
+//!   and why a declaration is refused.
+
+pub mod spec;
+
+pub use spec::{
+    BodyKey, PartitionKey, PartitionKeyError, ReplicaCount, ReplicaCountError, ReplicaSettingError,
+    ReplicaSpec,
+};
