@@ -7,8 +7,13 @@
 //!
 //! - [`spec`]: what the manifest declares ([`ReplicaSpec`]: [`ReplicaCount`], [`PartitionKey`])
 //!   and why a declaration is refused.
+//! - [`partition`]: which of the [`PARTITIONS`] partitions a message belongs to (a fixed hash
+//!   of its key; [`DEFAULT_PARTITION`] without one).
 
+pub mod partition;
 pub mod spec;
+
+pub use partition::{partition_of, PartitionId, DEFAULT_PARTITION, PARTITIONS};
 
 pub use spec::{
     BodyKey, PartitionKey, PartitionKeyError, ReplicaCount, ReplicaCountError, ReplicaSettingError,

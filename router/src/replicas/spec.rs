@@ -90,6 +90,10 @@ impl BodyKey {
     pub fn as_str(&self) -> &str {
         &self.text
     }
+
+    pub(crate) fn path(&self) -> &BodyPath {
+        &self.path
+    }
 }
 
 /// Why a partition key is refused.
