@@ -9,9 +9,13 @@
 //!   and why a declaration is refused.
 //! - [`partition`]: which of the [`PARTITIONS`] partitions a message belongs to (a fixed hash
 //!   of its key; [`DEFAULT_PARTITION`] without one).
+//! - [`assign`]: which member's [`Slot`] should own which partition (rendezvous hashing).
 
+pub mod assign;
 pub mod partition;
 pub mod spec;
+
+pub use assign::Slot;
 
 pub use partition::{partition_of, PartitionId, DEFAULT_PARTITION, PARTITIONS};
 
