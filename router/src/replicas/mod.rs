@@ -10,12 +10,22 @@
 //! - [`partition`]: which of the [`PARTITIONS`] partitions a message belongs to (a fixed hash
 //!   of its key; [`DEFAULT_PARTITION`] without one).
 //! - [`assign`]: which member's [`Slot`] should own which partition (rendezvous hashing).
+//! - [`state`]: membership, ownership and fenced handoffs ([`Replicas`]), the machine the
+//!   heads and the endpoint workers will drive.
 
 pub mod assign;
 pub mod partition;
 pub mod spec;
+pub mod state;
+
+#[cfg(test)]
+mod model;
 
 pub use assign::Slot;
+pub use state::{
+    AbandonReason, Counters, DeliverRefused, DisconnectReason, Holder, JoinRefused, Joined,
+    MemberId, Next, Output, PartitionEpoch, ReplicaConfig, Replicas, StaleAck,
+};
 
 pub use partition::{partition_of, PartitionId, DEFAULT_PARTITION, PARTITIONS};
 
