@@ -3,7 +3,8 @@
 //! stray deliveries, ticks and count changes, driven the way the heads and workers will drive
 //! it. After every step the model checks the contract (ARCHITECTURE.md, "Module replicas"):
 //!
-//! - at most one member may receive from a partition, and it is the partition's target;
+//! - at most one member may receive from a partition, and it is the partition's target; no
+//!   partition is left unowned while a live member could take it;
 //! - a delivery is granted only while every other delivery in flight of its partition is held
 //!   by the same member under the same epoch (fencing);
 //! - first deliveries of each partition are its stored offsets in order, none skipped (so per
@@ -427,6 +428,11 @@ impl Model {
             if let Some((owner, _)) = self.r.owner(p) {
                 prop_assert_eq!(Some(owner), self.r.target(p));
             }
+            // Never left without an owner while there is a live member to take it.
+            prop_assert!(
+                live.is_empty() || self.r.holder(p) != Holder::Unowned,
+                "{p} unowned"
+            );
             let in_flight: Vec<&Delivery> = self
                 .deliveries
                 .iter()
