@@ -463,6 +463,7 @@ fn build_core(
         sessions,
         metrics,
         upstream,
+        methods,
     } = start_delivery(settings, &deployment, &identities, store, &clock)?;
     let owner: Arc<dyn crate::owned_file::Ownership> = Arc::new(store.clone());
     let twins = Arc::new(
@@ -484,7 +485,7 @@ fn build_core(
         ],
         routes_changed: watch::channel(0).0,
         clock: Arc::clone(&clock),
-        methods: Arc::new(crate::methods::Methods::default()),
+        methods,
         twins,
     });
     let reloader = Arc::new(Reloader::new(
@@ -527,6 +528,8 @@ struct Delivery {
     metrics: Arc<HubMetrics>,
     /// The cloud connection, if an IoT Hub is named.
     upstream: Option<Arc<MqttUpstream>>,
+    /// Direct-method targets, shared by the heads and the cloud connection.
+    methods: Arc<crate::methods::Methods>,
 }
 
 /// Phase 3, first step: the dispatcher and its endpoint workers, the router over the
@@ -554,12 +557,14 @@ fn start_delivery(
         settings.iothub_hostname(),
         settings.device_id().as_str(),
     ));
+    let methods = Arc::new(crate::methods::Methods::default());
     let upstream = upstream::start(
         settings,
         Arc::clone(identities),
         &dispatcher,
         Arc::clone(&metrics),
         Arc::clone(clock),
+        Arc::clone(&methods),
     )
     .map_err(RunError::Upstream)?;
     log_upstream(settings, deployment);
@@ -569,6 +574,7 @@ fn start_delivery(
         sessions,
         metrics,
         upstream,
+        methods,
     })
 }
 

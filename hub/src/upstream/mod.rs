@@ -38,6 +38,7 @@ use store::Clock;
 use self::mqtt::{client_tls_config, MqttUpstream, MqttUpstreamConfig, UpstreamTlsError};
 use self::sink::UpstreamSink;
 use crate::identity::Identities;
+use crate::methods::Methods;
 use crate::metrics::HubMetrics;
 use crate::settings::Settings;
 
@@ -47,14 +48,16 @@ use crate::settings::Settings;
 /// modules send.
 pub const UPSTREAM_WINDOW: usize = 1000;
 
-/// Starts the cloud connection the settings ask for and makes it the `$upstream` sink. `None`
-/// when upstream is off (the messages then wait on disk within their TTL).
+/// Starts the cloud connection the settings ask for and makes it the `$upstream` sink; the
+/// cloud reaches the direct methods of `methods`' targets through it. `None` when upstream is
+/// off (the messages then wait on disk within their TTL).
 pub fn start(
     settings: &Settings,
     identities: Arc<Identities>,
     dispatcher: &Arc<Dispatcher>,
     metrics: Arc<HubMetrics>,
     clock: Arc<dyn Clock>,
+    methods: Arc<Methods>,
 ) -> Result<Option<Arc<MqttUpstream>>, UpstreamTlsError> {
     let Some(up) = settings.upstream() else {
         return Ok(None);
@@ -64,6 +67,7 @@ pub fn start(
         MqttUpstreamConfig::new(settings.iothub_hostname(), &up.host, up.port, Arc::new(tls));
     config.ack_timeout = up.timeout;
     config.clock = clock;
+    config.methods = Some(methods);
     // Weak: the dispatcher owns the sink, which owns this hook.
     let weak: Weak<Dispatcher> = Arc::downgrade(dispatcher);
     let upstream = Arc::new(MqttUpstream::new(config, identities, metrics, move || {
@@ -82,5 +86,6 @@ pub fn start(
         &Endpoint::Upstream,
         UpstreamSink::new(Arc::clone(&upstream)),
     );
+    upstream.follow_method_targets();
     Ok(Some(upstream))
 }

@@ -19,6 +19,16 @@
 //!   at once (the messages wait in the store); the connection keeps reconnecting with exponential
 //!   backoff, logs every failed attempt with its reason, and when a connection is up calls the
 //!   `on_online` hook (the hub re-registers the sink so the worker's own backoff ends at once).
+//! - **Direct methods from the cloud** (when [`MqttUpstreamConfig::methods`] is set): every
+//!   connection subscribes to `$iothub/methods/POST/#` right after CONNECT; a request is handed
+//!   to the module through [`Methods::invoke`] (the same targets and pending requests as
+//!   module → module calls; response timeout 30 s; a module not connected is answered 404 at
+//!   once) and the answer goes back on the identity's connection as
+//!   `$iothub/methods/res/{status}/?$rid={cloud rid}` at QoS 0. Methods are not durable: an
+//!   answer with no connection to carry it is logged and dropped (IoT Hub times the call out).
+//!   A module's connection is opened when the module becomes a method target
+//!   ([`MqttUpstream::follow_method_targets`]), not only on its first message, and then kept
+//!   for the hub's lifetime as every other.
 //! - **Tokens are renewed** by reconnecting when three quarters of a token's lifetime has
 //!   passed (MQTT 3.1.1 cannot re-authenticate a live connection): from then on the connection takes
 //!   no new message (they are answered `Offline` and wait in the store), what is in flight
@@ -40,11 +50,14 @@ use store::{Clock, SystemClock};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use bytes::Bytes;
+
 use super::cloud::{CloudMessage, PublishError, Upstream};
 use super::inflight::{Anomaly, Inflight};
 use super::state::{self, Action, UpstreamState};
 use crate::auth::sas;
 use crate::identity::{Identities, Identity};
+use crate::methods::{MethodName, MethodRequest, Methods, METHODS_FILTER};
 use crate::metrics::{HubMetrics, SentLabels};
 
 /// IoT Hub's largest device-to-cloud message (256 KiB), which we apply to topic plus body.
@@ -83,6 +96,12 @@ pub struct MqttUpstreamConfig {
     pub backoff_max: Duration,
     /// The wall clock SAS tokens are issued by.
     pub clock: Arc<dyn Clock>,
+    /// The hub's direct-method targets: when set, each connection subscribes to its module's
+    /// direct methods and relays the cloud's requests to the module through them.
+    pub methods: Option<Arc<Methods>>,
+    /// How long a module has to answer a direct method from the cloud (IoT Hub's MQTT request
+    /// does not carry the caller's timeout; 30 s, the default of IoT Hub and edgeHub).
+    pub method_timeout: Duration,
 }
 
 impl MqttUpstreamConfig {
@@ -104,6 +123,10 @@ impl MqttUpstreamConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             clock: Arc::new(SystemClock),
+            methods: None,
+            method_timeout: Duration::from_secs(
+                crate::methods::request::DEFAULT_RESPONSE_TIMEOUT_SECS,
+            ),
         }
     }
 
@@ -241,6 +264,24 @@ impl CloudConnection {
         }
     }
 
+    /// Writes `payload` on `topic` at QoS 0 on the connection in use (a direct-method answer
+    /// or a twin request: the cloud answers those with a publish of its own, not a PUBACK).
+    fn send_unacknowledged(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+        let mut state = self.lock();
+        let Some(client) = state.client.clone() else {
+            return Err(PublishError::Offline(state.offline_reason.clone()));
+        };
+        match client.try_publish(topic, QoS::AtMostOnce, false, payload.to_vec()) {
+            Ok(()) => {
+                state.inflight.queued_unacknowledged();
+                Ok(())
+            }
+            Err(e) => Err(PublishError::Offline(format!(
+                "the MQTT client took no more requests: {e}"
+            ))),
+        }
+    }
+
     async fn publish(&self, messages: Vec<CloudMessage>) -> Vec<Result<(), PublishError>> {
         enum Answer {
             Now(Result<(), PublishError>),
@@ -311,6 +352,8 @@ type ConnectionTask = (Arc<CloudConnection>, JoinHandle<()>);
 pub struct MqttUpstream {
     shared: Arc<Shared>,
     connections: Mutex<HashMap<Identity, ConnectionTask>>,
+    /// Opens the connection of each module that becomes a direct-method target.
+    follower: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for MqttUpstream {
@@ -329,6 +372,14 @@ impl Drop for MqttUpstream {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner());
         for (_, (_, task)) in connections.drain() {
+            task.abort();
+        }
+        if let Some(task) = self
+            .follower
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             task.abort();
         }
     }
@@ -351,6 +402,38 @@ impl MqttUpstream {
                 on_online: Box::new(on_online),
             }),
             connections: Mutex::new(HashMap::new()),
+            follower: Mutex::new(None),
+        }
+    }
+
+    /// Opens the connection of every module that is a direct-method target now or becomes one
+    /// later (the cloud can reach a module's methods only over its connection), for as long as
+    /// this upstream lives. Does nothing without [`MqttUpstreamConfig::methods`].
+    pub fn follow_method_targets(self: &Arc<Self>) {
+        let Some(methods) = self.shared.config.methods.clone() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let mut attached = methods.watch_attached();
+        let task = tokio::spawn(async move {
+            loop {
+                // Marked seen before looking: an attach after the look is never missed.
+                attached.borrow_and_update();
+                let Some(upstream) = weak.upgrade() else {
+                    return;
+                };
+                for identity in methods.targets() {
+                    upstream.conn(&identity);
+                }
+                drop(upstream);
+                if attached.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut follower = self.follower.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = follower.replace(task) {
+            old.abort();
         }
     }
 
@@ -467,6 +550,14 @@ fn start_connection(
             Arc::clone(&config.tls),
         )));
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    if config.methods.is_some() {
+        // Queued behind the CONNECT: a fresh client's channel has room, so this cannot fail
+        // but by a bug, which the log shows (the module's methods are then unreachable from
+        // the cloud until the next connection).
+        if let Err(e) = client.try_subscribe(METHODS_FILTER, QoS::AtMostOnce) {
+            tracing::warn!(%identity, "cannot subscribe to direct methods: {e}");
+        }
+    }
     conn.lock().client = Some(client);
     Ok((eventloop, issued))
 }
@@ -506,7 +597,7 @@ fn went_online(shared: &Shared, identity: &Identity, offline_since: &mut Option<
 /// Returns why the connection must end, if it must.
 fn on_event(
     shared: &Shared,
-    conn: &CloudConnection,
+    conn: &Arc<CloudConnection>,
     event: Result<Event, ConnectionError>,
     acked_any: &mut bool,
 ) -> Option<DownReason> {
@@ -536,10 +627,87 @@ fn on_event(
             Err(a) => Some(DownReason::from(a)),
         },
         Ok(Event::Incoming(Packet::Disconnect)) => Some(DownReason::Disconnect),
+        Ok(Event::Incoming(Packet::Publish(publish))) => {
+            drop(state);
+            on_cloud_publish(shared, conn, &publish.topic, publish.payload);
+            None
+        }
+        Ok(Event::Incoming(Packet::SubAck(ack))) => {
+            if ack
+                .return_codes
+                .iter()
+                .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+            {
+                tracing::warn!(%identity, "IoT Hub refused a subscription: {:?}", ack.return_codes);
+            }
+            None
+        }
         Ok(_) => None,
         // A lost connection is counted by `edgehub_upstream_offline`, not as a failed
         // connection attempt.
         Err(e) => Some(DownReason::Lost(Box::new(e))),
+    }
+}
+
+/// The method name and `$rid` of a direct-method request topic,
+/// `$iothub/methods/POST/{name}/?$rid={rid}[&…]`; `None` if it is not one.
+fn parse_method_request(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix("$iothub/methods/POST/")?;
+    let (name, query) = rest.split_once("/?")?;
+    let rid = query.split('&').find_map(|p| p.strip_prefix("$rid="))?;
+    Some((name, rid)).filter(|(_, rid)| !rid.is_empty())
+}
+
+/// A publish from the cloud: a direct-method request is relayed to the module (in a task of
+/// its own, so the connection keeps serving) and its answer sent back; anything else is
+/// logged and ignored.
+fn on_cloud_publish(shared: &Shared, conn: &Arc<CloudConnection>, topic: &str, payload: Bytes) {
+    let identity = &conn.identity;
+    let (Some(methods), Some((name, rid))) =
+        (shared.config.methods.clone(), parse_method_request(topic))
+    else {
+        tracing::warn!(%identity, topic, "ignored a publish from IoT Hub");
+        return;
+    };
+    let rid = rid.to_owned();
+    let request = match MethodName::new(name) {
+        Ok(name) => MethodRequest {
+            name,
+            payload,
+            response_timeout: shared.config.method_timeout,
+            connect_timeout: Duration::ZERO,
+        },
+        Err(e) => {
+            let body = serde_json::json!({ "message": e.to_string() }).to_string();
+            answer_cloud(conn, i32::from(e.status()), &rid, body.into());
+            return;
+        }
+    };
+    tracing::debug!(%identity, method = name, rid, "direct method from IoT Hub");
+    let conn = Arc::clone(conn);
+    // Not awaited: it ends with its answer (at most the method timeout).
+    drop(tokio::spawn(async move {
+        let (status, body) = match methods.invoke(&conn.identity, &request).await {
+            Ok(response) => (response.status, response.payload),
+            Err(e) => {
+                tracing::info!(
+                    identity = %conn.identity,
+                    method = %request.name,
+                    "direct method from IoT Hub: {e}"
+                );
+                let body = serde_json::json!({ "message": e.to_string() }).to_string();
+                (i32::from(e.status()), Bytes::from(body))
+            }
+        };
+        answer_cloud(&conn, status, &rid, body);
+    }));
+}
+
+/// Sends a direct-method answer to the cloud, or logs why it cannot go.
+fn answer_cloud(conn: &CloudConnection, status: i32, rid: &str, body: Bytes) {
+    let topic = format!("$iothub/methods/res/{status}/?$rid={rid}");
+    if let Err(e) = conn.send_unacknowledged(topic, body) {
+        tracing::warn!(identity = %conn.identity, "a direct-method answer to IoT Hub was dropped: {e}");
     }
 }
 
@@ -548,7 +716,7 @@ fn on_event(
 /// in flight has drained ([`state::Event::TokenDue`]).
 async fn serve(
     shared: &Shared,
-    conn: &CloudConnection,
+    conn: &Arc<CloudConnection>,
     eventloop: &mut EventLoop,
     issued: Instant,
     offline_since: &mut Option<Instant>,
@@ -723,6 +891,26 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn method_request_topics_give_name_and_rid() {
+        assert_eq!(
+            parse_method_request("$iothub/methods/POST/reboot/?$rid=1f"),
+            Some(("reboot", "1f"))
+        );
+        assert_eq!(
+            parse_method_request("$iothub/methods/POST/m/?x=1&$rid=a"),
+            Some(("m", "a"))
+        );
+        for t in [
+            "$iothub/methods/POST/m/",
+            "$iothub/methods/POST/m/?$rid=",
+            "$iothub/methods/res/200/?$rid=1",
+            "$iothub/twin/PATCH/properties/desired/?$version=2",
+        ] {
+            assert_eq!(parse_method_request(t), None, "{t}");
+        }
+    }
 
     /// A CA file with no certificate is refused by name, with the words it had as a string.
     #[test]
