@@ -133,32 +133,52 @@ pub async fn serve(listener: TcpListener, state: HttpState, shutdown: impl Futur
 async fn serve_connection(
     tcp: tokio::net::TcpStream,
     state: HttpState,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let service = hyper::service::service_fn(move |req| {
+    let handler = move |req: Request<Incoming>| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(respond(&state, &req).await) }
+        async move { respond(&state, &req).await }
+    };
+    if let Err(e) = serve_http1(tcp, handler, stop).await {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// Serves one HTTP/1.1 connection with `handler` until the client closes it. A client that
+/// never finishes its request headers is dropped after [`HEADER_READ_TIMEOUT`]; once `stop`
+/// turns true the request in progress is finished and the connection closed (hyper's graceful
+/// shutdown). Both HTTP surfaces (this one, and `crate::https`) serve their connections so.
+pub(crate) async fn serve_http1<S, H, Fut>(
+    stream: S,
+    handler: H,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    H: Fn(Request<Incoming>) -> Fut + Send + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let answer = handler(req);
+        async move { Ok::<_, Infallible>(answer.await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(tcp), service);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
+    tokio::select! {
         r = conn.as_mut() => r,
         () = stopped(&mut stop) => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
 
 /// Completes once the stop flag is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
 }
 

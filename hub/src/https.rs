@@ -22,7 +22,6 @@
 //! authenticated from its first authorized request on. Memory per request is bounded by the
 //! body limit and the requests in flight ([`crate::methods`]).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,7 +30,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use router::{DeviceId, ModuleId};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -41,7 +39,6 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::head::accept::serve_tls_with;
 use crate::head::context::HeadContext;
-use crate::http::HEADER_READ_TIMEOUT;
 use crate::identity::Identity;
 use crate::limits::{Budget, Slot};
 use crate::methods::request::MAX_BODY_BYTES;
@@ -84,38 +81,20 @@ pub async fn serve_connection<S>(
     ctx: Arc<HeadContext>,
     peer: String,
     slot: Slot,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let service = {
+    let handler = {
         let stop = stop.clone();
-        hyper::service::service_fn(move |req| {
+        move |req| {
             let (ctx, slot, stop) = (Arc::clone(&ctx), slot.clone(), stop.clone());
-            async move { Ok::<_, Infallible>(respond(&ctx, &slot, stop, req).await) }
-        })
-    };
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            async move { respond(&ctx, &slot, stop, req).await }
         }
     };
-    if let Err(e) = result {
+    if let Err(e) = crate::http::serve_http1(stream, handler, stop).await {
         tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
     }
-}
-
-/// Completes once the stop flag is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stopped| *stopped).await;
 }
 
 /// A refused request: the status, IoT Hub's error code and why.
@@ -226,7 +205,7 @@ async fn invoke(
     let started = Instant::now();
     let outcome = tokio::select! {
         r = ctx.methods.invoke(&target, &request) => r,
-        () = stopped(&mut stop) => {
+        () = crate::http::stopped(&mut stop) => {
             return Err(Refused::new(503, 503_000, "the hub is shutting down"));
         }
     };
@@ -389,12 +368,13 @@ mod tests {
 
     impl hyper::body::Body for Stalled {
         type Data = Bytes;
-        type Error = Infallible;
+        type Error = std::convert::Infallible;
 
         fn poll_frame(
             self: std::pin::Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>>
+        {
             std::task::Poll::Pending
         }
     }

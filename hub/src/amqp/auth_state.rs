@@ -19,9 +19,11 @@
 //!   allowed (that is how a client authenticates). A link on
 //!   `/devices/{d}/modules/{m}/messages/events` is allowed only if `{d}/{m}` is authenticated on
 //!   this connection and its token has not expired; the client's sender link is the module's
-//!   outputs (events), its receiver link is the module's inputs. Every other address (twin,
-//!   methods, C2D, device-scoped events) is refused as not implemented, so no link of one
-//!   identity is ever attached on a connection authenticated only as another.
+//!   outputs (events), its receiver link is the module's inputs. The module's twin
+//!   (`…/twin`) and direct-method (`…/methods/deviceBound`) link pairs are allowed under the
+//!   same rule. Every other address (C2D, device-scoped links) is refused as not implemented,
+//!   so no link of one identity is ever attached on a connection authenticated only as
+//!   another.
 //! - A device-scoped audience (`{host}/devices/{d}`, no module) is refused: this hub serves
 //!   modules only (as its MQTT head).
 
@@ -112,6 +114,13 @@ pub enum LinkDecision {
     Events(Identity),
     /// The module's inputs: the hub delivers to the client.
     Inputs(Identity),
+    /// One of the module's twin link pair (`/devices/{d}/modules/{m}/twin`): requests if the
+    /// client sends, answers and desired patches if it receives.
+    Twin(Identity, ClientRole),
+    /// One of the module's direct-method link pair
+    /// (`/devices/{d}/modules/{m}/methods/deviceBound`): responses if the client sends,
+    /// requests if it receives.
+    Methods(Identity, ClientRole),
     /// Refuse the link.
     Refuse(RefuseCondition, String),
 }
@@ -213,7 +222,7 @@ impl ConnectionAuth {
         if address == CBS_ADDRESS {
             return LinkDecision::Cbs(role);
         }
-        let Some(identity) = events_address_identity(address) else {
+        let Some((identity, node)) = module_address(address) else {
             return LinkDecision::Refuse(
                 RefuseCondition::NotImplemented,
                 format!("address {address:?} is not served"),
@@ -225,9 +234,11 @@ impl ConnectionAuth {
                 format!("{identity} is not authenticated on this connection"),
             );
         }
-        match role {
-            ClientRole::Sender => LinkDecision::Events(identity),
-            ClientRole::Receiver => LinkDecision::Inputs(identity),
+        match (node, role) {
+            (ModuleNode::Events, ClientRole::Sender) => LinkDecision::Events(identity),
+            (ModuleNode::Events, ClientRole::Receiver) => LinkDecision::Inputs(identity),
+            (ModuleNode::Twin, role) => LinkDecision::Twin(identity, role),
+            (ModuleNode::Methods, role) => LinkDecision::Methods(identity, role),
         }
     }
 }
@@ -296,19 +307,49 @@ pub fn identity_of_plain_user(user: &str) -> Result<Identity, PlainUserError> {
 /// The module of an events address `/devices/{d}/modules/{m}/messages/events` (leading `/`
 /// optional, ids percent-decoded), or `None` for any other address.
 pub fn events_address_identity(address: &str) -> Option<Identity> {
-    let path = address.strip_prefix('/').unwrap_or(address);
-    let parts: Vec<&str> = path.split('/').collect();
-    match parts.as_slice() {
-        ["devices", d, "modules", m, "messages", "events"] if !d.is_empty() && !m.is_empty() => {
-            let d = percent_decode_str(d).decode_utf8_lossy();
-            let m = percent_decode_str(m).decode_utf8_lossy();
-            Some(Identity::new(
-                DeviceId::new(d.into_owned()),
-                ModuleId::new(m.into_owned()),
-            ))
-        }
+    match module_address(address)? {
+        (identity, ModuleNode::Events) => Some(identity),
         _ => None,
     }
+}
+
+/// The nodes of a module the hub serves over AMQP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModuleNode {
+    /// `…/messages/events`: outputs and inputs.
+    Events,
+    /// `…/twin`: twin requests, answers and desired patches.
+    Twin,
+    /// `…/methods/deviceBound`: direct-method requests and responses.
+    Methods,
+}
+
+/// The module and node of `/devices/{d}/modules/{m}/{messages/events | twin |
+/// methods/deviceBound}` (leading `/` optional, ids percent-decoded, `deviceBound` in any
+/// case: the Node SDK writes `devicebound`), or `None` for any other address.
+pub fn module_address(address: &str) -> Option<(Identity, ModuleNode)> {
+    let path = address.strip_prefix('/').unwrap_or(address);
+    let parts: Vec<&str> = path.split('/').collect();
+    let (d, m, node) = match parts.as_slice() {
+        ["devices", d, "modules", m, "messages", "events"] => (d, m, ModuleNode::Events),
+        ["devices", d, "modules", m, "twin"] => (d, m, ModuleNode::Twin),
+        // The Node SDK writes `devicebound`, edgeHub's template `deviceBound`.
+        ["devices", d, "modules", m, "methods", bound]
+            if bound.eq_ignore_ascii_case("deviceBound") =>
+        {
+            (d, m, ModuleNode::Methods)
+        }
+        _ => return None,
+    };
+    if d.is_empty() || m.is_empty() {
+        return None;
+    }
+    let d = percent_decode_str(d).decode_utf8_lossy();
+    let m = percent_decode_str(m).decode_utf8_lossy();
+    Some((
+        Identity::new(DeviceId::new(d.into_owned()), ModuleId::new(m.into_owned())),
+        node,
+    ))
 }
 
 #[cfg(test)]
@@ -489,9 +530,34 @@ mod tests {
                 LinkDecision::Cbs(role)
             );
         }
+        for (address, twin) in [
+            ("/devices/d/modules/a/twin", true),
+            ("devices/d/modules/a/twin", true),
+            ("/devices/d/modules/a/methods/deviceBound", false),
+            ("/devices/d/modules/a/methods/devicebound", false),
+        ] {
+            for role in [ClientRole::Sender, ClientRole::Receiver] {
+                let expected = if twin {
+                    LinkDecision::Twin(id("d", "a"), role)
+                } else {
+                    LinkDecision::Methods(id("d", "a"), role)
+                };
+                assert_eq!(auth.authorize_attach(Some(address), role, 0), expected);
+                // Another module's twin or methods, even of the same device: refused.
+                let other = address.replace("/a/", "/b/");
+                assert!(matches!(
+                    auth.authorize_attach(Some(&other), role, 0),
+                    LinkDecision::Refuse(RefuseCondition::Unauthorized, _)
+                ));
+                assert!(matches!(
+                    auth.authorize_attach(Some(address), role, 100 + CLOCK_SKEW_SECS + 1),
+                    LinkDecision::Refuse(RefuseCondition::Unauthorized, _)
+                ));
+            }
+        }
         for other in [
-            "/devices/d/modules/a/twin",
-            "/devices/d/modules/a/methods/deviceBound",
+            "/devices/d/modules/a/methods/other",
+            "/devices/d/twin",
             "/devices/d/messages/events",
             "/devices/d/messages/deviceBound",
         ] {

@@ -10,8 +10,9 @@
 //!   an events link, [`MAX_CBS_MESSAGE_BYTES`] on `$cbs` (which needs no authentication), so no
 //!   client makes the hub buffer an unbounded delivery.
 //! - Every attach is decided by the connection's [`ConnectionAuth`] (I/O-free): `$cbs` links
-//!   always, a module's events link (outputs or inputs) only if that module is authenticated on
-//!   this connection; every other attach is refused by attaching and detaching it at once with
+//!   always, a module's events link (outputs or inputs), twin links ([`twin`]) and method links
+//!   ([`methods`]) only if that module is authenticated on this connection; every other attach
+//!   is refused by attaching and detaching it at once with
 //!   the error (`amqp:unauthorized-access`, `amqp:not-implemented`), so one module can never
 //!   attach another module's links.
 //! - An identity authenticated on this connection joins the head's registry of live connections:
@@ -50,7 +51,7 @@ use tokio::task::JoinSet;
 use crate::amqp::auth_state::{ClientRole, ConnectionAuth, LinkDecision, RefuseCondition};
 use crate::amqp::frame_guard::Guarded;
 use crate::amqp::sasl::{HubSasl, SaslResult};
-use crate::amqp::{cbs, convert, links};
+use crate::amqp::{cbs, convert, links, methods, twin};
 use crate::head::context::HeadContext;
 use crate::identity::Identity;
 
@@ -75,7 +76,8 @@ const PROTO_SASL: u8 = 3;
 pub const AUTHENTICATE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Links open at once on one session: announced in our Begin (`handle-max` one less) and
 /// enforced by us (fe2o3 only announces it): an attach beyond it is refused with
-/// `amqp:resource-limit-exceeded`. A module needs four (`$cbs` both ways, events, inputs).
+/// `amqp:resource-limit-exceeded`. A module needs up to eight (`$cbs`, events, twin and
+/// methods, each both ways).
 pub const MAX_LINKS_PER_SESSION: usize = 64;
 /// `$cbs` replies waiting for the client's reply link; past it put-token requests are no
 /// longer read (the client's credit runs out).
@@ -108,6 +110,9 @@ pub enum ConnectionEnd {
     /// Refused by the connection limits (`--max-connections`).
     #[error("refused: {0}")]
     Refused(String),
+    /// A twin request may not be answered: a newer hub owns the data directory.
+    #[error("twin request not answered: {0}")]
+    Twin(String),
     /// The hub is shutting down.
     #[error("hub shutting down")]
     Shutdown,
@@ -136,6 +141,10 @@ pub struct ConnShared {
     pub peer: String,
     /// The connection's place in the head's budget, told when an identity authenticates.
     slot: crate::limits::Slot,
+    /// Each module's twin links on this connection (created by the first of the pair).
+    twins: Mutex<HashMap<Identity, Arc<twin::TwinChannel>>>,
+    /// Each module's latest method request link on this connection (a number per attach).
+    method_links: Mutex<HashMap<Identity, u64>>,
 }
 
 impl ConnShared {
@@ -192,6 +201,42 @@ impl ConnShared {
                 () = stopped(&mut stop) => {}
             }
         });
+    }
+
+    /// The twin state `identity`'s twin links on this connection share.
+    pub fn twin_channel(&self, identity: &Identity) -> Arc<twin::TwinChannel> {
+        let mut twins = self.twins.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(twins.entry(identity.clone()).or_default())
+    }
+
+    /// A method request link of `identity` attached: its number, newer than any before it on
+    /// this connection.
+    pub fn method_link_attached(&self, identity: &Identity) -> u64 {
+        let mut links = self.method_links.lock().unwrap_or_else(|p| p.into_inner());
+        let n = links.get(identity).map_or(1, |n| n.wrapping_add(1));
+        links.insert(identity.clone(), n);
+        n
+    }
+
+    /// Method request link `n` of `identity` ended: true if it was the latest (the module then
+    /// has no method link on this connection any more).
+    pub fn method_link_ended(&self, identity: &Identity, n: u64) -> bool {
+        let mut links = self.method_links.lock().unwrap_or_else(|p| p.into_inner());
+        if links.get(identity) == Some(&n) {
+            links.remove(identity);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The registry id this connection joined as `identity` (its direct-method target id).
+    pub fn conn_id(&self, identity: &Identity) -> Option<u64> {
+        self.joined
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(identity)
+            .copied()
     }
 
     /// Whether this connection is the live one of `identity`.
@@ -267,6 +312,8 @@ where
         cbs_reply_rx: AsyncMutex::new(cbs::ReplyQueue::new(cbs_rx)),
         peer: peer.clone(),
         slot,
+        twins: Mutex::new(HashMap::new()),
+        method_links: Mutex::new(HashMap::new()),
     });
     // Also uncounted when the accept loop drops this connection at its auth deadline.
     let connected = crate::metrics::ConnectedGauge::new(Arc::clone(&ctx.metrics));
@@ -449,6 +496,22 @@ async fn on_attach(
             tracing::info!(peer = %shared.peer, %identity, "inputs link attached");
             links.spawn(links::serve_inputs(s, identity, shared));
         }
+        (LinkDecision::Twin(identity, ClientRole::Sender), LinkEndpoint::Receiver(r)) => {
+            tracing::info!(peer = %shared.peer, %identity, "twin request link attached");
+            links.spawn(twin::serve_requests(r, identity, shared));
+        }
+        (LinkDecision::Twin(identity, ClientRole::Receiver), LinkEndpoint::Sender(s)) => {
+            tracing::info!(peer = %shared.peer, %identity, "twin answer link attached");
+            links.spawn(twin::serve_answers(s, identity, shared));
+        }
+        (LinkDecision::Methods(identity, ClientRole::Sender), LinkEndpoint::Receiver(r)) => {
+            tracing::info!(peer = %shared.peer, %identity, "method response link attached");
+            links.spawn(methods::serve_responses(r, identity, shared));
+        }
+        (LinkDecision::Methods(identity, ClientRole::Receiver), LinkEndpoint::Sender(s)) => {
+            tracing::info!(peer = %shared.peer, %identity, "method request link attached");
+            links.spawn(methods::serve_requests(s, identity, shared));
+        }
         (LinkDecision::Refuse(condition, reason), endpoint) => {
             tracing::warn!(peer = %shared.peer, link = %name, address = ?address, %reason, "link refused");
             refuse(endpoint, condition, reason).await;
@@ -482,6 +545,8 @@ fn link_acceptor(decision: &LinkDecision) -> DefaultLinkAcceptor {
             .supported_sender_settle_modes(SupportedSenderSettleModes::UnsettledAndMixed)
             .fallback_sender_settle_mode(SenderSettleMode::Unsettled),
         LinkDecision::Events(_) => builder.max_message_size(MAX_EVENTS_TRANSFER_BYTES),
+        LinkDecision::Twin(..) => builder.max_message_size(twin::MAX_TWIN_MESSAGE_BYTES),
+        LinkDecision::Methods(..) => builder.max_message_size(methods::MAX_METHOD_MESSAGE_BYTES),
         LinkDecision::Cbs(_) | LinkDecision::Refuse(..) => {
             builder.max_message_size(MAX_CBS_MESSAGE_BYTES)
         }

@@ -317,7 +317,7 @@ pub fn stored_size(m: &Message) -> usize {
     m.body().len() + PREFIX + names + properties + system
 }
 
-fn body_bytes(body: &Body<Value>) -> Result<Bytes, ConvertError> {
+pub(crate) fn body_bytes(body: &Body<Value>) -> Result<Bytes, ConvertError> {
     match body {
         Body::Data(sections) => {
             if sections.len() == 1 {
@@ -347,7 +347,7 @@ fn body_bytes(body: &Body<Value>) -> Result<Bytes, ConvertError> {
 }
 
 /// A message or correlation id as text.
-fn id_text(id: &MessageId) -> String {
+pub(crate) fn id_text(id: &MessageId) -> String {
     match id {
         MessageId::String(s) => s.clone(),
         MessageId::Ulong(n) => n.to_string(),

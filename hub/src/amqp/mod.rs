@@ -4,7 +4,8 @@
 //! registry of live connections, metrics, shutdown) and the SAS tokens of [`crate::auth::sas`].
 //!
 //! Layout: [`listener`] (TLS, one task per connection) → [`connection`] (protocol header, SASL,
-//! sessions, attach decisions) → [`cbs`] (the `$cbs` node) and [`links`] (events and inputs).
+//! sessions, attach decisions) → [`cbs`] (the `$cbs` node), [`links`] (events and inputs),
+//! [`twin`] (the twin link pair) and [`methods`] (the direct-method link pair).
 //! The protocol decisions are I/O-free in [`auth_state`] and [`events_state`] (an events link's
 //! machine); message mapping is in [`convert`].
 //!
@@ -30,6 +31,12 @@
 //!                                          joins the live-connection registry) / 400 / 401
 //!    /devices/{d}/modules/{m}/messages/events, {d}/{m} authenticated here:
 //!        client sender   ─▶ events link (outputs)     client receiver ─▶ inputs link (sink)
+//!    /devices/{d}/modules/{m}/twin, {d}/{m} authenticated here:
+//!        client sender   ─▶ twin requests (GET, PATCH reported, PUT/DELETE desired notifications)
+//!        client receiver ─▶ answers (correlation-id, status) and desired patches   ([`twin`])
+//!    /devices/{d}/modules/{m}/methods/deviceBound (any case), {d}/{m} authenticated here:
+//!        client receiver ─▶ the connection is the module's method target: requests out
+//!        client sender   ─▶ responses (IoThub-status) complete this connection's requests ([`methods`])
 //!    anything else       ─▶ attach, then detach at once with amqp:unauthorized-access /
 //!                           amqp:not-implemented
 //!  Running ─ shutdown / replaced by a newer connection of the module / earliest token expired
@@ -114,4 +121,6 @@ pub mod events_state;
 pub mod frame_guard;
 pub mod links;
 pub mod listener;
+pub mod methods;
 pub mod sasl;
+pub mod twin;

@@ -28,12 +28,11 @@ use std::time::Instant;
 
 use rumqttc::mqttbytes::v4::Publish;
 use rumqttc::mqttbytes::QoS;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::identity::Identity;
 use crate::metrics::HubMetrics;
 use crate::mqtt::topics::{self, TwinOp};
-use crate::twin::document::{desired_patch, with_version};
 use crate::twin::{TwinError, Twins};
 
 /// Answers one twin request of `identity`'s module, which arrived at `arrived`: the publish to
@@ -98,26 +97,23 @@ fn publish(topic: String, payload: Vec<u8>) -> Publish {
     Publish::new(topic, QoS::AtMostOnce, payload)
 }
 
-/// What one connection last told its module about the desired properties; `None` while it is
-/// not subscribed to desired patches.
+/// What one connection last told its module about the desired properties (the shared
+/// [`crate::twin::desired_watch::DesiredWatch`]), as MQTT publishes.
 #[derive(Debug, Default)]
 pub struct DesiredWatch {
-    sent: Option<(u64, Map<String, Value>)>,
+    inner: crate::twin::desired_watch::DesiredWatch,
 }
 
 impl DesiredWatch {
     /// The connection subscribed to desired patches: from now on it is sent every change after
     /// the desired properties the twin holds now.
     pub fn start(&mut self, twins: &Twins, identity: &Identity) -> Result<(), TwinError> {
-        if self.sent.is_none() {
-            self.sent = Some(twins.desired(&identity.module)?);
-        }
-        Ok(())
+        self.inner.start(twins, identity)
     }
 
     /// The connection unsubscribed.
     pub fn stop(&mut self) {
-        self.sent = None;
+        self.inner.stop();
     }
 
     /// After the manifest's desired properties changed: the patch to send, if the connection
@@ -127,18 +123,14 @@ impl DesiredWatch {
         twins: &Twins,
         identity: &Identity,
     ) -> Result<Option<Publish>, TwinError> {
-        let Some((sent_version, sent)) = &self.sent else {
-            return Ok(None);
-        };
-        let (version, desired) = twins.desired(&identity.module)?;
-        if version == *sent_version && desired == *sent {
-            return Ok(None);
-        }
-        let patch = with_version(&desired_patch(sent, &desired), version);
-        self.sent = Some((version, desired));
-        Ok(Some(publish(
-            topics::desired_patch_topic(version),
-            Value::Object(patch).to_string().into_bytes(),
-        )))
+        Ok(self
+            .inner
+            .next_patch(twins, identity)?
+            .map(|(version, patch)| {
+                publish(
+                    topics::desired_patch_topic(version),
+                    Value::Object(patch).to_string().into_bytes(),
+                )
+            }))
     }
 }

@@ -22,6 +22,7 @@
 //! The desired properties are local only: with cloud twin sync (not built yet) IoT Hub's desired
 //! properties would override the manifest's (see ARCHITECTURE.md).
 
+pub mod desired_watch;
 pub mod document;
 
 use std::collections::{BTreeMap, HashMap};

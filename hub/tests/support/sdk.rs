@@ -98,11 +98,11 @@ pub enum Script {
     Receive,
     /// connect_only.py / connect_only.js: connect, report, leave.
     ConnectOnly,
-    /// method.py: serve direct methods, or invoke one (`invoke_method`). Python only so far
-    /// (method.js does not exist yet).
+    /// method.py: serve direct methods, or invoke one (`invoke_method`); method.js: serve
+    /// one method (`onMethod`, `--method NAME`), over MQTT or AMQP.
     Method,
-    /// twin.py: get_twin / patch_twin_reported_properties steps, desired patches with
-    /// `--listen` (Python only: the Node twin tests are not written yet).
+    /// twin.py / twin.js: get / patch steps, desired patches with `--listen` (twin.js: steps
+    /// as `--step`, over MQTT or AMQP).
     Twin,
 }
 
@@ -113,7 +113,7 @@ impl Script {
             (Script::Receive, Sdk::Python) => "receive.py",
             (Script::ConnectOnly, Sdk::Python) => "connect_only.py",
             (Script::Twin, Sdk::Python) => "twin.py",
-            (Script::Twin, Sdk::Node) => "twin.js (not written: Python only)",
+            (Script::Twin, Sdk::Node) => "twin.js",
             (Script::Send, Sdk::Node) => "send.js",
             (Script::Receive, Sdk::Node) => "receive.js",
             (Script::ConnectOnly, Sdk::Node) => "connect_only.js",

@@ -42,6 +42,19 @@
 //     every eighth with a 48 KiB body) on its events link without waiting for settlements;
 //     prints {"event":"pipeline","ended":"settled"|"detached"|"closed","sent":K,
 //     "accepted_prefix":A} (A: accepted before the first message that was not).
+//   node amqp_probe.js --mode twin [--other MODULE] [--sasl ...]
+//     authenticates as above; with --other tries MODULE's twin and method links
+//     ({"event":"other-twin-sender"|"other-twin-receiver"|"other-methods-sender"|
+//     "other-methods-receiver","result":...,"condition":...}); then on its own twin links sends
+//     a PATCH of reported properties that is not JSON, one of 40 KiB, a good one and a GET,
+//     printing {"event":"twin-reply","what":"malformed"|"oversized"|"good"|"get","status":N,
+//     "version":N|null,"body":...} for each, and {"event":"leaked","messages":N} (messages
+//     that arrived on --other's receiver links).
+//   node amqp_probe.js --mode methods-reattach [--count N] [--sasl ...]
+//     authenticates as above, attaches the module's method response link and two method
+//     request links, closes the first ({"event":"ready"} once the hub answered the detach),
+//     then answers each request arriving on the second with 200 {"via":"second"}
+//     ({"event":"request","name":...,"rid":...}) until N were answered ({"event":"done"}).
 //   node amqp_probe.js --mode unauthenticated
 //     opens an AMQP connection (no SASL) and never authenticates; prints
 //     {"event":"closed","how":...,"ms":N} when the hub ends the connection.
@@ -181,6 +194,8 @@ async function attachMode(args) {
   if (args.mode === 'oversize') return oversizeMode(conn, f, deadline, cbsTx, cbsRx);
   if (args.mode === 'cbs-reattach') return cbsReattachMode(args, conn, f, deadline, cbsTx, cbsRx);
   if (args.mode === 'pipeline') return pipelineMode(args, conn, f, deadline);
+  if (args.mode === 'twin') return twinMode(args, conn, f, deadline);
+  if (args.mode === 'methods-reattach') return methodsReattachMode(args, conn, f, deadline);
   const own = conn.open_sender({ target: `/devices/${f.DeviceId}/modules/${f.ModuleId}/messages/events` });
   const ownReady = own.sendable() ? Promise.resolve() : once(own, 'sendable', 'sender_error', 'own events link', deadline);
   await ownReady;
@@ -228,6 +243,99 @@ async function attachMode(args) {
     const closedAt = await Promise.race([hubClosed, new Promise((r) => setTimeout(() => r(null), left))]);
     h.emit({ event: 'held', closed_by_hub_ms: closedAt });
   }
+  conn.close();
+}
+
+// Tries --other's twin and method links (sender and receiver each, the receivers with credit:
+// a message on one would be a leak), then on the module's own twin links sends, one at a time,
+// a PATCH of reported properties that is not JSON, one of 40 KiB, a good one, and a GET.
+async function twinMode(args, conn, f, deadline) {
+  const rhea = h.sdkRequire('rhea');
+  let leaked = 0;
+  if (args.other) {
+    const base = `/devices/${f.DeviceId}/modules/${args.other}`;
+    for (const [name, address] of [['twin', `${base}/twin`], ['methods', `${base}/methods/devicebound`]]) {
+      h.emit(Object.assign({ event: `other-${name}-sender` }, await tryAttach(conn, 'sender', address)));
+      const rx = conn.open_receiver({ source: address, credit_window: 16 });
+      rx.on('message', () => { leaked += 1; });
+      const result = await new Promise((resolve) => {
+        let opened = false;
+        const done = (r) => { clearTimeout(timer); resolve(r); };
+        rx.once('receiver_open', () => { opened = true; });
+        rx.once('receiver_error', () => done({ result: 'refused', condition: linkErrorCondition(rx) }));
+        rx.once('receiver_close', () => done({ result: 'refused', condition: linkErrorCondition(rx) }));
+        const timer = setTimeout(() => done({ result: opened ? 'attached' : 'no-answer', condition: null }), 2000);
+      });
+      h.emit(Object.assign({ event: `other-${name}-receiver` }, result));
+    }
+  }
+  const address = `/devices/${f.DeviceId}/modules/${f.ModuleId}/twin`;
+  const props = { 'com.microsoft:channel-correlation-id': `twin:${crypto.randomUUID()}` };
+  const tx = conn.open_sender({ target: address, snd_settle_mode: 1, properties: props });
+  const rx = conn.open_receiver({ source: address, snd_settle_mode: 1, properties: props });
+  await once(rx, 'receiver_open', 'receiver_error', 'own twin receiver', deadline);
+  if (!tx.sendable()) await once(tx, 'sendable', 'sender_error', 'own twin sender', deadline);
+  const ask = async (what, operation, resource, body) => {
+    const id = crypto.randomUUID();
+    const reply = deadline.run(new Promise((resolve) => {
+      const onMessage = (ctx) => {
+        if (ctx.message.correlation_id !== id) return;
+        rx.removeListener('message', onMessage);
+        resolve(ctx.message);
+      };
+      rx.on('message', onMessage);
+    }), `${what} answer`, 20);
+    const annotations = { operation };
+    if (resource) annotations.resource = resource;
+    tx.send({ correlation_id: id, message_annotations: annotations, body: rhea.message.data_section(Buffer.from(body)) });
+    const m = await reply;
+    const ann = m.message_annotations || {};
+    const text = m.body && m.body.content ? m.body.content.toString() : '';
+    let parsed = null;
+    try { parsed = text ? JSON.parse(text) : null; } catch (_) { parsed = text; }
+    h.emit({ event: 'twin-reply', what, status: ann.status, version: ann.version === undefined ? null : Number(ann.version), body: parsed });
+  };
+  await ask('malformed', 'PATCH', '/properties/reported', '{"a": 1, oops');
+  await ask('oversized', 'PATCH', '/properties/reported', JSON.stringify({ big: 'x'.repeat(40 * 1024) }));
+  await ask('good', 'PATCH', '/properties/reported', '{"ok": true}');
+  await ask('get', 'GET', undefined, ' ');
+  h.emit({ event: 'leaked', messages: leaked });
+  conn.close();
+}
+
+// Attaches the module's method links (a response sender and two request receivers), closes
+// the first receiver, then answers every request that comes on the second with status 200 and
+// {"via":"second"} until --count requests were answered.
+async function methodsReattachMode(args, conn, f, deadline) {
+  const rhea = h.sdkRequire('rhea');
+  const address = `/devices/${f.DeviceId}/modules/${f.ModuleId}/methods/devicebound`;
+  const tx = conn.open_sender({ target: address });
+  if (!tx.sendable()) await once(tx, 'sendable', 'sender_error', 'method response sender', deadline);
+  const first = conn.open_receiver({ source: address });
+  await once(first, 'receiver_open', 'receiver_error', 'first method receiver', deadline);
+  const second = conn.open_receiver({ source: address });
+  await once(second, 'receiver_open', 'receiver_error', 'second method receiver', deadline);
+  let answered = 0;
+  let done;
+  const finished = new Promise((r) => { done = r; });
+  second.on('message', (ctx) => {
+    const m = ctx.message;
+    h.emit({ event: 'request', name: m.application_properties['IoThub-methodname'], rid: m.correlation_id });
+    tx.send({
+      correlation_id: m.correlation_id,
+      application_properties: { 'IoThub-status': 200 },
+      body: rhea.message.data_section(Buffer.from('{"via":"second"}')),
+    });
+    answered += 1;
+    if (answered >= args.count) done();
+  });
+  first.once('message', () => h.emit({ event: 'request-on-first' }));
+  const closed = once(first, 'receiver_close', 'receiver_error', 'first method receiver close', deadline);
+  first.close();
+  await closed;
+  h.emit({ event: 'ready' });
+  await deadline.run(finished, `${args.count} requests`);
+  h.emit({ event: 'done', answered });
   conn.close();
 }
 
