@@ -77,6 +77,52 @@ pub struct Twin {
     pub reported: Map<String, Value>,
     /// Their `$version`: one more per accepted patch.
     pub reported_version: u64,
+    /// What IoT Hub has acknowledged of this twin (upstream on); absent in files written
+    /// before cloud sync, which then read as "nothing synced".
+    #[serde(default, skip_serializing_if = "CloudState::is_initial")]
+    pub cloud: CloudState,
+}
+
+/// The part of a twin IoT Hub has acknowledged: kept with the twin, so what is still to send
+/// is known after a restart or kill -9.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloudState {
+    /// The reported properties IoT Hub last answered 204 for (without `$version`).
+    pub reported: Map<String, Value>,
+    /// The local reported `$version` they are.
+    pub reported_version: u64,
+}
+
+impl Default for CloudState {
+    /// Nothing synced: the empty reported properties of a new twin (version 1).
+    fn default() -> Self {
+        CloudState {
+            reported: Map::new(),
+            reported_version: 1,
+        }
+    }
+}
+
+impl CloudState {
+    /// Whether nothing was ever synced (not written to the file then).
+    pub fn is_initial(&self) -> bool {
+        *self == CloudState::default()
+    }
+}
+
+/// Reported properties to send to IoT Hub: the merge patch from what it acknowledged to the
+/// twin's, and the document and local version that patch brings it to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReportedSync {
+    /// The merge patch (changed members, nested; removed ones as `null`).
+    pub patch: Map<String, Value>,
+    /// The reported properties once IoT Hub applied it.
+    pub reported: Map<String, Value>,
+    /// Their local `$version`.
+    pub version: u64,
+    /// The local `$version` IoT Hub acknowledged last.
+    pub synced_version: u64,
 }
 
 impl Default for Twin {
@@ -87,6 +133,7 @@ impl Default for Twin {
             desired_version: 1,
             reported: Map::new(),
             reported_version: 1,
+            cloud: CloudState::default(),
         }
     }
 }
@@ -142,6 +189,40 @@ impl Twin {
         Ok(Twin {
             reported,
             reported_version: self.reported_version.saturating_add(1),
+            ..self.clone()
+        })
+    }
+
+    /// What to send IoT Hub for its reported properties to catch up with this twin's, or
+    /// `None` when it has acknowledged them (or a later version, which cannot be newer: only
+    /// this twin's versions are ever sent).
+    pub fn reported_to_sync(&self) -> Option<ReportedSync> {
+        if self.cloud.reported_version >= self.reported_version {
+            return None;
+        }
+        Some(ReportedSync {
+            patch: desired_patch(&self.cloud.reported, &self.reported),
+            reported: self.reported.clone(),
+            version: self.reported_version,
+            synced_version: self.cloud.reported_version,
+        })
+    }
+
+    /// The twin once IoT Hub acknowledged the reported properties `reported` at local
+    /// `$version` `version`; `None` if it had acknowledged that version or a later one already.
+    pub fn with_reported_synced(
+        &self,
+        reported: &Map<String, Value>,
+        version: u64,
+    ) -> Option<Twin> {
+        if version <= self.cloud.reported_version {
+            return None;
+        }
+        Some(Twin {
+            cloud: CloudState {
+                reported: reported.clone(),
+                reported_version: version,
+            },
             ..self.clone()
         })
     }
@@ -391,5 +472,60 @@ mod tests {
         );
         let bytes = serde_json::to_vec(&twin).unwrap();
         assert_eq!(serde_json::from_slice::<Twin>(&bytes).unwrap(), twin);
+    }
+
+    #[test]
+    fn what_iot_hub_lacks_is_the_nested_difference_with_removed_keys_as_null() {
+        let twin = Twin::default();
+        assert_eq!(
+            twin.reported_to_sync(),
+            None,
+            "a new twin has nothing to send"
+        );
+        let twin = twin
+            .with_reported_patch(br#"{"a": {"x": 1, "y": 2}, "b": 1}"#)
+            .unwrap();
+        let first = twin.reported_to_sync().unwrap();
+        assert_eq!(
+            (
+                Value::Object(first.patch.clone()),
+                first.version,
+                first.synced_version
+            ),
+            (json!({"a": {"x": 1, "y": 2}, "b": 1}), 2, 1)
+        );
+        // Two more local patches before IoT Hub answered the first.
+        let twin = twin
+            .with_reported_patch(br#"{"a": {"y": null}, "b": null, "c": 3}"#)
+            .unwrap()
+            .with_reported_patch(br#"{"c": 4}"#)
+            .unwrap();
+        let twin = twin
+            .with_reported_synced(&first.reported, first.version)
+            .unwrap();
+        let next = twin.reported_to_sync().unwrap();
+        assert_eq!(
+            (
+                Value::Object(next.patch.clone()),
+                next.version,
+                next.synced_version
+            ),
+            (json!({"a": {"y": null}, "b": null, "c": 4}), 4, 2)
+        );
+        // Applied to what IoT Hub holds, the patch gives the twin's reported properties.
+        let mut cloud = first.reported.clone();
+        merge(&mut cloud, &next.patch);
+        assert_eq!(cloud, twin.reported);
+        // An old acknowledgement changes nothing; the last one leaves nothing to send.
+        assert_eq!(twin.with_reported_synced(&first.reported, 2), None);
+        let twin = twin.with_reported_synced(&next.reported, 4).unwrap();
+        assert_eq!(twin.reported_to_sync(), None);
+        // And the state goes to the file and back; a file without it reads as nothing synced.
+        let bytes = serde_json::to_vec(&twin).unwrap();
+        assert_eq!(serde_json::from_slice::<Twin>(&bytes).unwrap(), twin);
+        let old = br#"{"desired":{},"desiredVersion":1,"reported":{"a":1},"reportedVersion":2}"#;
+        let old: Twin = serde_json::from_slice(old).unwrap();
+        assert_eq!(old.cloud, CloudState::default());
+        assert_eq!(old.reported_to_sync().unwrap().version, 2);
     }
 }

@@ -19,8 +19,13 @@
 //! - Blocking file work runs under `block_in_place` on the multi-thread runtime, as the MQTT
 //!   sessions do, so other connections move to another worker meanwhile.
 //!
-//! The desired properties are local only: with cloud twin sync (not built yet) IoT Hub's desired
-//! properties would override the manifest's (see ARCHITECTURE.md).
+//! - With upstream on, what IoT Hub acknowledged of the reported properties is kept in the twin
+//!   ([`document::CloudState`]); the cloud connection sends the difference
+//!   ([`Twins::reported_to_sync`], `upstream::twin_sync`). A sync never changes or fails a
+//!   local patch.
+//!
+//! The desired properties are local only: with cloud desired sync (not built yet) IoT Hub's
+//! desired properties would override the manifest's (see ARCHITECTURE.md).
 
 pub mod desired_watch;
 pub mod document;
@@ -35,7 +40,7 @@ use tokio::sync::watch;
 
 use crate::owned_file::{OwnedFile, OwnedFileError, Ownership};
 
-pub use document::{PatchError, Twin};
+pub use document::{PatchError, ReportedSync, Twin};
 
 /// The directory of the twin files inside the data directory.
 pub const TWINS_DIR: &str = "twins";
@@ -109,6 +114,8 @@ pub struct Twins {
     /// Bumped whenever the manifest's desired properties change (a connection then asks for
     /// its module's, [`Twins::desired`], and sends the difference).
     desired_changed: watch::Sender<u64>,
+    /// Bumped after every accepted reported-properties patch (the cloud sync sends it on).
+    reported_changed: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Twins {
@@ -152,6 +159,7 @@ impl Twins {
             manifest: Mutex::new(manifest),
             slots: Mutex::new(HashMap::new()),
             desired_changed: watch::channel(0).0,
+            reported_changed: watch::channel(0).0,
         })
     }
 
@@ -201,6 +209,37 @@ impl Twins {
             slot.twin = next;
             Ok(slot.twin.reported_version)
         })
+        .inspect(|_| {
+            self.reported_changed
+                .send_modify(|g| *g = g.wrapping_add(1))
+        })
+    }
+
+    /// Changes after every accepted reported-properties patch, of any module.
+    pub fn reported_changes(&self) -> watch::Receiver<u64> {
+        self.reported_changed.subscribe()
+    }
+
+    /// What IoT Hub lacks of `module`'s reported properties, or `None` when it has them all.
+    pub fn reported_to_sync(&self, module: &ModuleId) -> Result<Option<ReportedSync>, TwinError> {
+        self.with_slot(module, |slot, _| Ok(slot.twin.reported_to_sync()))
+    }
+
+    /// IoT Hub acknowledged `sync` (answered 204 to its patch): kept durably with the twin, so
+    /// it is never sent again, restarts included. An older acknowledgement changes nothing.
+    pub fn reported_synced(&self, module: &ModuleId, sync: &ReportedSync) -> Result<(), TwinError> {
+        self.with_slot(module, |slot, _| {
+            if let Some(next) = slot.twin.with_reported_synced(&sync.reported, sync.version) {
+                write(&slot.file, &next)?;
+                slot.twin = next;
+            }
+            Ok(())
+        })
+    }
+
+    /// The modules whose twin was opened so far.
+    pub fn opened(&self) -> Vec<ModuleId> {
+        lock(&self.slots).keys().cloned().collect()
     }
 
     /// Runs `work` on `module`'s twin (opened on first use) with the manifest's desired
