@@ -464,12 +464,8 @@ fn build_core(
         metrics,
         upstream,
         methods,
+        twins,
     } = start_delivery(settings, &deployment, &identities, store, &clock)?;
-    let owner: Arc<dyn crate::owned_file::Ownership> = Arc::new(store.clone());
-    let twins = Arc::new(
-        crate::twin::Twins::new(settings.data_dir(), owner, deployment.twins_desired.clone())
-            .map_err(RunError::Twins)?,
-    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(HeadContext {
@@ -530,6 +526,8 @@ struct Delivery {
     upstream: Option<Arc<MqttUpstream>>,
     /// Direct-method targets, shared by the heads and the cloud connection.
     methods: Arc<crate::methods::Methods>,
+    /// Module twins, shared by the heads and the cloud connection.
+    twins: Arc<crate::twin::Twins>,
 }
 
 /// Phase 3, first step: the dispatcher and its endpoint workers, the router over the
@@ -551,13 +549,22 @@ fn start_delivery(
     );
     let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
     let owner: Arc<dyn crate::owned_file::Ownership> = Arc::new(store.clone());
-    let sessions =
-        Arc::new(Sessions::load(settings.data_dir(), owner).map_err(RunError::Sessions)?);
+    let sessions = Arc::new(
+        Sessions::load(settings.data_dir(), Arc::clone(&owner)).map_err(RunError::Sessions)?,
+    );
     let metrics = Arc::new(HubMetrics::new(
         settings.iothub_hostname(),
         settings.device_id().as_str(),
     ));
     let methods = Arc::new(crate::methods::Methods::default());
+    let twins = Arc::new(
+        crate::twin::Twins::new(
+            settings.data_dir(),
+            Arc::clone(&owner),
+            deployment.twins_desired.clone(),
+        )
+        .map_err(RunError::Twins)?,
+    );
     let upstream = upstream::start(
         settings,
         Arc::clone(identities),
@@ -565,6 +572,7 @@ fn start_delivery(
         Arc::clone(&metrics),
         Arc::clone(clock),
         Arc::clone(&methods),
+        Arc::clone(&twins),
     )
     .map_err(RunError::Upstream)?;
     log_upstream(settings, deployment);
@@ -575,6 +583,7 @@ fn start_delivery(
         metrics,
         upstream,
         methods,
+        twins,
     })
 }
 

@@ -47,7 +47,7 @@ use rumqttc::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use store::{Clock, SystemClock};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 use bytes::Bytes;
@@ -99,6 +99,9 @@ pub struct MqttUpstreamConfig {
     /// The hub's direct-method targets: when set, each connection subscribes to its module's
     /// direct methods and relays the cloud's requests to the module through them.
     pub methods: Option<Arc<Methods>>,
+    /// The module twins: when set, each connection subscribes to `$iothub/twin/res/#`, so
+    /// `upstream::twin_sync` can send their reported properties on it.
+    pub twins: Option<Arc<crate::twin::Twins>>,
     /// How long a module has to answer a direct method from the cloud (IoT Hub's MQTT request
     /// does not carry the caller's timeout; 30 s, the default of IoT Hub and edgeHub).
     pub method_timeout: Duration,
@@ -124,6 +127,7 @@ impl MqttUpstreamConfig {
             backoff_max: Duration::from_secs(10),
             clock: Arc::new(SystemClock),
             methods: None,
+            twins: None,
             method_timeout: Duration::from_secs(
                 crate::methods::request::DEFAULT_RESPONSE_TIMEOUT_SECS,
             ),
@@ -235,12 +239,44 @@ struct LinkState {
     /// connection can be replaced without resending anything.
     renewing: bool,
     inflight: Inflight<Waiter>,
+    /// Twin requests waiting for IoT Hub's answer, by `$rid`; dropped (answered "lost") with
+    /// the connection.
+    twin_waiters: HashMap<String, oneshot::Sender<TwinResponse>>,
+    /// The last twin `$rid` used (never reused while the hub runs).
+    last_rid: u64,
+}
+
+/// IoT Hub's answer to a twin request: `$iothub/twin/res/{status}/?$rid={rid}[&$version=n]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TwinResponse {
+    /// The status.
+    pub status: u16,
+    /// The `$version` it names, if any.
+    pub version: Option<u64>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Why a twin request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TwinRequestError {
+    /// There is no connection to send it on.
+    #[error(transparent)]
+    Offline(#[from] PublishError),
+    /// The connection ended before IoT Hub answered.
+    #[error("the connection to IoT Hub ended before it answered")]
+    Lost,
+    /// No answer in time.
+    #[error("IoT Hub did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 #[derive(Debug)]
-struct CloudConnection {
+pub(crate) struct CloudConnection {
     identity: Identity,
     state: Mutex<LinkState>,
+    /// Whether the connection is up (CONNACK received and not lost since).
+    online: watch::Sender<bool>,
 }
 
 impl CloudConnection {
@@ -252,8 +288,12 @@ impl CloudConnection {
 
     /// Ends the connection: every waiter is answered `Lost`.
     fn disconnect(&self, reason: &str) {
+        // Offline before the client goes: whoever waits for "online" never finds it with no
+        // client to send on.
+        self.online.send_replace(false);
         let waiters = {
             let mut state = self.lock();
+            state.twin_waiters.clear();
             state.client = None;
             state.offline_reason = reason.to_owned();
             state.renewing = false;
@@ -261,6 +301,45 @@ impl CloudConnection {
         };
         for (_, w) in waiters {
             let _ = w.send(Err(PublishError::Lost));
+        }
+    }
+
+    /// Waits until the connection is up.
+    pub(crate) async fn wait_online(&self) {
+        let mut online = self.online.subscribe();
+        // The sender lives as long as `self`: this returns only once online.
+        let _ = online.wait_for(|up| *up).await;
+    }
+
+    /// Sends a twin request (`path` is the topic up to `?`, e.g.
+    /// `$iothub/twin/PATCH/properties/reported/`) under a fresh `$rid` and waits up to
+    /// `timeout` for IoT Hub's answer.
+    pub(crate) async fn twin_request(
+        &self,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<TwinResponse, TwinRequestError> {
+        // The waiter is in place before the request goes: the answer cannot come first.
+        let (rid, answer) = {
+            let mut state = self.lock();
+            state.last_rid += 1;
+            let rid = format!("{:x}", state.last_rid);
+            let (tx, rx) = oneshot::channel();
+            state.twin_waiters.insert(rid.clone(), tx);
+            (rid, rx)
+        };
+        if let Err(e) = self.send_unacknowledged(format!("{path}?$rid={rid}"), body) {
+            self.lock().twin_waiters.remove(&rid);
+            return Err(e.into());
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(TwinRequestError::Lost),
+            Err(_) => {
+                self.lock().twin_waiters.remove(&rid);
+                Err(TwinRequestError::Timeout(timeout))
+            }
         }
     }
 
@@ -352,8 +431,9 @@ type ConnectionTask = (Arc<CloudConnection>, JoinHandle<()>);
 pub struct MqttUpstream {
     shared: Arc<Shared>,
     connections: Mutex<HashMap<Identity, ConnectionTask>>,
-    /// Opens the connection of each module that becomes a direct-method target.
-    follower: Mutex<Option<JoinHandle<()>>>,
+    /// Tasks that live as long as this upstream: the one opening the connection of each module
+    /// that becomes a direct-method target, and the twin sync's.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for MqttUpstream {
@@ -374,11 +454,11 @@ impl Drop for MqttUpstream {
         for (_, (_, task)) in connections.drain() {
             task.abort();
         }
-        if let Some(task) = self
-            .follower
+        for task in self
+            .tasks
             .get_mut()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
+            .drain(..)
         {
             task.abort();
         }
@@ -402,7 +482,7 @@ impl MqttUpstream {
                 on_online: Box::new(on_online),
             }),
             connections: Mutex::new(HashMap::new()),
-            follower: Mutex::new(None),
+            tasks: Mutex::new(Vec::new()),
         }
     }
 
@@ -431,13 +511,27 @@ impl MqttUpstream {
                 }
             }
         });
-        let mut follower = self.follower.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = follower.replace(task) {
-            old.abort();
-        }
+        self.keep_task(task);
     }
 
-    fn conn(&self, identity: &Identity) -> Arc<CloudConnection> {
+    /// Keeps `task` until this upstream is dropped, which aborts it.
+    pub(crate) fn keep_task(&self, task: JoinHandle<()>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
+    /// The configuration.
+    pub(crate) fn config(&self) -> &MqttUpstreamConfig {
+        &self.shared.config
+    }
+
+    /// The metrics.
+    pub(crate) fn metrics(&self) -> &HubMetrics {
+        &self.shared.metrics
+    }
+
+    pub(crate) fn conn(&self, identity: &Identity) -> Arc<CloudConnection> {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((conn, _)) = connections.get(identity) {
             return Arc::clone(conn);
@@ -449,7 +543,10 @@ impl MqttUpstream {
                 offline_reason: "connecting".to_owned(),
                 renewing: false,
                 inflight: Inflight::default(),
+                twin_waiters: HashMap::new(),
+                last_rid: 0,
             }),
+            online: watch::channel(false).0,
         });
         // The first connection attempt starts before this returns, so the caller's messages
         // wait for it instead of failing at once.
@@ -558,6 +655,11 @@ fn start_connection(
             tracing::warn!(%identity, "cannot subscribe to direct methods: {e}");
         }
     }
+    if config.twins.is_some() {
+        if let Err(e) = client.try_subscribe("$iothub/twin/res/#", QoS::AtMostOnce) {
+            tracing::warn!(%identity, "cannot subscribe to twin responses: {e}");
+        }
+    }
     conn.lock().client = Some(client);
     Ok((eventloop, issued))
 }
@@ -658,11 +760,43 @@ fn parse_method_request(topic: &str) -> Option<(&str, &str)> {
     Some((name, rid)).filter(|(_, rid)| !rid.is_empty())
 }
 
-/// A publish from the cloud: a direct-method request is relayed to the module (in a task of
+/// The status, `$rid` and `$version` of a twin answer,
+/// `$iothub/twin/res/{status}/?$rid={rid}[&$version={n}]`; `None` if it is not one.
+fn parse_twin_response(topic: &str) -> Option<(u16, &str, Option<u64>)> {
+    let rest = topic.strip_prefix("$iothub/twin/res/")?;
+    let (status, query) = rest.split_once("/?")?;
+    let status = status.parse().ok()?;
+    let mut rid = None;
+    let mut version = None;
+    for pair in query.split('&') {
+        if let Some(r) = pair.strip_prefix("$rid=") {
+            rid = Some(r);
+        } else if let Some(v) = pair.strip_prefix("$version=") {
+            version = v.parse().ok();
+        }
+    }
+    Some((status, rid?, version))
+}
+
+/// A publish from the cloud: a twin answer completes its request; a direct-method request is relayed to the module (in a task of
 /// its own, so the connection keeps serving) and its answer sent back; anything else is
 /// logged and ignored.
 fn on_cloud_publish(shared: &Shared, conn: &Arc<CloudConnection>, topic: &str, payload: Bytes) {
     let identity = &conn.identity;
+    if let Some((status, rid, version)) = parse_twin_response(topic) {
+        let waiter = conn.lock().twin_waiters.remove(rid);
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(TwinResponse {
+                    status,
+                    version,
+                    body: payload,
+                });
+            }
+            None => tracing::debug!(%identity, rid, "a twin answer nobody waits for (late)"),
+        }
+        return;
+    }
     let (Some(methods), Some((name, rid))) =
         (shared.config.methods.clone(), parse_method_request(topic))
     else {
@@ -723,6 +857,7 @@ async fn serve(
 ) -> LinkEvent {
     let identity = &conn.identity;
     went_online(shared, identity, offline_since);
+    conn.online.send_replace(true);
     let renew_after = shared.config.token_ttl.mul_f64(0.75);
     let up_since = Instant::now();
     let mut acked_any = false;
@@ -909,6 +1044,26 @@ mod tests {
             "$iothub/twin/PATCH/properties/desired/?$version=2",
         ] {
             assert_eq!(parse_method_request(t), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn twin_answers_give_status_rid_and_version() {
+        assert_eq!(
+            parse_twin_response("$iothub/twin/res/204/?$rid=a&$version=7"),
+            Some((204, "a", Some(7)))
+        );
+        assert_eq!(
+            parse_twin_response("$iothub/twin/res/200/?$rid=3"),
+            Some((200, "3", None))
+        );
+        for t in [
+            "$iothub/twin/res/204/",
+            "$iothub/twin/res/ok/?$rid=1",
+            "$iothub/twin/res/204/?$version=2",
+            "$iothub/methods/res/200/?$rid=1",
+        ] {
+            assert_eq!(parse_twin_response(t), None, "{t}");
         }
     }
 

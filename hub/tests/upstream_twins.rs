@@ -1,0 +1,222 @@
+//! Module twins with IoT Hub, through the IoT Hub emulator (tests/iothub-emulator; an emulator,
+//! not IoT Hub): reported properties patched locally reach IoT Hub on the module's cloud
+//! connection, in order, after an outage and across a kill -9 of the hub.
+//!
+//! Modules are raw MQTT clients over TLS. Every local patch counted here was answered 204 by
+//! the hub (durable). Waits are on events (the emulator's twin versions, packets), never on
+//! time; the deadlines are failure bounds only.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+#[path = "support/raw.rs"]
+mod raw;
+
+use std::path::Path;
+use std::time::Duration;
+
+use iothub_emulator::{Emulator, EmulatorConfig, IdentityKey};
+use raw::{module_creds, BinaryHub, Creds, RawClient, TestHub, DEVICE, IOTHUB};
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
+use rumqttc::mqttbytes::QoS;
+use serde_json::{json, Value};
+
+/// A failure bound only (a cloud connection's backoff is capped at 10 s).
+const T: Duration = Duration::from_secs(60);
+
+fn manifest(modules: &[&str]) -> String {
+    let mods: Vec<String> = modules.iter().map(|m| format!("\"{m}\": {{}}")).collect();
+    format!(
+        r#"{{"modulesContent": {{
+  "$edgeAgent": {{"properties.desired": {{"modules": {{{}}}}}}},
+  "$edgeHub": {{"properties.desired": {{"schemaVersion": "1.1",
+    "routes": {{"up": "FROM /messages/* INTO $upstream"}},
+    "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}}}}}}}"#,
+        mods.join(", ")
+    )
+}
+
+/// Writes the manifest, gives the modules keys and starts an emulator that knows them.
+async fn emulator_for(root: &Path, modules: &[&str]) -> (Emulator, Vec<Creds>) {
+    std::fs::write(root.join("manifest.json"), manifest(modules)).unwrap();
+    let creds: Vec<Creds> = modules
+        .iter()
+        .map(|m| module_creds(&root.join("data"), m))
+        .collect();
+    let emulator = Emulator::start(EmulatorConfig {
+        hostname: IOTHUB.to_owned(),
+        bind: "127.0.0.1:0".parse().unwrap(),
+        identities: creds
+            .iter()
+            .map(|c| IdentityKey::module(DEVICE, c.module.clone(), c.key.clone()))
+            .collect(),
+        tls_dir: root.join("emulator"),
+    })
+    .await
+    .expect("start the emulator");
+    (emulator, creds)
+}
+
+async fn hub_for(root: &Path, emulator: &Emulator) -> TestHub {
+    let (addr, ca) = (emulator.addr().to_string(), emulator.ca_pem());
+    TestHub::start_with(root, move |s| {
+        s.upstream_protocol = Some("mqtt".into());
+        s.upstream_addr = Some(addr.clone());
+        s.upstream_ca = Some(ca.clone());
+    })
+    .await
+}
+
+fn upstream_args(emulator: &Emulator) -> Vec<String> {
+    vec![
+        "--upstream-addr".into(),
+        emulator.addr().to_string(),
+        "--upstream-ca".into(),
+        emulator.ca_pem().display().to_string(),
+    ]
+}
+
+async fn connected(mqtt: std::net::SocketAddr, ca: &Path, creds: &Creds) -> RawClient {
+    let mut c = RawClient::tls(mqtt, ca).await;
+    let ack = c.connect(creds.connect(true, 60)).await;
+    assert_eq!(ack.code, ConnectReturnCode::Success);
+    c
+}
+
+/// Patches the module's reported properties (QoS 1) and asserts the hub's 204 with `version`.
+async fn patch(c: &mut RawClient, pkid: u16, body: Value, version: u64) {
+    let rid = format!("p{pkid}");
+    c.writer
+        .publish(
+            &format!("$iothub/twin/PATCH/properties/reported/?$rid={rid}"),
+            QoS::AtLeastOnce,
+            pkid,
+            body.to_string().as_bytes(),
+        )
+        .await;
+    let answer: Publish = c.reader.expect_publish(T).await;
+    assert_eq!(
+        answer.topic,
+        format!("$iothub/twin/res/204/?$rid={rid}&$version={version}"),
+        "the local patch is durable"
+    );
+    match c.reader.expect_packet(T).await {
+        Packet::PubAck(a) => assert_eq!(a.pkid, pkid),
+        other => panic!("expected the PUBACK of {pkid}, got {other:?}"),
+    }
+}
+
+/// Waits until `edgehub_twin_reported_sync_lag` of the module says `versions`.
+async fn lag_until(hub: &TestHub, creds: &Creds, versions: u64) {
+    let id = format!("id=\"{}\"", creds.client_id());
+    let value = format!(" {versions}");
+    let series = format!("edgehub_twin_reported_sync_lag{{…{id}}}{value}");
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let text = raw::http_get(hub.addrs.metrics, "/metrics")
+            .await
+            .expect("metrics answered");
+        if text.lines().any(|l| {
+            l.starts_with("edgehub_twin_reported_sync_lag{")
+                && l.contains(&id)
+                && l.ends_with(&value)
+        }) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {series}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn reported(emulator: &Emulator, creds: &Creds) -> Value {
+    Value::Object(emulator.twin(&creds.client_id()).reported)
+}
+
+/// Patches go to IoT Hub as they are made; patches made while IoT Hub is away are kept and go
+/// once it is back, as merge patches whose result is the twin's (nested keys removed as
+/// `null`, not left behind), and IoT Hub sees the versions in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_patches_reach_iot_hub_and_those_made_while_it_is_away_follow_when_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = emulator_for(dir.path(), &["modA"]).await;
+    let c = &creds[0];
+    let hub = hub_for(dir.path(), &emulator).await;
+    let mut module = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+
+    patch(&mut module, 1, json!({"a": 1, "b": {"x": 1, "y": 2}}), 2).await;
+    emulator
+        .wait_for_reported_version(&c.client_id(), 2, T)
+        .await
+        .unwrap();
+    assert_eq!(
+        reported(&emulator, c),
+        json!({"a": 1, "b": {"x": 1, "y": 2}})
+    );
+
+    emulator.go_away().await;
+    patch(&mut module, 2, json!({"a": null, "b": {"y": null}}), 3).await;
+    patch(&mut module, 3, json!({"c": [1, 2], "b": {"z": true}}), 4).await;
+    assert_eq!(emulator.twin(&c.client_id()).reported_version, 2);
+    lag_until(&hub, c, 2).await;
+    emulator.come_back().await.unwrap();
+    // The first patch made while away may still have reached IoT Hub on the closing connection;
+    // then the second goes alone. Either way IoT Hub sees local versions in order and ends
+    // with the twin's document.
+    let want = json!({"b": {"x": 1, "z": true}, "c": [1, 2]});
+    emulator
+        .wait_for_reported_version(&c.client_id(), 3, T)
+        .await
+        .unwrap();
+    if reported(&emulator, c) != want {
+        assert_eq!(
+            reported(&emulator, c),
+            json!({"b": {"x": 1}}),
+            "IoT Hub holds local version 3"
+        );
+        emulator
+            .wait_for_reported_version(&c.client_id(), 4, T)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        reported(&emulator, c),
+        want,
+        "IoT Hub holds the twin's reported properties"
+    );
+    lag_until(&hub, c, 0).await;
+    let stats = emulator.stats();
+    assert_eq!(stats.reported_patches_refused, 0);
+    assert!(stats.reported_patches <= 3, "{stats:?}");
+    drop(module);
+    hub.stop().await;
+}
+
+/// Patches acknowledged by a hub that is then killed (-9) while IoT Hub is away: the next hub
+/// sends them once IoT Hub is back, with no module connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_patches_not_yet_synced_survive_a_kill_9_of_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (emulator, creds) = emulator_for(root, &["modA", "modB"]).await;
+    emulator.go_away().await;
+    let args = upstream_args(&emulator);
+    let mut first = BinaryHub::start_with(root, 0, &args).await;
+    let ca = hub::tls::ca_path(&root.join("data"));
+    for (i, c) in creds.iter().enumerate() {
+        let mut module = connected(first.addrs.mqtt, &ca, c).await;
+        patch(&mut module, 1, json!({"who": c.module, "n": i}), 2).await;
+        patch(&mut module, 2, json!({"n": null, "ok": true}), 3).await;
+    }
+    first.kill9();
+    let second = BinaryHub::start_with(root, 1, &args).await;
+    emulator.come_back().await.unwrap();
+    for c in &creds {
+        emulator
+            .wait_for_reported_version(&c.client_id(), 2, T)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\nhub log:\n{}", second.log_tail()));
+        assert_eq!(reported(&emulator, c), json!({"who": c.module, "ok": true}));
+    }
+}
