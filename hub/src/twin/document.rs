@@ -92,6 +92,12 @@ pub struct CloudState {
     pub reported: Map<String, Value>,
     /// The local reported `$version` they are.
     pub reported_version: u64,
+    /// The keys (a [`key_tree`]) of every reported document a patch was sent for since that
+    /// 204: IoT Hub may have applied any of them without its answer reaching us (connection
+    /// lost, time-out, the hub killed). Written before each patch goes; `None` when nothing
+    /// was sent since the last 204.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_in_doubt: Option<Map<String, Value>>,
 }
 
 impl Default for CloudState {
@@ -100,6 +106,7 @@ impl Default for CloudState {
         CloudState {
             reported: Map::new(),
             reported_version: 1,
+            reported_in_doubt: None,
         }
     }
 }
@@ -196,20 +203,48 @@ impl Twin {
     /// What to send IoT Hub for its reported properties to catch up with this twin's, or
     /// `None` when it has acknowledged them (or a later version, which cannot be newer: only
     /// this twin's versions are ever sent).
+    ///
+    /// With nothing in doubt, the patch is the difference from what IoT Hub acknowledged.
+    /// Otherwise IoT Hub holds the acknowledged document or one of those in doubt, and the
+    /// patch is right from each: the twin's reported properties whole (objects as nested
+    /// patches), with `null` for every key any of them may hold that the twin lacks.
     pub fn reported_to_sync(&self) -> Option<ReportedSync> {
         if self.cloud.reported_version >= self.reported_version {
             return None;
         }
+        let patch = match &self.cloud.reported_in_doubt {
+            None => desired_patch(&self.cloud.reported, &self.reported),
+            Some(doubt) => {
+                let mut held = key_tree(&self.cloud.reported);
+                union_keys(&mut held, doubt);
+                covering_patch(&held, &self.reported)
+            }
+        };
         Some(ReportedSync {
-            patch: desired_patch(&self.cloud.reported, &self.reported),
+            patch,
             reported: self.reported.clone(),
             version: self.reported_version,
             synced_version: self.cloud.reported_version,
         })
     }
 
+    /// The twin once `sync`'s patch is about to go to IoT Hub: its document joins those in
+    /// doubt until a 204. `None` if they already cover its keys (nothing to write).
+    pub fn with_reported_sending(&self, sync: &ReportedSync) -> Option<Twin> {
+        let before = self.cloud.reported_in_doubt.as_ref();
+        let mut doubt = before.cloned().unwrap_or_default();
+        union_keys(&mut doubt, &key_tree(&sync.reported));
+        if before == Some(&doubt) {
+            return None;
+        }
+        let mut next = self.clone();
+        next.cloud.reported_in_doubt = Some(doubt);
+        Some(next)
+    }
+
     /// The twin once IoT Hub acknowledged the reported properties `reported` at local
-    /// `$version` `version`; `None` if it had acknowledged that version or a later one already.
+    /// `$version` `version` (its 204 to the last patch sent: nothing is in doubt any more);
+    /// `None` if it had acknowledged that version or a later one already.
     pub fn with_reported_synced(
         &self,
         reported: &Map<String, Value>,
@@ -218,13 +253,11 @@ impl Twin {
         if version <= self.cloud.reported_version {
             return None;
         }
-        Some(Twin {
-            cloud: CloudState {
-                reported: reported.clone(),
-                reported_version: version,
-            },
-            ..self.clone()
-        })
+        let mut next = self.clone();
+        next.cloud.reported = reported.clone();
+        next.cloud.reported_version = version;
+        next.cloud.reported_in_doubt = None;
+        Some(next)
     }
 
     /// The document a GET answers: `{"desired": {…, "$version": n}, "reported": {…, "$version": m}}`.
@@ -290,6 +323,61 @@ pub fn desired_patch(old: &Map<String, Value>, new: &Map<String, Value>) -> Map<
         }
     }
     for key in old.keys() {
+        if !new.contains_key(key) {
+            patch.insert(key.clone(), Value::Null);
+        }
+    }
+    patch
+}
+
+/// The keys of `doc`, nested: an object member as the tree of its keys, any other as `null`.
+pub fn key_tree(doc: &Map<String, Value>) -> Map<String, Value> {
+    doc.iter()
+        .map(|(k, v)| {
+            let keys = match v {
+                Value::Object(inner) => Value::Object(key_tree(inner)),
+                _ => Value::Null,
+            };
+            (k.clone(), keys)
+        })
+        .collect()
+}
+
+/// Adds the key tree `more` to the key tree `into`; a member that is an object in either
+/// stays an object (with the keys of both).
+pub fn union_keys(into: &mut Map<String, Value>, more: &Map<String, Value>) {
+    for (k, v) in more {
+        match (into.get_mut(k), v) {
+            (Some(Value::Object(a)), Value::Object(b)) => union_keys(a, b),
+            (Some(Value::Object(_)), _) => {}
+            (_, v) => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// The merge patch that turns every document whose keys are within the key tree `held` into
+/// `new`: every member of `new` (an object as a nested such patch, since merging it into a
+/// member that is not an object starts from an empty one) and `null` for the keys of `held`
+/// that `new` lacks.
+pub fn covering_patch(held: &Map<String, Value>, new: &Map<String, Value>) -> Map<String, Value> {
+    let empty = Map::new();
+    let mut patch = Map::new();
+    for (key, value) in new {
+        let member = match value {
+            Value::Object(inner) => {
+                let below = match held.get(key) {
+                    Some(Value::Object(h)) => h,
+                    _ => &empty,
+                };
+                Value::Object(covering_patch(below, inner))
+            }
+            other => other.clone(),
+        };
+        patch.insert(key.clone(), member);
+    }
+    for key in held.keys() {
         if !new.contains_key(key) {
             patch.insert(key.clone(), Value::Null);
         }
@@ -527,5 +615,52 @@ mod tests {
         let old: Twin = serde_json::from_slice(old).unwrap();
         assert_eq!(old.cloud, CloudState::default());
         assert_eq!(old.reported_to_sync().unwrap().version, 2);
+    }
+
+    /// IoT Hub applied a patch whose 204 never came back (connection lost, or the hub was
+    /// killed before it kept the 204); the module patched on. Whatever IoT Hub holds, the acknowledged
+    /// document or the one that patch made, the next patch must bring it to the twin's.
+    #[test]
+    fn a_resend_after_an_unanswered_patch_is_right_whatever_iot_hub_applied() {
+        let acked = Twin::default()
+            .with_reported_patch(br#"{"keep": 1, "obj": {"p": 1}}"#)
+            .unwrap();
+        let first = acked.reported_to_sync().unwrap();
+        let acked = acked
+            .with_reported_synced(&first.reported, first.version)
+            .unwrap();
+        // Sent; IoT Hub may have applied it, no answer came.
+        let twin = acked
+            .with_reported_patch(br#"{"gone": 1, "obj": {"q": 2}, "flip": {"x": 1}}"#)
+            .unwrap();
+        let lost = twin.reported_to_sync().unwrap();
+        let twin = twin.with_reported_sending(&lost).unwrap();
+        assert_eq!(twin.with_reported_sending(&lost), None, "already in doubt");
+        // Then: "gone" removed, "obj.q" removed, "flip" a scalar and an object again.
+        let twin = twin
+            .with_reported_patch(br#"{"gone": null, "obj": {"q": null}, "flip": 5}"#)
+            .unwrap()
+            .with_reported_patch(br#"{"flip": {"y": 2}}"#)
+            .unwrap();
+        let next = twin.reported_to_sync().unwrap();
+        let mut applied_lost = first.reported.clone();
+        merge(&mut applied_lost, &lost.patch);
+        for holds in [first.reported.clone(), applied_lost] {
+            let mut cloud = holds.clone();
+            merge(&mut cloud, &next.patch);
+            assert_eq!(
+                Value::Object(cloud),
+                Value::Object(twin.reported.clone()),
+                "IoT Hub held {holds:?}; patch {:?}",
+                next.patch
+            );
+        }
+        // The doubt goes to the file and back, and the 204 of that patch ends it.
+        let bytes = serde_json::to_vec(&twin).unwrap();
+        assert_eq!(serde_json::from_slice::<Twin>(&bytes).unwrap(), twin);
+        let twin = twin
+            .with_reported_synced(&next.reported, next.version)
+            .unwrap();
+        assert_eq!(twin.cloud.reported_in_doubt, None);
     }
 }

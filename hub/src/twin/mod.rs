@@ -225,6 +225,23 @@ impl Twins {
         self.with_slot(module, |slot, _| Ok(slot.twin.reported_to_sync()))
     }
 
+    /// `sync`'s patch is about to go to IoT Hub: its document is kept durably among those IoT
+    /// Hub may hold (until a 204), so a later patch is right whether or not IoT Hub applied
+    /// it, across a kill -9 too. Send it only once this returned `Ok`.
+    pub fn reported_sending(
+        &self,
+        module: &ModuleId,
+        sync: &ReportedSync,
+    ) -> Result<(), TwinError> {
+        self.with_slot(module, |slot, _| {
+            if let Some(next) = slot.twin.with_reported_sending(sync) {
+                write(&slot.file, &next)?;
+                slot.twin = next;
+            }
+            Ok(())
+        })
+    }
+
     /// IoT Hub acknowledged `sync` (answered 204 to its patch): kept durably with the twin, so
     /// it is never sent again, restarts included. An older acknowledgement changes nothing.
     pub fn reported_synced(&self, module: &ModuleId, sync: &ReportedSync) -> Result<(), TwinError> {

@@ -6,20 +6,27 @@
 //!
 //! ```text
 //!  what IoT Hub lacks (Twins::reported_to_sync: the merge patch from what it acknowledged
-//!  to the twin's reported properties, removed keys as null)
+//!  to the twin's reported properties, removed keys as null; see "in doubt" below)
 //!    nothing ─▶ wait for the next local patch
-//!    a patch ─▶ wait for the connection to be up ─▶ $iothub/twin/PATCH/properties/reported/
-//!               ?$rid= ─▶ 204 ─▶ keep "acknowledged up to local version v" with the twin
-//!                                (durable) ─▶ again
-//!                      ─▶ other status ─▶ log, wait 1 s doubling to 60 s ─▶ again
-//!                      ─▶ connection lost / no answer in --upstream-timeout ─▶ again
+//!    a patch ─▶ wait for the connection to be up ─▶ keep its document's keys "in doubt"
+//!               (durable; a write error: wait 1 s doubling to 60 s, again)
+//!               ─▶ $iothub/twin/PATCH/properties/reported/?$rid=
+//!                  ─▶ 204 ─▶ keep "acknowledged up to local version v", nothing in doubt
+//!                            (durable) ─▶ again
+//!                  ─▶ other status ─▶ log, wait 1 s doubling to 60 s ─▶ again
+//!                  ─▶ connection lost / no answer in --upstream-timeout ─▶ again
 //! ```
 //!
 //! Guarantees:
 //! - **Never loses an acknowledged local patch**: what IoT Hub acknowledged is kept with the
-//!   twin, so a restart or kill -9 resends the difference from there; a crash between IoT
-//!   Hub's 204 and that write resends a patch IoT Hub already applied, which changes nothing
-//!   (a merge patch to the same document is idempotent).
+//!   twin, so a restart or kill -9 resends from there.
+//! - **Right whatever IoT Hub applied**: before a patch goes, the keys of the document it
+//!   brings IoT Hub to are kept with the twin (durably) as "in doubt" until its 204. While
+//!   anything is in doubt (an answer lost with the connection, a time-out, a kill -9 between
+//!   sending and keeping the 204), the next patch is the twin's reported properties whole with
+//!   `null` for every key IoT Hub may hold that the twin lacks, so it is right from the
+//!   acknowledged document and from every one in doubt (a plain difference would leave behind
+//!   keys that only the lost patch added and the module removed since).
 //! - **In order**: one patch in flight per module; each brings IoT Hub to a later local
 //!   version than the one before (several local patches made meanwhile go as one).
 //! - **A sync never fails a local patch**: it only reads the twin and writes the acknowledged
@@ -110,6 +117,8 @@ async fn next_change(changes: &mut watch::Receiver<u64>) -> bool {
 async fn sync_module(upstream: Weak<MqttUpstream>, twins: Arc<Twins>, identity: Identity) {
     let mut changes = twins.reported_changes();
     let mut refused: u32 = 0;
+    // Twin file writes that failed in a row (a full disk, a fenced hub): back off as for refusals.
+    let mut failed: u32 = 0;
     loop {
         changes.borrow_and_update();
         let sync = match twins.reported_to_sync(&identity.module) {
@@ -141,6 +150,15 @@ async fn sync_module(upstream: Weak<MqttUpstream>, twins: Arc<Twins>, identity: 
         let timeout = up.config().ack_timeout;
         drop(up);
         conn.wait_online().await;
+        // Kept among the documents IoT Hub may hold before it goes: if the answer is lost (or
+        // the hub killed), the next patch is right whether or not IoT Hub applied this one.
+        if let Err(e) = twins.reported_sending(&identity.module, &sync) {
+            failed = failed.saturating_add(1);
+            let delay = refused_delay(failed);
+            tracing::warn!(%identity, retry_in_ms = delay.as_millis() as u64, "cannot keep the reported properties about to go to IoT Hub; not sent: {e}");
+            tokio::time::sleep(delay).await;
+            continue;
+        }
         let body = Bytes::from(Value::Object(sync.patch.clone()).to_string());
         match conn.twin_request(REPORTED_PATH, body, timeout).await {
             Ok(answer) if answer.status == 204 => {
@@ -149,15 +167,21 @@ async fn sync_module(upstream: Weak<MqttUpstream>, twins: Arc<Twins>, identity: 
                 }
                 refused = 0;
                 match twins.reported_synced(&identity.module, &sync) {
-                    Ok(()) => tracing::debug!(
-                        %identity,
-                        version = sync.version,
-                        cloud_version = answer.version,
-                        "reported properties synced to IoT Hub"
-                    ),
-                    // Sent again later: IoT Hub applies the same patch to the same effect.
+                    Ok(()) => {
+                        failed = 0;
+                        tracing::debug!(
+                            %identity,
+                            version = sync.version,
+                            cloud_version = answer.version,
+                            "reported properties synced to IoT Hub"
+                        );
+                    }
+                    // Still in doubt, so sent again later, as a patch right from either document.
                     Err(e) => {
-                        tracing::warn!(%identity, "cannot keep what IoT Hub acknowledged: {e}")
+                        failed = failed.saturating_add(1);
+                        let delay = refused_delay(failed);
+                        tracing::warn!(%identity, retry_in_ms = delay.as_millis() as u64, "cannot keep what IoT Hub acknowledged: {e}");
+                        tokio::time::sleep(delay).await;
                     }
                 }
             }
