@@ -13,10 +13,16 @@
 //!   keys without `.`, `$`, space or control characters (IoT Hub's key rule).
 //! - Errors carry the status IoT Hub answers: 400 for a patch that is not JSON, not an object,
 //!   too deep or with a bad key; 413 for one that makes the document too large.
-//! - Desired properties come from the manifest. Its `$version`, if given, is kept as written;
-//!   without one, the version goes up by one whenever the desired document differs from the one
-//!   last served. The patch a change makes ([`desired_patch`]) names the changed members and
-//!   sets removed ones to `null`, so merging it into the old document gives the new one.
+//! - Desired properties come from a source: IoT Hub's document once it gave one (with cloud
+//!   sync on, [`CloudState::desired`], served with IoT Hub's `$version`), else the manifest's.
+//!   The manifest's `$version`, if given, is kept as written; without one, the version goes up
+//!   by one whenever the desired document differs from the one last served. The patch a change
+//!   makes ([`desired_patch`]) names the changed members and sets removed ones to `null`, so
+//!   merging it into the old document gives the new one.
+//! - IoT Hub's desired document changes by a whole document (a twin GET, which replaces it)
+//!   or by a patch, which applies only on top of the version before it
+//!   ([`Twin::with_cloud_desired_patch`]): an older one changes nothing, a later one means
+//!   patches were missed and the twin must be read again.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -98,6 +104,31 @@ pub struct CloudState {
     /// was sent since the last 204.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_in_doubt: Option<Map<String, Value>>,
+    /// IoT Hub's desired properties, once it gave them (a twin GET or patches on top of one);
+    /// with cloud sync on, they are served instead of the manifest's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<CloudDesired>,
+}
+
+/// IoT Hub's desired properties and their `$version` (IoT Hub's, one up per change).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloudDesired {
+    /// The properties (without `$version`).
+    pub properties: Map<String, Value>,
+    /// Their `$version` in IoT Hub.
+    pub version: u64,
+}
+
+/// A desired-properties patch from IoT Hub that does not follow the version the twin holds
+/// (or the twin holds no document of IoT Hub's yet): patches were missed, read the twin again.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("IoT Hub's desired patch $version {got} does not follow the $version held ({held:?})")]
+pub struct DesiredGap {
+    /// The version held, if any.
+    pub held: Option<u64>,
+    /// The patch's version.
+    pub got: u64,
 }
 
 impl Default for CloudState {
@@ -107,6 +138,7 @@ impl Default for CloudState {
             reported: Map::new(),
             reported_version: 1,
             reported_in_doubt: None,
+            desired: None,
         }
     }
 }
@@ -258,6 +290,62 @@ impl Twin {
         next.cloud.reported_version = version;
         next.cloud.reported_in_doubt = None;
         Some(next)
+    }
+
+    /// The twin with IoT Hub's whole desired document `properties` at `$version` `version`
+    /// (read by a twin GET), or `None` if it holds exactly that already. The newest read
+    /// wins even at a lower version (the twin was recreated in IoT Hub).
+    pub fn with_cloud_desired_document(
+        &self,
+        properties: &Map<String, Value>,
+        version: u64,
+    ) -> Option<Twin> {
+        let doc = CloudDesired {
+            properties: properties.clone(),
+            version,
+        };
+        if self.cloud.desired.as_ref() == Some(&doc) {
+            return None;
+        }
+        let mut next = self.clone();
+        next.cloud.desired = Some(doc);
+        Some(next)
+    }
+
+    /// The twin with IoT Hub's desired patch `patch` (a merge patch, `$version` left out)
+    /// applied: `Ok(None)` for a version held already or an older one, `Err` when it does not
+    /// follow the version held.
+    pub fn with_cloud_desired_patch(
+        &self,
+        patch: &Map<String, Value>,
+        version: u64,
+    ) -> Result<Option<Twin>, DesiredGap> {
+        let held = self.cloud.desired.as_ref().map(|d| d.version);
+        match held {
+            Some(h) if version <= h => Ok(None),
+            Some(h) if version == h.saturating_add(1) => {
+                let mut next = self.clone();
+                if let Some(doc) = next.cloud.desired.as_mut() {
+                    merge(&mut doc.properties, patch);
+                    doc.version = version;
+                }
+                Ok(Some(next))
+            }
+            _ => Err(DesiredGap { held, got: version }),
+        }
+    }
+
+    /// The desired properties to serve (with `$version` inside when they are IoT Hub's): IoT
+    /// Hub's if `cloud_on` and it gave a document, else `from_manifest`.
+    pub fn desired_source(
+        &self,
+        from_manifest: &Map<String, Value>,
+        cloud_on: bool,
+    ) -> Map<String, Value> {
+        match (&self.cloud.desired, cloud_on) {
+            (Some(doc), true) => with_version(&doc.properties, doc.version),
+            _ => from_manifest.clone(),
+        }
     }
 
     /// The document a GET answers: `{"desired": {…, "$version": n}, "reported": {…, "$version": m}}`.
@@ -615,6 +703,66 @@ mod tests {
         let old: Twin = serde_json::from_slice(old).unwrap();
         assert_eq!(old.cloud, CloudState::default());
         assert_eq!(old.reported_to_sync().unwrap().version, 2);
+    }
+
+    #[test]
+    fn iot_hub_desired_properties_win_once_given_and_patches_apply_only_in_version_order() {
+        let manifest: Map<String, Value> = serde_json::from_value(json!({"rate": 1})).unwrap();
+        let twin = Twin::default();
+        assert_eq!(
+            twin.desired_source(&manifest, true),
+            manifest,
+            "no cloud document yet"
+        );
+        // A patch before any document cannot apply.
+        let gap = twin.with_cloud_desired_patch(&Map::new(), 2).unwrap_err();
+        assert_eq!(gap.held, None);
+        let doc: Map<String, Value> =
+            serde_json::from_value(json!({"rate": 2, "mode": {"a": 1, "b": 2}})).unwrap();
+        let twin = twin.with_cloud_desired_document(&doc, 3).unwrap();
+        assert_eq!(
+            twin.with_cloud_desired_document(&doc, 3),
+            None,
+            "held already"
+        );
+        assert_eq!(
+            Value::Object(twin.desired_source(&manifest, true)),
+            json!({"rate": 2, "mode": {"a": 1, "b": 2}, "$version": 3})
+        );
+        assert_eq!(
+            twin.desired_source(&manifest, false),
+            manifest,
+            "cloud sync off"
+        );
+        // Served: IoT Hub's $version, even below the manifest's.
+        let served = twin
+            .with_desired(&twin.desired_source(&manifest, true))
+            .unwrap()
+            .twin;
+        assert_eq!((served.desired_version, served.desired.len()), (3, 2));
+        let patch: Map<String, Value> =
+            serde_json::from_value(json!({"mode": {"b": null}})).unwrap();
+        assert_eq!(twin.with_cloud_desired_patch(&patch, 3), Ok(None), "old");
+        assert_eq!(
+            twin.with_cloud_desired_patch(&patch, 5).unwrap_err(),
+            DesiredGap {
+                held: Some(3),
+                got: 5
+            }
+        );
+        let twin = twin.with_cloud_desired_patch(&patch, 4).unwrap().unwrap();
+        assert_eq!(
+            Value::Object(twin.desired_source(&manifest, true)),
+            json!({"rate": 2, "mode": {"a": 1}, "$version": 4})
+        );
+        // A later read replaces the document, even at a lower version (recreated in IoT Hub).
+        let twin = twin.with_cloud_desired_document(&Map::new(), 1).unwrap();
+        assert_eq!(
+            Value::Object(twin.desired_source(&manifest, true)),
+            json!({"$version": 1})
+        );
+        let bytes = serde_json::to_vec(&twin).unwrap();
+        assert_eq!(serde_json::from_slice::<Twin>(&bytes).unwrap(), twin);
     }
 
     /// IoT Hub applied a patch whose 204 never came back (connection lost, or the hub was
