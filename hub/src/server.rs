@@ -557,14 +557,17 @@ fn start_delivery(
         settings.device_id().as_str(),
     ));
     let methods = Arc::new(crate::methods::Methods::default());
-    let twins = Arc::new(
-        crate::twin::Twins::new(
-            settings.data_dir(),
-            Arc::clone(&owner),
-            deployment.twins_desired.clone(),
-        )
-        .map_err(RunError::Twins)?,
-    );
+    let twins = crate::twin::Twins::new(
+        settings.data_dir(),
+        Arc::clone(&owner),
+        deployment.twins_desired.clone(),
+    )
+    .map_err(RunError::Twins)?;
+    // Upstream on: IoT Hub is the source of desired properties once it gave them.
+    let twins = Arc::new(match settings.upstream() {
+        Some(_) => twins.with_cloud(),
+        None => twins,
+    });
     let upstream = upstream::start(
         settings,
         Arc::clone(identities),

@@ -154,6 +154,8 @@ async fn reported_patches_reach_iot_hub_and_those_made_while_it_is_away_follow_w
         reported(&emulator, c),
         json!({"a": 1, "b": {"x": 1, "y": 2}})
     );
+    // And the hub has IoT Hub's 204 (else that patch is in doubt and the lag below is 3).
+    lag_until(&hub, c, 0).await;
 
     emulator.go_away().await;
     patch(&mut module, 2, json!({"a": null, "b": {"y": null}}), 3).await;
@@ -219,4 +221,139 @@ async fn reported_patches_not_yet_synced_survive_a_kill_9_of_the_hub() {
             .unwrap_or_else(|e| panic!("{e}\nhub log:\n{}", second.log_tail()));
         assert_eq!(reported(&emulator, c), json!({"who": c.module, "ok": true}));
     }
+}
+
+const RESPONSES: &str = "$iothub/twin/res/#";
+const DESIRED: &str = "$iothub/twin/PATCH/properties/desired/#";
+
+/// [`manifest`] with `desired` as the module's `properties.desired`.
+fn manifest_with_desired(module: &str, desired: Value) -> String {
+    let mut m: Value = serde_json::from_str(&manifest(&[module])).unwrap();
+    m["modulesContent"][module] = json!({ "properties.desired": desired });
+    m.to_string()
+}
+
+fn object(v: Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+/// Subscribes the module to `filters` (QoS 1) and waits for the SUBACK.
+async fn subscribe(c: &mut RawClient, pkid: u16, filters: &[&str]) {
+    let (ack, before) = c.subscribe(pkid, filters).await;
+    assert!(before.is_empty(), "{before:?}");
+    assert_eq!(ack.return_codes.len(), filters.len());
+}
+
+/// GETs the module's twin (QoS 1) and returns it; the hub's PUBACK must come too.
+async fn get(c: &mut RawClient, pkid: u16) -> Value {
+    let rid = format!("g{pkid}");
+    c.writer
+        .publish(
+            &format!("$iothub/twin/GET/?$rid={rid}"),
+            QoS::AtLeastOnce,
+            pkid,
+            b"",
+        )
+        .await;
+    let answer = c.reader.expect_publish(T).await;
+    assert_eq!(answer.topic, format!("$iothub/twin/res/200/?$rid={rid}"));
+    match c.reader.expect_packet(T).await {
+        Packet::PubAck(a) => assert_eq!(a.pkid, pkid),
+        other => panic!("expected the PUBACK of {pkid}, got {other:?}"),
+    }
+    serde_json::from_slice(&answer.payload).unwrap()
+}
+
+/// GETs the twin until its desired `$version` is `version` (the hub takes IoT Hub's document
+/// on its own connection, in its own time); returns the twin. Each GET is a round trip.
+async fn get_until_desired_version(c: &mut RawClient, first_pkid: u16, version: u64) -> Value {
+    let deadline = tokio::time::Instant::now() + T;
+    let mut pkid = first_pkid;
+    loop {
+        let twin = get(c, pkid).await;
+        if twin["desired"]["$version"] == version {
+            return twin;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "desired $version never became {version}: {twin}"
+        );
+        pkid += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// IoT Hub is the source of desired properties: its document wins over the manifest's, with
+/// its `$version`; its desired patch reaches the connected module with that version; a module
+/// that reconnects GETs the newer document; and a hub restarted while IoT Hub is away still
+/// serves IoT Hub's document, not the manifest's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_properties_from_iot_hub_reach_the_module_and_outlive_a_restart_while_it_is_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (emulator, creds) = emulator_for(root, &["modA"]).await;
+    std::fs::write(
+        root.join("manifest.json"),
+        manifest_with_desired("modA", json!({"rate": 1})),
+    )
+    .unwrap();
+    let c = &creds[0];
+    let id = c.client_id();
+    // What IoT Hub holds before the hub starts: $version 3.
+    emulator.update_desired(&id, &object(json!({"rate": 2, "mode": {"a": 1, "b": 2}})));
+    let (v3, _) = emulator.update_desired(&id, &object(json!({"extra": true})));
+    assert_eq!(v3, 3);
+
+    let hub = hub_for(root, &emulator).await;
+    let mut module = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    subscribe(&mut module, 1, &[RESPONSES]).await;
+    // Serving the twin opens the module's cloud connection, which reads IoT Hub's twin.
+    let twin = get_until_desired_version(&mut module, 10, 3).await;
+    assert_eq!(
+        twin["desired"],
+        json!({"rate": 2, "mode": {"a": 1, "b": 2}, "extra": true, "$version": 3}),
+        "IoT Hub's document, not the manifest's"
+    );
+
+    // Listening from $version 3 on: IoT Hub's next patch comes through with its version.
+    subscribe(&mut module, 2, &[DESIRED]).await;
+    emulator
+        .wait_for_desired_subscriptions(&id, 1, T)
+        .await
+        .unwrap();
+    let (v4, sent) = emulator.update_desired(&id, &object(json!({"rate": 4, "mode": {"b": null}})));
+    assert_eq!((v4, sent), (4, true), "the hub's cloud connection listens");
+    let patch = module.reader.expect_publish(T).await;
+    assert_eq!(
+        patch.topic,
+        "$iothub/twin/PATCH/properties/desired/?$version=4"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&patch.payload).unwrap(),
+        json!({"rate": 4, "mode": {"b": null}, "$version": 4})
+    );
+
+    // Away meanwhile, the module GETs IoT Hub's newer document when it is back.
+    drop(module);
+    let (v5, sent) = emulator.update_desired(&id, &object(json!({"extra": null})));
+    assert_eq!((v5, sent), (5, true));
+    let mut module = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    subscribe(&mut module, 1, &[RESPONSES]).await;
+    let want = json!({"rate": 4, "mode": {"a": 1}, "$version": 5});
+    let twin = get_until_desired_version(&mut module, 10, 5).await;
+    assert_eq!(twin["desired"], want);
+    drop(module);
+
+    // IoT Hub away, the hub restarted: IoT Hub's last document is still served.
+    emulator.go_away().await;
+    hub.stop().await;
+    let hub = hub_for(root, &emulator).await;
+    let mut module = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    subscribe(&mut module, 1, &[RESPONSES]).await;
+    assert_eq!(get(&mut module, 10).await["desired"], want);
+    drop(module);
+    hub.stop().await;
 }

@@ -35,7 +35,7 @@
 //!   drains, and the connection is replaced, so a renewal sends nothing twice even under
 //!   steady traffic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -59,6 +59,11 @@ use crate::auth::sas;
 use crate::identity::{Identities, Identity};
 use crate::methods::{MethodName, MethodRequest, Methods, METHODS_FILTER};
 use crate::metrics::{HubMetrics, SentLabels};
+
+/// IoT Hub's answers to twin requests.
+const TWIN_RESPONSES_FILTER: &str = "$iothub/twin/res/#";
+/// IoT Hub's desired-properties patches.
+const DESIRED_PATCHES_FILTER: &str = "$iothub/twin/PATCH/properties/desired/#";
 
 /// IoT Hub's largest device-to-cloud message (256 KiB), which we apply to topic plus body.
 pub const MAX_CLOUD_MESSAGE_BYTES: usize = 256 * 1024;
@@ -99,8 +104,9 @@ pub struct MqttUpstreamConfig {
     /// The hub's direct-method targets: when set, each connection subscribes to its module's
     /// direct methods and relays the cloud's requests to the module through them.
     pub methods: Option<Arc<Methods>>,
-    /// The module twins: when set, each connection subscribes to `$iothub/twin/res/#`, so
-    /// `upstream::twin_sync` can send their reported properties on it.
+    /// The module twins: when set, each connection subscribes to `$iothub/twin/res/#` and
+    /// `$iothub/twin/PATCH/properties/desired/#`, so `upstream::twin_sync` can send their
+    /// reported properties, read the twin and take IoT Hub's desired patches on it.
     pub twins: Option<Arc<crate::twin::Twins>>,
     /// How long a module has to answer a direct method from the cloud (IoT Hub's MQTT request
     /// does not carry the caller's timeout; 30 s, the default of IoT Hub and edgeHub).
@@ -244,7 +250,21 @@ struct LinkState {
     twin_waiters: HashMap<String, oneshot::Sender<TwinResponse>>,
     /// The last twin `$rid` used (never reused while the hub runs).
     last_rid: u64,
+    /// Connections that came up so far (the current one's number while online).
+    generation: u64,
 }
+
+/// Desired patches IoT Hub sent that the twin sync has not taken yet (in arrival order).
+#[derive(Debug, Default)]
+pub(crate) struct DesiredInbox {
+    /// Each patch (without `$version`) and its `$version`.
+    pub patches: VecDeque<(serde_json::Map<String, serde_json::Value>, u64)>,
+    /// A patch was dropped (inbox full, or not readable): read the whole twin again.
+    pub missed: bool,
+}
+
+/// Desired patches kept for the twin sync at most; more and the twin is read again instead.
+const DESIRED_INBOX: usize = 64;
 
 /// IoT Hub's answer to a twin request: `$iothub/twin/res/{status}/?$rid={rid}[&$version=n]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -275,8 +295,12 @@ pub enum TwinRequestError {
 pub(crate) struct CloudConnection {
     identity: Identity,
     state: Mutex<LinkState>,
-    /// Whether the connection is up (CONNACK received and not lost since).
-    online: watch::Sender<bool>,
+    /// The connection's number while it is up (CONNACK received and not lost since), else
+    /// `None`.
+    online: watch::Sender<Option<u64>>,
+    /// IoT Hub's desired patches for the twin sync, and a count bumped at each arrival.
+    desired_in: Mutex<DesiredInbox>,
+    desired_arrived: watch::Sender<u64>,
 }
 
 impl CloudConnection {
@@ -290,7 +314,7 @@ impl CloudConnection {
     fn disconnect(&self, reason: &str) {
         // Offline before the client goes: whoever waits for "online" never finds it with no
         // client to send on.
-        self.online.send_replace(false);
+        self.online.send_replace(None);
         let waiters = {
             let mut state = self.lock();
             state.twin_waiters.clear();
@@ -304,11 +328,33 @@ impl CloudConnection {
         }
     }
 
-    /// Waits until the connection is up.
-    pub(crate) async fn wait_online(&self) {
-        let mut online = self.online.subscribe();
-        // The sender lives as long as `self`: this returns only once online.
-        let _ = online.wait_for(|up| *up).await;
+    /// The connection's number while it is up, else `None`; the receiver changes when it
+    /// goes up or down.
+    pub(crate) fn online(&self) -> watch::Receiver<Option<u64>> {
+        self.online.subscribe()
+    }
+
+    /// Takes the desired patches IoT Hub sent since the last call, and whether one was missed.
+    pub(crate) fn take_desired(&self) -> DesiredInbox {
+        std::mem::take(&mut *self.desired_in.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Changes when a desired patch from IoT Hub arrives.
+    pub(crate) fn desired_arrivals(&self) -> watch::Receiver<u64> {
+        self.desired_arrived.subscribe()
+    }
+
+    /// Keeps a desired patch from IoT Hub for the twin sync (`None`: one that could not be
+    /// read, so the twin must be read again).
+    fn desired_arrived(&self, patch: Option<(serde_json::Map<String, serde_json::Value>, u64)>) {
+        {
+            let mut inbox = self.desired_in.lock().unwrap_or_else(|p| p.into_inner());
+            match patch {
+                Some(p) if inbox.patches.len() < DESIRED_INBOX => inbox.patches.push_back(p),
+                _ => inbox.missed = true,
+            }
+        }
+        self.desired_arrived.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Sends a twin request (`path` is the topic up to `?`, e.g.
@@ -545,8 +591,11 @@ impl MqttUpstream {
                 inflight: Inflight::default(),
                 twin_waiters: HashMap::new(),
                 last_rid: 0,
+                generation: 0,
             }),
-            online: watch::channel(false).0,
+            online: watch::channel(None).0,
+            desired_in: Mutex::new(DesiredInbox::default()),
+            desired_arrived: watch::channel(0).0,
         });
         // The first connection attempt starts before this returns, so the caller's messages
         // wait for it instead of failing at once.
@@ -656,8 +705,12 @@ fn start_connection(
         }
     }
     if config.twins.is_some() {
-        if let Err(e) = client.try_subscribe("$iothub/twin/res/#", QoS::AtMostOnce) {
-            tracing::warn!(%identity, "cannot subscribe to twin responses: {e}");
+        // Before the twin sync's GET (requests go in order), so no desired patch made after
+        // the document it reads is missed.
+        for filter in [TWIN_RESPONSES_FILTER, DESIRED_PATCHES_FILTER] {
+            if let Err(e) = client.try_subscribe(filter, QoS::AtMostOnce) {
+                tracing::warn!(%identity, filter, "cannot subscribe to twin topics: {e}");
+            }
         }
     }
     conn.lock().client = Some(client);
@@ -778,11 +831,46 @@ fn parse_twin_response(topic: &str) -> Option<(u16, &str, Option<u64>)> {
     Some((status, rid?, version))
 }
 
-/// A publish from the cloud: a twin answer completes its request; a direct-method request is relayed to the module (in a task of
-/// its own, so the connection keeps serving) and its answer sent back; anything else is
-/// logged and ignored.
+/// A desired patch from IoT Hub, `$iothub/twin/PATCH/properties/desired/?$version={n}` with a
+/// JSON object (its own `$version` too): the members without `$version`, and the version (the
+/// topic's, else the body's). `None` if the topic is not one; `Some(None)` if it is one that
+/// cannot be read.
+#[allow(clippy::type_complexity)]
+fn parse_desired_patch(
+    topic: &str,
+    payload: &[u8],
+) -> Option<Option<(serde_json::Map<String, serde_json::Value>, u64)>> {
+    let query = topic.strip_prefix("$iothub/twin/PATCH/properties/desired/")?;
+    let from_topic = query
+        .strip_prefix('?')
+        .unwrap_or(query)
+        .split('&')
+        .find_map(|p| p.strip_prefix("$version="))
+        .and_then(|v| v.parse::<u64>().ok());
+    let Ok(serde_json::Value::Object(mut patch)) = serde_json::from_slice(payload) else {
+        return Some(None);
+    };
+    let from_body = patch
+        .remove(crate::twin::document::VERSION_KEY)
+        .and_then(|v| v.as_u64());
+    Some(from_topic.or(from_body).map(|version| (patch, version)))
+}
+
+/// A publish from the cloud: a twin answer completes its request; a desired patch is kept
+/// for the twin sync; a direct-method request is relayed to the module (in a task of its
+/// own, so the connection keeps serving) and its answer sent back; anything else is logged
+/// and ignored.
 fn on_cloud_publish(shared: &Shared, conn: &Arc<CloudConnection>, topic: &str, payload: Bytes) {
     let identity = &conn.identity;
+    if shared.config.twins.is_some() {
+        if let Some(patch) = parse_desired_patch(topic, &payload) {
+            if patch.is_none() {
+                tracing::warn!(%identity, topic, "a desired patch from IoT Hub that cannot be read; reading the twin again");
+            }
+            conn.desired_arrived(patch);
+            return;
+        }
+    }
     if let Some((status, rid, version)) = parse_twin_response(topic) {
         let waiter = conn.lock().twin_waiters.remove(rid);
         match waiter {
@@ -857,7 +945,12 @@ async fn serve(
 ) -> LinkEvent {
     let identity = &conn.identity;
     went_online(shared, identity, offline_since);
-    conn.online.send_replace(true);
+    let generation = {
+        let mut state = conn.lock();
+        state.generation = state.generation.wrapping_add(1);
+        state.generation
+    };
+    conn.online.send_replace(Some(generation));
     let renew_after = shared.config.token_ttl.mul_f64(0.75);
     let up_since = Instant::now();
     let mut acked_any = false;
@@ -1045,6 +1138,35 @@ mod tests {
         ] {
             assert_eq!(parse_method_request(t), None, "{t}");
         }
+    }
+
+    #[test]
+    fn desired_patches_give_members_and_version_from_the_topic_else_the_body() {
+        let body = br#"{"rate": 2, "mode": null, "$version": 7}"#;
+        let (patch, version) =
+            parse_desired_patch("$iothub/twin/PATCH/properties/desired/?$version=7", body)
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            (serde_json::Value::Object(patch), version),
+            (serde_json::json!({"rate": 2, "mode": null}), 7)
+        );
+        let (_, version) = parse_desired_patch("$iothub/twin/PATCH/properties/desired/", body)
+            .unwrap()
+            .unwrap();
+        assert_eq!(version, 7);
+        for bad in [&b"[1]"[..], b"{oops", br#"{"a": 1}"#] {
+            assert_eq!(
+                parse_desired_patch("$iothub/twin/PATCH/properties/desired/", bad),
+                Some(None),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            parse_desired_patch("$iothub/twin/res/200/?$rid=1", body),
+            None
+        );
     }
 
     #[test]
