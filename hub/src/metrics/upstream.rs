@@ -77,14 +77,14 @@ impl UpstreamMetrics {
             self.connect_failures.clone(),
         );
         registry.register(
-            "edgehub_twin_reported_sync_lag",
-            "Reported-properties versions of the module's twin that IoT Hub has not acknowledged",
-            self.reported_sync_lag.clone(),
-        );
-        registry.register(
             "edgehub_upstream_messages_acked",
             "Messages IoT Hub acknowledged",
             self.acked.clone(),
+        );
+        registry.register(
+            "edgehub_twin_reported_sync_lag",
+            "Reported-properties versions of the module's twin that IoT Hub has not acknowledged",
+            self.reported_sync_lag.clone(),
         );
     }
 
