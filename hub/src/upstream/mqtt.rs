@@ -29,6 +29,12 @@
 //!   A module's connection is opened when the module becomes a method target
 //!   ([`MqttUpstream::follow_method_targets`]), not only on its first message, and then kept
 //!   for the hub's lifetime as every other.
+//! - **Module twins** (when [`MqttUpstreamConfig::twins`] is set): every connection also
+//!   subscribes to `$iothub/twin/res/#` and `$iothub/twin/PATCH/properties/desired/#` right
+//!   after CONNECT. Twin requests of `upstream::twin_sync` go at QoS 0 under a fresh `$rid`
+//!   and are answered by IoT Hub's `$iothub/twin/res/{status}/?$rid=`, or "lost" when the
+//!   connection ends; IoT Hub's desired patches are kept (up to 64, else "missed": the twin is
+//!   read again) for the module's twin sync, which does the disk work, not this connection.
 //! - **Tokens are renewed** by reconnecting when three quarters of a token's lifetime has
 //!   passed (MQTT 3.1.1 cannot re-authenticate a live connection): from then on the connection takes
 //!   no new message (they are answered `Offline` and wait in the store), what is in flight
