@@ -1,10 +1,13 @@
 //! Module twins with IoT Hub, through the IoT Hub emulator (tests/iothub-emulator; an emulator,
 //! not IoT Hub): reported properties patched locally reach IoT Hub on the module's cloud
-//! connection, in order, after an outage and across a kill -9 of the hub.
+//! connection, in order, after an outage and across a kill -9 of the hub; IoT Hub's desired
+//! properties win over the manifest's, reach the module and outlive a restart while IoT Hub is
+//! away.
 //!
 //! Modules are raw MQTT clients over TLS. Every local patch counted here was answered 204 by
-//! the hub (durable). Waits are on events (the emulator's twin versions, packets), never on
-//! time; the deadlines are failure bounds only.
+//! the hub (durable). Waits are on events (the emulator's twin versions, packets) or on a
+//! condition polled with a deadline (a metric, a GET's `$version`: the hub's cloud sync acts in
+//! its own time), never on time alone; the deadlines are failure bounds only.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
