@@ -293,7 +293,7 @@ async fn sync_module(upstream: Weak<MqttUpstream>, twins: Arc<Twins>, identity: 
 
 impl Module {
     /// Backs off after IoT Hub refused a request.
-    async fn refused(&mut self, what: &str, status: u16, body: &[u8]) {
+    async fn back_off_refused(&mut self, what: &str, status: u16, body: &[u8]) {
         self.refused = self.refused.saturating_add(1);
         let delay = refused_delay(self.refused);
         tracing::warn!(
@@ -366,7 +366,7 @@ impl Module {
                     }
                 }
                 None => {
-                    self.refused(
+                    self.back_off_refused(
                         "a twin GET (no desired $version in its answer)",
                         200,
                         &answer.body,
@@ -375,7 +375,7 @@ impl Module {
                 }
             },
             Ok(answer) => {
-                self.refused("a twin GET", answer.status, &answer.body)
+                self.back_off_refused("a twin GET", answer.status, &answer.body)
                     .await
             }
             Err(e) => self.not_answered(e).await,
@@ -428,7 +428,7 @@ impl Module {
                 }
             }
             Ok(answer) => {
-                self.refused(
+                self.back_off_refused(
                     "a reported-properties patch (kept, sent again)",
                     answer.status,
                     &answer.body,
