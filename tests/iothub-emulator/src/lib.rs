@@ -355,6 +355,8 @@ pub(crate) struct Shared {
     pub(crate) acceptor: TlsAcceptor,
     pub(crate) refuse: AtomicBool,
     pub(crate) ack: AtomicBool,
+    /// While `false`, reported patches are applied but not answered.
+    pub(crate) answer_reported: AtomicBool,
     next_conn: AtomicU64,
     state: Mutex<State>,
     conns: Mutex<HashMap<u64, ConnEntry>>,
@@ -614,6 +616,7 @@ impl Emulator {
             acceptor: tls.acceptor,
             refuse: AtomicBool::new(false),
             ack: AtomicBool::new(true),
+            answer_reported: AtomicBool::new(true),
             next_conn: AtomicU64::new(1),
             state: Mutex::new(State::default()),
             conns: Mutex::new(HashMap::new()),
@@ -863,6 +866,12 @@ impl Emulator {
     /// middle of a stream); only new connections see the flag turned back on.
     pub fn set_ack(&self, ack: bool) {
         self.shared.ack.store(ack, Ordering::SeqCst);
+    }
+
+    /// While `false`, a reported-properties patch is applied (and counted) but not answered, as
+    /// if IoT Hub's 204 were lost on the way; the connection stays up.
+    pub fn answer_reported(&self, answer: bool) {
+        self.shared.answer_reported.store(answer, Ordering::SeqCst);
     }
 
     /// Stops listening (the port refuses connections) and closes every connection; returns once
