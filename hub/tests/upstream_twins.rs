@@ -360,3 +360,48 @@ async fn desired_properties_from_iot_hub_reach_the_module_and_outlive_a_restart_
     drop(module);
     hub.stop().await;
 }
+
+/// IoT Hub applied a reported patch but its 204 never reached the hub (time-out), and the
+/// module removed a key meanwhile: the next patch must remove it from IoT Hub too, though the
+/// hub cannot know whether IoT Hub applied the first one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_patch_whose_answer_was_lost_leaves_nothing_behind_in_iot_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let (emulator, creds) = emulator_for(dir.path(), &["modA"]).await;
+    let c = &creds[0];
+    let (addr, ca) = (emulator.addr().to_string(), emulator.ca_pem());
+    let hub = TestHub::start_with(dir.path(), move |s| {
+        s.upstream_protocol = Some("mqtt".into());
+        s.upstream_addr = Some(addr.clone());
+        s.upstream_ca = Some(ca.clone());
+        s.upstream_timeout_secs = Some(1);
+    })
+    .await;
+    let mut module = connected(hub.addrs.mqtt, &hub.ca(), c).await;
+    patch(&mut module, 1, json!({"keep": 1}), 2).await;
+    emulator
+        .wait_for_reported_version(&c.client_id(), 2, T)
+        .await
+        .unwrap();
+    lag_until(&hub, c, 0).await;
+
+    emulator.answer_reported(false);
+    patch(&mut module, 2, json!({"gone": 1, "obj": {"p": 1}}), 3).await;
+    // IoT Hub applied it; the hub waits for a 204 that will not come.
+    emulator
+        .wait_for_reported_version(&c.client_id(), 3, T)
+        .await
+        .unwrap();
+    patch(&mut module, 3, json!({"gone": null, "obj": 5}), 4).await;
+    patch(&mut module, 4, json!({"obj": {"q": 2}}), 5).await;
+    emulator.answer_reported(true);
+    // The hub has IoT Hub's 204 for its latest version: IoT Hub must hold the twin's document.
+    lag_until(&hub, c, 0).await;
+    assert_eq!(
+        reported(&emulator, c),
+        json!({"keep": 1, "obj": {"q": 2}}),
+        "nothing left behind of the patch whose answer was lost"
+    );
+    drop(module);
+    hub.stop().await;
+}
