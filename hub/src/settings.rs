@@ -181,13 +181,15 @@ pub fn parse_manifest(text: &str) -> Result<Deployment, ManifestError> {
             edge_hub,
             modules: Vec::new(),
             twins_desired: std::collections::BTreeMap::new(),
+            replicas: std::collections::BTreeMap::new(),
         })
     } else {
         router::manifest::parse_deployment(text)
     }
 }
 
-/// One line about a valid manifest: schema, routes, store TTL and the modules it declares.
+/// One line about a valid manifest: schema, routes, store TTL, the modules it declares, and
+/// those declared replicated (parsed, not served yet: issue 17 phase 1).
 pub fn manifest_summary(deployment: &Deployment) -> String {
     let config = &deployment.edge_hub;
     let ttl = match config.store_ttl {
@@ -200,8 +202,21 @@ pub fn manifest_summary(deployment: &Deployment) -> String {
     } else {
         format!("{} module(s) ({})", names.len(), names.join(", "))
     };
+    let replicated: Vec<String> = deployment
+        .replicas
+        .iter()
+        .map(|(module, spec)| format!("{module} x{} by {}", spec.count, spec.key))
+        .collect();
+    let replicas = if replicated.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; replicated, not served as replicas yet (one connection each): {}",
+            replicated.join(", ")
+        )
+    };
     format!(
-        "schema {}.{}, {} route(s), store TTL {ttl}, {modules}",
+        "schema {}.{}, {} route(s), store TTL {ttl}, {modules}{replicas}",
         config.schema_version.major,
         config.schema_version.minor,
         config.routes.routes().len()
@@ -1405,6 +1420,26 @@ mod tests {
         );
         assert_eq!(d.edge_hub.routes.routes().len(), 2);
         assert_eq!(d.edge_hub.store_ttl, router::Ttl::Seconds(7200));
+    }
+
+    #[test]
+    fn the_summary_names_replicated_modules_as_not_served_yet() {
+        let plain = parse_manifest(DEFAULT_MANIFEST).expect("valid");
+        assert!(!manifest_summary(&plain).contains("replicated"));
+        let replicated = DEFAULT_MANIFEST.replacen(
+            r#""receiver": {"#,
+            r#""receiver": {"x-edgehub-replicas": {"count": 3, "partitionKey": "$body.id"},"#,
+            1,
+        );
+        assert_ne!(replicated, DEFAULT_MANIFEST);
+        let summary = manifest_summary(&parse_manifest(&replicated).expect("valid"));
+        assert!(
+            summary.ends_with(
+                "replicated, not served as replicas yet (one connection each): \
+                 receiver x3 by $body.id"
+            ),
+            "{summary}"
+        );
     }
 
     #[test]

@@ -10,6 +10,9 @@ use thiserror::Error;
 
 pub use crate::route::error::{RouteParseError, RouteParseErrorKind};
 
+use crate::message::ModuleId;
+use crate::replicas::ReplicaSettingError;
+
 /// One problem found in a manifest.
 #[derive(Clone, Debug, PartialEq, Error)]
 pub enum ManifestIssue {
@@ -23,6 +26,17 @@ pub enum ManifestIssue {
         path: String,
         /// What is wrong with it.
         reason: String,
+    },
+    /// A module's `x-edgehub-replicas` setting (or an unknown `x-edgehub…` key on a module).
+    #[error("{path}: {error}")]
+    Replicas {
+        /// JSON path of the offending value, naming the module and the field, e.g.
+        /// `modulesContent.$edgeAgent.properties.desired.modules.filter.x-edgehub-replicas.count`.
+        path: String,
+        /// The module whose setting is refused.
+        module: ModuleId,
+        /// What is wrong with it.
+        error: ReplicaSettingError,
     },
 }
 

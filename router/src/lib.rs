@@ -20,12 +20,14 @@
 //!
 //! Modules depend one way only: `router` → `dispatcher` → `endpoint_worker` → (`checkpoint`,
 //! `codec`, `events`, `expiry`, `queue_id`, `retry`, `sink`) → `route` → `message`; `manifest` →
-//! `error` → `route`. The route language (`route`, `message`) names no store queue: the router
-//! binds each route of the table it installs to its queue.
+//! `error` → `replicas` → `route`. The route language (`route`, `message`) names no store
+//! queue: the router binds each route of the table it installs to its queue.
 //!
 //! Pure pieces, each unit-tested on its own: [`codec`] (stored bytes), [`queue_id`] (queue
 //! names), [`checkpoint`] (contiguous-prefix rule), [`retry`] (backoff), [`expiry`] (TTL),
-//! [`endpoint_worker::state`] (the worker's state machine).
+//! [`endpoint_worker::state`] (the worker's state machine), [`replicas`] (module replicas: the
+//! partition of a message, rendezvous assignment, and the membership and fenced-handoff machine;
+//! not driven by anything yet).
 //!
 //! Invariants the crate guarantees:
 //! - Parsing never panics, whatever the input; every failure is a typed error. A route error
@@ -57,6 +59,7 @@ pub mod expiry;
 pub mod manifest;
 pub mod message;
 pub mod queue_id;
+pub mod replicas;
 pub mod retry;
 pub mod route;
 pub mod router;

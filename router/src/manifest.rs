@@ -24,6 +24,15 @@
 //! Both are stamped on each message at enqueue by the route that wins for the endpoint (the one
 //! that decides priority and TTL), so a reload never changes what queued messages were promised.
 //! See [`crate::route::DeliveryOptions`] and the endpoint worker for the ordering contract.
+//!
+//! # edgehub extension on a module (`$edgeAgent` `modules.<name>`, beside `settings`)
+//!
+//! `"x-edgehub-replicas": {"count": 1-16, "partitionKey": "$connectionDeviceId" | "$body.<path>"
+//! | "<application property>"}` declares a replicated module ([`ReplicaSpec`]; the contract is
+//! ARCHITECTURE.md's "Module replicas"). Both members are required and no other is allowed;
+//! any other module key starting with `x-edgehub` (any case) is an error, so a typo never
+//! silently leaves a module unreplicated. Each problem is a [`ManifestIssue::Replicas`] whose
+//! path names the module and the field. Other module keys are edgeAgent's and are ignored.
 
 use std::collections::BTreeMap;
 
@@ -31,6 +40,8 @@ use serde_json::{Map, Value};
 
 use crate::error::{ManifestError, ManifestIssue};
 use crate::message::ModuleId;
+use crate::replicas::spec::{COUNT_FIELD, PARTITION_KEY_FIELD, REPLICAS_KEY};
+use crate::replicas::{PartitionKey, ReplicaCount, ReplicaSettingError, ReplicaSpec};
 use crate::route::{DeliveryOptions, Priority, Route, RouteId, RouteTable, Ttl};
 
 /// The manifest key of [`DeliveryOptions::set_aside_after`].
@@ -71,6 +82,9 @@ pub struct Deployment {
     /// (`modulesContent.<module>.properties.desired`, an object; `$version` in it kept as
     /// written), by module. `$edgeAgent` and `$edgeHub` are not module twins and are not here.
     pub twins_desired: BTreeMap<ModuleId, Map<String, Value>>,
+    /// The modules declared replicated (`x-edgehub-replicas` beside their `settings`), by
+    /// module. Not served by the hub yet (issue 17, phase 1): parsed and validated only.
+    pub replicas: BTreeMap<ModuleId, ReplicaSpec>,
 }
 
 /// Parses `$edgeHub` desired properties from JSON text.
@@ -102,7 +116,7 @@ pub fn parse_deployment_value(manifest: &Value) -> Result<Deployment, ManifestEr
         issues.add(prefix, "missing");
         return issues.finish(None);
     };
-    let modules = modules(content, prefix, &mut issues);
+    let (modules, replicas) = modules(content, prefix, &mut issues);
     let hub_path = join(prefix, "$edgeHub.properties.desired");
     let config = match desired_of(content, "$edgeHub", &hub_path, &mut issues) {
         Some(desired) => edge_hub_at(desired, &hub_path, &mut issues),
@@ -113,6 +127,7 @@ pub fn parse_deployment_value(manifest: &Value) -> Result<Deployment, ManifestEr
         edge_hub,
         modules,
         twins_desired,
+        replicas,
     }))
 }
 
@@ -226,26 +241,98 @@ fn desired_of<'a>(
     }
 }
 
-fn modules(content: &Value, prefix: &str, issues: &mut Issues) -> Vec<ModuleId> {
+/// The modules `$edgeAgent` declares, sorted, and those of them declared replicated.
+fn modules(
+    content: &Value,
+    prefix: &str,
+    issues: &mut Issues,
+) -> (Vec<ModuleId>, BTreeMap<ModuleId, ReplicaSpec>) {
+    let mut replicas = BTreeMap::new();
     let agent_path = join(prefix, "$edgeAgent.properties.desired");
     let Some(agent) = desired_of(content, "$edgeAgent", &agent_path, issues) else {
-        return Vec::new();
+        return (Vec::new(), replicas);
     };
+    let modules_path = join(&agent_path, "modules");
     match agent.get("modules") {
-        None => Vec::new(),
+        None => (Vec::new(), replicas),
         Some(Value::Object(modules)) => {
             let mut names: Vec<ModuleId> = modules.keys().map(ModuleId::new).collect();
             names.sort();
-            names
+            for (name, module) in modules {
+                let module_path = join(&modules_path, name);
+                if let Some(spec) = module_replicas(name, module, &module_path, issues) {
+                    replicas.insert(ModuleId::new(name), spec);
+                }
+            }
+            (names, replicas)
         }
         Some(_) => {
-            issues.add(
-                &join(&agent_path, "modules"),
-                "must be an object of modules",
-            );
-            Vec::new()
+            issues.add(&modules_path, "must be an object of modules");
+            (Vec::new(), replicas)
         }
     }
+}
+
+/// A module's `x-edgehub-replicas`: `None` when it has none or it is refused (issues recorded,
+/// each at the path of its field).
+fn module_replicas(
+    name: &str,
+    module: &Value,
+    path: &str,
+    issues: &mut Issues,
+) -> Option<ReplicaSpec> {
+    let module = module.as_object()?;
+    let mut refuse = |key: &str, error: ReplicaSettingError| {
+        issues.0.push(ManifestIssue::Replicas {
+            path: join(path, key),
+            module: ModuleId::new(name),
+            error,
+        });
+    };
+    for key in module.keys() {
+        let ours = key
+            .get(..9)
+            .is_some_and(|p| p.eq_ignore_ascii_case("x-edgehub"));
+        if ours && key != REPLICAS_KEY {
+            refuse(key, ReplicaSettingError::UnknownExtension);
+        }
+    }
+    let setting = match module.get(REPLICAS_KEY)? {
+        Value::Object(setting) => setting,
+        other => {
+            let found = other.to_string();
+            refuse(REPLICAS_KEY, ReplicaSettingError::NotAnObject { found });
+            return None;
+        }
+    };
+    let field = |f: &str| format!("{REPLICAS_KEY}.{f}");
+    for key in setting.keys() {
+        if key != COUNT_FIELD && key != PARTITION_KEY_FIELD {
+            refuse(&field(key), ReplicaSettingError::UnknownMember);
+        }
+    }
+    let count = match setting.get(COUNT_FIELD) {
+        None => Err(ReplicaSettingError::Missing),
+        Some(v) => match v.as_u64() {
+            Some(n) => ReplicaCount::new(n).map_err(ReplicaSettingError::from),
+            None => Err(ReplicaSettingError::CountNotInteger {
+                found: v.to_string(),
+            }),
+        },
+    };
+    let key = match setting.get(PARTITION_KEY_FIELD) {
+        None => Err(ReplicaSettingError::Missing),
+        Some(Value::String(text)) => PartitionKey::parse(text).map_err(ReplicaSettingError::from),
+        Some(v) => Err(ReplicaSettingError::KeyNotString {
+            found: v.to_string(),
+        }),
+    };
+    let count = count.map_err(|e| refuse(&field(COUNT_FIELD), e)).ok();
+    let key = key.map_err(|e| refuse(&field(PARTITION_KEY_FIELD), e)).ok();
+    Some(ReplicaSpec {
+        count: count?,
+        key: key?,
+    })
 }
 
 fn edge_hub_at(desired: &Value, prefix: &str, issues: &mut Issues) -> Option<EdgeHubConfig> {
@@ -512,6 +599,7 @@ fn extensions(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replicas::ReplicaCountError;
 
     #[test]
     fn versions_accept_two_to_four_parts_with_minor_up_to_three() {
@@ -561,14 +649,15 @@ mod tests {
                  "X-Other": true, "x-edgehub-liveFirstSecs": 0, "comment": "ignored" }"#,
         ))
         .unwrap_err();
-        let paths: Vec<String> = err
-            .issues
-            .iter()
-            .map(|i| match i {
-                ManifestIssue::Structure { path, .. } => path.clone(),
-                ManifestIssue::Route(e) => e.to_string(),
-            })
-            .collect();
+        let paths: Vec<String> =
+            err.issues
+                .iter()
+                .map(|i| match i {
+                    ManifestIssue::Structure { path, .. }
+                    | ManifestIssue::Replicas { path, .. } => path.clone(),
+                    ManifestIssue::Route(e) => e.to_string(),
+                })
+                .collect();
         assert_eq!(
             paths,
             [
@@ -611,5 +700,175 @@ mod tests {
         let bad = text.replace(r#"{"rate": 5, "$version": 3}"#, "[1]");
         let err = parse_deployment(&bad).unwrap_err().to_string();
         assert!(err.contains("modulesContent.a.properties.desired"), "{err}");
+    }
+
+    fn with_filter_module(filter: &str) -> String {
+        format!(
+            r#"{{"modulesContent": {{
+                "$edgeAgent": {{"properties.desired": {{"modules": {{
+                    "filter": {filter},
+                    "plain": {{"settings": {{"image": "p:1"}}}}
+                }}}}}},
+                "$edgeHub": {{"properties.desired": {{"schemaVersion": "1.0", "routes": {{}}}}}}
+            }}}}"#
+        )
+    }
+
+    fn replicas_of(setting: &str) -> Result<Deployment, ManifestError> {
+        parse_deployment(&with_filter_module(&format!(
+            r#"{{"settings": {{"image": "f:1"}}, "x-edgehub-replicas": {setting}}}"#
+        )))
+    }
+
+    /// Every refused replica setting as (path, module, error).
+    fn replica_issues(err: &ManifestError) -> Vec<(String, String, ReplicaSettingError)> {
+        err.issues
+            .iter()
+            .filter_map(|i| match i {
+                ManifestIssue::Replicas {
+                    path,
+                    module,
+                    error,
+                } => Some((path.clone(), module.to_string(), error.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const AT: &str = "modulesContent.$edgeAgent.properties.desired.modules.filter";
+
+    #[test]
+    fn a_replicated_module_is_parsed_beside_its_settings() {
+        let d = replicas_of(r#"{"count": 3, "partitionKey": "$body.sensor.id"}"#).unwrap();
+        assert_eq!(d.modules, [ModuleId::new("filter"), ModuleId::new("plain")]);
+        let spec = &d.replicas[&ModuleId::new("filter")];
+        assert_eq!(spec.count.get(), 3);
+        assert_eq!(spec.key.to_string(), "$body.sensor.id");
+        assert!(!d.replicas.contains_key(&ModuleId::new("plain")));
+
+        for (key, expected) in [
+            ("$connectionDeviceId", PartitionKey::ConnectionDeviceId),
+            ("sensorId", PartitionKey::Property("sensorId".to_owned())),
+        ] {
+            let setting = format!(r#"{{"count": 16, "partitionKey": "{key}"}}"#);
+            let d = replicas_of(&setting).unwrap();
+            assert_eq!(d.replicas[&ModuleId::new("filter")].key, expected);
+        }
+        let none = parse_deployment(&with_filter_module(r#"{"settings": {}}"#)).unwrap();
+        assert!(none.replicas.is_empty());
+    }
+
+    #[test]
+    fn a_broken_count_is_refused_at_its_path_naming_the_module() {
+        for (count, expected) in [
+            (
+                "0",
+                ReplicaSettingError::Count(ReplicaCountError { value: 0 }),
+            ),
+            (
+                "17",
+                ReplicaSettingError::Count(ReplicaCountError { value: 17 }),
+            ),
+            (
+                "-1",
+                ReplicaSettingError::CountNotInteger { found: "-1".into() },
+            ),
+            (
+                "2.5",
+                ReplicaSettingError::CountNotInteger {
+                    found: "2.5".into(),
+                },
+            ),
+            (
+                r#""3""#,
+                ReplicaSettingError::CountNotInteger {
+                    found: r#""3""#.into(),
+                },
+            ),
+            (
+                "null",
+                ReplicaSettingError::CountNotInteger {
+                    found: "null".into(),
+                },
+            ),
+        ] {
+            let setting = format!(r#"{{"count": {count}, "partitionKey": "k"}}"#);
+            let err = replicas_of(&setting).unwrap_err();
+            assert_eq!(
+                replica_issues(&err),
+                [(
+                    format!("{AT}.x-edgehub-replicas.count"),
+                    "filter".to_owned(),
+                    expected
+                )],
+                "{count}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains("modules.filter.x-edgehub-replicas.count"),
+                "{text}"
+            );
+            assert!(text.contains("from 1 to 16"), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_broken_partition_key_is_refused_at_its_path() {
+        for key in ["5", r#""""#, r#""$messageId""#, r#""$body.a..b""#, "[]"] {
+            let setting = format!(r#"{{"count": 2, "partitionKey": {key}}}"#);
+            let err = replicas_of(&setting).unwrap_err();
+            let issues = replica_issues(&err);
+            assert_eq!(issues.len(), 1, "{key}: {issues:?}");
+            assert_eq!(
+                issues[0].0,
+                format!("{AT}.x-edgehub-replicas.partitionKey"),
+                "{key}"
+            );
+            assert!(
+                matches!(
+                    issues[0].2,
+                    ReplicaSettingError::PartitionKey(_) | ReplicaSettingError::KeyNotString { .. }
+                ),
+                "{key}: {issues:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_fields_unknown_members_and_typos_are_each_reported() {
+        let err = replicas_of(r#"{"cuont": 2}"#).unwrap_err();
+        let paths: Vec<String> = replica_issues(&err).into_iter().map(|i| i.0).collect();
+        assert_eq!(
+            paths,
+            [
+                format!("{AT}.x-edgehub-replicas.cuont"),
+                format!("{AT}.x-edgehub-replicas.count"),
+                format!("{AT}.x-edgehub-replicas.partitionKey"),
+            ]
+        );
+        let err = replicas_of("3").unwrap_err();
+        assert!(matches!(
+            replica_issues(&err)[..],
+            [(_, _, ReplicaSettingError::NotAnObject { .. })]
+        ));
+        for typo in [
+            "x-edgehub-replica",
+            "X-EdgeHub-Replicas",
+            "x-edgehubReplicas",
+        ] {
+            let module = format!(r#"{{"settings": {{}}, "{typo}": {{"count": 2}}}}"#);
+            let err = parse_deployment(&with_filter_module(&module)).unwrap_err();
+            assert_eq!(
+                replica_issues(&err),
+                [(
+                    format!("{AT}.{typo}"),
+                    "filter".to_owned(),
+                    ReplicaSettingError::UnknownExtension
+                )],
+                "{typo}"
+            );
+        }
+        let vendor = r#"{"settings": {}, "x-vendor-thing": 1}"#;
+        assert!(parse_deployment(&with_filter_module(vendor)).is_ok());
     }
 }

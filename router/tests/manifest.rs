@@ -23,7 +23,9 @@ fn issue_paths(json: &str) -> Vec<String> {
         .iter()
         .map(|issue| match issue {
             ManifestIssue::Route(e) => format!("route {} @{}", e.route, e.column),
-            ManifestIssue::Structure { path, .. } => path.clone(),
+            ManifestIssue::Structure { path, .. } | ManifestIssue::Replicas { path, .. } => {
+                path.clone()
+            }
         })
         .collect()
 }
@@ -212,7 +214,7 @@ fn deployment_errors_carry_full_json_paths() {
         .iter()
         .filter_map(|i| match i {
             ManifestIssue::Structure { path, .. } => Some(path.clone()),
-            ManifestIssue::Route(_) => None,
+            ManifestIssue::Route(_) | ManifestIssue::Replicas { .. } => None,
         })
         .collect();
     assert_eq!(

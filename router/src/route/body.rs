@@ -13,14 +13,14 @@
 use crate::message::{Message, Source, SystemProperty};
 
 /// One step of a body path.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Step {
     Member(String),
     Index(usize),
 }
 
 /// A validated body path such as `a.b[0]['c d']`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct BodyPath(Vec<Step>);
 
 impl BodyPath {

@@ -13,7 +13,7 @@
 //!   extensions ([`DeliveryOptions`]: head-of-line policy, live-first); they are stamped on the
 //!   message at enqueue, like the TTL.
 
-mod body;
+pub(crate) mod body;
 mod builtins;
 pub mod condition;
 pub mod endpoint;
