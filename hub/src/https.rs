@@ -10,6 +10,7 @@
 //! | … a target on another device | 403 |
 //! | … a body that is not an invocation, a timeout out of range, a bad method name | 400 |
 //! | … a payload over 128 KiB (or a body over 132 KiB, not read further) | 413 |
+//! | … the target's response payload over 128 KiB (not relayed) | 413 |
 //! | … a body not received within 30 s ([`BODY_READ_TIMEOUT`]) | 408 |
 //! | … the target not connected or not subscribed to its methods (within `connectTimeoutInSeconds`, default 0), or it disconnects before answering | 404 |
 //! | … too many requests in flight (32 per target, 256 in all) | 429 |
@@ -222,6 +223,7 @@ async fn invoke(
             InvokeError::Disconnected(_) => 404_104,
             InvokeError::Busy(_) => 429_001,
             InvokeError::Timeout(_) => 504_101,
+            InvokeError::ResponseTooLarge(..) => 413_001,
         };
         Refused::new(e.status(), code, e.to_string())
     })

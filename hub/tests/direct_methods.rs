@@ -493,3 +493,50 @@ async fn a_target_that_disconnects_is_404_and_a_stopping_hub_answers_503() {
     assert_eq!(status, 503, "{err}");
     drop(target);
 }
+
+/// A target's response over 128 KiB (IoT Hub's limit, as for a request) is not relayed: the
+/// caller gets 413 with IoT Hub's 413001, as for an oversized request; the target's
+/// connection stays up (its PUBACK) and a response at the limit then goes through whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_response_is_413_to_the_caller_and_not_relayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Arc::new(hub(dir.path()).await);
+    let mut target = method_target(&hub, "receiver").await;
+    let sender = hub.creds("sender");
+    const LIMIT: usize = 128 * 1024;
+    let call = |name: &'static str| {
+        let (hub, sender) = (Arc::clone(&hub), sender.clone());
+        tokio::spawn(
+            async move { invoke(&hub, &sender, "receiver", json!({"methodName": name})).await },
+        )
+    };
+    let calling = call("big");
+    let request = target.reader.expect_publish(WITHIN).await;
+    let rid = rid_of(&request, "big");
+    // A JSON string of n characters is n + 2 bytes: one byte over the limit.
+    answer(&mut target, 1, 200, &rid, json!("x".repeat(LIMIT - 1))).await;
+    let (status, err) = calling.await.unwrap();
+    let text = err.to_string();
+    let shown = &text[..text.len().min(200)];
+    assert_eq!(status, 413, "{} bytes: {shown}", text.len());
+    assert_eq!(err["errorCode"], 413_001, "{shown}");
+    assert!(
+        text.len() < 1024,
+        "nothing of the oversized response is relayed: {} bytes",
+        text.len()
+    );
+    let calling = call("fits");
+    let request = target.reader.expect_publish(WITHIN).await;
+    let rid = rid_of(&request, "fits");
+    answer(&mut target, 2, 200, &rid, json!("y".repeat(LIMIT - 2))).await;
+    let (status, reply) = calling.await.unwrap();
+    assert_eq!(status, 200, "{}", &reply.to_string()[..200]);
+    assert!(
+        reply["payload"] == json!("y".repeat(LIMIT - 2)),
+        "the response at the limit, whole"
+    );
+    match Arc::try_unwrap(hub) {
+        Ok(hub) => hub.stop().await,
+        Err(_) => panic!("hub still shared"),
+    }
+}

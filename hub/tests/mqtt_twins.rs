@@ -269,3 +269,61 @@ async fn a_get_before_subscribing_to_responses_is_answered() {
     assert_eq!(twin["desired"], json!({"rate": 5, "$version": 2}));
     hub.stop().await;
 }
+
+/// Disconnects `c` and waits until the hub closed its side (the connection's loop is over: it
+/// sends nothing more).
+async fn away(mut c: RawClient) {
+    c.writer.disconnect().await;
+    c.reader.expect_closed(T).await;
+}
+
+/// A module that was away while the desired properties changed gets, when it subscribes again
+/// (clean session, no GET, as the Node SDK does), one patch of what it missed since what it was
+/// last served (changed members, removed ones as null, the current `$version`); a module that
+/// stayed connected and got the reload's patch, or that reconnects after being served the
+/// current version, gets no second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_was_away_gets_the_desired_changes_it_missed_when_it_subscribes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = start(
+        dir.path(),
+        json!({"rate": 5, "mode": "fast"}),
+        json!({"level": 1}),
+    )
+    .await;
+    let mut receiver = subscribed(&hub, "receiver", &[RESPONSES, DESIRED]).await;
+    let twin = get(&mut receiver, "r1", 10).await;
+    assert_eq!(twin["desired"]["$version"], 2);
+    let mut spy = subscribed(&hub, "spy", &[RESPONSES, DESIRED]).await;
+    assert_eq!(get(&mut spy, "s1", 10).await["desired"]["$version"], 2);
+    away(receiver).await;
+
+    replace_manifest(
+        dir.path(),
+        &manifest(json!({"rate": 6, "extra": {"x": 1}}), json!({"level": 2})),
+    );
+    // The spy, connected all along, gets the reload's patch: the hub has taken the manifest.
+    let p = spy.reader.expect_publish(T).await;
+    assert_eq!(p.topic, "$iothub/twin/PATCH/properties/desired/?$version=3");
+    assert_eq!(body(&p), json!({"level": 2, "$version": 3}));
+
+    let mut receiver = subscribed(&hub, "receiver", &[RESPONSES, DESIRED]).await;
+    let p = receiver.reader.expect_publish(T).await;
+    assert_eq!(p.topic, "$iothub/twin/PATCH/properties/desired/?$version=3");
+    assert_eq!(
+        body(&p),
+        json!({"rate": 6, "mode": null, "extra": {"x": 1}, "$version": 3})
+    );
+    assert_eq!(receiver.ping().await, vec![Packet::PingResp], "one patch");
+    assert_eq!(spy.ping().await, vec![Packet::PingResp], "no second patch");
+
+    // Both were served version 3 (a patch each): back again, nothing to catch up on.
+    away(receiver).await;
+    away(spy).await;
+    for module in ["receiver", "spy"] {
+        let mut c = subscribed(&hub, module, &[RESPONSES, DESIRED]).await;
+        assert_eq!(c.ping().await, vec![Packet::PingResp], "{module}: no patch");
+        assert_eq!(get(&mut c, "again", 11).await["desired"]["$version"], 3);
+    }
+    hub.stop().await;
+}

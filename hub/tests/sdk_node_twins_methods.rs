@@ -4,7 +4,10 @@
 //! `getTwin` answers the manifest's desired properties, `twin.properties.reported.update`
 //! then `twin.get()` shows the patch merged, `twin.on('properties.desired')` fires after a
 //! manifest reload, and `onMethod` answers a Python `invoke_method` caller (200 with the
-//! payload).
+//! payload); as the caller, `ModuleClient.invokeMethod` (through the gateway host on 443)
+//! gets a Python module's answer (200) and 404 once that module is gone.
+//! Over MQTT, a Node module reconnecting after the hub was away (the SDK subscribes again,
+//! without a GET) is sent the desired changes it missed.
 //!
 //! Every wait is on an event: a line a module printed; deadlines only bound a failure. Each
 //! test runs its own hub in its own network namespace (tests/sdk/README.md); they need root and
@@ -192,4 +195,92 @@ fn node_on_method_over_mqtt_answers_a_python_invoke_method() {
 #[test]
 fn node_on_method_over_amqp_answers_a_python_invoke_method() {
     method_round("amqp");
+}
+
+/// method.js `--invoke` as `sender` (Node `ModuleClient.invokeMethod`, from the module
+/// environment, through the gateway host on 443) calls the Python method.js `serve` as
+/// `receiver`: 200 with the target's status and payload. Then, the target gone, the same call
+/// without a connect timeout is 404.
+#[test]
+fn node_invoke_method_reaches_a_python_module_and_is_404_when_the_target_is_away() {
+    let hub = SdkHub::start(
+        TestHub::new().run_args(&["--methods-addr", &format!("{GATEWAY}:443")]),
+        &["receiver"],
+    );
+    let mut target = hub
+        .module(Sdk::Python, Script::Method, "receiver")
+        .args(["serve", "--method", "doThing", "--status", "202"])
+        .args(["--count", "1", "--timeout", "120"])
+        .spawn();
+    target.expect_event("ready", secs(60));
+    let payload = json!({"n": 9, "text": "héllo"});
+    let call = |connect_timeout: &str| {
+        hub.edge_module(Sdk::Node, Script::Method, "sender")
+            .args(["--invoke", "--device", DEVICE_ID, "--module", "receiver"])
+            .args(["--method", "doThing", "--payload", &payload.to_string()])
+            .args(["--call-connect-timeout", connect_timeout, "--timeout", "90"])
+            .run(secs(120))
+    };
+    let out = call("30");
+    assert_eq!(
+        out.code,
+        Some(sdk::EXIT_OK),
+        "invokeMethod: {}\nhub log:\n{}",
+        out.stderr,
+        hub.log()
+    );
+    let result = out.data().into_iter().next().expect("a result line");
+    assert_eq!(result["ok"], true, "{result}\nhub log:\n{}", hub.log());
+    assert_eq!(result["response"]["status"], 202, "{result}");
+    assert_eq!(result["response"]["payload"]["echo"], payload, "{result}");
+    let request = target.data_lines(1, secs(30));
+    assert_eq!(request[0]["payload"], payload);
+    // The target goes away (killed); a call racing the hub's noticing is 404 as well (the
+    // connection it was handed to closes).
+    drop(target);
+
+    let out = call("0");
+    assert_eq!(
+        out.code,
+        Some(sdk::EXIT_OK),
+        "invokeMethod: {}\nhub log:\n{}",
+        out.stderr,
+        hub.log()
+    );
+    let result = out.data().into_iter().next().expect("a result line");
+    assert_eq!(result["ok"], false, "{result}");
+    assert_eq!(result["status"], 404, "{result}\nhub log:\n{}", hub.log());
+}
+
+/// twin.js (Node, MQTT) as `receiver`, listening to desired patches; the hub stops, the
+/// manifest's desired properties change while it is down, the hub starts again on the same
+/// data directory. The SDK reconnects and subscribes again without a GET: the hub sends it
+/// one patch of what it missed since what it was last served, with the new `$version`.
+#[test]
+fn node_twin_over_mqtt_gets_what_it_missed_while_the_hub_was_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("manifest.json");
+    std::fs::write(&path, manifest(json!({"rate": 5, "mode": "fast"}))).expect("write");
+    let mut hub = SdkHub::start(TestHub::new().manifest_at(path.clone()), &["receiver"]);
+    let mut module = hub
+        .module(Sdk::Node, Script::Twin, "receiver")
+        .args(["--transport", "mqtt", "--listen", "--timeout", "150"])
+        .spawn();
+    let first = event(&mut module, &hub, |v| v["event"] == "twin", "twin");
+    assert_eq!(first["twin"]["desired"]["$version"], 2, "{first}");
+    event(&mut module, &hub, |v| v["event"] == "ready", "ready");
+
+    assert!(hub.terminate(secs(30)).is_some(), "the hub did not stop");
+    write_atomically(&path, &manifest(json!({"rate": 6, "extra": {"x": 1}})));
+    hub.restart();
+    let patch = event(
+        &mut module,
+        &hub,
+        |v| v["event"] == "desired_patch" && v["patch"]["$version"] == 3,
+        "desired patch with $version 3 after the reconnect",
+    );
+    assert_eq!(
+        patch["patch"],
+        json!({"rate": 6, "mode": null, "extra": {"x": 1}, "$version": 3})
+    );
 }

@@ -369,7 +369,12 @@ pub async fn serve_answers(mut sender: Sender, identity: Identity, shared: Arc<C
                         break;
                     }
                     m = queue.recv() => match m {
-                        Some(m) => m,
+                        // After an answer (a PUT of the desired notifications among them: a
+                        // module that was away is sent what it missed), check for a patch due.
+                        Some(m) => {
+                            check_desired = true;
+                            m
+                        }
                         None => break,
                     },
                     changed = changes.changed() => {

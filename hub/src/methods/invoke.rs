@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use crate::identity::Identity;
 use crate::methods::pending::{Busy, Completion, MethodLimits, PendingTable, Rid};
-use crate::methods::request::{MethodName, MethodRequest};
+use crate::methods::request::{MethodName, MethodRequest, MAX_PAYLOAD_BYTES};
 
 /// Requests one target connection may have queued and not yet written; the per-target limit
 /// keeps it from filling.
@@ -70,6 +70,10 @@ pub enum InvokeError {
     /// No answer within the response timeout: 504.
     #[error("module {0} did not answer within the response timeout")]
     Timeout(Identity),
+    /// The target answered with a payload over [`MAX_PAYLOAD_BYTES`], not relayed: 413, as
+    /// for an oversized request (IoT Hub's 413001 RequestEntityTooLarge).
+    #[error("module {0} answered with a payload of {1} bytes; the limit is {MAX_PAYLOAD_BYTES}")]
+    ResponseTooLarge(Identity, usize),
 }
 
 impl InvokeError {
@@ -79,6 +83,7 @@ impl InvokeError {
             InvokeError::NotConnected(_) | InvokeError::Disconnected(_) => 404,
             InvokeError::Busy(_) => 429,
             InvokeError::Timeout(_) => 504,
+            InvokeError::ResponseTooLarge(..) => 413,
         }
     }
 }
@@ -211,7 +216,16 @@ impl Methods {
         let completion = self.lock().pending.complete(rid, from, conn);
         match completion {
             Completion::Completed(reply) => {
-                let _ = reply.send(Ok(response));
+                // An oversized answer completes its request with an error; its payload goes
+                // no further.
+                let len = response.payload.len();
+                let answer = if len > MAX_PAYLOAD_BYTES {
+                    tracing::warn!(target = %from, rid = %rid, len, "direct-method response over the payload limit, not relayed");
+                    Err(InvokeError::ResponseTooLarge(from.clone(), len))
+                } else {
+                    Ok(response)
+                };
+                let _ = reply.send(answer);
                 Relayed::Completed
             }
             Completion::Unknown => Relayed::Unknown,
@@ -373,6 +387,36 @@ mod tests {
             "answered once only"
         );
         assert_eq!(m.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_over_the_payload_limit_is_413_and_not_relayed() {
+        let m = Arc::new(Methods::default());
+        let (tx, mut rx) = method_channel();
+        m.attach(&who("b"), 1, tx);
+        for (len, expect_ok) in [(MAX_PAYLOAD_BYTES + 1, false), (MAX_PAYLOAD_BYTES, true)] {
+            let invoking = {
+                let m = Arc::clone(&m);
+                tokio::spawn(async move { m.invoke(&who("b"), &request(30, 0)).await })
+            };
+            let call = rx.recv().await.unwrap();
+            let answer = MethodResponse {
+                status: 200,
+                payload: Bytes::from(vec![b'1'; len]),
+            };
+            assert_eq!(
+                m.relay(&who("b"), 1, &call.rid.to_string(), answer.clone()),
+                Relayed::Completed
+            );
+            let got = invoking.await.unwrap();
+            if expect_ok {
+                assert_eq!(got, Ok(answer));
+            } else {
+                assert_eq!(got, Err(InvokeError::ResponseTooLarge(who("b"), len)));
+                assert_eq!(got.unwrap_err().status(), 413);
+            }
+            assert_eq!(m.in_flight(), 0);
+        }
     }
 
     #[tokio::test(start_paused = true)]

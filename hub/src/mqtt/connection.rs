@@ -631,7 +631,13 @@ impl Connection {
                 _ = input.replaced.changed() => break ConnectionEnd::Replaced,
                 _ = input.shutdown.changed() => break ConnectionEnd::Shutdown,
                 Ok(()) = input.routes_changed.changed() => self.register_new_inputs(),
-                // A desired patch is one packet: only with a slot free for it.
+                // A desired patch is one packet: only with a slot free for it. Also right after
+                // the module subscribed: what it missed while away.
+                () = std::future::ready(()), if self.desired.catching_up() && !out_full => {
+                    if let Err(end) = self.send_desired_patch() {
+                        break end;
+                    }
+                }
                 Ok(()) = input.desired_changes.changed(), if !out_full => {
                     if let Err(end) = self.send_desired_patch() {
                         break end;

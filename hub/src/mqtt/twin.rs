@@ -18,7 +18,9 @@
 //!   what the twin held when it subscribed) and the twin's desired properties now, on
 //!   `$iothub/twin/PATCH/properties/desired/?$version={n}` with `$version` in the body, as IoT
 //!   Hub sends it. Several reloads while the connection could not send are one patch. A module
-//!   that was away learns what it missed from its GET (the Python SDK GETs on every reconnect).
+//!   that was away and subscribes again is sent, right after the SUBACK, one patch of what it
+//!   missed: the difference from the desired properties last served to it (a GET answer or a
+//!   patch, kept with the twin), as edgeHub does; the Python SDK also GETs on every reconnect.
 //! - Answers and patches are QoS 0 and go through the connection's bounded outgoing queue. An
 //!   answer goes to the module that asked even before it subscribed to `$iothub/twin/res/#`
 //!   (the Python SDK GETs right after CONNECT when a desired-patch handler is set, before it
@@ -102,18 +104,33 @@ fn publish(topic: String, payload: Vec<u8>) -> Publish {
 #[derive(Debug, Default)]
 pub struct DesiredWatch {
     inner: crate::twin::desired_watch::DesiredWatch,
+    /// Just started: the patch of what the module missed while away is due (sent when the
+    /// outgoing queue has room, after the SUBACK).
+    catch_up: bool,
 }
 
 impl DesiredWatch {
     /// The connection subscribed to desired patches: from now on it is sent every change after
-    /// the desired properties the twin holds now.
+    /// the desired properties last served to its module, the first one at once
+    /// ([`DesiredWatch::catching_up`]) if the module missed some while away.
     pub fn start(&mut self, twins: &Twins, identity: &Identity) -> Result<(), TwinError> {
-        self.inner.start(twins, identity)
+        if !self.inner.is_started() {
+            self.inner.start(twins, identity)?;
+            self.catch_up = true;
+        }
+        Ok(())
     }
 
     /// The connection unsubscribed.
     pub fn stop(&mut self) {
         self.inner.stop();
+        self.catch_up = false;
+    }
+
+    /// Whether [`DesiredWatch::next_patch`] is due without a change of the desired properties
+    /// (the connection just subscribed).
+    pub fn catching_up(&self) -> bool {
+        self.catch_up
     }
 
     /// After the manifest's desired properties changed: the patch to send, if the connection
@@ -123,6 +140,7 @@ impl DesiredWatch {
         twins: &Twins,
         identity: &Identity,
     ) -> Result<Option<Publish>, TwinError> {
+        self.catch_up = false;
         Ok(self
             .inner
             .next_patch(twins, identity)?

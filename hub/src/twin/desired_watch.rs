@@ -23,10 +23,13 @@ pub struct DesiredWatch {
 
 impl DesiredWatch {
     /// The connection listens to desired patches: from now on it is given every change after
-    /// the desired properties the twin holds now (a second start changes nothing).
+    /// the desired properties last served to its module ([`Twins::desired_since_served`]), so
+    /// a module that was away is first given what it missed by the next
+    /// [`DesiredWatch::next_patch`] (a second start changes nothing).
     pub fn start(&mut self, twins: &Twins, identity: &Identity) -> Result<(), TwinError> {
         if self.sent.is_none() {
-            self.sent = Some(twins.desired(&identity.module)?);
+            let (served, _now) = twins.desired_since_served(&identity.module)?;
+            self.sent = Some(served);
         }
         Ok(())
     }

@@ -47,6 +47,7 @@ use serde_json::{Map, Value};
 use tokio::sync::watch;
 
 use crate::owned_file::{OwnedFile, OwnedFileError, Ownership};
+use crate::twin::desired_watch::Versioned;
 
 pub use document::{DesiredGap, PatchError, ReportedSync, Twin};
 
@@ -108,6 +109,19 @@ type Opened = Result<Arc<Mutex<Slot>>, Damage>;
 struct Slot {
     file: OwnedFile,
     twin: Twin,
+    /// Whether the twin is on disk (its file existed when opened, or it was written since):
+    /// only then were its desired properties served to the module (see
+    /// [`Twins::desired_since_served`]).
+    on_disk: bool,
+}
+
+impl Slot {
+    /// Writes `twin` durably (not yet taken as the slot's twin).
+    fn write(&mut self, twin: &Twin) -> Result<(), TwinError> {
+        write(&self.file, twin)?;
+        self.on_disk = true;
+        Ok(())
+    }
 }
 
 /// The twins of every module of the hub.
@@ -240,12 +254,33 @@ impl Twins {
         })
     }
 
+    /// For a connection that starts listening to desired patches: the desired properties last
+    /// served to `module` (what its twin held before being brought up to the source now) and
+    /// the ones in force now (written first), so the connection can send the difference to a
+    /// module that was away. The twin's desired document is only ever brought up to date when
+    /// it is served (a GET answer, a desired patch sent), so what the twin held is what the
+    /// module was last given. A twin never written (the module never had it) gives the
+    /// current properties as both: nothing to catch up on.
+    pub fn desired_since_served(
+        &self,
+        module: &ModuleId,
+    ) -> Result<(Versioned, Versioned), TwinError> {
+        self.note_served(module);
+        self.with_slot(module, |slot, desired| {
+            let before = (slot.twin.desired_version, slot.twin.desired.clone());
+            let had_file = slot.on_disk;
+            sync_desired(slot, desired, self.cloud)?;
+            let now = (slot.twin.desired_version, slot.twin.desired.clone());
+            Ok((if had_file { before } else { now.clone() }, now))
+        })
+    }
+
     /// Applies a reported-properties patch (JSON) to `module`'s twin, durably; returns the new
     /// reported `$version`. On any error nothing changed.
     pub fn patch_reported(&self, module: &ModuleId, payload: &[u8]) -> Result<u64, TwinError> {
         self.with_slot(module, |slot, _| {
             let next = slot.twin.with_reported_patch(payload)?;
-            write(&slot.file, &next)?;
+            slot.write(&next)?;
             slot.twin = next;
             Ok(slot.twin.reported_version)
         })
@@ -275,7 +310,7 @@ impl Twins {
     ) -> Result<(), TwinError> {
         self.with_slot(module, |slot, _| {
             if let Some(next) = slot.twin.with_reported_sending(sync) {
-                write(&slot.file, &next)?;
+                slot.write(&next)?;
                 slot.twin = next;
             }
             Ok(())
@@ -287,7 +322,7 @@ impl Twins {
     pub fn reported_synced(&self, module: &ModuleId, sync: &ReportedSync) -> Result<(), TwinError> {
         self.with_slot(module, |slot, _| {
             if let Some(next) = slot.twin.with_reported_synced(&sync.reported, sync.version) {
-                write(&slot.file, &next)?;
+                slot.write(&next)?;
                 slot.twin = next;
             }
             Ok(())
@@ -327,7 +362,7 @@ impl Twins {
             let Some(next) = slot.twin.with_cloud_desired_document(properties, version) else {
                 return Ok(false);
             };
-            write(&slot.file, &next)?;
+            slot.write(&next)?;
             slot.twin = next;
             Ok(true)
         })?;
@@ -348,7 +383,7 @@ impl Twins {
         let outcome = self.with_slot(module, |slot, _| {
             match slot.twin.with_cloud_desired_patch(patch, version) {
                 Ok(Some(next)) => {
-                    write(&slot.file, &next)?;
+                    slot.write(&next)?;
                     slot.twin = next;
                     Ok(CloudPatch::Applied)
                 }
@@ -394,6 +429,7 @@ impl Twins {
         }
         let (file, content) =
             OwnedFile::open(&self.dir, &file_stem(module), Arc::clone(&self.owner))?;
+        let on_disk = content.is_some();
         let twin = match content {
             Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Damage {
                 path: file.path().to_owned(),
@@ -401,7 +437,13 @@ impl Twins {
             }),
             None => Ok(Twin::default()),
         };
-        let slot = twin.map(|twin| Arc::new(Mutex::new(Slot { file, twin })));
+        let slot = twin.map(|twin| {
+            Arc::new(Mutex::new(Slot {
+                file,
+                twin,
+                on_disk,
+            }))
+        });
         slots.insert(module.clone(), slot.clone());
         slot.map_err(TwinError::from)
     }
@@ -416,7 +458,7 @@ fn sync_desired(
 ) -> Result<(), TwinError> {
     let source = slot.twin.desired_source(from_manifest, cloud);
     if let Some(change) = slot.twin.with_desired(&source) {
-        write(&slot.file, &change.twin)?;
+        slot.write(&change.twin)?;
         slot.twin = change.twin;
     }
     Ok(())
@@ -471,6 +513,33 @@ mod tests {
             let name = e.unwrap().file_name().into_string().unwrap();
             name.starts_with(&file_stem(&m)) && !name.contains('$')
         }));
+    }
+
+    /// What a subscribing connection starts from: nothing to catch up on for a twin never
+    /// served; after a GET and a reload while the module was away (also across a restart),
+    /// the document last served and the one now; once served, both the same.
+    #[test]
+    fn a_subscription_starts_from_what_was_last_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = ModuleId::new("m");
+        let obj = |v: Value| -> Map<String, Value> { serde_json::from_value(v).unwrap() };
+        let (store, twins) = open(dir.path(), json!({"m": {"rate": 5}}));
+        let (served, now) = twins.desired_since_served(&m).unwrap();
+        assert_eq!(served, now, "never served: nothing to catch up on");
+        assert_eq!(now, (2, obj(json!({"rate": 5}))));
+        drop((store, twins));
+        // The module was served version 2; the manifest changed while the hub was down.
+        let (store, twins) = open(dir.path(), json!({"m": {"rate": 6}}));
+        let (served, now) = twins.desired_since_served(&m).unwrap();
+        assert_eq!(served, (2, obj(json!({"rate": 5}))));
+        assert_eq!(now, (3, obj(json!({"rate": 6}))));
+        // A reload while it listens: served once its patch is asked for.
+        twins.set_manifest(BTreeMap::from([(m.clone(), obj(json!({"rate": 7})))]));
+        assert_eq!(twins.desired(&m).unwrap(), (4, obj(json!({"rate": 7}))));
+        let (served, now) = twins.desired_since_served(&m).unwrap();
+        assert_eq!(served, now);
+        assert_eq!(now.0, 4);
+        drop((store, twins));
     }
 
     #[test]

@@ -9,13 +9,49 @@
 // {"echo": payload, "by": <own module id>, "method": NAME}) ({"event":"answered"} once the
 // SDK sent it). With --count N it exits 0 after N requests, else at --timeout. Exit codes:
 // harness.js.
+//   ... node method.js --edge-env --invoke --device D --module M [--method NAME]
+//     [--payload JSON] [--call-connect-timeout S] [--response-timeout S]
+// As the caller: ModuleClient.invokeMethod(D, M, {methodName, payload,
+// responseTimeoutInSeconds, connectTimeoutInSeconds}) through the gateway host (HTTPS, 443);
+// prints {"ok":true,"response":<the hub's JSON>} or {"ok":false,"status":<HTTP status>,
+// "error":"..."} and exits 0 either way.
 const h = require('./harness');
 
 const SPEC = {
   method: { type: 'string', default: 'ping' },
   status: { type: 'number', default: 200 },
   count: { type: 'number', default: 0 },
+  invoke: { type: 'flag', default: false },
+  device: { type: 'string', default: '' },
+  module: { type: 'string', default: '' },
+  payload: { type: 'string', default: 'null' },
+  call_connect_timeout: { type: 'number', default: 0 },
+  response_timeout: { type: 'number', default: 30 },
 };
+
+async function invoke(args) {
+  const deadline = new h.Deadline(args.timeout);
+  const client = await h.createClient(args);
+  const params = {
+    methodName: args.method,
+    payload: JSON.parse(args.payload),
+    responseTimeoutInSeconds: args.response_timeout,
+    connectTimeoutInSeconds: args.call_connect_timeout,
+  };
+  const called = new Promise((resolve) => {
+    client.invokeMethod(args.device, args.module, params, (err, result) => {
+      if (err) {
+        const status = (err.response && err.response.statusCode) || err.statusCode || 0;
+        h.emit({ ok: false, status, error: String(err), ms: h.elapsedMs() });
+      } else {
+        h.emit({ ok: true, response: result, ms: h.elapsedMs() });
+      }
+      resolve();
+    });
+  });
+  await deadline.run(called, 'the invokeMethod answer');
+  await h.close(client, args);
+}
 
 function ownModule() {
   for (const p of (process.env.EDGEHUB_CS || '').split(';')) {
@@ -25,6 +61,10 @@ function ownModule() {
 }
 
 async function run(args) {
+  if (args.invoke) {
+    await invoke(args);
+    return;
+  }
   const deadline = new h.Deadline(args.timeout);
   const client = await h.createClient(args);
   await h.connect(client, args, deadline);
