@@ -316,14 +316,21 @@ impl Router {
                 .iter()
                 .filter_map(|t| Some((t, bound.binding(t)?, expiry_at(now, t.ttl))))
         };
-        // A replicated input's queue is the partition of the message's key.
-        let partitions: Vec<Option<PartitionId>> = bound_targets()
-            .map(|(_, q, _)| q.partitioned.as_ref().map(|p| partition_of(&msg, &p.key)))
-            .collect();
+        // A replicated input's queue is the partition of the message's key (worked out only
+        // when a target is one, so other messages allocate nothing more).
+        let partitions: Vec<Option<PartitionId>> =
+            if bound_targets().any(|(_, q, _)| q.partitioned.is_some()) {
+                bound_targets()
+                    .map(|(_, q, _)| q.partitioned.as_ref().map(|p| partition_of(&msg, &p.key)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        let partition = |i: usize| partitions.get(i).copied().flatten();
         let names = bound_targets()
-            .zip(&partitions)
-            .map(|((_, q, _), part)| match (&q.partitioned, part) {
-                (Some(p), Some(part)) => p.name(*part),
+            .enumerate()
+            .map(|(i, (_, q, _))| match (&q.partitioned, partition(i)) {
+                (Some(p), Some(part)) => p.name(part),
                 _ => q.name.clone(),
             })
             .collect::<Result<Vec<QueueName>, _>>()?;
@@ -350,11 +357,11 @@ impl Router {
             },
             &delivery_options,
         )?;
-        for ((_, q, _), part) in bound_targets().zip(&partitions) {
-            if let (Some(p), Some(part)) = (&q.partitioned, part) {
+        for (i, (_, q, _)) in bound_targets().enumerate() {
+            if let (Some(p), Some(part)) = (&q.partitioned, partition(i)) {
                 let bit = 1u64 << part.get();
                 if p.ensured.load(Ordering::Acquire) & bit == 0 {
-                    self.dispatcher.ensure_partition(&q.id.endpoint, *part);
+                    self.dispatcher.ensure_partition(&q.id.endpoint, part);
                     p.ensured.fetch_or(bit, Ordering::Release);
                 }
                 continue;
