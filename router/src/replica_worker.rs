@@ -311,13 +311,14 @@ impl ReplicatedInput {
     }
 
     /// Performs the machine's outputs (under the lock, so in the order they were made).
+    /// Checkpoints only move forward, so only the last of each partition is written.
     fn perform(&self, inner: &mut Inner, outputs: Vec<Output>) {
+        let mut checkpoints: BTreeMap<PartitionId, Offset> = BTreeMap::new();
         for output in outputs {
             match output {
                 Output::Checkpoint { partition, offset } => {
-                    if let Some(name) = self.names.get(partition.index()) {
-                        settle_checkpoint(self.store.checkpoint(name, offset), name.clone());
-                    }
+                    let at = checkpoints.entry(partition).or_insert(offset);
+                    *at = (*at).max(offset);
                 }
                 Output::Abandoned {
                     partition,
@@ -340,6 +341,11 @@ impl ReplicatedInput {
                     }
                 }
                 Output::Granted { .. } | Output::Revoked { .. } => {}
+            }
+        }
+        for (partition, offset) in checkpoints {
+            if let Some(name) = self.names.get(partition.index()) {
+                settle_checkpoint(self.store.checkpoint(name, offset), name.clone());
             }
         }
     }
@@ -441,9 +447,11 @@ impl ReplicatedInput {
         Ok(())
     }
 
-    /// Applies a batch's outcomes.
+    /// Applies a batch's outcomes; the outputs of all its acknowledgements are performed
+    /// together (one checkpoint per batch).
     fn settle(&self, sent: Sent) {
         let mut inner = self.lock();
+        let mut outputs = Vec::new();
         let mut outcomes = sent.outcomes.into_iter();
         for offset in sent.offsets {
             match outcomes.next() {
@@ -452,7 +460,7 @@ impl ReplicatedInput {
                         .machine
                         .ack(sent.member, sent.partition, sent.epoch, offset)
                     {
-                        Ok(outputs) => self.perform(&mut inner, outputs),
+                        Ok(out) => outputs.extend(out),
                         Err(stale) => {
                             inner.stale_acks += 1;
                             tracing::debug!(module = %self.module, input = %self.input, %stale,
@@ -465,16 +473,16 @@ impl ReplicatedInput {
                     if inner.machine.slot_of(sent.member).is_some() {
                         tracing::info!(module = %self.module, input = %self.input,
                             member = %sent.member, "a replica lost a delivery: taken out");
-                        let outputs = inner.machine.crash(sent.member, since_origin());
+                        outputs.extend(inner.machine.crash(sent.member, since_origin()));
                         if let Some(m) = inner.members.remove(&sent.member) {
                             (m.close)(DisconnectReason::Displaced);
                         }
-                        self.perform(&mut inner, outputs);
                     }
                     break;
                 }
             }
         }
+        self.perform(&mut inner, outputs);
     }
 
     fn tick(&self) {
