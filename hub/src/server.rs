@@ -463,12 +463,9 @@ fn build_core(
         sessions,
         metrics,
         upstream,
+        methods,
+        twins,
     } = start_delivery(settings, &deployment, &identities, store, &clock)?;
-    let owner: Arc<dyn crate::owned_file::Ownership> = Arc::new(store.clone());
-    let twins = Arc::new(
-        crate::twin::Twins::new(settings.data_dir(), owner, deployment.twins_desired.clone())
-            .map_err(RunError::Twins)?,
-    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(HeadContext {
@@ -484,7 +481,7 @@ fn build_core(
         ],
         routes_changed: watch::channel(0).0,
         clock: Arc::clone(&clock),
-        methods: Arc::new(crate::methods::Methods::default()),
+        methods,
         twins,
     });
     let reloader = Arc::new(Reloader::new(
@@ -527,6 +524,10 @@ struct Delivery {
     metrics: Arc<HubMetrics>,
     /// The cloud connection, if an IoT Hub is named.
     upstream: Option<Arc<MqttUpstream>>,
+    /// Direct-method targets, shared by the heads and the cloud connection.
+    methods: Arc<crate::methods::Methods>,
+    /// Module twins, shared by the heads and the cloud connection.
+    twins: Arc<crate::twin::Twins>,
 }
 
 /// Phase 3, first step: the dispatcher and its endpoint workers, the router over the
@@ -549,18 +550,33 @@ fn start_delivery(
     let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
     crate::head::context::declare_replicas(&router, &dispatcher, &deployment.replicas);
     let owner: Arc<dyn crate::owned_file::Ownership> = Arc::new(store.clone());
-    let sessions =
-        Arc::new(Sessions::load(settings.data_dir(), owner).map_err(RunError::Sessions)?);
+    let sessions = Arc::new(
+        Sessions::load(settings.data_dir(), Arc::clone(&owner)).map_err(RunError::Sessions)?,
+    );
     let metrics = Arc::new(HubMetrics::new(
         settings.iothub_hostname(),
         settings.device_id().as_str(),
     ));
+    let methods = Arc::new(crate::methods::Methods::default());
+    let twins = crate::twin::Twins::new(
+        settings.data_dir(),
+        Arc::clone(&owner),
+        deployment.twins_desired.clone(),
+    )
+    .map_err(RunError::Twins)?;
+    // Upstream on: IoT Hub is the source of desired properties once it gave them.
+    let twins = Arc::new(match settings.upstream() {
+        Some(_) => twins.with_cloud(),
+        None => twins,
+    });
     let upstream = upstream::start(
         settings,
         Arc::clone(identities),
         &dispatcher,
         Arc::clone(&metrics),
         Arc::clone(clock),
+        Arc::clone(&methods),
+        Arc::clone(&twins),
     )
     .map_err(RunError::Upstream)?;
     log_upstream(settings, deployment);
@@ -570,6 +586,8 @@ fn start_delivery(
         sessions,
         metrics,
         upstream,
+        methods,
+        twins,
     })
 }
 

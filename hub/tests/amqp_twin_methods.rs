@@ -14,13 +14,12 @@ mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
-use std::path::Path;
 use std::process::Command;
 
 use sdk::{Script, Sdk};
 use sdk_hub::{secs, SdkHub};
 use serde_json::{json, Value};
-use testhub::{TestHub, DEVICE_ID, GATEWAY, IOTHUB_HOSTNAME};
+use testhub::{TestHub, DEVICE_ID, GATEWAY};
 
 /// amqp_probe.js as `module` with `args`, run to its end; it must exit 0.
 fn probe(hub: &SdkHub, module: &str, args: &[&str]) -> sdk::Outcome {
@@ -171,7 +170,8 @@ fn closing_one_of_two_method_links_keeps_the_module_reachable_through_the_other(
         .env("EDGEHUB_SDK_DIR", &env.dir);
     let mut target = hub.ns.spawn(&mut cmd);
     target.expect_event("ready", secs(60));
-    let out = python_edge_module(&hub, "sender")
+    let out = hub
+        .edge_module(Sdk::Python, Script::Method, "sender")
         .args(["invoke", "--device", DEVICE_ID, "--module", "receiver"])
         .args(["--method", "ping", "--payload", "1", "--timeout", "60"])
         .run(secs(90));
@@ -192,29 +192,4 @@ fn closing_one_of_two_method_links_keeps_the_module_reachable_through_the_other(
     let done = target.finish(secs(30));
     assert_eq!(done.code, Some(sdk::EXIT_OK), "{}", done.stderr);
     assert!(done.events("request-on-first").is_empty());
-}
-
-/// method.py as `module` from exactly the module environment IoT Edge gives (it calls over
-/// HTTPS to port 443 of its gateway host).
-fn python_edge_module(hub: &SdkHub, module: &str) -> sdk::ModuleCmd {
-    let cs = hub.config.connection_string(module);
-    let mut cmd = hub
-        .ns
-        .module(&hub.env, Sdk::Python, Script::Method, "", Path::new(""))
-        .env_remove("EDGEHUB_CS")
-        .env_remove("EDGEHUB_CA")
-        .env_remove("IOTEDGE_WORKLOADURI")
-        .env_remove("IOTEDGE_APIVERSION")
-        .args(["--edge-env"]);
-    for (k, v) in [
-        ("EdgeHubConnectionString", cs),
-        ("EdgeModuleCACertificateFile", hub.ca.display().to_string()),
-        ("IOTEDGE_IOTHUBHOSTNAME", IOTHUB_HOSTNAME.to_owned()),
-        ("IOTEDGE_DEVICEID", DEVICE_ID.to_owned()),
-        ("IOTEDGE_MODULEID", module.to_owned()),
-        ("IOTEDGE_GATEWAYHOSTNAME", GATEWAY.to_owned()),
-    ] {
-        cmd = cmd.env(k, v);
-    }
-    cmd
 }

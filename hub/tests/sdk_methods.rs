@@ -55,26 +55,16 @@ impl Setup {
 
     /// method.py as module `module`, from exactly the module environment (no EDGEHUB_CS).
     fn module(&self, module: &str) -> sdk::ModuleCmd {
-        let cs = self.hub.connection_string(module);
-        let mut cmd = self
-            .ns
+        self.ns
             .module(&self.env, Sdk::Python, Script::Method, "", Path::new(""))
-            .env_remove("EDGEHUB_CS")
-            .env_remove("EDGEHUB_CA")
-            .env_remove("IOTEDGE_WORKLOADURI")
-            .env_remove("IOTEDGE_APIVERSION")
-            .args(["--edge-env"]);
-        for (k, v) in [
-            ("EdgeHubConnectionString", cs),
-            ("EdgeModuleCACertificateFile", self.ca.display().to_string()),
-            ("IOTEDGE_IOTHUBHOSTNAME", IOTHUB_HOSTNAME.to_owned()),
-            ("IOTEDGE_DEVICEID", DEVICE_ID.to_owned()),
-            ("IOTEDGE_MODULEID", module.to_owned()),
-            ("IOTEDGE_GATEWAYHOSTNAME", GATEWAY.to_owned()),
-        ] {
-            cmd = cmd.env(k, v);
-        }
-        cmd
+            .edge_env(sdk::EdgeEnv {
+                connection_string: self.hub.connection_string(module),
+                ca: &self.ca,
+                iothub_hostname: IOTHUB_HOSTNAME,
+                device: DEVICE_ID,
+                module,
+                gateway: GATEWAY,
+            })
     }
 
     /// `receiver` serving methods (handler set, so subscribed) with `extra` options.

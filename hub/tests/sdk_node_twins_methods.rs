@@ -24,7 +24,7 @@ use std::path::Path;
 use sdk::{Proc, Script, Sdk};
 use sdk_hub::{secs, SdkHub};
 use serde_json::{json, Value};
-use testhub::{TestHub, DEVICE_ID, GATEWAY, IOTHUB_HOSTNAME};
+use testhub::{TestHub, DEVICE_ID, GATEWAY};
 
 /// The built-in manifest (modules `sender`, `receiver`) with `desired` as `receiver`'s desired
 /// properties.
@@ -119,31 +119,6 @@ fn node_twin_over_amqp_get_reported_update_and_desired_after_reload() {
     twin_round("amqp");
 }
 
-/// method.py as module `module` from exactly the module environment IoT Edge gives (it calls
-/// over HTTPS to port 443 of its gateway host).
-fn python_edge_module(hub: &SdkHub, module: &str) -> sdk::ModuleCmd {
-    let cs = hub.config.connection_string(module);
-    let mut cmd = hub
-        .ns
-        .module(&hub.env, Sdk::Python, Script::Method, "", Path::new(""))
-        .env_remove("EDGEHUB_CS")
-        .env_remove("EDGEHUB_CA")
-        .env_remove("IOTEDGE_WORKLOADURI")
-        .env_remove("IOTEDGE_APIVERSION")
-        .args(["--edge-env"]);
-    for (k, v) in [
-        ("EdgeHubConnectionString", cs),
-        ("EdgeModuleCACertificateFile", hub.ca.display().to_string()),
-        ("IOTEDGE_IOTHUBHOSTNAME", IOTHUB_HOSTNAME.to_owned()),
-        ("IOTEDGE_DEVICEID", DEVICE_ID.to_owned()),
-        ("IOTEDGE_MODULEID", module.to_owned()),
-        ("IOTEDGE_GATEWAYHOSTNAME", GATEWAY.to_owned()),
-    ] {
-        cmd = cmd.env(k, v);
-    }
-    cmd
-}
-
 /// method.js as `receiver` over `transport` serves `doThing`; `sender` (Python) calls it with
 /// `invoke_method`, giving it a connect timeout so the call waits for the target's method
 /// subscription or links instead of racing them: 200 with the target's status and payload,
@@ -167,7 +142,8 @@ fn method_round(transport: &str) {
         .spawn();
     target.expect_event("ready", secs(60));
     let payload = json!({"n": 7, "text": "héllo", "list": [1, 2, 3]});
-    let out = python_edge_module(&hub, "sender")
+    let out = hub
+        .edge_module(Sdk::Python, Script::Method, "sender")
         .args(["invoke", "--device", DEVICE_ID, "--module", "receiver"])
         .args(["--method", "doThing", "--payload", &payload.to_string()])
         .args(["--connect-timeout-s", "30", "--timeout", "90"])

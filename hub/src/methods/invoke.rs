@@ -176,6 +176,17 @@ impl Methods {
         }
     }
 
+    /// The modules that take method requests now.
+    pub fn targets(&self) -> Vec<Identity> {
+        self.lock().targets.keys().cloned().collect()
+    }
+
+    /// Changes every time a target attaches (the cloud connection opens its module's
+    /// connection then).
+    pub fn watch_attached(&self) -> watch::Receiver<u64> {
+        self.attached.subscribe()
+    }
+
     /// Whether `identity` takes method requests now.
     pub fn is_attached(&self, identity: &Identity) -> bool {
         self.lock().targets.contains_key(identity)

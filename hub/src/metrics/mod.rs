@@ -1099,6 +1099,7 @@ mod tests {
             "edgehub_upstream_offline_seconds counter",
             "edgehub_upstream_connect_failures counter",
             "edgehub_upstream_messages_acked counter",
+            "edgehub_twin_reported_sync_lag gauge",
             "edgehub_connections gauge",
             "edgehub_connections_refused counter",
             "edgehub_accept_failures counter",

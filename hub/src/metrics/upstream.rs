@@ -7,6 +7,7 @@
 //! | `edgehub_upstream_offline_seconds` (`_total`) | counter: seconds spent offline, updated at least every backoff step | `id` |
 //! | `edgehub_upstream_connect_failures` (`_total`) | counter | `id`, `reason` |
 //! | `edgehub_upstream_messages_acked` (`_total`) | counter: PUBACKs from the cloud | `id` |
+//! | `edgehub_twin_reported_sync_lag` | gauge: local reported-properties versions IoT Hub has not acknowledged | `id` |
 //!
 //! The upstream queue's length and oldest-message age are the `edgehub_queue_length` and
 //! `edgehub_queue_oldest_age_seconds` series of endpoint `iothub`.
@@ -43,6 +44,7 @@ pub struct UpstreamMetrics {
     offline_seconds: Family<IdLabel, Counter<f64, AtomicU64>>,
     connect_failures: Family<FailureLabels, Counter>,
     acked: Family<IdLabel, Counter>,
+    reported_sync_lag: Family<IdLabel, Gauge>,
 }
 
 fn id(who: &Identity) -> IdLabel {
@@ -79,6 +81,11 @@ impl UpstreamMetrics {
             "Messages IoT Hub acknowledged",
             self.acked.clone(),
         );
+        registry.register(
+            "edgehub_twin_reported_sync_lag",
+            "Reported-properties versions of the module's twin that IoT Hub has not acknowledged",
+            self.reported_sync_lag.clone(),
+        );
     }
 
     /// The cloud connection of `who` is up.
@@ -107,6 +114,13 @@ impl UpstreamMetrics {
                 reason,
             })
             .inc();
+    }
+
+    /// `who`'s twin has `versions` reported-properties versions IoT Hub has not acknowledged.
+    pub fn reported_sync_lag(&self, who: &Identity, versions: u64) {
+        self.reported_sync_lag
+            .get_or_create(&id(who))
+            .set(i64::try_from(versions).unwrap_or(i64::MAX));
     }
 
     /// IoT Hub acknowledged a message of `who`.

@@ -1,5 +1,6 @@
-//! Module twins, served locally: desired properties from the deployment manifest, reported
-//! properties from the module, kept durably in the data directory (`twins/`).
+//! Module twins, served locally: desired properties from IoT Hub (upstream on) or the
+//! deployment manifest, reported properties from the module, kept durably in the data
+//! directory (`twins/`) and, upstream on, synced to IoT Hub.
 //!
 //! Guarantees:
 //! - A reported-properties patch is acknowledged ([`Twins::patch_reported`] returns its
@@ -10,22 +11,34 @@
 //!   patches are applied one at a time, in the order they are taken (a lock per module).
 //! - A refused patch (see [`document`] for the rules and statuses) changes nothing, in memory
 //!   or on disk.
-//! - A twin's desired properties are the manifest's in force ([`Twins::set_manifest`] on every
-//!   reload). Their `$version` is the manifest's if it gives one; else it goes up by one each
-//!   time the document served changes, and never goes back across restarts, because the
-//!   version is written (with the document) before it is served.
+//! - A twin's desired properties come from IoT Hub once it gave them, when upstream is on
+//!   ([`Twins::with_cloud`]: the cloud connection GETs the twin at every connect and takes
+//!   IoT Hub's desired patches, [`Twins::cloud_desired_document`],
+//!   [`Twins::cloud_desired_patch`]); they are kept with the twin, so a restart while IoT Hub
+//!   is away still serves them, with IoT Hub's `$version`. Otherwise they are the manifest's
+//!   in force ([`Twins::set_manifest`] on every reload): the manifest's `properties.desired`
+//!   of a module are what IoT Hub would hold. The manifest's `$version` is kept if it gives
+//!   one; else it goes up by one each time the document served changes, and never goes back
+//!   across restarts, because the version is written (with the document) before it is served.
+//!   Switching source (IoT Hub's first document) serves IoT Hub's `$version`, which may be
+//!   lower than the manifest's was.
+//! - Either change reaches connections listening through the same notification
+//!   ([`Twins::desired_changes`], [`desired_watch`]): MQTT desired patches and AMQP twin link
+//!   notifications.
 //! - A twin file is opened on first use; a damaged one is an error naming the file (answered
 //!   500), never an empty twin.
 //! - Blocking file work runs under `block_in_place` on the multi-thread runtime, as the MQTT
 //!   sessions do, so other connections move to another worker meanwhile.
-//!
-//! The desired properties are local only: with cloud twin sync (not built yet) IoT Hub's desired
-//! properties would override the manifest's (see ARCHITECTURE.md).
+//! - With upstream on, what IoT Hub acknowledged of the reported properties is kept in the twin
+//!   ([`document::CloudState`]); the cloud connection sends what it lacks
+//!   ([`Twins::reported_to_sync`], `upstream::twin_sync`, whose docs hold the crash argument).
+//!   A sync never changes or fails a local patch: it takes the module's lock only to read the
+//!   twin and to write what IoT Hub acknowledged or may hold.
 
 pub mod desired_watch;
 pub mod document;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -35,7 +48,7 @@ use tokio::sync::watch;
 
 use crate::owned_file::{OwnedFile, OwnedFileError, Ownership};
 
-pub use document::{PatchError, Twin};
+pub use document::{DesiredGap, PatchError, ReportedSync, Twin};
 
 /// The directory of the twin files inside the data directory.
 pub const TWINS_DIR: &str = "twins";
@@ -109,6 +122,27 @@ pub struct Twins {
     /// Bumped whenever the manifest's desired properties change (a connection then asks for
     /// its module's, [`Twins::desired`], and sends the difference).
     desired_changed: watch::Sender<u64>,
+    /// Bumped after every accepted reported-properties patch (the cloud sync sends it on).
+    reported_changed: watch::Sender<u64>,
+    /// Whether IoT Hub's desired properties, once given, are served instead of the manifest's
+    /// (upstream on).
+    cloud: bool,
+    /// Modules whose twin a head served (a GET, or a connection listening to desired
+    /// patches): the cloud sync keeps their connection to IoT Hub, for desired properties.
+    served: Mutex<HashSet<ModuleId>>,
+    /// Bumped when a module joins `served`.
+    served_changed: watch::Sender<u64>,
+}
+
+/// What a desired patch from IoT Hub did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloudPatch {
+    /// Applied; connections listening were told.
+    Applied,
+    /// A version held already, or an older one: nothing changed.
+    Old,
+    /// It does not follow the version held: read the twin from IoT Hub again.
+    Gap(DesiredGap),
 }
 
 impl std::fmt::Debug for Twins {
@@ -152,7 +186,19 @@ impl Twins {
             manifest: Mutex::new(manifest),
             slots: Mutex::new(HashMap::new()),
             desired_changed: watch::channel(0).0,
+            reported_changed: watch::channel(0).0,
+            cloud: false,
+            served: Mutex::new(HashSet::new()),
+            served_changed: watch::channel(0).0,
         })
+    }
+
+    /// These twins with IoT Hub as the source of desired properties (upstream on): once IoT
+    /// Hub gave a module's desired document ([`Twins::cloud_desired_document`]), it is served,
+    /// with IoT Hub's `$version`, instead of the manifest's, restarts included.
+    pub fn with_cloud(mut self) -> Twins {
+        self.cloud = true;
+        self
     }
 
     /// Takes the desired properties of a new manifest; connections hear of it if they changed.
@@ -176,8 +222,9 @@ impl Twins {
     /// The twin of `module` as a GET answers it (desired properties brought up to the
     /// manifest in force first, durably).
     pub fn get(&self, module: &ModuleId) -> Result<Twin, TwinError> {
+        self.note_served(module);
         self.with_slot(module, |slot, desired| {
-            sync_desired(slot, desired)?;
+            sync_desired(slot, desired, self.cloud)?;
             slot.file.check_owner()?;
             Ok(slot.twin.clone())
         })
@@ -186,8 +233,9 @@ impl Twins {
     /// The desired properties of `module` and their version, brought up to the manifest in
     /// force (durably) first.
     pub fn desired(&self, module: &ModuleId) -> Result<(u64, Map<String, Value>), TwinError> {
+        self.note_served(module);
         self.with_slot(module, |slot, desired| {
-            sync_desired(slot, desired)?;
+            sync_desired(slot, desired, self.cloud)?;
             Ok((slot.twin.desired_version, slot.twin.desired.clone()))
         })
     }
@@ -201,6 +249,117 @@ impl Twins {
             slot.twin = next;
             Ok(slot.twin.reported_version)
         })
+        .inspect(|_| {
+            self.reported_changed
+                .send_modify(|g| *g = g.wrapping_add(1))
+        })
+    }
+
+    /// Changes after every accepted reported-properties patch, of any module.
+    pub fn reported_changes(&self) -> watch::Receiver<u64> {
+        self.reported_changed.subscribe()
+    }
+
+    /// What IoT Hub lacks of `module`'s reported properties, or `None` when it has them all.
+    pub fn reported_to_sync(&self, module: &ModuleId) -> Result<Option<ReportedSync>, TwinError> {
+        self.with_slot(module, |slot, _| Ok(slot.twin.reported_to_sync()))
+    }
+
+    /// `sync`'s patch is about to go to IoT Hub: its document is kept durably among those IoT
+    /// Hub may hold (until a 204), so a later patch is right whether or not IoT Hub applied
+    /// it, across a kill -9 too. Send it only once this returned `Ok`.
+    pub fn reported_sending(
+        &self,
+        module: &ModuleId,
+        sync: &ReportedSync,
+    ) -> Result<(), TwinError> {
+        self.with_slot(module, |slot, _| {
+            if let Some(next) = slot.twin.with_reported_sending(sync) {
+                write(&slot.file, &next)?;
+                slot.twin = next;
+            }
+            Ok(())
+        })
+    }
+
+    /// IoT Hub acknowledged `sync` (answered 204 to its patch): kept durably with the twin, so
+    /// it is never sent again, restarts included. An older acknowledgement changes nothing.
+    pub fn reported_synced(&self, module: &ModuleId, sync: &ReportedSync) -> Result<(), TwinError> {
+        self.with_slot(module, |slot, _| {
+            if let Some(next) = slot.twin.with_reported_synced(&sync.reported, sync.version) {
+                write(&slot.file, &next)?;
+                slot.twin = next;
+            }
+            Ok(())
+        })
+    }
+
+    /// The modules whose twin was opened so far.
+    pub fn opened(&self) -> Vec<ModuleId> {
+        lock(&self.slots).keys().cloned().collect()
+    }
+
+    /// Whether a head served `module`'s twin since the hub started.
+    pub fn was_served(&self, module: &ModuleId) -> bool {
+        lock(&self.served).contains(module)
+    }
+
+    /// Changes when a head serves a module's twin for the first time.
+    pub fn served_changes(&self) -> watch::Receiver<u64> {
+        self.served_changed.subscribe()
+    }
+
+    fn note_served(&self, module: &ModuleId) {
+        if lock(&self.served).insert(module.clone()) {
+            self.served_changed.send_modify(|g| *g = g.wrapping_add(1));
+        }
+    }
+
+    /// IoT Hub's whole desired document of `module` (a twin GET: `properties` without
+    /// `$version`), kept durably; connections listening are told if what they serve changed.
+    pub fn cloud_desired_document(
+        &self,
+        module: &ModuleId,
+        properties: &Map<String, Value>,
+        version: u64,
+    ) -> Result<(), TwinError> {
+        let changed = self.with_slot(module, |slot, _| {
+            let Some(next) = slot.twin.with_cloud_desired_document(properties, version) else {
+                return Ok(false);
+            };
+            write(&slot.file, &next)?;
+            slot.twin = next;
+            Ok(true)
+        })?;
+        if changed && self.cloud {
+            self.desired_changed.send_modify(|g| *g = g.wrapping_add(1));
+        }
+        Ok(())
+    }
+
+    /// A desired patch of IoT Hub's for `module` (`$version` left out of `patch`), kept durably
+    /// if it follows the version held.
+    pub fn cloud_desired_patch(
+        &self,
+        module: &ModuleId,
+        patch: &Map<String, Value>,
+        version: u64,
+    ) -> Result<CloudPatch, TwinError> {
+        let outcome = self.with_slot(module, |slot, _| {
+            match slot.twin.with_cloud_desired_patch(patch, version) {
+                Ok(Some(next)) => {
+                    write(&slot.file, &next)?;
+                    slot.twin = next;
+                    Ok(CloudPatch::Applied)
+                }
+                Ok(None) => Ok(CloudPatch::Old),
+                Err(gap) => Ok(CloudPatch::Gap(gap)),
+            }
+        })?;
+        if outcome == CloudPatch::Applied && self.cloud {
+            self.desired_changed.send_modify(|g| *g = g.wrapping_add(1));
+        }
+        Ok(outcome)
     }
 
     /// Runs `work` on `module`'s twin (opened on first use) with the manifest's desired
@@ -248,10 +407,15 @@ impl Twins {
     }
 }
 
-/// Brings `slot`'s desired properties to `from_manifest`, writing the new version before it
-/// is served.
-fn sync_desired(slot: &mut Slot, from_manifest: &Map<String, Value>) -> Result<(), TwinError> {
-    if let Some(change) = slot.twin.with_desired(from_manifest) {
+/// Brings `slot`'s desired properties to their source (IoT Hub's if `cloud` and it gave them,
+/// else `from_manifest`), writing the new version before it is served.
+fn sync_desired(
+    slot: &mut Slot,
+    from_manifest: &Map<String, Value>,
+    cloud: bool,
+) -> Result<(), TwinError> {
+    let source = slot.twin.desired_source(from_manifest, cloud);
+    if let Some(change) = slot.twin.with_desired(&source) {
         write(&slot.file, &change.twin)?;
         slot.twin = change.twin;
     }
@@ -330,6 +494,65 @@ mod tests {
             serde_json::from_value(json!({"rate": 6})).unwrap(),
         )]));
         assert!(!changes.has_changed().unwrap());
+    }
+
+    /// With upstream on, IoT Hub's desired document wins over the manifest's once given (and
+    /// tells listening connections), patches follow it in version order, a reload of the
+    /// manifest no longer changes it, and it is still served after a restart; with upstream
+    /// off, the manifest's is served.
+    #[test]
+    fn iot_hub_desired_properties_win_over_the_manifest_and_outlive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = ModuleId::new("m");
+        let obj = |v: Value| match v {
+            Value::Object(o) => o,
+            other => panic!("{other}"),
+        };
+        let (store, twins) = open(dir.path(), json!({"m": {"rate": 5}}));
+        let twins = twins.with_cloud();
+        let mut changes = twins.desired_changes();
+        assert!(!twins.was_served(&m));
+        assert_eq!(twins.desired(&m).unwrap(), (2, obj(json!({"rate": 5}))));
+        assert!(twins.was_served(&m), "a head asked");
+        twins
+            .cloud_desired_document(&m, &obj(json!({"rate": 7, "x": 1})), 1)
+            .unwrap();
+        assert!(changes.has_changed().unwrap(), "listeners are told");
+        changes.mark_unchanged();
+        assert_eq!(
+            twins.desired(&m).unwrap(),
+            (1, obj(json!({"rate": 7, "x": 1})))
+        );
+        assert_eq!(
+            twins
+                .cloud_desired_patch(&m, &obj(json!({"x": null})), 3)
+                .unwrap(),
+            CloudPatch::Gap(DesiredGap {
+                held: Some(1),
+                got: 3
+            })
+        );
+        assert!(!changes.has_changed().unwrap());
+        assert_eq!(
+            twins
+                .cloud_desired_patch(&m, &obj(json!({"x": null})), 2)
+                .unwrap(),
+            CloudPatch::Applied
+        );
+        assert!(changes.has_changed().unwrap());
+        twins.set_manifest(BTreeMap::from([(m.clone(), obj(json!({"rate": 6})))]));
+        assert_eq!(twins.desired(&m).unwrap(), (2, obj(json!({"rate": 7}))));
+        drop((twins, store));
+        let (store, again) = open(dir.path(), json!({"m": {"rate": 6}}));
+        let again = again.with_cloud();
+        assert_eq!(again.get(&m).unwrap().desired, obj(json!({"rate": 7})));
+        drop((again, store));
+        let (_store, off) = open(dir.path(), json!({"m": {"rate": 6}}));
+        assert_eq!(
+            off.desired(&m).unwrap().1,
+            obj(json!({"rate": 6})),
+            "upstream off"
+        );
     }
 
     /// A hub that a newer hub fenced, before it noticed, acknowledges no patch, and the live

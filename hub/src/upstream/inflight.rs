@@ -7,6 +7,11 @@
 //! reports. [`Inflight`] keeps the waiters of requests not yet written (in order) and of
 //! publishes written but not yet acknowledged (by packet id).
 //!
+//! Requests at QoS 0 (direct-method responses and twin requests, whose answer is a publish of
+//! the cloud's, not a PUBACK) go through the same client, in the same request order, and are
+//! written as publish 0 ([`Inflight::queued_unacknowledged`]): they hold a place in the order
+//! and are never acknowledged.
+//!
 //! Guarantees:
 //! - A waiter is answered "acknowledged" only by a PUBACK carrying the packet id its own publish
 //!   was written with; anything that does not fit (a packet id reported twice, a PUBACK nobody
@@ -29,13 +34,26 @@ pub enum Anomaly {
     /// A PUBACK for a packet id nobody waits for.
     #[error("PUBACK for packet id {0}, which no publish awaits")]
     UnknownPacketId(u16),
+    /// The client wrote publish `pkid` where the oldest request was of the other QoS (0 is the
+    /// id of a QoS 0 publish, and only of one).
+    #[error("the client wrote publish {0} where a request of the other QoS was next")]
+    QosMismatch(u16),
+}
+
+/// A request handed to the client and not yet written.
+#[derive(Debug)]
+enum Queued<W> {
+    /// QoS 1: answered by the PUBACK of the packet id it is written with.
+    Acknowledged(W),
+    /// QoS 0: written as publish 0, never acknowledged.
+    Unacknowledged,
 }
 
 /// The waiters of one connection. `W` is whatever the caller answers a request with.
 #[derive(Debug)]
 pub struct Inflight<W> {
     next_seq: u64,
-    queued: VecDeque<(u64, W)>,
+    queued: VecDeque<(u64, Queued<W>)>,
     sent: HashMap<u16, (u64, W)>,
 }
 
@@ -52,21 +70,39 @@ impl<W> Default for Inflight<W> {
 impl<W> Inflight<W> {
     /// A request was handed to the client (it is not on the wire yet).
     pub fn queued(&mut self, waiter: W) {
-        self.queued.push_back((self.next_seq, waiter));
+        self.queued
+            .push_back((self.next_seq, Queued::Acknowledged(waiter)));
         self.next_seq += 1;
     }
 
-    /// The client wrote the oldest queued request as publish `pkid`.
+    /// A QoS 0 request was handed to the client: it keeps its place in the order of writes
+    /// and awaits no PUBACK.
+    pub fn queued_unacknowledged(&mut self) {
+        self.queued
+            .push_back((self.next_seq, Queued::Unacknowledged));
+        self.next_seq += 1;
+    }
+
+    /// The client wrote the oldest queued request as publish `pkid` (0 for a QoS 0 one).
     pub fn sent(&mut self, pkid: u16) -> Result<(), Anomaly> {
         if self.sent.contains_key(&pkid) {
             return Err(Anomaly::PacketIdInUse(pkid));
         }
-        let entry = self
+        let (seq, entry) = self
             .queued
             .pop_front()
             .ok_or(Anomaly::NothingQueued(pkid))?;
-        self.sent.insert(pkid, entry);
-        Ok(())
+        match (entry, pkid) {
+            (Queued::Unacknowledged, 0) => Ok(()),
+            (Queued::Acknowledged(w), 1..) => {
+                self.sent.insert(pkid, (seq, w));
+                Ok(())
+            }
+            (entry, _) => {
+                self.queued.push_front((seq, entry));
+                Err(Anomaly::QosMismatch(pkid))
+            }
+        }
     }
 
     /// The broker acknowledged publish `pkid`: its waiter.
@@ -80,20 +116,28 @@ impl<W> Inflight<W> {
     /// The connection is gone: every waiter, in request order.
     pub fn lost(&mut self) -> Vec<W> {
         let mut all: BTreeMap<u64, W> = self.sent.drain().map(|(_, entry)| entry).collect();
-        all.extend(self.queued.drain(..));
+        all.extend(self.queued.drain(..).filter_map(|(seq, q)| match q {
+            Queued::Acknowledged(w) => Some((seq, w)),
+            Queued::Unacknowledged => None,
+        }));
         all.into_values().collect()
     }
 
-    /// The oldest request not yet acknowledged.
+    /// The oldest request that awaits a PUBACK (QoS 0 ones never do).
     pub fn oldest(&self) -> Option<&W> {
         let sent = self.sent.values().min_by_key(|(seq, _)| *seq);
-        match (self.queued.front(), sent) {
-            (Some(q), Some(s)) => Some(if q.0 < s.0 { &q.1 } else { &s.1 }),
-            (q, s) => q.or(s).map(|(_, w)| w),
+        let queued = self.queued.iter().find_map(|(seq, q)| match q {
+            Queued::Acknowledged(w) => Some((*seq, w)),
+            Queued::Unacknowledged => None,
+        });
+        match (queued, sent) {
+            (Some(q), Some(s)) => Some(if q.0 < s.0 { q.1 } else { &s.1 }),
+            (Some((_, w)), None) | (None, Some((_, w))) => Some(w),
+            (None, None) => None,
         }
     }
 
-    /// Requests not yet acknowledged (queued or written).
+    /// Requests not yet acknowledged (queued, of either QoS, or written at QoS 1).
     pub fn len(&self) -> usize {
         self.queued.len() + self.sent.len()
     }
@@ -158,5 +202,27 @@ mod tests {
         f.queued(6);
         f.sent(99).unwrap();
         assert_eq!(f.acked(99), Ok(6));
+    }
+
+    #[test]
+    fn qos_0_requests_keep_their_place_and_are_never_acknowledged() {
+        let mut f = Inflight::default();
+        f.queued("a");
+        f.queued_unacknowledged();
+        f.queued("b");
+        f.sent(1).unwrap();
+        // The QoS 0 request is next: a packet id other than 0 does not fit, and changes nothing.
+        assert_eq!(f.sent(2), Err(Anomaly::QosMismatch(2)));
+        f.sent(0).unwrap();
+        // And a QoS 1 request written as publish 0 does not fit either.
+        assert_eq!(f.sent(0), Err(Anomaly::QosMismatch(0)));
+        f.sent(2).unwrap();
+        assert_eq!(f.acked(0), Err(Anomaly::UnknownPacketId(0)));
+        assert_eq!(f.acked(2), Ok("b"));
+        f.queued_unacknowledged();
+        assert_eq!(f.oldest(), Some(&"a"), "QoS 0 requests await no PUBACK");
+        assert_eq!(f.len(), 2);
+        assert_eq!(f.lost(), vec!["a"], "only waiters are handed back");
+        assert!(f.is_empty());
     }
 }

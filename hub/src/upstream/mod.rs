@@ -29,6 +29,7 @@ pub mod inflight;
 pub mod mqtt;
 pub mod sink;
 pub mod state;
+pub mod twin_sync;
 
 use std::sync::{Arc, Weak};
 
@@ -38,8 +39,10 @@ use store::Clock;
 use self::mqtt::{client_tls_config, MqttUpstream, MqttUpstreamConfig, UpstreamTlsError};
 use self::sink::UpstreamSink;
 use crate::identity::Identities;
+use crate::methods::Methods;
 use crate::metrics::HubMetrics;
 use crate::settings::Settings;
+use crate::twin::Twins;
 
 /// Messages in flight upstream, over every module's connection: each connection has up to 100
 /// unacknowledged publishes, and a batch is split by sending module, so the window of one
@@ -47,14 +50,18 @@ use crate::settings::Settings;
 /// modules send.
 pub const UPSTREAM_WINDOW: usize = 1000;
 
-/// Starts the cloud connection the settings ask for and makes it the `$upstream` sink. `None`
-/// when upstream is off (the messages then wait on disk within their TTL).
+/// Starts the cloud connection the settings ask for and makes it the `$upstream` sink; the
+/// cloud reaches the direct methods of `methods`' targets through it, and `twins`' reported
+/// properties go to IoT Hub on it. `None` when upstream is
+/// off (the messages then wait on disk within their TTL).
 pub fn start(
     settings: &Settings,
     identities: Arc<Identities>,
     dispatcher: &Arc<Dispatcher>,
     metrics: Arc<HubMetrics>,
     clock: Arc<dyn Clock>,
+    methods: Arc<Methods>,
+    twins: Arc<Twins>,
 ) -> Result<Option<Arc<MqttUpstream>>, UpstreamTlsError> {
     let Some(up) = settings.upstream() else {
         return Ok(None);
@@ -64,8 +71,11 @@ pub fn start(
         MqttUpstreamConfig::new(settings.iothub_hostname(), &up.host, up.port, Arc::new(tls));
     config.ack_timeout = up.timeout;
     config.clock = clock;
+    config.methods = Some(methods);
+    config.twins = Some(Arc::clone(&twins));
     // Weak: the dispatcher owns the sink, which owns this hook.
     let weak: Weak<Dispatcher> = Arc::downgrade(dispatcher);
+    let (device, declared) = (identities.device().clone(), identities.modules());
     let upstream = Arc::new(MqttUpstream::new(config, identities, metrics, move || {
         if let Some(d) = weak.upgrade() {
             d.wake(&Endpoint::Upstream);
@@ -82,5 +92,7 @@ pub fn start(
         &Endpoint::Upstream,
         UpstreamSink::new(Arc::clone(&upstream)),
     );
+    upstream.follow_method_targets();
+    twin_sync::start(&upstream, twins, device, declared);
     Ok(Some(upstream))
 }

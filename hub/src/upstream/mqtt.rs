@@ -19,13 +19,29 @@
 //!   at once (the messages wait in the store); the connection keeps reconnecting with exponential
 //!   backoff, logs every failed attempt with its reason, and when a connection is up calls the
 //!   `on_online` hook (the hub re-registers the sink so the worker's own backoff ends at once).
+//! - **Direct methods from the cloud** (when [`MqttUpstreamConfig::methods`] is set): every
+//!   connection subscribes to `$iothub/methods/POST/#` right after CONNECT; a request is handed
+//!   to the module through [`Methods::invoke`] (the same targets and pending requests as
+//!   module → module calls; response timeout 30 s; a module not connected is answered 404 at
+//!   once) and the answer goes back on the identity's connection as
+//!   `$iothub/methods/res/{status}/?$rid={cloud rid}` at QoS 0. Methods are not durable: an
+//!   answer with no connection to carry it is logged and dropped (IoT Hub times the call out).
+//!   A module's connection is opened when the module becomes a method target
+//!   ([`MqttUpstream::follow_method_targets`]), not only on its first message, and then kept
+//!   for the hub's lifetime as every other.
+//! - **Module twins** (when [`MqttUpstreamConfig::twins`] is set): every connection also
+//!   subscribes to `$iothub/twin/res/#` and `$iothub/twin/PATCH/properties/desired/#` right
+//!   after CONNECT. Twin requests of `upstream::twin_sync` go at QoS 0 under a fresh `$rid`
+//!   and are answered by IoT Hub's `$iothub/twin/res/{status}/?$rid=`, or "lost" when the
+//!   connection ends; IoT Hub's desired patches are kept (up to 64, else "missed": the twin is
+//!   read again) for the module's twin sync, which does the disk work, not this connection.
 //! - **Tokens are renewed** by reconnecting when three quarters of a token's lifetime has
 //!   passed (MQTT 3.1.1 cannot re-authenticate a live connection): from then on the connection takes
 //!   no new message (they are answered `Offline` and wait in the store), what is in flight
 //!   drains, and the connection is replaced, so a renewal sends nothing twice even under
 //!   steady traffic.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -37,15 +53,23 @@ use rumqttc::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use store::{Clock, SystemClock};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
+
+use bytes::Bytes;
 
 use super::cloud::{CloudMessage, PublishError, Upstream};
 use super::inflight::{Anomaly, Inflight};
 use super::state::{self, Action, UpstreamState};
 use crate::auth::sas;
 use crate::identity::{Identities, Identity};
+use crate::methods::{MethodName, MethodRequest, Methods, METHODS_FILTER};
 use crate::metrics::{HubMetrics, SentLabels};
+
+/// IoT Hub's answers to twin requests.
+const TWIN_RESPONSES_FILTER: &str = "$iothub/twin/res/#";
+/// IoT Hub's desired-properties patches.
+const DESIRED_PATCHES_FILTER: &str = "$iothub/twin/PATCH/properties/desired/#";
 
 /// IoT Hub's largest device-to-cloud message (256 KiB), which we apply to topic plus body.
 pub const MAX_CLOUD_MESSAGE_BYTES: usize = 256 * 1024;
@@ -83,6 +107,16 @@ pub struct MqttUpstreamConfig {
     pub backoff_max: Duration,
     /// The wall clock SAS tokens are issued by.
     pub clock: Arc<dyn Clock>,
+    /// The hub's direct-method targets: when set, each connection subscribes to its module's
+    /// direct methods and relays the cloud's requests to the module through them.
+    pub methods: Option<Arc<Methods>>,
+    /// The module twins: when set, each connection subscribes to `$iothub/twin/res/#` and
+    /// `$iothub/twin/PATCH/properties/desired/#`, so `upstream::twin_sync` can send their
+    /// reported properties, read the twin and take IoT Hub's desired patches on it.
+    pub twins: Option<Arc<crate::twin::Twins>>,
+    /// How long a module has to answer a direct method from the cloud (IoT Hub's MQTT request
+    /// does not carry the caller's timeout; 30 s, the default of IoT Hub and edgeHub).
+    pub method_timeout: Duration,
 }
 
 impl MqttUpstreamConfig {
@@ -104,6 +138,11 @@ impl MqttUpstreamConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             clock: Arc::new(SystemClock),
+            methods: None,
+            twins: None,
+            method_timeout: Duration::from_secs(
+                crate::methods::request::DEFAULT_RESPONSE_TIMEOUT_SECS,
+            ),
         }
     }
 
@@ -212,12 +251,62 @@ struct LinkState {
     /// connection can be replaced without resending anything.
     renewing: bool,
     inflight: Inflight<Waiter>,
+    /// Twin requests waiting for IoT Hub's answer, by `$rid`; dropped (answered "lost") with
+    /// the connection.
+    twin_waiters: HashMap<String, oneshot::Sender<TwinResponse>>,
+    /// The last twin `$rid` used (never reused while the hub runs).
+    last_rid: u64,
+    /// Connections that came up so far (the current one's number while online).
+    generation: u64,
+}
+
+/// Desired patches IoT Hub sent that the twin sync has not taken yet (in arrival order).
+#[derive(Debug, Default)]
+pub(crate) struct DesiredInbox {
+    /// Each patch (without `$version`) and its `$version`.
+    pub patches: VecDeque<(serde_json::Map<String, serde_json::Value>, u64)>,
+    /// A patch was dropped (inbox full, or not readable): read the whole twin again.
+    pub missed: bool,
+}
+
+/// Desired patches kept for the twin sync at most; more and the twin is read again instead.
+const DESIRED_INBOX: usize = 64;
+
+/// IoT Hub's answer to a twin request: `$iothub/twin/res/{status}/?$rid={rid}[&$version=n]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TwinResponse {
+    /// The status.
+    pub status: u16,
+    /// The `$version` it names, if any.
+    pub version: Option<u64>,
+    /// The body.
+    pub body: Bytes,
+}
+
+/// Why a twin request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum TwinRequestError {
+    /// There is no connection to send it on.
+    #[error(transparent)]
+    Offline(#[from] PublishError),
+    /// The connection ended before IoT Hub answered.
+    #[error("the connection to IoT Hub ended before it answered")]
+    Lost,
+    /// No answer in time.
+    #[error("IoT Hub did not answer within {0:?}")]
+    Timeout(Duration),
 }
 
 #[derive(Debug)]
-struct CloudConnection {
+pub(crate) struct CloudConnection {
     identity: Identity,
     state: Mutex<LinkState>,
+    /// The connection's number while it is up (CONNACK received and not lost since), else
+    /// `None`.
+    online: watch::Sender<Option<u64>>,
+    /// IoT Hub's desired patches for the twin sync, and a count bumped at each arrival.
+    desired_in: Mutex<DesiredInbox>,
+    desired_arrived: watch::Sender<u64>,
 }
 
 impl CloudConnection {
@@ -229,8 +318,12 @@ impl CloudConnection {
 
     /// Ends the connection: every waiter is answered `Lost`.
     fn disconnect(&self, reason: &str) {
+        // Offline before the client goes: whoever waits for "online" never finds it with no
+        // client to send on.
+        self.online.send_replace(None);
         let waiters = {
             let mut state = self.lock();
+            state.twin_waiters.clear();
             state.client = None;
             state.offline_reason = reason.to_owned();
             state.renewing = false;
@@ -238,6 +331,85 @@ impl CloudConnection {
         };
         for (_, w) in waiters {
             let _ = w.send(Err(PublishError::Lost));
+        }
+    }
+
+    /// The connection's number while it is up, else `None`; the receiver changes when it
+    /// goes up or down.
+    pub(crate) fn online(&self) -> watch::Receiver<Option<u64>> {
+        self.online.subscribe()
+    }
+
+    /// Takes the desired patches IoT Hub sent since the last call, and whether one was missed.
+    pub(crate) fn take_desired(&self) -> DesiredInbox {
+        std::mem::take(&mut *self.desired_in.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Changes when a desired patch from IoT Hub arrives.
+    pub(crate) fn desired_arrivals(&self) -> watch::Receiver<u64> {
+        self.desired_arrived.subscribe()
+    }
+
+    /// Keeps a desired patch from IoT Hub for the twin sync (`None`: one that could not be
+    /// read, so the twin must be read again).
+    fn desired_arrived(&self, patch: Option<(serde_json::Map<String, serde_json::Value>, u64)>) {
+        {
+            let mut inbox = self.desired_in.lock().unwrap_or_else(|p| p.into_inner());
+            match patch {
+                Some(p) if inbox.patches.len() < DESIRED_INBOX => inbox.patches.push_back(p),
+                _ => inbox.missed = true,
+            }
+        }
+        self.desired_arrived.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Sends a twin request (`path` is the topic up to `?`, e.g.
+    /// `$iothub/twin/PATCH/properties/reported/`) under a fresh `$rid` and waits up to
+    /// `timeout` for IoT Hub's answer.
+    pub(crate) async fn twin_request(
+        &self,
+        path: &str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<TwinResponse, TwinRequestError> {
+        // The waiter is in place before the request goes: the answer cannot come first.
+        let (rid, answer) = {
+            let mut state = self.lock();
+            state.last_rid += 1;
+            let rid = format!("{:x}", state.last_rid);
+            let (tx, rx) = oneshot::channel();
+            state.twin_waiters.insert(rid.clone(), tx);
+            (rid, rx)
+        };
+        if let Err(e) = self.send_unacknowledged(format!("{path}?$rid={rid}"), body) {
+            self.lock().twin_waiters.remove(&rid);
+            return Err(e.into());
+        }
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(_)) => Err(TwinRequestError::Lost),
+            Err(_) => {
+                self.lock().twin_waiters.remove(&rid);
+                Err(TwinRequestError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Writes `payload` on `topic` at QoS 0 on the connection in use (a direct-method answer
+    /// or a twin request: the cloud answers those with a publish of its own, not a PUBACK).
+    fn send_unacknowledged(&self, topic: String, payload: Bytes) -> Result<(), PublishError> {
+        let mut state = self.lock();
+        let Some(client) = state.client.clone() else {
+            return Err(PublishError::Offline(state.offline_reason.clone()));
+        };
+        match client.try_publish(topic, QoS::AtMostOnce, false, payload.to_vec()) {
+            Ok(()) => {
+                state.inflight.queued_unacknowledged();
+                Ok(())
+            }
+            Err(e) => Err(PublishError::Offline(format!(
+                "the MQTT client took no more requests: {e}"
+            ))),
         }
     }
 
@@ -311,6 +483,9 @@ type ConnectionTask = (Arc<CloudConnection>, JoinHandle<()>);
 pub struct MqttUpstream {
     shared: Arc<Shared>,
     connections: Mutex<HashMap<Identity, ConnectionTask>>,
+    /// Tasks that live as long as this upstream: the one opening the connection of each module
+    /// that becomes a direct-method target, and the twin sync's.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for MqttUpstream {
@@ -329,6 +504,14 @@ impl Drop for MqttUpstream {
             .get_mut()
             .unwrap_or_else(|p| p.into_inner());
         for (_, (_, task)) in connections.drain() {
+            task.abort();
+        }
+        for task in self
+            .tasks
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
             task.abort();
         }
     }
@@ -351,10 +534,56 @@ impl MqttUpstream {
                 on_online: Box::new(on_online),
             }),
             connections: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
         }
     }
 
-    fn conn(&self, identity: &Identity) -> Arc<CloudConnection> {
+    /// Opens the connection of every module that is a direct-method target now or becomes one
+    /// later (the cloud can reach a module's methods only over its connection), for as long as
+    /// this upstream lives. Does nothing without [`MqttUpstreamConfig::methods`].
+    pub fn follow_method_targets(self: &Arc<Self>) {
+        let Some(methods) = self.shared.config.methods.clone() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        let mut attached = methods.watch_attached();
+        let task = tokio::spawn(async move {
+            loop {
+                // Marked seen before looking: an attach after the look is never missed.
+                attached.borrow_and_update();
+                let Some(upstream) = weak.upgrade() else {
+                    return;
+                };
+                for identity in methods.targets() {
+                    upstream.conn(&identity);
+                }
+                drop(upstream);
+                if attached.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.keep_task(task);
+    }
+
+    /// Keeps `task` until this upstream is dropped, which aborts it.
+    pub(crate) fn keep_task(&self, task: JoinHandle<()>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
+    /// The configuration.
+    pub(crate) fn config(&self) -> &MqttUpstreamConfig {
+        &self.shared.config
+    }
+
+    /// The metrics.
+    pub(crate) fn metrics(&self) -> &HubMetrics {
+        &self.shared.metrics
+    }
+
+    pub(crate) fn conn(&self, identity: &Identity) -> Arc<CloudConnection> {
         let mut connections = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((conn, _)) = connections.get(identity) {
             return Arc::clone(conn);
@@ -366,7 +595,13 @@ impl MqttUpstream {
                 offline_reason: "connecting".to_owned(),
                 renewing: false,
                 inflight: Inflight::default(),
+                twin_waiters: HashMap::new(),
+                last_rid: 0,
+                generation: 0,
             }),
+            online: watch::channel(None).0,
+            desired_in: Mutex::new(DesiredInbox::default()),
+            desired_arrived: watch::channel(0).0,
         });
         // The first connection attempt starts before this returns, so the caller's messages
         // wait for it instead of failing at once.
@@ -467,6 +702,23 @@ fn start_connection(
             Arc::clone(&config.tls),
         )));
     let (client, eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    if config.methods.is_some() {
+        // Queued behind the CONNECT: a fresh client's channel has room, so this cannot fail
+        // but by a bug, which the log shows (the module's methods are then unreachable from
+        // the cloud until the next connection).
+        if let Err(e) = client.try_subscribe(METHODS_FILTER, QoS::AtMostOnce) {
+            tracing::warn!(%identity, "cannot subscribe to direct methods: {e}");
+        }
+    }
+    if config.twins.is_some() {
+        // Before the twin sync's GET (requests go in order), so no desired patch made after
+        // the document it reads is missed.
+        for filter in [TWIN_RESPONSES_FILTER, DESIRED_PATCHES_FILTER] {
+            if let Err(e) = client.try_subscribe(filter, QoS::AtMostOnce) {
+                tracing::warn!(%identity, filter, "cannot subscribe to twin topics: {e}");
+            }
+        }
+    }
     conn.lock().client = Some(client);
     Ok((eventloop, issued))
 }
@@ -506,7 +758,7 @@ fn went_online(shared: &Shared, identity: &Identity, offline_since: &mut Option<
 /// Returns why the connection must end, if it must.
 fn on_event(
     shared: &Shared,
-    conn: &CloudConnection,
+    conn: &Arc<CloudConnection>,
     event: Result<Event, ConnectionError>,
     acked_any: &mut bool,
 ) -> Option<DownReason> {
@@ -536,10 +788,154 @@ fn on_event(
             Err(a) => Some(DownReason::from(a)),
         },
         Ok(Event::Incoming(Packet::Disconnect)) => Some(DownReason::Disconnect),
+        Ok(Event::Incoming(Packet::Publish(publish))) => {
+            drop(state);
+            on_cloud_publish(shared, conn, &publish.topic, publish.payload);
+            None
+        }
+        Ok(Event::Incoming(Packet::SubAck(ack))) => {
+            if ack
+                .return_codes
+                .iter()
+                .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+            {
+                tracing::warn!(%identity, "IoT Hub refused a subscription: {:?}", ack.return_codes);
+            }
+            None
+        }
         Ok(_) => None,
         // A lost connection is counted by `edgehub_upstream_offline`, not as a failed
         // connection attempt.
         Err(e) => Some(DownReason::Lost(Box::new(e))),
+    }
+}
+
+/// The method name and `$rid` of a direct-method request topic,
+/// `$iothub/methods/POST/{name}/?$rid={rid}[&…]`; `None` if it is not one.
+fn parse_method_request(topic: &str) -> Option<(&str, &str)> {
+    let rest = topic.strip_prefix("$iothub/methods/POST/")?;
+    let (name, query) = rest.split_once("/?")?;
+    let rid = query.split('&').find_map(|p| p.strip_prefix("$rid="))?;
+    Some((name, rid)).filter(|(_, rid)| !rid.is_empty())
+}
+
+/// The status, `$rid` and `$version` of a twin answer,
+/// `$iothub/twin/res/{status}/?$rid={rid}[&$version={n}]`; `None` if it is not one.
+fn parse_twin_response(topic: &str) -> Option<(u16, &str, Option<u64>)> {
+    let rest = topic.strip_prefix("$iothub/twin/res/")?;
+    let (status, query) = rest.split_once("/?")?;
+    let status = status.parse().ok()?;
+    let mut rid = None;
+    let mut version = None;
+    for pair in query.split('&') {
+        if let Some(r) = pair.strip_prefix("$rid=") {
+            rid = Some(r);
+        } else if let Some(v) = pair.strip_prefix("$version=") {
+            version = v.parse().ok();
+        }
+    }
+    Some((status, rid?, version))
+}
+
+/// A desired patch from IoT Hub, `$iothub/twin/PATCH/properties/desired/?$version={n}` with a
+/// JSON object (its own `$version` too): the members without `$version`, and the version (the
+/// topic's, else the body's). `None` if the topic is not one; `Some(None)` if it is one that
+/// cannot be read.
+#[allow(clippy::type_complexity)]
+fn parse_desired_patch(
+    topic: &str,
+    payload: &[u8],
+) -> Option<Option<(serde_json::Map<String, serde_json::Value>, u64)>> {
+    let query = topic.strip_prefix("$iothub/twin/PATCH/properties/desired/")?;
+    let from_topic = query
+        .strip_prefix('?')
+        .unwrap_or(query)
+        .split('&')
+        .find_map(|p| p.strip_prefix("$version="))
+        .and_then(|v| v.parse::<u64>().ok());
+    let Ok(serde_json::Value::Object(mut patch)) = serde_json::from_slice(payload) else {
+        return Some(None);
+    };
+    let from_body = patch
+        .remove(crate::twin::document::VERSION_KEY)
+        .and_then(|v| v.as_u64());
+    Some(from_topic.or(from_body).map(|version| (patch, version)))
+}
+
+/// A publish from the cloud: a twin answer completes its request; a desired patch is kept
+/// for the twin sync; a direct-method request is relayed to the module (in a task of its
+/// own, so the connection keeps serving) and its answer sent back; anything else is logged
+/// and ignored.
+fn on_cloud_publish(shared: &Shared, conn: &Arc<CloudConnection>, topic: &str, payload: Bytes) {
+    let identity = &conn.identity;
+    if shared.config.twins.is_some() {
+        if let Some(patch) = parse_desired_patch(topic, &payload) {
+            if patch.is_none() {
+                tracing::warn!(%identity, topic, "a desired patch from IoT Hub that cannot be read; reading the twin again");
+            }
+            conn.desired_arrived(patch);
+            return;
+        }
+    }
+    if let Some((status, rid, version)) = parse_twin_response(topic) {
+        let waiter = conn.lock().twin_waiters.remove(rid);
+        match waiter {
+            Some(waiter) => {
+                let _ = waiter.send(TwinResponse {
+                    status,
+                    version,
+                    body: payload,
+                });
+            }
+            None => tracing::debug!(%identity, rid, "a twin answer nobody waits for (late)"),
+        }
+        return;
+    }
+    let (Some(methods), Some((name, rid))) =
+        (shared.config.methods.clone(), parse_method_request(topic))
+    else {
+        tracing::warn!(%identity, topic, "ignored a publish from IoT Hub");
+        return;
+    };
+    let rid = rid.to_owned();
+    let request = match MethodName::new(name) {
+        Ok(name) => MethodRequest {
+            name,
+            payload,
+            response_timeout: shared.config.method_timeout,
+            connect_timeout: Duration::ZERO,
+        },
+        Err(e) => {
+            let body = serde_json::json!({ "message": e.to_string() }).to_string();
+            answer_cloud(conn, i32::from(e.status()), &rid, body.into());
+            return;
+        }
+    };
+    tracing::debug!(%identity, method = name, rid, "direct method from IoT Hub");
+    let conn = Arc::clone(conn);
+    // Not awaited: it ends with its answer (at most the method timeout).
+    drop(tokio::spawn(async move {
+        let (status, body) = match methods.invoke(&conn.identity, &request).await {
+            Ok(response) => (response.status, response.payload),
+            Err(e) => {
+                tracing::info!(
+                    identity = %conn.identity,
+                    method = %request.name,
+                    "direct method from IoT Hub: {e}"
+                );
+                let body = serde_json::json!({ "message": e.to_string() }).to_string();
+                (i32::from(e.status()), Bytes::from(body))
+            }
+        };
+        answer_cloud(&conn, status, &rid, body);
+    }));
+}
+
+/// Sends a direct-method answer to the cloud, or logs why it cannot go.
+fn answer_cloud(conn: &CloudConnection, status: i32, rid: &str, body: Bytes) {
+    let topic = format!("$iothub/methods/res/{status}/?$rid={rid}");
+    if let Err(e) = conn.send_unacknowledged(topic, body) {
+        tracing::warn!(identity = %conn.identity, "a direct-method answer to IoT Hub was dropped: {e}");
     }
 }
 
@@ -548,13 +944,19 @@ fn on_event(
 /// in flight has drained ([`state::Event::TokenDue`]).
 async fn serve(
     shared: &Shared,
-    conn: &CloudConnection,
+    conn: &Arc<CloudConnection>,
     eventloop: &mut EventLoop,
     issued: Instant,
     offline_since: &mut Option<Instant>,
 ) -> LinkEvent {
     let identity = &conn.identity;
     went_online(shared, identity, offline_since);
+    let generation = {
+        let mut state = conn.lock();
+        state.generation = state.generation.wrapping_add(1);
+        state.generation
+    };
+    conn.online.send_replace(Some(generation));
     let renew_after = shared.config.token_ttl.mul_f64(0.75);
     let up_since = Instant::now();
     let mut acked_any = false;
@@ -723,6 +1125,75 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn method_request_topics_give_name_and_rid() {
+        assert_eq!(
+            parse_method_request("$iothub/methods/POST/reboot/?$rid=1f"),
+            Some(("reboot", "1f"))
+        );
+        assert_eq!(
+            parse_method_request("$iothub/methods/POST/m/?x=1&$rid=a"),
+            Some(("m", "a"))
+        );
+        for t in [
+            "$iothub/methods/POST/m/",
+            "$iothub/methods/POST/m/?$rid=",
+            "$iothub/methods/res/200/?$rid=1",
+            "$iothub/twin/PATCH/properties/desired/?$version=2",
+        ] {
+            assert_eq!(parse_method_request(t), None, "{t}");
+        }
+    }
+
+    #[test]
+    fn desired_patches_give_members_and_version_from_the_topic_else_the_body() {
+        let body = br#"{"rate": 2, "mode": null, "$version": 7}"#;
+        let (patch, version) =
+            parse_desired_patch("$iothub/twin/PATCH/properties/desired/?$version=7", body)
+                .unwrap()
+                .unwrap();
+        assert_eq!(
+            (serde_json::Value::Object(patch), version),
+            (serde_json::json!({"rate": 2, "mode": null}), 7)
+        );
+        let (_, version) = parse_desired_patch("$iothub/twin/PATCH/properties/desired/", body)
+            .unwrap()
+            .unwrap();
+        assert_eq!(version, 7);
+        for bad in [&b"[1]"[..], b"{oops", br#"{"a": 1}"#] {
+            assert_eq!(
+                parse_desired_patch("$iothub/twin/PATCH/properties/desired/", bad),
+                Some(None),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(
+            parse_desired_patch("$iothub/twin/res/200/?$rid=1", body),
+            None
+        );
+    }
+
+    #[test]
+    fn twin_answers_give_status_rid_and_version() {
+        assert_eq!(
+            parse_twin_response("$iothub/twin/res/204/?$rid=a&$version=7"),
+            Some((204, "a", Some(7)))
+        );
+        assert_eq!(
+            parse_twin_response("$iothub/twin/res/200/?$rid=3"),
+            Some((200, "3", None))
+        );
+        for t in [
+            "$iothub/twin/res/204/",
+            "$iothub/twin/res/ok/?$rid=1",
+            "$iothub/twin/res/204/?$version=2",
+            "$iothub/methods/res/200/?$rid=1",
+        ] {
+            assert_eq!(parse_twin_response(t), None, "{t}");
+        }
+    }
 
     /// A CA file with no certificate is refused by name, with the words it had as a string.
     #[test]

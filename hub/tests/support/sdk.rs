@@ -388,6 +388,23 @@ fn ip(args: &[&str]) -> Result<(), String> {
 // ---------------------------------------------------------------------------------------------
 // Processes and their JSON lines
 
+/// The module environment IoT Edge gives a module ([`ModuleCmd::edge_env`]).
+#[derive(Debug)]
+pub struct EdgeEnv<'a> {
+    /// `EdgeHubConnectionString`: the module's connection string.
+    pub connection_string: String,
+    /// `EdgeModuleCACertificateFile`: the CA the module trusts.
+    pub ca: &'a Path,
+    /// `IOTEDGE_IOTHUBHOSTNAME`.
+    pub iothub_hostname: &'a str,
+    /// `IOTEDGE_DEVICEID`.
+    pub device: &'a str,
+    /// `IOTEDGE_MODULEID`.
+    pub module: &'a str,
+    /// `IOTEDGE_GATEWAYHOSTNAME`: where the module finds the hub (and its HTTPS methods).
+    pub gateway: &'a str,
+}
+
 /// An SDK script ready to start (from [`NetNs::module`]).
 #[derive(Debug)]
 pub struct ModuleCmd {
@@ -417,6 +434,29 @@ impl ModuleCmd {
     pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
         self.cmd.env_remove(key);
         self
+    }
+
+    /// Runs the script from exactly the module environment IoT Edge (or the Kubernetes
+    /// controller) gives a module, with `--edge-env`: none of the test's own `EDGEHUB_*`
+    /// variables, only `EdgeHubConnectionString`, the CA file and the `IOTEDGE_*` names.
+    pub fn edge_env(self, edge: EdgeEnv<'_>) -> Self {
+        let mut cmd = self
+            .env_remove("EDGEHUB_CS")
+            .env_remove("EDGEHUB_CA")
+            .env_remove("IOTEDGE_WORKLOADURI")
+            .env_remove("IOTEDGE_APIVERSION")
+            .args(["--edge-env"]);
+        for (k, v) in [
+            ("EdgeHubConnectionString", edge.connection_string),
+            ("EdgeModuleCACertificateFile", edge.ca.display().to_string()),
+            ("IOTEDGE_IOTHUBHOSTNAME", edge.iothub_hostname.to_owned()),
+            ("IOTEDGE_DEVICEID", edge.device.to_owned()),
+            ("IOTEDGE_MODULEID", edge.module.to_owned()),
+            ("IOTEDGE_GATEWAYHOSTNAME", edge.gateway.to_owned()),
+        ] {
+            cmd = cmd.env(k, v);
+        }
+        cmd
     }
 
     /// Starts it; read its lines with [`Proc::expect_event`], [`Proc::data_lines`], ….

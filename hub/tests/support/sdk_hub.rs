@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use crate::sdk::{ModuleCmd, NetNs, Proc, Script, Sdk, SdkEnv};
+use crate::sdk::{EdgeEnv, ModuleCmd, NetNs, Proc, Script, Sdk, SdkEnv};
 use crate::testhub::{self, TestHub};
 
 /// `s` seconds.
@@ -90,6 +90,21 @@ impl SdkHub {
     /// An SDK script as `module` (its connection string, the CA), inside the namespace.
     pub fn module(&self, sdk: Sdk, script: Script, module: &str) -> ModuleCmd {
         self.module_with(sdk, script, self.cs(module))
+    }
+
+    /// `script` of `sdk` as `module` from exactly the module environment IoT Edge gives
+    /// ([`ModuleCmd::edge_env`]; it calls methods over HTTPS to port 443 of its gateway host).
+    pub fn edge_module(&self, sdk: Sdk, script: Script, module: &str) -> ModuleCmd {
+        self.ns
+            .module(&self.env, sdk, script, "", Path::new(""))
+            .edge_env(EdgeEnv {
+                connection_string: self.config.connection_string(module),
+                ca: &self.ca,
+                iothub_hostname: testhub::IOTHUB_HOSTNAME,
+                device: testhub::DEVICE_ID,
+                module,
+                gateway: testhub::GATEWAY,
+            })
     }
 
     /// An SDK script with connection string `cs` (e.g. one with a wrong key).

@@ -418,7 +418,9 @@ impl Conn {
                     }
                     r
                 });
+                let answer = self.shared.answer_reported.load(Ordering::SeqCst);
                 match patched {
+                    Ok(_) if !answer => {}
                     Ok(v) => self.respond(
                         &format!("$iothub/twin/res/204/?$rid={rid}&$version={v}"),
                         String::new(),

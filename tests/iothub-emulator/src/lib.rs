@@ -216,6 +216,10 @@ pub struct IdentityStats {
     pub connections_replaced: u64,
     /// Connections closed for breaking a rule (bad topic, QoS 2, malformed packet, …).
     pub protocol_violations: u64,
+    /// SUBSCRIBEs granting `$iothub/methods/POST/#` (or a filter under it).
+    pub method_subscriptions: u64,
+    /// SUBSCRIBEs granting `$iothub/twin/PATCH/properties/desired/#` (or a filter under it).
+    pub desired_subscriptions: u64,
 }
 
 /// Counters since start.
@@ -351,6 +355,8 @@ pub(crate) struct Shared {
     pub(crate) acceptor: TlsAcceptor,
     pub(crate) refuse: AtomicBool,
     pub(crate) ack: AtomicBool,
+    /// While `false`, reported patches are applied but not answered.
+    pub(crate) answer_reported: AtomicBool,
     next_conn: AtomicU64,
     state: Mutex<State>,
     conns: Mutex<HashMap<u64, ConnEntry>>,
@@ -396,9 +402,22 @@ impl Shared {
 
     /// Records what connection `serial` subscribed to of the emulator's own publishes.
     pub(crate) fn subscribed(&self, serial: u64, subs: Subscriptions) {
-        if let Some(entry) = self.conns().get_mut(&serial) {
+        let identity = {
+            let mut conns = self.conns();
+            let Some(entry) = conns.get_mut(&serial) else {
+                return;
+            };
             entry.subs.desired |= subs.desired;
             entry.subs.methods |= subs.methods;
+            entry.identity.clone()
+        };
+        // Counted once the subscription is in place, so a waiter can push at once.
+        if let Some(identity) = identity.filter(|_| subs.desired || subs.methods) {
+            self.update(|s| {
+                let stats = s.identity(&identity);
+                stats.method_subscriptions += u64::from(subs.methods);
+                stats.desired_subscriptions += u64::from(subs.desired);
+            });
         }
     }
 
@@ -597,6 +616,7 @@ impl Emulator {
             acceptor: tls.acceptor,
             refuse: AtomicBool::new(false),
             ack: AtomicBool::new(true),
+            answer_reported: AtomicBool::new(true),
             next_conn: AtomicU64::new(1),
             state: Mutex::new(State::default()),
             conns: Mutex::new(HashMap::new()),
@@ -722,6 +742,52 @@ impl Emulator {
         .await
     }
 
+    /// Waits until connections of `identity` subscribed to its direct methods `n` times in all
+    /// (after that many, [`Emulator::invoke_method`] finds one subscribed unless it closed).
+    pub async fn wait_for_method_subscriptions(
+        &self,
+        identity: &str,
+        n: u64,
+        timeout: Duration,
+    ) -> Result<(), WaitTimeout> {
+        let id = identity.to_owned();
+        self.wait(
+            format!("{n} method subscriptions of {identity}"),
+            n,
+            timeout,
+            move |s| {
+                s.stats
+                    .per_identity
+                    .get(&id)
+                    .map_or(0, |i| i.method_subscriptions)
+            },
+        )
+        .await
+    }
+
+    /// Waits until connections of `identity` subscribed to desired-property patches `n` times
+    /// in all.
+    pub async fn wait_for_desired_subscriptions(
+        &self,
+        identity: &str,
+        n: u64,
+        timeout: Duration,
+    ) -> Result<(), WaitTimeout> {
+        let id = identity.to_owned();
+        self.wait(
+            format!("{n} desired-patch subscriptions of {identity}"),
+            n,
+            timeout,
+            move |s| {
+                s.stats
+                    .per_identity
+                    .get(&id)
+                    .map_or(0, |i| i.desired_subscriptions)
+            },
+        )
+        .await
+    }
+
     /// Waits until at least `n` CONNECTs in all have been refused.
     pub async fn wait_for_refusals(&self, n: u64, timeout: Duration) -> Result<(), WaitTimeout> {
         self.wait(format!("{n} refused CONNECTs"), n, timeout, |s| {
@@ -800,6 +866,12 @@ impl Emulator {
     /// middle of a stream); only new connections see the flag turned back on.
     pub fn set_ack(&self, ack: bool) {
         self.shared.ack.store(ack, Ordering::SeqCst);
+    }
+
+    /// While `false`, a reported-properties patch is applied (and counted) but not answered, as
+    /// if IoT Hub's 204 were lost on the way; the connection stays up.
+    pub fn answer_reported(&self, answer: bool) {
+        self.shared.answer_reported.store(answer, Ordering::SeqCst);
     }
 
     /// Stops listening (the port refuses connections) and closes every connection; returns once
