@@ -454,6 +454,13 @@ impl Reloader {
     /// the routes, the connections of removed or re-keyed modules, the input sinks.
     fn apply(&self, active: &Active, deployment: &Deployment, changes: &Changes) {
         record_modules(self.settings.data_dir(), &self.ctx.identities);
+        if deployment.replicas != active.deployment.replicas {
+            crate::head::context::declare_replicas(
+                &self.ctx.router,
+                &self.ctx.dispatcher,
+                &deployment.replicas,
+            );
+        }
         if deployment.edge_hub.routes != active.deployment.edge_hub.routes {
             self.ctx.router.reload(deployment.edge_hub.routes.clone());
         }

@@ -548,6 +548,7 @@ fn start_delivery(
         .map_err(RunError::Delivery)?,
     );
     let router = Router::new(deployment.edge_hub.routes.clone(), &dispatcher);
+    crate::head::context::declare_replicas(&router, &dispatcher, &deployment.replicas);
     let owner: Arc<dyn crate::owned_file::Ownership> = Arc::new(store.clone());
     let sessions = Arc::new(
         Sessions::load(settings.data_dir(), Arc::clone(&owner)).map_err(RunError::Sessions)?,

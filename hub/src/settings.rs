@@ -189,7 +189,7 @@ pub fn parse_manifest(text: &str) -> Result<Deployment, ManifestError> {
 }
 
 /// One line about a valid manifest: schema, routes, store TTL, the modules it declares, and
-/// those declared replicated (parsed, not served yet: issue 17 phase 1).
+/// those declared replicated (served as replicas over MQTT; over AMQP as one module).
 pub fn manifest_summary(deployment: &Deployment) -> String {
     let config = &deployment.edge_hub;
     let ttl = match config.store_ttl {
@@ -211,7 +211,7 @@ pub fn manifest_summary(deployment: &Deployment) -> String {
         String::new()
     } else {
         format!(
-            "; replicated, not served as replicas yet (one connection each): {}",
+            "; replicated (replicas over MQTT only): {}",
             replicated.join(", ")
         )
     };
@@ -1423,7 +1423,7 @@ mod tests {
     }
 
     #[test]
-    fn the_summary_names_replicated_modules_as_not_served_yet() {
+    fn the_summary_names_replicated_modules_and_that_only_mqtt_serves_them() {
         let plain = parse_manifest(DEFAULT_MANIFEST).expect("valid");
         assert!(!manifest_summary(&plain).contains("replicated"));
         let replicated = DEFAULT_MANIFEST.replacen(
@@ -1434,10 +1434,7 @@ mod tests {
         assert_ne!(replicated, DEFAULT_MANIFEST);
         let summary = manifest_summary(&parse_manifest(&replicated).expect("valid"));
         assert!(
-            summary.ends_with(
-                "replicated, not served as replicas yet (one connection each): \
-                 receiver x3 by $body.id"
-            ),
+            summary.ends_with("replicated (replicas over MQTT only): receiver x3 by $body.id"),
             "{summary}"
         );
     }

@@ -28,7 +28,10 @@ use tokio::task::JoinHandle;
 pub use crate::endpoint_worker::EndpointPolicy;
 use crate::endpoint_worker::{EndpointWorker, QueueKey, WorkerChannels, WorkerContext};
 use crate::events::{Counters, RouterMetrics};
-use crate::queue_id::QueueId;
+use crate::message::ModuleId;
+use crate::queue_id::{is_partition_queue, QueueId};
+use crate::replica_worker::ReplicatedInput;
+use crate::replicas::{PartitionId, ReplicaCount};
 use crate::retry::RetryPolicy;
 use crate::route::{Endpoint, EndpointId};
 use crate::sink::{DynSink, Sink};
@@ -90,6 +93,10 @@ struct Shared {
 struct Workers {
     closed: bool,
     by_endpoint: BTreeMap<EndpointId, Slot>,
+    /// The declared count of every replicated module.
+    replica_counts: BTreeMap<ModuleId, ReplicaCount>,
+    /// The replicated inputs served, each with its worker task.
+    replicated: BTreeMap<EndpointId, (Arc<ReplicatedInput>, Option<JoinHandle<()>>)>,
 }
 
 /// What the dispatcher keeps per endpoint: the worker's inputs and its task.
@@ -226,15 +233,46 @@ impl Dispatcher {
         self.handle.metrics()
     }
 
+    /// Declares the replicated modules and their counts (from a manifest). A replicated input
+    /// already served takes its module's new count (`Replicas::set_count`); a module no longer
+    /// declared keeps its last count for the inputs already served.
+    pub fn set_replica_counts(&self, counts: BTreeMap<ModuleId, ReplicaCount>) {
+        let mut workers = self.handle.lock();
+        for (input, _) in workers.replicated.values() {
+            if let Some(count) = counts.get(input.module()) {
+                input.set_count(*count);
+            }
+        }
+        workers.replica_counts = counts;
+    }
+
+    /// Whether `module` is declared replicated.
+    pub fn is_replicated(&self, module: &ModuleId) -> bool {
+        self.handle.lock().replica_counts.contains_key(module)
+    }
+
+    /// The replicated input `endpoint` (started on first use), or `None` if its module is not
+    /// declared replicated or its partition queues cannot be named.
+    pub fn replicated_input(&self, endpoint: &Endpoint) -> Option<Arc<ReplicatedInput>> {
+        self.handle.replicated_input(endpoint)
+    }
+
     /// Stops every worker and waits for them to exit. Messages not yet checkpointed stay queued.
     pub async fn shutdown(self) {
         let tasks: Vec<JoinHandle<()>> = {
             let mut workers = self.handle.lock();
             workers.closed = true;
+            let workers = &mut *workers;
             workers
                 .by_endpoint
                 .values_mut()
                 .filter_map(|s| s.task.take())
+                .chain(
+                    workers
+                        .replicated
+                        .values_mut()
+                        .filter_map(|(_, t)| t.take()),
+                )
                 .collect()
         };
         self.handle.shared.shutdown.send_replace(true);
@@ -254,9 +292,17 @@ impl Drop for Dispatcher {
 }
 
 impl DispatcherHandle {
-    /// The routing counters now.
+    /// The routing counters now, with every replicated input's counts.
     pub fn metrics(&self) -> RouterMetrics {
-        self.shared.counters.snapshot()
+        let mut metrics = self.shared.counters.snapshot();
+        let inputs: Vec<Arc<ReplicatedInput>> = self
+            .lock()
+            .replicated
+            .values()
+            .map(|(i, _)| Arc::clone(i))
+            .collect();
+        metrics.replicas = inputs.iter().map(|i| i.stats()).collect();
+        metrics
     }
 
     /// The store the workers read (and the router appends to).
@@ -281,6 +327,48 @@ impl DispatcherHandle {
             slot.queues
                 .send_if_modified(|q| q.insert((queue.priority, queue.lane)));
         });
+    }
+
+    /// Makes sure a replicated input's worker runs before a message is stored in one of its
+    /// partition queues (it reads every partition; the partition is for the log).
+    pub(crate) fn ensure_partition(&self, endpoint: &Endpoint, partition: PartitionId) {
+        if self.replicated_input(endpoint).is_none() {
+            tracing::warn!(%endpoint, %partition,
+                "a partition queue of a module not declared replicated: it waits until it is");
+        }
+    }
+
+    fn replicated_input(&self, endpoint: &Endpoint) -> Option<Arc<ReplicatedInput>> {
+        let Endpoint::ModuleInput { module, .. } = endpoint else {
+            return None;
+        };
+        let mut workers = self.lock();
+        if let Some((input, _)) = workers.replicated.get(&endpoint.id()) {
+            return Some(Arc::clone(input));
+        }
+        let count = *workers.replica_counts.get(module)?;
+        let shared = &self.shared;
+        let input = match ReplicatedInput::new(
+            endpoint,
+            count,
+            shared.store.clone(),
+            Arc::clone(&shared.clock),
+        ) {
+            Ok(input) => Arc::new(input),
+            Err(e) => {
+                tracing::error!(%endpoint, error = %e, "a replicated input cannot be served");
+                return None;
+            }
+        };
+        let task = (!workers.closed).then(|| {
+            shared
+                .runtime
+                .spawn(Arc::clone(&input).run(shared.shutdown.subscribe()))
+        });
+        workers
+            .replicated
+            .insert(endpoint.id(), (Arc::clone(&input), task));
+        Some(input)
     }
 
     fn lock(&self) -> MutexGuard<'_, Workers> {
@@ -336,7 +424,8 @@ impl DispatcherHandle {
     /// Registers every router queue the store holds undelivered messages for.
     fn recover_queues(&self) {
         for q in self.shared.store.stats().queues {
-            if q.tail <= q.checkpoint {
+            if q.tail <= q.checkpoint || is_partition_queue(&q.name) {
+                // A partition queue is served once its module's replicas are declared.
                 continue;
             }
             match QueueId::parse(&q.name) {

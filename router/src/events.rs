@@ -36,6 +36,8 @@ pub struct RouterMetrics {
     /// Live-lane messages that passed their `x-edgehub-liveFirstSecs` limit undelivered and were
     /// moved (copied, then checkpointed past) to their endpoint's backlog lane.
     pub moved_to_backlog: u64,
+    /// Every replicated module input served, with its counts (filled by the dispatcher).
+    pub replicas: Vec<crate::replica_worker::ReplicaStats>,
 }
 
 /// The live counters, shared by the router, the dispatcher and every worker.
@@ -68,6 +70,7 @@ impl Counters {
             retries: get(&self.retries),
             worker_failures: get(&self.worker_failures),
             moved_to_backlog: get(&self.moved_to_backlog),
+            replicas: Vec::new(),
         }
     }
 }

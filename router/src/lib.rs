@@ -59,6 +59,7 @@ pub mod expiry;
 pub mod manifest;
 pub mod message;
 pub mod queue_id;
+pub mod replica_worker;
 pub mod replicas;
 pub mod retry;
 pub mod route;

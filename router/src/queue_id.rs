@@ -12,7 +12,13 @@
 //! q1|up|p{priority}                       $upstream
 //! q1|in|{module}|{input}|p{priority}      BrokeredEndpoint("/modules/{module}/inputs/{input}")
 //! …|p{priority}|live                      the live lane of either
+//! q1|in|{module}|{input}|r{partition}     one partition of a replicated module's input
 //! ```
+//!
+//! A replicated module's input (`x-edgehub-replicas`) has one queue per partition instead of
+//! its priority queues: per-key order comes before priority there (ARCHITECTURE.md "Module
+//! replicas"). Those names are built by [`partition_queue_name`] and recognised by
+//! [`is_partition_queue`]; [`QueueId::parse`] calls them foreign (no endpoint worker drains them).
 //!
 //! `{module}` and `{input}` escape `%` as `%25` and `|` as `%7C`; `{priority}` is decimal. Names
 //! stay readable in store statistics.
@@ -164,6 +170,35 @@ impl fmt::Display for QueueId {
     }
 }
 
+/// The store queue of `partition` of a replicated module's input `endpoint`; `None` for the
+/// upstream endpoint, which is never replicated. Too long a name is a
+/// [`QueueIdError::TooLong`] (reported at priority 0).
+pub fn partition_queue_name(
+    endpoint: &Endpoint,
+    partition: crate::replicas::PartitionId,
+) -> Option<Result<QueueName, QueueIdError>> {
+    let Endpoint::ModuleInput { module, input } = endpoint else {
+        return None;
+    };
+    let text = format!(
+        "{PREFIX}{SEP}in{SEP}{}{SEP}{}{SEP}r{}",
+        escape(module.as_str()),
+        escape(input.as_str()),
+        partition.get()
+    );
+    Some(QueueName::new(&text).map_err(|_| QueueIdError::TooLong {
+        endpoint: endpoint.to_string(),
+        priority: 0,
+        len: text.len(),
+    }))
+}
+
+/// Whether `name` is a partition queue ([`partition_queue_name`]).
+pub fn is_partition_queue(name: &QueueName) -> bool {
+    let parts: Vec<&str> = name.as_str().split(SEP).collect();
+    matches!(parts.as_slice(), [PREFIX, "in", _, _, r] if r.strip_prefix('r').is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit())))
+}
+
 fn parse_priority(text: &str) -> Option<Priority> {
     let digits = text.strip_prefix('p')?;
     // Only the canonical decimal form, so that one id has exactly one name.
@@ -209,6 +244,23 @@ mod tests {
             module: ModuleId::new(module),
             input: InputName::new(input),
         }
+    }
+
+    #[test]
+    fn partition_queues_have_their_own_names_that_parse_as_foreign() {
+        let p = crate::replicas::PartitionId::new(7).unwrap();
+        let name = partition_queue_name(&input("f|x", "in1"), p)
+            .unwrap()
+            .unwrap();
+        assert_eq!(name.as_str(), "q1|in|f%7Cx|in1|r7");
+        assert!(is_partition_queue(&name));
+        assert!(matches!(
+            QueueId::parse(&name),
+            Err(QueueIdError::Foreign(_))
+        ));
+        let plain = QueueId::new(input("f", "in1"), Priority(0)).name().unwrap();
+        assert!(!is_partition_queue(&plain));
+        assert!(partition_queue_name(&Endpoint::Upstream, p).is_none());
     }
 
     #[test]

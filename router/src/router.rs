@@ -55,9 +55,10 @@
 //! - Both sides must read the same clock: pass the same [`store::Clock`] to the store and to
 //!   the dispatcher.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
@@ -69,9 +70,10 @@ use crate::codec::{self, EncodeError, EndpointOptions, Envelope, ExpiryOverride}
 use crate::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::events::{self, Counters, RouterMetrics};
 use crate::expiry::{expiry_at, latest};
-use crate::message::Message;
-use crate::queue_id::{Lane, QueueId, QueueIdError};
-use crate::route::{EndpointId, Route, RouteTable, Target};
+use crate::message::{Message, ModuleId};
+use crate::queue_id::{partition_queue_name, Lane, QueueId, QueueIdError};
+use crate::replicas::{partition_of, PartitionId, PartitionKey, PARTITIONS};
+use crate::route::{Endpoint, EndpointId, Route, RouteTable, Target};
 
 /// What became of a routed message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +108,9 @@ pub enum RouteError {
 #[derive(Debug)]
 pub struct Router {
     table: RwLock<Arc<BoundTable>>,
+    /// The partition key of every replicated module: a route into one of its inputs stores
+    /// into the partition queue of the message's key.
+    replicas: RwLock<Arc<BTreeMap<ModuleId, PartitionKey>>>,
     dispatcher: DispatcherHandle,
     store: Store,
     clock: Arc<dyn Clock>,
@@ -134,11 +139,37 @@ struct QueueBinding {
     /// The dispatcher is known to have a worker draining this queue: a dispatcher never
     /// forgets a queue, so the router tells it only once per table.
     ensured: AtomicBool,
+    /// For an input of a replicated module: its partition queues, chosen per message.
+    partitioned: Option<Partitioned>,
+}
+
+/// The partition queues of a replicated module's input (ARCHITECTURE.md "Module replicas").
+#[derive(Debug)]
+struct Partitioned {
+    key: PartitionKey,
+    /// One per partition, by [`PartitionId::index`].
+    names: Vec<Result<QueueName, QueueIdError>>,
+    /// Bit `p`: the dispatcher knows partition `p` has messages coming.
+    ensured: AtomicU64,
+}
+
+impl Partitioned {
+    fn name(&self, partition: PartitionId) -> Result<QueueName, QueueIdError> {
+        match self.names.get(partition.index()) {
+            Some(name) => name.clone(),
+            // Never: there is a name for each of the PARTITIONS partitions.
+            None => Err(QueueIdError::Foreign(format!("partition {partition}"))),
+        }
+    }
 }
 
 impl BoundTable {
-    fn new(table: RouteTable) -> BoundTable {
-        let queues = table.routes().iter().map(QueueBinding::of).collect();
+    fn new(table: RouteTable, replicas: &BTreeMap<ModuleId, PartitionKey>) -> BoundTable {
+        let queues = table
+            .routes()
+            .iter()
+            .map(|r| QueueBinding::of(r, replicas))
+            .collect();
         BoundTable {
             table: Arc::new(table),
             queues,
@@ -160,18 +191,30 @@ impl BoundTable {
 }
 
 impl QueueBinding {
-    fn of(route: &Route) -> QueueBinding {
+    fn of(route: &Route, replicas: &BTreeMap<ModuleId, PartitionKey>) -> QueueBinding {
         let lane = if route.options().live_first_secs.is_some() {
             Lane::Live
         } else {
             Lane::Backlog
         };
         let id = QueueId::in_lane(route.endpoint().clone(), route.priority(), lane);
+        let partitioned = match route.endpoint() {
+            Endpoint::ModuleInput { module, .. } => replicas.get(module).map(|key| Partitioned {
+                key: key.clone(),
+                names: (0..PARTITIONS)
+                    .filter_map(PartitionId::new)
+                    .filter_map(|p| partition_queue_name(route.endpoint(), p))
+                    .collect(),
+                ensured: AtomicU64::new(0),
+            }),
+            Endpoint::Upstream => None,
+        };
         QueueBinding {
             name: id.name(),
             endpoint_id: id.endpoint_id(),
             id,
             ensured: AtomicBool::new(false),
+            partitioned,
         }
     }
 }
@@ -181,7 +224,8 @@ impl Router {
     pub fn new(table: RouteTable, dispatcher: &Dispatcher) -> Router {
         let handle = dispatcher.handle();
         Router {
-            table: RwLock::new(Arc::new(BoundTable::new(table))),
+            table: RwLock::new(Arc::new(BoundTable::new(table, &BTreeMap::new()))),
+            replicas: RwLock::new(Arc::new(BTreeMap::new())),
             store: handle.store().clone(),
             clock: Arc::clone(handle.clock()),
             counters: Arc::clone(handle.counters()),
@@ -200,8 +244,20 @@ impl Router {
 
     /// Replaces the route table; it applies to messages routed from now on.
     pub fn reload(&self, table: RouteTable) {
-        let bound = Arc::new(BoundTable::new(table));
+        let replicas = Arc::clone(&self.replicas.read().unwrap_or_else(|p| p.into_inner()));
+        let bound = Arc::new(BoundTable::new(table, &replicas));
         *self.table.write().unwrap_or_else(|p| p.into_inner()) = bound;
+    }
+
+    /// Declares the replicated modules (module → partition key), from a manifest: routes into
+    /// their inputs store each message in the partition queue of its key from now on (the
+    /// current table is bound again at once). Messages already queued stay where they are.
+    pub fn set_replicas(&self, replicas: BTreeMap<ModuleId, PartitionKey>) {
+        let replicas = Arc::new(replicas);
+        let mut table = self.table.write().unwrap_or_else(|p| p.into_inner());
+        *self.replicas.write().unwrap_or_else(|p| p.into_inner()) = Arc::clone(&replicas);
+        let current = RouteTable::clone(&table.table);
+        *table = Arc::new(BoundTable::new(current, &replicas));
     }
 
     /// The routing counters now.
@@ -260,8 +316,23 @@ impl Router {
                 .iter()
                 .filter_map(|t| Some((t, bound.binding(t)?, expiry_at(now, t.ttl))))
         };
+        // A replicated input's queue is the partition of the message's key (worked out only
+        // when a target is one, so other messages allocate nothing more).
+        let partitions: Vec<Option<PartitionId>> =
+            if bound_targets().any(|(_, q, _)| q.partitioned.is_some()) {
+                bound_targets()
+                    .map(|(_, q, _)| q.partitioned.as_ref().map(|p| partition_of(&msg, &p.key)))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+        let partition = |i: usize| partitions.get(i).copied().flatten();
         let names = bound_targets()
-            .map(|(_, q, _)| q.name.clone())
+            .enumerate()
+            .map(|(i, (_, q, _))| match (&q.partitioned, partition(i)) {
+                (Some(p), Some(part)) => p.name(part),
+                _ => q.name.clone(),
+            })
             .collect::<Result<Vec<QueueName>, _>>()?;
         let stored_expiry = latest(bound_targets().map(|(_, _, e)| e));
         let expiry_overrides = bound_targets()
@@ -286,7 +357,15 @@ impl Router {
             },
             &delivery_options,
         )?;
-        for (_, q, _) in bound_targets() {
+        for (i, (_, q, _)) in bound_targets().enumerate() {
+            if let (Some(p), Some(part)) = (&q.partitioned, partition(i)) {
+                let bit = 1u64 << part.get();
+                if p.ensured.load(Ordering::Acquire) & bit == 0 {
+                    self.dispatcher.ensure_partition(&q.id.endpoint, part);
+                    p.ensured.fetch_or(bit, Ordering::Release);
+                }
+                continue;
+            }
             if !q.ensured.load(Ordering::Acquire) {
                 self.dispatcher.ensure_queue(&q.id);
                 q.ensured.store(true, Ordering::Release);

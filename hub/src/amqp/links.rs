@@ -401,6 +401,10 @@ async fn settle_in_order<D, A, O, E>(
 /// while this connection is current, then [`InputsLink::close`].
 pub async fn serve_inputs(sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
+    if ctx.dispatcher.is_replicated(&identity.module) {
+        tracing::warn!(%identity,
+            "an inputs link of a replicated module over AMQP: its inputs are served to replicas over MQTT only, nothing is delivered on this link");
+    }
     let (out_tx, out_rx) = outbound_channel();
     let (registered, current) =
         ctx.register_input_sinks(&identity, &out_tx, || shared.is_current(&identity));

@@ -16,6 +16,23 @@ use crate::identity::{Identities, Identity};
 use crate::methods::Methods;
 use crate::metrics::HubMetrics;
 
+/// Declares a deployment's replicated modules to the router (partition keys: where their
+/// inputs' messages are stored) and the dispatcher (counts: a change reaches every replicated
+/// input served, `Replicas::set_count`). At startup and on every reload.
+pub fn declare_replicas(
+    router: &Router,
+    dispatcher: &Dispatcher,
+    replicas: &std::collections::BTreeMap<router::ModuleId, router::replicas::ReplicaSpec>,
+) {
+    dispatcher.set_replica_counts(replicas.iter().map(|(m, s)| (m.clone(), s.count)).collect());
+    router.set_replicas(
+        replicas
+            .iter()
+            .map(|(m, s)| (m.clone(), s.key.clone()))
+            .collect(),
+    );
+}
+
 /// The input sinks one receiver registered, by endpoint: only these are removed when it goes.
 pub type RegisteredSinks = Vec<(Endpoint, Arc<dyn DynSink>)>;
 

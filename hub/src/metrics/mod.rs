@@ -155,6 +155,21 @@ struct ToLabel {
     to: String,
 }
 
+/// Labels of a replicated module input's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaLabels {
+    module: String,
+    input: String,
+}
+
+/// Labels of the partitions-owned gauge: one series per member slot.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReplicaSlotLabels {
+    module: String,
+    input: String,
+    slot: u8,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
@@ -219,6 +234,9 @@ pub struct HubMetrics {
     router_deliveries: Counter,
     router_retries: Counter,
     router_worker_failures: Counter,
+    replica_duplicates: Family<ReplicaLabels, Counter>,
+    replica_refused: Family<ReplicaLabels, Counter>,
+    replica_partitions: Family<ReplicaSlotLabels, Gauge>,
 
     queue_length: Family<QueueLabels, Gauge>,
     queue_oldest_age: Family<QueueLabels, Gauge<f64, AtomicU64>>,
@@ -282,6 +300,9 @@ impl HubMetrics {
             router_deliveries: Counter::default(),
             router_retries: Counter::default(),
             router_worker_failures: Counter::default(),
+            replica_duplicates: Family::default(),
+            replica_refused: Family::default(),
+            replica_partitions: Family::default(),
             queue_length: Family::default(),
             queue_oldest_age: Family::default(),
             store_fdatasyncs: Counter::default(),
@@ -448,6 +469,21 @@ impl HubMetrics {
             "edgehub_router_worker_failures",
             "Endpoint workers stopped by a store failure",
             self.router_worker_failures.clone(),
+        );
+        r.register(
+            "edgehub_replica_duplicates",
+            "Deliveries to a replicated module abandoned (their replica left, crashed, was displaced or missed the handoff deadline) and delivered again: possible duplicates",
+            self.replica_duplicates.clone(),
+        );
+        r.register(
+            "edgehub_replica_connections_refused",
+            "Connections of a replicated module refused because it had its count of replicas, each heard from recently",
+            self.replica_refused.clone(),
+        );
+        r.register(
+            "edgehub_replica_partitions_owned",
+            "Partitions of a replicated module's input each member slot owns now",
+            self.replica_partitions.clone(),
         );
     }
 
@@ -755,6 +791,27 @@ impl HubMetrics {
         set_counter(&self.router_deliveries, r.delivered);
         set_counter(&self.router_retries, r.retries);
         set_counter(&self.router_worker_failures, r.worker_failures);
+        self.replica_partitions.clear();
+        for stats in &r.replicas {
+            let labels = ReplicaLabels {
+                module: stats.module.as_str().to_owned(),
+                input: stats.input.as_str().to_owned(),
+            };
+            set_counter(
+                &self.replica_duplicates.get_or_create(&labels),
+                stats.duplicates,
+            );
+            set_counter(&self.replica_refused.get_or_create(&labels), stats.refused);
+            for (slot, owned) in &stats.owned {
+                self.replica_partitions
+                    .get_or_create(&ReplicaSlotLabels {
+                        module: labels.module.clone(),
+                        input: labels.input.clone(),
+                        slot: slot.get(),
+                    })
+                    .set(i64::try_from(*owned).unwrap_or(i64::MAX));
+            }
+        }
     }
 
     fn refresh_store(&self, store: &Store, stats: &store::StoreStats, now: UnixMillis) {
@@ -1064,6 +1121,9 @@ mod tests {
             "edgehub_router_deliveries counter",
             "edgehub_router_retries counter",
             "edgehub_router_worker_failures counter",
+            "edgehub_replica_duplicates counter",
+            "edgehub_replica_connections_refused counter",
+            "edgehub_replica_partitions_owned gauge",
             "edgehub_queue_length gauge",
             "edgehub_queue_oldest_age_seconds gauge",
             "edgehub_store_fdatasyncs counter",

@@ -140,6 +140,10 @@ pub enum ConnectionEnd {
     /// The hub is shutting down.
     #[error("hub shutting down")]
     Shutdown,
+    /// A replicated module has its count of replicas connected (CONNACK "server unavailable",
+    /// which the SDKs retry).
+    #[error("connection refused: {0}")]
+    ReplicasFull(#[source] crate::mqtt::replica::ReplicasFull),
 }
 
 /// Serves one connection until it ends. `peer` is for logs; `slot` is the connection's place in
@@ -165,7 +169,7 @@ where
     };
     let writer = Writer::start(writer);
     // `slot` lives as long as the connection, refused or not (until its CONNACK is written).
-    let admitted = match admit(&ctx, &sessions, &connect, &slot, &peer) {
+    let mut admitted = match admit(&ctx, &sessions, &connect, &slot, &peer) {
         Ok(admitted) => admitted,
         Err(Refusal { code, end }) => {
             writer.refuse(code).await;
@@ -182,10 +186,14 @@ where
     let client_id = admitted.client_id.clone();
     tracing::info!(%peer, %client_id, session_present = admitted.present, "module connected");
     let Writer { out, pubacks, task } = writer;
+    let replica = admitted.replica.take();
     let mut conn = Connection::new(Arc::clone(&ctx), sessions, &admitted, out, pubacks);
+    conn.replica = replica;
     let keep_alive = session_state::keep_alive_timeout(connect.keep_alive);
-    let end = conn.run(reader, buf, admitted.replaced, keep_alive).await;
-    conn.finish();
+    let end = conn
+        .run(reader, buf, admitted.replaced.clone(), keep_alive)
+        .await;
+    conn.finish(&end);
     drop(conn);
     finish_task(task).await;
     ctx.metrics.client_disconnected();
@@ -243,6 +251,8 @@ struct Admitted {
     replaced: watch::Receiver<bool>,
     /// A persistent session was found (CONNACK's "session present").
     present: bool,
+    /// For a replicated module: its membership in the module's replicated inputs.
+    replica: Option<crate::mqtt::replica::Membership>,
 }
 
 /// A CONNECT refused: the CONNACK code to answer and why the connection ends.
@@ -263,7 +273,9 @@ fn admit(
 ) -> Result<Admitted, Refusal> {
     let (identity, token_expiry, key) =
         authenticate(ctx, connect).map_err(|reason| not_authorized(ctx, peer, connect, reason))?;
-    let taken = if ctx.connections.has_live(&identity) {
+    // A replicated module's connections live side by side: none replaces another.
+    let replicated = ctx.dispatcher.is_replicated(&identity.module);
+    let taken = if !replicated && ctx.connections.has_live(&identity) {
         slot.authenticated_replacing()
     } else {
         slot.authenticated()
@@ -285,12 +297,33 @@ fn admit(
         })?;
     // The key checked above must still be the module's: a reload may have removed the module
     // or changed its key since.
-    let joined = ctx.connections.join_if(&identity, || {
-        ctx.identities.key(&identity).as_deref() == Some(key.as_slice())
-    });
-    let Some((conn_id, replaced)) = joined else {
-        let reason = ConnectAuthError::KeyChanged;
-        return Err(not_authorized(ctx, peer, connect, reason));
+    let still_valid = || ctx.identities.key(&identity).as_deref() == Some(key.as_slice());
+    let (conn_id, replaced, replica) = if replicated {
+        let Some((conn_id, replaced, close)) =
+            ctx.connections.join_member_if(&identity, still_valid)
+        else {
+            let reason = ConnectAuthError::KeyChanged;
+            return Err(not_authorized(ctx, peer, connect, reason));
+        };
+        match crate::mqtt::replica::Membership::join(ctx, &identity, conn_id, close) {
+            Ok(membership) => (conn_id, replaced, Some(membership)),
+            Err(full) => {
+                ctx.connections.leave(&identity, conn_id);
+                tracing::warn!(%peer, client_id = %connect.client_id, %identity, error = %full,
+                    "replica connection refused: the module has its declared count of replicas connected");
+                ctx.metrics.client_connect_failed("replicas_full");
+                return Err(Refusal {
+                    code: ConnectReturnCode::ServiceUnavailable,
+                    end: ConnectionEnd::ReplicasFull(full),
+                });
+            }
+        }
+    } else {
+        let Some((conn_id, replaced)) = ctx.connections.join_if(&identity, still_valid) else {
+            let reason = ConnectAuthError::KeyChanged;
+            return Err(not_authorized(ctx, peer, connect, reason));
+        };
+        (conn_id, replaced, None)
     };
     Ok(Admitted {
         identity,
@@ -300,6 +333,7 @@ fn admit(
         conn_id,
         replaced,
         present,
+        replica,
     })
 }
 
@@ -448,6 +482,9 @@ struct Connection {
     method_tx: Option<MethodTx>,
     /// Whether this connection is the module's direct-method target.
     methods_attached: bool,
+    /// For a replicated module: this connection's membership (its inputs are served by the
+    /// replica machines, not by sinks registered with the dispatcher).
+    replica: Option<crate::mqtt::replica::Membership>,
 }
 
 impl Connection {
@@ -483,6 +520,7 @@ impl Connection {
             chain: router::AppendChain::new(),
             method_tx: None,
             methods_attached: false,
+            replica: None,
         }
     }
 
@@ -560,8 +598,11 @@ impl Connection {
     /// session's subscriptions and, if they cover the inputs, registers this connection's sinks.
     fn attach_inputs(&mut self, outbound_tx: &OutboundTx) {
         // Any input sinks still registered belong to an older connection of this module, which
-        // is gone or going: take them away now, so no delivery waits on a dead connection.
-        self.ctx.unregister_input_sinks(&self.identity);
+        // is gone or going: take them away now, so no delivery waits on a dead connection. (A
+        // replica replaces nobody.)
+        if self.replica.is_none() {
+            self.ctx.unregister_input_sinks(&self.identity);
+        }
         if !self.clean {
             self.subscriptions = self.sessions.get(&self.client_id).unwrap_or_default();
         }
@@ -601,6 +642,9 @@ impl Connection {
                     match read {
                         Ok(packet) => {
                             deadline = Instant::now() + keep_alive;
+                            if let Some(replica) = &self.replica {
+                                replica.heard();
+                            }
                             if let Err(end) = self.handle_packet(packet, outbound_tx).await {
                                 break end;
                             }
@@ -973,6 +1017,10 @@ impl Connection {
     /// Makes this connection the sink of every input endpoint of its module.
     fn register_inputs(&mut self, outbound: &OutboundTx) {
         self.outbound_tx = Some(outbound.clone());
+        if let Some(replica) = &mut self.replica {
+            replica.attach(outbound);
+            return;
+        }
         let (connections, identity, conn_id) =
             (&self.ctx.connections, &self.identity, self.conn_id);
         // Only while this is the module's live connection: a replaced one that is still
@@ -986,6 +1034,10 @@ impl Connection {
 
     /// After a reload: also the sink of the input endpoints routes now name for this module.
     fn register_new_inputs(&mut self) {
+        if let Some(replica) = &mut self.replica {
+            replica.join_new_inputs(&self.ctx, &self.identity);
+            return;
+        }
         let Some(outbound) = self.outbound_tx.clone() else {
             return;
         };
@@ -1102,11 +1154,15 @@ impl Connection {
         }
     }
 
-    /// Leaves the registry and gives unacknowledged deliveries back to their workers.
-    fn finish(&mut self) {
+    /// Leaves the registry and gives unacknowledged deliveries back to their workers (a
+    /// replica leaves its inputs first, so what it held is abandoned once, and counted).
+    fn finish(&mut self, end: &ConnectionEnd) {
         if self.methods_attached {
             self.ctx.methods.detach(&self.identity, self.conn_id);
             self.methods_attached = false;
+        }
+        if let Some(replica) = &mut self.replica {
+            replica.leave_all(matches!(end, ConnectionEnd::ClientClosed));
         }
         self.unregister_inputs();
         self.ctx.connections.leave(&self.identity, self.conn_id);

@@ -2,16 +2,16 @@
 //! connections of one identity that split each input by a partition key, keeping each key's
 //! order. The contract (words, guarantees, diagrams) is ARCHITECTURE.md's "Module replicas".
 //!
-//! Everything here is pure: no I/O, no tasks, no clock (time is an input). Phase 1 of the
-//! issue; nothing here is wired into the heads or the endpoint workers yet.
+//! Everything here is pure: no I/O, no tasks, no clock (time is an input). The driver is
+//! [`crate::replica_worker`] (one per replicated input, fed by the MQTT head).
 //!
 //! - [`spec`]: what the manifest declares ([`ReplicaSpec`]: [`ReplicaCount`], [`PartitionKey`])
 //!   and why a declaration is refused.
 //! - [`partition`]: which of the [`PARTITIONS`] partitions a message belongs to (a fixed hash
 //!   of its key; [`DEFAULT_PARTITION`] without one).
 //! - [`assign`]: which member's [`Slot`] should own which partition (rendezvous hashing).
-//! - [`state`]: membership, ownership and fenced handoffs ([`Replicas`]), the machine the
-//!   heads and the endpoint workers will drive.
+//! - [`state`]: membership, ownership and fenced handoffs ([`Replicas`]), the machine
+//!   [`crate::replica_worker`] drives.
 
 pub mod assign;
 pub mod partition;

@@ -2,7 +2,7 @@
 //! pure data: events in, [`Output`]s and answers out, no I/O and no clock (every event that
 //! needs the time is given `now`, a monotonic [`Duration`] since an origin the driver picks).
 //!
-//! The driver (a later phase: the heads and the endpoint worker) reports what happens —
+//! The driver (`crate::replica_worker`, fed by the MQTT head) reports what happens —
 //! [`Replicas::join`], [`Replicas::heard`], [`Replicas::leave`], [`Replicas::crash`],
 //! [`Replicas::set_count`], [`Replicas::deliver`] (the deliver request), [`Replicas::ack`],
 //! [`Replicas::tick`] — and performs the outputs: start or stop reading a partition for a

@@ -1,0 +1,142 @@
+//! A connection of a replicated module (`x-edgehub-replicas`, issue 17) as a member of each of
+//! its inputs' replica machines (`router::replica_worker::ReplicatedInput`).
+//!
+//! ```text
+//! CONNECT ─▶ credentials ─▶ registry (beside the module's other replicas, replacing none)
+//!   ─▶ join every replicated input of the module ─┬─ all admitted ─▶ CONNACK 0 (a member)
+//!                                                 └─ one refused (its count reached, every
+//!                                                    member heard within 10 s) ─▶ leave the
+//!                                                    others, CONNACK 3, logged with the module
+//! SUBSCRIBE devices/{d}/modules/{m}/# ─▶ attach this connection's sink to each input
+//! every packet read ─▶ heartbeat (a member silent 10 s may be displaced by a newcomer)
+//! displaced / scaled down / lost a delivery ─▶ the machine closes the connection
+//! connection ends ─▶ DISCONNECT: leave; anything else: crash (deliveries in flight abandoned,
+//!                    delivered again to the next owner, counted)
+//! ```
+
+use std::sync::Arc;
+
+use router::replica_worker::{Heartbeat, ReplicatedInput};
+use router::replicas::{JoinRefused, MemberId};
+use router::{DynSink, Endpoint, InputName};
+use tokio::sync::watch;
+
+use crate::head::context::HeadContext;
+use crate::head::sink::{ModuleInputSink, OutboundTx};
+use crate::identity::Identity;
+
+/// One connection's membership in its module's replicated inputs.
+pub(crate) struct Membership {
+    member: MemberId,
+    heartbeat: Arc<Heartbeat>,
+    close: Arc<watch::Sender<bool>>,
+    inputs: Vec<(Endpoint, InputName, Arc<ReplicatedInput>)>,
+    /// Set once the connection subscribed to its inputs.
+    attached: Option<OutboundTx>,
+}
+
+/// Why a connection of a replicated module is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{module} has all its replicas: {reason}")]
+pub struct ReplicasFull {
+    /// The module.
+    pub module: String,
+    /// The machine's answer.
+    #[source]
+    pub reason: JoinRefused,
+}
+
+impl Membership {
+    /// Joins connection `conn_id` to every replicated input of `identity`'s module; on a refusal
+    /// it leaves the inputs it joined and nothing changed.
+    pub(crate) fn join(
+        ctx: &HeadContext,
+        identity: &Identity,
+        conn_id: u64,
+        close: Arc<watch::Sender<bool>>,
+    ) -> Result<Membership, ReplicasFull> {
+        let mut membership = Membership {
+            member: MemberId::new(conn_id),
+            heartbeat: Heartbeat::new(),
+            close,
+            inputs: Vec::new(),
+            attached: None,
+        };
+        for (endpoint, input) in ctx.input_endpoints(identity) {
+            if let Err(reason) = membership.join_input(ctx, endpoint, input) {
+                membership.leave_all(false);
+                return Err(ReplicasFull {
+                    module: identity.module.as_str().to_owned(),
+                    reason,
+                });
+            }
+        }
+        Ok(membership)
+    }
+
+    fn join_input(
+        &mut self,
+        ctx: &HeadContext,
+        endpoint: Endpoint,
+        input: InputName,
+    ) -> Result<(), JoinRefused> {
+        let Some(replicated) = ctx.dispatcher.replicated_input(&endpoint) else {
+            return Ok(());
+        };
+        let close = Arc::clone(&self.close);
+        replicated.join(
+            self.member,
+            Arc::clone(&self.heartbeat),
+            Box::new(move |_| {
+                let _ = close.send(true);
+            }),
+        )?;
+        if let Some(outbound) = &self.attached {
+            replicated.attach(self.member, sink(&input, outbound));
+        }
+        self.inputs.push((endpoint, input, replicated));
+        Ok(())
+    }
+
+    /// The connection read a packet.
+    pub(crate) fn heard(&self) {
+        self.heartbeat.beat();
+    }
+
+    /// The connection subscribed to its inputs: it receives what it owns through `outbound`.
+    pub(crate) fn attach(&mut self, outbound: &OutboundTx) {
+        for (_, input, replicated) in &self.inputs {
+            replicated.attach(self.member, sink(input, outbound));
+        }
+        self.attached = Some(outbound.clone());
+    }
+
+    /// After a reload: joins the replicated inputs routes now name (a refusal is logged; the
+    /// connection stays a member of the others).
+    pub(crate) fn join_new_inputs(&mut self, ctx: &HeadContext, identity: &Identity) {
+        for (endpoint, input) in ctx.input_endpoints(identity) {
+            if self.inputs.iter().any(|(e, _, _)| *e == endpoint) {
+                continue;
+            }
+            if let Err(reason) = self.join_input(ctx, endpoint.clone(), input) {
+                tracing::warn!(%identity, %endpoint, error = %reason,
+                    "a replica could not join an input a reload added");
+            }
+        }
+    }
+
+    /// The connection ended: cleanly (`clean`: DISCONNECT) or not.
+    pub(crate) fn leave_all(&mut self, clean: bool) {
+        for (_, _, replicated) in self.inputs.drain(..) {
+            if clean {
+                replicated.leave(self.member);
+            } else {
+                replicated.crash(self.member);
+            }
+        }
+    }
+}
+
+fn sink(input: &InputName, outbound: &OutboundTx) -> Arc<dyn DynSink> {
+    Arc::new(ModuleInputSink::new(input.clone(), outbound.clone()))
+}
