@@ -307,6 +307,11 @@ pub async fn run_with_reloads(
 /// so), else at the next check of the fence, every `every`.
 async fn fenced(store: &Store, every: Duration) {
     let mut halted = store.watch_halted();
+    // A halt before this subscription is no change to it: look at the flag once, now (a
+    // halted store answers the check from its state, reading nothing).
+    if *halted.borrow_and_update() && store.check_fence() {
+        return;
+    }
     // The store was just opened and checked: the first check is one interval away.
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -904,6 +909,27 @@ mod tests {
             .await
             .expect("the halt ends the wait, not the hour-long check")
             .expect("join");
+        assert!(old.is_fenced());
+    }
+
+    /// A store that halted before the wait began (a write found the fence before the task
+    /// that waits ran, as on a loaded machine): the wait ends at once, not at the next check.
+    #[tokio::test(start_paused = true)]
+    async fn a_store_fenced_before_the_wait_began_stops_the_hub_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = open(dir.path(), 1);
+        let _new = open(dir.path(), 2);
+        let refused = old
+            .append(&[queue()], bytes::Bytes::from_static(b"x"), None)
+            .await;
+        assert!(refused.is_err(), "a fenced store refuses the write");
+        // Paused time: the hour-long check would only come after this bound.
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            fenced(&old, Duration::from_secs(3600)),
+        )
+        .await
+        .expect("the halt that came first ends the wait, not the hour-long check");
         assert!(old.is_fenced());
     }
 
