@@ -750,18 +750,9 @@ impl Emulator {
         n: u64,
         timeout: Duration,
     ) -> Result<(), WaitTimeout> {
-        let id = identity.to_owned();
-        self.wait(
-            format!("{n} method subscriptions of {identity}"),
-            n,
-            timeout,
-            move |s| {
-                s.stats
-                    .per_identity
-                    .get(&id)
-                    .map_or(0, |i| i.method_subscriptions)
-            },
-        )
+        self.wait_identity(identity, "method subscriptions", n, timeout, |i| {
+            i.method_subscriptions
+        })
         .await
     }
 
@@ -773,18 +764,9 @@ impl Emulator {
         n: u64,
         timeout: Duration,
     ) -> Result<(), WaitTimeout> {
-        let id = identity.to_owned();
-        self.wait(
-            format!("{n} desired-patch subscriptions of {identity}"),
-            n,
-            timeout,
-            move |s| {
-                s.stats
-                    .per_identity
-                    .get(&id)
-                    .map_or(0, |i| i.desired_subscriptions)
-            },
-        )
+        self.wait_identity(identity, "desired-patch subscriptions", n, timeout, |i| {
+            i.desired_subscriptions
+        })
         .await
     }
 
@@ -815,6 +797,22 @@ impl Emulator {
     ) -> Result<(), WaitTimeout> {
         self.wait(what.to_owned(), 1, timeout, |s| {
             u64::from(pred(&s.all, &s.stats))
+        })
+        .await
+    }
+
+    /// [`Emulator::wait`] for `n` of one count of `identity`'s statistics, named `what`.
+    async fn wait_identity(
+        &self,
+        identity: &str,
+        what: &str,
+        n: u64,
+        timeout: Duration,
+        count: fn(&IdentityStats) -> u64,
+    ) -> Result<(), WaitTimeout> {
+        let id = identity.to_owned();
+        self.wait(format!("{n} {what} of {identity}"), n, timeout, move |s| {
+            s.stats.per_identity.get(&id).map_or(0, count)
         })
         .await
     }
