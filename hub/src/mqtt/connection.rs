@@ -143,7 +143,7 @@ pub enum ConnectionEnd {
     /// A replicated module has its count of replicas connected (CONNACK "server unavailable",
     /// which the SDKs retry).
     #[error("connection refused: {0}")]
-    ReplicasFull(#[source] crate::mqtt::replica::ReplicasFull),
+    ReplicasFull(#[source] crate::head::replica::ReplicasFull),
 }
 
 /// Serves one connection until it ends. `peer` is for logs; `slot` is the connection's place in
@@ -252,7 +252,7 @@ struct Admitted {
     /// A persistent session was found (CONNACK's "session present").
     present: bool,
     /// For a replicated module: its membership in the module's replicated inputs.
-    replica: Option<crate::mqtt::replica::Membership>,
+    replica: Option<crate::head::replica::Membership>,
 }
 
 /// A CONNECT refused: the CONNACK code to answer and why the connection ends.
@@ -305,7 +305,7 @@ fn admit(
             let reason = ConnectAuthError::KeyChanged;
             return Err(not_authorized(ctx, peer, connect, reason));
         };
-        match crate::mqtt::replica::Membership::join(ctx, &identity, conn_id, close) {
+        match crate::head::replica::Membership::join(ctx, &identity, conn_id, close) {
             Ok(membership) => (conn_id, replaced, Some(membership)),
             Err(full) => {
                 ctx.connections.leave(&identity, conn_id);
@@ -484,7 +484,7 @@ struct Connection {
     methods_attached: bool,
     /// For a replicated module: this connection's membership (its inputs are served by the
     /// replica machines, not by sinks registered with the dispatcher).
-    replica: Option<crate::mqtt::replica::Membership>,
+    replica: Option<crate::head::replica::Membership>,
 }
 
 impl Connection {

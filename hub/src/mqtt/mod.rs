@@ -2,7 +2,6 @@
 
 pub mod connection;
 pub mod listener;
-pub(crate) mod replica;
 pub mod session_state;
 pub mod sessions;
 pub mod topics;

@@ -1,17 +1,22 @@
 //! A connection of a replicated module (`x-edgehub-replicas`, issue 17) as a member of each of
-//! its inputs' replica machines (`router::replica_worker::ReplicatedInput`).
+//! its inputs' replica machines (`router::replica_worker::ReplicatedInput`), for both heads:
+//! membership is per connection, so MQTT and AMQP replicas of one module are members of the
+//! same machines side by side.
 //!
 //! ```text
-//! CONNECT ─▶ credentials ─▶ registry (beside the module's other replicas, replacing none)
-//!   ─▶ join every replicated input of the module ─┬─ all admitted ─▶ CONNACK 0 (a member)
-//!                                                 └─ one refused (its count reached, every
-//!                                                    member heard within 10 s) ─▶ leave the
-//!                                                    others, CONNACK 3, logged with the module
-//! SUBSCRIBE devices/{d}/modules/{m}/# ─▶ attach this connection's sink to each input
-//! every packet read ─▶ heartbeat (a member silent 10 s may be displaced by a newcomer)
+//! authenticated (MQTT CONNECT; AMQP SASL PLAIN or $cbs put-token) ─▶ registry (beside the
+//!   module's other replicas, replacing none) ─▶ join every replicated input of the module
+//!     ─┬─ all admitted ─▶ a member (MQTT: CONNACK 0; AMQP: the put-token's 200)
+//!      └─ one refused (its count reached, every member heard within 10 s) ─▶ leave the
+//!         others; logged with the module, counted (replicas_full); MQTT: CONNACK 3; AMQP:
+//!         the connection is closed with an error (see `amqp::connection`)
+//! inputs subscribed (MQTT SUBSCRIBE devices/{d}/modules/{m}/#, AMQP inputs link attached)
+//!   ─▶ attach this connection's sink to each input     (AMQP inputs link ends ─▶ detach)
+//! every packet / frame read ─▶ heartbeat (a member silent 10 s may be displaced by a newcomer)
 //! displaced / scaled down / lost a delivery ─▶ the machine closes the connection
-//! connection ends ─▶ DISCONNECT: leave; anything else: crash (deliveries in flight abandoned,
-//!                    delivered again to the next owner, counted)
+//! connection ends ─▶ closed cleanly by the client (MQTT DISCONNECT, AMQP Close): leave;
+//!                    anything else: crash (deliveries in flight abandoned, delivered again to
+//!                    the next owner, counted)
 //! ```
 
 use std::sync::Arc;
