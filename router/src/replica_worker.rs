@@ -254,6 +254,15 @@ impl ReplicatedInput {
         self.wake.notify_one();
     }
 
+    /// The member receives through nothing from now on (its AMQP inputs link ended, the
+    /// connection stays): what it owns waits, as for a member that never subscribed; a batch
+    /// in flight to the old sink comes back undelivered (the member lost it: taken out).
+    pub fn detach(&self, member: MemberId) {
+        if let Some(m) = self.lock().members.get_mut(&member) {
+            m.sink = None;
+        }
+    }
+
     /// The member's connection closed cleanly.
     pub fn leave(&self, member: MemberId) {
         self.remove(member, false);
@@ -797,6 +806,35 @@ mod tests {
         got.entry(key.to_owned())
             .or_default()
             .push((m, seq.parse().unwrap()));
+    }
+
+    /// A member whose sink is detached (its AMQP inputs link ended, the connection stays) gets
+    /// nothing more on it: what it owns waits and goes, in order and once, to the sink it
+    /// attaches next.
+    #[tokio::test]
+    async fn a_detached_member_gets_nothing_until_it_attaches_again() {
+        let (_dir, _store, dispatcher, router) = setup(1);
+        let input = dispatcher.replicated_input(&endpoint()).unwrap();
+        let mut old = member(&input, 1);
+        router.route(keyed("k", 0)).await.unwrap();
+        let (d, ack) = next(&mut old).await;
+        assert_eq!(text(&d), "k:0");
+        ack.send(DeliveryOutcome::Delivered).unwrap();
+        input.detach(MemberId::new(1));
+        for seq in 1..3 {
+            router.route(keyed("k", seq)).await.unwrap();
+        }
+        let (tx, mut new) = mpsc::unbounded_channel();
+        input.attach(MemberId::new(1), Arc::new(TestSink(tx)));
+        let mut seqs = Vec::new();
+        for _ in 1..3 {
+            let (d, ack) = next(&mut new).await;
+            seqs.push(text(&d));
+            ack.send(DeliveryOutcome::Delivered).unwrap();
+        }
+        assert_eq!(seqs, vec!["k:1", "k:2"]);
+        assert!(old.try_recv().is_err(), "the detached sink got a delivery");
+        assert_eq!(input.stats().duplicates, 0);
     }
 
     /// A member that leaves with deliveries unacknowledged: they are counted as duplicates and
