@@ -210,10 +210,7 @@ pub fn manifest_summary(deployment: &Deployment) -> String {
     let replicas = if replicated.is_empty() {
         String::new()
     } else {
-        format!(
-            "; replicated (replicas over MQTT only): {}",
-            replicated.join(", ")
-        )
+        format!("; replicated: {}", replicated.join(", "))
     };
     format!(
         "schema {}.{}, {} route(s), store TTL {ttl}, {modules}{replicas}",
@@ -1434,7 +1431,7 @@ mod tests {
         assert_ne!(replicated, DEFAULT_MANIFEST);
         let summary = manifest_summary(&parse_manifest(&replicated).expect("valid"));
         assert!(
-            summary.ends_with("replicated (replicas over MQTT only): receiver x3 by $body.id"),
+            summary.ends_with("replicated: receiver x3 by $body.id"),
             "{summary}"
         );
     }

@@ -59,10 +59,14 @@ pub struct PutTokenRequest {
     pub token: Option<String>,
 }
 
+/// The put-token status of an identity refused after its token was accepted
+/// ([`ConnectionAuth::withdraw`]): "service unavailable", as MQTT's CONNACK 3.
+pub const REFUSED_STATUS: i32 = 503;
+
 /// What to answer a put-token with.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PutTokenReply {
-    /// `status-code`: 200, 400 or 401.
+    /// `status-code`: 200, 400, 401, or 503 ([`ConnectionAuth::withdraw`]).
     pub status: i32,
     /// `status-description`.
     pub description: String,
@@ -186,6 +190,16 @@ impl ConnectionAuth {
             }
             Err(reason) => PutTokenReply::refused(401, reason.to_string()),
         }
+    }
+
+    /// Takes back the put-token that just authenticated `identity` (its first on this
+    /// connection): the connection is refused for it (a replicated module with its count of
+    /// replicas connected), so it is not authenticated here and its links are refused. The
+    /// answer is 503 with `reason` (the Node SDK, like for every status but 200, fails its
+    /// connect with an UnauthorizedError and does not retry).
+    pub fn withdraw(&mut self, identity: &Identity, reason: impl Into<String>) -> PutTokenReply {
+        self.expiry.remove(identity);
+        PutTokenReply::refused(REFUSED_STATUS, reason)
     }
 
     /// Whether `identity` is authenticated on this connection with a token valid at `now`.
@@ -392,6 +406,41 @@ mod tests {
         assert!(auth.is_authenticated(&id("dev", "modA"), 1000 + CLOCK_SKEW_SECS));
         assert!(!auth.is_authenticated(&id("dev", "modA"), 1001 + CLOCK_SKEW_SECS));
         assert!(!auth.is_authenticated(&id("dev", "modB"), 0));
+    }
+
+    /// A put-token taken back (a replicated module with its count of replicas): 503 with the
+    /// reason; the identity is not authenticated and its links are refused, while another
+    /// identity of the connection stays.
+    #[test]
+    fn a_withdrawn_put_token_is_503_and_authenticates_nothing() {
+        let mut auth = ConnectionAuth::new();
+        let other = auth.put_token(
+            &request("edgehub.local/devices/dev/modules/other"),
+            &HOSTS,
+            |_, _| Ok(100),
+        );
+        assert_eq!(other.status, 200);
+        let ok = auth.put_token(
+            &request("edgehub.local/devices/dev/modules/filter"),
+            &HOSTS,
+            |_, _| Ok(100),
+        );
+        assert_eq!(ok.status, 200);
+        let reply = auth.withdraw(&id("dev", "filter"), "filter has all its replicas");
+        assert_eq!(reply.status, 503);
+        assert_eq!(reply.description, "filter has all its replicas");
+        assert_eq!(reply.identity, None);
+        assert!(!auth.is_authenticated(&id("dev", "filter"), 0));
+        assert!(matches!(
+            auth.authorize_attach(
+                Some("/devices/dev/modules/filter/messages/events"),
+                ClientRole::Receiver,
+                0
+            ),
+            LinkDecision::Refuse(RefuseCondition::Unauthorized, _)
+        ));
+        assert!(auth.is_authenticated(&id("dev", "other"), 0));
+        assert_eq!(auth.earliest_expiry(), Some(100 + CLOCK_SKEW_SECS));
     }
 
     #[test]

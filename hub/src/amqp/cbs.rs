@@ -12,7 +12,9 @@
 //! [`CBS_REPLY_QUEUE`] of them: past it no request is read (the client's credit runs out) until
 //! replies go out. At most [`MAX_UNSETTLED_REPLIES`] replies wait for the client's settlement
 //! (each at most [`REPLY_SETTLE_TIMEOUT`]); past it no reply is sent until one settles. A 200
-//! makes the identity join the live-connection registry (a renewal changes only its expiry).
+//! makes the identity join the live-connection registry (a renewal changes only its expiry); a
+//! replicated module refused for its count of replicas is answered 503 with the reason instead,
+//! and the identity is not authenticated ([`ConnectionAuth::withdraw`](crate::amqp::auth_state::ConnectionAuth::withdraw)).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,10 +31,10 @@ use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Value};
 use fe2o3_amqp::{Receiver, Sender};
 use tokio::sync::mpsc;
 
-use crate::amqp::auth_state::PutTokenRequest;
+use crate::amqp::auth_state::{PutTokenRequest, REFUSED_STATUS};
 #[cfg(doc)]
 use crate::amqp::connection::CBS_REPLY_QUEUE;
-use crate::amqp::connection::{stopped, ConnShared, CLOSE_TIMEOUT};
+use crate::amqp::connection::{stopped, ConnShared, Joined, CLOSE_TIMEOUT};
 use crate::auth::credentials::CredentialError;
 
 /// How long a reply's settlement is awaited before it is logged as lost.
@@ -103,25 +105,36 @@ pub async fn serve_requests(mut receiver: Receiver, shared: Arc<ConnShared>) {
         let request = request_of(message);
         let hosts: Vec<&str> = shared.ctx.audiences.iter().map(String::as_str).collect();
         let ctx = &shared.ctx;
-        let reply = shared
-            .auth
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .put_token(&request, &hosts, |identity, token| {
+        let reply = {
+            let mut auth = shared.auth.lock().unwrap_or_else(|p| p.into_inner());
+            let reply = auth.put_token(&request, &hosts, |identity, token| {
                 let key = ctx
                     .identities
                     .key(identity)
                     .ok_or_else(|| CredentialError::UnknownModule(identity.clone()))?;
                 ctx.verify_token_expiry(token, &key, identity)
             });
+            // A first token joins the registry (a replicated module: its replica machines)
+            // under the connection's authentication lock, so no link of a refused identity is
+            // authorized meanwhile.
+            match &reply.identity {
+                Some(identity) if !reply.renewed => match shared.join(identity) {
+                    Joined::ReplicasFull(full) => auth.withdraw(identity, full.to_string()),
+                    Joined::Yes | Joined::Refused => {
+                        ctx.metrics.client_authenticated(identity);
+                        reply
+                    }
+                },
+                _ => reply,
+            }
+        };
         shared.auth_changed.notify_one();
         match &reply.identity {
             Some(identity) => {
-                if !reply.renewed {
-                    ctx.metrics.client_authenticated(identity);
-                    shared.join(identity);
-                }
                 tracing::info!(peer = %shared.peer, %identity, renewed = reply.renewed, "$cbs put-token accepted");
+            }
+            None if reply.status == REFUSED_STATUS => {
+                tracing::info!(peer = %shared.peer, status = reply.status, reason = %reply.description, "$cbs put-token refused");
             }
             None => {
                 ctx.metrics.client_connect_failed("not_authorized");

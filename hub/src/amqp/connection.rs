@@ -17,6 +17,20 @@
 //!   attach another module's links.
 //! - An identity authenticated on this connection joins the head's registry of live connections:
 //!   a newer connection (MQTT or AMQP) of the same module replaces this one, which closes.
+//!   A replicated module's connection (`x-edgehub-replicas`) replaces none and is replaced by
+//!   none: it joins its inputs' replica machines as a member ([`Membership`], shared with the
+//!   MQTT head) when the identity authenticates (the `$cbs` put-token, before its answer; SASL
+//!   PLAIN, after Open). One past the count (every member heard within 10 s) is refused,
+//!   logged (warn, naming the module) and counted as `edgehub_client_connect_failed{reason=
+//!   "replicas_full"}`: its put-token is answered 503 with the reason and the identity is not
+//!   authenticated on the connection (the Node SDK then fails its connect, an
+//!   UnauthorizedError it does not retry, and closes); authenticated by SASL PLAIN, the
+//!   connection is closed with [`REPLICAS_FULL_CONDITION`]. Not a silent close while the
+//!   put-token waits: the Node SDK (1.14.4) loses its pending connect callback then and hangs.
+//!   Every frame read is a member's heartbeat; the machine closes the
+//!   connection (no error) when it is displaced, scaled down or lost a delivery. When the
+//!   connection ends it leaves the machines if the client closed it (Close without error),
+//!   else it crashes (its deliveries in flight are abandoned, delivered again, counted).
 //! - A client that sends nothing for [`IDLE_TIMEOUT_MS`] (announced in our Open; rhea sends an
 //!   empty frame every half of it) is disconnected.
 //! - A connection with no authenticated identity [`AUTHENTICATE_TIMEOUT`] after Open is
@@ -34,7 +48,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -53,7 +67,10 @@ use crate::amqp::frame_guard::Guarded;
 use crate::amqp::sasl::{HubSasl, SaslResult};
 use crate::amqp::{cbs, convert, links, methods, twin};
 use crate::head::context::HeadContext;
+use crate::head::replica::{Membership, ReplicasFull};
+use crate::head::sink::OutboundTx;
 use crate::identity::Identity;
+use router::replica_worker::Heartbeat;
 
 /// How long a client has to send its protocol header after the TLS handshake.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -82,6 +99,9 @@ pub const MAX_LINKS_PER_SESSION: usize = 64;
 /// `$cbs` replies waiting for the client's reply link; past it put-token requests are no
 /// longer read (the client's credit runs out).
 pub const CBS_REPLY_QUEUE: usize = 16;
+/// The error a connection authenticated by SASL PLAIN as a replicated module is closed with when
+/// the module has its count of replicas connected (a `$cbs` put-token is answered 503 instead).
+pub const REPLICAS_FULL_CONDITION: AmqpError = AmqpError::ResourceLimitExceeded;
 
 /// Why a connection ended (logged).
 #[derive(Debug, thiserror::Error)]
@@ -110,12 +130,33 @@ pub enum ConnectionEnd {
     /// Refused by the connection limits (`--max-connections`).
     #[error("refused: {0}")]
     Refused(String),
+    /// A replicated module has its count of replicas connected.
+    #[error("connection refused: {0}")]
+    ReplicasFull(#[source] ReplicasFull),
+    /// Closed by its module's replica machine: displaced by a newcomer, scaled down, or it lost
+    /// a delivery.
+    #[error("closed by the module's replicas (displaced, scaled down, or a delivery lost)")]
+    ReplicaClosed,
     /// A twin request may not be answered: a newer hub owns the data directory.
     #[error("twin request not answered: {0}")]
     Twin(String),
     /// The hub is shutting down.
     #[error("hub shutting down")]
     Shutdown,
+}
+
+/// What became of [`ConnShared::join`].
+#[derive(Debug)]
+pub enum Joined {
+    /// Registered (a replicated module's connection: a member of its inputs' machines).
+    Yes,
+    /// Refused by the connection budget, or the module was removed meanwhile: the connection
+    /// is stopping.
+    Refused,
+    /// A replicated module with its count of replicas connected: nothing joined, logged and
+    /// counted; the caller refuses the identity (`$cbs`: 503, SASL PLAIN: the connection is
+    /// closed with [`REPLICAS_FULL_CONDITION`]).
+    ReplicasFull(ReplicasFull),
 }
 
 /// What the sessions and links of one connection share.
@@ -145,6 +186,10 @@ pub struct ConnShared {
     twins: Mutex<HashMap<Identity, Arc<twin::TwinChannel>>>,
     /// Each module's latest method request link on this connection (a number per attach).
     method_links: Mutex<HashMap<Identity, u64>>,
+    /// The memberships of the replicated modules authenticated on this connection.
+    replicas: Mutex<HashMap<Identity, Membership>>,
+    /// Beaten on every frame read once this connection is a replica member (set then).
+    heard: Arc<OnceLock<Arc<Heartbeat>>>,
 }
 
 impl ConnShared {
@@ -158,13 +203,16 @@ impl ConnShared {
     }
 
     /// Joins the live-connection registry as `identity` (once per identity); a later
-    /// connection of the same module then stops this one.
-    pub fn join(self: &Arc<Self>, identity: &Identity) {
+    /// connection of the same module then stops this one. A replicated module's connection
+    /// instead joins beside the others and becomes a member of its inputs' replica machines.
+    pub fn join(self: &Arc<Self>, identity: &Identity) -> Joined {
         let mut joined = self.joined.lock().unwrap_or_else(|p| p.into_inner());
         if joined.contains_key(identity) {
-            return;
+            return Joined::Yes;
         }
-        let taken = if self.ctx.connections.has_live(identity) {
+        // A replicated module's connections live side by side: none replaces another.
+        let replicated = self.ctx.dispatcher.is_replicated(&identity.module);
+        let taken = if !replicated && self.ctx.connections.has_live(identity) {
             self.slot.authenticated_replacing()
         } else {
             self.slot.authenticated()
@@ -172,20 +220,47 @@ impl ConnShared {
         if let Err(e) = taken {
             drop(joined);
             self.stop(ConnectionEnd::Refused(e.to_string()));
-            return;
+            return Joined::Refused;
         }
         // Still declared: a reload may have removed the module since its token was checked.
         let ctx = &self.ctx;
-        let Some((id, mut replaced)) = ctx
-            .connections
-            .join_if(identity, || ctx.identities.key(identity).is_some())
-        else {
+        let still_valid = || ctx.identities.key(identity).is_some();
+        let registered = if replicated {
+            ctx.connections
+                .join_member_if(identity, still_valid)
+                .map(|(id, closed, close)| (id, closed, Some(close)))
+        } else {
+            ctx.connections
+                .join_if(identity, still_valid)
+                .map(|(id, replaced)| (id, replaced, None))
+        };
+        let Some((id, mut replaced, close)) = registered else {
             drop(joined);
             self.stop(ConnectionEnd::Refused(format!(
                 "module {identity} was removed while it logged in"
             )));
-            return;
+            return Joined::Refused;
         };
+        let mut why = ConnectionEnd::Replaced;
+        if let Some(close) = close {
+            let heartbeat = Arc::clone(self.heard.get_or_init(Heartbeat::new));
+            match Membership::join(ctx, identity, id, close, heartbeat) {
+                Ok(membership) => {
+                    self.replicas
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(identity.clone(), membership);
+                    why = ConnectionEnd::ReplicaClosed;
+                }
+                Err(full) => {
+                    ctx.connections.leave(identity, id);
+                    tracing::warn!(peer = %self.peer, %identity, error = %full,
+                        "replica connection refused: the module has its declared count of replicas connected");
+                    ctx.metrics.client_connect_failed("replicas_full");
+                    return Joined::ReplicasFull(full);
+                }
+            }
+        }
         joined.insert(identity.clone(), id);
         let me = Arc::downgrade(self);
         let mut stop = self.stop.subscribe();
@@ -194,13 +269,62 @@ impl ConnShared {
                 r = replaced.changed() => {
                     if r.is_ok() {
                         if let Some(me) = me.upgrade() {
-                            me.stop(ConnectionEnd::Replaced);
+                            me.stop(why);
                         }
                     }
                 }
                 () = stopped(&mut stop) => {}
             }
         });
+        Joined::Yes
+    }
+
+    /// The inputs link of `identity` attached: if the identity is a replica member on this
+    /// connection, the link receives what the member owns through `outbound` (true); else
+    /// false (the link registers its module's input sinks itself).
+    pub fn attach_replica(&self, identity: &Identity, outbound: &OutboundTx) -> bool {
+        let mut replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        match replicas.get_mut(identity) {
+            Some(membership) => {
+                membership.attach(outbound);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The inputs link that attached `outbound` for `identity` ended (the connection may stay).
+    pub fn detach_replica(&self, identity: &Identity, outbound: &OutboundTx) {
+        if let Some(membership) = self
+            .replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(identity)
+        {
+            membership.detach(outbound);
+        }
+    }
+
+    /// After a reload: `identity`'s membership joins the replicated inputs routes now name.
+    pub fn replica_join_new_inputs(&self, identity: &Identity) {
+        if let Some(membership) = self
+            .replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(identity)
+        {
+            membership.join_new_inputs(&self.ctx, identity);
+        }
+    }
+
+    /// The connection ended: every membership leaves (`clean`: the client closed it) or
+    /// crashes, before the links give back what they hold.
+    fn end_replicas(&self, clean: bool) {
+        let replicas =
+            std::mem::take(&mut *self.replicas.lock().unwrap_or_else(|p| p.into_inner()));
+        for (_, mut membership) in replicas {
+            membership.leave_all(clean);
+        }
     }
 
     /// The twin state `identity`'s twin links on this connection share.
@@ -248,6 +372,7 @@ impl ConnShared {
     }
 
     fn leave_all(&self) {
+        self.end_replicas(false);
         let joined = std::mem::take(&mut *self.joined.lock().unwrap_or_else(|p| p.into_inner()));
         for (identity, id) in joined {
             self.ctx.connections.leave(&identity, id);
@@ -272,7 +397,8 @@ where
         Ok(Err(e)) => return ConnectionEnd::Io(e),
         Ok(Ok(_)) => {}
     }
-    let stream = guarded_stream(header, stream);
+    let heard = Arc::new(OnceLock::new());
+    let stream = Heard::new(guarded_stream(header, stream), Arc::clone(&heard));
     let mut auth = ConnectionAuth::new();
     let opened = if header[4] == PROTO_SASL {
         let sasl = HubSasl::new(Arc::clone(&ctx));
@@ -314,16 +440,32 @@ where
         slot,
         twins: Mutex::new(HashMap::new()),
         method_links: Mutex::new(HashMap::new()),
+        replicas: Mutex::new(HashMap::new()),
+        heard,
     });
     // Also uncounted when the accept loop drops this connection at its auth deadline.
     let connected = crate::metrics::ConnectedGauge::new(Arc::clone(&ctx.metrics));
     for identity in &sasl_identities {
-        ctx.metrics.client_authenticated(identity);
-        shared.join(identity);
+        match shared.join(identity) {
+            // Authenticated before Open: nothing to answer, the connection is closed.
+            Joined::ReplicasFull(full) => shared.stop(ConnectionEnd::ReplicasFull(full)),
+            Joined::Yes | Joined::Refused => ctx.metrics.client_authenticated(identity),
+        }
     }
     tracing::info!(%peer, "AMQP connection open");
-    let end = run(&mut connection, &shared).await;
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close()).await;
+    let (end, closed) = run(&mut connection, &shared).await;
+    if !closed {
+        let closing = async {
+            match &end {
+                ConnectionEnd::ReplicasFull(full) => {
+                    let error = AmqpErrorInfo::new(REPLICAS_FULL_CONDITION, full.to_string(), None);
+                    connection.close_with_error(error).await
+                }
+                _ => connection.close().await,
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
+    }
     shared.leave_all();
     drop(connected);
     tracing::info!(%peer, reason = %end, "AMQP connection closed");
@@ -331,8 +473,16 @@ where
 }
 
 /// Accepts sessions until the connection ends or must stop, then lets every session finish.
-async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>) -> ConnectionEnd {
+/// Also says whether the connection is closed already (the client or the engine ended it).
+async fn run(
+    connection: &mut ListenerConnectionHandle,
+    shared: &Arc<ConnShared>,
+) -> (ConnectionEnd, bool) {
     let mut sessions = JoinSet::new();
+    // The client closed the connection with a Close without error (for replica members: leave,
+    // not crash).
+    let mut clean = false;
+    let mut closed = false;
     let mut shutdown = shared.ctx.shutdown.clone();
     let mut stop = shared.stop.subscribe();
     let authenticate_by = tokio::time::Instant::now() + AUTHENTICATE_TIMEOUT;
@@ -343,6 +493,11 @@ async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>
         tokio::select! {
             incoming = connection.next_incoming_session() => {
                 let Some(incoming) = incoming else {
+                    // The engine stopped: its outcome says whether the client sent Close.
+                    if let Ok(outcome) = tokio::time::timeout(CLOSE_TIMEOUT, connection.on_close()).await {
+                        closed = true;
+                        clean = matches!(outcome, Err(fe2o3_amqp::connection::Error::RemoteClosed));
+                    }
                     break ConnectionEnd::Ended("closed by the client or the protocol engine".into());
                 };
                 let acceptor = SessionAcceptor::builder().handle_max(handle_max).build();
@@ -379,9 +534,11 @@ async fn run(connection: &mut ListenerConnectionHandle, shared: &Arc<ConnShared>
             }
         }
     };
+    // Members leave (or crash) before their links give back the deliveries they hold.
+    shared.end_replicas(clean);
     let _ = shared.stop.send(true);
     while sessions.join_next().await.is_some() {}
-    end
+    (end, closed)
 }
 
 /// Whether any identity is authenticated on the connection.
@@ -577,6 +734,58 @@ async fn refuse(endpoint: LinkEndpoint, condition: RefuseCondition, reason: Stri
 /// frame checked whole before fe2o3 decodes it ([`crate::amqp::frame_guard`]).
 pub fn guarded_stream<S>(header: [u8; 8], stream: S) -> Guarded<Prefixed<S>> {
     Guarded::new(Prefixed::new(header.to_vec(), stream))
+}
+
+/// The connection's stream, beating the replica heartbeat (once there is one) on every frame
+/// read: the frame guard below hands on one checked frame per read. Without a membership it
+/// costs one atomic load per read.
+#[derive(Debug)]
+pub struct Heard<S> {
+    inner: S,
+    heard: Arc<OnceLock<Arc<Heartbeat>>>,
+}
+
+impl<S> Heard<S> {
+    /// `inner`, beating what `heard` holds once it is set.
+    pub fn new(inner: S, heard: Arc<OnceLock<Arc<Heartbeat>>>) -> Self {
+        Heard { inner, heard }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Heard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            if let Some(heartbeat) = this.heard.get() {
+                heartbeat.beat();
+            }
+        }
+        read
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Heard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A stream that first yields bytes already read from it (the protocol header).

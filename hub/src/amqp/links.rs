@@ -45,6 +45,11 @@
 //!   (5 s) for settlements still coming, then gives every unsettled delivery back at once.
 //! - When the link ends its sinks are taken away if this connection is still the module's live
 //!   one; unsettled deliveries go back to the endpoint worker (at-least-once).
+//! - A replicated module's member connection (`connection::ConnShared::join`): the link is
+//!   attached to the member's replica machines instead (it gets the partitions the member owns,
+//!   its dispositions settle them there; a late one changes nothing), and detached when it
+//!   ends while the connection stays. A delivery it held unsettled at its end is lost to the
+//!   member: the machine takes the member out and its connection is closed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -401,13 +406,21 @@ async fn settle_in_order<D, A, O, E>(
 /// while this connection is current, then [`InputsLink::close`].
 pub async fn serve_inputs(sender: Sender, identity: Identity, shared: Arc<ConnShared>) {
     let ctx = Arc::clone(&shared.ctx);
-    if ctx.dispatcher.is_replicated(&identity.module) {
-        tracing::warn!(%identity,
-            "an inputs link of a replicated module over AMQP: its inputs are served to replicas over MQTT only, nothing is delivered on this link");
-    }
     let (out_tx, out_rx) = outbound_channel();
-    let (registered, current) =
-        ctx.register_input_sinks(&identity, &out_tx, || shared.is_current(&identity));
+    // A replica member receives what it owns from its module's replica machines; any other
+    // connection registers its module's input sinks.
+    let replica = shared.attach_replica(&identity, &out_tx);
+    let (registered, current) = if replica {
+        (RegisteredSinks::new(), shared.is_current(&identity))
+    } else if ctx.dispatcher.is_replicated(&identity.module) {
+        // A connection admitted before its module became replicated (a reload) is no member:
+        // its module's inputs go to members only.
+        tracing::warn!(peer = %shared.peer, %identity,
+            "an inputs link of a replicated module on a connection that is not one of its replicas (it connected before the module was replicated): nothing is delivered on it");
+        (RegisteredSinks::new(), true)
+    } else {
+        ctx.register_input_sinks(&identity, &out_tx, || shared.is_current(&identity))
+    };
     let routes_changed = ctx.routes_changed.subscribe();
     let (settling_tx, settling_rx) = mpsc::channel::<Settling<InputSettlement>>(MAX_UNSETTLED);
     let metrics = ctx.metrics.connection_metrics(&identity);
@@ -420,6 +433,7 @@ pub async fn serve_inputs(sender: Sender, identity: Identity, shared: Arc<ConnSh
         ctx,
         out_tx,
         out_rx,
+        replica,
         registered,
         routes_changed,
         settling_tx,
@@ -446,6 +460,8 @@ struct InputsLink {
     out_tx: OutboundTx,
     /// Deliveries from the input sinks.
     out_rx: OutboundRx,
+    /// The link serves a replica member (its sinks are the membership's, not registered).
+    replica: bool,
     /// The input sinks this link registered (only these are removed when it ends).
     registered: RegisteredSinks,
     routes_changed: watch::Receiver<u64>,
@@ -506,6 +522,10 @@ impl InputsLink {
     /// A reload routed more inputs of this module: take them too.
     fn register_new_inputs(&mut self) {
         let (shared, identity) = (&self.shared, &self.identity);
+        if self.replica {
+            shared.replica_join_new_inputs(identity);
+            return;
+        }
         self.ctx.register_new_input_sinks(
             identity,
             &self.out_tx,
@@ -539,13 +559,18 @@ impl InputsLink {
             ctx,
             out_tx,
             out_rx,
+            replica,
             registered,
             routes_changed,
             settling_tx,
             stop,
         } = self;
         // Only the sinks this link registered, and only while they are still registered: a newer
-        // link (of this connection or another) keeps its own.
+        // link (of this connection or another) keeps its own. A replica member's link detaches
+        // from the machines only if it is still the one attached.
+        if replica {
+            shared.detach_replica(&identity, &out_tx);
+        }
         ctx.unregister_own_sinks(&registered);
         drop(registered);
         tracing::info!(peer = %shared.peer, %identity, reason = ended, "inputs link ended");

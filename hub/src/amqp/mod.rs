@@ -28,7 +28,9 @@
 //!    └─ AMQP 0.1.0.0 (Node SDK) ─────────────▶ Open ─▶ Running
 //!  Running: each Begin ─▶ session task; each Attach ─▶ decide (auth_state) ─▶
 //!    $cbs (either role)                 ─▶ put-token: 200 (identity authenticated until se+300 s,
-//!                                          joins the live-connection registry) / 400 / 401
+//!                                          joins the live-connection registry; a replicated
+//!                                          module's: its replica machines) / 400 / 401 / 503
+//!                                          (a replicated module with its count of replicas)
 //!    /devices/{d}/modules/{m}/messages/events, {d}/{m} authenticated here:
 //!        client sender   ─▶ events link (outputs)     client receiver ─▶ inputs link (sink)
 //!    /devices/{d}/modules/{m}/twin, {d}/{m} authenticated here:
@@ -39,7 +41,8 @@
 //!        client sender   ─▶ responses (IoThub-status) complete this connection's requests ([`methods`])
 //!    anything else       ─▶ attach, then detach at once with amqp:unauthorized-access /
 //!                           amqp:not-implemented
-//!  Running ─ shutdown / replaced by a newer connection of the module / earliest token expired
+//!  Running ─ shutdown / replaced by a newer connection of the module / closed by its module's
+//!            replicas (displaced, scaled down, a delivery lost) / earliest token expired
 //!            unrenewed (counted, `protocol="amqp"`) / nothing authenticated 20 s after Open / nothing received for 240 s
 //!            (our Open's idle-time-out; rhea sends empty frames every 120 s) / client Close /
 //!            malformed frame ─▶ every link settles what is durable, closes (≤ 5 s each) ─▶
@@ -88,6 +91,8 @@
 //!   unsettled delivery back at once. Bounded: at most 128 deliveries handed over by the sinks
 //!   (which wait while that queue is full) and 1,024 sent and unsettled (then the link sends
 //!   nothing more until one settles or times out).
+//!   A replicated module's member connection gets what it owns from the replica machines
+//!   instead (`head::replica::Membership`; [`connection`] holds the rules).
 //!   Its sinks are registered only while the connection is the module's live one (checked under
 //!   the dispatcher's lock, so an attach on a connection already replaced registers nothing); the
 //!   link ends as soon as the client detaches it and then removes only its own sinks still

@@ -52,17 +52,19 @@ pub struct ReplicasFull {
 }
 
 impl Membership {
-    /// Joins connection `conn_id` to every replicated input of `identity`'s module; on a refusal
+    /// Joins connection `conn_id` to every replicated input of `identity`'s module, heard from
+    /// through `heartbeat` (the head beats it on every packet or frame it reads); on a refusal
     /// it leaves the inputs it joined and nothing changed.
     pub(crate) fn join(
         ctx: &HeadContext,
         identity: &Identity,
         conn_id: u64,
         close: Arc<watch::Sender<bool>>,
+        heartbeat: Arc<Heartbeat>,
     ) -> Result<Membership, ReplicasFull> {
         let mut membership = Membership {
             member: MemberId::new(conn_id),
-            heartbeat: Heartbeat::new(),
+            heartbeat,
             close,
             inputs: Vec::new(),
             attached: None,
@@ -114,6 +116,23 @@ impl Membership {
             replicated.attach(self.member, sink(input, outbound));
         }
         self.attached = Some(outbound.clone());
+    }
+
+    /// The connection stopped receiving through `outbound` (an AMQP inputs link ended while
+    /// the connection stays): nothing more is handed to it; what the member owns waits for its
+    /// next attach. Nothing happens if it receives through another queue since.
+    pub(crate) fn detach(&mut self, outbound: &OutboundTx) {
+        if !self
+            .attached
+            .as_ref()
+            .is_some_and(|a| a.same_channel(outbound))
+        {
+            return;
+        }
+        for (_, _, replicated) in &self.inputs {
+            replicated.detach(self.member);
+        }
+        self.attached = None;
     }
 
     /// After a reload: joins the replicated inputs routes now name (a refusal is logged; the

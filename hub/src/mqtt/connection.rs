@@ -305,7 +305,8 @@ fn admit(
             let reason = ConnectAuthError::KeyChanged;
             return Err(not_authorized(ctx, peer, connect, reason));
         };
-        match crate::head::replica::Membership::join(ctx, &identity, conn_id, close) {
+        let heartbeat = router::replica_worker::Heartbeat::new();
+        match crate::head::replica::Membership::join(ctx, &identity, conn_id, close, heartbeat) {
             Ok(membership) => (conn_id, replaced, Some(membership)),
             Err(full) => {
                 ctx.connections.leave(&identity, conn_id);
