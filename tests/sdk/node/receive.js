@@ -51,6 +51,9 @@ function describe(n, inputName, msg, args) {
     data_len: data.length,
     data_sha256: crypto.createHash('sha256').update(data).digest('hex'),
     ms: h.elapsedMs(),
+    // Wall-clock milliseconds (fractional): comparable across processes on one machine, to
+    // merge several receivers' lines in arrival order.
+    at: performance.timeOrigin + performance.now(),
   };
   if (!args.no_data) {
     const text = data.toString('utf8');

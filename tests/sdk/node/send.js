@@ -7,6 +7,8 @@
 // stdout: {"event":"connected",...}, {"seq":n,"mid":...,"ms":...} per acknowledged send,
 // {"event":"done","sent":COUNT}. A send that fails because the connection is down or drops is
 // sent again ({"event":"retry",...}) until the deadline, unless --no-retry. Exit codes: harness.js.
+// --keys K (Node only): message seq carries the key "<run>-k<seq mod K>" as the JSON body's
+// "key" member (for a replicated module's partitionKey "$body.key"; cycling over K keys).
 const h = require('./harness');
 
 const SPEC = {
@@ -22,6 +24,7 @@ const SPEC = {
   payload_size: { type: 'number', default: 0 },
   binary: { type: 'flag', default: false },
   interval_ms: { type: 'number', default: 0 },
+  keys: { type: 'number', default: 0 },
 };
 
 function bodyFor(args, seq) {
@@ -35,6 +38,7 @@ function bodyFor(args, seq) {
     return Buffer.from(args.payload.split('{seq}').join(String(seq)).split('{run}').join(args.run));
   }
   const doc = { seq, run: args.run };
+  if (args.keys > 0) doc.key = `${args.run}-k${seq % args.keys}`;
   let text = JSON.stringify(doc);
   if (args.payload_size > text.length) {
     doc.pad = 'x'.repeat(Math.max(0, args.payload_size - text.length - ',"pad":""'.length));
