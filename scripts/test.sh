@@ -19,6 +19,8 @@ command -v runc >/dev/null || need_apt+=(runc)
 # builds holds Debian's python3.11.
 command -v slirp4netns >/dev/null || need_apt+=(slirp4netns)
 [ -x /usr/bin/python3.11 ] || need_apt+=(python3.11)
+# promtool evaluates k8s/README.md's autoscaling recording rule (k8s/chart/tests/test_chart.py).
+command -v promtool >/dev/null || need_apt+=(prometheus)
 # Instruction counts per message (benches/callgrind.sh), run in the quick pass below.
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 if [ ${#need_apt[@]} -gt 0 ]; then
