@@ -36,11 +36,11 @@ scripts/install-sdks.sh
 echo "== Helm chart test tools (pinned helm-python-sdk and kubernetes-validate, for k8s/tests/chart.rs)"
 scripts/install-chart-tools.sh
 
-echo "== cargo test (workspace)"
-cargo test --workspace --locked --no-fail-fast
+echo "== cargo test (workspace), two test binaries at a time (scripts/run-tests.py)"
+python3 scripts/run-tests.py
 
 echo "== fuzz targets, 2000 runs each from the committed corpora (tests/fuzz/README.md)"
-scripts/fuzz.sh --runs 2000
+scripts/fuzz.sh --runs 2000 --dev
 
 echo "== benchmarks, quick pass"
 cargo bench -p benches --bench store --locked -- --quick
