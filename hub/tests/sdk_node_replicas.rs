@@ -1,18 +1,21 @@
 //! Module replicas (issue 17) over AMQP with unmodified Node SDK modules (azure-iot-device-amqp
 //! 1.14.4 ModuleClient) against the hub binary: `filter` declared `x-edgehub-replicas
 //! {partitionKey: "$body.key"}`, scaled 1 → 3 → 1 by manifest reloads while four Node senders
-//! (AMQP too) stream messages over 32 keys to it, and one of the three replicas killed
+//! (AMQP too) stream messages over 100 keys to it, and one of the three replicas killed
 //! (SIGKILL) mid-stream.
 //!
-//! Checked on every replica's output merged by wall-clock arrival time (receive.js's `at`):
+//! Checked on every replica's output merged by wall-clock arrival time (receive.js's `at`,
+//! stamped in the handler before it settles: the Node SDK settles a message only when told, so
+//! a line precedes its `accepted`, and a killed replica printed everything the hub saw settled):
 //! per key, the first deliveries are in send order across all replicas; nothing is lost;
 //! every duplicate is a message the killed replica had received, and no more are seen than
 //! `edgehub_replica_duplicates_total` counts; with three replicas up (before the kill) the keys
 //! split among them exactly as the rendezvous assignment of three slots says, and each owns
 //! about a third of the partitions (`edgehub_replica_partitions_owned`: 0.6 to 1.25 times it).
 //!
-//! Message count: 4 senders × 8 keys, 60 + 240 + 60 messages per sender = 1,440 messages (the
-//! issue's 30,000 would take minutes with SDK senders that await each acknowledgement). Every
+//! Message count: 4 senders × 25 keys, 100 + 400 + 100 messages per sender = 2,400 messages (the
+//! issue's 30,000 take minutes with SDK senders that await each acknowledgement: sdk_replicas
+//! runs that size with Python over MQTT; this one stays near 40 s on a loaded machine). Every
 //! wait is on an event: a hub log line or lines the modules print. Needs root and the SDKs
 //! (tests/sdk/README.md); its own network namespace, as every SDK test.
 
@@ -40,13 +43,18 @@ use testhub::TestHub;
 /// One sending module per run (a module has one connection at a time).
 const SENDERS: [&str; 4] = ["s0", "s1", "s2", "s3"];
 /// Keys per sender: `<run>-k<seq mod KEYS>`.
-const KEYS: i64 = 8;
+const KEYS: i64 = 25;
 /// Per sender: phase 1 (one replica), 2a (three), 2b (three, one killed), 3 (one again).
-const PHASE_1: (i64, i64) = (0, 60);
-const PHASE_2A: (i64, i64) = (60, 80);
-const PHASE_2B: (i64, i64) = (140, 160);
-const PHASE_3: (i64, i64) = (300, 60);
-const PER_SENDER: i64 = 360;
+const PHASE_1: (i64, i64) = (0, 100);
+const PHASE_2A: (i64, i64) = (100, 150);
+const PHASE_2B: (i64, i64) = (250, 250);
+const PHASE_3: (i64, i64) = (500, 100);
+const PER_SENDER: i64 = 600;
+
+/// Messages sent per sender once `phase` is done.
+fn through((start, count): (i64, i64)) -> usize {
+    usize::try_from(start + count).unwrap()
+}
 
 fn manifest(count: u8) -> String {
     let mut m: Value =
@@ -231,8 +239,8 @@ fn mqtt_and_amqp_replicas_split_one_module_and_a_third_amqp_connection_is_refuse
     );
 
     let senders = ["s0", "s1"];
-    finish_senders(spawn_some_senders(&hub, &senders, (0, 40)));
-    drain_until(&mut [&mut python, &mut node], secs(60), "both", 80);
+    finish_senders(spawn_some_senders(&hub, &senders, (0, 100)));
+    drain_until(&mut [&mut python, &mut node], secs(60), "both", 200);
     let mut groups = BTreeSet::new();
     for p in [&python, &node] {
         let got = lines(p);
@@ -246,7 +254,7 @@ fn mqtt_and_amqp_replicas_split_one_module_and_a_third_amqp_connection_is_refuse
     }
     assert_eq!(groups, expected_groups(&senders, 2));
     let received = lines(&python).len() + lines(&node).len();
-    assert_eq!(received, 80, "duplicates without a handoff");
+    assert_eq!(received, 200, "duplicates without a handoff");
 }
 
 #[test]
@@ -263,7 +271,7 @@ fn node_amqp_replicas_scale_1_3_1_with_one_killed_keep_each_keys_order_globally(
     let mut r0 = replica(&hub);
     await_log_count(&hub, "inputs link attached", 1, secs(30));
     finish_senders(spawn_senders(&hub, PHASE_1));
-    drain_until(&mut [&mut r0], secs(60), "phase 1", n * 60);
+    drain_until(&mut [&mut r0], secs(60), "phase 1", n * through(PHASE_1));
 
     // Phase 2a: three replicas, all joined before anything is sent (r0 holds nothing then, so
     // every partition goes straight to its rendezvous target).
@@ -278,7 +286,7 @@ fn node_amqp_replicas_scale_1_3_1_with_one_killed_keep_each_keys_order_globally(
         &mut [&mut r0, &mut r1, &mut r2],
         secs(60),
         "phase 2a",
-        n * 140,
+        n * through(PHASE_2A),
     );
     // Which keys each replica got in phase 2a: exactly the rendezvous groups of three slots.
     let groups: BTreeSet<BTreeSet<String>> = [&r0, &r1, &r2]
@@ -334,7 +342,7 @@ fn node_amqp_replicas_scale_1_3_1_with_one_killed_keep_each_keys_order_globally(
         &mut [&mut r0, &mut r1, &mut r2],
         secs(60),
         "phase 2b",
-        n * 300,
+        n * through(PHASE_2B),
     );
 
     // Phase 3: back to one replica; the one above the count is closed by the hub.
