@@ -198,8 +198,9 @@ fn expected_groups(senders: &[&str], count: u64) -> BTreeSet<BTreeSet<String>> {
 
 /// A Python replica over MQTT and a Node replica over AMQP are members of one module side by
 /// side (membership is per connection): a third connection (Node, AMQP) is refused with a
-/// warning naming the module and counted as `replicas_full`, and the keys split between the
-/// two as the assignment of two slots says, each key in order, once.
+/// warning naming the module and counted as `replicas_full`, as is a fourth authenticated by
+/// SASL PLAIN (raw rhea: its links refused, its connection closed), and the keys split between
+/// the two as the assignment of two slots says, each key in order, once.
 #[test]
 fn mqtt_and_amqp_replicas_split_one_module_and_a_third_amqp_connection_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -236,6 +237,23 @@ fn mqtt_and_amqp_replicas_split_one_module_and_a_third_amqp_connection_is_refuse
     assert_eq!(
         hub.metric(&["edgehub_client_connect_failed_total{", "replicas_full"]),
         Some(1.0)
+    );
+    // Authenticated by SASL PLAIN instead (raw rhea; no put-token to answer): the identity is
+    // taken back, so its events link is refused and nothing it sends is routed, and the
+    // connection is closed with the reason at once.
+    let plain = probe(
+        &hub,
+        "filter",
+        &["--mode", "attach", "--sasl", "plain", "--timeout", "8"],
+    )
+    .finish(secs(60));
+    assert!(
+        plain.events("own").is_empty(),
+        "a refused SASL PLAIN replica sent a message: {plain:?}"
+    );
+    hub.await_log(
+        "reason=connection refused: filter has all its replicas",
+        secs(30),
     );
 
     let senders = ["s0", "s1"];

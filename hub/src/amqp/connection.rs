@@ -199,7 +199,9 @@ impl ConnShared {
         if r.is_none() {
             *r = Some(reason);
         }
-        let _ = self.stop.send(true);
+        // Kept even while nothing subscribes yet (a stop decided before the connection runs,
+        // e.g. a SASL PLAIN identity refused): `send` would drop it then.
+        self.stop.send_replace(true);
     }
 
     /// Joins the live-connection registry as `identity` (once per identity); a later
@@ -447,8 +449,16 @@ where
     let connected = crate::metrics::ConnectedGauge::new(Arc::clone(&ctx.metrics));
     for identity in &sasl_identities {
         match shared.join(identity) {
-            // Authenticated before Open: nothing to answer, the connection is closed.
-            Joined::ReplicasFull(full) => shared.stop(ConnectionEnd::ReplicasFull(full)),
+            // Authenticated before Open: nothing to answer; the identity is taken back (its
+            // links are refused) and the connection is closed.
+            Joined::ReplicasFull(full) => {
+                let _ = shared
+                    .auth
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .withdraw(identity, full.to_string());
+                shared.stop(ConnectionEnd::ReplicasFull(full));
+            }
             Joined::Yes | Joined::Refused => ctx.metrics.client_authenticated(identity),
         }
     }
