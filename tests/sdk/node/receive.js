@@ -21,6 +21,7 @@ const SPEC = {
   no_data: { type: 'flag', default: false },
   reject_seq: { type: 'list', default: undefined },
   abandon_seq: { type: 'list', default: undefined },
+  listen_after_connect: { type: 'flag', default: false },
 };
 
 function describe(n, inputName, msg, args) {
@@ -74,7 +75,7 @@ async function run(args) {
   let received = 0;
   let reached;
   const reachedP = new Promise((r) => { reached = r; });
-  client.on('inputMessage', (inputName, msg) => {
+  const onMessage = (inputName, msg) => {
     received += 1;
     const line = describe(received, inputName, msg, args);
     // --reject-seq / --abandon-seq (AMQP: rejected / released dispositions) instead of complete.
@@ -89,10 +90,16 @@ async function run(args) {
     }
     h.emit(line);
     if (args.count && received === args.count) reached();
-  });
+  };
   // Listen before connecting (as IoT Edge module templates do): on a resumed session the hub
   // delivers right after CONNACK, and a message with no listener would be lost to the module.
+  // --listen-after-connect: only once connected. Listening first, the SDK enables input
+  // messages on a connection of its own while open() makes another; over AMQP, if the first is
+  // refused (a replicated module with its count of replicas) and the second gets in, the SDK
+  // never enables them (it does not retry the refusal's UnauthorizedError).
+  if (!args.listen_after_connect) client.on('inputMessage', onMessage);
   await h.connect(client, args, deadline);
+  if (args.listen_after_connect) client.on('inputMessage', onMessage);
   h.emit({ event: 'ready', ms: h.elapsedMs() });
 
   const sleep = (s) => new Promise((r) => setTimeout(r, s * 1000));
