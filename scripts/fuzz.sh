@@ -6,7 +6,8 @@
 #   scripts/fuzz.sh --list                                    list the targets
 #
 # Default: --runs 2000 over the committed corpus, every target. --dev builds the targets
-# unoptimised (about half the build time; each run is slower): scripts/test.sh's quick pass.
+# unoptimised (4.6 min instead of 12.4 on a loaded 2-core machine, 2026-12-07; each run is
+# slower, 24 s for all five targets): scripts/test.sh's quick pass.
 # New inputs go to a scratch corpus (EDGEHUB_FUZZ_CORPUS, default a temporary directory), so
 # the committed seeds stay small; a crash is written to tests/fuzz/artifacts/<target>/ and
 # fails the script. Installs cargo-fuzz if it is missing.
