@@ -268,17 +268,7 @@ impl Hub {
         let child = cmd.spawn()?;
         let pid = child.id();
         let port = if p.tls { tls } else { plain };
-        let tls_cfg = if p.tls {
-            let out = Command::new(&p.hub)
-                .arg("ca-path")
-                .arg("--data-dir")
-                .arg(&data)
-                .output()?;
-            let ca = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            Some((ca, ()))
-        } else {
-            None
-        };
+        // Killed when dropped: nothing is left running if the start fails from here on.
         let mut hub = Hub {
             child,
             pid,
@@ -308,7 +298,13 @@ impl Hub {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if let Some((ca, ())) = tls_cfg {
+        if p.tls {
+            let out = Command::new(&p.hub)
+                .arg("ca-path")
+                .arg("--data-dir")
+                .arg(&data)
+                .output()?;
+            let ca = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
             hub.endpoint.tls = Some(Tls::from_ca(&ca, "localhost")?);
         }
         Ok(hub)
@@ -338,7 +334,11 @@ impl Hub {
             .sum())
     }
 
-    fn stop(mut self) {
+    /// Stops the hub (SIGTERM, then SIGKILL after 20 s).
+    fn stop(&mut self) {
+        if !self.alive() {
+            return;
+        }
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid.to_string())
@@ -352,6 +352,15 @@ impl Hub {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -1449,4 +1458,107 @@ fn main() -> std::process::ExitCode {
         ok
     });
     benches::exit_code("replbench", outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn rec(replica: u32, key: u32, seq: u64, arrived: Instant) -> Rec {
+        Rec {
+            replica,
+            key,
+            seq,
+            arrived,
+            started: arrived + Duration::from_millis(1),
+            done: arrived + Duration::from_millis(6),
+        }
+    }
+
+    fn log_of(keys: u64, handled: &[(u32, u64)]) -> Arc<Log> {
+        let log = Log::new(keys);
+        let t = Instant::now();
+        for (key, seq) in handled {
+            log.record(rec(1, *key, *seq, t));
+        }
+        log
+    }
+
+    #[test]
+    fn a_key_whose_first_handlings_skip_or_go_back_fails_the_check() {
+        let gap = log_of(2, &[(0, 0), (1, 0), (0, 2), (0, 1)]);
+        let err = gap.check(&[3, 1]).unwrap_err();
+        assert!(err.contains("k0") && err.contains("seq 2"), "{err}");
+        let back = log_of(1, &[(0, 1), (0, 0)]);
+        assert!(back.check(&[2]).is_err());
+    }
+
+    #[test]
+    fn an_acknowledged_message_never_handled_fails_the_check() {
+        let log = log_of(2, &[(0, 0), (0, 1), (1, 0)]);
+        let err = log.check(&[2, 2]).unwrap_err();
+        assert!(err.contains("k1") && err.contains("1 of 2"), "{err}");
+        // More handled than published is a broken run too.
+        assert!(log.check(&[1, 1]).is_err());
+    }
+
+    #[test]
+    fn redeliveries_count_as_handled_twice_and_keep_first_handlings_in_order() {
+        // A replica went away after handling 0..=2; the next owner gets 1 and 2 again first.
+        let log = log_of(1, &[(0, 0), (0, 1), (0, 2), (0, 1), (0, 2), (0, 3)]);
+        assert_eq!(log.check(&[4]), Ok(2));
+        assert_eq!(log.distinct.load(Ordering::SeqCst), 4);
+        assert_eq!(log.handled.load(Ordering::SeqCst), 6);
+    }
+
+    /// Two keys in different partitions.
+    fn two_keys_in_two_partitions() -> (u32, u32) {
+        let p = |k: u32| partition_of_key(format!("k{k}").as_bytes());
+        let other = (1..).find(|k| p(*k) != p(0)).unwrap();
+        (0, other)
+    }
+
+    #[test]
+    fn only_partitions_handled_by_another_replica_after_the_change_count_as_moved() {
+        let (moving, staying) = two_keys_in_two_partitions();
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let change = ms(100);
+        let recs = vec![
+            rec(1, moving, 0, ms(10)),
+            rec(1, staying, 0, ms(20)),
+            // The old owner still finishes what it held of the moving key after the change.
+            rec(1, moving, 1, ms(120)),
+            rec(1, staying, 1, ms(130)),
+            rec(2, moving, 2, ms(400)),
+            rec(2, moving, 3, ms(410)),
+        ];
+        let moved = moved_partitions(&recs, change);
+        assert_eq!(moved.len(), 1);
+        let m = &moved[0];
+        // Change (100) to the new owner's first arrival (400).
+        assert!((m.stall_ms - 300.0).abs() < 1e-6, "{}", m.stall_ms);
+        // The old owner's last done (120 + 6) to the new owner's first start (400 + 1).
+        assert!((m.gap_ms - 275.0).abs() < 1e-6, "{}", m.gap_ms);
+        assert!(
+            (m.acked_to_sent_ms - 274.0).abs() < 1e-6,
+            "{}",
+            m.acked_to_sent_ms
+        );
+    }
+
+    #[test]
+    fn the_moves_expected_are_the_partitions_whose_target_is_the_new_slot() {
+        let one = expected_moves(1, 1);
+        assert!(one <= 1);
+        let all: BTreeSet<PartitionId> = (0..100)
+            .map(|k| partition_of_key(format!("k{k}").as_bytes()))
+            .collect();
+        let to_slot_2 = expected_moves(100, 2);
+        let to_slot_1 = expected_moves(100, 1);
+        assert!(to_slot_2 > 0 && to_slot_2 < all.len());
+        assert!(to_slot_1 > 0 && to_slot_1 < all.len());
+    }
 }
