@@ -119,8 +119,8 @@ if [ "$INSTALL" = 1 ]; then
     [ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
   fi
 fi
-say "building edgehub and the load generator (release)"
-(cd "$ROOT" && cargo build --release -q --locked -p hub && cargo build --release -q --locked -p benches --no-default-features --bin loadgen --bin peers_report) 2>&1 | tee -a "$LOG" >&2
+say "building edgehub and the load generator (bench profile: the release settings, reusing what cargo bench built)"
+(cd "$ROOT" && cargo build --profile bench -q --locked -p hub && cargo build --profile bench -q --locked -p benches --no-default-features --bin loadgen --bin peers_report) 2>&1 | tee -a "$LOG" >&2
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 EDGEHUB="$TARGET/release/edgehub"
 LOADGEN="$TARGET/release/loadgen"

@@ -19,6 +19,8 @@ command -v runc >/dev/null || need_apt+=(runc)
 # builds holds Debian's python3.11.
 command -v slirp4netns >/dev/null || need_apt+=(slirp4netns)
 [ -x /usr/bin/python3.11 ] || need_apt+=(python3.11)
+# promtool evaluates k8s/README.md's autoscaling recording rule (k8s/chart/tests/test_chart.py).
+command -v promtool >/dev/null || need_apt+=(prometheus)
 # Instruction counts per message (benches/callgrind.sh), run in the quick pass below.
 command -v valgrind >/dev/null || need_apt+=(valgrind)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -34,11 +36,11 @@ scripts/install-sdks.sh
 echo "== Helm chart test tools (pinned helm-python-sdk and kubernetes-validate, for k8s/tests/chart.rs)"
 scripts/install-chart-tools.sh
 
-echo "== cargo test (workspace)"
-cargo test --workspace --locked --no-fail-fast
+echo "== cargo test (workspace), two test binaries at a time (scripts/run-tests.py)"
+python3 scripts/run-tests.py
 
 echo "== fuzz targets, 2000 runs each from the committed corpora (tests/fuzz/README.md)"
-scripts/fuzz.sh --runs 2000
+scripts/fuzz.sh --runs 2000 --dev
 
 echo "== benchmarks, quick pass"
 cargo bench -p benches --bench store --locked -- --quick

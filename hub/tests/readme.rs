@@ -214,3 +214,52 @@ fn the_marked_blocks_are_found() {
         ["file my-deployment.json", "hub", "shell", "file sensor.py"]
     );
 }
+
+/// The package directory of a `-p NAME` in the README's feature table.
+fn package_dir(root: &Path, package: &str) -> std::path::PathBuf {
+    match package {
+        "failover" => root.join("tests/failover"),
+        other => root.join(other),
+    }
+}
+
+/// Every `cargo test -p P --test T` in "What it does, and the test that proves it" names a
+/// test file of P that exists, so the table cannot point at a renamed or removed test.
+#[test]
+fn every_command_in_the_feature_table_names_a_test_that_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let start = readme
+        .find("## What it does, and the test that proves it")
+        .expect("the feature table section");
+    let section = &readme[start..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let mut checked = 0;
+    for command in section
+        .split('`')
+        .filter(|c| c.starts_with("cargo test -p "))
+    {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        let package = words[3];
+        let dir = package_dir(&root, package);
+        assert!(
+            dir.join("Cargo.toml").is_file(),
+            "{command}: no package {package}"
+        );
+        for pair in words.windows(2) {
+            if pair[0] == "--test" {
+                let file = dir.join("tests").join(format!("{}.rs", pair[1]));
+                assert!(
+                    file.is_file(),
+                    "{command}: {} does not exist",
+                    file.display()
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(
+        checked >= 15,
+        "only {checked} test files named in the feature table"
+    );
+}

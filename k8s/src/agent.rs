@@ -15,6 +15,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use router::replicas::ReplicaCount;
+use router::ModuleId;
 use serde_json::{Map, Value};
 
 /// A module's name as the manifest spells it (also its IoT Hub module id).
@@ -90,6 +92,9 @@ pub struct AgentModule {
     pub status: DesiredStatus,
     /// `restartPolicy`.
     pub restart_policy: RestartPolicy,
+    /// `x-edgehub-replicas.count` (parsed by the hub's own parser): the most pods of a
+    /// replicated module; `None` for a module that is not replicated.
+    pub replicas: Option<ReplicaCount>,
 }
 
 /// One problem of a manifest, located by its JSON path.
@@ -128,11 +133,22 @@ impl fmt::Display for ManifestProblems {
 /// Returns the modules, sorted by name.
 pub fn parse_manifest(manifest: &Value) -> Result<Vec<AgentModule>, ManifestProblems> {
     let mut messages = Vec::new();
-    if let Err(e) = router::manifest::parse_deployment_value(manifest) {
-        messages.extend(e.issues.iter().map(ToString::to_string));
-    }
+    let replicas = match router::manifest::parse_deployment_value(manifest) {
+        Ok(deployment) => deployment.replicas,
+        Err(e) => {
+            messages.extend(e.issues.iter().map(ToString::to_string));
+            BTreeMap::new()
+        }
+    };
     match parse_agent(manifest) {
-        Ok(modules) if messages.is_empty() => return Ok(modules),
+        Ok(mut modules) if messages.is_empty() => {
+            for m in &mut modules {
+                m.replicas = replicas
+                    .get(&ModuleId::new(m.name.as_str()))
+                    .map(|spec| spec.count);
+            }
+            return Ok(modules);
+        }
         Ok(_) => {}
         Err(problems) => {
             for p in problems {
@@ -148,7 +164,8 @@ pub fn parse_manifest(manifest: &Value) -> Result<Vec<AgentModule>, ManifestProb
 }
 
 /// Parses the `$edgeAgent` modules of a manifest (`modulesContent` or
-/// `content.modulesContent`), collecting every problem.
+/// `content.modulesContent`), collecting every problem. `replicas` is left `None`: the hub's
+/// parser reads `x-edgehub-replicas` ([`parse_manifest`] fills it in).
 pub fn parse_agent(manifest: &Value) -> Result<Vec<AgentModule>, Vec<Problem>> {
     let mut problems = Vec::new();
     let (content, prefix) = match manifest.pointer("/content/modulesContent") {
@@ -270,6 +287,7 @@ fn module(
         env,
         status,
         restart_policy,
+        replicas: None,
     })
 }
 
@@ -411,6 +429,30 @@ mod tests {
         assert_eq!(modules[1].restart_policy, RestartPolicy::Never);
         assert_eq!(modules[1].env.get("N").map(String::as_str), Some("5"));
         assert_eq!(modules[1].env.get("X").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn a_replicated_modules_count_is_the_hubs_parse_of_it() {
+        let m = manifest(json!({
+            "filter": {"settings": {"image": "f:1"},
+                       "x-edgehub-replicas": {"count": 3, "partitionKey": "$body.id"}},
+            "plain": {"settings": {"image": "p:1"}}
+        }));
+        let modules = parse_manifest(&m).expect("valid");
+        assert_eq!(modules[0].replicas.map(ReplicaCount::get), Some(3));
+        assert_eq!(modules[1].replicas, None);
+
+        let mut bad = m.clone();
+        bad["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]["filter"]
+            ["x-edgehub-replicas"]["count"] = json!(17);
+        let err = parse_manifest(&bad).expect_err("count 17");
+        assert!(
+            err.messages
+                .iter()
+                .any(|m| m.contains("modules.filter.x-edgehub-replicas.count")),
+            "{:?}",
+            err.messages
+        );
     }
 
     #[test]

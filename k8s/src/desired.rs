@@ -28,6 +28,7 @@ use crate::create_options::{self, BindSource, Translated};
 use crate::failover::Epoch;
 use crate::keys::ModuleKey;
 use crate::names::{self, NameError};
+use crate::replicas::{MaxReplicas, ANNOTATION_MAX_REPLICAS, LABEL_REPLICATED};
 use crate::tls::TlsMaterial;
 use crate::types::{AccessMode, EdgeDeployment, ServiceType};
 
@@ -134,6 +135,10 @@ pub struct ModuleObjects {
     pub workload: StatefulSet,
     /// `D-M`, when its createOptions expose ports.
     pub service: Option<Service>,
+    /// A replicated module's ceiling (`x-edgehub-replicas.count`, 0 while stopped): its
+    /// `workload` then has no `.spec.replicas`, which [`crate::replicas`] decides and the
+    /// scale field manager writes.
+    pub max_replicas: Option<MaxReplicas>,
 }
 
 /// Every object for one EdgeDeployment.
@@ -815,13 +820,36 @@ impl Builder<'_> {
             volume_mounts: Some(mounts),
             ..Container::default()
         };
+        // A replicated module: every pod runs with the module's identity unmodified (the hub
+        // makes each connection a member, up to the count); its replicas are not applied here
+        // (see `crate::replicas`), and a killed pod comes back without waiting for the others.
+        let max_replicas = m.replicas.map(|count| MaxReplicas::of(count, m.status));
+        let mut metadata = self.meta(workload.clone(), "module", Some(name));
+        if let Some(max) = max_replicas {
+            metadata
+                .labels
+                .get_or_insert_with(BTreeMap::new)
+                .insert(LABEL_REPLICATED.to_owned(), "true".to_owned());
+            metadata.annotations = Some(BTreeMap::from([(
+                ANNOTATION_MAX_REPLICAS.to_owned(),
+                max.to_string(),
+            )]));
+        }
         let statefulset = StatefulSet {
-            metadata: self.meta(workload.clone(), "module", Some(name)),
+            metadata,
             spec: Some(StatefulSetSpec {
-                replicas: Some(match m.status {
-                    DesiredStatus::Running => 1,
-                    DesiredStatus::Stopped => 0,
-                }),
+                replicas: match (max_replicas, m.status) {
+                    (Some(_), _) => None,
+                    (None, DesiredStatus::Running) => Some(1),
+                    (None, DesiredStatus::Stopped) => Some(0),
+                },
+                // Immutable once created, so always given (a field the main manager stopped
+                // applying would be removed, defaulted, and refused): reconcile recreates the
+                // StatefulSet (pods orphaned and adopted) when a module becomes replicated or
+                // stops being so.
+                pod_management_policy: Some(
+                    pod_management_policy(max_replicas.is_some()).to_owned(),
+                ),
                 service_name: Some(workload.clone()),
                 selector: LabelSelector {
                     match_labels: Some(names::selector(self.d, "module", Some(name))),
@@ -874,7 +902,18 @@ impl Builder<'_> {
             secret,
             workload: statefulset,
             service,
+            max_replicas,
         })
+    }
+}
+
+/// A module StatefulSet's `podManagementPolicy`: `Parallel` for a replicated module (a replica
+/// killed or scaled up starts without waiting for the ones before it), else Kubernetes' default.
+pub fn pod_management_policy(replicated: bool) -> &'static str {
+    if replicated {
+        "Parallel"
+    } else {
+        "OrderedReady"
     }
 }
 

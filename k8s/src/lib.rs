@@ -1,5 +1,6 @@
 //! edgehub on Kubernetes: the `EdgeDeployment` custom resource and the controller that turns
-//! one into a hub StatefulSet and one singleton workload per module.
+//! one into a hub StatefulSet and one workload per module (a singleton, or up to the
+//! module's `x-edgehub-replicas` count).
 //!
 //! The controller talks to the hub only through what a user could also use: the deployment
 //! manifest (a mounted ConfigMap the hub reloads live), the hub's CLI flags, mounted files
@@ -12,6 +13,7 @@
 //! - [`tls`], [`keys`]: the generated secret material;
 //! - [`desired`]: the pure builders of every object;
 //! - [`failover`]: the store epoch and the node-loss policy's pure decision;
+//! - [`replicas`]: a replicated module's StatefulSet scale, the pure decision;
 //! - [`render`]: `edgehub-controller render` (the builders, offline, with placeholders).
 
 pub mod agent;
@@ -24,5 +26,6 @@ pub mod lease;
 pub mod names;
 pub mod reconcile;
 pub mod render;
+pub mod replicas;
 pub mod tls;
 pub mod types;

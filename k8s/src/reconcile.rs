@@ -45,6 +45,7 @@ use crate::desired::{self, ControllerOptions, Object, RenderError, SecretMateria
 use crate::failover::{self, Decision, Epoch, EpochError, NodeLoss};
 use crate::keys::{self, KeyError, KeyOrigin};
 use crate::names::{self, MANAGER};
+use crate::replicas;
 use crate::tls::{self, TlsError, TlsMaterial, TlsOutcome};
 use crate::types::{
     Condition, EdgeDeployment, EdgeDeploymentStatus, LastFailover, ModuleStatus, NodeLossPolicy,
@@ -670,12 +671,29 @@ async fn reconcile_objects(
 
     let want = desired::desired_at_epoch(ed, &manifest, &material, &ctx.opts, hub.epoch)?;
     let mut applied = Vec::new();
+    let mut recreating = false;
     for object in want.objects() {
-        let changed = match &object {
-            Object::Secret(o) => apply(ctx, &ns, o, &object).await?,
-            Object::ConfigMap(o) => apply(ctx, &ns, o, &object).await?,
-            Object::Service(o) => apply(ctx, &ns, o, &object).await?,
-            Object::StatefulSet(o) => apply(ctx, &ns, o, &object).await?,
+        let module = match &object {
+            Object::StatefulSet(o) => want
+                .modules
+                .iter()
+                .find(|m| m.workload.name_any() == o.name_any()),
+            _ => None,
+        };
+        let changed = match (&object, module) {
+            (Object::StatefulSet(_), Some(m)) => {
+                match apply_module_workload(ed, ctx, &ns, m, &object).await? {
+                    WorkloadApplied::Applied(changed) => changed,
+                    WorkloadApplied::Recreating => {
+                        recreating = true;
+                        true
+                    }
+                }
+            }
+            (Object::Secret(o), _) => apply(ctx, &ns, o, &object).await?,
+            (Object::ConfigMap(o), _) => apply(ctx, &ns, o, &object).await?,
+            (Object::Service(o), _) => apply(ctx, &ns, o, &object).await?,
+            (Object::StatefulSet(o), None) => apply(ctx, &ns, o, &object).await?,
         };
         if changed {
             applied.push(object.describe());
@@ -724,13 +742,25 @@ async fn reconcile_objects(
             sts.get_opt(&wname),
         )
         .await?;
-        let (phase, message) = match m.status {
+        let ready = ready_replicas(live.as_ref());
+        let (phase, mut message) = match m.status {
             DesiredStatus::Stopped => ("Stopped", String::new()),
-            DesiredStatus::Running if ready_replicas(live.as_ref()) >= 1 => {
-                ("Running", String::new())
-            }
+            DesiredStatus::Running if ready >= 1 => ("Running", String::new()),
             DesiredStatus::Running => ("Pending", "waiting for its pod to be ready".to_owned()),
         };
+        if let (Some(max), DesiredStatus::Running) = (objects.max_replicas, m.status) {
+            let scaled = live
+                .as_ref()
+                .and_then(|s| s.spec.as_ref())
+                .and_then(|s| s.replicas)
+                .unwrap_or(1);
+            let replicas = format!("{ready} of {scaled} replicas ready (at most {max})");
+            message = if message.is_empty() {
+                replicas
+            } else {
+                format!("{message}: {replicas}")
+            };
+        }
         module_status.push(ModuleStatus {
             name: m.name.to_string(),
             phase: phase.to_owned(),
@@ -807,7 +837,144 @@ async fn reconcile_objects(
         last_failover: hub.last_failover.clone(),
     };
     write_status(ed, ctx, eds, status, now).await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(if recreating {
+        RECREATE_POLL
+    } else {
+        RESYNC
+    }))
+}
+
+/// How soon a pass that deleted a StatefulSet to recreate it looks again (the deletion of the
+/// StatefulSet itself, its pods orphaned, also triggers a pass through the watch).
+pub const RECREATE_POLL: Duration = Duration::from_secs(2);
+
+/// What [`apply_module_workload`] did.
+enum WorkloadApplied {
+    /// Applied (`true`) or already as wanted (`false`), scale included.
+    Applied(bool),
+    /// The live StatefulSet has another (immutable) `podManagementPolicy`: it was deleted with
+    /// its pods orphaned, or is still being deleted; a later pass creates it anew.
+    Recreating,
+}
+
+/// A module's StatefulSet: the main apply (without `.spec.replicas` for a replicated module)
+/// and, for a replicated one, the scale field manager's decision ([`replicas::decide`]).
+/// `podManagementPolicy` is immutable: a StatefulSet that has another one is deleted with
+/// `propagationPolicy: Orphan` (its pods keep running) and created anew once it is gone, and the
+/// new one adopts the pods (same selector).
+async fn apply_module_workload(
+    ed: &EdgeDeployment,
+    ctx: &Context,
+    ns: &str,
+    m: &desired::ModuleObjects,
+    object: &Object,
+) -> Result<WorkloadApplied, Error> {
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let name = m.workload.name_any();
+    let describe = || object.describe();
+    let mut live = call(ctx, "reading", describe, api.get_opt(&name)).await?;
+    if let Some(l) = &live {
+        if l.metadata.deletion_timestamp.is_some() {
+            tracing::info!(edgedeployment = %key_of(ed), object = %describe(), "waiting for the StatefulSet to be deleted before it is created anew");
+            return Ok(WorkloadApplied::Recreating);
+        }
+        let policy = |s: &StatefulSet| {
+            s.spec
+                .as_ref()
+                .and_then(|s| s.pod_management_policy.clone())
+                .unwrap_or_else(|| desired::pod_management_policy(false).to_owned())
+        };
+        if policy(l) != policy(&m.workload) {
+            let note = format!(
+                "module {}: StatefulSet/{name} has podManagementPolicy {}, which cannot change: deleting it with its pods orphaned to create it with {}",
+                m.name,
+                policy(l),
+                policy(&m.workload)
+            );
+            tracing::info!(edgedeployment = %key_of(ed), object = %describe(), "{note}");
+            let params = DeleteParams {
+                propagation_policy: Some(kube::api::PropagationPolicy::Orphan),
+                ..DeleteParams::default()
+            };
+            match call(ctx, "deleting", describe, api.delete(&name, &params)).await {
+                Ok(_) => {}
+                Err(Error::Api {
+                    source: kube::Error::Api(s),
+                    ..
+                }) if s.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+            publish(ctx, ed, EventType::Normal, "StatefulSetRecreated", &note).await;
+            // An API server removes it once its pods are orphaned; until then, wait.
+            live = call(ctx, "reading", describe, api.get_opt(&name)).await?;
+            if live.is_some() {
+                return Ok(WorkloadApplied::Recreating);
+            }
+        }
+    }
+    let scale = m.max_replicas.and_then(|max| {
+        let seen = live.as_ref().map(|l| replicas::LiveScale {
+            replicas: l.spec.as_ref().and_then(|s| s.replicas),
+            max: l
+                .annotations()
+                .get(replicas::ANNOTATION_MAX_REPLICAS)
+                .and_then(|a| replicas::MaxReplicas::parse(a)),
+        });
+        replicas::decide(max, seen).map(|to| (max, to))
+    });
+    let existed = live.is_some();
+    // The scale manager takes `.spec.replicas` over before the main manager stops applying it
+    // (a former singleton); a new StatefulSet must exist before a partial apply can touch it.
+    if existed {
+        if let Some((max, to)) = scale {
+            apply_scale(ed, ctx, &api, m, max, to, object).await?;
+        }
+    }
+    let mut changed = apply_read(ctx, &api, &m.workload, object, live).await?;
+    if !existed {
+        if let Some((max, to)) = scale {
+            apply_scale(ed, ctx, &api, m, max, to, object).await?;
+        }
+    }
+    changed |= scale.is_some();
+    Ok(WorkloadApplied::Applied(changed))
+}
+
+/// The scale field manager's apply: `.spec.replicas` and nothing else.
+async fn apply_scale(
+    ed: &EdgeDeployment,
+    ctx: &Context,
+    api: &Api<StatefulSet>,
+    m: &desired::ModuleObjects,
+    max: replicas::MaxReplicas,
+    to: replicas::ScaleTo,
+    object: &Object,
+) -> Result<(), Error> {
+    let name = m.workload.name_any();
+    let patch = replicas::scale_patch(&m.workload, to.replicas);
+    let params = PatchParams::apply(replicas::SCALE_MANAGER).force();
+    call(
+        ctx,
+        "scaling",
+        || object.describe(),
+        api.patch(&name, &params, &Patch::Apply(&patch)),
+    )
+    .await?;
+    let note = to.describe(&name, m.name.as_str(), max);
+    match to.reason {
+        replicas::ScaleReason::Created => {
+            tracing::info!(edgedeployment = %key_of(ed), replicas = to.replicas, "{note}");
+        }
+        replicas::ScaleReason::Clamped { .. } => {
+            tracing::warn!(edgedeployment = %key_of(ed), replicas = to.replicas, "{note}");
+            publish(ctx, ed, EventType::Warning, "ReplicasClamped", &note).await;
+        }
+        replicas::ScaleReason::BecameReplicated | replicas::ScaleReason::CeilingChanged { .. } => {
+            tracing::info!(edgedeployment = %key_of(ed), replicas = to.replicas, "{note}");
+            publish(ctx, ed, EventType::Normal, "ModuleScaled", &note).await;
+        }
+    }
+    Ok(())
 }
 
 fn cond(
@@ -965,12 +1132,32 @@ where
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let name = obj.meta().name.clone().unwrap_or_default();
+    let live = call(ctx, "reading", || object.describe(), api.get_opt(&name)).await?;
+    apply_read(ctx, &api, obj, object, live).await
+}
+
+/// [`apply`], the live object already read.
+async fn apply_read<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    obj: &K,
+    object: &Object,
+    live: Option<K>,
+) -> Result<bool, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
     let describe = || object.describe();
     let want = serde_json::to_value(obj).map_err(|source| Error::Serialize {
         object: describe(),
         source,
     })?;
-    if let Some(live) = call(ctx, "reading", describe, api.get_opt(&name)).await? {
+    if let Some(live) = live {
         let live = serde_json::to_value(&live).map_err(|source| Error::Serialize {
             object: describe(),
             source,

@@ -9,7 +9,9 @@
 //! private keys: it is for trials and tests (e.g. `podman kube play`), not for a repository.
 //!
 //! Differences from what reconcile applies, all on purpose: generated data are placeholders
-//! unless asked for; `ownerReferences` are absent (the EdgeDeployment's uid exists only in a cluster; a made-up
+//! unless asked for; a replicated module's StatefulSet shows `.spec.replicas` at its ceiling,
+//! which reconcile writes through a field manager of its own ([`crate::replicas`]), once;
+//! `ownerReferences` are absent (the EdgeDeployment's uid exists only in a cluster; a made-up
 //! one would make the garbage collector delete the objects).
 
 use std::path::Path;
@@ -167,10 +169,31 @@ pub fn render_with(
     for note in &desired.untranslated {
         out.push_str(&format!("# not translated: {note}\n"));
     }
+    for m in &desired.modules {
+        if let Some(max) = m.max_replicas {
+            out.push_str(&format!(
+                "# StatefulSet/{}: module {} is replicated: created with {max} replicas (its x-edgehub-replicas count, 0 while stopped); then `kubectl scale` or an autoscaler sets them, at most {max}\n",
+                m.workload.metadata.name.as_deref().unwrap_or(""),
+                m.name,
+            ));
+        }
+    }
     for object in desired.objects() {
         let mut value = object.to_value()?;
         if matches!(object, Object::Secret(_)) {
             secret_data_as_text(&mut value);
+        }
+        // What a replicated module's StatefulSet is created with: reconcile writes it through
+        // its scale field manager (`crate::replicas`), not in this object's apply.
+        if let Object::StatefulSet(sts) = &object {
+            if let Some(max) = desired
+                .modules
+                .iter()
+                .find(|m| m.workload.metadata.name == sts.metadata.name)
+                .and_then(|m| m.max_replicas)
+            {
+                value["spec"]["replicas"] = Value::from(max.replicas());
+            }
         }
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(&value)?);

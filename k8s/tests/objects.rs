@@ -567,3 +567,112 @@ fn storage_defaults_to_one_gibibyte_rwop_in_the_default_class() {
         Some("ClusterIP")
     );
 }
+
+/// A replicated module (examples/replicated.yaml: `filter`, count 3) and a singleton (`sensor`)
+/// side by side: the same pod with the module's identity unmodified, marked replicated,
+/// Parallel, and no `.spec.replicas` in the main apply (the scale field manager's).
+#[test]
+fn a_replicated_module_is_a_parallel_statefulset_marked_with_its_ceiling_and_no_replicas() {
+    let ed = example("replicated.yaml");
+    let d = build(&ed, &["filter", "sensor"]);
+    let (filter, sensor) = (&d.modules[0], &d.modules[1]);
+    assert_eq!(
+        (filter.name.as_str(), sensor.name.as_str()),
+        ("filter", "sensor")
+    );
+
+    let spec = filter.workload.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, None, "the scale field manager's field");
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    assert_eq!(filter.max_replicas.map(|m| m.replicas()), Some(3));
+    let meta = &filter.workload.metadata;
+    let mut want_labels = labels("line4", "module", Some("filter"));
+    want_labels.insert("edgehub.io/replicated".into(), "true".into());
+    assert_eq!(meta.labels.as_ref(), Some(&want_labels));
+    assert_eq!(
+        meta.annotations.as_ref(),
+        Some(&BTreeMap::from([(
+            "edgehub.io/max-replicas".to_owned(),
+            "3".to_owned()
+        )]))
+    );
+    // The selector and pod labels are a singleton's: a module can become replicated without a
+    // new selector (immutable) and its pods are adopted.
+    assert_eq!(
+        spec.selector.match_labels.as_ref(),
+        Some(&{
+            let mut l = labels("line4", "module", Some("filter"));
+            l.remove("app.kubernetes.io/managed-by");
+            l
+        })
+    );
+    let c = container(&filter.workload);
+    assert_eq!(env(c, "IOTEDGE_MODULEID").value.as_deref(), Some("filter"));
+    let cs = env(c, "EdgeHubConnectionString")
+        .value_from
+        .and_then(|v| v.secret_key_ref)
+        .expect("secretKeyRef");
+    assert_eq!(cs.name, "line4-module-filter");
+    assert!(secret_text(&filter.secret, "connectionString").contains(";ModuleId=filter;"));
+
+    // The singleton beside it: as before, with the default policy given explicitly.
+    let spec = sensor.workload.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
+    assert_eq!(sensor.max_replicas, None);
+    assert_eq!(
+        sensor.workload.metadata.labels.as_ref(),
+        Some(&labels("line4", "module", Some("sensor")))
+    );
+    assert_eq!(sensor.workload.metadata.annotations, None);
+}
+
+/// The same module replicated and not: the pod templates are equal, so only the StatefulSet's
+/// own fields differ; stopped, the ceiling is 0.
+#[test]
+fn replication_changes_only_the_statefulsets_own_fields_and_stopped_means_a_ceiling_of_zero() {
+    let replicated = example("replicated.yaml");
+    let mut single = replicated.clone();
+    let mut stopped = replicated.clone();
+    module_entry(&mut single, "filter")
+        .as_object_mut()
+        .expect("module")
+        .remove("x-edgehub-replicas");
+    module_entry(&mut stopped, "filter")["status"] = "stopped".into();
+    let keys = ["filter", "sensor"];
+    let (r, s, x) = (
+        build(&replicated, &keys),
+        build(&single, &keys),
+        build(&stopped, &keys),
+    );
+    let template = |d: &Desired| {
+        serde_json::to_value(&d.modules[0].workload.spec.as_ref().expect("spec").template)
+            .expect("json")
+    };
+    assert_eq!(template(&r), template(&s));
+    assert_eq!(s.modules[0].max_replicas, None);
+    assert_eq!(
+        s.modules[0].workload.spec.as_ref().and_then(|s| s.replicas),
+        Some(1)
+    );
+    assert_eq!(x.modules[0].max_replicas.map(|m| m.replicas()), Some(0));
+    assert_eq!(
+        x.modules[0]
+            .workload
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("edgehub.io/max-replicas"))
+            .map(String::as_str),
+        Some("0")
+    );
+    assert_eq!(
+        x.modules[0].workload.spec.as_ref().and_then(|s| s.replicas),
+        None
+    );
+}
+
+fn module_entry<'a>(ed: &'a mut EdgeDeployment, module: &str) -> &'a mut Value {
+    &mut ed.spec.manifest.inline.as_mut().expect("inline")["modulesContent"]["$edgeAgent"]
+        ["properties.desired"]["modules"][module]
+}

@@ -179,6 +179,43 @@ fn an_edge_deployment_in_json_renders_like_its_yaml() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A replicated module renders at its count (what reconcile creates it with, through its scale
+/// field manager), Parallel, marked replicated, with a comment saying who sets replicas after.
+#[test]
+fn a_replicated_module_renders_at_its_count_with_a_note_on_scaling() {
+    let out = controller(&["render", "examples/replicated.yaml"]);
+    let docs = docs(&out);
+    let filter = doc(&docs, "StatefulSet", "line4-filter");
+    assert_eq!(filter["spec"]["replicas"].as_i64(), Some(3));
+    assert_eq!(
+        filter["spec"]["podManagementPolicy"].as_str(),
+        Some("Parallel")
+    );
+    assert_eq!(
+        filter["metadata"]["labels"]["edgehub.io/replicated"].as_str(),
+        Some("true")
+    );
+    assert_eq!(
+        filter["metadata"]["annotations"]["edgehub.io/max-replicas"].as_str(),
+        Some("3")
+    );
+    let sensor = doc(&docs, "StatefulSet", "line4-sensor");
+    assert_eq!(sensor["spec"]["replicas"].as_i64(), Some(1));
+    assert_eq!(
+        sensor["spec"]["podManagementPolicy"].as_str(),
+        Some("OrderedReady")
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let notes: Vec<&str> = text.lines().filter(|l| l.starts_with("# ")).collect();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].starts_with("# StatefulSet/line4-filter: module filter is replicated")
+            && notes[0].contains("at most 3"),
+        "{}",
+        notes[0]
+    );
+}
+
 /// The document `Kind/name` of `docs`.
 fn doc<'a>(docs: &'a [serde_yaml::Value], kind: &str, name: &str) -> &'a serde_yaml::Value {
     docs.iter()

@@ -83,7 +83,8 @@ pub struct Deployment {
     /// written), by module. `$edgeAgent` and `$edgeHub` are not module twins and are not here.
     pub twins_desired: BTreeMap<ModuleId, Map<String, Value>>,
     /// The modules declared replicated (`x-edgehub-replicas` beside their `settings`), by
-    /// module. Not served by the hub yet (issue 17, phase 1): parsed and validated only.
+    /// module: their inputs are partitioned (`crate::replica_worker`), and the k8s controller
+    /// runs them as one StatefulSet of up to `count` pods.
     pub replicas: BTreeMap<ModuleId, ReplicaSpec>,
 }
 

@@ -22,6 +22,9 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
+import subprocess
+import tempfile
 import tomllib
 import unittest
 from pathlib import Path
@@ -627,6 +630,102 @@ class Readme(unittest.TestCase):
                     for rule in o["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
         self.assertEqual(rendered, granted)
         self.assertEqual(rows, granted)
+
+
+class ReadmeAutoscaling(unittest.TestCase):
+    """k8s/README.md, "Autoscale on the input's queue length": the YAML it tells people to apply."""
+
+    def setUp(self) -> None:
+        text = (REPO / "k8s" / "README.md").read_text(encoding="utf-8")
+        section = text.split("\n### Autoscale on the input's queue length", 1)[1].split("\n## ", 1)[0]
+        blocks = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+        # Indented under list items: dedent each by its first line's indentation.
+        self.docs = []
+        for block in blocks:
+            lines = block.splitlines()
+            indent = len(lines[0]) - len(lines[0].lstrip(" "))
+            self.docs.append(yaml.safe_load("\n".join(line[indent:] for line in lines)))
+        self.assertEqual(len(self.docs), 3, "recording rule, adapter rule, HPA")
+
+    def example_count(self) -> int:
+        ed = yaml.safe_load((REPO / "k8s" / "examples" / "replicated.yaml").read_text(encoding="utf-8"))
+        modules = ed["spec"]["manifest"]["inline"]["modulesContent"]["$edgeAgent"]["properties.desired"]["modules"]
+        return modules["filter"]["x-edgehub-replicas"]["count"]
+
+    def test_the_hpa_is_valid_kubernetes_and_stays_within_the_count(self) -> None:
+        hpa = self.docs[2]
+        self.assertEqual((hpa["apiVersion"], hpa["kind"]), ("autoscaling/v2", "HorizontalPodAutoscaler"))
+        for version in KUBE_VERSIONS:
+            kube_validate(self, hpa, version)
+        self.assertEqual(hpa["spec"]["scaleTargetRef"], {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "line4-filter"})
+        self.assertLessEqual(hpa["spec"]["maxReplicas"], self.example_count())
+        metric = hpa["spec"]["metrics"][0]["external"]["metric"]
+        self.assertEqual(metric["name"], "edgehub_replicated_input_queue_length")
+        adapter = self.docs[1]["externalRules"][0]
+        recorded = self.docs[0]["groups"][0]["rules"][0]["record"]
+        self.assertEqual(re.sub(adapter["name"]["matches"], adapter["name"]["as"].replace("$1", r"\1"), recorded), metric["name"])
+        self.assertIn(recorded, adapter["seriesQuery"])
+
+    def test_the_recording_rules_expressions_select_and_split_exactly_the_partition_queues(self) -> None:
+        expr = self.docs[0]["groups"][0]["rules"][0]["expr"]
+        # PromQL double-quoted strings unescape "\\" to "\"; Prometheus anchors every regex.
+        quoted = [q.replace("\\\\", "\\") for q in re.findall(r'"((?:[^"\\]|\\.)*)"', expr)]
+        selector = re.search(r'endpoint=~"((?:[^"\\]|\\.)*)"', expr).group(1).replace("\\\\", "\\")
+        replaces = [(quoted[i + 1], quoted[i + 3]) for i, q in enumerate(quoted) if q in ("module", "input")]
+        self.assertEqual(len(replaces), 2, quoted)
+        (module_repl, module_re), (input_repl, input_re) = replaces
+        self.assertEqual((module_repl, input_repl), ("$1", "$1"))
+        # As router/src/queue_id.rs writes them: q1|in|{module}|{input}|r{partition}, % and | escaped.
+        for module, inp in [("filter", "input1"), ("SimulatedTemperatureSensor", "in-2"), ("a%257Cb", "x.y")]:
+            for p in (0, 17, 63):
+                name = f"q1|in|{module}|{inp}|r{p}"
+                self.assertIsNotNone(re.fullmatch(selector, name), name)
+                self.assertEqual(re.fullmatch(module_re, name).group(1), module, name)
+                self.assertEqual(re.fullmatch(input_re, name).group(1), inp, name)
+        for other in ["q1|in|filter|input1|p0", "q1|in|filter|input1|p0|live", "q1|up|p0", "q1|in|filter|input1|r", "q1|in|filter|input1|r1|x"]:
+            self.assertIsNone(re.fullmatch(selector, other), other)
+
+    def test_prometheus_evaluates_the_recording_rule_to_the_sum_per_module_and_input(self) -> None:
+        """`promtool test rules` (Debian's prometheus package; scripts/test.sh installs it): the
+        rule, evaluated by Prometheus' own engine over partition queues and other queues."""
+        promtool = shutil.which("promtool")
+        self.assertIsNotNone(promtool, "no promtool: apt-get install prometheus (scripts/test.sh does)")
+        series = [
+            ("q1|in|filter|input1|r0", "", 5),
+            ("q1|in|filter|input1|r63", "", 7),
+            ("q1|in|filter|input2|r5", "", 11),
+            ("q1|in|other|input1|r9", "", 2),
+            ("q1|in|filter|input1|p0", "0", 1000),
+            ("q1|in|filter|input1|p0|live", "0", 1000),
+            ("q1|up|p0", "0", 1000),
+        ]
+        recorded = self.docs[0]["groups"][0]["rules"][0]["record"]
+        want = {("filter", "input1"): 12, ("filter", "input2"): 11, ("other", "input1"): 2}
+        test = {
+            "rule_files": ["rules.yml"],
+            "evaluation_interval": "1m",
+            "tests": [{
+                "interval": "1m",
+                "input_series": [
+                    {"series": f'edgehub_queue_length{{namespace="factory",endpoint="{e}",priority="{p}"}}', "values": str(v)}
+                    for e, p, v in series
+                ],
+                "promql_expr_test": [{
+                    "expr": recorded,
+                    "eval_time": "0m",
+                    "exp_samples": [
+                        {"labels": f'{recorded}{{namespace="factory",module="{m}",input="{i}"}}', "value": v}
+                        for (m, i), v in want.items()
+                    ],
+                }],
+            }],
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "rules.yml").write_text(yaml.safe_dump(self.docs[0]), encoding="utf-8")
+            Path(tmp, "test.yml").write_text(yaml.safe_dump(test), encoding="utf-8")
+            run = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp, capture_output=True, text=True, check=False)
+        self.assertEqual(run.returncode, 0, run.stdout + run.stderr)
+        self.assertIn("SUCCESS", run.stdout)
 
 
 def dump(directory: Path) -> None:

@@ -16,11 +16,19 @@ its SUBACK by then), one line per message in arrival order:
    "data":<text or null>,"data_b64":<when not UTF-8>,"data_len":..,"data_sha256":..,"ms":..}
 and {"event":"done","received":k}. The SDK has no field for the connection ids: they come
 from custom_properties["$.cdid"/"$.cmid"] (left there too). --no-data drops data/data_b64.
+
+--wire: also {"event":"wire","topic":..,"mono_ns":..} for every PUBLISH paho reads, printed on
+paho's network thread before it sends the PUBACK (paho 1.6 calls on_message, then acknowledges).
+The SDK hands a message to the handler later, on another thread, so a replica killed between the
+two has acknowledged messages its handler never saw; the wire lines are what the hub delivered.
+"mono_ns" (CLOCK_MONOTONIC, one clock for every process on the machine) orders lines of
+several receivers against each other.
 """
 
 import asyncio
 import base64
 import hashlib
+import time
 
 import harness as h
 
@@ -52,6 +60,7 @@ def describe(n, msg, args):
         "data_len": len(data),
         "data_sha256": hashlib.sha256(data).hexdigest(),
         "ms": h.elapsed_ms(),
+        "mono_ns": time.monotonic_ns(),
     }
     if not args.no_data:
         try:
@@ -66,8 +75,23 @@ def describe(n, msg, args):
 DRAIN_QUIET = 2.0
 
 
+def record_wire():
+    """Test instrumentation, not module behaviour: one line per PUBLISH as paho reads it."""
+    import paho.mqtt.client as paho
+
+    handle = paho.Client._handle_on_message
+
+    def recorded(self, message):
+        h.emit({"event": "wire", "topic": message.topic, "mono_ns": time.monotonic_ns()})
+        return handle(self, message)
+
+    paho.Client._handle_on_message = recorded
+
+
 async def run(args):
     h.drain_after_sdk_thread_death()
+    if args.wire:
+        record_wire()
     deadline = h.Deadline(args.stay if args.stay is not None else args.timeout)
     client = h.create_client(args)
 
@@ -133,6 +157,7 @@ def parser():
     p.add_argument("--stay", type=float, default=None, help="stay online this long, then exit 0")
     p.add_argument("--linger", type=float, default=0.0, help="after --count, listen this long more")
     p.add_argument("--no-data", action="store_true", help="print data_len/sha256 only")
+    p.add_argument("--wire", action="store_true", help="a line per PUBLISH paho reads (see above)")
     h.common_args(p)
     return p
 

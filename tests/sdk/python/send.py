@@ -4,7 +4,7 @@
     EDGEHUB_CS=... EDGEHUB_CA=ca.pem send.py --output out1 --count 100 [--run ID]
 
 Each message: message_id "<mid-prefix><seq>", content_type/content_encoding as given, custom
-properties run=<ID>, seq=<n> and any --prop; body the JSON {"seq":n,"run":ID} (padded to
+properties run=<ID>, seq=<n>, with --keys K also key=<ID>-<seq mod K>, and any --prop; body the JSON {"seq":n,"run":ID} (padded to
 --payload-size with a "pad" field), or --payload TEXT ({seq} and {run} replaced), or with
 --binary --payload-size bytes that are not UTF-8.
 
@@ -54,6 +54,8 @@ async def run(args):
         )
         msg.custom_properties["run"] = args.run
         msg.custom_properties["seq"] = str(seq)
+        if args.keys:
+            msg.custom_properties["key"] = f"{args.run}-{seq % args.keys}"
         msg.custom_properties.update(props)
         # A module resends a message whose send failed because the hub was away (restarting):
         # the same message (same message_id), until it is acknowledged or the deadline passes.
@@ -80,6 +82,7 @@ def parser():
     p.add_argument("--payload", default=None, help="body text; {seq} and {run} are replaced")
     p.add_argument("--payload-size", type=int, default=0, help="pad the body to this many bytes")
     p.add_argument("--binary", action="store_true", help="a non-UTF-8 body of --payload-size")
+    p.add_argument("--keys", type=int, default=0, help="property key=<run>-<seq mod KEYS>")
     p.add_argument("--interval-ms", type=int, default=0, help="pause between sends")
     h.common_args(p)
     return p
