@@ -5,6 +5,9 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+#[path = "support/fake.rs"]
+mod fake;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +20,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Client};
-use kube_fake_client::{interceptor, ClientBuilder};
+use kube_fake_client::interceptor;
 use serde_json::{json, Value};
 
 const NS: &str = "factory";
@@ -60,14 +63,7 @@ async fn fake(objects: Vec<Value>) -> (Client, Writes) {
             w4.lock().unwrap().push(format!("DELETE {}", ctx.name));
             Ok(None)
         });
-    let client = ClientBuilder::new()
-        .with_resource::<EdgeDeployment>()
-        .with_status_subresource::<EdgeDeployment>()
-        .with_runtime_objects(objects)
-        .with_interceptor_funcs(funcs)
-        .build()
-        .await
-        .expect("fake client");
+    let client = fake::client(objects, funcs).await;
     (client, writes)
 }
 

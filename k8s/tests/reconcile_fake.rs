@@ -9,6 +9,9 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+#[path = "support/fake.rs"]
+mod fake;
+
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
@@ -20,7 +23,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Secret, Servi
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
-use kube_fake_client::{interceptor, ClientBuilder};
+use kube_fake_client::interceptor;
 use serde_json::{json, Value};
 
 const NS: &str = "factory";
@@ -67,14 +70,7 @@ async fn fake(objects: Vec<Value>) -> (Client, Writes) {
             w4.lock().unwrap().push(format!("DELETE {}", ctx.name));
             Ok(None)
         });
-    let client = ClientBuilder::new()
-        .with_resource::<EdgeDeployment>()
-        .with_status_subresource::<EdgeDeployment>()
-        .with_runtime_objects(objects)
-        .with_interceptor_funcs(funcs)
-        .build()
-        .await
-        .expect("fake client");
+    let client = fake::client(objects, funcs).await;
     (client, writes)
 }
 
@@ -586,14 +582,7 @@ async fn a_successful_pass_resets_the_backoff() {
         }
         Ok(None)
     });
-    let client = ClientBuilder::new()
-        .with_resource::<EdgeDeployment>()
-        .with_status_subresource::<EdgeDeployment>()
-        .with_runtime_objects(vec![ed_value(&example("minimal.yaml"))])
-        .with_interceptor_funcs(funcs)
-        .build()
-        .await
-        .expect("fake client");
+    let client = fake::client(vec![ed_value(&example("minimal.yaml"))], funcs).await;
     let ctx = context(&client);
     let secs = |a: kube::runtime::controller::Action| {
         a == kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(5))

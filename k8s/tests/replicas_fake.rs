@@ -10,6 +10,9 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+#[path = "support/fake.rs"]
+mod fake;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +25,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Client, ResourceExt};
-use kube_fake_client::{interceptor, ClientBuilder, PatchType};
+use kube_fake_client::{interceptor, PatchType};
 use serde_json::{json, Value};
 
 const NS: &str = "factory";
@@ -108,14 +111,7 @@ async fn fake(objects: Vec<Value>) -> (Client, Model) {
             m.replicas.remove(ctx.name);
             Ok(None)
         });
-    let client = ClientBuilder::new()
-        .with_resource::<EdgeDeployment>()
-        .with_status_subresource::<EdgeDeployment>()
-        .with_runtime_objects(objects)
-        .with_interceptor_funcs(funcs)
-        .build()
-        .await
-        .expect("fake client");
+    let client = fake::client(objects, funcs).await;
     (client, model)
 }
 
