@@ -63,3 +63,6 @@ cargo bench -p benches --bench router --locked -- --quick
 cargo bench -p benches --bench upstream --locked -- --quick
 benches/peers.sh --quick
 benches/callgrind.sh -n 300 "${CARGO_TARGET_DIR:-target}/release/edgehub"
+# Module replicas (about 45 s): one round of 1, 2, 3 replicas and one join, leave and kill.
+cargo build --profile bench -q --locked -p benches --bin replbench
+"${CARGO_TARGET_DIR:-target}/release/replbench" --rounds 1 --secs 2 --warmup 1 --handoffs 1 --observe 5
