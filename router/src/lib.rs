@@ -83,5 +83,5 @@ pub use route::{
     Targets, Ttl,
 };
 pub use router::{RouteAck, RouteError, RouteOutcome, Router};
-pub use sink::{Delivery, DeliveryOutcome, DynSink, FailureKind, RejectReason, Sink};
+pub use sink::{Delivery, DeliveryOutcome, DynSink, FailureKind, Progress, RejectReason, Sink};
 pub use store::AppendChain;

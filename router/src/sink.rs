@@ -84,10 +84,33 @@ impl std::fmt::Display for RejectReason {
     }
 }
 
+/// Told each delivery's outcome as soon as the sink knows it: its index in the batch and the
+/// outcome, once per delivery, in the batch's order ([`Sink::send_reporting`]).
+pub type Progress = Box<dyn FnMut(usize, &DeliveryOutcome) + Send>;
+
 /// Sends batches to one endpoint. Implementations may write `async fn send(…)`.
 pub trait Sink: Send + Sync + 'static {
     /// Sends `batch` (in order) and reports one outcome per delivery.
     fn send(&self, batch: Vec<Delivery>) -> impl Future<Output = Vec<DeliveryOutcome>> + Send;
+
+    /// [`Sink::send`], also telling `progress` each outcome as soon as it is known, so that a
+    /// caller can settle what the receiver acknowledged while the rest of the batch is still in
+    /// flight (a module replica leaving mid-batch: only what it did not acknowledge goes again).
+    /// The default tells them all once `send` returns; a sink whose receiver settles deliveries
+    /// one by one overrides it.
+    fn send_reporting(
+        &self,
+        batch: Vec<Delivery>,
+        mut progress: Progress,
+    ) -> impl Future<Output = Vec<DeliveryOutcome>> + Send {
+        async move {
+            let outcomes = self.send(batch).await;
+            for (i, outcome) in outcomes.iter().enumerate() {
+                progress(i, outcome);
+            }
+            outcomes
+        }
+    }
 }
 
 /// The boxed future a [`DynSink`] returns.
@@ -98,10 +121,17 @@ pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Vec<DeliveryOutcome>> + Se
 pub trait DynSink: Send + Sync + 'static {
     /// [`Sink::send`], boxed.
     fn send_boxed(&self, batch: Vec<Delivery>) -> SendFuture<'_>;
+
+    /// [`Sink::send_reporting`], boxed.
+    fn send_reporting_boxed(&self, batch: Vec<Delivery>, progress: Progress) -> SendFuture<'_>;
 }
 
 impl<S: Sink> DynSink for S {
     fn send_boxed(&self, batch: Vec<Delivery>) -> SendFuture<'_> {
         Box::pin(self.send(batch))
+    }
+
+    fn send_reporting_boxed(&self, batch: Vec<Delivery>, progress: Progress) -> SendFuture<'_> {
+        Box::pin(self.send_reporting(batch, progress))
     }
 }

@@ -12,7 +12,7 @@
 //! to take more (the endpoint worker is waiting for the outcomes anyway), so what waits for a
 //! module that does not acknowledge is bounded whatever the workers' windows.
 
-use router::{Delivery, DeliveryOutcome, FailureKind, InputName, Message, Sink};
+use router::{Delivery, DeliveryOutcome, FailureKind, InputName, Message, Progress, Sink};
 use store::Offset;
 
 /// What a connection answers when it loses a delivery without a settlement.
@@ -64,6 +64,16 @@ impl ModuleInputSink {
 
 impl Sink for ModuleInputSink {
     async fn send(&self, batch: Vec<Delivery>) -> Vec<DeliveryOutcome> {
+        self.send_reporting(batch, Box::new(|_, _| {})).await
+    }
+
+    /// Each outcome is told as the module settles that delivery (the connection settles them
+    /// in order), not once the whole batch is settled.
+    async fn send_reporting(
+        &self,
+        batch: Vec<Delivery>,
+        mut progress: Progress,
+    ) -> Vec<DeliveryOutcome> {
         let mut waiting = Vec::with_capacity(batch.len());
         for delivery in batch {
             let (acked, rx) = oneshot::channel();
@@ -82,11 +92,13 @@ impl Sink for ModuleInputSink {
             waiting.push(handed.then_some(rx));
         }
         let mut outcomes = Vec::with_capacity(waiting.len());
-        for rx in waiting {
-            outcomes.push(match rx {
+        for (i, rx) in waiting.into_iter().enumerate() {
+            let outcome = match rx {
                 Some(rx) => rx.await.unwrap_or(NOT_DELIVERED),
                 None => NOT_DELIVERED,
-            });
+            };
+            progress(i, &outcome);
+            outcomes.push(outcome);
         }
         outcomes
     }
