@@ -11,6 +11,9 @@
 //!   let its receiver see a later message before an earlier one (a module input, as edgeHub)
 //!   stops at its first failure and answers `Retry` for everything after it: the worker resends
 //!   from the first message that is not `Delivered` or `Reject`, in order.
+//! - `send_reporting` (provided: reports every outcome when `send` returns) may tell each
+//!   outcome earlier, once, in the batch's order; the module replicas' driver settles each
+//!   acknowledgement as it is told.
 //! - `send` is cancelled (dropped) on shutdown; whatever it delivered is then sent again after a
 //!   restart (at-least-once).
 
