@@ -250,6 +250,16 @@ fn python_replicas_scale_1_3_1_with_one_killed_keep_each_keys_order_and_lose_not
     // Phase 3: back to one replica; the hub closes the one above the count.
     write_atomically(&path, &manifest(1));
     hub.await_log("closing a replica's connection", secs(30));
+    // Its connection's end says why (it said "replaced by a newer connection" before).
+    hub.await_log(
+        "scaled down: its module's replica count was lowered",
+        secs(30),
+    );
+    assert!(
+        !hub.log().contains("replaced by a newer connection"),
+        "{}",
+        hub.log_lines("replaced")
+    );
     let phase3_start = rx.wire.len();
     let phase3 = senders(&hub, PHASES[2]);
     finish(phase3);

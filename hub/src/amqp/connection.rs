@@ -135,8 +135,8 @@ pub enum ConnectionEnd {
     ReplicasFull(#[source] ReplicasFull),
     /// Closed by its module's replica machine: displaced by a newcomer, scaled down, or it lost
     /// a delivery.
-    #[error("closed by the module's replicas (displaced, scaled down, or a delivery lost)")]
-    ReplicaClosed,
+    #[error("closed: {0}")]
+    ReplicaClosed(#[source] crate::head::replica::ReplicaClose),
     /// A twin request may not be answered: a newer hub owns the data directory.
     #[error("twin request not answered: {0}")]
     Twin(String),
@@ -243,16 +243,16 @@ impl ConnShared {
             )));
             return Joined::Refused;
         };
-        let mut why = ConnectionEnd::Replaced;
+        let mut closed_by = None;
         if let Some(close) = close {
             let heartbeat = Arc::clone(self.heard.get_or_init(Heartbeat::new));
             match Membership::join(ctx, identity, id, close, heartbeat) {
                 Ok(membership) => {
+                    closed_by = Some(membership.closed_by());
                     self.replicas
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(identity.clone(), membership);
-                    why = ConnectionEnd::ReplicaClosed;
                 }
                 Err(full) => {
                     ctx.connections.leave(identity, id);
@@ -271,7 +271,10 @@ impl ConnShared {
                 r = replaced.changed() => {
                     if r.is_ok() {
                         if let Some(me) = me.upgrade() {
-                            me.stop(why);
+                            me.stop(match closed_by.as_ref().and_then(|c| c.get()) {
+                                Some(why) => ConnectionEnd::ReplicaClosed(why),
+                                None => ConnectionEnd::Replaced,
+                            });
                         }
                     }
                 }

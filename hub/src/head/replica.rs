@@ -22,7 +22,7 @@
 use std::sync::Arc;
 
 use router::replica_worker::{Heartbeat, ReplicatedInput};
-use router::replicas::{JoinRefused, MemberId};
+use router::replicas::{DisconnectReason, JoinRefused, MemberId};
 use router::{DynSink, Endpoint, InputName};
 use tokio::sync::watch;
 
@@ -30,11 +30,43 @@ use crate::head::context::HeadContext;
 use crate::head::sink::{ModuleInputSink, OutboundTx};
 use crate::identity::Identity;
 
+/// Why a module's replica machine closed one of its connections (in the connection's log line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaClose {
+    /// A newcomer took its slot while it was silent, or its connection lost a delivery.
+    #[error("displaced by its module's replicas (silent 10 s while another replica waited to join, or a delivery lost)")]
+    Displaced,
+    /// The module's replica count was lowered below its slot, and it had settled what it held.
+    #[error("scaled down: its module's replica count was lowered")]
+    ScaledDown,
+}
+
+/// Where the machine's reason for closing a member's connection is kept until the connection
+/// reads it (the close itself is the connection's `replaced` watch).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ClosedBy(Arc<std::sync::Mutex<Option<ReplicaClose>>>);
+
+impl ClosedBy {
+    fn set(&self, reason: DisconnectReason) {
+        let why = match reason {
+            DisconnectReason::Displaced => ReplicaClose::Displaced,
+            DisconnectReason::ScaledDown => ReplicaClose::ScaledDown,
+        };
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// The reason, once the machine closed the connection.
+    pub(crate) fn get(&self) -> Option<ReplicaClose> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// One connection's membership in its module's replicated inputs.
 pub(crate) struct Membership {
     member: MemberId,
     heartbeat: Arc<Heartbeat>,
     close: Arc<watch::Sender<bool>>,
+    closed_by: ClosedBy,
     inputs: Vec<(Endpoint, InputName, Arc<ReplicatedInput>)>,
     /// Set once the connection subscribed to its inputs.
     attached: Option<OutboundTx>,
@@ -66,6 +98,7 @@ impl Membership {
             member: MemberId::new(conn_id),
             heartbeat,
             close,
+            closed_by: ClosedBy::default(),
             inputs: Vec::new(),
             attached: None,
         };
@@ -91,10 +124,12 @@ impl Membership {
             return Ok(());
         };
         let close = Arc::clone(&self.close);
+        let closed_by = self.closed_by.clone();
         replicated.join(
             self.member,
             Arc::clone(&self.heartbeat),
-            Box::new(move |_| {
+            Box::new(move |reason| {
+                closed_by.set(reason);
                 let _ = close.send(true);
             }),
         )?;
@@ -103,6 +138,11 @@ impl Membership {
         }
         self.inputs.push((endpoint, input, replicated));
         Ok(())
+    }
+
+    /// Why the machine closed this connection, once it did (read when `replaced` fires).
+    pub(crate) fn closed_by(&self) -> ClosedBy {
+        self.closed_by.clone()
     }
 
     /// The connection read a packet.

@@ -122,6 +122,9 @@ pub enum ConnectionEnd {
     /// Another connection of the same identity took over.
     #[error("replaced by a newer connection of the same identity")]
     Replaced,
+    /// Its module's replica machine closed it (a replicated module: displaced or scaled down).
+    #[error("closed: {0}")]
+    ReplicaClosed(#[source] crate::head::replica::ReplicaClose),
     /// The SAS token the connection authenticated with expired (plus the clock skew).
     #[error("the SAS token expired; the module must connect again with a fresh one")]
     TokenExpired,
@@ -673,7 +676,12 @@ impl Connection {
                 // Direct-method requests, through the same bounded outgoing queue.
                 Some(call) = input.methods_rx.recv(), if !out_full => self.send_method_request(call),
                 Ok(reason) = &mut acker.route_failed => break ConnectionEnd::Route(reason),
-                _ = input.replaced.changed() => break ConnectionEnd::Replaced,
+                _ = input.replaced.changed() => {
+                    break match self.replica.as_ref().and_then(|r| r.closed_by().get()) {
+                        Some(why) => ConnectionEnd::ReplicaClosed(why),
+                        None => ConnectionEnd::Replaced,
+                    };
+                }
                 _ = input.shutdown.changed() => break ConnectionEnd::Shutdown,
                 Ok(()) = input.routes_changed.changed() => self.register_new_inputs(),
                 // A desired patch is one packet: only with a slot free for it. Also right after
