@@ -367,3 +367,67 @@ fn python_replicas_scale_1_3_1_with_one_killed_keep_each_keys_order_and_lose_not
         rx.wire.len()
     );
 }
+
+/// A replica killed with SIGKILL and started again at once gets back in: the kill closes its
+/// socket, the hub sees the member gone at once (no keep-alive wait, no 10 s displacement), so
+/// the restarted process is a member as soon as it connects and takes over a share of the keys,
+/// with nothing refused, lost or out of order.
+#[test]
+fn a_replica_killed_and_restarted_at_once_gets_back_in() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("manifest.json");
+    std::fs::write(&path, manifest(2)).expect("write");
+    let mut modules: Vec<&str> = SENDERS.iter().map(|(m, _)| *m).collect();
+    modules.push("filter");
+    let hub = SdkHub::start(TestHub::new().manifest_at(path), &modules);
+    let mut rx = Replicas {
+        procs: Vec::new(),
+        read: Vec::new(),
+        wire: Vec::new(),
+        distinct: BTreeSet::new(),
+    };
+    let r0 = rx.start(&hub);
+    let r1 = rx.start(&hub);
+    finish(senders(&hub, (0, 100)));
+    rx.drain(100, "before the kill");
+    assert!(rx.of(r1) > 0, "the second replica got no keys");
+
+    let disconnected = |hub: &SdkHub| hub.log_lines("module disconnected").lines().count();
+    let before = disconnected(&hub);
+    rx.procs[r1].kill();
+    // The hub notices the killed process's socket close (an event in its log), not a timeout.
+    let deadline = Instant::now() + secs(30);
+    while disconnected(&hub) == before {
+        assert!(Instant::now() < deadline, "the hub did not see the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let restarted = rx.start(&hub);
+    finish(senders(&hub, (100, 100)));
+    rx.drain(200, "after the restart");
+    assert!(
+        rx.wire
+            .iter()
+            .any(|w| w.replica == restarted && w.seq >= 100),
+        "the restarted replica took no keys over"
+    );
+    assert!(
+        rx.wire.iter().any(|w| w.replica == r0 && w.seq >= 100),
+        "the other replica lost its keys"
+    );
+    assert!(
+        !hub.log().contains("replicas_full") && !hub.log().contains("has all its replicas"),
+        "a connection was refused: {}",
+        hub.log_lines("replica")
+    );
+    let mut by_time: Vec<&Wire> = rx.wire.iter().collect();
+    by_time.sort_by_key(|w| w.mono_ns);
+    let mut seen = BTreeSet::new();
+    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    for w in by_time {
+        if seen.insert((w.key.as_str(), w.seq)) {
+            if let Some(prev) = last.insert(w.key.as_str(), w.seq) {
+                assert!(prev < w.seq, "{}: {} after {prev}", w.key, w.seq);
+            }
+        }
+    }
+}
