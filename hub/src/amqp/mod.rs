@@ -118,6 +118,36 @@
 //!   0.85× its MQTT rate (README); each message crosses fe2o3's connection and session tasks both
 //!   ways, where the MQTT head reads and writes the socket itself.
 
+/// `AsyncWrite` for a read-side wrapper `$ty<S>` over a stream in its field `inner`: every write
+/// goes straight to `inner` (the wrappers only watch or shape what is read).
+macro_rules! write_through_inner {
+    ($ty:ident) => {
+        impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $ty<S> {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+            }
+
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+            }
+
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
 pub mod auth_state;
 pub mod cbs;
 pub mod connection;
