@@ -474,12 +474,12 @@ impl ReplicatedInput {
             if let Some(b) = busy.get_mut(p.index()) {
                 *b = Some(epoch);
             }
+            let count = batch.len();
             let offsets: Vec<Offset> = batch.iter().map(|d| d.offset).collect();
-            let acked = offsets.clone();
             let worker = Arc::clone(self);
             let progress: Progress = Box::new(move |i, outcome| {
                 if let (DeliveryOutcome::Delivered | DeliveryOutcome::Reject(_), Some(offset)) =
-                    (outcome, acked.get(i))
+                    (outcome, offsets.get(i))
                 {
                     worker.acknowledged(member, p, epoch, *offset);
                 }
@@ -490,7 +490,7 @@ impl ReplicatedInput {
                     member,
                     partition: p,
                     epoch,
-                    offsets,
+                    count,
                     outcomes,
                 }
             });
@@ -505,7 +505,7 @@ impl ReplicatedInput {
         let mut inner = self.lock();
         let mut outputs = Vec::new();
         let mut outcomes = sent.outcomes.into_iter();
-        for _ in sent.offsets {
+        for _ in 0..sent.count {
             match outcomes.next() {
                 Some(DeliveryOutcome::Delivered) | Some(DeliveryOutcome::Reject(_)) => {}
                 Some(DeliveryOutcome::Retry(_)) | None => {
@@ -581,7 +581,8 @@ struct Sent {
     member: MemberId,
     partition: PartitionId,
     epoch: PartitionEpoch,
-    offsets: Vec<Offset>,
+    /// How many deliveries the batch had (their offsets went to its progress callback).
+    count: usize,
     outcomes: Vec<DeliveryOutcome>,
 }
 
