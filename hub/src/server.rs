@@ -391,6 +391,10 @@ fn open_store(
 ) -> Result<Store, RunError> {
     let mut store_options = StoreOptions {
         epoch: settings.epoch(),
+        // A module that waits for each PUBACK (every SDK does) gets its append written and
+        // synced on the connection's own thread when the writer is idle: no wake-up of the
+        // writer thread, none back (issue 18: what the hub adds to a lone message).
+        commit_on_caller: true,
         ..StoreOptions::default()
     };
     if let Some(max) = deployment.edge_hub.max_store_size_bytes {

@@ -37,6 +37,39 @@ struct ChainState {
     next: u64,
     /// The earliest failed append: its position and why it failed.
     broken: Option<(u64, AppendError)>,
+    /// Appends submitted and not yet answered (their [`Position`]s still exist).
+    outstanding: u64,
+}
+
+/// An append's place on its chain, carried by its request. The chain counts the append as
+/// outstanding until the request is answered or dropped, so the store can tell a producer that
+/// waits for each append (nothing else outstanding) from one that pipelines.
+#[derive(Debug)]
+pub(crate) struct Position {
+    chain: AppendChain,
+    at: u64,
+}
+
+impl Position {
+    pub(crate) fn chain(&self) -> &AppendChain {
+        &self.chain
+    }
+
+    pub(crate) fn at(&self) -> u64 {
+        self.at
+    }
+
+    /// Whether this is the only append of its chain not yet answered.
+    pub(crate) fn is_alone(&self) -> bool {
+        self.chain.lock().outstanding == 1
+    }
+}
+
+impl Drop for Position {
+    fn drop(&mut self) {
+        let mut state = self.chain.lock();
+        state.outstanding = state.outstanding.saturating_sub(1);
+    }
 }
 
 impl AppendChain {
@@ -61,14 +94,18 @@ impl AppendChain {
     }
 
     /// Takes the position of a new append, or refuses it if the chain is already broken.
-    pub(crate) fn take_position(&self) -> Result<u64, AppendError> {
+    pub(crate) fn take_position(&self) -> Result<Position, AppendError> {
         let mut state = self.lock();
         if let Some((_, cause)) = &state.broken {
             return Err(broken(cause));
         }
-        let position = state.next;
+        let at = state.next;
         state.next += 1;
-        Ok(position)
+        state.outstanding += 1;
+        Ok(Position {
+            chain: self.clone(),
+            at,
+        })
     }
 
     /// Records that the append at `position` failed; the earliest failure is kept.

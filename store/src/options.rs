@@ -35,6 +35,15 @@ pub struct StoreOptions {
     /// Prepare the next segment in the background, filled with zeros, so that commits overwrite
     /// allocated space instead of growing the file (faster fdatasync on ext4 and xfs).
     pub preallocate: bool,
+    /// Let a producer that waits for each append (one [`crate::AppendChain`] with nothing
+    /// else outstanding) and finds the writer idle commit its append on its own thread,
+    /// instead of waking the writer thread and being woken by it (two thread wake-ups per lone
+    /// message). Only while the disk's last fdatasync took at most 2 ms, so a runtime worker is
+    /// never held for a slow disk. Batches still go to disk one at a time, in submission order.
+    /// Off by default: [`crate::Store::append`] may then block its caller for one write and
+    /// fdatasync, which a caller that itself holds up the disk (a test stalling a sync) must not
+    /// meet. The hub turns it on.
+    pub commit_on_caller: bool,
 }
 
 impl Default for StoreOptions {
@@ -47,6 +56,7 @@ impl Default for StoreOptions {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             reserve_bytes: 1 << 20,
             preallocate: true,
+            commit_on_caller: false,
         }
     }
 }

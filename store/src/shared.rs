@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tokio::sync::{oneshot, watch};
 
-use crate::chain::AppendChain;
+use crate::chain::Position;
 use crate::error::{AppendError, CheckpointError, ReclaimError, StorageError};
 use crate::index::Index;
 use crate::io::Fs;
@@ -24,7 +24,7 @@ pub(crate) enum Request {
         reserved: u64,
         /// The producer's chain and this append's position on it (see `chain`): not written
         /// once an earlier position failed.
-        chain: Option<(AppendChain, u64)>,
+        chain: Option<Position>,
         reply: oneshot::Sender<Result<Offset, AppendError>>,
     },
     Checkpoint {
@@ -97,12 +97,16 @@ pub(crate) struct Inbox {
 pub(crate) struct Counters {
     pub(crate) appends: AtomicU64,
     pub(crate) commits: AtomicU64,
+    pub(crate) caller_commits: AtomicU64,
     pub(crate) syncs: AtomicU64,
     pub(crate) reclaimed_segments: AtomicU64,
     /// Group-commit fdatasyncs by duration: one counter per bound of
     /// [`SYNC_LATENCY_BOUNDS_MICROS`], then one for anything longer.
     pub(crate) sync_buckets: [AtomicU64; SYNC_LATENCY_BOUNDS_MICROS.len() + 1],
     pub(crate) sync_micros_total: AtomicU64,
+    /// How long the newest group-commit fdatasync took, in µs (whether a producer may commit on
+    /// its own thread: see `writer::CALLER_COMMIT_SYNC_LIMIT`).
+    pub(crate) last_sync_micros: AtomicU64,
 }
 
 /// Upper bounds (µs, inclusive) of the group-commit fdatasync latency buckets in
@@ -124,6 +128,7 @@ impl Counters {
             counter.fetch_add(1, Ordering::Relaxed);
         }
         self.sync_micros_total.fetch_add(micros, Ordering::Relaxed);
+        self.last_sync_micros.store(micros, Ordering::Relaxed);
     }
 }
 
@@ -205,6 +210,17 @@ impl Shared {
         &self,
         push: impl FnOnce(&mut Inbox) -> Result<(), E>,
     ) -> Result<(), E> {
+        self.submit_or_take(push, false).map(|_| ())
+    }
+
+    /// [`Shared::submit`], except that with `take_if_alone` a request that found the inbox empty
+    /// is taken back out (its reservation stays) and returned, for a caller that holds the writer
+    /// to commit it at once; the writer thread is then not woken.
+    pub(crate) fn submit_or_take<E: From<StorageError>>(
+        &self,
+        push: impl FnOnce(&mut Inbox) -> Result<(), E>,
+        take_if_alone: bool,
+    ) -> Result<Option<Request>, E> {
         let wake = {
             let mut inbox = self.lock_inbox();
             if let Some(halt) = &inbox.dead {
@@ -214,12 +230,15 @@ impl Shared {
                 return Err(StorageError::Closed.into());
             }
             push(&mut inbox)?;
+            if take_if_alone && inbox.requests.len() == 1 {
+                return Ok(inbox.requests.pop());
+            }
             inbox.writer_waiting
         };
         if wake {
             self.inbox_cv.notify_one();
         }
-        Ok(())
+        Ok(None)
     }
 
     pub(crate) fn release(&self, bytes: u64) {

@@ -11,13 +11,13 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use tokio::sync::{oneshot, watch};
 
-use crate::chain::AppendChain;
+use crate::chain::{AppendChain, Position};
 use crate::error::{
     open_io, AppendError, CheckpointError, CloseError, OpenError, ReadError, ReclaimError,
     StorageError,
@@ -30,7 +30,7 @@ use crate::options::{StoreOptions, MAX_QUEUES_PER_MESSAGE};
 use crate::recovery::{newest_segment_generation, recover, Recovered, RecoveryReport};
 use crate::shared::{Halt, Request, Shared};
 use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
-use crate::writer::{Start, Threads, Writer};
+use crate::writer::{try_lock_slot, Start, Threads, Writer, WriterSlot, CALLER_COMMIT_SYNC_LIMIT};
 
 /// How long the group commits' fdatasyncs took since open.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -154,6 +154,9 @@ pub struct StoreStats {
     pub appends: u64,
     /// Group commits since open.
     pub commits: u64,
+    /// Of those, commits of a lone append made on its producer's thread
+    /// ([`StoreOptions::commit_on_caller`]).
+    pub caller_commits: u64,
     /// fdatasync calls on segment files since open (data and segment headers).
     pub syncs: u64,
     /// Segments deleted by retention since open.
@@ -187,6 +190,8 @@ struct Inner {
     shared: Arc<Shared>,
     /// The writer thread, then the completer thread (which ends once the writer has).
     writer: Mutex<Option<Threads>>,
+    /// The writer itself, for a producer that commits its own append (see [`Store::append`]).
+    slot: WriterSlot,
     report: RecoveryReport,
     generation: Generation,
     /// The writer's fence, for [`Store::check_fence`] (one `fstat` of `EPOCHS`).
@@ -317,7 +322,7 @@ impl Store {
             recovered.index,
             recovered.next_offset,
         ));
-        let threads = Writer::start(&shared, fence.clone(), generation, start)?;
+        let (threads, slot) = Writer::start(&shared, fence.clone(), generation, start)?;
         let report = recovered.report;
         tracing::info!(
             dir = %shared.dir.display(),
@@ -331,6 +336,7 @@ impl Store {
             inner: Arc::new(Inner {
                 shared,
                 writer: Mutex::new(Some(threads)),
+                slot,
                 report,
                 generation,
                 fence,
@@ -363,6 +369,12 @@ impl Store {
     /// commit), this one and every later one of the chain fail with
     /// [`AppendError::ChainBroken`] without being written, so a producer that resends what was
     /// not acknowledged can never find a later message stored ahead of an earlier one.
+    ///
+    /// With [`StoreOptions::commit_on_caller`], an append that is the only one of its chain
+    /// not yet answered (a producer that waits for each), and finds the writer idle and nothing
+    /// else waiting, is written and synced on the caller's thread before this returns (the
+    /// `Pending` is then complete). A producer that pipelines leaves its appends to the writer
+    /// thread, which groups them.
     pub fn append_in(
         &self,
         chain: &AppendChain,
@@ -374,16 +386,17 @@ impl Store {
             Ok(position) => position,
             Err(refused) => return Pending::ready(Err(refused)),
         };
-        let pending = self.submit_append(Some((chain, position)), queues, body, expiry);
+        let at = position.at();
+        let pending = self.submit_append(Some(position), queues, body, expiry);
         if let PendingState::Ready(Some(Err(e))) = &pending.state {
-            chain.break_at(position, e);
+            chain.break_at(at, e);
         }
         pending
     }
 
     fn submit_append(
         &self,
-        chain: Option<(&AppendChain, u64)>,
+        chain: Option<Position>,
         queues: &[QueueName],
         body: Bytes,
         expiry: Option<UnixMillis>,
@@ -409,32 +422,62 @@ impl Store {
         let on_disk = shared.used_bytes();
         let (tx, rx) = oneshot::channel();
         let quota = shared.opts.quota_bytes;
-        let submitted = shared.submit(|inbox| {
-            let used = on_disk + inbox.reserved;
-            if used + needed > quota {
-                return Err(AppendError::Full {
-                    needed,
-                    used,
-                    quota,
+        // A producer with nothing else outstanding, holding the writer (taken before the
+        // inbox, the writer thread's lock order), commits this append right here if nothing
+        // else waits for the writer either.
+        let alone = chain.as_ref().is_some_and(Position::is_alone);
+        let mut writer = if alone {
+            self.writer_for_caller()
+        } else {
+            None
+        };
+        let submitted = shared.submit_or_take(
+            |inbox| {
+                let used = on_disk + inbox.reserved;
+                if used + needed > quota {
+                    return Err(AppendError::Full {
+                        needed,
+                        used,
+                        quota,
+                    });
+                }
+                inbox.reserved += needed;
+                inbox.requests.push(Request::Append {
+                    queues: queues.to_vec(),
+                    body,
+                    expiry,
+                    reserved: needed,
+                    chain,
+                    reply: tx,
                 });
-            }
-            inbox.reserved += needed;
-            inbox.requests.push(Request::Append {
-                queues: queues.to_vec(),
-                body,
-                expiry,
-                reserved: needed,
-                chain: chain.map(|(chain, position)| (chain.clone(), position)),
-                reply: tx,
-            });
-            Ok(())
-        });
-        if let Err(e) = submitted {
-            return Pending::ready(Err(e));
+                Ok(())
+            },
+            writer.is_some(),
+        );
+        match (submitted, writer.as_mut()) {
+            (Err(e), _) => return Pending::ready(Err(e)),
+            (Ok(Some(request)), Some(writer)) => Writer::commit_on_caller(writer, request),
+            (Ok(_), _) => {}
         }
+        drop(writer);
         Pending {
             state: PendingState::Waiting(rx),
         }
+    }
+
+    /// The writer, for this caller to commit its own append on its own thread: only when the
+    /// options allow it, the last fdatasync was quick, and nobody holds the writer now (its
+    /// thread is idle). A lone append then costs no thread wake-up on either side of the sync.
+    fn writer_for_caller(&self) -> Option<MutexGuard<'_, Option<Writer>>> {
+        let shared = self.shared();
+        if !shared.opts.commit_on_caller {
+            return None;
+        }
+        let last_sync = shared.stats.last_sync_micros.load(Ordering::Relaxed);
+        if u128::from(last_sync) > CALLER_COMMIT_SYNC_LIMIT.as_micros() {
+            return None;
+        }
+        try_lock_slot(&self.inner.slot)
     }
 
     /// Records durably that every message of `queue` up to and including `upto` is delivered.
@@ -533,6 +576,7 @@ impl Store {
         StoreStats {
             appends: shared.stats.appends.load(Ordering::Relaxed),
             commits: shared.stats.commits.load(Ordering::Relaxed),
+            caller_commits: shared.stats.caller_commits.load(Ordering::Relaxed),
             syncs: shared.stats.syncs.load(Ordering::Relaxed),
             reclaimed_segments: shared.stats.reclaimed_segments.load(Ordering::Relaxed),
             commit_syncs: SyncLatency {

@@ -1,4 +1,9 @@
-//! The group-commit writer: one OS thread owns every write to the data files.
+//! The group-commit writer: one `Writer` owns every write to the data files. It lives in a
+//! [`WriterSlot`]; its OS thread commits whatever waits in the inbox, and a producer that finds
+//! the inbox empty and the slot free commits its own append on its own thread (see
+//! `Store::append`), saving the two thread wake-ups a lone message would otherwise cost.
+//! Whoever holds the slot commits; requests leave the inbox only under it, so batches still
+//! go to disk in submission order.
 //!
 //! Invariants:
 //! - A batch is written with one `pwrite` at the end of the active segment, made durable with one
@@ -15,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -148,6 +153,28 @@ pub(crate) struct Start {
 /// The writer and completer threads of an open store (the completer ends once the writer has).
 pub(crate) type Threads = (std::thread::JoinHandle<()>, std::thread::JoinHandle<()>);
 
+/// The writer, held by whoever commits: its thread, or a producer committing its own append.
+/// `None` once the store closed or the writer panicked.
+pub(crate) type WriterSlot = Arc<Mutex<Option<Writer>>>;
+
+/// A producer commits its own append only while the last fdatasync took at most this long: a
+/// caller's thread (a runtime worker) may be blocked for one sync, never for a slow disk's.
+pub(crate) const CALLER_COMMIT_SYNC_LIMIT: Duration = Duration::from_millis(2);
+
+pub(crate) fn lock_slot(slot: &WriterSlot) -> MutexGuard<'_, Option<Writer>> {
+    slot.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The writer, if nobody else holds it right now and it is still there.
+pub(crate) fn try_lock_slot(slot: &WriterSlot) -> Option<MutexGuard<'_, Option<Writer>>> {
+    let guard = match slot.try_lock() {
+        Ok(guard) => guard,
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return None,
+    };
+    guard.is_some().then_some(guard)
+}
+
 impl Writer {
     /// Starts writing for a store just recovered: creates this generation's first segment, makes
     /// its preamble durable, and runs the writer and completer threads.
@@ -156,7 +183,7 @@ impl Writer {
         fence: Fence,
         generation: Generation,
         start: Start,
-    ) -> Result<Threads, OpenError> {
+    ) -> Result<(Threads, WriterSlot), OpenError> {
         let (mut writer, completed) = Writer::new(shared, fence, generation, start)?;
         writer.write_preamble().map_err(|f| {
             let source = match f {
@@ -214,72 +241,53 @@ impl Writer {
         Ok((writer, completed))
     }
 
-    /// Runs the completer thread on `completed`, then this writer on a thread of its own. A panic
-    /// of the writer halts the store (see `Shared::writer_died`).
-    fn spawn(self, completed: mpsc::Receiver<Vec<Reply>>) -> Result<Threads, OpenError> {
+    /// Runs the completer thread on `completed`, then this writer's thread. A panic of the
+    /// writer halts the store (see `Shared::writer_died`).
+    fn spawn(
+        self,
+        completed: mpsc::Receiver<Vec<Reply>>,
+    ) -> Result<(Threads, WriterSlot), OpenError> {
         let dir = self.shared.dir.clone();
         let in_flight = Arc::clone(&self.in_flight);
         let completer = std::thread::Builder::new()
             .name("store-completer".into())
             .spawn(move || run_completer(completed, in_flight))
             .map_err(open_io("spawn completer thread", &dir))?;
-        let watched = Arc::clone(&self.shared);
+        let shared = Arc::clone(&self.shared);
+        let slot: WriterSlot = Arc::new(Mutex::new(Some(self)));
+        let thread_slot = Arc::clone(&slot);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
                 // A bug must not leave every producer waiting on a writer that is gone.
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run()));
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run(&thread_slot, &shared);
+                }));
                 if let Err(panic) = ran {
-                    watched.writer_died(panic_message(panic.as_ref()));
+                    lock_slot(&thread_slot).take();
+                    shared.writer_died(panic_message(panic.as_ref()));
                 }
             })
             .map_err(open_io("spawn writer thread", &dir))?;
-        Ok((handle, completer))
+        Ok(((handle, completer), slot))
     }
 
-    /// Runs until the store is closed.
-    pub(crate) fn run(mut self) {
-        // Whatever expired or was delivered while the store was closed goes first.
-        self.reclaim();
-        self.ensure_reserve();
-        loop {
-            let (requests, reclaims) = {
-                let mut inbox = self.shared.lock_inbox();
-                while inbox.requests.is_empty() && inbox.reclaims.is_empty() && !inbox.closing {
-                    inbox.writer_waiting = true;
-                    let (guard, _) = self
-                        .shared
-                        .inbox_cv
-                        .wait_timeout(inbox, RECLAIM_INTERVAL)
-                        .unwrap_or_else(|p| p.into_inner());
-                    inbox = guard;
-                    inbox.writer_waiting = false;
-                    if inbox.requests.is_empty() && self.last_reclaim.elapsed() >= RECLAIM_INTERVAL
-                    {
-                        break;
-                    }
-                }
-                if inbox.requests.is_empty() && inbox.reclaims.is_empty() && inbox.closing {
-                    drop(inbox);
-                    return self.close();
-                }
-                (
-                    take_batch(&mut inbox.requests, self.shared.opts.max_batch_bytes),
-                    std::mem::take(&mut inbox.reclaims),
-                )
-            };
-            if !requests.is_empty() {
-                self.commit(requests);
-            }
-            if !reclaims.is_empty() || self.last_reclaim.elapsed() >= RECLAIM_INTERVAL {
-                let removed = self.reclaim();
-                for reply in reclaims {
-                    let _ = reply.send(match self.halt() {
-                        Some(h) => Err(h.reclaim_error()),
-                        None => Ok(removed),
-                    });
-                }
-            }
+    /// Commits `request` on the caller's thread (the caller holds the slot and found nothing
+    /// else waiting). A panic halts the store as one on the writer thread does; the caller's
+    /// `Pending` then reports the store closed.
+    pub(crate) fn commit_on_caller(slot: &mut Option<Writer>, request: Request) {
+        let Some(writer) = slot.as_mut() else {
+            // Taken out since the caller looked: answered as closed when `request` drops.
+            return;
+        };
+        let shared = Arc::clone(&writer.shared);
+        shared.stats.caller_commits.fetch_add(1, Ordering::Relaxed);
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            writer.commit(vec![request]);
+        }));
+        if let Err(panic) = ran {
+            *slot = None;
+            shared.writer_died(panic_message(panic.as_ref()));
         }
     }
 
@@ -706,9 +714,9 @@ impl Writer {
     fn refuse_broken_chains(&self, requests: Vec<Request>) -> Vec<Request> {
         let broken = |r: &Request| match r {
             Request::Append {
-                chain: Some((chain, position)),
+                chain: Some(position),
                 ..
-            } => chain.refusal_for(*position).is_some(),
+            } => position.chain().refusal_for(position.at()).is_some(),
             _ => false,
         };
         if !requests.iter().any(broken) {
@@ -720,11 +728,12 @@ impl Writer {
             .into_iter()
             .filter_map(|req| match req {
                 Request::Append {
-                    chain: Some((chain, position)),
+                    chain: Some(position),
                     reply,
                     ..
-                } => chain
-                    .refusal_for(position)
+                } => position
+                    .chain()
+                    .refusal_for(position.at())
                     .map(|refused| Reply::Append(reply, Err(refused))),
                 _ => None,
             })
@@ -755,8 +764,8 @@ impl Writer {
                         },
                         BatchFailure::Halt(h) => h.append_error(),
                     };
-                    if let Some((chain, position)) = chain {
-                        chain.break_at(position, &err);
+                    if let Some(position) = chain {
+                        position.chain().break_at(position.at(), &err);
                     }
                     Reply::Append(reply, Err(err))
                 }
@@ -925,6 +934,67 @@ impl Writer {
 
 /// Creates segment `seq` of `generation`: header written and synced, directory synced, and the
 /// segment added to the index.
+/// The writer thread: waits for requests without holding the writer (a producer may commit on
+/// its own thread meanwhile), then takes the writer, and only under it the oldest waiting
+/// requests, and commits them; runs retention about once a second. Ends when the store closes.
+fn run(slot: &WriterSlot, shared: &Shared) {
+    // Whatever expired or was delivered while the store was closed goes first.
+    let mut last_reclaim = {
+        let mut guard = lock_slot(slot);
+        let Some(writer) = guard.as_mut() else { return };
+        writer.reclaim();
+        writer.ensure_reserve();
+        writer.last_reclaim
+    };
+    loop {
+        {
+            let mut inbox = shared.lock_inbox();
+            while inbox.requests.is_empty() && inbox.reclaims.is_empty() && !inbox.closing {
+                inbox.writer_waiting = true;
+                let (guard, _) = shared
+                    .inbox_cv
+                    .wait_timeout(inbox, RECLAIM_INTERVAL)
+                    .unwrap_or_else(|p| p.into_inner());
+                inbox = guard;
+                inbox.writer_waiting = false;
+                if inbox.requests.is_empty() && last_reclaim.elapsed() >= RECLAIM_INTERVAL {
+                    break;
+                }
+            }
+        }
+        let mut guard = lock_slot(slot);
+        let Some(writer) = guard.as_mut() else { return };
+        let (requests, reclaims, close) = {
+            let mut inbox = shared.lock_inbox();
+            let close = inbox.requests.is_empty() && inbox.reclaims.is_empty() && inbox.closing;
+            (
+                take_batch(&mut inbox.requests, shared.opts.max_batch_bytes),
+                std::mem::take(&mut inbox.reclaims),
+                close,
+            )
+        };
+        if close {
+            if let Some(writer) = guard.take() {
+                writer.close();
+            }
+            return;
+        }
+        if !requests.is_empty() {
+            writer.commit(requests);
+        }
+        if !reclaims.is_empty() || writer.last_reclaim.elapsed() >= RECLAIM_INTERVAL {
+            let removed = writer.reclaim();
+            for reply in reclaims {
+                let _ = reply.send(match writer.halt() {
+                    Some(h) => Err(h.reclaim_error()),
+                    None => Ok(removed),
+                });
+            }
+        }
+        last_reclaim = writer.last_reclaim;
+    }
+}
+
 pub(crate) fn create_segment(
     shared: &Shared,
     generation: Generation,

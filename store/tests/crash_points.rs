@@ -18,23 +18,30 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use store::sim::{FaultMode, SimFs};
-use store::{Epoch, Offset, QueueName, Store, StoreOptions, SystemClock};
+use store::{AppendChain, Epoch, Offset, QueueName, Store, StoreOptions, SystemClock};
 
 const DIR: &str = "/store";
 
-fn opts() -> StoreOptions {
+/// `on_caller`: lone appends may be committed on the caller's thread (the workload then appends
+/// on a chain, so the first append of each burst is alone and the rest pipeline behind it).
+fn opts(on_caller: bool) -> StoreOptions {
     StoreOptions {
         epoch: Epoch::new(1),
         segment_bytes: 4096,
         reserve_bytes: 4096,
+        commit_on_caller: on_caller,
         ..StoreOptions::default()
     }
 }
 
 fn open(fs: &SimFs) -> Result<Store, store::OpenError> {
+    open_as(fs, false)
+}
+
+fn open_as(fs: &SimFs, on_caller: bool) -> Result<Store, store::OpenError> {
     Store::open_with(
         Path::new(DIR),
-        opts(),
+        opts(on_caller),
         Arc::new(fs.clone()),
         Arc::new(SystemClock),
     )
@@ -51,7 +58,7 @@ struct Acked {
 }
 
 /// Runs the workload until it ends or an operation fails. Returns what was acknowledged.
-fn workload(store: &Store, seed: u64) -> Acked {
+fn workload(store: &Store, seed: u64, chain: Option<&AppendChain>) -> Acked {
     let mut rng = StdRng::seed_from_u64(seed);
     let a = QueueName::new("a").expect("name");
     let b = QueueName::new("b").expect("name");
@@ -69,7 +76,10 @@ fn workload(store: &Store, seed: u64) -> Acked {
             let mut body = format!("{seed}:{step}:{i}:").into_bytes();
             body.resize(len.max(body.len()), b'.');
             acked.submitted.insert(body.clone());
-            let p = store.append(&queues, Bytes::from(body.clone()), None);
+            let p = match chain {
+                Some(chain) => store.append_in(chain, &queues, Bytes::from(body.clone()), None),
+                None => store.append(&queues, Bytes::from(body.clone()), None),
+            };
             pending.push((queues, body, p));
         }
         let mut failed = false;
@@ -157,27 +167,53 @@ fn verify(store: &Store, acked: &Acked, context: &str) {
 }
 
 /// Operations a full, uncut run performs (to know how many crash points there are).
-fn total_ops(seed: u64) -> u64 {
+fn total_ops(seed: u64, on_caller: bool) -> u64 {
     let fs = SimFs::new();
-    let store = open(&fs).expect("open");
-    let _ = workload(&store, seed);
+    let store = open_as(&fs, on_caller).expect("open");
+    let chain = AppendChain::new();
+    let _ = workload(&store, seed, on_caller.then_some(&chain));
+    if on_caller {
+        // Otherwise the caller's path would go untested here.
+        assert!(
+            store.stats().caller_commits > 0,
+            "no append was its caller's"
+        );
+    }
     store.close().expect("close");
     fs.ops()
 }
 
 #[test]
 fn every_acknowledged_append_survives_a_power_cut_at_any_write_or_sync() {
+    let (crash_points, cut_during_recovery) = power_cuts(1..=6, false);
+    assert!(crash_points >= 1000, "only {crash_points} crash points");
+    eprintln!("{crash_points} crash points, {cut_during_recovery} also cut during recovery");
+}
+
+/// The same with lone appends committed on their producer's thread (`commit_on_caller`): the
+/// power goes off inside a write or sync made by the caller as well as by the writer thread.
+#[test]
+fn every_acknowledged_append_survives_a_power_cut_when_callers_commit_their_own_appends() {
+    let (crash_points, cut_during_recovery) = power_cuts(7..=10, true);
+    assert!(crash_points >= 500, "only {crash_points} crash points");
+    eprintln!("{crash_points} crash points, {cut_during_recovery} also cut during recovery");
+}
+
+/// Cuts the power at every write or sync of each seed's workload; returns the crash points and
+/// how many were cut again during recovery.
+fn power_cuts(seeds: std::ops::RangeInclusive<u64>, on_caller: bool) -> (u64, u64) {
     let mut crash_points = 0;
     let mut cut_during_recovery = 0;
-    for seed in 1..=6u64 {
-        let total = total_ops(seed);
+    for seed in seeds {
+        let total = total_ops(seed, on_caller);
         for n in 1..=total + 2 {
             let context = format!("seed {seed}, crash at op {n} of {total}");
             let fs = SimFs::new();
             fs.fault_after(n, FaultMode::PowerCut);
-            let mut acked = match open(&fs) {
+            let mut acked = match open_as(&fs, on_caller) {
                 Ok(store) => {
-                    let acked = workload(&store, seed);
+                    let chain = AppendChain::new();
+                    let acked = workload(&store, seed, on_caller.then_some(&chain));
                     drop(store);
                     acked
                 }
@@ -208,6 +244,5 @@ fn every_acknowledged_append_survives_a_power_cut_at_any_write_or_sync() {
             verify(&again, &acked, &format!("{context}, second reopen"));
         }
     }
-    assert!(crash_points >= 1000, "only {crash_points} crash points");
-    eprintln!("{crash_points} crash points, {cut_during_recovery} also cut during recovery");
+    (crash_points, cut_during_recovery)
 }

@@ -130,7 +130,9 @@ struct Outcome {
     reclaimed_segments: u64,
 }
 
-fn run(ops: Vec<Op>, small_quota: bool) -> Result<Outcome, TestCaseError> {
+/// `on_caller`: the store may commit a lone append on the caller's thread, and every append is
+/// made on a chain of its own (the only one outstanding), so each finds the writer idle.
+fn run(ops: Vec<Op>, small_quota: bool, on_caller: bool) -> Result<Outcome, TestCaseError> {
     let mut outcome = Outcome::default();
     let clock = Arc::new(ManualClock::new(UnixMillis(START)));
     let opts = StoreOptions {
@@ -138,6 +140,7 @@ fn run(ops: Vec<Op>, small_quota: bool) -> Result<Outcome, TestCaseError> {
         segment_bytes: 4096,
         reserve_bytes: 4096,
         quota_bytes: if small_quota { 24 * 1024 } else { 1 << 30 },
+        commit_on_caller: on_caller,
         ..StoreOptions::default()
     };
     let mut h = Harness {
@@ -163,10 +166,13 @@ fn run(ops: Vec<Op>, small_quota: bool) -> Result<Outcome, TestCaseError> {
                 let mut body = serial.to_le_bytes().to_vec();
                 body.resize(len.max(4), (serial % 251) as u8);
                 let expiry = ttl_ms.map(|t| now + t);
-                let got = h
-                    .store()
-                    .append(&names, Bytes::from(body.clone()), expiry.map(UnixMillis))
-                    .wait();
+                let (bytes, expiry_ms) = (Bytes::from(body.clone()), expiry.map(UnixMillis));
+                let got = if on_caller {
+                    let chain = store::AppendChain::new();
+                    h.store().append_in(&chain, &names, bytes, expiry_ms).wait()
+                } else {
+                    h.store().append(&names, bytes, expiry_ms).wait()
+                };
                 match got {
                     Ok(offset) => {
                         if outcome.full > 0 {
@@ -275,8 +281,8 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_store_answers_as_the_model_does(ops in prop::collection::vec(op(), 1..150), small_quota in any::<bool>()) {
-        run(ops, small_quota)?;
+    fn the_store_answers_as_the_model_does(ops in prop::collection::vec(op(), 1..150), small_quota in any::<bool>(), on_caller in any::<bool>()) {
+        run(ops, small_quota, on_caller)?;
     }
 }
 
@@ -295,7 +301,7 @@ fn a_full_store_accepts_appends_again_once_checkpoints_free_its_segments() {
             ttl_ms: None,
         }))
         .collect();
-    let outcome = run(ops, true).expect("model agrees");
+    let outcome = run(ops, true, false).expect("model agrees");
     assert!(outcome.full > 0, "the quota was never reached: {outcome:?}");
     assert!(
         outcome.reclaimed_segments > 0,
@@ -325,7 +331,7 @@ fn expired_messages_are_skipped_and_their_segments_reclaimed() {
             Op::Reclaim,
         ])
         .collect();
-    let outcome = run(ops, false).expect("model agrees");
+    let outcome = run(ops, false, false).expect("model agrees");
     assert!(
         outcome.reclaimed_segments > 0,
         "expired segments were kept: {outcome:?}"
@@ -358,7 +364,7 @@ fn a_queue_keeps_its_last_offset_when_its_newest_messages_expire_and_are_reclaim
             Op::Checkpoint { queue: 0, pick: 9 },
         ])
         .collect();
-    let outcome = run(ops, false).expect("model agrees");
+    let outcome = run(ops, false, false).expect("model agrees");
     assert!(
         outcome.reclaimed_segments > 0,
         "the expired message's segment was never reclaimed, so this proves nothing: {outcome:?}"

@@ -27,10 +27,15 @@ fn q(name: &str) -> QueueName {
 }
 
 fn open(fs: &SimFs) -> Store {
+    open_as(fs, false)
+}
+
+fn open_as(fs: &SimFs, commit_on_caller: bool) -> Store {
     Store::open_with(
         Path::new(DIR),
         StoreOptions {
             epoch: Epoch::new(1),
+            commit_on_caller,
             // Only the writer thread touches the simulated disk: the fault lands on its sync.
             preallocate: false,
             reserve_bytes: 0,
@@ -121,4 +126,47 @@ fn a_panic_in_the_writer_fails_every_waiting_and_later_request_and_reports_why()
         "only the stalled append may have reached the disk"
     );
     assert!(read.iter().skip(1).all(|m| m.body == body(1)));
+}
+
+/// With `commit_on_caller`, the panic happens on the producer's own thread, inside its append:
+/// it must not unwind into the producer, and it halts the store exactly as the writer thread's.
+#[test]
+fn a_panic_while_a_caller_commits_its_own_append_halts_the_store_without_unwinding_into_it() {
+    let fs = SimFs::new();
+    let store = open_as(&fs, true);
+    let a = q("a");
+    let chain = store::AppendChain::new();
+    let acked = store
+        .append_in(&chain, std::slice::from_ref(&a), body(0), None)
+        .wait()
+        .expect("append before the panic");
+    let before = store.stats().caller_commits;
+    fs.fault_after(1, FaultMode::Panic);
+    // Appended on a new chain (the first failed one breaks its chain), alone, writer idle.
+    let mut attempts = 0;
+    let err = loop {
+        attempts += 1;
+        let chain = store::AppendChain::new();
+        let pending = store.append_in(&chain, std::slice::from_ref(&a), body(attempts), None);
+        if let Err(e) = answer(pending) {
+            break e;
+        }
+        assert!(attempts < 20, "no append met the injected panic");
+    };
+    assert!(says_panicked(&err), "{err}");
+    assert!(
+        store.stats().caller_commits > before,
+        "the panic was meant to hit a caller's commit"
+    );
+    let reason = store.halted_reason().expect("the store is halted");
+    assert!(reason.contains("panicked"), "{reason}");
+    let err =
+        answer(store.append(std::slice::from_ref(&a), body(99), None)).expect_err("a later append");
+    assert!(says_panicked(&err), "{err}");
+    assert!(matches!(store.close(), Err(CloseError::WriterPanicked)));
+    let reopened = open(&fs);
+    let read = reopened
+        .read(&a, Offset::ZERO, 10)
+        .expect("read after reopen");
+    assert_eq!(read.first().map(|m| m.offset), Some(acked));
 }
