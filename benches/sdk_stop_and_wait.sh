@@ -14,6 +14,9 @@
 # mosquitto routes nothing and speaks no AMQP: it is a sender-only peer, and node-amqp is
 # measured against the hub only.
 #
+# A second hub runs with --commit-on-caller false (every write by the store's writer thread,
+# the hub before issue 18's change) in a namespace of its own, on the same disk, so the change
+# is measured in the same run too ("hub-thread").
 # Per SDK it prints msgs/s per round, and from the medians: hub ÷ mosquitto, the time the hub
 # adds per message (1/hub − 1/mosquitto) and that time ÷ the fdatasync p50 of the same run (a
 # lone message cannot share its fdatasync, so about 1× is the floor). Results also go to
@@ -53,15 +56,17 @@ mkdir -p "$(dirname "$OUT")" "$TARGET/bench-tmp"
 WORK=$(mktemp -d "$TARGET/bench-tmp/sdk-saw.XXXXXX")
 NS_HUB=ehsaw-hub-$$
 NS_MQ=ehsaw-mq-$$
+NS_HT=ehsaw-ht-$$
 PIDS=()
 cleanup() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
   ip netns del "$NS_HUB" 2>/dev/null || true
   ip netns del "$NS_MQ" 2>/dev/null || true
+  ip netns del "$NS_HT" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-for ns in "$NS_HUB" "$NS_MQ"; do
+for ns in "$NS_HUB" "$NS_MQ" "$NS_HT"; do
   ip netns add "$ns"
   ip netns exec "$ns" ip link set lo up
 done
@@ -84,6 +89,14 @@ CS=$("$BIN" connection-string sender "${ARGS[@]}")
 ip netns exec "$NS_HUB" "$BIN" run "${ARGS[@]}" --mqtt-addr 127.0.0.1:8883 --amqp-addr 127.0.0.1:5671 \
   --metrics-addr 127.0.0.1:9600 --tls-cert "$WORK/server.pem" --tls-key "$WORK/server.key" \
   --tls-ca "$WORK/ca.pem" 2>"$WORK/hub.log" &
+PIDS+=($!)
+# The same hub, every write left to the store's writer thread.
+ARGS_HT=(--data-dir "$WORK/data-ht" --gateway-hostname 127.0.0.1 --iothub-hostname edgehub.local
+      --device-id edge-device --log warn)
+CS_HT=$("$BIN" connection-string sender "${ARGS_HT[@]}")
+ip netns exec "$NS_HT" "$BIN" run "${ARGS_HT[@]}" --mqtt-addr 127.0.0.1:8883 --amqp-addr 127.0.0.1:5671 \
+  --metrics-addr 127.0.0.1:9600 --tls-cert "$WORK/server.pem" --tls-key "$WORK/server.key" \
+  --tls-ca "$WORK/ca.pem" --commit-on-caller false 2>"$WORK/hub-thread.log" &
 PIDS+=($!)
 # mosquitto in memory (benches/peers/mosquitto.conf's settings), TLS on 8883.
 cat > "$WORK/mosquitto.conf" <<EOF
@@ -108,10 +121,14 @@ ready() { # ns port
 ready "$NS_HUB" 8883
 ready "$NS_HUB" 5671
 ready "$NS_MQ" 8883
+ready "$NS_HT" 8883
+ready "$NS_HT" 5671
 
 # send NS SDK RUN: msgs/s of one sender run.
 send() {
   local ns=$1 sdk=$2 run=$3 out
+  local CS=$CS
+  [ "$ns" = "$NS_HT" ] && CS=$CS_HT
   case "$sdk" in
     python) out=$(EDGEHUB_CS="$CS" EDGEHUB_CA="$WORK/ca.pem" ip netns exec "$ns" "$PY" \
                   tests/sdk/python/send.py --run "$run" --count "$COUNT" --timeout 600) ;;
@@ -142,12 +159,12 @@ for r in $(seq "$ROUNDS"); do
   FSYNC+=("$(fsync_p50_us)")
   echo "round $r: raw 4 KiB append + fdatasync p50 ${FSYNC[-1]} µs"
   for sdk in $SDKS; do
-    peers=(hub)
-    [ "$sdk" = node-amqp ] || peers=(hub mosquitto)
-    # Alternate which goes first, round by round.
-    [ $((r % 2)) = 0 ] && [ ${#peers[@]} = 2 ] && peers=(mosquitto hub)
+    peers=(hub hub-thread)
+    [ "$sdk" = node-amqp ] || peers=(hub hub-thread mosquitto)
+    # Rotate which goes first, round by round.
+    for _ in $(seq $(( (r - 1) % ${#peers[@]} ))); do peers=("${peers[@]:1}" "${peers[0]}"); done
     for peer in "${peers[@]}"; do
-      ns=$NS_HUB; [ "$peer" = mosquitto ] && ns=$NS_MQ
+      case "$peer" in hub) ns=$NS_HUB ;; hub-thread) ns=$NS_HT ;; mosquitto) ns=$NS_MQ ;; esac
       rate=$(send "$ns" "$sdk" "$sdk-$peer-$r")
       echo "round $r $sdk → $peer: $rate msgs/s"
       RATES[$sdk.$peer]="${RATES[$sdk.$peer]:-} $rate"
@@ -163,19 +180,23 @@ FS=$(printf '%s ' "${FSYNC[@]}" | median)
   echo "edgehub $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end;"
   echo "$COUNT messages per run, $ROUNDS alternating rounds, medians. fdatasync p50 of the hub's disk in this run: $FS µs (per round: ${FSYNC[*]})."
   echo
-  echo "| SDK | hub msgs/s | mosquitto msgs/s | hub ÷ mosquitto | hub adds per message | ÷ fdatasync p50 |"
+  echo "| SDK | hub | msgs/s | ÷ mosquitto | adds per message vs mosquitto | ÷ fdatasync p50 |"
   echo "|---|---|---|---|---|---|"
   for sdk in $SDKS; do
-    hub=$(echo "${RATES[$sdk.hub]}" | median)
-    if [ -n "${RATES[$sdk.mosquitto]:-}" ]; then
-      mq=$(echo "${RATES[$sdk.mosquitto]}" | median)
-      python3 -c "
-hub, mq, fs = $hub, $mq, $FS
+    mq=$(echo "${RATES[$sdk.mosquitto]:-}" | median)
+    for peer in hub hub-thread; do
+      rate=$(echo "${RATES[$sdk.$peer]}" | median)
+      label="caller commits (default)"; [ "$peer" = hub-thread ] && label="writer thread only"
+      if [ -n "$mq" ]; then
+        python3 -c "
+hub, mq, fs = $rate, $mq, $FS
 added = 1e6 / hub - 1e6 / mq
-print(f'| $sdk | {hub} | {mq} | {hub / mq:.2f}× | {added:.0f} µs | {added / fs:.2f}× |')"
-    else
-      echo "| $sdk | $hub | (no AMQP) | | | |"
-    fi
+print(f'| $sdk | $label | {hub} | {hub / mq:.2f}× | {added:.0f} µs | {added / fs:.2f}× |')"
+      else
+        echo "| $sdk | $label | $rate | (no AMQP in mosquitto) | | |"
+      fi
+    done
+    [ -n "$mq" ] && echo "| $sdk | mosquitto (memory) | $mq | 1× | | |"
   done
   echo
   echo "Per round (msgs/s):"

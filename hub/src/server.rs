@@ -394,7 +394,7 @@ fn open_store(
         // A module that waits for each PUBACK (every SDK does) gets its append written and
         // synced on the connection's own thread when the writer is idle: no wake-up of the
         // writer thread, none back (issue 18: what the hub adds to a lone message).
-        commit_on_caller: true,
+        commit_on_caller: settings.commit_on_caller(),
         ..StoreOptions::default()
     };
     if let Some(max) = deployment.edge_hub.max_store_size_bytes {

@@ -254,6 +254,10 @@ pub struct RawSettings {
     /// Fencing epoch for the store (default 0): an orchestrator raises it on every takeover, and
     /// the store then refuses an older owner (see store/DESIGN.md "Fencing").
     pub epoch: Option<u64>,
+    /// Whether a connection that waits for each PUBACK may write and sync its message on its own
+    /// thread when the store's writer is idle (default true; see
+    /// `store::StoreOptions::commit_on_caller`).
+    pub commit_on_caller: Option<bool>,
     /// Upstream protocol: `mqtt` (default) or `none`.
     pub upstream_protocol: Option<String>,
     /// `HOST:PORT` to dial for the cloud connection instead of `{iothub_hostname}:8883`.
@@ -340,6 +344,7 @@ pub struct Settings {
     amqp_addr: SocketAddr,
     methods_addr: Option<SocketAddr>,
     epoch: Epoch,
+    commit_on_caller: bool,
     upstream: Option<UpstreamSettings>,
     module_keys: Vec<(ModuleId, ModuleKey)>,
     module_keys_dir: Option<PathBuf>,
@@ -413,6 +418,7 @@ impl RawSettings {
             amqp_addr: listen.amqp,
             methods_addr: listen.methods,
             epoch: Epoch::new(self.epoch.unwrap_or(0)),
+            commit_on_caller: self.commit_on_caller.unwrap_or(true),
             upstream,
             module_keys,
             module_keys_dir: self.module_keys_dir,
@@ -750,6 +756,11 @@ impl Settings {
     /// The store's fencing epoch.
     pub fn epoch(&self) -> Epoch {
         self.epoch
+    }
+
+    /// Whether the store may commit a lone append on its producer's thread.
+    pub fn commit_on_caller(&self) -> bool {
+        self.commit_on_caller
     }
 
     /// Module keys given with `--module-key` (keys IoT Hub issued).
