@@ -39,6 +39,9 @@ struct ChainState {
     broken: Option<(u64, AppendError)>,
     /// Appends submitted and not yet answered (their [`Position`]s still exist).
     outstanding: u64,
+    /// The producer says it sends nothing more until its newest append is acknowledged
+    /// ([`AppendChain::set_producer_waits`]).
+    producer_waits: bool,
 }
 
 /// An append's place on its chain, carried by its request. The chain counts the append as
@@ -59,9 +62,11 @@ impl Position {
         self.at
     }
 
-    /// Whether this is the only append of its chain not yet answered.
+    /// Whether this is the only append of its chain not yet answered, and its producer says it
+    /// waits for it before sending more.
     pub(crate) fn is_alone(&self) -> bool {
-        self.chain.lock().outstanding == 1
+        let state = self.chain.lock();
+        state.outstanding == 1 && state.producer_waits
     }
 }
 
@@ -91,6 +96,16 @@ impl AppendChain {
     /// Whether an append of this chain has failed.
     pub fn is_broken(&self) -> bool {
         self.lock().broken.is_some()
+    }
+
+    /// Tells the store, before an append, whether the producer sends nothing more until that
+    /// append is acknowledged to it: everything it sent before is acknowledged already (an MQTT
+    /// connection with no other PUBACK owed, an AMQP link with nothing else unsettled). Only
+    /// such an append may be committed on the caller's thread
+    /// ([`crate::StoreOptions::commit_on_caller`]); a pipelining producer's appends are left to
+    /// the writer thread, which groups them. Default: `false`.
+    pub fn set_producer_waits(&self, waits: bool) {
+        self.lock().producer_waits = waits;
     }
 
     /// Takes the position of a new append, or refuses it if the chain is already broken.

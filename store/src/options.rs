@@ -36,7 +36,7 @@ pub struct StoreOptions {
     /// allocated space instead of growing the file (faster fdatasync on ext4 and xfs).
     pub preallocate: bool,
     /// Let a producer that waits for each append (one [`crate::AppendChain`] with nothing
-    /// else outstanding) and finds the writer idle commit its append on its own thread,
+    /// else outstanding, marked with [`crate::AppendChain::set_producer_waits`]) and finds the writer idle commit its append on its own thread,
     /// instead of waking the writer thread and being woken by it (two thread wake-ups per lone
     /// message). Only while the disk's last fdatasync took at most 2 ms, so a runtime worker is
     /// never held for a slow disk. Batches still go to disk one at a time, in submission order.

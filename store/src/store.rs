@@ -371,8 +371,8 @@ impl Store {
     /// not acknowledged can never find a later message stored ahead of an earlier one.
     ///
     /// With [`StoreOptions::commit_on_caller`], an append that is the only one of its chain
-    /// not yet answered (a producer that waits for each), and finds the writer idle and nothing
-    /// else waiting, is written and synced on the caller's thread before this returns (the
+    /// not yet answered, whose producer waits for it ([`AppendChain::set_producer_waits`]),
+    /// and that finds the writer idle and nothing else waiting, is written and synced on the caller's thread before this returns (the
     /// `Pending` is then complete). A producer that pipelines leaves its appends to the writer
     /// thread, which groups them.
     pub fn append_in(

@@ -39,6 +39,7 @@ fn open(fs: &SimFs, commit_on_caller: bool) -> Store {
 fn sequential_appends(store: &Store, n: usize) -> Vec<Offset> {
     let a = q("a");
     let chain = AppendChain::new();
+    chain.set_producer_waits(true);
     (0..n)
         .map(|i| {
             store
@@ -78,11 +79,19 @@ fn lone_appends_are_committed_on_the_callers_thread_only_when_the_option_is_on()
         let bodies: Vec<_> = read.iter().map(|m| m.body.clone()).collect();
         let expected: Vec<_> = (0..50).map(|i| Bytes::from(format!("m{i}"))).collect();
         assert_eq!(bodies, expected);
-        // An append on no chain may have a producer pipelining behind it: never the caller's.
+        // An append on no chain, or on one whose producer did not say it waits, may have more
+        // behind it: never the caller's.
         store
             .append(&[q("b")], Bytes::from("unchained"), None)
             .wait()
             .expect("append");
+        let silent = AppendChain::new();
+        for i in 0..5 {
+            store
+                .append_in(&silent, &[q("b")], Bytes::from(format!("s{i}")), None)
+                .wait()
+                .expect("append");
+        }
         assert_eq!(store.stats().caller_commits, stats.caller_commits);
         store.close().expect("close");
 
@@ -104,6 +113,9 @@ fn concurrent_producers_keep_their_own_order_when_callers_and_the_thread_both_co
             let store = store.clone();
             std::thread::spawn(move || {
                 let chain = AppendChain::new();
+                // Says it waits, yet pipelines: only appends with nothing else outstanding
+                // (the first of each burst) can be the caller's.
+                chain.set_producer_waits(true);
                 let queues = [q("all"), q(&format!("p{p}"))];
                 // Pipelined as a connection does: several appends in flight, awaited in order.
                 let mut pending = std::collections::VecDeque::new();
@@ -166,6 +178,7 @@ fn appends_made_while_a_caller_commits_wait_for_the_writer_thread_and_come_after
             let a = a.clone();
             std::thread::spawn(move || {
                 let chain = AppendChain::new();
+                chain.set_producer_waits(true);
                 let body = Bytes::from("first");
                 let pending = store.append_in(&chain, std::slice::from_ref(&a), body, None);
                 pending.wait().expect("first append")

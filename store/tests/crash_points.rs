@@ -171,6 +171,7 @@ fn total_ops(seed: u64, on_caller: bool) -> u64 {
     let fs = SimFs::new();
     let store = open_as(&fs, on_caller).expect("open");
     let chain = AppendChain::new();
+    chain.set_producer_waits(true);
     let _ = workload(&store, seed, on_caller.then_some(&chain));
     if on_caller {
         // Otherwise the caller's path would go untested here.
@@ -213,6 +214,7 @@ fn power_cuts(seeds: std::ops::RangeInclusive<u64>, on_caller: bool) -> (u64, u6
             let mut acked = match open_as(&fs, on_caller) {
                 Ok(store) => {
                     let chain = AppendChain::new();
+                    chain.set_producer_waits(true);
                     let acked = workload(&store, seed, on_caller.then_some(&chain));
                     drop(store);
                     acked

@@ -169,6 +169,7 @@ fn run(ops: Vec<Op>, small_quota: bool, on_caller: bool) -> Result<Outcome, Test
                 let (bytes, expiry_ms) = (Bytes::from(body.clone()), expiry.map(UnixMillis));
                 let got = if on_caller {
                     let chain = store::AppendChain::new();
+                    chain.set_producer_waits(true);
                     h.store().append_in(&chain, &names, bytes, expiry_ms).wait()
                 } else {
                     h.store().append(&names, bytes, expiry_ms).wait()

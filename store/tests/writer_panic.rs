@@ -136,6 +136,7 @@ fn a_panic_while_a_caller_commits_its_own_append_halts_the_store_without_unwindi
     let store = open_as(&fs, true);
     let a = q("a");
     let chain = store::AppendChain::new();
+    chain.set_producer_waits(true);
     let acked = store
         .append_in(&chain, std::slice::from_ref(&a), body(0), None)
         .wait()
@@ -147,6 +148,7 @@ fn a_panic_while_a_caller_commits_its_own_append_halts_the_store_without_unwindi
     let err = loop {
         attempts += 1;
         let chain = store::AppendChain::new();
+        chain.set_producer_waits(true);
         let pending = store.append_in(&chain, std::slice::from_ref(&a), body(attempts), None);
         if let Err(e) = answer(pending) {
             break e;

@@ -137,16 +137,24 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     let mut stop = shared.stop.subscribe();
     let mut pending_tx = Some(pending_tx);
     let mut link = EventsLink::new();
+    // Transfers read and not yet settled: none means the module waits for each settlement
+    // before sending more (the SDKs do), so its message may be synced on this task's thread.
+    let mut unsettled: usize = 0;
     let error = loop {
         let event = tokio::select! {
             biased;
             settle = settle_rx.recv() => match settle {
-                Some(settle) => Some(settle_one(&mut receiver, settle, &shared, &identity).await),
+                Some(settle) => {
+                    unsettled = unsettled.saturating_sub(1);
+                    Some(settle_one(&mut receiver, settle, &shared, &identity).await)
+                }
                 None => Some(Event::SettlementsEnded),
             },
             delivery = receiver.recv::<Body<Value>>(), if link.is_reading() => {
                 match delivery {
                     Ok(delivery) => {
+                        chain.set_producer_waits(unsettled == 0);
+                        unsettled += 1;
                         take_transfer(&mut link, delivery, &shared, &chain, &identity, &mut metrics, pending_tx.as_ref()).await
                     }
                     Err(e) => {
@@ -252,6 +260,8 @@ fn route(
     batched: bool,
 ) -> (Work<RouteAck>, Option<String>) {
     let parts = if batched {
+        // Several messages, each answered before the next is routed: none is alone.
+        chain.set_producer_waits(false);
         match convert::split_batch(&message) {
             Ok(parts) => parts,
             Err(e) => return (Work::Refuse(AmqpError::DecodeError, e.to_string()), None),

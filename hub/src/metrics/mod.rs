@@ -28,6 +28,7 @@
 //! | `edgehub_queue_length` | gauge | `endpoint`, `priority` | store |
 //! | `edgehub_queue_oldest_age_seconds` | gauge | `endpoint`, `priority` | store (reads one message per non-empty queue) |
 //! | `edgehub_store_fdatasyncs_total`, `…_commits_total`, `…_appends_total`, `…_reclaimed_segments_total` | counter | | store |
+//! | `edgehub_store_caller_commits_total` | counter | | store: commits of a lone message made on its connection's own thread (`--commit-on-caller`) |
 //! | `edgehub_store_bytes_on_disk`, `edgehub_store_segments`, `edgehub_store_halted` | gauge | | store |
 //! | `edgehub_store_epoch`, `edgehub_store_fenced` (0/1) | gauge | | store: the epoch it was opened with (`--epoch`); 1 once a newer hub opened it |
 //! | `edgehub_store_fdatasync_seconds` | histogram | | store: each group commit's fdatasync (64 µs doubling to ~1 s) |
@@ -242,6 +243,7 @@ pub struct HubMetrics {
     queue_oldest_age: Family<QueueLabels, Gauge<f64, AtomicU64>>,
     store_fdatasyncs: Counter,
     store_commits: Counter,
+    store_caller_commits: Counter,
     store_appends: Counter,
     store_reclaimed_segments: Counter,
     store_bytes_on_disk: Gauge,
@@ -307,6 +309,7 @@ impl HubMetrics {
             queue_oldest_age: Family::default(),
             store_fdatasyncs: Counter::default(),
             store_commits: Counter::default(),
+            store_caller_commits: Counter::default(),
             store_appends: Counter::default(),
             store_reclaimed_segments: Counter::default(),
             store_bytes_on_disk: Gauge::default(),
@@ -512,6 +515,11 @@ impl HubMetrics {
             "edgehub_store_commits",
             "Store group commits",
             self.store_commits.clone(),
+        );
+        r.register(
+            "edgehub_store_caller_commits",
+            "Store commits of a lone message made on its producer's thread (--commit-on-caller)",
+            self.store_caller_commits.clone(),
         );
         r.register(
             "edgehub_store_appends",
@@ -818,6 +826,7 @@ impl HubMetrics {
         self.store_fdatasync_seconds.set_from(&stats.commit_syncs);
         set_counter(&self.store_fdatasyncs, stats.syncs);
         set_counter(&self.store_commits, stats.commits);
+        set_counter(&self.store_caller_commits, stats.caller_commits);
         set_counter(&self.store_appends, stats.appends);
         set_counter(&self.store_reclaimed_segments, stats.reclaimed_segments);
         self.store_bytes_on_disk.set(clamp_i64(stats.bytes_on_disk));

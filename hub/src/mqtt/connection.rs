@@ -839,6 +839,10 @@ impl Connection {
             message.source().output(),
             publish.payload.len(),
         );
+        // The client waits for this PUBACK before it sends more (as every SDK does) when no
+        // other publish is owed one: then the store may sync it on this task's thread.
+        let waits = publish.qos == QoS::AtLeastOnce && self.inbound_acks().pending() == 1;
+        self.chain.set_producer_waits(waits);
         let mut ack = self.ctx.router.route_in(&self.chain, message);
         if publish.qos == QoS::AtLeastOnce {
             if let Some(e) = ack.refusal() {
