@@ -59,7 +59,8 @@ async fn expect_puback(c: &mut RawClient, pkid: u16) {
 
 /// A hub on a fresh tmpfs, with `--commit-on-caller` as given; `None` if no tmpfs can be mounted.
 async fn hub_on_tmpfs(root: &std::path::Path, on: bool) -> Option<(tmpfs::Tmpfs, TestHub)> {
-    let mnt = tmpfs::Tmpfs::mount(root, "64m")?;
+    // Room for the active segment and the prepared next one (64 MiB each, preallocated).
+    let mnt = tmpfs::Tmpfs::mount(root, "1g")?;
     let hub = TestHub::start_with(root, |raw| raw.commit_on_caller = Some(on)).await;
     Some((mnt, hub))
 }
