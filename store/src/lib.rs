@@ -55,6 +55,7 @@ mod options;
 mod prealloc;
 mod recovery;
 mod shared;
+mod sidecar;
 #[cfg(feature = "test-util")]
 pub mod sim;
 mod store;

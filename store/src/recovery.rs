@@ -12,7 +12,7 @@
 //! recovery never guesses past damage that could hide acknowledged messages, and never panics on
 //! any file content.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,8 +24,9 @@ use crate::format::{
     BATCH_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_HEADER_LEN_V1,
 };
 use crate::index::{Index, IndexEntry, SegKey, SegmentInfo};
-use crate::io::{read_all_into, Fs, FsFile};
+use crate::io::{read_all_into, read_exact_at, Fs, FsFile};
 use crate::prealloc::is_prepared_name;
+use crate::sidecar::{self, parse_sidecar_name, sidecar_name, Identity, SidecarError, SidecarRef};
 use crate::types::{Generation, Offset, QueueName};
 
 /// What recovery found and did; logged at open and available from [`crate::Store::recovery`].
@@ -33,6 +34,13 @@ use crate::types::{Generation, Offset, QueueName};
 pub struct RecoveryReport {
     /// Segment files read.
     pub segments: usize,
+    /// Of those, segments known from their sidecar index file (not scanned).
+    pub from_sidecar: usize,
+    /// Sidecars written: for scanned segments that no writer will change again.
+    pub sidecars_written: usize,
+    /// Sidecars found but not used (damaged, stale, or for another segment); the segment was
+    /// scanned instead.
+    pub sidecars_rejected: usize,
     /// Undelivered messages indexed, summed over queues.
     pub undelivered: u64,
     /// Queues known.
@@ -122,6 +130,9 @@ struct Scan<'a> {
     report: RecoveryReport,
     /// One buffer every segment is read into in turn (see `io::read_all_into`).
     buf: Vec<u8>,
+    /// Segments that have a sidecar file (trusted only after its checks).
+    sidecars: HashSet<(Generation, u64)>,
+    dir: PathBuf,
 }
 
 fn corrupt(file: &Path, offset: u64, reason: impl Into<String>) -> OpenError {
@@ -144,10 +155,14 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
         next_queue_id: 0,
         report: RecoveryReport::default(),
         buf: Vec::new(),
+        sidecars: HashSet::new(),
+        dir: dir.to_owned(),
     };
     let listed = list_segments(fs, dir, &mut scan.report)?;
+    scan.sidecars = listed.sidecars.clone();
     let (kept, removed_segments) = scan.segments(dir, history, &listed.segments)?;
     scan.check_seals(&kept)?;
+    remove_orphan_sidecars(fs, dir, &listed.sidecars, &kept);
     if listed.removed_any || removed_segments {
         fs.sync_dir(dir).map_err(open_io("fsync directory", dir))?;
     }
@@ -159,9 +174,28 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
     Ok(scan.finish(history, newest, started))
 }
 
+/// Deletes sidecars whose segment is gone (deleted by retention or recovery just before a
+/// crash). Derived data: a failure is only logged, and the next open tries again.
+fn remove_orphan_sidecars(
+    fs: &dyn Fs,
+    dir: &Path,
+    sidecars: &HashSet<(Generation, u64)>,
+    kept: &[Kept],
+) {
+    let kept: HashSet<(Generation, u64)> = kept.iter().map(|k| (k.generation, k.seq)).collect();
+    for &(g, s) in sidecars.difference(&kept) {
+        let path = dir.join(sidecar_name(g, s));
+        if let Err(e) = fs.remove(&path) {
+            tracing::warn!(file = %path.display(), error = %e, "could not delete a sidecar without its segment");
+        }
+    }
+}
+
 /// The store's segment files in a directory, sorted by (generation, seq).
 struct Listed {
     segments: Vec<(Generation, u64)>,
+    /// Sidecar index files, by their segment.
+    sidecars: HashSet<(Generation, u64)>,
     /// Whether an earlier owner's prepared segment was deleted (the directory needs an fsync).
     removed_any: bool,
 }
@@ -174,8 +208,13 @@ fn list_segments(
     report: &mut RecoveryReport,
 ) -> Result<Listed, OpenError> {
     let mut segments = Vec::new();
+    let mut sidecars = HashSet::new();
     let mut removed_any = false;
     for name in fs.list(dir).map_err(open_io("list", dir))? {
+        if let Some(seg) = parse_sidecar_name(&name) {
+            sidecars.insert(seg);
+            continue;
+        }
         if name == EPOCHS_FILE || name == RESERVE_FILE {
             continue;
         }
@@ -202,6 +241,7 @@ fn list_segments(
     segments.sort();
     Ok(Listed {
         segments,
+        sidecars,
         removed_any,
     })
 }
@@ -249,6 +289,21 @@ impl Scan<'_> {
                 removed_any = true;
                 continue;
             }
+            let trusted = match mode {
+                Mode::Complete | Mode::Sealed(_) if self.sidecars.contains(&(gen, seq)) => {
+                    self.index_from_sidecar(&path, gen, seq, mode)?
+                }
+                _ => None,
+            };
+            if let Some(valid_len) = trusted {
+                kept.push(Kept {
+                    path,
+                    generation: gen,
+                    seq,
+                    valid_len,
+                });
+                continue;
+            }
             match self.segment(&path, gen, seq, mode)? {
                 Some(valid_len) => kept.push(Kept {
                     path,
@@ -260,6 +315,166 @@ impl Scan<'_> {
             }
         }
         Ok((kept, removed_any))
+    }
+
+    /// Indexes a complete or sealed segment from its sidecar instead of scanning it, if the
+    /// sidecar is for exactly this segment (generation, seq, nonce, valid length) and its
+    /// checksums hold; `None` (nothing changed) otherwise, and the segment is scanned.
+    fn index_from_sidecar(
+        &mut self,
+        path: &Path,
+        gen: Generation,
+        seq: u64,
+        mode: Mode,
+    ) -> Result<Option<u64>, OpenError> {
+        let sc_path = self.dir.join(sidecar_name(gen, seq));
+        let (file, file_len, head) = match self.check_sidecar(path, &sc_path, gen, seq, mode) {
+            Ok(checked) => checked,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a sidecar; scanning its segment");
+                self.report.sidecars_rejected += 1;
+                return Ok(None);
+            }
+        };
+        let mut control = Vec::new();
+        let mut at = 0;
+        while at < head.control.len() {
+            match decode_entry(&head.control[at..]) {
+                Ok((entry, used)) if !matches!(entry, Entry::Message { .. }) => {
+                    control.push(entry);
+                    at += used;
+                }
+                _ => {
+                    tracing::warn!(file = %sc_path.display(), "ignoring a sidecar whose control entries do not decode");
+                    self.report.sidecars_rejected += 1;
+                    return Ok(None);
+                }
+            }
+        }
+        let valid_len = head.id.valid_len;
+        let key = self.index.add_segment(SegmentInfo {
+            generation: gen,
+            seq,
+            path: path.to_owned(),
+            file,
+            len: file_len,
+            valid_len,
+            summary: Default::default(),
+            nonce: Some(head.id.nonce),
+            sidecar: Some(SidecarRef {
+                path: sc_path,
+                rows: head.rows.iter().map(|r| (r.queue, *r)).collect(),
+            }),
+        });
+        // The order a scan would have: declarations, then messages, then the rest (a
+        // checkpoint in a segment never passes that segment's later messages of its queue).
+        let (declares, rest): (Vec<_>, Vec<_>) = control
+            .into_iter()
+            .partition(|e| matches!(e, Entry::Declare { .. }));
+        for entry in declares {
+            self.control(path, 0, entry)?;
+        }
+        if head.rows.iter().any(|r| !self.known(r.queue)) {
+            return Err(corrupt(path, 0, "message names an undeclared queue"));
+        }
+        self.index.add_sealed(key, &head.rows);
+        for entry in rest {
+            self.control(path, 0, entry)?;
+        }
+        self.next_offset = self.next_offset.max(head.end_offset);
+        self.report.segments += 1;
+        self.report.from_sidecar += 1;
+        Ok(Some(valid_len))
+    }
+
+    /// The segment's file and length and its sidecar's head, if the sidecar may be trusted.
+    fn check_sidecar(
+        &self,
+        path: &Path,
+        sc_path: &Path,
+        gen: Generation,
+        seq: u64,
+        mode: Mode,
+    ) -> Result<(Arc<dyn FsFile>, u64, sidecar::Head), SidecarError> {
+        let invalid = |what| SidecarError::Invalid {
+            path: sc_path.to_owned(),
+            what,
+        };
+        let io = |op, p: &Path| {
+            let p = p.to_owned();
+            move |source| SidecarError::Io {
+                op,
+                path: p,
+                source,
+            }
+        };
+        let file = self.fs.open(path).map_err(io("open", path))?;
+        let file_len = file.len().map_err(io("stat", path))?;
+        let mut raw = [0u8; SEGMENT_HEADER_LEN];
+        read_exact_at(file.as_ref(), &mut raw, 0).map_err(io("read", path))?;
+        let header = SegmentHeader::decode(&raw).map_err(|_| invalid("segment header"))?;
+        let nonce = header.nonce.ok_or_else(|| invalid("version 1 segment"))?;
+        if header.generation != gen || header.seq != seq {
+            return Err(invalid("segment header names another segment"));
+        }
+        let valid_len = match mode {
+            Mode::Sealed(len) if len <= file_len => len,
+            Mode::Complete => file_len,
+            _ => return Err(invalid("segment shorter than sealed")),
+        };
+        let sc = self.fs.open(sc_path).map_err(io("open", sc_path))?;
+        let head = sidecar::read_head(sc.as_ref(), sc_path)?;
+        let expected = Identity {
+            generation: gen,
+            seq,
+            nonce,
+            valid_len,
+        };
+        if head.id != expected {
+            return Err(invalid("for another segment, nonce or length"));
+        }
+        let first = head
+            .first_offset
+            .into_iter()
+            .chain(head.rows.iter().map(|r| r.min))
+            .min();
+        if first.is_some_and(|f| f < self.next_offset) {
+            return Err(invalid("offsets go backwards"));
+        }
+        Ok((file, file_len, head))
+    }
+
+    /// Writes the sidecar of a segment just scanned that no writer will change again, so the
+    /// next open need not scan it, and lets its entries leave memory. Derived data: a failure
+    /// is logged and the segment is scanned again next time.
+    fn write_sidecar(
+        &mut self,
+        key: SegKey,
+        gen: Generation,
+        seq: u64,
+        nonce: Nonce,
+        bytes: &[u8],
+    ) {
+        let id = Identity {
+            generation: gen,
+            seq,
+            nonce,
+            valid_len: bytes.len() as u64,
+        };
+        let built = sidecar::build(nonce, bytes, SEGMENT_HEADER_LEN);
+        let made = built
+            .map_err(|_| SidecarError::Invalid {
+                path: self.dir.join(sidecar_name(gen, seq)),
+                what: "segment does not decode",
+            })
+            .and_then(|built| sidecar::make(self.fs, &self.dir, id, &built));
+        match made {
+            Ok(sc) => {
+                self.index.attach_sidecar(key, sc);
+                self.report.sidecars_written += 1;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not write a sidecar"),
+        }
     }
 
     /// A segment cut short at a batch boundary decodes cleanly: only its seal tells.
@@ -298,12 +513,7 @@ impl Scan<'_> {
             q.tail = q.tail.max(q.checkpoint);
         }
         self.index.publish_tails();
-        self.report.undelivered = self
-            .index
-            .queues
-            .iter()
-            .map(|q| q.entries.len() as u64)
-            .sum();
+        self.report.undelivered = self.index.queues.iter().map(|q| q.undelivered()).sum();
         self.report.queues = self.index.by_name.len();
         self.report.elapsed = started.elapsed();
         Recovered {
@@ -366,6 +576,8 @@ impl Scan<'_> {
             len: bytes.len() as u64,
             valid_len: limit as u64,
             summary: Default::default(),
+            nonce: header.nonce,
+            sidecar: None,
         });
         let segment = Opened {
             path,
@@ -374,7 +586,12 @@ impl Scan<'_> {
             nonce: header.nonce,
             bytes,
         };
-        self.batches(&segment, header.len(), limit, mode).map(Some)
+        let valid = self.batches(&segment, header.len(), limit, mode)?;
+        if let (Mode::Complete | Mode::Sealed(_), Some(nonce)) = (mode, header.nonce) {
+            let valid_bytes = bytes.get(..valid as usize).unwrap_or_default();
+            self.write_sidecar(key, gen, seq, nonce, valid_bytes);
+        }
+        Ok(Some(valid))
     }
 
     /// Opens a listed segment and reads it whole into `bytes`; `None` if it was deleted in
@@ -547,42 +764,52 @@ impl Scan<'_> {
                     expected = offset.next();
                     self.next_offset = expected;
                 }
-                Entry::Declare { queue, name } => {
-                    let name =
-                        QueueName::new(name).map_err(|e| corrupt(path, here, e.to_string()))?;
-                    match self.index.by_name.get(&name) {
-                        Some(&id) if id != queue => {
-                            return Err(corrupt(path, here, "queue declared twice with two ids"))
-                        }
-                        _ => {}
-                    }
-                    if self.known(queue) && self.index.queues[queue as usize].name != name {
-                        return Err(corrupt(path, here, "queue id declared with two names"));
-                    }
-                    self.index.declare(queue, name);
-                    self.next_queue_id = self.next_queue_id.max(queue.saturating_add(1));
-                }
-                Entry::Checkpoint { queue, upto } => {
-                    if !self.known(queue) {
-                        return Err(corrupt(path, here, "checkpoint of an undeclared queue"));
-                    }
-                    self.index.set_checkpoint(queue, upto);
-                }
-                Entry::Tail { queue, last } => {
-                    if !self.known(queue) {
-                        return Err(corrupt(path, here, "tail of an undeclared queue"));
-                    }
-                    self.index.raise_tail(queue, last);
-                }
-                Entry::Seal {
-                    generation,
-                    seq,
-                    len,
-                } => {
-                    self.seals.insert((generation, seq), len);
-                }
+                other => self.control(path, here, other)?,
             }
             at += used;
+        }
+        Ok(())
+    }
+
+    /// Applies a declaration, checkpoint, tail or seal found at byte `here` of `path`.
+    fn control(&mut self, path: &Path, here: u64, entry: Entry<'_>) -> Result<(), OpenError> {
+        match entry {
+            Entry::Message { .. } => return Err(corrupt(path, here, "unexpected message entry")),
+            Entry::Declare { queue, name } => {
+                let name = QueueName::new(name).map_err(|e| corrupt(path, here, e.to_string()))?;
+                match self.index.by_name.get(&name) {
+                    Some(&id) if id != queue => {
+                        return Err(corrupt(path, here, "queue declared twice with two ids"))
+                    }
+                    _ => {}
+                }
+                if self.known(queue) && self.index.queues[queue as usize].name != name {
+                    return Err(corrupt(path, here, "queue id declared with two names"));
+                }
+                self.index.declare(queue, name);
+                self.next_queue_id = self.next_queue_id.max(queue.saturating_add(1));
+            }
+            Entry::Checkpoint { queue, upto } => {
+                if !self.known(queue) {
+                    return Err(corrupt(path, here, "checkpoint of an undeclared queue"));
+                }
+                self.index
+                    .set_checkpoint(self.fs, queue, upto)
+                    .map_err(|e| corrupt(path, here, e.to_string()))?;
+            }
+            Entry::Tail { queue, last } => {
+                if !self.known(queue) {
+                    return Err(corrupt(path, here, "tail of an undeclared queue"));
+                }
+                self.index.raise_tail(queue, last);
+            }
+            Entry::Seal {
+                generation,
+                seq,
+                len,
+            } => {
+                self.seals.insert((generation, seq), len);
+            }
         }
         Ok(())
     }
