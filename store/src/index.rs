@@ -594,3 +594,78 @@ impl Index {
         self.queues.iter().map(QueueIndex::resident).sum()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::io::OsFs;
+
+    fn segment(index: &mut Index, dir: &std::path::Path, seq: u64) -> SegKey {
+        let path = dir.join(format!("{seq}.seg"));
+        let file = OsFs.create_new(&path).unwrap();
+        index.add_segment(SegmentInfo {
+            generation: Generation(1),
+            seq,
+            path,
+            file,
+            len: 0,
+            valid_len: 0,
+            summary: HashMap::new(),
+            nonce: Some(Nonce(seq)),
+            sidecar: None,
+        })
+    }
+
+    /// Sealed segments cost a chunk per queue, not an entry per message: the resident entries
+    /// stay at the first chunk's and the active segment's, however many segments are sealed,
+    /// and the queue's count stays exact.
+    #[test]
+    fn sealed_segments_do_not_grow_the_index_per_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = Index::default();
+        index.declare(0, QueueName::new("q").unwrap());
+        const PER_SEGMENT: u64 = 500;
+        let mut offset = 0;
+        let mut resident = Vec::new();
+        for seq in 0..40 {
+            let key = segment(&mut index, dir.path(), seq);
+            for i in 0..PER_SEGMENT {
+                offset += 1;
+                let entry = IndexEntry {
+                    offset: Offset::new(offset),
+                    expiry: u64::MAX,
+                    pos: 40 + i * 100,
+                    seg: key,
+                    len: 100,
+                };
+                index.add_message(&[0], entry);
+            }
+            // The writer left the previous segment: it gets its sidecar.
+            if seq > 0 {
+                let sealed = SegKey(key.0 - 1);
+                index.attach_sidecar(
+                    sealed,
+                    SidecarRef {
+                        path: dir.path().join(format!("{}.idx", seq - 1)),
+                        rows: HashMap::new(),
+                    },
+                );
+            }
+            resident.push(index.resident_entries());
+            assert_eq!(index.queues[0].undelivered(), offset);
+        }
+        // The first segment (where the reader is) and the active one.
+        assert!(
+            resident.iter().all(|&r| r as u64 <= 2 * PER_SEGMENT),
+            "{resident:?}"
+        );
+        assert_eq!(index.queues[0].chunks.len(), 40);
+        // A checkpoint past whole sealed chunks drops them without loading anything.
+        index
+            .set_checkpoint(&OsFs, 0, Offset::new(20 * PER_SEGMENT))
+            .unwrap();
+        assert_eq!(index.queues[0].undelivered(), offset - 20 * PER_SEGMENT);
+        assert_eq!(index.queues[0].chunks.len(), 20);
+    }
+}
