@@ -532,6 +532,20 @@ impl Index {
         };
         let segments = &self.segments;
         while let Some(front) = queue.chunks.front_mut() {
+            // A chunk on disk whose segment holds nothing of this queue that is still alive, and
+            // none of it counted yet: forgotten whole, without loading it.
+            if let Entries::OnDisk { count, first, last } = front.entries {
+                let all_expired = segments
+                    .get(&front.seg)
+                    .and_then(|s| s.summary.get(&id))
+                    .is_some_and(|s| s.max_expiry <= now);
+                if all_expired && first > queue.expired_seen {
+                    queue.expired += count;
+                    queue.expired_seen = last;
+                    queue.chunks.pop_front();
+                    continue;
+                }
+            }
             let d = front.make_resident(fs, segments, id)?;
             let mut popped = Vec::new();
             while let Some(e) = d.front().copied() {

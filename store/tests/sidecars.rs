@@ -317,3 +317,55 @@ fn the_index_does_not_grow_with_messages_in_sealed_segments() {
     assert_eq!(next - 1, appended);
     store.close().unwrap();
 }
+
+/// A backlog whose oldest segments hold only expired messages: a read forgets them (counting
+/// each once) and returns the live ones, the same with sidecars as with a scan.
+#[test]
+fn expired_sealed_segments_are_counted_once_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = q("t");
+    {
+        let store = open(dir.path(), 4096, NOW - 10_000);
+        for round in 0..40u64 {
+            let expiry = (round < 30).then_some(UnixMillis(NOW - 1));
+            let pending: Vec<_> = (0..10u64)
+                .map(|i| {
+                    let body = format!("{round}:{i}:{}", ".".repeat(200));
+                    store.append(std::slice::from_ref(&t), Bytes::from(body), expiry)
+                })
+                .collect();
+            for p in pending {
+                p.wait().unwrap();
+            }
+        }
+        store.close().unwrap();
+    }
+    let answers = |dir: &Path| {
+        let store = open(dir, 4096, NOW);
+        let before = sorted_stats(&store);
+        let read: Vec<u64> = store
+            .read(&t, Offset::ZERO, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|m| m.offset.get())
+            .collect();
+        let again = store.read(&t, Offset::ZERO, usize::MAX).unwrap().len();
+        let after = sorted_stats(&store);
+        let from_sidecar = store.recovery().from_sidecar;
+        store.close().unwrap();
+        (before, read, again, after, from_sidecar)
+    };
+    let with = copy_dir(dir.path());
+    let without = copy_dir(dir.path());
+    for s in files_with(without.path(), "idx") {
+        std::fs::remove_file(s).unwrap();
+    }
+    let (b1, r1, a1, s1, used) = answers(with.path());
+    let (b2, r2, a2, s2, unused) = answers(without.path());
+    assert!(used > 5 && unused == 0);
+    assert_eq!((&b1, &r1, a1, &s1), (&b2, &r2, a2, &s2));
+    assert_eq!(r1.len(), 100);
+    assert_eq!(a1, 100);
+    assert_eq!(s1[0].expired, 300, "{s1:?}");
+    assert_eq!(s1[0].undelivered, 100, "{s1:?}");
+}
