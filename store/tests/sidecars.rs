@@ -342,7 +342,8 @@ fn expired_sealed_segments_are_counted_once_and_skipped() {
     }
     let answers = |dir: &Path| {
         let store = open(dir, 4096, NOW);
-        let before = sorted_stats(&store);
+        // (No stats before the read: the writer's first retention, which may delete the expired
+        // segments and count them, races with them.)
         let read: Vec<u64> = store
             .read(&t, Offset::ZERO, usize::MAX)
             .unwrap()
@@ -353,17 +354,17 @@ fn expired_sealed_segments_are_counted_once_and_skipped() {
         let after = sorted_stats(&store);
         let from_sidecar = store.recovery().from_sidecar;
         store.close().unwrap();
-        (before, read, again, after, from_sidecar)
+        (read, again, after, from_sidecar)
     };
     let with = copy_dir(dir.path());
     let without = copy_dir(dir.path());
     for s in files_with(without.path(), "idx") {
         std::fs::remove_file(s).unwrap();
     }
-    let (b1, r1, a1, s1, used) = answers(with.path());
-    let (b2, r2, a2, s2, unused) = answers(without.path());
+    let (r1, a1, s1, used) = answers(with.path());
+    let (r2, a2, s2, unused) = answers(without.path());
     assert!(used > 5 && unused == 0);
-    assert_eq!((&b1, &r1, a1, &s1), (&b2, &r2, a2, &s2));
+    assert_eq!((&r1, a1, &s1), (&r2, a2, &s2));
     assert_eq!(r1.len(), 100);
     assert_eq!(a1, 100);
     assert_eq!(s1[0].expired, 300, "{s1:?}");
