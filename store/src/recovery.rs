@@ -20,13 +20,15 @@ use std::time::{Duration, Instant};
 use crate::error::{open_io, OpenError};
 use crate::fence::{History, EPOCHS_FILE};
 use crate::format::{
-    decode_batch, decode_entry, Entry, EpochRecord, Nonce, SegmentHeader, SegmentTail,
+    decode_batch, decode_entry, BatchHeader, Entry, EpochRecord, Nonce, SegmentHeader, SegmentTail,
     BATCH_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_HEADER_LEN_V1,
 };
 use crate::index::{Index, IndexEntry, SegKey, SegmentInfo};
 use crate::io::{read_all_into, read_exact_at, Fs, FsFile};
 use crate::prealloc::is_prepared_name;
-use crate::sidecar::{self, parse_sidecar_name, sidecar_name, Identity, SidecarError, SidecarRef};
+use crate::sidecar::{
+    self, parse_sidecar_name, sidecar_name, Builder, Built, Identity, SidecarError, SidecarRef,
+};
 use crate::types::{Generation, Offset, QueueName};
 
 /// What recovery found and did; logged at open and available from [`crate::Store::recovery`].
@@ -128,7 +130,8 @@ struct Scan<'a> {
     next_offset: Offset,
     next_queue_id: u32,
     report: RecoveryReport,
-    /// One buffer every segment is read into in turn (see `io::read_all_into`).
+    /// One buffer every batch frame is read into in turn: a scan holds one frame in memory,
+    /// not a whole segment.
     buf: Vec<u8>,
     /// Segments that have a sidecar file (trusted only after its checks).
     sidecars: HashSet<(Generation, u64)>,
@@ -246,15 +249,43 @@ fn list_segments(
     })
 }
 
-/// A segment being read: its file and bytes, its key in the index, and the nonce that keys its
-/// frame checksums.
+/// A segment being read: its file and length, its key in the index, and the nonce that keys
+/// its frame checksums.
 #[derive(Clone, Copy)]
 struct Opened<'a> {
     path: &'a Path,
     file: &'a dyn FsFile,
     key: SegKey,
     nonce: Option<Nonce>,
-    bytes: &'a [u8],
+    len: u64,
+}
+
+/// Reads `n` bytes at `pos` of a segment into `buf` (replacing what it held).
+fn read_into(
+    file: &dyn FsFile,
+    path: &Path,
+    pos: u64,
+    n: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), OpenError> {
+    buf.clear();
+    buf.resize(n, 0);
+    read_exact_at(file, buf, pos).map_err(open_io("read", path))
+}
+
+/// Whether every byte of the file from `pos` to `len` is zero, read 1 MiB at a time.
+fn zeros_from(file: &dyn FsFile, path: &Path, pos: u64, len: u64) -> Result<bool, OpenError> {
+    let mut chunk = Vec::new();
+    let mut at = pos;
+    while at < len {
+        let n = usize::try_from((len - at).min(1 << 20)).unwrap_or(1 << 20);
+        read_into(file, path, at, n, &mut chunk)?;
+        if chunk.iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 /// A segment recovery kept, with its valid length.
@@ -453,22 +484,16 @@ impl Scan<'_> {
         gen: Generation,
         seq: u64,
         nonce: Nonce,
-        bytes: &[u8],
+        built: Built,
+        valid_len: u64,
     ) {
         let id = Identity {
             generation: gen,
             seq,
             nonce,
-            valid_len: bytes.len() as u64,
+            valid_len,
         };
-        let built = sidecar::build(nonce, bytes, SEGMENT_HEADER_LEN);
-        let made = built
-            .map_err(|_| SidecarError::Invalid {
-                path: self.dir.join(sidecar_name(gen, seq)),
-                what: "segment does not decode",
-            })
-            .and_then(|built| sidecar::make(self.fs, &self.dir, id, &built));
-        match made {
+        match sidecar::make(self.fs, &self.dir, id, &built) {
             Ok(sc) => {
                 self.index.attach_sidecar(key, sc);
                 self.report.sidecars_written += 1;
@@ -540,41 +565,46 @@ impl Scan<'_> {
         read
     }
 
-    /// [`Scan::segment`] with the buffer to read the file into.
+    /// [`Scan::segment`] with the buffer to read frames into.
     fn read_segment(
         &mut self,
         path: &Path,
         gen: Generation,
         seq: u64,
         mode: Mode,
-        bytes: &mut Vec<u8>,
+        buf: &mut Vec<u8>,
     ) -> Result<Option<u64>, OpenError> {
-        let Some(file) = self.open_segment(path, mode, bytes)? else {
+        let Some(file) = self.open_segment(path, mode)? else {
             return Ok(None);
         };
-        let bytes: &[u8] = bytes;
+        let len = file.len().map_err(open_io("stat", path))?;
         self.report.segments += 1;
-        let Some(header) = self.segment_header(path, gen, seq, mode, bytes)? else {
+        let head = usize::try_from(len.min(64)).unwrap_or(64);
+        read_into(file.as_ref(), path, 0, head, buf)?;
+        let found = self.segment_header(path, gen, seq, mode, file.as_ref(), buf, len)?;
+        let Some(header) = found else {
             return Ok(None);
         };
         let limit = match mode {
-            Mode::Sealed(len) if len > bytes.len() as u64 => {
+            Mode::Sealed(sealed) if sealed > len => {
                 return Err(corrupt(
                     path,
-                    bytes.len() as u64,
-                    format!("file ends before byte {len}, which a later owner recorded as valid"),
+                    len,
+                    format!(
+                        "file ends before byte {sealed}, which a later owner recorded as valid"
+                    ),
                 ))
             }
-            Mode::Sealed(len) => len as usize,
-            _ => bytes.len(),
+            Mode::Sealed(sealed) => sealed,
+            _ => len,
         };
         let key = self.index.add_segment(SegmentInfo {
             generation: gen,
             seq,
             path: path.to_owned(),
             file: Arc::clone(&file),
-            len: bytes.len() as u64,
-            valid_len: limit as u64,
+            len,
+            valid_len: limit,
             summary: Default::default(),
             nonce: header.nonce,
             sidecar: None,
@@ -584,24 +614,30 @@ impl Scan<'_> {
             file: file.as_ref(),
             key,
             nonce: header.nonce,
-            bytes,
+            len,
         };
-        let valid = self.batches(&segment, header.len(), limit, mode)?;
-        if let (Mode::Complete | Mode::Sealed(_), Some(nonce)) = (mode, header.nonce) {
-            let valid_bytes = bytes.get(..valid as usize).unwrap_or_default();
-            self.write_sidecar(key, gen, seq, nonce, valid_bytes);
+        // A segment no writer will change again gets its sidecar, built during the scan.
+        let mut builder = match (mode, header.nonce) {
+            (Mode::Complete | Mode::Sealed(_), Some(_)) => Some(Builder::default()),
+            _ => None,
+        };
+        let valid = self.batches(
+            &segment,
+            header.len() as u64,
+            limit,
+            mode,
+            buf,
+            &mut builder,
+        )?;
+        if let (Some(builder), Some(nonce)) = (builder, header.nonce) {
+            self.write_sidecar(key, gen, seq, nonce, builder.finish(), valid);
         }
         Ok(Some(valid))
     }
 
-    /// Opens a listed segment and reads it whole into `bytes`; `None` if it was deleted in
-    /// between (only a complete segment may be: see below).
-    fn open_segment(
-        &self,
-        path: &Path,
-        mode: Mode,
-        bytes: &mut Vec<u8>,
-    ) -> Result<Option<Arc<dyn FsFile>>, OpenError> {
+    /// Opens a listed segment; `None` if it was deleted in between (only a complete segment may
+    /// be: see below).
+    fn open_segment(&self, path: &Path, mode: Mode) -> Result<Option<Arc<dyn FsFile>>, OpenError> {
         let file = match self.fs.open(path) {
             Ok(file) => file,
             // Listed a moment ago, gone now: an older owner's retention deleted it after checking
@@ -613,29 +649,30 @@ impl Scan<'_> {
             }
             Err(e) => return Err(open_io("open", path)(e)),
         };
-        read_all_into(file.as_ref(), bytes).map_err(open_io("read", path))?;
         Ok(Some(file))
     }
 
     /// The segment's header, checked against its name; `None` if the segment is a crashed
     /// creation, which is deleted.
+    #[allow(clippy::too_many_arguments)]
     fn segment_header(
         &mut self,
         path: &Path,
         gen: Generation,
         seq: u64,
         mode: Mode,
-        bytes: &[u8],
+        file: &dyn FsFile,
+        head: &[u8],
+        len: u64,
     ) -> Result<Option<SegmentHeader>, OpenError> {
-        match SegmentHeader::decode(bytes) {
+        match SegmentHeader::decode(head) {
             Ok(h) if h.generation == gen && h.seq == seq => Ok(Some(h)),
             Ok(_) => Err(corrupt(path, 0, "segment header names another segment")),
             Err(e) => {
                 // The header is synced before any batch is written, so a crash while creating the
                 // file leaves at most a torn header, then nothing or preallocated zeros; anything
                 // else (a batch of the old format, any other byte) is damage.
-                let after_header = bytes.get(SEGMENT_HEADER_LEN..).unwrap_or_default();
-                if mode == Mode::Tail && after_header.iter().all(|&b| b == 0) {
+                if mode == Mode::Tail && zeros_from(file, path, SEGMENT_HEADER_LEN as u64, len)? {
                     tracing::warn!(file = %path.display(), "deleting a segment whose creation was cut short");
                     self.fs.remove(path).map_err(open_io("remove", path))?;
                     self.report.removed.push(path.to_owned());
@@ -651,50 +688,73 @@ impl Scan<'_> {
     fn batches(
         &mut self,
         segment: &Opened<'_>,
-        mut pos: usize,
-        limit: usize,
+        mut pos: u64,
+        limit: u64,
         mode: Mode,
+        buf: &mut Vec<u8>,
+        builder: &mut Option<Builder>,
     ) -> Result<u64, OpenError> {
         let Opened {
             path,
             file,
             key,
             nonce,
-            bytes,
+            len,
         } = *segment;
         while pos < limit {
-            match decode_batch(nonce, &bytes[pos..limit]) {
+            // The frame at `pos`, cut at `limit` as a slice of the whole file would be: what
+            // `decode_batch` sees is the same, only one frame is in memory.
+            let avail = usize::try_from(limit - pos).unwrap_or(usize::MAX);
+            let head = avail.min(BATCH_HEADER_LEN);
+            read_into(file, path, pos, head, buf)?;
+            if let Ok(h) = BatchHeader::decode(nonce, buf) {
+                let whole = avail.min(BATCH_HEADER_LEN + h.payload_len as usize);
+                if whole > head {
+                    read_into(file, path, pos, whole, buf)?;
+                }
+            }
+            match decode_batch(nonce, buf) {
                 Ok((header, payload)) => {
                     if header.first_offset < self.next_offset {
-                        return Err(corrupt(path, pos as u64, "batch offsets go backwards"));
+                        return Err(corrupt(path, pos, "batch offsets go backwards"));
                     }
                     self.next_offset = header.first_offset;
                     self.apply(path, key, pos, header.first_offset, payload)?;
-                    pos += BATCH_HEADER_LEN + payload.len();
+                    let base = pos + BATCH_HEADER_LEN as u64;
+                    if let Some(b) = builder {
+                        if b.batch(header.first_offset, base, payload).is_err() {
+                            *builder = None;
+                        }
+                    }
+                    pos = base + payload.len() as u64;
                 }
-                Err(_) if mode == Mode::Tail && bytes[pos..].iter().all(|&b| b == 0) => {
+                Err(_) if mode == Mode::Tail && zeros_from(file, path, pos, len)? => {
                     // Preallocated space the writer never reached: not data, not torn.
-                    file.set_len(pos as u64)
-                        .map_err(open_io("truncate", path))?;
+                    file.set_len(pos).map_err(open_io("truncate", path))?;
                     file.sync_data().map_err(open_io("fdatasync", path))?;
-                    self.index.set_file_len(key, pos as u64);
+                    self.index.set_file_len(key, pos);
                     break;
                 }
                 Err(e) if mode == Mode::Tail => {
-                    if let Some(at) = self.find_valid_batch(nonce, bytes, pos + 1) {
+                    // Rare (a torn last batch, or damage): look at the rest of the file whole.
+                    let e = e.to_string();
+                    let mut rest = Vec::new();
+                    read_all_into(file, &mut rest).map_err(open_io("read", path))?;
+                    let from = usize::try_from(pos + 1).unwrap_or(usize::MAX);
+                    if let Some(at) = self.find_valid_batch(nonce, &rest, from) {
                         return Err(corrupt(
                             path,
-                            pos as u64,
+                            pos,
                             format!("{e}, yet a valid batch follows at byte {at}"),
                         ));
                     }
-                    self.cut_tail(path, file, key, pos as u64, bytes.len() as u64)?;
+                    self.cut_tail(path, file, key, pos, len)?;
                     break;
                 }
-                Err(e) => return Err(corrupt(path, pos as u64, e.to_string())),
+                Err(e) => return Err(corrupt(path, pos, e.to_string())),
             }
         }
-        Ok(pos as u64)
+        Ok(pos)
     }
 
     fn cut_tail(
@@ -728,13 +788,13 @@ impl Scan<'_> {
         &mut self,
         path: &Path,
         seg: SegKey,
-        batch_pos: usize,
+        batch_pos: u64,
         first: Offset,
         payload: &[u8],
     ) -> Result<(), OpenError> {
         let mut at = 0usize;
         let mut expected = first;
-        let base = (batch_pos + BATCH_HEADER_LEN) as u64;
+        let base = batch_pos + BATCH_HEADER_LEN as u64;
         while at < payload.len() {
             let here = base + at as u64;
             let (entry, used) =

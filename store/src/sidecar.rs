@@ -2,7 +2,7 @@
 //! messages are in it, so that neither open nor memory grows with the backlog (DESIGN.md
 //! "Sidecar index files").
 //!
-//! A sidecar is derived data: a pure function of its segment's valid bytes ([`build`]). It is
+//! A sidecar is derived data: a pure function of its segment's valid bytes (see `Builder`). It is
 //! trusted only if its header names the segment's generation, sequence, nonce and valid length
 //! and its checksums hold; otherwise it is ignored, the segment is scanned as before, and the
 //! sidecar written again. Nothing acknowledged ever depends on one.
@@ -114,7 +114,7 @@ pub(crate) struct Built {
 
 /// Collects a segment's content batch by batch.
 #[derive(Default)]
-struct Builder {
+pub(crate) struct Builder {
     built: Built,
     declares: Vec<(u32, String)>,
     checkpoints: BTreeMap<u32, Offset>,
@@ -124,7 +124,12 @@ struct Builder {
 
 impl Builder {
     /// One batch whose payload starts at byte `base` of the segment.
-    fn batch(&mut self, first: Offset, base: u64, payload: &[u8]) -> Result<(), FormatError> {
+    pub(crate) fn batch(
+        &mut self,
+        first: Offset,
+        base: u64,
+        payload: &[u8],
+    ) -> Result<(), FormatError> {
         let built = &mut self.built;
         built.first_offset.get_or_insert(first);
         built.end_offset = built.end_offset.max(first);
@@ -176,7 +181,7 @@ impl Builder {
         Ok(())
     }
 
-    fn finish(mut self) -> Built {
+    pub(crate) fn finish(mut self) -> Built {
         let control = &mut self.built.control;
         for (q, name) in &self.declares {
             encode_declare(control, *q, name);
@@ -196,7 +201,9 @@ impl Builder {
 
 /// Decodes a segment's batches from `start` (just after its header) to the end of `bytes` (its
 /// valid bytes) and collects what a sidecar holds. Any damage is an error: a sidecar is only
-/// ever built from a segment that decodes whole.
+/// ever built from a segment that decodes whole. (The store builds sidecars while it reads a
+/// segment, or with [`build_from_file`]; this is the same over bytes in memory, for tests.)
+#[cfg(test)]
 pub(crate) fn build(nonce: Nonce, bytes: &[u8], start: usize) -> Result<Built, FormatError> {
     let mut builder = Builder::default();
     let mut pos = start;
@@ -212,8 +219,8 @@ pub(crate) fn build(nonce: Nonce, bytes: &[u8], start: usize) -> Result<Built, F
     Ok(builder.finish())
 }
 
-/// [`build`] reading the segment's first `valid_len` bytes from its file one frame at a time, so
-/// that indexing a segment costs memory for one batch, not for the whole file.
+/// A segment's content as a sidecar holds it, read from its file's first `valid_len` bytes one
+/// frame at a time, so that indexing a segment costs memory for one batch, not the whole file.
 pub(crate) fn build_from_file(
     file: &dyn FsFile,
     path: &Path,
@@ -259,7 +266,7 @@ pub(crate) struct SidecarRef {
 }
 
 /// Writes and syncs the sidecar of a segment no writer will change again, built from its valid
-/// bytes ([`build`] or [`build_from_file`]).
+/// bytes (a [`Builder`] fed while a scan reads it, or [`build_from_file`]).
 pub(crate) fn make(
     fs: &dyn Fs,
     dir: &Path,
