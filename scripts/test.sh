@@ -66,3 +66,6 @@ benches/callgrind.sh -n 300 "${CARGO_TARGET_DIR:-target}/release/edgehub"
 # Module replicas (about 45 s): one round of 1, 2, 3 replicas and one join, leave and kill.
 cargo build --profile bench -q --locked -p benches --bin replbench
 "${CARGO_TARGET_DIR:-target}/release/replbench" --rounds 1 --secs 2 --warmup 1 --handoffs 1 --observe 5
+# An offline backlog (issue 18; about 5 s): 16 and 48 MiB, SIGKILL, reopen, drain in order.
+cargo build --profile bench -q --locked -p benches --bin backlog
+"${CARGO_TARGET_DIR:-target}/release/backlog" --quick

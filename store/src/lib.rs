@@ -37,13 +37,16 @@
 //! - `io`: the filesystem seam ([`Fs`], [`OsFs`]; `sim::SimFs` with the `test-util` feature);
 //! - [`AppendChain`]: one producer's appends, stored as a prefix of what it submitted;
 //! - `fence`: the `EPOCHS` file; `recovery`: open-time scan; [`StoreOptions`];
-//! - `index`: what is durable, in memory;
+//! - `index`: what is durable, in memory (per queue one chunk per segment; a sealed segment's
+//!   chunks can stay on disk in its `sidecar` index file and are loaded when a read reaches them);
+//! - `sidecar`: the index file of a sealed segment (format, build, checks), derived data;
 //! - `shared`: what the handles and the writer thread share (inbox, index, halt, counters);
 //! - `writer`: group commit (it also starts itself on a new segment at open);
 //! - `store`: the [`Store`] handle, which opens the store in phases and submits to `shared`.
 //!
 //! Dependencies run one way: `store` → `writer` → `shared` → `recovery`, `prealloc`, `fence`,
-//! `index`, `options`, `chain` → `format`, `io`, `error`, `types`; no module imports one above it.
+//! `index`, `options`, `chain` → `sidecar` → `format`, `io`, `error`, `types`; no module imports
+//! one above it.
 
 mod chain;
 pub mod error;
@@ -55,6 +58,7 @@ mod options;
 mod prealloc;
 mod recovery;
 mod shared;
+mod sidecar;
 #[cfg(feature = "test-util")]
 pub mod sim;
 mod store;

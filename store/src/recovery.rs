@@ -12,7 +12,7 @@
 //! recovery never guesses past damage that could hide acknowledged messages, and never panics on
 //! any file content.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,12 +20,15 @@ use std::time::{Duration, Instant};
 use crate::error::{open_io, OpenError};
 use crate::fence::{History, EPOCHS_FILE};
 use crate::format::{
-    decode_batch, decode_entry, Entry, EpochRecord, Nonce, SegmentHeader, SegmentTail,
+    decode_batch, decode_entry, BatchHeader, Entry, EpochRecord, Nonce, SegmentHeader, SegmentTail,
     BATCH_HEADER_LEN, SEGMENT_HEADER_LEN, SEGMENT_HEADER_LEN_V1,
 };
 use crate::index::{Index, IndexEntry, SegKey, SegmentInfo};
-use crate::io::{read_all_into, Fs, FsFile};
+use crate::io::{read_all_into, read_exact_at, Fs, FsFile};
 use crate::prealloc::is_prepared_name;
+use crate::sidecar::{
+    self, parse_sidecar_name, sidecar_name, Builder, Built, Identity, SidecarError, SidecarRef,
+};
 use crate::types::{Generation, Offset, QueueName};
 
 /// What recovery found and did; logged at open and available from [`crate::Store::recovery`].
@@ -33,6 +36,13 @@ use crate::types::{Generation, Offset, QueueName};
 pub struct RecoveryReport {
     /// Segment files read.
     pub segments: usize,
+    /// Of those, segments known from their sidecar index file (not scanned).
+    pub from_sidecar: usize,
+    /// Sidecars written: for scanned segments that no writer will change again.
+    pub sidecars_written: usize,
+    /// Sidecars found but not used (damaged, stale, or for another segment); the segment was
+    /// scanned instead.
+    pub sidecars_rejected: usize,
     /// Undelivered messages indexed, summed over queues.
     pub undelivered: u64,
     /// Queues known.
@@ -120,8 +130,12 @@ struct Scan<'a> {
     next_offset: Offset,
     next_queue_id: u32,
     report: RecoveryReport,
-    /// One buffer every segment is read into in turn (see `io::read_all_into`).
+    /// One buffer every batch frame is read into in turn: a scan holds one frame in memory,
+    /// not a whole segment.
     buf: Vec<u8>,
+    /// Segments that have a sidecar file (trusted only after its checks).
+    sidecars: HashSet<(Generation, u64)>,
+    dir: PathBuf,
 }
 
 fn corrupt(file: &Path, offset: u64, reason: impl Into<String>) -> OpenError {
@@ -144,10 +158,14 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
         next_queue_id: 0,
         report: RecoveryReport::default(),
         buf: Vec::new(),
+        sidecars: HashSet::new(),
+        dir: dir.to_owned(),
     };
     let listed = list_segments(fs, dir, &mut scan.report)?;
+    scan.sidecars = listed.sidecars.clone();
     let (kept, removed_segments) = scan.segments(dir, history, &listed.segments)?;
     scan.check_seals(&kept)?;
+    remove_orphan_sidecars(fs, dir, &listed.sidecars, &kept);
     if listed.removed_any || removed_segments {
         fs.sync_dir(dir).map_err(open_io("fsync directory", dir))?;
     }
@@ -159,9 +177,28 @@ pub(crate) fn recover(fs: &dyn Fs, dir: &Path, history: &History) -> Result<Reco
     Ok(scan.finish(history, newest, started))
 }
 
+/// Deletes sidecars whose segment is gone (deleted by retention or recovery just before a
+/// crash). Derived data: a failure is only logged, and the next open tries again.
+fn remove_orphan_sidecars(
+    fs: &dyn Fs,
+    dir: &Path,
+    sidecars: &HashSet<(Generation, u64)>,
+    kept: &[Kept],
+) {
+    let kept: HashSet<(Generation, u64)> = kept.iter().map(|k| (k.generation, k.seq)).collect();
+    for &(g, s) in sidecars.difference(&kept) {
+        let path = dir.join(sidecar_name(g, s));
+        if let Err(e) = fs.remove(&path) {
+            tracing::warn!(file = %path.display(), error = %e, "could not delete a sidecar without its segment");
+        }
+    }
+}
+
 /// The store's segment files in a directory, sorted by (generation, seq).
 struct Listed {
     segments: Vec<(Generation, u64)>,
+    /// Sidecar index files, by their segment.
+    sidecars: HashSet<(Generation, u64)>,
     /// Whether an earlier owner's prepared segment was deleted (the directory needs an fsync).
     removed_any: bool,
 }
@@ -174,8 +211,13 @@ fn list_segments(
     report: &mut RecoveryReport,
 ) -> Result<Listed, OpenError> {
     let mut segments = Vec::new();
+    let mut sidecars = HashSet::new();
     let mut removed_any = false;
     for name in fs.list(dir).map_err(open_io("list", dir))? {
+        if let Some(seg) = parse_sidecar_name(&name) {
+            sidecars.insert(seg);
+            continue;
+        }
         if name == EPOCHS_FILE || name == RESERVE_FILE {
             continue;
         }
@@ -202,19 +244,48 @@ fn list_segments(
     segments.sort();
     Ok(Listed {
         segments,
+        sidecars,
         removed_any,
     })
 }
 
-/// A segment being read: its file and bytes, its key in the index, and the nonce that keys its
-/// frame checksums.
+/// A segment being read: its file and length, its key in the index, and the nonce that keys
+/// its frame checksums.
 #[derive(Clone, Copy)]
 struct Opened<'a> {
     path: &'a Path,
     file: &'a dyn FsFile,
     key: SegKey,
     nonce: Option<Nonce>,
-    bytes: &'a [u8],
+    len: u64,
+}
+
+/// Reads `n` bytes at `pos` of a segment into `buf` (replacing what it held).
+fn read_into(
+    file: &dyn FsFile,
+    path: &Path,
+    pos: u64,
+    n: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), OpenError> {
+    buf.clear();
+    buf.resize(n, 0);
+    read_exact_at(file, buf, pos).map_err(open_io("read", path))
+}
+
+/// Whether every byte of the file from `pos` to `len` is zero, read 1 MiB at a time.
+fn zeros_from(file: &dyn FsFile, path: &Path, pos: u64, len: u64) -> Result<bool, OpenError> {
+    let mut chunk = Vec::new();
+    let mut at = pos;
+    while at < len {
+        let n = usize::try_from((len - at).min(1 << 20)).unwrap_or(1 << 20);
+        read_into(file, path, at, n, &mut chunk)?;
+        if chunk.iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 /// A segment recovery kept, with its valid length.
@@ -249,6 +320,21 @@ impl Scan<'_> {
                 removed_any = true;
                 continue;
             }
+            let trusted = match mode {
+                Mode::Complete | Mode::Sealed(_) if self.sidecars.contains(&(gen, seq)) => {
+                    self.index_from_sidecar(&path, gen, seq, mode)?
+                }
+                _ => None,
+            };
+            if let Some(valid_len) = trusted {
+                kept.push(Kept {
+                    path,
+                    generation: gen,
+                    seq,
+                    valid_len,
+                });
+                continue;
+            }
             match self.segment(&path, gen, seq, mode)? {
                 Some(valid_len) => kept.push(Kept {
                     path,
@@ -260,6 +346,160 @@ impl Scan<'_> {
             }
         }
         Ok((kept, removed_any))
+    }
+
+    /// Indexes a complete or sealed segment from its sidecar instead of scanning it, if the
+    /// sidecar is for exactly this segment (generation, seq, nonce, valid length) and its
+    /// checksums hold; `None` (nothing changed) otherwise, and the segment is scanned.
+    fn index_from_sidecar(
+        &mut self,
+        path: &Path,
+        gen: Generation,
+        seq: u64,
+        mode: Mode,
+    ) -> Result<Option<u64>, OpenError> {
+        let sc_path = self.dir.join(sidecar_name(gen, seq));
+        let (file, file_len, head) = match self.check_sidecar(path, &sc_path, gen, seq, mode) {
+            Ok(checked) => checked,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a sidecar; scanning its segment");
+                self.report.sidecars_rejected += 1;
+                return Ok(None);
+            }
+        };
+        let mut control = Vec::new();
+        let mut at = 0;
+        while at < head.control.len() {
+            match decode_entry(&head.control[at..]) {
+                Ok((entry, used)) if !matches!(entry, Entry::Message { .. }) => {
+                    control.push(entry);
+                    at += used;
+                }
+                _ => {
+                    tracing::warn!(file = %sc_path.display(), "ignoring a sidecar whose control entries do not decode");
+                    self.report.sidecars_rejected += 1;
+                    return Ok(None);
+                }
+            }
+        }
+        let valid_len = head.id.valid_len;
+        let key = self.index.add_segment(SegmentInfo {
+            generation: gen,
+            seq,
+            path: path.to_owned(),
+            file,
+            len: file_len,
+            valid_len,
+            summary: Default::default(),
+            nonce: Some(head.id.nonce),
+            sidecar: Some(SidecarRef {
+                path: sc_path,
+                rows: head.rows.iter().map(|r| (r.queue, *r)).collect(),
+            }),
+        });
+        // The order a scan would have: declarations, then messages, then the rest (a
+        // checkpoint in a segment never passes that segment's later messages of its queue).
+        let (declares, rest): (Vec<_>, Vec<_>) = control
+            .into_iter()
+            .partition(|e| matches!(e, Entry::Declare { .. }));
+        for entry in declares {
+            self.control(path, 0, entry)?;
+        }
+        if head.rows.iter().any(|r| !self.known(r.queue)) {
+            return Err(corrupt(path, 0, "message names an undeclared queue"));
+        }
+        self.index.add_sealed(key, &head.rows);
+        for entry in rest {
+            self.control(path, 0, entry)?;
+        }
+        self.next_offset = self.next_offset.max(head.end_offset);
+        self.report.segments += 1;
+        self.report.from_sidecar += 1;
+        Ok(Some(valid_len))
+    }
+
+    /// The segment's file and length and its sidecar's head, if the sidecar may be trusted.
+    fn check_sidecar(
+        &self,
+        path: &Path,
+        sc_path: &Path,
+        gen: Generation,
+        seq: u64,
+        mode: Mode,
+    ) -> Result<(Arc<dyn FsFile>, u64, sidecar::Head), SidecarError> {
+        let invalid = |what| SidecarError::Invalid {
+            path: sc_path.to_owned(),
+            what,
+        };
+        let io = |op, p: &Path| {
+            let p = p.to_owned();
+            move |source| SidecarError::Io {
+                op,
+                path: p,
+                source,
+            }
+        };
+        let file = self.fs.open(path).map_err(io("open", path))?;
+        let file_len = file.len().map_err(io("stat", path))?;
+        let mut raw = [0u8; SEGMENT_HEADER_LEN];
+        read_exact_at(file.as_ref(), &mut raw, 0).map_err(io("read", path))?;
+        let header = SegmentHeader::decode(&raw).map_err(|_| invalid("segment header"))?;
+        let nonce = header.nonce.ok_or_else(|| invalid("version 1 segment"))?;
+        if header.generation != gen || header.seq != seq {
+            return Err(invalid("segment header names another segment"));
+        }
+        let valid_len = match mode {
+            Mode::Sealed(len) if len <= file_len => len,
+            Mode::Complete => file_len,
+            _ => return Err(invalid("segment shorter than sealed")),
+        };
+        let sc = self.fs.open(sc_path).map_err(io("open", sc_path))?;
+        let head = sidecar::read_head(sc.as_ref(), sc_path)?;
+        let expected = Identity {
+            generation: gen,
+            seq,
+            nonce,
+            valid_len,
+        };
+        if head.id != expected {
+            return Err(invalid("for another segment, nonce or length"));
+        }
+        let first = head
+            .first_offset
+            .into_iter()
+            .chain(head.rows.iter().map(|r| r.min))
+            .min();
+        if first.is_some_and(|f| f < self.next_offset) {
+            return Err(invalid("offsets go backwards"));
+        }
+        Ok((file, file_len, head))
+    }
+
+    /// Writes the sidecar of a segment just scanned that no writer will change again, so the
+    /// next open need not scan it, and lets its entries leave memory. Derived data: a failure
+    /// is logged and the segment is scanned again next time.
+    fn write_sidecar(
+        &mut self,
+        key: SegKey,
+        gen: Generation,
+        seq: u64,
+        nonce: Nonce,
+        built: Built,
+        valid_len: u64,
+    ) {
+        let id = Identity {
+            generation: gen,
+            seq,
+            nonce,
+            valid_len,
+        };
+        match sidecar::make(self.fs, &self.dir, id, &built) {
+            Ok(sc) => {
+                self.index.attach_sidecar(key, sc);
+                self.report.sidecars_written += 1;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not write a sidecar"),
+        }
     }
 
     /// A segment cut short at a batch boundary decodes cleanly: only its seal tells.
@@ -298,12 +538,7 @@ impl Scan<'_> {
             q.tail = q.tail.max(q.checkpoint);
         }
         self.index.publish_tails();
-        self.report.undelivered = self
-            .index
-            .queues
-            .iter()
-            .map(|q| q.entries.len() as u64)
-            .sum();
+        self.report.undelivered = self.index.queues.iter().map(|q| q.undelivered()).sum();
         self.report.queues = self.index.by_name.len();
         self.report.elapsed = started.elapsed();
         Recovered {
@@ -330,61 +565,79 @@ impl Scan<'_> {
         read
     }
 
-    /// [`Scan::segment`] with the buffer to read the file into.
+    /// [`Scan::segment`] with the buffer to read frames into.
     fn read_segment(
         &mut self,
         path: &Path,
         gen: Generation,
         seq: u64,
         mode: Mode,
-        bytes: &mut Vec<u8>,
+        buf: &mut Vec<u8>,
     ) -> Result<Option<u64>, OpenError> {
-        let Some(file) = self.open_segment(path, mode, bytes)? else {
+        let Some(file) = self.open_segment(path, mode)? else {
             return Ok(None);
         };
-        let bytes: &[u8] = bytes;
+        let len = file.len().map_err(open_io("stat", path))?;
         self.report.segments += 1;
-        let Some(header) = self.segment_header(path, gen, seq, mode, bytes)? else {
+        let head = usize::try_from(len.min(64)).unwrap_or(64);
+        read_into(file.as_ref(), path, 0, head, buf)?;
+        let found = self.segment_header(path, gen, seq, mode, file.as_ref(), buf, len)?;
+        let Some(header) = found else {
             return Ok(None);
         };
         let limit = match mode {
-            Mode::Sealed(len) if len > bytes.len() as u64 => {
+            Mode::Sealed(sealed) if sealed > len => {
                 return Err(corrupt(
                     path,
-                    bytes.len() as u64,
-                    format!("file ends before byte {len}, which a later owner recorded as valid"),
+                    len,
+                    format!(
+                        "file ends before byte {sealed}, which a later owner recorded as valid"
+                    ),
                 ))
             }
-            Mode::Sealed(len) => len as usize,
-            _ => bytes.len(),
+            Mode::Sealed(sealed) => sealed,
+            _ => len,
         };
         let key = self.index.add_segment(SegmentInfo {
             generation: gen,
             seq,
             path: path.to_owned(),
             file: Arc::clone(&file),
-            len: bytes.len() as u64,
-            valid_len: limit as u64,
+            len,
+            valid_len: limit,
             summary: Default::default(),
+            nonce: header.nonce,
+            sidecar: None,
         });
         let segment = Opened {
             path,
             file: file.as_ref(),
             key,
             nonce: header.nonce,
-            bytes,
+            len,
         };
-        self.batches(&segment, header.len(), limit, mode).map(Some)
+        // A segment no writer will change again gets its sidecar, built during the scan.
+        let mut builder = match (mode, header.nonce) {
+            (Mode::Complete | Mode::Sealed(_), Some(_)) => Some(Builder::default()),
+            _ => None,
+        };
+        let valid = self.batches(
+            &segment,
+            header.len() as u64,
+            limit,
+            mode,
+            buf,
+            &mut builder,
+        )?;
+        if let (Some(builder), Some(nonce)) = (builder, header.nonce) {
+            self.write_sidecar(key, gen, seq, nonce, builder.finish(), valid);
+        }
+        Ok(Some(valid))
     }
 
-    /// Opens a listed segment and reads it whole into `bytes`; `None` if it was deleted in
-    /// between (only a complete segment may be: see below).
-    fn open_segment(
-        &self,
-        path: &Path,
-        mode: Mode,
-        bytes: &mut Vec<u8>,
-    ) -> Result<Option<Arc<dyn FsFile>>, OpenError> {
+    /// Opens a listed segment; `None` if it was deleted in between (only a complete segment may
+    /// be: see below).
+    fn open_segment(&self, path: &Path, mode: Mode) -> Result<Option<Arc<dyn FsFile>>, OpenError> {
         let file = match self.fs.open(path) {
             Ok(file) => file,
             // Listed a moment ago, gone now: an older owner's retention deleted it after checking
@@ -396,29 +649,30 @@ impl Scan<'_> {
             }
             Err(e) => return Err(open_io("open", path)(e)),
         };
-        read_all_into(file.as_ref(), bytes).map_err(open_io("read", path))?;
         Ok(Some(file))
     }
 
     /// The segment's header, checked against its name; `None` if the segment is a crashed
     /// creation, which is deleted.
+    #[allow(clippy::too_many_arguments)]
     fn segment_header(
         &mut self,
         path: &Path,
         gen: Generation,
         seq: u64,
         mode: Mode,
-        bytes: &[u8],
+        file: &dyn FsFile,
+        head: &[u8],
+        len: u64,
     ) -> Result<Option<SegmentHeader>, OpenError> {
-        match SegmentHeader::decode(bytes) {
+        match SegmentHeader::decode(head) {
             Ok(h) if h.generation == gen && h.seq == seq => Ok(Some(h)),
             Ok(_) => Err(corrupt(path, 0, "segment header names another segment")),
             Err(e) => {
                 // The header is synced before any batch is written, so a crash while creating the
                 // file leaves at most a torn header, then nothing or preallocated zeros; anything
                 // else (a batch of the old format, any other byte) is damage.
-                let after_header = bytes.get(SEGMENT_HEADER_LEN..).unwrap_or_default();
-                if mode == Mode::Tail && after_header.iter().all(|&b| b == 0) {
+                if mode == Mode::Tail && zeros_from(file, path, SEGMENT_HEADER_LEN as u64, len)? {
                     tracing::warn!(file = %path.display(), "deleting a segment whose creation was cut short");
                     self.fs.remove(path).map_err(open_io("remove", path))?;
                     self.report.removed.push(path.to_owned());
@@ -434,50 +688,73 @@ impl Scan<'_> {
     fn batches(
         &mut self,
         segment: &Opened<'_>,
-        mut pos: usize,
-        limit: usize,
+        mut pos: u64,
+        limit: u64,
         mode: Mode,
+        buf: &mut Vec<u8>,
+        builder: &mut Option<Builder>,
     ) -> Result<u64, OpenError> {
         let Opened {
             path,
             file,
             key,
             nonce,
-            bytes,
+            len,
         } = *segment;
         while pos < limit {
-            match decode_batch(nonce, &bytes[pos..limit]) {
+            // The frame at `pos`, cut at `limit` as a slice of the whole file would be: what
+            // `decode_batch` sees is the same, only one frame is in memory.
+            let avail = usize::try_from(limit - pos).unwrap_or(usize::MAX);
+            let head = avail.min(BATCH_HEADER_LEN);
+            read_into(file, path, pos, head, buf)?;
+            if let Ok(h) = BatchHeader::decode(nonce, buf) {
+                let whole = avail.min(BATCH_HEADER_LEN + h.payload_len as usize);
+                if whole > head {
+                    read_into(file, path, pos, whole, buf)?;
+                }
+            }
+            match decode_batch(nonce, buf) {
                 Ok((header, payload)) => {
                     if header.first_offset < self.next_offset {
-                        return Err(corrupt(path, pos as u64, "batch offsets go backwards"));
+                        return Err(corrupt(path, pos, "batch offsets go backwards"));
                     }
                     self.next_offset = header.first_offset;
                     self.apply(path, key, pos, header.first_offset, payload)?;
-                    pos += BATCH_HEADER_LEN + payload.len();
+                    let base = pos + BATCH_HEADER_LEN as u64;
+                    if let Some(b) = builder {
+                        if b.batch(header.first_offset, base, payload).is_err() {
+                            *builder = None;
+                        }
+                    }
+                    pos = base + payload.len() as u64;
                 }
-                Err(_) if mode == Mode::Tail && bytes[pos..].iter().all(|&b| b == 0) => {
+                Err(_) if mode == Mode::Tail && zeros_from(file, path, pos, len)? => {
                     // Preallocated space the writer never reached: not data, not torn.
-                    file.set_len(pos as u64)
-                        .map_err(open_io("truncate", path))?;
+                    file.set_len(pos).map_err(open_io("truncate", path))?;
                     file.sync_data().map_err(open_io("fdatasync", path))?;
-                    self.index.set_file_len(key, pos as u64);
+                    self.index.set_file_len(key, pos);
                     break;
                 }
                 Err(e) if mode == Mode::Tail => {
-                    if let Some(at) = self.find_valid_batch(nonce, bytes, pos + 1) {
+                    // Rare (a torn last batch, or damage): look at the rest of the file whole.
+                    let e = e.to_string();
+                    let mut rest = Vec::new();
+                    read_all_into(file, &mut rest).map_err(open_io("read", path))?;
+                    let from = usize::try_from(pos + 1).unwrap_or(usize::MAX);
+                    if let Some(at) = self.find_valid_batch(nonce, &rest, from) {
                         return Err(corrupt(
                             path,
-                            pos as u64,
+                            pos,
                             format!("{e}, yet a valid batch follows at byte {at}"),
                         ));
                     }
-                    self.cut_tail(path, file, key, pos as u64, bytes.len() as u64)?;
+                    self.cut_tail(path, file, key, pos, len)?;
                     break;
                 }
-                Err(e) => return Err(corrupt(path, pos as u64, e.to_string())),
+                Err(e) => return Err(corrupt(path, pos, e.to_string())),
             }
         }
-        Ok(pos as u64)
+        Ok(pos)
     }
 
     fn cut_tail(
@@ -511,13 +788,13 @@ impl Scan<'_> {
         &mut self,
         path: &Path,
         seg: SegKey,
-        batch_pos: usize,
+        batch_pos: u64,
         first: Offset,
         payload: &[u8],
     ) -> Result<(), OpenError> {
         let mut at = 0usize;
         let mut expected = first;
-        let base = (batch_pos + BATCH_HEADER_LEN) as u64;
+        let base = batch_pos + BATCH_HEADER_LEN as u64;
         while at < payload.len() {
             let here = base + at as u64;
             let (entry, used) =
@@ -547,42 +824,52 @@ impl Scan<'_> {
                     expected = offset.next();
                     self.next_offset = expected;
                 }
-                Entry::Declare { queue, name } => {
-                    let name =
-                        QueueName::new(name).map_err(|e| corrupt(path, here, e.to_string()))?;
-                    match self.index.by_name.get(&name) {
-                        Some(&id) if id != queue => {
-                            return Err(corrupt(path, here, "queue declared twice with two ids"))
-                        }
-                        _ => {}
-                    }
-                    if self.known(queue) && self.index.queues[queue as usize].name != name {
-                        return Err(corrupt(path, here, "queue id declared with two names"));
-                    }
-                    self.index.declare(queue, name);
-                    self.next_queue_id = self.next_queue_id.max(queue.saturating_add(1));
-                }
-                Entry::Checkpoint { queue, upto } => {
-                    if !self.known(queue) {
-                        return Err(corrupt(path, here, "checkpoint of an undeclared queue"));
-                    }
-                    self.index.set_checkpoint(queue, upto);
-                }
-                Entry::Tail { queue, last } => {
-                    if !self.known(queue) {
-                        return Err(corrupt(path, here, "tail of an undeclared queue"));
-                    }
-                    self.index.raise_tail(queue, last);
-                }
-                Entry::Seal {
-                    generation,
-                    seq,
-                    len,
-                } => {
-                    self.seals.insert((generation, seq), len);
-                }
+                other => self.control(path, here, other)?,
             }
             at += used;
+        }
+        Ok(())
+    }
+
+    /// Applies a declaration, checkpoint, tail or seal found at byte `here` of `path`.
+    fn control(&mut self, path: &Path, here: u64, entry: Entry<'_>) -> Result<(), OpenError> {
+        match entry {
+            Entry::Message { .. } => return Err(corrupt(path, here, "unexpected message entry")),
+            Entry::Declare { queue, name } => {
+                let name = QueueName::new(name).map_err(|e| corrupt(path, here, e.to_string()))?;
+                match self.index.by_name.get(&name) {
+                    Some(&id) if id != queue => {
+                        return Err(corrupt(path, here, "queue declared twice with two ids"))
+                    }
+                    _ => {}
+                }
+                if self.known(queue) && self.index.queues[queue as usize].name != name {
+                    return Err(corrupt(path, here, "queue id declared with two names"));
+                }
+                self.index.declare(queue, name);
+                self.next_queue_id = self.next_queue_id.max(queue.saturating_add(1));
+            }
+            Entry::Checkpoint { queue, upto } => {
+                if !self.known(queue) {
+                    return Err(corrupt(path, here, "checkpoint of an undeclared queue"));
+                }
+                self.index
+                    .set_checkpoint(self.fs, queue, upto)
+                    .map_err(|e| corrupt(path, here, e.to_string()))?;
+            }
+            Entry::Tail { queue, last } => {
+                if !self.known(queue) {
+                    return Err(corrupt(path, here, "tail of an undeclared queue"));
+                }
+                self.index.raise_tail(queue, last);
+            }
+            Entry::Seal {
+                generation,
+                seq,
+                len,
+            } => {
+                self.seals.insert((generation, seq), len);
+            }
         }
         Ok(())
     }

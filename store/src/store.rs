@@ -167,6 +167,9 @@ pub struct StoreStats {
     pub bytes_on_disk: u64,
     /// Segment files on disk.
     pub segments: usize,
+    /// Index entries held in memory (one per undelivered message per queue in segments without
+    /// a sidecar, and in the few sealed chunks reads are on); the rest stay in sidecar files.
+    pub resident_index_entries: usize,
     /// Per queue.
     pub queues: Vec<QueueStats>,
 }
@@ -523,7 +526,13 @@ impl Store {
             let Some(&id) = index.by_name.get(queue) else {
                 return Ok(Vec::new());
             };
-            let entries = index.pick(id, after, max, now);
+            let entries = index
+                .pick(shared.fs.as_ref(), id, after, max, now)
+                .map_err(|e| ReadError::Corrupt {
+                    file: shared.dir.clone(),
+                    offset: 0,
+                    reason: format!("index: {e}"),
+                })?;
             entries
                 .into_iter()
                 .filter_map(|e| {
@@ -590,6 +599,7 @@ impl Store {
             },
             bytes_on_disk: index.bytes_on_disk(),
             segments: index.segments().len(),
+            resident_index_entries: index.resident_entries(),
             queues: index
                 .by_name
                 .values()
@@ -598,7 +608,7 @@ impl Store {
                     name: q.name.clone(),
                     checkpoint: q.checkpoint,
                     tail: q.tail,
-                    undelivered: q.entries.len(),
+                    undelivered: usize::try_from(q.undelivered()).unwrap_or(usize::MAX),
                     expired: q.expired,
                 })
                 .collect(),

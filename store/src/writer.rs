@@ -36,6 +36,7 @@ use crate::io::{write_zeros, FsFile};
 use crate::prealloc::{Prepared, Preparer};
 use crate::recovery::{segment_name, RESERVE_FILE};
 use crate::shared::{Halt, Request, Shared};
+use crate::sidecar::{self, sidecar_name, Identity};
 use crate::types::{Generation, Offset, QueueName, UnixMillis};
 
 /// An answer on its way to a waiter. The writer hands a batch's answers, in request order, to the
@@ -650,11 +651,18 @@ impl Writer {
                 index.add_message(&p.queues, entry);
             }
         }
+        let mut unreadable = None;
         for &(id, upto) in checkpoints {
-            index.set_checkpoint(id, upto);
+            if let Err(e) = index.set_checkpoint(self.shared.fs.as_ref(), id, upto) {
+                unreadable = Some(e);
+            }
         }
         index.publish_tails();
         drop(index);
+        if let Some(e) = unreadable {
+            // The index can no longer count the queue exactly: stop rather than guess.
+            self.poison(Halt::Poisoned(format!("index: {e}").into()));
+        }
         self.shared
             .durable_tx
             .send_replace(Offset::new(self.next_offset.get().saturating_sub(1)));
@@ -796,6 +804,10 @@ impl Writer {
                 Ok(())
             }
             Err(BatchFailure::NoSpace) => self.undo_rotation(previous),
+            Ok(()) => {
+                write_sidecar(&self.shared, &previous);
+                Ok(())
+            }
             other => other,
         }
     }
@@ -817,7 +829,9 @@ impl Writer {
             tracing::warn!(file = %path.display(), error = %e, "could not drop a half-made segment");
             return Err(BatchFailure::NoSpace);
         }
-        self.shared.lock_index().forget_segment(dropped.key);
+        self.shared
+            .lock_index()
+            .forget_segment(self.shared.fs.as_ref(), dropped.key);
         self.active = previous;
         self.needs_preamble = false;
         tracing::warn!(
@@ -906,8 +920,13 @@ impl Writer {
         for (key, path) in &doomed {
             match self.shared.fs.remove(path) {
                 Ok(()) => {
-                    let mut index = self.shared.lock_index();
-                    index.forget_segment(*key);
+                    let forgotten = self
+                        .shared
+                        .lock_index()
+                        .forget_segment(self.shared.fs.as_ref(), *key);
+                    if let Some(seg) = forgotten {
+                        remove_sidecar(&self.shared, &seg);
+                    }
                     removed += 1;
                 }
                 Err(e) => {
@@ -1061,6 +1080,8 @@ fn register_segment(
         len: allocated.max(header),
         valid_len: header,
         summary: Default::default(),
+        nonce,
+        sidecar: None,
     });
     Active {
         key,
@@ -1070,6 +1091,46 @@ fn register_segment(
         file,
         len: header,
         allocated,
+    }
+}
+
+/// Writes the sidecar index of `segment`, which the writer just left: cut to its data, synced,
+/// and sealed by the new segment's preamble, so no writer changes it again. Its entries may
+/// then leave memory. Derived data (DESIGN.md "Sidecar index files"): a failure is only logged,
+/// and the next open scans the segment and writes it.
+fn write_sidecar(shared: &Shared, segment: &Active) {
+    let Some(nonce) = segment.nonce else {
+        return;
+    };
+    let path = shared
+        .dir
+        .join(segment_name(segment.generation, segment.seq));
+    let id = Identity {
+        generation: segment.generation,
+        seq: segment.seq,
+        nonce,
+        valid_len: segment.len,
+    };
+    let made = sidecar::build_from_file(segment.file.as_ref(), &path, nonce, segment.len)
+        .and_then(|built| sidecar::make(shared.fs.as_ref(), &shared.dir, id, &built));
+    match made {
+        Ok(sc) => shared.lock_index().attach_sidecar(segment.key, sc),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not write a sidecar; the next open scans the segment")
+        }
+    }
+}
+
+/// Deletes a reclaimed segment's sidecar (after the segment: a sidecar left by a crash in
+/// between is deleted by the next open).
+fn remove_sidecar(shared: &Shared, segment: &SegmentInfo) {
+    let path = shared
+        .dir
+        .join(sidecar_name(segment.generation, segment.seq));
+    match shared.fs.remove(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(file = %path.display(), error = %e, "could not delete a sidecar"),
     }
 }
 

@@ -186,25 +186,52 @@ fn total_ops(seed: u64, on_caller: bool) -> u64 {
 
 #[test]
 fn every_acknowledged_append_survives_a_power_cut_at_any_write_or_sync() {
-    let (crash_points, cut_during_recovery) = power_cuts(1..=6, false);
-    assert!(crash_points >= 1000, "only {crash_points} crash points");
-    eprintln!("{crash_points} crash points, {cut_during_recovery} also cut during recovery");
+    let cuts = power_cuts(1..=6, false);
+    assert!(
+        cuts.crash_points >= 1000,
+        "only {} crash points",
+        cuts.crash_points
+    );
+    // The images exercise sidecars: most reopens take sealed segments from them, and some meet a
+    // sidecar the cut left torn or stale.
+    assert!(
+        cuts.from_sidecars >= cuts.crash_points / 2,
+        "{} reopens used sidecars",
+        cuts.from_sidecars
+    );
+    assert!(cuts.sidecars_refused > 0, "no reopen met a torn sidecar");
 }
 
 /// The same with lone appends committed on their producer's thread (`commit_on_caller`): the
 /// power goes off inside a write or sync made by the caller as well as by the writer thread.
 #[test]
 fn every_acknowledged_append_survives_a_power_cut_when_callers_commit_their_own_appends() {
-    let (crash_points, cut_during_recovery) = power_cuts(7..=10, true);
-    assert!(crash_points >= 500, "only {crash_points} crash points");
-    eprintln!("{crash_points} crash points, {cut_during_recovery} also cut during recovery");
+    let cuts = power_cuts(7..=10, true);
+    assert!(
+        cuts.crash_points >= 500,
+        "only {} crash points",
+        cuts.crash_points
+    );
+    assert!(cuts.from_sidecars > 0, "no reopen used sidecars");
 }
 
-/// Cuts the power at every write or sync of each seed's workload; returns the crash points and
-/// how many were cut again during recovery.
-fn power_cuts(seeds: std::ops::RangeInclusive<u64>, on_caller: bool) -> (u64, u64) {
+/// What a run of power cuts met.
+struct Cuts {
+    crash_points: usize,
+    /// Reopens that took segments from their sidecars.
+    from_sidecars: usize,
+    /// Reopens that refused a sidecar the cut left torn or stale.
+    sidecars_refused: usize,
+}
+
+/// Cuts the power at every write or sync of each seed's workload (and sometimes again during
+/// recovery).
+fn power_cuts(seeds: std::ops::RangeInclusive<u64>, on_caller: bool) -> Cuts {
     let mut crash_points = 0;
     let mut cut_during_recovery = 0;
+    // Reopens that took segments from their sidecars, and that refused one (cut by the power).
+    let mut from_sidecars = 0;
+    let mut sidecars_refused = 0;
     for seed in seeds {
         let total = total_ops(seed, on_caller);
         for n in 1..=total + 2 {
@@ -233,6 +260,8 @@ fn power_cuts(seeds: std::ops::RangeInclusive<u64>, on_caller: bool) -> (u64, u6
                 cut_during_recovery += 1;
             }
             let store = open(&image).unwrap_or_else(|e| panic!("{context}: reopen failed: {e}"));
+            from_sidecars += usize::from(store.recovery().from_sidecar > 0);
+            sidecars_refused += usize::from(store.recovery().sidecars_rejected > 0);
             verify(&store, &acked, &context);
             // The recovered store keeps working, and a clean reopen agrees.
             let q = QueueName::new("a").expect("name");
@@ -246,5 +275,13 @@ fn power_cuts(seeds: std::ops::RangeInclusive<u64>, on_caller: bool) -> (u64, u6
             verify(&again, &acked, &format!("{context}, second reopen"));
         }
     }
-    (crash_points, cut_during_recovery)
+    eprintln!(
+        "{crash_points} crash points, {cut_during_recovery} also cut during recovery; \
+         {from_sidecars} reopens used sidecars, {sidecars_refused} refused one"
+    );
+    Cuts {
+        crash_points,
+        from_sidecars,
+        sidecars_refused,
+    }
 }

@@ -346,6 +346,8 @@ struct Seen {
     torn_tails: usize,
     removed_files: usize,
     unacked_recovered: usize,
+    /// Recoveries that took sealed segments from their sidecar index files.
+    from_sidecar: usize,
 }
 
 /// Reopens the directory and checks it against everything the children acknowledged.
@@ -354,6 +356,7 @@ fn verify(dir: &Path, model: &mut Model, run: u64, ctx: &str, seen: &mut Seen) {
         Store::open(dir, opts()).unwrap_or_else(|e| panic!("{ctx}: reopen after kill -9: {e}"));
     seen.torn_tails += usize::from(store.recovery().torn_tail.is_some());
     seen.removed_files += store.recovery().removed.len();
+    seen.from_sidecar += usize::from(store.recovery().from_sidecar > 0);
     let stats = store.stats();
     let mut by_offset: HashMap<u64, Id> = HashMap::new();
     let mut recovered_unacked = Vec::new();
@@ -481,6 +484,10 @@ fn kill_9_at_random_moments_never_loses_an_acknowledged_message() {
         "kill9: {KILLS} kills, {total_acks} acknowledged appends, {kills_with_acks} kills after \
          acknowledgements, {:.1}s; recoveries: {seen:?}",
         started.elapsed().as_secs_f64()
+    );
+    assert!(
+        seen.from_sidecar > 0,
+        "no recovery used a sidecar: the test is not exercising them"
     );
     assert!(
         kills_with_acks >= KILLS / 2,
