@@ -469,8 +469,9 @@ impl Store {
     }
 
     /// The writer, for this caller to commit its own append on its own thread: only when the
-    /// options allow it, the last fdatasync was quick, and nobody holds the writer now (its
-    /// thread is idle). A lone append then costs no thread wake-up on either side of the sync.
+    /// options allow it, the last fdatasync was quick, nobody holds the writer now (its thread
+    /// is idle) and the next batch does not start a new segment (the thread's work). A lone
+    /// append then costs no thread wake-up on either side of the sync.
     fn writer_for_caller(&self) -> Option<MutexGuard<'_, Option<Writer>>> {
         let shared = self.shared();
         if !shared.opts.commit_on_caller {
@@ -481,6 +482,7 @@ impl Store {
             return None;
         }
         try_lock_slot(&self.inner.slot)
+            .filter(|writer| writer.as_ref().is_some_and(|w| !w.rotation_due()))
     }
 
     /// Records durably that every message of `queue` up to and including `upto` is delivered.

@@ -273,6 +273,13 @@ impl Writer {
         Ok(((handle, completer), slot))
     }
 
+    /// Whether the next batch starts a new segment: rotation syncs the old one, creates the
+    /// next and reads the old one back for its sidecar (tens of ms for 64 MiB), which is the
+    /// writer thread's work, not a producer's.
+    pub(crate) fn rotation_due(&self) -> bool {
+        self.active.len >= self.shared.opts.segment_bytes
+    }
+
     /// Commits `request` on the caller's thread (the caller holds the slot and found nothing
     /// else waiting). A panic halts the store as one on the writer thread does; the caller's
     /// `Pending` then reports the store closed.

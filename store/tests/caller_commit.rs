@@ -21,12 +21,17 @@ fn q(name: &str) -> QueueName {
 /// On the simulated disk, whose syncs take no time: the 2 ms limit on the last sync never
 /// turns the feature off here, so what the test sees depends on the option alone.
 fn open(fs: &SimFs, commit_on_caller: bool) -> Store {
+    open_sized(fs, commit_on_caller, StoreOptions::default().segment_bytes)
+}
+
+fn open_sized(fs: &SimFs, commit_on_caller: bool, segment_bytes: u64) -> Store {
     Store::open_with(
         Path::new("/caller"),
         StoreOptions {
             epoch: Epoch::new(1),
             preallocate: false,
             commit_on_caller,
+            segment_bytes,
             ..StoreOptions::default()
         },
         Arc::new(fs.clone()),
@@ -100,6 +105,34 @@ fn lone_appends_are_committed_on_the_callers_thread_only_when_the_option_is_on()
         let again = reopened.read(&q("a"), Offset::ZERO, 100).expect("read");
         assert_eq!(again.len(), 50);
     }
+}
+
+/// Starting a segment (sync the old one, create the next, read the old one back for its sidecar)
+/// is the writer thread's work: a lone append that would start one goes to the thread.
+#[test]
+fn a_caller_never_commits_the_batch_that_starts_a_new_segment() {
+    let fs = SimFs::new();
+    let store = open_sized(&fs, true, 4096);
+    let a = q("a");
+    let chain = AppendChain::new();
+    chain.set_producer_waits(true);
+    for i in 0..30 {
+        let body = Bytes::from(vec![b'x'; 1000 + i]);
+        store
+            .append_in(&chain, std::slice::from_ref(&a), body, None)
+            .wait()
+            .expect("append");
+    }
+    let stats = store.stats();
+    let rotations = stats.segments as u64 - 1;
+    assert!(rotations >= 5, "only {rotations} rotations");
+    assert!(stats.caller_commits > 0, "no append was its caller's");
+    assert!(
+        stats.caller_commits + rotations <= 30,
+        "{} caller commits and {rotations} rotations in 30 lone appends: a caller rotated",
+        stats.caller_commits
+    );
+    assert_eq!(store.read(&a, Offset::ZERO, 100).expect("read").len(), 30);
 }
 
 #[test]
