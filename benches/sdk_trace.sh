@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Where a lone SDK message's time goes inside the hub (issue 18, part 3): kernel tracepoints, no
+# PMU needed (this machine's perf has no hardware counters).
+#
+#   benches/sdk_trace.sh [--count N] [--sdk python|node-mqtt|node-amqp] [--commit-on-caller true|false]
+#
+# Runs the release hub in a network namespace, sends N messages with the unmodified SDK sender
+# (one at a time, as modules do) once to warm up and once under `perf record` of the hub's
+# sched_switch/sched_wakeup and syscall tracepoints, then splits every message's time in the hub:
+# PUBLISH read (recvfrom) → fdatasync start → fdatasync end → PUBACK written (writev), and the
+# client's own time between a PUBACK and its next PUBLISH. Prints p50/p90/p99/mean of each.
+# Needs root, perf, openssl, the SDKs (scripts/install-sdks.sh) and
+# cargo build --profile bench -p hub.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+COUNT=1000
+SDK=python
+CALLER=true
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --count) COUNT="$2"; shift 2 ;;
+    --sdk) SDK="$2"; shift 2 ;;
+    --commit-on-caller) CALLER="$2"; shift 2 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+TARGET=${CARGO_TARGET_DIR:-target}
+BIN=${EDGEHUB_BIN:-$TARGET/release/edgehub}
+[ -x "$BIN" ] || { echo "no $BIN (cargo build --profile bench -p hub)" >&2; exit 2; }
+command -v perf >/dev/null || { echo "no perf (apt-get install linux-perf)" >&2; exit 2; }
+export EDGEHUB_SDK_DIR=${EDGEHUB_SDK_DIR:-/var/tmp/edgehub-sdk}
+PY=$EDGEHUB_SDK_DIR/venv/bin/python3
+mkdir -p "$TARGET/bench-tmp"
+W=$(mktemp -d "$TARGET/bench-tmp/sdk-trace.XXXXXX")
+NS=ehtrace-$$
+HUB=
+cleanup() {
+  [ -n "$HUB" ] && { kill "$HUB" 2>/dev/null || true; wait "$HUB" 2>/dev/null || true; }
+  ip netns del "$NS" 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT
+ip netns add "$NS"
+ip netns exec "$NS" ip link set lo up
+(
+  cd "$W"
+  openssl ecparam -name prime256v1 -genkey -noout -out ca.key
+  openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=edgehub trace CA" -out ca.pem
+  openssl ecparam -name prime256v1 -genkey -noout -out server.key
+  openssl req -new -key server.key -subj "/CN=127.0.0.1" -out server.csr
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf
+  openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -sha256 -extfile ext.cnf -out server.pem
+) >/dev/null 2>&1
+ARGS=(--data-dir "$W/data" --gateway-hostname 127.0.0.1 --iothub-hostname edgehub.local
+      --device-id edge-device --log warn)
+CS=$("$BIN" connection-string sender "${ARGS[@]}")
+ip netns exec "$NS" "$BIN" run "${ARGS[@]}" --mqtt-addr 127.0.0.1:8883 --amqp-addr 127.0.0.1:5671 \
+  --metrics-addr 127.0.0.1:9600 --tls-cert "$W/server.pem" --tls-key "$W/server.key" \
+  --tls-ca "$W/ca.pem" --commit-on-caller "$CALLER" 2>"$W/hub.log" &
+HUB=$!
+for _ in $(seq 200); do
+  ip netns exec "$NS" bash -c "exec 3<>/dev/tcp/127.0.0.1/5671" 2>/dev/null && break
+  sleep 0.05
+done
+send() {
+  case "$SDK" in
+    python) EDGEHUB_CS="$CS" EDGEHUB_CA="$W/ca.pem" ip netns exec "$NS" "$PY" \
+              tests/sdk/python/send.py --run "$1" --count "$COUNT" --timeout 600 ;;
+    node-mqtt|node-amqp) EDGEHUB_CS="$CS" EDGEHUB_CA="$W/ca.pem" ip netns exec "$NS" \
+              node tests/sdk/node/send.js --transport "${SDK#node-}" --run "$1" --count "$COUNT" --timeout 600 ;;
+    *) echo "unknown SDK $SDK" >&2; exit 2 ;;
+  esac >/dev/null
+}
+send warm
+perf record -q -o "$W/perf.data" -p "$HUB" -e 'sched:sched_switch,sched:sched_wakeup,syscalls:sys_enter_fdatasync,syscalls:sys_exit_fdatasync,syscalls:sys_enter_writev,syscalls:sys_exit_recvfrom' 2>/dev/null &
+PERF=$!
+sleep 1
+send traced
+kill -INT "$PERF"; wait "$PERF" || true
+perf script -i "$W/perf.data" 2>/dev/null > "$W/perf.txt"
+echo "edgehub $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $SDK, $COUNT messages, --commit-on-caller $CALLER, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+python3 - "$W/perf.txt" <<'PYEOF'
+import re, statistics, sys
+line_re = re.compile(r'\s*(\S+)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)')
+hub, pre, sync, post, client = [], [], [], [], []
+threads = set()
+read_at = sync_at = synced_at = last_ack = None
+for line in open(sys.argv[1]):
+    m = line_re.match(line)
+    if not m:
+        continue
+    comm, tid, _, t, name, rest = m.groups()
+    t = float(t)
+    if name == 'syscalls:sys_exit_recvfrom':
+        try:
+            n = int(rest.split()[-1], 16)
+        except ValueError:
+            continue
+        if 100 < n < 1000:  # a PUBLISH or a transfer (pings and acks are smaller)
+            if last_ack is not None:
+                client.append(t - last_ack)
+            read_at, sync_at, synced_at, last_ack = t, None, None, None
+    elif name == 'syscalls:sys_enter_fdatasync' and read_at:
+        sync_at = t
+        pre.append(t - read_at)
+        threads.add(comm)
+    elif name == 'syscalls:sys_exit_fdatasync' and sync_at:
+        synced_at = t
+        sync.append(t - sync_at)
+    elif name == 'syscalls:sys_enter_writev' and read_at:
+        hub.append(t - read_at)
+        if synced_at:
+            post.append(t - synced_at)
+        read_at, last_ack = None, t
+def row(label, xs):
+    if not xs:
+        print(f"| {label} | - | - | - | - | 0 |")
+        return
+    s = sorted(xs)
+    q = lambda p: s[min(len(s) - 1, int(len(s) * p))] * 1e6
+    print(f"| {label} | {statistics.median(xs)*1e6:.0f} | {q(.9):.0f} | {q(.99):.0f} | {statistics.mean(xs)*1e6:.0f} | {len(xs)} |")
+print("| per message (µs) | p50 | p90 | p99 | mean | n |")
+print("|---|---|---|---|---|---|")
+row("hub: read → acknowledgement written", hub)
+row("  read → fdatasync starts", pre)
+row("  fdatasync", sync)
+row("  fdatasync ends → acknowledgement written", post)
+row("client: acknowledgement → next message", client)
+print(f"fdatasync called by: {', '.join(sorted(threads)) or 'nothing traced'}")
+PYEOF
