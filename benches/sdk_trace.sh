@@ -44,15 +44,7 @@ cleanup() {
 trap cleanup EXIT
 ip netns add "$NS"
 ip netns exec "$NS" ip link set lo up
-(
-  cd "$W"
-  openssl ecparam -name prime256v1 -genkey -noout -out ca.key
-  openssl req -x509 -new -key ca.key -sha256 -days 2 -subj "/CN=edgehub trace CA" -out ca.pem
-  openssl ecparam -name prime256v1 -genkey -noout -out server.key
-  openssl req -new -key server.key -subj "/CN=127.0.0.1" -out server.csr
-  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext.cnf
-  openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -sha256 -extfile ext.cnf -out server.pem
-) >/dev/null 2>&1
+benches/loopback_cert.sh "$W"
 ARGS=(--data-dir "$W/data" --gateway-hostname 127.0.0.1 --iothub-hostname edgehub.local
       --device-id edge-device --log warn)
 CS=$("$BIN" connection-string sender "${ARGS[@]}")
