@@ -634,6 +634,10 @@ impl Connection {
         tokio::pin!(token_timer);
         // Waits for a free outgoing slot when the queue is full (this task's own sender).
         let room = self.out.clone();
+        // Flow control: set while an online endpoint the last publish went to lags past its
+        // bound; nothing more is read until it is released (everything else is served).
+        let mut held: Option<router::FlowHold> = None;
+        let mut ever_held = false;
         loop {
             self.send_waiting();
             // A packet read makes at most one reply: read only with a slot free for it, and
@@ -642,19 +646,31 @@ impl Connection {
             let inbound_full = self.inbound_acks().is_full();
             let acks_full = acker.room.capacity() == 0;
             tokio::select! {
-                read = read_packet(&mut input.reader, &mut input.buf), if !out_full && !inbound_full && !acks_full => {
+                read = read_packet(&mut input.reader, &mut input.buf), if !out_full && !inbound_full && !acks_full && held.is_none() => {
                     match read {
                         Ok(packet) => {
                             deadline = Instant::now() + keep_alive;
                             if let Some(replica) = &self.replica {
                                 replica.heard();
                             }
-                            if let Err(end) = self.handle_packet(packet, outbound_tx).await {
-                                break end;
+                            match self.handle_packet(packet, outbound_tx).await {
+                                Ok(hold) => held = hold,
+                                Err(end) => break end,
+                            }
+                            if let (Some(hold), false) = (&held, ever_held) {
+                                ever_held = true;
+                                tracing::info!(client_id = %self.client_id, endpoint = %hold.endpoint(),
+                                    "flow control: holding this producer while an online receiver it feeds lags");
                             }
                         }
                         Err(end) => break end,
                     }
+                }
+                // Released once every endpoint of its last publish is offline or within its
+                // bound; the time held does not count against the client's keep-alive.
+                () = flow_released(held.as_ref()), if held.is_some() => {
+                    held = None;
+                    deadline = Instant::now() + keep_alive;
                 }
                 // The client reads nothing: its replies fill the queue; wait for a free slot.
                 free = room.reserve(), if out_full => {
@@ -697,7 +713,10 @@ impl Connection {
                     }
                 }
                 () = &mut keep_alive_timer => {
-                    if Instant::now() >= deadline {
+                    if held.is_some() {
+                        // Not read because it is held: its PINGREQs wait in the socket.
+                        deadline = deadline.max(Instant::now() + keep_alive);
+                    } else if Instant::now() >= deadline {
                         break ConnectionEnd::KeepAlive;
                     }
                     keep_alive_timer.as_mut().reset(deadline);
@@ -712,17 +731,21 @@ impl Connection {
     }
 
     /// Handles one packet read; a publish to acknowledge goes to the acker, in arrival order.
+    /// A routed publish whose endpoints hold their producers comes back as that hold.
     async fn handle_packet(
         &mut self,
         packet: Packet,
         outbound_tx: &OutboundTx,
-    ) -> Result<(), ConnectionEnd> {
+    ) -> Result<Option<router::FlowHold>, ConnectionEnd> {
         match self.on_packet(packet, outbound_tx)? {
-            None => Ok(()),
-            Some(ack) => match &self.acks {
-                Some(acks) if acks.send(ack).await.is_ok() => Ok(()),
-                _ => Err(ConnectionEnd::AckerStopped),
-            },
+            None => Ok(None),
+            Some(ack) => {
+                let hold = ack.1.hold();
+                match &self.acks {
+                    Some(acks) if acks.send(ack).await.is_ok() => Ok(hold),
+                    _ => Err(ConnectionEnd::AckerStopped),
+                }
+            }
         }
     }
 
@@ -1288,6 +1311,24 @@ enum PendingAck {
     Now,
     /// Never (QoS 0); only awaited, and its failure logged.
     Unacknowledged(RouteAck),
+}
+
+impl PendingAck {
+    /// A flow-control hold on the producer, if the routed message's endpoints ask for one.
+    fn hold(&self) -> Option<router::FlowHold> {
+        match self {
+            PendingAck::Routed(ack, _) | PendingAck::Unacknowledged(ack) => ack.hold(),
+            PendingAck::Now => None,
+        }
+    }
+}
+
+/// Resolves when `hold` is released (never without one: its `select!` branch is then off).
+async fn flow_released(hold: Option<&router::FlowHold>) {
+    match hold {
+        Some(hold) => hold.released().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Awaits route acknowledgements in arrival order and sends the PUBACKs in that order, each
