@@ -49,10 +49,13 @@ impl std::fmt::Display for Lag {
     }
 }
 
-/// The default bound: 1,000 messages. Ten of a module sink's windows of 100 in flight, so a
-/// receiver that keeps up is never starved by a hold, while at 100,000 messages/s it adds
-/// about 10 ms of queueing.
-pub const DEFAULT_MAX_LAG: Lag = Lag(1000);
+/// The default bound: 300 messages. Three of an endpoint worker's batches (100, and a module
+/// sink's window is 100 too), so a receiver that keeps up always has a batch waiting and is
+/// never starved by a hold, while at 30,000 messages/s it adds about 10 ms of queueing.
+/// Measured with `benches/peers.sh --workloads W2` (8 producers into one receiver): 200 and
+/// 500 gave the same throughput and a p99 near mosquitto's; 1,000 a p99 2–4× mosquitto's
+/// (benches/results/flowcontrol-2026-12-07.md).
+pub const DEFAULT_MAX_LAG: Lag = Lag(300);
 
 /// When the producers of an online endpoint are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,6 +269,15 @@ impl FlowHold {
     }
 }
 
+/// Resolves when `hold` is released, and never without one: for a `select!` branch that is off
+/// while nothing holds the producer.
+pub async fn until_released(hold: Option<&FlowHold>) {
+    match hold {
+        Some(hold) => hold.released().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Drop for FlowHold {
     fn drop(&mut self) {
         for f in &self.flows {
@@ -437,6 +449,48 @@ mod tests {
             .expect("released");
         // The producer of a message to c alone was never held.
         assert!(FlowHold::check(std::slice::from_ref(&c)).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_producers_resume_one_at_a_time_in_the_order_they_were_held() {
+        let f = flow(2);
+        f.set_online(true);
+        lagging(&f, 3);
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for name in ["a", "b", "c"] {
+            let hold = FlowHold::check(std::slice::from_ref(&f)).expect("held");
+            let (f, order) = (Arc::clone(&f), Arc::clone(&order));
+            tasks.push(tokio::spawn(async move {
+                hold.released().await;
+                order.lock().unwrap().push(name);
+                // It reads its next publish, which is over the bound again.
+                f.appended();
+                drop(hold);
+            }));
+            // Each is in line before the next one is held.
+            tokio::task::yield_now().await;
+        }
+        for expected in 1..=3 {
+            f.completed(1);
+            let resumed = async {
+                while order.lock().unwrap().len() < expected {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(1), resumed)
+                .await
+                .expect("one resumes per completion");
+            // Only one: the lag is back over the bound after its publish.
+            tokio::time::timeout(Duration::from_secs(3600), std::future::pending::<()>())
+                .await
+                .ok();
+            assert_eq!(order.lock().unwrap().len(), expected);
+        }
+        assert_eq!(*order.lock().unwrap(), ["a", "b", "c"]);
+        for t in tasks {
+            t.await.unwrap();
+        }
     }
 
     #[tokio::test(start_paused = true)]

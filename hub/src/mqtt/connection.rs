@@ -668,7 +668,7 @@ impl Connection {
                 }
                 // Released once every endpoint of its last publish is offline or within its
                 // bound; the time held does not count against the client's keep-alive.
-                () = flow_released(held.as_ref()), if held.is_some() => {
+                () = router::flow::until_released(held.as_ref()), if held.is_some() => {
                     held = None;
                     deadline = Instant::now() + keep_alive;
                 }
@@ -1320,14 +1320,6 @@ impl PendingAck {
             PendingAck::Routed(ack, _) | PendingAck::Unacknowledged(ack) => ack.hold(),
             PendingAck::Now => None,
         }
-    }
-}
-
-/// Resolves when `hold` is released (never without one: its `select!` branch is then off).
-async fn flow_released(hold: Option<&router::FlowHold>) {
-    match hold {
-        Some(hold) => hold.released().await,
-        None => std::future::pending().await,
     }
 }
 
