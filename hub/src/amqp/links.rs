@@ -24,6 +24,9 @@
 //! - The sender recorded for each message is the link's authenticated identity.
 //! - On stop (shutdown, replacement, connection end) reading stops and what is durable is still
 //!   accepted before the link closes.
+//! - Flow control (`router::flow`): after a transfer one of whose messages went to an online
+//!   module input that lags past its bound, the link takes no transfer until it is released
+//!   (the receiver catches up or goes away), so the client's credit runs out; settlements go on.
 //!
 //! Guarantees, inputs link ([`serve_inputs`]):
 //! - The link becomes the sink of every input endpoint of its module (replacing an older one);
@@ -137,6 +140,10 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     let mut stop = shared.stop.subscribe();
     let mut pending_tx = Some(pending_tx);
     let mut link = EventsLink::new();
+    // Flow control: set while an online endpoint the last transfer went to lags past its
+    // bound; no transfer is taken meanwhile, so the client's credit runs out.
+    let mut held: Option<router::FlowHold> = None;
+    let mut ever_held = false;
     let error = loop {
         let event = tokio::select! {
             biased;
@@ -144,16 +151,27 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
                 Some(settle) => Some(settle_one(&mut receiver, settle, &shared, &identity).await),
                 None => Some(Event::SettlementsEnded),
             },
-            delivery = receiver.recv::<Body<Value>>(), if link.is_reading() => {
+            delivery = receiver.recv::<Body<Value>>(), if link.is_reading() && held.is_none() => {
                 match delivery {
                     Ok(delivery) => {
-                        take_transfer(&mut link, delivery, &shared, &chain, &identity, &mut metrics, pending_tx.as_ref()).await
+                        let (event, hold) = take_transfer(&mut link, delivery, &shared, &chain, &identity, &mut metrics, pending_tx.as_ref()).await;
+                        if let (Some(hold), false) = (&hold, ever_held) {
+                            ever_held = true;
+                            tracing::info!(peer = %shared.peer, %identity, endpoint = %hold.endpoint(),
+                                "flow control: holding this events link while an online receiver it feeds lags");
+                        }
+                        held = hold;
+                        event
                     }
                     Err(e) => {
                         tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link ended");
                         Some(Event::ReadFailed)
                     }
                 }
+            }
+            () = router::flow::until_released(held.as_ref()), if held.is_some() => {
+                held = None;
+                None
             }
             () = stopped(&mut stop), if link.is_reading() => Some(Event::Stopped),
         };
@@ -182,7 +200,8 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
 }
 
 /// Takes one transfer: routes it, or fails it after a refusal (as `link` decides), and hands it
-/// to the acker. The event for the machine, if any beyond the transfer itself.
+/// to the acker. The event for the machine, if any beyond the transfer itself, and a
+/// flow-control hold if one of its messages went to an online endpoint that lags.
 async fn take_transfer(
     link: &mut EventsLink,
     delivery: Delivery<Body<Value>>,
@@ -191,7 +210,7 @@ async fn take_transfer(
     identity: &Identity,
     metrics: &mut crate::metrics::ConnectionMetrics,
     pending: Option<&mpsc::Sender<Pending<DeliveryInfo, RouteAck>>>,
-) -> Option<Event> {
+) -> (Option<Event>, Option<router::FlowHold>) {
     let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
     let (info, message) = delivery.into_parts();
     let work = match link.on(Event::Transfer) {
@@ -204,12 +223,18 @@ async fn take_transfer(
             }
             work
         }
-        Action::Wait | Action::Close { .. } => return None,
+        Action::Wait | Action::Close { .. } => return (None, None),
     };
-    let tx = pending?;
+    let hold = match &work {
+        Work::Route(acks, _) => acks.iter().find_map(RouteAck::hold),
+        Work::Refuse(..) | Work::Fail(_) => None,
+    };
+    let Some(tx) = pending else {
+        return (None, hold);
+    };
     match tx.send(Pending { info, work }).await {
-        Ok(()) => None,
-        Err(_) => Some(Event::HandOffFailed),
+        Ok(()) => (None, hold),
+        Err(_) => (Some(Event::HandOffFailed), hold),
     }
 }
 
