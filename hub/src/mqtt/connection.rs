@@ -76,6 +76,10 @@ const DELIVERY_WINDOW: u16 = 100;
 /// Publishes routed and not yet acknowledged, per connection; past it the connection stops
 /// reading until the store catches up (backpressure instead of unbounded memory).
 const MAX_PENDING_ACKS: usize = 1024;
+/// Publishes read while the connection is held by flow control, waiting to be handled in
+/// order once it is released (count and payload bytes); past either, reading stops.
+const MAX_PARKED: usize = 128;
+const MAX_PARKED_BYTES: usize = 1 << 20;
 /// Packets the connection task may queue for the writer (replies and deliveries); while it is
 /// full the connection stops reading until the client reads (backpressure).
 const OUTGOING_CAPACITY: usize = 128;
@@ -635,8 +639,11 @@ impl Connection {
         // Waits for a free outgoing slot when the queue is full (this task's own sender).
         let room = self.out.clone();
         // Flow control: set while an online endpoint the last publish went to lags past its
-        // bound; nothing more is read until it is released (everything else is served).
+        // bound. Its next publishes are parked, not routed, until it is released; every other
+        // packet is still served, so a module held by its own input (or two feeding each other)
+        // still acknowledges its deliveries and lets its receiver catch up.
         let mut held: Option<router::FlowHold> = None;
+        let mut parked = Parked::default();
         let mut ever_held = false;
         loop {
             self.send_waiting();
@@ -645,16 +652,40 @@ impl Connection {
             let out_full = self.out.capacity() == 0;
             let inbound_full = self.inbound_acks().is_full();
             let acks_full = acker.room.capacity() == 0;
+            let has_room = !out_full && !inbound_full && !acks_full;
+            // Released: what was parked goes first, in arrival order (it may be held again).
+            if held.is_none() && has_room {
+                if let Some(publish) = parked.pop() {
+                    match self
+                        .handle_packet(Packet::Publish(publish), outbound_tx)
+                        .await
+                    {
+                        Ok(hold) => held = hold,
+                        Err(end) => break end,
+                    }
+                    continue;
+                }
+            }
+            let may_read = has_room && parked.may_read(held.is_some());
             tokio::select! {
-                read = read_packet(&mut input.reader, &mut input.buf), if !out_full && !inbound_full && !acks_full && held.is_none() => {
+                read = read_packet(&mut input.reader, &mut input.buf), if may_read => {
                     match read {
                         Ok(packet) => {
                             deadline = Instant::now() + keep_alive;
                             if let Some(replica) = &self.replica {
                                 replica.heard();
                             }
+                            let packet = match parked.park(held.is_some(), packet) {
+                                Parking::Parked => continue,
+                                Parking::Handle(packet) => packet,
+                                Parking::Goodbye => {
+                                    // Routed as the client said it, held or not, then closed.
+                                    break self.handle_parked_then_disconnect(&mut parked, outbound_tx).await;
+                                }
+                            };
                             match self.handle_packet(packet, outbound_tx).await {
-                                Ok(hold) => held = hold,
+                                Ok(Some(hold)) => held = Some(hold),
+                                Ok(None) => {}
                                 Err(end) => break end,
                             }
                             if let (Some(hold), false) = (&held, ever_held) {
@@ -728,6 +759,24 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// A DISCONNECT read while publishes were parked: they are handled first (in order, holds
+    /// ignored: the client is leaving and said so), then the connection ends as the client's.
+    async fn handle_parked_then_disconnect(
+        &mut self,
+        parked: &mut Parked,
+        outbound_tx: &OutboundTx,
+    ) -> ConnectionEnd {
+        while let Some(publish) = parked.pop() {
+            if let Err(end) = self
+                .handle_packet(Packet::Publish(publish), outbound_tx)
+                .await
+            {
+                return end;
+            }
+        }
+        ConnectionEnd::ClientClosed
     }
 
     /// Handles one packet read; a publish to acknowledge goes to the acker, in arrival order.
@@ -1311,6 +1360,55 @@ enum PendingAck {
     Now,
     /// Never (QoS 0); only awaited, and its failure logged.
     Unacknowledged(RouteAck),
+}
+
+/// Publishes read while the connection is held, in arrival order (flow control).
+#[derive(Default)]
+struct Parked {
+    publishes: VecDeque<Publish>,
+    bytes: usize,
+}
+
+/// What to do with a packet just read.
+#[derive(Debug)]
+enum Parking {
+    /// Kept until the connection is released.
+    Parked,
+    /// Handled now.
+    Handle(Packet),
+    /// A DISCONNECT behind parked publishes.
+    Goodbye,
+}
+
+impl Parked {
+    /// Whether a packet may be read: always when nothing holds the connection and nothing is
+    /// parked; while held, until the parked publishes reach their bound.
+    fn may_read(&self, held: bool) -> bool {
+        if held {
+            self.publishes.len() < MAX_PARKED && self.bytes < MAX_PARKED_BYTES
+        } else {
+            self.publishes.is_empty()
+        }
+    }
+
+    /// Parks a publish read while held (or behind parked ones); everything else is handled.
+    fn park(&mut self, held: bool, packet: Packet) -> Parking {
+        match packet {
+            Packet::Publish(p) if held || !self.publishes.is_empty() => {
+                self.bytes += p.payload.len();
+                self.publishes.push_back(p);
+                Parking::Parked
+            }
+            Packet::Disconnect if !self.publishes.is_empty() => Parking::Goodbye,
+            other => Parking::Handle(other),
+        }
+    }
+
+    fn pop(&mut self) -> Option<Publish> {
+        let p = self.publishes.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(p.payload.len());
+        Some(p)
+    }
 }
 
 impl PendingAck {
