@@ -49,13 +49,14 @@ impl std::fmt::Display for Lag {
     }
 }
 
-/// The default bound: 300 messages. Three of an endpoint worker's batches (100, and a module
-/// sink's window is 100 too), so a receiver that keeps up always has a batch waiting and is
-/// never starved by a hold, while at 30,000 messages/s it adds about 10 ms of queueing.
-/// Measured with `benches/peers.sh --workloads W2` (8 producers into one receiver): 200 and
-/// 500 gave the same throughput and a p99 near mosquitto's; 1,000 a p99 2–4× mosquitto's
-/// (benches/results/flowcontrol-2026-12-07.md).
-pub const DEFAULT_MAX_LAG: Lag = Lag(300);
+/// The default bound: 800 messages. Measured with `benches/peers.sh` against mosquitto in the
+/// same run (benches/results/flowcontrol-2026-12-07.md): 200–500 kept the 8→1 fan-in's p99
+/// at mosquitto's but cost the 8 pairs (W1) about a quarter of their throughput (300 against
+/// off, alternated: 60k vs 80k msg/s), since a pair's receiver then waits on its producer's
+/// next group commit; 1,000 left the fan-in's p99 at 2–4× mosquitto's; 800 kept both (W2
+/// p99 0.9–1.0× mosquitto's, W1 as fast as with flow control off). At 80,000 messages/s it is
+/// about 10 ms of queueing.
+pub const DEFAULT_MAX_LAG: Lag = Lag(800);
 
 /// When the producers of an online endpoint are held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
