@@ -744,6 +744,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn messages_stored_before_a_restart_never_count_in_the_lag() {
+        let (dir, store, dispatcher, router, endpoint) = flow_router(3, false);
+        for i in 0..10u8 {
+            assert!(router.route(message(vec![i])).await.is_ok());
+        }
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
+        // Restarted on the same directory: the ten wait in the queue.
+        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
+        let store = Store::open_with(
+            dir.path(),
+            StoreOptions::default(),
+            Arc::new(OsFs),
+            clock.clone(),
+        )
+        .unwrap();
+        let config = DispatcherConfig {
+            window: 1,
+            flow: crate::flow::FlowBound::MaxLag(crate::flow::Lag(3)),
+            ..DispatcherConfig::default()
+        };
+        let dispatcher = Dispatcher::start(store.clone(), clock, config).unwrap();
+        let route = Route::parse(
+            RouteId::new("r"),
+            r#"FROM /messages/modules/m/outputs/* INTO BrokeredEndpoint("/modules/r/inputs/in")"#,
+            Priority(0),
+            Ttl::Infinite,
+        )
+        .unwrap();
+        let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
+        let gate = Arc::new(tokio::sync::Semaphore::new(10));
+        dispatcher.register_sink(&endpoint, GatedSink(Arc::clone(&gate)));
+        // The old ten are delivered; they were never counted, so they take nothing off.
+        let drained = async {
+            while router.metrics().delivered < 10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(GENEROUS, drained)
+            .await
+            .expect("the backlog delivered");
+        assert_eq!(flow_of(&router, &endpoint).lag, crate::flow::Lag(0));
+        // Five new ones lag by five (not by five less ten) and hold their producer.
+        let mut last = None;
+        for i in 0..5u8 {
+            let ack = router.route(message(vec![i]));
+            last = Some(ack.hold().is_some());
+            assert!(ack.await.is_ok());
+        }
+        assert_eq!(flow_of(&router, &endpoint).lag, crate::flow::Lag(5));
+        assert_eq!(last, Some(true), "lag 5 > 3: held");
+        gate.add_permits(100);
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
     async fn a_message_the_store_refuses_does_not_count_in_the_lag() {
         let (_dir, store, dispatcher, router) = small_message_router_into_input();
         let endpoint = Endpoint::ModuleInput {
