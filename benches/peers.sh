@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # edgehub against peer MQTT brokers on this machine (issue 5).
 #
-#   benches/peers.sh [--quick] [--runs N] [--brokers LIST] [--out DIR] [--no-crash] [--no-workloads] [--no-install]
+#   benches/peers.sh [--quick] [--runs N] [--brokers LIST] [--workloads LIST] [--transports LIST]
+#                    [--out DIR] [--no-crash] [--no-workloads] [--no-install]
 #
 # Installs (Debian packages, as root) and starts on loopback, each on an empty
 # data directory, with the configurations in benches/peers/: mosquitto in
@@ -16,6 +17,7 @@
 # JSON per run, summary.md, results.json and chart.png to the output
 # directory, and prints the table of ratios.
 #
+# --workloads "W2" / --transports "tls": only those (default "W1 W2 W3", "tls plain").
 # --quick: small counts, ONE peer (mosquitto in memory) and edgehub, for CI.
 # Exit status: 1 if any workload run lost, duplicated-as-lost or reordered a
 # message or failed; the crash checks are recorded, never fail the run
@@ -32,16 +34,20 @@ OUT=""
 CRASH=1
 INSTALL=1
 WORKLOADS=1
+WLIST="W1 W2 W3"
+TRANSPORTS="tls plain"
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --runs) RUNS="$2"; shift ;;
     --brokers) BROKERS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
+    --workloads) WLIST="$2"; shift ;;
+    --transports) TRANSPORTS="$2"; shift ;;
     --no-crash) CRASH=0 ;;
     --no-install) INSTALL=0 ;;
     --no-workloads) WORKLOADS=0 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "peers.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -248,7 +254,7 @@ workloads() { # workloads BROKER TRANSPORT
   say "== $b over $t"
   if ! start_broker "$b" "$t" "$data"; then FAILED=1; stop_pid "$BROKER_PID"; forget_pid "$BROKER_PID"; return; fi
   for run in $(seq 1 "$RUNS"); do
-    for w in W1 W2 W3; do
+    for w in $WLIST; do
       local args=()
       case $w in
         W1) args=(-p 8 -n "$N_PAIRS" --mode pairs) ;;
@@ -297,8 +303,7 @@ crash_checks() { # crash_checks BROKER
 
 if [ "$WORKLOADS" = 1 ]; then
   for b in $BROKERS; do
-    workloads "$b" tls
-    workloads "$b" plain
+    for t in $TRANSPORTS; do workloads "$b" "$t"; done
   done
 fi
 if [ "$CRASH" = 1 ]; then

@@ -293,6 +293,17 @@ struct RunArgs {
         default_value_t = settings::DEFAULT_AUTH_TIMEOUT_SECS
     )]
     auth_timeout: u64,
+    /// Flow control: while a module input's receiver is connected and more than N messages
+    /// stored for it are not yet delivered, the hub stops reading from the connections that
+    /// feed it (their PUBACKs still go out as messages become durable) until it catches up or
+    /// disconnects. Store-and-forward for a receiver that is away is never slowed. 0: off.
+    #[arg(
+        long,
+        env = "EDGEHUB_FLOW_CONTROL_MAX_LAG",
+        value_name = "N",
+        default_value_t = settings::DEFAULT_FLOW_CONTROL_MAX_LAG
+    )]
+    flow_control_max_lag: u64,
 }
 
 /// `edgehub connection-string`.
@@ -380,6 +391,7 @@ impl RunArgs {
             max_connections: Some(self.max_connections),
             max_unauthenticated: Some(self.max_unauthenticated),
             auth_timeout_secs: Some(self.auth_timeout),
+            flow_control_max_lag: Some(self.flow_control_max_lag),
             ..RawSettings::default()
         };
         self.identity.fill(&mut raw);

@@ -552,7 +552,10 @@ fn start_delivery(
         Dispatcher::start(
             store.clone(),
             Arc::clone(clock),
-            DispatcherConfig::default(),
+            DispatcherConfig {
+                flow: settings.flow(),
+                ..DispatcherConfig::default()
+            },
         )
         .map_err(RunError::Delivery)?,
     );

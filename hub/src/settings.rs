@@ -287,7 +287,13 @@ pub struct RawSettings {
     pub tls_key: Option<PathBuf>,
     /// The CA certificate (PEM) the server certificate chains to: what modules trust.
     pub tls_ca: Option<PathBuf>,
+    /// Flow control: the most messages an online module input may lag before the producers
+    /// feeding it are held; 0 turns it off (default [`DEFAULT_FLOW_CONTROL_MAX_LAG`]).
+    pub flow_control_max_lag: Option<u64>,
 }
+
+/// The default bound of flow control, in messages ([`router::DEFAULT_MAX_LAG`]).
+pub const DEFAULT_FLOW_CONTROL_MAX_LAG: u64 = router::DEFAULT_MAX_LAG.0;
 
 /// Certificate files given on the command line (`--tls-cert`, `--tls-key`, `--tls-ca`), used
 /// instead of the data directory's own CA; the hub re-reads them when they change.
@@ -350,6 +356,7 @@ pub struct Settings {
     module_keys_dir: Option<PathBuf>,
     limits: crate::limits::Limits,
     tls: Option<GivenTls>,
+    flow: router::FlowBound,
 }
 
 /// A setting that is not valid. The message names the field.
@@ -402,7 +409,15 @@ impl RawSettings {
             self.auth_timeout_secs,
         )?;
         let tls = given_tls(self.tls_cert, self.tls_key, self.tls_ca)?;
+        let flow = match self
+            .flow_control_max_lag
+            .unwrap_or(DEFAULT_FLOW_CONTROL_MAX_LAG)
+        {
+            0 => router::FlowBound::Off,
+            n => router::FlowBound::MaxLag(router::Lag(n)),
+        };
         Ok(Settings {
+            flow,
             data_dir,
             manifest,
             mqtt_addr: listen.mqtt,
@@ -776,6 +791,11 @@ impl Settings {
     /// The connection limits each head (MQTT, AMQP) applies on its own.
     pub fn limits(&self) -> crate::limits::Limits {
         self.limits
+    }
+
+    /// Flow control for online module inputs (`--flow-control-max-lag`).
+    pub fn flow(&self) -> router::FlowBound {
+        self.flow
     }
 
     /// The certificate files to serve instead of the data directory's own CA, if given.

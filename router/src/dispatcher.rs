@@ -13,6 +13,11 @@
 //!   too (workers stop on their own; nothing waits for them). An in-flight send is cancelled;
 //!   its messages are not checkpointed and are sent again after a restart (at-least-once).
 //!
+//! - Each endpoint's flow state ([`EndpointFlow`]) lives in its slot: registering a sink puts
+//!   it online, removing it offline (which releases the producers it held at once). Only module
+//!   inputs get a bound ([`DispatcherConfig::flow`]); `$upstream`'s sink stays registered while
+//!   the cloud is away, so it is never flow-controlled.
+//!
 //! Invariants:
 //! - At most one worker per endpoint, ever, for the dispatcher's lifetime.
 //! - A worker never stops while the dispatcher lives, except when the store fails under it
@@ -21,13 +26,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use store::{Clock, Store};
+use store::{Clock, Offset, Store};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use crate::endpoint_worker::EndpointPolicy;
 use crate::endpoint_worker::{EndpointWorker, QueueKey, WorkerChannels, WorkerContext};
 use crate::events::{Counters, RouterMetrics};
+use crate::flow::{EndpointFlow, FlowBound};
 use crate::message::ModuleId;
 use crate::queue_id::{is_partition_queue, QueueId};
 use crate::replica_worker::ReplicatedInput;
@@ -46,6 +52,9 @@ pub struct DispatcherConfig {
     pub retry: RetryPolicy,
     /// Head-of-line policy for endpoints without their own (see [`EndpointPolicy`]).
     pub default_policy: EndpointPolicy,
+    /// Flow control for online module inputs (default: hold producers over
+    /// [`crate::flow::DEFAULT_MAX_LAG`]; see [`crate::flow`]).
+    pub flow: FlowBound,
 }
 
 impl Default for DispatcherConfig {
@@ -54,6 +63,7 @@ impl Default for DispatcherConfig {
             window: 100,
             retry: RetryPolicy::default(),
             default_policy: EndpointPolicy::default(),
+            flow: FlowBound::default(),
         }
     }
 }
@@ -86,6 +96,9 @@ struct Shared {
     config: DispatcherConfig,
     runtime: tokio::runtime::Handle,
     shutdown: watch::Sender<bool>,
+    /// The newest durable offset when the dispatcher started: messages at or below it were
+    /// stored by an earlier process and never count in an endpoint's lag.
+    flow_floor: Offset,
     workers: Mutex<Workers>,
 }
 
@@ -104,6 +117,7 @@ struct Slot {
     queues: watch::Sender<BTreeSet<QueueKey>>,
     sink: watch::Sender<Option<Arc<dyn DynSink>>>,
     policy: watch::Sender<EndpointPolicy>,
+    flow: Arc<EndpointFlow>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -128,7 +142,9 @@ impl Dispatcher {
             tokio::runtime::Handle::try_current().map_err(|_| DispatcherError::NoRuntime)?;
         config.window = config.window.max(1);
         let (shutdown, _) = watch::channel(false);
+        let flow_floor = *store.watch_durable().borrow();
         let shared = Arc::new(Shared {
+            flow_floor,
             store,
             clock,
             counters: Arc::new(Counters::default()),
@@ -156,6 +172,7 @@ impl Dispatcher {
     pub fn register_dyn_sink(&self, endpoint: &Endpoint, sink: Arc<dyn DynSink>) {
         self.handle.with_slot(endpoint, |slot| {
             slot.sink.send_replace(Some(sink));
+            slot.flow.set_online(true);
         });
     }
 
@@ -163,6 +180,7 @@ impl Dispatcher {
     pub fn unregister_sink(&self, endpoint: &Endpoint) {
         self.handle.with_slot(endpoint, |slot| {
             slot.sink.send_replace(None);
+            slot.flow.set_online(false);
         });
     }
 
@@ -179,6 +197,7 @@ impl Dispatcher {
         self.handle.with_slot(endpoint, |slot| {
             if allowed() {
                 slot.sink.send_replace(Some(sink));
+                slot.flow.set_online(true);
                 registered = true;
             }
         });
@@ -203,6 +222,9 @@ impl Dispatcher {
                     false
                 }
             });
+            if removed {
+                slot.flow.set_online(false);
+            }
         });
         removed
     }
@@ -302,6 +324,13 @@ impl DispatcherHandle {
             .map(|(i, _)| Arc::clone(i))
             .collect();
         metrics.replicas = inputs.iter().map(|i| i.stats()).collect();
+        metrics.flow = self
+            .lock()
+            .by_endpoint
+            .values()
+            .filter(|s| s.flow.is_controlled())
+            .map(|s| s.flow.stats())
+            .collect();
         metrics
     }
 
@@ -321,12 +350,17 @@ impl DispatcherHandle {
     }
 
     /// Makes sure the worker of `queue.endpoint` exists and drains `queue`. Called before the
-    /// first append to a queue, so the worker's next read sees it.
-    pub(crate) fn ensure_queue(&self, queue: &QueueId) {
+    /// first append to a queue, so the worker's next read sees it. Returns the endpoint's flow
+    /// state, which the router counts every message stored for it in.
+    pub(crate) fn ensure_queue(&self, queue: &QueueId) -> Arc<EndpointFlow> {
+        let mut flow = None;
         self.with_slot(&queue.endpoint, |slot| {
             slot.queues
                 .send_if_modified(|q| q.insert((queue.priority, queue.lane)));
+            flow = Some(Arc::clone(&slot.flow));
         });
+        // `with_slot` always runs its closure; a fresh uncontrolled state is never reached.
+        flow.unwrap_or_else(|| Arc::new(EndpointFlow::new(queue.endpoint.id(), FlowBound::Off)))
     }
 
     /// Makes sure a replicated input's worker runs before a message is stored in one of its
@@ -394,6 +428,11 @@ impl DispatcherHandle {
         let (queues, queues_rx) = watch::channel(BTreeSet::new());
         let (sink, sink_rx) = watch::channel(None);
         let (policy, policy_rx) = watch::channel(shared.config.default_policy);
+        let bound = match endpoint {
+            Endpoint::ModuleInput { .. } => shared.config.flow,
+            Endpoint::Upstream => FlowBound::Off,
+        };
+        let flow = Arc::new(EndpointFlow::new(endpoint.id(), bound));
         let task = (!closed).then(|| {
             let worker = EndpointWorker::new(
                 endpoint.clone(),
@@ -403,6 +442,8 @@ impl DispatcherHandle {
                     counters: Arc::clone(&shared.counters),
                     window: shared.config.window,
                     retry: shared.config.retry,
+                    flow: Arc::clone(&flow),
+                    flow_floor: shared.flow_floor,
                 },
                 WorkerChannels {
                     queues: queues_rx,
@@ -417,6 +458,7 @@ impl DispatcherHandle {
             queues,
             sink,
             policy,
+            flow,
             task,
         }
     }
@@ -429,7 +471,9 @@ impl DispatcherHandle {
                 continue;
             }
             match QueueId::parse(&q.name) {
-                Ok(id) => self.ensure_queue(&id),
+                Ok(id) => {
+                    self.ensure_queue(&id);
+                }
                 Err(e) => tracing::warn!(error = %e, "ignoring a queue the router did not create"),
             }
         }

@@ -38,6 +38,9 @@ pub struct RouterMetrics {
     pub moved_to_backlog: u64,
     /// Every replicated module input served, with its counts (filled by the dispatcher).
     pub replicas: Vec<crate::replica_worker::ReplicaStats>,
+    /// Every flow-controlled endpoint (a module input) with its lag and holds (filled by the
+    /// dispatcher).
+    pub flow: Vec<crate::flow::FlowStats>,
 }
 
 /// The live counters, shared by the router, the dispatcher and every worker.
@@ -71,6 +74,7 @@ impl Counters {
             worker_failures: get(&self.worker_failures),
             moved_to_backlog: get(&self.moved_to_backlog),
             replicas: Vec::new(),
+            flow: Vec::new(),
         }
     }
 }

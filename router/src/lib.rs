@@ -19,13 +19,14 @@
 //! ```
 //!
 //! Modules depend one way only: `router` → `dispatcher` → `endpoint_worker` → (`checkpoint`,
-//! `codec`, `events`, `expiry`, `queue_id`, `retry`, `sink`) → `route` → `message`; `manifest` →
+//! `codec`, `events`, `expiry`, `flow`, `queue_id`, `retry`, `sink`) → `route` → `message`; `manifest` →
 //! `error` → `replicas` → `route`. The route language (`route`, `message`) names no store
 //! queue: the router binds each route of the table it installs to its queue.
 //!
 //! Pure pieces, each unit-tested on its own: [`codec`] (stored bytes), [`queue_id`] (queue
 //! names), [`checkpoint`] (contiguous-prefix rule), [`retry`] (backoff), [`expiry`] (TTL),
-//! [`endpoint_worker::state`] (the worker's state machine), [`replicas`] (module replicas: the
+//! [`endpoint_worker::state`] (the worker's state machine), [`flow`] (when a producer is held: flow
+//! control for online endpoints), [`replicas`] (module replicas: the
 //! partition of a message, rendezvous assignment, and the membership and fenced-handoff machine;
 //! not driven by anything yet).
 //!
@@ -56,6 +57,7 @@ pub mod endpoint_worker;
 pub mod error;
 mod events;
 pub mod expiry;
+pub mod flow;
 pub mod manifest;
 pub mod message;
 pub mod queue_id;
@@ -72,6 +74,7 @@ pub use dispatcher::{
 pub use error::{ManifestError, ManifestIssue, RouteParseError, RouteParseErrorKind};
 pub use events::RouterMetrics;
 pub use expiry::TokioClock;
+pub use flow::{EndpointFlow, FlowBound, FlowHold, FlowStats, Lag, DEFAULT_MAX_LAG};
 pub use manifest::{
     parse_deployment, parse_edge_hub_desired, Deployment, EdgeHubConfig, SchemaVersion,
 };

@@ -15,7 +15,15 @@
 //!            │ Store::append(all target queues, bytes, latest expiry)   (submitted now)
 //!            ▼
 //!          RouteAck (a future) ── resolves when the append is durable: the sender's ack point
+//!          RouteAck::hold() ── Some while an online target endpoint lags past its bound: the
+//!                              head reads nothing more from that producer until it is released
 //! ```
+//!
+//! # Flow control
+//! Every message submitted for an endpoint counts in that endpoint's lag
+//! ([`crate::flow::EndpointFlow`]) from just before its append until its worker completes it, or
+//! until the store refuses it (the `RouteAck` resolving, or dropped, with an error). A replicated
+//! module's partition queues are not counted.
 //!
 //! # Guarantees
 //! - A message is acknowledged (`RouteAck` resolves `Ok(Stored)`) only once it is durable in
@@ -58,8 +66,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 
 use store::{
@@ -70,6 +78,7 @@ use crate::codec::{self, EncodeError, EndpointOptions, Envelope, ExpiryOverride}
 use crate::dispatcher::{Dispatcher, DispatcherHandle};
 use crate::events::{self, Counters, RouterMetrics};
 use crate::expiry::{expiry_at, latest};
+use crate::flow::{EndpointFlow, FlowHold};
 use crate::message::{Message, ModuleId};
 use crate::queue_id::{partition_queue_name, Lane, QueueId, QueueIdError};
 use crate::replicas::{partition_of, PartitionId, PartitionKey, PARTITIONS};
@@ -136,9 +145,10 @@ struct QueueBinding {
     name: Result<QueueName, QueueIdError>,
     /// The endpoint's id.
     endpoint_id: EndpointId,
-    /// The dispatcher is known to have a worker draining this queue: a dispatcher never
-    /// forgets a queue, so the router tells it only once per table.
-    ensured: AtomicBool,
+    /// Set once the dispatcher is known to have a worker draining this queue (a dispatcher
+    /// never forgets a queue, so the router tells it only once per table): the endpoint's flow
+    /// state.
+    ensured: OnceLock<Arc<EndpointFlow>>,
     /// For an input of a replicated module: its partition queues, chosen per message.
     partitioned: Option<Partitioned>,
 }
@@ -213,7 +223,7 @@ impl QueueBinding {
             name: id.name(),
             endpoint_id: id.endpoint_id(),
             id,
-            ensured: AtomicBool::new(false),
+            ensured: OnceLock::new(),
             partitioned,
         }
     }
@@ -289,7 +299,8 @@ impl Router {
             return RouteAck::ready(counters, Ok(RouteOutcome::Unrouted));
         }
         let now = self.clock.now();
-        let submitted = self.submit(chain, msg, &bound, &targets, now);
+        let mut flows = Vec::new();
+        let submitted = self.submit(chain, msg, &bound, &targets, now, &mut flows);
         let state = match submitted {
             Ok(pending) => AckState::Waiting(pending),
             Err(e) => AckState::Ready(Some(Err(e))),
@@ -298,6 +309,7 @@ impl Router {
             counters,
             targets: targets.len(),
             state,
+            flows,
         }
     }
 
@@ -308,6 +320,7 @@ impl Router {
         bound: &BoundTable,
         targets: &[Target],
         now: UnixMillis,
+        flows: &mut Vec<Arc<EndpointFlow>>,
     ) -> Result<Pending<Offset, AppendError>, RouteError> {
         // Every target of `bound` has its binding; a target without one is skipped alike by
         // every pass below.
@@ -366,10 +379,17 @@ impl Router {
                 }
                 continue;
             }
-            if !q.ensured.load(Ordering::Acquire) {
-                self.dispatcher.ensure_queue(&q.id);
-                q.ensured.store(true, Ordering::Release);
-            }
+            let flow = match q.ensured.get() {
+                Some(flow) => flow,
+                None => q
+                    .ensured
+                    .get_or_init(|| self.dispatcher.ensure_queue(&q.id)),
+            };
+            flows.push(Arc::clone(flow));
+        }
+        // Counted before the append is submitted, so the worker cannot complete it first.
+        for flow in flows.iter() {
+            flow.appended();
         }
         let store = &self.store;
         Ok(match chain {
@@ -386,6 +406,9 @@ pub struct RouteAck {
     counters: Arc<Counters>,
     targets: usize,
     state: AckState,
+    /// The flow state of every endpoint it was submitted for (empty if it was not submitted);
+    /// each counts it until the worker completes it, or is told when the store refuses it.
+    flows: Vec<Arc<EndpointFlow>>,
 }
 
 #[derive(Debug)]
@@ -405,6 +428,14 @@ impl RouteAck {
     /// later could be stored before this one is resent.
     pub fn is_refused(&mut self) -> bool {
         self.refusal().is_some()
+    }
+
+    /// A hold on the producer if an endpoint this message was stored for is online and lags
+    /// past its bound (checked now): the producer should read nothing more until
+    /// [`FlowHold::released`] resolves. The message itself is unaffected: await this ack as
+    /// usual.
+    pub fn hold(&self) -> Option<FlowHold> {
+        FlowHold::check(&self.flows)
     }
 
     /// [`RouteAck::is_refused`], with the reason (the error the ack will resolve to).
@@ -427,6 +458,7 @@ impl RouteAck {
             counters,
             targets: 0,
             state: AckState::Ready(Some(result)),
+            flows: Vec::new(),
         }
     }
 }
@@ -470,9 +502,26 @@ impl Future for RouteAck {
         };
         if let Err(e) = &result {
             events::store_refused(&this.counters, e);
+            // Stored nowhere: it will never be completed.
+            for flow in this.flows.drain(..) {
+                flow.refused();
+            }
         }
+        this.flows.clear();
         this.state = AckState::Ready(None);
         Poll::Ready(result)
+    }
+}
+
+impl Drop for RouteAck {
+    /// An ack dropped before it resolved: if the store already refused the message, its lag is
+    /// given back; one still pending is most likely stored and counts until it is completed.
+    fn drop(&mut self) {
+        if !self.flows.is_empty() && self.refusal().is_some() {
+            for flow in &self.flows {
+                flow.refused();
+            }
+        }
     }
 }
 
@@ -511,6 +560,281 @@ mod tests {
         let route = Route::parse(
             RouteId::new("r"),
             "FROM /messages/modules/m/outputs/* INTO $upstream",
+            Priority(0),
+            Ttl::Infinite,
+        )
+        .unwrap();
+        let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
+        (dir, store, dispatcher, router)
+    }
+
+    /// A sink that delivers one message per permit given to it (a receiver reading slowly).
+    struct GatedSink(Arc<tokio::sync::Semaphore>);
+
+    impl crate::sink::Sink for GatedSink {
+        async fn send(
+            &self,
+            batch: Vec<crate::sink::Delivery>,
+        ) -> Vec<crate::sink::DeliveryOutcome> {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for _ in &batch {
+                match self.0.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => break,
+                }
+                outcomes.push(crate::sink::DeliveryOutcome::Delivered);
+            }
+            outcomes
+        }
+    }
+
+    /// A router sending module `m`'s messages to module `r`'s input `in` (and to `$upstream`
+    /// when `also_upstream`), holding producers over `max_lag`; batches of one message.
+    fn flow_router(
+        max_lag: u64,
+        also_upstream: bool,
+    ) -> (tempfile::TempDir, Store, Dispatcher, Router, Endpoint) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
+        let store = Store::open_with(
+            dir.path(),
+            StoreOptions::default(),
+            Arc::new(OsFs),
+            clock.clone(),
+        )
+        .unwrap();
+        let config = DispatcherConfig {
+            window: 1,
+            flow: crate::flow::FlowBound::MaxLag(crate::flow::Lag(max_lag)),
+            ..DispatcherConfig::default()
+        };
+        let dispatcher = Dispatcher::start(store.clone(), clock, config).unwrap();
+        let mut routes = vec![Route::parse(
+            RouteId::new("r"),
+            r#"FROM /messages/modules/m/outputs/* INTO BrokeredEndpoint("/modules/r/inputs/in")"#,
+            Priority(0),
+            Ttl::Infinite,
+        )
+        .unwrap()];
+        if also_upstream {
+            routes.push(
+                Route::parse(
+                    RouteId::new("u"),
+                    "FROM /messages/modules/m/outputs/* INTO $upstream",
+                    Priority(0),
+                    Ttl::Infinite,
+                )
+                .unwrap(),
+            );
+        }
+        let router = Router::new(RouteTable::new(routes), &dispatcher);
+        let endpoint = Endpoint::ModuleInput {
+            module: ModuleId::new("r"),
+            input: crate::message::InputName::new("in"),
+        };
+        (dir, store, dispatcher, router, endpoint)
+    }
+
+    fn flow_of(router: &Router, endpoint: &Endpoint) -> crate::flow::FlowStats {
+        router
+            .metrics()
+            .flow
+            .into_iter()
+            .find(|f| f.endpoint == endpoint.id())
+            .expect("the endpoint is flow-controlled")
+    }
+
+    const GENEROUS: std::time::Duration = std::time::Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn an_online_receiver_that_lags_holds_its_producer_until_it_catches_up() {
+        let (_dir, store, dispatcher, router, endpoint) = flow_router(3, true);
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        dispatcher.register_sink(&endpoint, GatedSink(Arc::clone(&gate)));
+        // $upstream has no sink and no bound: it never holds anyone.
+        let mut acks = Vec::new();
+        let mut holds = Vec::new();
+        for i in 0..5u8 {
+            let ack = router.route(message(vec![i]));
+            holds.push(ack.hold().is_some());
+            acks.push(ack);
+        }
+        assert_eq!(
+            holds,
+            [false, false, false, true, true],
+            "held once the lag passes 3"
+        );
+        for ack in acks.drain(..) {
+            assert!(matches!(
+                ack.await,
+                Ok(RouteOutcome::Stored { targets: 2, .. })
+            ));
+        }
+        let last = router.route(message(vec![5]));
+        let hold = last.hold().expect("lag 6 > 3: held");
+        assert_eq!(flow_of(&router, &endpoint).lag, crate::flow::Lag(6));
+        // The receiver takes two: lag 4, still held.
+        gate.add_permits(2);
+        let within = async {
+            while flow_of(&router, &endpoint).lag > crate::flow::Lag(4) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(GENEROUS, within)
+            .await
+            .expect("two delivered");
+        assert!(hold.endpoint() == &endpoint.id());
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), hold.released())
+                .await
+                .is_err(),
+            "lag 4 > 3 keeps it held"
+        );
+        // One more: lag 3, released (awaited, not polled).
+        gate.add_permits(1);
+        tokio::time::timeout(GENEROUS, hold.released())
+            .await
+            .expect("released once the lag is back at the bound");
+        drop(hold);
+        assert!(last.await.is_ok());
+        let stats = flow_of(&router, &endpoint);
+        assert!(stats.online);
+        assert_eq!(stats.holds, 3, "messages 4 and 5, then the last");
+        gate.add_permits(100);
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_offline_receiver_never_holds_producers_and_going_offline_releases_them() {
+        let (_dir, store, dispatcher, router, endpoint) = flow_router(3, false);
+        // Offline: store and forward, however long the backlog.
+        for i in 0..20u8 {
+            let ack = router.route(message(vec![i]));
+            assert!(
+                ack.hold().is_none(),
+                "message {i}: an offline endpoint holds nobody"
+            );
+            assert!(ack.await.is_ok());
+        }
+        let stats = flow_of(&router, &endpoint);
+        assert!(!stats.online);
+        assert_eq!(
+            stats.lag,
+            crate::flow::Lag(20),
+            "the backlog passes the bound"
+        );
+        // The receiver connects but reads nothing: now it holds.
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        dispatcher.register_sink(&endpoint, GatedSink(Arc::clone(&gate)));
+        let ack = router.route(message(vec![20]));
+        let hold = ack.hold().expect("online and lagging: held");
+        // It goes away: released at once, without the lag moving.
+        dispatcher.unregister_sink(&endpoint);
+        tokio::time::timeout(GENEROUS, hold.released())
+            .await
+            .expect("going offline releases the producer");
+        assert!(ack.await.is_ok());
+        assert_eq!(flow_of(&router, &endpoint).lag, crate::flow::Lag(21));
+        gate.close();
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn messages_stored_before_a_restart_never_count_in_the_lag() {
+        let (dir, store, dispatcher, router, endpoint) = flow_router(3, false);
+        for i in 0..10u8 {
+            assert!(router.route(message(vec![i])).await.is_ok());
+        }
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
+        // Restarted on the same directory: the ten wait in the queue.
+        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
+        let store = Store::open_with(
+            dir.path(),
+            StoreOptions::default(),
+            Arc::new(OsFs),
+            clock.clone(),
+        )
+        .unwrap();
+        let config = DispatcherConfig {
+            window: 1,
+            flow: crate::flow::FlowBound::MaxLag(crate::flow::Lag(3)),
+            ..DispatcherConfig::default()
+        };
+        let dispatcher = Dispatcher::start(store.clone(), clock, config).unwrap();
+        let route = Route::parse(
+            RouteId::new("r"),
+            r#"FROM /messages/modules/m/outputs/* INTO BrokeredEndpoint("/modules/r/inputs/in")"#,
+            Priority(0),
+            Ttl::Infinite,
+        )
+        .unwrap();
+        let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
+        let gate = Arc::new(tokio::sync::Semaphore::new(10));
+        dispatcher.register_sink(&endpoint, GatedSink(Arc::clone(&gate)));
+        // The old ten are delivered; they were never counted, so they take nothing off.
+        let drained = async {
+            while router.metrics().delivered < 10 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(GENEROUS, drained)
+            .await
+            .expect("the backlog delivered");
+        assert_eq!(flow_of(&router, &endpoint).lag, crate::flow::Lag(0));
+        // Five new ones lag by five (not by five less ten) and hold their producer.
+        let mut last = None;
+        for i in 0..5u8 {
+            let ack = router.route(message(vec![i]));
+            last = Some(ack.hold().is_some());
+            assert!(ack.await.is_ok());
+        }
+        assert_eq!(flow_of(&router, &endpoint).lag, crate::flow::Lag(5));
+        assert_eq!(last, Some(true), "lag 5 > 3: held");
+        gate.add_permits(100);
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_message_the_store_refuses_does_not_count_in_the_lag() {
+        let (_dir, store, dispatcher, router) = small_message_router_into_input();
+        let endpoint = Endpoint::ModuleInput {
+            module: ModuleId::new("r"),
+            input: crate::message::InputName::new("in"),
+        };
+        let stored = router.route(message(vec![b'a'; 10]));
+        let refused = router.route(message(vec![b'b'; 8192]));
+        let dropped = router.route(message(vec![b'c'; 8192]));
+        assert!(stored.await.is_ok());
+        assert!(refused.await.is_err());
+        drop(dropped);
+        assert_eq!(flow_of(&router, &endpoint).lag, crate::flow::Lag(1));
+        dispatcher.shutdown().await;
+        drop(router);
+        store.close().unwrap();
+    }
+
+    /// [`small_message_router`] into module `r`'s input `in` (no sink registered).
+    fn small_message_router_into_input() -> (tempfile::TempDir, Store, Dispatcher, Router) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
+        let opts = StoreOptions {
+            max_message_bytes: 4096,
+            ..StoreOptions::default()
+        };
+        let store = Store::open_with(dir.path(), opts, Arc::new(OsFs), clock.clone()).unwrap();
+        let dispatcher =
+            Dispatcher::start(store.clone(), clock, DispatcherConfig::default()).unwrap();
+        let route = Route::parse(
+            RouteId::new("r"),
+            r#"FROM /messages/modules/m/outputs/* INTO BrokeredEndpoint("/modules/r/inputs/in")"#,
             Priority(0),
             Ttl::Infinite,
         )

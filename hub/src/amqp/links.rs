@@ -24,6 +24,9 @@
 //! - The sender recorded for each message is the link's authenticated identity.
 //! - On stop (shutdown, replacement, connection end) reading stops and what is durable is still
 //!   accepted before the link closes.
+//! - Flow control (`router::flow`): after a transfer one of whose messages went to an online
+//!   module input that lags past its bound, the link takes no transfer until it is released
+//!   (the receiver catches up or goes away), so the client's credit runs out; settlements go on.
 //!
 //! Guarantees, inputs link ([`serve_inputs`]):
 //! - The link becomes the sink of every input endpoint of its module (replacing an older one);
@@ -140,6 +143,10 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
     // Transfers read and not yet settled: none means the module waits for each settlement
     // before sending more (the SDKs do), so its message may be synced on this task's thread.
     let mut unsettled: usize = 0;
+    // Flow control: set while an online endpoint the last transfer went to lags past its
+    // bound; no transfer is taken meanwhile, so the client's credit runs out.
+    let mut held: Option<router::FlowHold> = None;
+    let mut ever_held = false;
     let error = loop {
         let event = tokio::select! {
             biased;
@@ -150,18 +157,29 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
                 }
                 None => Some(Event::SettlementsEnded),
             },
-            delivery = receiver.recv::<Body<Value>>(), if link.is_reading() => {
+            delivery = receiver.recv::<Body<Value>>(), if link.is_reading() && held.is_none() => {
                 match delivery {
                     Ok(delivery) => {
                         chain.set_producer_waits(unsettled == 0);
                         unsettled += 1;
-                        take_transfer(&mut link, delivery, &shared, &chain, &identity, &mut metrics, pending_tx.as_ref()).await
+                        let (event, hold) = take_transfer(&mut link, delivery, &shared, &chain, &identity, &mut metrics, pending_tx.as_ref()).await;
+                        if let (Some(hold), false) = (&hold, ever_held) {
+                            ever_held = true;
+                            tracing::info!(peer = %shared.peer, %identity, endpoint = %hold.endpoint(),
+                                "flow control: holding this events link while an online receiver it feeds lags");
+                        }
+                        held = hold;
+                        event
                     }
                     Err(e) => {
                         tracing::debug!(peer = %shared.peer, %identity, error = %e, "events link ended");
                         Some(Event::ReadFailed)
                     }
                 }
+            }
+            () = router::flow::until_released(held.as_ref()), if held.is_some() => {
+                held = None;
+                None
             }
             () = stopped(&mut stop), if link.is_reading() => Some(Event::Stopped),
         };
@@ -190,7 +208,8 @@ pub async fn serve_events(mut receiver: Receiver, identity: Identity, shared: Ar
 }
 
 /// Takes one transfer: routes it, or fails it after a refusal (as `link` decides), and hands it
-/// to the acker. The event for the machine, if any beyond the transfer itself.
+/// to the acker. The event for the machine, if any beyond the transfer itself, and a
+/// flow-control hold if one of its messages went to an online endpoint that lags.
 async fn take_transfer(
     link: &mut EventsLink,
     delivery: Delivery<Body<Value>>,
@@ -199,7 +218,7 @@ async fn take_transfer(
     identity: &Identity,
     metrics: &mut crate::metrics::ConnectionMetrics,
     pending: Option<&mpsc::Sender<Pending<DeliveryInfo, RouteAck>>>,
-) -> Option<Event> {
+) -> (Option<Event>, Option<router::FlowHold>) {
     let batched = *delivery.message_format() == Some(convert::BATCH_FORMAT);
     let (info, message) = delivery.into_parts();
     let work = match link.on(Event::Transfer) {
@@ -212,12 +231,18 @@ async fn take_transfer(
             }
             work
         }
-        Action::Wait | Action::Close { .. } => return None,
+        Action::Wait | Action::Close { .. } => return (None, None),
     };
-    let tx = pending?;
+    let hold = match &work {
+        Work::Route(acks, _) => acks.iter().find_map(RouteAck::hold),
+        Work::Refuse(..) | Work::Fail(_) => None,
+    };
+    let Some(tx) = pending else {
+        return (None, hold);
+    };
     match tx.send(Pending { info, work }).await {
-        Ok(()) => None,
-        Err(_) => Some(Event::HandOffFailed),
+        Ok(()) => (None, hold),
+        Err(_) => (Some(Event::HandOffFailed), hold),
     }
 }
 

@@ -25,6 +25,9 @@
 //! | `edgehub_messages_dropped_total` | counter | `reason` = `no_route`, `ttl_expiry`, `rejected`, `set_aside` | router |
 //! | `edgehub_messages_unack_total` | counter | `reason` = `storage_failure` | router |
 //! | `edgehub_router_messages_routed_total`, `…_deliveries_total`, `…_retries_total`, `…_worker_failures_total` | counter | | router |
+//! | `edgehub_flow_control_held_seconds_total` | counter | `endpoint` | router: time producers were held (not read) because this online module input lagged past its bound, summed over producers |
+//! | `edgehub_flow_control_holds_total` | counter | `endpoint` | router: times a producer was held by it |
+//! | `edgehub_flow_control_lag` | gauge | `endpoint` | router: messages stored for it by this process and not yet delivered (what the bound is checked against) |
 //! | `edgehub_queue_length` | gauge | `endpoint`, `priority` | store |
 //! | `edgehub_queue_oldest_age_seconds` | gauge | `endpoint`, `priority` | store (reads one message per non-empty queue) |
 //! | `edgehub_store_fdatasyncs_total`, `…_commits_total`, `…_appends_total`, `…_reclaimed_segments_total` | counter | | store |
@@ -156,6 +159,12 @@ struct ToLabel {
     to: String,
 }
 
+/// Labels of a flow-controlled endpoint's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlowLabels {
+    endpoint: String,
+}
+
 /// Labels of a replicated module input's series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReplicaLabels {
@@ -238,6 +247,9 @@ pub struct HubMetrics {
     replica_duplicates: Family<ReplicaLabels, Counter>,
     replica_refused: Family<ReplicaLabels, Counter>,
     replica_partitions: Family<ReplicaSlotLabels, Gauge>,
+    flow_held_seconds: Family<FlowLabels, Counter<f64, AtomicU64>>,
+    flow_holds: Family<FlowLabels, Counter>,
+    flow_lag: Family<FlowLabels, Gauge>,
 
     queue_length: Family<QueueLabels, Gauge>,
     queue_oldest_age: Family<QueueLabels, Gauge<f64, AtomicU64>>,
@@ -305,6 +317,9 @@ impl HubMetrics {
             replica_duplicates: Family::default(),
             replica_refused: Family::default(),
             replica_partitions: Family::default(),
+            flow_held_seconds: Family::default(),
+            flow_holds: Family::default(),
+            flow_lag: Family::default(),
             queue_length: Family::default(),
             queue_oldest_age: Family::default(),
             store_fdatasyncs: Counter::default(),
@@ -487,6 +502,21 @@ impl HubMetrics {
             "edgehub_replica_partitions_owned",
             "Partitions of a replicated module's input each member slot owns now",
             self.replica_partitions.clone(),
+        );
+        r.register(
+            "edgehub_flow_control_held_seconds",
+            "Seconds producers were held (not read) because this online module input lagged past its bound, summed over producers",
+            self.flow_held_seconds.clone(),
+        );
+        r.register(
+            "edgehub_flow_control_holds",
+            "Times a producer was held because this online module input lagged past its bound",
+            self.flow_holds.clone(),
+        );
+        r.register(
+            "edgehub_flow_control_lag",
+            "Messages stored for this module input by this process and not yet delivered",
+            self.flow_lag.clone(),
         );
     }
 
@@ -768,6 +798,7 @@ impl HubMetrics {
         let stats = store.stats();
         let store_expired: u64 = stats.queues.iter().map(|q| q.expired).sum();
         self.refresh_router(router, store_expired);
+        self.refresh_flow(router);
         self.refresh_store(store, &stats, now);
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
@@ -819,6 +850,22 @@ impl HubMetrics {
                     })
                     .set(i64::try_from(*owned).unwrap_or(i64::MAX));
             }
+        }
+    }
+
+    fn refresh_flow(&self, r: &RouterMetrics) {
+        for stats in &r.flow {
+            let labels = FlowLabels {
+                endpoint: stats.endpoint.as_str().to_owned(),
+            };
+            self.flow_held_seconds
+                .get_or_create(&labels)
+                .inner()
+                .store(stats.held.as_secs_f64().to_bits(), Ordering::Relaxed);
+            set_counter(&self.flow_holds.get_or_create(&labels), stats.holds);
+            self.flow_lag
+                .get_or_create(&labels)
+                .set(clamp_i64(stats.lag.0));
         }
     }
 
@@ -1133,6 +1180,9 @@ mod tests {
             "edgehub_replica_duplicates counter",
             "edgehub_replica_connections_refused counter",
             "edgehub_replica_partitions_owned gauge",
+            "edgehub_flow_control_held_seconds counter",
+            "edgehub_flow_control_holds counter",
+            "edgehub_flow_control_lag gauge",
             "edgehub_queue_length gauge",
             "edgehub_queue_oldest_age_seconds gauge",
             "edgehub_store_fdatasyncs counter",

@@ -76,6 +76,10 @@ const DELIVERY_WINDOW: u16 = 100;
 /// Publishes routed and not yet acknowledged, per connection; past it the connection stops
 /// reading until the store catches up (backpressure instead of unbounded memory).
 const MAX_PENDING_ACKS: usize = 1024;
+/// Publishes read while the connection is held by flow control, waiting to be handled in
+/// order once it is released (count and payload bytes); past either, reading stops.
+const MAX_PARKED: usize = 128;
+const MAX_PARKED_BYTES: usize = 1 << 20;
 /// Packets the connection task may queue for the writer (replies and deliveries); while it is
 /// full the connection stops reading until the client reads (backpressure).
 const OUTGOING_CAPACITY: usize = 128;
@@ -634,6 +638,13 @@ impl Connection {
         tokio::pin!(token_timer);
         // Waits for a free outgoing slot when the queue is full (this task's own sender).
         let room = self.out.clone();
+        // Flow control: set while an online endpoint the last publish went to lags past its
+        // bound. Its next publishes are parked, not routed, until it is released; every other
+        // packet is still served, so a module held by its own input (or two feeding each other)
+        // still acknowledges its deliveries and lets its receiver catch up.
+        let mut held: Option<router::FlowHold> = None;
+        let mut parked = Parked::default();
+        let mut ever_held = false;
         loop {
             self.send_waiting();
             // A packet read makes at most one reply: read only with a slot free for it, and
@@ -641,20 +652,56 @@ impl Connection {
             let out_full = self.out.capacity() == 0;
             let inbound_full = self.inbound_acks().is_full();
             let acks_full = acker.room.capacity() == 0;
+            let has_room = !out_full && !inbound_full && !acks_full;
+            // Released: what was parked goes first, in arrival order (it may be held again).
+            if held.is_none() && has_room {
+                if let Some(publish) = parked.pop() {
+                    match self
+                        .handle_packet(Packet::Publish(publish), outbound_tx)
+                        .await
+                    {
+                        Ok(hold) => held = hold,
+                        Err(end) => break end,
+                    }
+                    continue;
+                }
+            }
+            let may_read = has_room && parked.may_read(held.is_some());
             tokio::select! {
-                read = read_packet(&mut input.reader, &mut input.buf), if !out_full && !inbound_full && !acks_full => {
+                read = read_packet(&mut input.reader, &mut input.buf), if may_read => {
                     match read {
                         Ok(packet) => {
                             deadline = Instant::now() + keep_alive;
                             if let Some(replica) = &self.replica {
                                 replica.heard();
                             }
-                            if let Err(end) = self.handle_packet(packet, outbound_tx).await {
-                                break end;
+                            let packet = match parked.park(held.is_some(), packet) {
+                                Parking::Parked => continue,
+                                Parking::Handle(packet) => packet,
+                                Parking::Goodbye => {
+                                    // Routed as the client said it, held or not, then closed.
+                                    break self.handle_parked_then_disconnect(&mut parked, outbound_tx).await;
+                                }
+                            };
+                            match self.handle_packet(packet, outbound_tx).await {
+                                Ok(Some(hold)) => held = Some(hold),
+                                Ok(None) => {}
+                                Err(end) => break end,
+                            }
+                            if let (Some(hold), false) = (&held, ever_held) {
+                                ever_held = true;
+                                tracing::info!(client_id = %self.client_id, endpoint = %hold.endpoint(),
+                                    "flow control: holding this producer while an online receiver it feeds lags");
                             }
                         }
                         Err(end) => break end,
                     }
+                }
+                // Released once every endpoint of its last publish is offline or within its
+                // bound; the time held does not count against the client's keep-alive.
+                () = router::flow::until_released(held.as_ref()), if held.is_some() => {
+                    held = None;
+                    deadline = Instant::now() + keep_alive;
                 }
                 // The client reads nothing: its replies fill the queue; wait for a free slot.
                 free = room.reserve(), if out_full => {
@@ -697,7 +744,10 @@ impl Connection {
                     }
                 }
                 () = &mut keep_alive_timer => {
-                    if Instant::now() >= deadline {
+                    if held.is_some() {
+                        // Not read because it is held: its PINGREQs wait in the socket.
+                        deadline = deadline.max(Instant::now() + keep_alive);
+                    } else if Instant::now() >= deadline {
                         break ConnectionEnd::KeepAlive;
                     }
                     keep_alive_timer.as_mut().reset(deadline);
@@ -711,18 +761,40 @@ impl Connection {
         }
     }
 
+    /// A DISCONNECT read while publishes were parked: they are handled first (in order, holds
+    /// ignored: the client is leaving and said so), then the connection ends as the client's.
+    async fn handle_parked_then_disconnect(
+        &mut self,
+        parked: &mut Parked,
+        outbound_tx: &OutboundTx,
+    ) -> ConnectionEnd {
+        while let Some(publish) = parked.pop() {
+            if let Err(end) = self
+                .handle_packet(Packet::Publish(publish), outbound_tx)
+                .await
+            {
+                return end;
+            }
+        }
+        ConnectionEnd::ClientClosed
+    }
+
     /// Handles one packet read; a publish to acknowledge goes to the acker, in arrival order.
+    /// A routed publish whose endpoints hold their producers comes back as that hold.
     async fn handle_packet(
         &mut self,
         packet: Packet,
         outbound_tx: &OutboundTx,
-    ) -> Result<(), ConnectionEnd> {
+    ) -> Result<Option<router::FlowHold>, ConnectionEnd> {
         match self.on_packet(packet, outbound_tx)? {
-            None => Ok(()),
-            Some(ack) => match &self.acks {
-                Some(acks) if acks.send(ack).await.is_ok() => Ok(()),
-                _ => Err(ConnectionEnd::AckerStopped),
-            },
+            None => Ok(None),
+            Some(ack) => {
+                let hold = ack.1.hold();
+                match &self.acks {
+                    Some(acks) if acks.send(ack).await.is_ok() => Ok(hold),
+                    _ => Err(ConnectionEnd::AckerStopped),
+                }
+            }
         }
     }
 
@@ -1292,6 +1364,65 @@ enum PendingAck {
     Now,
     /// Never (QoS 0); only awaited, and its failure logged.
     Unacknowledged(RouteAck),
+}
+
+/// Publishes read while the connection is held, in arrival order (flow control).
+#[derive(Default)]
+struct Parked {
+    publishes: VecDeque<Publish>,
+    bytes: usize,
+}
+
+/// What to do with a packet just read.
+#[derive(Debug)]
+enum Parking {
+    /// Kept until the connection is released.
+    Parked,
+    /// Handled now.
+    Handle(Packet),
+    /// A DISCONNECT behind parked publishes.
+    Goodbye,
+}
+
+impl Parked {
+    /// Whether a packet may be read: always when nothing holds the connection and nothing is
+    /// parked; while held, until the parked publishes reach their bound.
+    fn may_read(&self, held: bool) -> bool {
+        if held {
+            self.publishes.len() < MAX_PARKED && self.bytes < MAX_PARKED_BYTES
+        } else {
+            self.publishes.is_empty()
+        }
+    }
+
+    /// Parks a publish read while held (or behind parked ones); everything else is handled.
+    fn park(&mut self, held: bool, packet: Packet) -> Parking {
+        match packet {
+            Packet::Publish(p) if held || !self.publishes.is_empty() => {
+                self.bytes += p.payload.len();
+                self.publishes.push_back(p);
+                Parking::Parked
+            }
+            Packet::Disconnect if !self.publishes.is_empty() => Parking::Goodbye,
+            other => Parking::Handle(other),
+        }
+    }
+
+    fn pop(&mut self) -> Option<Publish> {
+        let p = self.publishes.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(p.payload.len());
+        Some(p)
+    }
+}
+
+impl PendingAck {
+    /// A flow-control hold on the producer, if the routed message's endpoints ask for one.
+    fn hold(&self) -> Option<router::FlowHold> {
+        match self {
+            PendingAck::Routed(ack, _) | PendingAck::Unacknowledged(ack) => ack.hold(),
+            PendingAck::Now => None,
+        }
+    }
 }
 
 /// Awaits route acknowledgements in arrival order and sends the PUBACKs in that order, each

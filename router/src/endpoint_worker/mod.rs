@@ -65,6 +65,13 @@
 //!   a live message that waits N seconds joins the backlog, so live traffic cannot grow without
 //!   bound ahead of it.
 //!
+//! # Flow control
+//! Every message completed (delivered, rejected, expired, undecodable, set aside, moved) that
+//! was stored by this process (offset above the dispatcher's `flow_floor`) lowers the
+//! endpoint's lag ([`crate::flow::EndpointFlow`]), once per batch, which wakes producers held
+//! by it. A live-lane message moved to the backlog lane counts as completed, and its copy is
+//! counted as a new message until it is completed in turn.
+//!
 //! # Limits
 //! Reads are synchronous `pread`s on the runtime thread (normally served by the page cache). A
 //! store failure (poisoned, fenced, closed, corrupt message) stops the worker and is counted;
@@ -88,6 +95,7 @@ use crate::checkpoint::Checkpointer;
 use crate::codec;
 use crate::events::{self, Counters};
 use crate::expiry::is_expired;
+use crate::flow::EndpointFlow;
 use crate::queue_id::{Lane, QueueId};
 use crate::retry::RetryPolicy;
 use crate::route::{DeliveryOptions, Endpoint, EndpointId, Priority};
@@ -115,6 +123,10 @@ pub(crate) struct WorkerContext {
     pub(crate) counters: Arc<Counters>,
     pub(crate) window: usize,
     pub(crate) retry: RetryPolicy,
+    /// The endpoint's lag: lowered by every completion of a message above `flow_floor`.
+    pub(crate) flow: Arc<EndpointFlow>,
+    /// The newest durable offset when the dispatcher started (older messages never counted).
+    pub(crate) flow_floor: Offset,
 }
 
 /// How the dispatcher talks to one worker.
@@ -385,14 +397,18 @@ impl EndpointWorker {
         // chain: once the store refuses a copy, it stores none submitted after it, so the
         // copies stored are a prefix and the rest stay in place, in order.
         let chain = AppendChain::new();
+        let flow = &self.ctx.flow;
         let pending: Vec<_> = admitted
             .iter()
             .map(|a| {
                 a.aged.as_ref().map(|(body, expiry)| {
+                    // The copy is a message of its own for the lag, until it is completed.
+                    flow.appended();
                     store.append_in(&chain, std::slice::from_ref(&name), body.clone(), *expiry)
                 })
             })
             .collect();
+        let mut completed = 0;
         let mut left = Vec::with_capacity(admitted.len());
         let mut moved = 0;
         let mut refused = false;
@@ -405,6 +421,7 @@ impl EndpointWorker {
             // to be stored (one whose copy is stored is moved, never also sent from here).
             let ok = pending.await.is_ok();
             if !ok {
+                self.ctx.flow.refused();
                 refused = true;
                 left.push(Admitted { aged: None, ..a });
                 continue;
@@ -412,10 +429,13 @@ impl EndpointWorker {
             let offset = a.delivery.offset;
             self.attempts.remove(&offset);
             if let Some(queue) = self.queues.get_mut(&key) {
-                let _ = queue.checkpointer.complete(offset);
+                if queue.checkpointer.complete(offset).is_ok() && offset > self.ctx.flow_floor {
+                    completed += 1;
+                }
             }
             moved += 1;
         }
+        self.ctx.flow.completed(completed);
         if let Some(queue) = self.queues.get(&key) {
             events::moved_to_backlog(&self.ctx.counters, &queue.id, moved, refused);
         }
@@ -431,6 +451,7 @@ impl EndpointWorker {
             return deliveries;
         };
         let counters = &self.ctx.counters;
+        let mut completed = 0;
         for sm in stored {
             if queue.checkpointer.propose(sm.offset).is_err() {
                 continue;
@@ -466,9 +487,13 @@ impl EndpointWorker {
             if skip {
                 self.attempts.remove(&sm.offset);
                 // Just proposed, so it is in flight: completing it cannot fail.
-                let _ = queue.checkpointer.complete(sm.offset);
+                if queue.checkpointer.complete(sm.offset).is_ok() && sm.offset > self.ctx.flow_floor
+                {
+                    completed += 1;
+                }
             }
         }
+        self.ctx.flow.completed(completed);
         deliveries
     }
 
@@ -511,6 +536,7 @@ impl EndpointWorker {
         outcomes.resize(offsets.len(), DeliveryOutcome::Retry(FailureKind::Internal));
         let counters = &self.ctx.counters;
         let mut delivered = 0;
+        let mut completed = 0;
         let mut failed = false;
         for (i, (&offset, outcome)) in offsets.iter().zip(outcomes).enumerate() {
             // The route's limit, stamped at enqueue, wins over the endpoint's policy.
@@ -544,9 +570,12 @@ impl EndpointWorker {
             };
             if complete {
                 self.attempts.remove(&offset);
-                let _ = queue.checkpointer.complete(offset);
+                if queue.checkpointer.complete(offset).is_ok() && offset > self.ctx.flow_floor {
+                    completed += 1;
+                }
             }
         }
+        self.ctx.flow.completed(completed);
         events::delivered(counters, &queue.id, delivered);
         failed
     }
