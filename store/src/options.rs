@@ -44,6 +44,10 @@ pub struct StoreOptions {
     /// fdatasync, which a caller that itself holds up the disk (a test stalling a sync) must not
     /// meet. The hub turns it on.
     pub commit_on_caller: bool,
+    /// With [`StoreOptions::commit_on_caller`]: a producer commits its own append only while
+    /// the newest group-commit fdatasync took at most this long (default 2 ms), so its thread
+    /// (a runtime worker) is held for one quick sync, never for a slow or stalled disk's.
+    pub caller_commit_max_sync: std::time::Duration,
 }
 
 impl Default for StoreOptions {
@@ -57,6 +61,7 @@ impl Default for StoreOptions {
             reserve_bytes: 1 << 20,
             preallocate: true,
             commit_on_caller: false,
+            caller_commit_max_sync: std::time::Duration::from_millis(2),
         }
     }
 }

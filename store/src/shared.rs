@@ -105,7 +105,7 @@ pub(crate) struct Counters {
     pub(crate) sync_buckets: [AtomicU64; SYNC_LATENCY_BOUNDS_MICROS.len() + 1],
     pub(crate) sync_micros_total: AtomicU64,
     /// How long the newest group-commit fdatasync took, in µs (whether a producer may commit on
-    /// its own thread: see `writer::CALLER_COMMIT_SYNC_LIMIT`).
+    /// its own thread: see `StoreOptions::caller_commit_max_sync`).
     pub(crate) last_sync_micros: AtomicU64,
 }
 

@@ -30,7 +30,7 @@ use crate::options::{StoreOptions, MAX_QUEUES_PER_MESSAGE};
 use crate::recovery::{newest_segment_generation, recover, Recovered, RecoveryReport};
 use crate::shared::{Halt, Request, Shared};
 use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
-use crate::writer::{try_lock_slot, Start, Threads, Writer, WriterSlot, CALLER_COMMIT_SYNC_LIMIT};
+use crate::writer::{try_lock_slot, Start, Threads, Writer, WriterSlot};
 
 /// How long the group commits' fdatasyncs took since open.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -478,7 +478,7 @@ impl Store {
             return None;
         }
         let last_sync = shared.stats.last_sync_micros.load(Ordering::Relaxed);
-        if u128::from(last_sync) > CALLER_COMMIT_SYNC_LIMIT.as_micros() {
+        if u128::from(last_sync) > shared.opts.caller_commit_max_sync.as_micros() {
             return None;
         }
         try_lock_slot(&self.inner.slot)

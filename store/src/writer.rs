@@ -158,10 +158,6 @@ pub(crate) type Threads = (std::thread::JoinHandle<()>, std::thread::JoinHandle<
 /// `None` once the store closed or the writer panicked.
 pub(crate) type WriterSlot = Arc<Mutex<Option<Writer>>>;
 
-/// A producer commits its own append only while the last fdatasync took at most this long: a
-/// caller's thread (a runtime worker) may be blocked for one sync, never for a slow disk's.
-pub(crate) const CALLER_COMMIT_SYNC_LIMIT: Duration = Duration::from_millis(2);
-
 pub(crate) fn lock_slot(slot: &WriterSlot) -> MutexGuard<'_, Option<Writer>> {
     slot.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -141,6 +141,7 @@ fn run(ops: Vec<Op>, small_quota: bool, on_caller: bool) -> Result<Outcome, Test
         reserve_bytes: 4096,
         quota_bytes: if small_quota { 24 * 1024 } else { 1 << 30 },
         commit_on_caller: on_caller,
+        caller_commit_max_sync: std::time::Duration::MAX,
         ..StoreOptions::default()
     };
     let mut h = Harness {

@@ -1187,6 +1187,7 @@ mod tests {
             "edgehub_queue_oldest_age_seconds gauge",
             "edgehub_store_fdatasyncs counter",
             "edgehub_store_commits counter",
+            "edgehub_store_caller_commits counter",
             "edgehub_store_appends counter",
             "edgehub_store_reclaimed_segments counter",
             "edgehub_store_bytes_on_disk gauge",
