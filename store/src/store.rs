@@ -30,6 +30,8 @@ use crate::options::{StoreOptions, MAX_QUEUES_PER_MESSAGE};
 use crate::recovery::{newest_segment_generation, recover, Recovered, RecoveryReport};
 use crate::shared::{Halt, Request, Shared};
 use crate::types::{Clock, Epoch, Generation, Offset, QueueName, SystemClock, UnixMillis};
+#[cfg(test)]
+use crate::writer::lock_slot;
 use crate::writer::{try_lock_slot, Start, Threads, Writer, WriterSlot};
 
 /// How long the group commits' fdatasyncs took since open.
@@ -457,12 +459,15 @@ impl Store {
             },
             writer.is_some(),
         );
-        match (submitted, writer.as_mut()) {
+        let answers = match (submitted, writer.as_mut()) {
             (Err(e), _) => return Pending::ready(Err(e)),
             (Ok(Some(request)), Some(writer)) => Writer::commit_on_caller(writer, request),
-            (Ok(_), _) => {}
-        }
+            (Ok(_), _) => None,
+        };
         drop(writer);
+        // After the writer is free (see `writer::AnswerOrder`); this waiter's own answer among
+        // them, so it is ready when this returns.
+        drop(answers);
         Pending {
             state: PendingState::Waiting(rx),
         }
@@ -712,4 +717,90 @@ fn read_entries(
         i = j;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::future::Future;
+    use std::path::Path;
+    use std::sync::mpsc;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Wake, Waker};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::sim::SimFs;
+    use crate::types::ManualClock;
+
+    /// Wakes by checking, on the thread that answers, whether the writer is free by then.
+    struct SlotProbe {
+        slot: WriterSlot,
+        seen: Mutex<Option<mpsc::Sender<bool>>>,
+    }
+
+    impl Wake for SlotProbe {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            let free = try_lock_slot(&self.slot).is_some();
+            if let Some(tx) = self.seen.lock().unwrap().take() {
+                let _ = tx.send(free);
+            }
+        }
+    }
+
+    /// A waiter answered while the answering thread still holds the writer cannot commit its
+    /// next append itself: woken, it finds the writer taken, so its append goes to the writer
+    /// thread, whose answer again comes under the writer: on a busy machine (the woken task
+    /// preempting the thread that woke it) a stop-and-wait producer never got back to committing
+    /// its own appends. So every answer leaves after the writer is released.
+    #[test]
+    fn a_waiter_is_answered_after_the_writer_is_released() {
+        let fs = SimFs::new();
+        let store = Store::open_with(
+            Path::new("/answers"),
+            StoreOptions {
+                epoch: Epoch::new(1),
+                preallocate: false,
+                commit_on_caller: true,
+                caller_commit_max_sync: std::time::Duration::MAX,
+                ..StoreOptions::default()
+            },
+            Arc::new(fs.clone()),
+            Arc::new(ManualClock::new(UnixMillis(1_000))),
+        )
+        .expect("open");
+        let queue = QueueName::new("a").expect("name");
+        for i in 0..20 {
+            // Unchained: committed and answered by the writer thread, which waits for the
+            // writer until the waker is in place.
+            let held = lock_slot(&store.inner.slot);
+            let mut pending = store.append(
+                std::slice::from_ref(&queue),
+                Bytes::from(format!("m{i}")),
+                None,
+            );
+            let (tx, rx) = mpsc::channel();
+            let probe = Arc::new(SlotProbe {
+                slot: Arc::clone(&store.inner.slot),
+                seen: Mutex::new(Some(tx)),
+            });
+            let waker = Waker::from(Arc::clone(&probe));
+            let mut cx = Context::from_waker(&waker);
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut pending).poll(&mut cx) {
+                panic!("answered while the writer was held here: {r:?}");
+            }
+            drop(held);
+            let free = rx.recv().expect("woken");
+            assert!(
+                free,
+                "append {i} was answered while the writer was still held"
+            );
+            assert!(pending.wait().is_ok());
+        }
+        store.close().expect("close");
+    }
 }

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -52,13 +52,82 @@ pub(crate) enum Reply {
     ),
 }
 
-/// Runs the completer: delivers each batch's answers in the order the writer sent them, until the
+/// Runs the completer: delivers each batch's answers in turn (see [`AnswerOrder`]), until the
 /// writer is gone. Waking waiters is most of the cost of a small append (a thread or task wake-up
 /// each), so it runs beside the writer instead of between its fdatasyncs.
-pub(crate) fn run_completer(batches: mpsc::Receiver<Vec<Reply>>, in_flight: Arc<AtomicUsize>) {
-    for batch in batches {
-        deliver(batch);
+pub(crate) fn run_completer(
+    batches: mpsc::Receiver<Ticketed>,
+    order: Arc<AnswerOrder>,
+    in_flight: Arc<AtomicUsize>,
+) {
+    for (ticket, batch) in batches {
+        order.deliver_in_turn(ticket, batch);
         in_flight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// A batch's answers with their ticket (see [`AnswerOrder`]).
+pub(crate) type Ticketed = (u64, Vec<Reply>);
+
+/// Answers leave in the order their batches were committed, whichever thread delivers them:
+/// each batch's answers get a ticket under the writer, and are delivered only once every lower
+/// ticket's were. The thread that committed a small batch delivers it itself after releasing
+/// the writer, so a waiter it wakes finds the writer free (and may commit its next append on
+/// its own thread) instead of taken by the thread that woke it.
+pub(crate) struct AnswerOrder {
+    /// The ticket whose answers go next.
+    serving: Mutex<u64>,
+    turn: Condvar,
+}
+
+impl AnswerOrder {
+    fn new() -> Self {
+        Self {
+            serving: Mutex::new(0),
+            turn: Condvar::new(),
+        }
+    }
+
+    /// Waits for `ticket`'s turn (every lower ticket delivered), delivers, passes the turn on.
+    /// A lower ticket is always with a thread that no longer needs the writer (the completer,
+    /// or a committer that released it), so this never waits on the caller's own lock.
+    fn deliver_in_turn(&self, ticket: u64, replies: Vec<Reply>) {
+        let mut serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        while *serving < ticket {
+            serving = self.turn.wait(serving).unwrap_or_else(|p| p.into_inner());
+        }
+        deliver(replies);
+        *serving = ticket + 1;
+        drop(serving);
+        self.turn.notify_all();
+    }
+}
+
+/// Answers a committer took under the writer, delivered (in turn) when this is dropped: after
+/// the writer is released on the normal path, and in any case (a panic that drops the writer)
+/// before a later ticket could wait for them forever.
+pub(crate) struct Answers {
+    order: Arc<AnswerOrder>,
+    batches: Vec<Ticketed>,
+}
+
+impl Answers {
+    fn new(order: Arc<AnswerOrder>) -> Self {
+        Self {
+            order,
+            batches: Vec::new(),
+        }
+    }
+
+    /// Delivers them now (the same as dropping them).
+    pub(crate) fn deliver(self) {}
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        for (ticket, replies) in std::mem::take(&mut self.batches) {
+            self.order.deliver_in_turn(ticket, replies);
+        }
     }
 }
 
@@ -111,8 +180,14 @@ pub(crate) struct Writer {
     pub(crate) needs_preamble: bool,
     /// Keeps the next segment ready (see `prealloc`).
     pub(crate) preparer: Preparer,
-    /// Where answers go (in order) to be delivered by the completer thread.
-    pub(crate) completions: mpsc::Sender<Vec<Reply>>,
+    /// Where answers go (with their tickets) to be delivered by the completer thread.
+    pub(crate) completions: mpsc::Sender<Ticketed>,
+    /// The order answers leave in, shared with the completer.
+    pub(crate) order: Arc<AnswerOrder>,
+    /// The next batch's ticket (see [`AnswerOrder`]).
+    pub(crate) next_ticket: u64,
+    /// Small batches' answers, delivered by whoever committed them once the writer is released.
+    pub(crate) answers: Answers,
     /// Batches handed to the completer and not yet delivered.
     pub(crate) in_flight: Arc<AtomicUsize>,
     /// Whether the `RESERVE` file is on disk (see [`crate::StoreOptions::reserve_bytes`]).
@@ -203,7 +278,7 @@ impl Writer {
         fence: Fence,
         generation: Generation,
         start: Start,
-    ) -> Result<(Writer, mpsc::Receiver<Vec<Reply>>), OpenError> {
+    ) -> Result<(Writer, mpsc::Receiver<Ticketed>), OpenError> {
         let active = create_segment(shared, generation, 0)
             .map_err(open_io("create segment", &shared.dir))?;
         let (completions, completed) = mpsc::channel();
@@ -219,9 +294,13 @@ impl Writer {
         } else {
             Preparer::disabled()
         };
+        let order = Arc::new(AnswerOrder::new());
         let writer = Writer {
             preparer,
             completions,
+            answers: Answers::new(Arc::clone(&order)),
+            order,
+            next_ticket: 0,
             in_flight: Arc::new(AtomicUsize::new(0)),
             shared: Arc::clone(shared),
             fence,
@@ -242,13 +321,14 @@ impl Writer {
     /// writer halts the store (see `Shared::writer_died`).
     fn spawn(
         self,
-        completed: mpsc::Receiver<Vec<Reply>>,
+        completed: mpsc::Receiver<Ticketed>,
     ) -> Result<(Threads, WriterSlot), OpenError> {
         let dir = self.shared.dir.clone();
         let in_flight = Arc::clone(&self.in_flight);
+        let order = Arc::clone(&self.order);
         let completer = std::thread::Builder::new()
             .name("store-completer".into())
-            .spawn(move || run_completer(completed, in_flight))
+            .spawn(move || run_completer(completed, order, in_flight))
             .map_err(open_io("spawn completer thread", &dir))?;
         let shared = Arc::clone(&self.shared);
         let slot: WriterSlot = Arc::new(Mutex::new(Some(self)));
@@ -279,20 +359,33 @@ impl Writer {
     /// Commits `request` on the caller's thread (the caller holds the slot and found nothing
     /// else waiting). A panic halts the store as one on the writer thread does; the caller's
     /// `Pending` then reports the store closed.
-    pub(crate) fn commit_on_caller(slot: &mut Option<Writer>, request: Request) {
+    /// The answers are returned, to be delivered once the caller has released the writer.
+    pub(crate) fn commit_on_caller(slot: &mut Option<Writer>, request: Request) -> Option<Answers> {
         let Some(writer) = slot.as_mut() else {
             // Taken out since the caller looked: answered as closed when `request` drops.
-            return;
+            return None;
         };
         let shared = Arc::clone(&writer.shared);
         shared.stats.caller_commits.fetch_add(1, Ordering::Relaxed);
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             writer.commit(vec![request]);
+            writer.take_answers()
         }));
-        if let Err(panic) = ran {
-            *slot = None;
-            shared.writer_died(panic_message(panic.as_ref()));
+        match ran {
+            Ok(answers) => Some(answers),
+            Err(panic) => {
+                // Dropping the writer delivers what it had answered.
+                *slot = None;
+                shared.writer_died(panic_message(panic.as_ref()));
+                None
+            }
         }
+    }
+
+    /// The answers of the batches committed under this hold of the writer, for the committer
+    /// to deliver once it has released the writer.
+    pub(crate) fn take_answers(&mut self) -> Answers {
+        std::mem::replace(&mut self.answers, Answers::new(Arc::clone(&self.order)))
     }
 
     /// A clean close leaves no unused preallocated space behind: the newest segment ends on its
@@ -672,7 +765,7 @@ impl Writer {
     }
 
     /// Completes every waiter of the durable batch, in request order.
-    fn answer(&self, requests: Vec<Request>, plans: Vec<Plan>) {
+    fn answer(&mut self, requests: Vec<Request>, plans: Vec<Plan>) {
         // The batch's bytes are on disk now: give back its reservations before anyone hears of
         // it, so a waiter's next append does not count them twice.
         self.shared.release(reserved_by(&requests));
@@ -705,24 +798,30 @@ impl Writer {
         self.complete(replies);
     }
 
-    /// Hands answers to the completer, behind every earlier batch's. If the completer is gone (it
-    /// only stops after the writer), the waiters see their channel closed: `Closed`.
-    fn complete(&self, replies: Vec<Reply>) {
-        // Answering directly keeps the order only when nothing handed over earlier is pending.
+    /// Gives a batch's answers their ticket, behind every earlier batch's (see [`AnswerOrder`]):
+    /// a small one when the completer has nothing pending stays with the committer (delivered
+    /// once it releases the writer: [`Writer::take_answers`]), others go to the completer. If
+    /// the completer is gone (it only stops after the writer), the committer delivers them.
+    fn complete(&mut self, replies: Vec<Reply>) {
+        if replies.is_empty() {
+            return;
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
         if replies.len() <= DIRECT_REPLIES && self.in_flight.load(Ordering::Acquire) == 0 {
-            return deliver(replies);
+            return self.answers.batches.push((ticket, replies));
         }
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if let Err(mpsc::SendError(replies)) = self.completions.send(replies) {
+        if let Err(mpsc::SendError(batch)) = self.completions.send((ticket, replies)) {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            deliver(replies);
+            self.answers.batches.push(batch);
         }
     }
 
     /// Refuses, unwritten, the appends behind a failure of their chain (see `chain`); the rest
     /// go on. Runs before every batch, so a chain broken by batch k refuses its requests in
     /// batch k+1.
-    fn refuse_broken_chains(&self, requests: Vec<Request>) -> Vec<Request> {
+    fn refuse_broken_chains(&mut self, requests: Vec<Request>) -> Vec<Request> {
         let broken = |r: &Request| match r {
             Request::Append {
                 chain: Some(position),
@@ -755,7 +854,7 @@ impl Writer {
 
     /// Fails every request of a batch that was not written (or not durable). Breaks the chain
     /// of every failed append before the next batch is taken.
-    fn fail_all(&self, requests: Vec<Request>, failure: &BatchFailure) {
+    fn fail_all(&mut self, requests: Vec<Request>, failure: &BatchFailure) {
         let shared = &self.shared;
         shared.release(reserved_by(&requests));
         let replies = requests
@@ -1014,6 +1113,11 @@ fn run(slot: &WriterSlot, shared: &Shared) {
             }
         }
         last_reclaim = writer.last_reclaim;
+        // Answered only once the writer is free: a waiter woken here may commit its next
+        // append itself.
+        let answers = writer.take_answers();
+        drop(guard);
+        answers.deliver();
     }
 }
 
