@@ -548,6 +548,11 @@ mod tests {
     /// A router sending everything of module `m` to `$upstream`, over a store that refuses
     /// bodies over 4 KiB at once.
     fn small_message_router() -> (tempfile::TempDir, Store, Dispatcher, Router) {
+        small_message_router_to("$upstream")
+    }
+
+    /// Module `m`'s messages to `target`, over a store that refuses bodies over 4 KiB at once.
+    fn small_message_router_to(target: &str) -> (tempfile::TempDir, Store, Dispatcher, Router) {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
         let opts = StoreOptions {
@@ -559,7 +564,7 @@ mod tests {
             Dispatcher::start(store.clone(), clock, DispatcherConfig::default()).unwrap();
         let route = Route::parse(
             RouteId::new("r"),
-            "FROM /messages/modules/m/outputs/* INTO $upstream",
+            &format!("FROM /messages/modules/m/outputs/* INTO {target}"),
             Priority(0),
             Ttl::Infinite,
         )
@@ -823,24 +828,7 @@ mod tests {
 
     /// [`small_message_router`] into module `r`'s input `in` (no sink registered).
     fn small_message_router_into_input() -> (tempfile::TempDir, Store, Dispatcher, Router) {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
-        let opts = StoreOptions {
-            max_message_bytes: 4096,
-            ..StoreOptions::default()
-        };
-        let store = Store::open_with(dir.path(), opts, Arc::new(OsFs), clock.clone()).unwrap();
-        let dispatcher =
-            Dispatcher::start(store.clone(), clock, DispatcherConfig::default()).unwrap();
-        let route = Route::parse(
-            RouteId::new("r"),
-            r#"FROM /messages/modules/m/outputs/* INTO BrokeredEndpoint("/modules/r/inputs/in")"#,
-            Priority(0),
-            Ttl::Infinite,
-        )
-        .unwrap();
-        let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
-        (dir, store, dispatcher, router)
+        small_message_router_to(r#"BrokeredEndpoint("/modules/r/inputs/in")"#)
     }
 
     #[tokio::test]
