@@ -164,7 +164,7 @@ for r in $(seq "$ROUNDS"); do
   done
 done
 
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+median() { tr ' ' '\n' | { grep . || true; } | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 FS=$(printf '%s ' "${FSYNC[@]}" | median)
 {
   echo "# SDK stop-and-wait: hub vs mosquitto (memory), $(date -u +%Y-%m-%d)"
