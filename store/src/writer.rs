@@ -75,16 +75,26 @@ pub(crate) type Ticketed = (u64, Vec<Reply>);
 /// the writer, so a waiter it wakes finds the writer free (and may commit its next append on
 /// its own thread) instead of taken by the thread that woke it.
 pub(crate) struct AnswerOrder {
+    turn: Mutex<Turn>,
+    changed: Condvar,
+}
+
+struct Turn {
     /// The ticket whose answers go next.
-    serving: Mutex<u64>,
-    turn: Condvar,
+    serving: u64,
+    /// Threads waiting for their turn: the turn is passed on with a wake-up only when one is
+    /// (most answers find nobody waiting, and a wake-up is a system call).
+    waiting: usize,
 }
 
 impl AnswerOrder {
     fn new() -> Self {
         Self {
-            serving: Mutex::new(0),
-            turn: Condvar::new(),
+            turn: Mutex::new(Turn {
+                serving: 0,
+                waiting: 0,
+            }),
+            changed: Condvar::new(),
         }
     }
 
@@ -92,14 +102,19 @@ impl AnswerOrder {
     /// A lower ticket is always with a thread that no longer needs the writer (the completer,
     /// or a committer that released it), so this never waits on the caller's own lock.
     fn deliver_in_turn(&self, ticket: u64, replies: Vec<Reply>) {
-        let mut serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
-        while *serving < ticket {
-            serving = self.turn.wait(serving).unwrap_or_else(|p| p.into_inner());
+        let mut turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        while turn.serving < ticket {
+            turn.waiting += 1;
+            turn = self.changed.wait(turn).unwrap_or_else(|p| p.into_inner());
+            turn.waiting -= 1;
         }
         deliver(replies);
-        *serving = ticket + 1;
-        drop(serving);
-        self.turn.notify_all();
+        turn.serving = ticket + 1;
+        let wake = turn.waiting > 0;
+        drop(turn);
+        if wake {
+            self.changed.notify_all();
+        }
     }
 }
 
