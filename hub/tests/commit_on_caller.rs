@@ -88,6 +88,13 @@ async fn a_module_that_waits_for_each_puback_has_its_messages_synced_on_its_own_
         }
         let (after, appended) = commits(&hub).await;
         assert_eq!(appended - appended_before, 40);
+        // The receiver is away: the 40 wait in the active segment, whose index is in memory.
+        let text = http_get(hub.addrs.metrics, "/metrics").await.unwrap();
+        let resident = counter(&text, "edgehub_store_resident_index_entries");
+        assert!(
+            resident >= 40,
+            "{resident} index entries in memory for 40 queued"
+        );
         let by_caller = after - before;
         if on {
             // At least the first (the last sync then took no time): each later one is the

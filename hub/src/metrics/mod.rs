@@ -33,6 +33,7 @@
 //! | `edgehub_store_fdatasyncs_total`, `…_commits_total`, `…_appends_total`, `…_reclaimed_segments_total` | counter | | store |
 //! | `edgehub_store_caller_commits_total` | counter | | store: commits of a lone message made on its connection's own thread (`--commit-on-caller`) |
 //! | `edgehub_store_bytes_on_disk`, `edgehub_store_segments`, `edgehub_store_halted` | gauge | | store |
+//! | `edgehub_store_resident_index_entries` | gauge | | store: index entries in memory (the active segment's undelivered messages and the sealed chunks reads are on; the rest stay in sidecar files), so a long offline backlog's memory can be watched |
 //! | `edgehub_store_epoch`, `edgehub_store_fenced` (0/1) | gauge | | store: the epoch it was opened with (`--epoch`); 1 once a newer hub opened it |
 //! | `edgehub_store_fdatasync_seconds` | histogram | | store: each group commit's fdatasync (64 µs doubling to ~1 s) |
 //! | `edgehub_upstream_*` | see [`UpstreamMetrics`] | `id` | cloud connection (upstream) |
@@ -260,6 +261,7 @@ pub struct HubMetrics {
     store_reclaimed_segments: Counter,
     store_bytes_on_disk: Gauge,
     store_segments: Gauge,
+    store_resident_index_entries: Gauge,
     store_halted: Gauge,
     store_epoch: Gauge,
     store_fenced: Gauge,
@@ -329,6 +331,7 @@ impl HubMetrics {
             store_reclaimed_segments: Counter::default(),
             store_bytes_on_disk: Gauge::default(),
             store_segments: Gauge::default(),
+            store_resident_index_entries: Gauge::default(),
             store_halted: Gauge::default(),
             store_epoch: Gauge::default(),
             store_fenced: Gauge::default(),
@@ -570,6 +573,11 @@ impl HubMetrics {
             "edgehub_store_segments",
             "Store segment files on disk",
             self.store_segments.clone(),
+        );
+        r.register(
+            "edgehub_store_resident_index_entries",
+            "Store index entries held in memory (the rest are in sidecar files)",
+            self.store_resident_index_entries.clone(),
         );
         r.register(
             "edgehub_store_halted",
@@ -878,6 +886,8 @@ impl HubMetrics {
         set_counter(&self.store_reclaimed_segments, stats.reclaimed_segments);
         self.store_bytes_on_disk.set(clamp_i64(stats.bytes_on_disk));
         self.store_segments.set(clamp_i64(stats.segments as u64));
+        self.store_resident_index_entries
+            .set(clamp_i64(stats.resident_index_entries as u64));
         self.store_halted
             .set(i64::from(store.halted_reason().is_some()));
         self.store_epoch
@@ -1192,6 +1202,7 @@ mod tests {
             "edgehub_store_reclaimed_segments counter",
             "edgehub_store_bytes_on_disk gauge",
             "edgehub_store_segments gauge",
+            "edgehub_store_resident_index_entries gauge",
             "edgehub_store_halted gauge",
             "edgehub_store_epoch gauge",
             "edgehub_store_fenced gauge",
