@@ -479,7 +479,7 @@ impl Store {
     /// append then costs no thread wake-up on either side of the sync.
     fn writer_for_caller(&self) -> Option<MutexGuard<'_, Option<Writer>>> {
         let shared = self.shared();
-        if !shared.opts.commit_on_caller {
+        if !shared.opts.commit_on_caller || crate::writer::delivering() {
             return None;
         }
         let last_sync = shared.stats.last_sync_micros.load(Ordering::Relaxed);
@@ -802,5 +802,77 @@ mod tests {
             assert!(pending.wait().is_ok());
         }
         store.close().expect("close");
+    }
+
+    /// Appends again from inside its answer, as a waker that runs synchronously may.
+    struct Reentrant {
+        store: Store,
+        chain: AppendChain,
+        inner: Mutex<Option<Pending<Offset, AppendError>>>,
+    }
+
+    impl Wake for Reentrant {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            let queue = QueueName::new("b").expect("name");
+            let next = self
+                .store
+                .append_in(&self.chain, &[queue], Bytes::from("inner"), None);
+            *self.inner.lock().unwrap() = Some(next);
+        }
+    }
+
+    /// An append made while this thread delivers answers goes to the writer thread: committed
+    /// here, its answer would wait for the turn this thread holds (it hung before the guard).
+    #[test]
+    fn an_append_from_inside_an_answer_does_not_wait_on_itself() {
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let fs = SimFs::new();
+            let store = Store::open_with(
+                Path::new("/reentrant"),
+                StoreOptions {
+                    epoch: Epoch::new(1),
+                    preallocate: false,
+                    commit_on_caller: true,
+                    caller_commit_max_sync: std::time::Duration::MAX,
+                    ..StoreOptions::default()
+                },
+                Arc::new(fs),
+                Arc::new(ManualClock::new(UnixMillis(1_000))),
+            )
+            .expect("open");
+            let wake = Arc::new(Reentrant {
+                store: store.clone(),
+                chain: AppendChain::new(),
+                inner: Mutex::new(None),
+            });
+            wake.chain.set_producer_waits(true);
+            let held = lock_slot(&store.inner.slot);
+            let queue = QueueName::new("a").expect("name");
+            let mut outer = store.append(&[queue], Bytes::from("outer"), None);
+            let waker = Waker::from(Arc::clone(&wake));
+            let mut cx = Context::from_waker(&waker);
+            assert!(std::pin::Pin::new(&mut outer).poll(&mut cx).is_pending());
+            drop(held);
+            // Waiting on `outer` would replace the waker: first the inner append, made from
+            // inside the answer.
+            let inner = loop {
+                if let Some(p) = wake.inner.lock().unwrap().take() {
+                    break p;
+                }
+                std::thread::yield_now();
+            };
+            let first = outer.wait().expect("outer");
+            let second = inner.wait().expect("inner");
+            let _ = done_tx.send(first < second);
+            store.close().expect("close");
+        });
+        let ordered = done_rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("an append from inside an answer hung");
+        assert!(ordered);
     }
 }

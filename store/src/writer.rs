@@ -108,7 +108,9 @@ impl AnswerOrder {
             turn = self.changed.wait(turn).unwrap_or_else(|p| p.into_inner());
             turn.waiting -= 1;
         }
+        DELIVERING.with(|d| d.set(true));
         deliver(replies);
+        DELIVERING.with(|d| d.set(false));
         turn.serving = ticket + 1;
         let wake = turn.waiting > 0;
         drop(turn);
@@ -116,6 +118,18 @@ impl AnswerOrder {
             self.changed.notify_all();
         }
     }
+}
+
+thread_local! {
+    /// Set while this thread delivers answers. A waker that runs synchronously inside an answer
+    /// (not tokio's: it schedules a task) and appends again must not commit on this thread: its
+    /// answer would wait for the turn this thread holds.
+    static DELIVERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is delivering answers now (see `DELIVERING`).
+pub(crate) fn delivering() -> bool {
+    DELIVERING.with(std::cell::Cell::get)
 }
 
 /// Answers a committer took under the writer, delivered (in turn) when this is dropped: after
