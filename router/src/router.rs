@@ -599,7 +599,15 @@ mod tests {
         max_lag: u64,
         also_upstream: bool,
     ) -> (tempfile::TempDir, Store, Dispatcher, Router, Endpoint) {
-        let dir = tempfile::tempdir().unwrap();
+        flow_router_in(tempfile::tempdir().unwrap(), max_lag, also_upstream)
+    }
+
+    /// [`flow_router`] on the store in `dir` (a restart).
+    fn flow_router_in(
+        dir: tempfile::TempDir,
+        max_lag: u64,
+        also_upstream: bool,
+    ) -> (tempfile::TempDir, Store, Dispatcher, Router, Endpoint) {
         let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
         let store = Store::open_with(
             dir.path(),
@@ -750,7 +758,7 @@ mod tests {
 
     #[tokio::test]
     async fn messages_stored_before_a_restart_never_count_in_the_lag() {
-        let (dir, store, dispatcher, router, endpoint) = flow_router(3, false);
+        let (dir, store, dispatcher, router, _) = flow_router(3, false);
         for i in 0..10u8 {
             assert!(router.route(message(vec![i])).await.is_ok());
         }
@@ -758,28 +766,7 @@ mod tests {
         drop(router);
         store.close().unwrap();
         // Restarted on the same directory: the ten wait in the queue.
-        let clock = Arc::new(TokioClock::new(UnixMillis(1_700_000_000_000)));
-        let store = Store::open_with(
-            dir.path(),
-            StoreOptions::default(),
-            Arc::new(OsFs),
-            clock.clone(),
-        )
-        .unwrap();
-        let config = DispatcherConfig {
-            window: 1,
-            flow: crate::flow::FlowBound::MaxLag(crate::flow::Lag(3)),
-            ..DispatcherConfig::default()
-        };
-        let dispatcher = Dispatcher::start(store.clone(), clock, config).unwrap();
-        let route = Route::parse(
-            RouteId::new("r"),
-            r#"FROM /messages/modules/m/outputs/* INTO BrokeredEndpoint("/modules/r/inputs/in")"#,
-            Priority(0),
-            Ttl::Infinite,
-        )
-        .unwrap();
-        let router = Router::new(RouteTable::new(vec![route]), &dispatcher);
+        let (_dir, store, dispatcher, router, endpoint) = flow_router_in(dir, 3, false);
         let gate = Arc::new(tokio::sync::Semaphore::new(10));
         dispatcher.register_sink(&endpoint, GatedSink(Arc::clone(&gate)));
         // The old ten are delivered; they were never counted, so they take nothing off.

@@ -734,6 +734,24 @@ mod tests {
     use crate::sim::SimFs;
     use crate::types::ManualClock;
 
+    /// A store on the simulated disk that commits lone appends on their caller, whatever the
+    /// last sync took.
+    fn open_with_caller_commits(dir: &str) -> Store {
+        Store::open_with(
+            Path::new(dir),
+            StoreOptions {
+                epoch: Epoch::new(1),
+                preallocate: false,
+                commit_on_caller: true,
+                caller_commit_max_sync: std::time::Duration::MAX,
+                ..StoreOptions::default()
+            },
+            Arc::new(SimFs::new()),
+            Arc::new(ManualClock::new(UnixMillis(1_000))),
+        )
+        .expect("open")
+    }
+
     /// Wakes by checking, on the thread that answers, whether the writer is free by then.
     struct SlotProbe {
         slot: WriterSlot,
@@ -759,20 +777,7 @@ mod tests {
     /// its own appends. So every answer leaves after the writer is released.
     #[test]
     fn a_waiter_is_answered_after_the_writer_is_released() {
-        let fs = SimFs::new();
-        let store = Store::open_with(
-            Path::new("/answers"),
-            StoreOptions {
-                epoch: Epoch::new(1),
-                preallocate: false,
-                commit_on_caller: true,
-                caller_commit_max_sync: std::time::Duration::MAX,
-                ..StoreOptions::default()
-            },
-            Arc::new(fs.clone()),
-            Arc::new(ManualClock::new(UnixMillis(1_000))),
-        )
-        .expect("open");
+        let store = open_with_caller_commits("/answers");
         let queue = QueueName::new("a").expect("name");
         for i in 0..20 {
             // Unchained: committed and answered by the writer thread, which waits for the
@@ -830,20 +835,7 @@ mod tests {
     fn an_append_from_inside_an_answer_does_not_wait_on_itself() {
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let fs = SimFs::new();
-            let store = Store::open_with(
-                Path::new("/reentrant"),
-                StoreOptions {
-                    epoch: Epoch::new(1),
-                    preallocate: false,
-                    commit_on_caller: true,
-                    caller_commit_max_sync: std::time::Duration::MAX,
-                    ..StoreOptions::default()
-                },
-                Arc::new(fs),
-                Arc::new(ManualClock::new(UnixMillis(1_000))),
-            )
-            .expect("open");
+            let store = open_with_caller_commits("/reentrant");
             let wake = Arc::new(Reentrant {
                 store: store.clone(),
                 chain: AppendChain::new(),
