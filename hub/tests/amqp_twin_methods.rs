@@ -14,8 +14,6 @@ mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
-use std::process::Command;
-
 use sdk::{Script, Sdk};
 use sdk_hub::{secs, SdkHub};
 use serde_json::{json, Value};
@@ -23,14 +21,7 @@ use testhub::{TestHub, DEVICE_ID, GATEWAY};
 
 /// amqp_probe.js as `module` with `args`, run to its end; it must exit 0.
 fn probe(hub: &SdkHub, module: &str, args: &[&str]) -> sdk::Outcome {
-    let env = &hub.env;
-    let mut cmd = Command::new(&env.node);
-    cmd.arg(env.scripts.join("node/amqp_probe.js"))
-        .args(args)
-        .env("EDGEHUB_CS", hub.cs(module))
-        .env("EDGEHUB_CA", hub.ca())
-        .env("EDGEHUB_SDK_DIR", &env.dir);
-    let out = hub.ns.spawn(&mut cmd).finish(secs(90));
+    let out = hub.amqp_probe(module, args).finish(secs(90));
     assert_eq!(
         out.code,
         Some(sdk::EXIT_OK),
@@ -153,22 +144,19 @@ fn closing_one_of_two_method_links_keeps_the_module_reachable_through_the_other(
         TestHub::new().run_args(&["--methods-addr", &format!("{GATEWAY}:443")]),
         &["receiver"],
     );
-    let env = &hub.env;
-    let mut cmd = Command::new(&env.node);
-    cmd.arg(env.scripts.join("node/amqp_probe.js"))
-        .args([
+    let mut target = hub.amqp_probe(
+        "receiver",
+        &[
             "--mode",
             "methods-reattach",
             "--sasl",
             "none",
             "--count",
             "1",
-        ])
-        .args(["--timeout", "60"])
-        .env("EDGEHUB_CS", hub.cs("receiver"))
-        .env("EDGEHUB_CA", hub.ca())
-        .env("EDGEHUB_SDK_DIR", &env.dir);
-    let mut target = hub.ns.spawn(&mut cmd);
+            "--timeout",
+            "60",
+        ],
+    );
     target.expect_event("ready", secs(60));
     let out = hub
         .edge_module(Sdk::Python, Script::Method, "sender")

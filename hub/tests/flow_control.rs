@@ -15,7 +15,7 @@ mod raw;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use raw::{http_get, RawClient, RawReader, TestHub};
+use raw::{http_get, RawReader, TestHub};
 use rumqttc::mqttbytes::v4::{Packet, SubscribeReasonCode};
 use rumqttc::mqttbytes::QoS;
 use tokio::task::JoinHandle;
@@ -117,17 +117,6 @@ async fn produce(hub: &TestHub, module: &str, n: u16) -> Producer {
     }
 }
 
-async fn subscribed_receiver(hub: &TestHub) -> RawClient {
-    let (mut r, _) = hub.connected("receiver", true).await;
-    let filter = hub.creds("receiver").inputs_filter();
-    let (ack, _) = r.subscribe(1, &[&filter]).await;
-    assert_eq!(
-        ack.return_codes,
-        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-    );
-    r
-}
-
 /// Reads and acknowledges `n` messages; checks each producer's messages arrive in order.
 async fn receive_in_order(reader: &mut RawReader, writer: &mut raw::RawWriter, n: usize) {
     let mut next: BTreeMap<String, u32> = BTreeMap::new();
@@ -147,7 +136,7 @@ async fn receive_in_order(reader: &mut RawReader, writer: &mut raw::RawWriter, n
 async fn producers_are_held_while_an_online_receiver_lags_so_its_queue_stays_near_the_bound() {
     let dir = tempfile::tempdir().unwrap();
     let hub = start_hub(dir.path()).await;
-    let receiver = subscribed_receiver(&hub).await;
+    let receiver = hub.subscribed_receiver("receiver").await;
     let (mut r_reader, mut r_writer) = receiver.split();
     const N: u16 = 600;
     let mut producers = Vec::new();
@@ -224,7 +213,7 @@ async fn producers_are_never_held_while_the_receiver_is_away_and_the_backlog_pas
     let dir = tempfile::tempdir().unwrap();
     let hub = start_hub(dir.path()).await;
     // The receiver was there and went away: its endpoint is offline.
-    let mut receiver = subscribed_receiver(&hub).await;
+    let mut receiver = hub.subscribed_receiver("receiver").await;
     receiver.writer.disconnect().await;
     receiver.reader.expect_closed(T).await;
     const N: u16 = 300;
@@ -256,7 +245,7 @@ async fn producers_are_never_held_while_the_receiver_is_away_and_the_backlog_pas
         "nobody held\n{m}"
     );
     // It comes back and gets everything, in order.
-    let receiver = subscribed_receiver(&hub).await;
+    let receiver = hub.subscribed_receiver("receiver").await;
     let (mut r_reader, mut r_writer) = receiver.split();
     receive_in_order(
         &mut r_reader,

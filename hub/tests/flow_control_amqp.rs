@@ -17,25 +17,12 @@ mod sdk_hub;
 #[path = "support/hub.rs"]
 mod testhub;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use sdk::Proc;
 use sdk_hub::{secs, SdkHub};
 use testhub::TestHub;
 
 const BOUND: u64 = 50;
-
-fn probe(hub: &SdkHub, module: &str, args: &[&str]) -> Proc {
-    let env = &hub.env;
-    let mut cmd = Command::new(&env.node);
-    cmd.arg(env.scripts.join("node/amqp_probe.js"))
-        .args(args)
-        .env("EDGEHUB_CS", hub.cs(module))
-        .env("EDGEHUB_CA", hub.ca())
-        .env("EDGEHUB_SDK_DIR", &env.dir);
-    hub.ns.spawn(&mut cmd)
-}
 
 /// Polls the hub's metric `parts` until `done` holds for its value (0 if absent); panics
 /// after `within` (a failure bound only).
@@ -63,8 +50,7 @@ fn an_events_link_is_held_while_its_online_receiver_lags_and_released_when_it_le
         &["sender", "receiver"],
     );
     // Online, settling nothing: its input never catches up.
-    let mut rx = probe(
-        &hub,
+    let mut rx = hub.amqp_probe(
         "receiver",
         &[
             "--mode",
@@ -80,8 +66,7 @@ fn an_events_link_is_held_while_its_online_receiver_lags_and_released_when_it_le
     rx.read_until(secs(30), |v| v["event"] == "attached")
         .unwrap_or_else(|| panic!("no inputs link: {}", rx.stderr()));
     const N: u64 = 600;
-    let tx = probe(
-        &hub,
+    let tx = hub.amqp_probe(
         "sender",
         &[
             "--mode",

@@ -84,18 +84,6 @@ fn payloads(ps: &[Publish]) -> Vec<String> {
         .collect()
 }
 
-/// `receiver` connected (clean-session 1) and subscribed to its inputs.
-async fn subscribed_receiver(hub: &TestHub) -> RawClient {
-    let (mut r, _) = hub.connected("receiver", true).await;
-    let filter = hub.creds("receiver").inputs_filter();
-    let (ack, _) = r.subscribe(1, &[&filter]).await;
-    assert_eq!(
-        ack.return_codes,
-        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-    );
-    r
-}
-
 fn assert_no_puback(seen: &[Packet]) {
     assert!(
         !seen
@@ -258,7 +246,7 @@ async fn a_packet_before_connect_closes_the_connection_without_connack() {
 async fn a_second_connection_of_one_identity_replaces_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let (mut first, _) = hub.connected("sender", true).await;
     publish_acked(
         &mut first,
@@ -294,7 +282,7 @@ async fn a_thousand_pipelined_qos1_publishes_are_acked_in_arrival_order_and_deli
     const N: u16 = 1000;
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let (s, _) = hub.connected("sender", true).await;
     let topic = hub.creds("sender").output_topic();
     let (mut reader, mut writer) = s.split();
@@ -339,7 +327,7 @@ async fn a_thousand_pipelined_qos1_publishes_are_acked_in_arrival_order_and_deli
 async fn publishing_on_another_modules_topic_closes_the_connection_and_delivers_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let sender = hub.creds("sender");
     for qos in [QoS::AtLeastOnce, QoS::AtMostOnce] {
         let (mut spy, _) = hub.connected("spy", true).await;
@@ -371,7 +359,7 @@ async fn publishing_on_another_modules_topic_closes_the_connection_and_delivers_
 async fn a_qos2_publish_closes_the_connection_and_is_not_delivered() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let topic = hub.creds("sender").output_topic();
     let (mut s, _) = hub.connected("sender", true).await;
     s.writer.publish(&topic, QoS::ExactlyOnce, 7, b"qos2").await;
@@ -387,7 +375,7 @@ async fn a_256_kib_body_is_accepted_and_one_byte_more_closes_without_puback() {
     const LIMIT: usize = 256 * 1024;
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let topic = hub.creds("sender").output_topic();
     let (mut s, _) = hub.connected("sender", true).await;
     let full = vec![b'a'; LIMIT];
@@ -415,7 +403,7 @@ async fn malformed_bytes_close_only_their_own_connection() {
     const PER_BURST: u16 = 25;
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let topic = hub.creds("sender").output_topic();
     let (s, _) = hub.connected("sender", true).await;
 
@@ -493,7 +481,7 @@ async fn malformed_bytes_close_only_their_own_connection() {
 async fn a_module_may_subscribe_only_to_its_own_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let (mut spy, _) = hub.connected("spy", true).await;
     let own = hub.creds("spy").inputs_filter();
     let theirs = hub.creds("receiver").inputs_filter();
@@ -553,7 +541,7 @@ async fn a_module_may_subscribe_only_to_its_own_inputs() {
 async fn a_routed_message_arrives_on_the_input_topic_with_connection_ids_at_qos1() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let (mut s, _) = hub.connected("sender", true).await;
     let bag = "%24.on=out1&%24.mid=mid-1&color=blue&%24.cdid=forged&%24.cmid=forged";
     publish_acked(
@@ -778,7 +766,7 @@ async fn deliveries_in_flight_to_a_replaced_connection_go_to_the_new_one() {
 async fn a_publish_on_a_topic_the_hub_does_not_serve_is_acked_and_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let (mut s, _) = hub.connected("sender", true).await;
     // edgeHub's rule (reference §1.4): dropped, but PUBACKed, and the connection stays.
     publish_acked(&mut s, "some/other/topic", 1, b"dropped").await;

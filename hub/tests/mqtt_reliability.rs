@@ -17,23 +17,11 @@ use std::time::Duration;
 use bytes::BytesMut;
 use hub::auth::sas::CLOCK_SKEW_SECS;
 use raw::{http_get, now_secs, RawClient, TestHub};
-use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish, SubscribeReasonCode};
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
 use rumqttc::mqttbytes::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const T: Duration = Duration::from_secs(10);
-
-/// `receiver` connected (clean session) and subscribed to its inputs.
-async fn subscribed_receiver(hub: &TestHub) -> RawClient {
-    let (mut r, _) = hub.connected("receiver", true).await;
-    let filter = hub.creds("receiver").inputs_filter();
-    let (ack, _) = r.subscribe(1, &[&filter]).await;
-    assert_eq!(
-        ack.return_codes,
-        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
-    );
-    r
-}
 
 /// Reads `n` input messages, PUBACKing each.
 async fn receive(c: &mut RawClient, n: usize) -> Vec<Publish> {
@@ -71,7 +59,7 @@ fn metric(text: &str, prefix: &str, needle: &str) -> Option<f64> {
 async fn a_qos1_publish_resent_with_dup_before_its_puback_is_acked_and_stored_once() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let topic = hub.creds("sender").output_topic();
     let mut s = hub.plain().await;
     let ack = s.connect(hub.creds("sender").connect(true, 60)).await;
@@ -118,7 +106,7 @@ async fn a_qos1_publish_resent_with_dup_before_its_puback_is_acked_and_stored_on
 async fn a_packet_id_reused_without_dup_before_its_puback_closes_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let hub = TestHub::start(dir.path()).await;
-    let mut r = subscribed_receiver(&hub).await;
+    let mut r = hub.subscribed_receiver("receiver").await;
     let topic = hub.creds("sender").output_topic();
     let mut s = hub.plain().await;
     let ack = s.connect(hub.creds("sender").connect(true, 60)).await;

@@ -241,12 +241,12 @@ fn mqtt_and_amqp_replicas_split_one_module_and_a_third_amqp_connection_is_refuse
     // Authenticated by SASL PLAIN instead (raw rhea; no put-token to answer): the identity is
     // taken back, so its events link is refused and nothing it sends is routed, and the
     // connection is closed with the reason at once.
-    let plain = probe(
-        &hub,
-        "filter",
-        &["--mode", "attach", "--sasl", "plain", "--timeout", "8"],
-    )
-    .finish(secs(60));
+    let plain = hub
+        .amqp_probe(
+            "filter",
+            &["--mode", "attach", "--sasl", "plain", "--timeout", "8"],
+        )
+        .finish(secs(60));
     assert!(
         plain.events("own").is_empty(),
         "a refused SASL PLAIN replica sent a message: {plain:?}"
@@ -432,19 +432,6 @@ fn node_amqp_replicas_scale_1_3_1_with_one_killed_keep_each_keys_order_globally(
         merged.len()
     );
 }
-
-/// tests/sdk/node/amqp_probe.js (raw rhea) as `module`, in the hub's namespace.
-fn probe(hub: &SdkHub, module: &str, args: &[&str]) -> Proc {
-    let env = &hub.env;
-    let mut cmd = std::process::Command::new(&env.node);
-    cmd.arg(env.scripts.join("node/amqp_probe.js"))
-        .args(args)
-        .env("EDGEHUB_CS", hub.cs(module))
-        .env("EDGEHUB_CA", hub.ca())
-        .env("EDGEHUB_SDK_DIR", &env.dir);
-    hub.ns.spawn(&mut cmd)
-}
-
 /// An AMQP member that falls silent (raw rhea writing nothing, not even empty frames) is
 /// displaced by a newcomer once it has been silent for 10 s: Node replicas (AMQP) are started
 /// one after the other, as an orchestrator restarts a module that exits, each refused (503,
@@ -460,8 +447,7 @@ fn a_silent_amqp_replica_is_displaced_and_its_connection_closed() {
     let hub = SdkHub::start(TestHub::new().manifest_at(path), &modules);
     // The member: authenticates as filter, sends one message (routed to filter's own input:
     // no key, partition 0, which it owns), attaches no inputs link, then writes nothing.
-    let mut silent = probe(
-        &hub,
+    let mut silent = hub.amqp_probe(
         "filter",
         &[
             "--mode",

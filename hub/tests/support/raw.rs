@@ -776,6 +776,20 @@ impl TestHub {
         (c, ack)
     }
 
+    /// `module` connected (clean session) and subscribed, QoS 1, to its inputs.
+    pub async fn subscribed_receiver(&self, module: &str) -> RawClient {
+        let (mut r, _) = self.connected(module, true).await;
+        let filter = self.creds(module).inputs_filter();
+        let (ack, _) = r.subscribe(1, &[&filter]).await;
+        assert_eq!(
+            ack.return_codes,
+            vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+                rumqttc::mqttbytes::QoS::AtLeastOnce
+            )]
+        );
+        r
+    }
+
     /// Stops the hub through its shutdown future and waits for `run` to return Ok.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

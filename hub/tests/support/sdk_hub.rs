@@ -179,4 +179,16 @@ impl SdkHub {
     pub fn ca(&self) -> &Path {
         &self.ca
     }
+
+    /// tests/sdk/node/amqp_probe.js (raw rhea) as `module` with `args`, in the hub's namespace.
+    pub fn amqp_probe(&self, module: &str, args: &[&str]) -> Proc {
+        let env = &self.env;
+        let mut cmd = std::process::Command::new(&env.node);
+        cmd.arg(env.scripts.join("node/amqp_probe.js"))
+            .args(args)
+            .env("EDGEHUB_CS", self.cs(module))
+            .env("EDGEHUB_CA", self.ca())
+            .env("EDGEHUB_SDK_DIR", &env.dir);
+        self.ns.spawn(&mut cmd)
+    }
 }
